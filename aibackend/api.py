@@ -1,0 +1,298 @@
+"""
+The front door: C{/{post|get}/{operation}?id={model id}}, as the original project had it.
+
+Handlers are thin: they read the request, call the registry or a model, and raise the
+typed errors of L{aibackend.errors}, which L{FrontDoor.api_error} renders as the one JSON
+error shape. Every answer is JSON and carries C{X-Request-Id}.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import unquote_plus
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
+
+from aibackend import errors
+from aibackend.config import MAX_ID_LENGTH
+from aibackend.ids import request_id_from_headers
+from aibackend.interfaces import RequestContext
+from aibackend.logs import normalize_level, parse_since
+
+JSON = b"application/json"
+# A client that goes away before its answer is logged with nginx's status for it.
+CLIENT_CLOSED = 499
+WORDS = {"post": b"POST", "get": b"GET"}
+# Declared body types taken as JSON text: JSON itself, plain text, and what
+# `curl -d` sends by default. Anything else declared is refused (415).
+JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
+
+
+def sized(request, body: bytes) -> bytes:
+    """Give the answer a Content-Length (instead of chunked encoding)."""
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    return body
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes):
+    """
+    Parse a request body as strict JSON (no NaN or Infinity).
+
+    @raise errors.BadRequest: with what is wrong and where.
+    """
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise errors.BadRequest("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise errors.BadRequest(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:
+        raise errors.BadRequest(f"the request body is not valid JSON: {e}") from None
+
+
+def query_params(request) -> dict[str, list[str]]:
+    """
+    The query parameters, split on C{&} and also on C{?}, as the original project's
+    examples separate them (C{?id=m?type=httpmodel}).
+
+    @raise errors.BadRequest: if the query is not UTF-8.
+    """
+    _, _, query = request.uri.partition(b"?")
+    params: dict[str, list[str]] = {}
+    if not query:
+        return params
+    try:
+        text = query.decode("ascii")
+        for part in text.replace("?", "&").split("&"):
+            if not part:
+                continue
+            key, _, value = part.partition("=")
+            params.setdefault(unquote_plus(key, errors="strict"), []).append(unquote_plus(value, errors="strict"))
+    except UnicodeError:
+        raise errors.BadRequest("the query string is not valid UTF-8") from None
+    return params
+
+
+def single(params: dict, name: str) -> str | None:
+    values = params.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise errors.BadRequest(f"give {name} only once")
+    return values[0]
+
+
+def model_id_param(params: dict) -> str:
+    model_id = single(params, "id")
+    if model_id is None:
+        raise errors.BadRequest("missing the model id: add ?id=MODEL to the URL")
+    if not model_id:
+        raise errors.BadRequest("the model id is empty: add ?id=MODEL to the URL")
+    if len(model_id) > MAX_ID_LENGTH:
+        raise errors.BadRequest(f"the model id is {len(model_id)} characters long; ids have at most {MAX_ID_LENGTH}")
+    return model_id
+
+
+def _int_param(params, name, minimum=0):
+    text = single(params, name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise errors.BadRequest(f"{name} must be a whole number, got {text!r}") from None
+    if value < minimum:
+        raise errors.BadRequest(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+class FrontDoor:
+    """
+    The daemon's HTTP API as a Klein class app.
+
+    @param registry: the L{aibackend.registry.ModelRegistry}.
+    @param clock: an L{IReactorTime}, for latencies.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, registry, clock):
+        self.registry = registry
+        self.clock = clock
+        self.operations = {
+            "predict": self.predict,
+            "getlogs": self.getlogs,
+            "cleanlogs": self.cleanlogs,
+        }
+
+    def resource(self):
+        return self.app.resource()
+
+    # --- plumbing -----------------------------------------------------------
+
+    @staticmethod
+    def begin(request) -> str:
+        """
+        Give the request its id (once), and mark the answer as JSON.
+        """
+        request_id = getattr(request, "aibackend_request_id", None)
+        if request_id is None:
+            request_id = request_id_from_headers(request.requestHeaders)
+            request.aibackend_request_id = request_id
+            request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
+            request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+        return request_id
+
+    def render_error(self, request, error: errors.ApiError) -> bytes:
+        request_id = self.begin(request)
+        request.setResponseCode(error.status)
+        for name, value in error.headers.items():
+            request.responseHeaders.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
+        request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+        return sized(request, json.dumps(error.as_json(request_id)).encode())
+
+    @app.handle_errors(errors.ApiError)
+    def api_error(self, request, failure):
+        return self.render_error(request, failure.value)
+
+    @app.handle_errors(RouteNotFound)
+    def route_not_found(self, request, failure):
+        path = request.path.decode("latin-1")
+        return self.render_error(
+            request,
+            errors.NotFound(f"no route {path!r}: use /post/OPERATION?id=MODEL or /get/OPERATION?id=MODEL"),
+        )
+
+    @app.handle_errors(RouteMethodNotAllowed)
+    def route_method_not_allowed(self, request, failure):
+        allowed = sorted(failure.value.valid_methods or ())
+        return self.render_error(
+            request,
+            errors.MethodNotAllowed(f"{request.method.decode('latin-1')} is not allowed here", allowed),
+        )
+
+    @app.handle_errors(CancelledError)
+    def cancelled(self, request, failure):
+        # The client went away; nobody is left to answer.
+        return b""
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request, failure):
+        self.log.failure("unexpected error answering {method} {uri}", failure,
+                         method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+        return self.render_error(request, errors.InternalError("the daemon failed unexpectedly; see its log"))
+
+    # --- routes -------------------------------------------------------------
+
+    @app.route("/<string:word>/<string:operation>", branch=False)
+    def front_door(self, request, word, operation):
+        request_id = self.begin(request)
+        expected = WORDS.get(word.lower())
+        if expected is None:
+            raise errors.NotFound(
+                f"no route {request.path.decode('latin-1')!r}: the first path word is 'post' or 'get'"
+            )
+        method = request.method
+        if method != expected:
+            raise errors.MethodNotAllowed(
+                f"/{word}/ takes {expected.decode()} requests, not {method.decode('latin-1')}",
+                [expected.decode()],
+            )
+        handler = self.operations.get(operation)
+        if handler is None:
+            raise errors.UnknownOperation(
+                f"unknown operation {operation!r}: use one of {', '.join(self.operations)}"
+            )
+        return handler(request, request_id, query_params(request))
+
+    # --- operations ---------------------------------------------------------
+
+    def request_body(self, request, params) -> bytes:
+        """The JSON text a predict sends: the POST body, or GET's other query parameters."""
+        if request.method != b"POST":
+            fields = {
+                name: values[0] if len(values) == 1 else values
+                for name, values in params.items()
+                if name != "id"
+            }
+            return json.dumps(fields).encode()
+        content_type = request.getHeader(b"content-type")
+        if content_type:
+            media = content_type.split(b";")[0].strip().lower().decode("latin-1")
+            if media not in JSON_LIKE_TYPES and not media.endswith("+json"):
+                raise errors.UnsupportedMediaType(f"the request body must be JSON, not {media}")
+        body = request.content.read().strip()
+        if not body:
+            return b"{}"
+        parse_json(body)
+        return body
+
+    def predict(self, request, request_id, params):
+        model = self.registry.get(model_id_param(params))
+        started = self.clock.seconds()
+        try:
+            body = self.request_body(request, params)
+        except errors.ApiError as error:
+            self._log_request(model, request_id, started, error.status, error.message)
+            raise
+        d = model.send(body, RequestContext(request_id=request_id, operation="predict"))
+
+        def answered(answer):
+            self._log_request(model, request_id, started, answer.status, None)
+            request.setResponseCode(answer.status)
+            return sized(request, answer.body)
+
+        def failed(failure):
+            if failure.check(errors.ApiError):
+                self._log_request(model, request_id, started, failure.value.status, failure.value.message)
+            elif failure.check(CancelledError):
+                self._log_request(model, request_id, started, CLIENT_CLOSED, "the client went away")
+            else:
+                self._log_request(model, request_id, started, 500, failure.getErrorMessage())
+            return failure
+
+        d.addCallbacks(answered, failed)
+        return d
+
+    def _log_request(self, model, request_id, started, status, error):
+        latency_ms = (self.clock.seconds() - started) * 1000.0
+        model.model_log.request(
+            request_id=request_id, operation="predict", status=status, latency_ms=latency_ms, error=error
+        )
+
+    def getlogs(self, request, request_id, params):
+        model = self.registry.get(model_id_param(params))
+        limit = _int_param(params, "limit")
+        since_text = single(params, "since")
+        level_text = single(params, "level")
+        try:
+            since = parse_since(since_text) if since_text is not None else None
+            level = normalize_level(level_text) if level_text is not None else None
+        except ValueError as e:
+            raise errors.BadRequest(str(e)) from None
+        entries = model.model_log.query(limit=limit, since=since, level=level)
+        return sized(request, json.dumps(
+            {
+                "model": model.model_id,
+                "count": len(entries),
+                "max_entries": model.model_log.max_entries,
+                "dropped": model.model_log.dropped,
+                "entries": entries,
+            }
+        ).encode())
+
+    def cleanlogs(self, request, request_id, params):
+        model = self.registry.get(model_id_param(params))
+        removed = model.model_log.clear()
+        self.log.info("log of model {model} cleaned: {removed} entries removed (request {request_id})",
+                      model=model.model_id, removed=removed, request_id=request_id)
+        return sized(request, json.dumps({"model": model.model_id, "removed": removed}).encode())

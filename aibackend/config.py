@@ -1,0 +1,452 @@
+"""
+Configuration: TOML in, frozen validated specs out.
+
+Pure on purpose (no Twisted): the daemon's start-up, the C{.tac} file and the runtime
+C{addmodel} operation all validate with this one code. Every problem is collected with
+its key path (C{models[1].url}) and reported together, so a user fixes a file in one go.
+
+A model type is a name (with aliases), a parser that turns a C{[[models]]} table into a
+frozen spec, and the dotted name of the L{aibackend.interfaces.ISender} class built from
+it. L{register} adds one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+DEFAULT_LISTEN = ("tcp:8080:interface=127.0.0.1",)
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_LOG_ENTRIES = 1000
+MAX_ID_LENGTH = 128
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+_REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """
+    The configuration is not valid.
+
+    @ivar problems: C{(key path, what is wrong)} pairs.
+    @ivar source: where the configuration came from (a file name), or None.
+    """
+
+    def __init__(self, problems, source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(str(self))
+
+    def lines(self) -> list[str]:
+        prefix = f"{self.source}: " if self.source else ""
+        return [f"{prefix}{path}: {message}" if path else f"{prefix}{message}" for path, message in self.problems]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _type_name(value) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+class Table:
+    """
+    Reads one TOML table (or JSON object), collecting problems with their key path.
+
+    Each getter takes the key out of the table; L{finish} reports the keys left over as
+    unknown.
+    """
+
+    def __init__(self, data: Mapping, path: str, problems: list):
+        self._data = dict(data)
+        self.path = path
+        self.problems = problems
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def problem(self, key: str | None, message: str) -> None:
+        self.problems.append((self.key_path(key) if key else self.path, message))
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def pop_alias(self, key: str, *aliases: str):
+        """
+        Take C{key}, or one of its aliases, out of the table.
+
+        @return: C{(the name used, the value)}, or C{(key, _REQUIRED)} if absent.
+        """
+        present = [name for name in (key, *aliases) if name in self._data]
+        if len(present) > 1:
+            self.problem(present[1], f"give only one of {', '.join(present)}")
+        for name in present:
+            value = self._data.pop(name)
+        if present:
+            return present[0], value
+        return key, _REQUIRED
+
+    def _get(self, key, default, aliases=()):
+        name, value = self.pop_alias(key, *aliases)
+        if value is _REQUIRED:
+            if default is _REQUIRED:
+                self.problem(key, "is required")
+            return name, default
+        return name, value
+
+    def string(self, key: str, default=_REQUIRED, *, aliases=(), nonempty=True):
+        name, value = self._get(key, default, aliases)
+        if value is default:
+            return value
+        if not isinstance(value, str):
+            self.problem(name, f"must be a string, got {_type_name(value)}")
+            return default if default is not _REQUIRED else None
+        if nonempty and not value.strip():
+            self.problem(name, "must not be empty")
+        return value
+
+    def number(self, key: str, default=_REQUIRED, *, minimum=None, maximum=None, integer=False, exclusive_minimum=False):
+        name, value = self._get(key, default, ())
+        if value is default:
+            return value
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            wanted = "an integer" if integer else "a number"
+            self.problem(name, f"must be {wanted}, got {_type_name(value)}")
+            return default if default is not _REQUIRED else None
+        if value != value or value in (float("inf"), float("-inf")):
+            self.problem(name, "must be a finite number")
+            return default if default is not _REQUIRED else None
+        if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+            self.problem(name, f"must be {'more than' if exclusive_minimum else 'at least'} {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.problem(name, f"must be at most {maximum}, got {value}")
+        return value
+
+    def string_list(self, key: str, default=_REQUIRED, *, allow_single=False, nonempty=True):
+        name, value = self._get(key, default, ())
+        if value is default:
+            return value
+        if allow_single and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            self.problem(name, "must be a list of strings")
+            return default if default is not _REQUIRED else ()
+        if nonempty and not value:
+            self.problem(name, "must not be empty")
+        return tuple(value)
+
+    def string_map(self, key: str, default=_REQUIRED):
+        name, value = self._get(key, default, ())
+        if value is default:
+            return value
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            self.problem(name, "must be a table of strings")
+            return default if default is not _REQUIRED else MappingProxyType({})
+        return MappingProxyType(dict(value))
+
+    def table(self, key: str):
+        name, value = self._get(key, {}, ())
+        if not isinstance(value, dict):
+            self.problem(name, f"must be a table, got {_type_name(value)}")
+            value = {}
+        return Table(value, self.key_path(name), self.problems)
+
+    def finish(self) -> None:
+        for key in sorted(self._data):
+            self.problem(key, "is not a known key")
+        self._data.clear()
+
+
+def check_model_id(value) -> str | None:
+    """
+    @return: what is wrong with a model id, or None if it is a good one.
+    """
+    if not isinstance(value, str):
+        return f"must be a string, got {_type_name(value)}"
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_ID_LENGTH:
+        return f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
+    if not ID_PATTERN.match(value):
+        return "must start with a letter or digit and hold only letters, digits, '_', '.' and '-'"
+    return None
+
+
+def check_http_url(value: str, *, default_scheme: bool = False):
+    """
+    Check an HTTP(S) URL; with C{default_scheme}, C{host:port} means C{http://host:port}.
+
+    @return: C{(url, None)} or C{(None, what is wrong)}.
+    """
+    text = value.strip().strip('"').strip("'")
+    if default_scheme and "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        return None, f"is not a valid URL ({e}): {value!r}"
+    if parts.scheme not in ("http", "https"):
+        return None, f"must be an http:// or https:// URL, got {value!r}"
+    if not parts.hostname:
+        return None, f"has no host: {value!r}"
+    if port == 0:
+        return None, f"has port 0: {value!r}"
+    if parts.username or parts.password:
+        return None, f"must not hold credentials (use headers): {value!r}"
+    return text, None
+
+
+def env_references(template: str) -> list[str]:
+    """The names of the C{${VAR}} references in C{template}."""
+    return ENV_REFERENCE.findall(template)
+
+
+def expand_env(template: str, environ: Mapping[str, str]) -> str:
+    """
+    Replace each C{${VAR}} in C{template} by the variable's value.
+
+    @raise KeyError: naming a variable that is not set.
+    """
+    return ENV_REFERENCE.sub(lambda match: environ[match.group(1)], template)
+
+
+# --- model specs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every model has."""
+
+    id: str
+    type: str
+    log_entries: int = DEFAULT_LOG_ENTRIES
+
+    def public(self) -> dict:
+        """The spec as JSON, secrets masked."""
+        return {"id": self.id, "type": self.type, "log_entries": self.log_entries}
+
+
+@dataclass(frozen=True)
+class HttpModelSpec(ModelSpec):
+    """An HTTP model server: the daemon POSTs each request's JSON body to C{url}."""
+
+    url: str = ""
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    max_response_bytes: int = 64 * 1024 * 1024
+
+    def public(self) -> dict:
+        masked = {
+            name: (value if not env_references(value) and name.lower() not in SECRET_HEADERS else "***")
+            for name, value in self.headers.items()
+        }
+        return {
+            **super().public(),
+            "url": self.url,
+            "timeout": self.timeout,
+            "connect_timeout": self.connect_timeout,
+            "headers": masked,
+            "max_response_bytes": self.max_response_bytes,
+        }
+
+
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
+
+
+def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> HttpModelSpec:
+    name, raw_url = table.pop_alias("url", "dest")
+    url = ""
+    if raw_url is _REQUIRED:
+        table.problem("url", "is required (the model server's URL; 'dest' is accepted too)")
+    elif not isinstance(raw_url, str):
+        table.problem(name, f"must be a string, got {_type_name(raw_url)}")
+    else:
+        url, problem = check_http_url(raw_url, default_scheme=(name == "dest"))
+        if problem:
+            table.problem(name, problem)
+    timeout = table.number("timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
+    connect_timeout = table.number("connect_timeout", 10.0, minimum=0, exclusive_minimum=True, maximum=3600)
+    headers = table.string_map("headers", MappingProxyType({}))
+    for header, value in headers.items():
+        if not re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$", header):
+            table.problem(f"headers.{header}", "is not a valid HTTP header name")
+        if "\r" in value or "\n" in value:
+            table.problem(f"headers.{header}", "must not hold a line break")
+        for variable in env_references(value):
+            if variable not in environ:
+                table.problem(f"headers.{header}", f"names environment variable {variable} that is not set")
+    max_response_bytes = table.number("max_response_bytes", 64 * 1024 * 1024, minimum=1, integer=True)
+    return HttpModelSpec(
+        **common,
+        url=url or "",
+        timeout=float(timeout or 60.0),
+        connect_timeout=float(connect_timeout or 10.0),
+        headers=headers,
+        max_response_bytes=max_response_bytes or 64 * 1024 * 1024,
+    )
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """
+    A kind of model.
+
+    @ivar name: the canonical type name.
+    @ivar aliases: other accepted names (type names are case-insensitive).
+    @ivar parse: C{(Table, common fields, environ) -> spec}; reports problems on the table.
+    @ivar factory: C{"module:Class"}, an L{ISender} with C{from_spec(spec, deps)}.
+    """
+
+    name: str
+    aliases: tuple
+    parse: Callable[[Table, dict, Mapping[str, str]], ModelSpec]
+    factory: str
+
+
+MODEL_TYPES: dict[str, ModelType] = {}
+
+
+def register(model_type: ModelType) -> None:
+    """Make a model type known under its name and aliases."""
+    for name in (model_type.name, *model_type.aliases):
+        MODEL_TYPES[name.lower()] = model_type
+
+
+def find_type(name: str) -> ModelType | None:
+    return MODEL_TYPES.get(name.strip().lower())
+
+
+register(ModelType("http", ("httpmodel",), parse_http_model, "aibackend.httpmodel:HttpModel"))
+
+
+def known_type_names() -> str:
+    return ", ".join(sorted(MODEL_TYPES))
+
+
+def parse_model(table: Table, *, default_log_entries: int = DEFAULT_LOG_ENTRIES, environ=None) -> ModelSpec | None:
+    """
+    Validate one model table (a C{[[models]]} entry, or C{addmodel}'s JSON).
+
+    Problems go to C{table.problems}; the result is None when the type is unusable.
+    """
+    environ = os.environ if environ is None else environ
+    model_id = None
+    if not table.has("id"):
+        table.problem("id", "is required")
+    else:
+        _, value = table.pop_alias("id")
+        problem = check_model_id(value)
+        if problem:
+            table.problem("id", problem)
+        else:
+            model_id = value
+    type_name = table.string("type")
+    model_type = None
+    if isinstance(type_name, str) and type_name.strip():
+        model_type = find_type(type_name)
+        if model_type is None:
+            table.problem("type", f"unknown model type {type_name!r}: use one of {known_type_names()}")
+    log_entries = table.number("log_entries", default_log_entries, minimum=1, maximum=1_000_000, integer=True)
+    if model_type is None:
+        return None
+    common = {"id": model_id or "", "type": model_type.name, "log_entries": log_entries or default_log_entries}
+    spec = model_type.parse(table, common, environ)
+    table.finish()
+    return spec
+
+
+# --- the whole file ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    listen: tuple = DEFAULT_LISTEN
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    log_entries: int = DEFAULT_LOG_ENTRIES
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSpec = ServerSpec()
+    models: tuple = ()
+    source: str | None = None
+
+
+def parse_config(data: Mapping[str, Any], source: str | None = None, environ=None) -> Config:
+    """
+    Validate a configuration already read from TOML.
+
+    @raise ConfigError: listing every problem.
+    """
+    problems: list = []
+    root = Table(data, "", problems)
+    server_table = root.table("server")
+    listen = server_table.string_list("listen", DEFAULT_LISTEN, allow_single=True)
+    max_body = server_table.number("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1, integer=True)
+    log_entries = server_table.number("log_entries", DEFAULT_LOG_ENTRIES, minimum=1, maximum=1_000_000, integer=True)
+    server_table.finish()
+    server = ServerSpec(
+        listen=tuple(listen or DEFAULT_LISTEN),
+        max_body_bytes=max_body or DEFAULT_MAX_BODY_BYTES,
+        log_entries=log_entries or DEFAULT_LOG_ENTRIES,
+    )
+
+    _, raw_models = root.pop_alias("models")
+    if raw_models is _REQUIRED:
+        raw_models = []
+    models = []
+    if not isinstance(raw_models, list):
+        root.problem("models", "must be an array of tables ([[models]])")
+        raw_models = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(raw_models):
+        path = f"models[{index}]"
+        if not isinstance(raw, dict):
+            problems.append((path, f"must be a table, got {_type_name(raw)}"))
+            continue
+        spec = parse_model(Table(raw, path, problems), default_log_entries=server.log_entries, environ=environ)
+        if spec is None or not spec.id:
+            continue
+        if spec.id in seen:
+            problems.append((f"{path}.id", f"duplicate model id {spec.id!r} (also models[{seen[spec.id]}])"))
+            continue
+        seen[spec.id] = index
+        models.append(spec)
+    root.finish()
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(server=server, models=tuple(models), source=source)
+
+
+def load_config(path: str, environ=None) -> Config:
+    """
+    Read and validate a TOML configuration file.
+
+    @raise ConfigError: the file cannot be read, is not TOML, or is not valid.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([("", f"cannot read the configuration: {e.strerror or e}")], path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("", f"is not valid TOML: {e}")], path) from None
+    return parse_config(data, path, environ)

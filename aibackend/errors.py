@@ -1,0 +1,127 @@
+"""
+The errors the daemon answers with, each with its HTTP status.
+
+Every answer the daemon makes itself on failure has one shape::
+
+    {"error": {"type": "...", "message": "...", "model": "...", "request_id": "..."}}
+
+Handlers raise these; L{aibackend.api} renders them.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """
+    A failure the client is told about, with the status that tells it what to do.
+
+    @ivar status: the HTTP status code.
+    @ivar type: a short machine-readable name (C{snake_case}).
+    @ivar model: the model id the error is about, if any.
+    @ivar headers: extra response headers (C{Allow}, C{Retry-After}).
+    """
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, model: str | None = None, headers=None):
+        super().__init__(message)
+        self.message = message
+        self.model = model
+        self.headers = dict(headers or {})
+
+    def as_json(self, request_id: str | None) -> dict:
+        error = {"type": self.type, "message": self.message}
+        if self.model is not None:
+            error["model"] = self.model
+        if request_id is not None:
+            error["request_id"] = request_id
+        return {"error": error}
+
+
+class BadRequest(ApiError):
+    """Malformed JSON, a missing C{id}, a bad parameter."""
+
+    status = 400
+    type = "bad_request"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    type = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    type = "forbidden"
+
+
+class NotFound(ApiError):
+    """An unknown route."""
+
+    status = 404
+    type = "not_found"
+
+
+class UnknownModel(NotFound):
+    type = "unknown_model"
+
+    def __init__(self, model_id: str):
+        super().__init__(f"no model with id {model_id!r}", model=model_id)
+
+
+class UnknownOperation(NotFound):
+    type = "unknown_operation"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = "method_not_allowed"
+
+    def __init__(self, message: str, allowed):
+        super().__init__(message, headers={"Allow": ", ".join(allowed)})
+
+
+class Conflict(ApiError):
+    status = 409
+    type = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+class ModelUnavailable(ApiError):
+    """The model is not ready (starting, restarting, failed), its queue is full, or it is overloaded."""
+
+    status = 503
+    type = "model_unavailable"
+
+    def __init__(self, message: str, *, model: str | None = None, retry_after: int = 1):
+        super().__init__(message, model=model, headers={"Retry-After": str(int(retry_after))})
+        self.retry_after = retry_after
+
+
+class BadGateway(ApiError):
+    """The model crashed mid-request, answered something that is not JSON, or refused the connection."""
+
+    status = 502
+    type = "bad_gateway"
+
+
+class GatewayTimeout(ApiError):
+    """The model did not answer in time."""
+
+    status = 504
+    type = "gateway_timeout"
+
+
+class InternalError(ApiError):
+    status = 500
+    type = "internal_error"

@@ -1,0 +1,153 @@
+"""
+Each model's own log: a bounded ring of JSON-able entries, newest last.
+
+An entry is written per request (time, request id, operation, status, latency, error)
+and per lifecycle event (added, removed, process started/exited, ...). The log never
+grows past its bound: the oldest entries are dropped first, and every text field is
+capped so one huge line cannot hold memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import datetime, timezone
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LEVEL_ALIASES = {"warn": "warning", "err": "error", "critical": "error"}
+
+DEFAULT_MAX_ENTRIES = 1000
+MAX_FIELD_CHARS = 4096
+
+
+def normalize_level(name: str) -> str:
+    """
+    @return: the canonical level name for C{name} (case-insensitive).
+    @raise ValueError: if it is not a level.
+    """
+    key = name.strip().lower()
+    key = LEVEL_ALIASES.get(key, key)
+    if key not in LEVELS:
+        raise ValueError(f"unknown level {name!r}: use one of {', '.join(LEVELS)}")
+    return key
+
+
+def parse_since(value: str) -> float:
+    """
+    Parse a C{since} filter: seconds since the epoch, or an ISO 8601 time (UTC if no
+    offset is given).
+
+    @raise ValueError: with a message for the client.
+    """
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"since must be seconds since the epoch or an ISO 8601 time, got {value!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _cap(value):
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return value[:MAX_FIELD_CHARS] + f"... [{len(value) - MAX_FIELD_CHARS} more characters]"
+    return value
+
+
+def _iso(seconds: float) -> str:
+    return (
+        datetime.fromtimestamp(seconds, timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+class ModelLog:
+    """
+    A bounded log of one model's requests and events.
+
+    @param clock: an L{IReactorTime} (C{seconds()} gives the entries' time).
+    @param max_entries: how many entries are kept; older ones are dropped.
+    """
+
+    def __init__(self, clock, max_entries: int = DEFAULT_MAX_ENTRIES):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._clock = clock
+        self._entries: deque[dict] = deque(maxlen=max_entries)
+        self._seq = 0
+        self.dropped = 0
+
+    @property
+    def max_entries(self) -> int:
+        return self._entries.maxlen
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, level: str, event: str, **fields) -> dict:
+        """
+        Add an entry. C{None} fields are left out; long strings are capped.
+
+        @return: the entry.
+        """
+        now = self._clock.seconds()
+        self._seq += 1
+        entry = {"seq": self._seq, "time": _iso(now), "timestamp": now, "level": level, "event": event}
+        for key, value in fields.items():
+            if value is not None:
+                entry[key] = _cap(value)
+        if len(self._entries) == self._entries.maxlen:
+            self.dropped += 1
+        self._entries.append(entry)
+        return entry
+
+    def request(self, *, request_id: str, operation: str, status: int, latency_ms: float, error=None):
+        """
+        Record one request: C{info} when it succeeded, C{warning} for a client error,
+        C{error} for a failure of the model or the daemon.
+        """
+        level = "info" if status < 400 else "warning" if status < 500 else "error"
+        return self.append(
+            level,
+            "request",
+            request_id=request_id,
+            operation=operation,
+            status=status,
+            latency_ms=round(latency_ms, 3),
+            error=error,
+        )
+
+    def query(self, *, limit: int | None = None, since: float | None = None, level: str | None = None) -> list:
+        """
+        @param limit: at most this many entries, the newest ones.
+        @param since: only entries strictly after this time (seconds since the epoch).
+        @param level: only entries of this level or a more severe one.
+        @return: the matching entries, oldest first.
+        """
+        floor = LEVELS[level] if level is not None else None
+        found = [
+            entry
+            for entry in self._entries
+            if (since is None or entry["timestamp"] > since)
+            and (floor is None or LEVELS[entry["level"]] >= floor)
+        ]
+        if limit is not None:
+            found = found[-limit:] if limit else []
+        return found
+
+    def clear(self) -> int:
+        """
+        Remove every entry.
+
+        @return: how many were removed.
+        """
+        removed = len(self._entries)
+        self._entries.clear()
+        return removed

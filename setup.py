@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="aibackend",
+    version="0.1.0",
+    description="One Twisted daemon in front of every AI model: HTTP model servers and supervised programs.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/aibackend_plugin.py"]},
+    install_requires=[
+        "Twisted>=24.7.0",  # HTTP request smuggling fixes
+        "treq>=23.11.0",
+        "klein>=23.12.0",
+        "hyperlink>=21.0.0",
+        "zope.interface>=6.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.2",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)
