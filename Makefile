@@ -15,19 +15,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.run-installed: setup.py | $(BIN)/python
-	$(PIP) install $(EDITABLE) .
+	$(PIP) install $(EDITABLE) '.[examples]'
 	touch $@
 
 $(VENV)/.test-installed: setup.py | $(BIN)/python
-	$(PIP) install $(EDITABLE) '.[test]'
+	$(PIP) install $(EDITABLE) '.[test,examples]'
 	touch $@
 
 venv: $(VENV)/.run-installed
 
-# The example HTTP model server runs beside the daemon and stops with it.
+# The daemon starts the example models itself (etc/aibackend.toml); Ctrl-C stops it all.
 run: $(VENV)/.run-installed
-	@$(BIN)/python examples/http_model_server.py --listen tcp:9001:interface=127.0.0.1 & server=$$!; \
-	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/twistd --pidfile= -n aibackend --config $(CONFIG)
 
 test: $(VENV)/.test-installed

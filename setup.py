@@ -22,6 +22,9 @@ setup(
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.2",
         ],
+        "examples": [
+            "scikit-learn>=1.3",  # the iris example model
+        ],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -12,7 +12,7 @@ import json
 from urllib.parse import unquote_plus
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
@@ -244,7 +244,7 @@ class FrontDoor:
         except errors.ApiError as error:
             self._log_request(model, request_id, started, error.status, error.message)
             raise
-        d = model.send(body, RequestContext(request_id=request_id, operation="predict"))
+        d = maybeDeferred(model.send, body, RequestContext(request_id=request_id, operation="predict"))
 
         def answered(answer):
             self._log_request(model, request_id, started, answer.status, None)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -252,6 +254,8 @@ class HttpModelSpec(ModelSpec):
     connect_timeout: float = 10.0
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_response_bytes: int = 64 * 1024 * 1024
+    process: "ProcessSettings | None" = None
+    health_path: str | None = None
 
     def public(self) -> dict:
         masked = {
@@ -265,6 +269,8 @@ class HttpModelSpec(ModelSpec):
             "connect_timeout": self.connect_timeout,
             "headers": masked,
             "max_response_bytes": self.max_response_bytes,
+            **({"health_path": self.health_path} if self.health_path else {}),
+            **(self.process.public() if self.process else {}),
         }
 
 
@@ -294,6 +300,12 @@ def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> 
             if variable not in environ:
                 table.problem(f"headers.{header}", f"names environment variable {variable} that is not set")
     max_response_bytes = table.number("max_response_bytes", 64 * 1024 * 1024, minimum=1, integer=True)
+    process = parse_process(table, environ, required=False, line_protocol=False)
+    health_path = table.string("health_path", None)
+    if health_path is not None and not health_path.startswith("/"):
+        table.problem("health_path", f"must start with '/', got {health_path!r}")
+    if health_path is not None and process is None:
+        table.problem("health_path", "is only used with command (a model server the daemon starts)")
     return HttpModelSpec(
         **common,
         url=url or "",
@@ -301,6 +313,179 @@ def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> 
         connect_timeout=float(connect_timeout or 10.0),
         headers=headers,
         max_response_bytes=max_response_bytes or 64 * 1024 * 1024,
+        process=process,
+        health_path=health_path,
+    )
+
+
+# --- processes the daemon starts -------------------------------------------------
+
+# The daemon's own variables a model process inherits; everything else (the admin token,
+# other models' keys) stays out unless the model's `env` names it.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER", "LOGNAME", "VIRTUAL_ENV")
+PYTHON_NAMES = ("python", "python3")
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """How the daemon starts and supervises a model's processes."""
+
+    command: tuple
+    executable: str
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    startup_timeout: float = 60.0
+    kill_timeout: float = 5.0
+    restart_backoff: float = 1.0
+    max_backoff: float = 30.0
+    max_restarts: int = 5
+    min_uptime: float = 10.0
+    max_line_bytes: int = 64 * 1024 * 1024
+
+    def public(self) -> dict:
+        return {
+            "command": list(self.command),
+            "cwd": self.cwd,
+            "env": {name: ("***" if env_references(value) else value) for name, value in self.env.items()},
+            "startup_timeout": self.startup_timeout,
+            "kill_timeout": self.kill_timeout,
+            "restart_backoff": self.restart_backoff,
+            "max_backoff": self.max_backoff,
+            "max_restarts": self.max_restarts,
+            "min_uptime": self.min_uptime,
+            "max_line_bytes": self.max_line_bytes,
+        }
+
+    def child_env(self, environ: Mapping[str, str]) -> dict:
+        """
+        The environment a model process gets: a few of the daemon's variables, the
+        configured ones (C{${VAR}} expanded), and unbuffered Python output.
+        """
+        env = {name: environ[name] for name in INHERITED_ENV if name in environ}
+        env["PYTHONUNBUFFERED"] = "1"
+        for name, template in self.env.items():
+            env[name] = expand_env(template, environ)
+        return env
+
+
+def resolve_program(program: str, cwd: str | None, path: str | None) -> tuple[str | None, str | None]:
+    """
+    Find the program a command starts: C{python}/C{python3} mean the daemon's own
+    interpreter; a name with a slash is a path (relative to C{cwd}); any other name is
+    looked up on C{path}.
+
+    @return: C{(absolute executable, None)} or C{(None, what is wrong)}.
+    """
+    if program in PYTHON_NAMES:
+        return sys.executable, None
+    if "/" in program:
+        candidate = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
+        if not os.path.isfile(candidate):
+            return None, f"program {program!r} does not exist"
+        if not os.access(candidate, os.X_OK):
+            return None, f"program {program!r} is not executable"
+        return os.path.abspath(candidate), None
+    found = shutil.which(program, path=path)
+    if found is None:
+        return None, f"program {program!r} is not found on PATH"
+    return os.path.abspath(found), None
+
+
+def parse_process(table: Table, environ: Mapping[str, str], *, required: bool, line_protocol: bool):
+    """
+    Read the keys of a process the daemon starts (C{command}, C{cwd}, C{env}, timeouts,
+    restart settings). Without C{command}, and not C{required}: None.
+    """
+    if not table.has("command"):
+        if required:
+            table.problem("command", "is required (the program and its arguments, as a list)")
+        else:
+            for key in ("cwd", "env", "startup_timeout", "kill_timeout", "restart_backoff", "max_backoff",
+                        "max_restarts", "min_uptime"):
+                if table.has(key):
+                    table.pop_alias(key)
+                    table.problem(key, "is only used with command (a program the daemon starts)")
+        if not required:
+            return None
+    command = table.string_list("command", ())
+    cwd = table.string("cwd", None)
+    if cwd is not None and not os.path.isdir(cwd):
+        table.problem("cwd", f"directory {cwd!r} does not exist")
+        cwd = None
+    env = table.string_map("env", MappingProxyType({}))
+    for name, value in env.items():
+        for variable in env_references(value):
+            if variable not in environ:
+                table.problem(f"env.{name}", f"names environment variable {variable} that is not set")
+    number = table.number
+    settings = dict(
+        startup_timeout=number("startup_timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400),
+        kill_timeout=number("kill_timeout", 5.0, minimum=0, exclusive_minimum=True, maximum=3600),
+        restart_backoff=number("restart_backoff", 1.0, minimum=0, exclusive_minimum=True, maximum=3600),
+        max_backoff=number("max_backoff", 30.0, minimum=0, exclusive_minimum=True, maximum=86400),
+        max_restarts=number("max_restarts", 5, minimum=1, maximum=1000, integer=True),
+        min_uptime=number("min_uptime", 10.0, minimum=0, maximum=86400),
+    )
+    if line_protocol:
+        settings["max_line_bytes"] = number("max_line_bytes", 64 * 1024 * 1024, minimum=64, integer=True)
+    if not command:
+        return None
+    path = env.get("PATH") or environ.get("PATH")
+    executable, problem = resolve_program(command[0], cwd, path)
+    if problem:
+        table.problem("command", problem)
+        return None
+    settings = {key: value for key, value in settings.items() if value is not None}
+    return ProcessSettings(command=tuple(command), executable=executable, cwd=cwd, env=env, **settings)
+
+
+@dataclass(frozen=True)
+class SubprocessModelSpec(ModelSpec):
+    """A program the daemon starts, speaking JSON lines on stdin/stdout."""
+
+    process: ProcessSettings | None = None
+    protocol: str = "raw"
+    workers: int = 1
+    max_inflight: int = 1
+    timeout: float = 60.0
+    max_queue: int = 100
+
+    def public(self) -> dict:
+        return {
+            **super().public(),
+            "protocol": self.protocol,
+            "workers": self.workers,
+            "max_inflight": self.max_inflight,
+            "timeout": self.timeout,
+            "max_queue": self.max_queue,
+            **(self.process.public() if self.process else {}),
+        }
+
+
+PROTOCOLS = ("raw", "jsonl")
+
+
+def parse_subprocess_model(table: Table, common: dict, environ: Mapping[str, str]) -> SubprocessModelSpec:
+    process = parse_process(table, environ, required=True, line_protocol=True)
+    protocol = table.string("protocol", "raw")
+    if isinstance(protocol, str):
+        protocol = protocol.strip().lower()
+        if protocol not in PROTOCOLS:
+            table.problem("protocol", f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    workers = table.number("workers", 1, minimum=1, maximum=256, integer=True)
+    max_inflight = table.number("max_inflight", 1, minimum=1, maximum=100_000, integer=True)
+    if protocol == "raw" and max_inflight not in (None, 1):
+        table.problem("max_inflight", "a raw process takes one request at a time; use protocol = \"jsonl\"")
+    timeout = table.number("timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
+    max_queue = table.number("max_queue", 100, minimum=0, maximum=1_000_000, integer=True)
+    return SubprocessModelSpec(
+        **common,
+        process=process,
+        protocol=protocol if protocol in PROTOCOLS else "raw",
+        workers=workers or 1,
+        max_inflight=max_inflight or 1,
+        timeout=float(timeout or 60.0),
+        max_queue=max_queue if max_queue is not None else 100,
     )
 
 
@@ -335,6 +520,9 @@ def find_type(name: str) -> ModelType | None:
 
 
 register(ModelType("http", ("httpmodel",), parse_http_model, "aibackend.httpmodel:HttpModel"))
+register(
+    ModelType("subprocess", ("subprocessmodel",), parse_subprocess_model, "aibackend.subprocess:SubprocessModel")
+)
 
 
 def known_type_names() -> str:

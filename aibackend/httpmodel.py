@@ -19,7 +19,9 @@ from treq.client import HTTPClient
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeadlineExceeded
-from twisted.internet.protocol import Protocol
+from twisted.application.service import Service
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
@@ -28,12 +30,14 @@ from zope.interface import implementer
 
 from aibackend import __version__
 from aibackend.config import expand_env
-from aibackend.errors import ApiError, BadGateway, GatewayTimeout
+from aibackend.errors import ApiError, BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
 from aibackend.logs import ModelLog
+from aibackend.subprocess import ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
 SNIPPET = 200
+PROBE_INTERVAL = 0.25
 
 
 class ResponseTooLarge(Exception):
@@ -95,8 +99,45 @@ def snippet(body: bytes) -> str:
     return repr(text) + (f" ... ({len(body)} bytes)" if len(body) > SNIPPET else "")
 
 
+class ServerProcess(ProcessPool):
+    """
+    The model server process of an HTTP model that has a C{command}: supervised like any
+    model process, ready once its URL answers (C{health_path} with a 2xx, or a TCP
+    connection to its host and port).
+    """
+
+    ready_on_spawn = False
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self._probes: dict = {}
+
+    def process_started(self, process) -> None:
+        self._probe_later(process, 0)
+
+    def _probe_later(self, process, delay) -> None:
+        if process.state == "starting" and self.running and not self.stopping:
+            self._probes[process] = self.clock.callLater(delay, self._probe, process)
+
+    def _probe(self, process) -> None:
+        self._probes.pop(process, None)
+        if process.state != "starting":
+            return
+        d = self.model.probe()
+        d.addCallbacks(
+            lambda ok: self.mark_ready(process) if ok else self._probe_later(process, PROBE_INTERVAL),
+            lambda failure: self._probe_later(process, PROBE_INTERVAL),
+        )
+
+    def process_gone(self, process, why: str) -> None:
+        timer = self._probes.pop(process, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
 @implementer(ISender)
-class HttpModel:
+class HttpModel(Service):
     """
     A model served by an HTTP server.
 
@@ -109,7 +150,7 @@ class HttpModel:
     type_name = "http"
     log = Logger()
 
-    def __init__(self, spec, *, reactor, pool=None, environ=None, client=None):
+    def __init__(self, spec, *, reactor, pool=None, environ=None, client=None, launcher=None):
         self.spec = spec
         self.model_id = spec.id
         self.model_log = ModelLog(reactor, spec.log_entries)
@@ -130,23 +171,82 @@ class HttpModel:
         self.in_flight = 0
         self.requests = 0
         self.failures = 0
+        self.server = None
+        if spec.process is not None:
+            self.server = ServerProcess(
+                self,
+                model_id=spec.id,
+                settings=spec.process,
+                size=1,
+                reactor=reactor,
+                model_log=self.model_log,
+                environ=environ,
+                launcher=launcher,
+            )
 
     @classmethod
     def from_spec(cls, spec, deps):
         return cls(spec, reactor=deps.reactor, pool=deps.pool, environ=deps.environ)
 
+    def startService(self):
+        super().startService()
+        if self.server is not None:
+            self.server.startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.server is not None and self.server.running:
+            return self.server.stopService()
+        return None
+
+    @property
+    def state(self) -> str:
+        return self.server.state if self.server is not None else "ready"
+
     def describe(self) -> dict:
-        return {
+        described = {
             "id": self.model_id,
             "type": self.type_name,
-            "state": "ready",
+            "state": self.state,
             "url": self.spec.url,
             "in_flight": self.in_flight,
             "requests": self.requests,
             "failures": self.failures,
         }
+        if self.server is not None:
+            described["restarts"] = self.server.restarts
+            described["last_error"] = self.server.failed_reason or self.server.last_error
+            described["processes"] = self.server.describe_processes()
+        return described
+
+    def probe(self) -> Deferred[bool]:
+        """Does the model server answer? (Its health path with a 2xx, or a TCP connection.)"""
+        if self.spec.health_path:
+            url = self._url.replace(path=(), query=()).click(self.spec.health_path)
+            d = self._client.get(url, allow_redirects=False, unbuffered=True)
+
+            def answered(response):
+                ok = 200 <= response.code < 300
+                body = read_body(response, 65536)
+                body.addBoth(lambda _: ok)
+                return body
+
+            d.addCallback(answered)
+        else:
+            endpoint = HostnameEndpoint(self._clock, self._url.host, self._url.port, timeout=1)
+            d = endpoint.connect(Factory.forProtocol(Protocol))
+            d.addCallback(lambda protocol: protocol.transport.loseConnection() or True)
+        return d.addTimeout(1, self._clock)
 
     def send(self, body: bytes, context) -> Deferred[ModelAnswer]:
+        if self.server is not None and self.server.state != "ready":
+            state = self.server.state
+            why = self.server.failed_reason if state == "failed" else f"its server is {state}"
+            raise ModelUnavailable(
+                f"model {self.model_id!r} is not ready: {why}",
+                model=self.model_id,
+                retry_after=60 if state == "failed" else self.server.retry_after(),
+            )
         headers = Headers(self._headers)
         headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
         self.in_flight += 1

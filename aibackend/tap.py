@@ -158,7 +158,11 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
 
     @return: the root L{service.MultiService}.
     """
-    from twisted.web.client import HTTPConnectionPool
+    from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+    class QuietClientFactory(_HTTP11ClientFactory):
+        # One "Starting factory" line per upstream connection is noise in the log.
+        noisy = False
 
     from aibackend.api import FrontDoor
     from aibackend.registry import ModelDeps, ModelRegistry
@@ -168,6 +172,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = DEFAULT_MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
+    pool._factory = QuietClientFactory
     ConnectionPoolService(pool).setServiceParent(root)
 
     deps = ModelDeps(reactor=reactor, pool=pool)

@@ -1,0 +1,823 @@
+"""
+Subprocess models: programs the daemon starts, supervises and talks to in JSON lines.
+
+Three layers, each testable on its own:
+
+  - L{LineBuffer} frames a byte stream into lines, never holding more than its limit.
+  - L{ModelProcess} is the ProcessProtocol of one process: it frames stdout and stderr and
+    tells its pool what happened. It decides nothing.
+  - L{ProcessPool} is the supervisor (like Twisted's C{procmon}): it spawns N processes,
+    each in a process group of its own, marks them ready, restarts them with growing
+    backoff after a crash, gives up (state C{failed}) after a crash loop, and stops them
+    with SIGTERM, then SIGKILL after a grace period. Every timer it starts is kept where
+    it can be cancelled.
+
+L{SubprocessModel} is a pool that dispatches requests (least in-flight first, a bounded
+queue) in the C{raw} or C{jsonl} protocol of C{DESIGN.md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections import deque
+
+from twisted.application.service import Service
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
+from aibackend.interfaces import ISender, ModelAnswer
+from aibackend.logs import ModelLog, normalize_level
+
+PGROUP_WRAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
+STDERR_LINE_BYTES = 4096
+SNIPPET = 200
+
+OVERSIZE = object()
+
+
+class LineBuffer:
+    """
+    Splits a byte stream into lines (without their C{\\n}).
+
+    A line longer than C{limit} is never kept whole: with C{truncate} its first C{limit}
+    bytes are given (the rest dropped); without, L{OVERSIZE} is given in its place.
+    Either way the buffer holds at most C{limit} bytes.
+    """
+
+    def __init__(self, limit: int, *, truncate: bool = False):
+        self.limit = limit
+        self.truncate = truncate
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list:
+        out = []
+        start = 0
+        end = len(data)
+        while start < end:
+            newline = data.find(b"\n", start)
+            if newline < 0:
+                self._keep(data[start:], out)
+                break
+            if self._skipping:
+                self._skipping = False
+            else:
+                self._keep(data[start:newline], out)
+                if not self._skipping:
+                    line = b"".join(self._parts)
+                    out.append(line[:-1] if line.endswith(b"\r") else line)
+            self._skipping = False
+            self._parts.clear()
+            self._size = 0
+            start = newline + 1
+        return out
+
+    def _keep(self, chunk: bytes, out: list) -> None:
+        if self._skipping or not chunk:
+            return
+        if self._size + len(chunk) <= self.limit:
+            self._parts.append(chunk)
+            self._size += len(chunk)
+            return
+        if self.truncate:
+            self._parts.append(chunk[: self.limit - self._size])
+            out.append(b"".join(self._parts))
+        else:
+            out.append(OVERSIZE)
+        self._parts.clear()
+        self._size = 0
+        self._skipping = True
+
+    def pending(self) -> bytes:
+        """What is buffered of an unfinished line."""
+        return b"".join(self._parts)
+
+
+class Launcher:
+    """
+    Starts model processes, each leading a process group of its own, and signals the
+    whole group.
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def spawn(self, protocol, settings, env):
+        args = [sys.executable, "-S", PGROUP_WRAPPER, settings.executable, *settings.command[1:]]
+        return self.reactor.spawnProcess(
+            protocol, sys.executable, args, env=env, path=settings.cwd or None
+        )
+
+    def signal(self, process, name: str) -> None:
+        """Send SIG{name} to the process's group (to the process alone before it has one)."""
+        pid = getattr(process, "pid", None)
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, getattr(signal, "SIG" + name))
+            return
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.signalProcess(name)
+        except (ierror.ProcessExitedAlready, OSError):
+            pass
+
+    def reap_group(self, pid) -> None:
+        """SIGKILL what is left of a process group whose leader has exited."""
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def describe_exit(reason) -> str:
+    value = getattr(reason, "value", reason)
+    signal_number = getattr(value, "signal", None)
+    if signal_number:
+        try:
+            return f"killed by signal {signal.Signals(signal_number).name}"
+        except ValueError:
+            return f"killed by signal {signal_number}"
+    code = getattr(value, "exitCode", None)
+    return f"exited with status {code}" if code is not None else "exited"
+
+
+class ModelProcess(ProcessProtocol):
+    """
+    One model process: frames its output into lines for its pool.
+
+    @ivar state: C{starting}, C{ready}, C{stopping} or C{exited}.
+    @ivar inflight: wire id -> pending request (used by L{SubprocessModel}).
+    """
+
+    def __init__(self, pool, slot: int, max_line_bytes: int):
+        self.pool = pool
+        self.slot = slot
+        self.state = "starting"
+        self.pid = None
+        self.inflight: dict = {}
+        self.started_at = pool.clock.seconds()
+        self.last_output = self.started_at
+        self.stopping_on_purpose = False
+        self.startup_timer = None
+        self.kill_timer = None
+        self.exited = Deferred()
+        self._stdout = LineBuffer(max_line_bytes)
+        self._stderr = LineBuffer(STDERR_LINE_BYTES, truncate=True)
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+        self.pool._process_spawned(self)
+
+    def write(self, data: bytes) -> None:
+        if self.state in ("starting", "ready") and self.transport is not None:
+            self.transport.write(data)
+
+    def outReceived(self, data: bytes):
+        self.last_output = self.pool.clock.seconds()
+        for line in self._stdout.feed(data):
+            if self.state == "exited":
+                return
+            if line is OVERSIZE:
+                self.pool._process_oversize(self)
+            elif line.strip():
+                self.pool._process_line(self, line)
+
+    def errReceived(self, data: bytes):
+        for line in self._stderr.feed(data):
+            if line.strip():
+                self.pool._process_stderr(self, line)
+
+    def processExited(self, reason):
+        # processExited, not processEnded: a grandchild that keeps our pipes open must
+        # not delay noticing the crash.
+        self.pool._process_exited(self, reason)
+
+
+class ProcessPool(Service):
+    """
+    Supervises C{size} processes of one model.
+
+    Subclasses say what a process's output means (L{process_line}), when a process is
+    ready (C{ready_on_spawn}, or by calling L{mark_ready}), and what becomes of its work
+    when it goes (L{process_gone}).
+    """
+
+    log = Logger()
+    ready_on_spawn = True
+
+    def __init__(self, *, model_id, settings, size, reactor, model_log, environ, launcher=None):
+        self.model_id = model_id
+        self.settings = settings
+        self.size = size
+        self.clock = reactor
+        self.model_log = model_log
+        self.environ = environ
+        self.launcher = launcher if launcher is not None else Launcher(reactor)
+        self.slots: list = [None] * size
+        self.restart_timers: dict = {}
+        self.quick_deaths = 0
+        self.restarts = 0
+        self.failed_reason: str | None = None
+        self.last_error: str | None = None
+        self.stopping = False
+
+    # --- state ------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.failed_reason is not None:
+            return "failed"
+        if self.stopping or not self.running:
+            return "stopped" if not any(self.slots) else "stopping"
+        states = [process.state for process in self.slots if process is not None]
+        if "ready" in states:
+            return "ready"
+        if self.restart_timers and "starting" not in states:
+            return "restarting"
+        return "starting"
+
+    def ready_processes(self) -> list:
+        return [process for process in self.slots if process is not None and process.state == "ready"]
+
+    def describe_processes(self) -> list:
+        now = self.clock.seconds()
+        return [
+            {
+                "slot": index,
+                "pid": process.pid,
+                "state": process.state,
+                "in_flight": len(process.inflight),
+                "uptime_s": round(now - process.started_at, 3),
+            }
+            for index, process in enumerate(self.slots)
+            if process is not None
+        ]
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self.stopping = False
+        for slot in range(self.size):
+            self._spawn(slot)
+
+    def stopService(self):
+        super().stopService()
+        self.stopping = True
+        for timer in self.restart_timers.values():
+            timer.cancel()
+        self.restart_timers.clear()
+        self.pool_stopping()
+        waiting = []
+        for process in self.slots:
+            if process is not None:
+                waiting.append(process.exited)
+                self._terminate(process, "the model is stopping")
+        if not waiting:
+            return succeed(None)
+        return DeferredList(waiting)
+
+    def restart(self) -> None:
+        """Bring a failed pool back: forget the crash loop and spawn again."""
+        self.failed_reason = None
+        self.quick_deaths = 0
+        self.model_log.append("info", "restart requested")
+        if self.running:
+            for slot in range(self.size):
+                if self.slots[slot] is None and slot not in self.restart_timers:
+                    self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        self.restart_timers.pop(slot, None)
+        if self.stopping or not self.running or self.failed_reason is not None:
+            return
+        process = ModelProcess(self, slot, getattr(self.settings, "max_line_bytes", 64 * 1024 * 1024))
+        self.slots[slot] = process
+        process.startup_timer = self.clock.callLater(
+            self.settings.startup_timeout, self._startup_timed_out, process
+        )
+        try:
+            self.launcher.spawn(process, self.settings, self.settings.child_env(self.environ))
+        except Exception as e:  # a bad cwd, an unexecutable program, out of processes
+            self._cancel_timers(process)
+            self.slots[slot] = None
+            process.state = "exited"
+            process.exited.callback(None)
+            self.last_error = f"cannot start the process: {e}"
+            self.model_log.append("error", "spawn failed", slot=slot, error=str(e))
+            self._crashed(slot, uptime=0.0)
+
+    def _process_spawned(self, process) -> None:
+        self.model_log.append(
+            "info", "process started", slot=process.slot, pid=process.pid, command=" ".join(self.settings.command)
+        )
+        self.process_started(process)
+        if self.ready_on_spawn:
+            self.mark_ready(process)
+
+    def mark_ready(self, process) -> None:
+        if process.state != "starting":
+            return
+        self._cancel_timer(process, "startup_timer")
+        process.state = "ready"
+        self.model_log.append(
+            "info",
+            "process ready",
+            slot=process.slot,
+            pid=process.pid,
+            startup_ms=round((self.clock.seconds() - process.started_at) * 1000, 3),
+        )
+        self.process_ready(process)
+
+    def _startup_timed_out(self, process) -> None:
+        process.startup_timer = None
+        why = f"did not become ready within startup_timeout ({self.settings.startup_timeout:g} s)"
+        self.last_error = why
+        self.model_log.append("error", "startup timed out", slot=process.slot, pid=process.pid, error=why)
+        self.log.warn("model {model}: a process {why}", model=self.model_id, why=why)
+        # Not on purpose: a model that never gets ready is a crash loop like any other.
+        self._terminate(process, why, on_purpose=False)
+        self.startup_failed(why)
+
+    def _terminate(self, process, why: str, *, on_purpose: bool = True) -> None:
+        """Ask a process to stop (close its stdin, SIGTERM its group), SIGKILL after the grace period."""
+        if process.state in ("stopping", "exited"):
+            return
+        process.state = "stopping"
+        process.stopping_on_purpose = on_purpose
+        self._cancel_timer(process, "startup_timer")
+        self.process_gone(process, why)
+        try:
+            if process.transport is not None:
+                process.transport.closeStdin()
+        except Exception:
+            pass
+        self.launcher.signal(process.transport, "TERM")
+        process.kill_timer = self.clock.callLater(self.settings.kill_timeout, self._kill, process)
+
+    def _kill(self, process) -> None:
+        process.kill_timer = None
+        self.model_log.append(
+            "warning", "process killed", slot=process.slot, pid=process.pid,
+            error=f"still running {self.settings.kill_timeout:g} s after SIGTERM",
+        )
+        self.launcher.signal(process.transport, "KILL")
+
+    def _cancel_timer(self, process, name: str) -> None:
+        timer = getattr(process, name)
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            setattr(process, name, None)
+
+    def _cancel_timers(self, process) -> None:
+        self._cancel_timer(process, "startup_timer")
+        self._cancel_timer(process, "kill_timer")
+
+    def _process_exited(self, process, reason) -> None:
+        was = process.state
+        process.state = "exited"
+        self._cancel_timers(process)
+        self.launcher.reap_group(process.pid)
+        if self.slots[process.slot] is process:
+            self.slots[process.slot] = None
+        how = describe_exit(reason)
+        uptime = self.clock.seconds() - process.started_at
+        crashed = not (process.stopping_on_purpose or self.stopping)
+        if crashed:
+            self.last_error = f"a process {how} after {uptime:.1f} s"
+        self.model_log.append(
+            "error" if crashed else "info",
+            "process exited",
+            slot=process.slot,
+            pid=process.pid,
+            error=how,
+            uptime_s=round(uptime, 3),
+        )
+        if was != "stopping":
+            self.process_gone(process, f"the model process {how}")
+        process.exited.callback(None)
+        if self.stopping or not self.running or self.failed_reason is not None:
+            return
+        if crashed:
+            self._crashed(process.slot, uptime)
+        else:
+            self._schedule_spawn(process.slot, 0)
+
+    def _crashed(self, slot: int, uptime: float) -> None:
+        if uptime < self.settings.min_uptime:
+            self.quick_deaths += 1
+        else:
+            self.quick_deaths = 1
+        if self.quick_deaths >= self.settings.max_restarts:
+            self.failed_reason = (
+                f"its processes died {self.quick_deaths} times in a row within "
+                f"{self.settings.min_uptime:g} s of starting (last: {self.last_error})"
+            )
+            self.model_log.append("error", "failed", error=self.failed_reason)
+            self.log.error("model {model} failed: {why}", model=self.model_id, why=self.failed_reason)
+            for timer in self.restart_timers.values():
+                timer.cancel()
+            self.restart_timers.clear()
+            for process in list(self.slots):
+                if process is not None:
+                    self._terminate(process, f"the model failed: {self.failed_reason}")
+            self.pool_failed(self.failed_reason)
+            return
+        delay = min(self.settings.restart_backoff * 2 ** (self.quick_deaths - 1), self.settings.max_backoff)
+        self.model_log.append("warning", "restart scheduled", slot=slot, delay_s=delay)
+        self._schedule_spawn(slot, delay)
+
+    def _schedule_spawn(self, slot: int, delay: float) -> None:
+        if slot in self.restart_timers:
+            return
+        self.restarts += 1
+        self.restart_timers[slot] = self.clock.callLater(delay, self._spawn, slot)
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait before trying a model that is not ready."""
+        pending = [timer.getTime() - self.clock.seconds() for timer in self.restart_timers.values()]
+        return max(1, int(min(pending)) + 1) if pending else 1
+
+    # --- output -------------------------------------------------------------
+
+    def _process_stderr(self, process, line: bytes) -> None:
+        self.model_log.append("warning", "stderr", slot=process.slot, pid=process.pid, line=_text(line))
+
+    def _process_line(self, process, line: bytes) -> None:
+        self.process_line(process, line)
+
+    def _process_oversize(self, process) -> None:
+        limit = self.settings.max_line_bytes
+        why = f"the model printed a line longer than max_line_bytes ({limit} bytes)"
+        self.last_error = why
+        self.model_log.append("error", "line too long", slot=process.slot, pid=process.pid, error=why)
+        self._terminate(process, why)
+
+    # --- hooks ----------------------------------------------------------------
+
+    def process_started(self, process) -> None:
+        """A process was spawned."""
+
+    def process_ready(self, process) -> None:
+        """A process became ready."""
+
+    def process_line(self, process, line: bytes) -> None:
+        """A line on a process's stdout; by default, it goes to the model's log."""
+        self.model_log.append("info", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
+
+    def process_gone(self, process, why: str) -> None:
+        """A process is stopping or has exited; whatever it was doing will not be done."""
+
+    def startup_failed(self, why: str) -> None:
+        """A process did not become ready in time."""
+
+    def pool_failed(self, why: str) -> None:
+        """The pool gave up after a crash loop."""
+
+    def pool_stopping(self) -> None:
+        """The pool is stopping."""
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", "replace")
+
+
+def one_line(body: bytes) -> bytes:
+    """JSON text on one line: a line break in JSON text is only ever white space."""
+    if b"\n" in body or b"\r" in body:
+        return body.replace(b"\r", b" ").replace(b"\n", b" ")
+    return body
+
+
+class Pending:
+    """A request on its way through a subprocess model."""
+
+    __slots__ = ("body", "context", "deferred", "timer", "process", "wire_id", "sent_at", "abandoned")
+
+    def __init__(self, body, context):
+        self.body = body
+        self.context = context
+        self.deferred = None
+        self.timer = None
+        self.process = None
+        self.wire_id = None
+        self.sent_at = None
+        self.abandoned = False
+
+
+@implementer(ISender)
+class SubprocessModel(ProcessPool):
+    """
+    A model served by programs the daemon runs, in the C{raw} or C{jsonl} line protocol.
+
+    @param spec: an L{aibackend.config.SubprocessModelSpec}.
+    """
+
+    type_name = "subprocess"
+
+    def __init__(self, spec, *, reactor, environ=None, launcher=None):
+        environ = os.environ if environ is None else environ
+        model_log = ModelLog(reactor, spec.log_entries)
+        super().__init__(
+            model_id=spec.id,
+            settings=spec.process,
+            size=spec.workers,
+            reactor=reactor,
+            model_log=model_log,
+            environ=environ,
+            launcher=launcher,
+        )
+        self.spec = spec
+        self.jsonl = spec.protocol == "jsonl"
+        self.ready_on_spawn = not self.jsonl
+        self.capacity = spec.max_inflight if self.jsonl else 1
+        self.queue: deque[Pending] = deque()
+        self.requests = 0
+        self.failures = 0
+        self._wire_counter = 0
+
+    @classmethod
+    def from_spec(cls, spec, deps):
+        return cls(spec, reactor=deps.reactor, environ=deps.environ)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(process.inflight) for process in self.slots if process is not None)
+
+    def describe(self) -> dict:
+        return {
+            "id": self.model_id,
+            "type": self.type_name,
+            "state": self.state,
+            "protocol": self.spec.protocol,
+            "in_flight": self.in_flight,
+            "queued": len(self.queue),
+            "requests": self.requests,
+            "failures": self.failures,
+            "restarts": self.restarts,
+            "last_error": self.failed_reason or self.last_error,
+            "processes": self.describe_processes(),
+        }
+
+    # --- sending ------------------------------------------------------------
+
+    def send(self, body: bytes, context) -> Deferred:
+        self.requests += 1
+        if self.failed_reason is not None:
+            self.failures += 1
+            raise ModelUnavailable(
+                f"model {self.model_id!r} has failed: {self.failed_reason}; an admin can restart it",
+                model=self.model_id,
+                retry_after=60,
+            )
+        if self.stopping or not self.running:
+            self.failures += 1
+            raise ModelUnavailable(f"model {self.model_id!r} is not running", model=self.model_id)
+        pending = Pending(body, context)
+        pending.deferred = Deferred(lambda d: self._cancelled(pending))
+        process = self._least_busy()
+        if process is None and len(self.queue) >= self.spec.max_queue:
+            self.failures += 1
+            raise ModelUnavailable(
+                f"model {self.model_id!r} is busy: {len(self.queue)} requests are waiting (max_queue)",
+                model=self.model_id,
+                retry_after=self.retry_after(),
+            )
+        pending.timer = self.clock.callLater(self.spec.timeout, self._timed_out, pending)
+        if process is None:
+            self.queue.append(pending)
+        else:
+            self._assign(process, pending)
+        return pending.deferred
+
+    def _least_busy(self):
+        best = None
+        for process in self.slots:
+            if process is not None and process.state == "ready" and len(process.inflight) < self.capacity:
+                if best is None or len(process.inflight) < len(best.inflight):
+                    best = process
+        return best
+
+    def _dispatch(self) -> None:
+        while self.queue:
+            process = self._least_busy()
+            if process is None:
+                return
+            self._assign(process, self.queue.popleft())
+
+    def _assign(self, process, pending: Pending) -> None:
+        wire_id = pending.context.request_id
+        if wire_id in process.inflight:
+            self._wire_counter += 1
+            wire_id = f"{wire_id}#{self._wire_counter}"
+        pending.wire_id = wire_id
+        pending.process = process
+        pending.sent_at = self.clock.seconds()
+        process.inflight[wire_id] = pending
+        if self.jsonl:
+            process.write(
+                b'{"id": ' + json.dumps(wire_id).encode() + b', "op": "predict", "input": '
+                + one_line(pending.body) + b"}\n"
+            )
+        else:
+            process.write(one_line(pending.body) + b"\n")
+
+    def _settle(self, pending: Pending, result=None, error=None) -> None:
+        """Answer a request once: stop its timer, fire its Deferred (unless abandoned)."""
+        if pending.timer is not None:
+            if pending.timer.active():
+                pending.timer.cancel()
+            pending.timer = None
+        if pending.abandoned or pending.deferred.called:
+            return
+        if error is not None:
+            self.failures += 1
+            pending.deferred.errback(error)
+        else:
+            if result.status >= 400:
+                self.failures += 1
+            pending.deferred.callback(result)
+
+    def _cancelled(self, pending: Pending) -> None:
+        """The client went away: forget the request, and free its place if we can."""
+        pending.abandoned = True
+        if pending in self.queue:
+            self.queue.remove(pending)
+            self._settle(pending)
+            return
+        process = pending.process
+        if process is None:
+            self._settle(pending)
+            return
+        if self.jsonl:
+            process.inflight.pop(pending.wire_id, None)
+            self._settle(pending)
+            process.write(b'{"id": ' + json.dumps(pending.wire_id).encode() + b', "op": "cancel"}\n')
+            self._dispatch()
+        # raw: the process is still working on it and its answer cannot be told from the
+        # next one's, so the place stays taken until the answer comes (and is dropped) or
+        # the timeout kills the process.
+
+    def _timed_out(self, pending: Pending) -> None:
+        pending.timer = None
+        timeout = GatewayTimeout(
+            f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s", model=self.model_id
+        )
+        if pending in self.queue:
+            self.queue.remove(pending)
+            self._settle(pending, error=timeout)
+            return
+        process = pending.process
+        process.inflight.pop(pending.wire_id, None)
+        self._settle(pending, error=timeout)
+        if not self.jsonl:
+            self.model_log.append(
+                "warning", "request timed out", slot=process.slot, pid=process.pid, request_id=pending.context.request_id
+            )
+            self._terminate(process, "a request timed out; a raw process cannot be asked to drop it")
+        elif process.last_output <= pending.sent_at:
+            self._terminate(process, "the process is hung: it printed nothing since the timed-out request")
+        else:
+            process.write(b'{"id": ' + json.dumps(pending.wire_id).encode() + b', "op": "cancel"}\n')
+            self._dispatch()
+
+    # --- pool hooks -----------------------------------------------------------
+
+    def process_ready(self, process) -> None:
+        self._dispatch()
+
+    def process_gone(self, process, why: str) -> None:
+        inflight = list(process.inflight.values())
+        process.inflight.clear()
+        for pending in inflight:
+            self._settle(
+                pending,
+                error=BadGateway(f"model {self.model_id!r}: {why} while handling the request", model=self.model_id),
+            )
+        if self.queue and not self.ready_processes() and self.stopping:
+            self._fail_queue(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+        else:
+            self._dispatch()
+
+    def startup_failed(self, why: str) -> None:
+        if not self.ready_processes():
+            self._fail_queue(
+                ModelUnavailable(
+                    f"model {self.model_id!r} is not ready: a process {why}; it is being restarted",
+                    model=self.model_id,
+                    retry_after=self.retry_after(),
+                )
+            )
+
+    def pool_failed(self, why: str) -> None:
+        self._fail_queue(
+            ModelUnavailable(f"model {self.model_id!r} has failed: {why}", model=self.model_id, retry_after=60)
+        )
+
+    def pool_stopping(self) -> None:
+        self._fail_queue(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+
+    def _fail_queue(self, error) -> None:
+        while self.queue:
+            self._settle(self.queue.popleft(), error=error)
+
+    # --- what the process says ------------------------------------------------
+
+    def process_line(self, process, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self.model_log.append("warning", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
+            return
+        if self.jsonl:
+            self._jsonl_message(process, message, line)
+        else:
+            self._raw_answer(process, line)
+
+    def _raw_answer(self, process, line: bytes) -> None:
+        if not process.inflight:
+            self.model_log.append(
+                "warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line)
+            )
+            return
+        wire_id, pending = process.inflight.popitem()
+        self._settle(pending, ModelAnswer(status=200, body=line.strip()))
+        self._dispatch()
+
+    def _jsonl_message(self, process, message, line: bytes) -> None:
+        if not isinstance(message, dict):
+            self.model_log.append("warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line))
+            return
+        if "id" not in message:
+            if message.get("ready") is True:
+                self.mark_ready(process)
+            elif "log" in message:
+                self._model_says(process, message)
+            else:
+                self.model_log.append(
+                    "warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line)
+                )
+            return
+        pending = process.inflight.pop(message["id"], None) if isinstance(message["id"], str) else None
+        if pending is None:
+            self.model_log.append(
+                "warning", "answer to an unknown request", slot=process.slot, pid=process.pid, line=_text(line)
+            )
+            return
+        if "error" in message:
+            self._settle(pending, self._model_error(pending, message["error"]))
+        elif "output" in message:
+            self._settle(pending, ModelAnswer(status=200, body=json.dumps(message["output"]).encode()))
+        else:
+            self._settle(
+                pending,
+                error=BadGateway(
+                    f"model {self.model_id!r} answered without 'output' or 'error': {_text(line[:SNIPPET])!r}",
+                    model=self.model_id,
+                ),
+            )
+        self._dispatch()
+
+    def _model_error(self, pending: Pending, error) -> ModelAnswer:
+        if isinstance(error, dict):
+            message = error.get("message")
+            status = error.get("status", 500)
+            kind = error.get("type", "model_error")
+        else:
+            message, status, kind = error, 500, "model_error"
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            status = 500
+        body = {
+            "error": {
+                "type": kind if isinstance(kind, str) else "model_error",
+                "message": message if isinstance(message, str) else json.dumps(message),
+                "model": self.model_id,
+                "request_id": pending.context.request_id,
+            }
+        }
+        return ModelAnswer(status=status, body=json.dumps(body).encode())
+
+    def _model_says(self, process, message) -> None:
+        level = message.get("level", "info")
+        try:
+            level = normalize_level(level) if isinstance(level, str) else "info"
+        except ValueError:
+            level = "info"
+        text = message["log"]
+        self.model_log.append(
+            level, "model", slot=process.slot, pid=process.pid,
+            message=text if isinstance(text, str) else json.dumps(text),
+        )

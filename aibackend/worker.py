@@ -1,0 +1,198 @@
+"""
+Write a subprocess model in a few lines: C{aibackend.worker} speaks the daemon's C{jsonl}
+protocol for you. It needs nothing but the standard library.
+
+    from aibackend.worker import BadInput, serve
+
+    def predict(data):
+        if "text" not in data:
+            raise BadInput('send {"text": "..."}')   # the client gets 400
+        return {"length": len(data["text"])}
+
+    serve(predict)
+
+A model is a function of the request's JSON, or an object with C{predict(input)} and,
+if it has one, C{load()} (called once before the daemon is told the model is ready).
+
+What C{serve} does:
+  - reads C{{"id", "op", "input"}} lines on stdin and answers C{{"id", "output"}} or
+    C{{"id", "error": {"message", "status"}}} on the real stdout;
+  - prints C{{"ready": true}} once C{load()} has returned;
+  - C{BadInput} (or any exception with a C{status} attribute) answers that status;
+    any other exception answers 500 and its traceback goes to the model's log;
+  - C{concurrency=N} runs up to N predictions at once in threads (for models that
+    release the GIL or wait on I/O); the daemon's C{max_inflight} should match;
+  - C{print()} and anything else written to stdout is sent to the model's log instead of
+    corrupting the protocol; so is L{log};
+  - a C{cancel} for a request that has not started yet drops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["BadInput", "ModelError", "log", "serve"]
+
+
+class ModelError(Exception):
+    """An error answered to the client with C{status} (500 unless said)."""
+
+    status = 500
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class BadInput(ModelError):
+    """The request's input is not what the model takes: the client gets 400."""
+
+    status = 400
+
+
+_channel = None
+_lock = threading.Lock()
+
+
+def _send(message: dict) -> None:
+    line = json.dumps(message, default=_to_json) + "\n"
+    with _lock:
+        _channel.write(line.encode("utf-8"))
+        _channel.flush()
+
+
+def _to_json(value):
+    """numpy arrays and scalars, sets and tuples answer as JSON lists and numbers."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def log(message, level: str = "info") -> None:
+    """Write an entry to the model's log in the daemon (C{getlogs})."""
+    if _channel is None:
+        sys.stderr.write(f"{level}: {message}\n")
+        return
+    _send({"log": message, "level": level})
+
+
+class _LogWriter:
+    """Stands in for sys.stdout: each printed line becomes a log entry."""
+
+    def __init__(self):
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
+            if line:
+                log(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _take_stdout():
+    """
+    Keep the real stdout for the protocol and point file descriptor 1 and sys.stdout
+    elsewhere, so stray prints (even from C code) cannot break it.
+    """
+    global _channel
+    channel_fd = os.dup(1)
+    os.dup2(2, 1)
+    _channel = os.fdopen(channel_fd, "wb", buffering=0)
+    sys.stdout = _LogWriter()
+
+
+def _answer(request_id, predict, data) -> None:
+    try:
+        output = predict(data)
+    except Exception as e:  # the model's failure is the client's answer, not our crash
+        status = getattr(e, "status", 500)
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            status = 500
+        if status >= 500:
+            log(traceback.format_exc(), "error")
+        message = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+        _send({"id": request_id, "error": {"message": message, "status": status}})
+        return
+    try:
+        _send({"id": request_id, "output": output})
+    except (TypeError, ValueError) as e:
+        _send({"id": request_id, "error": {"message": f"the model's output is not JSON: {e}", "status": 500}})
+
+
+def _predictor(model):
+    if isinstance(model, type):
+        model = model()
+    load = getattr(model, "load", None)
+    if callable(load):
+        load()
+    predict = getattr(model, "predict", None)
+    if callable(predict):
+        return predict
+    if callable(model):
+        return model
+    raise TypeError("a model is a function, or an object with a predict() method")
+
+
+def serve(model, *, concurrency: int = 1) -> None:
+    """
+    Serve C{model} on stdin/stdout in the daemon's C{jsonl} protocol until stdin closes.
+
+    @param model: a function of the input, or an object (or class) with C{predict(input)}
+        and optionally C{load()}.
+    @param concurrency: how many predictions may run at once (threads).
+    """
+    _take_stdout()
+    predict = _predictor(model)
+    _send({"ready": True})
+    cancelled: set = set()
+    executor = ThreadPoolExecutor(max_workers=max(1, concurrency)) if concurrency > 1 else None
+
+    def run(request_id, data):
+        if request_id in cancelled:
+            cancelled.discard(request_id)
+            return
+        _answer(request_id, predict, data)
+
+    stdin = sys.stdin.buffer
+    for raw in stdin:
+        if not raw.strip():
+            continue
+        try:
+            message = json.loads(raw)
+            request_id = message["id"]
+            op = message.get("op", "predict")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log(f"not a request: {raw[:200]!r}", "warning")
+            continue
+        if op == "cancel":
+            if len(cancelled) > 10000:  # ids of requests that had already finished
+                cancelled.clear()
+            cancelled.add(request_id)
+            continue
+        if op != "predict":
+            _send({"id": request_id, "error": {"message": f"unknown op {op!r}", "status": 400}})
+            continue
+        if executor is None:
+            run(request_id, message.get("input"))
+        else:
+            executor.submit(run, request_id, message.get("input"))
+    if executor is not None:
+        executor.shutdown(wait=True)

@@ -1,0 +1,102 @@
+"""
+Fixtures every test gets.
+
+pytest-twisted installs the reactor (``--reactor=default`` in pytest.ini) when pytest
+configures itself, after this file is imported: so nothing here imports the reactor,
+nor anything that does (klein, aibackend.api), at module level.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+
+def _is_error(event) -> bool:
+    if event.get("log_failure") is not None or event.get("isError"):
+        return True
+    text = " ".join(str(event.get(key) or "") for key in ("log_format", "log_text", "format"))
+    return "Unhandled error in Deferred" in text
+
+
+def _describe(event) -> str:
+    from twisted.logger import formatEvent
+
+    text = formatEvent(event)
+    failure = event.get("log_failure") or event.get("failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    return text
+
+
+class LoggedErrors:
+    """
+    Collects the errors logged through Twisted's global log publisher while a test
+    runs: a failure logged with C{log.failure}/C{log.err}, an "Unhandled error in
+    Deferred". A test that expects one takes it out with L{flush}.
+    """
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def __call__(self, event) -> None:
+        if _is_error(event):
+            self.events.append(event)
+
+    def flush(self, *types) -> list[dict]:
+        """
+        Take out (and return) the logged errors whose failure is one of C{types}
+        (every logged error if no type is given).
+        """
+        taken, kept = [], []
+        for event in self.events:
+            failure = event.get("log_failure")
+            if not types or (failure is not None and failure.check(*types)):
+                # Twisted says "Unhandled error in Deferred:" in one event and gives
+                # the failure in the next: they go together.
+                if kept and kept[-1].get("log_failure") is None and _is_error(kept[-1]):
+                    taken.append(kept.pop())
+                taken.append(event)
+            else:
+                kept.append(event)
+        self.events = kept
+        return [event for event in taken if event.get("log_failure") is not None or not types]
+
+
+@pytest.fixture(autouse=True)
+def logged_errors():
+    """
+    Fails a test that leaves an error logged, or an unhandled error in a Deferred,
+    behind (pytest-twisted reports neither, and the leak then breaks a later test).
+    """
+    from twisted.logger import globalLogPublisher
+
+    collector = LoggedErrors()
+    globalLogPublisher.addObserver(collector)
+    try:
+        yield collector
+        # A Deferred that failed with nobody to handle it says so when it is collected.
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(collector)
+    if collector.events:
+        pytest.fail(
+            "the test left errors in the log:\n\n" + "\n\n".join(_describe(event) for event in collector.events),
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def clock():
+    """
+    A L{twisted.internet.task.Clock}; the test fails if it leaves delayed calls
+    pending on it (a timer nobody cancelled).
+    """
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    yield clock
+    pending = clock.getDelayedCalls()
+    if pending:
+        pytest.fail(f"the test left {len(pending)} delayed call(s) on the clock: {pending!r}", pytrace=False)
