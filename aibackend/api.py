@@ -70,7 +70,7 @@ def query_params(request) -> dict[str, list[str]]:
     if not query:
         return params
     try:
-        text = query.decode("ascii")
+        text = query.decode("utf-8")
         for part in text.replace("?", "&").split("&"):
             if not part:
                 continue
