@@ -49,7 +49,7 @@ def parse_json(body: bytes):
     @raise errors.BadRequest: with what is wrong and where.
     """
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise errors.BadRequest("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -182,8 +182,11 @@ class FrontDoor:
 
     @app.handle_errors(CancelledError)
     def cancelled(self, request, failure):
-        # The client went away; nobody is left to answer.
-        return b""
+        if getattr(request, "_disconnected", False):
+            return b""  # the client went away; nobody is left to answer
+        return self.render_error(
+            request, errors.ModelUnavailable("the request was abandoned before it was answered")
+        )
 
     @app.handle_errors(Exception)
     def unexpected(self, request, failure):
@@ -255,7 +258,15 @@ class FrontDoor:
             if failure.check(errors.ApiError):
                 self._log_request(model, request_id, started, failure.value.status, failure.value.message)
             elif failure.check(CancelledError):
-                self._log_request(model, request_id, started, CLIENT_CLOSED, "the client went away")
+                if getattr(request, "_disconnected", False):
+                    self._log_request(model, request_id, started, CLIENT_CLOSED, "the client went away")
+                    return failure
+                error = errors.ModelUnavailable(
+                    f"model {model.model_id!r} abandoned the request (it is stopping or was removed)",
+                    model=model.model_id,
+                )
+                self._log_request(model, request_id, started, error.status, error.message)
+                raise error
             else:
                 self._log_request(model, request_id, started, 500, failure.getErrorMessage())
             return failure

@@ -95,10 +95,9 @@ class Table:
         present = [name for name in (key, *aliases) if name in self._data]
         if len(present) > 1:
             self.problem(present[1], f"give only one of {', '.join(present)}")
-        for name in present:
-            value = self._data.pop(name)
+        values = [self._data.pop(name) for name in present]
         if present:
-            return present[0], value
+            return present[0], values[0]
         return key, _REQUIRED
 
     def _get(self, key, default, aliases=()):
@@ -211,7 +210,7 @@ def check_http_url(value: str, *, default_scheme: bool = False):
     if port == 0:
         return None, f"has port 0: {value!r}"
     if parts.username or parts.password:
-        return None, f"must not hold credentials (use headers): {value!r}"
+        return None, "must not hold credentials (user:password@); put them in headers"
     return text, None
 
 

@@ -121,19 +121,28 @@ class ServerProcess(ProcessPool):
             self._probes[process] = self.clock.callLater(delay, self._probe, process)
 
     def _probe(self, process) -> None:
+        """Probe once; the probe in flight is kept (like the timer) so it can be cancelled."""
         self._probes.pop(process, None)
         if process.state != "starting":
             return
-        d = self.model.probe()
-        d.addCallbacks(
-            lambda ok: self.mark_ready(process) if ok else self._probe_later(process, PROBE_INTERVAL),
-            lambda failure: self._probe_later(process, PROBE_INTERVAL),
-        )
+        d = self._probes[process] = self.model.probe()
+
+        def probed(ok):
+            if self._probes.get(process) is d:
+                del self._probes[process]
+            if ok is True:
+                self.mark_ready(process)
+            else:
+                self._probe_later(process, PROBE_INTERVAL)
+
+        d.addCallbacks(probed, lambda failure: probed(False))
 
     def process_gone(self, process, why: str) -> None:
-        timer = self._probes.pop(process, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        pending = self._probes.pop(process, None)
+        if isinstance(pending, Deferred):
+            pending.cancel()
+        elif pending is not None and pending.active():
+            pending.cancel()
 
 
 @implementer(ISender)

@@ -9,7 +9,7 @@ The original project's Go prototype had one interface::
 
 L{ISender} is that interface on the reactor: C{send} returns a Deferred of the model's
 answer instead of blocking for it. A new model type implements L{ISender}, and registers
-its type name with L{aibackend.modeltypes.register}.
+its type name with L{aibackend.config.register}.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ISender(Interface):
     model_id = Attribute("The model's id (str).")
     type_name = Attribute("The model type's canonical name, e.g. 'http'.")
     spec = Attribute("The validated, frozen spec the model was built from.")
-    log = Attribute("The model's own bounded log (an aibackend.logs.ModelLog).")
+    model_log = Attribute("The model's own bounded log (an aibackend.logs.ModelLog).")
 
     def send(body: bytes, context: RequestContext):
         """

@@ -9,6 +9,7 @@ capped so one huge line cannot hold memory.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from datetime import datetime, timezone
 
@@ -40,9 +41,13 @@ def parse_since(value: str) -> float:
     """
     text = value.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"since must be a finite time, got {value!r}")
+        return seconds
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -47,6 +47,8 @@ class BoundedRequest(Request):
         """
         self._refused = True
         self.content = BytesIO()
+        # No "100 Continue" after the refusal: the channel sends one after gotLength.
+        self.requestHeaders.removeHeader(b"expect")
         limit = self.channel.site.max_body_bytes
         said = f"{length} bytes" if length is not None else "more"
         error = PayloadTooLarge(f"the request body is {said}; the limit is {limit} bytes")

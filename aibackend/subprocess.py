@@ -100,6 +100,14 @@ class LineBuffer:
         """What is buffered of an unfinished line."""
         return b"".join(self._parts)
 
+    def flush(self) -> list:
+        """The unfinished last line, if any (the stream has ended)."""
+        rest = b"" if self._skipping else b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        self._skipping = False
+        return [rest] if rest.strip() else []
+
 
 class Launcher:
     """
@@ -198,6 +206,11 @@ class ModelProcess(ProcessProtocol):
         for line in self._stderr.feed(data):
             if line.strip():
                 self.pool._process_stderr(self, line)
+
+    def errConnectionLost(self):
+        # A crash message without a line end ("fatal: ..."; exit(1)) is still worth keeping.
+        for line in self._stderr.flush():
+            self.pool._process_stderr(self, line)
 
     def processExited(self, reason):
         # processExited, not processEnded: a grandchild that keeps our pipes open must
@@ -303,6 +316,8 @@ class ProcessPool(Service):
         self.restart_timers.pop(slot, None)
         if self.stopping or not self.running or self.failed_reason is not None:
             return
+        if self.slots[slot] is not None:
+            return  # still held by a process on its way out; its exit spawns the next
         process = ModelProcess(self, slot, getattr(self.settings, "max_line_bytes", 64 * 1024 * 1024))
         self.slots[slot] = process
         process.startup_timer = self.clock.callLater(
@@ -391,7 +406,8 @@ class ProcessPool(Service):
         process.state = "exited"
         self._cancel_timers(process)
         self.launcher.reap_group(process.pid)
-        if self.slots[process.slot] is process:
+        current = self.slots[process.slot] is process
+        if current:
             self.slots[process.slot] = None
         how = describe_exit(reason)
         uptime = self.clock.seconds() - process.started_at
@@ -409,7 +425,7 @@ class ProcessPool(Service):
         if was != "stopping":
             self.process_gone(process, f"the model process {how}")
         process.exited.callback(None)
-        if self.stopping or not self.running or self.failed_reason is not None:
+        if not current or self.stopping or not self.running or self.failed_reason is not None:
             return
         if crashed:
             self._crashed(process.slot, uptime)
@@ -464,7 +480,7 @@ class ProcessPool(Service):
         why = f"the model printed a line longer than max_line_bytes ({limit} bytes)"
         self.last_error = why
         self.model_log.append("error", "line too long", slot=process.slot, pid=process.pid, error=why)
-        self._terminate(process, why)
+        self._terminate(process, why, on_purpose=False)
 
     # --- hooks ----------------------------------------------------------------
 
@@ -489,6 +505,10 @@ class ProcessPool(Service):
 
     def pool_stopping(self) -> None:
         """The pool is stopping."""
+
+
+def _not_json(name):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _text(line: bytes) -> str:
@@ -738,14 +758,41 @@ class SubprocessModel(ProcessPool):
 
     def process_line(self, process, line: bytes) -> None:
         try:
-            message = json.loads(line)
+            message = json.loads(line, parse_constant=_not_json)
         except (ValueError, UnicodeDecodeError):
-            self.model_log.append("warning", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
+            self._not_strict_json(process, line)
             return
         if self.jsonl:
             self._jsonl_message(process, message, line)
         else:
             self._raw_answer(process, line)
+
+    def _not_strict_json(self, process, line: bytes) -> None:
+        """
+        A stdout line that is not JSON is the model's chatter, logged. One that is JSON
+        but for NaN or Infinity is an answer the client could not parse: a 502.
+        """
+        try:
+            message = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self.model_log.append("warning", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
+            return
+        if self.jsonl:
+            wire_id = message.get("id") if isinstance(message, dict) else None
+            pending = process.inflight.pop(wire_id, None) if isinstance(wire_id, str) else None
+        else:
+            pending = process.inflight.popitem()[1] if process.inflight else None
+        self.model_log.append("warning", "answer is not strict JSON", slot=process.slot, pid=process.pid,
+                              line=_text(line))
+        if pending is not None:
+            self._settle(
+                pending,
+                error=BadGateway(
+                    f"model {self.model_id!r} answered JSON with NaN or Infinity, which clients cannot parse",
+                    model=self.model_id,
+                ),
+            )
+            self._dispatch()
 
     def _raw_answer(self, process, line: bytes) -> None:
         if not process.inflight:
@@ -780,7 +827,7 @@ class SubprocessModel(ProcessPool):
         if "error" in message:
             self._settle(pending, self._model_error(pending, message["error"]))
         elif "output" in message:
-            self._settle(pending, ModelAnswer(status=200, body=json.dumps(message["output"]).encode()))
+            self._settle(pending, ModelAnswer(status=200, body=json.dumps(message["output"], allow_nan=False).encode()))
         else:
             self._settle(
                 pending,

@@ -47,6 +47,18 @@ def result_of(d: Deferred):
     return result
 
 
+def has_fired(d: Deferred) -> bool:
+    """Has C{d} a result yet (not only been called, but not waiting on another)?"""
+    seen = []
+
+    def look(result):
+        seen.append(True)
+        return result
+
+    d.addBoth(look)
+    return bool(seen)
+
+
 def failure_of(d: Deferred, *expected) -> Failure:
     """
     @param expected: exception types, one of which the failure must be.
@@ -212,7 +224,8 @@ class Response:
     body: bytes
 
     def header(self, name: str):
-        values = self.headers.getRawHeaders(name)
+        """The first value of header C{name}, as text, or None."""
+        values = self.headers.getRawHeaders(name.encode("latin-1"))
         return values[0].decode("latin-1") if values else None
 
     def json(self):
@@ -221,17 +234,20 @@ class Response:
 
 class StubFrontDoor:
     """
-    A L{aibackend.api.FrontDoor} over a registry, reached through L{StubTreq}: a real
-    Site and Request, no socket.
+    A L{aibackend.api.FrontDoor} over a registry, reached through L{StubTreq}: the
+    daemon's own Site (L{AibackendSite}) and Request, no socket.
 
     @param clock: the clock the front door and the registry's models run on.
+    @param models: models to register.
+    @param max_body_bytes: the site's body limit.
     """
 
-    def __init__(self, clock, models=()):
+    def __init__(self, clock, models=(), *, max_body_bytes: int = 16 * 1024 * 1024):
         from treq.testing import StubTreq
 
         from aibackend.api import FrontDoor
         from aibackend.registry import ModelDeps, ModelRegistry
+        from aibackend.server import AibackendSite
 
         self.clock = clock
         self.registry = ModelRegistry(ModelDeps(reactor=clock, environ={}))
@@ -239,6 +255,13 @@ class StubFrontDoor:
             self.registry.add(model)
         self.front_door = FrontDoor(self.registry, clock)
         self.stub = StubTreq(self.front_door.resource())
+        # StubTreq serves through a plain Site; serve through the daemon's instead (no
+        # form parsing, the body limit), on the stub's own memory reactor.
+        agent = self.stub._agent
+        self.site = AibackendSite(
+            self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=agent._memoryReactor
+        )
+        agent._serverFactory = self.site
 
     def request(self, method: str, url: str, **kwargs) -> Deferred:
         """
@@ -274,5 +297,6 @@ __all__ = [
     "Response",
     "StubFrontDoor",
     "failure_of",
+    "has_fired",
     "result_of",
 ]

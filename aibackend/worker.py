@@ -61,7 +61,7 @@ _lock = threading.Lock()
 
 
 def _send(message: dict) -> None:
-    line = json.dumps(message, default=_to_json) + "\n"
+    line = json.dumps(message, default=_to_json, allow_nan=False) + "\n"
     with _lock:
         _channel.write(line.encode("utf-8"))
         _channel.flush()
@@ -163,7 +163,9 @@ def serve(model, *, concurrency: int = 1) -> None:
     predict = _predictor(model)
     _send({"ready": True})
     cancelled: set = set()
-    executor = ThreadPoolExecutor(max_workers=max(1, concurrency)) if concurrency > 1 else None
+    # Predictions run in threads even one at a time, so that stdin is read on meanwhile
+    # and a cancel for a request still waiting arrives before it starts.
+    executor = ThreadPoolExecutor(max_workers=max(1, concurrency))
 
     def run(request_id, data):
         if request_id in cancelled:
@@ -190,9 +192,6 @@ def serve(model, *, concurrency: int = 1) -> None:
         if op != "predict":
             _send({"id": request_id, "error": {"message": f"unknown op {op!r}", "status": 400}})
             continue
-        if executor is None:
-            run(request_id, message.get("input"))
-        else:
-            executor.submit(run, request_id, message.get("input"))
-    if executor is not None:
-        executor.shutdown(wait=True)
+        cancelled.discard(request_id)  # an id may come again (a client retrying with its own id)
+        executor.submit(run, request_id, message.get("input"))
+    executor.shutdown(wait=True)

@@ -190,11 +190,6 @@ def test_dest_with_credentials_is_refused():
     assert "must not hold credentials" in message
 
 
-@pytest.mark.xfail(
-    reason="BUG: the error about credentials in a URL repeats the URL, password included, "
-    "onto stderr and into logs (config.py check_http_url)",
-    strict=True,
-)
 def test_the_credentials_error_does_not_repeat_the_password():
     message = problem_at({"models": [http_model(url="http://user:hunter2@127.0.0.1/")]}, "models[0].url")
 
@@ -236,11 +231,6 @@ def test_error_lines_name_the_file_and_the_key_path():
     assert str(caught.value) == caught.value.lines()[0]
 
 
-@pytest.mark.xfail(
-    reason="BUG: Table.pop_alias returns the last alias's value under the first name, so a "
-    "valid url is reported as invalid when dest is given too (config.py pop_alias)",
-    strict=True,
-)
 def test_url_and_dest_together_is_one_problem_about_dest():
     problems = problems_of({"models": [http_model(url="http://127.0.0.1:1/", dest="h:1")]})
 

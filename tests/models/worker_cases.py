@@ -1,0 +1,58 @@
+"""
+A model written with aibackend.worker, for tests/test_worker.py.
+
+    python worker_cases.py [CONCURRENCY]
+
+Its input says what to do: C{{"op": "sleep", "seconds": s, "tag": t}}, C{"bad"} (BadInput),
+C{"teapot"} (a ModelError with status 418), C{"boom"} (a RuntimeError), C{"print"}
+(prints, and writes on file descriptor 1 directly), C{"nan"}, C{"object"} (output that is
+not JSON), C{"numpy"}, C{"loaded"}; anything else is echoed.
+"""
+
+import os
+import sys
+import time
+
+from aibackend.worker import BadInput, ModelError, serve
+
+
+class Cases:
+    loaded = False
+
+    def load(self):
+        print("loading the model")
+        time.sleep(0.1)
+        self.loaded = True
+
+    def predict(self, data):
+        op = data.get("op") if isinstance(data, dict) else None
+        if op == "sleep":
+            time.sleep(data["seconds"])
+            return {"slept": data["seconds"], "tag": data.get("tag")}
+        if op == "bad":
+            raise BadInput('send {"op": "..."}')
+        if op == "teapot":
+            raise ModelError("short and stout", status=418)
+        if op == "boom":
+            raise RuntimeError("boom")
+        if op == "print":
+            print(data["text"])
+            print("a second line", end="")
+            print(" ends here")
+            os.write(1, b"written on fd 1\n")
+            return {"printed": True}
+        if op == "nan":
+            return {"value": float("nan")}
+        if op == "object":
+            return {"value": object()}
+        if op == "numpy":
+            import numpy
+
+            return {"array": numpy.arange(3), "scalar": numpy.float32(0.5), "pair": (1, 2)}
+        if op == "loaded":
+            return {"loaded": self.loaded}
+        return {"echo": data}
+
+
+if __name__ == "__main__":
+    serve(Cases(), concurrency=int(sys.argv[1]) if len(sys.argv) > 1 else 1)

@@ -1,0 +1,115 @@
+"""
+The shipped configuration, etc/aibackend.toml, through the real daemon run from the
+repository root (as `make run` does, but on a free port): every example model answers the
+README's requests, and SIGTERM leaves no example process behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from test_subprocess_integration import Daemon, reaped
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE_CONFIG = os.path.join(ROOT, "etc", "aibackend.toml")
+MODEL_SERVER_PORT = 9001  # fixed in etc/aibackend.toml
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+@pytest.fixture
+def example_daemon():
+    if not port_is_free(MODEL_SERVER_PORT):
+        pytest.skip(f"port {MODEL_SERVER_PORT} is busy: the example HTTP model server listens there")
+    daemon = Daemon(EXAMPLE_CONFIG, ROOT)
+    try:
+        yield daemon.wait_listening()
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+            try:
+                daemon.process.wait(10)
+            except Exception:
+                daemon.process.kill()
+                daemon.process.wait(5)
+
+
+def predict_when_ready(daemon, model, payload, timeout=20):
+    """An HTTP model answers 503 while its server starts: ask again until it is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = daemon.predict(model, payload)
+        if reply.status != 503 or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(60)
+def test_every_example_model_answers_and_sigterm_leaves_no_example_process(example_daemon):
+    daemon = example_daemon
+
+    # iris trains for a few seconds: a request sent now waits for it instead of failing.
+    iris = daemon.predict("iris", {"features": [6.7, 3.0, 5.2, 2.3]}, timeout=40)
+    assert iris.status == 200, iris
+    (prediction,) = iris.json()["predictions"]
+    assert prediction["class"] == "virginica"
+    assert set(prediction["probabilities"]) == {"setosa", "versicolor", "virginica"}
+
+    sentiment = predict_when_ready(daemon, "sentiment", {"text": "what a great day"})
+    assert sentiment.status == 200, sentiment
+    assert sentiment.json()["label"] == "positive"
+
+    echo = daemon.request(
+        "POST", "/post/predict?id=echo", b'{"hello": "world"}',
+        {"Content-Type": "application/json", "X-Request-Id": "example-42"},
+    )
+    assert echo.status == 200, echo
+    assert echo.json() == {"echo": {"hello": "world"}, "request_id": "example-42"}
+    assert echo.headers["X-Request-Id"] == "example-42"
+
+    adder = daemon.predict("adder", {"numbers": [1, 2, 3.5]})
+    assert adder.status == 200, adder
+    assert adder.json() == {"sum": 6.5, "count": 3}
+
+    wordstats = daemon.predict("wordstats", {"text": "the cat and the hat"})
+    assert wordstats.status == 200, wordstats
+    assert wordstats.json() == {"words": 5, "unique": 4, "top": [["the", 2], ["cat", 1], ["and", 1]]}
+
+    refused = daemon.predict("wordstats", {"text": 5})
+    assert refused.status == 400, refused
+    assert refused.json()["error"]["message"] == 'send {"text": "..."}'
+    assert refused.json()["error"]["model"] == "wordstats"
+
+    bad_iris = daemon.predict("iris", {"features": [1, 2]})
+    assert bad_iris.status == 400, bad_iris
+
+    processes = {
+        model: daemon.model_pids(model) for model in ("sentiment", "adder", "wordstats", "iris")
+    }
+    assert {model: len(pids) for model, pids in processes.items()} == {
+        "sentiment": 1, "adder": 2, "wordstats": 1, "iris": 2,
+    }
+    trained = [e["message"] for e in daemon.events("iris", "model")]
+    assert any(message.startswith("trained on 150 samples") for message in trained)
+
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+
+    every_pid = set().union(*processes.values())
+    assert [pid for pid in every_pid if not reaped(pid)] == []
+    assert port_is_free(MODEL_SERVER_PORT)

@@ -1,0 +1,358 @@
+"""
+aibackend.httpmodel.HttpModel against model servers that misbehave on purpose.
+
+The model server is a small twisted.web resource reached through StubTreq (no socket);
+deadlines run on a Clock, with a client whose requests never answer.
+"""
+
+import json
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet import error as ierror
+from twisted.internet.defer import fail
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface.verify import verifyObject
+
+from aibackend.config import HttpModelSpec
+from aibackend.errors import BadGateway, GatewayTimeout
+from aibackend.httpmodel import HttpModel
+from aibackend.interfaces import ISender, ModelAnswer, RequestContext
+from aibackend.testing import HangingClient, failure_of, has_fired, result_of
+
+URL = "http://model.test:9001"
+
+
+class MisbehavingModelServer(Resource):
+    """
+    A model server with one path per way of answering; it records what it received.
+
+      /json             200 {"label": "positive"} (with odd spacing, to see it kept as is)
+      /status/CODE      CODE and a JSON body
+      /html             500 text/html
+      /empty            204, no body
+      /redirect         302 to /json
+      /big/N            200 and a JSON string body of N bytes
+      /stall            headers and half a body, then nothing
+      /hang             nothing at all
+      /drop             closes the connection without answering
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.received = []
+        self.stalled = []
+
+    def render(self, request):
+        self.received.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()},
+                "body": request.content.read(),
+            }
+        )
+        parts = request.path.decode().strip("/").split("/")
+        kind = parts[0]
+        if kind == "json":
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"label":   "positive", "score": 0.5}'
+        if kind == "status":
+            request.setResponseCode(int(parts[1]))
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"error": {"message": "the model says no"}}).encode()
+        if kind == "html":
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/html")
+            return b"<html><body><h1>500 Internal Server Error</h1>" + b"x" * 500 + b"</body></html>"
+        if kind == "empty":
+            request.setResponseCode(204)
+            return b""
+        if kind == "redirect":
+            request.setResponseCode(302)
+            request.setHeader(b"location", b"/json")
+            return b'{"moved": true}'
+        if kind == "big":
+            size = int(parts[1])
+            return b'"' + b"a" * (size - 2) + b'"'
+        if kind == "stall":
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"100")
+            request.write(b'{"partial": ')
+            self.stalled.append(request)
+            return NOT_DONE_YET
+        if kind == "hang":
+            self.stalled.append(request)
+            return NOT_DONE_YET
+        if kind == "drop":
+            request.channel.transport.loseConnection()
+            return NOT_DONE_YET
+        request.setResponseCode(404)
+        return b'{"error": "no such path"}'
+
+
+@pytest.fixture
+def server():
+    return MisbehavingModelServer()
+
+
+@pytest.fixture
+def stub(server):
+    return StubTreq(server)
+
+
+def make_model(clock, client, path="/json", environ=None, **fields):
+    spec = HttpModelSpec(id="m", type="http", url=URL + path, **fields)
+    return HttpModel(spec, reactor=clock, client=client, environ=environ if environ is not None else {})
+
+
+def send(model, body=b'{"text": "hi"}', request_id="rid-1"):
+    return model.send(body, RequestContext(request_id=request_id))
+
+
+# --- answers -------------------------------------------------------------------------
+
+
+def test_an_http_model_provides_isender(clock, stub):
+    assert verifyObject(ISender, make_model(clock, stub))
+
+
+def test_a_json_answer_is_passed_through_as_it_is(clock, stub, server):
+    model = make_model(clock, stub, "/json")
+
+    answer = result_of(send(model, b'{"text":  "what a great day"}'))
+
+    assert answer == ModelAnswer(status=200, body=b'{"label":   "positive", "score": 0.5}')
+    [received] = server.received
+    assert received["method"] == b"POST"
+    assert received["path"] == b"/json"
+    assert received["body"] == b'{"text":  "what a great day"}'
+    assert model.in_flight == 0
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 429, 500, 503])
+def test_a_models_own_json_error_is_passed_through_with_its_status(clock, stub, status):
+    model = make_model(clock, stub, f"/status/{status}")
+
+    answer = result_of(send(model))
+
+    assert answer.status == status
+    assert json.loads(answer.body) == {"error": {"message": "the model says no"}}
+    assert model.failures == 1
+
+
+def test_an_answer_that_is_not_json_is_a_bad_gateway_naming_the_model(clock, stub):
+    model = make_model(clock, stub, "/html")
+
+    error = failure_of(send(model), BadGateway).value
+
+    assert error.status == 502
+    assert error.model == "m"
+    assert "model 'm' answered something that is not JSON" in error.message
+    assert "status 500" in error.message
+    assert "text/html" in error.message
+    assert "<html><body><h1>500 Internal Server Error</h1>" in error.message  # a snippet...
+    assert "x" * 300 not in error.message  # ... not the whole body
+    assert "bytes)" in error.message
+
+
+def test_an_empty_answer_is_a_bad_gateway(clock, stub):
+    model = make_model(clock, stub, "/empty")
+
+    error = failure_of(send(model), BadGateway).value
+
+    assert "not JSON" in error.message
+    assert "status 204" in error.message
+
+
+def test_a_redirect_is_a_bad_gateway_and_is_not_followed(clock, stub, server):
+    model = make_model(clock, stub, "/redirect")
+
+    error = failure_of(send(model), BadGateway).value
+
+    assert "redirect (302)" in error.message
+    assert "'/json'" in error.message
+    assert error.model == "m"
+    assert [r["path"] for r in server.received] == [b"/redirect"]
+
+
+def test_an_answer_over_max_response_bytes_is_a_bad_gateway(clock, stub):
+    model = make_model(clock, stub, "/big/2000", max_response_bytes=1000)
+
+    error = failure_of(send(model), BadGateway).value
+
+    assert "max_response_bytes (1000 bytes)" in error.message
+    assert model.in_flight == 0
+
+
+def test_an_answer_at_max_response_bytes_is_fine(clock, stub):
+    model = make_model(clock, stub, "/big/1000", max_response_bytes=1000)
+
+    answer = result_of(send(model))
+
+    assert len(answer.body) == 1000
+
+
+def test_a_model_that_closes_the_connection_is_a_bad_gateway(clock, stub, logged_errors):
+    model = make_model(clock, stub, "/drop")
+
+    d = send(model)
+    stub.flush()
+
+    error = failure_of(d, BadGateway).value
+    assert error.model == "m"
+    assert "closed the connection" in error.message
+    assert logged_errors.events == []  # an ordinary failure of a model, not a bug of ours
+
+
+# --- what the model server is sent ---------------------------------------------------------
+
+
+def test_the_request_carries_json_content_type_and_the_request_id(clock, stub, server):
+    model = make_model(clock, stub)
+
+    result_of(send(model, request_id="client-id-7"))
+
+    headers = server.received[0]["headers"]
+    assert headers[b"content-type"] == [b"application/json"]
+    assert headers[b"x-request-id"] == [b"client-id-7"]
+    assert headers[b"accept"] == [b"application/json"]
+    assert headers[b"user-agent"][0].startswith(b"aibackend/")
+
+
+def test_configured_headers_are_sent_with_environment_variables_expanded(clock, stub, server):
+    model = make_model(
+        clock,
+        stub,
+        headers={"Authorization": "Bearer ${MODEL_KEY}", "X-Served-By": "aibackend", "X-Both": "${A}-${B}"},
+        environ={"MODEL_KEY": "s3cret", "A": "1", "B": "2"},
+    )
+
+    result_of(send(model))
+
+    headers = server.received[0]["headers"]
+    assert headers[b"authorization"] == [b"Bearer s3cret"]
+    assert headers[b"x-served-by"] == [b"aibackend"]
+    assert headers[b"x-both"] == [b"1-2"]
+    assert "s3cret" not in json.dumps(model.describe())
+
+
+def test_the_request_id_is_the_one_of_each_request(clock, stub, server):
+    model = make_model(clock, stub, headers={"X-Request-Id": "configured"})
+
+    result_of(send(model, request_id="first"))
+    result_of(send(model, request_id="second"))
+
+    assert [r["headers"][b"x-request-id"] for r in server.received] == [[b"first"], [b"second"]]
+
+
+# --- deadlines -------------------------------------------------------------------------------
+
+
+def test_a_model_that_never_answers_times_out_and_its_request_is_cancelled(clock):
+    client = HangingClient()
+    model = make_model(clock, client, timeout=30)
+
+    d = send(model)
+    [posted] = client.posted
+    assert not has_fired(d)
+    assert posted.kwargs.get("allow_redirects") is False
+
+    clock.advance(29.9)
+    assert not has_fired(d)
+    assert not posted.cancelled
+
+    clock.advance(0.1)
+
+    error = failure_of(d, GatewayTimeout).value
+    assert error.status == 504
+    assert error.model == "m"
+    assert "did not answer within 30 s" in error.message
+    assert posted.cancelled
+    assert clock.getDelayedCalls() == []
+    assert model.in_flight == 0
+
+
+def test_the_deadline_covers_the_body_too(clock, stub, server):
+    model = make_model(clock, stub, "/stall", timeout=5)
+
+    d = send(model)
+    stub.flush()
+    assert not has_fired(d)
+    [stalled] = server.stalled
+
+    clock.advance(5)
+    stub.flush()
+
+    failure_of(d, GatewayTimeout)
+    assert clock.getDelayedCalls() == []
+    # The half-read answer's connection is closed, not left open.
+    assert stalled._disconnected
+
+
+def test_a_model_that_answers_in_time_leaves_no_timer(clock, stub):
+    model = make_model(clock, stub, "/json", timeout=5)
+
+    result_of(send(model))
+
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelling_a_send_abandons_the_request(clock):
+    client = HangingClient()
+    model = make_model(clock, client, timeout=30)
+
+    d = send(model)
+    d.cancel()
+
+    failure_of(d)
+    assert client.posted[0].cancelled
+    assert clock.getDelayedCalls() == []
+    assert model.in_flight == 0
+
+
+# --- connections that fail --------------------------------------------------------------------
+
+
+class FailingClient:
+    """A treq-like client whose every request fails with one error."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def post(self, url, **kwargs):
+        return fail(self.error)
+
+
+@pytest.mark.parametrize(
+    "error, expected, wanted",
+    [
+        (ierror.ConnectionRefusedError(), BadGateway, "cannot connect to model 'm' at http://model.test:9001/json: connection refused"),
+        (ierror.DNSLookupError("model.test"), BadGateway, "host name not found"),
+        (ierror.TimeoutError(), GatewayTimeout, "cannot connect to model 'm' at http://model.test:9001/json within 10 s"),
+        (ResponseFailed([Failure(ierror.ConnectionLost())]), BadGateway, "closed the connection before answering"),
+    ],
+)
+def test_connection_failures_are_gateway_errors(clock, error, expected, wanted):
+    model = make_model(clock, FailingClient(error))
+
+    raised = failure_of(send(model), expected).value
+
+    assert wanted in raised.message
+    assert raised.model == "m"
+    assert model.failures == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_unexpected_client_failure_is_logged_and_a_bad_gateway(clock, logged_errors):
+    model = make_model(clock, FailingClient(ZeroDivisionError("bug in the client")))
+
+    raised = failure_of(send(model), BadGateway).value
+
+    assert raised.message == "model 'm' failed: bug in the client"
+    assert len(logged_errors.flush(ZeroDivisionError)) == 1

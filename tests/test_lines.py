@@ -1,0 +1,223 @@
+"""
+Framing a model's output into lines: L{LineBuffer} on its own, then L{ModelProcess}
+fed awkwardly split chunks over a StringTransport, reporting to a recording pool.
+"""
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from aibackend.subprocess import OVERSIZE, STDERR_LINE_BYTES, LineBuffer, ModelProcess
+
+
+def feed_all(buffer, chunks):
+    out = []
+    for chunk in chunks:
+        out.extend(buffer.feed(chunk))
+        assert len(buffer.pending()) <= buffer.limit
+    return out
+
+
+def byte_by_byte(data: bytes):
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+# --- LineBuffer ----------------------------------------------------------------
+
+
+def test_lines_fed_byte_by_byte_come_out_whole():
+    data = b'{"a": 1}\n{"b": [1, 2]}\n\nlast\n'
+
+    lines = feed_all(LineBuffer(1024), byte_by_byte(data))
+
+    assert lines == [b'{"a": 1}', b'{"b": [1, 2]}', b"", b"last"]
+
+
+def test_many_lines_in_one_chunk():
+    data = b"".join(b'{"n": %d}\n' % n for n in range(500))
+
+    lines = LineBuffer(1024).feed(data)
+
+    assert lines == [b'{"n": %d}' % n for n in range(500)]
+
+
+def test_an_unfinished_line_waits_for_its_end():
+    buffer = LineBuffer(1024)
+
+    assert buffer.feed(b'{"a": 1}\n{"b"') == [b'{"a": 1}']
+    assert buffer.pending() == b'{"b"'
+    assert buffer.feed(b": 2") == []
+    assert buffer.feed(b"}\n") == [b'{"b": 2}']
+    assert buffer.pending() == b""
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 7, 64])
+def test_crlf_line_ends_are_removed_however_split(split):
+    data = b'{"a": 1}\r\n{"b": 2}\r\nplain\n'
+    chunks = [data[i : i + split] for i in range(0, len(data), split)]
+
+    lines = feed_all(LineBuffer(1024), chunks)
+
+    assert lines == [b'{"a": 1}', b'{"b": 2}', b"plain"]
+
+
+def test_a_line_of_exactly_the_limit_is_kept():
+    assert LineBuffer(8).feed(b"12345678\n") == [b"12345678"]
+
+
+def test_an_oversize_line_is_reported_once_and_framing_resumes():
+    buffer = LineBuffer(64)
+    chunks = [b'{"before": 1}\n', b"x" * 50, *([b"y" * 100] * 20), b"z" * 10 + b'\n{"after": 2}\n']
+
+    lines = feed_all(buffer, chunks)
+
+    assert lines == [b'{"before": 1}', OVERSIZE, b'{"after": 2}']
+    assert buffer.pending() == b""
+
+
+def test_an_oversize_line_fed_byte_by_byte_never_fills_the_buffer():
+    buffer = LineBuffer(16)
+    out = []
+    for byte in byte_by_byte(b"a" * 1000 + b"\nok\n"):
+        out.extend(buffer.feed(byte))
+        assert len(buffer.pending()) <= 16
+
+    assert out == [OVERSIZE, b"ok"]
+
+
+def test_an_oversize_line_inside_one_big_chunk():
+    big = b"q" * 10_000
+
+    lines = LineBuffer(64).feed(b"one\n" + big + b"\ntwo\n" + big + b"\nthree\n")
+
+    assert lines == [b"one", OVERSIZE, b"two", OVERSIZE, b"three"]
+
+
+def test_an_unfinished_oversize_line_is_not_held():
+    buffer = LineBuffer(64)
+
+    assert buffer.feed(b"w" * 10_000) == [OVERSIZE]
+    assert buffer.pending() == b""
+    assert buffer.feed(b"w" * 10_000) == []
+    assert buffer.pending() == b""
+    assert buffer.feed(b"\nnext\n") == [b"next"]
+
+
+def test_truncate_mode_gives_the_head_of_a_long_line_once():
+    buffer = LineBuffer(10, truncate=True)
+    chunks = [b"0123", b"456789abcdef", b"ghij" * 100, b"\nshort\n"]
+
+    lines = feed_all(buffer, chunks)
+
+    assert lines == [b"0123456789", b"short"]
+
+
+def test_truncate_mode_byte_by_byte():
+    buffer = LineBuffer(4, truncate=True)
+
+    lines = feed_all(buffer, byte_by_byte(b"abcdefgh\r\nij\r\n"))
+
+    assert lines == [b"abcd", b"ij"]
+
+
+# --- ModelProcess ------------------------------------------------------------------
+
+
+class RecordingPool:
+    """What a ModelProcess tells its pool, in order."""
+
+    def __init__(self):
+        self.clock = Clock()
+        self.events = []
+
+    def _process_spawned(self, process):
+        self.events.append(("spawned", process.pid))
+
+    def _process_line(self, process, line):
+        self.events.append(("line", line))
+
+    def _process_oversize(self, process):
+        self.events.append(("oversize",))
+
+    def _process_stderr(self, process, line):
+        self.events.append(("stderr", line))
+
+    def _process_exited(self, process, reason):
+        self.events.append(("exited",))
+
+
+class ProcessTransport(StringTransport):
+    pid = 4242
+
+
+def connected(max_line_bytes=1024):
+    pool = RecordingPool()
+    process = ModelProcess(pool, 0, max_line_bytes)
+    process.makeConnection(ProcessTransport())
+    return pool, process
+
+
+def test_the_process_tells_its_pool_it_started_with_its_pid():
+    pool, process = connected()
+
+    assert process.pid == 4242
+    assert pool.events == [("spawned", 4242)]
+
+
+def test_stdout_lines_split_awkwardly_reach_the_pool_whole_and_blank_lines_are_skipped():
+    pool, process = connected()
+    data = b'{"id": "a", "output": 1}\r\n\n   \n{"id": "b",' + b' "output": "two"}\n{"ready": true}\n'
+
+    for byte in byte_by_byte(data):
+        process.outReceived(byte)
+
+    assert pool.events[1:] == [
+        ("line", b'{"id": "a", "output": 1}'),
+        ("line", b'{"id": "b", "output": "two"}'),
+        ("line", b'{"ready": true}'),
+    ]
+
+
+def test_stdout_output_moves_last_output_forward():
+    pool, process = connected()
+    pool.clock.advance(5)
+
+    process.outReceived(b"partial")
+
+    assert process.last_output == 5
+
+
+def test_an_oversize_stdout_line_is_reported_once_and_the_next_line_still_arrives():
+    pool, process = connected(max_line_bytes=64)
+
+    process.outReceived(b'{"a": 1}\n' + b"x" * 100)
+    for _ in range(100):
+        process.outReceived(b"y" * 1000)
+        assert len(process._stdout.pending()) <= 64
+    process.outReceived(b'\n{"b": 2}\n')
+
+    assert pool.events[1:] == [("line", b'{"a": 1}'), ("oversize",), ("line", b'{"b": 2}')]
+
+
+def test_stderr_lines_are_truncated_not_refused():
+    pool, process = connected(max_line_bytes=64)
+    long_line = b"e" * (STDERR_LINE_BYTES * 3)
+
+    process.errReceived(b"warn: one\n" + long_line[:5000])
+    process.errReceived(long_line[5000:] + b"\r\nwarn: two\n")
+
+    assert pool.events[1:] == [
+        ("stderr", b"warn: one"),
+        ("stderr", b"e" * STDERR_LINE_BYTES),
+        ("stderr", b"warn: two"),
+    ]
+    assert process._stderr.pending() == b""
+
+
+def test_stdout_after_the_process_has_exited_is_ignored():
+    pool, process = connected()
+    process.state = "exited"
+
+    process.outReceived(b'{"id": "late", "output": 1}\n')
+
+    assert pool.events[1:] == []

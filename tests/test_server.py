@@ -1,0 +1,280 @@
+"""
+aibackend.server: the daemon's Site, and the request body limit (413).
+
+In memory through StubTreq where that is enough, and over a real socket on 127.0.0.1
+(a port the system picks) where the bytes on the wire matter: chunked bodies, the answer
+going out before the body is read, Connection: close, a client that goes away.
+"""
+
+import json
+import re
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+
+from aibackend.ids import request_id_from_headers
+from aibackend.testing import FakeModel, StubFrontDoor
+
+LIMIT = 1024
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+# --- in memory ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model(clock):
+    return FakeModel("m", clock)
+
+
+@pytest.fixture
+def door(clock, model):
+    return StubFrontDoor(clock, [model], max_body_bytes=LIMIT)
+
+
+def test_a_body_at_the_limit_is_accepted(door, model):
+    body = b'{"t": "' + b"a" * (LIMIT - 9) + b'"}'
+    assert len(body) == LIMIT
+
+    response = door.call("POST", "/post/predict?id=m", data=body)
+
+    assert response.status == 200
+    assert model.received[0].body == body
+
+
+def test_a_body_over_the_limit_is_413_in_the_error_shape(door, model):
+    response = door.call(
+        "POST", "/post/predict?id=m", data=b"[" + b"1," * LIMIT + b"1]", headers={"X-Request-Id": "big-1"}
+    )
+
+    assert response.status == 413
+    assert response.header("Content-Type") == "application/json"
+    assert response.header("X-Request-Id") == "big-1"
+    assert response.json() == {
+        "error": {
+            "type": "payload_too_large",
+            "message": f"the request body is {2 * LIMIT + 3} bytes; the limit is {LIMIT} bytes",
+            "request_id": "big-1",
+        }
+    }
+    assert model.received == []
+
+
+def test_the_site_shows_no_tracebacks_and_parses_no_forms(door):
+    assert door.site.displayTracebacks is False
+    assert door.site._parsePOSTFormSubmission is False
+
+
+# --- over a real socket ------------------------------------------------------------------
+
+
+class Collect(Protocol):
+    """Keeps every byte the server sends; C{done} fires with them when it closes."""
+
+    def __init__(self):
+        self.data = b""
+        self.done = Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.data)
+
+
+def parse_response(raw: bytes):
+    """@return: (status, headers with lower-case names, body, the bytes after the body)."""
+    head, separator, rest = raw.partition(b"\r\n\r\n")
+    assert separator, f"no complete response head in {raw[:300]!r}"
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split()[1])
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", len(rest)))
+    return status, headers, rest[:length], rest[length:]
+
+
+async def exchange(port: int, *writes: bytes, deadline: float = 5.0) -> bytes:
+    """
+    Connect to 127.0.0.1:C{port}, write C{writes}, and read until the server closes
+    (failing if it does not within C{deadline} seconds).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    protocol = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Collect())
+    for data in writes:
+        protocol.transport.write(data)
+    done = protocol.done
+    timer = reactor.callLater(deadline, protocol.transport.abortConnection)
+    data = await done
+    if not timer.active():
+        pytest.fail(f"the server did not close the connection within {deadline} s; it sent {data[:300]!r}")
+    timer.cancel()
+    return data
+
+
+@pytest.fixture
+def listening():
+    """
+    The daemon's Site with a fake model "m", listening on 127.0.0.1 (a free port).
+
+    @return: (port number, the model)
+    """
+    from twisted.internet import reactor
+
+    from aibackend.api import FrontDoor
+    from aibackend.registry import ModelDeps, ModelRegistry
+    from aibackend.server import AibackendSite
+
+    model = FakeModel("m", reactor)
+    registry = ModelRegistry(ModelDeps(reactor=reactor, environ={}))
+    registry.add(model)
+    site = AibackendSite(FrontDoor(registry, reactor).resource(), max_body_bytes=LIMIT)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    yield port.getHost().port, model
+    pytest_twisted.blockon(port.stopListening())
+
+
+def post_head(length=None, *, chunked=False, extra=b""):
+    head = b"POST /post/predict?id=m HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    if chunked:
+        head += b"Transfer-Encoding: chunked\r\n"
+    if length is not None:
+        head += b"Content-Length: " + str(length).encode() + b"\r\n"
+    return head + extra + b"Connection: close\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def assert_413(raw, request_id=None):
+    status, headers, body, after = parse_response(raw)
+    assert status == 413
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["type"] == "payload_too_large"
+    assert f"the limit is {LIMIT} bytes" in error["message"]
+    assert headers["x-request-id"] == error["request_id"]
+    if request_id is not None:
+        assert error["request_id"] == request_id
+    else:
+        assert HEX32.match(error["request_id"])
+    return error, after
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_content_length_over_the_limit_is_refused_before_the_body(listening):
+    port, model = listening
+
+    # Only the head: the answer must not wait for a body it will never read.
+    raw = await exchange(port, post_head(LIMIT + 1, extra=b"X-Request-Id: announced-too-big\r\n"))
+
+    error, after = assert_413(raw, "announced-too-big")
+    assert error["message"] == f"the request body is {LIMIT + 1} bytes; the limit is {LIMIT} bytes"
+    assert after == b""
+    assert model.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_over_the_limit_is_refused(listening):
+    port, model = listening
+
+    raw = await exchange(port, post_head(chunked=True), chunk(b"[" + b"1," * 400), chunk(b"1," * 400))
+
+    error, _ = assert_413(raw)
+    assert error["message"] == f"the request body is more; the limit is {LIMIT} bytes"
+    assert model.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_under_the_limit_is_accepted(listening):
+    port, model = listening
+    body = b'{"text": "' + b"a" * 500 + b'"}'
+
+    raw = await exchange(port, post_head(len(body), extra=b"X-Request-Id: small-1\r\n") + body)
+
+    status, headers, answer, _ = parse_response(raw)
+    assert status == 200
+    assert json.loads(answer) == {"ok": True}
+    assert headers["x-request-id"] == "small-1"
+    assert [received.body for received in model.received] == [body]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_body_under_the_limit_is_accepted(listening):
+    port, model = listening
+
+    raw = await exchange(port, post_head(chunked=True) + chunk(b'{"a": ') + chunk(b"1}") + b"0\r\n\r\n")
+
+    status, _, _, _ = parse_response(raw)
+    assert status == 200
+    assert [received.body for received in model.received] == [b'{"a": 1}']
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_continue_over_the_limit_gets_only_the_413(listening):
+    port, _ = listening
+
+    raw = await exchange(port, post_head(LIMIT * 10, extra=b"Expect: 100-continue\r\n"))
+
+    _, after = assert_413(raw)
+    assert after == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_continue_under_the_limit_continues(listening):
+    port, model = listening
+    body = b'{"a": 1}'
+
+    raw = await exchange(port, post_head(len(body), extra=b"Expect: 100-continue\r\n") + body)
+
+    assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    status, _, _, _ = parse_response(raw[len(b"HTTP/1.1 100 Continue\r\n\r\n"):])
+    assert status == 200
+    assert [received.body for received in model.received] == [body]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_goes_away_cancels_the_models_request(listening, logged_errors):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.task import deferLater
+
+    port, model = listening
+    model.holds()
+    protocol = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Collect())
+    protocol.transport.write(post_head(2, extra=b"X-Request-Id: leaving\r\n") + b"{}")
+    for _ in range(500):
+        if model.pending:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert len(model.pending) == 1
+
+    protocol.transport.loseConnection()
+    await protocol.done
+    for _ in range(500):
+        if model.cancelled:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+
+    assert [received.context.request_id for received in model.cancelled] == ["leaving"]
+    [entry] = [entry for entry in model.model_log.query() if entry["event"] == "request"]
+    assert (entry["request_id"], entry["status"]) == ("leaving", 499)
+    assert logged_errors.events == []
+
+
+def test_request_ids_from_headers():
+    from twisted.web.http_headers import Headers
+
+    assert request_id_from_headers(Headers({b"X-Request-Id": [b"abc-123"]})) == "abc-123"
+    assert HEX32.match(request_id_from_headers(Headers({})))
+    assert HEX32.match(request_id_from_headers(Headers({b"X-Request-Id": [b""]})))
+    assert HEX32.match(request_id_from_headers(Headers({b"X-Request-Id": [b"a" * 201]})))
+    assert request_id_from_headers(Headers({b"X-Request-Id": [b"a" * 200]})) == "a" * 200

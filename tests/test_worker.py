@@ -1,0 +1,311 @@
+"""
+aibackend.worker run as a real child process (tests/models/worker_cases.py), fed request
+lines on its stdin, its stdout read line by line with a deadline: the jsonl protocol as
+a model written with the helper library speaks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = os.path.join(ROOT, "tests", "models", "worker_cases.py")
+
+
+def strict_json(line: bytes):
+    """Parse as JSON proper: NaN and Infinity are not JSON."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+class Worker:
+    """A worker_cases.py process: write requests, read its stdout as JSON lines."""
+
+    def __init__(self, concurrency: int = 1):
+        env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.process = subprocess.Popen(
+            [sys.executable, CASES, str(concurrency)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr = b""
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self):
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _read_stderr(self):
+        for line in self.process.stderr:
+            self.stderr += line
+
+    def write(self, *messages) -> None:
+        self.process.stdin.write(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
+        self.process.stdin.flush()
+
+    def predict(self, request_id, data) -> None:
+        self.write({"id": request_id, "op": "predict", "input": data})
+
+    def next_line(self, timeout: float = 5) -> bytes:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"nothing on stdout within {timeout} s; stderr: {self.stderr[-2000:]!r}")
+        assert line is not None, f"stdout closed; stderr: {self.stderr[-2000:]!r}"
+        return line
+
+    def next(self, timeout: float = 5):
+        line = self.next_line(timeout)
+        assert line.endswith(b"\n")
+        return strict_json(line)
+
+    def until(self, predicate, timeout: float = 5) -> tuple[list, dict]:
+        """Read messages until one matches; @return: (the ones before, the match)."""
+        before = []
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.next(max(0.01, deadline - time.monotonic()))
+            if predicate(message):
+                return before, message
+            before.append(message)
+
+    def answer(self, request_id, timeout: float = 5) -> dict:
+        _, message = self.until(lambda m: m.get("id") == request_id, timeout)
+        return message
+
+    def ready(self) -> "Worker":
+        self.until(lambda m: m == {"ready": True})
+        return self
+
+    def nothing_more(self, wait: float) -> list:
+        """Whatever arrives within C{wait} seconds."""
+        got = []
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is not None:
+                got.append(strict_json(line))
+        return got
+
+    def close(self) -> int:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                return self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(3)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(3)
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker():
+    workers = []
+
+    def start(concurrency: int = 1) -> Worker:
+        worker = Worker(concurrency)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.close()
+
+
+def test_the_worker_says_ready_once_load_has_returned(start_worker):
+    worker = start_worker()
+
+    before, ready = worker.until(lambda m: "ready" in m)
+
+    assert ready == {"ready": True}
+    # print() inside load() already goes to the log, before the ready line.
+    assert before == [{"log": "loading the model", "level": "info"}]
+    worker.predict("q", {"op": "loaded"})
+    assert worker.next() == {"id": "q", "output": {"loaded": True}}
+
+
+def test_the_answer_carries_the_request_id(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("req-7f3a", {"x": [1, 2]})
+    worker.write({"id": 42, "input": {"op omitted": True}})
+
+    assert worker.next() == {"id": "req-7f3a", "output": {"echo": {"x": [1, 2]}}}
+    assert worker.next() == {"id": 42, "output": {"echo": {"op omitted": True}}}
+
+
+def test_bad_input_answers_400_and_logs_no_traceback(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("b", {"op": "bad"})
+    worker.predict("t", {"op": "teapot"})
+
+    assert worker.next() == {"id": "b", "error": {"message": 'send {"op": "..."}', "status": 400}}
+    assert worker.next() == {"id": "t", "error": {"message": "short and stout", "status": 418}}
+
+
+def test_an_exception_answers_500_and_its_traceback_goes_to_the_log(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("x", {"op": "boom"})
+
+    before, answer = worker.until(lambda m: m.get("id") == "x")
+    assert answer == {"id": "x", "error": {"message": "RuntimeError: boom", "status": 500}}
+    (logged,) = before
+    assert logged["level"] == "error"
+    assert logged["log"].startswith("Traceback (most recent call last):")
+    assert "RuntimeError: boom" in logged["log"]
+    assert "worker_cases.py" in logged["log"]
+
+
+def test_print_inside_the_model_becomes_log_lines_and_never_corrupts_the_protocol(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("p", {"op": "print", "text": 'looks like {"id": "p", "output": 0}'})
+    worker.predict("after", {"n": 1})
+
+    before, answer = worker.until(lambda m: m.get("id") == "p")
+    assert answer == {"id": "p", "output": {"printed": True}}
+    assert before == [
+        {"log": 'looks like {"id": "p", "output": 0}', "level": "info"},
+        {"log": "a second line ends here", "level": "info"},
+    ]
+    assert worker.next() == {"id": "after", "output": {"echo": {"n": 1}}}
+    # What is written on file descriptor 1 itself ends up on stderr, not in the protocol.
+    assert worker.close() == 0
+    assert b"written on fd 1" in worker.stderr
+
+
+def test_concurrency_answers_out_of_order(start_worker):
+    worker = start_worker(concurrency=2).ready()
+
+    worker.predict("slow", {"op": "sleep", "seconds": 0.6})
+    worker.predict("fast", {"op": "sleep", "seconds": 0})
+
+    assert worker.next()["id"] == "fast"
+    assert worker.next() == {"id": "slow", "output": {"slept": 0.6, "tag": None}}
+
+
+def test_without_concurrency_requests_are_answered_in_order(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("slow", {"op": "sleep", "seconds": 0.3})
+    worker.predict("fast", {"op": "sleep", "seconds": 0})
+
+    assert [worker.next()["id"], worker.next()["id"]] == ["slow", "fast"]
+
+
+def test_a_cancel_for_a_request_not_yet_started_drops_it(start_worker):
+    worker = start_worker(concurrency=2).ready()
+
+    worker.predict("a", {"op": "sleep", "seconds": 0.4})
+    worker.predict("b", {"op": "sleep", "seconds": 0.4})
+    worker.predict("c", {"op": "sleep", "seconds": 0})  # waits for a thread
+    worker.write({"id": "c", "op": "cancel"})
+    worker.predict("d", {"op": "sleep", "seconds": 0})
+
+    answered = [worker.next()["id"] for _ in range(3)]
+
+    assert sorted(answered) == ["a", "b", "d"]
+    assert worker.nothing_more(0.2) == []
+
+
+def test_a_cancel_drops_a_queued_request_without_concurrency_too(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("a", {"op": "sleep", "seconds": 0.3})
+    worker.predict("b", {"op": "sleep", "seconds": 0})
+    worker.write({"id": "b", "op": "cancel"})
+    worker.predict("c", {"op": "sleep", "seconds": 0})
+
+    assert [worker.next()["id"], worker.next()["id"]] == ["a", "c"]
+
+
+def test_a_request_id_cancelled_while_running_can_be_used_again(start_worker):
+    worker = start_worker(concurrency=2).ready()
+    worker.predict("retry-me", {"op": "sleep", "seconds": 0.3})
+    time.sleep(0.1)
+    worker.write({"id": "retry-me", "op": "cancel"})  # too late: it is running
+    assert worker.next()["id"] == "retry-me"
+
+    worker.predict("retry-me", {"op": "sleep", "seconds": 0, "tag": "second try"})
+
+    assert worker.answer("retry-me", timeout=2) == {"id": "retry-me", "output": {"slept": 0, "tag": "second try"}}
+
+
+def test_output_that_is_not_json_answers_500(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("o", {"op": "object"})
+
+    answer = worker.next()
+    assert answer["id"] == "o"
+    assert answer["error"]["status"] == 500
+    assert "not JSON" in answer["error"]["message"]
+
+
+def test_nan_in_the_output_never_reaches_the_protocol_as_invalid_json(start_worker):
+    worker = start_worker().ready()
+
+    worker.predict("n", {"op": "nan"})
+
+    answer = worker.next()  # parses strictly
+    assert answer["id"] == "n"
+
+
+def test_numpy_values_answer_as_json_lists_and_numbers(start_worker):
+    pytest.importorskip("numpy")
+    worker = start_worker().ready()
+
+    worker.predict("np", {"op": "numpy"})
+
+    assert worker.next(timeout=10) == {"id": "np", "output": {"array": [0, 1, 2], "scalar": 0.5, "pair": [1, 2]}}
+
+
+def test_lines_that_are_not_requests_are_logged_and_skipped(start_worker):
+    worker = start_worker().ready()
+
+    worker.process.stdin.write(b"this is not json\n\n[1, 2]\n")
+    worker.write({"op": "predict", "input": "no id"}, {"id": "u", "op": "explode"})
+    worker.predict("ok", {"fine": True})
+
+    before, answer = worker.until(lambda m: m.get("id") == "ok")
+    assert answer == {"id": "ok", "output": {"echo": {"fine": True}}}
+    warnings = [m for m in before if "log" in m]
+    assert [m["level"] for m in warnings] == ["warning"] * 3
+    assert warnings[0]["log"].startswith("not a request: b'this is not json")
+    assert {"id": "u", "error": {"message": "unknown op 'explode'", "status": 400}} in before
+
+
+def test_the_worker_finishes_running_requests_and_exits_when_stdin_closes(start_worker):
+    worker = start_worker(concurrency=2).ready()
+    worker.predict("last", {"op": "sleep", "seconds": 0.3})
+
+    worker.process.stdin.close()
+
+    assert worker.next() == {"id": "last", "output": {"slept": 0.3, "tag": None}}
+    assert worker.process.wait(5) == 0
