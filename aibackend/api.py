@@ -18,6 +18,8 @@ from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 
 from aibackend import errors
+from aibackend.admin import describe, table_from_query
+from aibackend.auth import Guard
 from aibackend.config import MAX_ID_LENGTH
 from aibackend.ids import request_id_from_headers
 from aibackend.interfaces import RequestContext
@@ -27,6 +29,8 @@ JSON = b"application/json"
 # A client that goes away before its answer is logged with nginx's status for it.
 CLIENT_CLOSED = 499
 WORDS = {"post": b"POST", "get": b"GET"}
+BOTH = (b"GET", b"POST")
+POST_ONLY = (b"POST",)
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
@@ -125,14 +129,27 @@ class FrontDoor:
     app = Klein()
     log = Logger()
 
-    def __init__(self, registry, clock):
+    def __init__(self, registry, clock, *, manager=None, guard=None):
         self.registry = registry
         self.clock = clock
+        self.manager = manager
+        self.guard = guard if guard is not None else Guard(None, ["unix:"])
+        # operation -> (handler, an admin operation?, the methods it takes)
         self.operations = {
-            "predict": self.predict,
-            "getlogs": self.getlogs,
-            "cleanlogs": self.cleanlogs,
+            "predict": (self.predict, False, BOTH),
+            "getlogs": (self.getlogs, False, BOTH),
+            "models": (self.list_models, False, BOTH),
+            "status": (self.status, False, BOTH),
+            "cleanlogs": (self.cleanlogs, True, POST_ONLY),
         }
+        if manager is not None:
+            self.operations.update(
+                {
+                    "addmodel": (self.addmodel, True, POST_ONLY),
+                    "removemodel": (self.removemodel, True, POST_ONLY),
+                    "restart": (self.restart, True, POST_ONLY),
+                }
+            )
 
     def resource(self):
         return self.app.resource()
@@ -210,11 +227,20 @@ class FrontDoor:
                 f"/{word}/ takes {expected.decode()} requests, not {method.decode('latin-1')}",
                 [expected.decode()],
             )
-        handler = self.operations.get(operation)
-        if handler is None:
+        found = self.operations.get(operation)
+        if found is None:
             raise errors.UnknownOperation(
                 f"unknown operation {operation!r}: use one of {', '.join(self.operations)}"
             )
+        handler, admin, methods = found
+        if method not in methods:
+            raise errors.MethodNotAllowed(
+                f"{operation} changes the daemon: use POST /post/{operation}", ["POST"]
+            )
+        if admin:
+            self.guard.check_admin(request)
+        else:
+            self.guard.check_client(request)
         return handler(request, request_id, query_params(request))
 
     # --- operations ---------------------------------------------------------
@@ -307,3 +333,48 @@ class FrontDoor:
         self.log.info("log of model {model} cleaned: {removed} entries removed (request {request_id})",
                       model=model.model_id, removed=removed, request_id=request_id)
         return sized(request, json.dumps({"model": model.model_id, "removed": removed}).encode())
+
+    # --- runtime management -------------------------------------------------
+
+    def list_models(self, request, request_id, params):
+        models = [describe(self.registry, model) for model in self.registry.models()]
+        return sized(request, json.dumps({"count": len(models), "models": models}).encode())
+
+    def status(self, request, request_id, params):
+        model = self.registry.get(model_id_param(params))
+        described = describe(self.registry, model)
+        described["spec"] = model.spec.public() if model.spec is not None else None
+        described["log_entries"] = len(model.model_log)
+        return sized(request, json.dumps(described).encode())
+
+    def addmodel(self, request, request_id, params):
+        replace = (single(params, "replace") or "false").lower()
+        if replace not in ("true", "false", "1", "0", "yes", "no"):
+            raise errors.BadRequest(f"replace must be true or false, got {replace!r}")
+        body = request.content.read().strip()
+        if body:
+            table = parse_json(body)
+            if not isinstance(table, dict):
+                raise errors.BadRequest("addmodel takes a JSON object, the keys of a [[models]] entry")
+            query_id = single(params, "id")
+            if query_id is not None:
+                if "id" in table and table["id"] != query_id:
+                    raise errors.BadRequest("the id in the query and the id in the body differ")
+                table["id"] = query_id
+        else:
+            table = table_from_query(params)
+        d = self.manager.add(table, replace=replace in ("true", "1", "yes"))
+
+        def added(result):
+            request.setResponseCode(200 if result["replaced"] else 201)
+            return sized(request, json.dumps(result).encode())
+
+        return d.addCallback(added)
+
+    def removemodel(self, request, request_id, params):
+        d = self.manager.remove(model_id_param(params))
+        return d.addCallback(lambda result: sized(request, json.dumps(result).encode()))
+
+    def restart(self, request, request_id, params):
+        result = self.manager.restart(model_id_param(params))
+        return sized(request, json.dumps(result).encode())

@@ -12,6 +12,7 @@ it. L{register} adds one.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -212,6 +213,19 @@ def check_http_url(value: str, *, default_scheme: bool = False):
     if parts.username or parts.password:
         return None, "must not hold credentials (user:password@); put them in headers"
     return text, None
+
+
+def check_destination_entry(entry: str) -> str | None:
+    """@return: what is wrong with an C{allowed_destinations} entry (a host name, an address or a CIDR), or None."""
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return None
+    except ValueError:
+        pass
+    name = entry.strip().rstrip(".")
+    if not name or any(c in name for c in "/:@ ") or len(name) > 253:
+        return f"{entry!r} is neither a host name nor an address or CIDR"
+    return None
 
 
 def env_references(template: str) -> list[str]:
@@ -568,6 +582,10 @@ class ServerSpec:
     listen: tuple = DEFAULT_LISTEN
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_entries: int = DEFAULT_LOG_ENTRIES
+    api_keys: tuple = ()
+    allowed_commands: tuple = ()
+    allowed_destinations: tuple | None = None
+    state_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -589,11 +607,36 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
     listen = server_table.string_list("listen", DEFAULT_LISTEN, allow_single=True)
     max_body = server_table.number("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1, integer=True)
     log_entries = server_table.number("log_entries", DEFAULT_LOG_ENTRIES, minimum=1, maximum=1_000_000, integer=True)
+    environ = os.environ if environ is None else environ
+    api_keys = []
+    for index, template in enumerate(server_table.string_list("api_keys", (), nonempty=False)):
+        missing = [name for name in env_references(template) if name not in environ]
+        if missing:
+            server_table.problem(f"api_keys[{index}]", f"names environment variable {missing[0]} that is not set")
+            continue
+        key = expand_env(template, environ)
+        if len(key) < 16:
+            server_table.problem(f"api_keys[{index}]", "is too weak: use at least 16 characters")
+        api_keys.append(key)
+    allowed_commands = server_table.string_list("allowed_commands", (), nonempty=False)
+    for index, path in enumerate(allowed_commands):
+        if not os.path.isabs(path):
+            server_table.problem(f"allowed_commands[{index}]", f"must be an absolute path, got {path!r}")
+    allowed_destinations = server_table.string_list("allowed_destinations", None, nonempty=False)
+    for index, entry in enumerate(allowed_destinations or ()):
+        problem = check_destination_entry(entry)
+        if problem:
+            server_table.problem(f"allowed_destinations[{index}]", problem)
+    state_dir = server_table.string("state_dir", None)
     server_table.finish()
     server = ServerSpec(
         listen=tuple(listen or DEFAULT_LISTEN),
         max_body_bytes=max_body or DEFAULT_MAX_BODY_BYTES,
         log_entries=log_entries or DEFAULT_LOG_ENTRIES,
+        api_keys=tuple(api_keys),
+        allowed_commands=tuple(os.path.realpath(path) for path in allowed_commands),
+        allowed_destinations=tuple(allowed_destinations) if allowed_destinations is not None else None,
+        state_dir=state_dir,
     )
 
     _, raw_models = root.pop_alias("models")

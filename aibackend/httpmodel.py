@@ -30,7 +30,8 @@ from zope.interface import implementer
 
 from aibackend import __version__
 from aibackend.config import expand_env
-from aibackend.errors import ApiError, BadGateway, GatewayTimeout, ModelUnavailable
+from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
+from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
 from aibackend.logs import ModelLog
 from aibackend.subprocess import ProcessPool
@@ -159,14 +160,21 @@ class HttpModel(Service):
     type_name = "http"
     log = Logger()
 
-    def __init__(self, spec, *, reactor, pool=None, environ=None, client=None, launcher=None):
+    def __init__(self, spec, *, reactor, pool=None, environ=None, client=None, launcher=None,
+                 destination_policy=None):
         self.spec = spec
         self.model_id = spec.id
         self.model_log = ModelLog(reactor, spec.log_entries)
         self._clock = reactor
         self._url = DecodedURL.from_text(spec.url)
         if client is None:
-            agent = Agent(reactor, connectTimeout=spec.connect_timeout, pool=pool)
+            if destination_policy is not None:
+                # A runtime model: connect only where the policy allows, checked on the
+                # address really connected to.
+                factory = GuardedEndpointFactory(reactor, destination_policy, spec.connect_timeout)
+                agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
+            else:
+                agent = Agent(reactor, connectTimeout=spec.connect_timeout, pool=pool)
             client = HTTPClient(agent, cookiejar=_no_cookies())
         self._client = client
         environ = os.environ if environ is None else environ
@@ -195,7 +203,13 @@ class HttpModel(Service):
 
     @classmethod
     def from_spec(cls, spec, deps):
-        return cls(spec, reactor=deps.reactor, pool=deps.pool, environ=deps.environ)
+        return cls(
+            spec,
+            reactor=deps.reactor,
+            pool=deps.pool,
+            environ=deps.environ,
+            destination_policy=deps.destination_policy,
+        )
 
     def startService(self):
         super().startService()
@@ -315,6 +329,8 @@ class HttpModel(Service):
                 f"cannot connect to model {model!r} at {self.spec.url} within {self.spec.connect_timeout:g} s",
                 model=model,
             )
+        if failure.check(DestinationDenied):
+            raise Forbidden(f"model {model!r} may not be reached: {failure.getErrorMessage()}", model=model)
         if failure.check(ResponseTooLarge):
             raise BadGateway(
                 f"model {model!r} answered more than max_response_bytes ({self.spec.max_response_bytes} bytes)",

@@ -9,6 +9,7 @@ a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application import service
@@ -51,6 +52,13 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "The TOML configuration file (models, listen addresses, limits)."],
         ["max-body-bytes", None, None, "The largest request body accepted, in bytes (default 16 MiB).", int],
+        ["state", None, None,
+         "The state directory, where models added or removed at runtime are kept "
+         "(default: the configuration's state_dir, else $XDG_STATE_HOME/aibackend or ~/.local/state/aibackend)."],
+        ["admin-token-file", None, None,
+         "A file whose first line is the admin token (16 characters or more) that admin "
+         "operations need; AIBACKEND_ADMIN_TOKEN works too. Without one, admin operations are "
+         "allowed only from loopback while the daemon listens on loopback alone."],
     ]
 
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.toml")})
@@ -86,6 +94,18 @@ class Options(usage.Options):
             problem = check_endpoint(description)
             if problem:
                 raise StartupError(f"cannot listen on {description!r}: {problem}")
+        from aibackend.auth import TokenError, read_admin_token
+        from aibackend.store import default_state_dir
+
+        try:
+            self.admin_token = read_admin_token(self["admin-token-file"], os.environ)
+        except TokenError as e:
+            raise StartupError(str(e)) from None
+        self.state_dir = os.path.abspath(self["state"] or server.state_dir or default_state_dir())
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"cannot use the state directory {self.state_dir}: {e.strerror or e}") from None
 
 
 def check_endpoint(description: str) -> str | None:
@@ -141,8 +161,6 @@ def describe_address(address) -> str:
 class ConnectionPoolService(service.Service):
     """Owns the daemon's HTTP connection pool and closes it on stop."""
 
-    name = "http-pool"
-
     def __init__(self, pool):
         self.pool = pool
 
@@ -151,11 +169,26 @@ class ConnectionPoolService(service.Service):
         return self.pool.closeCachedConnections()
 
 
-def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=None):
-    """
-    Wire the daemon: the HTTP pool, the registry with the configured models, the front
-    door, and a listener per address.
+class StoreService(service.Service):
+    """Closes the store on stop (after the registry, which may still be writing)."""
 
+    name = "store"
+
+    def __init__(self, store):
+        self.store = store
+
+    def stopService(self):
+        super().stopService()
+        return self.store.close()
+
+
+def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None,
+                  admin_token=None, store=None):
+    """
+    Wire the daemon: the HTTP pools, the store, the registry with the configured and the
+    kept runtime models, the front door, and a listener per address.
+
+    @param state_dir: where runtime changes are kept (ignored when C{store} is given).
     @return: the root L{service.MultiService}.
     """
     from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
@@ -164,29 +197,52 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
         # One "Starting factory" line per upstream connection is noise in the log.
         noisy = False
 
+    import os
+
+    from aibackend.admin import ModelManager, load_models
     from aibackend.api import FrontDoor
+    from aibackend.auth import Guard
+    from aibackend.destinations import DestinationPolicy
     from aibackend.registry import ModelDeps, ModelRegistry
     from aibackend.server import AibackendSite
+    from aibackend.store import SQLiteStore
 
+    environ = os.environ if environ is None else environ
     root = service.MultiService()
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = DEFAULT_MAX_PERSISTENT_PER_HOST
-    pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
-    pool._factory = QuietClientFactory
-    ConnectionPoolService(pool).setServiceParent(root)
 
-    deps = ModelDeps(reactor=reactor, pool=pool)
-    if environ is not None:
-        deps.environ = environ
-    registry = ModelRegistry(deps)
+    def make_pool():
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = DEFAULT_MAX_PERSISTENT_PER_HOST
+        pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
+        pool._factory = QuietClientFactory
+        ConnectionPoolService(pool).setServiceParent(root)
+        return pool
+
+    if store is None:
+        store = SQLiteStore(reactor, state_dir)
+    StoreService(store).setServiceParent(root)
+
+    policy = DestinationPolicy(config.server.allowed_destinations)
+    deps = ModelDeps(reactor=reactor, pool=make_pool(), environ=environ)
+    # Runtime models connect through a pool of their own: a connection made for a trusted
+    # model is never handed to one whose destinations are checked.
+    runtime_deps = ModelDeps(reactor=reactor, pool=make_pool(), environ=environ, destination_policy=policy)
+    registry = ModelRegistry(deps, runtime_deps)
     registry.setServiceParent(root)
-    for spec in config.models:
-        registry.add(registry.build(spec))
+    manager = ModelManager(
+        registry, store, config.server, clock=reactor, destination_policy=policy,
+        config_ids=[spec.id for spec in config.models], environ=environ,
+    )
+    load_models(registry, store, config, manager.validate, Listener.log)
 
-    front_door = FrontDoor(registry, reactor)
+    guard = Guard(admin_token, listen, config.server.api_keys)
+    Listener.log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
+                      policy=policy.describe())
+    front_door = FrontDoor(registry, reactor, manager=manager, guard=guard)
     site = AibackendSite(front_door.resource(), max_body_bytes=max_body_bytes)
     root.front_door = front_door
     root.registry = registry
+    root.manager = manager
     root.listeners = []
     for description in listen:
         listener = Listener(reactor, description, site)
@@ -199,5 +255,10 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     return build_service(
-        options.config, reactor, listen=options.listen, max_body_bytes=options.max_body_bytes
+        options.config,
+        reactor,
+        listen=options.listen,
+        max_body_bytes=options.max_body_bytes,
+        state_dir=options.state_dir,
+        admin_token=options.admin_token,
     )

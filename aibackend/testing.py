@@ -242,7 +242,7 @@ class StubFrontDoor:
     @param max_body_bytes: the site's body limit.
     """
 
-    def __init__(self, clock, models=(), *, max_body_bytes: int = 16 * 1024 * 1024):
+    def __init__(self, clock, models=(), *, max_body_bytes: int = 16 * 1024 * 1024, guard=None, manager=None):
         from treq.testing import StubTreq
 
         from aibackend.api import FrontDoor
@@ -253,7 +253,7 @@ class StubFrontDoor:
         self.registry = ModelRegistry(ModelDeps(reactor=clock, environ={}))
         for model in models:
             self.registry.add(model)
-        self.front_door = FrontDoor(self.registry, clock)
+        self.front_door = FrontDoor(self.registry, clock, guard=guard, manager=manager)
         self.stub = StubTreq(self.front_door.resource())
         # StubTreq serves through a plain Site; serve through the daemon's instead (no
         # form parsing, the body limit), on the stub's own memory reactor.
@@ -269,7 +269,7 @@ class StubFrontDoor:
         is in (call L{flush} after firing a model's held Deferred).
         """
         if url.startswith("/"):
-            url = "http://aibackend.test" + url
+            url = "http://localhost" + url
         d = self.stub.request(method, url, **kwargs)
 
         def read(response):

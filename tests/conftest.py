@@ -100,3 +100,23 @@ def clock():
     pending = clock.getDelayedCalls()
     if pending:
         pytest.fail(f"the test left {len(pending)} delayed call(s) on the clock: {pending!r}", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_state_dir(tmp_path_factory):
+    """Daemons started by tests keep runtime models under a temporary directory, never ~."""
+    import os
+
+    previous = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _test_state_dir(tmp_path_factory, monkeypatch):
+    """Each test's own daemons start with an empty store."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

@@ -1,0 +1,265 @@
+"""
+Runtime model management: C{addmodel}, C{removemodel}, C{restart}, and what makes them
+survive a restart.
+
+A model added at runtime is validated by the same code as the configuration file
+(L{aibackend.config.parse_model}), then held to stricter rules, because whoever calls
+C{addmodel} is not the operator who wrote the file:
+
+  - a program it starts (C{command}) must be one of C{allowed_commands} (none by default);
+  - its URL must be allowed by C{allowed_destinations} (by default anything but
+    link-local and cloud metadata addresses), checked now and on every connection;
+  - it may not name the daemon's environment variables (C{${VAR}}), which hold the
+    daemon's secrets.
+
+A change is acknowledged only once the store has made it durable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.logger import Logger
+
+from aibackend import config
+from aibackend.destinations import DestinationDenied, check_destination
+from aibackend.errors import BadRequest, Conflict, Forbidden, ModelUnavailable
+
+# Keys whose query-string values stay strings; the others are read as JSON when they
+# parse (timeout=5, workers=2, command=["/usr/bin/x"]).
+STRING_KEYS = frozenset({"id", "type", "url", "dest", "protocol", "cwd", "health_path"})
+READY_POLL = 0.1
+
+
+def table_from_query(params: dict) -> dict:
+    """
+    An C{addmodel} table from query parameters (C{?id=m&type=http&dest=127.0.0.1:8888}),
+    the original README's quotes included (C{dest="127.0.0.1:8888"}).
+    """
+    table = {}
+    for key, values in params.items():
+        if key == "replace":
+            continue
+        value = values[-1] if len(values) == 1 else values
+        if isinstance(value, str):
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            elif key not in STRING_KEYS:
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+        table[key] = value
+    return table
+
+
+def _env_references(table: dict) -> list[str]:
+    found = []
+    for key in ("headers", "env"):
+        values = table.get(key)
+        if isinstance(values, dict):
+            for name, value in values.items():
+                if isinstance(value, str) and config.env_references(value):
+                    found.append(f"{key}.{name}")
+    return found
+
+
+def _problems(problems) -> str:
+    return "; ".join(f"{path}: {message}" if path else message for path, message in problems)
+
+
+class ModelManager:
+    """
+    Adds, replaces, removes and restarts models, and keeps what changed.
+
+    @param registry: the L{aibackend.registry.ModelRegistry}.
+    @param store: an L{aibackend.store.IModelStore}.
+    @param server: the configuration's L{aibackend.config.ServerSpec}.
+    @param config_ids: the ids of the configuration file's models.
+    """
+
+    log = Logger()
+
+    def __init__(self, registry, store, server, *, clock, destination_policy, config_ids=(), environ=None):
+        self.registry = registry
+        self.store = store
+        self.server = server
+        self.clock = clock
+        self.destination_policy = destination_policy
+        self.config_ids = frozenset(config_ids)
+        self.environ = os.environ if environ is None else environ
+        self._busy: set[str] = set()
+
+    # --- validation -----------------------------------------------------------
+
+    def validate(self, table: dict):
+        """
+        The spec of a runtime model, or the 400/403 that says why not (policy checks that
+        need no network).
+        """
+        if not isinstance(table, dict):
+            raise BadRequest("addmodel takes a JSON object, the keys of a [[models]] entry")
+        references = _env_references(table)
+        if references:
+            raise Forbidden(
+                f"{', '.join(references)}: ${{VAR}} environment references are allowed in the "
+                "configuration file only (the daemon's environment holds its secrets)"
+            )
+        problems: list = []
+        spec = config.parse_model(
+            config.Table(table, "", problems),
+            default_log_entries=self.server.log_entries,
+            environ=self.environ,
+        )
+        if problems:
+            raise BadRequest(f"the model is not valid: {_problems(problems)}", model=table.get("id")
+                             if isinstance(table.get("id"), str) else None)
+        process = getattr(spec, "process", None)
+        if process is not None:
+            allowed = self.server.allowed_commands
+            if os.path.realpath(process.executable) not in allowed:
+                why = (
+                    "no program may be started at runtime (allowed_commands is empty)"
+                    if not allowed
+                    else f"{process.executable} is not in allowed_commands"
+                )
+                raise Forbidden(f"model {spec.id!r} may not be added: {why}", model=spec.id)
+        return spec
+
+    @inlineCallbacks
+    def check_destination(self, spec):
+        url = getattr(spec, "url", None)
+        if not url:
+            return
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            yield check_destination(self.destination_policy, parts.hostname, port)
+        except DestinationDenied as e:
+            raise Forbidden(f"model {spec.id!r} may not be added: {e}", model=spec.id) from None
+        except OSError as e:
+            raise BadRequest(f"model {spec.id!r}: cannot resolve {parts.hostname}: {e}", model=spec.id) from None
+
+    # --- operations -------------------------------------------------------------
+
+    @inlineCallbacks
+    def add(self, table: dict, *, replace: bool = False):
+        """
+        Validate, keep and register a model; a replacement takes over once it is ready.
+
+        @return: a Deferred firing with the model's description.
+        """
+        spec = self.validate(table)
+        model_id = spec.id
+        if model_id in self._busy:
+            raise Conflict(f"model {model_id!r} is being changed by another request", model=model_id)
+        exists = model_id in self.registry
+        if exists and not replace:
+            raise Conflict(
+                f"a model with id {model_id!r} exists; add replace=true to replace it", model=model_id
+            )
+        self._busy.add(model_id)
+        try:
+            yield self.check_destination(spec)
+            model = self.registry.build(spec, runtime=True)
+            if exists:
+                self.registry.start_staged(model)
+                try:
+                    yield self._ready(model)
+                except Exception:
+                    yield self.registry.drain_and_stop(model)
+                    raise
+                yield self.store.put(model_id, table)
+                stopping = self.registry.replace(model)
+                stopping.addErrback(lambda f: self.log.failure("stopping the replaced model {model}", f,
+                                                               model=model_id))
+            else:
+                yield self.store.put(model_id, table)
+                self.registry.add(model, origin="runtime")
+        finally:
+            self._busy.discard(model_id)
+        self.log.info("model {model} {how} at runtime", model=model_id, how="replaced" if exists else "added")
+        returnValue({"added": model_id, "replaced": exists, "model": describe(self.registry, model)})
+
+    def _ready(self, model) -> Deferred:
+        """Fires once C{model} is ready; fails with 503 if it fails or does not get there in time."""
+        process = getattr(model.spec, "process", None)
+        limit = (process.startup_timeout if process else 0) + 1.0
+        deadline = self.clock.seconds() + limit
+        done: Deferred = Deferred()
+
+        def check():
+            state = getattr(model, "state", "ready")
+            if state == "ready":
+                done.callback(None)
+            elif state == "failed" or self.clock.seconds() >= deadline:
+                done.errback(
+                    ModelUnavailable(
+                        f"the replacement for model {model.model_id!r} did not become ready "
+                        f"({state}); the old one keeps serving",
+                        model=model.model_id,
+                    )
+                )
+            else:
+                self.clock.callLater(READY_POLL, check)
+
+        check()
+        return done
+
+    @inlineCallbacks
+    def remove(self, model_id: str):
+        """
+        Unregister, keep the change, and stop the model once its in-flight requests are done.
+        """
+        if model_id in self._busy:
+            raise Conflict(f"model {model_id!r} is being changed by another request", model=model_id)
+        self.registry.get(model_id)
+        self._busy.add(model_id)
+        try:
+            if model_id in self.config_ids:
+                yield self.store.remove(model_id)
+            else:
+                yield self.store.forget(model_id)
+            yield self.registry.remove(model_id)
+        finally:
+            self._busy.discard(model_id)
+        self.log.info("model {model} removed at runtime", model=model_id)
+        returnValue({"removed": model_id})
+
+    def restart(self, model_id: str) -> dict:
+        model = self.registry.get(model_id)
+        pool = getattr(model, "server", None) or (model if hasattr(model, "restart") else None)
+        if pool is None or not hasattr(pool, "restart"):
+            raise BadRequest(f"model {model_id!r} has no processes to restart", model=model_id)
+        pool.restart()
+        return {"restarted": model_id, "model": describe(self.registry, model)}
+
+
+def describe(registry, model) -> dict:
+    described = dict(model.describe())
+    described["origin"] = registry.origins.get(model.model_id, "config")
+    return described
+
+
+def load_models(registry, store, cfg, manager_validate, log):
+    """
+    Build the registry at start: the configuration's models, then the store's runtime
+    changes over them. A kept model that is no longer valid is logged and left out.
+    """
+    specs = {spec.id: (spec, "config") for spec in cfg.models}
+    for change in store.load():
+        if change.action == "remove":
+            specs.pop(change.model_id, None)
+            continue
+        try:
+            spec = manager_validate(change.table)
+        except Exception as e:
+            log.error("kept runtime model {model} is not loaded: {why}", model=change.model_id,
+                      why=getattr(e, "message", str(e)))
+            continue
+        specs[spec.id] = (spec, "runtime")
+    for spec, origin in specs.values():
+        registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)

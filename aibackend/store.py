@@ -1,0 +1,163 @@
+"""
+Where runtime changes to the registry are kept, so that they survive a restart.
+
+L{IModelStore} is the seam: today one daemon keeps its changes in an embedded SQLite
+database under its state directory (the standard library's C{sqlite3}: nothing to
+install, transactional, readable after a crash at any point); a store shared by a fleet
+of daemons can implement the same interface later.
+
+What is kept is a change per model id: C{add} with the model's table (as C{addmodel}
+got it, so it is validated again on load), or C{remove} (a model of the configuration
+file that was removed at runtime). An C{addmodel} is acknowledged only once its change
+is committed (WAL, C{synchronous=FULL}), so C{kill -9} loses nothing acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+
+from twisted.internet.defer import succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS changes (
+    id TEXT PRIMARY KEY,
+    action TEXT NOT NULL CHECK (action IN ('add', 'remove')),
+    spec TEXT,
+    changed_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Change:
+    model_id: str
+    action: str  # "add" or "remove"
+    table: dict | None = None
+
+
+class IModelStore(Interface):
+    def load():
+        """
+        Read every kept change, at start (before the reactor runs; may block).
+
+        @return: a list of L{Change}.
+        """
+
+    def put(model_id, table):
+        """Keep a runtime-added model. @return: a Deferred that fires once it is durable."""
+
+    def remove(model_id):
+        """Keep that a model is removed. @return: a Deferred that fires once it is durable."""
+
+    def forget(model_id):
+        """Keep nothing about a model any more. @return: a Deferred that fires once durable."""
+
+    def close():
+        """@return: a Deferred that fires once the store is closed."""
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "aibackend")
+
+
+@implementer(IModelStore)
+class SQLiteStore:
+    """
+    The changes in C{DIR/models.sqlite3}, written by one thread of its own, in order,
+    off the reactor thread.
+    """
+
+    filename = "models.sqlite3"
+
+    def __init__(self, reactor, state_dir: str):
+        self._reactor = reactor
+        self.path = os.path.join(state_dir, self.filename)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(SCHEMA)
+        self._threads = ThreadPool(minthreads=1, maxthreads=1, name="aibackend-store")
+        self._started = False
+
+    def _in_thread(self, function, *args):
+        if not self._started:
+            self._threads.start()
+            self._started = True
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
+        return deferToThreadPool(self._reactor, self._threads, function, *args)
+
+    def _stop_threads(self):
+        if self._started:
+            self._started = False
+            self._threads.stop()
+
+    def load(self) -> list:
+        rows = self._db.execute("SELECT id, action, spec FROM changes ORDER BY changed_at, rowid").fetchall()
+        return [Change(model_id, action, json.loads(spec) if spec else None) for model_id, action, spec in rows]
+
+    def _write(self, model_id, action, spec):
+        with self._db:
+            self._db.execute(
+                "INSERT INTO changes (id, action, spec, changed_at) VALUES (?, ?, ?, julianday('now'))"
+                " ON CONFLICT(id) DO UPDATE SET action=excluded.action, spec=excluded.spec,"
+                " changed_at=excluded.changed_at",
+                (model_id, action, spec),
+            )
+
+    def put(self, model_id: str, table: dict):
+        return self._in_thread(self._write, model_id, "add", json.dumps(table))
+
+    def remove(self, model_id: str):
+        return self._in_thread(self._write, model_id, "remove", None)
+
+    def forget(self, model_id: str):
+        """Drop what is kept of a model (a runtime model removed again: nothing to remember)."""
+        return self._in_thread(self._forget, model_id)
+
+    def _forget(self, model_id):
+        with self._db:
+            self._db.execute("DELETE FROM changes WHERE id = ?", (model_id,))
+
+    def close(self):
+        if not self._started:
+            self._db.close()
+            return succeed(None)
+        d = self._in_thread(self._db.close)
+        d.addBoth(lambda result: (self._stop_threads(), result)[1])
+        return d
+
+
+@implementer(IModelStore)
+class MemoryStore:
+    """A store that keeps nothing past the process (tests, and --state none)."""
+
+    def __init__(self):
+        self.changes: dict[str, Change] = {}
+
+    def load(self) -> list:
+        return list(self.changes.values())
+
+    def put(self, model_id, table):
+        self.changes.pop(model_id, None)
+        self.changes[model_id] = Change(model_id, "add", dict(table))
+        return succeed(None)
+
+    def remove(self, model_id):
+        self.changes.pop(model_id, None)
+        self.changes[model_id] = Change(model_id, "remove")
+        return succeed(None)
+
+    def forget(self, model_id):
+        self.changes.pop(model_id, None)
+        return succeed(None)
+
+    def close(self):
+        return succeed(None)
