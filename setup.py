@@ -15,6 +15,7 @@ setup(
         "klein>=23.12.0",
         "hyperlink>=21.0.0",
         "zope.interface>=6.0",
+        "prometheus_client>=0.17",  # the /metrics exposition, not hand-written
     ],
     extras_require={
         "test": [

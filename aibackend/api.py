@@ -24,12 +24,15 @@ from aibackend.config import MAX_ID_LENGTH
 from aibackend.ids import request_id_from_headers
 from aibackend.interfaces import RequestContext
 from aibackend.logs import normalize_level, parse_since
+from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from aibackend.metrics import Metrics
 
 JSON = b"application/json"
 # A client that goes away before its answer is logged with nginx's status for it.
 CLIENT_CLOSED = 499
 WORDS = {"post": b"POST", "get": b"GET"}
 BOTH = (b"GET", b"POST")
+REFUSALS = {401: "unauthorized", 403: "forbidden", 503: "model_unavailable"}
 POST_ONLY = (b"POST",)
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
@@ -129,10 +132,13 @@ class FrontDoor:
     app = Klein()
     log = Logger()
 
-    def __init__(self, registry, clock, *, manager=None, guard=None):
+    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None):
         self.registry = registry
         self.clock = clock
         self.manager = manager
+        self.metrics = metrics if metrics is not None else Metrics(registry)
+        # Ready for work: set once the daemon has started, cleared when it begins to stop.
+        self.accepting = False
         self.guard = guard if guard is not None else Guard(None, ["unix:"])
         # operation -> (handler, an admin operation?, the methods it takes)
         self.operations = {
@@ -171,6 +177,9 @@ class FrontDoor:
 
     def render_error(self, request, error: errors.ApiError) -> bytes:
         request_id = self.begin(request)
+        reason = REFUSALS.get(error.status)
+        if reason is not None:
+            self.metrics.refused(reason)
         request.setResponseCode(error.status)
         for name, value in error.headers.items():
             request.responseHeaders.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
@@ -213,6 +222,32 @@ class FrontDoor:
 
     # --- routes -------------------------------------------------------------
 
+    @app.route("/health/live", branch=False)
+    def health_live(self, request):
+        self.begin(request)
+        return sized(request, b'{"status": "live"}')
+
+    @app.route("/health/ready", branch=False)
+    def health_ready(self, request):
+        self.begin(request)
+        states = {}
+        for model in self.registry.models():
+            state = getattr(model, "state", "ready")
+            states[state] = states.get(state, 0) + 1
+        body = {"status": "ready" if self.accepting else "not ready", "models": states}
+        if not self.accepting:
+            request.setResponseCode(503)
+            request.setHeader(b"retry-after", b"1")
+            body["reason"] = "the daemon is starting or stopping"
+        return sized(request, json.dumps(body).encode())
+
+    @app.route("/metrics", branch=False)
+    def metrics_page(self, request):
+        self.begin(request)
+        self.guard.check_client(request)
+        request.setHeader(b"content-type", METRICS_CONTENT_TYPE.encode())
+        return sized(request, self.metrics.render())
+
     @app.route("/<string:word>/<string:operation>", branch=False)
     def front_door(self, request, word, operation):
         request_id = self.begin(request)
@@ -233,6 +268,8 @@ class FrontDoor:
                 f"unknown operation {operation!r}: use one of {', '.join(self.operations)}"
             )
         handler, admin, methods = found
+        model_id = single(params := query_params(request), "id")
+        request.aibackend_model = model_id if model_id and len(model_id) <= MAX_ID_LENGTH else None
         if method not in methods:
             raise errors.MethodNotAllowed(
                 f"{operation} changes the daemon: use POST /post/{operation}", ["POST"]
@@ -241,7 +278,7 @@ class FrontDoor:
             self.guard.check_admin(request)
         else:
             self.guard.check_client(request)
-        return handler(request, request_id, query_params(request))
+        return handler(request, request_id, params)
 
     # --- operations ---------------------------------------------------------
 
@@ -301,7 +338,9 @@ class FrontDoor:
         return d
 
     def _log_request(self, model, request_id, started, status, error):
-        latency_ms = (self.clock.seconds() - started) * 1000.0
+        seconds = self.clock.seconds() - started
+        self.metrics.observe(model, "predict", status, seconds)
+        latency_ms = seconds * 1000.0
         model.model_log.request(
             request_id=request_id, operation="predict", status=status, latency_ms=latency_ms, error=error
         )

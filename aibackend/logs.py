@@ -156,3 +156,25 @@ class ModelLog:
         removed = len(self._entries)
         self._entries.clear()
         return removed
+
+
+# --- the daemon's own log as JSON lines (twistd aibackend --log-format json) --------------
+
+JSON_LOG_FILE = None
+
+
+def json_log_observer():
+    """
+    A twistd log observer writing one JSON object a line (twisted.logger's event, fields
+    and all) to twistd's log file, or stdout in the foreground.
+    """
+    import sys
+
+    from twisted.logger import jsonFileLogObserver
+
+    path = JSON_LOG_FILE
+    if path and path != "-":
+        stream = open(path, "a", encoding="utf-8")
+    else:
+        stream = sys.stdout
+    return jsonFileLogObserver(stream, recordSeparator="")

@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 from io import BytesIO
 
+from twisted.logger import Logger
 from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
 
 from aibackend.errors import PayloadTooLarge
 from aibackend.ids import request_id_from_headers
+
+
+access_log = Logger(namespace="aibackend.access")
 
 
 class BoundedRequest(Request):
@@ -26,6 +30,7 @@ class BoundedRequest(Request):
     _refused = False
 
     def gotLength(self, length):
+        self.aibackend_started = self.channel.site.reactor.seconds()
         self.content = BytesIO()
         self._body_size = 0
         if length is not None and length > self.channel.site.max_body_bytes:
@@ -62,6 +67,9 @@ class BoundedRequest(Request):
             b"Date: " + datetimeToString(),
             b"Connection: close",
         ]
+        metrics = getattr(self.channel.site, "metrics", None)
+        if metrics is not None:
+            metrics.refused("body_too_large")
         transport = self.channel.transport
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         transport.loseConnection()
@@ -82,6 +90,44 @@ class AibackendSite(Site):
     requestFactory = BoundedRequest
     displayTracebacks = False
 
-    def __init__(self, resource, *, max_body_bytes: int, **kwargs):
+    def __init__(self, resource, *, max_body_bytes: int, metrics=None, **kwargs):
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        if self.metrics is not None:
+            daemon = self.metrics.daemon
+            daemon.open_connections += 1
+            lost = channel.connectionLost
+
+            def connectionLost(reason):
+                daemon.open_connections -= 1
+                return lost(reason)
+
+            channel.connectionLost = connectionLost
+        return channel
+
+    def log(self, request):
+        """
+        One access event per request, with fields (no query string: it may hold
+        what an addmodel was given; no headers: they may hold tokens).
+        """
+        path = request.path.decode("latin-1")
+        parts = path.strip("/").split("/")
+        started = getattr(request, "aibackend_started", None)
+        latency_ms = round((self.reactor.seconds() - started) * 1000, 3) if started is not None else None
+        peer = request.getClientAddress()
+        access_log.info(
+            "{peer} {method} {path} {status} {bytes} bytes {latency_ms} ms model={model} request={request_id}",
+            peer=getattr(peer, "host", None) or str(peer),
+            method=request.method.decode("latin-1"),
+            path=path,
+            operation=parts[1] if len(parts) == 2 else None,
+            model=getattr(request, "aibackend_model", None),
+            status=request.code,
+            bytes=request.sentLength,
+            latency_ms=latency_ms,
+            request_id=getattr(request, "aibackend_request_id", None),
+        )

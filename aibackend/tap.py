@@ -55,6 +55,7 @@ class Options(usage.Options):
         ["state", None, None,
          "The state directory, where models added or removed at runtime are kept "
          "(default: the configuration's state_dir, else $XDG_STATE_HOME/aibackend or ~/.local/state/aibackend)."],
+        ["log-format", None, "text", "text (twistd's own lines) or json (one JSON object a line, for log shippers)."],
         ["admin-token-file", None, None,
          "A file whose first line is the admin token (16 characters or more) that admin "
          "operations need; AIBACKEND_ADMIN_TOKEN works too. Without one, admin operations are "
@@ -94,6 +95,14 @@ class Options(usage.Options):
             problem = check_endpoint(description)
             if problem:
                 raise StartupError(f"cannot listen on {description!r}: {problem}")
+        if self["log-format"] not in ("text", "json"):
+            raise StartupError(f"--log-format must be text or json, got {self['log-format']!r}")
+        if self["log-format"] == "json" and self.parent is not None:
+            # twistd builds its log observer from its own --logger option, after this.
+            from aibackend import logs
+
+            logs.JSON_LOG_FILE = self.parent.get("logfile")
+            self.parent["logger"] = "aibackend.logs.json_log_observer"
         from aibackend.auth import TokenError, read_admin_token
         from aibackend.store import default_state_dir
 
@@ -169,6 +178,21 @@ class ConnectionPoolService(service.Service):
         return self.pool.closeCachedConnections()
 
 
+class ReadinessService(service.Service):
+    """Says the front door is ready once everything before it has started, and not ready at stop."""
+
+    def __init__(self, front_door):
+        self.front_door = front_door
+
+    def startService(self):
+        super().startService()
+        self.front_door.accepting = True
+
+    def stopService(self):
+        self.front_door.accepting = False
+        return super().stopService()
+
+
 class StoreService(service.Service):
     """Closes the store on stop (after the registry, which may still be writing)."""
 
@@ -203,6 +227,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     from aibackend.api import FrontDoor
     from aibackend.auth import Guard
     from aibackend.destinations import DestinationPolicy
+    from aibackend.metrics import Metrics
     from aibackend.registry import ModelDeps, ModelRegistry
     from aibackend.server import AibackendSite
     from aibackend.store import SQLiteStore
@@ -238,8 +263,9 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     guard = Guard(admin_token, listen, config.server.api_keys)
     Listener.log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
                       policy=policy.describe())
-    front_door = FrontDoor(registry, reactor, manager=manager, guard=guard)
-    site = AibackendSite(front_door.resource(), max_body_bytes=max_body_bytes)
+    metrics = Metrics(registry)
+    front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics)
+    site = AibackendSite(front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor)
     root.front_door = front_door
     root.registry = registry
     root.manager = manager
@@ -248,6 +274,8 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
         listener = Listener(reactor, description, site)
         listener.setServiceParent(root)
         root.listeners.append(listener)
+    # Last, so that on stop it is the first to say "not ready".
+    ReadinessService(front_door).setServiceParent(root)
     return root
 
 

@@ -1,0 +1,135 @@
+"""
+Prometheus metrics, through C{prometheus_client}.
+
+Per-model figures live on the model (L{ModelStats}, attached by the registry) and are read
+at scrape time by L{DaemonCollector}: a removed model's series are gone with it, and label
+values are only model ids, operations, status classes and fixed reasons, so cardinality is
+bounded by the number of models. Each daemon has its own L{CollectorRegistry} (no global
+state: tests run several daemons in one process).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Seconds: a cache hit in a millisecond to a long generation in ten minutes.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+           300.0, 600.0)
+REFUSAL_REASONS = ("body_too_large", "unauthorized", "forbidden", "model_unavailable")
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+class ModelStats:
+    """A model's request counts and latency histogram, by operation."""
+
+    def __init__(self):
+        self.requests: Counter = Counter()  # (operation, status class) -> count
+        self.buckets: dict[str, list[int]] = {}  # operation -> counts per bucket (+Inf last)
+        self.sums: Counter = Counter()  # operation -> total seconds
+
+    def observe(self, operation: str, status: int, seconds: float) -> None:
+        self.requests[(operation, status_class(status))] += 1
+        counts = self.buckets.get(operation)
+        if counts is None:
+            counts = self.buckets[operation] = [0] * (len(BUCKETS) + 1)
+        counts[bisect_left(BUCKETS, seconds)] += 1
+        self.sums[operation] += seconds
+
+
+def stats_of(model) -> ModelStats:
+    stats = getattr(model, "stats", None)
+    if stats is None:
+        stats = model.stats = ModelStats()
+    return stats
+
+
+class DaemonStats:
+    """Figures of the daemon as a whole."""
+
+    def __init__(self):
+        self.open_connections = 0
+        self.refusals: Counter = Counter()
+
+
+class DaemonCollector:
+    """Reads the registry and the daemon's figures at each scrape."""
+
+    def __init__(self, registry, daemon: DaemonStats):
+        self.registry = registry
+        self.daemon = daemon
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "aibackend_requests", "Requests answered, by model, operation and status class.",
+            labels=["model", "operation", "status_class"],
+        )
+        latency = HistogramMetricFamily(
+            "aibackend_request_duration_seconds", "Time to answer a request, by model and operation.",
+            labels=["model", "operation"],
+        )
+        in_flight = GaugeMetricFamily("aibackend_model_in_flight", "Requests a model is working on.", labels=["model"])
+        queued = GaugeMetricFamily("aibackend_model_queued", "Requests waiting for a model process.", labels=["model"])
+        ready = GaugeMetricFamily("aibackend_model_ready", "1 if the model is ready, else 0.", labels=["model"])
+        restarts = CounterMetricFamily(
+            "aibackend_model_restarts", "Model process restarts.", labels=["model"]
+        )
+        processes = GaugeMetricFamily("aibackend_model_processes", "Live model processes.", labels=["model"])
+        for model in self.registry.models():
+            model_id = model.model_id
+            stats = stats_of(model)
+            for (operation, klass), count in sorted(stats.requests.items()):
+                requests.add_metric([model_id, operation, klass], count)
+            for operation, counts in sorted(stats.buckets.items()):
+                cumulative, running = [], 0
+                for bound, count in zip((*map(_bound, BUCKETS), "+Inf"), counts):
+                    running += count
+                    cumulative.append((bound, running))
+                latency.add_metric([model_id, operation], cumulative, stats.sums[operation])
+            in_flight.add_metric([model_id], getattr(model, "in_flight", 0))
+            queued.add_metric([model_id], len(getattr(model, "queue", ())))
+            ready.add_metric([model_id], 1 if getattr(model, "state", "ready") == "ready" else 0)
+            pool = getattr(model, "server", None) or (model if hasattr(model, "slots") else None)
+            if pool is not None:
+                restarts.add_metric([model_id], pool.restarts)
+                processes.add_metric([model_id], sum(1 for process in pool.slots if process is not None))
+        connections = GaugeMetricFamily("aibackend_open_connections", "Client connections open now.")
+        connections.add_metric([], self.daemon.open_connections)
+        refusals = CounterMetricFamily(
+            "aibackend_refusals", "Requests refused before reaching a model, by reason.", labels=["reason"]
+        )
+        for reason in REFUSAL_REASONS:
+            refusals.add_metric([reason], self.daemon.refusals[reason])
+        models = GaugeMetricFamily("aibackend_models", "Registered models.")
+        models.add_metric([], len(self.registry.models()))
+        return [requests, latency, in_flight, queued, ready, restarts, processes, connections, refusals, models]
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+class Metrics:
+    """The daemon's metrics: observe requests, render the exposition text."""
+
+    def __init__(self, registry):
+        self.daemon = DaemonStats()
+        self.collectors = CollectorRegistry(auto_describe=False)
+        self.collectors.register(DaemonCollector(registry, self.daemon))
+
+    def observe(self, model, operation: str, status: int, seconds: float) -> None:
+        stats_of(model).observe(operation, status, seconds)
+
+    def refused(self, reason: str) -> None:
+        if reason in REFUSAL_REASONS:
+            self.daemon.refusals[reason] += 1
+
+    def render(self) -> bytes:
+        return generate_latest(self.collectors)
