@@ -74,8 +74,9 @@ class ModelRegistry(Service):
             self._start(model)
 
     def stopService(self):
+        """Stop every model, each once its in-flight requests are done (bounded, see L{remove})."""
         super().stopService()
-        stopping = [self._stop(model) for model in self._models.values()]
+        stopping = [self.drain_and_stop(model) for model in self._models.values()]
         return DeferredList(stopping) if stopping else succeed(None)
 
     def _start(self, model) -> None:
