@@ -25,7 +25,7 @@ from aibackend.ids import request_id_from_headers
 from aibackend.interfaces import RequestContext
 from aibackend.logs import normalize_level, parse_since
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from aibackend.metrics import Metrics
+from aibackend.metrics import Metrics, stats_of
 
 JSON = b"application/json"
 # A client that goes away before its answer is logged with nginx's status for it.
@@ -216,8 +216,9 @@ class FrontDoor:
 
     @app.handle_errors(Exception)
     def unexpected(self, request, failure):
-        self.log.failure("unexpected error answering {method} {uri}", failure,
-                         method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+        # The path only: a query string may carry a key.
+        self.log.failure("unexpected error answering {method} {path}", failure,
+                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
         return self.render_error(request, errors.InternalError("the daemon failed unexpectedly; see its log"))
 
     # --- routes -------------------------------------------------------------
@@ -310,7 +311,15 @@ class FrontDoor:
         except errors.ApiError as error:
             self._log_request(model, request_id, started, error.status, error.message)
             raise
+        stats = stats_of(model)
+        stats.in_flight += 1
         d = maybeDeferred(model.send, body, RequestContext(request_id=request_id, operation="predict"))
+
+        def settled(result):
+            stats.in_flight -= 1
+            return result
+
+        d.addBoth(settled)
 
         def answered(answer):
             self._log_request(model, request_id, started, answer.status, None)
@@ -339,6 +348,7 @@ class FrontDoor:
 
     def _log_request(self, model, request_id, started, status, error):
         seconds = self.clock.seconds() - started
+        
         self.metrics.observe(model, "predict", status, seconds)
         latency_ms = seconds * 1000.0
         model.model_log.request(

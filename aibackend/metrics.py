@@ -34,6 +34,7 @@ class ModelStats:
         self.requests: Counter = Counter()  # (operation, status class) -> count
         self.buckets: dict[str, list[int]] = {}  # operation -> counts per bucket (+Inf last)
         self.sums: Counter = Counter()  # operation -> total seconds
+        self.in_flight = 0  # requests the front door is waiting on
 
     def observe(self, operation: str, status: int, seconds: float) -> None:
         self.requests[(operation, status_class(status))] += 1
@@ -93,7 +94,7 @@ class DaemonCollector:
                     running += count
                     cumulative.append((bound, running))
                 latency.add_metric([model_id, operation], cumulative, stats.sums[operation])
-            in_flight.add_metric([model_id], getattr(model, "in_flight", 0))
+            in_flight.add_metric([model_id], getattr(model, "in_flight", stats.in_flight))
             queued.add_metric([model_id], len(getattr(model, "queue", ())))
             ready.add_metric([model_id], 1 if getattr(model, "state", "ready") == "ready" else 0)
             pool = getattr(model, "server", None) or (model if hasattr(model, "slots") else None)

@@ -73,6 +73,15 @@ class BoundedRequest(Request):
         transport = self.channel.transport
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         transport.loseConnection()
+        # The request never reaches finish(), so give it its access event here. Its
+        # method and path are still only the channel's (requestReceived comes later).
+        self.method = getattr(self.channel, "_command", None) or b"-"
+        self.uri = getattr(self.channel, "_path", None) or b"-"
+        self.path = self.uri.split(b"?", 1)[0]
+        self.code = 413
+        self.sentLength = len(body)
+        self.aibackend_request_id = request_id
+        self.channel.site.log(self)
 
     def process(self):
         if self._refused:

@@ -259,7 +259,8 @@ class StubFrontDoor:
         # form parsing, the body limit), on the stub's own memory reactor.
         agent = self.stub._agent
         self.site = AibackendSite(
-            self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=agent._memoryReactor
+            self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=agent._memoryReactor,
+            metrics=self.front_door.metrics,
         )
         agent._serverFactory = self.site
 

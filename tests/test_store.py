@@ -1,0 +1,212 @@
+"""
+Where runtime changes are kept (L{aibackend.store}): the in-memory store, and the SQLite
+store on the real reactor (writes in a thread of its own, durable once acknowledged,
+readable by the standard library's C{sqlite3} while the daemon still has it open).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+
+import pytest
+import pytest_twisted
+from zope.interface.verify import verifyObject
+
+from aibackend.store import Change, IModelStore, MemoryStore, SQLiteStore, default_state_dir
+from aibackend.testing import result_of
+
+TABLE = {"id": "m", "type": "http", "url": "http://127.0.0.1:9001/echo", "timeout": 5, "headers": {"X-A": "é"}}
+
+
+def rows(path) -> list[tuple]:
+    """What another reader sees in the store's file, through the standard library."""
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute("SELECT id, action, spec FROM changes ORDER BY rowid").fetchall()
+    finally:
+        connection.close()
+
+
+# --- in memory ----------------------------------------------------------------------------------
+
+
+def test_the_memory_store_provides_the_interface():
+    assert verifyObject(IModelStore, MemoryStore())
+
+
+def test_the_memory_store_keeps_the_last_change_of_each_model_in_order():
+    store = MemoryStore()
+
+    result_of(store.put("a", {"id": "a"}))
+    result_of(store.put("b", {"id": "b"}))
+    result_of(store.remove("config-model"))
+    result_of(store.put("a", {"id": "a", "timeout": 2}))
+    result_of(store.forget("b"))
+
+    assert store.load() == [Change("config-model", "remove"), Change("a", "add", {"id": "a", "timeout": 2})]
+    result_of(store.close())
+
+
+def test_the_memory_store_keeps_a_copy_of_the_table():
+    store = MemoryStore()
+    table = {"id": "a"}
+    store.put("a", table)
+    table["id"] = "changed"
+
+    assert store.load()[0].table == {"id": "a"}
+
+
+# --- SQLite -------------------------------------------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def open_store(tmp_path):
+    """Open SQLite stores on the real reactor; each is closed at the end of the test."""
+    from twisted.internet import reactor
+
+    stores = []
+
+    def open_(directory=None):
+        store = SQLiteStore(reactor, str(directory or tmp_path / "state"))
+        stores.append(store)
+        return store
+
+    yield open_
+    for store in stores:
+        await store.close()
+
+
+def test_the_sqlite_store_provides_the_interface(open_store):
+    assert verifyObject(IModelStore, open_store())
+
+
+def test_the_state_directory_is_made_private(open_store, tmp_path):
+    store = open_store(tmp_path / "deep" / "state")
+
+    assert os.path.isfile(store.path)
+    assert stat.S_IMODE(os.stat(tmp_path / "deep" / "state").st_mode) == 0o700
+    assert store.load() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_acknowledged_change_is_in_the_file_at_once(open_store):
+    """Acknowledged means committed: another reader sees it while the store is still open."""
+    store = open_store()
+
+    await store.put("m", TABLE)
+    assert [(i, a) for i, a, _ in rows(store.path)] == [("m", "add")]
+
+    await store.remove("config-model")
+    assert [(i, a) for i, a, _ in rows(store.path)] == [("m", "add"), ("config-model", "remove")]
+
+    await store.forget("m")
+    assert rows(store.path) == [("config-model", "remove", None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_is_kept_is_loaded_again(open_store, tmp_path):
+    store = open_store()
+    await store.put("a", TABLE)
+    await store.put("b", {"id": "b", "type": "http", "url": "http://127.0.0.1:1/"})
+    await store.remove("from-config")
+    await store.put("a", {**TABLE, "timeout": 9})  # replaced: the newest table, moved last
+    await store.put("gone", {"id": "gone"})
+    await store.forget("gone")
+    await store.close()
+
+    again = open_store()
+
+    # One change per model, the newest (the order of changes within a millisecond is not kept).
+    assert sorted(again.load(), key=lambda change: change.model_id) == [
+        Change("a", "add", {**TABLE, "timeout": 9}),
+        Change("b", "add", {"id": "b", "type": "http", "url": "http://127.0.0.1:1/"}),
+        Change("from-config", "remove"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_runtime_add_over_a_removed_config_model_is_an_add_again(open_store):
+    store = open_store()
+    await store.remove("m")
+    await store.put("m", TABLE)
+
+    assert store.load() == [Change("m", "add", TABLE)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_happen_in_a_thread_of_their_own_never_the_reactors(tmp_path):
+    from twisted.internet import reactor
+
+    threads = []
+
+    class Watched(SQLiteStore):
+        def _write(self, *args):
+            threads.append(threading.current_thread())
+            return super()._write(*args)
+
+        def _forget(self, *args):
+            threads.append(threading.current_thread())
+            return super()._forget(*args)
+
+    store = Watched(reactor, str(tmp_path / "state"))
+    try:
+        await store.put("a", TABLE)
+        await store.remove("b")
+        await store.forget("a")
+    finally:
+        await store.close()
+
+    assert len(threads) == 3
+    assert len(set(threads)) == 1
+    assert threads[0] is not threading.main_thread()
+    assert "aibackend-store" in threads[0].name
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_file_is_durable_wal_and_passes_an_integrity_check(open_store):
+    store = open_store()
+    for n in range(20):
+        await store.put(f"m{n}", {**TABLE, "id": f"m{n}"})
+
+    connection = sqlite3.connect(store.path)
+    try:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert connection.execute("SELECT count(*) FROM changes").fetchone() == (20,)
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_twice_and_closing_an_unused_store_are_fine(open_store, tmp_path):
+    unused = open_store(tmp_path / "unused")
+    await unused.close()
+
+    used = open_store()
+    await used.put("a", TABLE)
+    await used.close()
+
+
+def test_the_default_state_directory_follows_xdg_state_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_dir() == str(tmp_path / "aibackend")
+
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_state_dir() == str(tmp_path / "home" / ".local" / "state" / "aibackend")
+
+
+@pytest.mark.parametrize("action", ["add", "remove"])
+def test_the_file_refuses_an_unknown_action(open_store, action):
+    store = open_store()
+    connection = sqlite3.connect(store.path)
+    try:
+        connection.execute("INSERT INTO changes VALUES ('ok', ?, NULL, 0)", (action,))
+        with pytest.raises(sqlite3.IntegrityError):
+            connection.execute("INSERT INTO changes VALUES ('bad', 'explode', NULL, 0)")
+        connection.commit()
+    finally:
+        connection.close()
