@@ -21,7 +21,7 @@ import json
 import os
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from aibackend import config
@@ -169,10 +169,10 @@ class ModelManager:
                 self.registry.start_staged(model)
                 try:
                     yield self._ready(model)
+                    yield self.store.put(model_id, table)
                 except Exception:
                     yield self.registry.drain_and_stop(model)
                     raise
-                yield self.store.put(model_id, table)
                 stopping = self.registry.replace(model)
                 stopping.addErrback(lambda f: self.log.failure("stopping the replaced model {model}", f,
                                                                model=model_id))
@@ -182,7 +182,7 @@ class ModelManager:
         finally:
             self._busy.discard(model_id)
         self.log.info("model {model} {how} at runtime", model=model_id, how="replaced" if exists else "added")
-        returnValue({"added": model_id, "replaced": exists, "model": describe(self.registry, model)})
+        return ({"added": model_id, "replaced": exists, "model": describe(self.registry, model)})
 
     def _ready(self, model) -> Deferred:
         """Fires once C{model} is ready; fails with 503 if it fails or does not get there in time."""
@@ -227,7 +227,7 @@ class ModelManager:
         finally:
             self._busy.discard(model_id)
         self.log.info("model {model} removed at runtime", model=model_id)
-        returnValue({"removed": model_id})
+        return {"removed": model_id}
 
     def restart(self, model_id: str) -> dict:
         model = self.registry.get(model_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
@@ -75,15 +76,16 @@ def endpoint_is_local(description: str) -> bool:
     Does a server endpoint description listen on loopback or a unix socket only?
     (C{tcp:8080} without C{interface=} listens on every address.)
     """
-    kind, _, rest = description.partition(":")
-    kind = kind.strip().lower()
+    # Twisted's endpoint strings escape a colon inside a value as "\:" (tcp6:8080:interface=\:\:1).
+    parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
+    kind = parts[0].strip().lower()
     if kind == "unix":
         return True
     if kind not in ("tcp", "tcp6", "ssl"):
         return False
-    for part in rest.split(":"):
+    for part in parts[1:]:
         if part.startswith("interface="):
-            return is_loopback_host(part[len("interface="):].replace("\\", ""))
+            return is_loopback_host(part[len("interface="):])
     return False
 
 

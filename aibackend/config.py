@@ -267,6 +267,8 @@ class HttpModelSpec(ModelSpec):
     connect_timeout: float = 10.0
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_response_bytes: int = 64 * 1024 * 1024
+    max_concurrency: int = 0
+    max_queue: int = 100
     process: "ProcessSettings | None" = None
     health_path: str | None = None
 
@@ -282,6 +284,8 @@ class HttpModelSpec(ModelSpec):
             "connect_timeout": self.connect_timeout,
             "headers": masked,
             "max_response_bytes": self.max_response_bytes,
+            "max_concurrency": self.max_concurrency,
+            "max_queue": self.max_queue,
             **({"health_path": self.health_path} if self.health_path else {}),
             **(self.process.public() if self.process else {}),
         }
@@ -313,6 +317,8 @@ def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> 
             if variable not in environ:
                 table.problem(f"headers.{header}", f"names environment variable {variable} that is not set")
     max_response_bytes = table.number("max_response_bytes", 64 * 1024 * 1024, minimum=1, integer=True)
+    max_concurrency = table.number("max_concurrency", 0, minimum=0, maximum=100_000, integer=True)
+    max_queue = table.number("max_queue", 100, minimum=0, maximum=1_000_000, integer=True)
     process = parse_process(table, environ, required=False, line_protocol=False)
     health_path = table.string("health_path", None)
     if health_path is not None and not health_path.startswith("/"):
@@ -326,6 +332,8 @@ def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> 
         connect_timeout=float(connect_timeout or 10.0),
         headers=headers,
         max_response_bytes=max_response_bytes or 64 * 1024 * 1024,
+        max_concurrency=max_concurrency or 0,
+        max_queue=max_queue if max_queue is not None else 100,
         process=process,
         health_path=health_path,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from hyperlink import DecodedURL
@@ -23,7 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, ResponseDone, ResponseFailed
+from twisted.web.client import URI, Agent, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -166,6 +167,7 @@ class HttpModel(Service):
         self.model_id = spec.id
         self.model_log = ModelLog(reactor, spec.log_entries)
         self._clock = reactor
+        self._destination_policy = destination_policy
         self._url = DecodedURL.from_text(spec.url)
         if client is None:
             if destination_policy is not None:
@@ -188,6 +190,8 @@ class HttpModel(Service):
         self.in_flight = 0
         self.requests = 0
         self.failures = 0
+        self.shed = 0
+        self.queue: deque[Deferred] = deque()
         self.server = None
         if spec.process is not None:
             self.server = ServerProcess(
@@ -233,8 +237,10 @@ class HttpModel(Service):
             "state": self.state,
             "url": self.spec.url,
             "in_flight": self.in_flight,
+            "queued": len(self.queue),
             "requests": self.requests,
             "failures": self.failures,
+            "shed": self.shed,
         }
         if self.server is not None:
             described["restarts"] = self.server.restarts
@@ -256,7 +262,13 @@ class HttpModel(Service):
 
             d.addCallback(answered)
         else:
-            endpoint = HostnameEndpoint(self._clock, self._url.host, self._url.port, timeout=1)
+            if self._destination_policy is not None:
+                # A runtime model's probe goes only where its requests may go.
+                endpoint = GuardedEndpointFactory(self._clock, self._destination_policy, 1).endpointForURI(
+                    URI.fromBytes(self._url.to_uri().to_text().encode("ascii"))
+                )
+            else:
+                endpoint = HostnameEndpoint(self._clock, self._url.host, self._url.port, timeout=1)
             d = endpoint.connect(Factory.forProtocol(Protocol))
             d.addCallback(lambda protocol: protocol.transport.loseConnection() or True)
         return d.addTimeout(1, self._clock)
@@ -270,19 +282,58 @@ class HttpModel(Service):
                 model=self.model_id,
                 retry_after=60 if state == "failed" else self.server.retry_after(),
             )
+        deadline = self._clock.seconds() + self.spec.timeout
+        limit = self.spec.max_concurrency
+        if not limit or self.in_flight < limit:
+            return self._post(body, context, deadline)
+        if len(self.queue) >= self.spec.max_queue:
+            # Load shedding: answered at once, and not a failure of the model.
+            self.shed += 1
+            raise ModelUnavailable(
+                f"model {self.model_id!r} is busy: {self.in_flight} requests in flight (max_concurrency) "
+                f"and {len(self.queue)} waiting (max_queue)",
+                model=self.model_id,
+                retry_after=1,
+            )
+        waiter: Deferred = Deferred(lambda d: self.queue.remove(d) if d in self.queue else None)
+        self.queue.append(waiter)
+        waiter.addTimeout(self.spec.timeout, self._clock)
+
+        def waited_too_long(failure):
+            failure.trap(DeadlineExceeded)
+            raise GatewayTimeout(
+                f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s "
+                f"(the request waited for one of its max_concurrency places)",
+                model=self.model_id,
+            )
+
+        waiter.addErrback(waited_too_long)
+        waiter.addCallback(lambda _: self._post(body, context, deadline))
+        return waiter
+
+    def _post(self, body: bytes, context, deadline: float) -> Deferred[ModelAnswer]:
+        left = deadline - self._clock.seconds()
+        if left <= 0:
+            raise GatewayTimeout(
+                f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s "
+                f"(the request waited for one of its max_concurrency places)",
+                model=self.model_id,
+            )
         headers = Headers(self._headers)
         headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
         self.in_flight += 1
         self.requests += 1
         d = self._client.post(self._url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
         d.addCallback(self._read)
-        d.addTimeout(self.spec.timeout, self._clock)
+        d.addTimeout(left, self._clock)
         d.addCallbacks(self._answered, self._failed)
         d.addBoth(self._done)
         return d
 
     def _done(self, result):
         self.in_flight -= 1
+        while self.queue and (not self.spec.max_concurrency or self.in_flight < self.spec.max_concurrency):
+            self.queue.popleft().callback(None)
         return result
 
     def _read(self, response):

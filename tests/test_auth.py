@@ -123,7 +123,8 @@ def test_other_hosts(host):
 
 @pytest.mark.parametrize(
     "description",
-    ["tcp:8080:interface=127.0.0.1", "tcp:0:interface=127.0.0.1", "tcp:8080:interface=localhost", "unix:/run/aibackend.sock", "unix:address=/tmp/a.sock",
+    ["tcp:8080:interface=127.0.0.1", "tcp:0:interface=127.0.0.1", "tcp:8080:interface=localhost",
+     r"tcp6:8080:interface=\:\:1", "unix:/run/aibackend.sock", "unix:address=/tmp/a.sock",
      "ssl:8443:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1"],
 )
 def test_endpoints_that_listen_on_loopback_alone(description):
@@ -139,17 +140,9 @@ def test_endpoints_that_listen_beyond_loopback(description):
     assert not endpoint_is_local(description)
 
 
-@pytest.mark.xfail(
-    reason="BUG: endpoint_is_local (aibackend/auth.py:84) splits the description on every ':' before "
-    "unescaping, so tcp6:8080:interface=\\:\\:1 (IPv6 loopback, colons escaped as Twisted requires) is taken "
-    "for a public listener and admin operations are refused",
-    strict=True,
-)
-def test_an_ipv6_loopback_listener_is_local():
-    description = r"tcp6:8080:interface=\:\:1"
-
-    assert endpoint_is_local(description)
-    Guard(None, [description]).check_admin(request_from("::1", host="[::1]:8080"))
+def test_an_ipv6_loopback_listener_allows_admin_from_ipv6_loopback():
+    """Twisted escapes the colons of an address in an endpoint string (interface=\\:\\:1)."""
+    Guard(None, [r"tcp6:8080:interface=\:\:1"]).check_admin(request_from("::1", host="[::1]:8080"))
 
 
 def test_one_public_listener_makes_the_daemon_not_local():
