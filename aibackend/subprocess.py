@@ -785,14 +785,7 @@ class SubprocessModel(ProcessPool):
         self.model_log.append("warning", "answer is not strict JSON", slot=process.slot, pid=process.pid,
                               line=_text(line))
         if pending is not None:
-            self._settle(
-                pending,
-                error=BadGateway(
-                    f"model {self.model_id!r} answered JSON with NaN or Infinity, which clients cannot parse",
-                    model=self.model_id,
-                ),
-            )
-            self._dispatch()
+            self._bad_answer(pending, "answered JSON with NaN or Infinity, which clients cannot parse")
 
     def _raw_answer(self, process, line: bytes) -> None:
         if not process.inflight:
@@ -829,13 +822,13 @@ class SubprocessModel(ProcessPool):
         elif "output" in message:
             self._settle(pending, ModelAnswer(status=200, body=json.dumps(message["output"], allow_nan=False).encode()))
         else:
-            self._settle(
-                pending,
-                error=BadGateway(
-                    f"model {self.model_id!r} answered without 'output' or 'error': {_text(line[:SNIPPET])!r}",
-                    model=self.model_id,
-                ),
-            )
+            self._bad_answer(pending, f"answered without 'output' or 'error': {_text(line[:SNIPPET])!r}")
+            return
+        self._dispatch()
+
+    def _bad_answer(self, pending: Pending, why: str) -> None:
+        """A model's answer no client could use: 502, and the place goes to the next request."""
+        self._settle(pending, error=BadGateway(f"model {self.model_id!r} {why}", model=self.model_id))
         self._dispatch()
 
     def _model_error(self, pending: Pending, error) -> ModelAnswer:
