@@ -269,6 +269,11 @@ class HttpModelSpec(ModelSpec):
     max_response_bytes: int = 64 * 1024 * 1024
     max_concurrency: int = 0
     max_queue: int = 100
+    urls: tuple = ()
+    eject_after: int = 5
+    eject_seconds: float = 10.0
+    max_eject_seconds: float = 300.0
+    health_interval: float | None = None
     process: "ProcessSettings | None" = None
     health_path: str | None = None
 
@@ -286,6 +291,11 @@ class HttpModelSpec(ModelSpec):
             "max_response_bytes": self.max_response_bytes,
             "max_concurrency": self.max_concurrency,
             "max_queue": self.max_queue,
+            "urls": list(self.urls),
+            "eject_after": self.eject_after,
+            "eject_seconds": self.eject_seconds,
+            "max_eject_seconds": self.max_eject_seconds,
+            "health_interval": self.health_interval,
             **({"health_path": self.health_path} if self.health_path else {}),
             **(self.process.public() if self.process else {}),
         }
@@ -295,16 +305,36 @@ SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key",
 
 
 def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> HttpModelSpec:
-    name, raw_url = table.pop_alias("url", "dest")
-    url = ""
-    if raw_url is _REQUIRED:
-        table.problem("url", "is required (the model server's URL; 'dest' is accepted too)")
-    elif not isinstance(raw_url, str):
-        table.problem(name, f"must be a string, got {_type_name(raw_url)}")
+    urls: list[str] = []
+    if table.has("urls"):
+        if table.has("url") or table.has("dest"):
+            table.problem("urls", "give either url (or dest) or urls")
+            table.pop_alias("url", "dest")
+        for index, raw in enumerate(table.string_list("urls", ())):
+            checked, problem = check_http_url(raw, default_scheme=True)
+            if problem:
+                table.problem(f"urls[{index}]", problem)
+            elif checked in urls:
+                table.problem(f"urls[{index}]", f"{checked} is listed twice")
+            else:
+                urls.append(checked)
+        url = urls[0] if urls else ""
     else:
-        url, problem = check_http_url(raw_url, default_scheme=(name == "dest"))
-        if problem:
-            table.problem(name, problem)
+        name, raw_url = table.pop_alias("url", "dest")
+        url = ""
+        if raw_url is _REQUIRED:
+            table.problem("url", "is required (the model server's URL; 'dest' is accepted too; urls for replicas)")
+        elif not isinstance(raw_url, str):
+            table.problem(name, f"must be a string, got {_type_name(raw_url)}")
+        else:
+            url, problem = check_http_url(raw_url, default_scheme=(name == "dest"))
+            if problem:
+                table.problem(name, problem)
+        urls = [url] if url else []
+    eject_after = table.number("eject_after", 5, minimum=1, maximum=1000, integer=True)
+    eject_seconds = table.number("eject_seconds", 10.0, minimum=0, exclusive_minimum=True, maximum=86400)
+    max_eject_seconds = table.number("max_eject_seconds", 300.0, minimum=0, exclusive_minimum=True, maximum=86400)
+    health_interval = table.number("health_interval", None, minimum=0.1, maximum=86400)
     timeout = table.number("timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
     connect_timeout = table.number("connect_timeout", 10.0, minimum=0, exclusive_minimum=True, maximum=3600)
     headers = table.string_map("headers", MappingProxyType({}))
@@ -323,8 +353,8 @@ def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> 
     health_path = table.string("health_path", None)
     if health_path is not None and not health_path.startswith("/"):
         table.problem("health_path", f"must start with '/', got {health_path!r}")
-    if health_path is not None and process is None:
-        table.problem("health_path", "is only used with command (a model server the daemon starts)")
+    if health_interval is not None and health_path is None:
+        table.problem("health_interval", "needs health_path (the path the active health check GETs)")
     return HttpModelSpec(
         **common,
         url=url or "",
@@ -333,6 +363,11 @@ def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> 
         headers=headers,
         max_response_bytes=max_response_bytes or 64 * 1024 * 1024,
         max_concurrency=max_concurrency or 0,
+        urls=tuple(urls),
+        eject_after=eject_after or 5,
+        eject_seconds=float(eject_seconds or 10.0),
+        max_eject_seconds=float(max_eject_seconds or 300.0),
+        health_interval=float(health_interval) if health_interval is not None else None,
         max_queue=max_queue if max_queue is not None else 100,
         process=process,
         health_path=health_path,

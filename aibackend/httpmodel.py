@@ -24,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -147,6 +148,42 @@ class ServerProcess(ProcessPool):
             pending.cancel()
 
 
+CONNECT_FAILURES = (ierror.ConnectError, ierror.DNSLookupError, ierror.ConnectingCancelledError)
+BROKEN = CONNECT_FAILURES + (ResponseFailed, ierror.ConnectionLost, ierror.ConnectionDone)
+
+
+class ReplicaRefused(BadGateway):
+    """A replica could not be connected to: nothing of the request reached it."""
+
+
+class Replica:
+    """One URL of an HTTP model, with what the daemon knows of its health."""
+
+    __slots__ = ("url", "text", "in_flight", "failures", "ejected_until", "ejections", "healthy")
+
+    def __init__(self, text: str):
+        self.text = text
+        self.url = DecodedURL.from_text(text)
+        self.in_flight = 0
+        self.failures = 0  # in a row
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.healthy = True  # what the active health check last saw
+
+    def available(self, now: float) -> bool:
+        return self.healthy and self.ejected_until <= now
+
+    def describe(self, now: float) -> dict:
+        return {
+            "url": self.text,
+            "in_flight": self.in_flight,
+            "failures_in_a_row": self.failures,
+            "ejected_for_s": round(max(self.ejected_until - now, 0.0), 3),
+            "ejections": self.ejections,
+            "healthy": self.healthy,
+        }
+
+
 @implementer(ISender)
 class HttpModel(Service):
     """
@@ -168,7 +205,10 @@ class HttpModel(Service):
         self.model_log = ModelLog(reactor, spec.log_entries)
         self._clock = reactor
         self._destination_policy = destination_policy
-        self._url = DecodedURL.from_text(spec.url)
+        self.replicas = [Replica(text) for text in (spec.urls or (spec.url,))]
+        self._url = self.replicas[0].url
+        self._health_timer = None
+        self._health_probes: list = []
         if client is None:
             if destination_policy is not None:
                 # A runtime model: connect only where the policy allows, checked on the
@@ -219,9 +259,16 @@ class HttpModel(Service):
         super().startService()
         if self.server is not None:
             self.server.startService()
+        elif self.spec.health_interval and self.spec.health_path:
+            self._health_timer = self._clock.callLater(0, self._health_check)
 
     def stopService(self):
         super().stopService()
+        if self._health_timer is not None and self._health_timer.active():
+            self._health_timer.cancel()
+        self._health_timer = None
+        for probe in list(self._health_probes):
+            probe.cancel()
         if self.server is not None and self.server.running:
             return self.server.stopService()
         return None
@@ -242,16 +289,93 @@ class HttpModel(Service):
             "failures": self.failures,
             "shed": self.shed,
         }
+        if len(self.replicas) > 1 or self.spec.health_interval:
+            now = self._clock.seconds()
+            described["replicas"] = [replica.describe(now) for replica in self.replicas]
         if self.server is not None:
             described["restarts"] = self.server.restarts
             described["last_error"] = self.server.failed_reason or self.server.last_error
             described["processes"] = self.server.describe_processes()
         return described
 
-    def probe(self) -> Deferred[bool]:
+    # --- replicas -----------------------------------------------------------
+
+    @property
+    def ejections(self) -> int:
+        return sum(replica.ejections for replica in self.replicas)
+
+    def _pick(self, tried) -> Replica | None:
+        """The available replica with the fewest requests in flight."""
+        now = self._clock.seconds()
+        best = None
+        for replica in self.replicas:
+            if replica not in tried and replica.available(now):
+                if best is None or replica.in_flight < best.in_flight:
+                    best = replica
+        return best
+
+    def _replica_failed(self, replica: Replica, why: str) -> None:
+        replica.failures += 1
+        if len(self.replicas) < 2 or replica.failures < self.spec.eject_after:
+            return
+        seconds = min(self.spec.eject_seconds * 2 ** replica.ejections, self.spec.max_eject_seconds)
+        replica.ejected_until = self._clock.seconds() + seconds
+        replica.ejections += 1
+        replica.failures = 0
+        self.model_log.append(
+            "warning", "replica ejected", url=replica.text, error=why, seconds=seconds,
+        )
+        self.log.warn("model {model}: replica {url} ejected for {seconds} s ({why})",
+                      model=self.model_id, url=replica.text, seconds=seconds, why=why)
+
+    def _replica_outcome(self, result, replica: Replica):
+        """Count what a replica did: connection failures, resets and 5xx count against it."""
+        replica.in_flight -= 1
+        if isinstance(result, Failure):
+            if result.check(*BROKEN):
+                self._replica_failed(replica, result.getErrorMessage())
+        elif result[0].code >= 500:
+            self._replica_failed(replica, f"status {result[0].code}")
+        else:
+            replica.failures = 0
+        return result
+
+    def _health_check(self) -> None:
+        """The active health check: GET health_path on every replica, each interval."""
+        self._health_timer = None
+        try:
+            for replica in self.replicas:
+                probe = self.probe(replica)
+                self._health_probes.append(probe)
+                probe.addBoth(self._health_seen, replica, probe)
+        except Exception:
+            self.log.failure("model {model}: the health check failed to run", model=self.model_id)
+        if self.running:
+            self._health_timer = self._clock.callLater(self.spec.health_interval, self._health_check)
+
+    def _health_seen(self, result, replica: Replica, probe) -> None:
+        if probe in self._health_probes:
+            self._health_probes.remove(probe)
+        if isinstance(result, Failure) and result.check(CancelledError):
+            return
+        healthy = result is True
+        if healthy != replica.healthy:
+            replica.healthy = healthy
+            if healthy:
+                replica.ejected_until = 0.0
+                replica.failures = 0
+            self.model_log.append(
+                "info" if healthy else "warning",
+                "replica restored" if healthy else "replica ejected",
+                url=replica.text,
+                error=None if healthy else "the health check failed",
+            )
+
+    def probe(self, replica: Replica | None = None) -> Deferred[bool]:
         """Does the model server answer? (Its health path with a 2xx, or a TCP connection.)"""
+        base = (replica or self.replicas[0]).url
         if self.spec.health_path:
-            url = self._url.replace(path=(), query=()).click(self.spec.health_path)
+            url = base.replace(path=(), query=()).click(self.spec.health_path)
             d = self._client.get(url, allow_redirects=False, unbuffered=True)
 
             def answered(response):
@@ -311,7 +435,7 @@ class HttpModel(Service):
         waiter.addCallback(lambda _: self._post(body, context, deadline))
         return waiter
 
-    def _post(self, body: bytes, context, deadline: float) -> Deferred[ModelAnswer]:
+    def _post(self, body: bytes, context, deadline: float, tried: tuple = ()) -> Deferred[ModelAnswer]:
         left = deadline - self._clock.seconds()
         if left <= 0:
             raise GatewayTimeout(
@@ -319,16 +443,46 @@ class HttpModel(Service):
                 f"(the request waited for one of its max_concurrency places)",
                 model=self.model_id,
             )
+        replica = self._pick(tried)
+        if replica is None:
+            return self._no_replica(tried)
+        d = self._attempt(replica, body, context, left)
+        if len(self.replicas) > 1:
+
+            def elsewhere(failure):
+                # Nothing of the request reached this replica: another may take it. A
+                # request that may have been received is never sent twice.
+                failure.trap(ReplicaRefused)
+                if self._pick(tried + (replica,)) is None:
+                    return failure
+                return self._post(body, context, deadline, tried + (replica,))
+
+            d.addErrback(elsewhere)
+        return d
+
+    def _attempt(self, replica: Replica, body: bytes, context, left: float) -> Deferred[ModelAnswer]:
         headers = Headers(self._headers)
         headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
         self.in_flight += 1
         self.requests += 1
-        d = self._client.post(self._url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
+        replica.in_flight += 1
+        d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
         d.addCallback(self._read)
         d.addTimeout(left, self._clock)
-        d.addCallbacks(self._answered, self._failed)
+        d.addBoth(self._replica_outcome, replica)
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(replica,))
         d.addBoth(self._done)
         return d
+
+    def _no_replica(self, tried):
+        now = self._clock.seconds()
+        back = [replica.ejected_until - now for replica in self.replicas if replica.ejected_until > now]
+        retry_after = max(1, int(min(back)) + 1) if back else max(1, int(self.spec.health_interval or 1))
+        raise ModelUnavailable(
+            f"model {self.model_id!r} has no replica to take the request: every one is ejected or unhealthy",
+            model=self.model_id,
+            retry_after=retry_after,
+        )
 
     def _done(self, result):
         self.in_flight -= 1
@@ -364,7 +518,7 @@ class HttpModel(Service):
             self.failures += 1
         return ModelAnswer(status=status, body=body)
 
-    def _failed(self, failure):
+    def _failed(self, failure, replica=None):
         if failure.check(ApiError):
             self.failures += 1
             return failure
@@ -377,7 +531,8 @@ class HttpModel(Service):
             raise GatewayTimeout(f"model {model!r} did not answer within {self.spec.timeout:g} s", model=model)
         if failure.check(ierror.TimeoutError):
             raise GatewayTimeout(
-                f"cannot connect to model {model!r} at {self.spec.url} within {self.spec.connect_timeout:g} s",
+                f"cannot connect to model {model!r} at {replica.text if replica else self.spec.url} "
+                f"within {self.spec.connect_timeout:g} s",
                 model=model,
             )
         if failure.check(DestinationDenied):
@@ -393,7 +548,8 @@ class HttpModel(Service):
                 reason = "connection refused"
             elif failure.check(ierror.DNSLookupError):
                 reason = "host name not found"
-            raise BadGateway(f"cannot connect to model {model!r} at {self.spec.url}: {reason}", model=model)
+            where = replica.text if replica else self.spec.url
+            raise ReplicaRefused(f"cannot connect to model {model!r} at {where}: {reason}", model=model)
         if failure.check(ResponseFailed, ierror.ConnectionLost, ierror.ConnectionDone):
             raise BadGateway(f"model {model!r} closed the connection before answering in full", model=model)
         self.log.failure("model {model} failed in an unexpected way", failure, model=model)

@@ -83,6 +83,9 @@ class DaemonCollector:
             "aibackend_model_restarts", "Model process restarts.", labels=["model"]
         )
         processes = GaugeMetricFamily("aibackend_model_processes", "Live model processes.", labels=["model"])
+        ejections = CounterMetricFamily(
+            "aibackend_model_ejections", "Replica ejections after failures in a row.", labels=["model"]
+        )
         for model in self.registry.models():
             model_id = model.model_id
             stats = stats_of(model)
@@ -97,6 +100,8 @@ class DaemonCollector:
             in_flight.add_metric([model_id], getattr(model, "in_flight", stats.in_flight))
             queued.add_metric([model_id], len(getattr(model, "queue", ())))
             ready.add_metric([model_id], 1 if getattr(model, "state", "ready") == "ready" else 0)
+            if hasattr(model, "replicas"):
+                ejections.add_metric([model_id], model.ejections)
             pool = getattr(model, "server", None) or (model if hasattr(model, "slots") else None)
             if pool is not None:
                 restarts.add_metric([model_id], pool.restarts)
@@ -110,7 +115,8 @@ class DaemonCollector:
             refusals.add_metric([reason], self.daemon.refusals[reason])
         models = GaugeMetricFamily("aibackend_models", "Registered models.")
         models.add_metric([], len(self.registry.models()))
-        return [requests, latency, in_flight, queued, ready, restarts, processes, connections, refusals, models]
+        return [requests, latency, in_flight, queued, ready, restarts, processes, ejections, connections, refusals,
+                models]
 
 
 def _bound(value: float) -> str:

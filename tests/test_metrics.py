@@ -130,6 +130,7 @@ def test_metrics_is_prometheus_text_with_every_family(door):
         "aibackend_model_ready": "gauge",
         "aibackend_model_restarts": "counter",
         "aibackend_model_processes": "gauge",
+        "aibackend_model_ejections": "counter",
         "aibackend_open_connections": "gauge",
         "aibackend_refusals": "counter",
         "aibackend_models": "gauge",
