@@ -131,17 +131,17 @@ class ModelManager:
 
     @inlineCallbacks
     def check_destination(self, spec):
-        url = getattr(spec, "url", None)
-        if not url:
-            return
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            yield check_destination(self.destination_policy, parts.hostname, port)
-        except DestinationDenied as e:
-            raise Forbidden(f"model {spec.id!r} may not be added: {e}", model=spec.id) from None
-        except OSError as e:
-            raise BadRequest(f"model {spec.id!r}: cannot resolve {parts.hostname}: {e}", model=spec.id) from None
+        """Every URL of the model (each replica) must be allowed."""
+        urls = getattr(spec, "urls", None) or ([spec.url] if getattr(spec, "url", None) else [])
+        for url in urls:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                yield check_destination(self.destination_policy, parts.hostname, port)
+            except DestinationDenied as e:
+                raise Forbidden(f"model {spec.id!r} may not be added: {e}", model=spec.id) from None
+            except OSError as e:
+                raise BadRequest(f"model {spec.id!r}: cannot resolve {parts.hostname}: {e}", model=spec.id) from None
 
     # --- operations -------------------------------------------------------------
 

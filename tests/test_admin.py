@@ -969,3 +969,24 @@ def test_runtime_models_connect_only_where_the_policy_allows_config_models_anywh
     assert failure_of(refused, Forbidden).value.status == 403
     reactor.advance(10)  # nobody answers the trusted model's connection
     failure_of(attempted, BadGateway, GatewayTimeout)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_replica_url_of_a_runtime_model_is_checked():
+    from twisted.internet import reactor
+
+    from aibackend.admin import ModelManager
+    from aibackend.config import ServerSpec
+    from aibackend.destinations import DestinationPolicy
+    from aibackend.errors import Forbidden
+    from aibackend.registry import ModelDeps, ModelRegistry
+    from aibackend.store import MemoryStore
+
+    registry = ModelRegistry(ModelDeps(reactor=reactor, environ={}))
+    manager = ModelManager(registry, MemoryStore(), ServerSpec(), clock=reactor,
+                           destination_policy=DestinationPolicy(None), environ={})
+    table = {"id": "r", "type": "http", "urls": ["http://127.0.0.1:9/p", "http://169.254.169.254/latest"]}
+    with pytest.raises(Forbidden) as refused:
+        await manager.add(table)
+    assert "169.254.169.254" in refused.value.message
+    assert "r" not in registry
