@@ -629,6 +629,10 @@ class ServerSpec:
     allowed_commands: tuple = ()
     allowed_destinations: tuple | None = None
     state_dir: str | None = None
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10000
+    drain_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -671,6 +675,10 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
         if problem:
             server_table.problem(f"allowed_destinations[{index}]", problem)
     state_dir = server_table.string("state_dir", None)
+    header_timeout = server_table.number("header_timeout", 10.0, minimum=0, exclusive_minimum=True, maximum=3600)
+    idle_timeout = server_table.number("idle_timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
+    max_connections = server_table.number("max_connections", 10000, minimum=1, maximum=10_000_000, integer=True)
+    drain_timeout = server_table.number("drain_timeout", 30.0, minimum=0, maximum=86400)
     server_table.finish()
     server = ServerSpec(
         listen=tuple(listen or DEFAULT_LISTEN),
@@ -680,6 +688,10 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
         allowed_commands=tuple(os.path.realpath(path) for path in allowed_commands),
         allowed_destinations=tuple(allowed_destinations) if allowed_destinations is not None else None,
         state_dir=state_dir,
+        header_timeout=float(header_timeout or 10.0),
+        idle_timeout=float(idle_timeout or 60.0),
+        max_connections=max_connections or 10000,
+        drain_timeout=float(drain_timeout if drain_timeout is not None else 30.0),
     )
 
     _, raw_models = root.pop_alias("models")

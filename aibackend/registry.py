@@ -53,8 +53,10 @@ class ModelRegistry(Service):
     log = Logger()
     name = "models"
 
-    def __init__(self, deps: ModelDeps, runtime_deps: ModelDeps | None = None):
+    def __init__(self, deps: ModelDeps, runtime_deps: ModelDeps | None = None, *,
+                 drain_timeout: float = MAX_DRAIN_SECONDS):
         self.deps = deps
+        self.drain_timeout = drain_timeout
         self.runtime_deps = runtime_deps or deps
         self._models: dict[str, Any] = {}
         self.origins: dict[str, str] = {}
@@ -143,7 +145,7 @@ class ModelRegistry(Service):
 
     def drain_and_stop(self, model):
         clock = self.deps.reactor
-        limit = min(float(getattr(model.spec, "timeout", 0) or 0), MAX_DRAIN_SECONDS)
+        limit = min(float(getattr(model.spec, "timeout", 0) or 0), self.drain_timeout)
         deadline = clock.seconds() + limit
         done: Deferred = Deferred()
 

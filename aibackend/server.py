@@ -10,6 +10,7 @@ with a JSON 413 at once and the connection closed, without reading the rest.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from io import BytesIO
 
 from twisted.logger import Logger
@@ -17,10 +18,53 @@ from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
 
 from aibackend.errors import PayloadTooLarge
-from aibackend.ids import request_id_from_headers
+from aibackend.ids import new_request_id, request_id_from_headers
 
 
 access_log = Logger(namespace="aibackend.access")
+
+
+class _ClientLimits:
+    """The header deadline of one client connection."""
+
+    def __init__(self, site, channel, http):
+        self.site = site
+        self.channel = channel
+        self.http = http
+        self.timer = None
+        self.refuse = False
+
+    def start(self) -> None:
+        if self.timer is None and self.site.header_timeout:
+            self.timer = self.site.reactor.callLater(self.site.header_timeout, self._expired)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        if not self.http.requests or not getattr(self.http, "_handlingRequest", False):
+            self.answer(408, "Request Timeout", "request_timeout",
+                        f"the request's headers did not arrive within {self.site.header_timeout:g} s")
+
+    def answer(self, status: int, reason: str, kind: str, message: str) -> None:
+        """Answer straight onto the connection (no request was dispatched) and close it."""
+        request_id = new_request_id()
+        body = json.dumps({"error": {"type": kind, "message": message, "request_id": request_id}}).encode()
+        head = [
+            f"HTTP/1.1 {status} {reason}".encode(),
+            b"Content-Type: application/json",
+            b"Content-Length: " + str(len(body)).encode(),
+            b"X-Request-Id: " + request_id.encode(),
+            b"Connection: close",
+        ]
+        transport = self.http.transport
+        if transport is not None:
+            transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            transport.loseConnection()
 
 
 class BoundedRequest(Request):
@@ -99,24 +143,72 @@ class AibackendSite(Site):
     requestFactory = BoundedRequest
     displayTracebacks = False
 
-    def __init__(self, resource, *, max_body_bytes: int, metrics=None, **kwargs):
+    def __init__(self, resource, *, max_body_bytes: int, metrics=None, header_timeout: float = 10.0,
+                 max_connections: int = 10000, **kwargs):
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.channels: OrderedDict = OrderedDict()  # open connections, oldest first
 
     def buildProtocol(self, addr):
+        """
+        A connection with the daemon's client limits: its request headers must arrive
+        within C{header_timeout} (else 408), and past C{max_connections} the oldest idle
+        connection is closed to make room (or, if none is idle, the new one is refused).
+        """
         channel = super().buildProtocol(addr)
+        http = getattr(channel, "_channel", channel)
+        limits = _ClientLimits(self, channel, http)
+        if len(self.channels) >= self.max_connections and not self._evict_idle():
+            limits.refuse = True
+        self.channels[channel] = limits
         if self.metrics is not None:
-            daemon = self.metrics.daemon
-            daemon.open_connections += 1
-            lost = channel.connectionLost
+            self.metrics.daemon.open_connections += 1
+        # The generic channel hands makeConnection to the HTTP/1.1 channel inside it.
+        made, received, headers_in, lost = (
+            http.connectionMade, channel.dataReceived, http.allHeadersReceived, channel.connectionLost,
+        )
 
-            def connectionLost(reason):
-                daemon.open_connections -= 1
-                return lost(reason)
+        def connectionMade():
+            made()
+            if limits.refuse:
+                limits.answer(503, "Service Unavailable", "model_unavailable",
+                              f"the daemon holds its maximum of {self.max_connections} connections")
+            else:
+                limits.start()
 
-            channel.connectionLost = connectionLost
+        def dataReceived(data):
+            if not http.requests:
+                limits.start()
+            return received(data)
+
+        def allHeadersReceived():
+            limits.stop()
+            return headers_in()
+
+        def connectionLost(reason):
+            limits.stop()
+            self.channels.pop(channel, None)
+            if self.metrics is not None:
+                self.metrics.daemon.open_connections -= 1
+            return lost(reason)
+
+        http.connectionMade = connectionMade
+        channel.dataReceived = dataReceived
+        http.allHeadersReceived = allHeadersReceived
+        channel.connectionLost = connectionLost
         return channel
+
+    def _evict_idle(self) -> bool:
+        """Close the oldest connection that has no request in progress."""
+        for channel, limits in self.channels.items():
+            if not limits.http.requests and limits.http.transport is not None:
+                self.channels.pop(channel)
+                limits.http.transport.loseConnection()
+                return True
+        return False
 
     def log(self, request):
         """

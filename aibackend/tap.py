@@ -206,6 +206,20 @@ class StoreService(service.Service):
         return self.store.close()
 
 
+def _raise_open_files_limit(connections: int) -> None:
+    """Let the daemon hold its max_connections (the soft limit is often 1024), up to the hard limit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = connections + 256
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None,
                   admin_token=None, store=None):
     """
@@ -252,7 +266,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     # Runtime models connect through a pool of their own: a connection made for a trusted
     # model is never handed to one whose destinations are checked.
     runtime_deps = ModelDeps(reactor=reactor, pool=make_pool(), environ=environ, destination_policy=policy)
-    registry = ModelRegistry(deps, runtime_deps)
+    registry = ModelRegistry(deps, runtime_deps, drain_timeout=config.server.drain_timeout)
     registry.setServiceParent(root)
     manager = ModelManager(
         registry, store, config.server, clock=reactor, destination_policy=policy,
@@ -265,7 +279,12 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
                       policy=policy.describe())
     metrics = Metrics(registry)
     front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics)
-    site = AibackendSite(front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor)
+    server = config.server
+    site = AibackendSite(
+        front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
+        timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
+    )
+    _raise_open_files_limit(server.max_connections)
     root.front_door = front_door
     root.registry = registry
     root.manager = manager
