@@ -24,7 +24,9 @@ What C{serve} does:
     release the GIL or wait on I/O); the daemon's C{max_inflight} should match;
   - C{print()} and anything else written to stdout is sent to the model's log instead of
     corrupting the protocol; so is L{log};
-  - a C{cancel} for a request that has not started yet drops it.
+  - a C{cancel} for a request that has not started yet drops it; a model object with a
+    C{cancel(request_id)} method is also told, so it can stop work in progress (its
+    C{predict} learns its own request's id from L{current_request_id}).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["BadInput", "ModelError", "log", "serve"]
+__all__ = ["BadInput", "ModelError", "current_request_id", "log", "serve"]
 
 
 class ModelError(Exception):
@@ -143,12 +145,22 @@ def _predictor(model):
     load = getattr(model, "load", None)
     if callable(load):
         load()
+    cancel = getattr(model, "cancel", None)
+    cancel = cancel if callable(cancel) else None
     predict = getattr(model, "predict", None)
     if callable(predict):
-        return predict
+        return predict, cancel
     if callable(model):
-        return model
+        return model, cancel
     raise TypeError("a model is a function, or an object with a predict() method")
+
+
+_current = threading.local()
+
+
+def current_request_id():
+    """The id of the request the calling thread is predicting (for a model's C{cancel})."""
+    return getattr(_current, "request_id", None)
 
 
 def serve(model, *, concurrency: int = 1) -> None:
@@ -160,7 +172,7 @@ def serve(model, *, concurrency: int = 1) -> None:
     @param concurrency: how many predictions may run at once (threads).
     """
     _take_stdout()
-    predict = _predictor(model)
+    predict, cancel = _predictor(model)
     _send({"ready": True})
     cancelled: set = set()
     # Predictions run in threads even one at a time, so that stdin is read on meanwhile
@@ -171,7 +183,11 @@ def serve(model, *, concurrency: int = 1) -> None:
         if request_id in cancelled:
             cancelled.discard(request_id)
             return
-        _answer(request_id, predict, data)
+        _current.request_id = request_id
+        try:
+            _answer(request_id, predict, data)
+        finally:
+            _current.request_id = None
 
     stdin = sys.stdin.buffer
     for raw in stdin:
@@ -188,6 +204,13 @@ def serve(model, *, concurrency: int = 1) -> None:
             if len(cancelled) > 10000:  # ids of requests that had already finished
                 cancelled.clear()
             cancelled.add(request_id)
+            if cancel is not None:
+                # The model can stop work in progress: tell it (it matches the id with
+                # current_request_id() in the thread that is predicting).
+                try:
+                    cancel(request_id)
+                except Exception:
+                    log(traceback.format_exc(), "error")
             continue
         if op != "predict":
             _send({"id": request_id, "error": {"message": f"unknown op {op!r}", "status": 400}})

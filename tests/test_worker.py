@@ -309,3 +309,14 @@ def test_the_worker_finishes_running_requests_and_exits_when_stdin_closes(start_
 
     assert worker.next() == {"id": "last", "output": {"slept": 0.3, "tag": None}}
     assert worker.process.wait(5) == 0
+
+
+def test_a_model_with_a_cancel_method_is_told_to_stop_work_in_progress(start_worker):
+    worker = start_worker(2).ready()
+    worker.predict("long", {"op": "interruptible", "seconds": 30})
+    time.sleep(0.3)  # it is running
+    started = time.monotonic()
+    worker.write({"id": "long", "op": "cancel"})
+    answer = worker.answer("long", timeout=10)
+    assert answer["output"] == {"stopped": True, "id": "long"}
+    assert time.monotonic() - started < 5

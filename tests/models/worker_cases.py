@@ -11,13 +11,22 @@ not JSON), C{"numpy"}, C{"loaded"}; anything else is echoed.
 
 import os
 import sys
+import threading
 import time
 
-from aibackend.worker import BadInput, ModelError, serve
+from aibackend.worker import BadInput, ModelError, current_request_id, serve
 
 
 class Cases:
     loaded = False
+
+    def __init__(self):
+        self.stops = {}  # request id -> Event, for "interruptible"
+
+    def cancel(self, request_id):
+        stop = self.stops.get(request_id)
+        if stop is not None:
+            stop.set()
 
     def load(self):
         print("loading the model")
@@ -49,6 +58,10 @@ class Cases:
             import numpy
 
             return {"array": numpy.arange(3), "scalar": numpy.float32(0.5), "pair": (1, 2)}
+        if op == "interruptible":
+            stop = self.stops.setdefault(current_request_id(), threading.Event())
+            stopped = stop.wait(data["seconds"])
+            return {"stopped": stopped, "id": current_request_id()}
         if op == "loaded":
             return {"loaded": self.loaded}
         return {"echo": data}
