@@ -152,6 +152,10 @@ CONNECT_FAILURES = (ierror.ConnectError, ierror.DNSLookupError, ierror.Connectin
 BROKEN = CONNECT_FAILURES + (ResponseFailed, ierror.ConnectionLost, ierror.ConnectionDone)
 
 
+def _deadline_passed(result, timeout):
+    raise DeadlineExceeded(timeout, "Deferred")
+
+
 class ReplicaRefused(BadGateway):
     """A replica could not be connected to: nothing of the request reached it."""
 
@@ -468,7 +472,9 @@ class HttpModel(Service):
         replica.in_flight += 1
         d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
         d.addCallback(self._read)
-        d.addTimeout(left, self._clock)
+        # Cancelling the exchange fails it with whatever the client layer makes of the
+        # cancel (ResponseNeverReceived before the headers); past the deadline it is a 504.
+        d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
         d.addBoth(self._replica_outcome, replica)
         d.addCallbacks(self._answered, self._failed, errbackArgs=(replica,))
         d.addBoth(self._done)
