@@ -376,9 +376,9 @@ class ProcessPool(Service):
         self.process_gone(process, why)
         try:
             if process.transport is not None:
-                process.transport.closeStdin()
-        except Exception:
-            pass
+                process.transport.closeStdin()  # a line program ends on EOF
+        except OSError:
+            pass  # the pipe is already gone with the process
         self.launcher.signal(process.transport, "TERM")
         process.kill_timer = self.clock.callLater(self.settings.kill_timeout, self._kill, process)
 
@@ -793,7 +793,7 @@ class SubprocessModel(ProcessPool):
                 "warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line)
             )
             return
-        wire_id, pending = process.inflight.popitem()
+        _, pending = process.inflight.popitem()
         self._settle(pending, ModelAnswer(status=200, body=line.strip()))
         self._dispatch()
 

@@ -212,6 +212,28 @@ class HangingClient:
         return d
 
 
+class JSONResponse:
+    """
+    An L{IResponse} stand-in with a JSON body delivered at once, to answer a
+    L{HangingClient}'s (or any fake client's) request Deferred.
+    """
+
+    def __init__(self, code: int = 200, body: bytes = b'{"ok": true}'):
+        from twisted.web.http_headers import Headers
+
+        self.code = code
+        self.headers = Headers({b"content-type": [b"application/json"]})
+        self.length = len(body)
+        self._body = body
+
+    def deliverBody(self, protocol) -> None:
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
 # --- the front door, in memory -------------------------------------------------
 
 
@@ -293,6 +315,7 @@ class StubFrontDoor:
 __all__ = [
     "FakeModel",
     "HangingClient",
+    "JSONResponse",
     "Posted",
     "Received",
     "Response",

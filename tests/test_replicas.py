@@ -8,28 +8,15 @@ import pytest
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http_headers import Headers
+from twisted.web.client import ResponseFailed
 
 from aibackend.config import HttpModelSpec
 from aibackend.errors import BadGateway, ModelUnavailable
 from aibackend.httpmodel import HttpModel
 from aibackend.interfaces import RequestContext
-from aibackend.testing import failure_of, result_of
+from aibackend.testing import JSONResponse, failure_of, result_of
 
 A, B, C = "http://127.0.0.1:9101/p", "http://127.0.0.1:9102/p", "http://127.0.0.1:9103/p"
-
-
-class Answer:
-    def __init__(self, code=200, body=b'{"ok": true}'):
-        self.code = code
-        self.headers = Headers({b"content-type": [b"application/json"]})
-        self.length = len(body)
-        self._body = body
-
-    def deliverBody(self, protocol):
-        protocol.dataReceived(self._body)
-        protocol.connectionLost(Failure(ResponseDone()))
 
 
 class Client:
@@ -75,12 +62,12 @@ def test_requests_go_to_the_replica_with_the_fewest_in_flight(clock, client):
     model = make(clock, client, urls=(A, B, C))
     pending = [send(model, n) for n in range(3)]
     assert sorted(client.urls()) == [A, B, C]  # one each
-    client.calls[1][1].callback(Answer())  # the one at B finishes
+    client.calls[1][1].callback(JSONResponse())  # the one at B finishes
     pending.append(send(model, 3))
     assert client.urls()[3] == client.urls()[1]  # B was the least busy
     for _, d in client.calls:
         if not d.called:
-            d.callback(Answer())
+            d.callback(JSONResponse())
     assert all(result_of(d).status == 200 for d in pending)
 
 
@@ -90,7 +77,7 @@ def test_a_refused_connection_is_retried_on_another_replica(clock, client):
     first_url, first = client.calls[0]
     refuse(first)
     assert len(client.calls) == 2 and client.calls[1][0] != first_url
-    client.calls[1][1].callback(Answer(body=b'{"from": "the other"}'))
+    client.calls[1][1].callback(JSONResponse(body=b'{"from": "the other"}'))
     assert result_of(answer).body == b'{"from": "the other"}'
 
 
@@ -119,16 +106,16 @@ def test_five_failures_in_a_row_eject_a_replica_for_a_time_that_grows(clock, cli
         answer = send(model, n)
         url, d = client.calls[-1]
         if url == A:
-            d.callback(Answer(500, b'{"error": "boom"}'))
+            d.callback(JSONResponse(500, b'{"error": "boom"}'))
             assert result_of(answer).status == 500  # the model's own 5xx is passed through
         else:
-            d.callback(Answer())
+            d.callback(JSONResponse())
         # keep A failing: send until A has failed five times
     failures_at_a = sum(1 for url, _ in client.calls if url == A)
     while model.replicas[0].ejections == 0:
         answer = send(model)
         url, d = client.calls[-1]
-        d.callback(Answer(500, b'{"error": "boom"}') if url == A else Answer())
+        d.callback(JSONResponse(500, b'{"error": "boom"}') if url == A else JSONResponse())
         result_of(answer)
     assert model.ejections == 1
     assert model.describe()["replicas"][0]["ejected_for_s"] == 10.0
@@ -138,7 +125,7 @@ def test_five_failures_in_a_row_eject_a_replica_for_a_time_that_grows(clock, cli
     for n in range(4):
         d = send(model, n)
         assert client.calls[-1][0] == B  # A is out
-        client.calls[-1][1].callback(Answer())
+        client.calls[-1][1].callback(JSONResponse())
         result_of(d)
     assert len(client.calls) == before + 4
 
@@ -146,7 +133,7 @@ def test_five_failures_in_a_row_eject_a_replica_for_a_time_that_grows(clock, cli
     while model.replicas[0].ejections == 1:
         answer = send(model)
         url, d = client.calls[-1]
-        d.callback(Answer(503, b'{"error": "busy"}') if url == A else Answer())
+        d.callback(JSONResponse(503, b'{"error": "busy"}') if url == A else JSONResponse())
         result_of(answer)
     assert model.describe()["replicas"][0]["ejected_for_s"] == 20.0
     assert failures_at_a >= 1
@@ -156,7 +143,7 @@ def test_all_replicas_ejected_is_503_with_retry_after(clock, client):
     model = make(clock, client, eject_after=1, eject_seconds=7.0)
     for _ in range(2):
         answer = send(model)
-        client.calls[-1][1].callback(Answer(500, b'{"error": "x"}'))
+        client.calls[-1][1].callback(JSONResponse(500, b'{"error": "x"}'))
         result_of(answer)
     assert model.ejections == 2
     with pytest.raises(ModelUnavailable) as refused:
@@ -165,7 +152,7 @@ def test_all_replicas_ejected_is_503_with_retry_after(clock, client):
     assert refused.value.headers["Retry-After"] == "8"
     clock.advance(7)
     answer = send(model)
-    client.calls[-1][1].callback(Answer())
+    client.calls[-1][1].callback(JSONResponse())
     assert result_of(answer).status == 200
 
 
@@ -185,19 +172,19 @@ def test_the_active_health_check_ejects_and_restores(clock, client):
     assert sorted(client.urls()) == ["http://127.0.0.1:9101/health", "http://127.0.0.1:9102/health"]
     probes = dict(client.calls)
     probes["http://127.0.0.1:9101/health"].errback(Failure(ierror.ConnectionRefusedError()))
-    probes["http://127.0.0.1:9102/health"].callback(Answer())
+    probes["http://127.0.0.1:9102/health"].callback(JSONResponse())
     assert [r.healthy for r in model.replicas] == [False, True]
 
     client.calls.clear()
     answer = send(model)
     assert client.urls() == [B]
-    client.calls[0][1].callback(Answer())
+    client.calls[0][1].callback(JSONResponse())
     result_of(answer)
 
     client.calls.clear()
     clock.advance(5)
     for url, d in list(client.calls):
-        d.callback(Answer())
+        d.callback(JSONResponse())
     assert [r.healthy for r in model.replicas] == [True, True]
     assert "replica restored" in [e["event"] for e in model.model_log.query()]
 

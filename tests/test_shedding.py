@@ -6,29 +6,12 @@ of the model.
 
 import pytest
 from twisted.internet.defer import CancelledError
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
 
 from aibackend.config import HttpModelSpec
 from aibackend.errors import GatewayTimeout, ModelUnavailable
 from aibackend.httpmodel import HttpModel
 from aibackend.interfaces import RequestContext
-from aibackend.testing import HangingClient, failure_of, has_fired, result_of
-
-
-class Answer:
-    """A response with a JSON body, delivered at once."""
-
-    def __init__(self, body=b'{"ok": true}', code=200):
-        self.code = code
-        self.headers = Headers({b"content-type": [b"application/json"]})
-        self.length = len(body)
-        self._body = body
-
-    def deliverBody(self, protocol):
-        protocol.dataReceived(self._body)
-        protocol.connectionLost(Failure(ResponseDone()))
+from aibackend.testing import HangingClient, JSONResponse, failure_of, has_fired, result_of
 
 
 @pytest.fixture
@@ -58,14 +41,14 @@ def test_past_max_concurrency_requests_wait_and_past_max_queue_they_are_shed(clo
     assert "max_concurrency" in shed.value.message and "max_queue" in shed.value.message
     assert model.shed == 1 and model.failures == 0  # a refusal is not the model's failure
 
-    client.posted[0].deferred.callback(Answer())
+    client.posted[0].deferred.callback(JSONResponse())
     assert result_of(first).status == 200
     assert len(client.posted) == 3  # the waiting one took the free place
     assert client.posted[2].headers.getRawHeaders(b"x-request-id") == [b"r3"]
     assert model.describe()["queued"] == 0
 
-    client.posted[1].deferred.callback(Answer())
-    client.posted[2].deferred.callback(Answer(b'{"n": 3}'))
+    client.posted[1].deferred.callback(JSONResponse())
+    client.posted[2].deferred.callback(JSONResponse(body=b'{"n": 3}'))
     assert result_of(second).status == 200
     assert result_of(waiting).body == b'{"n": 3}'
     assert model.in_flight == 0
@@ -93,7 +76,7 @@ def test_a_request_sent_after_waiting_has_only_what_is_left_of_its_deadline(cloc
     held = send(model, 1)
     waiting = send(model, 2)
     clock.advance(7)
-    client.posted[0].deferred.callback(Answer())
+    client.posted[0].deferred.callback(JSONResponse())
     assert result_of(held).status == 200
     assert len(client.posted) == 2
 
@@ -113,10 +96,10 @@ def test_a_waiting_request_whose_client_left_gives_up_its_place(clock, client):
     failure_of(gone, CancelledError)
     assert model.describe()["queued"] == 0
     waiting = send(model, 3)  # the queue has room again
-    client.posted[0].deferred.callback(Answer())
+    client.posted[0].deferred.callback(JSONResponse())
     result_of(held)
     assert [p.headers.getRawHeaders(b"x-request-id") for p in client.posted] == [[b"r1"], [b"r3"]]
-    client.posted[1].deferred.callback(Answer())
+    client.posted[1].deferred.callback(JSONResponse())
     assert result_of(waiting).status == 200
     assert clock.getDelayedCalls() == []
 
@@ -126,6 +109,6 @@ def test_without_max_concurrency_nothing_waits(clock, client):
     pending = [send(model, n) for n in range(50)]
     assert len(client.posted) == 50
     for posted in client.posted:
-        posted.deferred.callback(Answer())
+        posted.deferred.callback(JSONResponse())
     assert all(result_of(d).status == 200 for d in pending)
     assert clock.getDelayedCalls() == []
