@@ -348,7 +348,6 @@ class FrontDoor:
 
     def _log_request(self, model, request_id, started, status, error):
         seconds = self.clock.seconds() - started
-        
         self.metrics.observe(model, "predict", status, seconds)
         latency_ms = seconds * 1000.0
         model.model_log.request(

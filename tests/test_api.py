@@ -5,7 +5,6 @@ Models are L{aibackend.testing.FakeModel}s: each test decides what the model ans
 looks at what it was sent.
 """
 
-import json
 import re
 
 import pytest

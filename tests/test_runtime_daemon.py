@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from test_daemon import MODEL_SERVER, TWISTD, Process
+import test_subprocess_integration as integration
 from test_subprocess_integration import reaped, toml_models, wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -183,15 +184,7 @@ def canary():
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-class Reply:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self):
-        return json.loads(self.body)
-
+class Reply(integration.Reply):
     def error(self, status: int, error_type: str) -> dict:
         """The daemon's one error shape, with this status and type."""
         assert self.status == status, self
@@ -200,9 +193,6 @@ class Reply:
         assert error["type"] == error_type, self
         assert error["message"] and error["request_id"] == self.headers["x-request-id"]
         return error
-
-    def __repr__(self):
-        return f"<Reply {self.status} {self.body[:400]!r}>"
 
 
 def request(port, method, path, body=None, headers=None, timeout=10.0) -> Reply:
