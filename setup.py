@@ -22,6 +22,8 @@ setup(
             "pytest>=8.0",
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.2",
+            # The Open Inference Protocol tests call the daemon with Triton's real client.
+            "tritonclient[http]>=2.40",
         ],
         "examples": [
             "scikit-learn>=1.3",  # the iris example model

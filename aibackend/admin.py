@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from aibackend import config
 from aibackend.destinations import DestinationDenied, check_destination
-from aibackend.errors import BadRequest, Conflict, Forbidden, ModelUnavailable
+from aibackend.errors import BadRequest, Conflict, Forbidden, ModelUnavailable, UnknownModel
 
 # Keys whose query-string values stay strings; the others are read as JSON when they
 # parse (timeout=5, workers=2, command=["/usr/bin/x"]).
@@ -92,6 +92,11 @@ class ModelManager:
         self.config_ids = frozenset(config_ids)
         self.environ = os.environ if environ is None else environ
         self._busy: set[str] = set()
+        # The tables runtime models were added with (to keep one again after an unload).
+        self.tables: dict[str, dict] = {}
+        # Models unloaded through the Open Inference Protocol's repository extension, with
+        # what brings them back: id -> (spec, origin, table or None).
+        self.unloaded: dict[str, tuple] = {}
 
     # --- validation -----------------------------------------------------------
 
@@ -179,12 +184,15 @@ class ModelManager:
             else:
                 yield self.store.put(model_id, table)
                 self.registry.add(model, origin="runtime")
+            self.tables[model_id] = table
+            self.unloaded.pop(model_id, None)
         finally:
             self._busy.discard(model_id)
         self.log.info("model {model} {how} at runtime", model=model_id, how="replaced" if exists else "added")
         return ({"added": model_id, "replaced": exists, "model": describe(self.registry, model)})
 
-    def _ready(self, model) -> Deferred:
+    def _ready(self, model, what: str = "the replacement for model {model!r} did not become ready ({state}); "
+               "the old one keeps serving") -> Deferred:
         """Fires once C{model} is ready; fails with 503 if it fails or does not get there in time."""
         process = getattr(model.spec, "process", None)
         limit = (process.startup_timeout if process else 0) + 1.0
@@ -196,13 +204,7 @@ class ModelManager:
             if state == "ready":
                 done.callback(None)
             elif state == "failed" or self.clock.seconds() >= deadline:
-                done.errback(
-                    ModelUnavailable(
-                        f"the replacement for model {model.model_id!r} did not become ready "
-                        f"({state}); the old one keeps serving",
-                        model=model.model_id,
-                    )
-                )
+                done.errback(ModelUnavailable(what.format(model=model.model_id, state=state), model=model.model_id))
             else:
                 self.clock.callLater(READY_POLL, check)
 
@@ -226,8 +228,63 @@ class ModelManager:
             yield self.registry.remove(model_id)
         finally:
             self._busy.discard(model_id)
+        self.tables.pop(model_id, None)
         self.log.info("model {model} removed at runtime", model=model_id)
         return {"removed": model_id}
+
+    # --- the Open Inference Protocol's model repository -------------------------
+
+    @inlineCallbacks
+    def unload(self, model_id: str):
+        """
+        Remove a model (as C{removemodel}: kept across restarts), remembering how to load
+        it again while the daemon runs.
+        """
+        if model_id in self.unloaded and model_id not in self.registry:
+            return {"unloaded": model_id, "model": None}
+        model = self.registry.get(model_id)
+        origin = self.registry.origins.get(model_id, "config")
+        table = self.tables.get(model_id)
+        yield self.remove(model_id)
+        self.unloaded[model_id] = (model.spec, origin, table)
+        return {"unloaded": model_id, "model": None}
+
+    @inlineCallbacks
+    def load(self, model_id: str, table: dict | None = None):
+        """
+        Make a model ready: add (or replace) it from C{table}; bring back one that was
+        unloaded; restart a loaded one whose processes failed. Answers once it is ready.
+        """
+        if table is not None:
+            if table.setdefault("id", model_id) != model_id:
+                raise BadRequest(f"the config's id {table['id']!r} is not the model's name {model_id!r}",
+                                 model=model_id)
+            yield self.add(table, replace=True)
+        elif model_id in self.registry:
+            if getattr(self.registry.get(model_id), "state", "ready") == "failed":
+                self.restart(model_id)
+        elif model_id in self.unloaded:
+            if model_id in self._busy:
+                raise Conflict(f"model {model_id!r} is being changed by another request", model=model_id)
+            spec, origin, kept = self.unloaded[model_id]
+            self._busy.add(model_id)
+            try:
+                if origin == "runtime" and kept is not None:
+                    yield self.store.put(model_id, kept)
+                    self.tables[model_id] = kept
+                else:
+                    yield self.store.forget(model_id)
+                model = self.registry.build(spec, runtime=origin == "runtime")
+                self.registry.add(model, origin=origin)
+                del self.unloaded[model_id]
+            finally:
+                self._busy.discard(model_id)
+            self.log.info("model {model} loaded again", model=model_id)
+        else:
+            raise UnknownModel(model_id)
+        model = self.registry.get(model_id)
+        yield self._ready(model, "model {model!r} was loaded but is not ready ({state})")
+        return {"loaded": model_id, "model": describe(self.registry, model)}
 
     def restart(self, model_id: str) -> dict:
         model = self.registry.get(model_id)
@@ -244,10 +301,12 @@ def describe(registry, model) -> dict:
     return described
 
 
-def load_models(registry, store, cfg, manager_validate, log):
+def load_models(registry, store, cfg, manager_validate, log, tables=None):
     """
     Build the registry at start: the configuration's models, then the store's runtime
     changes over them. A kept model that is no longer valid is logged and left out.
+
+    @param tables: where to note each runtime model's table (L{ModelManager.tables}).
     """
     specs = {spec.id: (spec, "config") for spec in cfg.models}
     for change in store.load():
@@ -261,5 +320,7 @@ def load_models(registry, store, cfg, manager_validate, log):
                       why=getattr(e, "message", str(e)))
             continue
         specs[spec.id] = (spec, "runtime")
+        if tables is not None:
+            tables[spec.id] = change.table
     for spec, origin in specs.values():
         registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)

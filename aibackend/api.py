@@ -157,6 +157,11 @@ class FrontDoor:
                 }
             )
 
+        from aibackend.v2 import OpenInference
+
+        self.open_inference = OpenInference(self)
+        self._v2 = self.open_inference.resource()
+
     def resource(self):
         return self.app.resource()
 
@@ -242,6 +247,17 @@ class FrontDoor:
             body["reason"] = "the daemon is starting or stopping"
         return sized(request, json.dumps(body).encode())
 
+    @app.route("/v2", branch=True)
+    def open_inference_protocol(self, request):
+        """The Open Inference Protocol's routes (L{aibackend.v2})."""
+        if request.path in (b"/v2", b"/v2/"):
+            return self.open_inference.server_metadata(request)
+        return self._v2
+
+    @app.route("/v2/", branch=False)
+    def open_inference_server(self, request):
+        return self.open_inference.server_metadata(request)
+
     @app.route("/metrics", branch=False)
     def metrics_page(self, request):
         self.begin(request)
@@ -311,47 +327,61 @@ class FrontDoor:
         except errors.ApiError as error:
             self._log_request(model, request_id, started, error.status, error.message)
             raise
+        return self.relay(request, model, body, RequestContext(request_id=request_id, operation="predict"), started)
+
+    def relay(self, request, model, body: bytes, context: RequestContext, started: float, shape=None):
+        """
+        Send C{body} to C{model} and answer the client with what it answers (or with what
+        C{shape} makes of that L{ModelAnswer}); the outcome is logged and counted once.
+
+        @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}.
+        """
         stats = stats_of(model)
         stats.in_flight += 1
-        d = maybeDeferred(model.send, body, RequestContext(request_id=request_id, operation="predict"))
+        d = maybeDeferred(model.send, body, context)
 
         def settled(result):
             stats.in_flight -= 1
             return result
 
         d.addBoth(settled)
+        if shape is not None:
+            d.addCallback(shape)
+        operation = context.operation
 
         def answered(answer):
-            self._log_request(model, request_id, started, answer.status, None)
+            self._log_request(model, context.request_id, started, answer.status, None, operation)
             request.setResponseCode(answer.status)
             return sized(request, answer.body)
 
         def failed(failure):
             if failure.check(errors.ApiError):
-                self._log_request(model, request_id, started, failure.value.status, failure.value.message)
+                self._log_request(model, context.request_id, started, failure.value.status, failure.value.message,
+                                  operation)
             elif failure.check(CancelledError):
                 if getattr(request, "_disconnected", False):
-                    self._log_request(model, request_id, started, CLIENT_CLOSED, "the client went away")
+                    self._log_request(model, context.request_id, started, CLIENT_CLOSED, "the client went away",
+                                      operation)
                     return failure
                 error = errors.ModelUnavailable(
                     f"model {model.model_id!r} abandoned the request (it is stopping or was removed)",
                     model=model.model_id,
                 )
-                self._log_request(model, request_id, started, error.status, error.message)
+                self._log_request(model, context.request_id, started, error.status, error.message, operation)
                 raise error
             else:
-                self._log_request(model, request_id, started, 500, failure.getErrorMessage())
+                self._log_request(model, context.request_id, started, 500, failure.getErrorMessage(), operation)
             return failure
 
         d.addCallbacks(answered, failed)
         return d
 
-    def _log_request(self, model, request_id, started, status, error):
+    def _log_request(self, model, request_id, started, status, error, operation="predict"):
         seconds = self.clock.seconds() - started
-        self.metrics.observe(model, "predict", status, seconds)
+        self.metrics.observe(model, operation, status, seconds)
         latency_ms = seconds * 1000.0
         model.model_log.request(
-            request_id=request_id, operation="predict", status=status, latency_ms=latency_ms, error=error
+            request_id=request_id, operation=operation, status=status, latency_ms=latency_ms, error=error
         )
 
     def getlogs(self, request, request_id, params):

@@ -23,6 +23,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from aibackend.tensors import DATATYPES, TensorSpec, check_shape_value
+
 DEFAULT_LISTEN = ("tcp:8080:interface=127.0.0.1",)
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_LOG_ENTRIES = 1000
@@ -246,16 +248,110 @@ def expand_env(template: str, environ: Mapping[str, str]) -> str:
 
 
 @dataclass(frozen=True)
+class V2Spec:
+    """
+    How a model is seen through the Open Inference Protocol (C{[models.v2]}).
+
+    @ivar inputs: the declared inputs (L{TensorSpec}s); empty means any inputs.
+    @ivar outputs: the declared outputs; empty means whatever the model answers.
+    @ivar platform: what the metadata says the model runs on.
+    @ivar version: the model's one version (an adapted model has exactly one).
+    @ivar native: the model's server speaks v2 itself (HTTP models): requests are proxied.
+    @ivar model: the model's name on that server (default: the model's id).
+    """
+
+    inputs: tuple = ()
+    outputs: tuple = ()
+    platform: str | None = None
+    version: str = "1"
+    native: bool = False
+    model: str | None = None
+
+    def public(self) -> dict:
+        described = {
+            "inputs": [tensor.public() for tensor in self.inputs],
+            "outputs": [tensor.public() for tensor in self.outputs],
+            "version": self.version,
+            "native": self.native,
+        }
+        if self.platform:
+            described["platform"] = self.platform
+        if self.model:
+            described["model"] = self.model
+        return described
+
+
+DEFAULT_V2 = V2Spec()
+
+
+def _tensor_specs(table: Table, key: str) -> tuple:
+    name, value = table._get(key, [], ())
+    if not isinstance(value, list):
+        table.problem(name, f"must be a list of {{name, datatype, shape}} tables, got {_type_name(value)}")
+        return ()
+    specs = []
+    for index, item in enumerate(value):
+        where = Table(item if isinstance(item, dict) else {}, f"{table.key_path(key)}[{index}]", table.problems)
+        if not isinstance(item, dict):
+            where.problem(None, f"must be a table with name, datatype and shape, got {_type_name(item)}")
+            continue
+        tensor_name = where.string("name")
+        datatype = where.string("datatype")
+        if isinstance(datatype, str) and datatype.upper() not in DATATYPES:
+            where.problem("datatype", f"must be one of {', '.join(DATATYPES)}, got {datatype!r}")
+        _, shape = where._get("shape", _REQUIRED, ())
+        problem = check_shape_value(shape, declared=True) if shape is not _REQUIRED else None
+        if problem:
+            where.problem("shape", problem)
+        where.finish()
+        if isinstance(tensor_name, str) and tensor_name in [spec.name for spec in specs]:
+            where.problem("name", f"{tensor_name!r} is declared twice")
+        elif isinstance(tensor_name, str) and isinstance(datatype, str) and not problem and shape is not _REQUIRED:
+            specs.append(TensorSpec(tensor_name, datatype.upper(), tuple(shape)))
+    return tuple(specs)
+
+
+def parse_v2(table: Table, type_name: str) -> V2Spec:
+    """Read a model's C{[models.v2]} table."""
+    inputs = _tensor_specs(table, "inputs")
+    outputs = _tensor_specs(table, "outputs")
+    platform = table.string("platform", None)
+    version = table.string("version", "1")
+    if isinstance(version, str) and not ID_PATTERN.match(version):
+        table.problem("version", f"must be letters, digits, '.', '_' or '-', got {version!r}")
+    name, native = table._get("native", False, ())
+    if not isinstance(native, bool):
+        table.problem(name, f"must be true or false, got {_type_name(native)}")
+        native = False
+    model = table.string("model", None)
+    if native and type_name != "http":
+        table.problem("native", "only an HTTP model's server can speak v2 itself")
+    if model is not None and not native:
+        table.problem("model", "names the model on a server that speaks v2: it needs native = true")
+    if native and (inputs or outputs):
+        table.problem("native", "a native v2 model declares its own inputs and outputs: leave them out")
+    table.finish()
+    return V2Spec(
+        inputs=inputs, outputs=outputs, platform=platform, version=version if isinstance(version, str) else "1",
+        native=native, model=model,
+    )
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What every model has."""
 
     id: str
     type: str
     log_entries: int = DEFAULT_LOG_ENTRIES
+    v2: V2Spec = DEFAULT_V2
 
     def public(self) -> dict:
         """The spec as JSON, secrets masked."""
-        return {"id": self.id, "type": self.type, "log_entries": self.log_entries}
+        described = {"id": self.id, "type": self.type, "log_entries": self.log_entries}
+        if self.v2 is not DEFAULT_V2:
+            described["v2"] = self.v2.public()
+        return described
 
 
 @dataclass(frozen=True)
@@ -609,9 +705,12 @@ def parse_model(table: Table, *, default_log_entries: int = DEFAULT_LOG_ENTRIES,
         if model_type is None:
             table.problem("type", f"unknown model type {type_name!r}: use one of {known_type_names()}")
     log_entries = table.number("log_entries", default_log_entries, minimum=1, maximum=1_000_000, integer=True)
+    v2 = parse_v2(table.table("v2"), model_type.name if model_type else "") if table.has("v2") else DEFAULT_V2
     if model_type is None:
         return None
-    common = {"id": model_id or "", "type": model_type.name, "log_entries": log_entries or default_log_entries}
+    common = {
+        "id": model_id or "", "type": model_type.name, "log_entries": log_entries or default_log_entries, "v2": v2,
+    }
     spec = model_type.parse(table, common, environ)
     table.finish()
     return spec

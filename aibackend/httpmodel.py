@@ -163,11 +163,15 @@ class ReplicaRefused(BadGateway):
 class Replica:
     """One URL of an HTTP model, with what the daemon knows of its health."""
 
-    __slots__ = ("url", "text", "in_flight", "failures", "ejected_until", "ejections", "healthy")
+    __slots__ = ("url", "text", "base_path", "in_flight", "failures", "ejected_until", "ejections", "healthy")
 
     def __init__(self, text: str):
         self.text = text
         self.url = DecodedURL.from_text(text)
+        # What comes before the routes of a server with several (the Open Inference
+        # Protocol's /v2/...): the URL's path up to a "v2" segment, or all of it.
+        path = tuple(segment for segment in self.url.path if segment)
+        self.base_path = path[:path.index("v2")] if "v2" in path else path
         self.in_flight = 0
         self.failures = 0  # in a row
         self.ejected_until = 0.0
@@ -470,7 +474,12 @@ class HttpModel(Service):
         self.in_flight += 1
         self.requests += 1
         replica.in_flight += 1
-        d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
+        if context.path is None:
+            d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
+        else:
+            url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
+            d = self._client.request(context.method, url, data=body or None, headers=headers,
+                                     allow_redirects=False, unbuffered=True)
         d.addCallback(self._read)
         # Cancelling the exchange fails it with whatever the client layer makes of the
         # cancel (ResponseNeverReceived before the headers); past the deadline it is a 504.

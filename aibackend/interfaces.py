@@ -26,10 +26,16 @@ class RequestContext:
 
     @ivar request_id: the request's id (the client's C{X-Request-Id}, or one we made).
     @ivar operation: the operation, e.g. C{"predict"}.
+    @ivar path: for a model whose server has more than one route (a server that speaks
+        the Open Inference Protocol itself): the path segments to send to, under the
+        server's base path, instead of the model's URL. Other model types ignore it.
+    @ivar method: the HTTP method that goes with C{path}.
     """
 
     request_id: str
     operation: str = "predict"
+    path: tuple | None = None
+    method: bytes = b"POST"
 
 
 @dataclass(frozen=True, slots=True)

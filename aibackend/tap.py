@@ -272,7 +272,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
         registry, store, config.server, clock=reactor, destination_policy=policy,
         config_ids=[spec.id for spec in config.models], environ=environ,
     )
-    load_models(registry, store, config, manager.validate, Listener.log)
+    load_models(registry, store, config, manager.validate, Listener.log, manager.tables)
 
     guard = Guard(admin_token, listen, config.server.api_keys)
     Listener.log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),

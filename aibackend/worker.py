@@ -38,7 +38,7 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["BadInput", "ModelError", "current_request_id", "log", "serve"]
+__all__ = ["BadInput", "ModelError", "current_request_id", "log", "serve", "tensor"]
 
 
 class ModelError(Exception):
@@ -70,14 +70,57 @@ def _send(message: dict) -> None:
 
 
 def _to_json(value):
-    """numpy arrays and scalars, sets and tuples answer as JSON lists and numbers."""
+    """numpy arrays and scalars, sets, tuples and UTF-8 bytes answer as JSON lists, numbers and strings."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if hasattr(value, "item"):
         return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# The Open Inference Protocol's datatypes as numpy's (BYTES are Python strings).
+NUMPY_TYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
+}
+
+
+def tensor(data, name: str, datatype: str | None = None):
+    """
+    One input of a request as a tensor: a numpy array where numpy is installed, the
+    nested lists as sent otherwise. With the Open Inference Protocol each input tensor
+    arrives as the key of its name (see the README), so this reads v2 inputs and plain
+    JSON alike.
+
+        pixels = tensor(data, "pixels", "FP32")     # numpy.float32 array
+
+    @param datatype: a v2 datatype (C{"FP32"}, C{"INT64"}, C{"BYTES"}, ...) or a numpy
+        dtype; None keeps what numpy makes of the values.
+    @raise BadInput: the input is missing or is not a tensor of that type (400).
+
+    Answers may hold numpy arrays and scalars as they are: C{serve} sends them as lists
+    and numbers.
+    """
+    if not isinstance(data, dict) or name not in data:
+        raise BadInput(f"the request has no input {name!r}")
+    value = data[name]
+    try:
+        import numpy
+    except ImportError:
+        return value
+    dtype = NUMPY_TYPES.get(datatype, datatype) if isinstance(datatype, str) else datatype
+    try:
+        array = numpy.asarray(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadInput(f"input {name!r} is not a {datatype or 'numeric'} tensor: {e}") from None
+    if array.dtype == object and dtype != "object":
+        raise BadInput(f"input {name!r} is not a regular tensor (its rows differ in length or type)")
+    return array
 
 
 def log(message, level: str = "info") -> None:

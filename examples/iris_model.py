@@ -4,11 +4,17 @@ data set that scikit-learn ships (no download). Served with aibackend.worker.
 
 Input:  {"features": [5.1, 3.5, 1.4, 0.2]}  or  {"instances": [[...], [...]]}
         (sepal length, sepal width, petal length, petal width, in cm)
-Output: {"predictions": [{"class": "setosa", "probabilities": {"setosa": 0.98, ...}}]}
-"""
-import math
+Output: {"predictions": [{"class": "setosa", "probabilities": {"setosa": 0.98, ...}}],
+         "label": ["setosa"], "scores": [[0.98, 0.02, 0.0]]}
 
-from aibackend.worker import BadInput, log, serve
+"label" and "scores" are the same answer as tensors: through the Open Inference Protocol
+(see [models.v2] in etc/aibackend.toml) they are the outputs a Triton client reads.
+"""
+import numpy
+
+from aibackend.worker import BadInput, log, serve, tensor
+
+USAGE = 'send {"features": [4 numbers]} or {"instances": [[4 numbers], ...]}'
 
 
 class IrisClassifier:
@@ -22,27 +28,25 @@ class IrisClassifier:
         log(f"trained on {len(data.data)} samples, training accuracy {self.model.score(data.data, data.target):.3f}")
 
     def predict(self, data):
-        if not isinstance(data, dict):
-            raise BadInput('send {"features": [4 numbers]} or {"instances": [[4 numbers], ...]}')
-        rows = data.get("instances", [data["features"]] if "features" in data else None)
-        if not isinstance(rows, list) or not rows:
-            raise BadInput('send {"features": [4 numbers]} or {"instances": [[4 numbers], ...]}')
-        for row in rows:
-            if (
-                not isinstance(row, list)
-                or len(row) != 4
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row)
-            ):
-                raise BadInput(f"each instance is 4 finite numbers (sepal length, sepal width, petal length, petal width), got {row!r}")
-        probabilities = self.model.predict_proba(rows)
+        if not isinstance(data, dict) or not ("features" in data or "instances" in data):
+            raise BadInput(USAGE)
+        if "instances" in data:
+            rows = tensor(data, "instances", "FP64")
+        else:
+            rows = tensor(data, "features", "FP64").reshape(1, -1)
+        if rows.ndim != 2 or rows.shape[1] != 4 or rows.shape[0] == 0:
+            raise BadInput(f"{USAGE}; got shape {list(rows.shape)}")
+        if not numpy.isfinite(rows).all():
+            raise BadInput("each instance is 4 finite numbers (sepal length, sepal width, petal length, petal width)")
+        probabilities = self.model.predict_proba(rows).round(4)
+        labels = [self.classes[int(p.argmax())] for p in probabilities]
         return {
             "predictions": [
-                {
-                    "class": self.classes[int(p.argmax())],
-                    "probabilities": {name: round(float(v), 4) for name, v in zip(self.classes, p)},
-                }
-                for p in probabilities
-            ]
+                {"class": label, "probabilities": dict(zip(self.classes, p.tolist()))}
+                for label, p in zip(labels, probabilities)
+            ],
+            "label": labels,
+            "scores": probabilities,
         }
 
 

@@ -1,0 +1,470 @@
+"""
+The Open Inference Protocol (KServe v2, REST): the routes Triton's, KServe's, MLServer's
+and Seldon's clients call, under C{/v2}, for every model the daemon serves.
+
+  - A model whose server speaks v2 itself (an HTTP model with C{[models.v2] native =
+    true}: a Triton, MLServer or KServe server) is proxied: the request goes to the same
+    route of its server.
+  - Every other model is adapted (L{aibackend.tensors}): the v2 request becomes the
+    model's plain JSON, one key per input, and its JSON answer becomes output tensors.
+
+Versions: an adapted model has exactly one version, C{"1"} unless C{[models.v2]} says
+C{version}; replacing a model does not add a version. A native model's versions are its
+server's, passed through.
+
+Only JSON tensors are taken. Binary tensor data and shared memory are refused with a 400
+that names the client option to use instead; binary outputs asked for are answered as
+JSON, which the clients read as well. Errors are C{{"error": "..."}}, as the protocol has
+them, with the request's C{X-Request-Id} in the headers.
+"""
+
+from __future__ import annotations
+
+import json
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.logger import Logger
+from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
+
+import aibackend
+from aibackend import errors
+from aibackend.interfaces import ModelAnswer, RequestContext
+from aibackend.tensors import TensorError, output_tensor, read_input, reshape
+
+JSON = b"application/json"
+EXTENSIONS = ["model_repository"]
+# Model states as the repository index names them.
+STATES = {"ready": "READY", "starting": "LOADING", "restarting": "LOADING", "stopping": "UNLOADING",
+          "stopped": "UNAVAILABLE", "failed": "UNAVAILABLE"}
+BINARY_INPUT = (
+    "binary tensor data is not supported here: send the tensor as JSON "
+    "(tritonclient and KServe: InferInput.set_data_from_numpy(array, binary_data=False))"
+)
+SHARED_MEMORY = (
+    "shared memory tensors are not supported here: send the tensor as JSON "
+    "(tritonclient: set_data_from_numpy(array, binary_data=False) instead of set_shared_memory)"
+)
+
+
+def _json(request, body, status: int = 200) -> bytes:
+    data = json.dumps(body).encode()
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(data)).encode()])
+    return data
+
+
+def _body(request, *, empty=None):
+    """The request body as JSON, whatever its Content-Type says (clients differ)."""
+    from aibackend.api import parse_json
+
+    text = request.content.read().strip()
+    if not text:
+        if empty is None:
+            raise errors.BadRequest("the request body is empty: send a JSON object")
+        return empty
+    if request.getHeader(b"inference-header-content-length") is not None:
+        raise errors.BadRequest(BINARY_INPUT)
+    document = parse_json(text)
+    if not isinstance(document, dict):
+        raise errors.BadRequest(f"the request body must be a JSON object, got {type(document).__name__}")
+    return document
+
+
+def _error_text(answer: ModelAnswer) -> str:
+    """What a model's error answer says, as one line."""
+    try:
+        document = json.loads(answer.body)
+    except ValueError:
+        document = None
+    error = document.get("error") if isinstance(document, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    if isinstance(error, str):
+        return error
+    return answer.body[:200].decode("utf-8", "replace")
+
+
+def _parameters(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.BadRequest(f"{where}.parameters must be an object")
+    return value
+
+
+class OpenInference:
+    """
+    The C{/v2} routes, a Klein app mounted by L{aibackend.api.FrontDoor}.
+
+    @param door: the front door, whose registry, guard, manager and readiness it shares.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, door):
+        self.door = door
+
+    def resource(self):
+        return self.app.resource()
+
+    # --- plumbing -----------------------------------------------------------
+
+    def begin(self, request, *, client=True) -> str:
+        request_id = self.door.begin(request)
+        if client:
+            self.door.guard.check_client(request)
+        return request_id
+
+    def _model(self, request, name: str, version: str | None):
+        request.aibackend_model = name
+        model = self.door.registry.get(name)
+        v2 = model.spec.v2
+        if version is not None and not v2.native and version != v2.version:
+            raise errors.NotFound(
+                f"model {name!r} has no version {version!r}: it has one version, {v2.version!r}", model=name
+            )
+        return model
+
+    @app.handle_errors(errors.ApiError)
+    def api_error(self, request, failure):
+        error = failure.value
+        self.door.begin(request)
+        reason = {401: "unauthorized", 403: "forbidden", 503: "model_unavailable"}.get(error.status)
+        if reason is not None:
+            self.door.metrics.refused(reason)
+        for name, value in error.headers.items():
+            request.responseHeaders.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
+        return _json(request, {"error": error.message}, error.status)
+
+    @app.handle_errors(RouteNotFound)
+    def route_not_found(self, request, failure):
+        self.door.begin(request)
+        path = request.path.decode("latin-1")
+        return _json(request, {"error": f"no Open Inference Protocol route {path!r}"}, 404)
+
+    @app.handle_errors(RouteMethodNotAllowed)
+    def route_method_not_allowed(self, request, failure):
+        self.door.begin(request)
+        allowed = sorted(failure.value.valid_methods or ())
+        request.responseHeaders.setRawHeaders(b"allow", [", ".join(allowed).encode("ascii")])
+        method = request.method.decode("latin-1")
+        return _json(request, {"error": f"{method} is not allowed here: use {' or '.join(allowed)}"}, 405)
+
+    @app.handle_errors(CancelledError)
+    def cancelled(self, request, failure):
+        if getattr(request, "_disconnected", False):
+            return b""
+        self.door.begin(request)
+        return _json(request, {"error": "the request was abandoned before it was answered"}, 503)
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request, failure):
+        self.log.failure("unexpected error answering {method} {path}", failure,
+                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
+        self.door.begin(request)
+        return _json(request, {"error": "the daemon failed unexpectedly; see its log"}, 500)
+
+    # --- server -------------------------------------------------------------
+
+    @app.route("/", methods=["GET"], branch=False)
+    def server_metadata(self, request):
+        self.begin(request)
+        return _json(request, {"name": "aibackend", "version": aibackend.__version__, "extensions": EXTENSIONS})
+
+    @app.route("/health/live", methods=["GET"], branch=False)
+    def live(self, request):
+        self.begin(request, client=False)
+        return _json(request, {"live": True})
+
+    @app.route("/health/ready", methods=["GET"], branch=False)
+    def ready(self, request):
+        self.begin(request, client=False)
+        if not self.door.accepting:
+            request.setHeader(b"retry-after", b"1")
+            return _json(request, {"error": "the daemon is starting or stopping", "ready": False}, 503)
+        return _json(request, {"ready": True})
+
+    @app.route("/models", methods=["GET"], branch=False)
+    def models(self, request):
+        self.begin(request)
+        return _json(request, {"models": [model.model_id for model in self.door.registry.models()]})
+
+    # --- one model ----------------------------------------------------------
+
+    @app.route("/models/<string:name>", methods=["GET"], branch=False)
+    @app.route("/models/<string:name>/versions/<string:version>", methods=["GET"], branch=False)
+    def model_metadata(self, request, name, version=None):
+        request_id = self.begin(request)
+        model = self._model(request, name, version)
+        v2 = model.spec.v2
+        if v2.native:
+            return self._native_get(request, model, request_id, version, (), rename=True)
+        return _json(request, {
+            "name": model.model_id,
+            "versions": [v2.version],
+            "platform": v2.platform or f"aibackend_{model.type_name}",
+            "inputs": [tensor.public() for tensor in v2.inputs],
+            "outputs": [tensor.public() for tensor in v2.outputs],
+        })
+
+    @app.route("/models/<string:name>/ready", methods=["GET"], branch=False)
+    @app.route("/models/<string:name>/versions/<string:version>/ready", methods=["GET"], branch=False)
+    def model_ready(self, request, name, version=None):
+        request_id = self.begin(request)
+        model = self._model(request, name, version)
+        state = getattr(model, "state", "ready")
+        if state != "ready":
+            return _json(request, {"error": f"model {name!r} is not ready: it is {state}", "name": name,
+                                   "ready": False}, 503)
+        if model.spec.v2.native:
+            return self._native_get(request, model, request_id, version, ("ready",), ready=True)
+        return _json(request, {"name": name, "ready": True})
+
+    def _upstream_path(self, model, version, tail) -> tuple:
+        v2 = model.spec.v2
+        path = ("v2", "models", v2.model or model.model_id)
+        if version is not None:
+            path += ("versions", version)
+        return path + tuple(tail)
+
+    def _native_get(self, request, model, request_id, version, tail, *, rename=False, ready=False):
+        context = RequestContext(request_id=request_id, operation="v2", method=b"GET",
+                                 path=self._upstream_path(model, version, tail))
+        d = model.send(b"", context)
+
+        def answered(answer):
+            if answer.status != 200:
+                if ready:
+                    return _json(request, {"error": f"model {model.model_id!r} is not ready on its server: "
+                                                    f"{_error_text(answer)}", "name": model.model_id,
+                                           "ready": False}, 503)
+                return _json(request, {"error": _error_text(answer)}, answer.status)
+            if ready:
+                return _json(request, {"name": model.model_id, "ready": True})
+            document = json.loads(answer.body)
+            if rename and isinstance(document, dict):
+                document["name"] = model.model_id
+            return _json(request, document)
+
+        return d.addCallback(answered)
+
+    # --- inference ----------------------------------------------------------
+
+    @app.route("/models/<string:name>/infer", methods=["POST"], branch=False)
+    @app.route("/models/<string:name>/versions/<string:version>/infer", methods=["POST"], branch=False)
+    def infer(self, request, name, version=None):
+        request_id = self.begin(request)
+        model = self._model(request, name, version)
+        started = self.door.clock.seconds()
+        context = RequestContext(request_id=request_id, operation="infer")
+        try:
+            document = _body(request)
+            if model.spec.v2.native:
+                body, shape = self._native_request(model, document), self._native_answer
+                context = RequestContext(request_id=request_id, operation="infer",
+                                         path=self._upstream_path(model, version, ("infer",)))
+            else:
+                body, shape = self._adapted_request(model, document)
+        except errors.ApiError as error:
+            self.door._log_request(model, request_id, started, error.status, error.message, "infer")
+            raise
+        return self.door.relay(request, model, body, context, started, shape)
+
+    @staticmethod
+    def _inputs(document) -> list:
+        inputs = document.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise errors.BadRequest("the request has no inputs: send {\"inputs\": [{name, shape, datatype, data}]}")
+        read = []
+        for index, tensor in enumerate(inputs):
+            where = f"inputs[{index}]"
+            if isinstance(tensor, dict):
+                parameters = _parameters(tensor.get("parameters"), where)
+                if "binary_data_size" in parameters:
+                    raise errors.BadRequest(BINARY_INPUT)
+                if "shared_memory_region" in parameters:
+                    raise errors.BadRequest(SHARED_MEMORY)
+            try:
+                read.append(read_input(tensor, where))
+            except TensorError as e:
+                raise errors.BadRequest(str(e)) from None
+        names = [name for name, *_ in read]
+        for name in names:
+            if names.count(name) > 1:
+                raise errors.BadRequest(f"input {name!r} is given twice")
+        return read
+
+    @staticmethod
+    def _requested_outputs(document) -> list[str] | None:
+        outputs = document.get("outputs")
+        if outputs is None:
+            return None
+        if not isinstance(outputs, list):
+            raise errors.BadRequest("outputs must be a list of {name, parameters}")
+        names = []
+        for index, output in enumerate(outputs):
+            if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+                raise errors.BadRequest(f"outputs[{index}] must be an object with a name")
+            parameters = _parameters(output.get("parameters"), f"outputs[{index}]")
+            if "shared_memory_region" in parameters:
+                raise errors.BadRequest(SHARED_MEMORY)
+            if parameters.get("classification"):
+                raise errors.BadRequest(
+                    f"output {output['name']!r}: the classification extension is not supported; "
+                    "ask for the output without class_count"
+                )
+            names.append(output["name"])
+        return names
+
+    def _native_request(self, model, document) -> bytes:
+        self._inputs(document)
+        self._requested_outputs(document)
+        # Answers come back as JSON: binary outputs asked for are asked for as JSON.
+        parameters = document.get("parameters")
+        if isinstance(parameters, dict) and "binary_data_output" in parameters:
+            parameters["binary_data_output"] = False
+        for output in document.get("outputs") or ():
+            if isinstance(output.get("parameters"), dict) and "binary_data" in output["parameters"]:
+                output["parameters"]["binary_data"] = False
+        return json.dumps(document).encode()
+
+    def _native_answer(self, answer: ModelAnswer) -> ModelAnswer:
+        if answer.status >= 400:
+            return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode())
+        return answer
+
+    def _adapted_request(self, model, document):
+        v2 = model.spec.v2
+        inputs = self._inputs(document)
+        requested = self._requested_outputs(document)
+        if v2.inputs:
+            declared = {tensor.name: tensor for tensor in v2.inputs}
+            given = {name for name, *_ in inputs}
+            missing = [name for name in declared if name not in given]
+            if missing:
+                raise errors.BadRequest(
+                    f"model {model.model_id!r} needs input {', '.join(map(repr, missing))}; "
+                    f"it takes {', '.join(map(repr, declared))}"
+                )
+            for name, datatype, shape, _ in inputs:
+                tensor = declared.get(name)
+                if tensor is None:
+                    raise errors.BadRequest(
+                        f"model {model.model_id!r} has no input {name!r}; it takes {', '.join(map(repr, declared))}"
+                    )
+                if datatype != tensor.datatype:
+                    raise errors.BadRequest(f"input {name!r} is {datatype}; the model takes {tensor.datatype}")
+                try:
+                    tensor.check_shape(shape, "input")
+                except TensorError as e:
+                    raise errors.BadRequest(str(e)) from None
+        if requested is not None and v2.outputs:
+            known = [tensor.name for tensor in v2.outputs]
+            for name in requested:
+                if name not in known:
+                    raise errors.BadRequest(
+                        f"model {model.model_id!r} has no output {name!r}; it gives {', '.join(map(repr, known))}"
+                    )
+        body = json.dumps({name: reshape(flat, shape) for name, _, shape, flat in inputs}).encode()
+        request_id = document.get("id")
+
+        def shape(answer: ModelAnswer) -> ModelAnswer:
+            if answer.status >= 400:
+                return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode())
+            return ModelAnswer(200, json.dumps(self._outputs(model, answer, requested, request_id)).encode())
+
+        return body, shape
+
+    @staticmethod
+    def _outputs(model, answer: ModelAnswer, requested, request_id) -> dict:
+        v2 = model.spec.v2
+        value = json.loads(answer.body)
+        if not isinstance(value, dict):
+            value = {(v2.outputs[0].name if len(v2.outputs) == 1 else "output"): value}
+        declared = {tensor.name: tensor for tensor in v2.outputs}
+        names = list(requested) if requested is not None else list(declared or value)
+        outputs = []
+        for name in names:
+            if name not in value:
+                raise errors.BadGateway(
+                    f"model {model.model_id!r} answered without output {name!r} "
+                    f"(it answered {', '.join(map(repr, value)) or 'nothing'})",
+                    model=model.model_id,
+                )
+            try:
+                outputs.append(output_tensor(name, value[name], declared.get(name)))
+            except TensorError as e:
+                raise errors.BadGateway(f"model {model.model_id!r} answered a bad {e}", model=model.model_id) from None
+        result = {"model_name": model.model_id, "model_version": v2.version, "outputs": outputs}
+        if request_id is not None:
+            result["id"] = request_id
+        return result
+
+    # --- the model repository extension ---------------------------------------
+
+    @app.route("/repository/index", methods=["POST"], branch=False)
+    def repository_index(self, request):
+        self.begin(request)
+        document = _body(request, empty={})
+        only_ready = document.get("ready", False)
+        if not isinstance(only_ready, bool):
+            raise errors.BadRequest("ready must be true or false")
+        index = []
+        for model in self.door.registry.models():
+            state = getattr(model, "state", "ready")
+            entry = {"name": model.model_id, "version": model.spec.v2.version,
+                     "state": STATES.get(state, "UNAVAILABLE"), "reason": ""}
+            if state == "failed":
+                entry["reason"] = getattr(model, "failed_reason", None) or "its processes failed"
+            index.append(entry)
+        manager = self.door.manager
+        for name, (spec, *_) in sorted((manager.unloaded if manager else {}).items()):
+            index.append({"name": name, "version": spec.v2.version, "state": "UNAVAILABLE", "reason": "unloaded"})
+        if only_ready:
+            index = [entry for entry in index if entry["state"] == "READY"]
+        return _json(request, index)
+
+    def _manager(self, request):
+        self.begin(request, client=False)
+        self.door.guard.check_admin(request)
+        if self.door.manager is None:
+            raise errors.NotFound("this daemon does not manage models at runtime")
+        return self.door.manager
+
+    @app.route("/repository/models/<string:name>/load", methods=["POST"], branch=False)
+    @inlineCallbacks
+    def load(self, request, name):
+        manager = self._manager(request)
+        document = _body(request, empty={})
+        parameters = _parameters(document.get("parameters"), "the request")
+        table = None
+        for key in parameters:
+            if key.startswith("file:"):
+                raise errors.BadRequest(
+                    "model files cannot be uploaded: give the model's [[models]] table as JSON in the config parameter"
+                )
+            if key != "config":
+                raise errors.BadRequest(f"unknown load parameter {key!r}: only config is taken")
+        if "config" in parameters:
+            config_text = parameters["config"]
+            if not isinstance(config_text, str):
+                raise errors.BadRequest("parameters.config must be a string of JSON (a [[models]] table)")
+            from aibackend.api import parse_json
+
+            table = parse_json(config_text.encode("utf-8"))
+            if not isinstance(table, dict):
+                raise errors.BadRequest("parameters.config must be a JSON object (a [[models]] table)")
+        result = yield manager.load(name, table)
+        return _json(request, result)
+
+    @app.route("/repository/models/<string:name>/unload", methods=["POST"], branch=False)
+    @inlineCallbacks
+    def unload(self, request, name):
+        manager = self._manager(request)
+        _body(request, empty={})
+        result = yield manager.unload(name)
+        return _json(request, result)
