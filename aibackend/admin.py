@@ -97,6 +97,12 @@ class ModelManager:
         # Models unloaded through the Open Inference Protocol's repository extension, with
         # what brings them back: id -> (spec, origin, table or None).
         self.unloaded: dict[str, tuple] = {}
+        # Called with the model id after each kept change (worker processes follow them).
+        self.changed = []
+
+    def _changed(self, model_id: str) -> None:
+        for callback in self.changed:
+            callback(model_id)
 
     # --- validation -----------------------------------------------------------
 
@@ -188,6 +194,7 @@ class ModelManager:
             self.unloaded.pop(model_id, None)
         finally:
             self._busy.discard(model_id)
+        self._changed(model_id)
         self.log.info("model {model} {how} at runtime", model=model_id, how="replaced" if exists else "added")
         return ({"added": model_id, "replaced": exists, "model": describe(self.registry, model)})
 
@@ -229,6 +236,7 @@ class ModelManager:
         finally:
             self._busy.discard(model_id)
         self.tables.pop(model_id, None)
+        self._changed(model_id)
         self.log.info("model {model} removed at runtime", model=model_id)
         return {"removed": model_id}
 
@@ -279,6 +287,7 @@ class ModelManager:
                 del self.unloaded[model_id]
             finally:
                 self._busy.discard(model_id)
+            self._changed(model_id)
             self.log.info("model {model} loaded again", model=model_id)
         else:
             raise UnknownModel(model_id)
@@ -301,12 +310,13 @@ def describe(registry, model) -> dict:
     return described
 
 
-def load_models(registry, store, cfg, manager_validate, log, tables=None):
+def desired_specs(cfg, store, validate, log, tables=None) -> dict:
     """
-    Build the registry at start: the configuration's models, then the store's runtime
-    changes over them. A kept model that is no longer valid is logged and left out.
+    The models there should be: the configuration's, then the store's runtime changes
+    over them. A kept model that is no longer valid is logged and left out.
 
     @param tables: where to note each runtime model's table (L{ModelManager.tables}).
+    @return: C{{id: (spec, origin)}}, in order.
     """
     specs = {spec.id: (spec, "config") for spec in cfg.models}
     for change in store.load():
@@ -314,7 +324,7 @@ def load_models(registry, store, cfg, manager_validate, log, tables=None):
             specs.pop(change.model_id, None)
             continue
         try:
-            spec = manager_validate(change.table)
+            spec = validate(change.table)
         except Exception as e:
             log.error("kept runtime model {model} is not loaded: {why}", model=change.model_id,
                       why=getattr(e, "message", str(e)))
@@ -322,5 +332,10 @@ def load_models(registry, store, cfg, manager_validate, log, tables=None):
         specs[spec.id] = (spec, "runtime")
         if tables is not None:
             tables[spec.id] = change.table
-    for spec, origin in specs.values():
+    return specs
+
+
+def load_models(registry, store, cfg, manager_validate, log, tables=None):
+    """Build the registry at start (L{desired_specs})."""
+    for spec, origin in desired_specs(cfg, store, manager_validate, log, tables).values():
         registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)

@@ -34,6 +34,8 @@ WORDS = {"post": b"POST", "get": b"GET"}
 BOTH = (b"GET", b"POST")
 REFUSALS = {401: "unauthorized", 403: "forbidden", 503: "model_unavailable"}
 POST_ONLY = (b"POST",)
+# What a worker process (--processes) has the primary process do.
+FORWARDED = frozenset({"addmodel", "removemodel", "restart"})
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
@@ -157,6 +159,10 @@ class FrontDoor:
                 }
             )
 
+        # With --processes, in a worker process: the way to the primary process (an
+        # aibackend.processes.Forwarder), and what makes this process follow a change.
+        self.primary = None
+        self.resync = None
         from aibackend.v2 import OpenInference
 
         self.open_inference = OpenInference(self)
@@ -293,9 +299,25 @@ class FrontDoor:
             )
         if admin:
             self.guard.check_admin(request)
+            if self.primary is not None and operation in FORWARDED:
+                return self.forward(request)
         else:
             self.guard.check_client(request)
         return handler(request, request_id, params)
+
+    def forward(self, request):
+        """
+        Have the primary process do an operation that changes the models (in a worker
+        process), and follow the change here before answering.
+        """
+        d = self.primary.forward(request)
+
+        def done(body):
+            if self.resync is not None and request.code < 300:
+                self.resync()
+            return sized(request, body)
+
+        return d.addCallback(done)
 
     # --- operations ---------------------------------------------------------
 

@@ -115,8 +115,11 @@ class Guard:
     @param api_keys: client keys for the non-admin operations; empty means none needed.
     """
 
-    def __init__(self, admin_token: str | None, listen, api_keys=()):
+    def __init__(self, admin_token: str | None, listen, api_keys=(), *, internal_token: str | None = None):
         self.admin_token = admin_token
+        # With --processes: what a worker process sends when it forwards a request it has
+        # already checked. Random for each start; never configured, never logged.
+        self.internal_token = internal_token
         self.api_keys = tuple(api_keys)
         self.local_only = all(endpoint_is_local(description) for description in listen)
 
@@ -130,8 +133,16 @@ class Guard:
             "AIBACKEND_ADMIN_TOKEN) and the daemon listens beyond loopback"
         )
 
+    def _internal(self, request) -> bool:
+        if not self.internal_token:
+            return False
+        given = bearer(request)
+        return given is not None and hmac.compare_digest(given.encode("utf-8"), self.internal_token.encode("utf-8"))
+
     def check_admin(self, request) -> None:
         """@raise Unauthorized, Forbidden: the request may not do admin operations."""
+        if self._internal(request):
+            return
         if self.admin_token:
             given = bearer(request)
             if given is None:
@@ -164,7 +175,7 @@ class Guard:
 
     def check_client(self, request) -> None:
         """@raise Unauthorized: C{api_keys} are set and the request has none of them (nor the admin token)."""
-        if not self.api_keys:
+        if not self.api_keys or self._internal(request):
             return
         given = bearer(request)
         if given is not None:

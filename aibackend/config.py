@@ -601,10 +601,12 @@ class SubprocessModelSpec(ModelSpec):
     max_inflight: int = 1
     timeout: float = 60.0
     max_queue: int = 100
+    per_process: bool = False
 
     def public(self) -> dict:
         return {
             **super().public(),
+            "per_process": self.per_process,
             "protocol": self.protocol,
             "workers": self.workers,
             "max_inflight": self.max_inflight,
@@ -630,7 +632,12 @@ def parse_subprocess_model(table: Table, common: dict, environ: Mapping[str, str
         table.problem("max_inflight", "a raw process takes one request at a time; use protocol = \"jsonl\"")
     timeout = table.number("timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
     max_queue = table.number("max_queue", 100, minimum=0, maximum=1_000_000, integer=True)
+    name, per_process = table._get("per_process", False, ())
+    if not isinstance(per_process, bool):
+        table.problem(name, f"must be true or false, got {_type_name(per_process)}")
+        per_process = False
     return SubprocessModelSpec(
+        per_process=per_process,
         **common,
         process=process,
         protocol=protocol if protocol in PROTOCOLS else "raw",

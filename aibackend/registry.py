@@ -42,6 +42,11 @@ def model_class(model_type: config.ModelType):
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def default_build(spec, deps: ModelDeps):
+    """Build the model a validated spec describes, with its type's class."""
+    return model_class(config.find_type(spec.type)).from_spec(spec, deps)
+
+
 class ModelRegistry(Service):
     """
     Every model the daemon serves, by id.
@@ -54,8 +59,10 @@ class ModelRegistry(Service):
     name = "models"
 
     def __init__(self, deps: ModelDeps, runtime_deps: ModelDeps | None = None, *,
-                 drain_timeout: float = MAX_DRAIN_SECONDS):
+                 drain_timeout: float = MAX_DRAIN_SECONDS, builder=None):
         self.deps = deps
+        # (spec, runtime) -> model; a worker process builds some models differently.
+        self.builder = builder
         self.drain_timeout = drain_timeout
         self.runtime_deps = runtime_deps or deps
         self._models: dict[str, Any] = {}
@@ -63,8 +70,10 @@ class ModelRegistry(Service):
 
     def build(self, spec, *, runtime: bool = False):
         """Build the model a validated spec describes."""
-        cls = model_class(config.find_type(spec.type))
-        model = cls.from_spec(spec, self.runtime_deps if runtime else self.deps)
+        if self.builder is not None:
+            model = self.builder(spec, runtime)
+        else:
+            model = default_build(spec, self.runtime_deps if runtime else self.deps)
         verifyObject(ISender, model)
         return model
 

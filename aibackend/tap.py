@@ -56,6 +56,9 @@ class Options(usage.Options):
          "The state directory, where models added or removed at runtime are kept "
          "(default: the configuration's state_dir, else $XDG_STATE_HOME/aibackend or ~/.local/state/aibackend)."],
         ["log-format", None, "text", "text (twistd's own lines) or json (one JSON object a line, for log shippers)."],
+        ["processes", None, "1",
+         "How many reactor processes serve the listening sockets (TCP only), sharing one set of "
+         "models: a number, or auto for one per core."],
         ["admin-token-file", None, None,
          "A file whose first line is the admin token (16 characters or more) that admin "
          "operations need; AIBACKEND_ADMIN_TOKEN works too. Without one, admin operations are "
@@ -95,6 +98,16 @@ class Options(usage.Options):
             problem = check_endpoint(description)
             if problem:
                 raise StartupError(f"cannot listen on {description!r}: {problem}")
+        from aibackend.processes import parse_processes, shared_address, worker_settings
+
+        self.worker = worker_settings(os.environ)
+        try:
+            self.processes = 1 if self.worker else parse_processes(self["processes"])
+            if self.processes > 1:
+                for description in self.listen:
+                    shared_address(_NoReactor(), description)
+        except ValueError as e:
+            raise StartupError(str(e)) from None
         if self["log-format"] not in ("text", "json"):
             raise StartupError(f"--log-format must be text or json, got {self['log-format']!r}")
         if self["log-format"] == "json" and self.parent is not None:
@@ -115,6 +128,22 @@ class Options(usage.Options):
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             raise StartupError(f"cannot use the state directory {self.state_dir}: {e.strerror or e}") from None
+
+    def worker_argv(self) -> list[str]:
+        """The command line of a worker process (C{--processes}): the same daemon, one reactor."""
+        argv = ["-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "--nodaemon"]
+        logfile = self.parent.get("logfile") if self.parent is not None else None
+        if logfile and logfile != "-":
+            argv.append(f"--logfile={os.path.abspath(logfile)}")
+        argv += ["aibackend", "--state", self.state_dir, "--max-body-bytes", str(self.max_body_bytes),
+                 "--log-format", self["log-format"]]
+        if self["config"]:
+            argv += ["--config", os.path.abspath(self["config"])]
+        if self["admin-token-file"]:
+            argv += ["--admin-token-file", os.path.abspath(self["admin-token-file"])]
+        for description in self.listen:
+            argv += ["--listen", description]
+        return argv
 
 
 def check_endpoint(description: str) -> str | None:
@@ -141,9 +170,10 @@ class Listener(StreamServerEndpointService):
     log = Logger()
     _raiseSynchronously = True
 
-    def __init__(self, reactor, description: str, factory):
+    def __init__(self, reactor, description: str, factory, *, what: str = "listening on"):
         super().__init__(endpoints.serverFromString(reactor, description), factory)
         self.description = description
+        self.what = what
         self.port = None
 
     def privilegedStartService(self):
@@ -155,7 +185,7 @@ class Listener(StreamServerEndpointService):
 
     def _listening(self, port):
         self.port = port
-        self.log.info("aibackend listening on {address}", address=describe_address(port.getHost()))
+        self.log.info("aibackend {what} {address}", what=self.what, address=describe_address(port.getHost()))
         return port
 
 
@@ -221,7 +251,7 @@ def _raise_open_files_limit(connections: int) -> None:
 
 
 def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None,
-                  admin_token=None, store=None):
+                  admin_token=None, store=None, processes=1, worker=None, worker_argv=None):
     """
     Wire the daemon: the HTTP pools, the store, the registry with the configured and the
     kept runtime models, the front door, and a listener per address.
@@ -266,7 +296,12 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     # Runtime models connect through a pool of their own: a connection made for a trusted
     # model is never handed to one whose destinations are checked.
     runtime_deps = ModelDeps(reactor=reactor, pool=make_pool(), environ=environ, destination_policy=policy)
-    registry = ModelRegistry(deps, runtime_deps, drain_timeout=config.server.drain_timeout)
+    from aibackend import processes as multi
+
+    builder = None
+    if worker is not None:
+        builder = multi.worker_builder(worker, lambda runtime: runtime_deps if runtime else deps)
+    registry = ModelRegistry(deps, runtime_deps, drain_timeout=config.server.drain_timeout, builder=builder)
     registry.setServiceParent(root)
     manager = ModelManager(
         registry, store, config.server, clock=reactor, destination_policy=policy,
@@ -274,7 +309,8 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     )
     load_models(registry, store, config, manager.validate, Listener.log, manager.tables)
 
-    guard = Guard(admin_token, listen, config.server.api_keys)
+    internal_token = multi.new_token() if processes > 1 else None
+    guard = Guard(admin_token, listen, config.server.api_keys, internal_token=internal_token)
     Listener.log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
                       policy=policy.describe())
     metrics = Metrics(registry)
@@ -289,10 +325,32 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     root.registry = registry
     root.manager = manager
     root.listeners = []
-    for description in listen:
-        listener = Listener(reactor, description, site)
-        listener.setServiceParent(root)
-        root.listeners.append(listener)
+    if worker is not None:
+        front_door.primary = multi.Forwarder(reactor, deps.pool, worker["primary"], worker["token"])
+        front_door.resync = lambda: multi.resync(registry, config, store, manager.validate, Listener.log)
+        multi.WorkerControl(reactor, front_door.resync).setServiceParent(root)
+        for fd, family in worker["fds"]:
+            listener = multi.SharedListener(reactor, site, inherited=(fd, family))
+            listener.setServiceParent(root)
+            root.listeners.append(listener)
+    elif processes > 1:
+        # The private port workers forward to, then the workers; the public sockets last,
+        # so that on stop they close first.
+        private = Listener(reactor, "tcp:0:interface=127.0.0.1", site, what="port for worker processes")
+        private.setServiceParent(root)
+        shared = [multi.SharedListener(reactor, site, description=description) for description in listen]
+        workers = multi.WorkerProcesses(reactor, processes, worker_argv, shared, private, internal_token)
+        workers.setServiceParent(root)
+        manager.changed.append(lambda model_id: workers.notify("sync"))
+        root.workers = workers
+        for listener in shared:
+            listener.setServiceParent(root)
+            root.listeners.append(listener)
+    else:
+        for description in listen:
+            listener = Listener(reactor, description, site)
+            listener.setServiceParent(root)
+            root.listeners.append(listener)
     # Last, so that on stop it is the first to say "not ready".
     ReadinessService(front_door).setServiceParent(root)
     return root
@@ -308,4 +366,7 @@ def makeService(options: Options):
         max_body_bytes=options.max_body_bytes,
         state_dir=options.state_dir,
         admin_token=options.admin_token,
+        processes=options.processes,
+        worker=options.worker,
+        worker_argv=options.worker_argv() if options.processes > 1 else None,
     )

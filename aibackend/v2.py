@@ -409,6 +409,8 @@ class OpenInference:
     @app.route("/repository/index", methods=["POST"], branch=False)
     def repository_index(self, request):
         self.begin(request)
+        if self.door.primary is not None:
+            return self.door.forward(request)
         document = _body(request, empty={})
         only_ready = document.get("ready", False)
         if not isinstance(only_ready, bool):
@@ -431,7 +433,7 @@ class OpenInference:
     def _manager(self, request):
         self.begin(request, client=False)
         self.door.guard.check_admin(request)
-        if self.door.manager is None:
+        if self.door.manager is None and self.door.primary is None:
             raise errors.NotFound("this daemon does not manage models at runtime")
         return self.door.manager
 
@@ -439,6 +441,8 @@ class OpenInference:
     @inlineCallbacks
     def load(self, request, name):
         manager = self._manager(request)
+        if self.door.primary is not None:
+            return (yield self.door.forward(request))
         document = _body(request, empty={})
         parameters = _parameters(document.get("parameters"), "the request")
         table = None
@@ -465,6 +469,8 @@ class OpenInference:
     @inlineCallbacks
     def unload(self, request, name):
         manager = self._manager(request)
+        if self.door.primary is not None:
+            return (yield self.door.forward(request))
         _body(request, empty={})
         result = yield manager.unload(name)
         return _json(request, result)

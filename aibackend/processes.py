@@ -1,0 +1,405 @@
+"""
+C{--processes N}: N reactor processes serving one listening socket, with one registry.
+
+The primary process (the one C{twistd} started) binds each listening socket itself and
+serves it, and starts N-1 worker processes that inherit the sockets and adopt them
+(C{adoptStreamPort}); the kernel hands each new connection to one of them. The primary
+owns the models:
+
+  - an HTTP model is a client: each process calls the model's server itself, through its
+    own connection pool (a server the daemon starts, C{command}, is started once, by the
+    primary);
+  - a subprocess model's processes are started once, by the primary; a worker forwards
+    the requests for it to the primary over a private loopback port. With C{per_process
+    = true} in its configuration, each process starts its own pool instead;
+  - admin operations (addmodel, removemodel, restart, cleanlogs and the v2 repository)
+    are forwarded to the primary, which keeps the change and tells every worker, which
+    reads the change from the store and builds the same models. The worker that
+    forwarded the change does so before it answers.
+
+Stopping the primary (SIGTERM, Ctrl-C) stops the workers first (each drains like the
+primary does), then the models. A worker whose primary dies ends too (its stdin closes,
+and on Linux it is sent SIGTERM).
+
+Logs, model logs and /metrics are per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+from dataclasses import replace
+
+from twisted.application import service
+from twisted.internet import endpoints, protocol
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+
+from aibackend import config, errors
+from aibackend.httpmodel import HttpModel
+from aibackend.interfaces import ModelAnswer
+
+WORKER_ENV = "AIBACKEND_WORKER"
+PGROUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
+FIRST_INHERITED_FD = 3
+FORWARDED_HEADERS = (b"content-type", b"x-request-id", b"origin")
+
+
+def parse_processes(text: str) -> int:
+    """C{--processes}: a count, or C{auto} for one per core."""
+    if text == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"--processes is a number or auto, got {text!r}") from None
+    if not 1 <= count <= 256:
+        raise ValueError(f"--processes must be from 1 to 256, got {count}")
+    return count
+
+
+def shared_address(reactor, description: str):
+    """
+    C{(family, host, port, backlog)} of a TCP listen description, which processes can share.
+
+    @raise ValueError: it is not a TCP endpoint.
+    """
+    endpoint = endpoints.serverFromString(reactor, description)
+    if isinstance(endpoint, endpoints.TCP6ServerEndpoint):
+        family = socket.AF_INET6
+    elif isinstance(endpoint, endpoints.TCP4ServerEndpoint):
+        family = socket.AF_INET
+    else:
+        raise ValueError(f"--processes shares TCP sockets only; {description!r} is not tcp: or tcp6:")
+    return family, endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), endpoint._port, endpoint._backlog
+
+
+class SharedListener(service.Service):
+    """
+    A listening socket served by several processes: the primary binds it and passes it
+    on; a worker adopts the one it inherited.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, factory, *, description=None, inherited=None):
+        self.reactor = reactor
+        self.factory = factory
+        self.description = description
+        self.inherited = inherited  # (fd, family) in a worker
+        self.socket = None
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        if self.inherited is not None:
+            fd, family = self.inherited
+            self.port = self.reactor.adoptStreamPort(fd, family, self.factory)
+            os.close(fd)  # adoptStreamPort took a copy
+            return
+        from aibackend.tap import StartupError
+
+        try:
+            family, host, port, backlog = shared_address(self.reactor, self.description)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"cannot listen on {self.description!r}: {e}") from None
+        self.socket = sock
+        self.port = self.reactor.adoptStreamPort(sock.fileno(), family, self.factory)
+        from aibackend.tap import describe_address
+
+        self.log.info("aibackend listening on {address}", address=describe_address(self.port.getHost()))
+
+    def stopService(self):
+        super().stopService()
+        d = self.port.stopListening() if self.port is not None else None
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+        return d
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, group, number):
+        self.group = group
+        self.number = number
+        self.exited: Deferred = Deferred()
+        self.pid = None
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def processEnded(self, reason):
+        self.exited.callback(reason.value.exitCode)
+        self.group.worker_ended(self, reason)
+
+
+class WorkerProcesses(service.Service):
+    """
+    The primary's worker processes: started after everything else, stopped first, and
+    restarted (after a second) if one ends while the daemon runs.
+
+    @param argv: the worker's command line (C{twistd ... aibackend ...}).
+    @param listeners: the L{SharedListener}s whose sockets each worker inherits.
+    @param private: the listener workers forward to (its port is known once listening).
+    """
+
+    log = Logger()
+    RESTART_DELAY = 1.0
+
+    def __init__(self, reactor, count, argv, listeners, private, token, *, stop_timeout=40.0):
+        self.reactor = reactor
+        self.count = count
+        self.argv = list(argv)
+        self.listeners = listeners
+        self.private = private
+        self.token = token
+        self.stop_timeout = stop_timeout
+        self.workers: dict[int, _WorkerProtocol] = {}
+        self._restarts = {}
+
+    def startService(self):
+        super().startService()
+        for number in range(1, self.count):
+            self._spawn(number)
+
+    def _spawn(self, number):
+        self._restarts.pop(number, None)
+        inherited = []
+        child_fds = {0: "w", 1: 1, 2: 2}
+        for index, listener in enumerate(self.listeners):
+            fd = FIRST_INHERITED_FD + index
+            child_fds[fd] = listener.socket.fileno()
+            inherited.append([fd, int(listener.socket.family)])
+        env = dict(os.environ)
+        env[WORKER_ENV] = json.dumps({
+            "number": number,
+            "fds": inherited,
+            "primary": self.private.port.getHost().port,
+            "token": self.token,
+        })
+        worker = _WorkerProtocol(self, number)
+        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, PGROUP, sys.executable] + self.argv,
+                                  env=env, childFDs=child_fds)
+        self.workers[number] = worker
+        self.log.info("aibackend worker {number} started (pid {pid})", number=number, pid=worker.pid)
+
+    def worker_ended(self, worker, reason):
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        if self.running:
+            self.log.error("aibackend worker {number} (pid {pid}) ended: {why}; starting another",
+                           number=worker.number, pid=worker.pid, why=reason.getErrorMessage())
+            self._restarts[worker.number] = self.reactor.callLater(self.RESTART_DELAY, self._spawn, worker.number)
+
+    def notify(self, change: str) -> None:
+        """Tell every worker that the models changed."""
+        for worker in list(self.workers.values()):
+            try:
+                worker.transport.write(change.encode("ascii") + b"\n")
+            except Exception:  # a worker that is going away; it is restarted in full
+                pass
+
+    def stopService(self):
+        super().stopService()
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        ended = []
+        for worker in list(self.workers.values()):
+            ended.append(worker.exited)
+            worker.transport.signalProcess("TERM")
+            kill = self.reactor.callLater(self.stop_timeout, self._kill, worker)
+            worker.exited.addBoth(lambda result, kill=kill: (kill.cancel() if kill.active() else None, result)[1])
+        return DeferredList(ended) if ended else succeed(None)
+
+    @staticmethod
+    def _kill(worker):
+        try:
+            worker.transport.signalProcess("KILL")
+        except Exception:
+            pass
+
+
+# --- in a worker ---------------------------------------------------------------
+
+
+def worker_settings(environ) -> dict | None:
+    """What the primary told this worker (None in the primary)."""
+    text = environ.get(WORKER_ENV)
+    return json.loads(text) if text else None
+
+
+class ForwardedModel(HttpModel):
+    """
+    A worker's stand-in for a model the primary runs: requests go to the primary's
+    front door over its private port.
+    """
+
+    def __init__(self, spec, primary_port: int, token: str, **kwargs):
+        self.original_spec = spec
+        forwarded = config.HttpModelSpec(
+            id=spec.id, type="http", log_entries=spec.log_entries, v2=spec.v2,
+            url=f"http://127.0.0.1:{primary_port}/post/predict?id={spec.id}",
+            timeout=float(getattr(spec, "timeout", 60.0)) + 5.0,
+            connect_timeout=5.0,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        super().__init__(forwarded, **kwargs)
+        self.type_name = spec.type
+
+    def describe(self) -> dict:
+        described = super().describe()
+        described["type"] = self.original_spec.type
+        described["served_by"] = "the primary process"
+        described.pop("url", None)
+        described.pop("replicas", None)
+        return described
+
+
+def worker_builder(settings, deps_for):
+    """
+    How a worker builds a model: a subprocess model is forwarded to the primary (unless
+    C{per_process}); an HTTP model's server process is left to the primary.
+    """
+    from aibackend.registry import default_build
+
+    def build(spec, runtime):
+        deps = deps_for(runtime)
+        if isinstance(spec, config.SubprocessModelSpec) and not spec.per_process:
+            model = ForwardedModel(spec, settings["primary"], settings["token"], reactor=deps.reactor, pool=deps.pool)
+        elif isinstance(spec, config.HttpModelSpec) and spec.process is not None:
+            model = default_build(replace(spec, process=None), deps)
+        else:
+            model = default_build(spec, deps)
+        model.source_spec = spec
+        return model
+
+    return build
+
+
+class Forwarder:
+    """A worker's way to the primary for the operations the primary does."""
+
+    def __init__(self, reactor, pool, port: int, token: str):
+        self.agent = Agent(reactor, pool=pool)
+        self.base = f"http://127.0.0.1:{port}".encode("ascii")
+        self.token = token
+
+    def forward(self, request) -> Deferred:
+        """
+        Send C{request} (method, path, query, body) to the primary; answer the client with
+        what the primary answers.
+        """
+        from twisted.web.client import FileBodyProducer
+
+        headers = Headers({b"authorization": [b"Bearer " + self.token.encode("ascii")]})
+        for name in FORWARDED_HEADERS:
+            value = request.getHeader(name)
+            if value is not None:
+                headers.setRawHeaders(name, [value])
+        request.content.seek(0)
+        body = request.content.read()
+        producer = FileBodyProducer(__import__("io").BytesIO(body)) if body else None
+        d = self.agent.request(request.method, self.base + request.uri, headers, producer)
+
+        def answered(response):
+            request.setResponseCode(response.code)
+            for name in (b"content-type", b"allow", b"retry-after", b"www-authenticate"):
+                values = response.headers.getRawHeaders(name)
+                if values:
+                    request.responseHeaders.setRawHeaders(name, values)
+            return readBody(response)
+
+        def failed(failure):
+            failure.trap(Exception)
+            if failure.check(errors.ApiError):
+                return failure
+            raise errors.BadGateway(f"the daemon's primary process did not answer: {failure.getErrorMessage()}")
+
+        return d.addCallback(answered).addErrback(failed)
+
+
+class ControlChannel(LineOnlyReceiver):
+    """A worker's stdin: the primary's notices. End of file: the primary is gone."""
+
+    delimiter = b"\n"
+    log = Logger()
+
+    def __init__(self, resync, reactor):
+        self.resync = resync
+        self.reactor = reactor
+
+    def lineReceived(self, line):
+        if line.strip() == b"sync":
+            self.resync()
+
+    def connectionLost(self, reason):
+        if getattr(self.reactor, "running", False):
+            self.log.warn("aibackend worker: the primary process is gone; stopping")
+            self.reactor.stop()
+
+
+def resync(registry, cfg, store, validate, log) -> None:
+    """
+    Make a worker's registry what the configuration and the kept changes say: add what
+    is new, replace what changed, remove what went.
+    """
+    from aibackend.admin import desired_specs
+
+    wanted = desired_specs(cfg, store, validate, log)
+    for model in registry.models():
+        if model.model_id not in wanted:
+            registry.remove(model.model_id)
+    for model_id, (spec, origin) in wanted.items():
+        if model_id in registry:
+            current = registry.get(model_id)
+            if getattr(current, "source_spec", None) == spec:
+                continue
+            registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+        else:
+            registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class WorkerControl(service.Service):
+    """A worker listens to its primary on stdin (L{ControlChannel})."""
+
+    def __init__(self, reactor, resync_now):
+        self.reactor = reactor
+        self.resync_now = resync_now
+        self.stdio = None
+
+    def startService(self):
+        super().startService()
+        from twisted.internet import stdio
+
+        # stdout stays twistd's log: the channel writes nothing, so it gets /dev/null.
+        self._devnull = os.open(os.devnull, os.O_WRONLY)
+        self.stdio = stdio.StandardIO(ControlChannel(self.resync_now, self.reactor), stdin=0,
+                                      stdout=self._devnull, reactor=self.reactor)
+
+    def stopService(self):
+        super().stopService()
+        if self.stdio is not None:
+            channel, self.stdio = self.stdio, None
+            channel.protocol.reactor = _Stopping()
+            channel.loseConnection()
+
+
+class _Stopping:
+    running = False
