@@ -11,9 +11,14 @@ from __future__ import annotations
 import json
 from urllib.parse import unquote_plus
 
+import orjson
+
 from klein import Klein
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 
@@ -41,6 +46,25 @@ FORWARDED = frozenset({"addmodel", "removemodel", "restart"})
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
 
 
+class FastRoot(Resource):
+    """
+    The daemon's root resource: C{POST /post/predict} goes straight to
+    L{FrontDoor.render_predict}, every other request to the Klein app.
+    """
+
+    isLeaf = True
+
+    def __init__(self, door, klein_resource):
+        super().__init__()
+        self.door = door
+        self.klein_resource = klein_resource
+
+    def render(self, request):
+        if request.method == b"POST" and request.path == b"/post/predict":
+            return self.door.render_predict(request)
+        return self.klein_resource.render(request)
+
+
 def sized(request, body: bytes) -> bytes:
     """Give the answer a Content-Length (instead of chunked encoding)."""
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
@@ -57,6 +81,12 @@ def parse_json(body: bytes):
 
     @raise errors.BadRequest: with what is wrong and where.
     """
+    try:
+        # orjson is several times faster and as strict (no NaN, UTF-8 only); a body it
+        # refuses goes through json, whose word is final and whose messages say where.
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
@@ -169,7 +199,8 @@ class FrontDoor:
         self._v2 = self.open_inference.resource()
 
     def resource(self):
-        return self.app.resource()
+        """The root resource: the hot route straight to its handler, the rest through Klein."""
+        return FastRoot(self, self.app.resource())
 
     # --- plumbing -----------------------------------------------------------
 
@@ -318,6 +349,45 @@ class FrontDoor:
             return sized(request, body)
 
         return d.addCallback(done)
+
+    def render_predict(self, request):
+        """
+        C{POST /post/predict}, the route nearly every request takes, without Klein's
+        routing (werkzeug matching, URL parts, IKleinRequest): the same checks, handler
+        and error answers as through L{front_door}.
+        """
+        try:
+            request_id = self.begin(request)
+            params = query_params(request)
+            model_id = single(params, "id")
+            request.aibackend_model = model_id if model_id and len(model_id) <= MAX_ID_LENGTH else None
+            self.guard.check_client(request)
+            d = self.predict(request, request_id, params)
+        except errors.ApiError as error:
+            return self.render_error(request, error)
+        except Exception:
+            return self.unexpected(request, Failure())
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: d.cancel())
+        d.addErrback(self._predict_failed, request)
+        d.addCallback(self._write, request)
+        d.addErrback(self.log.failure, "writing an answer")
+        return NOT_DONE_YET
+
+    def _predict_failed(self, failure, request):
+        if failure.check(errors.ApiError):
+            return self.render_error(request, failure.value)
+        if failure.check(CancelledError):
+            return self.cancelled(request, failure)
+        return self.unexpected(request, failure)
+
+    @staticmethod
+    def _write(body, request):
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        if body:
+            request.write(body)
+        request.finish()
 
     # --- operations ---------------------------------------------------------
 

@@ -738,6 +738,7 @@ class ServerSpec:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 10000
+    access_log: bool = True
     drain_timeout: float = 30.0
 
 
@@ -784,6 +785,10 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
     header_timeout = server_table.number("header_timeout", 10.0, minimum=0, exclusive_minimum=True, maximum=3600)
     idle_timeout = server_table.number("idle_timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
     max_connections = server_table.number("max_connections", 10000, minimum=1, maximum=10_000_000, integer=True)
+    name, access_log = server_table._get("access_log", True, ())
+    if not isinstance(access_log, bool):
+        server_table.problem(name, f"must be true or false, got {_type_name(access_log)}")
+        access_log = True
     drain_timeout = server_table.number("drain_timeout", 30.0, minimum=0, maximum=86400)
     server_table.finish()
     server = ServerSpec(
@@ -797,6 +802,7 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
         header_timeout=float(header_timeout or 10.0),
         idle_timeout=float(idle_timeout or 60.0),
         max_connections=max_connections or 10000,
+        access_log=access_log,
         drain_timeout=float(drain_timeout if drain_timeout is not None else 30.0),
     )
 

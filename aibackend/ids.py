@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-import uuid
+import os
 
 MAX_REQUEST_ID = 200
 _GOOD_ID = re.compile(rb"^[\x21-\x7e]{1,200}$")
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex without building a UUID.
+    return os.urandom(16).hex()
 
 
 def request_id_from_headers(headers) -> str:

@@ -319,6 +319,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
+        access_log=server.access_log,
     )
     _raise_open_files_limit(server.max_connections)
     root.front_door = front_door
