@@ -12,7 +12,6 @@ import json
 from urllib.parse import unquote_plus
 
 import orjson
-
 from klein import Klein
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-
-import orjson
 from collections import deque
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
+import orjson
 from hyperlink import DecodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as ierror

@@ -65,12 +65,18 @@ def _cap(value):
     return value
 
 
+_second = [None, ""]  # the last whole second formatted, and its text
+
+
 def _iso(seconds: float) -> str:
-    return (
-        datetime.fromtimestamp(seconds, timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    """C{2026-01-02T03:04:05.678Z}: each request's entry has one, so a second's text is reused."""
+    whole = int(seconds // 1)
+    micro = round((seconds - whole) * 1e6)  # as datetime rounds a timestamp
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, 0
+    if whole != _second[0]:
+        _second[:] = [whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{micro // 1000:03d}Z"
 
 
 class ModelLog:

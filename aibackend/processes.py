@@ -43,7 +43,6 @@ from twisted.web.http_headers import Headers
 
 from aibackend import config, errors
 from aibackend.httpmodel import HttpModel
-from aibackend.interfaces import ModelAnswer
 
 WORKER_ENV = "AIBACKEND_WORKER"
 PGROUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
