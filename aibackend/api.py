@@ -287,12 +287,17 @@ class FrontDoor:
     def open_inference_protocol(self, request):
         """The Open Inference Protocol's routes (L{aibackend.v2})."""
         if request.path in (b"/v2", b"/v2/"):
-            return self.open_inference.server_metadata(request)
+            return self.open_inference_server(request)
         return self._v2
 
     @app.route("/v2/", branch=False)
     def open_inference_server(self, request):
-        return self.open_inference.server_metadata(request)
+        # Routed here, not in the v2 app (werkzeug redirects its empty path): its errors
+        # still take the protocol's shape.
+        try:
+            return self.open_inference.server_metadata(request)
+        except errors.ApiError as error:
+            return self.open_inference.render_error(request, error)
 
     @app.route("/metrics", branch=False)
     def metrics_page(self, request):

@@ -19,7 +19,7 @@ import orjson
 from hyperlink import DecodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeadlineExceeded
 from twisted.application.service import Service
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -559,20 +559,24 @@ class HttpModel(Service):
         self.in_flight += 1
         self.requests += 1
         replica.in_flight += 1
-        if context.path is None and self._agent is not None:
-            d = self._agent.request(b"POST", replica.uri, headers, BytesProducer(body))
-        elif context.path is None:
-            d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False, unbuffered=True)
-        else:
-            url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
-            d = self._client.request(context.method, url, data=body or None, headers=headers,
-                                     allow_redirects=False, unbuffered=True)
+        try:
+            if context.path is None and self._agent is not None:
+                d = self._agent.request(b"POST", replica.uri, headers, BytesProducer(body))
+            elif context.path is None:
+                d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False,
+                                      unbuffered=True)
+            else:
+                url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
+                d = self._client.request(context.method.decode("ascii"), url, data=body or None, headers=headers,
+                                         allow_redirects=False, unbuffered=True)
+        except Exception:
+            d = fail()  # counted in flight above: the outcome below uncounts it
         d.addCallback(self._read)
         # Cancelling the exchange fails it with whatever the client layer makes of the
         # cancel (ResponseNeverReceived before the headers); past the deadline it is a 504.
         d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
         d.addBoth(self._replica_outcome, replica)
-        d.addCallbacks(self._answered, self._failed, errbackArgs=(replica,))
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
         d.addBoth(self._done)
         return d
 
@@ -597,9 +601,12 @@ class HttpModel(Service):
         d.addCallback(lambda body: (response, body))
         return d
 
-    def _answered(self, result) -> ModelAnswer:
+    def _answered(self, result, other_route: bool = False) -> ModelAnswer:
         response, body = result
         status = response.code
+        if other_route and not body.strip():
+            # A v2 server answers some routes (readiness) with a status and no body.
+            body = b"{}"
         if 300 <= status < 400:
             location = response.headers.getRawHeaders(b"location", [b""])[0].decode("latin-1")
             raise BadGateway(

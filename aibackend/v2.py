@@ -131,7 +131,9 @@ class OpenInference:
 
     @app.handle_errors(errors.ApiError)
     def api_error(self, request, failure):
-        error = failure.value
+        return self.render_error(request, failure.value)
+
+    def render_error(self, request, error: errors.ApiError) -> bytes:
         self.door.begin(request)
         reason = {401: "unauthorized", 403: "forbidden", 503: "model_unavailable"}.get(error.status)
         if reason is not None:
