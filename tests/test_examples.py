@@ -7,6 +7,7 @@ README's requests, and SIGTERM leaves no example process behind.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -113,3 +114,30 @@ def test_every_example_model_answers_and_sigterm_leaves_no_example_process(examp
     every_pid = set().union(*processes.values())
     assert [pid for pid in every_pid if not reaped(pid)] == []
     assert port_is_free(MODEL_SERVER_PORT)
+
+
+def readme_python_block(starting_with: str) -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("```python\n" + starting_with) + len("```python\n")
+    return readme[start:readme.index("```", start)]
+
+
+@pytest.mark.timeout(90)
+def test_the_readme_triton_client_snippet_calls_the_iris_example(example_daemon):
+    import subprocess
+    import sys
+
+    daemon = example_daemon
+    # iris trains at load: a first request waits for it.
+    assert daemon.predict("iris", {"features": [6.7, 3.0, 5.2, 2.3]}, timeout=40).status == 200
+    snippet = readme_python_block("import numpy as np\nimport tritonclient.http")
+    assert '"127.0.0.1:8080"' in snippet
+    snippet = snippet.replace('"127.0.0.1:8080"', f'"127.0.0.1:{daemon.port}"')
+
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+
+    assert ran.returncode == 0, ran.stderr
+    label, scores = ran.stdout.splitlines()
+    assert label == "['setosa' 'virginica']"
+    assert [[round(p, 4) for p in row] for row in json.loads(scores)] == [[0.9817, 0.0183, 0.0], [0.0001, 0.0801, 0.9199]]
