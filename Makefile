@@ -9,7 +9,7 @@ EDITABLE := --config-settings editable_mode=compat -e
 CONFIG ?= etc/aibackend.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,26 @@ test: $(VENV)/.test-installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache twisted/plugins/dropin.cache
+
+# The benchmark (bench/README.md): wrk and nginx from Debian packages when missing (as root,
+# or through sudo), aiohttp for the Python peer, then bench/run.py. BENCH_QUICK=1 for a short
+# run; BENCH_DURATION, BENCH_SOAK_REQUESTS and BENCH_ARGS (run.py's flags) tune it.
+BENCH_ARGS ?=
+$(VENV)/.bench-installed: setup.py | $(BIN)/python
+	$(PIP) install $(EDITABLE) '.[test,examples,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	@missing=""; \
+	command -v wrk >/dev/null 2>&1 || missing="wrk"; \
+	{ command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	  pkgs=$$(echo "$$missing" | sed 's/nginx/nginx-light/'); \
+	  echo "bench: installing $$pkgs (Debian packages)"; \
+	  $$sudo apt-get update -qq && \
+	  { DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$pkgs || \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$(echo "$$pkgs" | sed 's/nginx-light/nginx/'); } || \
+	  echo "bench: could not install $$pkgs; bench/run.py will say what is missing"; \
+	fi
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

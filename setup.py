@@ -26,6 +26,9 @@ setup(
             # The Open Inference Protocol tests call the daemon with Triton's real client.
             "tritonclient[http]>=2.40",
         ],
+        "bench": [
+            "aiohttp>=3.9",  # the benchmark's Python peer (bench/aiohttp_proxy.py)
+        ],
         "examples": [
             "scikit-learn>=1.3",  # the iris example model
         ],

@@ -1,0 +1,1177 @@
+#!/usr/bin/env python3
+"""
+aibackend's benchmark: the daemon side by side with nginx and aiohttp, all on loopback.
+
+    make bench                              # sets up wrk, nginx, aiohttp, then runs this
+    BENCH_QUICK=1 make bench                # a short run to try the harness
+    .venv/bin/python bench/run.py --help
+
+Every case is started once on a free 127.0.0.1 port, warmed up for a second, then driven
+by wrk (POST of a small JSON body, bench/post.lua) at concurrency 1 and 32, for a fixed
+duration, in two passes; the table has the medians. A memory section follows: the idle
+daemon with 100 models, its growth over a long run of requests, and 10,000 idle
+keep-alive connections held at once. Results go to bench/results/ as JSON and Markdown.
+
+Standard library only (run it with the venv's python, whose twistd it starts). Everything
+it starts (nginx, the aiohttp proxy, twistd and the models twistd starts) and its temp dir
+are removed on the way out, Ctrl-C and failures included. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+RESULTS = os.path.join(BENCH, "results")
+POST_LUA = os.path.join(BENCH, "post.lua")
+ECHO_RAW = os.path.join(BENCH, "echo_raw.py")
+ECHO_JSONL = os.path.join(BENCH, "echo_jsonl.py")
+AIOHTTP_PROXY = os.path.join(BENCH, "aiohttp_proxy.py")
+NGINX_FREE = os.path.join(BENCH, "nginx-free.conf.in")
+NGINX_PROXY = os.path.join(BENCH, "nginx-proxy.conf.in")
+
+# Processes of these programs are models the daemon starts, not the daemon: their memory
+# is not counted in the daemon's RSS (nor is that of anything they start).
+MODEL_MARKERS = ("echo_raw.py", "echo_jsonl.py", "_pgroup.py")
+
+BODY = b'{"text": "hello"}'
+CONCURRENCIES = (1, 32)
+PASSES = 2
+WARMUP_SECONDS = 1
+DEFAULT_DURATION = 5
+DEFAULT_SOAK = 1_000_000
+QUICK_DURATION = 2
+QUICK_SOAK = 50_000
+IDLE_CONNECTIONS = 10_000
+CONNECT_BATCH = 50  # below the daemon's listen backlog (Twisted's default is 50)
+MODELS_FOR_IDLE = 100
+RAW_WORKERS = 2
+JSONL_INFLIGHT = 64
+AIOHTTP_LIMIT = 64
+OTHER_LOAD_FLAG = 25.0  # % of one core used by processes that are not the benchmark's: a disturbed run
+QUIET_LOAD = 20.0  # what "quiet" means before a case starts
+
+
+class BenchError(Exception):
+    """A step of the benchmark could not be done; the message says which and why."""
+
+
+class Skipped(Exception):
+    """A case that cannot be run here (a missing feature): reported, not a failure."""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- /proc ---------------------------------------------------------------------------
+
+
+def proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (parent pid, start time, user + system CPU ticks) for every process, from /proc/*/stat."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name is in parentheses and may hold anything: split after the last ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        table[int(name)] = (int(fields[1]), int(fields[19]), int(fields[11]) + int(fields[12]))
+    return table
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def descendants(root: int, table=None) -> list[int]:
+    """root and every process under it (by parent links), root first."""
+    table = proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            found.append(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def server_pids(root: int, table=None) -> list[int]:
+    """The server's own processes: root and its descendants, less model programs and their children."""
+    table = proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in table:
+            continue
+        if pid != root and any(marker in cmdline(pid) for marker in MODEL_MARKERS):
+            continue  # a model process: neither it nor what it started
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def status_kb(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(roots: list[int]) -> dict:
+    """CPU ticks of each server's own processes (by pid and start time), the machine's, wrk's and ours."""
+    table = proc_table()
+    servers = {root: {(pid, table[pid][1]): table[pid][2] for pid in server_pids(root, table)} for root in roots}
+    # Everything under the servers, the models they start included.
+    trees = {(pid, table[pid][1]): table[pid][2] for root in roots for pid in descendants(root, table)}
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user + nice + system: time processes ran. Interrupt and softirq time (loopback networking is
+    # mostly softirq work) is not charged to any process, so it is left out of both sides.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has been waited for
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {"servers": servers, "trees": trees, "busy": fields[0] + fields[1] + fields[2], "time": time.monotonic(),
+            "wrk": children.ru_utime + children.ru_stime, "self": own.ru_utime + own.ru_stime}
+
+
+def cpu_used(before: dict, after: dict) -> dict:
+    """Seconds of CPU between two snapshots: each server's (by root pid), the machine's, wrk's, ours."""
+    servers = {}
+    for root, processes in after["servers"].items():
+        earlier = before["servers"].get(root, {})
+        servers[root] = sum(ticks - earlier.get(key, 0) for key, ticks in processes.items()) / CLOCK_TICKS
+    trees = sum(ticks - before["trees"].get(key, 0) for key, ticks in after["trees"].items()) / CLOCK_TICKS
+    return {
+        "servers": servers,
+        "trees": trees,
+        "machine": (after["busy"] - before["busy"]) / CLOCK_TICKS,
+        "wrk": after["wrk"] - before["wrk"],
+        "self": after["self"] - before["self"],
+        "wall": after["time"] - before["time"],
+    }
+
+
+def memory_mb(root: int, key: str) -> tuple[float, list[int]]:
+    """Sum of VmRSS or VmHWM (MB) over the server's own processes, and their pids."""
+    pids = server_pids(root)
+    return sum(status_kb(pid, key) for pid in pids) / 1024.0, pids
+
+
+# --- the processes it starts ------------------------------------------------------------
+
+
+class Server:
+    """One program the benchmark started, in a session of its own, stopped with its process tree."""
+
+    def __init__(self, name: str, argv: list[str], tmp: str, env=None):
+        self.name = name
+        self.argv = argv
+        self.log_path = os.path.join(tmp, f"{name}.log")
+        self.port = None
+        self.notes: list[str] = []
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, env=env, cwd=ROOT,
+            )
+        self.known: dict[int, int] = {}  # pid -> start time of every process seen under it
+        self.remember()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def remember(self) -> None:
+        table = proc_table()
+        for pid in descendants(self.pid, table):
+            self.known[pid] = table[pid][1]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 20000))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM its process group (it stops its own children), SIGKILL what is left after grace."""
+        if self.alive():
+            self.remember()
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not stop within {grace:g} s: SIGKILL")
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        else:
+            self.proc.wait()
+        # Whatever it started (model processes lead groups of their own) and left behind.
+        deadline = time.monotonic() + 5
+        while True:
+            table = proc_table()
+            left = [pid for pid, start in self.known.items() if pid in table and table[pid][1] == start]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                for pid in left:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                return
+            time.sleep(0.1)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = tempfile.mkdtemp(prefix="aibackend-bench-")
+        self.servers: list[Server] = []
+        self.python = sys.executable
+        self.twistd = args.twistd
+        self.nginx = args.nginx
+        self.wrk = args.wrk
+        self.free_port = None
+
+    # -- starting and stopping --
+
+    def start(self, name, argv, env=None) -> Server:
+        server = Server(name, argv, self.tmp, env=env)
+        self.servers.append(server)
+        return server
+
+    def stop(self, server: Server) -> None:
+        server.stop()
+        if server in self.servers:
+            self.servers.remove(server)
+
+    def cleanup(self) -> None:
+        for server in reversed(list(self.servers)):
+            try:
+                self.stop(server)
+            except Exception as e:  # keep stopping the others
+                log(f"could not stop {server.name}: {e}")
+        if self.args.keep_tmp:
+            log(f"kept the temp dir {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def wait_ready(self, server: Server, path: str, timeout: float = 60.0, method="GET", body=None) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not server.alive():
+                raise BenchError(
+                    f"{server.name} exited with status {server.proc.returncode} before it was ready:\n"
+                    + server.log_tail()
+                )
+            try:
+                status, _ = request(server.port, method, path, body, timeout=2)
+                if status == 200:
+                    server.remember()
+                    return
+                last = f"status {status}"
+            except OSError as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise BenchError(f"{server.name} not ready after {timeout:g} s ({last}):\n{server.log_tail()}")
+
+    def start_nginx(self, name: str, template: str, upstream_port=None) -> Server:
+        port = free_port()
+        with open(template) as f:
+            text = f.read()
+        user = "user root;" if os.geteuid() == 0 else "# (not root: no user directive)"
+        for key, value in {"@USER@": user, "@TMP@": self.tmp, "@PORT@": str(port),
+                           "@UPSTREAM_PORT@": str(upstream_port or 0)}.items():
+            text = text.replace(key, value)
+        conf = os.path.join(self.tmp, f"{name}.conf")
+        with open(conf, "w") as f:
+            f.write(text)
+        pid_file = os.path.join(self.tmp, f"{name}.pid")
+        server = self.start(name, [
+            self.nginx, "-p", self.tmp + "/", "-e", os.path.join(self.tmp, f"{name}-startup.log"),
+            "-c", conf, "-g", f"daemon off; pid {pid_file};",
+        ])
+        server.port = port
+        self.wait_ready(server, "/", timeout=15)
+        return server
+
+    def start_aiohttp(self) -> Server:
+        port = free_port()
+        server = self.start("aiohttp-proxy", [
+            self.python, AIOHTTP_PROXY, "--port", str(port),
+            "--upstream", f"http://127.0.0.1:{self.free_port}", "--limit", str(AIOHTTP_LIMIT),
+        ])
+        server.port = port
+        self.wait_ready(server, "/", timeout=30, method="POST", body=BODY)
+        return server
+
+    def start_aibackend(self, name: str, models_toml: str, processes: int | None = None,
+                        server_toml: str = "") -> Server:
+        port = free_port()
+        config = os.path.join(self.tmp, f"{name}.toml")
+        with open(config, "w") as f:
+            f.write(
+                "# written by bench/run.py\n[server]\n"
+                f"listen = [\"tcp:{port}:interface=127.0.0.1\"]\n"
+                # Like the peers (nginx's access_log off, aiohttp without a logger), no
+                # access events but in the case that measures them.
+                f"access_log = {'true' if name.endswith('-log') else 'false'}\n"
+                "drain_timeout = 1\n" + server_toml + "\n" + models_toml
+            )
+        state = os.path.join(self.tmp, f"{name}-state")
+        argv = [self.twistd, "--pidfile=", "-n", "aibackend", "--config", config, "--state", state]
+        if processes:
+            argv += ["--processes", str(processes)]
+        server = self.start(name, argv)
+        server.port = port
+        try:
+            self.wait_ready(server, "/health/ready", timeout=90)
+        except BenchError:
+            self.stop(server)
+            raise
+        return server
+
+    # -- load --
+
+    def run_wrk(self, port: int, path: str, connections: int, duration: int) -> dict:
+        threads = 1 if connections == 1 else min(2, connections)
+        argv = [
+            self.wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
+            "--latency", "-s", POST_LUA, f"http://127.0.0.1:{port}{path}",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, cwd=BENCH)
+        if done.returncode != 0:
+            raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        result = parse_wrk(done.stdout)
+        result.update(connections=connections, threads=threads, duration_s=duration)
+        return result
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 10.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def to_ms(number: str, unit: str) -> float:
+    return float(number) * UNITS_MS[unit]
+
+
+def parse_wrk(text: str) -> dict:
+    """requests/s, latency percentiles in ms, request count and errors from wrk --latency's output."""
+    result = {"raw": text}
+    match = re.search(r"Requests/sec:\s*([\d.]+)", text)
+    if not match:
+        raise BenchError(f"cannot read wrk's output:\n{text}")
+    result["rps"] = float(match.group(1))
+    match = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", text)
+    result["requests"] = int(match.group(1)) if match else 0
+    result["elapsed_s"] = to_ms(match.group(2), match.group(3)) / 1000 if match else 0.0
+    for percent, number, unit in re.findall(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M):
+        result[f"p{percent}_ms"] = to_ms(number, unit)
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    errors = dict(zip(("connect", "read", "write", "timeout"), map(int, match.groups()))) if match else {}
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors["non2xx"] = int(match.group(1)) if match else 0
+    result["errors"] = {key: value for key, value in errors.items() if value}
+    return result
+
+
+def first_line(error: str) -> str:
+    """One line for a table: the error's first line, and the last line of the log it quotes."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if not lines:
+        return "?"
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[-1][-300:]}"
+    return lines[0].rstrip(":")
+
+
+def add_errors(total: dict, more: dict) -> dict:
+    for key, value in more.items():
+        total[key] = total.get(key, 0) + value
+    return total
+
+
+def show_errors(errors: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(errors.items()))
+
+
+def toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid TOML basic string
+
+
+def http_model(model_id: str, url: str) -> str:
+    return (f"[[models]]\nid = {toml_string(model_id)}\ntype = \"http\"\nurl = {toml_string(url)}\n"
+            "timeout = 30\n")
+
+
+def subprocess_model(model_id: str, script: str, protocol: str, workers: int, max_inflight: int = 1,
+                     per_process: bool = False) -> str:
+    text = (f"[[models]]\nid = {toml_string(model_id)}\ntype = \"subprocess\"\n"
+            f"command = [\"python\", {toml_string(script)}]\nprotocol = \"{protocol}\"\n"
+            f"workers = {workers}\ntimeout = 30\nkill_timeout = 2\nmax_queue = 1000\n")
+    if protocol == "jsonl":
+        text += f"max_inflight = {max_inflight}\n"
+    if per_process:
+        text += "per_process = true\n"
+    return text
+
+
+def has_processes_flag(twistd: str) -> bool:
+    try:
+        done = subprocess.run([twistd, "aibackend", "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--processes" in done.stdout + done.stderr
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (path for path in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(path, os.X_OK)), None
+    )
+
+
+def version_of(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return ((done.stdout + done.stderr).strip().splitlines() or ["?"])[0]
+
+
+def git(*argv: str) -> str:
+    try:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+# --- the cases -------------------------------------------------------------------------------
+
+
+CASES = {
+    "direct": "the free model itself: nginx answering a fixed JSON body (1 worker, keep-alive)",
+    "nginx-proxy": "nginx reverse proxy (1 worker) in front of the free model: upstream keepalive 64, HTTP/1.1",
+    "aiohttp-proxy": "minimal aiohttp proxy (bench/aiohttp_proxy.py): 1 process, default asyncio loop, "
+                     f"one ClientSession, TCPConnector(limit={AIOHTTP_LIMIT})",
+    "aibackend-http": "aibackend, HTTP model pointing at the free model (access_log = false, like the peers)",
+    "aibackend-http-log": "as aibackend-http, with an access event per request in the daemon's log "
+                          "(access_log = true, the default; the log goes to a file)",
+    "aibackend-raw": f"aibackend, subprocess model, protocol raw, bench/echo_raw.py, workers = {RAW_WORKERS}",
+    "aibackend-jsonl": "aibackend, subprocess model, protocol jsonl, bench/echo_jsonl.py, workers = 1, "
+                       f"max_inflight = {JSONL_INFLIGHT}",
+    "aibackend-http-p2": "as aibackend-http, with twistd aibackend --processes 2",
+    "aibackend-jsonl-p2": "as aibackend-jsonl, with --processes 2 and per_process = true",
+}
+
+
+def wait_quiet(bench: Bench, seconds: float) -> dict:
+    """
+    Wait (up to seconds) until processes that are not the benchmark's use under QUIET_LOAD % of a
+    core over one second: someone's test suite on a 2-core machine halves any number measured.
+    """
+    started = time.monotonic()
+    other, said = 0.0, False
+    while True:
+        before = cpu_snapshot([bench.free_server.pid])
+        time.sleep(1)
+        used = cpu_used(before, cpu_snapshot([bench.free_server.pid]))
+        other = max(0.0, 100 * (used["machine"] - used["trees"] - used["self"]) / used["wall"])
+        waited = time.monotonic() - started
+        if other < QUIET_LOAD or waited >= seconds:
+            if said or other >= QUIET_LOAD:
+                log(f"  other load now {other:.0f}% of a core after {waited:.0f} s"
+                    + ("" if other < QUIET_LOAD else ": going on anyway"))
+            return {"waited_s": round(waited, 1), "other_load_pct": round(other, 1)}
+        if not said:
+            log(f"  other processes use {other:.0f}% of a core: waiting up to {seconds:g} s for quiet")
+            said = True
+
+
+def start_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Server, str, list[str]]:
+    """Start the server of a case: (server, the path wrk calls, notes)."""
+    free_url = f"http://127.0.0.1:{bench.free_port}/"
+    if name == "direct":
+        return bench.free_server, "/", []
+    if name == "nginx-proxy":
+        return bench.start_nginx("nginx-proxy", NGINX_PROXY, bench.free_port), "/", []
+    if name == "aiohttp-proxy":
+        return bench.start_aiohttp(), "/", []
+    if name in ("aibackend-http-p2", "aibackend-jsonl-p2") and not processes_flag:
+        raise Skipped("not available: `twistd aibackend --help` does not list --processes")
+    processes = 2 if name.endswith("-p2") else None
+    if name.startswith("aibackend-http"):
+        server = bench.start_aibackend(name, http_model("free", free_url), processes)
+        return server, "/post/predict?id=free", []
+    if name == "aibackend-raw":
+        server = bench.start_aibackend(name, subprocess_model("echo-raw", ECHO_RAW, "raw", RAW_WORKERS))
+        return server, "/post/predict?id=echo-raw", []
+    if name.startswith("aibackend-jsonl"):
+        notes = []
+        if processes:
+            try:
+                server = bench.start_aibackend(
+                    name, subprocess_model("echo-jsonl", ECHO_JSONL, "jsonl", 1, JSONL_INFLIGHT, per_process=True),
+                    processes)
+            except BenchError as e:
+                if "per_process" not in str(e):
+                    raise
+                log(f"{name}: the daemon refused per_process; again without it")
+                notes.append("the daemon refused `per_process = true`; run without it")
+                server = None
+            if server is not None:
+                notes.append("per_process = true")
+                return server, "/post/predict?id=echo-jsonl", notes
+        server = bench.start_aibackend(
+            name, subprocess_model("echo-jsonl", ECHO_JSONL, "jsonl", 1, JSONL_INFLIGHT), processes)
+        return server, "/post/predict?id=echo-jsonl", notes
+    raise BenchError(f"unknown case {name!r}")
+
+
+def check_answer(server: Server, path: str) -> None:
+    status, body = request(server.port, "POST", path, BODY)
+    if status != 200:
+        raise BenchError(f"{server.name}: a check request got {status}: {body[:300]!r}\n{server.log_tail()}")
+    try:
+        json.loads(body)
+    except ValueError:
+        raise BenchError(f"{server.name}: a check request got a body that is not JSON: {body[:300]!r}") from None
+
+
+def run_case(bench: Bench, name: str, processes_flag: bool) -> dict:
+    args = bench.args
+    case = {"name": name, "description": CASES[name], "notes": [], "runs": [], "summary": {}}
+    log(f"case {name}: {CASES[name]}")
+    try:
+        server, path, notes = start_case(bench, name, processes_flag)
+    except Skipped as e:
+        case["skipped"] = str(e)
+        log(f"case {name}: skipped ({e})")
+        return case
+    except BenchError as e:
+        case["error"] = str(e)
+        log(f"case {name}: FAILED to start: {e}")
+        return case
+    case["notes"] += notes
+    case["path"] = path
+    try:
+        check_answer(server, path)
+        if args.quiet_wait > 0:
+            case["quiet"] = wait_quiet(bench, args.quiet_wait)
+        warm = bench.run_wrk(server.port, path, 32, WARMUP_SECONDS)
+        case["warmup"] = {"requests": warm["requests"], "errors": warm["errors"]}
+        for n in range(1, args.passes + 1):
+            for connections in CONCURRENCIES:
+                roots = [server.pid] if server is bench.free_server else [server.pid, bench.free_server.pid]
+                before = cpu_snapshot(roots)
+                run = bench.run_wrk(server.port, path, connections, args.duration)
+                used = cpu_used(before, cpu_snapshot(roots))
+                mine, wall = used["servers"][server.pid], used["wall"]
+                run["pass"] = n
+                run["server_cpu_pct"] = round(100 * mine / wall, 1)
+                run["cpu_us_per_request"] = round(1e6 * mine / run["requests"], 1) if run["requests"] else None
+                run["machine_busy_pct"] = round(100 * used["machine"] / wall / (os.cpu_count() or 1), 1)
+                # What neither the server, the free model, wrk nor this script used: someone else's load.
+                other = used["machine"] - used["trees"] - used["wrk"] - used["self"]
+                run["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
+                case["runs"].append(run)
+                flag = f"  ERRORS: {show_errors(run['errors'])}" if run["errors"] else ""
+                log(f"  pass {n} c{connections}: {run['rps']:.0f} req/s, p50 {run.get('p50_ms', 0):.3f} ms, "
+                    f"p99 {run.get('p99_ms', 0):.3f} ms, server CPU {run['server_cpu_pct']:.0f}% "
+                    f"({run['cpu_us_per_request'] or 0:.0f} us/req), other load {run['other_cpu_pct']:.0f}%{flag}")
+        server.remember()
+        peak, pids = memory_mb(server.pid, "VmHWM")
+        case["peak_rss_mb"] = round(peak, 1)
+        case["pids"] = {pid: cmdline(pid)[:200] for pid in pids}
+        if not server.alive():
+            case["error"] = f"{server.name} exited during the case:\n{server.log_tail()}"
+    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+        case["error"] = str(e)
+        log(f"case {name}: FAILED: {e}")
+    finally:
+        if server is not bench.free_server:
+            bench.stop(server)
+    for connections in CONCURRENCIES:
+        runs = [run for run in case["runs"] if run["connections"] == connections]
+        if not runs:
+            continue
+        case["summary"][str(connections)] = {
+            "rps": statistics.median(run["rps"] for run in runs),
+            "p50_ms": statistics.median(run.get("p50_ms", 0.0) for run in runs),
+            "p99_ms": statistics.median(run.get("p99_ms", 0.0) for run in runs),
+            "requests": sum(run["requests"] for run in runs),
+            "server_cpu_pct": statistics.median(run["server_cpu_pct"] for run in runs),
+            "cpu_us_per_request": statistics.median(run["cpu_us_per_request"] or 0 for run in runs),
+            "other_cpu_pct_max": max(run["other_cpu_pct"] for run in runs),
+            "errors": {},
+        }
+        for run in runs:
+            add_errors(case["summary"][str(connections)]["errors"], run["errors"])
+    for run in case["runs"]:
+        if not run["errors"]:
+            run.pop("raw", None)  # wrk's own text is kept only for runs with errors
+    return case
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def memory_idle_models(bench: Bench) -> dict:
+    free_url = f"http://127.0.0.1:{bench.free_port}/"
+    ids = [f"m{n:03d}" for n in range(MODELS_FOR_IDLE)]
+    log(f"memory: aibackend with {MODELS_FOR_IDLE} HTTP models")
+    server = bench.start_aibackend("mem-100-models", "\n".join(http_model(i, free_url) for i in ids))
+    try:
+        failures = 0
+        for model_id in ids:
+            status, _ = request(server.port, "POST", f"/post/predict?id={model_id}", BODY)
+            failures += status != 200
+        time.sleep(1)
+        rss, pids = memory_mb(server.pid, "VmRSS")
+        return {"models": len(ids), "requests": len(ids), "failed_requests": failures,
+                "rss_mb": round(rss, 1), "processes": len(pids)}
+    finally:
+        bench.stop(server)
+
+
+def memory_soak(bench: Bench, total_wanted: int) -> dict:
+    free_url = f"http://127.0.0.1:{bench.free_port}/"
+    log(f"memory: aibackend-http over {total_wanted:,} requests (wrk -c32)")
+    server = bench.start_aibackend("mem-soak", http_model("free", free_url))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        for _ in range(100):  # a few requests first: "before" is a daemon that has served
+            conn.request("POST", "/post/predict?id=free", body=BODY, headers={"Content-Type": "application/json"})
+            conn.getresponse().read()
+        conn.close()
+        time.sleep(1)
+        before, _ = memory_mb(server.pid, "VmRSS")
+        done, errors, runs, samples = 0, {}, 0, []
+        started = time.monotonic()
+        chunk = 10
+        while done < total_wanted:
+            result = bench.run_wrk(server.port, "/post/predict?id=free", 32, chunk)
+            done += result["requests"]
+            add_errors(errors, result["errors"])
+            runs += 1
+            rss, _ = memory_mb(server.pid, "VmRSS")
+            samples.append([done, round(rss, 1)])
+            rate = done / max(time.monotonic() - started, 0.001)
+            left = total_wanted - done
+            log(f"  soak: {done:,} requests, RSS {rss:.1f} MB, {rate:.0f} req/s"
+                + (f", ERRORS: {show_errors(errors)}" if errors else ""))
+            if result["requests"] == 0:
+                raise BenchError("the soak's wrk run completed no request")
+            chunk = max(1, min(60, int(left / max(result["rps"], 1)) + 1))
+        elapsed = time.monotonic() - started
+        time.sleep(1)
+        after, _ = memory_mb(server.pid, "VmRSS")
+        peak, _ = memory_mb(server.pid, "VmHWM")
+        return {"requests": done, "wanted": total_wanted, "wrk_runs": runs, "elapsed_s": round(elapsed, 1),
+                "rps": round(done / elapsed, 1), "errors": errors, "rss_before_mb": round(before, 1),
+                "rss_after_mb": round(after, 1), "growth_mb": round(after - before, 1),
+                "peak_rss_mb": round(peak, 1), "samples": samples}
+    finally:
+        bench.stop(server)
+
+
+def read_answer(sock: socket.socket) -> int:
+    """Read one whole HTTP answer (Content-Length framed); its status."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before an answer")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed in the middle of an answer")
+        rest += chunk
+    return status
+
+
+def still_open(sockets: list[socket.socket]) -> int:
+    poller = select.poll()
+    for s in sockets:
+        poller.register(s, select.POLLIN | select.POLLERR | select.POLLHUP)
+    ready = {fd for fd, _ in poller.poll(0)}
+    closed = 0
+    for s in sockets:
+        if s.fileno() not in ready:
+            continue
+        try:
+            if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    return len(sockets) - closed
+
+
+def metric_value(text: str, name: str):
+    match = re.search(rf"^{name}(?:{{[^}}]*}})?\s+([0-9.eE+-]+)\s*$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count + 512
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    note = None
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        note = f"the open-files hard limit ({hard}) allows only {soft - 512} connections"
+        count = max(0, soft - 512)
+    free_url = f"http://127.0.0.1:{bench.free_port}/"
+    log(f"memory: {count:,} idle keep-alive connections to aibackend")
+    server = bench.start_aibackend(
+        "mem-connections", http_model("free", free_url),
+        server_toml="max_connections = 20000\nidle_timeout = 300\n",
+    )
+    sockets: list[socket.socket] = []
+    try:
+        status, _ = request(server.port, "POST", "/post/predict?id=free", BODY)
+        time.sleep(0.5)
+        baseline, _ = memory_mb(server.pid, "VmRSS")
+        probe = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        started = time.monotonic()
+        failed, first_error = 0, None
+        for start in range(0, count, CONNECT_BATCH):
+            batch = []
+            for _ in range(min(CONNECT_BATCH, count - start)):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.settimeout(15)
+                try:
+                    s.connect(("127.0.0.1", server.port))
+                    s.sendall(probe)
+                    batch.append(s)
+                except OSError as e:
+                    failed += 1
+                    first_error = first_error or str(e)
+                    s.close()
+            for s in batch:
+                try:
+                    if read_answer(s) == 200:
+                        sockets.append(s)
+                        continue
+                    failed += 1
+                except (OSError, ValueError, IndexError) as e:
+                    failed += 1
+                    first_error = first_error or str(e)
+                s.close()
+        opened_s = time.monotonic() - started
+        log(f"  {len(sockets):,} connections open in {opened_s:.1f} s ({failed} failed); holding {hold:g} s")
+        time.sleep(hold)
+        fresh_live, _ = request(server.port, "GET", "/health/live")
+        fresh_predict, _ = request(server.port, "POST", "/post/predict?id=free", BODY)
+        _, metrics = request(server.port, "GET", "/metrics")
+        held_rss, _ = memory_mb(server.pid, "VmRSS")
+        open_now = still_open(sockets)
+        result = {
+            "wanted": count, "opened": len(sockets), "failed": failed, "first_error": first_error,
+            "open_seconds": round(opened_s, 1), "held_seconds": hold, "still_open": open_now,
+            "daemon_open_connections": metric_value(metrics.decode(errors="replace"), "aibackend_open_connections"),
+            "fresh_live_status": fresh_live, "fresh_predict_status": fresh_predict,
+            "rss_before_mb": round(baseline, 1), "rss_held_mb": round(held_rss, 1),
+            "kb_per_connection": round((held_rss - baseline) * 1024 / max(len(sockets), 1), 2),
+        }
+        if note:
+            result["note"] = note
+        return result
+    finally:
+        for s in sockets:
+            s.close()
+        bench.stop(server)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def fmt(value, digits=2, suffix="") -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def rows_for(cases: list[dict]) -> list[dict]:
+    by_name = {case["name"]: case for case in cases}
+
+    def summary(name, connections):
+        return by_name.get(name, {}).get("summary", {}).get(str(connections))
+
+    rows = []
+    for case in cases:
+        if case.get("skipped") or (case.get("error") and not case["summary"]):
+            rows.append({"case": case["name"], "concurrency": None,
+                         "note": case.get("skipped") or "FAILED: " + first_line(case["error"])})
+            continue
+        for connections in CONCURRENCIES:
+            s = summary(case["name"], connections)
+            if not s:
+                continue
+            direct = summary("direct", 1)
+            nginx, aio = summary("nginx-proxy", connections), summary("aiohttp-proxy", connections)
+            rows.append({
+                "case": case["name"], "concurrency": connections, "rps": round(s["rps"], 1),
+                "p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3),
+                "added_p50_ms": round(s["p50_ms"] - direct["p50_ms"], 3) if connections == 1 and direct else None,
+                "peak_rss_mb": case.get("peak_rss_mb"),
+                "vs_nginx_proxy": round(s["rps"] / nginx["rps"], 3) if nginx and nginx["rps"] else None,
+                "vs_aiohttp_proxy": round(s["rps"] / aio["rps"], 3) if aio and aio["rps"] else None,
+                "server_cpu_pct": s.get("server_cpu_pct"), "cpu_us_per_request": s.get("cpu_us_per_request"),
+                "other_cpu_pct_max": s.get("other_cpu_pct_max"),
+                "errors": s["errors"],
+                "note": "; ".join(case["notes"] + (["ERROR: " + first_line(case["error"])]
+                                                   if case.get("error") else [])),
+            })
+    return rows
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    out = [
+        f"# aibackend benchmark, {meta['started']}",
+        "",
+        f"{meta['duration_s']} s per run, {meta['passes']} passes (medians), wrk -t1 -c1 and -t2 -c32, "
+        f"1 s warm-up; POST {BODY.decode()}. Machine: {meta['cpus']} CPUs, {meta['kernel']}; "
+        f"aibackend {meta['git_commit'][:12]}{' (with uncommitted changes)' if meta['git_dirty'] else ''}."
+        + (" **Quick run.**" if meta["quick"] else ""),
+        "",
+        "| case | conc | req/s | p50 ms | p99 ms | added p50 vs direct @c1 (ms) | peak RSS MB "
+        "| × nginx-proxy | × aiohttp-proxy | errors | server CPU % | CPU µs/req | other load % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in results["rows"]:
+        if row["concurrency"] is None:
+            out.append(f"| {row['case']} | — | — | — | — | — | — | — | — | {row['note']} | — | — | — |")
+            continue
+        errors = f"**⚠ {show_errors(row['errors'])}**" if row["errors"] else "0"
+        name = f"**⚠ {row['case']}**" if row["errors"] else row["case"]
+        other = row["other_cpu_pct_max"]
+        disturbed = " ‡" if other is not None and other > OTHER_LOAD_FLAG else ""
+        out.append(
+            f"| {name} | {row['concurrency']} | {fmt(row['rps'], 0)}{disturbed} | {fmt(row['p50_ms'], 3)} "
+            f"| {fmt(row['p99_ms'], 3)} | {fmt(row['added_p50_ms'], 3)} | {fmt(row['peak_rss_mb'], 1)} "
+            f"| {fmt(row['vs_nginx_proxy'], 2, '×')} | {fmt(row['vs_aiohttp_proxy'], 2, '×')} | {errors} "
+            f"| {fmt(row['server_cpu_pct'], 0)} | {fmt(row['cpu_us_per_request'], 0)} | {fmt(other, 0)}{disturbed} |"
+        )
+    memory = results.get("memory") or {}
+    if memory:
+        out += ["", "## Memory (aibackend, one process, RSS = VmRSS of the daemon's own processes)", "",
+                "| measurement | value |", "| --- | --- |"]
+        idle = memory.get("idle_100_models")
+        if isinstance(idle, dict) and "rss_mb" in idle:
+            out.append(f"| idle, {idle['models']} HTTP models registered (after {idle['requests']} requests"
+                       f"{', ⚠ ' + str(idle['failed_requests']) + ' failed' if idle['failed_requests'] else ''}) "
+                       f"| {idle['rss_mb']:.1f} MB |")
+        soak = memory.get("soak")
+        if isinstance(soak, dict) and "rss_before_mb" in soak:
+            flag = f" **⚠ errors: {show_errors(soak['errors'])}**" if soak["errors"] else ""
+            out += [
+                f"| aibackend-http, 1 model, after 100 requests | {soak['rss_before_mb']:.1f} MB |",
+                f"| same daemon after {soak['requests']:,} more requests (wrk -c32, {soak['rps']:,.0f} req/s, "
+                f"{soak['wrk_runs']} wrk runs){flag} | {soak['rss_after_mb']:.1f} MB "
+                f"(growth {soak['growth_mb']:+.1f} MB; peak {soak['peak_rss_mb']:.1f} MB) |",
+            ]
+        conns = memory.get("idle_connections")
+        if isinstance(conns, dict) and "rss_held_mb" in conns:
+            fresh_ok = conns["fresh_live_status"] == 200 and conns["fresh_predict_status"] == 200
+            out += [
+                f"| {conns['opened']:,} idle keep-alive connections held ({conns['wanted']:,} wanted"
+                f"{', ' + str(conns['failed']) + ' failed' if conns['failed'] else ''}), before → held "
+                f"| {conns['rss_before_mb']:.1f} → {conns['rss_held_mb']:.1f} MB "
+                f"({conns['kb_per_connection']:.1f} KB per connection) |",
+                f"| connections still open after {conns['held_seconds']:g} s idle "
+                f"(daemon's aibackend_open_connections) | {conns['still_open']:,} "
+                f"({fmt(conns['daemon_open_connections'], 0)}) |",
+                f"| a fresh request while they are held | "
+                f"{'200' if fresh_ok else '**⚠ '}"
+                f"{'' if fresh_ok else 'live ' + str(conns['fresh_live_status']) + ', predict ' + str(conns['fresh_predict_status']) + '**'} |",
+            ]
+        for key, value in memory.items():
+            if isinstance(value, dict) and "error" in value:
+                out.append(f"| {key} | **FAILED**: {first_line(value['error'])} |")
+    out += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
+    out += ["", "Cases:", ""] + [f"- `{name}`: {text}" for name, text in CASES.items()]
+    return "\n".join(out) + "\n"
+
+
+def write_results(results: dict, results_dir: str) -> tuple[str, str]:
+    os.makedirs(results_dir, exist_ok=True)
+    stamp = results["meta"]["stamp"]
+    text = markdown(results)
+    data = json.dumps(results, indent=2, sort_keys=False) + "\n"
+    paths = []
+    for base in (stamp, "latest"):
+        for suffix, content in ((".json", data), (".md", text)):
+            path = os.path.join(results_dir, base + suffix)
+            with open(path + ".tmp", "w") as f:
+                f.write(content)
+            os.replace(path + ".tmp", path)
+            paths.append(path)
+    return paths[2], paths[3]
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    env = os.environ
+    quick_env = env.get("BENCH_QUICK", "").strip().lower() not in ("", "0", "no", "false")
+    parser = argparse.ArgumentParser(description="aibackend's benchmark (see bench/README.md).")
+    parser.add_argument("--quick", action="store_true", default=quick_env,
+                        help=f"a short run: {QUICK_DURATION} s runs, a {QUICK_SOAK:,}-request soak (or BENCH_QUICK=1)")
+    parser.add_argument("--duration", type=int, default=None,
+                        help=f"seconds per wrk run (BENCH_DURATION; default {DEFAULT_DURATION}, {QUICK_DURATION} quick)")
+    parser.add_argument("--passes", type=int, default=PASSES, help="passes over both concurrencies (default 2)")
+    parser.add_argument("--soak-requests", type=int, default=None,
+                        help=f"requests of the memory soak (BENCH_SOAK_REQUESTS; default {DEFAULT_SOAK:,}, "
+                             f"{QUICK_SOAK:,} quick; 0 skips it)")
+    parser.add_argument("--connections", type=int, default=IDLE_CONNECTIONS,
+                        help=f"idle keep-alive connections to hold (default {IDLE_CONNECTIONS:,}; 0 skips it)")
+    parser.add_argument("--hold", type=float, default=None,
+                        help="seconds the idle connections are held before they are counted (default 5, 2 quick)")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated cases to run (default: all; direct always runs)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
+    parser.add_argument("--quiet-wait", type=float, default=None,
+                        help="before each case, seconds to wait at most for other processes to leave the CPUs "
+                             f"(under {QUIET_LOAD:g}%% of a core; default 30, 5 quick, 0 does not wait)")
+    parser.add_argument("--results-dir", default=RESULTS, help="where to write the results (default bench/results)")
+    parser.add_argument("--twistd", default=os.path.join(os.path.dirname(sys.executable), "twistd"),
+                        help="the twistd to start (default: the one beside this python)")
+    parser.add_argument("--nginx", default=None, help="the nginx binary (default: found on PATH or /usr/sbin)")
+    parser.add_argument("--wrk", default=None, help="the wrk binary (default: found on PATH)")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for a look")
+    args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = int(env.get("BENCH_DURATION") or (QUICK_DURATION if args.quick else DEFAULT_DURATION))
+    if args.soak_requests is None:
+        default = QUICK_SOAK if args.quick else DEFAULT_SOAK
+        args.soak_requests = int(env.get("BENCH_SOAK_REQUESTS") or default)
+        if args.quick and "BENCH_SOAK_REQUESTS" in env:
+            args.soak_requests = min(args.soak_requests, QUICK_SOAK)
+    if args.quiet_wait is None:
+        args.quiet_wait = 5.0 if args.quick else 30.0
+    if args.duration < 1 or args.passes < 1:
+        parser.error("--duration and --passes must be at least 1")
+    wanted = [name.strip() for name in args.cases.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    args.cases = [name for name in CASES if name in wanted or name == "direct"]
+    return args
+
+
+def check_tools(args) -> None:
+    args.wrk = args.wrk or find_tool("wrk")
+    args.nginx = args.nginx or find_tool("nginx")
+    missing = [name for name, path in (("wrk", args.wrk), ("nginx", args.nginx)) if not path]
+    if missing:
+        sys.exit(
+            f"bench: {' and '.join(missing)} not found. The benchmark needs both (wrk drives the load, nginx is "
+            "the free model and the native proxy). On Debian: apt-get install wrk nginx-light "
+            "(`make bench` does this when run as root or with sudo); or pass --wrk/--nginx PATH."
+        )
+    if not os.access(args.twistd, os.X_OK):
+        sys.exit(f"bench: no twistd at {args.twistd}: run this with the project's venv python (make bench)")
+    try:
+        subprocess.run([sys.executable, "-c", "import aiohttp"], check=True, capture_output=True, timeout=60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        sys.exit(f"bench: aiohttp is not installed in {sys.executable}'s environment: "
+                 f"{sys.executable} -m pip install aiohttp (make bench does it)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_tools(args)
+
+    def stop_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Interruptible even when started in the background of a script (where SIGINT starts out ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop_signal)
+    signal.signal(signal.SIGHUP, stop_signal)
+
+    started = time.time()
+    now = datetime.datetime.now().astimezone()
+    results = {
+        "meta": {
+            "started": now.strftime("%Y-%m-%d %H:%M:%S %Z"), "stamp": now.strftime("%Y%m%d-%H%M%S"),
+            "quick": args.quick, "duration_s": args.duration, "passes": args.passes,
+            "warmup_s": WARMUP_SECONDS, "concurrencies": list(CONCURRENCIES), "body": BODY.decode(),
+            "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "wrk": version_of([args.wrk, "-v"]), "nginx": version_of([args.nginx, "-v"]),
+            "aiohttp": version_of([sys.executable, "-c", "import aiohttp; print(aiohttp.__version__)"]),
+            "twisted": version_of([sys.executable, "-c", "import twisted; print(twisted.__version__)"]),
+            "git_commit": git("rev-parse", "HEAD") or "?",
+            "git_dirty": bool(git("status", "--porcelain", "--", "aibackend", "twisted", "setup.py")),
+        },
+        "cases": [], "rows": [], "memory": {}, "notes": [],
+    }
+    processes_flag = has_processes_flag(args.twistd)
+    results["meta"]["processes_flag"] = processes_flag
+    bench = Bench(args)
+    failed = False
+    interrupted = False
+    try:
+        log(f"temp dir {bench.tmp}; {args.duration} s runs, {args.passes} passes; cases: {', '.join(args.cases)}")
+        bench.free_server = bench.start_nginx("direct", NGINX_FREE)
+        bench.free_port = bench.free_server.port
+        for name in args.cases:
+            case = run_case(bench, name, processes_flag)
+            results["cases"].append(case)
+            failed |= bool(case.get("error"))
+        if not args.no_memory:
+            steps = [("idle_100_models", lambda: memory_idle_models(bench))]
+            if args.soak_requests > 0:
+                steps.append(("soak", lambda: memory_soak(bench, args.soak_requests)))
+            if args.connections > 0:
+                hold = args.hold if args.hold is not None else (2.0 if args.quick else 5.0)
+                steps.append(("idle_connections", lambda: memory_idle_connections(bench, args.connections, hold)))
+            for key, step in steps:
+                try:
+                    results["memory"][key] = step()
+                except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+                    log(f"memory {key}: FAILED: {e}")
+                    results["memory"][key] = {"error": str(e)}
+                    failed = True
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: stopping everything")
+    except BenchError as e:
+        failed = True
+        log(f"FAILED: {e}")
+        results["notes"].append(f"the run stopped early: {e}")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        bench.cleanup()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        log("interrupted: no results written")
+        return 130
+
+    results["meta"]["elapsed_s"] = round(time.time() - started, 1)
+    results["rows"] = rows_for(results["cases"])
+    notes = results["notes"]
+    notes.append(f"2-core machine: wrk, the free model (nginx, 1 worker) and the server under test share the "
+                 f"CPUs; nginx-proxy runs 1 worker and the aiohttp proxy 1 process, like aibackend without "
+                 f"--processes. Load average at start: {results['meta']['load_average_at_start']}.")
+    notes.append("aiohttp-proxy runs on asyncio's default event loop (no uvloop), as aibackend runs on "
+                 "Twisted's default epoll reactor.")
+    notes.append(f"aibackend-raw uses workers = {RAW_WORKERS} (a raw process takes one request at a time); "
+                 f"aibackend-jsonl uses one process with max_inflight = {JSONL_INFLIGHT}, so requests pipeline.")
+    notes.append("peak RSS = sum of VmHWM of the server's own processes (nginx master + worker, the aiohttp "
+                 "process, twistd and its worker processes), not the models aibackend starts.")
+    if not processes_flag:
+        notes.append("`--processes` is not available in this aibackend (`twistd aibackend --help` does not "
+                     "list it): the -p2 cases were skipped.")
+    disturbed = [f"{row['case']} c{row['concurrency']} ({row['other_cpu_pct_max']:.0f}%)" for row in results["rows"]
+                 if row.get("other_cpu_pct_max") is not None and row["other_cpu_pct_max"] > OTHER_LOAD_FLAG]
+    notes.append("server CPU % = CPU time of the server's own processes (models excluded) over the run, in % of "
+                 "one core; CPU µs/req = that time per request (steadier than req/s on a shared machine); "
+                 "other load % = the most CPU, in % of one core, used during a run by processes that are none "
+                 "of the benchmark's (not the server, its models, the free model, wrk or run.py).")
+    if disturbed:
+        notes.append(f"‡ disturbed: other processes used over {OTHER_LOAD_FLAG:g}% of a core during "
+                     f"{', '.join(disturbed)}; those numbers understate what the server can do.")
+    for case in results["cases"]:
+        if case["notes"]:
+            notes.append(f"{case['name']}: {'; '.join(case['notes'])}.")
+        if any(run["errors"] for run in case["runs"]):
+            notes.append(f"⚠ {case['name']} had errors under load (see the errors column and the JSON's runs).")
+        if case.get("error"):
+            notes.append(f"⚠ {case['name']} failed: {first_line(case['error'])}")
+    notes.append(f"total run time {results['meta']['elapsed_s']:.0f} s.")
+    json_path, md_path = write_results(results, args.results_dir)
+    print(markdown(results))
+    log(f"written {os.path.relpath(json_path, ROOT)} and {os.path.relpath(md_path, ROOT)} "
+        f"(and a copy named {results['meta']['stamp']}); {results['meta']['elapsed_s']:.0f} s in all")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
