@@ -527,7 +527,8 @@ def _output_text(message: dict, line: bytes) -> bytes:
         prefix = b'{"id": ' + json.dumps(message["id"]).encode() + b', "output": '
         if line.startswith(prefix):
             return line[len(prefix):-1].strip()
-    return json.dumps(message["output"], allow_nan=False).encode()
+    # Read again with json: orjson, which read the line first, makes integers past 64 bits floats.
+    return json.dumps(json.loads(line)["output"], allow_nan=False).encode()
 
 
 def one_line(body: bytes) -> bytes:

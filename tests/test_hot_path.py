@@ -1,0 +1,252 @@
+"""
+The lean hot path (issue 8): the route past Klein answers as Klein's would, the HTTP
+model's Agent-level client, endpoints made once, JSON checked with orjson and a fallback,
+a jsonl answer passed on as the model wrote it, and access events that can be turned off.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hyperlink import DecodedURL
+from twisted.logger import globalLogPublisher
+from twisted.web.error import SchemeNotSupported
+from twisted.web.client import URI
+
+from aibackend import errors
+from aibackend.api import check_json, parse_json
+from aibackend.auth import Guard
+from aibackend.httpmodel import BytesProducer, EndpointCache, is_json, uri_bytes
+from aibackend.subprocess import _output_text
+from aibackend.testing import FakeModel, StubFrontDoor
+
+
+# --- POST /post/predict without Klein answers as through Klein ----------------------------------
+
+CASES = [
+    ("?id=m", b'{"a": 1}', {}),
+    ("?id=m", b"", {}),
+    ("?id=ghost", b"{}", {}),
+    ("", b"{}", {}),
+    ("?id=", b"{}", {}),
+    ("?id=m&id=n", b"{}", {}),
+    ("?id=" + "x" * 200, b"{}", {}),
+    ("?id=m", b'{"a": NaN}', {}),
+    ("?id=m", b"\xff\xfe", {}),
+    ("?id=m", b"{", {}),
+    ("?id=m", b"<xml/>", {"Content-Type": "application/xml"}),
+    ("?id=m?text=hi", b"{}", {}),
+    ("?id=%ff", b"{}", {}),
+]
+
+
+def answer_without_request_id(response):
+    body = response.json()
+    if isinstance(body.get("error"), dict):
+        body["error"].pop("request_id", None)
+    return response.status, body, response.header("Content-Type"), response.header("Allow")
+
+
+@pytest.mark.parametrize("query, body, headers", CASES)
+def test_the_fast_route_answers_as_the_klein_route_does(clock, query, body, headers):
+    # /POST/predict (the word in capitals) is the same operation, routed by Klein.
+    model = FakeModel("m", clock).answers(201, b'{"from": "the model"}')
+    door = StubFrontDoor(clock, [model])
+
+    fast = door.call("POST", "/post/predict" + query, data=body, headers=headers)
+    routed = door.call("POST", "/POST/predict" + query, data=body, headers=headers)
+
+    assert answer_without_request_id(fast) == answer_without_request_id(routed)
+    assert fast.header("X-Request-Id")
+
+
+def test_the_fast_route_checks_client_keys(clock):
+    guard = Guard(None, ["tcp:0:interface=127.0.0.1"], ["client-key-0123456789"])
+    model = FakeModel("m", clock).answers()
+    door = StubFrontDoor(clock, [model], guard=guard)
+
+    refused = door.call("POST", "/post/predict?id=m", data=b"{}")
+    allowed = door.call("POST", "/post/predict?id=m", data=b"{}",
+                        headers={"Authorization": "Bearer client-key-0123456789"})
+
+    assert refused.status == 401
+    assert refused.header("WWW-Authenticate") == 'Bearer realm="aibackend"'
+    assert allowed.status == 200
+    assert len(model.received) == 1
+
+
+def test_the_fast_route_answers_a_model_failure_as_the_error_shape(clock):
+    model = FakeModel("m", clock).fails(errors.GatewayTimeout("too slow", model="m"))
+    door = StubFrontDoor(clock, [model])
+
+    response = door.call("POST", "/post/predict?id=m", data=b"{}")
+
+    assert response.status == 504
+    assert response.json()["error"]["type"] == "gateway_timeout"
+    assert response.json()["error"]["request_id"] == response.header("X-Request-Id")
+
+
+def test_an_unexpected_failure_on_the_fast_route_is_a_logged_500(clock, logged_errors):
+    model = FakeModel("m", clock).fails(ZeroDivisionError("a bug"))
+    door = StubFrontDoor(clock, [model])
+
+    response = door.call("POST", "/post/predict?id=m", data=b"{}")
+
+    assert response.status == 500
+    assert response.json()["error"]["type"] == "internal_error"
+    assert logged_errors.flush(ZeroDivisionError)
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+
+def test_values_are_read_exactly():
+    # orjson reads integers past 64 bits as floats: values that are used are read with json.
+    assert parse_json(b'{"n": 123456789012345678901234567890}') == {"n": 123456789012345678901234567890}
+    check_json(b'{"n": 123456789012345678901234567890}')
+    check_json(b"1e400")  # json reads it (as infinity), so it is taken as before
+
+
+@pytest.mark.parametrize("check", [check_json, parse_json])
+@pytest.mark.parametrize("body, words", [
+    (b'{"a": NaN}', "NaN is not valid JSON"),
+    (b'{"a": Infinity}', "Infinity is not valid JSON"),
+    (b"\xff", "not UTF-8"),
+    (b'{"a": 1', "line 1 column 8"),
+])
+def test_bad_request_bodies_keep_jsons_messages(check, body, words):
+    with pytest.raises(errors.BadRequest) as raised:
+        check(body)
+    assert words in raised.value.message
+
+
+def test_is_json_takes_what_json_takes():
+    assert is_json(b'{"a": [1, 2.5, "x", null, true]}')
+    assert is_json(b"123456789012345678901234567890")
+    assert not is_json(b"<html>")
+    assert not is_json(b"")
+    assert not is_json(b"\xff")
+
+
+# --- the HTTP model's client ---------------------------------------------------------------------
+
+
+class Consumer:
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        self.written.append(data)
+
+
+def test_a_body_is_produced_in_one_write_with_its_length():
+    producer = BytesProducer(b'{"text": "hello"}')
+    consumer = Consumer()
+
+    d = producer.startProducing(consumer)
+
+    assert producer.length == 17
+    assert consumer.written == [b'{"text": "hello"}']
+    assert d.called
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("http://127.0.0.1:9001/echo", b"http://127.0.0.1:9001/echo"),
+    ("http://[::1]:8888/a b?x=é", b"http://[::1]:8888/a%20b?x=%C3%A9"),
+    ("http://exämple.com/p", b"http://xn--exmple-cua.com/p"),
+    ("https://api.example.com/v1/chat?key=a%2Fb", b"https://api.example.com/v1/chat?key=a%2Fb"),
+])
+def test_a_replica_url_is_encoded_once_as_a_request_target(text, expected):
+    assert uri_bytes(DecodedURL.from_text(text)) == expected
+
+
+def test_endpoints_are_made_once_per_scheme_host_and_port():
+    from twisted.internet import reactor
+
+    cache = EndpointCache(reactor, connect_timeout=3)
+
+    first = cache.endpointForURI(URI.fromBytes(b"http://127.0.0.1:9001/a"))
+    again = cache.endpointForURI(URI.fromBytes(b"http://127.0.0.1:9001/b?x=1"))
+    other_port = cache.endpointForURI(URI.fromBytes(b"http://127.0.0.1:9002/a"))
+    tls = cache.endpointForURI(URI.fromBytes(b"https://127.0.0.1:9001/a"))
+
+    assert first is again
+    assert other_port is not first
+    assert tls is not first
+    assert type(tls).__name__ != type(first).__name__  # TLS wraps the TCP endpoint
+
+
+def test_an_endpoint_for_another_scheme_is_refused():
+    with pytest.raises(SchemeNotSupported):
+        EndpointCache(None, connect_timeout=3).endpointForURI(URI.fromBytes(b"ftp://127.0.0.1:21/x"))
+
+
+# --- a jsonl answer passed on as written -----------------------------------------------------------
+
+
+def test_a_workers_answer_is_passed_on_byte_for_byte():
+    line = b'{"id": "r-1", "output": {"b": 1.50, "a": [1,2 ,3], "s": "\\u00e9"}}\n'
+
+    assert _output_text(json.loads(line), line) == b'{"b": 1.50, "a": [1,2 ,3], "s": "\\u00e9"}'
+
+
+@pytest.mark.parametrize("line", [
+    b'{"output": {"a": 1}, "id": "r-1"}',            # another key order
+    b'{"id":"r-1","output":{"a": 1}}',                # another spelling
+    b'{"id": "r-1", "output": {"a": 1}, "x": 2}',     # another key
+    b'{"id": "r-\\u0031", "output": {"a": 1}}',       # the id escaped
+])
+def test_an_answer_in_another_spelling_is_encoded_again(line):
+    assert json.loads(_output_text(json.loads(line), line)) == {"a": 1}
+
+
+def test_a_big_integer_in_an_answer_encoded_again_stays_exact():
+    line = b'{"output": 123456789012345678901234567890, "id": "r-1"}'
+
+    assert _output_text({"output": 1.2345678901234568e29, "id": "r-1"}, line) == b"123456789012345678901234567890"
+
+
+def test_an_output_that_holds_the_marker_is_not_cut_short():
+    line = b'{"id": "r-1", "output": "say \\", \\"output\\": " }'
+    message = json.loads(line)
+
+    assert json.loads(_output_text(message, line)) == message["output"]
+
+
+# --- access events ----------------------------------------------------------------------------------
+
+
+def access_events_during(function):
+    seen = []
+
+    def observer(event):
+        if event.get("log_namespace") == "aibackend.access":
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        function()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    return seen
+
+
+def test_access_events_say_the_line_and_keep_their_fields(clock):
+    door = StubFrontDoor(clock, [FakeModel("m", clock).answers()])
+
+    [event] = access_events_during(lambda: door.call("POST", "/post/predict?id=m&key=secret", data=b"{}",
+                                                      headers={"X-Request-Id": "r-7"}))
+
+    assert event["line"].startswith("127.0.0.1 POST /post/predict 200 ")
+    assert event["line"].endswith(" model=m request=r-7")
+    assert "secret" not in event["line"]
+    assert (event["method"], event["path"], event["status"], event["model"], event["operation"]) == (
+        "POST", "/post/predict", 200, "m", "predict")
+
+
+def test_access_events_can_be_turned_off(clock):
+    door = StubFrontDoor(clock, [FakeModel("m", clock).answers()])
+    door.site.access_log = False
+
+    assert access_events_during(lambda: door.call("POST", "/post/predict?id=m", data=b"{}")) == []
