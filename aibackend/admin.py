@@ -97,8 +97,10 @@ class ModelManager:
         # Models unloaded through the Open Inference Protocol's repository extension, with
         # what brings them back: id -> (spec, origin, table or None).
         self.unloaded: dict[str, tuple] = {}
-        # Called with the model id after each kept change (worker processes follow them).
+        # Called with the model id after each kept change, and after each restart (worker
+        # processes follow them).
         self.changed = []
+        self.restarted = []
 
     def _changed(self, model_id: str) -> None:
         for callback in self.changed:
@@ -301,6 +303,8 @@ class ModelManager:
         if pool is None or not hasattr(pool, "restart"):
             raise BadRequest(f"model {model_id!r} has no processes to restart", model=model_id)
         pool.restart()
+        for callback in self.restarted:
+            callback(model_id)
         return {"restarted": model_id, "model": describe(self.registry, model)}
 
 

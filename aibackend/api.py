@@ -455,6 +455,8 @@ class FrontDoor:
         def answered(answer):
             self._log_request(model, context.request_id, started, answer.status, None, operation)
             request.setResponseCode(answer.status)
+            for name, value in answer.headers.items():
+                request.responseHeaders.setRawHeaders(name, [value])
             return sized(request, answer.body)
 
         def failed(failure):
@@ -524,7 +526,8 @@ class FrontDoor:
     def status(self, request, request_id, params):
         model = self.registry.get(model_id_param(params))
         described = describe(self.registry, model)
-        described["spec"] = model.spec.public() if model.spec is not None else None
+        spec = getattr(model, "public_spec", model.spec)  # a worker's stand-in shows the model's own
+        described["spec"] = spec.public() if spec is not None else None
         described["log_entries"] = len(model.model_log)
         return sized(request, json.dumps(described).encode())
 

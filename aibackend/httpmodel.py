@@ -623,7 +623,13 @@ class HttpModel(Service):
             ) from None
         if status >= 400:
             self.failures += 1
-        return ModelAnswer(status=status, body=body)
+        headers = {}
+        if status in (429, 503):
+            # When to try again is the model's to say (and a worker's forwarded answer's).
+            retry_after = response.headers.getRawHeaders(b"retry-after")
+            if retry_after:
+                headers[b"Retry-After"] = retry_after[0]
+        return ModelAnswer(status=status, body=body, headers=headers)
 
     def _failed(self, failure, replica=None):
         if failure.check(ApiError):

@@ -44,7 +44,8 @@ class ModelAnswer:
     A model's answer: an HTTP status and a body that is known to be JSON text.
 
     The body is kept as the bytes the model sent, so that a passed-through answer is
-    never decoded and encoded again.
+    never decoded and encoded again. C{headers} are the few the client gets too (an
+    HTTP model's C{Retry-After} with a 429 or 503).
     """
 
     status: int

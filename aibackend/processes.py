@@ -12,16 +12,19 @@ owns the models:
   - a subprocess model's processes are started once, by the primary; a worker forwards
     the requests for it to the primary over a private loopback port. With C{per_process
     = true} in its configuration, each process starts its own pool instead;
-  - admin operations (addmodel, removemodel, restart, cleanlogs and the v2 repository)
-    are forwarded to the primary, which keeps the change and tells every worker, which
-    reads the change from the store and builds the same models. The worker that
-    forwarded the change does so before it answers.
+  - admin operations (addmodel, removemodel, restart and the v2 repository) are
+    forwarded to the primary, which keeps the change and tells every worker, which reads
+    the change from the store and builds the same models. The worker that forwarded the
+    change does so before it answers. A restart reaches the pools of per_process models
+    in every process.
+  - a worker learns the state of the models the primary runs (ready, starting, failed...)
+    by asking it every second, so its readiness answers are the primary's.
 
 Stopping the primary (SIGTERM, Ctrl-C) stops the workers first (each drains like the
 primary does), then the models. A worker whose primary dies ends too (its stdin closes,
 and on Linux it is sent SIGTERM).
 
-Logs, model logs and /metrics are per process.
+Logs, model logs (C{cleanlogs} too) and /metrics are per process.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from aibackend.httpmodel import HttpModel
 WORKER_ENV = "AIBACKEND_WORKER"
 PGROUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
 FIRST_INHERITED_FD = 3
-FORWARDED_HEADERS = (b"content-type", b"x-request-id", b"origin")
+FORWARDED_HEADERS = (b"content-type", b"origin")
 
 
 def parse_processes(text: str) -> int:
@@ -246,8 +249,9 @@ class ForwardedModel(HttpModel):
     front door over its private port.
     """
 
-    def __init__(self, spec, primary_port: int, token: str, **kwargs):
+    def __init__(self, spec, primary_port: int, token: str, states=None, **kwargs):
         self.original_spec = spec
+        self._states = states if states is not None else {}
         forwarded = config.HttpModelSpec(
             id=spec.id, type="http", log_entries=spec.log_entries, v2=spec.v2,
             url=f"http://127.0.0.1:{primary_port}/post/predict?id={spec.id}",
@@ -258,6 +262,15 @@ class ForwardedModel(HttpModel):
         super().__init__(forwarded, **kwargs)
         self.type_name = spec.type
 
+    @property
+    def state(self) -> str:
+        """The model's state in the primary, as last heard (starting until then)."""
+        return self._states.get(self.model_id, "starting")
+
+    @property
+    def public_spec(self):
+        return self.original_spec
+
     def describe(self) -> dict:
         described = super().describe()
         described["type"] = self.original_spec.type
@@ -267,17 +280,20 @@ class ForwardedModel(HttpModel):
         return described
 
 
-def worker_builder(settings, deps_for):
+def worker_builder(settings, deps_for, states):
     """
     How a worker builds a model: a subprocess model is forwarded to the primary (unless
     C{per_process}); an HTTP model's server process is left to the primary.
+
+    @param states: model id -> state in the primary (L{PrimaryStates}).
     """
     from aibackend.registry import default_build
 
     def build(spec, runtime):
         deps = deps_for(runtime)
         if isinstance(spec, config.SubprocessModelSpec) and not spec.per_process:
-            model = ForwardedModel(spec, settings["primary"], settings["token"], reactor=deps.reactor, pool=deps.pool)
+            model = ForwardedModel(spec, settings["primary"], settings["token"], states,
+                                   reactor=deps.reactor, pool=deps.pool)
         elif isinstance(spec, config.HttpModelSpec) and spec.process is not None:
             model = default_build(replace(spec, process=None), deps)
         else:
@@ -304,6 +320,9 @@ class Forwarder:
         from twisted.web.client import FileBodyProducer
 
         headers = Headers({b"authorization": [b"Bearer " + self.token.encode("ascii")]})
+        request_id = getattr(request, "aibackend_request_id", None)
+        if request_id is not None:
+            headers.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
         for name in FORWARDED_HEADERS:
             value = request.getHeader(name)
             if value is not None:
@@ -336,13 +355,17 @@ class ControlChannel(LineOnlyReceiver):
     delimiter = b"\n"
     log = Logger()
 
-    def __init__(self, resync, reactor):
+    def __init__(self, resync, reactor, restart=None):
         self.resync = resync
         self.reactor = reactor
+        self.restart = restart
 
     def lineReceived(self, line):
-        if line.strip() == b"sync":
+        word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
+        if word == "sync":
             self.resync()
+        elif word == "restart" and self.restart is not None:
+            self.restart(argument)
 
     def connectionLost(self, reason):
         if getattr(self.reactor, "running", False):
@@ -378,9 +401,10 @@ def new_token() -> str:
 class WorkerControl(service.Service):
     """A worker listens to its primary on stdin (L{ControlChannel})."""
 
-    def __init__(self, reactor, resync_now):
+    def __init__(self, reactor, resync_now, restart=None):
         self.reactor = reactor
         self.resync_now = resync_now
+        self.restart = restart
         self.stdio = None
 
     def startService(self):
@@ -389,7 +413,7 @@ class WorkerControl(service.Service):
 
         # stdout stays twistd's log: the channel writes nothing, so it gets /dev/null.
         self._devnull = os.open(os.devnull, os.O_WRONLY)
-        self.stdio = stdio.StandardIO(ControlChannel(self.resync_now, self.reactor), stdin=0,
+        self.stdio = stdio.StandardIO(ControlChannel(self.resync_now, self.reactor, self.restart), stdin=0,
                                       stdout=self._devnull, reactor=self.reactor)
 
     def stopService(self):
@@ -402,3 +426,70 @@ class WorkerControl(service.Service):
 
 class _Stopping:
     running = False
+
+
+def restart_local(registry, log):
+    """A worker's part of a restart: the pool of a per_process model runs here too."""
+
+    def restart(model_id: str) -> None:
+        if model_id not in registry:
+            return
+        model = registry.get(model_id)
+        if isinstance(model, ForwardedModel) or not hasattr(model, "restart"):
+            return
+        log.info("aibackend worker: restarting model {model} as the primary did", model=model_id)
+        model.restart()
+
+    return restart
+
+
+class PrimaryStates(service.Service):
+    """
+    A worker's view of the states of the models the primary runs: C{/get/models} on the
+    primary's private port, every second.
+    """
+
+    INTERVAL = 1.0
+    log = Logger()
+
+    def __init__(self, reactor, pool, port: int, token: str):
+        self.reactor = reactor
+        self.agent = Agent(reactor, pool=pool)
+        self.url = f"http://127.0.0.1:{port}/get/models".encode("ascii")
+        self.headers = Headers({b"authorization": [b"Bearer " + token.encode("ascii")]})
+        self.states: dict[str, str] = {}
+        self._loop = None
+        self._asking = None
+
+    def startService(self):
+        super().startService()
+        from twisted.internet.task import LoopingCall
+
+        self._loop = LoopingCall(self.ask)
+        self._loop.clock = self.reactor
+        self._loop.start(self.INTERVAL, now=True)
+
+    def ask(self):
+        if self._asking is not None:
+            return
+        d = self._asking = self.agent.request(b"GET", self.url, self.headers)
+        d.addCallback(readBody)
+        d.addCallback(self._heard)
+        d.addErrback(lambda failure: None)  # the primary is starting or stopping: ask again later
+
+        def done(result):
+            self._asking = None
+
+        d.addBoth(done)
+
+    def _heard(self, body: bytes) -> None:
+        models = json.loads(body).get("models", [])
+        self.states.clear()
+        self.states.update({model["id"]: model.get("state", "ready") for model in models})
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._asking is not None:
+            self._asking.cancel()

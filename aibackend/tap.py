@@ -298,9 +298,11 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     runtime_deps = ModelDeps(reactor=reactor, pool=make_pool(), environ=environ, destination_policy=policy)
     from aibackend import processes as multi
 
-    builder = None
+    builder = primary_states = None
     if worker is not None:
-        builder = multi.worker_builder(worker, lambda runtime: runtime_deps if runtime else deps)
+        primary_states = multi.PrimaryStates(reactor, deps.pool, worker["primary"], worker["token"])
+        builder = multi.worker_builder(worker, lambda runtime: runtime_deps if runtime else deps,
+                                       primary_states.states)
     registry = ModelRegistry(deps, runtime_deps, drain_timeout=config.server.drain_timeout, builder=builder)
     registry.setServiceParent(root)
     manager = ModelManager(
@@ -329,7 +331,8 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     if worker is not None:
         front_door.primary = multi.Forwarder(reactor, deps.pool, worker["primary"], worker["token"])
         front_door.resync = lambda: multi.resync(registry, config, store, manager.validate, Listener.log)
-        multi.WorkerControl(reactor, front_door.resync).setServiceParent(root)
+        multi.WorkerControl(reactor, front_door.resync, multi.restart_local(registry, Listener.log)).setServiceParent(root)
+        primary_states.setServiceParent(root)
         for fd, family in worker["fds"]:
             listener = multi.SharedListener(reactor, site, inherited=(fd, family))
             listener.setServiceParent(root)
@@ -343,6 +346,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
         workers = multi.WorkerProcesses(reactor, processes, worker_argv, shared, private, internal_token)
         workers.setServiceParent(root)
         manager.changed.append(lambda model_id: workers.notify("sync"))
+        manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
         root.workers = workers
         for listener in shared:
             listener.setServiceParent(root)

@@ -1,0 +1,748 @@
+"""
+C{twistd aibackend --processes N}: N reactor processes sharing the listening sockets and
+one registry (L{aibackend.processes}).
+
+The real daemon on a free loopback port, real model processes (examples/raw_model.py, the
+daemon-started examples/http_model_server.py), what a client sees over fresh HTTP
+connections, and what /proc says about the processes: who is whose child, who holds the
+listening socket, who is gone.
+
+Which process serves a connection is the kernel's choice; a test that needs one takes a
+connection pinned to it (L{Multi.connection_to}): the other processes are stopped
+(SIGSTOP) until /proc shows that the wanted one has accepted it, then continued (SIGCONT,
+always, in a finally), and the request is sent on that connection.
+
+Plain blocking tests; every wait has a deadline; every process a test saw is ended after it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from test_daemon import MODEL_SERVER, TWISTD, closed_port, run
+from test_runtime_daemon import PHOENIX, Daemon, Reply, config_text, write
+from test_subprocess_integration import alive, reaped, wait_until
+
+pytestmark = pytest.mark.timeout(40)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAW_MODEL = os.path.join(ROOT, "examples", "raw_model.py")
+TWISTD_MARK = "twisted.scripts.twistd"
+
+# Each model's processes are told apart by a tag on their command line (raw_model.py ignores it).
+SHARED_TAG = "tag-shared-model"
+OWN_TAG = "tag-per-process-model"
+
+# A raw model that answers after argv[1] seconds.
+SLOW = """
+import json, os, sys, time
+for line in sys.stdin:
+    time.sleep(float(sys.argv[1]))
+    print(json.dumps({"pid": os.getpid(), "slow": True}), flush=True)
+"""
+
+
+# --- /proc ---------------------------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rpartition(")")[2].split()
+
+
+def parent_of(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def start_time(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def children(pid: int) -> set[int]:
+    """The live (not zombie) children of C{pid}."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and parent_of(int(name)) == pid and alive(int(name)):
+            found.add(int(name))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def with_mark(pids, mark: str) -> set[int]:
+    return {pid for pid in pids if any(mark in part for part in cmdline(pid))}
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:["):-1]))
+    return inodes
+
+
+def _tcp_sockets():
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            yield fields[1], fields[2], fields[3], int(fields[9])
+
+
+def _loopback(port: int) -> str:
+    return f"0100007F:{port:04X}"
+
+
+def listening_inode(port: int) -> int:
+    """The inode of the socket listening on 127.0.0.1:C{port}."""
+    for local, _, state, inode in _tcp_sockets():
+        if local == _loopback(port) and state == "0A":
+            return inode
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def accepted_inode(port: int, client_port: int) -> int:
+    """The inode of the daemon's end of a connection (0 until a process has accepted it)."""
+    for local, remote, state, inode in _tcp_sockets():
+        if local == _loopback(port) and remote == _loopback(client_port):
+            return inode
+    return 0
+
+
+def stopped(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] in ("T", "t")
+
+
+@contextmanager
+def pids_stopped(pids):
+    """The processes stopped (SIGSTOP); continued (SIGCONT) whatever happens."""
+    pids = list(pids)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: all(stopped(pid) for pid in pids), 5, f"{pids} to stop")
+        yield
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+# --- the daemon -------------------------------------------------------------------------------------
+
+
+class Multi(Daemon):
+    """L{test_runtime_daemon.Daemon} with C{--processes}, and what /proc says about it."""
+
+    def workers(self) -> set[int]:
+        """The worker processes: the primary's children that run twistd."""
+        return with_mark(children(self.pid), TWISTD_MARK)
+
+    def worker(self) -> int:
+        (worker,) = self.workers()
+        return worker
+
+    def wait_workers(self, count: int, timeout: float = 10, exclude=()) -> set[int]:
+        found = set()
+
+        def enough():
+            found.clear()
+            found.update(self.workers() - set(exclude))
+            return len(found) == count
+
+        wait_until(enough, timeout, f"{count} worker process(es) (found {found})\n{self.output[-3000:]}")
+        return set(found)
+
+    def tagged(self, parent: int, tag: str) -> set[int]:
+        return with_mark(children(parent), tag)
+
+    def wait_tagged(self, parent: int, tag: str, count: int, timeout: float = 10) -> set[int]:
+        wait_until(lambda: len(self.tagged(parent, tag)) == count, timeout,
+                   f"{count} {tag} process(es) under {parent} (found {self.tagged(parent, tag)})")
+        return self.tagged(parent, tag)
+
+    def primary_stopped(self):
+        """The primary stopped: only the worker accepts connections meanwhile."""
+        return pids_stopped([self.pid])
+
+    def connection_to(self, pid: int) -> http.client.HTTPConnection:
+        """A connection that process C{pid} (the primary or a worker) has accepted."""
+        others = ({self.pid} | self.workers()) - {pid}
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+        with pids_stopped(others):
+            connection.connect()
+            client_port = connection.sock.getsockname()[1]
+            wait_until(lambda: accepted_inode(self.port, client_port) in socket_inodes(pid), 5,
+                       f"process {pid} to accept the connection")
+        return connection
+
+    def request_to(self, pid: int, method: str, path: str, body=None, headers=None) -> Reply:
+        """One request on a connection process C{pid} accepted."""
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            headers.setdefault("Content-Type", "application/json")
+        connection = self.connection_to(pid)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            connection.close()
+
+
+class Tracker:
+    """Every process a test saw, ended (SIGKILL) after it if it is still there."""
+
+    def __init__(self):
+        self.seen: dict[int, int | None] = {}
+
+    def add(self, pids) -> None:
+        for pid in pids:
+            self.seen.setdefault(pid, start_time(pid))
+
+    def kill_leftovers(self) -> list[int]:
+        killed = []
+        for pid, started in self.seen.items():
+            if started is not None and alive(pid) and start_time(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+        return killed
+
+
+@pytest.fixture
+def tracker():
+    tracker = Tracker()
+    yield tracker
+    tracker.kill_leftovers()
+
+
+def models_config(server_port: int, *more, **server) -> str:
+    """An HTTP model whose server the daemon starts, a forwarded subprocess model, a per_process one."""
+    return config_text(
+        {"id": "echo", "type": "http", "url": f"http://127.0.0.1:{server_port}/echo", "timeout": 10,
+         "command": [sys.executable, MODEL_SERVER, "--listen", f"tcp:{server_port}:interface=127.0.0.1"],
+         "health_path": "/health"},
+        {"id": "shared", "type": "subprocess", "protocol": "raw", "workers": 2, "timeout": 10,
+         "command": [sys.executable, RAW_MODEL, SHARED_TAG]},
+        {"id": "own", "type": "subprocess", "protocol": "raw", "workers": 1, "timeout": 10, "per_process": True,
+         "command": [sys.executable, RAW_MODEL, OWN_TAG]},
+        *more,
+        **server,
+    )
+
+
+def start_multi(directory, *more, tracker=None, **server) -> Multi:
+    """The daemon (models_config and C{more}) with two processes, once every process runs its models."""
+    server_port = closed_port()
+    path = write(directory / "multi.toml", models_config(server_port, *more, **server))
+    daemon = Multi(path, str(directory / "state"), "--processes", "2", cwd=str(directory))
+    try:
+        daemon.server_port = server_port
+        if tracker is not None:
+            tracker.add([daemon.pid])
+        (worker,) = daemon.wait_workers(1)
+        daemon.wait_tagged(daemon.pid, SHARED_TAG, 2)
+        daemon.wait_tagged(daemon.pid, OWN_TAG, 1)
+        daemon.wait_tagged(worker, OWN_TAG, 1)
+        wait_until(lambda: daemon.predict("echo", {"x": 1}).status == 200, 15, "the HTTP model server to answer")
+        if tracker is not None:
+            tracker.add(descendants(daemon.pid))
+    except BaseException:
+        daemon.terminate()
+        raise
+    return daemon
+
+
+def assert_no_traceback(daemon) -> None:
+    for sign in ("Traceback", "Unhandled error", "Unhandled Error"):
+        assert sign not in daemon.output, daemon.output
+
+
+# A model that fails at start (one crash is enough): the primary says it has failed.
+FAILED_MODEL = {"id": "dead", "type": "subprocess", "command": [sys.executable, "-c", "import sys; sys.exit(3)"],
+                "restart_backoff": 0.05, "max_backoff": 0.1, "max_restarts": 1, "min_uptime": 10}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """One daemon with two processes for the tests that leave it as they found it."""
+    tracker = Tracker()
+    daemon = start_multi(tmp_path_factory.mktemp("pair"), FAILED_MODEL, tracker=tracker,
+                         allowed_commands=[sys.executable])
+    try:
+        yield daemon
+    finally:
+        for pid in [daemon.pid, *daemon.workers()]:
+            os.kill(pid, signal.SIGCONT)
+        daemon.terminate()
+        tracker.kill_leftovers()
+    assert_no_traceback(daemon)
+
+
+def fresh_statuses(daemon, model_id: str, count: int = 20) -> list[int]:
+    """Predict C{count} times, each on a new connection."""
+    return [daemon.predict(model_id, {"numbers": [1]}).status for _ in range(count)]
+
+
+# --- 1. the processes ---------------------------------------------------------------------------------
+
+
+def test_two_processes_share_one_listening_socket(pair):
+    worker = pair.worker()
+    assert parent_of(worker) == pair.pid
+    assert TWISTD_MARK in " ".join(cmdline(worker))
+
+    inode = listening_inode(pair.port)
+    holders = {pid for pid in {pair.pid} | descendants(pair.pid) if inode in socket_inodes(pid)}
+    assert holders == {pair.pid, worker}
+
+
+def test_subprocess_models_run_once_unless_per_process(pair):
+    worker = pair.worker()
+
+    # The shared model's two processes are the primary's children only; the per_process
+    # model has its one process in each reactor process.
+    assert len(pair.tagged(pair.pid, SHARED_TAG)) == 2
+    assert with_mark(descendants(worker), SHARED_TAG) == set()
+    assert len(pair.tagged(pair.pid, OWN_TAG)) == 1
+    assert len(pair.tagged(worker, OWN_TAG)) == 1
+    # The HTTP model's server is started once, by the primary.
+    assert len(with_mark(children(pair.pid), MODEL_SERVER)) == 1
+    assert with_mark(descendants(worker), MODEL_SERVER) == set()
+
+
+# --- 2. both processes serve ------------------------------------------------------------------------------
+
+
+def test_the_worker_accepts_every_connection_while_the_primary_is_stopped(pair):
+    with pair.primary_stopped():
+        replies = [pair.predict("echo", {"n": n}, timeout=5) for n in range(20)]
+        own = [pair.predict("own", {"numbers": [n, 1]}, timeout=5) for n in range(5)]
+        status = pair.status("shared")
+
+    assert [reply.status for reply in replies] == [200] * 20, replies
+    assert [reply.json()["echo"] for reply in replies] == [{"n": n} for n in range(20)]
+    assert [reply.json() for reply in own] == [{"sum": n + 1, "count": 2} for n in range(5)]
+    assert status.json()["served_by"] == "the primary process"
+
+
+def test_both_processes_answer_fresh_connections(pair):
+    seen = set()
+    deadline = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < deadline:
+        reply = pair.status("shared")
+        assert reply.status == 200, reply
+        seen.add(reply.json().get("served_by", "itself"))
+    assert seen == {"the primary process", "itself"}
+
+
+def test_a_forwarded_model_answers_from_every_connection(pair):
+    answers = [pair.predict("shared", {"numbers": [n, 1]}) for n in range(40)]
+
+    assert [(reply.status, reply.json()) for reply in answers] == [(200, {"sum": n + 1, "count": 2})
+                                                                    for n in range(40)]
+
+
+def test_the_worker_forwards_a_subprocess_model_to_the_primary(pair):
+    reply = pair.request_to(pair.worker(), "POST", "/post/predict?id=shared", {"numbers": [2, 3]},
+                            {"X-Request-Id": "through-the-worker"})
+
+    assert reply.status == 200, reply
+    assert reply.json() == {"sum": 5, "count": 2}
+    assert reply.headers["x-request-id"] == "through-the-worker"
+
+
+def test_a_request_the_worker_took_waits_for_a_stopped_primary(pair):
+    result = {}
+
+    def ask():
+        result["reply"] = pair.predict("shared", {"numbers": [2, 3]}, timeout=20)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    with pair.primary_stopped():
+        asking.start()
+        time.sleep(0.5)
+        assert "reply" not in result  # the worker took it and waits for the primary
+    asking.join(15)
+
+    assert result["reply"].status == 200, result
+    assert result["reply"].json() == {"sum": 5, "count": 2}
+
+
+# --- 3. one registry ----------------------------------------------------------------------------------------
+
+
+def test_an_http_model_added_and_removed_is_seen_by_every_process(pair):
+    url = f"http://127.0.0.1:{pair.server_port}/echo"
+    added = pair.request("POST", f"/post/addmodel?id=rt-http&type=http&url={url}&timeout=5")
+    assert added.status == 201, added
+    assert fresh_statuses(pair, "rt-http") == [200] * 20
+
+    removed = pair.request("POST", "/post/removemodel?id=rt-http")
+    assert removed.status == 200, removed
+    assert fresh_statuses(pair, "rt-http") == [404] * 20
+
+
+@pytest.mark.parametrize("through", ["worker", "primary"])
+def test_a_change_made_through_either_process_is_followed_by_both(pair, through):
+    pid = pair.worker() if through == "worker" else pair.pid
+    model_id = f"via-{through}"
+    url = f"http://127.0.0.1:{pair.server_port}/echo"
+
+    added = pair.request_to(pid, "POST", f"/post/addmodel?id={model_id}&type=http&url={url}")
+    assert added.status == 201, added
+    assert fresh_statuses(pair, model_id) == [200] * 20
+
+    removed = pair.request_to(pid, "POST", f"/post/removemodel?id={model_id}")
+    assert removed.status == 200, removed
+    assert fresh_statuses(pair, model_id) == [404] * 20
+
+
+def test_runtime_subprocess_models_run_once_unless_per_process(pair):
+    worker = pair.worker()
+    shared_tag, own_tag = "tag-runtime-shared", "tag-runtime-own"
+    added = pair.request("POST", "/post/addmodel", {
+        "id": "rt-shared", "type": "subprocess", "protocol": "raw", "workers": 2,
+        "command": [sys.executable, RAW_MODEL, shared_tag]})
+    assert added.status == 201, added
+    added = pair.request("POST", "/post/addmodel", {
+        "id": "rt-own", "type": "subprocess", "protocol": "raw", "workers": 1, "per_process": True,
+        "command": [sys.executable, RAW_MODEL, own_tag]})
+    assert added.status == 201, added
+
+    assert fresh_statuses(pair, "rt-shared") == [200] * 20
+    assert fresh_statuses(pair, "rt-own") == [200] * 20
+    shared = pair.wait_tagged(pair.pid, shared_tag, 2)
+    own = pair.wait_tagged(pair.pid, own_tag, 1) | pair.wait_tagged(worker, own_tag, 1)
+    assert with_mark(descendants(worker), shared_tag) == set()
+
+    for model_id in ("rt-shared", "rt-own"):
+        removed = pair.request("POST", f"/post/removemodel?id={model_id}")
+        assert removed.status == 200, removed
+    assert fresh_statuses(pair, "rt-shared") == [404] * 20
+    assert fresh_statuses(pair, "rt-own") == [404] * 20
+    wait_until(lambda: not any(alive(pid) for pid in shared | own), 10, "the removed models' processes to end")
+
+
+def test_a_refused_change_through_the_worker_is_the_primarys_answer(pair):
+    worker = pair.worker()
+    url = f"http://127.0.0.1:{pair.server_port}/echo"
+
+    exists = pair.request_to(worker, "POST", f"/post/addmodel?id=echo&type=http&url={url}",
+                             headers={"X-Request-Id": "dup-1"})
+    shell = pair.request_to(worker, "POST", "/post/addmodel",
+                            {"id": "sh", "type": "subprocess", "command": ["/bin/sh", "-c", "cat"]})
+
+    assert exists.error(409, "conflict")["request_id"] == "dup-1"
+    assert "not in allowed_commands" in shell.json()["error"]["message"]
+    assert shell.status == 403
+    assert fresh_statuses(pair, "sh", 5) == [404] * 5
+
+
+def test_an_error_through_the_worker_has_one_request_id(pair):
+    url = f"http://127.0.0.1:{pair.server_port}/echo"
+
+    exists = pair.request_to(pair.worker(), "POST", f"/post/addmodel?id=echo&type=http&url={url}")
+
+    exists.error(409, "conflict")  # asserts the body's request_id is the X-Request-Id
+
+
+def test_v2_unload_and_load_through_the_worker(pair):
+    worker = pair.worker()
+    before = pair.tagged(pair.pid, SHARED_TAG)
+
+    unloaded = pair.request_to(worker, "POST", "/v2/repository/models/shared/unload", {})
+    assert unloaded.status == 200, unloaded
+    assert fresh_statuses(pair, "shared") == [404] * 20
+    index = pair.request_to(worker, "POST", "/v2/repository/index", {})
+    assert {"name": "shared", "state": "UNAVAILABLE", "reason": "unloaded"}.items() <= \
+        next(entry for entry in index.json() if entry["name"] == "shared").items()
+
+    loaded = pair.request_to(worker, "POST", "/v2/repository/models/shared/load", {})
+    assert loaded.status == 200, loaded
+    assert fresh_statuses(pair, "shared") == [200] * 20
+    after = pair.wait_tagged(pair.pid, SHARED_TAG, 2)
+    assert not after & before
+    assert with_mark(descendants(worker), SHARED_TAG) == set()
+
+
+# --- a model the primary runs, as a worker shows it ----------------------------------------------------------
+
+
+def test_the_primary_answers_503_with_retry_after_for_its_failed_model(pair):
+    reply = pair.request_to(pair.pid, "POST", "/post/predict?id=dead", {})
+    ready = pair.request_to(pair.pid, "GET", "/v2/models/dead/ready")
+
+    reply.error(503, "model_unavailable")
+    assert reply.headers.get("retry-after") == "60"
+    assert ready.status == 503, ready
+
+
+def test_the_worker_relays_retry_after_for_a_forwarded_failed_model(pair):
+    reply = pair.request_to(pair.worker(), "POST", "/post/predict?id=dead", {})
+
+    assert reply.status == 503, reply
+    assert reply.headers.get("retry-after") == "60"
+
+
+def test_the_worker_says_a_failed_forwarded_model_is_not_ready(pair):
+    ready = pair.request_to(pair.worker(), "GET", "/v2/models/dead/ready")
+
+    assert ready.status == 503, ready
+
+
+def test_the_worker_shows_a_forwarded_models_own_spec(pair):
+    status = pair.request_to(pair.worker(), "GET", "/get/status?id=shared")
+
+    assert status.status == 200, status
+    assert status.json()["spec"]["type"] == "subprocess", status.json()["spec"]
+
+
+# --- 4-6. stopping, and processes that die ---------------------------------------------------------------------
+
+
+def test_sigterm_ends_the_primary_the_worker_and_every_model_process(tmp_path, tracker):
+    daemon = start_multi(tmp_path, tracker=tracker)
+    everything = descendants(daemon.pid)
+    worker = daemon.worker()
+    assert len(everything) >= 6  # the worker, 2 shared, 2 own (one each), the HTTP model server
+
+    daemon.process.popen.send_signal(signal.SIGTERM)
+    status = daemon.process.wait_exit(15)
+
+    assert status in (0, -signal.SIGTERM), daemon.output
+    assert reaped(worker)
+    wait_until(lambda: not any(alive(pid) for pid in everything), 10,
+               f"every process to end (left: {[p for p in everything if alive(p)]})")
+    assert_no_traceback(daemon)
+
+
+def test_sigterm_lets_the_worker_finish_its_requests(tmp_path, tracker):
+    slow = write(tmp_path / "slow.py", SLOW)
+    daemon = start_multi(
+        tmp_path,
+        {"id": "slow-own", "type": "subprocess", "command": [sys.executable, slow, "1.5"], "per_process": True},
+        {"id": "slow-shared", "type": "subprocess", "command": [sys.executable, slow, "1.5"]},
+        tracker=tracker)
+    worker = daemon.worker()
+    results = {}
+
+    def ask(model_id, connection):
+        connection.request("POST", f"/post/predict?id={model_id}", body=b"{}")
+        response = connection.getresponse()
+        results[model_id] = (response.status, response.read())
+
+    askers = [threading.Thread(target=ask, args=(model_id, daemon.connection_to(worker)), daemon=True)
+              for model_id in ("slow-own", "slow-shared")]
+    for asker in askers:
+        asker.start()
+    time.sleep(0.5)  # both in flight in the worker
+    daemon.process.popen.send_signal(signal.SIGTERM)
+    for asker in askers:
+        asker.join(15)
+    status = daemon.process.wait_exit(15)
+
+    assert {model_id: code for model_id, (code, _) in results.items()} == {"slow-own": 200, "slow-shared": 200}, \
+        (results, daemon.output[-3000:])
+    assert status in (0, -signal.SIGTERM), daemon.output
+
+
+def test_a_killed_worker_is_replaced_and_the_new_one_serves(tmp_path, tracker):
+    daemon = start_multi(tmp_path, tracker=tracker)
+    try:
+        old = daemon.worker()
+        old_models = daemon.tagged(old, OWN_TAG)
+
+        os.kill(old, signal.SIGKILL)
+        (new,) = daemon.wait_workers(1, timeout=8, exclude={old})
+        tracker.add([new])
+        assert not alive(old)
+        daemon.wait_tagged(new, OWN_TAG, 1)
+        tracker.add(descendants(new))
+        wait_until(lambda: not any(alive(pid) for pid in old_models), 8, "the old worker's model processes to end")
+
+        assert listening_inode(daemon.port) in socket_inodes(new)
+        with daemon.primary_stopped():
+            replies = [daemon.predict("echo", {"n": n}, timeout=5) for n in range(10)]
+        assert [reply.status for reply in replies] == [200] * 10, replies
+        forwarded = daemon.request_to(new, "POST", "/post/predict?id=shared", {"numbers": [4]})
+        assert (forwarded.status, forwarded.json()) == (200, {"sum": 4, "count": 1}), forwarded
+    finally:
+        daemon.terminate()
+
+
+def test_a_killed_primary_takes_the_worker_and_the_models_with_it(tmp_path, tracker):
+    daemon = start_multi(tmp_path, tracker=tracker)
+    try:
+        everything = descendants(daemon.pid)
+        worker = daemon.worker()
+        port = daemon.port
+
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_until(lambda: not alive(worker), 8, "the worker to end")
+        wait_until(lambda: not any(alive(pid) for pid in everything), 8,
+                   f"every process to end (left: {[p for p in everything if alive(p)]})")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        daemon.terminate()
+
+
+def test_restart_brings_back_a_per_process_model_in_every_process(tmp_path, tracker):
+    phoenix = write(tmp_path / "phoenix.py", PHOENIX)
+    flag = tmp_path / "phoenix.flag"
+    daemon = start_multi(
+        tmp_path,
+        {"id": "phoenix", "type": "subprocess", "command": [sys.executable, phoenix, str(flag)], "per_process": True,
+         "restart_backoff": 0.05, "max_backoff": 0.1, "max_restarts": 1, "min_uptime": 10},
+        tracker=tracker)
+    try:
+        worker = daemon.worker()
+        for pid in (daemon.pid, worker):
+            wait_until(lambda: daemon.request_to(pid, "POST", "/post/predict?id=phoenix", {}).status == 503, 10,
+                       "the model to fail")
+        flag.write_text("")
+
+        restarted = daemon.request("POST", "/post/restart?id=phoenix")
+        assert restarted.status == 200, restarted
+
+        for pid in (daemon.pid, worker):
+            wait_until(lambda: daemon.request_to(pid, "POST", "/post/predict?id=phoenix", {}).status == 200, 4,
+                       f"the model to answer in process {pid}")
+    finally:
+        daemon.terminate()
+
+
+# --- 7. start-up ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arguments, wanted", [
+    (["--processes", "0"], "--processes must be from 1 to 256, got 0"),
+    (["--processes", "x"], "--processes is a number or auto, got 'x'"),
+    (["--processes", "2", "--listen", "unix:{tmp}/aibackend.sock"], "--processes shares TCP sockets only"),
+])
+def test_a_bad_processes_start_is_one_line_and_exit_1(tmp_path, arguments, wanted):
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    listen = [] if "--listen" in arguments else ["--listen", "tcp:0:interface=127.0.0.1"]
+    done = run([TWISTD, "--pidfile=", "-n", "aibackend", "--state", str(tmp_path / "state"), *listen, *arguments],
+               cwd=str(tmp_path))
+
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("aibackend: ") and wanted in lines[0], lines
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_processes_auto_starts_one_process_per_core(tmp_path, tracker):
+    path = write(tmp_path / "auto.toml", config_text())
+    daemon = Multi(path, str(tmp_path / "state"), "--processes", "auto", cwd=str(tmp_path))
+    tracker.add([daemon.pid])
+    try:
+        workers = daemon.wait_workers(max(1, os.cpu_count() or 1) - 1, timeout=15)
+        tracker.add(workers)
+        ready = daemon.request("GET", "/health/ready")
+        assert ready.status == 200, ready
+        assert ready.json()["status"] == "ready"
+    finally:
+        assert daemon.terminate() in (0, -signal.SIGTERM)
+
+
+# --- 8. without twistd -----------------------------------------------------------------------------------------
+
+
+def test_parse_processes():
+    from aibackend.processes import parse_processes
+
+    assert parse_processes("1") == 1
+    assert parse_processes("4") == 4
+    assert parse_processes("256") == 256
+    assert parse_processes("auto") == max(1, os.cpu_count() or 1)
+    for bad in ("0", "-2", "257", "x", "", "2.5"):
+        with pytest.raises(ValueError):
+            parse_processes(bad)
+
+
+def test_shared_address_takes_tcp_only():
+    from aibackend.processes import shared_address
+
+    reactor = object()  # parsing a description needs no reactor
+    family, host, port, backlog = shared_address(reactor, "tcp:8080:interface=127.0.0.1")
+    assert (family, host, port) == (socket.AF_INET, "127.0.0.1", 8080)
+    assert backlog > 0
+    assert shared_address(reactor, "tcp:8081")[:3] == (socket.AF_INET, "0.0.0.0", 8081)
+    assert shared_address(reactor, "tcp6:8082:interface=\\:\\:1")[:3] == (socket.AF_INET6, "::1", 8082)
+    assert shared_address(reactor, "tcp6:8083")[:3] == (socket.AF_INET6, "::", 8083)
+    with pytest.raises(ValueError, match="not tcp"):
+        shared_address(reactor, "unix:/tmp/aibackend.sock")
+
+
+def _subprocess_model(**fields):
+    return {"id": "m", "type": "subprocess", "command": ["/bin/cat"], **fields}
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_per_process_is_a_boolean(value):
+    from aibackend.config import parse_config
+
+    config = parse_config({"models": [_subprocess_model(per_process=value)]}, environ={})
+    assert config.models[0].per_process is value
+    assert config.models[0].public()["per_process"] is value
+    assert parse_config({"models": [_subprocess_model()]}, environ={}).models[0].per_process is False
+
+
+def test_per_process_that_is_not_a_boolean_is_named_by_key_path():
+    from aibackend.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"models": [_subprocess_model(per_process="yes")]}, environ={})
+    assert [path for path, message in caught.value.problems] == ["models[0].per_process"]
+    assert "must be true or false" in caught.value.problems[0][1]
