@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-import re
+import itertools
 import os
+import re
 
 MAX_REQUEST_ID = 200
 _GOOD_ID = re.compile(rb"^[\x21-\x7e]{1,200}$")
 
 
+_prefix = os.urandom(8).hex()
+_count = itertools.count(1)
+
+
+def _draw_again() -> None:
+    global _prefix, _count
+    _prefix, _count = os.urandom(8).hex(), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_draw_again)  # a forked process draws its own
+
+
 def new_request_id() -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex without building a UUID.
-    return os.urandom(16).hex()
+    """
+    32 hex digits, like C{uuid4().hex}: 64 random bits drawn once per process, then a
+    counter, so ids are unique without a system call for each request. Not secret: an id
+    is a label for finding a request in the logs.
+    """
+    return f"{_prefix}{next(_count):016x}"
 
 
 def request_id_from_headers(headers) -> str:

@@ -174,6 +174,11 @@ class AibackendSite(Site):
 
         def connectionMade():
             made()
+            # Each request asks its channel for the local address: one getsockname() call
+            # a request, for an answer that never changes on a connection.
+            if http.transport is not None:
+                host = http.transport.getHost()
+                http.getHost = lambda: host
             if limits.refuse:
                 limits.answer(503, "Service Unavailable", "model_unavailable",
                               f"the daemon holds its maximum of {self.max_connections} connections")
