@@ -28,6 +28,7 @@ setup(
         ],
         "bench": [
             "aiohttp>=3.9",  # the benchmark's Python peer (bench/aiohttp_proxy.py)
+            "py-spy>=0.3",  # profiles of the daemon under load (bench/README.md, "Profiling")
         ],
         "examples": [
             "scikit-learn>=1.3",  # the iris example model

@@ -199,7 +199,7 @@ class FrontDoor:
         # aibackend.processes.Forwarder), and what makes this process follow a change.
         self.primary = None
         self.resync = None
-        from aibackend.v2 import OpenInference
+        from aibackend.v2 import OpenInference  # here: aibackend.v2 imports this module
 
         self.open_inference = OpenInference(self)
         self._v2 = self.open_inference.resource()

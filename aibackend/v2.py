@@ -30,6 +30,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 import aibackend
 from aibackend import errors
+from aibackend.api import REFUSALS, parse_json
 from aibackend.interfaces import ModelAnswer, RequestContext
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
 
@@ -58,8 +59,6 @@ def _json(request, body, status: int = 200) -> bytes:
 
 def _body(request, *, empty=None):
     """The request body as JSON, whatever its Content-Type says (clients differ)."""
-    from aibackend.api import parse_json
-
     text = request.content.read().strip()
     if not text:
         if empty is None:
@@ -135,7 +134,7 @@ class OpenInference:
 
     def render_error(self, request, error: errors.ApiError) -> bytes:
         self.door.begin(request)
-        reason = {401: "unauthorized", 403: "forbidden", 503: "model_unavailable"}.get(error.status)
+        reason = REFUSALS.get(error.status)
         if reason is not None:
             self.door.metrics.refused(reason)
         for name, value in error.headers.items():
@@ -459,8 +458,6 @@ class OpenInference:
             config_text = parameters["config"]
             if not isinstance(config_text, str):
                 raise errors.BadRequest("parameters.config must be a string of JSON (a [[models]] table)")
-            from aibackend.api import parse_json
-
             table = parse_json(config_text.encode("utf-8"))
             if not isinstance(table, dict):
                 raise errors.BadRequest("parameters.config must be a JSON object (a [[models]] table)")
