@@ -17,6 +17,7 @@ setup(
         "zope.interface>=6.0",
         "prometheus_client>=0.17",  # the /metrics exposition, not hand-written
         "orjson>=3.9",  # JSON checks on the hot path, several times faster than json
+        "httptools>=0.6",  # llhttp (Node.js's C HTTP parser): the hot path's model answers
     ],
     extras_require={
         "test": [
