@@ -201,7 +201,8 @@ class LeanClient:
             if connection.idle_timer is not None and connection.idle_timer.active():
                 connection.idle_timer.cancel()
             connection.idle_timer = None
-            if connection.transport is not None and connection.transport.connected:
+            transport = connection.transport
+            if getattr(transport, "connected", True) and not getattr(transport, "disconnecting", False):
                 return connection.send(data, limit)
         endpoint = self.endpoint_factory.endpointForURI(parsed)
         factory = _QuietFactory.forProtocol(lambda: Connection(self, key))
