@@ -109,8 +109,8 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def descendants(root: int, table=None) -> list[int]:
-    """root and every process under it (by parent links), root first."""
+def descendants(root: int, table=None, *, skip=lambda pid: False) -> list[int]:
+    """root and every process under it (by parent links), root first; skip(pid) prunes a branch."""
     table = proc_table() if table is None else table
     children: dict[int, list[int]] = {}
     for pid, (ppid, *_) in table.items():
@@ -118,28 +118,16 @@ def descendants(root: int, table=None) -> list[int]:
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
-        if pid in table:
-            found.append(pid)
-            todo.extend(children.get(pid, ()))
+        if pid not in table or (pid != root and skip(pid)):
+            continue
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
     return found
 
 
 def server_pids(root: int, table=None) -> list[int]:
     """The server's own processes: root and its descendants, less model programs and their children."""
-    table = proc_table() if table is None else table
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, *_) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in table:
-            continue
-        if pid != root and any(marker in cmdline(pid) for marker in MODEL_MARKERS):
-            continue  # a model process: neither it nor what it started
-        found.append(pid)
-        todo.extend(children.get(pid, ()))
-    return found
+    return descendants(root, table, skip=lambda pid: any(marker in cmdline(pid) for marker in MODEL_MARKERS))
 
 
 def status_kb(pid: int, key: str) -> int:

@@ -42,13 +42,7 @@ def example_daemon():
     try:
         yield daemon.wait_listening()
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.send_signal(signal.SIGTERM)
-            try:
-                daemon.process.wait(10)
-            except Exception:
-                daemon.process.kill()
-                daemon.process.wait(5)
+        daemon.stop()
 
 
 def predict_when_ready(daemon, model, payload, timeout=20):

@@ -200,6 +200,17 @@ class Daemon:
         self._reader.join(5)
         return self.process.returncode
 
+    def stop(self) -> None:
+        """At the end of a test, whatever happened in it: SIGTERM, then SIGKILL after 10 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._reader.join(5)
+
 
 @pytest.fixture
 def start_daemon(tmp_path):
@@ -215,14 +226,7 @@ def start_daemon(tmp_path):
 
     yield start
     for daemon in daemons:
-        if daemon.process.poll() is None:
-            daemon.process.send_signal(signal.SIGTERM)
-            try:
-                daemon.process.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.process.kill()
-                daemon.process.wait(5)
-        daemon._reader.join(5)
+        daemon.stop()
 
 
 def misbehaving(model_id: str, *args: str, **keys) -> dict:

@@ -143,14 +143,7 @@ def v2(tmp_path_factory):
         yield started
         started.client.close()
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.send_signal(signal.SIGTERM)
-            try:
-                daemon.process.wait(10)
-            except Exception:
-                daemon.process.kill()
-                daemon.process.wait(5)
-        daemon._reader.join(5)
+        daemon.stop()
 
 
 def as_input(name, array, datatype, binary_data=False):
