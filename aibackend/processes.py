@@ -132,9 +132,10 @@ class SharedListener(service.Service):
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
-    def __init__(self, group, number):
+    def __init__(self, group, number, started: float):
         self.group = group
         self.number = number
+        self.started = started
         self.exited: Deferred = Deferred()
         self.pid = None
 
@@ -149,7 +150,8 @@ class _WorkerProtocol(protocol.ProcessProtocol):
 class WorkerProcesses(service.Service):
     """
     The primary's worker processes: started after everything else, stopped first, and
-    restarted (after a second) if one ends while the daemon runs.
+    restarted if one ends while the daemon runs (after a second, doubling up to 30 s for
+    one that keeps ending within 10 s of its start).
 
     @param argv: the worker's command line (C{twistd ... aibackend ...}).
     @param listeners: the L{SharedListener}s whose sockets each worker inherits.
@@ -158,6 +160,8 @@ class WorkerProcesses(service.Service):
 
     log = Logger()
     RESTART_DELAY = 1.0
+    MAX_RESTART_DELAY = 30.0
+    MIN_UPTIME = 10.0
 
     def __init__(self, reactor, count, argv, listeners, private, token, *, stop_timeout=40.0):
         self.reactor = reactor
@@ -169,6 +173,7 @@ class WorkerProcesses(service.Service):
         self.stop_timeout = stop_timeout
         self.workers: dict[int, _WorkerProtocol] = {}
         self._restarts = {}
+        self._delays: dict[int, float] = {}
 
     def startService(self):
         super().startService()
@@ -190,7 +195,7 @@ class WorkerProcesses(service.Service):
             "primary": self.private.port.getHost().port,
             "token": self.token,
         })
-        worker = _WorkerProtocol(self, number)
+        worker = _WorkerProtocol(self, number, self.reactor.seconds())
         self.reactor.spawnProcess(worker, sys.executable, [sys.executable, PGROUP, sys.executable] + self.argv,
                                   env=env, childFDs=child_fds)
         self.workers[number] = worker
@@ -200,9 +205,13 @@ class WorkerProcesses(service.Service):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
         if self.running:
-            self.log.error("aibackend worker {number} (pid {pid}) ended: {why}; starting another",
-                           number=worker.number, pid=worker.pid, why=reason.getErrorMessage())
-            self._restarts[worker.number] = self.reactor.callLater(self.RESTART_DELAY, self._spawn, worker.number)
+            quick = self.reactor.seconds() - worker.started < self.MIN_UPTIME
+            delay = min(self._delays.get(worker.number, self.RESTART_DELAY / 2) * 2, self.MAX_RESTART_DELAY) \
+                if quick else self.RESTART_DELAY
+            self._delays[worker.number] = delay
+            self.log.error("aibackend worker {number} (pid {pid}) ended: {why}; another in {delay:g} s",
+                           number=worker.number, pid=worker.pid, why=reason.getErrorMessage(), delay=delay)
+            self._restarts[worker.number] = self.reactor.callLater(delay, self._spawn, worker.number)
 
     def notify(self, change: str) -> None:
         """Tell every worker that the models changed."""

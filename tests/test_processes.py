@@ -746,3 +746,119 @@ def test_per_process_that_is_not_a_boolean_is_named_by_key_path():
         parse_config({"models": [_subprocess_model(per_process="yes")]}, environ={})
     assert [path for path, message in caught.value.problems] == ["models[0].per_process"]
     assert "must be true or false" in caught.value.problems[0][1]
+
+
+# --- the primary's supervision of its workers, on a fake reactor -------------------------------
+
+
+class FakeWorkerTransport:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+        self.written = []
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class SpawningClock:
+    """A Clock that also spawns (fake) processes."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.spawned = []
+
+    def __getattr__(self, name):
+        return getattr(self.clock, name)
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        transport = FakeWorkerTransport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, env, childFDs))
+        return transport
+
+
+class FakeListener:
+    def __init__(self, fileno):
+        self.socket = type("Sock", (), {"fileno": lambda self: fileno, "family": socket.AF_INET})()
+
+
+class FakePrivate:
+    port = type("Port", (), {"getHost": lambda self: type("Address", (), {"port": 4321})()})()
+
+
+def workers_on(clock, count=2):
+    from aibackend.processes import WorkerProcesses
+
+    reactor = SpawningClock(clock)
+    workers = WorkerProcesses(reactor, count, ["-c", "pass"], [FakeListener(7)], FakePrivate(), "token")
+    workers.startService()
+    return reactor, workers
+
+
+def end(worker):
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    worker.processEnded(Failure(ProcessTerminated(exitCode=1)))
+
+
+def test_a_worker_inherits_the_sockets_and_is_told_where_the_primary_is(clock):
+    reactor, workers = workers_on(clock)
+
+    [(protocol, args, env, child_fds)] = reactor.spawned
+    settings = json.loads(env["AIBACKEND_WORKER"])
+    assert child_fds == {0: "w", 1: 1, 2: 2, 3: 7}
+    assert settings == {"number": 1, "fds": [[3, int(socket.AF_INET)]], "primary": 4321, "token": "token"}
+    assert args[-2:] == ["-c", "pass"]
+    workers.notify("sync")
+    assert protocol.transport.written == [b"sync\n"]
+    workers.stopService()
+    end(protocol)
+
+
+def test_a_worker_that_keeps_ending_is_started_again_later_and_later(clock, logged_errors):
+    reactor, workers = workers_on(clock)
+    delays = []
+    for _ in range(7):
+        end(reactor.spawned[-1][0])
+        delays.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+        clock.advance(delays[-1])
+
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+    assert len(reactor.spawned) == 8
+    logged_errors.flush()
+    workers.stopService()
+    end(reactor.spawned[-1][0])
+
+
+def test_a_worker_that_lived_a_while_is_started_again_after_a_second(clock, logged_errors):
+    reactor, workers = workers_on(clock)
+    end(reactor.spawned[-1][0])
+    clock.advance(1)
+    end(reactor.spawned[-1][0])
+    clock.advance(2)
+    clock.advance(60)  # this one runs a minute
+
+    end(reactor.spawned[-1][0])
+
+    assert clock.getDelayedCalls()[0].getTime() - clock.seconds() == 1
+    logged_errors.flush()
+    workers.stopService()  # a restart still waiting is cancelled
+    assert clock.getDelayedCalls() == []
+
+
+def test_stopping_terms_the_workers_then_kills_one_that_stays(clock):
+    reactor, workers = workers_on(clock)
+    [(protocol, *_)] = reactor.spawned
+
+    d = workers.stopService()
+    assert protocol.transport.signals == ["TERM"]
+    clock.advance(40)
+    assert protocol.transport.signals == ["TERM", "KILL"]
+    assert not d.called
+    end(protocol)
+    assert d.called
