@@ -72,7 +72,9 @@ def shared_address(reactor, description: str):
 
     @raise ValueError: it is not a TCP endpoint.
     """
-    endpoint = endpoints.serverFromString(reactor, description)
+    from aibackend.tap import with_backlog
+
+    endpoint = endpoints.serverFromString(reactor, with_backlog(description))
     if isinstance(endpoint, endpoints.TCP6ServerEndpoint):
         family = socket.AF_INET6
     elif isinstance(endpoint, endpoints.TCP4ServerEndpoint):

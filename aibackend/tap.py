@@ -161,6 +161,21 @@ class _NoReactor:
     """Stands in for the reactor while an endpoint string is only parsed."""
 
 
+DEFAULT_BACKLOG = 1024
+_BACKLOG_TYPES = ("tcp:", "tcp6:", "ssl:")
+
+
+def with_backlog(description: str) -> str:
+    """
+    A TCP or TLS listen description with a listen backlog of L{DEFAULT_BACKLOG} unless it
+    gives one: Twisted's default of 50 makes a burst of new clients wait for SYN retries
+    (a second or more); nginx listens with 511, the kernel caps it at somaxconn.
+    """
+    if description.startswith(_BACKLOG_TYPES) and "backlog=" not in description:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
+
+
 class Listener(StreamServerEndpointService):
     """
     Listens on one endpoint; failing to listen ends the start-up with one line, and the
@@ -171,7 +186,7 @@ class Listener(StreamServerEndpointService):
     _raiseSynchronously = True
 
     def __init__(self, reactor, description: str, factory, *, what: str = "listening on"):
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        super().__init__(endpoints.serverFromString(reactor, with_backlog(description)), factory)
         self.description = description
         self.what = what
         self.port = None

@@ -250,3 +250,19 @@ def test_access_events_can_be_turned_off(clock):
     door.site.access_log = False
 
     assert access_events_during(lambda: door.call("POST", "/post/predict?id=m", data=b"{}")) == []
+
+
+# --- listening ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("description, expected", [
+    ("tcp:8080:interface=127.0.0.1", "tcp:8080:interface=127.0.0.1:backlog=1024"),
+    ("tcp6:8080:interface=\\:\\:1", "tcp6:8080:interface=\\:\\:1:backlog=1024"),
+    ("ssl:8443:privateKey=k.pem", "ssl:8443:privateKey=k.pem:backlog=1024"),
+    ("tcp:8080:backlog=10", "tcp:8080:backlog=10"),
+    ("unix:/run/aibackend.sock", "unix:/run/aibackend.sock"),
+])
+def test_tcp_listeners_get_a_backlog_for_bursts_unless_they_say(description, expected):
+    from aibackend.tap import with_backlog
+
+    assert with_backlog(description) == expected
