@@ -25,27 +25,53 @@ access_log = Logger(namespace="aibackend.access")
 
 
 class _ClientLimits:
-    """The header deadline of one client connection."""
+    """
+    The header deadline of one client connection.
+
+    A request's headers must arrive within C{header_timeout} of its first byte. The timer
+    is not made and cancelled for each request (a kept-alive connection would make one a
+    request): L{start} and L{stop} only note when the wait began, and one timer a
+    connection looks at that when it fires, and sets itself again for what is left.
+    """
 
     def __init__(self, site, channel, http):
         self.site = site
         self.channel = channel
         self.http = http
         self.timer = None
+        self.waiting_since = None
         self.refuse = False
 
     def start(self) -> None:
-        if self.timer is None and self.site.header_timeout:
-            self.timer = self.site.reactor.callLater(self.site.header_timeout, self._expired)
+        if not self.site.header_timeout:
+            return
+        if self.waiting_since is None:
+            self.waiting_since = self.site.reactor.seconds()
+        if self.timer is None:
+            self.timer = self.site.reactor.callLater(self.site.header_timeout, self._check)
 
     def stop(self) -> None:
+        self.waiting_since = None
+
+    def close(self) -> None:
+        self.waiting_since = None
         if self.timer is not None:
             if self.timer.active():
                 self.timer.cancel()
             self.timer = None
 
-    def _expired(self) -> None:
+    def _check(self) -> None:
         self.timer = None
+        if self.waiting_since is None:
+            return  # no headers awaited: the next request's first byte sets the timer again
+        left = self.waiting_since + self.site.header_timeout - self.site.reactor.seconds()
+        if left > 0:
+            self.timer = self.site.reactor.callLater(left, self._check)
+            return
+        self._expired()
+
+    def _expired(self) -> None:
+        self.waiting_since = None
         if not self.http.requests or not getattr(self.http, "_handlingRequest", False):
             self.answer(408, "Request Timeout", "request_timeout",
                         f"the request's headers did not arrive within {self.site.header_timeout:g} s")
@@ -195,7 +221,7 @@ class AibackendSite(Site):
             return headers_in()
 
         def connectionLost(reason):
-            limits.stop()
+            limits.close()
             self.channels.pop(channel, None)
             if self.metrics is not None:
                 self.metrics.daemon.open_connections -= 1

@@ -278,3 +278,75 @@ def test_request_ids_from_headers():
     assert HEX32.match(request_id_from_headers(Headers({b"X-Request-Id": [b""]})))
     assert HEX32.match(request_id_from_headers(Headers({b"X-Request-Id": [b"a" * 201]})))
     assert request_id_from_headers(Headers({b"X-Request-Id": [b"a" * 200]})) == "a" * 200
+
+
+# --- the header deadline, on a clock ---------------------------------------------------
+
+
+def connect(site):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000),
+                                hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+@pytest.fixture
+def timed_site(clock):
+    from aibackend.server import AibackendSite
+
+    door = StubFrontDoor(clock, [FakeModel("m", clock).answers()])
+    site = AibackendSite(door.front_door.resource(), max_body_bytes=LIMIT, reactor=clock, header_timeout=10)
+    return site
+
+
+GET = b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+def test_headers_that_do_not_come_in_time_get_408(timed_site, clock):
+    protocol, transport = connect(timed_site)
+    protocol.dataReceived(b"GET /health/live HTTP/1.1\r\nHost: loc")
+
+    clock.advance(9.9)
+    assert transport.value() == b""
+    clock.advance(0.2)
+
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout")
+    assert transport.disconnecting
+    protocol.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_deadline_counts_from_each_requests_first_byte(timed_site, clock):
+    protocol, transport = connect(timed_site)
+    protocol.dataReceived(GET)
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    transport.clear()
+
+    clock.advance(9)  # idle between requests: no deadline runs
+    protocol.dataReceived(b"GET /health/live HTTP/1.1\r\n")
+    clock.advance(9)  # the timer set at the first request fires, and waits for what is left
+    assert transport.value() == b""
+    clock.advance(2)
+
+    assert transport.value().startswith(b"HTTP/1.1 408")
+    protocol.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_many_requests_on_a_connection_keep_one_timer(timed_site, clock):
+    protocol, transport = connect(timed_site)
+
+    for _ in range(50):
+        protocol.dataReceived(GET)
+        clock.advance(0.1)
+    live = [call for call in clock.getDelayedCalls() if call.active()]
+
+    assert transport.value().count(b"HTTP/1.1 200") == 50
+    assert len(live) <= 2  # the header timer, and the idle timeout's
+    clock.advance(20)
+    assert b"408" not in transport.value()
+    protocol.connectionLost(None)
