@@ -124,16 +124,21 @@ class ModelLog:
         Record one request: C{info} when it succeeded, C{warning} for a client error,
         C{error} for a failure of the model or the daemon.
         """
-        level = "info" if status < 400 else "warning" if status < 500 else "error"
-        return self.append(
-            level,
-            "request",
-            request_id=request_id,
-            operation=operation,
-            status=status,
-            latency_ms=round(latency_ms, 3),
-            error=error,
-        )
+        # append()'s entry, made directly: one of these is written for every request.
+        now = self._clock.seconds()
+        self._seq += 1
+        entry = {
+            "seq": self._seq, "time": _iso(now), "timestamp": now,
+            "level": "info" if status < 400 else "warning" if status < 500 else "error",
+            "event": "request", "request_id": _cap(request_id), "operation": operation, "status": status,
+            "latency_ms": round(latency_ms, 3),
+        }
+        if error is not None:
+            entry["error"] = _cap(error)
+        if len(self._entries) == self._entries.maxlen:
+            self.dropped += 1
+        self._entries.append(entry)
+        return entry
 
     def query(self, *, limit: int | None = None, since: float | None = None, level: str | None = None) -> list:
         """

@@ -186,3 +186,16 @@ def test_a_request_entry(log, clock, status, level):
     assert entry["status"] == status
     assert entry["latency_ms"] == 12.346
     assert "error" not in entry
+
+
+def test_a_request_entry_is_what_append_makes_of_it(clock):
+    from aibackend.logs import ModelLog
+
+    fast, generic = ModelLog(clock, max_entries=2), ModelLog(clock, max_entries=2)
+    for status, error in ((200, None), (404, "no such thing"), (503, "x" * 5000)):
+        made = fast.request(request_id="r-1", operation="predict", status=status, latency_ms=1.23456, error=error)
+        level = "info" if status < 400 else "warning" if status < 500 else "error"
+        expected = generic.append(level, "request", request_id="r-1", operation="predict", status=status,
+                                  latency_ms=1.235, error=error)
+        assert made == expected
+    assert (fast.dropped, len(fast)) == (generic.dropped, len(generic)) == (1, 2)
