@@ -156,8 +156,10 @@ def cpu_snapshot(roots: list[int]) -> dict:
     # mostly softirq work) is not charged to any process, so it is left out of both sides.
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has been waited for
     own = resource.getrusage(resource.RUSAGE_SELF)
+    # steal: time the hypervisor gave this virtual machine's CPUs to someone else.
+    steal = fields[7] if len(fields) > 7 else 0
     return {"servers": servers, "trees": trees, "busy": fields[0] + fields[1] + fields[2], "time": time.monotonic(),
-            "wrk": children.ru_utime + children.ru_stime, "self": own.ru_utime + own.ru_stime}
+            "wrk": children.ru_utime + children.ru_stime, "self": own.ru_utime + own.ru_stime, "steal": steal}
 
 
 def cpu_used(before: dict, after: dict) -> dict:
@@ -171,6 +173,7 @@ def cpu_used(before: dict, after: dict) -> dict:
         "servers": servers,
         "trees": trees,
         "machine": (after["busy"] - before["busy"]) / CLOCK_TICKS,
+        "steal": (after["steal"] - before["steal"]) / CLOCK_TICKS,
         "wrk": after["wrk"] - before["wrk"],
         "self": after["self"] - before["self"],
         "wall": after["time"] - before["time"],
@@ -533,7 +536,7 @@ def wait_quiet(bench: Bench, seconds: float) -> dict:
         before = cpu_snapshot([bench.free_server.pid])
         time.sleep(1)
         used = cpu_used(before, cpu_snapshot([bench.free_server.pid]))
-        other = max(0.0, 100 * (used["machine"] - used["trees"] - used["self"]) / used["wall"])
+        other = max(0.0, 100 * (used["machine"] - used["trees"] - used["self"] + used["steal"]) / used["wall"])
         waited = time.monotonic() - started
         if other < QUIET_LOAD or waited >= seconds:
             if said or other >= QUIET_LOAD:
@@ -628,9 +631,11 @@ def run_case(bench: Bench, name: str, processes_flag: bool) -> dict:
                 run["server_cpu_pct"] = round(100 * mine / wall, 1)
                 run["cpu_us_per_request"] = round(1e6 * mine / run["requests"], 1) if run["requests"] else None
                 run["machine_busy_pct"] = round(100 * used["machine"] / wall / (os.cpu_count() or 1), 1)
-                # What neither the server, the free model, wrk nor this script used: someone else's load.
-                other = used["machine"] - used["trees"] - used["wrk"] - used["self"]
+                # What neither the server, the free model, wrk nor this script used: someone else's
+                # load, and the time the hypervisor gave to other machines (steal).
+                other = used["machine"] - used["trees"] - used["wrk"] - used["self"] + used["steal"]
                 run["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
+                run["steal_pct"] = round(100 * used["steal"] / wall, 1)
                 case["runs"].append(run)
                 flag = f"  ERRORS: {show_errors(run['errors'])}" if run["errors"] else ""
                 log(f"  pass {n} c{connections}: {run['rps']:.0f} req/s, p50 {run.get('p50_ms', 0):.3f} ms, "
@@ -1141,8 +1146,9 @@ def main(argv=None) -> int:
                  if row.get("other_cpu_pct_max") is not None and row["other_cpu_pct_max"] > OTHER_LOAD_FLAG]
     notes.append("server CPU % = CPU time of the server's own processes (models excluded) over the run, in % of "
                  "one core; CPU µs/req = that time per request (steadier than req/s on a shared machine); "
-                 "other load % = the most CPU, in % of one core, used during a run by processes that are none "
-                 "of the benchmark's (not the server, its models, the free model, wrk or run.py).")
+                 "other load % = the most CPU, in % of one core, taken during a run by processes that are none "
+                 "of the benchmark's (not the server, its models, the free model, wrk or run.py), plus the time "
+                 "the hypervisor gave this virtual machine's CPUs to others (steal).")
     if disturbed:
         notes.append(f"‡ disturbed: other processes used over {OTHER_LOAD_FLAG:g}% of a core during "
                      f"{', '.join(disturbed)}; those numbers understate what the server can do.")
