@@ -140,6 +140,13 @@ class Table:
             self.problem(name, f"must be at most {maximum}, got {value}")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        name, value = self._get(key, default, ())
+        if not isinstance(value, bool):
+            self.problem(name, f"must be true or false, got {_type_name(value)}")
+            return default
+        return value
+
     def string_list(self, key: str, default=_REQUIRED, *, allow_single=False, nonempty=True):
         name, value = self._get(key, default, ())
         if value is default:
@@ -319,10 +326,7 @@ def parse_v2(table: Table, type_name: str) -> V2Spec:
     version = table.string("version", "1")
     if isinstance(version, str) and not ID_PATTERN.match(version):
         table.problem("version", f"must be letters, digits, '.', '_' or '-', got {version!r}")
-    name, native = table._get("native", False, ())
-    if not isinstance(native, bool):
-        table.problem(name, f"must be true or false, got {_type_name(native)}")
-        native = False
+    native = table.boolean("native", False)
     model = table.string("model", None)
     if native and type_name != "http":
         table.problem("native", "only an HTTP model's server can speak v2 itself")
@@ -632,10 +636,7 @@ def parse_subprocess_model(table: Table, common: dict, environ: Mapping[str, str
         table.problem("max_inflight", "a raw process takes one request at a time; use protocol = \"jsonl\"")
     timeout = table.number("timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
     max_queue = table.number("max_queue", 100, minimum=0, maximum=1_000_000, integer=True)
-    name, per_process = table._get("per_process", False, ())
-    if not isinstance(per_process, bool):
-        table.problem(name, f"must be true or false, got {_type_name(per_process)}")
-        per_process = False
+    per_process = table.boolean("per_process", False)
     return SubprocessModelSpec(
         per_process=per_process,
         **common,
@@ -785,10 +786,7 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
     header_timeout = server_table.number("header_timeout", 10.0, minimum=0, exclusive_minimum=True, maximum=3600)
     idle_timeout = server_table.number("idle_timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
     max_connections = server_table.number("max_connections", 10000, minimum=1, maximum=10_000_000, integer=True)
-    name, access_log = server_table._get("access_log", True, ())
-    if not isinstance(access_log, bool):
-        server_table.problem(name, f"must be true or false, got {_type_name(access_log)}")
-        access_log = True
+    access_log = server_table.boolean("access_log", True)
     drain_timeout = server_table.number("drain_timeout", 30.0, minimum=0, maximum=86400)
     server_table.finish()
     server = ServerSpec(
