@@ -314,16 +314,17 @@ def describe(registry, model) -> dict:
     return described
 
 
-def desired_specs(cfg, store, validate, log, tables=None) -> dict:
+def desired_specs(cfg, changes, validate, log, tables=None) -> dict:
     """
-    The models there should be: the configuration's, then the store's runtime changes
-    over them. A kept model that is no longer valid is logged and left out.
+    The models there should be: the configuration's, then the kept runtime changes
+    (L{aibackend.store.Change}s) over them. A kept model that is no longer valid is
+    logged and left out.
 
     @param tables: where to note each runtime model's table (L{ModelManager.tables}).
     @return: C{{id: (spec, origin)}}, in order.
     """
     specs = {spec.id: (spec, "config") for spec in cfg.models}
-    for change in store.load():
+    for change in changes:
         if change.action == "remove":
             specs.pop(change.model_id, None)
             continue
@@ -341,5 +342,5 @@ def desired_specs(cfg, store, validate, log, tables=None) -> dict:
 
 def load_models(registry, store, cfg, manager_validate, log, tables=None):
     """Build the registry at start (L{desired_specs})."""
-    for spec, origin in desired_specs(cfg, store, manager_validate, log, tables).values():
+    for spec, origin in desired_specs(cfg, store.load(), manager_validate, log, tables).values():
         registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)

@@ -356,7 +356,7 @@ class FrontDoor:
 
         def done(body):
             if self.resync is not None and request.code < 300:
-                self.resync()
+                return self.resync().addCallback(lambda _: sized(request, body))
             return sized(request, body)
 
         return d.addCallback(done)

@@ -374,7 +374,7 @@ class ControlChannel(LineOnlyReceiver):
     def lineReceived(self, line):
         word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
         if word == "sync":
-            self.resync()
+            self.resync().addErrback(lambda failure: self.log.failure("following the primary's change", failure))
         elif word == "restart" and self.restart is not None:
             self.restart(argument)
 
@@ -384,25 +384,31 @@ class ControlChannel(LineOnlyReceiver):
             self.reactor.stop()
 
 
-def resync(registry, cfg, store, validate, log) -> None:
+def resync(registry, cfg, store, validate, log) -> Deferred:
     """
     Make a worker's registry what the configuration and the kept changes say: add what
-    is new, replace what changed, remove what went.
+    is new, replace what changed, remove what went. The store is read off the reactor
+    thread.
+
+    @return: a Deferred that fires once the registry has followed.
     """
     from aibackend.admin import desired_specs
 
-    wanted = desired_specs(cfg, store, validate, log)
-    for model in registry.models():
-        if model.model_id not in wanted:
-            registry.remove(model.model_id)
-    for model_id, (spec, origin) in wanted.items():
-        if model_id in registry:
-            current = registry.get(model_id)
-            if getattr(current, "source_spec", None) == spec:
-                continue
-            registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin)
-        else:
-            registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+    def follow(changes) -> None:
+        wanted = desired_specs(cfg, changes, validate, log)
+        for model in registry.models():
+            if model.model_id not in wanted:
+                registry.remove(model.model_id)
+        for model_id, (spec, origin) in wanted.items():
+            if model_id in registry:
+                current = registry.get(model_id)
+                if getattr(current, "source_spec", None) == spec:
+                    continue
+                registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+            else:
+                registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+
+    return store.read().addCallback(follow)
 
 
 def new_token() -> str:

@@ -49,6 +49,13 @@ class IModelStore(Interface):
         @return: a list of L{Change}.
         """
 
+    def read():
+        """
+        Read every kept change while the reactor runs, off its thread.
+
+        @return: a Deferred of a list of L{Change}.
+        """
+
     def put(model_id, table):
         """Keep a runtime-added model. @return: a Deferred that fires once it is durable."""
 
@@ -103,6 +110,9 @@ class SQLiteStore:
         rows = self._db.execute("SELECT id, action, spec FROM changes ORDER BY changed_at, rowid").fetchall()
         return [Change(model_id, action, json.loads(spec) if spec else None) for model_id, action, spec in rows]
 
+    def read(self):
+        return self._in_thread(self.load)
+
     def _write(self, model_id, action, spec):
         with self._db:
             self._db.execute(
@@ -144,6 +154,9 @@ class MemoryStore:
 
     def load(self) -> list:
         return list(self.changes.values())
+
+    def read(self):
+        return succeed(self.load())
 
     def put(self, model_id, table):
         self.changes.pop(model_id, None)

@@ -210,3 +210,37 @@ def test_the_file_refuses_an_unknown_action(open_store, action):
         connection.commit()
     finally:
         connection.close()
+
+
+def test_the_changes_are_read_off_the_reactor_thread_while_it_runs(tmp_path):
+    import threading
+    import time
+
+    from twisted.internet import reactor as real_reactor
+
+    from aibackend.store import SQLiteStore
+
+    store = SQLiteStore(real_reactor, str(tmp_path))
+    threads = []
+    load = store.load
+    store.load = lambda: threads.append(threading.current_thread()) or load()
+    try:
+        d = store.read()
+        deadline = time.monotonic() + 5
+        while not threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threads and threads[0] is not threading.main_thread()
+    finally:
+        store._stop_threads()
+        store._db.close()
+    d.addErrback(lambda failure: None)
+
+
+def test_a_memory_store_reads_at_once():
+    from aibackend.store import MemoryStore
+    from aibackend.testing import result_of
+
+    store = MemoryStore()
+    store.put("m", {"id": "m"})
+
+    assert [change.model_id for change in result_of(store.read())] == ["m"]
