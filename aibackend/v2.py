@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.internet import threads
+from twisted.internet.defer import CancelledError, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
@@ -35,6 +36,8 @@ from aibackend.interfaces import ModelAnswer, RequestContext
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
 
 JSON = b"application/json"
+# Bodies larger than this are read, checked and converted in a thread (see _work).
+THREAD_ABOVE_BYTES = 256 * 1024
 EXTENSIONS = ["model_repository"]
 # Model states as the repository index names them.
 STATES = {"ready": "READY", "starting": "LOADING", "restarting": "LOADING", "stopping": "UNLOADING",
@@ -59,13 +62,21 @@ def _json(request, body, status: int = 200) -> bytes:
 
 def _body(request, *, empty=None):
     """The request body as JSON, whatever its Content-Type says (clients differ)."""
+    return _document(_body_text(request), empty=empty)
+
+
+def _body_text(request) -> bytes:
     text = request.content.read().strip()
+    if text and request.getHeader(b"inference-header-content-length") is not None:
+        raise errors.BadRequest(BINARY_INPUT)
+    return text
+
+
+def _document(text: bytes, *, empty=None):
     if not text:
         if empty is None:
             raise errors.BadRequest("the request body is empty: send a JSON object")
         return empty
-    if request.getHeader(b"inference-header-content-length") is not None:
-        raise errors.BadRequest(BINARY_INPUT)
     document = parse_json(text)
     if not isinstance(document, dict):
         raise errors.BadRequest(f"the request body must be a JSON object, got {type(document).__name__}")
@@ -104,8 +115,10 @@ class OpenInference:
     app = Klein()
     log = Logger()
 
-    def __init__(self, door):
+    def __init__(self, door, *, in_thread=None):
         self.door = door
+        # How large tensors are handled off the reactor thread (tests run it at once).
+        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
 
     def resource(self):
         return self.app.resource()
@@ -261,19 +274,40 @@ class OpenInference:
         request_id = self.begin(request)
         model = self._model(request, name, version)
         started = self.door.clock.seconds()
-        context = RequestContext(request_id=request_id, operation="infer")
-        try:
-            document = _body(request)
-            if model.spec.v2.native:
-                body, shape = self._native_request(model, document), self._native_answer
+        native = model.spec.v2.native
+
+        def prepare(text):
+            document = _document(text)
+            if native:
                 context = RequestContext(request_id=request_id, operation="infer",
                                          path=self._upstream_path(model, version, ("infer",)))
-            else:
-                body, shape = self._adapted_request(model, document)
-        except errors.ApiError as error:
-            self.door._log_request(model, request_id, started, error.status, error.message, "infer")
-            raise
-        return self.door.relay(request, model, body, context, started, shape)
+                return self._native_request(model, document), self._native_answer, context
+            body, shape = self._adapted_request(model, document)
+            return body, shape, RequestContext(request_id=request_id, operation="infer")
+
+        def refused(failure):
+            failure.trap(errors.ApiError)
+            self.door._log_request(model, request_id, started, failure.value.status, failure.value.message, "infer")
+            return failure
+
+        d = self._work(prepare, maybeDeferred(_body_text, request))
+        d.addErrback(refused)
+        return d.addCallback(lambda prepared: self.door.relay(request, model, prepared[0], prepared[2], started,
+                                                              prepared[1]))
+
+    def _work(self, function, text_or_deferred):
+        """
+        C{function(text)}, in a thread when the text is large: reading, checking and
+        converting tensors is Python work for each value, which would hold up every other
+        request for the length of a big one.
+        """
+
+        def run(text):
+            if len(text) > THREAD_ABOVE_BYTES:
+                return self.in_thread(function, text)
+            return function(text)
+
+        return text_or_deferred.addCallback(run)
 
     @staticmethod
     def _inputs(document) -> list:
@@ -373,10 +407,15 @@ class OpenInference:
         body = json.dumps({name: reshape(flat, shape) for name, _, shape, flat in inputs}).encode()
         request_id = document.get("id")
 
-        def shape(answer: ModelAnswer) -> ModelAnswer:
+        def convert(answer: ModelAnswer) -> ModelAnswer:
+            return ModelAnswer(200, json.dumps(self._outputs(model, answer, requested, request_id)).encode())
+
+        def shape(answer: ModelAnswer):
             if answer.status >= 400:
                 return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode())
-            return ModelAnswer(200, json.dumps(self._outputs(model, answer, requested, request_id)).encode())
+            if len(answer.body) > THREAD_ABOVE_BYTES:
+                return self.in_thread(convert, answer)
+            return convert(answer)
 
         return body, shape
 

@@ -1055,3 +1055,41 @@ def test_a_client_call_that_raises_leaves_no_request_in_flight(clock, logged_err
 
     assert model.in_flight == 0
     assert [replica.in_flight for replica in model.replicas] == [0]
+
+
+# --- large tensors off the reactor thread -----------------------------------------------------
+
+
+def test_large_tensors_are_read_and_converted_in_a_thread(clock):
+    from twisted.internet.defer import succeed
+
+    from aibackend.v2 import THREAD_ABOVE_BYTES
+
+    values = [round(i * 0.5, 1) for i in range(60_000)]
+    model = FakeModel("big", clock).answers(200, json.dumps({"y": values}).encode())
+    door = StubFrontDoor(clock, [model])
+    ran = []
+
+    def in_thread(function, *args):
+        ran.append(function.__name__)
+        return succeed(function(*args))
+
+    door.front_door.open_inference.in_thread = in_thread
+    request = {"inputs": [x_input(values, shape=[len(values)], datatype="FP64")]}
+    assert len(json.dumps(request)) > THREAD_ABOVE_BYTES
+
+    response = infer(door, "big", request)
+
+    assert response.status == 200, response.body
+    assert ran == ["prepare", "convert"]
+    assert json.loads(model.received[0].body) == {"x": values}
+    [output] = response.json()["outputs"]
+    assert (output["name"], output["shape"], output["data"][-1]) == ("y", [60_000], values[-1])
+
+
+def test_small_tensors_stay_on_the_reactor_thread(clock):
+    model = FakeModel("small", clock).answers(200, b'{"y": [1, 2]}')
+    door = StubFrontDoor(clock, [model])
+    door.front_door.open_inference.in_thread = lambda *args: pytest.fail("a small request went to a thread")
+
+    assert infer(door, "small", {"inputs": [x_input()]}).status == 200
