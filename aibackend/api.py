@@ -355,9 +355,13 @@ class FrontDoor:
         d = self.primary.forward(request)
 
         def done(body):
-            if self.resync is not None and request.code < 300:
-                return self.resync().addCallback(lambda _: sized(request, body))
-            return sized(request, body)
+            if self.resync is None or request.code >= 300:
+                return sized(request, body)
+            # The change is made and kept: it is answered even if this process could not
+            # follow it yet (the primary's notice makes it try again).
+            following = self.resync()
+            following.addErrback(lambda failure: self.log.failure("following the primary's change", failure))
+            return following.addCallback(lambda _: sized(request, body))
 
         return d.addCallback(done)
 
