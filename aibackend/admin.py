@@ -21,7 +21,7 @@ import json
 import os
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from aibackend import config
@@ -102,9 +102,15 @@ class ModelManager:
         self.changed = []
         self.restarted = []
 
-    def _changed(self, model_id: str) -> None:
+    def _changed(self, model_id: str) -> Deferred:
+        """Tell those who follow changes; fires once they have (a failure is logged, not raised)."""
+        followed = []
         for callback in self.changed:
-            callback(model_id)
+            d = maybeDeferred(callback, model_id)
+            d.addErrback(lambda failure: self.log.failure("following the change to model {model}", failure,
+                                                          model=model_id))
+            followed.append(d)
+        return DeferredList(followed) if followed else succeed(None)
 
     # --- validation -----------------------------------------------------------
 
@@ -196,7 +202,7 @@ class ModelManager:
             self.unloaded.pop(model_id, None)
         finally:
             self._busy.discard(model_id)
-        self._changed(model_id)
+        yield self._changed(model_id)
         self.log.info("model {model} {how} at runtime", model=model_id, how="replaced" if exists else "added")
         return ({"added": model_id, "replaced": exists, "model": describe(self.registry, model)})
 
@@ -238,7 +244,7 @@ class ModelManager:
         finally:
             self._busy.discard(model_id)
         self.tables.pop(model_id, None)
-        self._changed(model_id)
+        yield self._changed(model_id)
         self.log.info("model {model} removed at runtime", model=model_id)
         return {"removed": model_id}
 
@@ -289,7 +295,7 @@ class ModelManager:
                 del self.unloaded[model_id]
             finally:
                 self._busy.discard(model_id)
-            self._changed(model_id)
+            yield self._changed(model_id)
             self.log.info("model {model} loaded again", model=model_id)
         else:
             raise UnknownModel(model_id)

@@ -14,9 +14,10 @@ owns the models:
     = true} in its configuration, each process starts its own pool instead;
   - admin operations (addmodel, removemodel, restart and the v2 repository) are
     forwarded to the primary, which keeps the change and tells every worker, which reads
-    the change from the store and builds the same models. The worker that forwarded the
-    change does so before it answers. A restart reaches the pools of per_process models
-    in every process.
+    the change from the store, builds the same models and says so on a pipe of its own.
+    The primary answers once every worker has followed (or after C{SYNC_TIMEOUT}, logged),
+    so a request sent after the answer finds the change in every process. A restart
+    reaches the pools of per_process models in every process.
   - a worker learns the state of the models the primary runs (ready, starting, failed...)
     by asking it every second, so its readiness answers are the primary's.
 
@@ -134,15 +135,29 @@ class SharedListener(service.Service):
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
-    def __init__(self, group, number, started: float):
+    MAX_LINE = 1024
+
+    def __init__(self, group, number, started: float, ack_fd: int):
         self.group = group
         self.number = number
         self.started = started
+        self.ack_fd = ack_fd
         self.exited: Deferred = Deferred()
         self.pid = None
+        self._buffer = b""
 
     def connectionMade(self):
         self.pid = self.transport.pid
+
+    def childDataReceived(self, childFD, data):
+        if childFD != self.ack_fd:
+            return
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()[-self.MAX_LINE:]
+        for line in lines:
+            word, _, number = line.decode("ascii", "replace").strip().partition(" ")
+            if word == "synced" and number.isdigit():
+                self.group.worker_synced(self, int(number))
 
     def processEnded(self, reason):
         self.exited.callback(reason.value.exitCode)
@@ -161,6 +176,7 @@ class WorkerProcesses(service.Service):
     """
 
     log = Logger()
+    SYNC_TIMEOUT = 10.0
     RESTART_DELAY = 1.0
     MAX_RESTART_DELAY = 30.0
     MIN_UPTIME = 10.0
@@ -176,6 +192,8 @@ class WorkerProcesses(service.Service):
         self.workers: dict[int, _WorkerProtocol] = {}
         self._restarts = {}
         self._delays: dict[int, float] = {}
+        self._sequence = 0
+        self._waits: list[_SyncWait] = []
 
     def startService(self):
         super().startService()
@@ -190,14 +208,17 @@ class WorkerProcesses(service.Service):
             fd = FIRST_INHERITED_FD + index
             child_fds[fd] = listener.socket.fileno()
             inherited.append([fd, int(listener.socket.family)])
+        ack_fd = FIRST_INHERITED_FD + len(self.listeners)
+        child_fds[ack_fd] = "r"
         env = dict(os.environ)
         env[WORKER_ENV] = json.dumps({
             "number": number,
             "fds": inherited,
+            "ack": ack_fd,
             "primary": self.private.port.getHost().port,
             "token": self.token,
         })
-        worker = _WorkerProtocol(self, number, self.reactor.seconds())
+        worker = _WorkerProtocol(self, number, self.reactor.seconds(), ack_fd)
         self.reactor.spawnProcess(worker, sys.executable, [sys.executable, PGROUP, sys.executable] + self.argv,
                                   env=env, childFDs=child_fds)
         self.workers[number] = worker
@@ -206,6 +227,7 @@ class WorkerProcesses(service.Service):
     def worker_ended(self, worker, reason):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
+        self._followed(worker, None)  # a new worker reads the store as it starts
         if self.running:
             quick = self.reactor.seconds() - worker.started < self.MIN_UPTIME
             delay = min(self._delays.get(worker.number, self.RESTART_DELAY / 2) * 2, self.MAX_RESTART_DELAY) \
@@ -215,16 +237,62 @@ class WorkerProcesses(service.Service):
                            number=worker.number, pid=worker.pid, why=reason.getErrorMessage(), delay=delay)
             self._restarts[worker.number] = self.reactor.callLater(delay, self._spawn, worker.number)
 
-    def notify(self, change: str) -> None:
-        """Tell every worker that the models changed."""
+    def notify(self, change: str) -> list:
+        """Tell every worker C{change} (one line); the workers told."""
+        told = []
         for worker in list(self.workers.values()):
             try:
                 worker.transport.write(change.encode("ascii") + b"\n")
             except Exception:  # a worker that is going away; it is restarted in full
-                pass
+                continue
+            told.append(worker)
+        return told
+
+    def sync(self, model_id: str | None = None) -> Deferred:
+        """
+        Tell every worker that the models changed.
+
+        @return: a Deferred that fires once each worker told has followed (or ended), or
+            after C{SYNC_TIMEOUT} seconds, logged: it never fails.
+        """
+        self._sequence += 1
+        told = self.notify(f"sync {self._sequence}")
+        if not told:
+            return succeed(None)
+        wait = _SyncWait(self._sequence, set(told), Deferred(), model_id)
+        wait.timer = self.reactor.callLater(self.SYNC_TIMEOUT, self._late, wait)
+        self._waits.append(wait)
+        return wait.done
+
+    def worker_synced(self, worker, sequence: int) -> None:
+        self._followed(worker, sequence)
+
+    def _followed(self, worker, sequence: int | None) -> None:
+        """C{worker} followed every change up to C{sequence} (None: it ended)."""
+        for wait in list(self._waits):
+            if sequence is None or sequence >= wait.sequence:
+                wait.pending.discard(worker)
+                if not wait.pending:
+                    self._finish(wait)
+
+    def _late(self, wait) -> None:
+        self.log.warn("aibackend: worker(s) {numbers} did not follow the change to model {model} within "
+                      "{timeout:g} s; answering without them (they follow it when they can)",
+                      numbers=", ".join(str(worker.number) for worker in sorted(wait.pending, key=lambda w: w.number)),
+                      model=wait.model_id, timeout=self.SYNC_TIMEOUT)
+        self._finish(wait)
+
+    def _finish(self, wait) -> None:
+        if wait in self._waits:
+            self._waits.remove(wait)
+        if wait.timer is not None and wait.timer.active():
+            wait.timer.cancel()
+        wait.done.callback(None)
 
     def stopService(self):
         super().stopService()
+        for wait in list(self._waits):
+            self._finish(wait)
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -243,6 +311,17 @@ class WorkerProcesses(service.Service):
             worker.transport.signalProcess("KILL")
         except Exception:
             pass
+
+
+class _SyncWait:
+    """A change the primary waits for its workers to follow."""
+
+    def __init__(self, sequence: int, pending: set, done: Deferred, model_id):
+        self.sequence = sequence
+        self.pending = pending
+        self.done = done
+        self.model_id = model_id
+        self.timer = None
 
 
 # --- in a worker ---------------------------------------------------------------
@@ -374,7 +453,9 @@ class ControlChannel(LineOnlyReceiver):
     def lineReceived(self, line):
         word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
         if word == "sync":
-            self.resync().addErrback(lambda failure: self.log.failure("following the primary's change", failure))
+            d = self.resync().addErrback(lambda failure: self.log.failure("following the primary's change", failure))
+            if argument.isdigit():  # the primary waits for the answer on the worker's ack pipe
+                d.addCallback(lambda _: self.transport.write(f"synced {argument}\n".encode("ascii")))
         elif word == "restart" and self.restart is not None:
             self.restart(argument)
 
@@ -418,20 +499,22 @@ def new_token() -> str:
 class WorkerControl(service.Service):
     """A worker listens to its primary on stdin (L{ControlChannel})."""
 
-    def __init__(self, reactor, resync_now, restart=None):
+    def __init__(self, reactor, resync_now, restart=None, ack_fd=None):
         self.reactor = reactor
         self.resync_now = resync_now
         self.restart = restart
+        self.ack_fd = ack_fd
         self.stdio = None
 
     def startService(self):
         super().startService()
         from twisted.internet import stdio
 
-        # stdout stays twistd's log: the channel writes nothing, so it gets /dev/null.
-        self._devnull = os.open(os.devnull, os.O_WRONLY)
+        # stdout stays twistd's log: the channel writes to the ack pipe the primary reads.
+        if self.ack_fd is None:
+            self.ack_fd = os.open(os.devnull, os.O_WRONLY)
         self.stdio = stdio.StandardIO(ControlChannel(self.resync_now, self.reactor, self.restart), stdin=0,
-                                      stdout=self._devnull, reactor=self.reactor)
+                                      stdout=self.ack_fd, reactor=self.reactor)
 
     def stopService(self):
         super().stopService()

@@ -346,7 +346,8 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     if worker is not None:
         front_door.primary = multi.Forwarder(reactor, deps.pool, worker["primary"], worker["token"])
         front_door.resync = lambda: multi.resync(registry, config, store, manager.validate, Listener.log)
-        multi.WorkerControl(reactor, front_door.resync, multi.restart_local(registry, Listener.log)).setServiceParent(root)
+        multi.WorkerControl(reactor, front_door.resync, multi.restart_local(registry, Listener.log),
+                            ack_fd=worker.get("ack")).setServiceParent(root)
         primary_states.setServiceParent(root)
         for fd, family in worker["fds"]:
             listener = multi.SharedListener(reactor, site, inherited=(fd, family))
@@ -360,7 +361,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
         shared = [multi.SharedListener(reactor, site, description=description) for description in listen]
         workers = multi.WorkerProcesses(reactor, processes, worker_argv, shared, private, internal_token)
         workers.setServiceParent(root)
-        manager.changed.append(lambda model_id: workers.notify("sync"))
+        manager.changed.append(workers.sync)
         manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
         root.workers = workers
         for listener in shared:

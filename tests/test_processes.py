@@ -446,6 +446,32 @@ def test_a_change_made_through_either_process_is_followed_by_both(pair, through)
     assert fresh_statuses(pair, model_id) == [404] * 20
 
 
+def test_the_primary_answers_a_change_only_once_the_worker_has_followed_it(pair):
+    url = f"http://127.0.0.1:{pair.server_port}/echo"
+    connection = pair.connection_to(pair.pid)
+    result = {}
+
+    def add():
+        connection.request("POST", f"/post/addmodel?id=waited&type=http&url={url}")
+        result["status"] = connection.getresponse().status
+
+    asking = threading.Thread(target=add, daemon=True)
+    try:
+        with pids_stopped([pair.worker()]):
+            asking.start()
+            time.sleep(1)
+            assert "status" not in result  # the primary waits for the stopped worker
+        asking.join(10)
+    finally:
+        connection.close()
+
+    assert result["status"] == 201, result
+    assert fresh_statuses(pair, "waited") == [200] * 20
+    assert pair.request("POST", "/post/removemodel?id=waited").status == 200
+    assert fresh_statuses(pair, "waited") == [404] * 20
+    assert "did not follow" not in pair.output
+
+
 def test_runtime_subprocess_models_run_once_unless_per_process(pair):
     worker = pair.worker()
     shared_tag, own_tag = "tag-runtime-shared", "tag-runtime-own"
@@ -811,13 +837,134 @@ def test_a_worker_inherits_the_sockets_and_is_told_where_the_primary_is(clock):
 
     [(protocol, args, env, child_fds)] = reactor.spawned
     settings = json.loads(env["AIBACKEND_WORKER"])
-    assert child_fds == {0: "w", 1: 1, 2: 2, 3: 7}
-    assert settings == {"number": 1, "fds": [[3, int(socket.AF_INET)]], "primary": 4321, "token": "token"}
+    assert child_fds == {0: "w", 1: 1, 2: 2, 3: 7, 4: "r"}
+    assert settings == {"number": 1, "fds": [[3, int(socket.AF_INET)]], "ack": 4, "primary": 4321,
+                        "token": "token"}
     assert args[-2:] == ["-c", "pass"]
-    workers.notify("sync")
-    assert protocol.transport.written == [b"sync\n"]
+    workers.notify("restart m")
+    assert protocol.transport.written == [b"restart m\n"]
     workers.stopService()
     end(protocol)
+
+
+def test_a_change_is_answered_once_every_worker_followed_it(clock):
+    reactor, workers = workers_on(clock, count=3)
+    first, second = (spawned[0] for spawned in reactor.spawned)
+
+    followed = workers.sync("m")
+    assert first.transport.written == second.transport.written == [b"sync 1\n"]
+    first.childDataReceived(4, b"synced 1\n")
+    assert not followed.called
+    second.childDataReceived(4, b"sync")  # lines may come in pieces
+    assert not followed.called
+    second.childDataReceived(4, b"ed 1\n")
+
+    assert followed.called
+    assert clock.getDelayedCalls() == []  # the timeout is cancelled
+    workers.stopService()
+    end(first), end(second)
+
+
+def test_a_later_acknowledgement_covers_earlier_changes_and_other_lines_are_ignored(clock):
+    reactor, workers = workers_on(clock)
+    [(worker, *_)] = reactor.spawned
+
+    one, two = workers.sync("a"), workers.sync("b")
+    worker.childDataReceived(4, b"hello\nsynced x\n")
+    worker.childDataReceived(1, b"synced 2\n")  # not the ack pipe
+    assert not one.called and not two.called
+    worker.childDataReceived(4, b"synced 2\n")
+
+    assert one.called and two.called
+    workers.stopService()
+    end(worker)
+
+
+def test_a_worker_that_ends_is_not_waited_for(clock, logged_errors):
+    reactor, workers = workers_on(clock)
+    [(worker, *_)] = reactor.spawned
+    followed = workers.sync("m")
+
+    end(worker)
+
+    assert followed.called
+    logged_errors.flush()
+    workers.stopService()
+
+
+def test_a_worker_that_does_not_follow_in_time_is_logged_and_the_change_answered(clock):
+    from twisted.logger import Logger
+
+    reactor, workers = workers_on(clock)
+    [(worker, *_)] = reactor.spawned
+    captured_log = []
+    workers.log = Logger(observer=captured_log.append)
+    followed = workers.sync("slow-model")
+
+    clock.advance(workers.SYNC_TIMEOUT - 0.1)
+    assert not followed.called
+    clock.advance(0.1)
+
+    assert followed.called
+    [warning] = [event for event in captured_log if "did not follow" in event.get("log_format", "")]
+    assert warning["numbers"] == "1" and warning["model"] == "slow-model"
+    worker.childDataReceived(4, b"synced 1\n")  # late: nothing left to fire
+    workers.stopService()
+    end(worker)
+
+
+def test_stopping_answers_changes_still_waited_for(clock):
+    reactor, workers = workers_on(clock)
+    [(worker, *_)] = reactor.spawned
+    followed = workers.sync("m")
+
+    workers.stopService()
+
+    assert followed.called
+    end(worker)
+    assert [call for call in clock.getDelayedCalls() if call.active()] == []
+
+
+def test_with_no_worker_running_a_change_is_answered_at_once(clock, logged_errors):
+    reactor, workers = workers_on(clock)
+    end(reactor.spawned[0][0])
+
+    assert workers.sync("m").called
+    logged_errors.flush()
+    workers.stopService()
+
+
+def test_the_control_channel_acknowledges_a_numbered_sync_once_followed():
+    from twisted.internet.defer import Deferred
+    from twisted.internet.testing import StringTransport
+
+    from aibackend.processes import ControlChannel
+
+    following = []
+    channel = ControlChannel(lambda: following.append(Deferred()) or following[-1], reactor=None)
+    channel.makeConnection(StringTransport())
+
+    channel.dataReceived(b"sync 7\nsync\n")
+    assert len(following) == 2 and channel.transport.value() == b""
+    following[0].callback(None)
+    following[1].callback(None)  # an unnumbered sync is not acknowledged
+
+    assert channel.transport.value() == b"synced 7\n"
+
+
+def test_the_control_channel_acknowledges_a_change_it_could_not_follow(logged_errors):
+    from twisted.internet.defer import fail
+    from twisted.internet.testing import StringTransport
+
+    from aibackend.processes import ControlChannel
+
+    channel = ControlChannel(lambda: fail(OSError("store unreadable")), reactor=None)
+    channel.makeConnection(StringTransport())
+
+    channel.dataReceived(b"sync 3\n")
+
+    assert channel.transport.value() == b"synced 3\n"
+    assert logged_errors.flush(OSError)
 
 
 def test_a_worker_that_keeps_ending_is_started_again_later_and_later(clock, logged_errors):
