@@ -27,6 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import URI
 
+from aibackend.directwrite import hold_writes
+
 MAX_IDLE_PER_HOST = 64
 IDLE_SECONDS = 120.0
 
@@ -66,6 +68,10 @@ class Connection(Protocol):
         self.deferred = None
         self.idle_timer = None
         self.parser = None
+        self.writes = None
+
+    def connectionMade(self) -> None:
+        self.writes = hold_writes(self.transport, self.client.reactor)
 
     # --- a request ------------------------------------------------------------
 
@@ -123,6 +129,11 @@ class Connection(Protocol):
     # --- the connection ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self._received(data)
+        if self.writes is not None:
+            self.writes.event_done()  # the answer written to the client goes now
+
+    def _received(self, data: bytes) -> None:
         if self.deferred is None:
             # Bytes nobody asked for (or the rest of an abandoned answer): close.
             self.transport.abortConnection()

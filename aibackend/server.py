@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
 
+from aibackend.directwrite import hold_writes
 from aibackend.errors import PayloadTooLarge
 from aibackend.ids import new_request_id, request_id_from_headers
 
@@ -41,6 +42,7 @@ class _ClientLimits:
         self.timer = None
         self.waiting_since = None
         self.refuse = False
+        self.writes = None  # aibackend.directwrite's, on a plain TCP connection
 
     def start(self) -> None:
         if not self.site.header_timeout:
@@ -205,6 +207,7 @@ class AibackendSite(Site):
             if http.transport is not None:
                 host = http.transport.getHost()
                 http.getHost = lambda: host
+                limits.writes = hold_writes(http.transport, self.reactor)
             if limits.refuse:
                 limits.answer(503, "Service Unavailable", "model_unavailable",
                               f"the daemon holds its maximum of {self.max_connections} connections")
@@ -214,7 +217,10 @@ class AibackendSite(Site):
         def dataReceived(data):
             if not http.requests:
                 limits.start()
-            return received(data)
+            result = received(data)
+            if limits.writes is not None:
+                limits.writes.event_done()  # the request written to a model goes now
+            return result
 
         def allHeadersReceived():
             limits.stop()
