@@ -28,8 +28,6 @@ and anything else keep Twisted's write.
 
 from __future__ import annotations
 
-from weakref import WeakKeyDictionary
-
 from twisted.internet import tcp
 
 
@@ -42,9 +40,22 @@ class Writes:
         self.call = None
         self.written = 0  # connections written to in this turn
         self.busy = False  # the last turn wrote to more than one
+        # Once the reactor is stopping, what is written goes at once: the shutdown may
+        # close every connection (disconnectAll) before another turn begins.
+        self.stopping = False
+        add_trigger = getattr(reactor, "addSystemEventTrigger", None)
+        if add_trigger is not None:
+            add_trigger("before", "shutdown", self.reactor_stopping)
+
+    def reactor_stopping(self) -> None:
+        self.stopping = True
+        self.send_held()
 
     def hold(self, transport, data: bytes) -> None:
         transport._aibackend_held = [data]
+        if self.stopping:
+            send(transport)
+            return
         self.held.append(transport)
         self.written += 1
         if self.call is None:
@@ -86,17 +97,64 @@ def send(transport) -> None:
         if sent == len(data):
             return
         data = data[sent:]
-    transport._aibackend_buffered_write(data)
+    tcp.Connection.write(transport, data)
 
 
-_writes: WeakKeyDictionary = WeakKeyDictionary()
+class _HeldWrites:
+    """
+    Mixed in before L{tcp.Server} or L{tcp.Client} (L{hold_writes} changes a
+    transport's class): the methods are the class's, so a connection costs one more
+    attribute, not closures of its own.
+    """
+
+    _aibackend_held = None
+    _aibackend_writes: Writes
+
+    def write(self, data: bytes) -> None:
+        held = self._aibackend_held
+        if held is not None and type(data) is bytes:
+            held.append(data)
+        elif (
+            type(data) is bytes
+            and data
+            and not self.TLS
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+            and self.connected
+            and not self.disconnecting
+            and not self._writeDisconnecting
+            and not self._writeDisconnected
+        ):
+            self._aibackend_writes.hold(self, data)
+        else:
+            tcp.Connection.write(self, data)
+
+    def writeSequence(self, iovec) -> None:
+        self.write(b"".join(iovec))
+
+    def loseConnection(self, *args, **kwargs):
+        send(self)
+        return super().loseConnection(*args, **kwargs)
+
+    def loseWriteConnection(self):
+        send(self)
+        return super().loseWriteConnection()
+
+    def abortConnection(self):
+        self._aibackend_held = None
+        return super().abortConnection()
 
 
-def writes_for(reactor) -> Writes:
-    writes = _writes.get(reactor)
-    if writes is None:
-        writes = _writes[reactor] = Writes(reactor)
-    return writes
+class _HeldServer(_HeldWrites, tcp.Server):
+    pass
+
+
+class _HeldClient(_HeldWrites, tcp.Client):
+    pass
+
+
+_HELD = {tcp.Server: _HeldServer, tcp.Client: _HeldClient}
+_writes: dict = {}  # reactor -> its Writes (a process has one reactor)
 
 
 def hold_writes(transport, reactor) -> Writes | None:
@@ -107,49 +165,12 @@ def hold_writes(transport, reactor) -> Writes | None:
     @return: the reactor's L{Writes} (call its C{event_done} once an event is handled),
         or None where it does not apply (not a plain TCP connection).
     """
-    if type(transport) not in (tcp.Server, tcp.Client) or getattr(transport, "TLS", False):
+    held = _HELD.get(type(transport))
+    if held is None or transport.TLS:
         return None
-    writes = writes_for(reactor)
-    buffered_write = transport._aibackend_buffered_write = transport.write
-    lose, lose_write, abort = transport.loseConnection, transport.loseWriteConnection, transport.abortConnection
-    transport._aibackend_held = None
-
-    def write(data: bytes) -> None:
-        held = transport._aibackend_held
-        if held is not None and type(data) is bytes:
-            held.append(data)
-        elif (
-            type(data) is bytes
-            and data
-            and not transport._tempDataLen
-            and transport.offset == len(transport.dataBuffer)
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnecting
-            and not transport._writeDisconnected
-        ):
-            writes.hold(transport, data)
-        else:
-            buffered_write(data)
-
-    def writeSequence(iovec) -> None:
-        write(b"".join(iovec))
-
-    def loseConnection(*args, **kwargs):
-        send(transport)
-        return lose(*args, **kwargs)
-
-    def loseWriteConnection():
-        send(transport)
-        return lose_write()
-
-    def abortConnection():
-        transport._aibackend_held = None
-        return abort()
-
-    transport.write = write
-    transport.writeSequence = writeSequence
-    transport.loseConnection = loseConnection
-    transport.loseWriteConnection = loseWriteConnection
-    transport.abortConnection = abortConnection
+    writes = _writes.get(reactor)
+    if writes is None:
+        writes = _writes[reactor] = Writes(reactor)
+    transport.__class__ = held
+    transport._aibackend_writes = writes
     return writes

@@ -255,6 +255,27 @@ async def test_text_is_still_refused_as_twisted_refuses_it(pair):
         transport.writeSequence(["text"])
 
 
+@pytest_twisted.ensureDeferred
+async def test_once_the_reactor_is_stopping_writes_go_at_once(pair):
+    """The shutdown may close every connection before another turn: nothing waits for one."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    transport, peer = pair
+    stopping = MemoryReactorClock()
+    writes, sends = wrap(transport, stopping)
+    writes.busy = True
+    transport.write(b"held ")
+    assert sends.calls == []
+
+    [(trigger, _, _)] = stopping.triggers["before"]["shutdown"]
+    trigger()
+    assert sends.calls == [b"held "]
+
+    transport.write(b"then at once")
+    assert sends.calls == [b"held ", b"then at once"]
+    assert await peer.until(17) == b"held then at once"
+
+
 def test_only_plain_tcp_transports_are_changed():
     transport = StringTransport()
     write = transport.write
