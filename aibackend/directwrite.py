@@ -157,6 +157,13 @@ _HELD = {tcp.Server: _HeldServer, tcp.Client: _HeldClient}
 _writes: dict = {}  # reactor -> its Writes (a process has one reactor)
 
 
+def event_done(reactor) -> None:
+    """An event other than a connection's was handled (a model process's output, say)."""
+    writes = _writes.get(reactor)
+    if writes is not None:
+        writes.event_done()
+
+
 def hold_writes(transport, reactor) -> Writes | None:
     """
     Make C{transport}'s C{write} and C{writeSequence} hold what is written while its

@@ -32,6 +32,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from aibackend.directwrite import event_done
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
 from aibackend.logs import ModelLog, normalize_level
@@ -197,11 +198,12 @@ class ModelProcess(ProcessProtocol):
         self.last_output = self.pool.clock.seconds()
         for line in self._stdout.feed(data):
             if self.state == "exited":
-                return
+                break
             if line is OVERSIZE:
                 self.pool._process_oversize(self)
             elif line.strip():
                 self.pool._process_line(self, line)
+        event_done(self.pool.clock)  # the answers written to clients go now (aibackend.directwrite)
 
     def errReceived(self, data: bytes):
         for line in self._stderr.feed(data):

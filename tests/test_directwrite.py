@@ -301,3 +301,20 @@ async def test_each_turn_has_one_timer_and_none_is_left(pair):
     assert sends.calls == [b"1", b"2"]
     assert await peer.until(2) == b"12"
     await spin()
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_kind_of_event_sends_through_the_reactors_writes(pair):
+    from aibackend.directwrite import event_done
+
+    transport, peer = pair
+    clock = Clock()
+    event_done(clock)  # no connection on that reactor yet: nothing to do
+    writes, sends = wrap(transport, clock)
+    transport.write(b"from a model process")
+
+    event_done(clock)
+
+    assert sends.calls == [b"from a model process"]
+    assert await peer.until(20) == b"from a model process"
+    clock.advance(0)
