@@ -171,6 +171,12 @@ connect_timeout = 2
     return str(path)
 
 
+def assert_no_bug_logged(output: str) -> None:
+    """The daemon's log shows no traceback and no unhandled error of its own."""
+    for sign in ("Traceback", "Unhandled error", "Unhandled Error"):
+        assert sign not in output, output[-8000:]
+
+
 def start_daemon(config: str | None, *extra, cwd=None, env=None) -> tuple[Process, int]:
     argv = [TWISTD, "--pidfile=", "-n", "aibackend"]
     if config is not None:
@@ -210,8 +216,7 @@ def daemon(model_server, tmp_path_factory):
     finally:
         process.terminate()
     # Whatever the tests did, the daemon logged no bug of its own.
-    for sign in ("Traceback", "Unhandled error", "Unhandled Error"):
-        assert sign not in process.output, process.output
+    assert_no_bug_logged(process.output)
 
 
 # --- the README, with curl -------------------------------------------------------------------

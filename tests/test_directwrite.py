@@ -84,6 +84,15 @@ async def pair():
     await port.stopListening()
 
 
+@pytest.fixture
+def held(pair):
+    """The pair's client transport with held writes, its turns on a Clock: (transport, peer, clock, writes, sends)."""
+    transport, peer = pair
+    clock = Clock()
+    writes, sends = wrap(transport, clock)
+    return transport, peer, clock, writes, sends
+
+
 def wrap(transport, clock, **options) -> tuple[Writes, Sends]:
     writes = hold_writes(transport, clock)
     sends = transport.socket = Sends(transport.socket, **options)
@@ -96,10 +105,8 @@ def spin(seconds: float = 0.05) -> defer.Deferred:
 
 
 @pytest_twisted.ensureDeferred
-async def test_what_one_event_writes_goes_out_in_one_send_once_the_event_is_done(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock)
+async def test_what_one_event_writes_goes_out_in_one_send_once_the_event_is_done(held):
+    transport, peer, clock, writes, sends = held
 
     transport.writeSequence([b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\n"])
     transport.write(b"{}")
@@ -115,10 +122,8 @@ async def test_what_one_event_writes_goes_out_in_one_send_once_the_event_is_done
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_busy_reactor_sends_at_the_end_of_the_turn(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock)
+async def test_a_busy_reactor_sends_at_the_end_of_the_turn(held):
+    transport, peer, clock, writes, sends = held
     other = StringTransport()
     # A turn that writes to two connections makes the reactor busy for the next turn.
     transport.write(b"a")
@@ -138,10 +143,9 @@ async def test_a_busy_reactor_sends_at_the_end_of_the_turn(pair):
 
 
 @pytest_twisted.ensureDeferred
-async def test_what_the_kernel_does_not_take_goes_to_twisteds_buffer_in_order(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock, take=3)
+async def test_what_the_kernel_does_not_take_goes_to_twisteds_buffer_in_order(held):
+    transport, peer, clock, writes, sends = held
+    sends.take = 3
 
     transport.write(b"0123456789")
     writes.event_done()
@@ -156,10 +160,9 @@ async def test_what_the_kernel_does_not_take_goes_to_twisteds_buffer_in_order(pa
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_send_that_fails_leaves_the_data_to_twisted(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock, error=BlockingIOError())
+async def test_a_send_that_fails_leaves_the_data_to_twisted(held):
+    transport, peer, clock, writes, sends = held
+    sends.error = BlockingIOError()
 
     transport.write(b"later")
     writes.event_done()
@@ -170,10 +173,8 @@ async def test_a_send_that_fails_leaves_the_data_to_twisted(pair):
 
 
 @pytest_twisted.ensureDeferred
-async def test_closing_sends_what_is_held_first(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock)
+async def test_closing_sends_what_is_held_first(held):
+    transport, peer, clock, writes, sends = held
 
     transport.write(b"last words")
     transport.loseConnection()
@@ -186,10 +187,8 @@ async def test_closing_sends_what_is_held_first(pair):
 
 
 @pytest_twisted.ensureDeferred
-async def test_half_closing_sends_what_is_held_first(pair):
-    transport, peer = pair
-    clock = Clock()
-    wrap(transport, clock)
+async def test_half_closing_sends_what_is_held_first(held):
+    transport, peer, clock, writes, sends = held
 
     transport.write(b"then EOF")
     transport.loseWriteConnection()
@@ -200,10 +199,8 @@ async def test_half_closing_sends_what_is_held_first(pair):
 
 
 @pytest_twisted.ensureDeferred
-async def test_aborting_drops_what_is_held(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock)
+async def test_aborting_drops_what_is_held(held):
+    transport, peer, clock, writes, sends = held
 
     transport.write(b"never")
     transport.abortConnection()
@@ -215,10 +212,8 @@ async def test_aborting_drops_what_is_held(pair):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_connection_lost_before_its_turn_ends_sends_nothing(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock)
+async def test_a_connection_lost_before_its_turn_ends_sends_nothing(held):
+    transport, peer, clock, writes, sends = held
     transport.write(b"too late")
     transport.connected = False  # as connectionLost leaves it
 
@@ -229,10 +224,8 @@ async def test_a_connection_lost_before_its_turn_ends_sends_nothing(pair):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_write_after_close_was_asked_for_goes_through_twisted(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock)
+async def test_a_write_after_close_was_asked_for_goes_through_twisted(held):
+    transport, peer, clock, writes, sends = held
     transport.disconnecting = True  # what loseConnection sets, before its own flush runs
 
     transport.write(b"buffered")
@@ -285,10 +278,8 @@ def test_only_plain_tcp_transports_are_changed():
 
 
 @pytest_twisted.ensureDeferred
-async def test_each_turn_has_one_timer_and_none_is_left(pair):
-    transport, peer = pair
-    clock = Clock()
-    writes, sends = wrap(transport, clock)
+async def test_each_turn_has_one_timer_and_none_is_left(held):
+    transport, peer, clock, writes, sends = held
 
     transport.write(b"1")
     writes.event_done()

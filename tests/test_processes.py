@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from test_daemon import MODEL_SERVER, TWISTD, closed_port, run
+from test_daemon import MODEL_SERVER, TWISTD, assert_no_bug_logged, closed_port, run
 from test_runtime_daemon import PHOENIX, Daemon, Reply, config_text, write
 from test_subprocess_integration import alive, reaped, wait_until
 
@@ -302,8 +302,7 @@ def start_multi(directory, *more, tracker=None, **server) -> Multi:
 
 
 def assert_no_traceback(daemon) -> None:
-    for sign in ("Traceback", "Unhandled error", "Unhandled Error"):
-        assert sign not in daemon.output, daemon.output
+    assert_no_bug_logged(daemon.output)
 
 
 # A model that fails at start (one crash is enough): the primary says it has failed.

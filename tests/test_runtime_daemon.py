@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from test_daemon import MODEL_SERVER, TWISTD, Process
+from test_daemon import MODEL_SERVER, TWISTD, Process, assert_no_bug_logged
 import test_subprocess_integration as integration
 from test_subprocess_integration import reaped, toml_models, wait_until
 
@@ -299,8 +299,7 @@ def start(tmp_path):
 
 
 def assert_no_traceback(daemon: Daemon) -> None:
-    for sign in ("Traceback", "Unhandled error", "Unhandled Error"):
-        assert sign not in daemon.output, daemon.output
+    assert_no_bug_logged(daemon.output)
 
 
 # --- one daemon for most tests ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_daemon import model_server, start_daemon  # noqa: F401  (model_server is a fixture)
+from test_daemon import assert_no_bug_logged, model_server, start_daemon  # noqa: F401  (model_server is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,7 @@ timeout = 30
         yield port
     finally:
         process.terminate()
-    for sign in ("Traceback", "Unhandled error", "Unhandled Error"):
-        assert sign not in process.output, process.output
+    assert_no_bug_logged(process.output)
 
 
 def request_bytes(body: bytes, *, version: str = "1.1", request_id: str | None = None) -> bytes:
