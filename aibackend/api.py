@@ -196,9 +196,8 @@ class FrontDoor:
             )
 
         # With --processes, in a worker process: the way to the primary process (an
-        # aibackend.processes.Forwarder), and what makes this process follow a change.
+        # aibackend.processes.Forwarder).
         self.primary = None
-        self.resync = None
         from aibackend.v2 import OpenInference  # here: aibackend.v2 imports this module
 
         self.open_inference = OpenInference(self)
@@ -350,20 +349,10 @@ class FrontDoor:
     def forward(self, request):
         """
         Have the primary process do an operation that changes the models (in a worker
-        process), and follow the change here before answering.
+        process). The primary answers once every worker, this one included, has
+        followed the change (aibackend.processes.WorkerProcesses.sync).
         """
-        d = self.primary.forward(request)
-
-        def done(body):
-            if self.resync is None or request.code >= 300:
-                return sized(request, body)
-            # The change is made and kept: it is answered even if this process could not
-            # follow it yet (the primary's notice makes it try again).
-            following = self.resync()
-            following.addErrback(lambda failure: self.log.failure("following the primary's change", failure))
-            return following.addCallback(lambda _: sized(request, body))
-
-        return d.addCallback(done)
+        return self.primary.forward(request).addCallback(lambda body: sized(request, body))
 
     def render_predict(self, request):
         """

@@ -345,8 +345,8 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     root.listeners = []
     if worker is not None:
         front_door.primary = multi.Forwarder(reactor, deps.pool, worker["primary"], worker["token"])
-        front_door.resync = lambda: multi.resync(registry, config, store, manager.validate, Listener.log)
-        multi.WorkerControl(reactor, front_door.resync, multi.restart_local(registry, Listener.log),
+        multi.WorkerControl(reactor, lambda: multi.resync(registry, config, store, manager.validate, Listener.log),
+                            multi.restart_local(registry, Listener.log),
                             ack_fd=worker.get("ack")).setServiceParent(root)
         primary_states.setServiceParent(root)
         for fd, family in worker["fds"]:
