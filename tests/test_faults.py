@@ -340,9 +340,12 @@ def test_sigterm_under_load_answers_every_request_and_leaves_no_process(start_da
     with ThreadPoolExecutor(8) as pool:
         pending = [pool.submit(timed_predict, daemon, "slow", {"op": "sleep", "seconds": 1}, 20)
                    for _ in range(8)]
+        # Every request is in the daemon (two at the model, six queued) before the signal:
+        # one still in the kernel's accept queue when the daemon closes its port is
+        # reset, as with any server, and is not what this test is about.
         deadline = time.monotonic() + 5
-        while status(daemon, "slow")["in_flight"] < 2:
-            assert time.monotonic() < deadline, "the requests never started"
+        while (lambda s: s["in_flight"] + s["queued"])(status(daemon, "slow")) < 8:
+            assert time.monotonic() < deadline, "the requests never all reached the daemon"
             time.sleep(0.02)
         signalled = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
@@ -356,7 +359,7 @@ def test_sigterm_under_load_answers_every_request_and_leaves_no_process(start_da
     seen = [r[0] if isinstance(r[0], int) else type(r[0]).__name__ for r in results]
     print("SIGTERM under load: statuses", seen, "exit after", round(exited_after, 2), "s")
     # Every request got a clean HTTP answer: no hang, no connection dropped without a status.
-    assert all(isinstance(r[0], int) for r in results), results
+    assert all(isinstance(r[0], int) for r in results), (results, daemon.log_text())
     assert set(seen) <= {200, 502, 503}, seen
     assert seen.count(200) >= 2, seen  # at least those in flight were drained
     assert exited_after < drain + kill_timeout + 1
