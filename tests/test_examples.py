@@ -134,4 +134,8 @@ def test_the_readme_triton_client_snippet_calls_the_iris_example(example_daemon)
     assert ran.returncode == 0, ran.stderr
     label, scores = ran.stdout.splitlines()
     assert label == "['setosa' 'virginica']"
-    assert [[round(p, 4) for p in row] for row in json.loads(scores)] == [[0.9817, 0.0183, 0.0], [0.0001, 0.0801, 0.9199]]
+    # The README's figures, to within what another scikit-learn release's solver may move them
+    # (1.9 gives 0.9816 where 1.5 gave 0.9817).
+    assert json.loads(scores) == [
+        pytest.approx([0.9817, 0.0183, 0.0], abs=2e-3), pytest.approx([0.0001, 0.0801, 0.9199], abs=2e-3),
+    ]
