@@ -28,11 +28,13 @@ from twisted.internet.defer import CancelledError, inlineCallbacks, maybeDeferre
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
+from werkzeug.routing import RequestRedirect
 
 import aibackend
 from aibackend import errors
-from aibackend.api import REFUSALS, parse_json
+from aibackend.api import REFUSALS, parse_json, routing
 from aibackend.interfaces import ModelAnswer, RequestContext
+from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
 
 JSON = b"application/json"
@@ -86,8 +88,8 @@ def _document(text: bytes, *, empty=None):
 def _error_text(answer: ModelAnswer) -> str:
     """What a model's error answer says, as one line."""
     try:
-        document = json.loads(answer.body)
-    except ValueError:
+        document = read_json(answer.body, "the answer")
+    except JSONProblem:
         document = None
     error = document.get("error") if isinstance(document, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
@@ -95,6 +97,14 @@ def _error_text(answer: ModelAnswer) -> str:
     if isinstance(error, str):
         return error
     return answer.body[:200].decode("utf-8", "replace")
+
+
+def _answer_document(model, answer: ModelAnswer):
+    """A model's answer read as JSON (L{read_json}'s rules), or the 502 that says why not."""
+    try:
+        return read_json(answer.body, f"the answer of model {model.model_id!r}")
+    except JSONProblem as e:
+        raise errors.BadGateway(str(e), model=model.model_id) from None
 
 
 def _parameters(value, where: str) -> dict:
@@ -112,7 +122,7 @@ class OpenInference:
     @param door: the front door, whose registry, guard, manager and readiness it shares.
     """
 
-    app = Klein()
+    app = routing(Klein())
     log = Logger()
 
     def __init__(self, door, *, in_thread=None):
@@ -154,7 +164,7 @@ class OpenInference:
             request.responseHeaders.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
         return _json(request, {"error": error.message}, error.status)
 
-    @app.handle_errors(RouteNotFound)
+    @app.handle_errors(RouteNotFound, RequestRedirect)
     def route_not_found(self, request, failure):
         self.door.begin(request)
         path = request.path.decode("latin-1")
@@ -259,7 +269,7 @@ class OpenInference:
                 return _json(request, {"error": _error_text(answer)}, answer.status)
             if ready:
                 return _json(request, {"name": model.model_id, "ready": True})
-            document = json.loads(answer.body)
+            document = _answer_document(model, answer)
             if rename and isinstance(document, dict):
                 document["name"] = model.model_id
             return _json(request, document)
@@ -422,7 +432,7 @@ class OpenInference:
     @staticmethod
     def _outputs(model, answer: ModelAnswer, requested, request_id) -> dict:
         v2 = model.spec.v2
-        value = json.loads(answer.body)
+        value = _answer_document(model, answer)
         if not isinstance(value, dict):
             value = {(v2.outputs[0].name if len(v2.outputs) == 1 else "output"): value}
         declared = {tensor.name: tensor for tensor in v2.outputs}
@@ -497,7 +507,8 @@ class OpenInference:
             config_text = parameters["config"]
             if not isinstance(config_text, str):
                 raise errors.BadRequest("parameters.config must be a string of JSON (a [[models]] table)")
-            table = parse_json(config_text.encode("utf-8"))
+            # A lone surrogate (a \ud800 escape) does not encode: parse_json calls it not UTF-8.
+            table = parse_json(config_text.encode("utf-8", "surrogatepass"), "parameters.config")
             if not isinstance(table, dict):
                 raise errors.BadRequest("parameters.config must be a JSON object (a [[models]] table)")
         result = yield manager.load(name, table)

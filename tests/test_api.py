@@ -560,3 +560,105 @@ def test_a_model_cancelling_its_own_request_is_an_error_for_a_waiting_client(doo
     assert response.status >= 500
     assert response.json()["error"]["request_id"] == response.header("X-Request-Id")
     assert [entry["status"] for entry in request_entries(model)] == [response.status]
+
+
+# --- hardening (issue 12): JSON too deep, paths werkzeug would redirect, bytes that are not UTF-8 ---
+
+
+def nested(depth: int, inner: str = "1") -> bytes:
+    return ("[" * depth + inner + "]" * depth).encode()
+
+
+@pytest.mark.parametrize(
+    "text, deeper_than_2",
+    [
+        (b"[[1]]", False),
+        (b"[[[1]]]", True),
+        (b'{"a": {"b": {"c": 1}}}', True),
+        (b'{"a": [1], "c": [[2]]}', True),
+        (b"[[1], [2], [3]]", False),
+        (b'["[[[[", "]]]]", [1]]', False),  # brackets inside strings do not count
+        (b'["\\"[[[[", [1]]', False),  # nor after an escaped quote
+        (b'["\\\\", [[1]]]', True),  # an escaped backslash ends before the quote
+        (b'["\\\\\\"[[[", [1]]', False),
+        (b"[[],[],[],[],[]]", False),  # many brackets, shallow
+    ],
+)
+def test_the_depth_of_json_is_measured_outside_strings(text, deeper_than_2):
+    from aibackend.jsonread import too_deep
+
+    assert too_deep(text, 2) is deeper_than_2
+
+
+def test_json_as_deep_as_the_limit_is_read_and_one_level_more_is_a_400():
+    from aibackend.api import parse_json
+    from aibackend.jsonread import MAX_JSON_DEPTH
+
+    assert parse_json(nested(MAX_JSON_DEPTH))[0][0]
+    with pytest.raises(errors.BadRequest) as caught:
+        parse_json(nested(MAX_JSON_DEPTH + 1))
+    assert f"nested deeper than {MAX_JSON_DEPTH} levels" in caught.value.message
+
+
+@pytest.mark.parametrize("depth", [1_025, 100_000])
+def test_a_predict_body_deeper_than_orjson_reads_is_400(door, depth):
+    """orjson refuses it, and Python's json then raised RecursionError, uncaught (500)."""
+    assert_error(door.call("POST", "/post/predict?id=m", data=nested(depth)), 400, "bad_request",
+                 message="nested deeper than 512 levels")
+
+
+def test_a_predict_body_orjson_takes_is_passed_on_unread(door, model):
+    """The daemon never walks a predict body: its depth is orjson's (1,024)."""
+    body = nested(1_000)
+
+    assert door.call("POST", "/post/predict?id=m", data=body).status == 200
+    assert model.received[0].body == body
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/get//models", "/post//addmodel", "//post/predict?id=m", "/get/predict/?id=m", "/get/models/", "/health//live"],
+)
+def test_a_path_with_an_empty_segment_or_a_trailing_slash_is_404_never_a_redirect(door, path):
+    """werkzeug would redirect (merge_slashes, strict_slashes): it reached the catch-all as a bug (500)."""
+    method = "POST" if path.startswith(("/post", "//post")) else "GET"
+    response = door.call(method, path, data=b"{}" if method == "POST" else None)
+
+    if path == "//post/predict?id=m":  # Twisted reads "//post/predict" as the route itself
+        assert response.status == 200
+        return
+    assert_error(response, 404, "not_found", message="no route")
+    assert response.header("Location") is None
+
+
+@pytest.mark.parametrize("path, shape", [("/get/models", "front door"), ("/v2/models/m/ready", "v2")])
+def test_a_redirect_werkzeug_makes_anyway_is_answered_as_not_found(door, path, shape):
+    """Defence in depth: should a rule ever redirect, the path the client sent is still no route."""
+    import json
+
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+    from werkzeug.routing import RequestRedirect
+
+    request = DummyRequest(path.encode().split(b"/")[1:])
+    request.path = path.encode()
+
+    body = door.front_door.route_not_found(request, Failure(RequestRedirect("http://localhost/elsewhere")))
+
+    assert request.responseCode == 404
+    assert request.responseHeaders.getRawHeaders(b"location") is None
+    error = json.loads(body)["error"]
+    assert isinstance(error, dict if shape == "front door" else str)
+
+
+@pytest.mark.parametrize("path", ["/get/predict%FF?id=m", "/get/%C3%28?id=m", "/post/predict%FF?id=m"])
+def test_a_path_that_is_not_utf8_is_a_json_400(door, path):
+    """Klein answered it in text (400) and logged a traceback (the autouse logged_errors fixture would fail)."""
+    method = "POST" if path.startswith("/post") else "GET"
+    response = door.call(method, path, data=b"{}" if method == "POST" else None)
+
+    assert_error(response, 400, "bad_request", message="path is not UTF-8")
+
+
+def test_a_query_that_is_not_utf8_is_a_json_400(door):
+    assert_error(door.call("GET", "/get/predict?id=m&text=%FF"), 400, "bad_request", message="not valid UTF-8")
