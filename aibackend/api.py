@@ -13,6 +13,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 from klein import Klein
+from twisted.internet import threads
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,7 +30,7 @@ from aibackend.config import MAX_ID_LENGTH
 from aibackend.ids import request_id_from_headers
 from aibackend.interfaces import RequestContext
 from aibackend.jsonread import JSONProblem, read_json
-from aibackend.logs import normalize_level, parse_since
+from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aibackend.metrics import Metrics, stats_of
 
@@ -45,6 +46,8 @@ FORWARDED = frozenset({"addmodel", "removemodel", "restart"})
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
+# A model's log longer than this is filtered and rendered in a thread (getlogs).
+THREAD_ABOVE_ENTRIES = 100
 
 
 class FastRoot(Resource):
@@ -201,14 +204,18 @@ class FrontDoor:
 
     @param registry: the L{aibackend.registry.ModelRegistry}.
     @param clock: an L{IReactorTime}, for latencies.
+    @param in_thread: C{deferToThread}'s signature; tests run the function at once.
     """
 
     app = routing(Klein())
     log = Logger()
 
-    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None):
+    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None, in_thread=None):
         self.registry = registry
         self.clock = clock
+        # How work too long for the reactor thread is done (rendering a long log, large
+        # tensors in aibackend.v2): the reactor's thread pool, bounded.
+        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
         self.manager = manager
         self.metrics = metrics if metrics is not None else Metrics(registry)
         # Ready for work: set once the daemon has started, cleared when it begins to stop.
@@ -538,16 +545,20 @@ class FrontDoor:
             level = normalize_level(level_text) if level_text is not None else None
         except ValueError as e:
             raise errors.BadRequest(str(e)) from None
-        entries = model.model_log.query(limit=limit, since=since, level=level)
-        return sized(request, json.dumps(
-            {
-                "model": model.model_id,
-                "count": len(entries),
-                "max_entries": model.model_log.max_entries,
-                "dropped": model.model_log.dropped,
-                "entries": entries,
-            }
-        ).encode())
+        log = model.model_log
+        # What the answer shows, taken now (cheap); filtering and rendering read only these.
+        entries, model_id, max_entries, dropped = log.snapshot(), model.model_id, log.max_entries, log.dropped
+
+        def render() -> bytes:
+            found = select(entries, limit=limit, since=since, level=level)
+            return json.dumps({"model": model_id, "count": len(found), "max_entries": max_entries,
+                               "dropped": dropped, "entries": found}).encode()
+
+        if len(entries) <= THREAD_ABOVE_ENTRIES:
+            return sized(request, render())
+        # A full log is milliseconds of work: done on the reactor thread, a burst of
+        # getlogs would hold up every other request.
+        return self.in_thread(render).addCallback(lambda body: sized(request, body))
 
     def cleanlogs(self, request, request_id, params):
         model = self.registry.get(model_id_param(params))

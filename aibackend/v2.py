@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 
 from klein import Klein
-from twisted.internet import threads
 from twisted.internet.defer import CancelledError, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
@@ -127,8 +126,8 @@ class OpenInference:
 
     def __init__(self, door, *, in_thread=None):
         self.door = door
-        # How large tensors are handled off the reactor thread (tests run it at once).
-        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
+        # How large tensors are handled off the reactor thread: the front door's way.
+        self.in_thread = in_thread if in_thread is not None else door.in_thread
 
     def resource(self):
         return self.app.resource()

@@ -662,3 +662,68 @@ def test_a_path_that_is_not_utf8_is_a_json_400(door, path):
 
 def test_a_query_that_is_not_utf8_is_a_json_400(door):
     assert_error(door.call("GET", "/get/predict?id=m&text=%FF"), 400, "bad_request", message="not valid UTF-8")
+
+
+# --- getlogs off the reactor thread ---------------------------------------------------------
+
+
+def test_a_long_log_is_filtered_and_rendered_in_a_thread_and_answers_the_same(clock):
+    import json
+
+    from aibackend.api import THREAD_ABOVE_ENTRIES
+
+    model = FakeModel("m", clock)
+    ran = []
+
+    def in_thread(function, *args):
+        ran.append(function.__name__)
+        return result_now(function(*args))
+
+    from twisted.internet.defer import succeed as result_now
+
+    door = StubFrontDoor(clock, [model], in_thread=in_thread)
+    for index in range(THREAD_ABOVE_ENTRIES + 50):
+        clock.advance(1)
+        model.model_log.append("warning" if index % 2 else "info", "event", index=index)
+    expected = model.model_log.query(level="warning", limit=20)
+
+    response = door.call("GET", "/get/getlogs?id=m&level=warning&limit=20")
+
+    assert ran == ["render"]
+    assert response.status == 200
+    assert response.body == json.dumps({"model": "m", "count": 20, "max_entries": 1000, "dropped": 0,
+                                        "entries": expected}).encode()
+
+
+def test_a_short_log_is_rendered_at_once(clock):
+    model = FakeModel("m", clock)
+    door = StubFrontDoor(clock, [model], in_thread=lambda *args: pytest.fail("a short log went to a thread"))
+
+    assert door.call("GET", "/get/getlogs?id=m").json()["count"] == 1
+
+
+def test_entries_written_while_a_long_log_renders_are_not_in_its_answer(clock):
+    """The answer is the log as it was when asked (a snapshot), whatever the thread's timing."""
+    from twisted.internet.defer import Deferred
+
+    model = FakeModel("m", clock)
+    held = []
+
+    def in_thread(function, *args):
+        d = Deferred()
+        held.append((d, function))
+        return d
+
+    door = StubFrontDoor(clock, [model], in_thread=in_thread)
+    for _ in range(200):
+        model.model_log.append("info", "before")
+    pending = door.request("GET", "/get/getlogs?id=m")
+    model.model_log.append("info", "after")
+    model.model_log.clear()
+    [(d, function)] = held
+    d.callback(function())
+    door.flush()
+
+    body = result_of(pending).json()
+    assert body["count"] == 201
+    assert {entry["event"] for entry in body["entries"]} == {"added", "before"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -255,3 +256,32 @@ def test_the_loopback_rule_still_lets_a_plain_local_client_add_a_model(daemon):
 
     assert reply.status == 201, reply
     assert daemon.remove("local-ok").status == 200
+
+
+# --- 5. getlogs of a full log -------------------------------------------------------------------
+
+
+def test_getlogs_of_a_full_log_answers_every_entry_the_same_each_time(daemon):
+    """Rendered in a thread past 100 entries (the unit tests show where); the answer is unchanged."""
+    replies = [daemon.predict("adder", {"x": [index]}) for index in range(LOG_ENTRIES + 20)]
+    assert {reply.status for reply in replies} == {200}
+
+    def getlogs(query=""):
+        reply = daemon.request("GET", "/get/getlogs?id=adder" + query)
+        assert reply.status == 200, reply
+        assert reply.headers["x-request-id"] and reply.headers["content-type"] == "application/json"
+        return reply.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: getlogs("&level=info&limit=250"), range(16)))
+    full = getlogs()
+
+    assert (full["model"], full["count"], full["max_entries"]) == ("adder", LOG_ENTRIES, LOG_ENTRIES)
+    assert full["dropped"] >= 20
+    seqs = [entry["seq"] for entry in full["entries"]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == LOG_ENTRIES
+    for answer in answers:
+        assert answer["count"] == len(answer["entries"]) == 250
+        assert all(entry["level"] == "info" for entry in answer["entries"])
+    # getlogs writes no entry: the log is the same between these two.
+    assert getlogs("&limit=5")["entries"] == getlogs()["entries"][-5:]
