@@ -336,10 +336,11 @@ class OpenInference:
                 read.append(read_input(tensor, where))
             except TensorError as e:
                 raise errors.BadRequest(str(e)) from None
-        names = [name for name, *_ in read]
-        for name in names:
-            if names.count(name) > 1:
+        seen = set()
+        for name, *_ in read:
+            if name in seen:  # (a set: a request of many inputs is not quadratic work)
                 raise errors.BadRequest(f"input {name!r} is given twice")
+            seen.add(name)
         return read
 
     @staticmethod
