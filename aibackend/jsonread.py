@@ -4,10 +4,10 @@ reads itself), strictly and within bounds.
 
 Python's C{json} recurses once per level of nesting: a document nested about a thousand
 levels deep makes it (or C{json.dumps}, or C{repr}, later) raise C{RecursionError}
-instead of an answer. So a document is measured before it is parsed, cheaply (a few
-C-level passes over the bytes, only when it holds more brackets than the limit), and one
-nested deeper than L{MAX_JSON_DEPTH} is refused: whatever walks a document the daemon has
-read has stack to spare.
+instead of an answer. So a document the parser could not read for its depth is refused,
+and one it could read is measured, cheaply (a few C-level passes over the bytes, only
+when it holds more brackets than the limit), and refused when it is nested deeper than
+L{MAX_JSON_DEPTH}: whatever walks a document the daemon has read has stack to spare.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def too_deep(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return next(filter(limit.__lt__, accumulate(map(_STEP.__getitem__, outside))), None) is not None
 
 
+def _nested_too_deep(what: str) -> JSONProblem:
+    return JSONProblem(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels; the daemon reads JSON "
+                       f"up to {MAX_JSON_DEPTH} levels deep")
+
+
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -58,15 +63,16 @@ def read_json(data: bytes, what: str = "the request body"):
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise JSONProblem(f"{what} is not UTF-8 text") from None
-    if too_deep(data):
-        raise JSONProblem(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels; the daemon reads JSON "
-                          f"up to {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise JSONProblem(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
-        # Not reached within the depth limit: kept so that no text can become a 500.
-        raise JSONProblem(f"{what} is nested too deeply to be read") from None
+        raise _nested_too_deep(what) from None
     except ValueError as e:  # NaN or Infinity, an integer of too many digits
         raise JSONProblem(f"{what} is not valid JSON: {e}") from None
+    # Measured once it is known to be JSON: text that is not is refused at its first
+    # mistake, without a pass over all of it.
+    if too_deep(data):
+        raise _nested_too_deep(what)
+    return value
