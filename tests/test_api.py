@@ -8,6 +8,7 @@ looks at what it was sent.
 import re
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import CancelledError
 from zope.interface.verify import verifyObject
 
@@ -736,3 +737,32 @@ def test_a_host_that_is_not_utf8_is_a_400_in_the_routes_shape(door, path):
     error = response.json()["error"]
     message = error if path.startswith("/v2") else error["message"]
     assert "Host header is not UTF-8" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_by_default_a_long_log_is_rendered_in_the_reactors_thread_pool(clock, monkeypatch):
+    import json
+    import threading
+
+    from twisted.internet import threads
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from aibackend import api
+
+    model = FakeModel("m", clock)
+    for _ in range(api.THREAD_ABOVE_ENTRIES + 1):
+        model.model_log.append("info", "event")
+    door = StubFrontDoor(clock, [model], in_thread=threads.deferToThread)
+    ran_in = []
+    real_select = api.select
+
+    def select(*args, **kwargs):
+        ran_in.append(threading.current_thread())
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(api, "select", select)
+
+    body = await door.front_door.getlogs(DummyRequest([b""]), "r", {"id": ["m"]})
+
+    assert ran_in and ran_in[0] is not threading.main_thread()
+    assert json.loads(body)["count"] == api.THREAD_ABOVE_ENTRIES + 2  # with the "added" entry
