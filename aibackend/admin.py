@@ -17,7 +17,6 @@ A change is acknowledged only once the store has made it durable.
 
 from __future__ import annotations
 
-import json
 import os
 from urllib.parse import urlsplit
 
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from aibackend import config
 from aibackend.destinations import DestinationDenied, check_destination
 from aibackend.errors import BadRequest, Conflict, Forbidden, ModelUnavailable, UnknownModel
+from aibackend.jsonread import JSONProblem, read_json
 
 # Keys whose query-string values stay strings; the others are read as JSON when they
 # parse (timeout=5, workers=2, command=["/usr/bin/x"]).
@@ -49,9 +49,9 @@ def table_from_query(params: dict) -> dict:
                 value = value[1:-1]
             elif key not in STRING_KEYS:
                 try:
-                    value = json.loads(value)
-                except ValueError:
-                    pass
+                    value = read_json(value.encode("utf-8"), key)
+                except JSONProblem:
+                    pass  # not JSON (or too deep to read): the text itself
         table[key] = value
     return table
 

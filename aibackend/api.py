@@ -13,6 +13,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 from klein import Klein
+from twisted.internet import threads
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
+from werkzeug.routing import RequestRedirect
 
 from aibackend import errors
 from aibackend.admin import describe, table_from_query
@@ -27,7 +29,8 @@ from aibackend.auth import Guard
 from aibackend.config import MAX_ID_LENGTH
 from aibackend.ids import request_id_from_headers
 from aibackend.interfaces import RequestContext
-from aibackend.logs import normalize_level, parse_since
+from aibackend.jsonread import JSONProblem, read_json
+from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aibackend.metrics import Metrics, stats_of
 
@@ -43,6 +46,8 @@ FORWARDED = frozenset({"addmodel", "removemodel", "restart"})
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
+# A model's log longer than this is filtered and rendered in a thread (getlogs).
+THREAD_ABOVE_ENTRIES = 100
 
 
 class FastRoot(Resource):
@@ -59,9 +64,49 @@ class FastRoot(Resource):
         self.klein_resource = klein_resource
 
     def render(self, request):
+        guard = self.door.guard
+        if guard.watching_for_proxies:
+            guard.notice_proxy(request)
         if request.method == b"POST" and request.path == b"/post/predict":
             return self.door.render_predict(request)
+        # Klein answers a path, Host or method that is not UTF-8 itself, in text and with
+        # a logged traceback: they are the client's mistake, answered in the route's shape.
+        problem = not_utf8(request)
+        if problem is not None:
+            return self.door.render_route_error(request, errors.BadRequest(problem))
         return self.klein_resource.render(request)
+
+
+def not_utf8(request) -> str | None:
+    """What of the request Klein decodes (path, Host, method) is not UTF-8, or None."""
+    for what, value in (
+        ("the request's path is not UTF-8 once its %-escapes are decoded", b"/".join(request.postpath)),
+        ("the Host header is not UTF-8", request.getRequestHostname()),
+        ("the request's method is not UTF-8", request.method),
+    ):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return what
+    return None
+
+
+def routing(app: Klein) -> Klein:
+    """
+    Make a Klein app's routes match paths as they are: werkzeug would answer a path with
+    an empty segment (C{/get//models}, C{/v2/models/%2F/ready}) with a redirect to the
+    path without it, and the daemon never redirects: no route has an empty segment, so
+    such a path is not found (404). Called before the first route is declared: a rule
+    reads the map's setting when it is added. (Werkzeug's other redirect, to a rule's
+    trailing slash, is answered as not found by the error handlers.)
+    """
+    app.url_map.merge_slashes = False
+    return app
+
+
+def is_v2(request) -> bool:
+    """Is the request for the Open Inference Protocol's routes (whose errors have their own shape)?"""
+    return request.path == b"/v2" or request.path.startswith(b"/v2/")
 
 
 def sized(request, body: bytes) -> bytes:
@@ -70,32 +115,26 @@ def sized(request, body: bytes) -> bytes:
     return body
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json(body: bytes):
+def parse_json(body: bytes, what: str = "the request body"):
     """
-    Parse a request body as strict JSON (no NaN or Infinity).
+    Parse JSON from a client strictly (L{aibackend.jsonread.read_json}: UTF-8, no NaN or
+    Infinity, at most C{MAX_JSON_DEPTH} levels deep).
 
     @raise errors.BadRequest: with what is wrong and where.
     """
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise errors.BadRequest("the request body is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise errors.BadRequest(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except ValueError as e:
-        raise errors.BadRequest(f"the request body is not valid JSON: {e}") from None
+        return read_json(body, what)
+    except JSONProblem as e:
+        raise errors.BadRequest(str(e)) from None
 
 
 def check_json(body: bytes) -> None:
     """
     Check that a body passed on unchanged is strict JSON (L{parse_json}'s rules), fast:
-    orjson is several times faster and as strict (no NaN, UTF-8 only); what it refuses
-    goes through L{parse_json}, whose word is final and whose messages say where.
-    (orjson reads integers past 64 bits as floats, so its values are not kept.)
+    orjson is several times faster and as strict (no NaN, UTF-8 only, at most 1,024
+    levels deep); what it refuses goes through L{parse_json}, whose word is final and
+    whose messages say where. (orjson reads integers past 64 bits as floats, so its
+    values are not kept; the daemon never walks this body, so its depth is orjson's.)
     """
     try:
         orjson.loads(body)
@@ -165,14 +204,18 @@ class FrontDoor:
 
     @param registry: the L{aibackend.registry.ModelRegistry}.
     @param clock: an L{IReactorTime}, for latencies.
+    @param in_thread: C{deferToThread}'s signature; tests run the function at once.
     """
 
-    app = Klein()
+    app = routing(Klein())
     log = Logger()
 
-    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None):
+    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None, in_thread=None):
         self.registry = registry
         self.clock = clock
+        # How work too long for the reactor thread is done (rendering a long log, large
+        # tensors in aibackend.v2): the reactor's thread pool, bounded.
+        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
         self.manager = manager
         self.metrics = metrics if metrics is not None else Metrics(registry)
         # Ready for work: set once the daemon has started, cleared when it begins to stop.
@@ -233,13 +276,23 @@ class FrontDoor:
         request.responseHeaders.setRawHeaders(b"content-type", [JSON])
         return sized(request, json.dumps(error.as_json(request_id)).encode())
 
+    def render_route_error(self, request, error: errors.ApiError) -> bytes:
+        """An error before routing, in the shape of the route the path is under."""
+        if is_v2(request):
+            return self.open_inference.render_error(request, error)
+        return self.render_error(request, error)
+
     @app.handle_errors(errors.ApiError)
     def api_error(self, request, failure):
         return self.render_error(request, failure.value)
 
-    @app.handle_errors(RouteNotFound)
+    @app.handle_errors(RouteNotFound, RequestRedirect)
     def route_not_found(self, request, failure):
+        # RequestRedirect: werkzeug's redirects are off (routing()); should one come, the
+        # path the client sent is still not a route.
         path = request.path.decode("latin-1")
+        if is_v2(request):
+            return self.open_inference.route_not_found(request, failure)
         return self.render_error(
             request,
             errors.NotFound(f"no route {path!r}: use /post/OPERATION?id=MODEL or /get/OPERATION?id=MODEL"),
@@ -492,16 +545,20 @@ class FrontDoor:
             level = normalize_level(level_text) if level_text is not None else None
         except ValueError as e:
             raise errors.BadRequest(str(e)) from None
-        entries = model.model_log.query(limit=limit, since=since, level=level)
-        return sized(request, json.dumps(
-            {
-                "model": model.model_id,
-                "count": len(entries),
-                "max_entries": model.model_log.max_entries,
-                "dropped": model.model_log.dropped,
-                "entries": entries,
-            }
-        ).encode())
+        log = model.model_log
+        # What the answer shows, taken now (cheap); filtering and rendering read only these.
+        entries, model_id, max_entries, dropped = log.snapshot(), model.model_id, log.max_entries, log.dropped
+
+        def render() -> bytes:
+            found = select(entries, limit=limit, since=since, level=level)
+            return json.dumps({"model": model_id, "count": len(found), "max_entries": max_entries,
+                               "dropped": dropped, "entries": found}).encode()
+
+        if len(entries) <= THREAD_ABOVE_ENTRIES:
+            return sized(request, render())
+        # A full log is milliseconds of work: done on the reactor thread, a burst of
+        # getlogs would hold up every other request.
+        return self.in_thread(render).addCallback(lambda body: sized(request, body))
 
     def cleanlogs(self, request, request_id, params):
         model = self.registry.get(model_id_param(params))

@@ -8,10 +8,14 @@ the daemon runs, so they are guarded, and safe by default:
     needs C{Authorization: Bearer <token>} (compared in constant time); a token under 16
     characters is refused at start;
   - with none, they are allowed only while the daemon listens on loopback (or a unix
-    socket) alone, only from a loopback peer, only with a C{Host} that is a loopback name
-    (a DNS-rebinding page has its own name there) and without a foreign C{Origin} (a
-    page in a browser on the same machine). Otherwise they are refused (403), and the
-    start-up log says why.
+    socket) alone, only from a loopback peer, only with exactly one C{Host}, a loopback
+    name or address (C{host[:port]}, read strictly: a DNS-rebinding page has its own
+    name there), without a foreign C{Origin} (a page in a browser on the same machine;
+    at most one, C{scheme://host[:port]}, and C{null} is foreign) and without the headers
+    a reverse proxy adds (C{Forwarded}, C{X-Forwarded-For}, ...): behind a proxy on the
+    same machine every peer is loopback, so the rule cannot tell who is calling, and a
+    token is required there. Otherwise they are refused (403), and the log says why: at
+    start, which rule is in force; once, the first time a request comes through a proxy.
 
 Client keys (C{api_keys}) optionally guard the other operations.
 """
@@ -23,11 +27,19 @@ import ipaddress
 import re
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import Logger
 
 from aibackend.errors import Forbidden, Unauthorized
 
 MIN_TOKEN_LENGTH = 16
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+# What a reverse proxy adds to the requests it passes on (RFC 7239, the de facto X- ones, RFC 9110's Via).
+PROXY_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip", b"via")
+# host[:port] as a Host header or an Origin has it: a bracketed IPv6 address or a name
+# (or IPv4 address) of the characters names have, then an optional numeric port. No
+# userinfo (@), path, query or anything else.
+_AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+))(?::([0-9]{1,5}))?", re.ASCII)
+_ORIGIN = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.+)", re.ASCII | re.DOTALL)
 
 
 class TokenError(Exception):
@@ -56,19 +68,63 @@ def read_admin_token(path: str | None, environ) -> str | None:
     return token
 
 
-def is_loopback_host(host: str) -> bool:
-    """Is C{host} (an address or a name, maybe with a port) a loopback one?"""
-    host = host.strip().lower()
-    if host.startswith("["):
-        host = host[1:].split("]", 1)[0]
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
+def host_of(authority: str) -> str | None:
+    """
+    The host of C{host[:port]} (as a C{Host} header has it), lower-cased, without the
+    brackets of an IPv6 address; None unless it is exactly that.
+    """
+    found = _AUTHORITY.fullmatch(authority.strip(" \t"))
+    if found is None:
+        return None
+    bracketed, name, port = found.groups()
+    if port is not None and int(port) > 65535:
+        return None
+    if bracketed is not None:
+        try:
+            ipaddress.IPv6Address(bracketed)
+        except ValueError:
+            return None
+        return bracketed.lower()
+    return name.lower()
+
+
+def _is_loopback_name(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_host(host: str) -> bool:
+    """
+    Is C{host} a loopback one: a loopback name or address, maybe with a port
+    (C{host_of}'s strict form), or a bare IPv6 address (as a listen description has it)?
+    """
+    text = host.strip(" \t").lower()
+    if ":" in text and not text.startswith("["):
+        try:
+            return ipaddress.IPv6Address(text).is_loopback
+        except ValueError:
+            pass
+    name = host_of(text)
+    return name is not None and _is_loopback_name(name)
+
+
+def origin_is_loopback(origin: str) -> bool:
+    """Is an C{Origin} exactly C{scheme://host[:port]} with a loopback host? (C{null} is not.)"""
+    found = _ORIGIN.fullmatch(origin.strip(" \t"))
+    if found is None:
+        return False
+    name = host_of(found.group(2))
+    return name is not None and _is_loopback_name(name)
+
+
+def proxy_headers(request) -> list[str]:
+    """The reverse-proxy headers the request carries (their names), if any."""
+    headers = request.requestHeaders
+    return [name.decode("ascii") for name in PROXY_HEADERS if headers.hasHeader(name)]
 
 
 def endpoint_is_local(description: str) -> bool:
@@ -115,6 +171,8 @@ class Guard:
     @param api_keys: client keys for the non-admin operations; empty means none needed.
     """
 
+    log = Logger()
+
     def __init__(self, admin_token: str | None, listen, api_keys=(), *, internal_token: str | None = None):
         self.admin_token = admin_token
         # With --processes: what a worker process sends when it forwards a request it has
@@ -122,12 +180,39 @@ class Guard:
         self.internal_token = internal_token
         self.api_keys = tuple(api_keys)
         self.local_only = all(endpoint_is_local(description) for description in listen)
+        # Whether a request through a proxy is still to be warned about (once): only while
+        # the loopback rule is in force.
+        self.watching_for_proxies = self.local_only and not admin_token
+
+    def notice_proxy(self, request) -> None:
+        """
+        Warn (once) when a request comes through a reverse proxy while the loopback rule is
+        in force. Cheap: called for every request, it looks at headers only until then.
+        """
+        if self.watching_for_proxies:
+            found = proxy_headers(request)
+            if found:
+                self._warn_proxy(found)
+
+    def _warn_proxy(self, found) -> None:
+        if not self.watching_for_proxies:
+            return
+        self.watching_for_proxies = False
+        self.log.warn(
+            "a request came through a reverse proxy (it carries {headers}) and no admin token is set: "
+            "behind a proxy every caller looks like loopback, so admin operations would be open to anyone "
+            "who can reach the proxy. They are refused on requests that carry proxy headers; a proxy that "
+            "adds none is not seen. Set an admin token (--admin-token-file or AIBACKEND_ADMIN_TOKEN) "
+            "whenever the daemon is behind a proxy.",
+            headers=", ".join(found),
+        )
 
     def startup_note(self) -> str:
         if self.admin_token:
             return "admin operations need the admin token (Authorization: Bearer)"
         if self.local_only:
-            return "admin operations are allowed from loopback only (no admin token is set)"
+            return ("admin operations are allowed from loopback only (no admin token is set), never through "
+                    "a reverse proxy: behind one, set an admin token")
         return (
             "admin operations are refused: no admin token is set (--admin-token-file or "
             "AIBACKEND_ADMIN_TOKEN) and the daemon listens beyond loopback"
@@ -162,16 +247,31 @@ class Guard:
             )
         if not _peer_is_local(request):
             raise Forbidden("without an admin token, admin operations are allowed from loopback only")
-        host = (request.getHeader(b"host") or b"").decode("latin-1")
-        if not is_loopback_host(host):
+        through = proxy_headers(request)
+        if through:
+            self._warn_proxy(through)
+            raise Forbidden(
+                f"this request came through a proxy (it carries {', '.join(through)}): without an admin "
+                "token the daemon cannot tell who sent it, so admin operations through a proxy need one "
+                "(--admin-token-file or AIBACKEND_ADMIN_TOKEN)"
+            )
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) != 1:
+            raise Forbidden(
+                "without an admin token, admin operations need exactly one Host header, a loopback one; "
+                f"this request has {len(hosts)}"
+            )
+        host = hosts[0].decode("latin-1")
+        name = host_of(host)
+        if name is None or not _is_loopback_name(name):
             raise Forbidden(
                 f"without an admin token, admin operations need a loopback Host header, not {host!r}"
             )
-        origin = request.getHeader(b"origin")
-        if origin is not None:
-            origin_host = origin.decode("latin-1").split("://", 1)[-1].split("/", 1)[0]
-            if not is_loopback_host(origin_host):
-                raise Forbidden("admin operations are not allowed from a web page of another origin")
+        origins = request.requestHeaders.getRawHeaders(b"origin") or []
+        if len(origins) > 1:
+            raise Forbidden("admin operations are not allowed with more than one Origin header")
+        if origins and not origin_is_loopback(origins[0].decode("latin-1")):
+            raise Forbidden("admin operations are not allowed from a web page of another origin")
 
     def check_client(self, request) -> None:
         """@raise Unauthorized: C{api_keys} are set and the request has none of them (nor the admin token)."""

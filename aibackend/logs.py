@@ -79,6 +79,27 @@ def _iso(seconds: float) -> str:
     return f"{_second[1]}.{micro // 1000:03d}Z"
 
 
+def select(entries: list, *, limit: int | None = None, since: float | None = None, level: str | None = None) -> list:
+    """
+    @param entries: a log's L{ModelLog.snapshot}.
+    @param limit: at most this many entries, the newest ones.
+    @param since: only entries strictly after this time (seconds since the epoch).
+    @param level: only entries of this level or a more severe one.
+    @return: the matching entries, oldest first.
+    """
+    floor = LEVELS[level] if level is not None else None
+    if since is not None or floor is not None:
+        entries = [
+            entry
+            for entry in entries
+            if (since is None or entry["timestamp"] > since)
+            and (floor is None or LEVELS[entry["level"]] >= floor)
+        ]
+    if limit is not None:
+        entries = entries[-limit:] if limit else []
+    return entries
+
+
 class ModelLog:
     """
     A bounded log of one model's requests and events.
@@ -140,23 +161,17 @@ class ModelLog:
         self._entries.append(entry)
         return entry
 
+    def snapshot(self) -> list:
+        """
+        The entries as they are now, oldest first: a copy of the ring, cheap (the
+        entries themselves are never changed once written), to be read anywhere,
+        another thread included.
+        """
+        return list(self._entries)
+
     def query(self, *, limit: int | None = None, since: float | None = None, level: str | None = None) -> list:
-        """
-        @param limit: at most this many entries, the newest ones.
-        @param since: only entries strictly after this time (seconds since the epoch).
-        @param level: only entries of this level or a more severe one.
-        @return: the matching entries, oldest first.
-        """
-        floor = LEVELS[level] if level is not None else None
-        found = [
-            entry
-            for entry in self._entries
-            if (since is None or entry["timestamp"] > since)
-            and (floor is None or LEVELS[entry["level"]] >= floor)
-        ]
-        if limit is not None:
-            found = found[-limit:] if limit else []
-        return found
+        """L{select} over the entries as they are now."""
+        return select(self.snapshot(), limit=limit, since=since, level=level)
 
     def clear(self) -> int:
         """

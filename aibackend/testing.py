@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -262,9 +262,11 @@ class StubFrontDoor:
     @param clock: the clock the front door and the registry's models run on.
     @param models: models to register.
     @param max_body_bytes: the site's body limit.
+    @param in_thread: how the front door does work in a thread (at once by default).
     """
 
-    def __init__(self, clock, models=(), *, max_body_bytes: int = 16 * 1024 * 1024, guard=None, manager=None):
+    def __init__(self, clock, models=(), *, max_body_bytes: int = 16 * 1024 * 1024, guard=None, manager=None,
+                 in_thread=None):
         from treq.testing import StubTreq
 
         from aibackend.api import FrontDoor
@@ -275,7 +277,9 @@ class StubFrontDoor:
         self.registry = ModelRegistry(ModelDeps(reactor=clock, environ={}))
         for model in models:
             self.registry.add(model)
-        self.front_door = FrontDoor(self.registry, clock, guard=guard, manager=manager)
+        # Work the daemon does in a thread is done at once (no thread pool runs here).
+        self.front_door = FrontDoor(self.registry, clock, guard=guard, manager=manager,
+                                    in_thread=in_thread if in_thread is not None else maybeDeferred)
         self.stub = StubTreq(self.front_door.resource())
         # StubTreq serves through a plain Site; serve through the daemon's instead (no
         # form parsing, the body limit), on the stub's own memory reactor.

@@ -23,16 +23,17 @@ from __future__ import annotations
 import json
 
 from klein import Klein
-from twisted.internet import threads
 from twisted.internet.defer import CancelledError, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
+from werkzeug.routing import RequestRedirect
 
 import aibackend
 from aibackend import errors
-from aibackend.api import REFUSALS, parse_json
+from aibackend.api import REFUSALS, parse_json, routing
 from aibackend.interfaces import ModelAnswer, RequestContext
+from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
 
 JSON = b"application/json"
@@ -86,8 +87,8 @@ def _document(text: bytes, *, empty=None):
 def _error_text(answer: ModelAnswer) -> str:
     """What a model's error answer says, as one line."""
     try:
-        document = json.loads(answer.body)
-    except ValueError:
+        document = read_json(answer.body, "the answer")
+    except JSONProblem:
         document = None
     error = document.get("error") if isinstance(document, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
@@ -95,6 +96,14 @@ def _error_text(answer: ModelAnswer) -> str:
     if isinstance(error, str):
         return error
     return answer.body[:200].decode("utf-8", "replace")
+
+
+def _answer_document(model, answer: ModelAnswer):
+    """A model's answer read as JSON (L{read_json}'s rules), or the 502 that says why not."""
+    try:
+        return read_json(answer.body, f"the answer of model {model.model_id!r}")
+    except JSONProblem as e:
+        raise errors.BadGateway(str(e), model=model.model_id) from None
 
 
 def _parameters(value, where: str) -> dict:
@@ -112,13 +121,13 @@ class OpenInference:
     @param door: the front door, whose registry, guard, manager and readiness it shares.
     """
 
-    app = Klein()
+    app = routing(Klein())
     log = Logger()
 
     def __init__(self, door, *, in_thread=None):
         self.door = door
-        # How large tensors are handled off the reactor thread (tests run it at once).
-        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
+        # How large tensors are handled off the reactor thread: the front door's way.
+        self.in_thread = in_thread if in_thread is not None else door.in_thread
 
     def resource(self):
         return self.app.resource()
@@ -154,7 +163,7 @@ class OpenInference:
             request.responseHeaders.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
         return _json(request, {"error": error.message}, error.status)
 
-    @app.handle_errors(RouteNotFound)
+    @app.handle_errors(RouteNotFound, RequestRedirect)
     def route_not_found(self, request, failure):
         self.door.begin(request)
         path = request.path.decode("latin-1")
@@ -259,7 +268,7 @@ class OpenInference:
                 return _json(request, {"error": _error_text(answer)}, answer.status)
             if ready:
                 return _json(request, {"name": model.model_id, "ready": True})
-            document = json.loads(answer.body)
+            document = _answer_document(model, answer)
             if rename and isinstance(document, dict):
                 document["name"] = model.model_id
             return _json(request, document)
@@ -327,10 +336,11 @@ class OpenInference:
                 read.append(read_input(tensor, where))
             except TensorError as e:
                 raise errors.BadRequest(str(e)) from None
-        names = [name for name, *_ in read]
-        for name in names:
-            if names.count(name) > 1:
+        seen = set()
+        for name, *_ in read:
+            if name in seen:  # (a set: a request of many inputs is not quadratic work)
                 raise errors.BadRequest(f"input {name!r} is given twice")
+            seen.add(name)
         return read
 
     @staticmethod
@@ -422,7 +432,7 @@ class OpenInference:
     @staticmethod
     def _outputs(model, answer: ModelAnswer, requested, request_id) -> dict:
         v2 = model.spec.v2
-        value = json.loads(answer.body)
+        value = _answer_document(model, answer)
         if not isinstance(value, dict):
             value = {(v2.outputs[0].name if len(v2.outputs) == 1 else "output"): value}
         declared = {tensor.name: tensor for tensor in v2.outputs}
@@ -497,7 +507,8 @@ class OpenInference:
             config_text = parameters["config"]
             if not isinstance(config_text, str):
                 raise errors.BadRequest("parameters.config must be a string of JSON (a [[models]] table)")
-            table = parse_json(config_text.encode("utf-8"))
+            # A lone surrogate (a \ud800 escape) does not encode: parse_json calls it not UTF-8.
+            table = parse_json(config_text.encode("utf-8", "surrogatepass"), "parameters.config")
             if not isinstance(table, dict):
                 raise errors.BadRequest("parameters.config must be a JSON object (a [[models]] table)")
         result = yield manager.load(name, table)

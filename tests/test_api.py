@@ -8,6 +8,7 @@ looks at what it was sent.
 import re
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import CancelledError
 from zope.interface.verify import verifyObject
 
@@ -560,3 +561,208 @@ def test_a_model_cancelling_its_own_request_is_an_error_for_a_waiting_client(doo
     assert response.status >= 500
     assert response.json()["error"]["request_id"] == response.header("X-Request-Id")
     assert [entry["status"] for entry in request_entries(model)] == [response.status]
+
+
+# --- hardening (issue 12): JSON too deep, paths werkzeug would redirect, bytes that are not UTF-8 ---
+
+
+def nested(depth: int, inner: str = "1") -> bytes:
+    return ("[" * depth + inner + "]" * depth).encode()
+
+
+@pytest.mark.parametrize(
+    "text, deeper_than_2",
+    [
+        (b"[[1]]", False),
+        (b"[[[1]]]", True),
+        (b'{"a": {"b": {"c": 1}}}', True),
+        (b'{"a": [1], "c": [[2]]}', True),
+        (b"[[1], [2], [3]]", False),
+        (b'["[[[[", "]]]]", [1]]', False),  # brackets inside strings do not count
+        (b'["\\"[[[[", [1]]', False),  # nor after an escaped quote
+        (b'["\\\\", [[1]]]', True),  # an escaped backslash ends before the quote
+        (b'["\\\\\\"[[[", [1]]', False),
+        (b"[[],[],[],[],[]]", False),  # many brackets, shallow
+    ],
+)
+def test_the_depth_of_json_is_measured_outside_strings(text, deeper_than_2):
+    from aibackend.jsonread import too_deep
+
+    assert too_deep(text, 2) is deeper_than_2
+
+
+def test_json_as_deep_as_the_limit_is_read_and_one_level_more_is_a_400():
+    from aibackend.api import parse_json
+    from aibackend.jsonread import MAX_JSON_DEPTH
+
+    assert parse_json(nested(MAX_JSON_DEPTH))[0][0]
+    with pytest.raises(errors.BadRequest) as caught:
+        parse_json(nested(MAX_JSON_DEPTH + 1))
+    assert f"nested deeper than {MAX_JSON_DEPTH} levels" in caught.value.message
+
+
+@pytest.mark.parametrize("depth", [1_025, 100_000])
+def test_a_predict_body_deeper_than_orjson_reads_is_400(door, depth):
+    """orjson refuses it, and Python's json then raised RecursionError, uncaught (500)."""
+    assert_error(door.call("POST", "/post/predict?id=m", data=nested(depth)), 400, "bad_request",
+                 message="nested deeper than 512 levels")
+
+
+def test_a_predict_body_orjson_takes_is_passed_on_unread(door, model):
+    """The daemon never walks a predict body: its depth is orjson's (1,024)."""
+    body = nested(1_000)
+
+    assert door.call("POST", "/post/predict?id=m", data=body).status == 200
+    assert model.received[0].body == body
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/get//models", "/post//addmodel", "/get/predict/?id=m", "/get/models/", "/health//live"],
+)
+def test_a_path_with_an_empty_segment_or_a_trailing_slash_is_404_never_a_redirect(door, path):
+    """werkzeug redirected an empty segment (merge_slashes): it reached the catch-all as a bug (500)."""
+    method = "POST" if path.startswith("/post") else "GET"
+    response = door.call(method, path, data=b"{}" if method == "POST" else None)
+
+    assert_error(response, 404, "not_found", message="no route")
+    assert response.header("Location") is None
+
+
+@pytest.mark.parametrize("path, shape", [("/get/models", "front door"), ("/v2/models/m/ready", "v2")])
+def test_a_redirect_werkzeug_makes_anyway_is_answered_as_not_found(door, path, shape):
+    """Defence in depth: should a rule ever redirect, the path the client sent is still no route."""
+    import json
+
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+    from werkzeug.routing import RequestRedirect
+
+    request = DummyRequest(path.encode().split(b"/")[1:])
+    request.path = path.encode()
+
+    body = door.front_door.route_not_found(request, Failure(RequestRedirect("http://localhost/elsewhere")))
+
+    assert request.responseCode == 404
+    assert request.responseHeaders.getRawHeaders(b"location") is None
+    error = json.loads(body)["error"]
+    assert isinstance(error, dict if shape == "front door" else str)
+
+
+@pytest.mark.parametrize("path", ["/get/predict%FF?id=m", "/get/%C3%28?id=m", "/post/predict%FF?id=m"])
+def test_a_path_that_is_not_utf8_is_a_json_400(door, path):
+    """Klein answered it in text (400) and logged a traceback (the autouse logged_errors fixture would fail)."""
+    method = "POST" if path.startswith("/post") else "GET"
+    response = door.call(method, path, data=b"{}" if method == "POST" else None)
+
+    assert_error(response, 400, "bad_request", message="path is not UTF-8")
+
+
+def test_a_query_that_is_not_utf8_is_a_json_400(door):
+    assert_error(door.call("GET", "/get/predict?id=m&text=%FF"), 400, "bad_request", message="not valid UTF-8")
+
+
+# --- getlogs off the reactor thread ---------------------------------------------------------
+
+
+def test_a_long_log_is_filtered_and_rendered_in_a_thread_and_answers_the_same(clock):
+    import json
+
+    from aibackend.api import THREAD_ABOVE_ENTRIES
+
+    model = FakeModel("m", clock)
+    ran = []
+
+    def in_thread(function, *args):
+        ran.append(function.__name__)
+        return result_now(function(*args))
+
+    from twisted.internet.defer import succeed as result_now
+
+    door = StubFrontDoor(clock, [model], in_thread=in_thread)
+    for index in range(THREAD_ABOVE_ENTRIES + 50):
+        clock.advance(1)
+        model.model_log.append("warning" if index % 2 else "info", "event", index=index)
+    expected = model.model_log.query(level="warning", limit=20)
+
+    response = door.call("GET", "/get/getlogs?id=m&level=warning&limit=20")
+
+    assert ran == ["render"]
+    assert response.status == 200
+    assert response.body == json.dumps({"model": "m", "count": 20, "max_entries": 1000, "dropped": 0,
+                                        "entries": expected}).encode()
+
+
+def test_a_short_log_is_rendered_at_once(clock):
+    model = FakeModel("m", clock)
+    door = StubFrontDoor(clock, [model], in_thread=lambda *args: pytest.fail("a short log went to a thread"))
+
+    assert door.call("GET", "/get/getlogs?id=m").json()["count"] == 1
+
+
+def test_entries_written_while_a_long_log_renders_are_not_in_its_answer(clock):
+    """The answer is the log as it was when asked (a snapshot), whatever the thread's timing."""
+    from twisted.internet.defer import Deferred
+
+    model = FakeModel("m", clock)
+    held = []
+
+    def in_thread(function, *args):
+        d = Deferred()
+        held.append((d, function))
+        return d
+
+    door = StubFrontDoor(clock, [model], in_thread=in_thread)
+    for _ in range(200):
+        model.model_log.append("info", "before")
+    pending = door.request("GET", "/get/getlogs?id=m")
+    model.model_log.append("info", "after")
+    model.model_log.clear()
+    [(d, function)] = held
+    d.callback(function())
+    door.flush()
+
+    body = result_of(pending).json()
+    assert body["count"] == 201
+    assert {entry["event"] for entry in body["entries"]} == {"added", "before"}
+
+
+@pytest.mark.parametrize("path", ["/get/models", "/v2/models"])
+def test_a_host_that_is_not_utf8_is_a_400_in_the_routes_shape(door, path):
+    """Klein decodes the Host for werkzeug: it answered text/plain 400 and logged a traceback."""
+    response = door.call("GET", path, headers={b"Host": [b"\xff.example"]})
+
+    assert response.status == 400
+    assert response.header("X-Request-Id")
+    error = response.json()["error"]
+    message = error if path.startswith("/v2") else error["message"]
+    assert "Host header is not UTF-8" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_by_default_a_long_log_is_rendered_in_the_reactors_thread_pool(clock, monkeypatch):
+    import json
+    import threading
+
+    from twisted.internet import threads
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from aibackend import api
+
+    model = FakeModel("m", clock)
+    for _ in range(api.THREAD_ABOVE_ENTRIES + 1):
+        model.model_log.append("info", "event")
+    door = StubFrontDoor(clock, [model], in_thread=threads.deferToThread)
+    ran_in = []
+    real_select = api.select
+
+    def select(*args, **kwargs):
+        ran_in.append(threading.current_thread())
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(api, "select", select)
+
+    body = await door.front_door.getlogs(DummyRequest([b""]), "r", {"id": ["m"]})
+
+    assert ran_in and ran_in[0] is not threading.main_thread()
+    assert json.loads(body)["count"] == api.THREAD_ABOVE_ENTRIES + 2  # with the "added" entry

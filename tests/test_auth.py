@@ -338,3 +338,108 @@ def test_a_client_key_is_not_an_admin_token():
 
     with pytest.raises(Unauthorized):
         guard.check_admin(request_from("127.0.0.1", authorization=f"Bearer {KEY}"))
+
+
+# --- hardening (issue 12): every Host and Origin, read strictly; proxies ------------------------
+
+
+def with_headers(request, name: str, *values: str) -> DummyRequest:
+    request.requestHeaders.setRawHeaders(name.encode(), [value.encode("latin-1") for value in values])
+    return request
+
+
+@pytest.mark.parametrize("hosts", [("evil.example", "127.0.0.1"), ("127.0.0.1", "evil.example"),
+                                   ("127.0.0.1", "127.0.0.1")])
+def test_without_a_token_more_than_one_host_is_403(hosts):
+    """Only the last Host was read: evil.example then 127.0.0.1 passed."""
+    request = with_headers(request_from("127.0.0.1"), "host", *hosts)
+
+    with pytest.raises(Forbidden) as caught:
+        Guard(None, LOOPBACK).check_admin(request)
+
+    assert "exactly one Host" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost:80@evil.example", "evil.example@localhost", "localhost/evil", "localhost:80/x", "localhost:http",
+     "localhost:99999", "localhost:", "::1", "[::1", "[evil.example]", "localhost?x", "localhost#x",
+     "user@127.0.0.1", "127.0.0.1:80:80", "[::1]junk", "localhost.", "127.0.0.1\x00"],
+)
+def test_without_a_token_a_host_that_is_not_exactly_host_and_port_is_403(host):
+    with pytest.raises(Forbidden):
+        Guard(None, LOOPBACK).check_admin(request_from("127.0.0.1", host=host))
+
+
+@pytest.mark.parametrize("origins", [("http://evil.example", "http://127.0.0.1:8080"),
+                                     ("http://127.0.0.1:8080", "http://evil.example")])
+def test_without_a_token_more_than_one_origin_is_403(origins):
+    request = with_headers(request_from("127.0.0.1"), "origin", *origins)
+
+    with pytest.raises(Forbidden) as caught:
+        Guard(None, LOOPBACK).check_admin(request)
+
+    assert "more than one Origin" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["http://localhost:80@evil.example", "http://localhost/path", "http://localhost:8080/", "localhost",
+     "http://", "null", "NULL", "http://localhost:8080?x", "file:///etc/passwd", "http://[::1"],
+)
+def test_without_a_token_an_origin_that_is_not_exactly_scheme_host_and_port_is_foreign(origin):
+    with pytest.raises(Forbidden) as caught:
+        Guard(None, LOOPBACK).check_admin(request_from("127.0.0.1", host="127.0.0.1:8080", origin=origin))
+
+    assert "origin" in caught.value.message
+
+
+@pytest.mark.parametrize("header", ["Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
+                                    "X-Real-IP", "Via"])
+def test_without_a_token_a_request_through_a_proxy_is_403(header):
+    """Behind a proxy on the same machine the peer is loopback, whoever sent the request."""
+    request = with_headers(request_from("127.0.0.1"), header, "203.0.113.7")
+
+    with pytest.raises(Forbidden) as caught:
+        Guard(None, LOOPBACK).check_admin(request)
+
+    assert "through a proxy" in caught.value.message and header.lower() in caught.value.message
+    assert "AIBACKEND_ADMIN_TOKEN" in caught.value.message
+
+
+def test_with_a_token_a_request_through_a_proxy_may_use_it():
+    request = with_headers(request_from("127.0.0.1", authorization=f"Bearer {TOKEN}"), "X-Forwarded-For", "203.0.113.7")
+
+    Guard(TOKEN, LOOPBACK).check_admin(request)
+
+
+def proxy_warnings(events):
+    return [event for event in events if "reverse proxy" in event.get("log_format", "")]
+
+
+def test_the_first_request_through_a_proxy_is_warned_about_once():
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        guard = Guard(None, LOOPBACK)
+        guard.notice_proxy(request_from("127.0.0.1"))
+        assert proxy_warnings(events) == []
+        for _ in range(3):
+            guard.notice_proxy(with_headers(request_from("127.0.0.1"), "X-Forwarded-For", "203.0.113.7"))
+        with pytest.raises(Forbidden):
+            guard.check_admin(with_headers(request_from("127.0.0.1"), "Via", "1.1 proxy"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+    [warning] = proxy_warnings(events)
+    assert warning["log_level"] == LogLevel.warn
+    assert warning["headers"] == "x-forwarded-for"
+    assert not guard.watching_for_proxies
+
+
+@pytest.mark.parametrize("guard", [Guard(TOKEN, LOOPBACK), Guard(None, ["tcp:8080"])])
+def test_no_proxy_warning_when_the_loopback_rule_is_not_in_force(guard):
+    """With a token, or when admin operations are refused anyway, a proxy changes nothing."""
+    assert not guard.watching_for_proxies

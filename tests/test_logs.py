@@ -199,3 +199,25 @@ def test_a_request_entry_is_what_append_makes_of_it(clock):
                                   latency_ms=1.235, error=error)
         assert made == expected
     assert (fast.dropped, len(fast)) == (generic.dropped, len(generic)) == (1, 2)
+
+
+def test_a_snapshot_is_the_log_as_it_was_and_select_filters_it_as_query_does():
+    from twisted.internet.task import Clock
+
+    from aibackend.logs import ModelLog, select
+
+    clock = Clock()
+    log = ModelLog(clock, max_entries=3)
+    for level in ("info", "warning", "error"):
+        clock.advance(1)
+        log.append(level, level)
+
+    snapshot = log.snapshot()
+    log.append("info", "later")
+    log.clear()
+
+    assert [entry["event"] for entry in snapshot] == ["info", "warning", "error"]
+    assert select(snapshot, level="warning", limit=1) == [snapshot[2]]
+    assert select(snapshot, since=1.5) == snapshot[1:]
+    assert select(snapshot, limit=0) == []
+    assert select(snapshot) == snapshot

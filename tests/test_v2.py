@@ -918,6 +918,11 @@ def test_load_with_a_config_adds_a_model(managed):
          400, "'other-name'"),
         ({"parameters": {"config": json.dumps({"type": "http"})}}, 400, "url"),
         ({}, 404, "nobody"),
+        # Deeper than Python's json recurses (a 500 before), and a lone surrogate (a 500 before).
+        ({"parameters": {"config": "[" * 2_000 + "]" * 2_000}}, 400, "parameters.config is nested deeper"),
+        ({"parameters": {"config": "{\"id\": \"\ud800\"}"}}, 400, "parameters.config is not UTF-8"),
+        ({"parameters": {"config": json.dumps({"type": "http", "url": "http://127.0.0.1:1",
+                                               "headers": json.loads("[" * 500 + "]" * 500)})}}, 400, "headers"),
     ],
 )
 def test_bad_loads_are_refused(managed, body, status, message):
@@ -1093,3 +1098,43 @@ def test_small_tensors_stay_on_the_reactor_thread(clock):
     door.front_door.open_inference.in_thread = lambda *args: pytest.fail("a small request went to a thread")
 
     assert infer(door, "small", {"inputs": [x_input()]}).status == 200
+
+
+# --- hardening (issue 12) -----------------------------------------------------------------
+
+
+def deep(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "url, body",
+    [
+        ("/v2/models/plain/infer", deep(1_000)),
+        ("/v2/models/plain/infer", '{"inputs": [{"name": "x", "parameters": %s}]}' % deep(2_000)),
+        ("/v2/repository/index", deep(5_000)),
+    ],
+)
+def test_json_deeper_than_the_limit_is_a_v2_400(door, url, body):
+    """Python's json raised RecursionError, uncaught: a 500 and a logged traceback."""
+    assert_v2_error(post(door, url, body.encode()), 400, message="nested deeper than 512 levels")
+
+
+def test_a_models_answer_too_deep_to_read_is_a_502(clock):
+    model = FakeModel("plain", clock).answers(200, ('{"y": %s}' % deep(1_000)).encode())
+    door = StubFrontDoor(clock, [model])
+
+    assert_v2_error(infer(door, "plain", {"inputs": [x_input()]}), 502, message="nested deeper than 512 levels")
+
+
+@pytest.mark.parametrize("path", ["/v2/models//ready", "/v2/models/%2F/ready", "/v2//models", "/v2/models/plain/ready/"])
+def test_a_v2_path_with_an_empty_segment_is_a_v2_404(door, path):
+    """werkzeug redirected (merge_slashes): the catch-all answered 500 and logged a bug."""
+    response = door.call("GET", path)
+
+    assert_v2_error(response, 404, message="no Open Inference Protocol route")
+    assert response.header("Location") is None
+
+
+def test_a_v2_path_that_is_not_utf8_is_a_v2_400(door):
+    assert_v2_error(door.call("GET", "/v2/models/%FF/ready"), 400, message="not UTF-8")
