@@ -8,12 +8,14 @@ Three layers, each testable on its own:
     tells its pool what happened. It decides nothing.
   - L{ProcessPool} is the supervisor (like Twisted's C{procmon}): it spawns N processes,
     each in a process group of its own, marks them ready, restarts them with growing
-    backoff after a crash, gives up (state C{failed}) after a crash loop, and stops them
-    with SIGTERM, then SIGKILL after a grace period. Every timer it starts is kept where
-    it can be cancelled.
+    backoff after a crash, is C{failed} after a crash loop and tries again with a capped
+    backoff, and stops them (and every process below them, L{aibackend.proctree}) with
+    SIGTERM, then SIGKILL after a grace period. Every timer it starts is kept where it
+    can be cancelled.
 
 L{SubprocessModel} is a pool that dispatches requests (least in-flight first, a bounded
-queue) in the C{raw} or C{jsonl} protocol of C{DESIGN.md}.
+queue) in the C{raw} or C{jsonl} protocol of C{DESIGN.md}, and sees to it that no answer
+reaches a request other than its own.
 """
 
 from __future__ import annotations
