@@ -75,8 +75,7 @@ def test_a_raw_model_printing_10000_lines_per_request_never_gives_one_client_ano
 
     replies = concurrently(daemon, [{"op": "flood", "lines": 10_000, "client": n} for n in range(20)])
 
-    counts = each_own_answer_or_502(replies, lambda answer: answer["echo"]["client"])
-    assert counts[502] >= 1
+    each_own_answer_or_502(replies, lambda answer: answer["echo"]["client"])
     assert daemon.events("m", "protocol error")
     assert len(daemon.model_pids("m")) > 2
     assert_no_bug_logged("\n".join(daemon.output))
@@ -85,6 +84,7 @@ def test_a_raw_model_printing_10000_lines_per_request_never_gives_one_client_ano
 def test_a_raw_model_printing_binary_garbage_gets_502s_never_a_fragment(start_daemon):
     daemon = start_daemon(misbehaving("m", workers=2, **REPLACED_AT_ONCE))
 
+    # For each of these seeds the garbage's first line is binary (JSON fragments come later).
     replies = concurrently(daemon, [{"op": "binary", "seed": n, "bytes": 4096} for n in range(8)])
 
     assert [reply.status for reply in replies] == [502] * 8, replies
