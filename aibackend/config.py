@@ -494,6 +494,7 @@ class ProcessSettings:
     kill_timeout: float = 5.0
     restart_backoff: float = 1.0
     max_backoff: float = 30.0
+    max_crash_loop_backoff: float = 300.0
     max_restarts: int = 5
     min_uptime: float = 10.0
     max_line_bytes: int = 64 * 1024 * 1024
@@ -507,6 +508,7 @@ class ProcessSettings:
             "kill_timeout": self.kill_timeout,
             "restart_backoff": self.restart_backoff,
             "max_backoff": self.max_backoff,
+            "max_crash_loop_backoff": self.max_crash_loop_backoff,
             "max_restarts": self.max_restarts,
             "min_uptime": self.min_uptime,
             "max_line_bytes": self.max_line_bytes,
@@ -557,7 +559,7 @@ def parse_process(table: Table, environ: Mapping[str, str], *, required: bool, l
             table.problem("command", "is required (the program and its arguments, as a list)")
         else:
             for key in ("cwd", "env", "startup_timeout", "kill_timeout", "restart_backoff", "max_backoff",
-                        "max_restarts", "min_uptime"):
+                        "max_crash_loop_backoff", "max_restarts", "min_uptime"):
                 if table.has(key):
                     table.pop_alias(key)
                     table.problem(key, "is only used with command (a program the daemon starts)")
@@ -579,6 +581,8 @@ def parse_process(table: Table, environ: Mapping[str, str], *, required: bool, l
         kill_timeout=number("kill_timeout", 5.0, minimum=0, exclusive_minimum=True, maximum=3600),
         restart_backoff=number("restart_backoff", 1.0, minimum=0, exclusive_minimum=True, maximum=3600),
         max_backoff=number("max_backoff", 30.0, minimum=0, exclusive_minimum=True, maximum=86400),
+        max_crash_loop_backoff=number("max_crash_loop_backoff", 300.0, minimum=0, exclusive_minimum=True,
+                                      maximum=86400),
         max_restarts=number("max_restarts", 5, minimum=1, maximum=1000, integer=True),
         min_uptime=number("min_uptime", 10.0, minimum=0, maximum=86400),
     )

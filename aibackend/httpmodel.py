@@ -400,6 +400,7 @@ class HttpModel(Service):
         if self.server is not None:
             described["restarts"] = self.server.restarts
             described["last_error"] = self.server.failed_reason or self.server.last_error
+            described["next_restart_in"] = self.server.next_restart_in()
             described["processes"] = self.server.describe_processes()
         return described
 
@@ -509,7 +510,7 @@ class HttpModel(Service):
             raise ModelUnavailable(
                 f"model {self.model_id!r} is not ready: {why}",
                 model=self.model_id,
-                retry_after=60 if state == "failed" else self.server.retry_after(),
+                retry_after=self.server.retry_after(),
             )
         deadline = self._clock.seconds() + self.spec.timeout
         limit = self.spec.max_concurrency

@@ -8,18 +8,22 @@ Three layers, each testable on its own:
     tells its pool what happened. It decides nothing.
   - L{ProcessPool} is the supervisor (like Twisted's C{procmon}): it spawns N processes,
     each in a process group of its own, marks them ready, restarts them with growing
-    backoff after a crash, gives up (state C{failed}) after a crash loop, and stops them
-    with SIGTERM, then SIGKILL after a grace period. Every timer it starts is kept where
-    it can be cancelled.
+    backoff after a crash, is C{failed} after a crash loop and tries again with a capped
+    backoff, and stops them (and every process below them, L{aibackend.proctree}) with
+    SIGTERM, then SIGKILL after a grace period. Every timer it starts is kept where it
+    can be cancelled.
 
 L{SubprocessModel} is a pool that dispatches requests (least in-flight first, a bounded
-queue) in the C{raw} or C{jsonl} protocol of C{DESIGN.md}.
+queue) in the C{raw} or C{jsonl} protocol of C{DESIGN.md}, and sees to it that no answer
+reaches a request other than its own.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import sys
 from collections import deque
@@ -32,6 +36,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from aibackend import proctree
 from aibackend.directwrite import event_done
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
@@ -40,6 +45,12 @@ from aibackend.logs import ModelLog, normalize_level
 PGROUP_WRAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
 STDERR_LINE_BYTES = 4096
 SNIPPET = 200
+# How long a process whose stdout closed may take to exit before it counts as broken.
+STDOUT_CLOSED_GRACE = 0.5
+# raw: how long to wait, at most, for a process still running after its answer
+# (QUIET_STEP, then twice as long, QUIET_TRIES times: 127 ms in all).
+QUIET_STEP = 0.001
+QUIET_TRIES = 7
 
 OVERSIZE = object()
 
@@ -113,12 +124,16 @@ class LineBuffer:
 
 class Launcher:
     """
-    Starts model processes, each leading a process group of its own, and signals the
-    whole group.
+    Starts model processes, each leading a process group of its own, and stops them
+    with everything they started (L{aibackend.proctree}).
     """
 
     def __init__(self, reactor):
         self.reactor = reactor
+        self.orphans = proctree.orphans_of(reactor)
+        # model pid -> the descendants seen when it was signalled: once it has exited
+        # they are orphans (the daemon's children, as a subreaper) to end as well.
+        self.trees: dict[int, dict[int, proctree.Stat]] = {}
 
     def spawn(self, protocol, settings, env):
         args = [sys.executable, "-S", PGROUP_WRAPPER, settings.executable, *settings.command[1:]]
@@ -127,28 +142,58 @@ class Launcher:
         )
 
     def signal(self, process, name: str) -> None:
-        """Send SIG{name} to the process's group (to the process alone before it has one)."""
+        """
+        Send SIG{name} to the process's group (to the process alone before it has one)
+        and to every process below it, in its group or not.
+        """
         pid = getattr(process, "pid", None)
         if pid is None:
             return
+        number = getattr(signal, "SIG" + name)
+        below = proctree.descendants(pid)  # found before any of them is signalled
+        self.trees.setdefault(pid, {}).update((entry.pid, entry) for entry in below)
         try:
-            os.killpg(pid, getattr(signal, "SIG" + name))
-            return
+            os.killpg(pid, number)
         except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            process.signalProcess(name)
-        except (ierror.ProcessExitedAlready, OSError):
-            pass
+            try:
+                process.signalProcess(name)
+            except (ierror.ProcessExitedAlready, OSError):
+                pass
+        for entry in below:
+            proctree.signal(entry, number)
 
-    def reap_group(self, pid) -> None:
-        """SIGKILL what is left of a process group whose leader has exited."""
+    def process_exited(self, pid):
+        """
+        A model process has exited: SIGKILL what is left of its group, and of what it
+        started: the descendants seen when it was signalled, and the orphans (now the
+        daemon's children) of its session or group. Every orphan is adopted, so it is
+        reaped when it ends.
+
+        @return: a Deferred that fires once the ones killed are reaped, or None.
+        """
         if pid is None:
-            return
+            return None
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        seen = self.trees.pop(pid, {})
+        for entry in seen.values():
+            proctree.signal(entry, signal.SIGKILL)
+        adopted = self.orphans.sweep()
+        mine = [
+            orphan for orphan in adopted
+            if orphan.stat.session == pid or orphan.stat.pgrp == pid
+            or (orphan.pid in seen and seen[orphan.pid].start == orphan.stat.start)
+        ]
+        if not mine:
+            return None
+        return self.orphans.kill(mine)
+
+    def busy(self, process) -> bool:
+        """Whether the process's main thread is running (not asleep, as in a read of its stdin)."""
+        pid = getattr(process, "pid", None)
+        return pid is not None and proctree.running(pid)
 
 
 def describe_exit(reason) -> str:
@@ -169,6 +214,7 @@ class ModelProcess(ProcessProtocol):
 
     @ivar state: C{starting}, C{ready}, C{stopping} or C{exited}.
     @ivar inflight: wire id -> pending request (used by L{SubprocessModel}).
+    @ivar stdout_closed: its stdout has closed (it ends, or it closed it and lives on).
     """
 
     def __init__(self, pool, slot: int, max_line_bytes: int):
@@ -180,8 +226,15 @@ class ModelProcess(ProcessProtocol):
         self.started_at = pool.clock.seconds()
         self.last_output = self.started_at
         self.stopping_on_purpose = False
+        self.stdout_closed = False
         self.startup_timer = None
         self.kill_timer = None
+        self.stdout_timer = None
+        # raw (L{SubprocessModel}): the answer read but not yet given, a request was
+        # ever written, and the wait before the next one may be written.
+        self.answer = None
+        self.sent_any = False
+        self.settling = None
         self.exited = Deferred()
         self._stdout = LineBuffer(max_line_bytes)
         self._stderr = LineBuffer(STDERR_LINE_BYTES, truncate=True)
@@ -194,6 +247,10 @@ class ModelProcess(ProcessProtocol):
         if self.state in ("starting", "ready") and self.transport is not None:
             self.transport.write(data)
 
+    def partial_line(self) -> bool:
+        """Whether stdout ended (so far) in the middle of a line."""
+        return bool(self._stdout.pending())
+
     def outReceived(self, data: bytes):
         self.last_output = self.pool.clock.seconds()
         for line in self._stdout.feed(data):
@@ -203,7 +260,13 @@ class ModelProcess(ProcessProtocol):
                 self.pool._process_oversize(self)
             elif line.strip():
                 self.pool._process_line(self, line)
+        if self.state != "exited":
+            self.pool._process_read(self)  # the whole of this read has been looked at
         event_done(self.pool.clock)  # the answers written to clients go now (aibackend.directwrite)
+
+    def outConnectionLost(self):
+        self.stdout_closed = True
+        self.pool._process_stdout_closed(self)
 
     def errReceived(self, data: bytes):
         for line in self._stderr.feed(data):
@@ -228,10 +291,20 @@ class ProcessPool(Service):
     Subclasses say what a process's output means (L{process_line}), when a process is
     ready (C{ready_on_spawn}, or by calling L{mark_ready}), and what becomes of its work
     when it goes (L{process_gone}).
+
+    A crash loop (C{max_restarts} deaths in a row, each within C{min_uptime} of its
+    start) makes the pool C{failed}, which is not the end: it tries again after a wait
+    that doubles with each failed try, from C{max_backoff} up to
+    C{max_crash_loop_backoff} (as Kubernetes' CrashLoopBackOff does). A try is on trial:
+    the pool stays C{failed} (it takes no requests) until the try's processes have run
+    for C{min_uptime}; then it is back, its count started again. L{restart} tries at once,
+    with no trial.
     """
 
     log = Logger()
     ready_on_spawn = True
+    # Whether stdout is how the processes answer: one that closes it and lives on is broken.
+    stdout_is_protocol = False
 
     def __init__(self, *, model_id, settings, size, reactor, model_log, environ, launcher=None):
         self.model_id = model_id
@@ -243,7 +316,10 @@ class ProcessPool(Service):
         self.launcher = launcher if launcher is not None else Launcher(reactor)
         self.slots: list = [None] * size
         self.restart_timers: dict = {}
+        self.retry_timer = None  # the next try of a failed pool
+        self.trial_timer = None  # a try on trial: back once it has run min_uptime
         self.quick_deaths = 0
+        self.crash_loops = 0  # failed tries in a row
         self.restarts = 0
         self.failed_reason: str | None = None
         self.last_error: str | None = None
@@ -281,6 +357,18 @@ class ProcessPool(Service):
             if process is not None
         ]
 
+    def next_restart_in(self) -> float | None:
+        """Seconds until the next process is started (a restart, or a failed pool's next try), if one is due."""
+        return self._first_of([*self.restart_timers.values(), self.retry_timer])
+
+    def trial_ends_in(self) -> float | None:
+        """Seconds until a failed pool's try, if it keeps running, is back."""
+        return self._first_of([self.trial_timer])
+
+    def _first_of(self, timers) -> float | None:
+        times = [timer.getTime() for timer in timers if timer is not None]
+        return round(max(0.0, min(times) - self.clock.seconds()), 3) if times else None
+
     # --- lifecycle ----------------------------------------------------------
 
     def startService(self):
@@ -292,9 +380,7 @@ class ProcessPool(Service):
     def stopService(self):
         super().stopService()
         self.stopping = True
-        for timer in self.restart_timers.values():
-            timer.cancel()
-        self.restart_timers.clear()
+        self._cancel_restarts()
         self.pool_stopping()
         waiting = []
         for process in self.slots:
@@ -306,18 +392,32 @@ class ProcessPool(Service):
         return DeferredList(waiting)
 
     def restart(self) -> None:
-        """Bring a failed pool back: forget the crash loop and spawn again."""
+        """Bring a failed pool back at once: forget the crash loop and spawn again."""
         self.failed_reason = None
         self.quick_deaths = 0
+        self.crash_loops = 0
+        self._cancel_restarts(keep_restarts=True)
         self.model_log.append("info", "restart requested")
         if self.running:
             for slot in range(self.size):
                 if self.slots[slot] is None and slot not in self.restart_timers:
                     self._spawn(slot)
 
+    def _cancel_restarts(self, keep_restarts: bool = False) -> None:
+        if not keep_restarts:
+            for timer in self.restart_timers.values():
+                timer.cancel()
+            self.restart_timers.clear()
+        for name in ("retry_timer", "trial_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                setattr(self, name, None)
+
     def _spawn(self, slot: int) -> None:
         self.restart_timers.pop(slot, None)
-        if self.stopping or not self.running or self.failed_reason is not None:
+        if self.stopping or not self.running or (self.failed_reason is not None and self.trial_timer is None):
             return
         if self.slots[slot] is not None:
             return  # still held by a process on its way out; its exit spawns the next
@@ -376,6 +476,7 @@ class ProcessPool(Service):
         process.state = "stopping"
         process.stopping_on_purpose = on_purpose
         self._cancel_timer(process, "startup_timer")
+        self._cancel_timer(process, "stdout_timer")
         self.process_gone(process, why)
         try:
             if process.transport is not None:
@@ -403,12 +504,28 @@ class ProcessPool(Service):
     def _cancel_timers(self, process) -> None:
         self._cancel_timer(process, "startup_timer")
         self._cancel_timer(process, "kill_timer")
+        self._cancel_timer(process, "stdout_timer")
+
+    def _process_stdout_closed(self, process) -> None:
+        """
+        Its stdout closed. Usually the process is ending (its exit is noticed a moment
+        later); one still there after L{STDOUT_CLOSED_GRACE} closed it and lives on.
+        """
+        if self.stdout_is_protocol and process.state in ("starting", "ready"):
+            process.stdout_timer = self.clock.callLater(STDOUT_CLOSED_GRACE, self._stdout_closed_alive, process)
+
+    def _stdout_closed_alive(self, process) -> None:
+        process.stdout_timer = None
+        why = "closed its stdout and kept running"
+        self.last_error = f"a process {why}"
+        self.model_log.append("error", "stdout closed", slot=process.slot, pid=process.pid, error=why)
+        self._terminate(process, f"the model process {why}", on_purpose=False)
 
     def _process_exited(self, process, reason) -> None:
         was = process.state
         process.state = "exited"
         self._cancel_timers(process)
-        self.launcher.reap_group(process.pid)
+        cleaned = self.launcher.process_exited(process.pid)
         current = self.slots[process.slot] is process
         if current:
             self.slots[process.slot] = None
@@ -427,8 +544,15 @@ class ProcessPool(Service):
         )
         if was != "stopping":
             self.process_gone(process, f"the model process {how}")
-        process.exited.callback(None)
-        if not current or self.stopping or not self.running or self.failed_reason is not None:
+        if cleaned is None:
+            process.exited.callback(None)
+        else:  # what it started is being killed: a stop waits for that too
+            cleaned.addBoth(lambda _: process.exited.callback(None))
+        if not current or self.stopping or not self.running:
+            return
+        if self.failed_reason is not None:
+            if self.trial_timer is not None:  # a try that did not last: failed again
+                self._crashed(process.slot, uptime)
             return
         if crashed:
             self._crashed(process.slot, uptime)
@@ -440,24 +564,52 @@ class ProcessPool(Service):
             self.quick_deaths += 1
         else:
             self.quick_deaths = 1
+            self.crash_loops = 0
         if self.quick_deaths >= self.settings.max_restarts:
-            self.failed_reason = (
-                f"its processes died {self.quick_deaths} times in a row within "
-                f"{self.settings.min_uptime:g} s of starting (last: {self.last_error})"
-            )
-            self.model_log.append("error", "failed", error=self.failed_reason)
-            self.log.error("model {model} failed: {why}", model=self.model_id, why=self.failed_reason)
-            for timer in self.restart_timers.values():
-                timer.cancel()
-            self.restart_timers.clear()
-            for process in list(self.slots):
-                if process is not None:
-                    self._terminate(process, f"the model failed: {self.failed_reason}")
-            self.pool_failed(self.failed_reason)
+            self._crash_loop()
             return
         delay = min(self.settings.restart_backoff * 2 ** (self.quick_deaths - 1), self.settings.max_backoff)
         self.model_log.append("warning", "restart scheduled", slot=slot, delay_s=delay)
         self._schedule_spawn(slot, delay)
+
+    def _crash_loop(self) -> None:
+        """Too many quick deaths: the pool has failed, and tries again after a growing wait."""
+        self.crash_loops += 1
+        settings = self.settings
+        delay = min(settings.max_backoff * 2 ** (self.crash_loops - 1), settings.max_crash_loop_backoff)
+        tries = f", and so did each of the {self.crash_loops - 1} tries since" if self.crash_loops > 1 else ""
+        self.failed_reason = (
+            f"its processes died {settings.max_restarts} times in a row within "
+            f"{settings.min_uptime:g} s of starting{tries} (last: {self.last_error})"
+        )
+        self.model_log.append("error", "failed", error=self.failed_reason, retry_in_s=delay)
+        self.log.error("model {model} failed: {why}; trying again in {delay:g} s", model=self.model_id,
+                       why=self.failed_reason, delay=delay)
+        self._cancel_restarts()
+        for process in list(self.slots):
+            if process is not None:
+                self._terminate(process, f"the model failed: {self.failed_reason}")
+        self.retry_timer = self.clock.callLater(delay, self._retry)
+        self.pool_failed(self.failed_reason)
+
+    def _retry(self) -> None:
+        """A failed pool's next try: its processes are started again, on trial for min_uptime."""
+        self.retry_timer = None
+        self.trial_timer = self.clock.callLater(self.settings.min_uptime, self._trial_passed)
+        self.restarts += 1
+        self.model_log.append("info", "trying again after a crash loop", attempt=self.crash_loops)
+        for slot in range(self.size):
+            self._spawn(slot)
+
+    def _trial_passed(self) -> None:
+        """The try ran for min_uptime: the pool is back, and its count starts again."""
+        self.trial_timer = None
+        self.failed_reason = None
+        self.quick_deaths = 0
+        self.crash_loops = 0
+        self.model_log.append("info", "back after a crash loop")
+        self.log.info("model {model} is back after a crash loop", model=self.model_id)
+        self.pool_back()
 
     def _schedule_spawn(self, slot: int, delay: float) -> None:
         if slot in self.restart_timers:
@@ -467,8 +619,8 @@ class ProcessPool(Service):
 
     def retry_after(self) -> int:
         """Seconds a client should wait before trying a model that is not ready."""
-        pending = [timer.getTime() - self.clock.seconds() for timer in self.restart_timers.values()]
-        return max(1, int(min(pending)) + 1) if pending else 1
+        wait = self._first_of([*self.restart_timers.values(), self.retry_timer, self.trial_timer])
+        return max(1, math.ceil(wait)) if wait is not None else 1
 
     # --- output -------------------------------------------------------------
 
@@ -477,6 +629,9 @@ class ProcessPool(Service):
 
     def _process_line(self, process, line: bytes) -> None:
         self.process_line(process, line)
+
+    def _process_read(self, process) -> None:
+        self.process_read(process)
 
     def _process_oversize(self, process) -> None:
         limit = self.settings.max_line_bytes
@@ -497,6 +652,9 @@ class ProcessPool(Service):
         """A line on a process's stdout; by default, it goes to the model's log."""
         self.model_log.append("info", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
 
+    def process_read(self, process) -> None:
+        """Every line of one read of a process's stdout has been given to L{process_line}."""
+
     def process_gone(self, process, why: str) -> None:
         """A process is stopping or has exited; whatever it was doing will not be done."""
 
@@ -504,7 +662,10 @@ class ProcessPool(Service):
         """A process did not become ready in time."""
 
     def pool_failed(self, why: str) -> None:
-        """The pool gave up after a crash loop."""
+        """The pool entered a crash loop: it is failed until a try of it lasts."""
+
+    def pool_back(self) -> None:
+        """A failed pool's try lasted: it takes requests again."""
 
     def pool_stopping(self) -> None:
         """The pool is stopping."""
@@ -516,6 +677,53 @@ def _not_json(name):
 
 def _text(line: bytes) -> str:
     return line.decode("utf-8", "replace")
+
+
+# Bytes no text line holds (C0 controls but tab, backspace, carriage return and escape; DEL).
+_NOT_TEXT = re.compile(rb"[\x00-\x07\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]")
+
+
+def is_text(line: bytes) -> bool:
+    """Whether a line is text (UTF-8, no control characters but tab, backspace, CR and ESC)."""
+    if _NOT_TEXT.search(line):
+        return False
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def strict_json(line: bytes):
+    """
+    The JSON document a line holds, read as strictly as clients read it: UTF-8, no NaN
+    or Infinity, at most 1,024 levels deep.
+
+    @raise ValueError: it is not such a document.
+    """
+    try:
+        return orjson.loads(line)  # fast, and as strict
+    except orjson.JSONDecodeError:
+        pass
+    try:  # what orjson refuses but JSON allows (integers past 64 bits); never guess UTF-16
+        return json.loads(line.decode("utf-8"), parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(str(e)) from None
+
+
+def lax_json(line: bytes):
+    """
+    The document of a line that is JSON but for NaN, Infinity or its depth (an answer no
+    client could read).
+
+    @raise ValueError: it is not JSON at all.
+    """
+    try:
+        return json.loads(line.decode("utf-8"))
+    except RecursionError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def _output_text(message: dict, line: bytes) -> bytes:
@@ -530,7 +738,7 @@ def _output_text(message: dict, line: bytes) -> bytes:
         if line.startswith(prefix):
             return line[len(prefix):-1].strip()
     # Read again with json: orjson, which read the line first, makes integers past 64 bits floats.
-    return json.dumps(json.loads(line)["output"], allow_nan=False).encode()
+    return json.dumps(json.loads(line.decode("utf-8"))["output"], allow_nan=False).encode()
 
 
 def one_line(body: bytes) -> bytes:
@@ -561,10 +769,29 @@ class SubprocessModel(ProcessPool):
     """
     A model served by programs the daemon runs, in the C{raw} or C{jsonl} line protocol.
 
+    No answer reaches a request other than its own:
+
+      - C{jsonl} answers carry ids. Each request gets a wire id no other request of the
+        model ever gets (its request id, C{#}, a counter of the model's), and an answer
+        goes only to the request in flight under its exact id in the process that
+        printed it. An answer to any other id (an unknown, a timed-out or cancelled
+        request, a second answer) is logged and dropped.
+      - C{raw} answers carry nothing: a raw answer is exactly one JSON line, printed
+        while its request is the one in flight. Any other JSON line (a second one for
+        the request, one while none is in flight) and any binary (non-text) output is a
+        protocol error: the request in flight fails with 502 and the process is
+        replaced. An answer is given only once the rest of the read it came in has
+        been looked at, and a process is written its next request only once its
+        stdout has been polled again after the answer (on Linux, also once its main
+        thread is asleep, as in its read of stdin), so that a line printed just after
+        the answer is caught. Text lines that are not JSON are the model's chatter,
+        logged, wherever they come.
+
     @param spec: an L{aibackend.config.SubprocessModelSpec}.
     """
 
     type_name = "subprocess"
+    stdout_is_protocol = True
 
     def __init__(self, spec, *, reactor, environ=None, launcher=None):
         environ = os.environ if environ is None else environ
@@ -606,6 +833,8 @@ class SubprocessModel(ProcessPool):
             "requests": self.requests,
             "failures": self.failures,
             "restarts": self.restarts,
+            "next_restart_in": self.next_restart_in(),
+            "trial_ends_in": self.trial_ends_in(),
             "last_error": self.failed_reason or self.last_error,
             "processes": self.describe_processes(),
         }
@@ -616,10 +845,15 @@ class SubprocessModel(ProcessPool):
         self.requests += 1
         if self.failed_reason is not None:
             self.failures += 1
+            wait = self.retry_after()
+            if self.trial_timer is None:
+                when = f"it is tried again in {wait} s"
+            else:
+                when = f"it is being tried again, and takes requests if it runs for another {wait} s"
             raise ModelUnavailable(
-                f"model {self.model_id!r} has failed: {self.failed_reason}; an admin can restart it",
+                f"model {self.model_id!r} has failed: {self.failed_reason}; {when} (an admin can restart it now)",
                 model=self.model_id,
-                retry_after=60,
+                retry_after=wait,
             )
         if self.stopping or not self.running:
             self.failures += 1
@@ -641,10 +875,19 @@ class SubprocessModel(ProcessPool):
             self._assign(process, pending)
         return pending.deferred
 
+    def _takes_requests(self, process) -> bool:
+        return (
+            process.state == "ready"
+            and not process.stdout_closed
+            and len(process.inflight) < self.capacity
+            and process.answer is None
+            and process.settling is None
+        )
+
     def _least_busy(self):
         best = None
         for process in self.slots:
-            if process is not None and process.state == "ready" and len(process.inflight) < self.capacity:
+            if process is not None and self._takes_requests(process):
                 if best is None or len(process.inflight) < len(best.inflight):
                     best = process
         return best
@@ -657,14 +900,14 @@ class SubprocessModel(ProcessPool):
             self._assign(process, self.queue.popleft())
 
     def _assign(self, process, pending: Pending) -> None:
-        wire_id = pending.context.request_id
-        if wire_id in process.inflight:
-            self._wire_counter += 1
-            wire_id = f"{wire_id}#{self._wire_counter}"
+        # Never the same for two requests of this model: what answers one cannot answer another.
+        self._wire_counter += 1
+        wire_id = f"{pending.context.request_id}#{self._wire_counter}"
         pending.wire_id = wire_id
         pending.process = process
         pending.sent_at = self.clock.seconds()
         process.inflight[wire_id] = pending
+        process.sent_any = True
         if self.jsonl:
             process.write(
                 b'{"id": ' + json.dumps(wire_id).encode() + b', "op": "predict", "input": '
@@ -738,6 +981,11 @@ class SubprocessModel(ProcessPool):
         self._dispatch()
 
     def process_gone(self, process, why: str) -> None:
+        process.answer = None
+        if process.settling is not None:
+            if process.settling.active():
+                process.settling.cancel()
+            process.settling = None
         inflight = list(process.inflight.values())
         process.inflight.clear()
         for pending in inflight:
@@ -761,9 +1009,14 @@ class SubprocessModel(ProcessPool):
             )
 
     def pool_failed(self, why: str) -> None:
+        wait = self.retry_after()
         self._fail_queue(
-            ModelUnavailable(f"model {self.model_id!r} has failed: {why}", model=self.model_id, retry_after=60)
+            ModelUnavailable(f"model {self.model_id!r} has failed: {why}; it is tried again in {wait} s",
+                             model=self.model_id, retry_after=wait)
         )
+
+    def pool_back(self) -> None:
+        self._dispatch()
 
     def pool_stopping(self) -> None:
         self._fail_queue(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
@@ -775,48 +1028,105 @@ class SubprocessModel(ProcessPool):
     # --- what the process says ------------------------------------------------
 
     def process_line(self, process, line: bytes) -> None:
+        if not self.jsonl:
+            self._raw_line(process, line)
+            return
         try:
-            message = orjson.loads(line)  # fast, and as strict: no NaN, UTF-8 only
-        except orjson.JSONDecodeError:
-            try:  # what orjson refuses but JSON allows (integers past 64 bits)
-                message = json.loads(line, parse_constant=_not_json)
-            except (ValueError, UnicodeDecodeError):
-                self._not_strict_json(process, line)
-                return
-        if self.jsonl:
-            self._jsonl_message(process, message, line)
+            message = strict_json(line)
+        except ValueError:
+            self._not_strict_json(process, line)
+            return
+        self._jsonl_message(process, message, line)
+
+    def process_read(self, process) -> None:
+        """raw: a read is over; the answer it held is given, unless a line is still being printed."""
+        if process.answer is None or process.state != "ready" or process.partial_line():
+            return
+        pending, body = process.answer
+        process.answer = None
+        process.inflight.pop(pending.wire_id, None)
+        # The next request waits for stdout to be polled again: a line printed just
+        # after this answer is then caught as the protocol error it is. (Set first: the
+        # answer's callbacks may send the next request at once.)
+        process.settling = self.clock.callLater(0, self._settling, process, 0)
+        if body is None:
+            self._settle(pending, error=BadGateway(
+                f"model {self.model_id!r} answered JSON that clients cannot read (NaN, Infinity, or "
+                "nested too deep)", model=self.model_id))
         else:
-            self._raw_answer(process, line)
+            self._settle(pending, ModelAnswer(status=200, body=body))
+
+    def _settling(self, process, tries: int) -> None:
+        process.settling = None
+        if process.state != "ready":
+            return
+        if tries < QUIET_TRIES and self.launcher.busy(process.transport):
+            # Still running (between two writes?): let it, and look again.
+            process.settling = self.clock.callLater(QUIET_STEP * 2 ** tries, self._settling, process, tries + 1)
+            return
+        # Called from a timed call: the next one comes after the reactor's next poll.
+        process.settling = self.clock.callLater(0, self._settled, process)
+
+    def _settled(self, process) -> None:
+        process.settling = None
+        self._dispatch()
+
+    def _raw_line(self, process, line: bytes) -> None:
+        if process.state not in ("starting", "ready"):
+            return  # the output of a process on its way out: no answer can come of it
+        try:
+            body = line.strip()
+            strict_json(line)
+        except ValueError:
+            try:
+                lax_json(line)
+                body = None  # JSON, but not for clients
+            except ValueError:
+                if is_text(line):
+                    self.model_log.append("warning", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
+                    return
+                self._protocol_error(process, "printed binary data on stdout", line)
+                return
+        if process.inflight and process.answer is None and process.settling is None:
+            (pending,) = process.inflight.values()  # raw: one at a time
+            process.answer = (pending, body)
+            return
+        if not process.inflight and not process.sent_any:
+            # Before its first request a process answers no one: a banner.
+            self.model_log.append("warning", "unexpected output", slot=process.slot, pid=process.pid,
+                                  line=_text(line))
+            return
+        if process.inflight:
+            self._protocol_error(process, "printed more than one JSON line for a request", line)
+        else:
+            self._protocol_error(process, "printed a JSON line while no request was waiting for one", line)
+
+    def _protocol_error(self, process, why: str, line: bytes) -> None:
+        """raw: output no request may be given; what is in flight fails, and the process is replaced."""
+        self.last_error = f"a process {why}"
+        self.model_log.append("error", "protocol error", slot=process.slot, pid=process.pid, error=why,
+                              line=_text(line[:SNIPPET]))
+        self.log.warn("model {model}: a raw process {why}; it is replaced", model=self.model_id, why=why)
+        self._terminate(process, f"the model process {why} (a raw answer is one JSON line per request)",
+                        on_purpose=False)
 
     def _not_strict_json(self, process, line: bytes) -> None:
         """
-        A stdout line that is not JSON is the model's chatter, logged. One that is JSON
-        but for NaN or Infinity is an answer the client could not parse: a 502.
+        jsonl: a stdout line that is not JSON is the model's chatter, logged. One that is
+        JSON but for NaN, Infinity or its depth is an answer the client could not
+        parse: a 502.
         """
         try:
-            message = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+            message = lax_json(line)
+        except ValueError:
             self.model_log.append("warning", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
             return
-        if self.jsonl:
-            wire_id = message.get("id") if isinstance(message, dict) else None
-            pending = process.inflight.pop(wire_id, None) if isinstance(wire_id, str) else None
-        else:
-            pending = process.inflight.popitem()[1] if process.inflight else None
+        wire_id = message.get("id") if isinstance(message, dict) else None
+        pending = process.inflight.pop(wire_id, None) if isinstance(wire_id, str) else None
         self.model_log.append("warning", "answer is not strict JSON", slot=process.slot, pid=process.pid,
-                              line=_text(line))
+                              line=_text(line[:SNIPPET]))
         if pending is not None:
             self._bad_answer(pending, "answered JSON with NaN or Infinity, which clients cannot parse")
-
-    def _raw_answer(self, process, line: bytes) -> None:
-        if not process.inflight:
-            self.model_log.append(
-                "warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line)
-            )
-            return
-        _, pending = process.inflight.popitem()
-        self._settle(pending, ModelAnswer(status=200, body=line.strip()))
-        self._dispatch()
 
     def _jsonl_message(self, process, message, line: bytes) -> None:
         if not isinstance(message, dict):
@@ -832,6 +1142,8 @@ class SubprocessModel(ProcessPool):
                     "warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line)
                 )
             return
+        # Only the request in flight in this process under this exact id: an answer to
+        # any other (unknown, timed out, cancelled, answered already) is dropped.
         pending = process.inflight.pop(message["id"], None) if isinstance(message["id"], str) else None
         if pending is None:
             self.model_log.append(
@@ -841,7 +1153,12 @@ class SubprocessModel(ProcessPool):
         if "error" in message:
             self._settle(pending, self._model_error(pending, message["error"]))
         elif "output" in message:
-            self._settle(pending, ModelAnswer(status=200, body=_output_text(message, line)))
+            try:
+                body = _output_text(message, line)
+            except (ValueError, RecursionError):
+                self._bad_answer(pending, "answered an output that cannot be written as strict JSON")
+                return
+            self._settle(pending, ModelAnswer(status=200, body=body))
         else:
             self._bad_answer(pending, f"answered without 'output' or 'error': {_text(line[:SNIPPET])!r}")
             return

@@ -266,12 +266,14 @@ def _raise_open_files_limit(connections: int) -> None:
 
 
 def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None,
-                  admin_token=None, store=None, processes=1, worker=None, worker_argv=None):
+                  admin_token=None, store=None, processes=1, worker=None, worker_argv=None, subreaper=False):
     """
     Wire the daemon: the HTTP pools, the store, the registry with the configured and the
     kept runtime models, the front door, and a listener per address.
 
     @param state_dir: where runtime changes are kept (ignored when C{store} is given).
+    @param subreaper: make the process a child subreaper (L{aibackend.proctree}), so
+        that what the model processes start is found and stopped however it escapes.
     @return: the root L{service.MultiService}.
     """
     from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
@@ -293,6 +295,10 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
 
     environ = os.environ if environ is None else environ
     root = service.MultiService()
+    if subreaper:  # first: started before any model process, stopped with the rest
+        from aibackend.proctree import SubreaperService
+
+        SubreaperService(reactor).setServiceParent(root)
 
     def make_pool():
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -390,4 +396,5 @@ def makeService(options: Options):
         processes=options.processes,
         worker=options.worker,
         worker_argv=options.worker_argv() if options.processes > 1 else None,
+        subreaper=True,
     )

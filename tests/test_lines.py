@@ -139,6 +139,12 @@ class RecordingPool:
     def _process_oversize(self, process):
         self.events.append(("oversize",))
 
+    def _process_read(self, process):
+        self.events.append(("read",))
+
+    def _process_stdout_closed(self, process):
+        self.events.append(("stdout closed",))
+
     def _process_stderr(self, process, line):
         self.events.append(("stderr", line))
 
@@ -148,6 +154,10 @@ class RecordingPool:
 
 class ProcessTransport(StringTransport):
     pid = 4242
+
+
+def without_reads(events):
+    return [event for event in events if event != ("read",)]
 
 
 def connected(max_line_bytes=1024):
@@ -171,7 +181,7 @@ def test_stdout_lines_split_awkwardly_reach_the_pool_whole_and_blank_lines_are_s
     for byte in byte_by_byte(data):
         process.outReceived(byte)
 
-    assert pool.events[1:] == [
+    assert without_reads(pool.events[1:]) == [
         ("line", b'{"id": "a", "output": 1}'),
         ("line", b'{"id": "b", "output": "two"}'),
         ("line", b'{"ready": true}'),
@@ -196,7 +206,39 @@ def test_an_oversize_stdout_line_is_reported_once_and_the_next_line_still_arrive
         assert len(process._stdout.pending()) <= 64
     process.outReceived(b'\n{"b": 2}\n')
 
-    assert pool.events[1:] == [("line", b'{"a": 1}'), ("oversize",), ("line", b'{"b": 2}')]
+    assert without_reads(pool.events[1:]) == [("line", b'{"a": 1}'), ("oversize",), ("line", b'{"b": 2}')]
+
+
+def test_the_pool_hears_of_the_end_of_each_read_after_all_its_lines():
+    """What SubprocessModel relies on for raw: the rest of a read is seen before an answer is given."""
+    pool, process = connected()
+
+    process.outReceived(b'{"a": 1}\n{"b": 2}\n{"c"')
+    process.outReceived(b": 3}\n")
+
+    assert pool.events[1:] == [
+        ("line", b'{"a": 1}'), ("line", b'{"b": 2}'), ("read",), ("line", b'{"c": 3}'), ("read",),
+    ]
+    assert not process.partial_line()
+
+
+def test_an_unfinished_line_at_the_end_of_a_read_is_known():
+    pool, process = connected()
+
+    process.outReceived(b'{"a": 1}\nchatter, to be contin')
+
+    assert process.partial_line()
+    process.outReceived(b"ued\n")
+    assert not process.partial_line()
+
+
+def test_stdout_closing_is_told_to_the_pool():
+    pool, process = connected()
+
+    process.childConnectionLost(1)
+
+    assert pool.events[1:] == [("stdout closed",)]
+    assert process.stdout_closed
 
 
 def test_stderr_lines_are_truncated_not_refused():

@@ -31,6 +31,7 @@ import pytest_twisted
 from aibackend.config import Table, parse_model
 from aibackend.errors import BadGateway, GatewayTimeout
 from aibackend.interfaces import RequestContext
+from test_daemon import assert_no_bug_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISBEHAVE = os.path.join(ROOT, "tests", "models", "misbehave.py")
@@ -426,24 +427,39 @@ def test_an_oversize_line_is_a_502_and_does_not_grow_the_daemon(start_daemon):
     assert daemon.events("big", "line too long")
 
 
-def test_a_crash_loop_fails_the_model_with_503_and_retry_after(start_daemon):
-    daemon = start_daemon(
-        misbehaving("crashy", "--crash", restart_backoff=0.05, max_backoff=0.1, max_restarts=3, min_uptime=10)
-    )
+def test_a_crash_loop_fails_the_model_which_is_tried_again_after_a_growing_wait(start_daemon):
+    daemon = start_daemon(misbehaving(
+        "crashy", "--crash", restart_backoff=0.05, max_backoff=1, max_crash_loop_backoff=2, max_restarts=3,
+        min_uptime=10,
+    ))
 
     wait_until(lambda: daemon.events("crashy", "failed"), 10, "the model to fail")
     reply = daemon.predict("crashy", {"op": "echo"})
+    status = daemon.request("GET", "/get/status?id=crashy").json()
 
     assert reply.status == 503, reply
-    assert reply.headers["Retry-After"] == "60"
+    assert reply.headers["Retry-After"] == "1"  # the first wait of a crash loop is max_backoff
     error = reply.json()["error"]
     assert error["type"] == "model_unavailable"
-    assert "failed" in error["message"]
-    exited = daemon.events("crashy", "process exited")
-    assert [e["error"] for e in exited] == ["exited with status 3"] * 3
+    assert "failed" in error["message"] and "tried again in 1 s" in error["message"]
+    assert status["state"] == "failed"
+    assert 0 <= status["next_restart_in"] <= 1
+    assert [e["retry_in_s"] for e in daemon.events("crashy", "failed")] == [1]
     assert {e["line"] for e in daemon.events("crashy", "stderr")} == {"crashing on purpose"}
-    time.sleep(0.3)
-    assert len(daemon.events("crashy", "process started")) == 3
+
+    # It is tried again by itself, and waits twice as long (up to the cap) after each failed try.
+    wait_until(lambda: len(daemon.events("crashy", "failed")) >= 3, 15, "two more tries")
+    assert [e["retry_in_s"] for e in daemon.events("crashy", "failed")][:3] == [1, 2, 2]
+    assert len(daemon.events("crashy", "trying again after a crash loop")) >= 2
+    exited = daemon.events("crashy", "process exited")
+    assert {e["error"] for e in exited} == {"exited with status 3"}
+
+    # An admin's restart tries at once.
+    started = len(daemon.events("crashy", "process started"))
+    restarted = daemon.request("POST", "/post/restart?id=crashy", b"")
+    assert restarted.status == 200, restarted
+    assert len(daemon.events("crashy", "process started")) == started + 1  # spawned before it answered
+    assert_no_bug_logged("\n".join(daemon.output))
 
 
 def test_a_stderr_flood_is_capped_per_entry_and_the_log_stays_bounded(start_daemon):

@@ -62,6 +62,20 @@ class FakeProcess:
     def messages(self) -> list:
         return [json.loads(line) for line in self.lines()]
 
+    def ids(self) -> list:
+        """jsonl: the request id of each predict written (the wire id is C{<request id>#<n>})."""
+        return [m["id"].rpartition("#")[0] for m in self.messages() if m.get("op") == "predict"]
+
+    def wire(self, request_id: str) -> str:
+        """jsonl: the wire id the last request with this request id was written with."""
+        (found, *_) = [m["id"] for m in reversed(self.messages())
+                       if m.get("op") == "predict" and m["id"].rpartition("#")[0] == request_id]
+        return found
+
+    def answers(self, request_id: str, **answer) -> None:
+        """jsonl: print the answer (C{output=...} or C{error=...}) to that request."""
+        self.says({"id": self.wire(request_id), **answer})
+
     def prints(self, data: bytes) -> None:
         self.protocol.outReceived(data)
 
@@ -88,6 +102,7 @@ class FakeLauncher:
         self.signals: list[tuple] = []
         self.reaped: list = []
         self.refuse = None
+        self.running: set = set()  # pids whose main thread is running (Launcher.busy)
         self._pids = itertools.count(1001)
 
     def spawn(self, protocol, settings, env):
@@ -102,8 +117,12 @@ class FakeLauncher:
     def signal(self, process, name: str) -> None:
         self.signals.append((process.pid, name))
 
-    def reap_group(self, pid) -> None:
+    def process_exited(self, pid):
         self.reaped.append(pid)
+        return None
+
+    def busy(self, process) -> bool:
+        return process.pid in self.running
 
     def live(self) -> list[FakeProcess]:
         return [process for process in self.spawned if process.alive]
@@ -242,6 +261,8 @@ def test_raw_takes_one_request_at_a_time_per_process(h):
     assert process.messages() == [{"n": 1}]
     assert model.describe()["queued"] == 1
     process.says({"answer": 1})
+    assert process.messages() == [{"n": 1}]  # not before stdout is polled again
+    h.clock.advance(0)
     assert process.messages() == [{"n": 1}, {"n": 2}]
     process.prints(b'{"answer": 2}\r\n')
     assert json.loads(first.answer().body) == {"answer": 1}
@@ -277,6 +298,7 @@ def test_raw_least_in_flight_dispatch_over_two_workers(h):
     assert first.messages() == [{"n": 1}]
     assert second.messages() == [{"n": 2}]
     second.says({"from": "second"})
+    h.clock.advance(0)
     assert second.messages() == [{"n": 2}, {"n": 3}]
     first.says({"from": "first"})
     second.says({"from": "second again"})
@@ -303,6 +325,236 @@ def test_a_full_queue_answers_503_with_retry_after(h):
     h.stop(model)
 
 
+# --- raw: an answer is one JSON line per request ----------------------------------------
+
+
+def test_raw_a_second_json_line_in_the_same_read_fails_the_request_and_replaces_the_process(h):
+    model = h.model(restart_backoff=1)
+    (process,) = h.launcher.spawned
+    first = h.send(model, b'{"n": 1}', "r1")
+    queued = h.send(model, b'{"n": 2}', "r2")
+
+    process.prints(b'{"answer": 1}\n{"answer": "for whom?"}\n')
+
+    error = first.error(BadGateway)
+    assert error.status == 502
+    assert "more than one JSON line" in error.message
+    assert h.launcher.signals_to(process) == ["TERM"]
+    assert process.messages() == [{"n": 1}]  # r2 never goes to it
+    (logged,) = events(model, "protocol error")
+    assert (logged["level"], logged["line"]) == ("error", '{"answer": "for whom?"}')
+    process.killed(signal=15)
+    h.clock.advance(1)  # a broken model: restarted after the backoff
+    second = h.launcher.spawned[1]
+    assert second.messages() == [{"n": 2}]
+    second.says({"answer": 2})
+    assert queued.answer().body == b'{"answer": 2}'
+    h.stop(model)
+
+
+def test_raw_a_request_sent_by_an_answers_own_callback_waits_for_the_next_poll_too(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    d = model.send(b'{"n": 1}', RequestContext(request_id="r1"))
+    then = []
+    d.addCallback(lambda _: then.append(h.send(model, b'{"n": 2}', "r2")))
+
+    process.says({"answer": 1})
+
+    assert len(then) == 1
+    assert process.messages() == [{"n": 1}]
+    h.clock.advance(0)
+    assert process.messages() == [{"n": 1}, {"n": 2}]
+    process.says({"answer": 2})
+    assert then[0].answer().body == b'{"answer": 2}'
+    h.stop(model)
+
+
+def test_raw_an_answer_waits_for_the_end_of_a_line_printed_after_it(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    chatty = h.send(model, b'{"n": 1}', "r1")
+
+    process.prints(b'{"answer": 1}\nchatter, conti')
+    assert not chatty.fired
+    process.prints(b"nued\n")
+    assert chatty.answer().body == b'{"answer": 1}'
+
+    h.clock.advance(0)
+    stray = h.send(model, b'{"n": 2}', "r2")
+    process.prints(b'{"answer": 2}\n{"ans')
+    assert not stray.fired
+    process.prints(b'wer": 3}\n')
+    assert stray.error(BadGateway).status == 502
+    h.stop(model)
+
+
+def test_raw_a_json_line_after_the_answer_before_the_next_request_replaces_the_process(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    first = h.send(model, b'{"n": 1}', "r1")
+    queued = h.send(model, b'{"n": 2}', "r2")
+
+    process.prints(b'{"answer": 1}\n')
+    assert first.answer().body == b'{"answer": 1}'
+    assert process.messages() == [{"n": 1}]  # r2 waits for stdout to be polled again
+    process.prints(b'{"answer": "late"}\n')
+
+    assert h.launcher.signals_to(process) == ["TERM"]
+    assert not queued.fired  # still queued, for the next process
+    assert "while no request was waiting" in events(model, "protocol error")[0]["error"]
+    h.clock.advance(0)
+    assert process.messages() == [{"n": 1}]
+    h.stop(model)
+    assert queued.error(ModelUnavailable)
+
+
+def test_raw_a_json_line_while_idle_replaces_the_process_but_a_banner_before_the_first_request_does_not(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+
+    process.says({"loaded": True})  # before any request: no one it could be meant for
+
+    assert h.launcher.signals == []
+    assert events(model, "unexpected output")[0]["line"] == '{"loaded": true}'
+    outcome = h.send(model)
+    process.says({"answer": 1})
+    h.clock.advance(0)
+    assert outcome.answer().body == b'{"answer": 1}'
+    process.says({"answer": "again"})
+    assert h.launcher.signals_to(process) == ["TERM"]
+    h.stop(model)
+
+
+@pytest.mark.parametrize("output", [
+    b"\x00\x8f\xfe binary\n7\n",  # binary, then a fragment that is JSON
+    b"7\n\xfe\xff\x00\x01\n",  # the fragment first, then binary in the same read
+    b"1\x00\n",  # JSON if read as UTF-16
+    b"\x1b[1m\xc3\x28\n",  # not UTF-8
+])
+def test_raw_binary_output_is_a_protocol_error_never_an_answer(h, output):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    outcome = h.send(model)
+
+    process.prints(output)
+
+    error = outcome.error(BadGateway)
+    assert error.status == 502
+    assert h.launcher.signals_to(process) == ["TERM"]
+    h.stop(model)
+
+
+def test_raw_text_chatter_anywhere_is_logged_and_never_an_answer(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    process.prints(b"Loading...\t\x1b[32mdone\x1b[0m\n")
+    outcome = h.send(model)
+
+    process.prints(b"thinking\r\n{\"answer\": 1}\ndone with that one\n")
+    h.clock.advance(0)
+    process.prints(b"idle chatter\n")
+
+    assert outcome.answer().body == b'{"answer": 1}'
+    assert [e["line"] for e in events(model, "stdout")] == [
+        "Loading...\t\x1b[32mdone\x1b[0m", "thinking", "done with that one", "idle chatter",
+    ]
+    assert h.launcher.signals == []
+    h.stop(model)
+
+
+def test_raw_the_next_request_waits_while_the_process_still_runs_after_its_answer(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    h.send(model, b'{"n": 1}', "r1")
+    h.send(model, b'{"n": 2}', "r2")
+    h.launcher.running.add(process.pid)  # its main thread is between two writes, say
+
+    process.says({"answer": 1})
+    h.clock.advance(0)
+    h.clock.advance(0.001)
+    assert process.messages() == [{"n": 1}]
+    h.launcher.running.discard(process.pid)  # asleep now (in its read of stdin)
+    h.clock.advance(0.002)
+
+    assert process.messages() == [{"n": 1}, {"n": 2}]
+    h.stop(model)
+
+
+def test_raw_a_process_that_never_stops_running_gets_its_next_request_after_a_bounded_wait(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    h.send(model, b'{"n": 1}', "r1")
+    h.send(model, b'{"n": 2}', "r2")
+    h.launcher.running.add(process.pid)
+
+    process.says({"answer": 1})
+    for _ in range(200):
+        if len(process.messages()) == 2:
+            break
+        h.clock.advance(0.001)
+
+    assert process.messages() == [{"n": 1}, {"n": 2}]
+    assert 0.12 <= h.clock.seconds() <= 0.14  # 127 ms of looking again, in growing steps
+    h.stop(model)
+
+
+def test_raw_nan_is_a_502_and_the_process_stays(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    outcome = h.send(model)
+
+    process.prints(b'{"score": NaN}\n')
+
+    assert outcome.error(BadGateway).status == 502
+    assert h.launcher.signals == []
+    h.clock.advance(0)
+    again = h.send(model)
+    process.says({"score": 1})
+    assert again.answer().body == b'{"score": 1}'
+    h.stop(model)
+
+
+# --- a process whose stdout closes ------------------------------------------------------
+
+
+def test_a_process_whose_stdout_closes_while_it_lives_fails_its_requests_at_once_and_is_replaced(h):
+    model = h.model(timeout=60, restart_backoff=1)
+    (process,) = h.launcher.spawned
+    in_flight = h.send(model, request_id="r1")
+
+    process.protocol.childConnectionLost(1)
+    queued = h.send(model, request_id="r2")  # not given to a process that cannot answer
+
+    assert not in_flight.fired
+    h.clock.advance(0.5)
+    error = in_flight.error(BadGateway)
+    assert "closed its stdout and kept running" in error.message
+    assert h.launcher.signals_to(process) == ["TERM"]
+    assert events(model, "stdout closed")[0]["level"] == "error"
+    process.killed(signal=15)
+    h.clock.advance(1)
+    assert h.launcher.spawned[1].messages() == [{"x": 1}]
+    h.launcher.spawned[1].says({"ok": True})
+    assert queued.answer().body == b'{"ok": true}'
+    h.stop(model)
+
+
+def test_a_process_whose_stdout_closes_as_it_exits_reports_its_exit(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    in_flight = h.send(model)
+
+    process.protocol.childConnectionLost(1)
+    process.killed(signal=9)
+
+    assert "SIGKILL" in in_flight.error(BadGateway).message
+    assert events(model, "stdout closed") == []
+    h.clock.advance(1)
+    assert len(h.launcher.spawned) == 2
+    h.stop(model)
+
+
 # --- jsonl ---------------------------------------------------------------------------
 
 
@@ -317,9 +569,9 @@ def test_jsonl_is_not_ready_until_it_says_so_and_requests_wait_for_it(h):
     assert model.describe()["queued"] == 1
     process.says({"log": "loading"}, {"ready": True})
     assert model.state == "ready"
-    assert process.messages() == [{"id": "req-1", "op": "predict", "input": {"text": "hi"}}]
+    assert process.messages() == [{"id": "req-1#1", "op": "predict", "input": {"text": "hi"}}]
     assert len(process.lines()) == 1
-    process.says({"id": "req-1", "output": {"length": 2}})
+    process.says({"id": "req-1#1", "output": {"length": 2}})
     assert outcome.answer().status == 200
     assert json.loads(outcome.answer().body) == {"length": 2}
     h.stop(model)
@@ -332,10 +584,10 @@ def test_jsonl_answers_in_any_order_reach_their_own_requests(h):
 
     outcomes = {rid: h.send(model, json.dumps({"n": rid}).encode(), rid) for rid in ("a", "b", "c")}
 
-    assert [m["id"] for m in process.messages()] == ["a", "b", "c"]
-    process.says({"id": "c", "output": "C"}, {"id": "a", "output": "A"})
+    assert process.ids() == ["a", "b", "c"]
+    process.says({"id": process.wire("c"), "output": "C"}, {"id": process.wire("a"), "output": "A"})
     assert not outcomes["b"].fired
-    process.says({"id": "b", "output": "B"})
+    process.answers("b", output="B")
     assert {rid: json.loads(o.answer().body) for rid, o in outcomes.items()} == {"a": "A", "b": "B", "c": "C"}
     h.stop(model)
 
@@ -349,7 +601,8 @@ def test_jsonl_two_requests_with_the_same_id_in_one_process_get_their_own_answer
     second = h.send(model, b'{"n": 2}', "same")
 
     first_id, second_id = [m["id"] for m in process.messages()]
-    assert first_id == "same" and second_id != "same"
+    assert first_id != second_id
+    assert first_id.startswith("same#") and second_id.startswith("same#")
     process.says({"id": second_id, "output": 2}, {"id": first_id, "output": 1})
     assert (first.answer().body, second.answer().body) == (b"1", b"2")
     h.stop(model)
@@ -361,7 +614,7 @@ def test_jsonl_error_answer_keeps_its_status_in_the_daemons_error_shape(h):
     process.says({"ready": True})
     outcome = h.send(model, request_id="r-400")
 
-    process.says({"id": "r-400", "error": {"message": 'send {"text": "..."}', "status": 400}})
+    process.answers("r-400", error={"message": 'send {"text": "..."}', "status": 400})
 
     answer = outcome.answer()
     assert answer.status == 400
@@ -379,7 +632,7 @@ def test_jsonl_error_without_a_usable_status_is_a_500(h, error):
     process.says({"ready": True})
     outcome = h.send(model)
 
-    process.says({"id": "r1", "error": error})
+    process.answers("r1", error=error)
 
     assert outcome.answer().status == 500
     assert json.loads(outcome.answer().body)["error"]["message"] == "x"
@@ -395,7 +648,7 @@ def test_jsonl_unknown_ids_and_non_json_lines_are_logged_and_skipped(h):
     process.prints(b"Traceback? no, just chatter\n")
     process.says({"id": "nobody", "output": 1}, [1, 2], {"something": "else"})
     assert not outcome.fired
-    process.says({"id": "r1", "output": "fine"})
+    process.answers("r1", output="fine")
 
     assert outcome.answer().body == b'"fine"'
     logged = [(e["event"], e["level"], e["line"]) for e in events(model) if "line" in e]
@@ -425,7 +678,7 @@ def test_jsonl_answer_with_neither_output_nor_error_is_a_502(h):
     process.says({"ready": True})
     outcome = h.send(model)
 
-    process.says({"id": "r1", "result": 1})
+    process.answers("r1", result=1)
 
     assert outcome.error(BadGateway).status == 502
     h.stop(model)
@@ -437,7 +690,7 @@ def test_jsonl_output_that_is_not_strict_json_is_a_502_not_a_broken_answer(h):
     process.says({"ready": True})
     outcome = h.send(model)
 
-    process.prints(b'{"id": "r1", "output": {"score": NaN}}\n')
+    process.prints(b'{"id": "%s", "output": {"score": NaN}}\n' % process.wire("r1").encode())
 
     assert outcome.error(BadGateway).status == 502
     h.stop(model)
@@ -451,18 +704,73 @@ def test_jsonl_least_in_flight_dispatch_over_two_workers(h):
 
     outcomes = [h.send(model, b"{}", f"r{n}") for n in range(1, 6)]
 
-    assert [m["id"] for m in first.messages()] == ["r1", "r3"]
-    assert [m["id"] for m in second.messages()] == ["r2", "r4"]
+    assert first.ids() == ["r1", "r3"]
+    assert second.ids() == ["r2", "r4"]
     assert model.describe()["queued"] == 1
-    second.says({"id": "r4", "output": 4})
-    assert [m["id"] for m in second.messages()] == ["r2", "r4", "r5"]
-    first.says({"id": "r1", "output": 1})
+    second.answers("r4", output=4)
+    assert second.ids() == ["r2", "r4", "r5"]
+    first.answers("r1", output=1)
     # first now has 1 in flight, second 2: the next request goes to first.
     r6 = h.send(model, b"{}", "r6")
-    assert [m["id"] for m in first.messages()] == ["r1", "r3", "r6"]
+    assert first.ids() == ["r1", "r3", "r6"]
     assert [o.answer().body for o in (outcomes[0], outcomes[3])] == [b"1", b"4"]
     h.stop(model)
     assert r6.error(BadGateway)
+
+
+def test_jsonl_wire_ids_are_never_reused_whatever_the_clients_request_ids(h):
+    model = h.model(protocol="jsonl", max_inflight=4)
+    (process,) = h.launcher.spawned
+    process.says({"ready": True})
+    # Request ids are the clients' own: they may repeat, and may look like a wire id.
+    outcomes = [h.send(model, json.dumps({"n": n}).encode(), rid) for n, rid in enumerate(["x", "x#2", "x", "x#2"])]
+
+    wire_ids = [m["id"] for m in process.messages()]
+    assert len(set(wire_ids)) == 4
+    for n, wire_id in reversed(list(enumerate(wire_ids))):
+        process.says({"id": wire_id, "output": n})
+    assert [o.answer().body for o in outcomes] == [b"0", b"1", b"2", b"3"]
+    h.stop(model)
+
+
+def test_jsonl_a_late_or_second_answer_never_reaches_a_later_request_with_the_same_request_id(h):
+    model = h.model(protocol="jsonl", timeout=2, max_inflight=2)
+    (process,) = h.launcher.spawned
+    process.says({"ready": True})
+    slow = h.send(model, b'{"n": 1}', "same")
+    h.clock.advance(1)
+    process.says({"log": "working"})  # alive: the timed-out request is cancelled, not the process
+    h.clock.advance(1)
+    assert slow.error(GatewayTimeout)
+    answered = h.send(model, b'{"n": 2}', "same")
+    old, new = [m["id"] for m in process.messages() if m["op"] == "predict"]
+    process.says({"id": new, "output": "mine"})
+    assert answered.answer().body == b'"mine"'
+
+    later = h.send(model, b'{"n": 3}', "same")
+    process.says({"id": old, "output": "late"}, {"id": new, "output": "twice"})
+
+    assert not later.fired
+    unknown = [e["line"] for e in events(model, "answer to an unknown request")]
+    assert unknown == [json.dumps({"id": old, "output": "late"}), json.dumps({"id": new, "output": "twice"})]
+    process.answers("same", output="its own")
+    assert later.answer().body == b'"its own"'
+    h.stop(model)
+
+
+def test_jsonl_an_answer_printed_by_another_process_of_the_model_is_unknown(h):
+    model = h.model(protocol="jsonl", workers=2)
+    first, second = h.launcher.spawned
+    first.says({"ready": True})
+    second.says({"ready": True})
+    on_first = h.send(model, request_id="a")
+
+    second.says({"id": first.wire("a"), "output": "not mine to answer"})
+
+    assert not on_first.fired
+    first.answers("a", output="mine")
+    assert on_first.answer().body == b'"mine"'
+    h.stop(model)
 
 
 # --- crashes and restarts --------------------------------------------------------------
@@ -474,7 +782,7 @@ def test_a_process_that_dies_mid_request_fails_its_requests_with_502_and_is_rest
     first.says({"ready": True})
     second.says({"ready": True})
     a, b, c = (h.send(model, b"{}", rid) for rid in "abc")
-    assert [m["id"] for m in first.messages()] == ["a", "c"]
+    assert first.ids() == ["a", "c"]
     on_first, on_second = [a, c], b
     h.clock.advance(20)
 
@@ -494,7 +802,7 @@ def test_a_process_that_dies_mid_request_fails_its_requests_with_502_and_is_rest
     third = h.launcher.spawned[2]
     assert third.pid not in (first.pid, second.pid)
     assert model.describe()["restarts"] == 1
-    second.says({"id": "b", "output": "untouched"})
+    second.answers("b", output="untouched")
     assert on_second.answer().body == b'"untouched"'
     exited = events(model, "process exited")
     assert [(e["pid"], e["level"], e["error"]) for e in exited] == [(first.pid, "error", "killed by signal SIGKILL")]
@@ -552,34 +860,119 @@ def test_a_process_that_lived_past_min_uptime_starts_the_count_again(h):
     h.stop(model)
 
 
-def test_after_max_restarts_quick_deaths_the_model_has_failed_until_restarted(h):
-    model = h.model(max_restarts=3, restart_backoff=1)
+def test_after_max_restarts_quick_deaths_the_model_is_failed_and_tried_again_after_a_capped_backoff(h):
+    model = h.model(max_restarts=3, restart_backoff=1, max_backoff=10, max_crash_loop_backoff=35, min_uptime=10)
     for _ in range(2):
         h.launcher.spawned[-1].exits(1)
         h.clock.advance(h.delays()[0])
-    queued = h.send(model, request_id="waiting")
-    h.launcher.spawned[-1].exits(1)  # the third quick death: r "waiting" was in flight
-    assert queued.error(BadGateway)
+    in_flight = h.send(model, request_id="waiting")
+    h.launcher.spawned[-1].exits(1)  # the third quick death: "waiting" was in flight
+    assert in_flight.error(BadGateway)
 
     assert model.state == "failed"
-    assert h.clock.getDelayedCalls() == []
-    with pytest.raises(ModelUnavailable) as caught:
-        model.send(b"{}", RequestContext(request_id="late"))
-    assert caught.value.status == 503
-    assert caught.value.headers["Retry-After"] == "60"
-    assert "failed" in caught.value.message
+    assert h.delays() == [10]  # the first wait of a crash loop is max_backoff
+    assert model.describe()["next_restart_in"] == 10
     assert "3 times" in model.describe()["last_error"]
-    h.clock.advance(600)
-    assert len(h.launcher.spawned) == 3
-    assert events(model, "failed")[0]["level"] == "error"
+    (failed,) = events(model, "failed")
+    assert (failed["level"], failed["retry_in_s"]) == ("error", 10)
+    h.clock.advance(4)
+    with pytest.raises(ModelUnavailable) as caught:
+        model.send(b"{}", RequestContext(request_id="meanwhile"))
+    assert caught.value.status == 503
+    assert caught.value.headers["Retry-After"] == "6"
+    assert "tried again in 6 s" in caught.value.message
+    assert model.describe()["next_restart_in"] == 6
 
-    model.restart()
-
+    h.clock.advance(6)  # the try: on trial, taking no requests, until it has run min_uptime
     assert len(h.launcher.spawned) == 4
+    assert model.state == "failed"
+    assert (model.describe()["next_restart_in"], model.describe()["trial_ends_in"]) == (None, 10)
+    with pytest.raises(ModelUnavailable) as caught:
+        model.send(b"{}", RequestContext(request_id="on trial"))
+    assert caught.value.headers["Retry-After"] == "10"
+    assert "being tried again" in caught.value.message
+    assert h.launcher.spawned[-1].stdin == b""
+    waits = []
+    for _ in range(3):  # each try dies at once: the wait doubles, up to max_crash_loop_backoff
+        h.launcher.spawned[-1].exits(1)
+        assert model.state == "failed"
+        (wait,) = h.delays()
+        waits.append(wait)
+        h.clock.advance(wait)
+    assert waits == [20, 35, 35]
+    assert len(h.launcher.spawned) == 7
+    assert "died 3 times in a row within 10 s of starting, and so did each of the 3 tries since" in (
+        model.describe()["last_error"])
+
+    # A try that runs for min_uptime is back, its count started again.
+    h.clock.advance(9.9)
+    assert model.state == "failed"
+    h.clock.advance(0.1)
     assert model.state == "ready"
+    assert events(model, "back after a crash loop")
+    h.clock.advance(1)
+    h.launcher.spawned[-1].exits(1)
+    assert model.state == "restarting"
+    assert h.delays() == [1]
+    h.clock.advance(1)
     outcome = h.send(model, request_id="after")
     h.launcher.spawned[-1].says({"back": True})
     assert outcome.answer().body == b'{"back": true}'
+    h.stop(model)
+
+
+def test_restart_tries_a_failed_model_at_once_and_forgets_its_crash_loop(h):
+    model = h.model(max_restarts=1, max_backoff=30)
+    h.launcher.spawned[-1].exits(1)
+    assert model.state == "failed"
+    assert h.delays() == [30]
+
+    model.restart()
+
+    assert len(h.launcher.spawned) == 2
+    assert model.state == "ready"
+    assert h.delays() == []
+    outcome = h.send(model, request_id="after")
+    h.launcher.spawned[-1].says({"back": True})
+    assert outcome.answer().body == b'{"back": true}'
+    h.clock.advance(0)
+    h.launcher.spawned[-1].exits(1)
+    assert model.state == "failed"
+    assert h.delays() == [30]  # counted from the start again
+    h.stop(model)
+
+
+def test_a_failed_jsonl_models_try_takes_requests_once_it_has_run_min_uptime(h):
+    model = h.model(protocol="jsonl", max_restarts=1, max_backoff=5, min_uptime=3)
+    h.launcher.spawned[-1].exits(1)
+    assert model.state == "failed"
+
+    h.clock.advance(5)
+    h.launcher.spawned[-1].says({"ready": True})
+
+    assert model.state == "failed"
+    with pytest.raises(ModelUnavailable) as caught:
+        model.send(b"{}", RequestContext(request_id="too soon"))
+    assert caught.value.headers["Retry-After"] == "3"
+    h.clock.advance(3)
+    assert model.state == "ready"
+    outcome = h.send(model, request_id="r1")
+    h.launcher.spawned[-1].answers("r1", output=1)
+    assert outcome.answer().body == b"1"
+    h.stop(model)
+
+
+def test_restart_ends_a_trial_at_once(h):
+    model = h.model(max_restarts=1, max_backoff=5, min_uptime=30)
+    h.launcher.spawned[-1].exits(1)
+    h.clock.advance(5)
+    assert model.state == "failed"
+
+    model.restart()
+
+    assert model.state == "ready"
+    assert len(h.launcher.spawned) == 2  # the try's process serves
+    assert h.delays() == []
     h.stop(model)
 
 
@@ -590,7 +983,7 @@ def test_requests_waiting_when_the_model_fails_get_503(h):
     h.launcher.spawned[0].exits(1)
 
     error = waiting.error(ModelUnavailable)
-    assert (error.status, error.headers) == (503, {"Retry-After": "60"})
+    assert (error.status, error.headers) == (503, {"Retry-After": "30"})
     h.stop(model)
 
 
@@ -616,15 +1009,15 @@ def test_a_model_that_prints_an_oversize_line_at_every_start_backs_off_and_fails
 
     delays = []
     for _ in range(3):
-        if model.state == "failed":
-            break
         process = h.launcher.spawned[-1]
         process.prints(b"#" * 1000 + b"\n")
         process.killed(signal=15)
-        delays.append(h.delays()[0] if h.delays() else None)
-        h.clock.advance(delays[-1] or 0)
+        (delay,) = h.delays()
+        delays.append(delay)
+        if model.state != "failed":
+            h.clock.advance(delay)
 
-    assert delays[:2] == [1, 2]
+    assert delays == [1, 2, 30]
     assert model.state == "failed"
     h.stop(model)
 
@@ -722,7 +1115,7 @@ def test_a_jsonl_request_that_times_out_gets_504_and_the_model_is_told_to_cancel
     slow = h.send(model, request_id="slow")
     h.clock.advance(1)
     quick = h.send(model, request_id="quick")
-    process.says({"id": "quick", "output": 1})  # the process is alive: it answers others
+    process.answers("quick", output=1)  # the process is alive: it answers others
 
     h.clock.advance(1)
 
@@ -730,9 +1123,9 @@ def test_a_jsonl_request_that_times_out_gets_504_and_the_model_is_told_to_cancel
     assert error.status == 504
     assert "2 s" in error.message
     assert quick.answer().body == b"1"
-    assert process.messages()[-1] == {"id": "slow", "op": "cancel"}
+    assert process.messages()[-1] == {"id": process.wire("slow"), "op": "cancel"}
     assert h.launcher.signals == []
-    process.says({"id": "slow", "output": "too late"})
+    process.answers("slow", output="too late")
     assert events(model, "answer to an unknown request")
     h.stop(model)
 
@@ -800,10 +1193,10 @@ def test_client_gone_on_jsonl_writes_cancel_and_the_next_request_takes_the_place
 
     gone.error(CancelledError)
     assert process.messages()[1:] == [
-        {"id": "gone", "op": "cancel"},
-        {"id": "next", "op": "predict", "input": {"n": 2}},
+        {"id": process.wire("gone"), "op": "cancel"},
+        {"id": process.wire("next"), "op": "predict", "input": {"n": 2}},
     ]
-    process.says({"id": "gone", "output": "late"}, {"id": "next", "output": "mine"})
+    process.says({"id": process.wire("gone"), "output": "late"}, {"id": process.wire("next"), "output": "mine"})
     assert waiting.answer().body == b'"mine"'
     assert h.delays() == []
     h.stop(model)
@@ -821,6 +1214,7 @@ def test_cancelling_a_queued_request_removes_it_without_writing_it(h):
     queued.error(CancelledError)
     assert model.describe()["queued"] == 0
     process.says({"n": 1})
+    h.clock.advance(0)
     assert first.answer().body == b'{"n": 1}'
     assert len(process.lines()) == 1
     assert h.delays() == []
@@ -839,6 +1233,7 @@ def test_cancelling_a_raw_request_keeps_its_place_until_its_answer_comes(h):
     gone.error(CancelledError)
     assert process.messages() == [{"n": 1}]  # no way to tell a raw process to stop
     process.says({"answer": 1})  # the abandoned request's answer is dropped ...
+    h.clock.advance(0)
     assert process.messages() == [{"n": 1}, {"n": 2}]
     process.says({"answer": 2})
     assert waiting.answer().body == b'{"answer": 2}'  # ... and never given to the next one
@@ -896,7 +1291,7 @@ def test_specs_built_directly_work_too(h):
     process.says({"ready": True})
 
     outcome = h.send(model)
-    process.says({"id": "r1", "output": None})
+    process.answers("r1", output=None)
 
     assert outcome.answer() == ModelAnswer(status=200, body=b"null")
     h.stop(model)
@@ -1005,7 +1400,7 @@ def test_an_http_model_server_that_crashes_answers_503_and_is_restarted_after_ba
     assert model.state == "restarting"
     with pytest.raises(ModelUnavailable) as caught:
         model.send(b"{}", RequestContext(request_id="meanwhile"))
-    assert caught.value.headers == {"Retry-After": "2"}
+    assert caught.value.headers == {"Retry-After": "1"}  # the restart is 1 s away
     assert model.describe()["last_error"].startswith("a process killed by signal SIGSEGV")
     h.clock.advance(1)
     assert len(h.launcher.spawned) == 2

@@ -22,10 +22,19 @@ What a request asks (C{{"op": ...}}):
     closed; answers
   - C{exit}: writes C{stderr} (if given, as it is: no line end added) and exits with
     status C{code}
+  - C{twice}: prints two JSON lines made from the request (C{print(a); print(b)})
+  - C{flood}: prints C{lines} JSON lines made from the request
+  - C{binary}: prints C{bytes} bytes of garbage (random from C{seed}, with short
+    fragments that are JSON among them), and no answer
+  - C{close_stdout}: closes its stdout and sleeps C{seconds}
+  - C{setsid_spawn}: starts a Python child that calls C{setsid()} (it leaves the model's
+    process group and session) and sleeps 60 s; answers C{{"pid", "child"}} once the
+    child has left
 """
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -92,6 +101,36 @@ def handle(request):
             sys.stderr.write(request["stderr"])
             sys.stderr.flush()
         sys.exit(request.get("code", 0))
+    if op == "twice":
+        print(json.dumps({"pid": os.getpid(), "echo": request, "line": 1}))
+        print(json.dumps({"pid": os.getpid(), "echo": request, "line": 2}), flush=True)
+        return None
+    if op == "flood":
+        for n in range(request.get("lines", 10_000)):
+            print(json.dumps({"pid": os.getpid(), "echo": request, "line": n}))
+        sys.stdout.flush()
+        return None
+    if op == "binary":
+        rng = random.Random(request.get("seed", 0))
+        chunks = []
+        for _ in range(request.get("bytes", 4096) // 64):
+            chunks.append(bytes(rng.randrange(256) for _ in range(64)))
+            chunks.append(rng.choice([b"", b"\n7\n", b'\n"x"\n', b"\n[]\n", b"\nnull\n"]))
+        out.write(b"".join(chunks) + b"\n")
+        out.flush()
+        return None
+    if op == "close_stdout":
+        sys.stdout.flush()
+        os.close(1)
+        time.sleep(request.get("seconds", 30))
+        return None
+    if op == "setsid_spawn":
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys, time; os.setsid(); print(os.getsid(0), flush=True); time.sleep(60)"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        )
+        assert int(child.stdout.readline()) == child.pid  # it has left
+        return {"pid": os.getpid(), "child": child.pid}
     return {"pid": os.getpid(), "unknown_op": op}
 
 
