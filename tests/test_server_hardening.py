@@ -597,3 +597,48 @@ def test_memory_taken_by_large_bodies_is_given_back(start_daemon):  # noqa: F811
     # The body is held once (an answer the same size is on its way back): before, about
     # three copies of each were held at the peak.
     assert peak_kb < 2.2 * total_kb, f"the daemon's peak grew by {peak_kb} kB for {total_kb} kB of bodies"
+
+
+def test_a_peer_at_its_cap_is_refused_and_another_address_is_served(start_daemon):  # noqa: F811
+    daemon = start_daemon(config_text="[server]\nmax_connections_per_peer = 3\nheader_timeout = 60\n"
+                                      "idle_timeout = 60\n" + toml_models(ECHO))
+    held = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(3)]
+    try:
+        for sock in held:  # each one known to the daemon: it answers a request on it
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+        error = check_error_shape(raw_exchange(daemon.port, b""), 503, "model_unavailable")
+        assert "maximum of 3 connections a client" in error["message"]
+        # From another loopback address, the same daemon serves.
+        other = socket.create_connection(("127.0.0.1", daemon.port), timeout=10, source_address=("127.0.0.2", 0))
+        with other:
+            other.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert recv_all(other).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_client_that_does_not_read_its_answer_is_disconnected(start_daemon):  # noqa: F811
+    daemon = start_daemon(config_text="[server]\nsend_timeout = 1\nidle_timeout = 60\n" + toml_models(
+        {"id": "echo", "type": "subprocess", "command": [sys.executable, ECHO_RAW], "timeout": 30}))
+    body = b'{"text": "' + b"a" * 8_000_000 + b'"}'
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it reads nothing: the answer backs up
+    sock.settimeout(10)
+    try:
+        sock.connect(("127.0.0.1", daemon.port))
+        sock.sendall(b"POST /post/predict?id=echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        deadline = time.monotonic() + 15
+        while not any("has not read its answer" in line for line in daemon.output):
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.05)
+        received = recv_all(sock, 5)
+    finally:
+        sock.close()
+
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert len(received) < len(body)  # cut off: the rest of the answer was dropped
+    assert daemon.predict("echo", {"after": 1}).status == 200
