@@ -21,6 +21,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from aibackend.interfaces import ModelAnswer
 from aibackend.testing import FakeModel, StubFrontDoor
 from test_server import HEX32, parse_response
 from test_subprocess_integration import MISBEHAVE, start_daemon, toml_models  # noqa: F401
@@ -466,7 +467,8 @@ def daemon(start_daemon):  # noqa: F811
      400, "bad_request"),
     (b"POST /post/predict?id=echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n",
      413, "payload_too_large"),
-])
+], ids=["long-request-line", "long-header", "bad-header", "two-hosts", "two-hosts-addmodel", "no-host",
+        "bare-lf-chunks", "chunk-over-limit"])
 def test_the_daemons_refusals_are_in_its_error_shape_at_once(daemon, raw, status, kind):
     check_error_shape(raw_exchange(daemon.port, raw), status, kind)
     assert daemon.predict("echo", {"after": 1}).status == 200
@@ -642,3 +644,20 @@ def test_a_client_that_does_not_read_its_answer_is_disconnected(start_daemon):  
     assert received.startswith(b"HTTP/1.1 200 ")
     assert len(received) < len(body)  # cut off: the rest of the answer was dropped
     assert daemon.predict("echo", {"after": 1}).status == 200
+
+
+def test_a_pipelined_body_that_stops_gets_408(clock):
+    model = FakeModel("m", clock).holds()
+    site = make_site(clock, model, min_body_rate=240, body_timeout=60)
+    protocol, transport = connect(site)
+    # The second request is read only once the first is answered, from what was buffered
+    # (setLineMode hands it to dataReceived again, which arms the timer).
+    protocol.dataReceived(POST + b"Content-Length: 2\r\n\r\n{}" + POST + b"Content-Length: 100\r\n\r\n{")
+    model.pending[0].callback(ModelAnswer(status=200, body=b'{"ok": true}', headers={}))
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    transport.clear()
+
+    clock.advance(5.1)
+
+    assert_refusal(transport, 408, "request_timeout")
+    close(protocol)
