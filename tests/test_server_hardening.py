@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import select
 import socket
 import sys
@@ -661,3 +662,35 @@ def test_a_pipelined_body_that_stops_gets_408(clock):
 
     assert_refusal(transport, 408, "request_timeout")
     close(protocol)
+
+
+def test_after_a_large_request_the_site_trims_the_heap_once_a_second_later(clock, monkeypatch):
+    from aibackend import server
+
+    trims = []
+    monkeypatch.setattr(server, "_malloc_trim", trims.append)
+    model = FakeModel("m", clock).answers()
+    site = server.AibackendSite(StubFrontDoor(clock, [model]).front_door.resource(), max_body_bytes=4 << 20,
+                                reactor=clock)
+    protocol, transport = connect(site)
+    small = POST + b"Content-Length: 2\r\n\r\n{}"
+    large = b'{"text": "' + b"a" * (2 << 20) + b'"}'
+    protocol.dataReceived(small)
+    assert len(live_calls(clock)) == 2  # the header and idle timers: no trim for a small one
+    for _ in range(3):
+        protocol.dataReceived(POST + b"Content-Length: %d\r\n\r\n" % len(large) + large)
+    assert transport.value().count(b"HTTP/1.1 200 ") == 4
+
+    clock.advance(1)
+
+    assert trims == [0]
+    close(protocol)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_release_freed_memory_applies_on_glibc(monkeypatch):
+    from aibackend import server
+
+    monkeypatch.setattr(server, "_malloc_trim", None)
+    assert server.release_freed_memory() is True
+    assert server._malloc_trim is not None
