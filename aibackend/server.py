@@ -49,7 +49,10 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 def error_answer(status: int, reason: str, kind: str, message: str, request_id: str) -> bytes:
-    """A whole HTTP/1.1 answer in the daemon's error shape, that closes the connection."""
+    """
+    A whole HTTP/1.1 answer in the daemon's error shape, that closes the connection (a
+    503, the daemon holding as many connections as it may, says to retry in a second).
+    """
     body = json.dumps({"error": {"type": kind, "message": message, "request_id": request_id}}).encode()
     return b"\r\n".join([
         b"HTTP/1.1 %d %s" % (status, reason.encode()),
@@ -57,6 +60,7 @@ def error_answer(status: int, reason: str, kind: str, message: str, request_id: 
         b"Content-Length: %d" % len(body),
         b"X-Request-Id: " + request_id.encode(),
         b"Date: " + datetimeToString(),
+        *([b"Retry-After: 1"] if status == 503 else []),
         b"Connection: close",
     ]) + b"\r\n\r\n" + body
 

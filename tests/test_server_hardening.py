@@ -342,6 +342,7 @@ def test_a_peer_past_its_connection_cap_is_refused_and_others_are_not(clock):
 
     error = assert_refusal(third[1], 503, "model_unavailable")
     assert "maximum of 2 connections a client" in error["message"]
+    assert parse_response(third[1].value())[1]["retry-after"] == "1"
     for protocol, transport in (first, second, other):
         assert transport.value() == b"" and not transport.disconnecting
     close(third[0])
