@@ -351,7 +351,7 @@ class AibackendChannel(HTTPChannel):
             at = self.stalled_since + site.send_timeout
             if now >= at - _EPSILON:
                 self.log.info("closing a connection from {peer}: its client has not read its answer for {seconds} s",
-                              peer=self.peer, seconds=site.send_timeout)
+                              peer=self.transport.getPeer(), seconds=site.send_timeout)
                 self.closing = True
                 self.transport.abortConnection()
                 return
@@ -605,6 +605,11 @@ class AibackendSite(Site):
         if chosen is None:
             return False
         self.channels.pop(chosen)
+        if chosen_rank[0] != 0:
+            AibackendChannel.log.info(
+                "at max_connections ({limit}): closing the connection from {peer} that holds the most for the "
+                "least progress ({what})", limit=self.max_connections, peer=chosen.transport.getPeer(),
+                what=("does not read its answer", "headers still coming", "the slowest body")[chosen_rank[0] - 1])
         if chosen_rank[0] == 0:
             chosen.closing = True
             chosen.transport.loseConnection()
