@@ -695,3 +695,33 @@ def test_release_freed_memory_applies_on_glibc(monkeypatch):
     monkeypatch.setattr(server, "_malloc_trim", None)
     assert server.release_freed_memory() is True
     assert server._malloc_trim is not None
+
+
+def test_the_client_limit_keys_are_read_and_checked():
+    from aibackend.config import ConfigError, ServerSpec, parse_config
+
+    assert (ServerSpec.body_timeout, ServerSpec.min_body_rate, ServerSpec.send_timeout,
+            ServerSpec.max_connections_per_peer) == (60.0, 240.0, 60.0, 1000)
+    server = parse_config({"server": {"body_timeout": 5, "min_body_rate": 0, "send_timeout": 2.5,
+                                      "max_connections_per_peer": 0}}).server
+    assert (server.body_timeout, server.min_body_rate, server.send_timeout, server.max_connections_per_peer) == (
+        5.0, 0.0, 2.5, 0)
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"server": {"body_timeout": -1, "min_body_rate": "fast", "max_connections_per_peer": 1.5}})
+    assert [path for path, _ in raised.value.problems] == [
+        "server.max_connections_per_peer", "server.body_timeout", "server.min_body_rate"]
+
+
+def test_the_daemon_wires_the_client_limits_into_its_site(tmp_path):
+    from twisted.internet.task import Clock
+
+    from aibackend.config import parse_config
+    from aibackend.store import SQLiteStore
+    from aibackend.tap import build_service
+
+    config = parse_config({"server": {"body_timeout": 5, "min_body_rate": 100, "send_timeout": 7,
+                                      "max_connections_per_peer": 9}})
+    root = build_service(config, Clock(), listen=["tcp:0:interface=127.0.0.1"], max_body_bytes=1024,
+                         environ={}, store=SQLiteStore(Clock(), str(tmp_path)))
+    site = root.listeners[0].factory
+    assert (site.body_timeout, site.min_body_rate, site.send_timeout, site.max_connections_per_peer) == (5, 100, 7, 9)
