@@ -86,7 +86,11 @@ class Connection(Protocol):
         self.headers_done = False
         self.received = False
         self.parser = httptools.HttpResponseParser(self)
-        self.transport.write(data)
+        if type(data) is bytes:
+            self.transport.write(data)
+        else:  # (head, a large body): written one after the other, not joined
+            for part in data:
+                self.transport.write(part)
         return self.deferred
 
     def _cancel(self, d):
@@ -98,6 +102,7 @@ class Connection(Protocol):
     def _finish(self, result) -> None:
         d, self.deferred = self.deferred, None
         self.parser = None
+        self.chunks = []  # an idle connection must not keep its last answer's body
         if d is not None:
             if isinstance(result, Failure):
                 d.errback(result)
@@ -199,8 +204,8 @@ class LeanClient:
 
     def request(self, uri: bytes, data: bytes, limit: int) -> Deferred:
         """
-        Send C{data} (a whole request: request line, headers, body) to the server of
-        C{uri}; fires with C{(Answer, body)}.
+        Send C{data} (a whole request: request line, headers, body; or a sequence of
+        its parts) to the server of C{uri}; fires with C{(Answer, body)}.
         """
         parsed = self._uris.get(uri)
         if parsed is None:

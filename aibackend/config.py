@@ -743,6 +743,10 @@ class ServerSpec:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_connections: int = 10000
+    max_connections_per_peer: int = 1000
+    body_timeout: float = 60.0
+    min_body_rate: float = 240.0
+    send_timeout: float = 60.0
     access_log: bool = True
     drain_timeout: float = 30.0
 
@@ -790,6 +794,10 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
     header_timeout = server_table.number("header_timeout", 10.0, minimum=0, exclusive_minimum=True, maximum=3600)
     idle_timeout = server_table.number("idle_timeout", 60.0, minimum=0, exclusive_minimum=True, maximum=86400)
     max_connections = server_table.number("max_connections", 10000, minimum=1, maximum=10_000_000, integer=True)
+    max_per_peer = server_table.number("max_connections_per_peer", 1000, minimum=0, maximum=10_000_000, integer=True)
+    body_timeout = server_table.number("body_timeout", 60.0, minimum=0, maximum=86400)
+    min_body_rate = server_table.number("min_body_rate", 240.0, minimum=0, maximum=1e12)
+    send_timeout = server_table.number("send_timeout", 60.0, minimum=0, maximum=86400)
     access_log = server_table.boolean("access_log", True)
     drain_timeout = server_table.number("drain_timeout", 30.0, minimum=0, maximum=86400)
     server_table.finish()
@@ -804,6 +812,10 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
         header_timeout=float(header_timeout or 10.0),
         idle_timeout=float(idle_timeout or 60.0),
         max_connections=max_connections or 10000,
+        max_connections_per_peer=max_per_peer if max_per_peer is not None else 1000,
+        body_timeout=float(body_timeout if body_timeout is not None else 60.0),
+        min_body_rate=float(min_body_rate if min_body_rate is not None else 240.0),
+        send_timeout=float(send_timeout if send_timeout is not None else 60.0),
         access_log=access_log,
         drain_timeout=float(drain_timeout if drain_timeout is not None else 30.0),
     )

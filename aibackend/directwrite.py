@@ -21,14 +21,19 @@ busy the reactor is:
     gets for free.
 
 Only what the kernel does not take goes to Twisted's own buffer, so flow control and
-producers work as before. A connection that is closed sends what it holds first. It
-applies to plain TCP transports only (L{twisted.internet.tcp.Server} and C{Client}); TLS
-and anything else keep Twisted's write.
+producers work as before. A large write (C{LARGE} bytes or more: a big request body on its
+way to a model, a big answer) is not held: what is held before it is sent, and it goes to
+Twisted's buffer as it is, which sends it in slices without a copy; joining it to what is
+held, or slicing off what the kernel took, would copy all of it. A connection that is
+closed sends what it holds first. It applies to plain TCP transports only
+(L{twisted.internet.tcp.Server} and C{Client}); TLS and anything else keep Twisted's write.
 """
 
 from __future__ import annotations
 
 from twisted.internet import tcp
+
+LARGE = 65536
 
 
 class Writes:
@@ -112,7 +117,11 @@ class _HeldWrites:
 
     def write(self, data: bytes) -> None:
         held = self._aibackend_held
-        if held is not None and type(data) is bytes:
+        if type(data) is bytes and len(data) >= LARGE:
+            if held is not None:
+                send(self)
+            tcp.Connection.write(self, data)
+        elif held is not None and type(data) is bytes:
             held.append(data)
         elif (
             type(data) is bytes

@@ -37,6 +37,7 @@ from aibackend import __version__
 from aibackend.client import LeanClient, ResponseTooLarge
 from aibackend.config import expand_env
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
+from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
 from aibackend.logs import ModelLog
@@ -576,10 +577,13 @@ class HttpModel(Service):
         try:
             if context.path is None and self._lean is not None:
                 read = False  # the lean client reads the body itself
-                d = self._lean.request(replica.uri, b"".join((
+                head = (
                     replica.head, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
-                    b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n", body,
-                )), self.spec.max_response_bytes)
+                    b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
+                )
+                # A large body is written after its head, not copied into one string with it.
+                data = b"".join((*head, body)) if len(body) < LARGE else (b"".join(head), body)
+                d = self._lean.request(replica.uri, data, self.spec.max_response_bytes)
             elif context.path is None and self._agent is not None:
                 d = self._agent.request(b"POST", replica.uri, headers, BytesProducer(body))
             elif context.path is None:

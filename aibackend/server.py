@@ -1,20 +1,33 @@
 """
-The HTTP server side: a L{Site} whose requests enforce the body limit.
+The HTTP server side: the daemon's L{Site}, its connections and the limits they hold.
 
 Twisted buffers a request's whole body before any resource sees it, in a temporary file
 on disk past 100 kB. Here the body is bounded by C{max_body_bytes}, so it is kept in
-memory, and a body that announces (C{Content-Length}) or grows past the limit is refused
-with a JSON 413 at once and the connection closed, without reading the rest.
+memory, once: a body that announces (C{Content-Length}, or a chunk's size line) or grows
+past the limit is refused with a JSON 413 at once and the connection closed, without
+reading the rest.
+
+Each connection is an L{AibackendChannel}, Twisted's L{HTTPChannel} with the daemon's
+client limits: every refusal Twisted makes itself (a malformed request line, header or
+chunked body, a request line or header section too large) is answered in the daemon's JSON
+error shape; a request has C{header_timeout} for its headers, C{body_timeout} for its body
+and must keep up C{min_body_rate} after a grace period; an answer the client does not read
+for C{send_timeout} closes the connection; and a peer may hold only
+C{max_connections_per_peer} connections. One timer a connection watches all of it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import sys
 from collections import OrderedDict
 from io import BytesIO
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
-from twisted.web.http import datetimeToString
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
 from aibackend.directwrite import hold_writes
@@ -24,240 +37,616 @@ from aibackend.ids import new_request_id, request_id_from_headers
 
 access_log = Logger(namespace="aibackend.access")
 
+# A deadline is taken as reached this close to it (seconds): a timer set for a time fires
+# at that time give or take a float's rounding.
+_EPSILON = 1e-6
+# Bodies larger than this are handed on as the very bytes they were received into.
+_SMALL_BODY = 65536
+# The longest line of a chunked body (a chunk's size and extensions, or a trailer).
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILERS = 16384
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
-class _ClientLimits:
+
+def error_answer(status: int, reason: str, kind: str, message: str, request_id: str) -> bytes:
     """
-    The header deadline of one client connection.
+    A whole HTTP/1.1 answer in the daemon's error shape, that closes the connection (a
+    503, the daemon holding as many connections as it may, says to retry in a second).
+    """
+    body = json.dumps({"error": {"type": kind, "message": message, "request_id": request_id}}).encode()
+    return b"\r\n".join([
+        b"HTTP/1.1 %d %s" % (status, reason.encode()),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"X-Request-Id: " + request_id.encode(),
+        b"Date: " + datetimeToString(),
+        *([b"Retry-After: 1"] if status == 503 else []),
+        b"Connection: close",
+    ]) + b"\r\n\r\n" + body
 
-    A request's headers must arrive within C{header_timeout} of its first byte. The timer
-    is not made and cancelled for each request (a kept-alive connection would make one a
-    request): L{start} and L{stop} only note when the wait began, and one timer a
-    connection looks at that when it fires, and sets itself again for what is left.
+
+class ChunkedBody:
+    """
+    A strict decoder of a chunked request body (RFC 9112, section 7.1), in place of
+    Twisted's: each line must end with CRLF (a bare LF is a 400 at once, not a wait for a
+    CRLF that never comes), and a chunk whose size would take the body past
+    C{max_body_bytes} is refused (413) from its size line, before its data is read.
+
+    It has the interface of Twisted's decoders: C{dataReceived}, C{noMoreData}, and the
+    C{dataCallback}/C{finishCallback} it is given.
     """
 
-    def __init__(self, site, channel, http):
-        self.site = site
+    def __init__(self, channel, request, dataCallback, finishCallback, limit: int):
         self.channel = channel
-        self.http = http
-        self.timer = None
-        self.waiting_since = None
-        self.refuse = False
-        self.writes = None  # aibackend.directwrite's, on a plain TCP connection
+        self.request = request
+        self.dataCallback = dataCallback
+        self.finishCallback = finishCallback
+        self.limit = limit
+        self.announced = 0  # the sizes of the chunks so far
+        self.remaining = 0
+        self.state = "size"
+        self.pending = b""
+        self.trailers = 0
 
-    def start(self) -> None:
-        if not self.site.header_timeout:
+    def noMoreData(self) -> None:
+        pass  # the server's channel never calls it: a body ends with its last chunk
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        position, end = 0, len(data)
+        while position < end:
+            state = self.state
+            if state == "data":
+                take = min(self.remaining, end - position)
+                self.dataCallback(data if take == end else data[position:position + take])
+                position += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = "crlf"
+                if self.state == "stopped":
+                    return
+            elif state == "crlf":
+                if end - position < 2:
+                    self.pending = data[position:]
+                    return
+                if data[position:position + 2] != b"\r\n":
+                    return self._bad("a chunk's data does not end with CRLF")
+                position += 2
+                self.state = "size"
+            elif state in ("size", "trailer"):
+                newline = data.find(b"\n", position)
+                if newline == -1:
+                    if end - position > _MAX_CHUNK_LINE:
+                        return self._bad("a line of the chunked body is too long")
+                    self.pending = data[position:]
+                    return
+                if newline == position or data[newline - 1] != 13:
+                    return self._bad("a line of the chunked body ends with a bare LF, not CRLF")
+                line = data[position:newline - 1]
+                position = newline + 1
+                if state == "size":
+                    if not self._size(line):
+                        return
+                elif line:
+                    self.trailers += len(line) + 2
+                    if self.trailers > _MAX_TRAILERS:
+                        return self._bad("the chunked body's trailers are too long")
+                else:
+                    self.state = "done"
+                    self.finishCallback(data[position:])
+                    return
+            else:
+                return  # done or stopped: nothing more is read
+
+    def _size(self, line: bytes) -> bool:
+        size = line.split(b";", 1)[0].rstrip(b" \t")
+        if not size or len(size) > 16 or not _HEX.issuperset(size):
+            self._bad("a chunk's size is not a hexadecimal number")
+            return False
+        length = int(size, 16)
+        if length == 0:
+            self.state = "trailer"
+            return True
+        self.announced += length
+        if self.announced > self.limit:
+            self.state = "stopped"
+            self.request.refuse_too_large(None)
+            return False
+        self.state = "data"
+        self.remaining = length
+        return True
+
+    def _bad(self, message: str) -> None:
+        self.state = "stopped"
+        self.channel.refuse(400, "Bad Request", "bad_request", message)
+
+
+class AibackendChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection with the daemon's client limits (see the module's docstring).
+
+    The limits cost the hot path nothing it did not pay before: one timer a connection,
+    set when the first request starts and looking, when it fires, at what is awaited
+    (headers, a body, the client reading its answer), then setting itself for what is
+    left; a body that arrives with its headers never arms it.
+
+    Twisted's refusals are made in methods it calls on its channel; those overridden
+    here (C{_respondToBadRequestAndDisconnect}, and the counters and the decoder it
+    keeps) are the same from Twisted 24.7 to 26.10.
+    """
+
+    log = Logger()
+
+    site = None
+    peer = None  # the client's address (a host), for the per-peer cap
+    refusal = None  # (status, reason, kind, message): answered once connected
+    writes = None  # aibackend.directwrite's, on a plain TCP connection
+    timer = None
+    head_since = None  # when the request whose headers are awaited began
+    body_since = None  # when the body now awaited began
+    body_armed = False
+    stalled_since = None  # when the client stopped reading what it is sent
+    closing = False
+    _local = None
+
+    # --- the connection ------------------------------------------------------------------
+
+    def connectionMade(self):
+        super().connectionMade()
+        # Each request asks its channel for the local address: one getsockname() call a
+        # request, for an answer that never changes on a connection.
+        self._local = self.transport.getHost()
+        self.writes = hold_writes(self.transport, self.site.reactor)
+        if self.refusal is not None:
+            self.answer(*self.refusal)
+        else:
+            self._start_head()
+
+    def getHost(self):
+        return self._local if self._local is not None else super().getHost()
+
+    def dataReceived(self, data):
+        if not self.requests and self.head_since is None:
+            self._start_head()
+        super().dataReceived(data)
+        if self.body_since is not None and not self.body_armed:
+            self._arm_body()
+        if self.writes is not None:
+            self.writes.event_done()  # the request written to a model goes now
+
+    def allHeadersReceived(self):
+        self.head_since = None
+        request = self.requests[-1]
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        if hosts is None:
+            if self._version == b"HTTP/1.1":
+                request.refuse(400, "Bad Request", "bad_request", "an HTTP/1.1 request must have a Host header")
+                return
+        elif len(hosts) > 1:
+            request.refuse(400, "Bad Request", "bad_request", "the request has more than one Host header")
             return
-        if self.waiting_since is None:
-            self.waiting_since = self.site.reactor.seconds()
-        if self.timer is None:
-            self.timer = self.site.reactor.callLater(self.site.header_timeout, self._check)
+        super().allHeadersReceived()
+        if self.length is None and not request.refused:
+            # Chunked: the daemon's strict decoder, with the callbacks of Twisted's.
+            twisted_decoder = self._transferDecoder
+            self._transferDecoder = ChunkedBody(
+                self, request, twisted_decoder.dataCallback, twisted_decoder.finishCallback, self.site.max_body_bytes,
+            )
+        if self.length != 0 and not request.refused:
+            self.body_since = request.aibackend_started  # gotLength's "now"
+            self.body_armed = False
 
-    def stop(self) -> None:
-        self.waiting_since = None
+    def pauseProducing(self):
+        # The transport holds more than it can send: the client is not reading its answer.
+        super().pauseProducing()
+        if self.stalled_since is None and self.site.send_timeout:
+            self.stalled_since = self.site.reactor.seconds()
+            self._arm(self.stalled_since + self.site.send_timeout)
 
-    def close(self) -> None:
-        self.waiting_since = None
+    def resumeProducing(self):
+        self.stalled_since = None
+        super().resumeProducing()
+
+    def connectionLost(self, reason):
+        self.head_since = self.body_since = self.stalled_since = None
         if self.timer is not None:
             if self.timer.active():
                 self.timer.cancel()
             self.timer = None
+        self.site.connection_lost(self)
+        super().connectionLost(reason)
+
+    # --- Twisted's refusals, in the daemon's shape ---------------------------------------
+
+    def lineLengthExceeded(self, line):
+        if not self.requests:
+            self.refuse(414, "URI Too Long", "uri_too_long",
+                        f"the request line is longer than {self.MAX_LENGTH} bytes")
+        else:
+            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                        f"a header line is longer than {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self):
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                        f"the request's headers are more than {self.totalHeadersSize} bytes")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                        f"the request has more than {self.maxHeaders} headers")
+        else:
+            self.refuse(400, "Bad Request", "bad_request",
+                        "the request is not valid HTTP/1.1 (its request line, a header, "
+                        "its Content-Length or Transfer-Encoding, or its chunked body)")
+
+    def refuse(self, status: int, reason: str, kind: str, message: str) -> None:
+        """Refuse the request being read (if any) in the error shape, and close."""
+        if self.requests:
+            self.requests[-1].refuse(status, reason, kind, message)
+        else:
+            self.answer(status, reason, kind, message)
+
+    def answer(self, status: int, reason: str, kind: str, message: str, request_id: str | None = None) -> int:
+        """
+        Answer straight onto the connection (no request was dispatched) and close it.
+
+        @return: the length of the answer's body (0 if the connection was closing).
+        """
+        self.head_since = self.body_since = None
+        if self.closing or self.transport is None:
+            return 0
+        self.closing = True
+        self.persistent = False
+        answer = error_answer(status, reason, kind, message, request_id or new_request_id())
+        self.transport.write(answer)
+        self.transport.loseConnection()
+        return len(answer) - answer.index(b"\r\n\r\n") - 4
+
+    # --- the timer -------------------------------------------------------------------------
+
+    def _start_head(self) -> None:
+        if not self.site.header_timeout:
+            return
+        self.head_since = self.site.reactor.seconds()
+        if self.timer is None:
+            self.timer = self.site.reactor.callLater(self.site.header_timeout, self._check)
+
+    def _arm_body(self) -> None:
+        self.body_armed = True
+        site = self.site
+        at = self.body_since + (site.body_timeout or float("inf"))
+        if site.min_body_rate:
+            at = min(at, self.body_since + site.body_grace)
+        if at != float("inf"):
+            self._arm(at)
+
+    def _arm(self, at: float) -> None:
+        """Make the timer fire by C{at} (it fires earlier if something else is due first)."""
+        now = self.site.reactor.seconds()
+        timer = self.timer
+        if timer is None:
+            self.timer = self.site.reactor.callLater(max(0.0, at - now), self._check)
+        elif timer.getTime() > at:
+            timer.reset(max(0.0, at - now))
 
     def _check(self) -> None:
         self.timer = None
-        if self.waiting_since is None:
-            return  # no headers awaited: the next request's first byte sets the timer again
-        left = self.waiting_since + self.site.header_timeout - self.site.reactor.seconds()
-        if left > 0:
-            self.timer = self.site.reactor.callLater(left, self._check)
+        if self.closing:
             return
-        self._expired()
+        site = self.site
+        now = site.reactor.seconds()
+        due = []
+        if self.head_since is not None:
+            at = self.head_since + site.header_timeout
+            if now >= at - _EPSILON:
+                return self._head_expired()
+            due.append(at)
+        if self.body_since is not None and self.body_armed:
+            at = self._body_due(now)
+            if at is None:
+                return
+            due.append(at)
+        if self.stalled_since is not None:
+            at = self.stalled_since + site.send_timeout
+            if now >= at - _EPSILON:
+                self.log.info("closing a connection from {peer}: its client has not read its answer for {seconds} s",
+                              peer=self.transport.getPeer(), seconds=site.send_timeout)
+                self.closing = True
+                self.transport.abortConnection()
+                return
+            due.append(at)
+        if due:
+            self._arm(min(due))
 
-    def _expired(self) -> None:
-        self.waiting_since = None
-        if not self.http.requests or not getattr(self.http, "_handlingRequest", False):
-            self.answer(408, "Request Timeout", "request_timeout",
+    def _head_expired(self) -> None:
+        self.head_since = None
+        if not self.requests or not self._handlingRequest:
+            self.refuse(408, "Request Timeout", "request_timeout",
                         f"the request's headers did not arrive within {self.site.header_timeout:g} s")
 
-    def answer(self, status: int, reason: str, kind: str, message: str) -> None:
-        """Answer straight onto the connection (no request was dispatched) and close it."""
-        request_id = new_request_id()
-        body = json.dumps({"error": {"type": kind, "message": message, "request_id": request_id}}).encode()
-        head = [
-            f"HTTP/1.1 {status} {reason}".encode(),
-            b"Content-Type: application/json",
-            b"Content-Length: " + str(len(body)).encode(),
-            b"X-Request-Id: " + request_id.encode(),
-            b"Connection: close",
-        ]
-        transport = self.http.transport
-        if transport is not None:
-            transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-            transport.loseConnection()
+    def _body_due(self, now: float):
+        """
+        Check the body awaited against its deadline and rate.
+
+        @return: when to look again, or None if it was refused.
+        """
+        site = self.site
+        elapsed = now - self.body_since
+        if site.body_timeout and elapsed >= site.body_timeout - _EPSILON:
+            self.refuse(408, "Request Timeout", "request_timeout",
+                        f"the request's body did not arrive within {site.body_timeout:g} s")
+            return None
+        at = self.body_since + site.body_timeout if site.body_timeout else float("inf")
+        if site.min_body_rate:
+            received = self.requests[-1].body_size
+            if elapsed >= site.body_grace - _EPSILON and received < site.min_body_rate * elapsed - _EPSILON:
+                self.refuse(408, "Request Timeout", "request_timeout",
+                            f"the request's body came slower than {site.min_body_rate:g} bytes/s")
+                return None
+            # When the body would fall under the rate if nothing more came.
+            at = min(at, self.body_since + max(site.body_grace, received / site.min_body_rate))
+        return at if at != float("inf") else None
+
+    # --- eviction --------------------------------------------------------------------------
+
+    def eviction_rank(self, now: float):
+        """
+        How readily this connection is closed to make room for a new one (lower first),
+        or None if it may not be: one whose request is being served.
+        """
+        if self.closing:
+            return None
+        if not self.requests:
+            return (0, 0.0)  # idle
+        if self.stalled_since is not None:
+            return (1, self.stalled_since)  # a client that does not read its answer
+        if self.head_since is not None:
+            return (2, self.head_since)  # headers still coming
+        if self.body_since is not None:
+            elapsed = max(now - self.body_since, 1e-3)
+            return (3, self.requests[-1].body_size / elapsed)  # the slowest body first
+        return None
 
 
 class BoundedRequest(Request):
     """A request whose body may not exceed its site's C{max_body_bytes}."""
 
-    _body_size = 0
-    _refused = False
+    body_size = 0
+    refused = False
+    aibackend_started = None
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
         self.content = BytesIO()
-        self._body_size = 0
         if length is not None and length > self.channel.site.max_body_bytes:
-            self._refuse(length)
+            self.refuse_too_large(length)
 
     def handleContentChunk(self, data):
-        if self._refused:
+        if self.refused:
             return
-        self._body_size += len(data)
-        if self._body_size > self.channel.site.max_body_bytes:
-            self._refuse(None)
+        self.body_size += len(data)
+        if self.body_size > self.channel.site.max_body_bytes:
+            self.refuse_too_large(None)
             return
         self.content.write(data)
 
-    def _refuse(self, length):
-        """
-        Answer 413 before the body is read, straight onto the transport (the request
-        has not been dispatched, so nothing else writes to it), and close.
-        """
-        self._refused = True
-        self.content = BytesIO()
-        # No "100 Continue" after the refusal: the channel sends one after gotLength.
-        self.requestHeaders.removeHeader(b"expect")
+    def refuse_too_large(self, length) -> None:
         limit = self.channel.site.max_body_bytes
         said = f"{length} bytes" if length is not None else "more"
         error = PayloadTooLarge(f"the request body is {said}; the limit is {limit} bytes")
-        request_id = request_id_from_headers(self.requestHeaders)
-        body = json.dumps(error.as_json(request_id)).encode()
-        head = [
-            b"HTTP/1.1 413 Payload Too Large",
-            b"Content-Type: application/json",
-            b"Content-Length: " + str(len(body)).encode(),
-            b"X-Request-Id: " + request_id.encode(),
-            b"Date: " + datetimeToString(),
-            b"Connection: close",
-        ]
-        metrics = getattr(self.channel.site, "metrics", None)
+        metrics = self.channel.site.metrics
         if metrics is not None:
             metrics.refused("body_too_large")
-        transport = self.channel.transport
-        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        transport.loseConnection()
+        self.refuse(413, "Payload Too Large", error.type, error.message)
+
+    def refuse(self, status: int, reason: str, kind: str, message: str) -> None:
+        """
+        Answer before the request is dispatched, straight onto the transport (nothing
+        else writes to it), and close.
+        """
+        if self.refused:
+            return
+        self.refused = True
+        channel = self.channel
+        self.content = BytesIO()
+        # No "100 Continue" after the refusal: the channel sends one after gotLength.
+        self.requestHeaders.removeHeader(b"expect")
+        request_id = request_id_from_headers(self.requestHeaders)
+        sent = channel.answer(status, reason, kind, message, request_id)
         # The request never reaches finish(), so give it its access event here. Its
         # method and path are still only the channel's (requestReceived comes later).
-        self.method = getattr(self.channel, "_command", None) or b"-"
-        self.uri = getattr(self.channel, "_path", None) or b"-"
+        self.method = getattr(channel, "_command", None) or b"-"
+        self.uri = getattr(channel, "_path", None) or b"-"
         self.path = self.uri.split(b"?", 1)[0]
-        self.code = 413
-        self.sentLength = len(body)
+        self.code = status
+        self.sentLength = sent
         self.aibackend_request_id = request_id
-        self.channel.site.log(self)
+        channel.site.log(self)
 
     def process(self):
-        if self._refused:
+        self.channel.body_since = None
+        if self.refused:
             return
+        if self.body_size > _SMALL_BODY:
+            # The body is held once: getvalue() trims the buffer to its size, and read()
+            # then hands on that same bytes object instead of a copy.
+            self.content.getvalue()
         super().process()
+
+
+
+_malloc_trim = None  # libc's, once release_freed_memory() has applied
+# A request whose body or answer is larger than this makes the site give freed memory back.
+_TRIM_AFTER = 1 << 20
+
+
+def release_freed_memory() -> bool:
+    """
+    Make glibc's malloc give large freed blocks back to the system.
+
+    By default glibc raises its mmap threshold to the size of each large block that is
+    freed (up to 32 MiB), so that after one large request body the next ones are taken
+    from the heap, and a heap freed in the middle stays with the process: after a burst
+    of large bodies the daemon kept most of its peak memory. Setting the threshold
+    (128 KiB, glibc's initial one) turns that adjustment off: a large block is its own
+    mapping, returned when freed. What is left in the heap (the 64 KiB pieces a body is
+    read in) is returned by C{malloc_trim}, which the site calls at most once a second
+    after a request with a large body or answer (L{AibackendSite.log}).
+
+    @return: whether it applied (glibc only).
+    """
+    global _malloc_trim
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (mallopt(M_MMAP_THRESHOLD, 128 * 1024) and mallopt(M_TRIM_THRESHOLD, 256 * 1024)):
+        return False
+    _malloc_trim = malloc_trim
+    return True
 
 
 class AibackendSite(Site):
     """
-    The daemon's site: bounded request bodies, no form parsing (every body is JSON,
-    and parsing each POST's Content-Type through the C{email} package costs a third of
-    a request's CPU), no tracebacks shown to clients.
+    The daemon's site: its connections are L{AibackendChannel}s, bounded request
+    bodies, no form parsing (every body is JSON, and parsing each POST's Content-Type
+    through the C{email} package costs a third of a request's CPU), no tracebacks shown
+    to clients.
     """
 
+    protocol = AibackendChannel
     requestFactory = BoundedRequest
     displayTracebacks = False
 
     def __init__(self, resource, *, max_body_bytes: int, metrics=None, header_timeout: float = 10.0,
-                 max_connections: int = 10000, access_log: bool = True, **kwargs):
+                 max_connections: int = 10000, access_log: bool = True, body_timeout: float = 60.0,
+                 min_body_rate: float = 240.0, body_grace: float = 5.0, send_timeout: float = 60.0,
+                 max_connections_per_peer: int = 1000, **kwargs):
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.min_body_rate = min_body_rate
+        self.body_grace = body_grace
+        self.send_timeout = send_timeout
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.channels: OrderedDict = OrderedDict()  # open connections, oldest first
+        self.peers: dict = {}  # client host -> its open connections
+        self._trim_call = None
+
+    def acceptableProtocols(self):
+        # The channel speaks HTTP/1.1 only: never offer h2 over TLS's ALPN.
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr):
         """
-        A connection with the daemon's client limits: its request headers must arrive
-        within C{header_timeout} (else 408), and past C{max_connections} the oldest idle
-        connection is closed to make room (or, if none is idle, the new one is refused).
+        A connection with the daemon's client limits. Past C{max_connections_per_peer}
+        from one client address the new one is refused (503); past C{max_connections} a
+        connection is closed to make room: an idle one, else the one holding the most for
+        the least progress (see L{AibackendChannel.eviction_rank}); if every one is being
+        served, the new one is refused.
         """
         channel = super().buildProtocol(addr)
-        http = getattr(channel, "_channel", channel)
-        limits = _ClientLimits(self, channel, http)
-        if len(self.channels) >= self.max_connections and not self._evict_idle():
-            limits.refuse = True
-        self.channels[channel] = limits
         if self.metrics is not None:
             self.metrics.daemon.open_connections += 1
-        # The generic channel hands makeConnection to the HTTP/1.1 channel inside it.
-        made, received, headers_in, lost = (
-            http.connectionMade, channel.dataReceived, http.allHeadersReceived, channel.connectionLost,
-        )
-
-        def connectionMade():
-            made()
-            # Each request asks its channel for the local address: one getsockname() call
-            # a request, for an answer that never changes on a connection.
-            if http.transport is not None:
-                host = http.transport.getHost()
-                http.getHost = lambda: host
-                limits.writes = hold_writes(http.transport, self.reactor)
-            if limits.refuse:
-                limits.answer(503, "Service Unavailable", "model_unavailable",
-                              f"the daemon holds its maximum of {self.max_connections} connections")
-            else:
-                limits.start()
-
-        def dataReceived(data):
-            if not http.requests:
-                limits.start()
-            result = received(data)
-            if limits.writes is not None:
-                limits.writes.event_done()  # the request written to a model goes now
-            return result
-
-        def allHeadersReceived():
-            limits.stop()
-            return headers_in()
-
-        def connectionLost(reason):
-            limits.close()
-            self.channels.pop(channel, None)
-            if self.metrics is not None:
-                self.metrics.daemon.open_connections -= 1
-            return lost(reason)
-
-        http.connectionMade = connectionMade
-        channel.dataReceived = dataReceived
-        http.allHeadersReceived = allHeadersReceived
-        channel.connectionLost = connectionLost
+        peer = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else None
+        if peer is not None and self.max_connections_per_peer:
+            held = self.peers.get(peer, 0)
+            if held >= self.max_connections_per_peer:
+                channel.refusal = (503, "Service Unavailable", "model_unavailable",
+                                   f"this client address holds the daemon's maximum of "
+                                   f"{self.max_connections_per_peer} connections a client")
+                return channel
+        if len(self.channels) >= self.max_connections and not self._evict():
+            channel.refusal = (503, "Service Unavailable", "model_unavailable",
+                               f"the daemon holds its maximum of {self.max_connections} connections")
+            return channel
+        if peer is not None and self.max_connections_per_peer:
+            self.peers[peer] = self.peers.get(peer, 0) + 1
+            channel.peer = peer
+        self.channels[channel] = None
         return channel
 
-    def _evict_idle(self) -> bool:
-        """Close the oldest connection that has no request in progress."""
-        for channel, limits in self.channels.items():
-            if not limits.http.requests and limits.http.transport is not None:
-                self.channels.pop(channel)
-                limits.http.transport.loseConnection()
-                return True
-        return False
+    def connection_lost(self, channel) -> None:
+        self.channels.pop(channel, None)
+        if channel.peer is not None:
+            held = self.peers.get(channel.peer, 1) - 1
+            if held > 0:
+                self.peers[channel.peer] = held
+            else:
+                self.peers.pop(channel.peer, None)
+            channel.peer = None
+        if self.metrics is not None:
+            self.metrics.daemon.open_connections -= 1
+
+    def _evict(self) -> bool:
+        """Close the connection that is readiest to go (see L{AibackendChannel.eviction_rank})."""
+        now = self.reactor.seconds()
+        chosen = chosen_rank = None
+        for channel in self.channels:
+            if channel.transport is None:
+                continue
+            rank = channel.eviction_rank(now)
+            if rank is None:
+                continue
+            if rank[0] == 0:
+                chosen, chosen_rank = channel, rank
+                break  # the oldest idle one
+            if chosen_rank is None or rank < chosen_rank:
+                chosen, chosen_rank = channel, rank
+        if chosen is None:
+            return False
+        self.channels.pop(chosen)
+        if chosen_rank[0] != 0:
+            AibackendChannel.log.info(
+                "at max_connections ({limit}): closing the connection from {peer} that holds the most for the "
+                "least progress ({what})", limit=self.max_connections, peer=chosen.transport.getPeer(),
+                what=("does not read its answer", "headers still coming", "the slowest body")[chosen_rank[0] - 1])
+        if chosen_rank[0] == 0:
+            chosen.closing = True
+            chosen.transport.loseConnection()
+        elif chosen_rank[0] == 1:
+            chosen.closing = True
+            chosen.transport.abortConnection()  # it does not read: what it holds goes nowhere
+        else:
+            chosen.refuse(503, "Service Unavailable", "model_unavailable",
+                          "the daemon is at its maximum of connections, and this one was the slowest")
+        return True
+
+    def _trim_soon(self) -> None:
+        if self._trim_call is None:
+            self._trim_call = self.reactor.callLater(1.0, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_call = None
+        _malloc_trim(0)
+
+    def stopFactory(self):
+        if self._trim_call is not None and self._trim_call.active():
+            self._trim_call.cancel()
+        self._trim_call = None
+        super().stopFactory()
 
     def log(self, request):
         """
         One access event per request, with fields (no query string: it may hold
         what an addmodel was given; no headers: they may hold tokens).
         """
+        if _malloc_trim is not None and (request.sentLength > _TRIM_AFTER or request.body_size > _TRIM_AFTER):
+            self._trim_soon()
         if not self.access_log:
             return
         path = request.path.decode("latin-1")
         parts = path.strip("/").split("/")
-        started = getattr(request, "aibackend_started", None)
+        started = request.aibackend_started if isinstance(request, BoundedRequest) else None
         latency_ms = round((self.reactor.seconds() - started) * 1000, 3) if started is not None else None
         peer = request.getClientAddress()
         peer = getattr(peer, "host", None) or str(peer)

@@ -290,7 +290,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     from aibackend.destinations import DestinationPolicy
     from aibackend.metrics import Metrics
     from aibackend.registry import ModelDeps, ModelRegistry
-    from aibackend.server import AibackendSite
+    from aibackend.server import AibackendSite, release_freed_memory
     from aibackend.store import SQLiteStore
 
     environ = os.environ if environ is None else environ
@@ -342,8 +342,10 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
-        access_log=server.access_log,
+        access_log=server.access_log, body_timeout=server.body_timeout, min_body_rate=server.min_body_rate,
+        send_timeout=server.send_timeout, max_connections_per_peer=server.max_connections_per_peer,
     )
+    release_freed_memory()
     _raise_open_files_limit(server.max_connections)
     root.front_door = front_door
     root.registry = registry
