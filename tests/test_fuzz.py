@@ -495,14 +495,25 @@ number_text = st.one_of(
     st.integers(-(10 ** 400), 10 ** 400).map(str),
     st.sampled_from(["-0", "0.0", "1E+308", "1.7976931348623157e308", "2e308", "-2e308", "5e-324", "1e-400"]),
 )
+# Integers past a double's range in /v2 tensors are the "beyond a double" family's.
+tensor_number_text = st.one_of(
+    st.tuples(st.integers(-99, 99), st.integers(-400, 400)).map(lambda p: f"{p[0]}e{p[1]}"),
+    st.integers(-(10 ** 300), 10 ** 300).map(str),
+)
+
+
+def v2_numbers(texts: list[str], datatype: str = "FP64") -> bytes:
+    return ('{"inputs": [{"name": "numbers", "datatype": "%s", "shape": [%d], "data": [%s]}]}'
+            % (datatype, len(texts), ", ".join(texts))).encode()
+
+
 numbers_bodies = st.one_of(
     st.lists(number_text, max_size=4).map(lambda ns: ('{"numbers": [' + ", ".join(ns) + "]}").encode()),
     st.tuples(st.sampled_from(["x", "text", "numbers"]), number_text).map(
         lambda p: f'{{"{p[0]}": {p[1]}}}'.encode()),
     number_text.map(str.encode),
-    st.lists(number_text, min_size=1, max_size=3).map(lambda ns: (
-        '{"inputs": [{"name": "numbers", "datatype": "FP64", "shape": [%d], "data": [%s]}]}'
-        % (len(ns), ", ".join(ns))).encode()),
+    st.tuples(st.lists(tensor_number_text, min_size=1, max_size=3),
+              st.sampled_from(["FP64", "FP32", "INT64", "INT8", "UINT8", "FP16"])).map(lambda p: v2_numbers(*p)),
 )
 
 
@@ -522,8 +533,8 @@ bodies = st.one_of(
     st.tuples(shaped.map(lambda v: _json_text(v, True)), st.integers(0, 200), st.integers(0, 255)).map(
         lambda p: p[0][:p[1]] + bytes([p[2]]) + p[0][p[1] + 1:]),
     st.binary(max_size=200),
-    # nested, but not past what orjson reads (the deep family goes further)
-    st.tuples(st.integers(1, 1000), st.sampled_from(["list", "object"])).map(lambda p: nested(*p)),
+    # nested, but not as deep as the deep family goes
+    st.tuples(st.integers(1, 500), st.sampled_from(["list", "object"])).map(lambda p: nested(*p)),
 )
 
 methods = st.sampled_from(["GET", "POST", "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"])
@@ -591,14 +602,28 @@ def test_a_body_over_the_limit_is_a_413_in_the_routes_shape(daemon, request):
     assert run(daemon, request).status == 413
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12: fixed on another branch (JSON nested past 1,024 levels: 500)")
+@pytest.mark.xfail(strict=False, reason="issue 12, found by this test: an FP64 input past a double's range is taken, "
+                                         "and a declared FP64 output made of it is a 500 (tensors.output_tensor)")
+@settings(max_examples=20, **FUZZ_SETTINGS)
+@given(request=st.builds(
+    Request,
+    method=st.just("POST"),
+    target=st.sampled_from(["/v2/models/adder/infer", "/v2/models/echo/infer"]),
+    body=st.lists(st.integers(2 ** 1024, 10 ** 400).map(str), min_size=1, max_size=2).map(v2_numbers),
+))
+def test_integers_beyond_a_double_in_an_fp64_tensor_are_a_400(daemon, request):
+    assert run(daemon, request).status == 400
+
+
+@pytest.mark.xfail(strict=False, reason="issue 12: JSON nested past 1,024 levels is a 500 (fixed on another branch); "
+                                         "found by this test: on /v2, 946 levels already are (json's limit is the stack's)")
 @settings(max_examples=30, **FUZZ_SETTINGS)
 @given(request=st.builds(
     Request,
     method=st.just("POST"),
     target=st.sampled_from(["/post/predict?id=echo", "/post/predict?id=wordstats", "/v2/models/adder/infer",
                             "/v2/models/echo/infer", "/v2/repository/index"]),
-    body=st.tuples(st.integers(1025, 100_000), st.sampled_from(["list", "object"])).map(lambda p: nested(*p)),
+    body=st.tuples(st.integers(501, 100_000), st.sampled_from(["list", "object"])).map(lambda p: nested(*p)),
 ))
 def test_deeply_nested_json_is_a_400(daemon, request):
     run(daemon, request)
