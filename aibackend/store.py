@@ -21,8 +21,8 @@ import stat
 from dataclasses import dataclass
 
 from twisted.internet.defer import succeed
-from twisted.logger import Logger
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
