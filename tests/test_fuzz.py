@@ -122,7 +122,8 @@ def daemon(tmp_path_factory):
 
 
 def assert_no_bug_in(lines: list[str], when: str) -> None:
-    signs = [line for line in lines if any(sign in line for sign in BUG_SIGNS)]
+    # (an access event holds the generated path, which may hold anything)
+    signs = [line for line in lines if any(sign in line for sign in BUG_SIGNS) and "[aibackend.access#" not in line]
     assert not signs, f"the daemon logged a bug {when}:\n" + "\n".join(lines[-80:])
 
 
