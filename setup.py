@@ -26,6 +26,9 @@ setup(
             "pytest-timeout>=2.2",
             # The Open Inference Protocol tests call the daemon with Triton's real client.
             "tritonclient[http]>=2.40",
+            # tests/test_fuzz.py: generated paths, queries, headers and bodies against the
+            # real daemon, shrunk to the smallest input that earns a 5xx or a traceback.
+            "hypothesis>=6.100",
         ],
         "bench": [
             "aiohttp>=3.9",  # the benchmark's Python peer (bench/aiohttp_proxy.py)

@@ -5,7 +5,8 @@ The daemon POSTs the client's JSON body unchanged to the model's URL with
 C{Content-Type: application/json}, C{X-Request-Id} and the model's configured headers,
 through one daemon-owned persistent connection pool. The whole exchange, body
 included, has one deadline on the injected clock; redirects are never followed; the
-answer must be JSON, and the model's own status is passed through.
+answer must be strict JSON (L{not_strict_json}: UTF-8, no NaN or Infinity), and the
+model's own status is passed through.
 """
 
 from __future__ import annotations
@@ -161,16 +162,47 @@ def uri_bytes(url: DecodedURL) -> bytes:
     return text.replace(placeholder, f"[{url.host}]", 1).encode("ascii")
 
 
-def is_json(body: bytes) -> bool:
-    """Is C{body} JSON text? (orjson first, it is fast; json for what it refuses, such as integers past 64 bits.)"""
+class _NotFinite(ValueError):
+    pass
+
+
+def _not_finite(name):
+    raise _NotFinite(name)
+
+
+NOT_FINITE = "answered JSON with NaN or Infinity, which clients cannot parse"
+
+
+def not_strict_json(body: bytes) -> str | None:
+    """
+    What keeps C{body} from being strict JSON text (UTF-8, no C{NaN} or C{Infinity}), the
+    rule a subprocess model's answers follow too; None if it is.
+
+    orjson first: it is fast, and as strict, so an ordinary answer costs one C parse.
+    What it refuses is read again by json, whose word is final (orjson refuses some JSON:
+    integers past 64 bits, numbers that overflow a double).
+    """
     try:
         orjson.loads(body)
+        return None
     except orjson.JSONDecodeError:
-        try:
-            json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return False
-    return True
+        pass
+    try:
+        json.loads(body.decode("utf-8"), parse_constant=_not_finite)
+    except UnicodeDecodeError:
+        return "answered something that is not UTF-8 text"
+    except _NotFinite:
+        return NOT_FINITE
+    except ValueError:
+        return "answered something that is not JSON"
+    except RecursionError:
+        return "answered JSON nested too deeply to be read"
+    return None
+
+
+def is_json(body: bytes) -> bool:
+    """Is C{body} strict JSON text (L{not_strict_json})?"""
+    return not_strict_json(body) is None
 
 
 def snippet(body: bytes) -> str:
@@ -639,10 +671,11 @@ class HttpModel(Service):
                 "redirects are not followed",
                 model=self.model_id,
             )
-        if not is_json(body):
+        problem = not_strict_json(body)
+        if problem is not None:
             content_type = response.headers.getRawHeaders(b"content-type", [b"none"])[0].decode("latin-1")
             raise BadGateway(
-                f"model {self.model_id!r} answered something that is not JSON "
+                f"model {self.model_id!r} {problem} "
                 f"(status {status}, content-type {content_type}): {snippet(body)}",
                 model=self.model_id,
             ) from None

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 from dataclasses import dataclass
 
 from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
@@ -74,6 +76,34 @@ def default_state_dir() -> str:
     return os.path.join(base, "aibackend")
 
 
+def private_files(state_dir: str, path: str, log) -> None:
+    """
+    Make the database at C{path} readable by its owner alone (0600, whatever the umask),
+    with the WAL and shared-memory files next to it (SQLite gives those the mode of the
+    database; one left by an older version is tightened too). A directory made here is
+    0700; an existing one is left as it is (it may be shared on purpose), but a warning
+    says when others may enter it.
+    """
+    try:
+        os.makedirs(state_dir, 0o700)
+        os.chmod(state_dir, 0o700)  # exactly, whatever the umask
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(state_dir).st_mode)
+        if mode & 0o077:
+            log.warn(
+                "the state directory {directory} is open to its group or others (mode {mode}); "
+                "chmod 700 it to keep the names and the changes kept there private",
+                directory=state_dir, mode=f"{mode:04o}",
+            )
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            if stat.S_IMODE(os.stat(name).st_mode) != 0o600:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 @implementer(IModelStore)
 class SQLiteStore:
     """
@@ -82,11 +112,12 @@ class SQLiteStore:
     """
 
     filename = "models.sqlite3"
+    log = Logger()
 
     def __init__(self, reactor, state_dir: str):
         self._reactor = reactor
         self.path = os.path.join(state_dir, self.filename)
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        private_files(state_dir, self.path, self.log)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

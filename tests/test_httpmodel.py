@@ -70,6 +70,9 @@ class MisbehavingModelServer(Resource):
             request.setResponseCode(500)
             request.setHeader(b"content-type", b"text/html")
             return b"<html><body><h1>500 Internal Server Error</h1>" + b"x" * 500 + b"</body></html>"
+        if kind == "body":
+            request.setHeader(b"content-type", b"application/json")
+            return BODIES[parts[1]]
         if kind == "empty":
             request.setResponseCode(204)
             return b""
@@ -94,6 +97,21 @@ class MisbehavingModelServer(Resource):
             return NOT_DONE_YET
         request.setResponseCode(404)
         return b'{"error": "no such path"}'
+
+
+# /body/NAME answers 200 with one of these.
+BODIES = {
+    "nan": b'{"score": NaN}',
+    "infinity": b'{"score": Infinity}',
+    "minus-infinity": b'[-Infinity]',
+    "latin-1": b'{"label": "caf\xe9"}',
+    "utf-16": '{"label": "x"}'.encode("utf-16"),
+    "bom": b'\xef\xbb\xbf{"label": "x"}',
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "big-integer": b'{"n": 123456789012345678901234567890}',
+    "overflowing-number": b'{"n": 1e999}',
+    "nan-in-a-string": b'{"label": "NaN Infinity"}',
+}
 
 
 @pytest.fixture
@@ -159,6 +177,32 @@ def test_an_answer_that_is_not_json_is_a_bad_gateway_naming_the_model(clock, stu
     assert "<html><body><h1>500 Internal Server Error</h1>" in error.message  # a snippet...
     assert "x" * 300 not in error.message  # ... not the whole body
     assert "bytes)" in error.message
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [("nan", "answered JSON with NaN or Infinity, which clients cannot parse"),
+     ("infinity", "answered JSON with NaN or Infinity, which clients cannot parse"),
+     ("minus-infinity", "answered JSON with NaN or Infinity, which clients cannot parse"),
+     ("latin-1", "answered something that is not UTF-8 text"),
+     ("utf-16", "answered something that is not UTF-8 text"),
+     ("bom", "answered something that is not JSON"),
+     ("deep", "answered JSON nested too deeply to be read")],
+)
+def test_an_answer_that_is_not_strict_json_is_a_bad_gateway(clock, stub, name, why):
+    model = make_model(clock, stub, f"/body/{name}")
+
+    error = failure_of(send(model), BadGateway).value
+
+    assert error.status == 502
+    assert error.message.startswith(f"model 'm' {why} (status 200, content-type application/json): ")
+
+
+@pytest.mark.parametrize("name", ["big-integer", "overflowing-number", "nan-in-a-string"])
+def test_json_that_orjson_refuses_or_that_only_looks_odd_is_passed_through(clock, stub, name):
+    model = make_model(clock, stub, f"/body/{name}")
+
+    assert result_of(send(model)) == ModelAnswer(status=200, body=BODIES[name])
 
 
 def test_an_empty_answer_is_a_bad_gateway(clock, stub):
@@ -356,3 +400,93 @@ def test_an_unexpected_client_failure_is_logged_and_a_bad_gateway(clock, logged_
 
     assert raised.message == "model 'm' failed: bug in the client"
     assert len(logged_errors.flush(ZeroDivisionError)) == 1
+
+
+# --- one rule for every model, in the real daemon ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_daemon(tmp_path_factory):
+    """
+    The real daemon with the example HTTP model server (echo), the Open Inference Protocol
+    test server (tri, native v2) and the example raw model (adder), each started by it.
+    """
+    import os
+    import socket
+    import sys
+
+    from test_daemon import MODEL_SERVER, assert_no_bug_logged
+    from test_subprocess_integration import ROOT, Daemon, toml_models, wait_until
+
+    def free_port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    tmp = tmp_path_factory.mktemp("strict")
+    echo_port, v2_port = free_port(), free_port()
+    config = (
+        f"[server]\nstate_dir = {json.dumps(str(tmp / 'state'))}\n\n"
+        + toml_models(
+            {"id": "echo", "type": "http", "url": f"http://127.0.0.1:{echo_port}/echo", "health_path": "/health",
+             "command": [sys.executable, MODEL_SERVER, "--listen", f"tcp:{echo_port}:interface=127.0.0.1"],
+             "timeout": 10},
+            {"id": "adder", "type": "subprocess", "command": [sys.executable, os.path.join(ROOT, "examples",
+                                                                                          "raw_model.py")]},
+            {"id": "tri", "type": "http", "url": f"http://127.0.0.1:{v2_port}", "health_path": "/health",
+             "command": [sys.executable, os.path.join(ROOT, "tests", "models", "v2_server.py"), "--port",
+                         str(v2_port)], "timeout": 10},
+        )
+        + '[models.v2]\nnative = true\nmodel = "doubler"\n'
+    )
+    (tmp / "aibackend.toml").write_text(config)
+    daemon = Daemon(str(tmp / "aibackend.toml"), ROOT).wait_listening()
+    try:
+        def ready():
+            reply = daemon.request("GET", "/get/models")
+            return reply.status == 200 and all(m["state"] == "ready" for m in reply.json()["models"])
+
+        wait_until(ready, 20, "every model to be ready")
+        yield daemon
+    finally:
+        daemon.stop()
+    assert_no_bug_logged("\n".join(daemon.output))
+
+
+def post(daemon, path: str, body: bytes):
+    return daemon.request("POST", path, body, {"Content-Type": "application/json"})
+
+
+@pytest.mark.timeout(60)
+def test_an_http_models_infinity_is_a_502_as_a_subprocess_models_is(strict_daemon):
+    # 1e999 is JSON (a number too big for a double); the models read it as infinity and
+    # write it back as Infinity, which is not JSON.
+    http_model = post(strict_daemon, "/post/predict?id=echo", b'{"x": 1e999}')
+    subprocess_model = post(strict_daemon, "/post/predict?id=adder", b'{"numbers": [1e308, 1e308]}')
+
+    for reply, model in ((http_model, "echo"), (subprocess_model, "adder")):
+        assert reply.status == 502, reply
+        assert reply.headers["Content-Type"] == "application/json"
+        error = reply.json()["error"]
+        assert error["type"] == "bad_gateway"
+        assert error["model"] == model
+        assert error["message"].startswith(
+            f"model '{model}' answered JSON with NaN or Infinity, which clients cannot parse"), error
+        assert error["request_id"] == reply.headers["X-Request-Id"]
+    assert "Infinity" in http_model.json()["error"]["message"]  # the snippet of what came back
+
+
+@pytest.mark.timeout(60)
+def test_a_native_v2_models_infinity_is_a_502(strict_daemon):
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1e308]}]}).encode()
+
+    reply = post(strict_daemon, "/v2/models/tri/infer", body)
+
+    assert reply.status == 502, reply
+    assert "answered JSON with NaN or Infinity, which clients cannot parse" in reply.json()["error"]
+
+
+@pytest.mark.timeout(60)
+def test_finite_answers_still_pass(strict_daemon):
+    assert post(strict_daemon, "/post/predict?id=echo", b'{"x": 1e308}').json()["echo"] == {"x": 1e308}
+    assert post(strict_daemon, "/post/predict?id=adder", b'{"numbers": [1, 2]}').json() == {"sum": 3, "count": 2}

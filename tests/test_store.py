@@ -91,6 +91,81 @@ def test_the_state_directory_is_made_private(open_store, tmp_path):
     assert store.load() == []
 
 
+@pytest.fixture
+def no_umask():
+    """A umask of 0, as a careless service manager may leave it: modes are the code's alone."""
+    previous = os.umask(0)
+    yield
+    os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_database_and_its_wal_files_are_the_owners_alone_whatever_the_umask(open_store, tmp_path, no_umask):
+    store = open_store(tmp_path / "new" / "state")
+    await store.put("m", TABLE)  # the WAL and shared-memory files exist once something is written
+
+    assert os.path.exists(store.path + "-wal") and os.path.exists(store.path + "-shm")
+    assert {name: mode(store.path + name) for name in ("", "-wal", "-shm")} == {"": 0o600, "-wal": 0o600,
+                                                                               "-shm": 0o600}
+    assert mode(tmp_path / "new" / "state") == 0o700
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_an_older_version_left_readable_are_tightened(open_store, tmp_path, no_umask):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = str(state / SQLiteStore.filename)
+    older = sqlite3.connect(path, isolation_level=None)  # kept open: its WAL files stay
+    try:
+        older.execute("PRAGMA journal_mode=WAL")
+        older.execute("CREATE TABLE t (x)")
+        older.execute("INSERT INTO t VALUES (1)")
+        for name in ("", "-wal", "-shm"):
+            os.chmod(path + name, 0o644)
+
+        store = open_store(state)
+        await store.put("m", TABLE)
+
+        assert [mode(path + name) for name in ("", "-wal", "-shm")] == [0o600, 0o600, 0o600]
+    finally:
+        older.close()
+
+
+@pytest.mark.parametrize("directory_mode", [0o755, 0o750, 0o777])
+def test_an_existing_directory_open_to_others_is_left_as_it_is_with_a_warning(open_store, tmp_path, no_umask,
+                                                                              directory_mode):
+    from twisted.logger import LogLevel, capturedLogs
+
+    state = tmp_path / "shared"
+    state.mkdir()
+    os.chmod(state, directory_mode)
+
+    with capturedLogs() as events:
+        store = open_store(state)
+
+    assert mode(state) == directory_mode
+    assert mode(store.path) == 0o600
+    [warning] = [event for event in events if event["log_level"] == LogLevel.warn]
+    assert warning["directory"] == str(state) and warning["mode"] == f"{directory_mode:04o}"
+    assert "chmod 700" in warning["log_format"]
+
+
+def test_a_private_existing_directory_gets_no_warning(open_store, tmp_path):
+    from twisted.logger import LogLevel, capturedLogs
+
+    state = tmp_path / "private"
+    state.mkdir(mode=0o700)
+
+    with capturedLogs() as events:
+        open_store(state)
+
+    assert [event for event in events if event["log_level"] >= LogLevel.warn] == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_acknowledged_change_is_in_the_file_at_once(open_store):
     """Acknowledged means committed: another reader sees it while the store is still open."""
@@ -244,3 +319,29 @@ def test_a_memory_store_reads_at_once():
     store.put("m", {"id": "m"})
 
     assert [change.model_id for change in result_of(store.read())] == ["m"]
+
+
+@pytest.mark.timeout(30)
+def test_the_daemons_state_is_private_after_an_addmodel(tmp_path):
+    """The real daemon, started with the usual umask (022), keeps its state 0600 in a 0700 directory."""
+    from test_runtime_daemon import Daemon, assert_no_traceback
+
+    config = tmp_path / "aibackend.toml"
+    config.write_text("")
+    state = tmp_path / "state"
+    previous = os.umask(0o022)
+    try:
+        daemon = Daemon(str(config), str(state), cwd=str(tmp_path))
+    finally:
+        os.umask(previous)
+    try:
+        reply = daemon.add({"id": "kept", "type": "http", "url": "http://127.0.0.1:9/"})
+        assert reply.status == 201, reply
+        path = str(state / SQLiteStore.filename)
+        modes = {name: mode(path + name) for name in ("", "-wal", "-shm") if os.path.exists(path + name)}
+    finally:
+        daemon.terminate()
+    assert_no_traceback(daemon)
+
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+    assert mode(state) == 0o700
