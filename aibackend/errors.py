@@ -5,10 +5,22 @@ Every answer the daemon makes itself on failure has one shape::
 
     {"error": {"type": "...", "message": "...", "model": "...", "request_id": "..."}}
 
-Handlers raise these; L{aibackend.api} renders them.
+Handlers raise these; L{aibackend.api} renders them. The Open Inference Protocol's routes
+(C{/v2}) answer in that protocol's own shape, C{{"error": "..."}} (L{refusal_document}).
 """
 
 from __future__ import annotations
+
+
+def refusal_document(path: bytes | None, kind: str, message: str, request_id: str) -> dict:
+    """
+    The error document of a request refused before any route saw it (by the HTTP server:
+    a body over the limit, two C{Host} headers...), in the shape of the front door its
+    path names: C{/v2}'s own, or the daemon's.
+    """
+    if path is not None and (path == b"/v2" or path.startswith(b"/v2/")):
+        return {"error": message}
+    return {"error": {"type": kind, "message": message, "request_id": request_id}}
 
 
 class ApiError(Exception):

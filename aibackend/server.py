@@ -31,7 +31,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
 from aibackend.directwrite import hold_writes
-from aibackend.errors import PayloadTooLarge
+from aibackend.errors import PayloadTooLarge, refusal_document
 from aibackend.ids import new_request_id, request_id_from_headers
 
 
@@ -48,12 +48,14 @@ _MAX_TRAILERS = 16384
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
-def error_answer(status: int, reason: str, kind: str, message: str, request_id: str) -> bytes:
+def error_answer(status: int, reason: str, kind: str, message: str, request_id: str,
+                 path: bytes | None = None) -> bytes:
     """
-    A whole HTTP/1.1 answer in the daemon's error shape, that closes the connection (a
-    503, the daemon holding as many connections as it may, says to retry in a second).
+    A whole HTTP/1.1 answer in the error shape of the route C{path} names (the daemon's
+    when it is not known yet), that closes the connection (a 503, the daemon holding as
+    many connections as it may, says to retry in a second).
     """
-    body = json.dumps({"error": {"type": kind, "message": message, "request_id": request_id}}).encode()
+    body = json.dumps(refusal_document(path, kind, message, request_id)).encode()
     return b"\r\n".join([
         b"HTTP/1.1 %d %s" % (status, reason.encode()),
         b"Content-Type: application/json",
@@ -287,7 +289,8 @@ class AibackendChannel(HTTPChannel):
         else:
             self.answer(status, reason, kind, message)
 
-    def answer(self, status: int, reason: str, kind: str, message: str, request_id: str | None = None) -> int:
+    def answer(self, status: int, reason: str, kind: str, message: str, request_id: str | None = None,
+               path: bytes | None = None) -> int:
         """
         Answer straight onto the connection (no request was dispatched) and close it.
 
@@ -298,7 +301,7 @@ class AibackendChannel(HTTPChannel):
             return 0
         self.closing = True
         self.persistent = False
-        answer = error_answer(status, reason, kind, message, request_id or new_request_id())
+        answer = error_answer(status, reason, kind, message, request_id or new_request_id(), path)
         self.transport.write(answer)
         self.transport.loseConnection()
         return len(answer) - answer.index(b"\r\n\r\n") - 4
@@ -453,12 +456,12 @@ class BoundedRequest(Request):
         # No "100 Continue" after the refusal: the channel sends one after gotLength.
         self.requestHeaders.removeHeader(b"expect")
         request_id = request_id_from_headers(self.requestHeaders)
-        sent = channel.answer(status, reason, kind, message, request_id)
         # The request never reaches finish(), so give it its access event here. Its
         # method and path are still only the channel's (requestReceived comes later).
         self.method = getattr(channel, "_command", None) or b"-"
         self.uri = getattr(channel, "_path", None) or b"-"
         self.path = self.uri.split(b"?", 1)[0]
+        sent = channel.answer(status, reason, kind, message, request_id, self.path)
         self.code = status
         self.sentLength = sent
         self.aibackend_request_id = request_id

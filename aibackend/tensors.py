@@ -18,7 +18,7 @@ The mapping between a v2 request and a model that takes plain JSON:
 from __future__ import annotations
 
 import json
-import math
+import sys
 from dataclasses import dataclass
 
 # datatype -> (kind, lowest, highest); kind is "bool", "int", "float" or "bytes".
@@ -35,7 +35,8 @@ DATATYPES = {
     "FP16": ("float", -65504.0, 65504.0),
     "FP32": ("float", -3.4028234663852886e38, 3.4028234663852886e38),
     "BF16": ("float", -3.3895313892515355e38, 3.3895313892515355e38),
-    "FP64": ("float", -math.inf, math.inf),
+    # A whole number past a double's range (JSON allows it) does not fit either.
+    "FP64": ("float", -sys.float_info.max, sys.float_info.max),
     "BYTES": ("bytes", None, None),
 }
 # At most this many dimensions; deeper nesting is refused rather than recursed into.

@@ -207,8 +207,9 @@ def test_more_than_one_host_adds_no_model(daemon, hosts):
     """Only the last Host was read: evil.example then 127.0.0.1 added the model."""
     reply = raw(daemon.port, *add_head("twohosts", *(b"Host: " + host for host in hosts)))
 
-    # 400 where the server refuses the request itself (RFC 9112), else the guard's 403.
-    assert reply.status in (400, 403), reply
+    # The server refuses the request itself (RFC 9112); the guard would say 403 on its own
+    # (tests/test_auth.py).
+    assert reply.status == 400, reply
     front_door_error(reply, reply.status)
     assert "twohosts" not in daemon.models()
 
