@@ -5,18 +5,16 @@ The daemon POSTs the client's JSON body unchanged to the model's URL with
 C{Content-Type: application/json}, C{X-Request-Id} and the model's configured headers,
 through one daemon-owned persistent connection pool. The whole exchange, body
 included, has one deadline on the injected clock; redirects are never followed; the
-answer must be strict JSON (L{not_strict_json}: UTF-8, no NaN or Infinity), and the
+answer must be strict JSON (L{aibackend.jsonread.model_json}: UTF-8, no NaN or Infinity), and the
 model's own status is passed through.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-import orjson
 from hyperlink import DecodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
@@ -41,6 +39,7 @@ from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
+from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.logs import ModelLog
 from aibackend.subprocess import ProcessPool
 
@@ -162,41 +161,15 @@ def uri_bytes(url: DecodedURL) -> bytes:
     return text.replace(placeholder, f"[{url.host}]", 1).encode("ascii")
 
 
-class _NotFinite(ValueError):
-    pass
-
-
-def _not_finite(name):
-    raise _NotFinite(name)
-
-
-NOT_FINITE = "answered JSON with NaN or Infinity, which clients cannot parse"
-
-
 def not_strict_json(body: bytes) -> str | None:
     """
-    What keeps C{body} from being strict JSON text (UTF-8, no C{NaN} or C{Infinity}), the
-    rule a subprocess model's answers follow too; None if it is.
-
-    orjson first: it is fast, and as strict, so an ordinary answer costs one C parse.
-    What it refuses is read again by json, whose word is final (orjson refuses some JSON:
-    integers past 64 bits, numbers that overflow a double).
+    What keeps C{body} from being strict JSON text (L{aibackend.jsonread.model_json}, the
+    rule a subprocess model's answers follow too); None if it is.
     """
     try:
-        orjson.loads(body)
-        return None
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        json.loads(body.decode("utf-8"), parse_constant=_not_finite)
-    except UnicodeDecodeError:
-        return "answered something that is not UTF-8 text"
-    except _NotFinite:
-        return NOT_FINITE
-    except ValueError:
-        return "answered something that is not JSON"
-    except RecursionError:
-        return "answered JSON nested too deeply to be read"
+        model_json(body)
+    except NotClientJSON as e:
+        return e.reason
     return None
 
 

@@ -1,6 +1,7 @@
 """
 Reading JSON that comes from outside the daemon (clients, and the answers of models it
-reads itself), strictly and within bounds.
+reads itself), strictly and within bounds: L{read_json} for what the daemon reads and
+walks, L{model_json} for the answer of any model, HTTP or subprocess (one rule for both).
 
 Python's C{json} recurses once per level of nesting: a document nested about a thousand
 levels deep makes it (or C{json.dumps}, or C{repr}, later) raise C{RecursionError}
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 from itertools import accumulate
+
+import orjson
 
 # Deeper than this is refused; no real model input or configuration comes close.
 MAX_JSON_DEPTH = 512
@@ -76,3 +79,61 @@ def read_json(data: bytes, what: str = "the request body"):
     if too_deep(data):
         raise _nested_too_deep(what)
     return value
+
+
+# Why a model's answer is not one a client can read: the end of "model 'm' ...".
+NOT_UTF8 = "answered something that is not UTF-8 text"
+NOT_FINITE = "answered JSON with NaN or Infinity, which clients cannot parse"
+NOT_JSON = "answered something that is not JSON"
+TOO_DEEP = "answered JSON nested too deeply to be read"
+
+
+class NotClientJSON(ValueError):
+    """A model's answer no client could read; its text is one of the C{NOT_*}/C{TOO_DEEP} reasons."""
+
+    @property
+    def reason(self) -> str:
+        return self.args[0]
+
+    @property
+    def is_json(self) -> bool:
+        """JSON to a lax reader (NaN, Infinity, too deep): an answer, but a broken one."""
+        return self.reason in (NOT_FINITE, TOO_DEEP)
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _not_finite(name):
+    raise _NotFinite(name)
+
+
+def model_json(data: bytes):
+    """
+    The document a model answered, read as strictly as clients read it: UTF-8, no C{NaN}
+    or C{Infinity}, and within the parser's depth.
+
+    orjson first: it is fast, and as strict, so an ordinary answer costs one C parse.
+    What it refuses is read again by json, whose word is final (orjson refuses some JSON:
+    integers past 64 bits, numbers that overflow a double); never with a guessed
+    encoding (json.loads of bytes takes UTF-16 too).
+
+    @raise NotClientJSON: saying why.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotClientJSON(NOT_UTF8) from None
+    try:
+        return json.loads(text, parse_constant=_not_finite)
+    except _NotFinite:
+        raise NotClientJSON(NOT_FINITE) from None
+    except RecursionError:
+        raise NotClientJSON(TOO_DEEP) from None
+    except ValueError:
+        raise NotClientJSON(NOT_JSON) from None

@@ -28,7 +28,6 @@ import signal
 import sys
 from collections import deque
 
-import orjson
 from twisted.application.service import Service
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -40,6 +39,7 @@ from aibackend import proctree
 from aibackend.directwrite import event_done
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
+from aibackend.jsonread import NOT_FINITE, NotClientJSON, model_json
 from aibackend.logs import ModelLog, normalize_level
 
 PGROUP_WRAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
@@ -671,10 +671,6 @@ class ProcessPool(Service):
         """The pool is stopping."""
 
 
-def _not_json(name):
-    raise ValueError(f"{name} is not JSON")
-
-
 def _text(line: bytes) -> str:
     return line.decode("utf-8", "replace")
 
@@ -692,23 +688,6 @@ def is_text(line: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def strict_json(line: bytes):
-    """
-    The JSON document a line holds, read as strictly as clients read it: UTF-8, no NaN
-    or Infinity, at most 1,024 levels deep.
-
-    @raise ValueError: it is not such a document.
-    """
-    try:
-        return orjson.loads(line)  # fast, and as strict
-    except orjson.JSONDecodeError:
-        pass
-    try:  # what orjson refuses but JSON allows (integers past 64 bits); never guess UTF-16
-        return json.loads(line.decode("utf-8"), parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ValueError(str(e)) from None
 
 
 def lax_json(line: bytes):
@@ -1032,8 +1011,8 @@ class SubprocessModel(ProcessPool):
             self._raw_line(process, line)
             return
         try:
-            message = strict_json(line)
-        except ValueError:
+            message = model_json(line)
+        except NotClientJSON:
             self._not_strict_json(process, line)
             return
         self._jsonl_message(process, message, line)
@@ -1042,17 +1021,15 @@ class SubprocessModel(ProcessPool):
         """raw: a read is over; the answer it held is given, unless a line is still being printed."""
         if process.answer is None or process.state != "ready" or process.partial_line():
             return
-        pending, body = process.answer
+        pending, body, problem = process.answer
         process.answer = None
         process.inflight.pop(pending.wire_id, None)
         # The next request waits for stdout to be polled again: a line printed just
         # after this answer is then caught as the protocol error it is. (Set first: the
         # answer's callbacks may send the next request at once.)
         process.settling = self.clock.callLater(0, self._settling, process, 0)
-        if body is None:
-            self._settle(pending, error=BadGateway(
-                f"model {self.model_id!r} answered JSON that clients cannot read (NaN, Infinity, or "
-                "nested too deep)", model=self.model_id))
+        if problem is not None:
+            self._settle(pending, error=BadGateway(f"model {self.model_id!r} {problem}", model=self.model_id))
         else:
             self._settle(pending, ModelAnswer(status=200, body=body))
 
@@ -1074,22 +1051,20 @@ class SubprocessModel(ProcessPool):
     def _raw_line(self, process, line: bytes) -> None:
         if process.state not in ("starting", "ready"):
             return  # the output of a process on its way out: no answer can come of it
+        problem = None
         try:
-            body = line.strip()
-            strict_json(line)
-        except ValueError:
-            try:
-                lax_json(line)
-                body = None  # JSON, but not for clients
-            except ValueError:
+            model_json(line)
+        except NotClientJSON as e:
+            if not e.is_json:
                 if is_text(line):
                     self.model_log.append("warning", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
                     return
                 self._protocol_error(process, "printed binary data on stdout", line)
                 return
+            problem = e.reason  # JSON, but not for clients
         if process.inflight and process.answer is None and process.settling is None:
             (pending,) = process.inflight.values()  # raw: one at a time
-            process.answer = (pending, body)
+            process.answer = (pending, line.strip(), problem)
             return
         if not process.inflight and not process.sent_any:
             # Before its first request a process answers no one: a banner.
@@ -1126,7 +1101,7 @@ class SubprocessModel(ProcessPool):
         self.model_log.append("warning", "answer is not strict JSON", slot=process.slot, pid=process.pid,
                               line=_text(line[:SNIPPET]))
         if pending is not None:
-            self._bad_answer(pending, "answered JSON with NaN or Infinity, which clients cannot parse")
+            self._bad_answer(pending, NOT_FINITE)
 
     def _jsonl_message(self, process, message, line: bytes) -> None:
         if not isinstance(message, dict):
