@@ -552,10 +552,10 @@ class AibackendSite(Site):
     def buildProtocol(self, addr):
         """
         A connection with the daemon's client limits. Past C{max_connections_per_peer}
-        from one client address the new one is refused (503); past C{max_connections} a
-        connection is closed to make room: an idle one, else the one holding the most for
-        the least progress (see L{AibackendChannel.eviction_rank}); if every one is being
-        served, the new one is refused.
+        from one client address, or past C{max_connections} in all, a connection (of that
+        address, or any) is closed to make room: an idle one, else the one holding the
+        most for the least progress (see L{AibackendChannel.eviction_rank}); if every one
+        is being served, the new one is refused (503).
         """
         channel = super().buildProtocol(addr)
         if self.metrics is not None:
@@ -563,7 +563,7 @@ class AibackendSite(Site):
         peer = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else None
         if peer is not None and self.max_connections_per_peer:
             held = self.peers.get(peer, 0)
-            if held >= self.max_connections_per_peer:
+            if held >= self.max_connections_per_peer and not self._evict(peer):
                 channel.refusal = (503, "Service Unavailable", "model_unavailable",
                                    f"this client address holds the daemon's maximum of "
                                    f"{self.max_connections_per_peer} connections a client")
@@ -590,12 +590,15 @@ class AibackendSite(Site):
         if self.metrics is not None:
             self.metrics.daemon.open_connections -= 1
 
-    def _evict(self) -> bool:
-        """Close the connection that is readiest to go (see L{AibackendChannel.eviction_rank})."""
+    def _evict(self, peer=None) -> bool:
+        """
+        Close the connection that is readiest to go (see L{AibackendChannel.eviction_rank}),
+        of client address C{peer} alone if given (the peer is at its own cap).
+        """
         now = self.reactor.seconds()
         chosen = chosen_rank = None
         for channel in self.channels:
-            if channel.transport is None:
+            if channel.transport is None or (peer is not None and channel.peer != peer):
                 continue
             rank = channel.eviction_rank(now)
             if rank is None:
@@ -610,8 +613,10 @@ class AibackendSite(Site):
         self.channels.pop(chosen)
         if chosen_rank[0] != 0:
             AibackendChannel.log.info(
-                "at max_connections ({limit}): closing the connection from {peer} that holds the most for the "
-                "least progress ({what})", limit=self.max_connections, peer=chosen.transport.getPeer(),
+                "at {limit}: closing the connection from {peer} that holds the most for the "
+                "least progress ({what})",
+                limit="max_connections_per_peer" if peer is not None else "max_connections",
+                peer=chosen.transport.getPeer(),
                 what=("does not read its answer", "headers still coming", "the slowest body")[chosen_rank[0] - 1])
         if chosen_rank[0] == 0:
             chosen.closing = True

@@ -61,6 +61,10 @@ QUICK_DURATION = 2
 QUICK_SOAK = 50_000
 IDLE_CONNECTIONS = 10_000
 CONNECT_BATCH = 50  # below the daemon's listen backlog (Twisted's default is 50)
+# The idle connections come from many loopback addresses (127.0.0.2, .3...), this many from
+# each: below the daemon's max_connections_per_peer (1000), as from many clients. From one
+# address the per-address cap would close the oldest ones to make room for the newest.
+CONNECTIONS_PER_ADDRESS = 900
 MODELS_FOR_IDLE = 100
 RAW_WORKERS = 2
 JSONL_INFLIGHT = 64
@@ -812,10 +816,12 @@ def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
         failed, first_error = 0, None
         for start in range(0, count, CONNECT_BATCH):
             batch = []
-            for _ in range(min(CONNECT_BATCH, count - start)):
+            for index in range(start, min(start + CONNECT_BATCH, count)):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 s.settimeout(15)
+                client = index // CONNECTIONS_PER_ADDRESS
                 try:
+                    s.bind((f"127.0.{client // 250}.{client % 250 + 2}", 0))
                     s.connect(("127.0.0.1", server.port))
                     s.sendall(probe)
                     batch.append(s)

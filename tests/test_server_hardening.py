@@ -339,10 +339,29 @@ def test_a_client_that_reads_again_in_time_is_kept(clock):
 # --- how many connections ------------------------------------------------------------------------
 
 
-def test_a_peer_past_its_connection_cap_is_refused_and_others_are_not(clock):
+def test_a_peer_at_its_cap_makes_room_by_closing_its_own_oldest_idle_connection(clock):
     site = make_site(clock, max_connections_per_peer=2)
     first = connect(site, "10.0.0.1", 1)
     second = connect(site, "10.0.0.1", 2)
+    other = connect(site, "10.0.0.2", 1)
+
+    third = connect(site, "10.0.0.1", 3)
+
+    assert first[1].disconnecting  # its oldest idle one, not another address's
+    assert third[1].value() == b"" and not third[1].disconnecting
+    for protocol, transport in (second, other):
+        assert transport.value() == b"" and not transport.disconnecting
+    close(first[0], second[0], third[0], other[0])
+    assert site.peers == {}
+
+
+def test_a_peer_whose_connections_are_all_served_is_refused_and_others_are_not(clock):
+    model = FakeModel("m", clock).holds()
+    site = make_site(clock, model, max_connections_per_peer=2)
+    first = connect(site, "10.0.0.1", 1)
+    second = connect(site, "10.0.0.1", 2)
+    for protocol, _ in (first, second):
+        protocol.dataReceived(POST + b"Content-Length: 2\r\n\r\n{}")  # with the model
     third = connect(site, "10.0.0.1", 3)
     other = connect(site, "10.0.0.2", 1)
 
@@ -609,7 +628,7 @@ def test_memory_taken_by_large_bodies_is_given_back(start_daemon):  # noqa: F811
     assert peak_kb < 2.2 * total_kb, f"the daemon's peak grew by {peak_kb} kB for {total_kb} kB of bodies"
 
 
-def test_a_peer_at_its_cap_is_refused_and_another_address_is_served(start_daemon):  # noqa: F811
+def test_a_peer_at_its_cap_closes_its_own_idle_connection_and_another_address_is_served(start_daemon):  # noqa: F811
     daemon = start_daemon(config_text="[server]\nmax_connections_per_peer = 3\nheader_timeout = 60\n"
                                       "idle_timeout = 60\n" + toml_models(ECHO))
     held = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(3)]
@@ -618,8 +637,10 @@ def test_a_peer_at_its_cap_is_refused_and_another_address_is_served(start_daemon
             sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
 
-        error = check_error_shape(raw_exchange(daemon.port, b""), 503, "model_unavailable")
-        assert "maximum of 3 connections a client" in error["message"]
+        # A fourth from the same address: its oldest idle connection makes room.
+        assert raw_exchange(daemon.port, b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                         b"Connection: close\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+        assert held[0].recv(65536) == b""  # closed by the daemon
         # From another loopback address, the same daemon serves.
         other = socket.create_connection(("127.0.0.1", daemon.port), timeout=10, source_address=("127.0.0.2", 0))
         with other:
