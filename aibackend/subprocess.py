@@ -47,8 +47,10 @@ STDERR_LINE_BYTES = 4096
 SNIPPET = 200
 # How long a process whose stdout closed may take to exit before it counts as broken.
 STDOUT_CLOSED_GRACE = 0.5
-# raw: how long to wait, at most, for a process still running after its answer
-# (QUIET_STEP, then twice as long, QUIET_TRIES times: 127 ms in all).
+# raw: how long to wait, at most, for a process still running after its answer: first
+# QUIET_TURNS turns of the reactor (a process on its way back to reading its stdin is
+# usually there by then), then QUIET_STEP, twice as long, ... QUIET_TRIES times (127 ms).
+QUIET_TURNS = 4
 QUIET_STEP = 0.001
 QUIET_TRIES = 7
 
@@ -1037,9 +1039,10 @@ class SubprocessModel(ProcessPool):
         process.settling = None
         if process.state != "ready":
             return
-        if tries < QUIET_TRIES and self.launcher.busy(process.transport):
+        if tries < QUIET_TURNS + QUIET_TRIES and self.launcher.busy(process.transport):
             # Still running (between two writes?): let it, and look again.
-            process.settling = self.clock.callLater(QUIET_STEP * 2 ** tries, self._settling, process, tries + 1)
+            delay = 0 if tries < QUIET_TURNS else QUIET_STEP * 2 ** (tries - QUIET_TURNS)
+            process.settling = self.clock.callLater(delay, self._settling, process, tries + 1)
             return
         # Called from a timed call: the next one comes after the reactor's next poll.
         process.settling = self.clock.callLater(0, self._settled, process)
