@@ -20,7 +20,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds: a cache hit in a millisecond to a long generation in ten minutes.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
            300.0, 600.0)
-REFUSAL_REASONS = ("body_too_large", "unauthorized", "forbidden", "model_unavailable")
+REFUSAL_REASONS = (
+    "body_too_large", "unauthorized", "forbidden", "model_unavailable",
+    # refused by the HTTP server before any route (aibackend.server): not HTTP/1.1 as it
+    # must be, too slow (headers, body, or not reading the answer), over a connection cap
+    "malformed_request", "slow_client", "connection_limit",
+)
 
 
 def status_class(status: int) -> str:

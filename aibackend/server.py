@@ -46,6 +46,13 @@ _SMALL_BODY = 65536
 _MAX_CHUNK_LINE = 4096
 _MAX_TRAILERS = 16384
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# The refusal (aibackend.metrics) each of the server's own answers counts as (a 413 is
+# counted where it is decided, as body_too_large).
+_REFUSAL_OF_KIND = {
+    "bad_request": "malformed_request", "uri_too_long": "malformed_request",
+    "headers_too_large": "malformed_request", "request_timeout": "slow_client",
+    "model_unavailable": "connection_limit",
+}
 
 
 def error_answer(status: int, reason: str, kind: str, message: str, request_id: str,
@@ -301,6 +308,9 @@ class AibackendChannel(HTTPChannel):
             return 0
         self.closing = True
         self.persistent = False
+        metrics = self.site.metrics
+        if metrics is not None and kind in _REFUSAL_OF_KIND:
+            metrics.refused(_REFUSAL_OF_KIND[kind])
         answer = error_answer(status, reason, kind, message, request_id or new_request_id(), path)
         self.transport.write(answer)
         self.transport.loseConnection()
@@ -356,6 +366,8 @@ class AibackendChannel(HTTPChannel):
                 self.log.info("closing a connection from {peer}: its client has not read its answer for {seconds} s",
                               peer=self.transport.getPeer(), seconds=site.send_timeout)
                 self.closing = True
+                if site.metrics is not None:
+                    site.metrics.refused("slow_client")
                 self.transport.abortConnection()
                 return
             due.append(at)

@@ -565,6 +565,31 @@ idle_timeout = 60
     error = check_error_shape(answer, 408, "request_timeout")
     assert "1.5 s" in error["message"]
     assert daemon.predict("echo", {"after": 1}).status == 200
+    assert refusals(daemon)["slow_client"] == 1
+
+
+def refusals(daemon) -> dict:
+    """aibackend_refusals_total by reason, from the daemon's /metrics."""
+    text = daemon.request("GET", "/metrics").body.decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith('aibackend_refusals_total{reason="'):
+            reason = line.split('"')[1]
+            found[reason] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_the_servers_own_refusals_are_counted_by_reason(daemon):
+    raw_exchange(daemon.port, b"GET /get/models HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon\r\n\r\n")
+    raw_exchange(daemon.port, b"GET /get/models HTTP/1.1\r\nHost: a\r\nHost: 127.0.0.1\r\n\r\n")
+    raw_exchange(daemon.port, b"GET /get/models?x=" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n")
+    raw_exchange(daemon.port, b"POST /post/predict?id=echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Content-Length: 5000\r\n\r\n")
+
+    counted = refusals(daemon)
+    assert counted["malformed_request"] == 3
+    assert counted["body_too_large"] == 1
+    assert counted["slow_client"] == counted["connection_limit"] == 0
 
 
 # --- a body held once --------------------------------------------------------------------------
