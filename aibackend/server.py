@@ -199,6 +199,7 @@ class AibackendChannel(HTTPChannel):
     stalled_since = None  # when the client stopped reading what it is sent
     closing = False
     _local = None
+    _after_cr = False  # the request line's bytes so far end in CR
 
     # --- the connection ------------------------------------------------------------------
 
@@ -217,8 +218,16 @@ class AibackendChannel(HTTPChannel):
         return self._local if self._local is not None else super().getHost()
 
     def dataReceived(self, data):
-        if not self.requests and self.head_since is None:
-            self._start_head()
+        if not self.requests:
+            if self.head_since is None:
+                self._start_head()
+            # The request line must end in CRLF (RFC 9112 allows a server to refuse a bare
+            # LF): one that does not would be held, as one unending line, until a timeout.
+            end = data.find(b"\n")
+            if end >= 0 and not (data[end - 1:end] == b"\r" if end else self._after_cr):
+                self.refuse(400, "Bad Request", "bad_request", "a line of the request ends in a bare LF, not CRLF")
+                return
+            self._after_cr = data[-1:] == b"\r"
         super().dataReceived(data)
         if self.body_since is not None and not self.body_armed:
             self._arm_body()

@@ -191,6 +191,26 @@ def test_a_bare_lf_in_a_chunked_body_is_400_at_once(site, clock):
     close(protocol)
 
 
+def test_a_request_line_ending_in_a_bare_lf_is_400_at_once(site, clock):
+    protocol, transport = connect(site)
+    protocol.dataReceived(b"GET /health/live HTTP/1.1\nHost: x\n\n")  # held until a timeout before
+
+    error = assert_refusal(transport, 400, "bad_request")
+    assert "bare LF" in error["message"]
+    close(protocol)
+
+
+def test_a_request_line_whose_crlf_is_split_between_reads_is_served(site):
+    protocol, transport = connect(site)
+    for part in (b"GET /health/live HTTP/1.1\r", b"\nHost: x\r\n\r\n", b"\r\nGET /health/live HTTP/1.1\r\n",
+                 b"Host: x\r\n\r\n"):
+        protocol.dataReceived(part)
+
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 2, transport.value()
+    assert not transport.disconnecting
+    close(protocol)
+
+
 @pytest.mark.parametrize("body", [b"zz\r\n", b"-2\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"0x2\r\n"])
 def test_a_malformed_chunked_body_is_400(site, body):
     protocol, transport = connect(site)
@@ -494,8 +514,9 @@ def daemon(start_daemon):  # noqa: F811
      400, "bad_request"),
     (b"POST /post/predict?id=echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n",
      413, "payload_too_large"),
+    (b"GET /get/models HTTP/1.1\nHost: 127.0.0.1\n\n", 400, "bad_request"),
 ], ids=["long-request-line", "long-header", "bad-header", "two-hosts", "two-hosts-addmodel", "no-host",
-        "bare-lf-chunks", "chunk-over-limit"])
+        "bare-lf-chunks", "chunk-over-limit", "bare-lf-request"])
 def test_the_daemons_refusals_are_in_its_error_shape_at_once(daemon, raw, status, kind):
     check_error_shape(raw_exchange(daemon.port, raw), status, kind)
     assert daemon.predict("echo", {"after": 1}).status == 200
