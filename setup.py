@@ -10,7 +10,12 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/aibackend_plugin.py"]},
     install_requires=[
-        "Twisted>=24.7.0",  # HTTP request smuggling fixes
+        # 25.5: Site(parsePOSTFormSubmission=...), which the daemon's site passes (24.7 to
+        # 24.11 do not start it), after 24.7's HTTP request smuggling fixes. Below 27: the
+        # releases it is tested with, 25.5 and 26.10 (aibackend.server's channel and
+        # aibackend.directwrite read fields of Twisted's HTTP channel and TCP connections
+        # that are not public API; directwrite turns itself off if they are missing).
+        "Twisted>=25.5.0,<27",
         "treq>=23.11.0",
         "klein>=23.12.0",
         "hyperlink>=21.0.0",

@@ -32,8 +32,18 @@ closed sends what it holds first. It applies to plain TCP transports only
 from __future__ import annotations
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 
 LARGE = 65536
+
+# What of a Twisted TCP connection this module reads (none of it is public API): if a
+# Twisted release has not all of it, held writes turn themselves off, saying so once.
+RELIED_ON = (
+    "_tempDataLen", "offset", "dataBuffer", "socket", "connected", "_aborting", "TLS",
+    "disconnecting", "_writeDisconnecting", "_writeDisconnected",
+)
+_log = Logger()
+_usable: bool | None = None  # known at the first connection
 
 
 class Writes:
@@ -182,7 +192,7 @@ def hold_writes(transport, reactor) -> Writes | None:
         or None where it does not apply (not a plain TCP connection).
     """
     held = _HELD.get(type(transport))
-    if held is None or transport.TLS:
+    if held is None or not _fits(transport) or transport.TLS:
         return None
     writes = _writes.get(reactor)
     if writes is None:
@@ -190,3 +200,15 @@ def hold_writes(transport, reactor) -> Writes | None:
     transport.__class__ = held
     transport._aibackend_writes = writes
     return writes
+
+
+def _fits(transport) -> bool:
+    """Whether this Twisted's TCP connections have what L{RELIED_ON} names (checked once)."""
+    global _usable
+    if _usable is None:
+        missing = [name for name in RELIED_ON if not hasattr(transport, name)]
+        _usable = not missing
+        if missing:
+            _log.warn("held writes are off: this Twisted's TCP connections have no {missing}; "
+                      "writes go through Twisted's own buffer", missing=", ".join(missing))
+    return _usable

@@ -309,3 +309,33 @@ async def test_another_kind_of_event_sends_through_the_reactors_writes(pair):
     assert sends.calls == [b"from a model process"]
     assert await peer.until(20) == b"from a model process"
     clock.advance(0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_writes_turn_themselves_off_once_on_a_twisted_without_what_they_read(pair, monkeypatch):
+    from twisted.logger import globalLogPublisher
+
+    from aibackend import directwrite
+
+    transport, peer = pair
+    monkeypatch.setattr(directwrite, "RELIED_ON", (*directwrite.RELIED_ON, "_a_field_twisted_never_had"))
+    monkeypatch.setattr(directwrite, "_usable", None)
+    said = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        assert hold_writes(transport, Clock()) is None
+        assert hold_writes(transport, Clock()) is None
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+
+    warnings = [e for e in said if "held writes are off" in e.get("log_format", "")]
+    assert len(warnings) == 1 and warnings[0]["missing"] == "_a_field_twisted_never_had"
+    transport.write(b"plain")  # Twisted's own write, untouched
+    assert await peer.until(5) == b"plain"
+
+
+def test_this_twisted_has_everything_held_writes_read(pair):
+    from aibackend.directwrite import RELIED_ON
+
+    transport, _ = pair
+    assert [name for name in RELIED_ON if not hasattr(transport, name)] == []
