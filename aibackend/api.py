@@ -48,6 +48,8 @@ FORWARDED = frozenset({"addmodel", "removemodel", "restart"})
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
 # A model's log longer than this is filtered and rendered in a thread (getlogs).
 THREAD_ABOVE_ENTRIES = 100
+# A predict body orjson refuses and longer than this is read again by json in a thread.
+THREAD_ABOVE_BYTES = 256 * 1024
 
 
 class FastRoot(Resource):
@@ -81,7 +83,7 @@ def not_utf8(request) -> str | None:
     """What of the request Klein decodes (path, Host, method) is not UTF-8, or None."""
     for what, value in (
         ("the request's path is not UTF-8 once its %-escapes are decoded", b"/".join(request.postpath)),
-        ("the Host header is not UTF-8", request.getRequestHostname()),
+        ("the Host header is not UTF-8", request.getHeader(b"host") or b""),
         ("the request's method is not UTF-8", request.method),
     ):
         try:
@@ -106,7 +108,7 @@ def routing(app: Klein) -> Klein:
 
 def is_v2(request) -> bool:
     """Is the request for the Open Inference Protocol's routes (whose errors have their own shape)?"""
-    return request.path == b"/v2" or request.path.startswith(b"/v2/")
+    return errors.is_v2_path(request.path)
 
 
 def sized(request, body: bytes) -> bytes:
@@ -115,7 +117,7 @@ def sized(request, body: bytes) -> bytes:
     return body
 
 
-def parse_json(body: bytes, what: str = "the request body"):
+def parse_json(body: bytes, what: str = "the request body", *, finite: bool = False):
     """
     Parse JSON from a client strictly (L{aibackend.jsonread.read_json}: UTF-8, no NaN or
     Infinity, at most C{MAX_JSON_DEPTH} levels deep).
@@ -123,23 +125,24 @@ def parse_json(body: bytes, what: str = "the request body"):
     @raise errors.BadRequest: with what is wrong and where.
     """
     try:
-        return read_json(body, what)
+        return read_json(body, what, finite=finite)
     except JSONProblem as e:
         raise errors.BadRequest(str(e)) from None
 
 
-def check_json(body: bytes) -> None:
+def orjson_takes(body: bytes) -> bool:
     """
-    Check that a body passed on unchanged is strict JSON (L{parse_json}'s rules), fast:
-    orjson is several times faster and as strict (no NaN, UTF-8 only, at most 1,024
-    levels deep); what it refuses goes through L{parse_json}, whose word is final and
-    whose messages say where. (orjson reads integers past 64 bits as floats, so its
-    values are not kept; the daemon never walks this body, so its depth is orjson's.)
+    Whether a body passed on unchanged is strict JSON by orjson, which is several times
+    faster than json and as strict (no NaN, UTF-8 only, at most 1,024 levels deep). What it
+    refuses goes through L{parse_json}, whose word is final and whose messages say where.
+    (orjson reads integers past 64 bits as floats, so its values are not kept; the daemon
+    never walks this body, so its depth is orjson's.)
     """
     try:
         orjson.loads(body)
+        return True
     except orjson.JSONDecodeError:
-        parse_json(body)
+        return False
 
 
 def query_params(request) -> dict[str, list[str]]:
@@ -463,20 +466,36 @@ class FrontDoor:
             if media not in JSON_LIKE_TYPES and not media.endswith("+json"):
                 raise errors.UnsupportedMediaType(f"the request body must be JSON, not {media}")
         body = request.content.read().strip()
-        if not body:
-            return b"{}"
-        check_json(body)
-        return body
+        return body or b"{}"
 
     def predict(self, request, request_id, params):
         model = self.registry.get(model_id_param(params))
         started = self.clock.seconds()
+        context = RequestContext(request_id=request_id, operation="predict")
+
+        def refused(error):
+            self._log_request(model, request_id, started, error.status, error.message)
+
         try:
             body = self.request_body(request, params)
+            if orjson_takes(body):
+                return self.relay(request, model, body, context, started)
+            if len(body) <= THREAD_ABOVE_BYTES:
+                parse_json(body)
+                return self.relay(request, model, body, context, started)
         except errors.ApiError as error:
-            self._log_request(model, request_id, started, error.status, error.message)
+            refused(error)
             raise
-        return self.relay(request, model, body, RequestContext(request_id=request_id, operation="predict"), started)
+
+        # What orjson refused, read again by json: a large body in a thread, so that it
+        # holds up no other request (json takes seconds for a few megabytes).
+        def not_json(failure):
+            if failure.check(errors.ApiError):
+                refused(failure.value)
+            return failure
+
+        return self.in_thread(parse_json, body).addCallbacks(
+            lambda _: self.relay(request, model, body, context, started), not_json)
 
     def relay(self, request, model, body: bytes, context: RequestContext, started: float, shape=None):
         """

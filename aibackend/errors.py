@@ -12,13 +12,18 @@ Handlers raise these; L{aibackend.api} renders them. The Open Inference Protocol
 from __future__ import annotations
 
 
+def is_v2_path(path: bytes) -> bool:
+    """Is C{path} one of the Open Inference Protocol's routes (whose errors have their own shape)?"""
+    return path == b"/v2" or path.startswith(b"/v2/")
+
+
 def refusal_document(path: bytes | None, kind: str, message: str, request_id: str) -> dict:
     """
     The error document of a request refused before any route saw it (by the HTTP server:
     a body over the limit, two C{Host} headers...), in the shape of the front door its
     path names: C{/v2}'s own, or the daemon's.
     """
-    if path is not None and (path == b"/v2" or path.startswith(b"/v2/")):
+    if path is not None and is_v2_path(path):
         return {"error": message}
     return {"error": {"type": kind, "message": message, "request_id": request_id}}
 

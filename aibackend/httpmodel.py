@@ -173,11 +173,6 @@ def not_strict_json(body: bytes) -> str | None:
     return None
 
 
-def is_json(body: bytes) -> bool:
-    """Is C{body} strict JSON text (L{not_strict_json})?"""
-    return not_strict_json(body) is None
-
-
 def snippet(body: bytes) -> str:
     text = body[:SNIPPET].decode("utf-8", "replace")
     return repr(text) + (f" ... ({len(body)} bytes)" if len(body) > SNIPPET else "")

@@ -14,6 +14,7 @@ L{MAX_JSON_DEPTH}: whatever walks a document the daemon has read has stack to sp
 from __future__ import annotations
 
 import json
+import math
 from itertools import accumulate
 
 import orjson
@@ -55,11 +56,21 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_json(data: bytes, what: str = "the request body"):
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"{text[:40]} is too large for a double")
+    return value
+
+
+def read_json(data: bytes, what: str = "the request body", *, finite: bool = False):
     """
     Parse strict JSON (UTF-8, no NaN or Infinity, at most L{MAX_JSON_DEPTH} deep).
 
     @param what: what the text is, for the message (C{"the request body"}).
+    @param finite: refuse numbers too large for a double too (C{1e999}, which json reads
+        as infinity): for a document the daemon writes out again, which would then
+        hold C{Infinity}.
     @raise JSONProblem: with what is wrong and where.
     """
     try:
@@ -67,7 +78,7 @@ def read_json(data: bytes, what: str = "the request body"):
     except UnicodeDecodeError:
         raise JSONProblem(f"{what} is not UTF-8 text") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float if finite else None)
     except json.JSONDecodeError as e:
         raise JSONProblem(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
-from aibackend.directwrite import hold_writes
+from aibackend.directwrite import LARGE, hold_writes
 from aibackend.errors import PayloadTooLarge, refusal_document
 from aibackend.ids import new_request_id, request_id_from_headers
 
@@ -40,8 +40,6 @@ access_log = Logger(namespace="aibackend.access")
 # A deadline is taken as reached this close to it (seconds): a timer set for a time fires
 # at that time give or take a float's rounding.
 _EPSILON = 1e-6
-# Bodies larger than this are handed on as the very bytes they were received into.
-_SMALL_BODY = 65536
 # The longest line of a chunked body (a chunk's size and extensions, or a trailer).
 _MAX_CHUNK_LINE = 4096
 _MAX_TRAILERS = 16384
@@ -242,6 +240,10 @@ class AibackendChannel(HTTPChannel):
             if self._version == b"HTTP/1.1":
                 request.refuse(400, "Bad Request", "bad_request", "an HTTP/1.1 request must have a Host header")
                 return
+            if not isinstance(self._local, (IPv4Address, IPv6Address)):
+                # HTTP/1.0 on a unix socket: Twisted names the host from the local
+                # address, which has none (Klein would raise), so the host is this one.
+                request.requestHeaders.setRawHeaders(b"host", [b"localhost"])
         elif len(hosts) > 1:
             request.refuse(400, "Bad Request", "bad_request", "the request has more than one Host header")
             return
@@ -331,8 +333,9 @@ class AibackendChannel(HTTPChannel):
         if not self.site.header_timeout:
             return
         self.head_since = self.site.reactor.seconds()
-        if self.timer is None:
-            self.timer = self.site.reactor.callLater(self.site.header_timeout, self._check)
+        # By the header deadline, even if the timer is set later (a send timeout of the
+        # request before, on a kept-alive connection).
+        self._arm(self.head_since + self.site.header_timeout)
 
     def _arm_body(self) -> None:
         self.body_armed = True
@@ -421,10 +424,12 @@ class AibackendChannel(HTTPChannel):
         """
         if self.closing:
             return None
+        if self.stalled_since is not None:
+            # A client that does not read its answer (even one that is all written: a
+            # connection closed politely would keep what it holds until it is read)
+            return (1, self.stalled_since)
         if not self.requests:
             return (0, 0.0)  # idle
-        if self.stalled_since is not None:
-            return (1, self.stalled_since)  # a client that does not read its answer
         if self.head_since is not None:
             return (2, self.head_since)  # headers still coming
         if self.body_since is not None:
@@ -492,7 +497,7 @@ class BoundedRequest(Request):
         self.channel.body_since = None
         if self.refused:
             return
-        if self.body_size > _SMALL_BODY:
+        if self.body_size > LARGE:
             # The body is held once: getvalue() trims the buffer to its size, and read()
             # then hands on that same bytes object instead of a copy.
             self.content.getvalue()

@@ -102,6 +102,9 @@ def private_files(state_dir: str, path: str, log) -> None:
                 os.chmod(name, 0o600)
         except FileNotFoundError:
             pass
+        except PermissionError:  # another user's file in a directory shared on purpose
+            log.warn("the state file {name} is open to others and not the daemon's to make private",
+                     name=name)
 
 
 @implementer(IModelStore)

@@ -39,7 +39,7 @@ from aibackend import proctree
 from aibackend.directwrite import event_done
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import ISender, ModelAnswer
-from aibackend.jsonread import NOT_FINITE, NotClientJSON, model_json
+from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.logs import ModelLog, normalize_level
 
 PGROUP_WRAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
@@ -553,8 +553,11 @@ class ProcessPool(Service):
         if not current or self.stopping or not self.running:
             return
         if self.failed_reason is not None:
-            if self.trial_timer is not None:  # a try that did not last: failed again
-                self._crashed(process.slot, uptime)
+            if self.trial_timer is not None:
+                if crashed:  # a try that did not last: failed again
+                    self._crashed(process.slot, uptime)
+                else:  # one stopped on purpose (the try before it, still going): its place is taken
+                    self._schedule_spawn(process.slot, 0)
             return
         if crashed:
             self._crashed(process.slot, uptime)
@@ -692,19 +695,19 @@ def is_text(line: bytes) -> bool:
     return True
 
 
-def lax_json(line: bytes):
-    """
-    The document of a line that is JSON but for NaN, Infinity or its depth (an answer no
-    client could read).
+# The id a jsonl line opens with, read off its text (for a line no parser can read whole).
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.)*")')
 
-    @raise ValueError: it is not JSON at all.
-    """
-    try:
-        return json.loads(line.decode("utf-8"))
-    except RecursionError:
+
+def leading_id(line: bytes):
+    """The C{"id"} a jsonl line begins with (aibackend.worker's spelling), if any."""
+    found = _LEADING_ID.match(line)
+    if found is None:
         return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(str(e)) from None
+    try:
+        return json.loads(found.group(1))
+    except ValueError:
+        return None
 
 
 def _output_text(message: dict, line: bytes) -> bytes:
@@ -1014,8 +1017,8 @@ class SubprocessModel(ProcessPool):
             return
         try:
             message = model_json(line)
-        except NotClientJSON:
-            self._not_strict_json(process, line)
+        except NotClientJSON as e:
+            self._not_strict_json(process, line, e)
             return
         self._jsonl_message(process, message, line)
 
@@ -1088,23 +1091,21 @@ class SubprocessModel(ProcessPool):
         self._terminate(process, f"the model process {why} (a raw answer is one JSON line per request)",
                         on_purpose=False)
 
-    def _not_strict_json(self, process, line: bytes) -> None:
+    def _not_strict_json(self, process, line: bytes, problem: NotClientJSON) -> None:
         """
         jsonl: a stdout line that is not JSON is the model's chatter, logged. One that is
         JSON but for NaN, Infinity or its depth is an answer the client could not
-        parse: a 502.
+        parse: a 502 for the request whose id it opens with.
         """
-        try:
-            message = lax_json(line)
-        except ValueError:
+        if not problem.is_json:
             self.model_log.append("warning", "stdout", slot=process.slot, pid=process.pid, line=_text(line))
             return
-        wire_id = message.get("id") if isinstance(message, dict) else None
+        wire_id = leading_id(line)
         pending = process.inflight.pop(wire_id, None) if isinstance(wire_id, str) else None
         self.model_log.append("warning", "answer is not strict JSON", slot=process.slot, pid=process.pid,
                               line=_text(line[:SNIPPET]))
         if pending is not None:
-            self._bad_answer(pending, NOT_FINITE)
+            self._bad_answer(pending, problem.reason)
 
     def _jsonl_message(self, process, message, line: bytes) -> None:
         if not isinstance(message, dict):

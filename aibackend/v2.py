@@ -31,14 +31,13 @@ from werkzeug.routing import RequestRedirect
 
 import aibackend
 from aibackend import errors
-from aibackend.api import REFUSALS, parse_json, routing
+# Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
+from aibackend.api import REFUSALS, THREAD_ABOVE_BYTES, parse_json, routing
 from aibackend.interfaces import ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
 
 JSON = b"application/json"
-# Bodies larger than this are read, checked and converted in a thread (see _work).
-THREAD_ABOVE_BYTES = 256 * 1024
 EXTENSIONS = ["model_repository"]
 # Model states as the repository index names them.
 STATES = {"ready": "READY", "starting": "LOADING", "restarting": "LOADING", "stopping": "UNLOADING",
@@ -78,7 +77,7 @@ def _document(text: bytes, *, empty=None):
         if empty is None:
             raise errors.BadRequest("the request body is empty: send a JSON object")
         return empty
-    document = parse_json(text)
+    document = parse_json(text, finite=True)  # written out again (native models): no Infinity
     if not isinstance(document, dict):
         raise errors.BadRequest(f"the request body must be a JSON object, got {type(document).__name__}")
     return document
@@ -87,7 +86,7 @@ def _document(text: bytes, *, empty=None):
 def _error_text(answer: ModelAnswer) -> str:
     """What a model's error answer says, as one line."""
     try:
-        document = read_json(answer.body, "the answer")
+        document = read_json(answer.body, "the answer", finite=True)
     except JSONProblem:
         document = None
     error = document.get("error") if isinstance(document, dict) else None
@@ -101,7 +100,7 @@ def _error_text(answer: ModelAnswer) -> str:
 def _answer_document(model, answer: ModelAnswer):
     """A model's answer read as JSON (L{read_json}'s rules), or the 502 that says why not."""
     try:
-        return read_json(answer.body, f"the answer of model {model.model_id!r}")
+        return read_json(answer.body, f"the answer of model {model.model_id!r}", finite=True)
     except JSONProblem as e:
         raise errors.BadGateway(str(e), model=model.model_id) from None
 

@@ -766,3 +766,39 @@ async def test_by_default_a_long_log_is_rendered_in_the_reactors_thread_pool(clo
 
     assert ran_in and ran_in[0] is not threading.main_thread()
     assert json.loads(body)["count"] == api.THREAD_ABOVE_ENTRIES + 2  # with the "added" entry
+
+
+@pytest.mark.parametrize("tail, status", [(b"1e400]", 200), (b"1,]", 400)])
+def test_a_large_predict_body_orjson_refuses_is_read_again_in_a_thread(clock, tail, status):
+    """json takes seconds for a few megabytes: not on the reactor."""
+    from twisted.internet.defer import maybeDeferred
+
+    from aibackend.api import THREAD_ABOVE_BYTES
+
+    model = FakeModel("m", clock).answers()
+    ran = []
+
+    def in_thread(function, *args):
+        ran.append(function.__name__)
+        return maybeDeferred(function, *args)
+
+    door = StubFrontDoor(clock, [model], in_thread=in_thread)
+    body = b"[" + b"1," * (THREAD_ABOVE_BYTES // 2) + tail  # a number orjson cannot read, or a mistake
+
+    response = door.call("POST", "/post/predict?id=m", data=body)
+
+    assert ran == ["parse_json"]
+    assert response.status == status, response.body
+    assert [r.body for r in model.received] == ([body] if status == 200 else [])
+    if status == 400:
+        assert response.json()["error"]["type"] == "bad_request"
+        assert model.model_log.query()[-1]["status"] == 400  # the refusal is in the model's log
+
+
+def test_a_small_predict_body_orjson_refuses_is_read_again_at_once(clock):
+    model = FakeModel("m", clock).answers()
+    door = StubFrontDoor(clock, [model], in_thread=lambda *a: pytest.fail("a thread for a small body"))
+
+    response = door.call("POST", "/post/predict?id=m", data=b'{"n": 1e400}')
+
+    assert response.status == 200

@@ -458,6 +458,39 @@ def test_at_the_connection_cap_a_client_that_does_not_read_goes_first(clock):
     close(stalled[0], newcomer[0], served[0])
 
 
+def test_at_the_connection_cap_a_client_that_did_not_read_a_finished_answer_is_aborted_not_closed(clock):
+    site = make_site(clock, max_connections=1)  # FakeModel answers at once
+    stalled = connect(site, port=2)
+    stalled[0].pauseProducing()  # its answer stays in the send buffer: it does not read
+    stalled[0].dataReceived(b"GET /get/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200 OK" in stalled[1].value() and not stalled[0].requests  # answered, all written
+
+    newcomer = connect(site, port=3)
+
+    # Aborted (what it holds goes nowhere), not closed politely: a polite close would wait
+    # for it to read, uncounted, until Twisted's own timeout.
+    assert stalled[1].disconnected
+    assert newcomer[1].value() == b"" and not newcomer[1].disconnecting
+    close(stalled[0], newcomer[0])
+
+
+def test_a_kept_alive_connection_gets_the_header_deadline_even_with_a_later_timer_set(clock):
+    site = make_site(clock, header_timeout=10, send_timeout=60)
+    protocol, transport = connect(site)
+    protocol.pauseProducing()  # the send timeout (60 s) arms the connection's one timer
+    protocol.dataReceived(b"GET /get/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(11)  # the first header deadline's timer has fired and gone by
+    protocol.resumeProducing()
+    protocol.pauseProducing()  # stalled again: its one timer is set 60 s ahead
+    protocol.resumeProducing()
+    protocol.dataReceived(b"GET /get/models HTTP/1.1\r\n")  # the next request's headers never end
+
+    clock.advance(10)
+
+    assert b"408 Request Timeout" in transport.value()
+    close(protocol)
+
+
 # --- against the real daemon ------------------------------------------------------------------
 
 
@@ -798,3 +831,20 @@ def test_the_daemon_wires_the_client_limits_into_its_site(tmp_path):
                          environ={}, store=SQLiteStore(Clock(), str(tmp_path)))
     site = root.listeners[0].factory
     assert (site.body_timeout, site.min_body_rate, site.send_timeout, site.max_connections_per_peer) == (5, 100, 7, 9)
+
+
+def test_an_http_1_0_request_without_host_on_a_unix_socket_is_served(clock):
+    """Twisted names the host from the local address, which a unix socket has not (it was a 500)."""
+    from twisted.internet.address import UNIXAddress
+
+    site = make_site(clock)
+    protocol = site.buildProtocol(UNIXAddress(None))
+    transport = StringTransport(peerAddress=UNIXAddress(None), hostAddress=UNIXAddress(b"/run/aibackend.sock"))
+    protocol.makeConnection(transport)
+
+    protocol.dataReceived(b"GET /get/models HTTP/1.0\r\n\r\n")
+
+    status, headers, body, _ = parse_response(transport.value())
+    assert status == 200, transport.value()[:300]
+    assert headers["content-type"] == "application/json"
+    close(protocol)

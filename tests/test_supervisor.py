@@ -696,6 +696,19 @@ def test_jsonl_output_that_is_not_strict_json_is_a_502_not_a_broken_answer(h):
     h.stop(model)
 
 
+def test_jsonl_output_too_deep_to_read_is_a_502_at_once_not_a_timeout(h):
+    model = h.model(protocol="jsonl")
+    (process,) = h.launcher.spawned
+    process.says({"ready": True})
+    outcome = h.send(model)
+
+    process.prints(b'{"id": "%s", "output": ' % process.wire("r1").encode() + b"[" * 5000 + b"]" * 5000 + b"}\n")
+
+    error = outcome.error(BadGateway)
+    assert "nested too deeply" in error.message
+    h.stop(model)
+
+
 def test_jsonl_least_in_flight_dispatch_over_two_workers(h):
     model = h.model(protocol="jsonl", workers=2, max_inflight=2)
     first, second = h.launcher.spawned
@@ -959,6 +972,23 @@ def test_a_failed_jsonl_models_try_takes_requests_once_it_has_run_min_uptime(h):
     outcome = h.send(model, request_id="r1")
     h.launcher.spawned[-1].answers("r1", output=1)
     assert outcome.answer().body == b"1"
+    h.stop(model)
+
+
+def test_a_process_stopped_on_purpose_during_a_trial_is_not_a_quick_death(h):
+    model = h.model(max_restarts=1, max_backoff=5, min_uptime=30)
+    h.launcher.spawned[-1].exits(1)
+    h.clock.advance(5)  # the try, on trial
+    trying = h.launcher.spawned[-1]
+    # Stopped by the daemon (as the process of the try before would be, still on its way out).
+    trying.protocol.stopping_on_purpose = True
+
+    trying.exits(0)
+
+    assert len(events(model, "failed")) == 1  # no second crash loop: it did not crash
+    h.clock.advance(0)  # its place is taken at once, still on trial
+    assert len(h.launcher.spawned) == 3
+    assert model.state == "failed" and model.describe()["trial_ends_in"] == 30
     h.stop(model)
 
 

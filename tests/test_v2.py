@@ -1127,6 +1127,16 @@ def test_a_models_answer_too_deep_to_read_is_a_502(clock):
     assert_v2_error(infer(door, "plain", {"inputs": [x_input()]}), 502, message="nested deeper than 512 levels")
 
 
+def test_a_number_too_large_for_a_double_is_never_written_out_as_infinity(clock):
+    """json reads 1e999 as infinity: written out again, it became Infinity, which is not JSON."""
+    model = FakeModel("plain", clock).answers(200, b'{"y": [1e999]}')
+    door = StubFrontDoor(clock, [model])
+
+    assert_v2_error(infer(door, "plain", {"inputs": [x_input()]}), 502, message="too large for a double")
+    assert_v2_error(post(door, "/v2/models/plain/infer", b'{"inputs": [], "parameters": {"x": 1e999}}'), 400,
+                    message="too large for a double")
+
+
 @pytest.mark.parametrize("path", ["/v2/models//ready", "/v2/models/%2F/ready", "/v2//models", "/v2/models/plain/ready/"])
 def test_a_v2_path_with_an_empty_segment_is_a_v2_404(door, path):
     """werkzeug redirected (merge_slashes): the catch-all answered 500 and logged a bug."""
