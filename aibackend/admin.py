@@ -192,12 +192,12 @@ class ModelManager:
                 except Exception:
                     yield self.registry.drain_and_stop(model)
                     raise
-                stopping = self.registry.replace(model)
+                stopping = self.registry.replace(model, spec=spec)
                 stopping.addErrback(lambda f: self.log.failure("stopping the replaced model {model}", f,
                                                                model=model_id))
             else:
                 yield self.store.put(model_id, table)
-                self.registry.add(model, origin="runtime")
+                self.registry.add(model, origin="runtime", spec=spec)
             self.tables[model_id] = table
             self.unloaded.pop(model_id, None)
         finally:
@@ -259,7 +259,7 @@ class ModelManager:
         if model_id in self.unloaded and model_id not in self.registry:
             return {"unloaded": model_id, "model": None}
         model = self.registry.get(model_id)
-        origin = self.registry.origins.get(model_id, "config")
+        origin = self.registry.entry(model_id).origin
         table = self.tables.get(model_id)
         yield self.remove(model_id)
         self.unloaded[model_id] = (model.spec, origin, table)
@@ -291,7 +291,7 @@ class ModelManager:
                 else:
                     yield self.store.forget(model_id)
                 model = self.registry.build(spec, runtime=origin == "runtime")
-                self.registry.add(model, origin=origin)
+                self.registry.add(model, origin=origin, spec=spec)
                 del self.unloaded[model_id]
             finally:
                 self._busy.discard(model_id)
@@ -316,7 +316,7 @@ class ModelManager:
 
 def describe(registry, model) -> dict:
     described = dict(model.describe())
-    described["origin"] = registry.origins.get(model.model_id, "config")
+    described["origin"] = registry.entry(model.model_id).origin
     return described
 
 
@@ -349,4 +349,4 @@ def desired_specs(cfg, changes, validate, log, tables=None) -> dict:
 def load_models(registry, store, cfg, manager_validate, log, tables=None):
     """Build the registry at start (L{desired_specs})."""
     for spec, origin in desired_specs(cfg, store.load(), manager_validate, log, tables).values():
-        registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+        registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)

@@ -32,7 +32,7 @@ from aibackend.interfaces import RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from aibackend.metrics import Metrics, stats_of
+from aibackend.metrics import Metrics
 
 JSON = b"application/json"
 # A client that goes away before its answer is logged with nginx's status for it.
@@ -504,7 +504,8 @@ class FrontDoor:
 
         @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}.
         """
-        stats = stats_of(model)
+        entry = self.registry.entry(model.model_id)
+        stats = entry.stats
         stats.in_flight += 1
         d = maybeDeferred(model.send, body, context)
 
@@ -548,7 +549,8 @@ class FrontDoor:
 
     def _log_request(self, model, request_id, started, status, error, operation="predict"):
         seconds = self.clock.seconds() - started
-        self.metrics.observe(model, operation, status, seconds)
+        if model.model_id in self.registry:
+            self.metrics.observe(self.registry.entry(model.model_id), operation, status, seconds)
         latency_ms = seconds * 1000.0
         model.model_log.request(
             request_id=request_id, operation=operation, status=status, latency_ms=latency_ms, error=error
@@ -593,10 +595,10 @@ class FrontDoor:
         return sized(request, json.dumps({"count": len(models), "models": models}).encode())
 
     def status(self, request, request_id, params):
-        model = self.registry.get(model_id_param(params))
+        entry = self.registry.entry(model_id_param(params))
+        model = entry.model
         described = describe(self.registry, model)
-        spec = getattr(model, "public_spec", model.spec)  # a worker's stand-in shows the model's own
-        described["spec"] = spec.public() if spec is not None else None
+        described["spec"] = entry.spec.public()
         described["log_entries"] = len(model.model_log)
         return sized(request, json.dumps(described).encode())
 

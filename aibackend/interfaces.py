@@ -8,8 +8,13 @@ The original project's Go prototype had one interface::
     }
 
 L{ISender} is that interface on the reactor: C{send} returns a Deferred of the model's
-answer instead of blocking for it. A new model type implements L{ISender}, and registers
-its type name with L{aibackend.config.register}.
+answer instead of blocking for it. L{IModel} adds what the rest of the daemon needs to
+know of a model (its state, its load, its last failure, events for ready and idle), so
+that no code has to guess with C{getattr}. Optional capabilities are interfaces of their
+own, checked with C{providedBy}: L{IRestartable} (a model with processes to restart) and
+L{IReplicated} (a model spread over replicas). A new model type implements L{IModel}
+(and the capabilities it has), and registers its type name with
+L{aibackend.config.register}.
 """
 
 from __future__ import annotations
@@ -78,3 +83,64 @@ class ISender(Interface):
         """
         @return: a JSON-able dict describing the model's state, without secrets.
         """
+
+
+# The states a model is in (L{IModel.state}).
+READY = "ready"
+STARTING = "starting"
+RESTARTING = "restarting"
+STOPPING = "stopping"
+STOPPED = "stopped"
+FAILED = "failed"
+STATES = (READY, STARTING, RESTARTING, STOPPING, STOPPED, FAILED)
+
+
+class IModel(ISender):
+    """
+    A model as the daemon sees it: what it is, how it is doing, and how to reach it.
+    """
+
+    state = Attribute(
+        "One of L{STATES}: C{ready} takes requests; C{starting} and C{restarting} will; "
+        "C{failed} gave up for now (its processes crash-looped; it tries again later); "
+        "C{stopping} and C{stopped} are on their way out."
+    )
+    in_flight = Attribute("How many requests the model is working on now (int).")
+    queued = Attribute("How many requests wait for a place at the model (int).")
+    last_failure = Attribute("Why the model last failed, as one line (str), or None.")
+
+    def whenReady():
+        """
+        @return: a Deferred that fires with None once the model is C{ready} (at once if it
+            is), or fails with L{aibackend.errors.ModelUnavailable} if it becomes
+            C{failed} or C{stopped} first. Cancelling it stops the wait only.
+        """
+
+    def whenIdle():
+        """
+        @return: a Deferred that fires with None once nothing is in flight or queued (at
+            once if nothing is). Cancelling it stops the wait only.
+        """
+
+    def watch(callback):
+        """
+        Call C{callback(model)} after each change of L{state}.
+
+        @return: a callable of no arguments that stops the watch.
+        """
+
+
+class IRestartable(Interface):
+    """A model with processes the daemon supervises and an operator may restart."""
+
+    restarts = Attribute("How many times its processes were restarted (int).")
+    live_processes = Attribute("How many of its processes are alive now (int).")
+
+    def restart():
+        """Replace every process, one after another (those in flight finish first)."""
+
+
+class IReplicated(Interface):
+    """A model served by several replicas, some of which may be ejected."""
+
+    ejections = Attribute("How many times a replica was ejected after failures in a row (int).")

@@ -1,7 +1,7 @@
 """
 Prometheus metrics, through C{prometheus_client}.
 
-Per-model figures live on the model (L{ModelStats}, attached by the registry) and are read
+Per-model figures live in the model's registry entry (L{ModelStats}) and are read
 at scrape time by L{DaemonCollector}: a removed model's series are gone with it, and label
 values are only model ids, operations, status classes and fixed reasons, so cardinality is
 bounded by the number of models. Each daemon has its own L{CollectorRegistry} (no global
@@ -50,13 +50,6 @@ class ModelStats:
         self.sums[operation] += seconds
 
 
-def stats_of(model) -> ModelStats:
-    stats = getattr(model, "stats", None)
-    if stats is None:
-        stats = model.stats = ModelStats()
-    return stats
-
-
 class DaemonStats:
     """Figures of the daemon as a whole."""
 
@@ -91,9 +84,8 @@ class DaemonCollector:
         ejections = CounterMetricFamily(
             "aibackend_model_ejections", "Replica ejections after failures in a row.", labels=["model"]
         )
-        for model in self.registry.models():
-            model_id = model.model_id
-            stats = stats_of(model)
+        for entry in self.registry.entries():
+            model, model_id, stats = entry.model, entry.model_id, entry.stats
             for (operation, klass), count in sorted(stats.requests.items()):
                 requests.add_metric([model_id, operation, klass], count)
             for operation, counts in sorted(stats.buckets.items()):
@@ -136,8 +128,9 @@ class Metrics:
         self.collectors = CollectorRegistry(auto_describe=False)
         self.collectors.register(DaemonCollector(registry, self.daemon))
 
-    def observe(self, model, operation: str, status: int, seconds: float) -> None:
-        stats_of(model).observe(operation, status, seconds)
+    def observe(self, entry, operation: str, status: int, seconds: float) -> None:
+        """Count a request to the model of registry entry C{entry}."""
+        entry.stats.observe(operation, status, seconds)
 
     def refused(self, reason: str) -> None:
         if reason in REFUSAL_REASONS:

@@ -357,10 +357,6 @@ class ForwardedModel(HttpModel):
         """The model's state in the primary, as last heard (starting until then)."""
         return self._states.get(self.model_id, "starting")
 
-    @property
-    def public_spec(self):
-        return self.original_spec
-
     def describe(self) -> dict:
         described = super().describe()
         described["type"] = self.original_spec.type
@@ -388,7 +384,6 @@ def worker_builder(settings, deps_for, states):
             model = default_build(replace(spec, process=None), deps)
         else:
             model = default_build(spec, deps)
-        model.source_spec = spec
         return model
 
     return build
@@ -482,12 +477,11 @@ def resync(registry, cfg, store, validate, log) -> Deferred:
                 registry.remove(model.model_id)
         for model_id, (spec, origin) in wanted.items():
             if model_id in registry:
-                current = registry.get(model_id)
-                if getattr(current, "source_spec", None) == spec:
+                if registry.entry(model_id).spec == spec:
                     continue
-                registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+                registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
             else:
-                registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin)
+                registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
 
     return store.read().addCallback(follow)
 

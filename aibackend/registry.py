@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 from aibackend import config
 from aibackend.errors import Conflict, UnknownModel
 from aibackend.interfaces import ISender
+from aibackend.metrics import ModelStats
 
 DRAIN_POLL = 0.05
 MAX_DRAIN_SECONDS = 30.0
@@ -35,6 +36,28 @@ class ModelDeps:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     # Set for models added at runtime: where their HTTP requests may go.
     destination_policy: Any = None
+
+
+@dataclass(eq=False)
+class Entry:
+    """
+    What the daemon knows of one registered model, in one place.
+
+    @ivar model: the L{aibackend.interfaces.IModel}.
+    @ivar spec: the spec it was built from, as the user wrote it (a worker process's
+        stand-in for a model the primary runs has a spec of its own; this is the model's).
+    @ivar origin: C{"config"} or C{"runtime"}.
+    @ivar stats: its request counts and latencies (L{aibackend.metrics.ModelStats}).
+    """
+
+    model: Any
+    spec: Any
+    origin: str = "config"
+    stats: ModelStats = field(default_factory=ModelStats)
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
 
 
 def model_class(model_type: config.ModelType):
@@ -65,8 +88,7 @@ class ModelRegistry(Service):
         self.builder = builder
         self.drain_timeout = drain_timeout
         self.runtime_deps = runtime_deps or deps
-        self._models: dict[str, Any] = {}
-        self.origins: dict[str, str] = {}
+        self._entries: dict[str, Entry] = {}
 
     def build(self, spec, *, runtime: bool = False):
         """Build the model a validated spec describes."""
@@ -81,13 +103,13 @@ class ModelRegistry(Service):
 
     def startService(self):
         super().startService()
-        for model in self._models.values():
-            self._start(model)
+        for entry in self._entries.values():
+            self._start(entry.model)
 
     def stopService(self):
         """Stop every model, each once its in-flight requests are done (bounded, see L{remove})."""
         super().stopService()
-        stopping = [self.drain_and_stop(model) for model in self._models.values()]
+        stopping = [self.drain_and_stop(entry.model) for entry in self._entries.values()]
         return DeferredList(stopping) if stopping else succeed(None)
 
     def _start(self, model) -> None:
@@ -101,35 +123,38 @@ class ModelRegistry(Service):
 
     # --- the models ---------------------------------------------------------
 
-    def add(self, model, *, origin: str = "config") -> None:
+    def add(self, model, *, origin: str = "config", spec=None) -> Entry:
         """
         Register a model (started at once if the registry runs).
 
+        @param spec: the spec it was built from (by default, the model's own).
         @raise Conflict: a model with that id exists.
         """
-        if model.model_id in self._models:
+        if model.model_id in self._entries:
             raise Conflict(f"a model with id {model.model_id!r} exists", model=model.model_id)
-        self._models[model.model_id] = model
-        self.origins[model.model_id] = origin
+        entry = self._entries[model.model_id] = Entry(model, spec if spec is not None else model.spec, origin)
         model.model_log.append("info", "added", type=model.type_name, origin=origin)
         self.log.info("model {model} ({type}) added from {origin}", model=model.model_id, type=model.type_name,
                       origin=origin)
         if self.running:
             self._start(model)
+        return entry
 
     def start_staged(self, model) -> None:
         """Start a model that is not registered yet (a replacement getting ready)."""
         self._start(model)
 
-    def replace(self, model, *, origin: str = "runtime"):
+    def replace(self, model, *, origin: str = "runtime", spec=None):
         """
         Put C{model} in the place of the model with its id; the old one drains and stops.
+        The model's figures (L{Entry.stats}) go on: it is the same model id to a client.
 
         @return: a Deferred that fires once the old model has stopped.
         """
-        old = self.get(model.model_id)
-        self._models[model.model_id] = model
-        self.origins[model.model_id] = origin
+        previous = self.entry(model.model_id)
+        old = previous.model
+        self._entries[model.model_id] = Entry(model, spec if spec is not None else model.spec, origin,
+                                              previous.stats)
         model.model_log.append("info", "added", type=model.type_name, origin=origin, replaced=True)
         old.model_log.append("info", "replaced")
         self.log.info("model {model} replaced", model=model.model_id)
@@ -146,8 +171,7 @@ class ModelRegistry(Service):
         @raise UnknownModel: no such model.
         """
         model = self.get(model_id)
-        del self._models[model_id]
-        self.origins.pop(model_id, None)
+        del self._entries[model_id]
         model.model_log.append("info", "removed")
         self.log.info("model {model} removed", model=model_id)
         return self.drain_and_stop(model)
@@ -170,18 +194,30 @@ class ModelRegistry(Service):
         check()
         return done
 
-    def get(self, model_id: str):
+    def entry(self, model_id: str) -> Entry:
         """
         @raise UnknownModel: no such model.
         """
         try:
-            return self._models[model_id]
+            return self._entries[model_id]
         except KeyError:
             raise UnknownModel(model_id) from None
 
+    def get(self, model_id: str):
+        """
+        The model with id C{model_id}.
+
+        @raise UnknownModel: no such model.
+        """
+        return self.entry(model_id).model
+
     def __contains__(self, model_id) -> bool:
-        return model_id in self._models
+        return model_id in self._entries
+
+    def entries(self) -> list[Entry]:
+        """Every model's entry, in the order they were added."""
+        return list(self._entries.values())
 
     def models(self) -> list:
         """Every model, in the order they were added."""
-        return list(self._models.values())
+        return [entry.model for entry in self._entries.values()]
