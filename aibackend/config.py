@@ -38,13 +38,11 @@ from aibackend.configbase import (  # noqa: F401 (the names other modules use, h
     MAX_ID_LENGTH,
     MODEL_FIELDS,
     REQUIRED,
-    _REQUIRED,
     ConfigError,
     ModelSpec,
     Setting,
     Table,
     V2Spec,
-    _type_name,
     boolean,
     check_destination_entry,
     check_http_url,
@@ -64,6 +62,7 @@ from aibackend.configbase import (  # noqa: F401 (the names other modules use, h
     settings_of,
     string,
     strings,
+    type_name,
 )
 from aibackend.httpspec import REFERENCE_NOTES as HTTP_NOTES
 from aibackend.httpspec import SECRET_HEADERS, HttpModelSpec, parse_http_model  # noqa: F401
@@ -84,6 +83,7 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 # --- model types -----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelType:
@@ -142,12 +142,12 @@ def parse_model(table: Table, *, default_log_entries: int = DEFAULT_LOG_ENTRIES,
             table.problem("id", problem)
         else:
             model_id = value
-    type_name = table.string("type")
+    given_type = table.string("type")
     model_type = None
-    if isinstance(type_name, str) and type_name.strip():
-        model_type = find_type(type_name)
+    if isinstance(given_type, str) and given_type.strip():
+        model_type = find_type(given_type)
         if model_type is None:
-            table.problem("type", f"unknown model type {type_name!r}: use one of {known_type_names()}")
+            table.problem("type", f"unknown model type {given_type!r}: use one of {known_type_names()}")
     log_entries = read_log_entries(table, default_log_entries)
     v2 = parse_v2(table.table("v2"), model_type.name if model_type else "") if table.has("v2") else DEFAULT_V2
     if model_type is None:
@@ -294,7 +294,7 @@ def parse_config(data: Mapping[str, Any], source: str | None = None, environ=Non
     for index, raw in enumerate(raw_models):
         path = f"models[{index}]"
         if not isinstance(raw, dict):
-            problems.append((path, f"must be a table, got {_type_name(raw)}"))
+            problems.append((path, f"must be a table, got {type_name(raw)}"))
             continue
         spec = parse_model(Table(raw, path, problems), default_log_entries=server.log_entries, environ=environ)
         if spec is None or not spec.id:

@@ -16,6 +16,7 @@ Pure on purpose (no Twisted).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -34,7 +35,6 @@ EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
 
 # A key that must be given (a getter's default), or that was not (what pop_alias returns).
 REQUIRED = object()
-_REQUIRED = REQUIRED
 
 
 class ConfigError(Exception):
@@ -67,9 +67,6 @@ def type_name(value) -> str:
         list: "a list",
         dict: "a table",
     }.get(type(value), type(value).__name__)
-
-
-_type_name = type_name
 
 
 class Table:
@@ -120,8 +117,6 @@ class Table:
                 self.problem(key, "is required")
             return name, default
         return name, value
-
-    _get = get
 
     def string(self, key: str, default=REQUIRED, *, aliases=(), nonempty=True):
         name, value = self.get(key, default, aliases)
@@ -204,9 +199,8 @@ class Setting:
     """
     One configuration key, declared once (the metadata of a spec's dataclass field).
 
-    @ivar kind: how it is read: C{number} (made a float), C{number as written}, C{integer},
-        C{string}, C{boolean}, C{choice}, C{strings}, C{string_map}, or C{custom} (read by
-        its spec's parser).
+    @ivar kind: how it is read: C{number}, C{integer}, C{string}, C{boolean}, C{choice},
+        C{strings}, C{string_map}, or C{custom} (read by its spec's parser).
     @ivar default: the value when the key is absent (L{REQUIRED}: it must be given).
     @ivar doc: what it means, one line of Markdown (the README's reference).
     @ivar key: the key in the table, if not the field's name.
@@ -214,6 +208,7 @@ class Setting:
     @ivar required: the key must be given although the field has a default.
     @ivar minimum: the least value (numbers); more than it with C{exclusive_minimum}.
     @ivar maximum: the largest value (numbers).
+    @ivar as_float: a number is made a float (else kept as written: an int stays one).
     @ivar choices: the values a C{choice} may take (given in any case, with spaces around).
     @ivar allow_single: a C{strings} key may be one string, meaning a list of one.
     @ivar nonempty: a C{string} or C{strings} key may not be empty.
@@ -240,6 +235,7 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
+    as_float: bool = True
     choices: tuple = ()
     allow_single: bool = False
     nonempty: bool = True
@@ -266,8 +262,8 @@ def number(default, *, doc: str, minimum=None, maximum=None, exclusive_minimum=F
     A number of seconds, bytes/s...: an int or a float in the file, a float in the spec
     (or, not C{as_float}, kept as written).
     """
-    return _declare("number" if as_float else "number as written", default, doc, minimum=minimum, maximum=maximum,
-                    exclusive_minimum=exclusive_minimum, **options)
+    return _declare("number", default, doc, minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum,
+                    as_float=as_float, **options)
 
 
 def integer(default, *, doc: str, minimum=None, maximum=None, **options):
@@ -301,9 +297,10 @@ def custom(default, *, doc: str, **options):
     return _declare("custom", default, doc, **options)
 
 
-def settings_of(cls) -> list[tuple[str, Setting]]:
+@functools.cache
+def settings_of(cls) -> tuple[tuple[str, Setting], ...]:
     """C{(field name, L{Setting})} for each declared field of a spec class, in field order."""
-    return [(f.name, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata]
+    return tuple((f.name, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata)
 
 
 def setting_of(cls, name: str) -> Setting:
@@ -321,10 +318,10 @@ def read_setting(table: Table, name: str, setting: Setting, environ: Mapping[str
     kind = setting.kind
     wanted = REQUIRED if setting.required else setting.default
     fallback = None if setting.default is REQUIRED else setting.default
-    if kind in ("number", "number as written", "integer"):
+    if kind in ("number", "integer"):
         value = table.number(key, wanted, minimum=setting.minimum, maximum=setting.maximum,
                              integer=kind == "integer", exclusive_minimum=setting.exclusive_minimum)
-        if kind == "number" and isinstance(value, (int, float)):
+        if kind == "number" and setting.as_float and isinstance(value, (int, float)):
             value = float(value)
     elif kind == "string":
         value = table.string(key, wanted, aliases=setting.aliases, nonempty=setting.nonempty)

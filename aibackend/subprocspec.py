@@ -15,7 +15,6 @@ from typing import Mapping
 from aibackend.configbase import (
     DEFAULT_TIMEOUT,
     REQUIRED,
-    EMPTY_MAP,
     MODEL_FIELDS,
     ModelSpec,
     Table,
