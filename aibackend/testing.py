@@ -256,7 +256,7 @@ class Response:
 
 class StubFrontDoor:
     """
-    A L{aibackend.api.FrontDoor} over a registry, reached through L{StubTreq}: the
+    A L{aibackend.root.FrontDoor} over a registry, reached through L{StubTreq}: the
     daemon's own Site (L{AibackendSite}) and Request, no socket.
 
     @param clock: the clock the front door and the registry's models run on.
@@ -269,7 +269,7 @@ class StubFrontDoor:
                  in_thread=None):
         from treq.testing import StubTreq
 
-        from aibackend.api import FrontDoor
+        from aibackend.root import FrontDoor
         from aibackend.registry import ModelDeps, ModelRegistry
         from aibackend.server import AibackendSite
 

@@ -15,7 +15,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.client import URI
 
 from aibackend import errors
-from aibackend.api import orjson_takes, parse_json
+from aibackend.web import orjson_takes, parse_json
 from aibackend.auth import Guard
 from aibackend.httpmodel import BytesProducer, EndpointCache, not_strict_json, uri_bytes
 from aibackend.subprocess import _output_text
