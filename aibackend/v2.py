@@ -24,7 +24,6 @@ import json
 
 from klein import Klein
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
-from twisted.logger import Logger
 
 import aibackend
 from aibackend import errors
@@ -42,6 +41,7 @@ from aibackend.web import (
     handle_errors,
     parse_json,
     routing,
+    sized,
 )
 
 EXTENSIONS = ["model_repository"]
@@ -59,11 +59,9 @@ SHARED_MEMORY = (
 
 
 def _json(request, body, status: int = 200) -> bytes:
-    data = json.dumps(body).encode()
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [JSON])
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(data)).encode()])
-    return data
+    return sized(request, json.dumps(body).encode())
 
 
 def _body(request, *, empty=None):
@@ -144,7 +142,6 @@ class OpenInference:
     """
 
     app = handle_errors(routing(Klein()))
-    log = Logger()
 
     def __init__(self, core, *, in_thread=None):
         self.core = core
