@@ -135,7 +135,7 @@ class OperationAPI:
         begin(request)
         states = {}
         for model in self.registry.models():
-            state = getattr(model, "state", "ready")
+            state = model.state
             states[state] = states.get(state, 0) + 1
         accepting = self.core.accepting
         body = {"status": "ready" if accepting else "not ready", "models": states}

@@ -27,7 +27,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 
 import aibackend
 from aibackend import errors
-from aibackend.interfaces import ModelAnswer, RequestContext
+from aibackend.interfaces import FAILED, READY, ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
 # Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
@@ -239,8 +239,8 @@ class OpenInference:
     def model_ready(self, request, name, version=None):
         request_id = self.begin(request)
         model = self._model(request, name, version)
-        state = getattr(model, "state", "ready")
-        if state != "ready":
+        state = model.state
+        if state != READY:
             return _json(request, {"error": f"model {name!r} is not ready: it is {state}", "name": name,
                                    "ready": False}, 503)
         if model.spec.v2.native:
@@ -464,11 +464,11 @@ class OpenInference:
             raise errors.BadRequest("ready must be true or false")
         index = []
         for model in self.registry.models():
-            state = getattr(model, "state", "ready")
+            state = model.state
             entry = {"name": model.model_id, "version": model.spec.v2.version,
                      "state": STATES.get(state, "UNAVAILABLE"), "reason": ""}
-            if state == "failed":
-                entry["reason"] = getattr(model, "failed_reason", None) or "its processes failed"
+            if state == FAILED:
+                entry["reason"] = model.last_failure or "its processes failed"
             index.append(entry)
         manager = self.core.manager
         for name, (spec, *_) in sorted((manager.unloaded if manager else {}).items()):

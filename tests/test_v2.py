@@ -801,7 +801,7 @@ def test_the_repository_index_lists_every_model(door):
 
 
 class FailedModel(StatefulModel):
-    failed_reason = "it crashed 5 times"
+    last_failure = "it crashed 5 times"
 
 
 def test_the_repository_index_tells_each_state_and_ready_true_keeps_the_ready_ones(clock):
