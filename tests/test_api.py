@@ -536,9 +536,10 @@ def test_cleanlogs_of_an_unknown_model_is_404(door):
 # --- the client going away ---------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_cancels_the_models_request(door, model):
+@pytest.mark.parametrize("path", ["/post/predict?id=m", "/POST/predict?id=m"])  # past Klein, through it
+def test_a_client_that_goes_away_cancels_the_models_request(door, model, path):
     model.holds()
-    d = door.request("POST", "/post/predict?id=m", data=b"{}", headers={"X-Request-Id": "gone"})
+    d = door.request("POST", path, data=b"{}", headers={"X-Request-Id": "gone"})
     assert len(model.pending) == 1
 
     # Drop every connection between the stub client and the site.
@@ -554,10 +555,11 @@ def test_a_client_that_goes_away_cancels_the_models_request(door, model):
     d.addErrback(lambda failure: None)  # the client's own request failed, as it should
 
 
-def test_a_model_cancelling_its_own_request_is_an_error_for_a_waiting_client(door, model, logged_errors):
+@pytest.mark.parametrize("path", ["/post/predict?id=m", "/POST/predict?id=m"])
+def test_a_model_cancelling_its_own_request_is_an_error_for_a_waiting_client(door, model, logged_errors, path):
     model.fails(CancelledError())
 
-    response = door.call("POST", "/post/predict?id=m", data=b"{}")
+    response = door.call("POST", path, data=b"{}")
 
     logged_errors.flush()
     assert response.status >= 500
@@ -652,6 +654,36 @@ def test_a_redirect_werkzeug_makes_anyway_is_answered_as_not_found(door, path, s
     assert request.responseHeaders.getRawHeaders(b"location") is None
     error = json.loads(body)["error"]
     assert isinstance(error, dict if shape == "front door" else str)
+
+
+@pytest.mark.parametrize("shape", ["front door", "v2"])
+@pytest.mark.parametrize("gone", [False, True])
+def test_a_cancelled_request_is_answered_503_unless_its_client_went_away(door, shape, gone):
+    """What Klein's handler (written once for both apps) makes of a CancelledError outside the relay."""
+    import json
+
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b"x"])
+    request.aibackend_request_id = None
+    request.aibackend_gone = gone
+    front = door.front_door.api if shape == "front door" else door.front_door.open_inference
+
+    body = front.shape.failure(request, Failure(CancelledError()))
+
+    if gone:
+        assert body == b""
+        return
+    assert request.responseCode == 503
+    error = json.loads(body)["error"]
+    if shape == "front door":
+        assert error["type"] == "model_unavailable"
+        assert error["message"] == "the request was abandoned before it was answered"
+        assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"1"]
+    else:
+        assert error == "the request was abandoned before it was answered"
+        assert request.responseHeaders.getRawHeaders(b"retry-after") is None
 
 
 @pytest.mark.parametrize("path", ["/get/predict%FF?id=m", "/get/%C3%28?id=m", "/post/predict%FF?id=m"])
