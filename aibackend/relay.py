@@ -6,7 +6,9 @@ request (the model's registry entry, the body to send, a L{RequestContext}) and 
 L{Relay} does what they all do with it, once: count it in flight, send it to the model,
 log it in the model's log and the metrics, and map the outcome (the model's answer, an
 L{errors.ApiError}, a request cancelled because its client went away or its model is
-stopping, a bug) to what the client is told. L{Core} holds what every front door reads:
+stopping, a bug) to what the client is told. (The guard is checked by each front door
+at its entrance, with L{Core.guard}, before the request is resolved: a client without a
+key learns nothing of which models exist.) L{Core} holds what every front door reads:
 the registry, the guard, the metrics, the clock, the model manager, the way to the
 primary process (C{--processes}), readiness, and the relay.
 """
