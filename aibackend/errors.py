@@ -5,8 +5,10 @@ Every answer the daemon makes itself on failure has one shape::
 
     {"error": {"type": "...", "message": "...", "model": "...", "request_id": "..."}}
 
-Handlers raise these; L{aibackend.api} renders them. The Open Inference Protocol's routes
-(C{/v2}) answer in that protocol's own shape, C{{"error": "..."}} (L{refusal_document}).
+Handlers raise these; each front door renders them (L{aibackend.web.ErrorShape}) with one
+of the two documents made here: the daemon's (L{daemon_document}), or, for the Open
+Inference Protocol's routes (C{/v2}), that protocol's own, C{{"error": "..."}}
+(L{v2_document}). L{refusal_document} picks one by path for the HTTP server.
 """
 
 from __future__ import annotations
@@ -23,9 +25,21 @@ def refusal_document(path: bytes | None, kind: str, message: str, request_id: st
     a body over the limit, two C{Host} headers...), in the shape of the front door its
     path names: C{/v2}'s own, or the daemon's.
     """
+    error = ApiError(message)
+    error.type = kind
     if path is not None and is_v2_path(path):
-        return {"error": message}
-    return {"error": {"type": kind, "message": message, "request_id": request_id}}
+        return v2_document(error, request_id)
+    return daemon_document(error, request_id)
+
+
+def daemon_document(error: ApiError, request_id: str | None) -> dict:
+    """The daemon's error shape: C{{"error": {"type", "message", "model", "request_id"}}}."""
+    return error.as_json(request_id)
+
+
+def v2_document(error: ApiError, request_id: str | None) -> dict:
+    """The Open Inference Protocol's error shape, C{{"error": "..."}} (the id is in a header)."""
+    return {"error": error.message}
 
 
 class ApiError(Exception):

@@ -444,12 +444,22 @@ class BoundedRequest(Request):
     body_size = 0
     refused = False
     aibackend_started = None
+    # Set by the front doors (aibackend.web.begin, the routes that name a model), read by
+    # the access line and a worker's forwarder: None until then.
+    aibackend_request_id = None
+    aibackend_model = None
+    # The client went away (its connection was lost) before the answer was finished.
+    aibackend_gone = False
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
         self.content = BytesIO()
         if length is not None and length > self.channel.site.max_body_bytes:
             self.refuse_too_large(length)
+
+    def connectionLost(self, reason):
+        self.aibackend_gone = True  # before the errbacks of notifyFinish(), which read it
+        super().connectionLost(reason)
 
     def handleContentChunk(self, data):
         if self.refused:
@@ -685,8 +695,8 @@ class AibackendSite(Site):
         peer = request.getClientAddress()
         peer = getattr(peer, "host", None) or str(peer)
         method = request.method.decode("latin-1")
-        model = getattr(request, "aibackend_model", None)
-        request_id = getattr(request, "aibackend_request_id", None)
+        model = request.aibackend_model
+        request_id = request.aibackend_request_id
         # The line is made here, once, with an f-string: the log system's own formatting of a
         # many-field template costs several times more, on every request.
         access_log.info(
@@ -701,5 +711,5 @@ class AibackendSite(Site):
             status=request.code,
             bytes=request.sentLength,
             latency_ms=latency_ms,
-            request_id=getattr(request, "aibackend_request_id", None),
+            request_id=request_id,
         )

@@ -285,7 +285,7 @@ def build_service(config: Config, reactor, *, listen, max_body_bytes, environ=No
     import os
 
     from aibackend.admin import ModelManager, load_models
-    from aibackend.api import FrontDoor
+    from aibackend.root import FrontDoor
     from aibackend.auth import Guard
     from aibackend.destinations import DestinationPolicy
     from aibackend.metrics import Metrics

@@ -23,21 +23,27 @@ from __future__ import annotations
 import json
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, inlineCallbacks, maybeDeferred
-from twisted.logger import Logger
-from werkzeug.exceptions import MethodNotAllowed as RouteMethodNotAllowed
-from werkzeug.exceptions import NotFound as RouteNotFound
-from werkzeug.routing import RequestRedirect
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 
 import aibackend
 from aibackend import errors
-# Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
-from aibackend.api import REFUSALS, THREAD_ABOVE_BYTES, parse_json, routing
-from aibackend.interfaces import ModelAnswer, RequestContext
+from aibackend.interfaces import FAILED, READY, ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
+# Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
+from aibackend.web import (
+    ABANDONED,
+    JSON,
+    THREAD_ABOVE_BYTES,
+    Abandoned,
+    ErrorShape,
+    begin,
+    handle_errors,
+    parse_json,
+    routing,
+    sized,
+)
 
-JSON = b"application/json"
 EXTENSIONS = ["model_repository"]
 # Model states as the repository index names them.
 STATES = {"ready": "READY", "starting": "LOADING", "restarting": "LOADING", "stopping": "UNLOADING",
@@ -53,11 +59,9 @@ SHARED_MEMORY = (
 
 
 def _json(request, body, status: int = 200) -> bytes:
-    data = json.dumps(body).encode()
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [JSON])
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(data)).encode()])
-    return data
+    return sized(request, json.dumps(body).encode())
 
 
 def _body(request, *, empty=None):
@@ -113,82 +117,79 @@ def _parameters(value, where: str) -> dict:
     return value
 
 
+class V2Shape(ErrorShape):
+    """The Open Inference Protocol's errors: C{{"error": "..."}}, the request id in a header."""
+
+    document = staticmethod(errors.v2_document)
+
+    def no_route(self, request) -> errors.ApiError:
+        return errors.NotFound(f"no Open Inference Protocol route {request.path.decode('latin-1')!r}")
+
+    def not_allowed(self, request, allowed) -> errors.ApiError:
+        method = request.method.decode("latin-1")
+        return errors.MethodNotAllowed(f"{method} is not allowed here: use {' or '.join(allowed)}", allowed)
+
+    def abandoned(self) -> errors.ApiError:
+        return Abandoned(ABANDONED)
+
+
 class OpenInference:
     """
-    The C{/v2} routes, a Klein app mounted by L{aibackend.api.FrontDoor}.
+    The C{/v2} routes, a Klein app over the daemon's L{Core}, mounted by
+    L{aibackend.root.Root}.
 
-    @param door: the front door, whose registry, guard, manager and readiness it shares.
+    @param core: the L{aibackend.relay.Core}: registry, guard, manager, readiness, relay.
     """
 
-    app = routing(Klein())
-    log = Logger()
+    app = handle_errors(routing(Klein()))
 
-    def __init__(self, door, *, in_thread=None):
-        self.door = door
-        # How large tensors are handled off the reactor thread: the front door's way.
-        self.in_thread = in_thread if in_thread is not None else door.in_thread
+    def __init__(self, core, *, in_thread=None):
+        self.core = core
+        self.registry = core.registry
+        self.shape = V2Shape(core.metrics)
+        # How large tensors are handled off the reactor thread: the daemon's way.
+        self.in_thread = in_thread if in_thread is not None else core.in_thread
+        self._resource = self.app.resource()
 
-    def resource(self):
-        return self.app.resource()
+    def render(self, request):
+        """
+        Answer a request for a C{/v2} path, given by the root resource with the whole
+        path still to go (C{request.postpath}).
+        """
+        if request.path in (b"/v2", b"/v2/"):
+            # Werkzeug would redirect the empty path under /v2: the server's metadata is
+            # answered here, for every method, in the protocol's shape.
+            try:
+                return self.server_metadata(request)
+            except errors.ApiError as error:
+                return self.shape.render(request, error)
+        request.prepath.append(request.postpath.pop(0))  # b"v2": the app's routes are below it
+        if not request.postpath[0]:
+            # /v2//...: Klein would read the empty segment as the path's leading slash.
+            return self.shape.render(request, self.shape.no_route(request))
+        return self._resource.render(request)
 
     # --- plumbing -----------------------------------------------------------
 
     def begin(self, request, *, client=True) -> str:
-        request_id = self.door.begin(request)
+        request_id = begin(request)
         if client:
-            self.door.guard.check_client(request)
+            self.core.guard.check_client(request)
         return request_id
 
-    def _model(self, request, name: str, version: str | None):
+    def _entry(self, request, name: str, version: str | None):
+        """The registry entry of the model a route names (in the version it names, if any)."""
         request.aibackend_model = name
-        model = self.door.registry.get(name)
-        v2 = model.spec.v2
+        entry = self.registry.entry(name)
+        v2 = entry.model.spec.v2
         if version is not None and not v2.native and version != v2.version:
             raise errors.NotFound(
                 f"model {name!r} has no version {version!r}: it has one version, {v2.version!r}", model=name
             )
-        return model
+        return entry
 
-    @app.handle_errors(errors.ApiError)
-    def api_error(self, request, failure):
-        return self.render_error(request, failure.value)
-
-    def render_error(self, request, error: errors.ApiError) -> bytes:
-        self.door.begin(request)
-        reason = REFUSALS.get(error.status)
-        if reason is not None:
-            self.door.metrics.refused(reason)
-        for name, value in error.headers.items():
-            request.responseHeaders.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
-        return _json(request, {"error": error.message}, error.status)
-
-    @app.handle_errors(RouteNotFound, RequestRedirect)
-    def route_not_found(self, request, failure):
-        self.door.begin(request)
-        path = request.path.decode("latin-1")
-        return _json(request, {"error": f"no Open Inference Protocol route {path!r}"}, 404)
-
-    @app.handle_errors(RouteMethodNotAllowed)
-    def route_method_not_allowed(self, request, failure):
-        self.door.begin(request)
-        allowed = sorted(failure.value.valid_methods or ())
-        request.responseHeaders.setRawHeaders(b"allow", [", ".join(allowed).encode("ascii")])
-        method = request.method.decode("latin-1")
-        return _json(request, {"error": f"{method} is not allowed here: use {' or '.join(allowed)}"}, 405)
-
-    @app.handle_errors(CancelledError)
-    def cancelled(self, request, failure):
-        if getattr(request, "_disconnected", False):
-            return b""
-        self.door.begin(request)
-        return _json(request, {"error": "the request was abandoned before it was answered"}, 503)
-
-    @app.handle_errors(Exception)
-    def unexpected(self, request, failure):
-        self.log.failure("unexpected error answering {method} {path}", failure,
-                         method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
-        self.door.begin(request)
-        return _json(request, {"error": "the daemon failed unexpectedly; see its log"}, 500)
+    def _model(self, request, name: str, version: str | None):
+        return self._entry(request, name, version).model
 
     # --- server -------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class OpenInference:
     @app.route("/health/ready", methods=["GET"], branch=False)
     def ready(self, request):
         self.begin(request, client=False)
-        if not self.door.accepting:
+        if not self.core.accepting:
             request.setHeader(b"retry-after", b"1")
             return _json(request, {"error": "the daemon is starting or stopping", "ready": False}, 503)
         return _json(request, {"ready": True})
@@ -213,7 +214,7 @@ class OpenInference:
     @app.route("/models", methods=["GET"], branch=False)
     def models(self, request):
         self.begin(request)
-        return _json(request, {"models": [model.model_id for model in self.door.registry.models()]})
+        return _json(request, {"models": [model.model_id for model in self.registry.models()]})
 
     # --- one model ----------------------------------------------------------
 
@@ -238,8 +239,8 @@ class OpenInference:
     def model_ready(self, request, name, version=None):
         request_id = self.begin(request)
         model = self._model(request, name, version)
-        state = getattr(model, "state", "ready")
-        if state != "ready":
+        state = model.state
+        if state != READY:
             return _json(request, {"error": f"model {name!r} is not ready: it is {state}", "name": name,
                                    "ready": False}, 503)
         if model.spec.v2.native:
@@ -280,8 +281,10 @@ class OpenInference:
     @app.route("/models/<string:name>/versions/<string:version>/infer", methods=["POST"], branch=False)
     def infer(self, request, name, version=None):
         request_id = self.begin(request)
-        model = self._model(request, name, version)
-        started = self.door.clock.seconds()
+        entry = self._entry(request, name, version)
+        model = entry.model
+        relay = self.core.relay
+        started = relay.clock.seconds()
         native = model.spec.v2.native
 
         def prepare(text):
@@ -293,15 +296,10 @@ class OpenInference:
             body, shape = self._adapted_request(model, document)
             return body, shape, RequestContext(request_id=request_id, operation="infer")
 
-        def refused(failure):
-            failure.trap(errors.ApiError)
-            self.door._log_request(model, request_id, started, failure.value.status, failure.value.message, "infer")
-            return failure
-
         d = self._work(prepare, maybeDeferred(_body_text, request))
-        d.addErrback(refused)
-        return d.addCallback(lambda prepared: self.door.relay(request, model, prepared[0], prepared[2], started,
-                                                              prepared[1]))
+        d.addErrback(relay.refused, entry, request_id, "infer", started)
+        return d.addCallback(lambda prepared: relay.send(request, entry, prepared[0], prepared[2], started,
+                                                         prepared[1]))
 
     def _work(self, function, text_or_deferred):
         """
@@ -458,21 +456,21 @@ class OpenInference:
     @app.route("/repository/index", methods=["POST"], branch=False)
     def repository_index(self, request):
         self.begin(request)
-        if self.door.primary is not None:
-            return self.door.forward(request)
+        if self.core.primary is not None:
+            return self.core.forward(request)
         document = _body(request, empty={})
         only_ready = document.get("ready", False)
         if not isinstance(only_ready, bool):
             raise errors.BadRequest("ready must be true or false")
         index = []
-        for model in self.door.registry.models():
-            state = getattr(model, "state", "ready")
+        for model in self.registry.models():
+            state = model.state
             entry = {"name": model.model_id, "version": model.spec.v2.version,
                      "state": STATES.get(state, "UNAVAILABLE"), "reason": ""}
-            if state == "failed":
-                entry["reason"] = getattr(model, "failed_reason", None) or "its processes failed"
+            if state == FAILED:
+                entry["reason"] = model.last_failure or "its processes failed"
             index.append(entry)
-        manager = self.door.manager
+        manager = self.core.manager
         for name, (spec, *_) in sorted((manager.unloaded if manager else {}).items()):
             index.append({"name": name, "version": spec.v2.version, "state": "UNAVAILABLE", "reason": "unloaded"})
         if only_ready:
@@ -481,17 +479,17 @@ class OpenInference:
 
     def _manager(self, request):
         self.begin(request, client=False)
-        self.door.guard.check_admin(request)
-        if self.door.manager is None and self.door.primary is None:
+        self.core.guard.check_admin(request)
+        if self.core.manager is None and self.core.primary is None:
             raise errors.NotFound("this daemon does not manage models at runtime")
-        return self.door.manager
+        return self.core.manager
 
     @app.route("/repository/models/<string:name>/load", methods=["POST"], branch=False)
     @inlineCallbacks
     def load(self, request, name):
         manager = self._manager(request)
-        if self.door.primary is not None:
-            return (yield self.door.forward(request))
+        if self.core.primary is not None:
+            return (yield self.core.forward(request))
         document = _body(request, empty={})
         parameters = _parameters(document.get("parameters"), "the request")
         table = None
@@ -517,8 +515,8 @@ class OpenInference:
     @inlineCallbacks
     def unload(self, request, name):
         manager = self._manager(request)
-        if self.door.primary is not None:
-            return (yield self.door.forward(request))
+        if self.core.primary is not None:
+            return (yield self.core.forward(request))
         _body(request, empty={})
         result = yield manager.unload(name)
         return _json(request, result)

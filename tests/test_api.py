@@ -69,11 +69,13 @@ def test_the_fake_model_records_what_it_was_sent(model):
 def test_a_model_written_to_the_interface_can_be_registered(clock):
     from zope.interface import implementer
 
+    from aibackend.interfaces import IModel
     from aibackend.logs import ModelLog
+    from aibackend.modelstate import AlwaysReady
     from aibackend.registry import ModelDeps, ModelRegistry
 
-    @implementer(ISender)
-    class AsDocumented:
+    @implementer(IModel)
+    class AsDocumented(AlwaysReady):
         model_id = "documented"
         type_name = "documented"
         spec = None
@@ -88,7 +90,7 @@ def test_a_model_written_to_the_interface_can_be_registered(clock):
             return {}
 
     model = AsDocumented()
-    assert verifyObject(ISender, model)
+    assert verifyObject(IModel, model)
 
     ModelRegistry(ModelDeps(reactor=clock)).add(model)
 
@@ -534,9 +536,10 @@ def test_cleanlogs_of_an_unknown_model_is_404(door):
 # --- the client going away ---------------------------------------------------------------------
 
 
-def test_a_client_that_goes_away_cancels_the_models_request(door, model):
+@pytest.mark.parametrize("path", ["/post/predict?id=m", "/POST/predict?id=m"])  # past Klein, through it
+def test_a_client_that_goes_away_cancels_the_models_request(door, model, path):
     model.holds()
-    d = door.request("POST", "/post/predict?id=m", data=b"{}", headers={"X-Request-Id": "gone"})
+    d = door.request("POST", path, data=b"{}", headers={"X-Request-Id": "gone"})
     assert len(model.pending) == 1
 
     # Drop every connection between the stub client and the site.
@@ -552,10 +555,11 @@ def test_a_client_that_goes_away_cancels_the_models_request(door, model):
     d.addErrback(lambda failure: None)  # the client's own request failed, as it should
 
 
-def test_a_model_cancelling_its_own_request_is_an_error_for_a_waiting_client(door, model, logged_errors):
+@pytest.mark.parametrize("path", ["/post/predict?id=m", "/POST/predict?id=m"])
+def test_a_model_cancelling_its_own_request_is_an_error_for_a_waiting_client(door, model, logged_errors, path):
     model.fails(CancelledError())
 
-    response = door.call("POST", "/post/predict?id=m", data=b"{}")
+    response = door.call("POST", path, data=b"{}")
 
     logged_errors.flush()
     assert response.status >= 500
@@ -592,7 +596,7 @@ def test_the_depth_of_json_is_measured_outside_strings(text, deeper_than_2):
 
 
 def test_json_as_deep_as_the_limit_is_read_and_one_level_more_is_a_400():
-    from aibackend.api import parse_json
+    from aibackend.web import parse_json
     from aibackend.jsonread import MAX_JSON_DEPTH
 
     assert parse_json(nested(MAX_JSON_DEPTH))[0][0]
@@ -640,13 +644,46 @@ def test_a_redirect_werkzeug_makes_anyway_is_answered_as_not_found(door, path, s
 
     request = DummyRequest(path.encode().split(b"/")[1:])
     request.path = path.encode()
+    request.aibackend_request_id = None  # (the daemon's BoundedRequest has it)
+    # What the Klein app of the path's front door answers a failure of its routing with.
+    front = door.front_door.api if shape == "front door" else door.front_door.open_inference
 
-    body = door.front_door.route_not_found(request, Failure(RequestRedirect("http://localhost/elsewhere")))
+    body = front.shape.failure(request, Failure(RequestRedirect("http://localhost/elsewhere")))
 
     assert request.responseCode == 404
     assert request.responseHeaders.getRawHeaders(b"location") is None
     error = json.loads(body)["error"]
     assert isinstance(error, dict if shape == "front door" else str)
+
+
+@pytest.mark.parametrize("shape", ["front door", "v2"])
+@pytest.mark.parametrize("gone", [False, True])
+def test_a_cancelled_request_is_answered_503_unless_its_client_went_away(door, shape, gone):
+    """What Klein's handler (written once for both apps) makes of a CancelledError outside the relay."""
+    import json
+
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b"x"])
+    request.aibackend_request_id = None
+    request.aibackend_gone = gone
+    front = door.front_door.api if shape == "front door" else door.front_door.open_inference
+
+    body = front.shape.failure(request, Failure(CancelledError()))
+
+    if gone:
+        assert body == b""
+        return
+    assert request.responseCode == 503
+    error = json.loads(body)["error"]
+    if shape == "front door":
+        assert error["type"] == "model_unavailable"
+        assert error["message"] == "the request was abandoned before it was answered"
+        assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"1"]
+    else:
+        assert error == "the request was abandoned before it was answered"
+        assert request.responseHeaders.getRawHeaders(b"retry-after") is None
 
 
 @pytest.mark.parametrize("path", ["/get/predict%FF?id=m", "/get/%C3%28?id=m", "/post/predict%FF?id=m"])
@@ -762,7 +799,7 @@ async def test_by_default_a_long_log_is_rendered_in_the_reactors_thread_pool(clo
 
     monkeypatch.setattr(api, "select", select)
 
-    body = await door.front_door.getlogs(DummyRequest([b""]), "r", {"id": ["m"]})
+    body = await door.front_door.api.getlogs(DummyRequest([b""]), "r", {"id": ["m"]})
 
     assert ran_in and ran_in[0] is not threading.main_thread()
     assert json.loads(body)["count"] == api.THREAD_ABOVE_ENTRIES + 2  # with the "added" entry
@@ -773,7 +810,7 @@ def test_a_large_predict_body_orjson_refuses_is_read_again_in_a_thread(clock, ta
     """json takes seconds for a few megabytes: not on the reactor."""
     from twisted.internet.defer import maybeDeferred
 
-    from aibackend.api import THREAD_ABOVE_BYTES
+    from aibackend.web import THREAD_ABOVE_BYTES
 
     model = FakeModel("m", clock).answers()
     ran = []

@@ -1,5 +1,6 @@
 """
-The lean hot path (issue 8): the route past Klein answers as Klein's would, the HTTP
+The lean hot path (issue 8): the route past Klein (the same checks and relay as Klein's
+route, without its routing) answers as Klein's would, the HTTP
 model's Agent-level client, endpoints made once, JSON checked with orjson and a fallback,
 a jsonl answer passed on as the model wrote it, and access events that can be turned off.
 """
@@ -10,12 +11,13 @@ import json
 
 import pytest
 from hyperlink import DecodedURL
+from twisted.internet.defer import CancelledError
 from twisted.logger import globalLogPublisher
 from twisted.web.error import SchemeNotSupported
 from twisted.web.client import URI
 
 from aibackend import errors
-from aibackend.api import orjson_takes, parse_json
+from aibackend.web import orjson_takes, parse_json
 from aibackend.auth import Guard
 from aibackend.httpmodel import BytesProducer, EndpointCache, not_strict_json, uri_bytes
 from aibackend.subprocess import _output_text
@@ -59,6 +61,34 @@ def test_the_fast_route_answers_as_the_klein_route_does(clock, query, body, head
 
     assert answer_without_request_id(fast) == answer_without_request_id(routed)
     assert fast.header("X-Request-Id")
+
+
+OUTCOMES = [
+    ("answers", lambda model: model.answers(201, b'{"from": "the model"}', {b"x-model": b"1"})),
+    ("times out", lambda model: model.fails(errors.GatewayTimeout("too slow", model="m"))),
+    ("is unavailable", lambda model: model.fails(errors.ModelUnavailable("busy", model="m", retry_after=3))),
+    ("cancels", lambda model: model.fails(CancelledError())),
+    ("has a bug", lambda model: model.fails(ZeroDivisionError("a bug"))),
+    ("raises at once", lambda model: model.raises(ZeroDivisionError("a bug"))),
+]
+
+
+@pytest.mark.parametrize("outcome", [setup for _, setup in OUTCOMES], ids=[name for name, _ in OUTCOMES])
+def test_the_fast_route_and_the_klein_route_answer_and_log_each_outcome_alike(clock, outcome, logged_errors):
+    """One relay below both: the same answer, headers and log entry, whatever the model does."""
+    model = outcome(FakeModel("m", clock))
+    door = StubFrontDoor(clock, [model])
+
+    fast = door.call("POST", "/post/predict?id=m", data=b"{}")
+    routed = door.call("POST", "/POST/predict?id=m", data=b"{}")
+    logged_errors.flush(ZeroDivisionError)
+
+    assert answer_without_request_id(fast) == answer_without_request_id(routed)
+    assert fast.header("Retry-After") == routed.header("Retry-After")
+    assert fast.header("X-Model") == routed.header("X-Model")
+    fast_entry, routed_entry = [entry for entry in model.model_log.query() if entry["event"] == "request"]
+    assert (fast_entry["status"], fast_entry.get("error")) == (routed_entry["status"], routed_entry.get("error"))
+    assert fast_entry["status"] == fast.status
 
 
 def test_the_fast_route_checks_client_keys(clock):

@@ -127,7 +127,7 @@ def listening():
     """
     from twisted.internet import reactor
 
-    from aibackend.api import FrontDoor
+    from aibackend.root import FrontDoor
     from aibackend.registry import ModelDeps, ModelRegistry
     from aibackend.server import AibackendSite
 

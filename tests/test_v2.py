@@ -676,6 +676,36 @@ def test_a_request_held_by_the_model_answers_once_the_model_does(door, plain):
     assert response.json()["outputs"] == [{"name": "a", "datatype": "INT64", "shape": [2], "data": [1, 2]}]
 
 
+def test_a_client_that_goes_away_from_an_inference_cancels_it_and_it_is_logged_499(door, plain):
+    plain.holds()
+    d = door.request("POST", "/v2/models/plain/infer", data=json.dumps({"inputs": [x_input()]}).encode(),
+                     headers={"X-Request-Id": "gone"})
+    assert len(plain.pending) == 1
+
+    for pump in list(door.stub._agent._pumps):
+        pump.serverIO.loseConnection()
+        pump.clientIO.loseConnection()
+        pump.flush()
+
+    assert [received.context.request_id for received in plain.cancelled] == ["gone"]
+    [entry] = [entry for entry in plain.model_log.query() if entry["event"] == "request"]
+    assert (entry["request_id"], entry["operation"], entry["status"]) == ("gone", "infer", 499)
+    d.addErrback(lambda failure: None)  # the client's own request failed, as it should
+
+
+def test_a_model_cancelling_an_inference_is_a_503_in_the_protocols_shape(door, plain):
+    from twisted.internet.defer import CancelledError
+
+    plain.fails(CancelledError())
+
+    response = infer(door, "plain", {"inputs": [x_input()]})
+
+    assert_v2_error(response, 503, message="abandoned the request")
+    assert response.header("Retry-After") == "1"
+    [entry] = [entry for entry in plain.model_log.query() if entry["event"] == "request"]
+    assert entry["status"] == 503
+
+
 # --- a native v2 model: proxied ---------------------------------------------------------------------
 
 
@@ -801,7 +831,7 @@ def test_the_repository_index_lists_every_model(door):
 
 
 class FailedModel(StatefulModel):
-    failed_reason = "it crashed 5 times"
+    last_failure = "it crashed 5 times"
 
 
 def test_the_repository_index_tells_each_state_and_ready_true_keeps_the_ready_ones(clock):

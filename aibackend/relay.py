@@ -1,0 +1,180 @@
+"""
+The relay below every front door, and the daemon's state they share.
+
+A front door (L{aibackend.api}, L{aibackend.v2}) translates its protocol into a resolved
+request (the model's registry entry, the body to send, a L{RequestContext}) and back; the
+L{Relay} does what they all do with it, once: count it in flight, send it to the model,
+log it in the model's log and the metrics, and map the outcome (the model's answer, an
+L{errors.ApiError}, a request cancelled because its client went away or its model is
+stopping, a bug) to what the client is told. (The guard is checked by each front door
+at its entrance, with L{Core.guard}, before the request is resolved: a client without a
+key learns nothing of which models exist.) L{Core} holds what every front door reads:
+the registry, the guard, the metrics, the clock, the model manager, the way to the
+primary process (C{--processes}), readiness, and the relay.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import threads
+from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET
+
+from aibackend import errors
+from aibackend.auth import Guard
+from aibackend.metrics import Metrics
+from aibackend.web import client_gone, sized
+
+# A client that goes away before its answer is logged with nginx's status for it.
+CLIENT_CLOSED = 499
+
+
+class Core:
+    """
+    The daemon's state the front doors share, given to each of them.
+
+    @param registry: the L{aibackend.registry.ModelRegistry}.
+    @param clock: an L{IReactorTime}, for latencies.
+    @param manager: the L{aibackend.admin.ModelManager}, or None (no runtime changes).
+    @param guard: the L{aibackend.auth.Guard} (by default: a unix socket's, no keys).
+    @param metrics: the L{aibackend.metrics.Metrics} (by default, the registry's own).
+    @param in_thread: C{deferToThread}'s signature; tests run the function at once.
+
+    @ivar accepting: ready for work: set once the daemon has started, cleared when it
+        begins to stop.
+    @ivar primary: with C{--processes}, in a worker process: the way to the primary
+        process (an L{aibackend.processes.Forwarder}); otherwise None.
+    @ivar relay: the L{Relay}.
+    """
+
+    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None, in_thread=None):
+        self.registry = registry
+        self.clock = clock
+        self.manager = manager
+        self.guard = guard if guard is not None else Guard(None, ["unix:"])
+        self.metrics = metrics if metrics is not None else Metrics(registry)
+        # How work too long for the reactor thread is done (rendering a long log, large
+        # tensors in aibackend.v2): the reactor's thread pool, bounded.
+        self.in_thread = in_thread if in_thread is not None else threads.deferToThread
+        self.accepting = False
+        self.primary = None
+        self.relay = Relay(clock, self.metrics)
+
+    def forward(self, request):
+        """
+        Have the primary process do an operation that changes the models (in a worker
+        process). The primary answers once every worker, this one included, has
+        followed the change (aibackend.processes.WorkerProcesses.sync).
+
+        @return: a Deferred of the answer's body.
+        """
+        return self.primary.forward(request).addCallback(lambda body: sized(request, body))
+
+
+class Relay:
+    """
+    Sends resolved requests to their models and says how each went.
+
+    @param clock: an L{IReactorTime}, for latencies.
+    @param metrics: the L{aibackend.metrics.Metrics}.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, metrics):
+        self.clock = clock
+        self.metrics = metrics
+
+    def send(self, request, entry, body: bytes, context, started: float, shape=None):
+        """
+        Send C{body} to the model of registry entry C{entry} and answer the client with
+        what it answers (or with what C{shape} makes of that L{ModelAnswer}); the outcome
+        is logged and counted once.
+
+        @param started: when the request came (the clock's seconds), for its latency.
+        @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}
+            (or, when the client went away, with the L{CancelledError}).
+        """
+        stats = entry.stats
+        stats.in_flight += 1
+        d = maybeDeferred(entry.model.send, body, context)
+
+        def settled(result):
+            stats.in_flight -= 1
+            return result
+
+        d.addBoth(settled)
+        if shape is not None:
+            d.addCallback(shape)
+        request_id, operation = context.request_id, context.operation
+
+        def answered(answer):
+            self.done(entry, request_id, operation, started, answer.status, None)
+            request.setResponseCode(answer.status)
+            headers = request.responseHeaders
+            for name, value in answer.headers.items():
+                headers.setRawHeaders(name, [value])
+            return sized(request, answer.body)
+
+        def failed(failure):
+            if failure.check(errors.ApiError):
+                self.done(entry, request_id, operation, started, failure.value.status, failure.value.message)
+            elif failure.check(CancelledError):
+                if client_gone(request):
+                    self.done(entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
+                    return failure
+                model_id = entry.model_id
+                error = errors.ModelUnavailable(
+                    f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
+                )
+                self.done(entry, request_id, operation, started, error.status, error.message)
+                raise error
+            else:
+                self.done(entry, request_id, operation, started, 500, failure.getErrorMessage())
+            return failure
+
+        d.addCallbacks(answered, failed)
+        return d
+
+    def done(self, entry, request_id: str, operation: str, started: float, status: int, error: str | None):
+        """
+        Log a request to the model of C{entry} (its log, the metrics): one sent, or one
+        refused before it was (a body that is not JSON).
+        """
+        seconds = self.clock.seconds() - started
+        self.metrics.observe(entry, operation, status, seconds)
+        entry.model.model_log.request(
+            request_id=request_id, operation=operation, status=status, latency_ms=seconds * 1000.0, error=error
+        )
+
+    def refused(self, failure, entry, request_id: str, operation: str, started: float):
+        """
+        An errback: log an L{errors.ApiError} that refused the request before it was sent
+        (C{d.addErrback(relay.refused, entry, request_id, operation, started)}).
+        """
+        if failure.check(errors.ApiError):
+            error = failure.value
+            self.done(entry, request_id, operation, started, error.status, error.message)
+        return failure
+
+    def answer(self, request, d, shape) -> object:
+        """
+        The fast path's end (no Klein between the request and the relay): answer the
+        request with what C{d} fires with, or its failure in C{shape} (an
+        L{aibackend.web.ErrorShape}), and cancel C{d} if the client goes away.
+
+        @return: C{NOT_DONE_YET}, for C{render}.
+        """
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addErrback(shape.errback, request)
+        d.addCallback(_write, request)
+        d.addErrback(self.log.failure, "writing an answer")
+        return NOT_DONE_YET
+
+
+def _write(body, request):
+    if request.finished or client_gone(request):
+        return
+    if body:
+        request.write(body)
+    request.finish()
