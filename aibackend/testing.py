@@ -10,8 +10,9 @@ Nothing here imports the global reactor: every fake takes the clock it runs on.
     sent and what was cancelled (for deadlines on a L{Clock}).
   - L{result_of}, L{failure_of}: the synchronous C{successResultOf}/C{failureResultOf}
     of trial, for pytest.
-  - L{StubFrontDoor}: a L{FrontDoor} behind L{treq.testing.StubTreq}, with a C{call}
-    that answers a L{Response} (status, headers, body, json) at once.
+  - L{StubFrontDoor}: a L{FrontDoor} served by the daemon's own Site over connections
+    in memory (L{twisted.test.iosim}), with a C{call} that answers a L{Response}
+    (status, headers, body, json) at once.
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import treq
+from treq.client import HTTPClient
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from aibackend.config import ModelSpec
@@ -254,10 +263,79 @@ class Response:
         return json.loads(self.body)
 
 
+@implementer(IBodyProducer)
+class _BodyAtOnce:
+    """A request body written whole as soon as the request is (so a request can answer at once)."""
+
+    def __init__(self, body):
+        self.body = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        self.length = len(self.body)
+
+    def startProducing(self, consumer) -> Deferred:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IAgentEndpointFactory, IStreamClientEndpoint)
+class _InMemory:
+    """
+    The endpoint of every URL: a connection in memory (L{twisted.test.iosim}) to a
+    protocol of C{site}, on the URL's port of 127.0.0.1, from 127.0.0.1:31337.
+
+    @ivar pumps: the connections' pumps, while one of their ends is open.
+    """
+
+    def __init__(self, site):
+        self.site = site
+        self.pumps: list = []
+        self._port = 80
+
+    def endpointForURI(self, uri) -> "_InMemory":
+        self._port = uri.port
+        return self
+
+    def connect(self, factory) -> Deferred:
+        server_address = IPv4Address("TCP", "127.0.0.1", self._port)
+        client_address = IPv4Address("TCP", "127.0.0.1", 31337)
+        server = self.site.buildProtocol(client_address)
+        server_transport = iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
+                                               peerAddress=client_address)
+        client = factory.buildProtocol(server_address)
+        client_transport = iosim.FakeTransport(client, isServer=False, hostAddress=client_address,
+                                               peerAddress=server_address)
+        self.pumps.append(iosim.connect(server, server_transport, client, client_transport))
+        return succeed(client)
+
+    def flush(self) -> None:
+        """Move every byte either end has written, until no connection has more to move."""
+        pumps, self.pumps = self.pumps, []
+        for pump in pumps:
+            pump.flush()
+            if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
+                self.pumps.append(pump)
+
+    def drop(self) -> None:
+        """Close both ends of every open connection (a client that goes away)."""
+        for pump in self.pumps:
+            pump.serverIO.loseConnection()
+            pump.clientIO.loseConnection()
+        self.flush()
+
+
 class StubFrontDoor:
     """
-    A L{aibackend.api.FrontDoor} over a registry, reached through L{StubTreq}: the
-    daemon's own Site (L{AibackendSite}) and Request, no socket.
+    A L{aibackend.api.FrontDoor} over a registry, reached through treq's L{HTTPClient} and
+    an L{Agent} whose every connection is made in memory (L{twisted.test.iosim}) to the
+    daemon's own Site (L{AibackendSite}) and Request: no socket.
 
     @param clock: the clock the front door and the registry's models run on.
     @param models: models to register.
@@ -267,8 +345,7 @@ class StubFrontDoor:
 
     def __init__(self, clock, models=(), *, max_body_bytes: int = 16 * 1024 * 1024, guard=None, manager=None,
                  in_thread=None):
-        from treq.testing import StubTreq
-
+        # api imports klein, which imports the global reactor: imported when a test builds one.
         from aibackend.api import FrontDoor
         from aibackend.registry import ModelDeps, ModelRegistry
         from aibackend.server import AibackendSite
@@ -280,15 +357,15 @@ class StubFrontDoor:
         # Work the daemon does in a thread is done at once (no thread pool runs here).
         self.front_door = FrontDoor(self.registry, clock, guard=guard, manager=manager,
                                     in_thread=in_thread if in_thread is not None else maybeDeferred)
-        self.stub = StubTreq(self.front_door.resource())
-        # StubTreq serves through a plain Site; serve through the daemon's instead (no
-        # form parsing, the body limit), on the stub's own memory reactor.
-        agent = self.stub._agent
+        # The site's own timers (header and idle deadlines) run on a clock nobody turns.
+        memory = MemoryReactorClock()
         self.site = AibackendSite(
-            self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=agent._memoryReactor,
+            self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=memory,
             metrics=self.front_door.metrics,
         )
-        agent._serverFactory = self.site
+        self._connections = _InMemory(self.site)
+        self._client = HTTPClient(Agent.usingEndpointFactory(memory, self._connections),
+                                  data_to_body_producer=_BodyAtOnce)
 
     def request(self, method: str, url: str, **kwargs) -> Deferred:
         """
@@ -297,15 +374,15 @@ class StubFrontDoor:
         """
         if url.startswith("/"):
             url = "http://localhost" + url
-        d = self.stub.request(method, url, **kwargs)
+        d = self._client.request(method, url, **kwargs)
 
         def read(response):
-            return self.stub.content(response).addCallback(
+            return treq.content(response).addCallback(
                 lambda body: Response(response.code, response.headers, body)
             )
 
         d.addCallback(read)
-        self.stub.flush()
+        self.flush()
         return d
 
     def call(self, method: str, url: str, **kwargs) -> Response:
@@ -313,7 +390,11 @@ class StubFrontDoor:
         return result_of(self.request(method, url, **kwargs))
 
     def flush(self) -> None:
-        self.stub.flush()
+        self._connections.flush()
+
+    def drop_connections(self) -> None:
+        """Drop every connection between the client and the site, as a client that goes away."""
+        self._connections.drop()
 
 
 __all__ = [

@@ -540,10 +540,7 @@ def test_a_client_that_goes_away_cancels_the_models_request(door, model):
     assert len(model.pending) == 1
 
     # Drop every connection between the stub client and the site.
-    for pump in list(door.stub._agent._pumps):
-        pump.serverIO.loseConnection()
-        pump.clientIO.loseConnection()
-        pump.flush()
+    door.drop_connections()
 
     assert [received.context.request_id for received in model.cancelled] == ["gone"]
     assert model.pending == []
