@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from test_subprocess_integration import Daemon, reaped
+from aibackend.testing import ROOT, Daemon, reaped
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_CONFIG = os.path.join(ROOT, "etc", "aibackend.toml")
 MODEL_SERVER_PORT = 9001  # fixed in etc/aibackend.toml
 
@@ -38,9 +37,9 @@ def port_is_free(port: int) -> bool:
 def example_daemon():
     if not port_is_free(MODEL_SERVER_PORT):
         pytest.skip(f"port {MODEL_SERVER_PORT} is busy: the example HTTP model server listens there")
-    daemon = Daemon(EXAMPLE_CONFIG, ROOT)
+    daemon = Daemon(EXAMPLE_CONFIG, cwd=ROOT)
     try:
-        yield daemon.wait_listening()
+        yield daemon
     finally:
         daemon.stop()
 
