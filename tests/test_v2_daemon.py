@@ -35,7 +35,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from test_subprocess_integration import MISBEHAVE, ROOT, Daemon, reaped, toml_models, wait_until
+from aibackend.testing import MISBEHAVE, ROOT, Daemon, free_port, reaped, toml_models, wait_until
 
 V2_SERVER = os.path.join("tests", "models", "v2_server.py")  # relative: the daemon runs in ROOT
 V2_WORKER = os.path.join(ROOT, "tests", "models", "v2_worker.py")
@@ -54,12 +54,6 @@ WORKER_V2 = {
 }
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
@@ -133,9 +127,8 @@ def v2(tmp_path_factory):
     )
     path = tmp / "aibackend.toml"
     path.write_text(config)
-    daemon = Daemon(str(path), ROOT)
+    daemon = Daemon(str(path), cwd=ROOT)
     try:
-        daemon.wait_listening()
         started = V2Daemon(daemon, upstream_port)
         wait_until(lambda: started.ready("worker") and started.state("tri") == "READY", 20,
                    "worker and tri to be ready")
@@ -404,4 +397,4 @@ def test_the_daemon_survived_and_stopping_it_leaves_no_model_process(v2):
 
     wait_until(lambda: all(reaped(pid) for pid in pids), 5, "every model process to be reaped")
     assert port_is_free(v2.upstream_port)
-    assert "Unhandled error in Deferred" not in "\n".join(v2.daemon.output), v2.daemon.log_text()
+    assert "Unhandled error in Deferred" not in v2.daemon.output, v2.daemon.log_text()
