@@ -28,6 +28,7 @@ The real thing, for the integration tests (blocking code, beside the reactor):
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -538,6 +539,19 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Could a server listen on 127.0.0.1:C{port} now?"""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
 
 
 def assert_no_bug_logged(output: str) -> None:
@@ -1289,6 +1303,7 @@ __all__ = [
     "parent_of",
     "parse_response",
     "pids_stopped",
+    "port_is_free",
     "proc_state",
     "reaped",
     "result_of",

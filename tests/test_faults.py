@@ -5,7 +5,7 @@ mid-request, and SIGTERM under load. Each asserts the statuses, that nothing han
 client call has a timeout), that no request is left without an answer, and that the
 daemon then serves normally.
 
-HTTP models are small C{ThreadingHTTPServer}s in a thread of this process; a "refusing"
+HTTP models are small L{aibackend.testing.ModelServer}s in a thread of this process; a "refusing"
 replica is a loopback port that was bound, then closed.
 """
 
@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from aibackend.testing import MISBEHAVE, ModelServer, alive, toml_models
+from aibackend.testing import MISBEHAVE, ModelServer, alive, free_port, toml_models
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -70,11 +69,7 @@ def model_server():
 
 def refusing_url() -> str:
     """A loopback URL whose port was bound then closed: connecting to it is refused."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}/predict"
+    return f"http://127.0.0.1:{free_port()}/predict"
 
 
 # --- helpers ------------------------------------------------------------------------------

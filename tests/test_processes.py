@@ -28,14 +28,13 @@ import time
 import pytest
 
 from aibackend.testing import (
-    MODEL_SERVER, PHOENIX, TWISTD, TWISTD_MARK, Multi, alive, children, cmdline, config_text,
+    MODEL_SERVER, PHOENIX, ROOT, TWISTD, TWISTD_MARK, Multi, alive, children, cmdline, config_text,
     descendants, free_port, listening_inode, parent_of, pids_stopped, reaped, run, socket_inodes, start_time, wait_until,
     with_mark, write,
 )
 
 pytestmark = pytest.mark.timeout(40)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAW_MODEL = os.path.join(ROOT, "examples", "raw_model.py")
 
 # Each model's processes are told apart by a tag on their command line (raw_model.py ignores it).

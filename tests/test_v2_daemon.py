@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 
 import numpy as np
@@ -35,7 +34,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from aibackend.testing import MISBEHAVE, ROOT, Daemon, free_port, reaped, toml_models, wait_until
+from aibackend.testing import MISBEHAVE, ROOT, Daemon, free_port, port_is_free, reaped, toml_models, wait_until
 
 V2_SERVER = os.path.join("tests", "models", "v2_server.py")  # relative: the daemon runs in ROOT
 V2_WORKER = os.path.join(ROOT, "tests", "models", "v2_worker.py")
@@ -54,16 +53,6 @@ WORKER_V2 = {
 }
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def worker_table(model_id: str) -> dict:
