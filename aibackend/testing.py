@@ -3,6 +3,8 @@ Fakes and helpers the tests share (and that people writing model types may reuse
 
 Nothing here imports the global reactor: every fake takes the clock it runs on.
 
+In memory:
+
   - L{FakeModel}: an L{IModel} whose answers the test decides (a canned
     L{ModelAnswer}, an error, a Deferred the test fires later), and which records every
     body and context it received.
@@ -10,24 +12,61 @@ Nothing here imports the global reactor: every fake takes the clock it runs on.
     sent and what was cancelled (for deadlines on a L{Clock}).
   - L{result_of}, L{failure_of}: the synchronous C{successResultOf}/C{failureResultOf}
     of trial, for pytest.
-  - L{StubFrontDoor}: a L{FrontDoor} behind L{treq.testing.StubTreq}, with a C{call}
-    that answers a L{Response} (status, headers, body, json) at once.
+  - L{StubFrontDoor}: a L{FrontDoor} served by the daemon's own Site over connections
+    in memory (L{twisted.test.iosim}), with a C{call} that answers a L{Response}
+    (status, headers, body, json) at once; L{ManagedFrontDoor}, one with a model manager.
+  - L{assert_error}, L{parse_response}: the daemon's error shape; a raw HTTP answer read.
+
+The real thing, for the integration tests (blocking code, beside the reactor):
+  - L{Daemon}: the real C{twistd aibackend} on a free loopback port (L{Multi}: with
+    C{--processes}), its log, requests to it (L{Reply}), and its stop (SIGTERM, reaped).
+  - L{ExampleModelServer}: examples/http_model_server.py on a free loopback port;
+    L{ModelServer}: an HTTP model in a thread of the test, keeping what it is sent.
+  - L{Process}: any child process with its output read; L{alive}, L{reaped},
+    L{children}... what /proc says; L{wait_until}, L{free_port}, L{toml_models}.
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from treq.client import HTTPClient
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.logger import Logger
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from aibackend.config import ModelSpec
+from aibackend.admin import ModelManager
+from aibackend.config import ModelSpec, parse_config
+from aibackend.destinations import DestinationPolicy
 from aibackend.interfaces import READY, IModel, ModelAnswer, RequestContext
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState, Waiters
+from aibackend.registry import ModelDeps, ModelRegistry
+from aibackend.server import AibackendSite
+from aibackend.store import MemoryStore
 
 
 # --- Deferreds, synchronously --------------------------------------------------
@@ -292,10 +331,79 @@ class Response:
         return json.loads(self.body)
 
 
+@implementer(IBodyProducer)
+class _BodyAtOnce:
+    """A request body written whole as soon as the request is (so a request can answer at once)."""
+
+    def __init__(self, body):
+        self.body = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        self.length = len(self.body)
+
+    def startProducing(self, consumer) -> Deferred:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IAgentEndpointFactory, IStreamClientEndpoint)
+class _InMemory:
+    """
+    The endpoint of every URL: a connection in memory (L{twisted.test.iosim}) to a
+    protocol of C{site}, on the URL's port of 127.0.0.1, from 127.0.0.1:31337.
+
+    @ivar pumps: the connections' pumps, while one of their ends is open.
+    """
+
+    def __init__(self, site):
+        self.site = site
+        self.pumps: list = []
+        self._port = 80
+
+    def endpointForURI(self, uri) -> "_InMemory":
+        self._port = uri.port
+        return self
+
+    def connect(self, factory) -> Deferred:
+        server_address = IPv4Address("TCP", "127.0.0.1", self._port)
+        client_address = IPv4Address("TCP", "127.0.0.1", 31337)
+        server = self.site.buildProtocol(client_address)
+        server_transport = iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
+                                               peerAddress=client_address)
+        client = factory.buildProtocol(server_address)
+        client_transport = iosim.FakeTransport(client, isServer=False, hostAddress=client_address,
+                                               peerAddress=server_address)
+        self.pumps.append(iosim.connect(server, server_transport, client, client_transport))
+        return succeed(client)
+
+    def flush(self) -> None:
+        """Move every byte either end has written, until no connection has more to move."""
+        pumps, self.pumps = self.pumps, []
+        for pump in pumps:
+            pump.flush()
+            if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
+                self.pumps.append(pump)
+
+    def drop(self) -> None:
+        """Close both ends of every open connection (a client that goes away)."""
+        for pump in self.pumps:
+            pump.serverIO.loseConnection()
+            pump.clientIO.loseConnection()
+        self.flush()
+
+
 class StubFrontDoor:
     """
-    A L{aibackend.root.FrontDoor} over a registry, reached through L{StubTreq}: the
-    daemon's own Site (L{AibackendSite}) and Request, no socket.
+    A L{aibackend.root.FrontDoor} over a registry, reached through treq's L{HTTPClient} and
+    an L{Agent} whose every connection is made in memory (L{twisted.test.iosim}) to the
+    daemon's own Site (L{AibackendSite}) and Request: no socket.
 
     @param clock: the clock the front door and the registry's models run on.
     @param models: models to register.
@@ -305,11 +413,8 @@ class StubFrontDoor:
 
     def __init__(self, clock, models=(), *, max_body_bytes: int = 16 * 1024 * 1024, guard=None, manager=None,
                  in_thread=None):
-        from treq.testing import StubTreq
-
+        # The front doors import klein, which imports the global reactor: imported when a test builds one.
         from aibackend.root import FrontDoor
-        from aibackend.registry import ModelDeps, ModelRegistry
-        from aibackend.server import AibackendSite
 
         self.clock = clock
         self.registry = ModelRegistry(ModelDeps(reactor=clock, environ={}))
@@ -318,15 +423,15 @@ class StubFrontDoor:
         # Work the daemon does in a thread is done at once (no thread pool runs here).
         self.front_door = FrontDoor(self.registry, clock, guard=guard, manager=manager,
                                     in_thread=in_thread if in_thread is not None else maybeDeferred)
-        self.stub = StubTreq(self.front_door.resource())
-        # StubTreq serves through a plain Site; serve through the daemon's instead (no
-        # form parsing, the body limit), on the stub's own memory reactor.
-        agent = self.stub._agent
+        # The site's own timers (header and idle deadlines) run on a clock nobody turns.
+        memory = MemoryReactorClock()
         self.site = AibackendSite(
-            self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=agent._memoryReactor,
+            self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=memory,
             metrics=self.front_door.metrics,
         )
-        agent._serverFactory = self.site
+        self._connections = _InMemory(self.site)
+        self._client = HTTPClient(Agent.usingEndpointFactory(memory, self._connections),
+                                  data_to_body_producer=_BodyAtOnce)
 
     def request(self, method: str, url: str, **kwargs) -> Deferred:
         """
@@ -335,15 +440,15 @@ class StubFrontDoor:
         """
         if url.startswith("/"):
             url = "http://localhost" + url
-        d = self.stub.request(method, url, **kwargs)
+        d = self._client.request(method, url, **kwargs)
 
         def read(response):
-            return self.stub.content(response).addCallback(
+            return treq.content(response).addCallback(
                 lambda body: Response(response.code, response.headers, body)
             )
 
         d.addCallback(read)
-        self.stub.flush()
+        self.flush()
         return d
 
     def call(self, method: str, url: str, **kwargs) -> Response:
@@ -351,18 +456,901 @@ class StubFrontDoor:
         return result_of(self.request(method, url, **kwargs))
 
     def flush(self) -> None:
-        self.stub.flush()
+        self._connections.flush()
+
+    def drop_connections(self) -> None:
+        """Drop every connection between the client and the site, as a client that goes away."""
+        self._connections.drop()
+
+class ManagedFrontDoor:
+    """
+    A L{StubFrontDoor} with a model manager (L{aibackend.admin.ModelManager}), its store
+    (a L{MemoryStore} unless given), and the models it started with: the runtime
+    operations (addmodel, removemodel, restart, /v2 load and unload) in memory.
+    """
+
+    def __init__(self, clock, *models, server=None, store=None, guard=None, environ=None):
+        self.clock = clock
+        self.server = server or parse_config({"server": {}}, environ={}).server
+        self.store = store if store is not None else MemoryStore()
+        self.manager = ModelManager(
+            None, self.store, self.server, clock=clock,
+            destination_policy=DestinationPolicy(self.server.allowed_destinations),
+            config_ids=[model.model_id for model in models], environ=environ if environ is not None else {},
+        )
+        self.stub = StubFrontDoor(clock, models, guard=guard, manager=self.manager)
+        self.manager.registry = self.registry = self.stub.registry
+
+    def call(self, method, url, **kwargs):
+        return self.stub.call(method, url, **kwargs)
+
+    def request(self, method, url, **kwargs):
+        return self.stub.request(method, url, **kwargs)
+
+    def add(self, table=None, query="", **kwargs):
+        if table is not None:
+            kwargs["data"] = json.dumps(table).encode()
+            kwargs.setdefault("headers", {"Content-Type": "application/json"})
+        return self.call("POST", "/post/addmodel" + query, **kwargs)
+
+    def predict(self, model_id, body=b"{}", **kwargs):
+        return self.call("POST", f"/post/predict?id={model_id}", data=body, **kwargs)
+
+    def ids(self):
+        response = self.call("GET", "/get/models")
+        assert response.status == 200, response.body
+        return [model["id"] for model in response.json()["models"]]
+
+    def status(self, model_id):
+        return self.call("GET", f"/get/status?id={model_id}")
+
+
+def assert_error(response, status, error_type, *, model=None, message=None) -> dict:
+    """The daemon's one error shape (of the plain routes), as JSON, with the request's id."""
+    assert response.status == status, response.body
+    assert response.header("Content-Type") == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert error["type"] == error_type
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["request_id"] == response.header("X-Request-Id")
+    if model is not None:
+        assert error["model"] == model
+    else:
+        assert "model" not in error
+    if message is not None:
+        assert message in error["message"], error["message"]
+    return error
+
+
+def parse_response(raw: bytes):
+    """One raw HTTP answer: (status, headers with lower-case names, body, the bytes after the body)."""
+    head, separator, rest = raw.partition(b"\r\n\r\n")
+    assert separator, f"no complete response head in {raw[:300]!r}"
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split()[1])
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", len(rest)))
+    return status, headers, rest[:length], rest[length:]
+
+
+# --- the real daemon, in a child process ---------------------------------------
+#
+# What the integration tests share: the real C{twistd aibackend} (the one beside this
+# Python) on a free loopback port, the processes it starts as /proc shows them, and the
+# example HTTP model server. Plain blocking code (subprocess, threads, http.client): it
+# runs beside the reactor pytest-twisted runs, never on it. Every wait has a deadline.
+# The paths are of the source tree (the package is installed editable to be tested).
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+MODEL_SERVER = os.path.join(ROOT, "examples", "http_model_server.py")
+MISBEHAVE = os.path.join(ROOT, "tests", "models", "misbehave.py")
+PHOENIX = os.path.join(ROOT, "tests", "models", "phoenix.py")  # crashes until its flag file exists
+LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
+START_DEADLINE = 20.0
+HEX32 = re.compile(r"^[0-9a-f]{32}$")  # a request id the daemon made
+ADMIN_TOKEN = "admin-token-0123456789abcdef"  # long enough to be taken
+LISTENING = re.compile(r"aibackend listening on http://([0-9.]+):(\d+)")
+TWISTD_MARK = "twisted.scripts.twistd"  # on the command line of every twistd process
+BUG_SIGNS = ("Traceback", "Unhandled error", "Unhandled Error")
+
+
+def wait_until(predicate, timeout: float, what: str):
+    """Poll C{predicate} until it is true (returned), for C{timeout} seconds at most."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago): connecting to it is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Could a server listen on 127.0.0.1:C{port} now?"""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def assert_no_bug_logged(output: str) -> None:
+    """The daemon's log shows no traceback and no unhandled error of its own."""
+    for sign in BUG_SIGNS:
+        assert sign not in output, output[-8000:]
+
+
+def event_text(line: str) -> str:
+    """A log line as text: itself, or the formatted event if it is a JSON event (--log-format json)."""
+    if line.startswith("{"):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(event, dict) and "log_format" in event:
+            return formatEvent(event)
+    return line
+
+
+def toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # strings, numbers and lists of them are the same in TOML
+
+
+def toml_models(*models: dict) -> str:
+    """C{[[models]]} tables of flat keys (an inline table for a dict)."""
+    return "\n".join(
+        "[[models]]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in model.items())
+        for model in models
+    )
+
+
+def config_text(*models, **server) -> str:
+    """A configuration: a C{[server]} table of these keys, then the models."""
+    lines = []
+    if server:
+        lines.append("[server]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in server.items()]
+    return "\n".join(lines) + "\n" + toml_models(*models)
+
+
+def write(path, text) -> str:
+    """Write C{text} to C{path} (a L{pathlib.Path}); its name."""
+    path.write_text(text)
+    return str(path)
+
+
+def misbehaving(model_id: str, *args: str, **keys) -> dict:
+    """A subprocess model of C{tests/models/misbehave.py} (run with C{python} from PATH)."""
+    return {"id": model_id, "type": "subprocess", "command": ["python", MISBEHAVE, *args], **keys}
+
+
+def run(argv, *, env=None, cwd=None, deadline=START_DEADLINE) -> subprocess.CompletedProcess:
+    """Run a command that is expected to end by itself, output captured apart."""
+    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=deadline,
+                          stdin=subprocess.DEVNULL)
+
+
+# --- processes, as /proc shows them --------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rpartition(")")[2].split()
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of a process in /proc (R, S, Z, ...), or None if there is none."""
+    fields = _stat(pid)
+    return fields[0] if fields else None
+
+
+def alive(pid: int) -> bool:
+    """Is C{pid} running (there, and not a zombie)?"""
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+def reaped(pid: int) -> bool:
+    """Is C{pid} gone from /proc (ended, and waited for by its parent)?"""
+    return proc_state(pid) is None
+
+
+def stopped(pid: int) -> bool:
+    """Is C{pid} stopped (SIGSTOP)?"""
+    return proc_state(pid) in ("T", "t")
+
+
+def parent_of(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def start_time(pid: int) -> int | None:
+    """When C{pid} started (in clock ticks since boot): tells a process from a later one of the same pid."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def children(pid: int) -> set[int]:
+    """The live (not zombie) children of C{pid}."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and parent_of(int(name)) == pid and alive(int(name)):
+            found.add(int(name))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def with_mark(pids, mark: str) -> set[int]:
+    """The processes of C{pids} with C{mark} in a part of their command line."""
+    return {pid for pid in pids if any(mark in part for part in cmdline(pid))}
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets C{pid} holds open."""
+    inodes = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:["):-1]))
+    return inodes
+
+
+def _tcp_sockets():
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            yield fields[1], fields[2], fields[3], int(fields[9])
+
+
+def _loopback(port: int) -> str:
+    return f"0100007F:{port:04X}"
+
+
+def listening_inode(port: int) -> int:
+    """The inode of the socket listening on 127.0.0.1:C{port}."""
+    for local, _, state, inode in _tcp_sockets():
+        if local == _loopback(port) and state == "0A":
+            return inode
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def accepted_inode(port: int, client_port: int) -> int:
+    """The inode of the server's end of a connection (0 until a process has accepted it)."""
+    for local, remote, state, inode in _tcp_sockets():
+        if local == _loopback(port) and remote == _loopback(client_port):
+            return inode
+    return 0
+
+
+@contextmanager
+def pids_stopped(pids):
+    """The processes stopped (SIGSTOP); continued (SIGCONT) whatever happens."""
+    pids = list(pids)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: all(stopped(pid) for pid in pids), 5, f"{pids} to stop")
+        yield
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+class Process:
+    """
+    A child process whose output is read by threads into L{lines}, so it never blocks on
+    a full pipe. Its stderr goes with its stdout, unless C{separate_stderr}: then it is
+    read apart too (L{stdout}, L{stderr}).
+    """
+
+    def __init__(self, argv, *, env=None, cwd=None, separate_stderr: bool = False):
+        self.argv = argv
+        self.lines: list[str] = []
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._changed = threading.Condition()
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+        )
+        self.pid = self.popen.pid
+        self._readers = [threading.Thread(target=self._read, args=(self.popen.stdout, self.stdout), daemon=True)]
+        if separate_stderr:
+            self._readers.append(threading.Thread(target=self._read, args=(self.popen.stderr, self.stderr),
+                                                  daemon=True))
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream, lines):
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._changed:
+                lines.append(line)
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to end (L{subprocess.TimeoutExpired} if it does not); its status."""
+        return self.popen.wait(timeout)
+
+    def _reading(self) -> bool:
+        return any(reader.is_alive() for reader in self._readers)
+
+    def wait_for(self, pattern, deadline: float = START_DEADLINE) -> re.Match:
+        """Wait until a line (a JSON event as its text) matches C{pattern}, a regular expression."""
+        regex = re.compile(pattern)
+        end = time.monotonic() + deadline
+        seen = 0
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(event_text(line))
+                    if match:
+                        return match
+                seen = len(self.lines)
+                if self.popen.poll() is not None and not self._reading():
+                    raise AssertionError(f"{self.argv[0]} ended ({self.popen.returncode}) before saying "
+                                         f"{regex.pattern!r}:\n{self.output[-8000:]}")
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.argv[0]} did not say {regex.pattern!r} within {deadline} s:\n"
+                                         f"{self.output[-8000:]}")
+                self._changed.wait(min(left, 0.2))
+
+    def _join(self) -> None:
+        for reader in self._readers:
+            reader.join(5)
+
+    def terminate(self, deadline: float = 10.0) -> int:
+        """SIGTERM, wait up to C{deadline} s, SIGKILL if needed; the exit status (the process is reaped)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(deadline)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._join()
+        return self.popen.returncode
+
+    def wait_exit(self, deadline: float = START_DEADLINE) -> int:
+        """Wait for the process to end by itself; if it does not in time, end it and fail."""
+        try:
+            self.popen.wait(deadline)
+        except subprocess.TimeoutExpired:
+            self.terminate()
+            raise AssertionError(f"{self.argv} still running after {deadline} s:\n{self.output[-8000:]}")
+        self._join()
+        return self.popen.returncode
+
+
+class Headers(dict):
+    """Response headers, by lower-case name, looked up whatever the case."""
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, name.lower())
+
+    def get(self, name: str, default=None):
+        return dict.get(self, name.lower(), default)
+
+
+class Reply(NamedTuple):
+    """What a client of the real daemon saw: also a tuple (status, headers, body)."""
+
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+    def error(self, status: int, error_type: str) -> dict:
+        """The daemon's one error shape, with this status and type."""
+        assert self.status == status, self
+        assert self.headers["content-type"] == "application/json"
+        error = self.json()["error"]
+        assert error["type"] == error_type, self
+        assert error["message"] and error["request_id"] == self.headers["x-request-id"]
+        return error
+
+    def __repr__(self):
+        return f"<Reply {self.status} {self.body[:300]!r}>"
+
+
+def call(port: int, method: str, path: str, body=None, headers=None, timeout: float = 15.0) -> Reply:
+    """One request on a connection of its own to 127.0.0.1:C{port}."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return Reply(response.status, Headers((k.lower(), v) for k, v in response.getheaders()), response.read())
+    finally:
+        connection.close()
+
+
+def _json_body(body, headers):
+    """A dict or list body as JSON (and its content type, unless given); any other as it is."""
+    if isinstance(body, (dict, list)):
+        return json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    return body, headers
+
+
+class Daemon:
+    """
+    C{twistd -n aibackend} in a child process, on a free loopback port unless told
+    (C{listen}); ready once its log says where it listens.
+
+    @param config: the configuration file (none: the daemon's defaults).
+    @param extra: more command-line arguments.
+    @param state: the C{--state} directory (none: the configuration's, or C{$XDG_STATE_HOME}'s).
+    @param env: variables added to this process's environment.
+    @param admin_token: given as C{AIBACKEND_ADMIN_TOKEN}.
+    @param processes: C{--processes}.
+    @param separate_stderr: read its stderr apart from its stdout.
+    @param wait: wait until it listens (else call L{wait_listening}).
+    """
+
+    def __init__(self, config: str | None = None, *extra: str, state=None, cwd=None, env=None,
+                 listen: str | None = LOOPBACK_ANY_PORT, admin_token: str | None = None, processes=None,
+                 separate_stderr: bool = False, wait: bool = True, deadline: float = START_DEADLINE):
+        argv = [TWISTD, "--pidfile=", "-n", "aibackend"]
+        if config is not None:
+            argv += ["--config", str(config)]
+        if state is not None:
+            argv += ["--state", str(state)]
+        if listen is not None:
+            argv += ["--listen", listen]
+        if processes is not None:
+            argv += ["--processes", str(processes)]
+        argv += extra
+        environ = {**os.environ, **(env or {})}
+        if admin_token is not None:
+            environ["AIBACKEND_ADMIN_TOKEN"] = admin_token
+        self.state = state
+        self.port: int | None = None
+        self.process = Process(argv, env=environ, cwd=cwd, separate_stderr=separate_stderr)
+        self.pid = self.process.pid
+        if wait:
+            self.wait_listening(deadline)
+
+    # the process
+
+    @property
+    def output(self) -> str:
+        """Everything it wrote, as text."""
+        return self.process.output
+
+    @property
+    def lines(self) -> list[str]:
+        return self.process.lines
+
+    @property
+    def stdout(self) -> list[str]:
+        return self.process.stdout
+
+    @property
+    def stderr(self) -> list[str]:
+        """Its stderr lines (with C{separate_stderr}; else they are in L{stdout})."""
+        return self.process.stderr
+
+    def log_text(self, count: int = 60) -> str:
+        """Its last C{count} lines."""
+        return "\n".join(self.lines[-count:])
+
+    def assert_no_bug_logged(self) -> None:
+        assert_no_bug_logged(self.output)
+
+    def wait_listening(self, timeout: float = START_DEADLINE) -> "Daemon":
+        """Wait until it listens (its port known); stopped if it does not."""
+        if self.port is None:
+            try:
+                match = self.process.wait_for(LISTENING, timeout)
+            except BaseException:
+                self.stop()
+                raise
+            self.port = int(match.group(2))
+        return self
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def terminate(self, timeout: float = 15) -> int:
+        """SIGTERM; it must end within C{timeout} s (else it is killed and the test fails); its status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.terminate(0)
+                raise AssertionError(f"the daemon did not stop within {timeout} s of SIGTERM:\n{self.log_text()}")
+        return self.process.terminate()
+
+    def stop(self) -> int:
+        """At the end of a test, whatever happened in it: SIGTERM, then SIGKILL after 10 s; reaped."""
+        return self.process.terminate(10)
+
+    def high_water_kb(self) -> int:
+        """Its peak resident memory (VmHWM), in kB."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    # requests
+
+    def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 15) -> Reply:
+        """One request on a new connection; a dict or list body is sent as JSON."""
+        body, headers = _json_body(body, headers)
+        return call(self.port, method, path, body, headers, timeout)
+
+    def predict(self, model_id: str, payload=None, headers=None, timeout: float = 15) -> Reply:
+        """POST /post/predict: C{payload} as JSON (C{{}} if none), or bytes as they are."""
+        if not isinstance(payload, bytes):
+            payload = json.dumps(payload if payload is not None else {}).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        return self.request("POST", f"/post/predict?id={model_id}", payload, headers, timeout)
+
+    def add(self, table: dict, query: str = "", headers=None) -> Reply:
+        return self.request("POST", "/post/addmodel" + query, table, headers)
+
+    def remove(self, model_id: str, headers=None) -> Reply:
+        return self.request("POST", f"/post/removemodel?id={model_id}", b"", headers)
+
+    def models(self, headers=None) -> dict:
+        """GET /get/models, by id."""
+        reply = self.request("GET", "/get/models", headers=headers)
+        assert reply.status == 200, reply
+        return {model["id"]: model for model in reply.json()["models"]}
+
+    def status(self, model_id: str) -> Reply:
+        return self.request("GET", f"/get/status?id={model_id}")
+
+    def wait_state(self, model_id: str, state: str, timeout: float = 5) -> dict:
+        """Wait until the model's status says C{state}; that status."""
+        found = {}
+
+        def reached():
+            reply = self.status(model_id)
+            found.update(reply.json())
+            return reply.status == 200 and found.get("state") == state
+
+        wait_until(reached, timeout, f"model {model_id} to be {state} (it is {found.get('state')})")
+        return found
+
+    def pids(self, model_id: str) -> set[int]:
+        """The pids of the model's processes, as its status says."""
+        reply = self.status(model_id)
+        assert reply.status == 200, reply
+        return {process["pid"] for process in reply.json()["processes"]}
+
+    def logs(self, model_id: str) -> list[dict]:
+        """The model's log entries (GET /get/getlogs)."""
+        reply = self.request("GET", f"/get/getlogs?id={model_id}")
+        assert reply.status == 200, reply
+        return reply.json()["entries"]
+
+    def events(self, model_id: str, name: str) -> list[dict]:
+        return [entry for entry in self.logs(model_id) if entry["event"] == name]
+
+    def model_pids(self, model_id: str) -> set[int]:
+        """Every process the model's log says was started."""
+        return {entry["pid"] for entry in self.events(model_id, "process started")}
+
+    def ready_pids(self, model_id: str) -> set[int]:
+        return {entry["pid"] for entry in self.events(model_id, "process ready")}
+
+    def scrape(self):
+        """@return: (content type, the /metrics page's text, its samples as [(name, labels, value)])."""
+        reply = self.request("GET", "/metrics")
+        assert reply.status == 200, reply.body
+        text = reply.body.decode("utf-8")
+        samples = [
+            (sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+        return reply.headers["content-type"], text, samples
+
+    def metric(self, name: str, **labels):
+        """The value of the one sample C{name} with exactly C{labels}, or None."""
+        for sample_name, sample_labels, value in self.scrape()[2]:
+            if sample_name == name and sample_labels == labels:
+                return value
+        return None
+
+
+class Multi(Daemon):
+    """
+    A L{Daemon} with C{--processes}: a primary and its workers, told apart through /proc.
+
+    Which process serves a connection is the kernel's choice; L{connection_to} takes one
+    pinned to a process: the others are stopped (SIGSTOP) until /proc shows that the
+    wanted one has accepted it, then continued (SIGCONT, always).
+    """
+
+    def workers(self) -> set[int]:
+        """The worker processes: the primary's children that run twistd."""
+        return with_mark(children(self.pid), TWISTD_MARK)
+
+    def worker(self) -> int:
+        (worker,) = self.workers()
+        return worker
+
+    def wait_workers(self, count: int, timeout: float = 10, exclude=()) -> set[int]:
+        found = set()
+
+        def enough():
+            found.clear()
+            found.update(self.workers() - set(exclude))
+            return len(found) == count
+
+        wait_until(enough, timeout, f"{count} worker process(es) (found {found})\n{self.output[-3000:]}")
+        return set(found)
+
+    def tagged(self, parent: int, tag: str) -> set[int]:
+        """The children of C{parent} with C{tag} on their command line."""
+        return with_mark(children(parent), tag)
+
+    def wait_tagged(self, parent: int, tag: str, count: int, timeout: float = 10) -> set[int]:
+        wait_until(lambda: len(self.tagged(parent, tag)) == count, timeout,
+                   f"{count} {tag} process(es) under {parent} (found {self.tagged(parent, tag)})")
+        return self.tagged(parent, tag)
+
+    def primary_stopped(self):
+        """The primary stopped: only the workers accept connections meanwhile."""
+        return pids_stopped([self.pid])
+
+    def connection_to(self, pid: int) -> http.client.HTTPConnection:
+        """A connection that process C{pid} (the primary or a worker) has accepted."""
+        others = ({self.pid} | self.workers()) - {pid}
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+        with pids_stopped(others):
+            connection.connect()
+            client_port = connection.sock.getsockname()[1]
+            wait_until(lambda: accepted_inode(self.port, client_port) in socket_inodes(pid), 5,
+                       f"process {pid} to accept the connection")
+        return connection
+
+    def request_to(self, pid: int, method: str, path: str, body=None, headers=None) -> Reply:
+        """One request on a connection process C{pid} accepted."""
+        body, headers = _json_body(body, headers)
+        connection = self.connection_to(pid)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return Reply(response.status, Headers((k.lower(), v) for k, v in response.getheaders()), response.read())
+        finally:
+            connection.close()
+
+
+class ExampleModelServer:
+    """examples/http_model_server.py, the README's model server, on a free loopback port (L{port})."""
+
+    def __init__(self):
+        self.process = Process([sys.executable, MODEL_SERVER, "--listen", LOOPBACK_ANY_PORT])
+        try:
+            self.port = int(self.process.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+        except BaseException:
+            self.process.terminate()
+            raise
+
+    def stop(self) -> int:
+        return self.process.terminate()
+
+
+class ModelServer:
+    """
+    An HTTP model on 127.0.0.1 (a free port) in a thread of this process: every request
+    (any method, any path) is kept in L{received} as (path, headers, body) and answered
+    by L{answer}: C{200 {"ok": true}} here, whatever a subclass says.
+    """
+
+    def __init__(self):
+        self.received: list[tuple[str, dict, bytes]] = []
+        self._changed = threading.Condition()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = dict(self.headers.items())
+                with server._changed:
+                    server.received.append((self.path, headers, body))
+                    server._changed.notify_all()
+                status, more, answer = server.answer(self.path, headers, body)
+                try:
+                    self.send_response(status)
+                    for name, value in {"Content-Type": "application/json", **more}.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                except OSError:
+                    pass  # the daemon gave up on us
+
+            do_GET = do_POST
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/predict"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def answer(self, path: str, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
+        """(status, headers, body) of the answer to a request (in the request's thread)."""
+        return 200, {}, b'{"ok": true}'
+
+    @property
+    def hits(self) -> int:
+        """How many requests it was sent."""
+        with self._changed:
+            return len(self.received)
+
+    def requests_to(self, prefix: str) -> list[tuple[str, dict, bytes]]:
+        with self._changed:
+            return [r for r in self.received if r[0].startswith(prefix)]
+
+    def wait_for(self, prefix: str, timeout: float = 5) -> None:
+        """Wait until a request to a path that starts with C{prefix} has come."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(r[0].startswith(prefix) for r in self.received):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no request to {prefix} within {timeout} s")
+                self._changed.wait(left)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
 
 
 __all__ = [
+    "ADMIN_TOKEN",
+    "Daemon",
+    "ExampleModelServer",
     "FakeModel",
+    "HEX32",
     "HangingClient",
+    "Headers",
     "JSONResponse",
+    "LOOPBACK_ANY_PORT",
+    "MISBEHAVE",
+    "MODEL_SERVER",
+    "PHOENIX",
+    "ManagedFrontDoor",
+    "ModelServer",
+    "Multi",
     "Posted",
+    "Process",
+    "ROOT",
     "Received",
+    "Reply",
     "Response",
     "StubFrontDoor",
+    "TWISTD",
+    "accepted_inode",
+    "alive",
+    "assert_error",
+    "assert_no_bug_logged",
+    "call",
+    "children",
+    "cmdline",
+    "config_text",
+    "descendants",
+    "event_text",
     "failure_of",
+    "free_port",
     "has_fired",
+    "listening_inode",
+    "misbehaving",
+    "parent_of",
+    "parse_response",
+    "pids_stopped",
+    "port_is_free",
+    "proc_state",
+    "reaped",
     "result_of",
+    "run",
+    "socket_inodes",
+    "start_time",
+    "stopped",
+    "toml_models",
+    "wait_until",
+    "with_mark",
+    "write",
 ]

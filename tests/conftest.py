@@ -120,3 +120,43 @@ def _session_state_dir(tmp_path_factory):
 def _test_state_dir(tmp_path_factory, monkeypatch):
     """Each test's own daemons start with an empty store."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+# --- the real daemon ---------------------------------------------------------------------
+# (aibackend.testing is imported in the fixtures, as everything in this file: see above.)
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    """examples/http_model_server.py on a free loopback port, for a module; its port."""
+    from aibackend.testing import ExampleModelServer
+
+    server = ExampleModelServer()
+    try:
+        yield server.port
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """
+    Start the real daemon (L{aibackend.testing.Daemon}) with these C{[[models]]} tables
+    (or C{config_text}), in C{tmp_path} unless told (C{cwd}), with the other keywords of
+    L{Daemon} (C{extra} arguments, C{state}, C{env}...); every daemon started is stopped
+    (SIGTERM, then SIGKILL) and reaped after the test.
+    """
+    from aibackend.testing import Daemon, toml_models
+
+    daemons = []
+
+    def start(*models: dict, config_text=None, cwd=None, extra=(), **options):
+        path = tmp_path / f"aibackend-{len(daemons)}.toml"
+        path.write_text(config_text if config_text is not None else toml_models(*models))
+        daemon = Daemon(str(path), *extra, cwd=cwd or str(tmp_path), wait=False, **options)
+        daemons.append(daemon)
+        return daemon.wait_listening()
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()

@@ -25,10 +25,9 @@ from aibackend.destinations import DestinationPolicy
 from aibackend.errors import BadGateway, Forbidden, GatewayTimeout
 from aibackend.interfaces import IRestartable, ModelAnswer
 from aibackend.store import Change, MemoryStore
-from aibackend.testing import FakeModel, StubFrontDoor, failure_of, has_fired, result_of
-from test_api import assert_error
-
-TOKEN = "admin-token-0123456789abcdef"
+from aibackend.testing import ADMIN_TOKEN as TOKEN
+from aibackend.testing import FakeModel, assert_error, failure_of, has_fired, result_of
+from aibackend.testing import ManagedFrontDoor as Door
 KEY = "client-key-0123456789"
 README_LINE = '/post/addmodel?id=myverygoodmodel?type=httpmodel?dest="127.0.0.1:8888"'
 PYTHON = os.path.realpath(sys.executable)
@@ -37,45 +36,6 @@ PYTHON = os.path.realpath(sys.executable)
 def server_spec(**server) -> config.ServerSpec:
     """A [server] table, normalised as the configuration file's is."""
     return config.parse_config({"server": server}, environ={}).server
-
-
-class Door:
-    """A front door with a model manager, its store, and the models it started with."""
-
-    def __init__(self, clock, *models, server=None, store=None, guard=None, environ=None):
-        self.clock = clock
-        self.server = server or server_spec()
-        self.store = store if store is not None else MemoryStore()
-        self.manager = ModelManager(
-            None, self.store, self.server, clock=clock,
-            destination_policy=DestinationPolicy(self.server.allowed_destinations),
-            config_ids=[model.model_id for model in models], environ=environ if environ is not None else {},
-        )
-        self.stub = StubFrontDoor(clock, models, guard=guard, manager=self.manager)
-        self.manager.registry = self.registry = self.stub.registry
-
-    def call(self, method, url, **kwargs):
-        return self.stub.call(method, url, **kwargs)
-
-    def request(self, method, url, **kwargs):
-        return self.stub.request(method, url, **kwargs)
-
-    def add(self, table=None, query="", **kwargs):
-        if table is not None:
-            kwargs["data"] = json.dumps(table).encode()
-            kwargs.setdefault("headers", {"Content-Type": "application/json"})
-        return self.call("POST", "/post/addmodel" + query, **kwargs)
-
-    def predict(self, model_id, body=b"{}", **kwargs):
-        return self.call("POST", f"/post/predict?id={model_id}", data=body, **kwargs)
-
-    def ids(self):
-        response = self.call("GET", "/get/models")
-        assert response.status == 200, response.body
-        return [model["id"] for model in response.json()["models"]]
-
-    def status(self, model_id):
-        return self.call("GET", f"/get/status?id={model_id}")
 
 
 class ServiceModel(FakeModel, Service):

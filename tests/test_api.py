@@ -1,5 +1,5 @@
 """
-The front door, through StubTreq: a real Site and Request, no socket.
+The front door, through StubFrontDoor: a real Site and Request, no socket.
 
 Models are L{aibackend.testing.FakeModel}s: each test decides what the model answers and
 looks at what it was sent.
@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from aibackend import errors
 from aibackend.interfaces import ISender, ModelAnswer, RequestContext
-from aibackend.testing import FakeModel, StubFrontDoor, has_fired, result_of
+from aibackend.testing import FakeModel, StubFrontDoor, assert_error, has_fired, result_of
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -27,25 +27,6 @@ def model(clock):
 @pytest.fixture
 def door(clock, model):
     return StubFrontDoor(clock, [model, FakeModel("other", clock)])
-
-
-def assert_error(response, status, error_type, *, model=None, message=None):
-    """The daemon's one error shape, as JSON, with the request's id."""
-    assert response.status == status, response.body
-    assert response.header("Content-Type") == "application/json"
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert error["type"] == error_type
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["request_id"] == response.header("X-Request-Id")
-    if model is not None:
-        assert error["model"] == model
-    else:
-        assert "model" not in error
-    if message is not None:
-        assert message in error["message"], error["message"]
-    return error
 
 
 def request_entries(model):
@@ -543,10 +524,7 @@ def test_a_client_that_goes_away_cancels_the_models_request(door, model, path):
     assert len(model.pending) == 1
 
     # Drop every connection between the stub client and the site.
-    for pump in list(door.stub._agent._pumps):
-        pump.serverIO.loseConnection()
-        pump.clientIO.loseConnection()
-        pump.flush()
+    door.drop_connections()
 
     assert [received.context.request_id for received in model.cancelled] == ["gone"]
     assert model.pending == []

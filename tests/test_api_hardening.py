@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_daemon import assert_no_bug_logged
-from test_runtime_daemon import Daemon, Reply, config_text, write
+from aibackend.testing import Daemon, Reply, config_text, write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,12 +45,12 @@ def daemon(tmp_path_factory):
         {"id": "adder", "type": "subprocess", "command": [sys.executable, adder], "timeout": 10,
          "log_entries": LOG_ENTRIES},
     )
-    daemon = Daemon(write(directory / "aibackend.toml", text), str(directory / "state"), cwd=str(directory))
+    daemon = Daemon(write(directory / "aibackend.toml", text), state=str(directory / "state"), cwd=str(directory))
     try:
         yield daemon
     finally:
-        daemon.terminate()
-    assert_no_bug_logged(daemon.output)
+        daemon.stop()
+    daemon.assert_no_bug_logged()
 
 
 def front_door_error(reply: Reply, status: int, error_type: str | None = None, message: str | None = None) -> dict:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_subprocess_integration import MISBEHAVE, start_daemon, toml_models  # noqa: F401
+from aibackend.testing import MISBEHAVE, toml_models
 
 SERVER = """
 [server]
@@ -121,7 +121,7 @@ def test_sigterm_lets_the_request_in_flight_finish(daemon):
     thread = threading.Thread(target=slow)
     thread.start()
     deadline = time.monotonic() + 5
-    while not any("request" in line or "predict" in line for line in daemon.output[-5:]):
+    while not any("request" in line or "predict" in line for line in daemon.lines[-5:]):
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)

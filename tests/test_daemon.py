@@ -2,136 +2,28 @@
 The real thing: the real twistd, the real example model server, real sockets on
 127.0.0.1 (ports the system picks), and what a user of the README would do with curl.
 
-Plain blocking tests: subprocess.Popen and http.client. Every wait polls with a deadline;
-every process is ended (SIGTERM, then SIGKILL if it lingers) by its fixture.
+Plain blocking tests: L{aibackend.testing.Daemon} and the C{model_server} fixture (both in
+child processes), http.client. Every wait polls with a deadline; every process is ended
+(SIGTERM, then SIGKILL if it lingers) by its fixture.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-MODEL_SERVER = os.path.join(ROOT, "examples", "http_model_server.py")
+from aibackend.testing import HEX32, LOOPBACK_ANY_PORT, ROOT, TWISTD, Daemon, Process, call, free_port, run
+
 TAC = os.path.join(ROOT, "etc", "aibackend.tac")
-LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
-START_DEADLINE = 20.0
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
-
-
-class Process:
-    """
-    A process whose output (stdout and stderr together) is read by a thread into
-    L{lines}, so it never blocks on a full pipe.
-    """
-
-    def __init__(self, argv, *, env=None, cwd=None):
-        self.argv = argv
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            text=True,
-            bufsize=1,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.popen.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, deadline: float = START_DEADLINE) -> re.Match:
-        """Wait until a line matches C{pattern} (a regular expression)."""
-        regex = re.compile(pattern)
-        end = time.monotonic() + deadline
-        seen = 0
-        with self._changed:
-            while True:
-                for line in self.lines[seen:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                if self.popen.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(f"{self.argv[0]} ended ({self.popen.returncode}) before saying {pattern!r}:\n{self.output}")
-                left = end - time.monotonic()
-                if left <= 0:
-                    pytest.fail(f"{self.argv[0]} did not say {pattern!r} within {deadline} s:\n{self.output}")
-                self._changed.wait(min(left, 0.2))
-
-    def terminate(self, deadline: float = 10.0) -> int:
-        """SIGTERM, wait up to C{deadline} s, SIGKILL if needed; return the exit status."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(deadline)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._reader.join(5)
-        return self.popen.returncode
-
-    def wait_exit(self, deadline: float = START_DEADLINE) -> int:
-        try:
-            self.popen.wait(deadline)
-        except subprocess.TimeoutExpired:
-            self.terminate()
-            pytest.fail(f"{self.argv} still running after {deadline} s:\n{self.output}")
-        self._reader.join(5)
-        return self.popen.returncode
-
-
-def run(argv, *, env=None, cwd=None, deadline=START_DEADLINE) -> subprocess.CompletedProcess:
-    """Run a command that is expected to end by itself, output captured apart."""
-    return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=deadline, stdin=subprocess.DEVNULL)
-
-
-def call(port, method, path, body=None, headers=None):
-    """@return: (status, headers with lower-case names, body bytes)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
 
 
 def curl_d(port, path, data: bytes, headers=None):
     """What `curl -d DATA URL` sends: a POST with the form content type."""
     return call(port, "POST", path, data, {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
-
-
-def closed_port() -> int:
-    """A loopback port with nothing listening (it was free a moment ago)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment(**extra):
@@ -171,52 +63,21 @@ connect_timeout = 2
     return str(path)
 
 
-def assert_no_bug_logged(output: str) -> None:
-    """The daemon's log shows no traceback and no unhandled error of its own."""
-    for sign in ("Traceback", "Unhandled error", "Unhandled Error"):
-        assert sign not in output, output[-8000:]
-
-
-def start_daemon(config: str | None, *extra, cwd=None, env=None) -> tuple[Process, int]:
-    argv = [TWISTD, "--pidfile=", "-n", "aibackend"]
-    if config is not None:
-        argv += ["--config", config]
-    argv += ["--listen", LOOPBACK_ANY_PORT, *extra]
-    daemon = Process(argv, cwd=cwd, env=env or environment())
-    try:
-        match = daemon.wait_for(r"aibackend listening on http://127\.0\.0\.1:(\d+)")
-    except BaseException:
-        daemon.terminate()
-        raise
-    return daemon, int(match.group(1))
-
-
 # --- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_server():
-    """The example HTTP model server; its port."""
-    server = Process([sys.executable, MODEL_SERVER, "--listen", LOOPBACK_ANY_PORT])
-    try:
-        match = server.wait_for(r"listening on http://127\.0\.0\.1:(\d+)")
-        yield int(match.group(1))
-    finally:
-        server.terminate()
 
 
 @pytest.fixture(scope="module")
 def daemon(model_server, tmp_path_factory):
     """A daemon serving sentiment, echo and a model whose server is down; its port."""
     directory = tmp_path_factory.mktemp("daemon")
-    config = write_config(directory / "aibackend.toml", model_server, down_port=closed_port())
-    process, port = start_daemon(config, "--max-body-bytes", "100000", cwd=str(directory))
+    config = write_config(directory / "aibackend.toml", model_server, down_port=free_port())
+    daemon = Daemon(config, "--max-body-bytes", "100000", cwd=str(directory))
     try:
-        yield port
+        yield daemon.port
     finally:
-        process.terminate()
+        daemon.stop()
     # Whatever the tests did, the daemon logged no bug of its own.
-    assert_no_bug_logged(process.output)
+    daemon.assert_no_bug_logged()
 
 
 # --- the README, with curl -------------------------------------------------------------------
@@ -344,7 +205,8 @@ def test_a_body_over_max_body_bytes_is_413(daemon):
 
 def test_sigterm_ends_the_daemon_with_status_0(model_server, tmp_path):
     config = write_config(tmp_path / "aibackend.toml", model_server)
-    process, port = start_daemon(config, cwd=str(tmp_path))
+    daemon = Daemon(config, cwd=str(tmp_path))
+    process, port = daemon.process, daemon.port
     try:
         assert curl_d(port, "/post/predict?id=echo", b"{}")[0] == 200
         process.popen.send_signal(signal.SIGTERM)

@@ -24,7 +24,7 @@ from aibackend.destinations import (
     check_destination,
     embedded_ipv4,
 )
-from aibackend.testing import failure_of, has_fired, result_of
+from aibackend.testing import Daemon, failure_of, has_fired, result_of
 
 METADATA = ["169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "fe80::1", "fe80::1%eth0",
             "0.0.0.0", "::", "::ffff:169.254.169.254", "::ffff:0.0.0.0"]
@@ -361,17 +361,15 @@ async def test_a_runtime_model_reaches_an_allowed_name(canary):
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     """The real daemon with the default destinations and no admin token (loopback only)."""
-    from test_runtime_daemon import Daemon, assert_no_traceback
-
     directory = tmp_path_factory.mktemp("destinations")
     config = directory / "aibackend.toml"
     config.write_text("")
-    running = Daemon(str(config), str(directory / "state"), cwd=str(directory))
+    running = Daemon(str(config), state=str(directory / "state"), cwd=str(directory))
     try:
         yield running
     finally:
-        running.terminate()
-    assert_no_traceback(running)
+        running.stop()
+    running.assert_no_bug_logged()
 
 
 ADDMODEL_DENIED = [f"http://[{address}]/latest/meta-data/" for address in METADATA_IN_IPV6] + [

@@ -6,41 +6,26 @@ README's requests, and SIGTERM leaves no example process behind.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
-import socket
 import time
 
 import pytest
 
-from test_subprocess_integration import Daemon, reaped
+from aibackend.testing import ROOT, Daemon, port_is_free, reaped
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_CONFIG = os.path.join(ROOT, "etc", "aibackend.toml")
 MODEL_SERVER_PORT = 9001  # fixed in etc/aibackend.toml
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
 
 
 @pytest.fixture
 def example_daemon():
     if not port_is_free(MODEL_SERVER_PORT):
         pytest.skip(f"port {MODEL_SERVER_PORT} is busy: the example HTTP model server listens there")
-    daemon = Daemon(EXAMPLE_CONFIG, ROOT)
+    daemon = Daemon(EXAMPLE_CONFIG, cwd=ROOT)
     try:
-        yield daemon.wait_listening()
+        yield daemon
     finally:
         daemon.stop()
 

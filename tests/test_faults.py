@@ -5,7 +5,7 @@ mid-request, and SIGTERM under load. Each asserts the statuses, that nothing han
 client call has a timeout), that no request is left without an answer, and that the
 daemon then serves normally.
 
-HTTP models are small C{ThreadingHTTPServer}s in a thread of this process; a "refusing"
+HTTP models are small L{aibackend.testing.ModelServer}s in a thread of this process; a "refusing"
 replica is a loopback port that was bound, then closed.
 """
 
@@ -15,17 +15,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from test_subprocess_integration import MISBEHAVE, alive, start_daemon, toml_models  # noqa: F401
+from aibackend.testing import MISBEHAVE, ModelServer, alive, free_port, toml_models
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -38,62 +36,29 @@ drain_timeout = 10
 # --- loopback model servers ---------------------------------------------------------------
 
 
-class ModelServer:
-    """A loopback HTTP server answering every POST with C{behave(handler, body)}; counts hits."""
+class FaultyModel(ModelServer):
+    """A loopback HTTP model answering every POST with C{status}, after C{delay} seconds; counts hits."""
 
     def __init__(self, status=200, delay=0.0):
         self.status = status
         self.delay = delay
-        self.hits = 0
-        self._lock = threading.Lock()
-        outer = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with outer._lock:
-                    outer.hits += 1
-                if outer.delay:
-                    time.sleep(outer.delay)
-                if outer.status == 200:
-                    answer = json.dumps({"ok": True, "port": outer.port, "echo": body.decode()}).encode()
-                else:
-                    answer = json.dumps({"error": {"message": "model broken"}}).encode()
-                try:
-                    self.send_response(outer.status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(answer)))
-                    self.end_headers()
-                    self.wfile.write(answer)
-                except OSError:
-                    pass  # the daemon gave up on us
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/predict"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def answer(self, path, headers, body):
+        if self.delay:
+            time.sleep(self.delay)
+        if self.status == 200:
+            return 200, {}, json.dumps({"ok": True, "port": self.port, "echo": body.decode()}).encode()
+        return self.status, {}, json.dumps({"error": {"message": "model broken"}}).encode()
 
 
 @pytest.fixture
 def model_server():
-    servers: list[ModelServer] = []
+    """Make L{FaultyModel}s (this module's own C{model_server}: not the example server of conftest)."""
+    servers: list[FaultyModel] = []
 
-    def make(**keys) -> ModelServer:
-        server = ModelServer(**keys)
+    def make(**keys) -> FaultyModel:
+        server = FaultyModel(**keys)
         servers.append(server)
         return server
 
@@ -104,11 +69,7 @@ def model_server():
 
 def refusing_url() -> str:
     """A loopback URL whose port was bound then closed: connecting to it is refused."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}/predict"
+    return f"http://127.0.0.1:{free_port()}/predict"
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -43,9 +43,7 @@ from hypothesis import strategies as st
 
 from aibackend.jsonread import MAX_JSON_DEPTH
 
-from test_daemon import MODEL_SERVER
-from test_runtime_daemon import Daemon
-from test_subprocess_integration import ROOT, toml_models, wait_until
+from aibackend.testing import MODEL_SERVER, ROOT, Daemon, free_port, toml_models, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,12 +73,6 @@ FUZZ_SETTINGS = dict(
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz")
@@ -107,7 +99,7 @@ def daemon(tmp_path_factory):
              "command": [sys.executable, os.path.join(ROOT, "examples", "worker_model.py")]},
         )
     )
-    running = Daemon(str(config), str(directory / "state"), cwd=ROOT, env={"AIBACKEND_ADMIN_TOKEN": TOKEN})
+    running = Daemon(str(config), state=str(directory / "state"), cwd=ROOT, admin_token=TOKEN)
     try:
         def ready():
             answer = exchange(running.port, request_bytes(Request("GET", "/get/models"), running.port))
@@ -117,7 +109,7 @@ def daemon(tmp_path_factory):
         yield running
     finally:
         stopping = len(running.process.lines)
-        running.terminate()
+        running.stop()
     assert_no_bug_in(running.process.lines[stopping:], "while the daemon stopped")
 
 

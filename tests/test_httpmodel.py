@@ -6,6 +6,8 @@ deadlines run on a Clock, with a client whose requests never answer.
 """
 
 import json
+import os
+import sys
 
 import pytest
 from treq.testing import StubTreq
@@ -21,7 +23,9 @@ from aibackend.config import HttpModelSpec
 from aibackend.errors import BadGateway, GatewayTimeout
 from aibackend.httpmodel import HttpModel
 from aibackend.interfaces import ISender, ModelAnswer, RequestContext
-from aibackend.testing import HangingClient, failure_of, has_fired, result_of
+from aibackend.testing import (
+    MODEL_SERVER, ROOT, Daemon, HangingClient, failure_of, free_port, has_fired, result_of, toml_models, wait_until,
+)
 
 URL = "http://model.test:9001"
 
@@ -411,18 +415,6 @@ def strict_daemon(tmp_path_factory):
     The real daemon with the example HTTP model server (echo), the Open Inference Protocol
     test server (tri, native v2) and the example raw model (adder), each started by it.
     """
-    import os
-    import socket
-    import sys
-
-    from test_daemon import MODEL_SERVER, assert_no_bug_logged
-    from test_subprocess_integration import ROOT, Daemon, toml_models, wait_until
-
-    def free_port() -> int:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            return probe.getsockname()[1]
-
     tmp = tmp_path_factory.mktemp("strict")
     echo_port, v2_port = free_port(), free_port()
     config = (
@@ -440,7 +432,7 @@ def strict_daemon(tmp_path_factory):
         + '[models.v2]\nnative = true\nmodel = "doubler"\n'
     )
     (tmp / "aibackend.toml").write_text(config)
-    daemon = Daemon(str(tmp / "aibackend.toml"), ROOT).wait_listening()
+    daemon = Daemon(str(tmp / "aibackend.toml"), cwd=ROOT)
     try:
         def ready():
             reply = daemon.request("GET", "/get/models")
@@ -450,7 +442,7 @@ def strict_daemon(tmp_path_factory):
         yield daemon
     finally:
         daemon.stop()
-    assert_no_bug_logged("\n".join(daemon.output))
+    daemon.assert_no_bug_logged()
 
 
 def post(daemon, path: str, body: bytes):

@@ -3,34 +3,22 @@ Observability of the real thing: the real C{twistd aibackend} on a free loopback
 real model processes (C{tests/models/misbehave.py}), scraped and probed over sockets the
 way Prometheus, a Kubernetes probe and a log shipper would.
 
-Plain blocking tests (subprocess.Popen, http.client); every wait polls with a deadline;
+Plain blocking tests (L{aibackend.testing.Daemon}, http.client); every wait polls with a deadline;
 every process started is ended (SIGTERM, then SIGKILL) by its fixture.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.parser import text_string_to_metric_families
 
-from test_daemon import assert_no_bug_logged
+from aibackend.testing import Daemon, ModelServer, event_text, free_port, misbehaving, toml_models, wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MISBEHAVE = os.path.join(ROOT, "tests", "models", "misbehave.py")
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-LISTENING = "aibackend listening on http://127.0.0.1:"
 ALLOWED_LABELS = {"model", "operation", "status_class", "reason", "le"}
 MAX_BODY = 1000
 ADMIN_TOKEN = "adm1n-T0ken-observability-7c1e5a9b"
@@ -42,165 +30,15 @@ pytestmark = pytest.mark.timeout(30)
 # --- the daemon -----------------------------------------------------------------------------
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def event_text(line: str) -> str:
-    """A log line as text: itself, or the formatted event if it is a JSON event."""
-    from twisted.logger import formatEvent
-
-    if line.startswith("{"):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return line
-        if isinstance(event, dict) and "log_format" in event:
-            return formatEvent(event)
-    return line
-
-
-class Daemon:
-    """C{twistd -n aibackend}, its stdout and stderr each drained into lines by a thread."""
-
-    def __init__(self, config_path: str, cwd: str, *extra: str, env=None):
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self.port = None
-        self.process = subprocess.Popen(
-            [TWISTD, "--pidfile=", "-n", "aibackend", "--config", config_path,
-             "--listen", "tcp:0:interface=127.0.0.1", "--max-body-bytes", str(MAX_BODY), *extra],
-            cwd=cwd,
-            env=env if env is not None else dict(os.environ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.process.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._read, args=(self.process.stderr, self.stderr), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream, lines):
-        for raw in stream:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            lines.append(line)
-            text = event_text(line)
-            if self.port is None and LISTENING in text:
-                self.port = int(text.split(LISTENING, 1)[1].split()[0].rstrip("/"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.stdout + self.stderr)
-
-    def wait_listening(self, timeout: float = 15) -> "Daemon":
-        deadline = time.monotonic() + timeout
-        while self.port is None:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the daemon exited with {self.process.returncode}:\n{self.output[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the daemon did not listen within {timeout} s:\n{self.output[-4000:]}")
-            time.sleep(0.02)
-        return self
-
-    def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def request(self, method, path, body=None, headers=None, timeout: float = 15):
-        """@return: (status, headers with lower-case names, body bytes)."""
-        connection = self.connect(timeout)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            connection.close()
-
-    def predict(self, model: str, payload, headers=None, timeout: float = 15):
-        return self.request(
-            "POST", f"/post/predict?id={model}", json.dumps(payload).encode(),
-            {"Content-Type": "application/json", **(headers or {})}, timeout,
-        )
-
-    def scrape(self):
-        """@return: (content type, the page's text, its samples as [(name, labels, value)])."""
-        status, headers, body = self.request("GET", "/metrics")
-        assert status == 200, body
-        text = body.decode("utf-8")
-        samples = [
-            (sample.name, sample.labels, sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        ]
-        return headers["content-type"], text, samples
-
-    def metric(self, name: str, **labels):
-        """The value of the one sample C{name} with exactly C{labels}, or None."""
-        for sample_name, sample_labels, value in self.scrape()[2]:
-            if sample_name == name and sample_labels == labels:
-                return value
-        return None
-
-    def terminate(self, timeout: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        for reader in self._readers:
-            reader.join(5)
-        return self.process.returncode
-
-
-def toml_value(value) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
-
-
-def toml_models(*models: dict) -> str:
-    return "\n".join(
-        "[[models]]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in model.items())
-        for model in models
-    )
-
-
-def misbehaving(model_id: str, **keys) -> dict:
-    return {"id": model_id, "type": "subprocess", "command": [sys.executable, MISBEHAVE], **keys}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def start_daemon(tmp_path):
-    """Start daemons with the given config text; each is stopped at the end of the test."""
-    daemons: list[Daemon] = []
+def start_daemon(start_daemon):
+    """Start daemons with the given config text, this module's body limit, stderr read apart."""
 
     def start(config_text: str, *extra: str, env=None) -> Daemon:
-        path = tmp_path / f"aibackend-{len(daemons)}.toml"
-        path.write_text(config_text)
-        daemon = Daemon(str(path), str(tmp_path), *extra, env=env)
-        daemons.append(daemon)
-        return daemon.wait_listening()
+        return start_daemon(config_text=config_text, extra=("--max-body-bytes", str(MAX_BODY), *extra), env=env,
+                            separate_stderr=True)
 
-    yield start
-    for daemon in daemons:
-        daemon.terminate()
+    return start
 
 
 @pytest.fixture(scope="module")
@@ -216,13 +54,13 @@ def busy_daemon(tmp_path_factory):
         misbehaving("victim", workers=1, timeout=10, restart_backoff=0.1, min_uptime=0),
     ))
     env = dict(os.environ, XDG_STATE_HOME=str(directory / "state"))
-    daemon = Daemon(str(config), str(directory), env=env)
+    daemon = Daemon(str(config), "--max-body-bytes", str(MAX_BODY), cwd=str(directory), env=env,
+                    separate_stderr=True)
     try:
-        daemon.wait_listening()
         yield daemon
     finally:
-        daemon.terminate()
-    assert_no_bug_logged(daemon.output)
+        daemon.stop()
+    daemon.assert_no_bug_logged()
 
 
 # --- /metrics and health on the real daemon -----------------------------------------------
@@ -338,7 +176,7 @@ def test_open_connections_counts_held_keep_alive_connections(busy_daemon):
 
 
 def test_a_removed_models_series_disappear(busy_daemon):
-    table = {"id": "temp", "type": "http", "url": f"http://127.0.0.1:{closed_port()}/predict",
+    table = {"id": "temp", "type": "http", "url": f"http://127.0.0.1:{free_port()}/predict",
              "timeout": 5, "connect_timeout": 2}
     status, _, body = busy_daemon.request("POST", "/post/addmodel", json.dumps(table).encode(),
                                           {"Content-Type": "application/json"})
@@ -417,37 +255,24 @@ def test_readiness_during_shutdown(start_daemon, tmp_path):
 # --- logs ---------------------------------------------------------------------------------
 
 
-class Upstream(BaseHTTPRequestHandler):
+class Upstream(ModelServer):
     """An HTTP model that answers {"ok": true} and remembers the Authorization it was sent."""
 
     seen_authorization: list = []
 
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        Upstream.seen_authorization.append(self.headers.get("Authorization"))
-        body = b'{"ok": true}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+    def answer(self, path, headers, body):
+        Upstream.seen_authorization.append(headers.get("Authorization"))
+        return super().answer(path, headers, body)
 
 
 @pytest.fixture
 def upstream():
     Upstream.seen_authorization = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = Upstream()
     try:
-        yield server.server_address[1]
+        yield server.port
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+        server.close()
 
 
 def keyed_config(upstream_port: int) -> str:

@@ -8,16 +8,15 @@ connections, and what /proc says about the processes: who is whose child, who ho
 listening socket, who is gone.
 
 Which process serves a connection is the kernel's choice; a test that needs one takes a
-connection pinned to it (L{Multi.connection_to}): the other processes are stopped
-(SIGSTOP) until /proc shows that the wanted one has accepted it, then continued (SIGCONT,
-always, in a finally), and the request is sent on that connection.
+connection pinned to it (L{aibackend.testing.Multi.connection_to}): the other processes
+are stopped (SIGSTOP) until /proc shows that the wanted one has accepted it, then continued
+(SIGCONT, always, in a finally), and the request is sent on that connection.
 
 Plain blocking tests; every wait has a deadline; every process a test saw is ended after it.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -25,19 +24,18 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
-from test_daemon import MODEL_SERVER, TWISTD, assert_no_bug_logged, closed_port, run
-from test_runtime_daemon import PHOENIX, Daemon, Reply, config_text, write
-from test_subprocess_integration import alive, reaped, wait_until
+from aibackend.testing import (
+    MODEL_SERVER, PHOENIX, ROOT, TWISTD, TWISTD_MARK, Multi, alive, children, cmdline, config_text,
+    descendants, free_port, listening_inode, parent_of, pids_stopped, reaped, run, socket_inodes, start_time, wait_until,
+    with_mark, write,
+)
 
 pytestmark = pytest.mark.timeout(40)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAW_MODEL = os.path.join(ROOT, "examples", "raw_model.py")
-TWISTD_MARK = "twisted.scripts.twistd"
 
 # Each model's processes are told apart by a tag on their command line (raw_model.py ignores it).
 SHARED_TAG = "tag-shared-model"
@@ -52,186 +50,7 @@ for line in sys.stdin:
 """
 
 
-# --- /proc ---------------------------------------------------------------------------------------
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part]
-    except OSError:
-        return []
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data.rpartition(")")[2].split()
-
-
-def parent_of(pid: int) -> int | None:
-    fields = _stat(pid)
-    return int(fields[1]) if fields else None
-
-
-def start_time(pid: int) -> int | None:
-    fields = _stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def children(pid: int) -> set[int]:
-    """The live (not zombie) children of C{pid}."""
-    found = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit() and parent_of(int(name)) == pid and alive(int(name)):
-            found.add(int(name))
-    return found
-
-
-def descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for child in children(todo.pop()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def with_mark(pids, mark: str) -> set[int]:
-    return {pid for pid in pids if any(mark in part for part in cmdline(pid))}
-
-
-def socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return inodes
-    for name in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[len("socket:["):-1]))
-    return inodes
-
-
-def _tcp_sockets():
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            yield fields[1], fields[2], fields[3], int(fields[9])
-
-
-def _loopback(port: int) -> str:
-    return f"0100007F:{port:04X}"
-
-
-def listening_inode(port: int) -> int:
-    """The inode of the socket listening on 127.0.0.1:C{port}."""
-    for local, _, state, inode in _tcp_sockets():
-        if local == _loopback(port) and state == "0A":
-            return inode
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def accepted_inode(port: int, client_port: int) -> int:
-    """The inode of the daemon's end of a connection (0 until a process has accepted it)."""
-    for local, remote, state, inode in _tcp_sockets():
-        if local == _loopback(port) and remote == _loopback(client_port):
-            return inode
-    return 0
-
-
-def stopped(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] in ("T", "t")
-
-
-@contextmanager
-def pids_stopped(pids):
-    """The processes stopped (SIGSTOP); continued (SIGCONT) whatever happens."""
-    pids = list(pids)
-    try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        wait_until(lambda: all(stopped(pid) for pid in pids), 5, f"{pids} to stop")
-        yield
-    finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-
-
 # --- the daemon -------------------------------------------------------------------------------------
-
-
-class Multi(Daemon):
-    """L{test_runtime_daemon.Daemon} with C{--processes}, and what /proc says about it."""
-
-    def workers(self) -> set[int]:
-        """The worker processes: the primary's children that run twistd."""
-        return with_mark(children(self.pid), TWISTD_MARK)
-
-    def worker(self) -> int:
-        (worker,) = self.workers()
-        return worker
-
-    def wait_workers(self, count: int, timeout: float = 10, exclude=()) -> set[int]:
-        found = set()
-
-        def enough():
-            found.clear()
-            found.update(self.workers() - set(exclude))
-            return len(found) == count
-
-        wait_until(enough, timeout, f"{count} worker process(es) (found {found})\n{self.output[-3000:]}")
-        return set(found)
-
-    def tagged(self, parent: int, tag: str) -> set[int]:
-        return with_mark(children(parent), tag)
-
-    def wait_tagged(self, parent: int, tag: str, count: int, timeout: float = 10) -> set[int]:
-        wait_until(lambda: len(self.tagged(parent, tag)) == count, timeout,
-                   f"{count} {tag} process(es) under {parent} (found {self.tagged(parent, tag)})")
-        return self.tagged(parent, tag)
-
-    def primary_stopped(self):
-        """The primary stopped: only the worker accepts connections meanwhile."""
-        return pids_stopped([self.pid])
-
-    def connection_to(self, pid: int) -> http.client.HTTPConnection:
-        """A connection that process C{pid} (the primary or a worker) has accepted."""
-        others = ({self.pid} | self.workers()) - {pid}
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-        with pids_stopped(others):
-            connection.connect()
-            client_port = connection.sock.getsockname()[1]
-            wait_until(lambda: accepted_inode(self.port, client_port) in socket_inodes(pid), 5,
-                       f"process {pid} to accept the connection")
-        return connection
-
-    def request_to(self, pid: int, method: str, path: str, body=None, headers=None) -> Reply:
-        """One request on a connection process C{pid} accepted."""
-        headers = dict(headers or {})
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-            headers.setdefault("Content-Type", "application/json")
-        connection = self.connection_to(pid)
-        try:
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-        finally:
-            connection.close()
 
 
 class Tracker:
@@ -281,9 +100,9 @@ def models_config(server_port: int, *more, **server) -> str:
 
 def start_multi(directory, *more, tracker=None, **server) -> Multi:
     """The daemon (models_config and C{more}) with two processes, once every process runs its models."""
-    server_port = closed_port()
+    server_port = free_port()
     path = write(directory / "multi.toml", models_config(server_port, *more, **server))
-    daemon = Multi(path, str(directory / "state"), "--processes", "2", cwd=str(directory))
+    daemon = Multi(path, state=str(directory / "state"), processes=2, cwd=str(directory))
     try:
         daemon.server_port = server_port
         if tracker is not None:
@@ -296,13 +115,9 @@ def start_multi(directory, *more, tracker=None, **server) -> Multi:
         if tracker is not None:
             tracker.add(descendants(daemon.pid))
     except BaseException:
-        daemon.terminate()
+        daemon.stop()
         raise
     return daemon
-
-
-def assert_no_traceback(daemon) -> None:
-    assert_no_bug_logged(daemon.output)
 
 
 # A model that fails at start (one crash is enough): the primary says it has failed.
@@ -322,9 +137,9 @@ def pair(tmp_path_factory):
     finally:
         for pid in [daemon.pid, *daemon.workers()]:
             os.kill(pid, signal.SIGCONT)
-        daemon.terminate()
+        daemon.stop()
         tracker.kill_leftovers()
-    assert_no_traceback(daemon)
+    daemon.assert_no_bug_logged()
 
 
 def fresh_statuses(daemon, model_id: str, count: int = 20) -> list[int]:
@@ -588,7 +403,7 @@ def test_sigterm_ends_the_primary_the_worker_and_every_model_process(tmp_path, t
     assert reaped(worker)
     wait_until(lambda: not any(alive(pid) for pid in everything), 10,
                f"every process to end (left: {[p for p in everything if alive(p)]})")
-    assert_no_traceback(daemon)
+    daemon.assert_no_bug_logged()
 
 
 def test_sigterm_lets_the_worker_finish_its_requests(tmp_path, tracker):
@@ -663,7 +478,7 @@ def test_a_killed_primary_takes_the_worker_and_the_models_with_it(tmp_path, trac
 
 
 def test_restart_brings_back_a_per_process_model_in_every_process(tmp_path, tracker):
-    phoenix = write(tmp_path / "phoenix.py", PHOENIX)
+    phoenix = PHOENIX
     flag = tmp_path / "phoenix.flag"
     daemon = start_multi(
         tmp_path,
@@ -710,7 +525,7 @@ def test_a_bad_processes_start_is_one_line_and_exit_1(tmp_path, arguments, wante
 
 def test_processes_auto_starts_one_process_per_core(tmp_path, tracker):
     path = write(tmp_path / "auto.toml", config_text())
-    daemon = Multi(path, str(tmp_path / "state"), "--processes", "auto", cwd=str(tmp_path))
+    daemon = Multi(path, state=str(tmp_path / "state"), processes="auto", cwd=str(tmp_path))
     tracker.add([daemon.pid])
     try:
         workers = daemon.wait_workers(max(1, os.cpu_count() or 1) - 1, timeout=15)

@@ -3,14 +3,15 @@ Runtime model management in the real daemon: the real C{twistd aibackend} on a f
 loopback port, real model servers and model processes, and what a user sees over HTTP
 (http.client), in the log, in the state directory and in /proc.
 
-Plain blocking tests. Model servers of our own run in threads of this process (a
-recorder that keeps every request it got, a canary that counts connections on
-127.0.0.2); every wait has a deadline; every process is ended by its fixture.
+Plain blocking tests (L{aibackend.testing.Daemon}). Model servers of our own run in threads
+of this process (a recorder that keeps every request it got, a canary that counts
+connections on 127.0.0.2); every wait has a deadline; every process is ended by its fixture.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -21,17 +22,15 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from test_daemon import MODEL_SERVER, TWISTD, Process, assert_no_bug_logged
-import test_subprocess_integration as integration
-from test_subprocess_integration import reaped, toml_models, wait_until
+from aibackend.testing import (
+    LOOPBACK_ANY_PORT, PHOENIX, TWISTD, Daemon, ModelServer, config_text, reaped, wait_until, write,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-LOOPBACK = "tcp:0:interface=127.0.0.1"
 TOKEN = "admin-token-0123456789abcdef"
 KEY = "client-key-0123456789"
 SECRET = "s3cr3t-value-from-env"
@@ -49,16 +48,6 @@ for line in sys.stdin:
         print(json.dumps({"id": message["id"], "output": {"version": version, "pid": os.getpid()}}), flush=True)
 """
 
-# A raw model that crashes at once until its flag file exists.
-PHOENIX = """
-import json, os, sys
-if not os.path.exists(sys.argv[1]):
-    sys.stderr.write("no flag file yet\\n")
-    sys.exit(3)
-for line in sys.stdin:
-    print(json.dumps({"pid": os.getpid(), "risen": True}), flush=True)
-"""
-
 # A raw model that tells what it was given in its environment.
 ENVDUMP = """
 import json, os, sys
@@ -70,71 +59,27 @@ for line in sys.stdin:
 # --- model servers in threads -----------------------------------------------------------------
 
 
-class Recorder:
+class Recorder(ModelServer):
     """
     An HTTP model server that keeps what it receives: any path answers C{{"path", "echo"}};
     C{/slow...} answers after L{SLOW_SECONDS}; C{/redirect...} answers 302 to L{redirect_to}.
     """
 
     def __init__(self):
-        self.received: list[tuple[str, dict, bytes]] = []
         self.redirect_to = "http://127.0.0.2:9/"
-        self._changed = threading.Condition()
-        recorder = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with recorder._changed:
-                    recorder.received.append((self.path, dict(self.headers.items()), body))
-                    recorder._changed.notify_all()
-                status, headers = 200, {}
-                if self.path.startswith("/slow"):
-                    time.sleep(SLOW_SECONDS)
-                elif self.path.startswith("/redirect"):
-                    status, headers = 302, {"Location": recorder.redirect_to}
-                try:
-                    echo = json.loads(body or b"null")
-                except ValueError:
-                    echo = None
-                answer = json.dumps({"path": self.path, "echo": echo}).encode()
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            do_GET = do_POST
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def requests_to(self, prefix: str) -> list[tuple[str, dict, bytes]]:
-        with self._changed:
-            return [r for r in self.received if r[0].startswith(prefix)]
-
-    def wait_for(self, prefix: str, timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not any(r[0].startswith(prefix) for r in self.received):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no request to {prefix} within {timeout} s")
-                self._changed.wait(left)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, path, headers, body):
+        status, more = 200, {}
+        if path.startswith("/slow"):
+            time.sleep(SLOW_SECONDS)
+        elif path.startswith("/redirect"):
+            status, more = 302, {"Location": self.redirect_to}
+        try:
+            echo = json.loads(body or b"null")
+        except ValueError:
+            echo = None
+        return status, more, json.dumps({"path": path, "echo": echo}).encode()
 
 
 class Canary:
@@ -184,122 +129,16 @@ def canary():
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-class Reply(integration.Reply):
-    def error(self, status: int, error_type: str) -> dict:
-        """The daemon's one error shape, with this status and type."""
-        assert self.status == status, self
-        assert self.headers["content-type"] == "application/json"
-        error = self.json()["error"]
-        assert error["type"] == error_type, self
-        assert error["message"] and error["request_id"] == self.headers["x-request-id"]
-        return error
-
-
-def request(port, method, path, body=None, headers=None, timeout=10.0) -> Reply:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-    finally:
-        connection.close()
-
-
-class Daemon:
-    """C{twistd -n aibackend} on a free port, its output read by a thread."""
-
-    def __init__(self, config: str, state: str, *extra, listen=LOOPBACK, env=None, cwd=None):
-        argv = [TWISTD, "--pidfile=", "-n", "aibackend", "--config", config, "--state", state, "--listen", listen,
-                *extra]
-        self.state = state
-        self.process = Process(argv, env={**os.environ, **(env or {})}, cwd=cwd)
-        self.pid = self.process.popen.pid
-        try:
-            match = self.process.wait_for(r"aibackend listening on http://[0-9.]+:(\d+)", 15)
-        except BaseException:
-            self.process.terminate()
-            raise
-        self.port = int(match.group(1))
-
-    @property
-    def output(self) -> str:
-        return self.process.output
-
-    def request(self, method, path, body=None, headers=None, timeout=10.0) -> Reply:
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        return request(self.port, method, path, body, headers, timeout)
-
-    def add(self, table: dict, query: str = "", headers=None) -> Reply:
-        return self.request("POST", "/post/addmodel" + query, table, headers)
-
-    def remove(self, model_id: str, headers=None) -> Reply:
-        return self.request("POST", f"/post/removemodel?id={model_id}", b"", headers)
-
-    def predict(self, model_id: str, payload=None, headers=None, timeout=10.0) -> Reply:
-        return self.request("POST", f"/post/predict?id={model_id}", payload if payload is not None else {},
-                            headers, timeout)
-
-    def models(self, headers=None) -> dict:
-        reply = self.request("GET", "/get/models", headers=headers)
-        assert reply.status == 200, reply
-        return {model["id"]: model for model in reply.json()["models"]}
-
-    def status(self, model_id: str) -> Reply:
-        return self.request("GET", f"/get/status?id={model_id}")
-
-    def wait_state(self, model_id: str, state: str, timeout: float = 5) -> dict:
-        found = {}
-
-        def reached():
-            reply = self.status(model_id)
-            found.update(reply.json())
-            return reply.status == 200 and found.get("state") == state
-
-        wait_until(reached, timeout, f"model {model_id} to be {state} (it is {found.get('state')})")
-        return found
-
-    def pids(self, model_id: str) -> set[int]:
-        reply = self.status(model_id)
-        assert reply.status == 200, reply
-        return {process["pid"] for process in reply.json()["processes"]}
-
-    def terminate(self) -> int:
-        return self.process.terminate()
-
-
-def write(path, text) -> str:
-    path.write_text(text)
-    return str(path)
-
-
-def config_text(*models, **server) -> str:
-    lines = []
-    if server:
-        lines.append("[server]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in server.items()]
-    return "\n".join(lines) + "\n" + toml_models(*models)
-
-
 @pytest.fixture
-def start(tmp_path):
-    """Start daemons for one test (each on its own state unless told); all are ended after it."""
-    daemons: list[Daemon] = []
+def start(start_daemon, tmp_path):
+    """Start daemons for one test (each on its own state unless told); all are stopped after it."""
+    started = itertools.count()
 
-    def start_(config: str = "", *extra, state=None, **kwargs) -> Daemon:
-        path = write(tmp_path / f"aibackend-{len(daemons)}.toml", config)
-        daemon = Daemon(path, str(state or tmp_path / f"state-{len(daemons)}"), *extra, cwd=str(tmp_path), **kwargs)
-        daemons.append(daemon)
-        return daemon
+    def start_(config: str = "", *extra, state=None, **options) -> Daemon:
+        state = state or tmp_path / f"state-{next(started)}"
+        return start_daemon(config_text=config, extra=extra, state=str(state), **options)
 
-    yield start_
-    for daemon in daemons:
-        daemon.terminate()
-
-
-def assert_no_traceback(daemon: Daemon) -> None:
-    assert_no_bug_logged(daemon.output)
+    return start_
 
 
 # --- one daemon for most tests ----------------------------------------------------------------------
@@ -311,7 +150,7 @@ def scripts(tmp_path_factory):
     return {
         "dir": directory,
         "versioned": write(directory / "versioned.py", VERSIONED),
-        "phoenix": write(directory / "phoenix.py", PHOENIX),
+        "phoenix": PHOENIX,
         "envdump": write(directory / "envdump.py", ENVDUMP),
         "flag": str(directory / "phoenix.flag"),
     }
@@ -335,23 +174,13 @@ def main(recorder, scripts, tmp_path_factory):
          "restart_backoff": 0.05, "max_backoff": 0.1, "max_restarts": 2, "min_uptime": 10},
         allowed_commands=[sys.executable],
     )
-    daemon = Daemon(write(directory / "main.toml", text), str(directory / "state"),
+    daemon = Daemon(write(directory / "main.toml", text), state=str(directory / "state"),
                     env={"AIB_TEST_SECRET": SECRET}, cwd=str(directory))
     try:
         yield daemon
     finally:
-        daemon.terminate()
-    assert_no_traceback(daemon)
-
-
-@pytest.fixture(scope="module")
-def example_server():
-    """examples/http_model_server.py on a free loopback port; its port."""
-    server = Process([sys.executable, MODEL_SERVER, "--listen", LOOPBACK])
-    try:
-        yield int(server.wait_for(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
-    finally:
-        server.terminate()
+        daemon.stop()
+    daemon.assert_no_bug_logged()
 
 
 # --- addmodel ---------------------------------------------------------------------------------
@@ -373,15 +202,15 @@ def test_the_readmes_addmodel_line_exactly(main, recorder):
     assert len([r for r in recorder.requests_to("/") if r[1].get("X-Request-Id") == "readme-1"]) == 1
 
 
-def test_the_readme_walkthrough_with_the_example_model_server(main, example_server):
-    added = main.request("POST", f'/post/addmodel?id=walkthrough?type=httpmodel?dest="127.0.0.1:{example_server}/echo"')
+def test_the_readme_walkthrough_with_the_example_model_server(main, model_server):
+    added = main.request("POST", f'/post/addmodel?id=walkthrough?type=httpmodel?dest="127.0.0.1:{model_server}/echo"')
     assert added.status == 201, added
     echoed = main.request("POST", "/post/predict?id=walkthrough", b'{"hello": "world"}',
                           {"Content-Type": "application/x-www-form-urlencoded"})
     assert echoed.status == 200, echoed
     assert echoed.json()["echo"] == {"hello": "world"}
 
-    replaced = main.add({"id": "walkthrough", "type": "http", "url": f"http://127.0.0.1:{example_server}/sentiment",
+    replaced = main.add({"id": "walkthrough", "type": "http", "url": f"http://127.0.0.1:{model_server}/sentiment",
                          "timeout": 5}, "?replace=true")
 
     assert replaced.status == 200, replaced
@@ -678,7 +507,7 @@ def test_an_admin_token_file_and_client_keys(start, recorder, tmp_path):
     assert logs.status == 200 and logs.json()["entries"]
     for text in (logs.body.decode(), daemon.output):
         assert TOKEN not in text and KEY not in text
-    assert_no_traceback(daemon)
+    daemon.assert_no_bug_logged()
 
 
 def test_an_admin_token_from_the_environment_never_reaches_a_model(start, scripts):
@@ -693,12 +522,12 @@ def test_an_admin_token_from_the_environment_never_reaches_a_model(start, script
     seen = daemon.predict("envdump").json()
     assert "AIBACKEND_ADMIN_TOKEN" not in seen["names"]
     assert not any(TOKEN in value for value in seen["values"])
-    assert_no_traceback(daemon)
+    daemon.assert_no_bug_logged()
 
 
 @pytest.mark.parametrize("where", ["file", "environment"])
 def test_a_weak_admin_token_ends_the_start_with_one_line(tmp_path, where):
-    argv = [TWISTD, "--pidfile=", "-n", "aibackend", "--listen", LOOPBACK, "--state", str(tmp_path / "state")]
+    argv = [TWISTD, "--pidfile=", "-n", "aibackend", "--listen", LOOPBACK_ANY_PORT, "--state", str(tmp_path / "state")]
     env = dict(os.environ)
     env.pop("AIBACKEND_ADMIN_TOKEN", None)
     if where == "file":
@@ -729,12 +558,12 @@ def fenced(recorder, scripts, tmp_path_factory):
          "command": ["python", scripts["versioned"], "trusted"]},
         allowed_destinations=["127.0.0.1"],
     )
-    daemon = Daemon(write(directory / "fenced.toml", text), str(directory / "state"), cwd=str(directory))
+    daemon = Daemon(write(directory / "fenced.toml", text), state=str(directory / "state"), cwd=str(directory))
     try:
         yield daemon
     finally:
-        daemon.terminate()
-    assert_no_traceback(daemon)
+        daemon.stop()
+    daemon.assert_no_bug_logged()
 
 
 def test_a_destination_off_the_list_is_403_and_never_contacted(fenced, canary):
@@ -793,7 +622,7 @@ def test_a_restart_keeps_runtime_adds_and_removals(start, recorder, tmp_path):
     assert first.remove("drop-me").status == 200
     assert first.add({"id": "change-me", "type": "http", "url": f"{url}/after"}, "?replace=true").status == 200
     assert first.terminate() in (0, -signal.SIGTERM)
-    assert_no_traceback(first)
+    first.assert_no_bug_logged()
 
     second = start(config, state=state)
 
@@ -850,4 +679,4 @@ def test_kill_9_in_a_burst_of_200_addmodels_loses_no_acknowledged_change(start, 
     models = second.models()
     assert acknowledged <= set(models)
     assert set(models) <= {f"burst-{w}-{n}" for w in range(4) for n in range(50)}
-    assert_no_traceback(second)
+    second.assert_no_bug_logged()

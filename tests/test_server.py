@@ -1,13 +1,12 @@
 """
 aibackend.server: the daemon's Site, and the request body limit (413).
 
-In memory through StubTreq where that is enough, and over a real socket on 127.0.0.1
+In memory through L{StubFrontDoor} where that is enough, and over a real socket on 127.0.0.1
 (a port the system picks) where the bytes on the wire matter: chunked bodies, the answer
 going out before the body is read, Connection: close, a client that goes away.
 """
 
 import json
-import re
 
 import pytest
 import pytest_twisted
@@ -15,10 +14,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from aibackend.ids import request_id_from_headers
-from aibackend.testing import FakeModel, StubFrontDoor
+from aibackend.testing import HEX32, FakeModel, StubFrontDoor, parse_response
 
 LIMIT = 1024
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 # --- in memory ------------------------------------------------------------------------
@@ -82,20 +80,6 @@ class Collect(Protocol):
 
     def connectionLost(self, reason):
         self.done.callback(self.data)
-
-
-def parse_response(raw: bytes):
-    """@return: (status, headers with lower-case names, body, the bytes after the body)."""
-    head, separator, rest = raw.partition(b"\r\n\r\n")
-    assert separator, f"no complete response head in {raw[:300]!r}"
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split()[1])
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", len(rest)))
-    return status, headers, rest[:length], rest[length:]
 
 
 async def exchange(port: int, *writes: bytes, deadline: float = 5.0) -> bytes:

@@ -23,9 +23,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from aibackend.interfaces import ModelAnswer
-from aibackend.testing import FakeModel, StubFrontDoor
-from test_server import HEX32, parse_response
-from test_subprocess_integration import MISBEHAVE, start_daemon, toml_models  # noqa: F401
+from aibackend.testing import HEX32, MISBEHAVE, FakeModel, StubFrontDoor, parse_response, toml_models
 
 LIMIT = 1024
 
@@ -530,7 +528,7 @@ ECHO = {"id": "echo", "type": "subprocess", "command": [sys.executable, MISBEHAV
 
 
 @pytest.fixture
-def daemon(start_daemon):  # noqa: F811
+def daemon(start_daemon):
     return start_daemon(config_text="[server]\nmax_body_bytes = 4096\n" + toml_models(ECHO))
 
 
@@ -557,7 +555,7 @@ def test_the_daemons_refusals_are_in_its_error_shape_at_once(daemon, raw, status
     assert [m["id"] for m in daemon.request("GET", "/get/models").json()["models"]] == ["echo"]
 
 
-def test_slow_bodies_as_many_as_max_connections_lock_no_one_out(start_daemon):  # noqa: F811
+def test_slow_bodies_as_many_as_max_connections_lock_no_one_out(start_daemon):
     daemon = start_daemon(config_text="""
 [server]
 max_connections = 8
@@ -589,7 +587,7 @@ min_body_rate = 0
             sock.close()
 
 
-def test_a_trickled_body_is_cut_off(start_daemon):  # noqa: F811
+def test_a_trickled_body_is_cut_off(start_daemon):
     daemon = start_daemon(config_text="""
 [server]
 body_timeout = 1.5
@@ -676,7 +674,7 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_memory_taken_by_large_bodies_is_given_back(start_daemon):  # noqa: F811
+def test_memory_taken_by_large_bodies_is_given_back(start_daemon):
     import threading
 
     echo = {"id": "echo", "type": "subprocess", "command": [sys.executable, ECHO_RAW], "workers": 2, "timeout": 60}
@@ -707,7 +705,7 @@ def test_memory_taken_by_large_bodies_is_given_back(start_daemon):  # noqa: F811
     assert peak_kb < 2.2 * total_kb, f"the daemon's peak grew by {peak_kb} kB for {total_kb} kB of bodies"
 
 
-def test_a_peer_at_its_cap_closes_its_own_idle_connection_and_another_address_is_served(start_daemon):  # noqa: F811
+def test_a_peer_at_its_cap_closes_its_own_idle_connection_and_another_address_is_served(start_daemon):
     daemon = start_daemon(config_text="[server]\nmax_connections_per_peer = 3\nheader_timeout = 60\n"
                                       "idle_timeout = 60\n" + toml_models(ECHO))
     held = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(3)]
@@ -730,7 +728,7 @@ def test_a_peer_at_its_cap_closes_its_own_idle_connection_and_another_address_is
             sock.close()
 
 
-def test_a_client_that_does_not_read_its_answer_is_disconnected(start_daemon):  # noqa: F811
+def test_a_client_that_does_not_read_its_answer_is_disconnected(start_daemon):
     daemon = start_daemon(config_text="[server]\nsend_timeout = 1\nidle_timeout = 60\n" + toml_models(
         {"id": "echo", "type": "subprocess", "command": [sys.executable, ECHO_RAW], "timeout": 30}))
     body = b'{"text": "' + b"a" * 8_000_000 + b'"}'
@@ -742,7 +740,7 @@ def test_a_client_that_does_not_read_its_answer_is_disconnected(start_daemon):  
         sock.sendall(b"POST /post/predict?id=echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
                      % len(body) + body)
         deadline = time.monotonic() + 15
-        while not any("has not read its answer" in line for line in daemon.output):
+        while not any("has not read its answer" in line for line in daemon.lines):
             assert time.monotonic() < deadline, daemon.log_text()
             time.sleep(0.05)
         received = recv_all(sock, 5)

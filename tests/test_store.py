@@ -16,7 +16,7 @@ import pytest_twisted
 from zope.interface.verify import verifyObject
 
 from aibackend.store import Change, IModelStore, MemoryStore, SQLiteStore, default_state_dir
-from aibackend.testing import result_of
+from aibackend.testing import Daemon, result_of
 
 TABLE = {"id": "m", "type": "http", "url": "http://127.0.0.1:9001/echo", "timeout": 5, "headers": {"X-A": "é"}}
 
@@ -324,14 +324,12 @@ def test_a_memory_store_reads_at_once():
 @pytest.mark.timeout(30)
 def test_the_daemons_state_is_private_after_an_addmodel(tmp_path):
     """The real daemon, started with the usual umask (022), keeps its state 0600 in a 0700 directory."""
-    from test_runtime_daemon import Daemon, assert_no_traceback
-
     config = tmp_path / "aibackend.toml"
     config.write_text("")
     state = tmp_path / "state"
     previous = os.umask(0o022)
     try:
-        daemon = Daemon(str(config), str(state), cwd=str(tmp_path))
+        daemon = Daemon(str(config), state=str(state), cwd=str(tmp_path))
     finally:
         os.umask(previous)
     try:
@@ -341,7 +339,7 @@ def test_the_daemons_state_is_private_after_an_addmodel(tmp_path):
         modes = {name: mode(path + name) for name in ("", "-wal", "-shm") if os.path.exists(path + name)}
     finally:
         daemon.terminate()
-    assert_no_traceback(daemon)
+    daemon.assert_no_bug_logged()
 
     assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
     assert mode(state) == 0o700

@@ -4,8 +4,8 @@ reaches a client other than the one whose request produced it, whatever a model 
 model whose stdout closes fails fast; a crash loop is tried again; what a model starts is
 stopped with the daemon however it escapes.
 
-Harness: L{test_subprocess_integration.Daemon} (C{twistd -n aibackend} on a free loopback
-port) and the models of C{tests/models/misbehave.py}.
+Harness: L{aibackend.testing.Daemon} (C{twistd -n aibackend} on a free loopback port),
+started by the C{start_daemon} fixture, and the models of C{tests/models/misbehave.py}.
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_daemon import assert_no_bug_logged
-from test_subprocess_integration import alive, misbehaving, proc_state, reaped, start_daemon, wait_until
+from aibackend.testing import alive, assert_no_bug_logged, misbehaving, proc_state, reaped, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-__all__ = ["start_daemon"]  # a fixture, used by name
 
 # A model that breaks the protocol is replaced at once, again and again: no crash loop here.
 REPLACED_AT_ONCE = {"restart_backoff": 0.05, "max_backoff": 0.1, "min_uptime": 0, "timeout": 30, "max_queue": 100}
@@ -67,7 +64,7 @@ def test_a_raw_model_printing_two_lines_per_request_never_gives_one_client_anoth
         "printed a JSON line while no request was waiting for one",
     }
     assert len(daemon.model_pids("m")) > 2
-    assert_no_bug_logged("\n".join(daemon.output))
+    assert_no_bug_logged(daemon.output)
 
 
 def test_a_raw_model_printing_10000_lines_per_request_never_gives_one_client_anothers_answer(start_daemon):
@@ -78,7 +75,7 @@ def test_a_raw_model_printing_10000_lines_per_request_never_gives_one_client_ano
     each_own_answer_or_502(replies, lambda answer: answer["echo"]["client"])
     assert daemon.events("m", "protocol error")
     assert len(daemon.model_pids("m")) > 2
-    assert_no_bug_logged("\n".join(daemon.output))
+    assert_no_bug_logged(daemon.output)
 
 
 def test_a_raw_model_printing_binary_garbage_gets_502s_never_a_fragment(start_daemon):
@@ -92,7 +89,7 @@ def test_a_raw_model_printing_binary_garbage_gets_502s_never_a_fragment(start_da
     again = daemon.predict("m", {"op": "echo", "client": 99})
     assert again.status == 200, again
     assert again.json()["echo"]["client"] == 99
-    assert_no_bug_logged("\n".join(daemon.output))
+    assert_no_bug_logged(daemon.output)
 
 
 def test_a_jsonl_model_answers_each_client_its_own_even_when_clients_reuse_request_ids(start_daemon):
@@ -128,7 +125,7 @@ def test_a_model_whose_stdout_closes_while_it_lives_fails_fast_and_is_replaced(s
     assert again.json()["pid"] != first
     wait_until(lambda: reaped(first), 10, "the old process to be gone")
     assert daemon.events("m", "stdout closed")[0]["pid"] == first
-    assert_no_bug_logged("\n".join(daemon.output))
+    assert_no_bug_logged(daemon.output)
 
 
 # --- 4. what a model starts ---------------------------------------------------------------------
@@ -147,7 +144,7 @@ def test_a_grandchild_that_left_the_process_group_is_stopped_and_reaped_with_the
 
     assert reaped(answer["pid"])
     assert proc_state(escaped) is None, "the escaped grandchild is still there (or a zombie)"
-    assert_no_bug_logged("\n".join(daemon.output))
+    assert_no_bug_logged(daemon.output)
 
 
 def test_a_grandchild_of_a_crashed_model_that_left_its_group_is_stopped_with_the_daemon(start_daemon):
@@ -164,7 +161,7 @@ def test_a_grandchild_of_a_crashed_model_that_left_its_group_is_stopped_with_the
     assert daemon.terminate() in (0, -signal.SIGTERM)
 
     assert proc_state(escaped) is None, "the escaped grandchild is still there (or a zombie)"
-    assert_no_bug_logged("\n".join(daemon.output))
+    assert_no_bug_logged(daemon.output)
 
 
 # --- aibackend.proctree on its own ----------------------------------------------------------------

@@ -9,19 +9,14 @@ About "gone": a model process is the daemon's child and must be reaped by it (no
 left in /proc). A grandchild a model started is orphaned when the model dies; reaping it
 is then init's job, so a grandchild counts as gone once it is dead (absent, or a zombie).
 
-L{Daemon} (and L{reaped}) are also used by test_examples.py.
+The daemon is L{aibackend.testing.Daemon}, started by the C{start_daemon} fixture.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,43 +26,9 @@ import pytest_twisted
 from aibackend.config import Table, parse_model
 from aibackend.errors import BadGateway, GatewayTimeout
 from aibackend.interfaces import RequestContext
-from test_daemon import assert_no_bug_logged
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MISBEHAVE = os.path.join(ROOT, "tests", "models", "misbehave.py")
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-LISTENING = re.compile(r"aibackend listening on http://127\.0\.0\.1:(\d+)")
+from aibackend.testing import alive, assert_no_bug_logged, misbehaving, proc_state, reaped, wait_until
 
 pytestmark = pytest.mark.timeout(20)
-
-
-# --- processes --------------------------------------------------------------------------
-
-
-def proc_state(pid: int) -> str | None:
-    """The state letter of a process in /proc (R, S, Z, ...), or None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return data.rpartition(")")[2].split()[0]
-
-
-def alive(pid: int) -> bool:
-    return proc_state(pid) not in (None, "Z", "X")
-
-
-def reaped(pid: int) -> bool:
-    return proc_state(pid) is None
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 async def eventually(predicate, timeout: float, what: str) -> None:
@@ -80,158 +41,6 @@ async def eventually(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up after {timeout} s waiting for {what}")
         await deferLater(reactor, 0.02, lambda: None)
-
-
-# --- the daemon -------------------------------------------------------------------------
-
-
-class Reply:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return f"<Reply {self.status} {self.body[:300]!r}>"
-
-
-def toml_value(value) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value)  # strings, numbers and lists of them are the same in TOML
-
-
-def toml_models(*models: dict) -> str:
-    return "\n".join(
-        "[[models]]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in model.items())
-        for model in models
-    )
-
-
-class Daemon:
-    """C{twistd -n aibackend} in a child process, on a free loopback port."""
-
-    def __init__(self, config_path: str, cwd: str):
-        self.output: list[str] = []
-        self.port = None
-        self.process = subprocess.Popen(
-            [TWISTD, "--pidfile=", "-n", "aibackend", "--config", config_path,
-             "--listen", "tcp:0:interface=127.0.0.1"],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.pid = self.process.pid
-        # Always drained: a daemon blocked on a full log pipe would look hung.
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.output.append(line)
-            found = LISTENING.search(line)
-            if found and self.port is None:
-                self.port = int(found.group(1))
-
-    def log_text(self) -> str:
-        return "\n".join(self.output[-60:])
-
-    def wait_listening(self, timeout: float = 15) -> "Daemon":
-        deadline = time.monotonic() + timeout
-        while self.port is None:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the daemon exited with {self.process.returncode}:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the daemon did not listen within {timeout} s:\n{self.log_text()}")
-            time.sleep(0.02)
-        return self
-
-    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 15) -> Reply:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return Reply(response.status, response.headers, response.read())
-        finally:
-            connection.close()
-
-    def predict(self, model: str, payload, timeout: float = 15) -> Reply:
-        return self.request(
-            "POST", f"/post/predict?id={model}", json.dumps(payload).encode(),
-            {"Content-Type": "application/json"}, timeout,
-        )
-
-    def logs(self, model: str) -> list[dict]:
-        reply = self.request("GET", f"/get/getlogs?id={model}")
-        assert reply.status == 200, reply
-        return reply.json()["entries"]
-
-    def events(self, model: str, name: str) -> list[dict]:
-        return [entry for entry in self.logs(model) if entry["event"] == name]
-
-    def model_pids(self, model: str) -> set[int]:
-        return {entry["pid"] for entry in self.events(model, "process started")}
-
-    def ready_pids(self, model: str) -> set[int]:
-        return {entry["pid"] for entry in self.events(model, "process ready")}
-
-    def high_water_kb(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmHWM")
-
-    def terminate(self, timeout: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-                raise AssertionError(f"the daemon did not stop within {timeout} s of SIGTERM:\n{self.log_text()}")
-        self._reader.join(5)
-        return self.process.returncode
-
-    def stop(self) -> None:
-        """At the end of a test, whatever happened in it: SIGTERM, then SIGKILL after 10 s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._reader.join(5)
-
-
-@pytest.fixture
-def start_daemon(tmp_path):
-    """Start C{twistd aibackend} with the given C{[[models]]}; stopped at the end of the test."""
-    daemons: list[Daemon] = []
-
-    def start(*models: dict, cwd=None, config_text=None) -> Daemon:
-        path = tmp_path / f"aibackend-{len(daemons)}.toml"
-        path.write_text(config_text if config_text is not None else toml_models(*models))
-        daemon = Daemon(str(path), cwd or str(tmp_path))
-        daemons.append(daemon)
-        return daemon.wait_listening()
-
-    yield start
-    for daemon in daemons:
-        daemon.stop()
-
-
-def misbehaving(model_id: str, *args: str, **keys) -> dict:
-    return {"id": model_id, "type": "subprocess", "command": ["python", MISBEHAVE, *args], **keys}
 
 
 # --- in this process, on the real reactor ---------------------------------------------
@@ -459,7 +268,7 @@ def test_a_crash_loop_fails_the_model_which_is_tried_again_after_a_growing_wait(
     restarted = daemon.request("POST", "/post/restart?id=crashy", b"")
     assert restarted.status == 200, restarted
     assert len(daemon.events("crashy", "process started")) == started + 1  # spawned before it answered
-    assert_no_bug_logged("\n".join(daemon.output))
+    assert_no_bug_logged(daemon.output)
 
 
 def test_a_stderr_flood_is_capped_per_entry_and_the_log_stays_bounded(start_daemon):

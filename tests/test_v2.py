@@ -19,7 +19,9 @@ from aibackend.errors import BadGateway
 from aibackend.auth import Guard
 from aibackend.config import V2Spec
 from aibackend.tensors import TensorSpec
+from aibackend.testing import ADMIN_TOKEN as TOKEN
 from aibackend.testing import FakeModel, StubFrontDoor, failure_of, has_fired, result_of
+from aibackend.testing import ManagedFrontDoor as Door
 
 KEY = "client-key-0123456789"
 
@@ -875,13 +877,11 @@ def test_load_and_unload_without_a_manager_are_404(door):
         assert_v2_error(post(door, f"/v2/repository/models/m/{action}", {}), 404, message="at runtime")
 
 
-# load and unload with a model manager (the Door of test_admin: a manager over a MemoryStore)
+# load and unload with a model manager (a ManagedFrontDoor: a manager over a MemoryStore)
 
 
 @pytest.fixture
 def managed(clock):
-    from test_admin import Door
-
     return Door(clock, with_v2(FakeModel("m", clock), inputs=[("x", "FP32", [-1])], version="2"),
                 FakeModel("other", clock), guard=Guard(None, ["tcp:0:interface=127.0.0.1"]))
 
@@ -979,8 +979,6 @@ def test_load_and_unload_are_admin_operations(managed, action, url, headers):
 
 
 def test_with_an_admin_token_load_and_unload_need_it(clock):
-    from test_admin import TOKEN, Door
-
     door = Door(clock, FakeModel("m", clock), guard=Guard(TOKEN, ["tcp:0:interface=127.0.0.1"]))
 
     refused = door.call("POST", "http://127.0.0.1/v2/repository/models/m/unload")

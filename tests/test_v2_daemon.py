@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 
 import numpy as np
@@ -35,7 +34,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from test_subprocess_integration import MISBEHAVE, ROOT, Daemon, reaped, toml_models, wait_until
+from aibackend.testing import MISBEHAVE, ROOT, Daemon, free_port, port_is_free, reaped, toml_models, wait_until
 
 V2_SERVER = os.path.join("tests", "models", "v2_server.py")  # relative: the daemon runs in ROOT
 V2_WORKER = os.path.join(ROOT, "tests", "models", "v2_worker.py")
@@ -54,22 +53,6 @@ WORKER_V2 = {
 }
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def worker_table(model_id: str) -> dict:
@@ -133,9 +116,8 @@ def v2(tmp_path_factory):
     )
     path = tmp / "aibackend.toml"
     path.write_text(config)
-    daemon = Daemon(str(path), ROOT)
+    daemon = Daemon(str(path), cwd=ROOT)
     try:
-        daemon.wait_listening()
         started = V2Daemon(daemon, upstream_port)
         wait_until(lambda: started.ready("worker") and started.state("tri") == "READY", 20,
                    "worker and tri to be ready")
@@ -404,4 +386,4 @@ def test_the_daemon_survived_and_stopping_it_leaves_no_model_process(v2):
 
     wait_until(lambda: all(reaped(pid) for pid in pids), 5, "every model process to be reaped")
     assert port_is_free(v2.upstream_port)
-    assert "Unhandled error in Deferred" not in "\n".join(v2.daemon.output), v2.daemon.log_text()
+    assert "Unhandled error in Deferred" not in v2.daemon.output, v2.daemon.log_text()

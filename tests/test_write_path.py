@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_daemon import assert_no_bug_logged, model_server, start_daemon  # noqa: F401  (model_server is a fixture)
+from aibackend.testing import Daemon
 
 
 @pytest.fixture(scope="module")
-def daemon(model_server, tmp_path_factory):  # noqa: F811
+def daemon(model_server, tmp_path_factory):
     directory = tmp_path_factory.mktemp("writes")
     config = directory / "aibackend.toml"
     config.write_text(f"""
@@ -31,12 +31,12 @@ type = "http"
 url = "http://127.0.0.1:{model_server}/echo"
 timeout = 30
 """)
-    process, port = start_daemon(str(config), "--max-body-bytes", str(64 * 1024 * 1024), cwd=str(directory))
+    daemon = Daemon(str(config), "--max-body-bytes", str(64 * 1024 * 1024), cwd=str(directory))
     try:
-        yield port
+        yield daemon.port
     finally:
-        process.terminate()
-    assert_no_bug_logged(process.output)
+        daemon.stop()
+    daemon.assert_no_bug_logged()
 
 
 def request_bytes(body: bytes, *, version: str = "1.1", request_id: str | None = None) -> bytes:
