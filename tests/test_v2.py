@@ -684,10 +684,7 @@ def test_a_client_that_goes_away_from_an_inference_cancels_it_and_it_is_logged_4
                      headers={"X-Request-Id": "gone"})
     assert len(plain.pending) == 1
 
-    for pump in list(door.stub._agent._pumps):
-        pump.serverIO.loseConnection()
-        pump.clientIO.loseConnection()
-        pump.flush()
+    door.drop_connections()
 
     assert [received.context.request_id for received in plain.cancelled] == ["gone"]
     [entry] = [entry for entry in plain.model_log.query() if entry["event"] == "request"]
