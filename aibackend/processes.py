@@ -30,23 +30,26 @@ Logs, model logs (C{cleanlogs} too) and /metrics are per process.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
-import socket
 import sys
 from dataclasses import replace
 
 from twisted.application import service
-from twisted.internet import endpoints, protocol
+from twisted.internet import protocol, stdio
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 from aibackend import config, errors
+from aibackend.admin import desired_specs
 from aibackend.httpmodel import HttpModel
+from aibackend.registry import default_build
 
 WORKER_ENV = "AIBACKEND_WORKER"
 PGROUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
@@ -65,73 +68,6 @@ def parse_processes(text: str) -> int:
     if not 1 <= count <= 256:
         raise ValueError(f"--processes must be from 1 to 256, got {count}")
     return count
-
-
-def shared_address(reactor, description: str):
-    """
-    C{(family, host, port, backlog)} of a TCP listen description, which processes can share.
-
-    @raise ValueError: it is not a TCP endpoint.
-    """
-    from aibackend.tap import with_backlog
-
-    endpoint = endpoints.serverFromString(reactor, with_backlog(description))
-    if isinstance(endpoint, endpoints.TCP6ServerEndpoint):
-        family = socket.AF_INET6
-    elif isinstance(endpoint, endpoints.TCP4ServerEndpoint):
-        family = socket.AF_INET
-    else:
-        raise ValueError(f"--processes shares TCP sockets only; {description!r} is not tcp: or tcp6:")
-    return family, endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), endpoint._port, endpoint._backlog
-
-
-class SharedListener(service.Service):
-    """
-    A listening socket served by several processes: the primary binds it and passes it
-    on; a worker adopts the one it inherited.
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor, factory, *, description=None, inherited=None):
-        self.reactor = reactor
-        self.factory = factory
-        self.description = description
-        self.inherited = inherited  # (fd, family) in a worker
-        self.socket = None
-        self.port = None
-
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        if self.inherited is not None:
-            fd, family = self.inherited
-            self.port = self.reactor.adoptStreamPort(fd, family, self.factory)
-            os.close(fd)  # adoptStreamPort took a copy
-            return
-        from aibackend.tap import StartupError
-
-        try:
-            family, host, port, backlog = shared_address(self.reactor, self.description)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except (OSError, ValueError) as e:
-            raise StartupError(f"cannot listen on {self.description!r}: {e}") from None
-        self.socket = sock
-        self.port = self.reactor.adoptStreamPort(sock.fileno(), family, self.factory)
-        from aibackend.tap import describe_address
-
-        self.log.info("aibackend listening on {address}", address=describe_address(self.port.getHost()))
-
-    def stopService(self):
-        super().stopService()
-        d = self.port.stopListening() if self.port is not None else None
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-        return d
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -171,11 +107,12 @@ class WorkerProcesses(service.Service):
     one that keeps ending within 10 s of its start).
 
     @param argv: the worker's command line (C{twistd ... aibackend ...}).
-    @param listeners: the L{SharedListener}s whose sockets each worker inherits.
+    @param listeners: the L{aibackend.listeners.SharedListener}s whose sockets each worker inherits.
     @param private: the listener workers forward to (its port is known once listening).
     """
 
     log = Logger()
+    name = "workers"
     SYNC_TIMEOUT = 10.0
     RESTART_DELAY = 1.0
     MAX_RESTART_DELAY = 30.0
@@ -373,8 +310,6 @@ def worker_builder(settings, deps_for, states):
 
     @param states: model id -> state in the primary (L{PrimaryStates}).
     """
-    from aibackend.registry import default_build
-
     def build(spec, runtime):
         deps = deps_for(runtime)
         if isinstance(spec, config.SubprocessModelSpec) and not spec.per_process:
@@ -402,8 +337,6 @@ class Forwarder:
         Send C{request} (method, path, query, body) to the primary; answer the client with
         what the primary answers.
         """
-        from twisted.web.client import FileBodyProducer
-
         headers = Headers({b"authorization": [b"Bearer " + self.token.encode("ascii")]})
         request_id = getattr(request, "aibackend_request_id", None)
         if request_id is not None:
@@ -414,7 +347,7 @@ class Forwarder:
                 headers.setRawHeaders(name, [value])
         request.content.seek(0)
         body = request.content.read()
-        producer = FileBodyProducer(__import__("io").BytesIO(body)) if body else None
+        producer = FileBodyProducer(io.BytesIO(body)) if body else None
         d = self.agent.request(request.method, self.base + request.uri, headers, producer)
 
         def answered(response):
@@ -468,8 +401,6 @@ def resync(registry, cfg, store, validate, log) -> Deferred:
 
     @return: a Deferred that fires once the registry has followed.
     """
-    from aibackend.admin import desired_specs
-
     def follow(changes) -> None:
         wanted = desired_specs(cfg, changes, validate, log)
         for model in registry.models():
@@ -493,6 +424,8 @@ def new_token() -> str:
 class WorkerControl(service.Service):
     """A worker listens to its primary on stdin (L{ControlChannel})."""
 
+    name = "primary-link"
+
     def __init__(self, reactor, resync_now, restart=None, ack_fd=None):
         self.reactor = reactor
         self.resync_now = resync_now
@@ -502,8 +435,6 @@ class WorkerControl(service.Service):
 
     def startService(self):
         super().startService()
-        from twisted.internet import stdio
-
         # stdout stays twistd's log: the channel writes to the ack pipe the primary reads.
         if self.ack_fd is None:
             self.ack_fd = os.open(os.devnull, os.O_WRONLY)
@@ -545,6 +476,7 @@ class PrimaryStates(service.Service):
 
     INTERVAL = 1.0
     log = Logger()
+    name = "primary-states"
 
     def __init__(self, reactor, pool, port: int, token: str):
         self.reactor = reactor
@@ -557,8 +489,6 @@ class PrimaryStates(service.Service):
 
     def startService(self):
         super().startService()
-        from twisted.internet.task import LoopingCall
-
         self._loop = LoopingCall(self.ask)
         self._loop.clock = self.reactor
         self._loop.start(self.INTERVAL, now=True)
