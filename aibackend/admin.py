@@ -26,12 +26,12 @@ from twisted.logger import Logger
 from aibackend import config
 from aibackend.destinations import DestinationDenied, check_destination
 from aibackend.errors import BadRequest, Conflict, Forbidden, ModelUnavailable, UnknownModel
+from aibackend.interfaces import FAILED, IRestartable
 from aibackend.jsonread import JSONProblem, read_json
 
 # Keys whose query-string values stay strings; the others are read as JSON when they
 # parse (timeout=5, workers=2, command=["/usr/bin/x"]).
 STRING_KEYS = frozenset({"id", "type", "url", "dest", "protocol", "cwd", "health_path"})
-READY_POLL = 0.1
 
 
 def table_from_query(params: dict) -> dict:
@@ -208,23 +208,18 @@ class ModelManager:
 
     def _ready(self, model, what: str = "the replacement for model {model!r} did not become ready ({state}); "
                "the old one keeps serving") -> Deferred:
-        """Fires once C{model} is ready; fails with 503 if it fails or does not get there in time."""
-        process = getattr(model.spec, "process", None)
-        limit = (process.startup_timeout if process else 0) + 1.0
-        deadline = self.clock.seconds() + limit
-        done: Deferred = Deferred()
+        """
+        Fires once C{model} is ready; fails with 503 if it fails or does not get there in
+        time (its startup timeout, and a second more).
+        """
+        ready = model.whenReady()
+        if ready.called:
+            return ready.addErrback(self._not_ready, model, what)
+        ready.addTimeout(model.startup_timeout + 1.0, self.clock)
+        return ready.addErrback(self._not_ready, model, what)
 
-        def check():
-            state = getattr(model, "state", "ready")
-            if state == "ready":
-                done.callback(None)
-            elif state == "failed" or self.clock.seconds() >= deadline:
-                done.errback(ModelUnavailable(what.format(model=model.model_id, state=state), model=model.model_id))
-            else:
-                self.clock.callLater(READY_POLL, check)
-
-        check()
-        return done
+    def _not_ready(self, failure, model, what: str):
+        raise ModelUnavailable(what.format(model=model.model_id, state=model.state), model=model.model_id)
 
     @inlineCallbacks
     def remove(self, model_id: str):
@@ -277,7 +272,7 @@ class ModelManager:
                                  model=model_id)
             yield self.add(table, replace=True)
         elif model_id in self.registry:
-            if getattr(self.registry.get(model_id), "state", "ready") == "failed":
+            if self.registry.get(model_id).state == FAILED:
                 self.restart(model_id)
         elif model_id in self.unloaded:
             if model_id in self._busy:
@@ -305,10 +300,9 @@ class ModelManager:
 
     def restart(self, model_id: str) -> dict:
         model = self.registry.get(model_id)
-        pool = getattr(model, "server", None) or (model if hasattr(model, "restart") else None)
-        if pool is None or not hasattr(pool, "restart"):
+        if not IRestartable.providedBy(model):
             raise BadRequest(f"model {model_id!r} has no processes to restart", model=model_id)
-        pool.restart()
+        model.restart()
         for callback in self.restarted:
             callback(model_id)
         return {"restarted": model_id, "model": describe(self.registry, model)}

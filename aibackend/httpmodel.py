@@ -30,7 +30,7 @@ from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDo
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
 from aibackend.client import LeanClient, ResponseTooLarge
@@ -38,9 +38,10 @@ from aibackend.config import expand_env
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import ISender, ModelAnswer
+from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, ModelAnswer
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.logs import ModelLog
+from aibackend.modelstate import ModelState, Waiters
 from aibackend.subprocess import ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
@@ -277,10 +278,11 @@ class Replica:
         }
 
 
-@implementer(ISender)
+@implementer(IModel, IReplicated)
 class HttpModel(Service):
     """
-    A model served by an HTTP server.
+    A model served by an HTTP server. One with a C{command} (a server the daemon starts)
+    provides L{IRestartable} too.
 
     @param spec: an L{aibackend.config.HttpModelSpec}.
     @param reactor: the reactor (clock and connections).
@@ -336,8 +338,14 @@ class HttpModel(Service):
         self.failures = 0
         self.shed = 0
         self.queue: deque[Deferred] = deque()
+        self._idle = Waiters()
+        self.request_timeout = float(spec.timeout)
+        self.startup_timeout = float(spec.process.startup_timeout) if spec.process is not None else 0.0
+        # Ready for good without a server to start; with one, its supervisor sets it.
+        self._state = ModelState(self, READY if spec.process is None else STOPPED, why=lambda: self.last_failure)
         self.server = None
         if spec.process is not None:
+            alsoProvides(self, IRestartable)
             self.server = ServerProcess(
                 self,
                 model_id=spec.id,
@@ -347,6 +355,7 @@ class HttpModel(Service):
                 model_log=self.model_log,
                 environ=environ,
                 launcher=launcher,
+                state=self._state,
             )
 
     @classmethod
@@ -379,9 +388,44 @@ class HttpModel(Service):
             return self.server.stopService()
         return None
 
+    # --- IModel -------------------------------------------------------------
+
     @property
     def state(self) -> str:
-        return self.server.state if self.server is not None else "ready"
+        return self._state.value
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def last_failure(self) -> str | None:
+        return self.server.last_failure if self.server is not None else None
+
+    def whenReady(self) -> Deferred:
+        return self._state.when_ready()
+
+    def watch(self, callback):
+        return self._state.watch(callback)
+
+    def whenIdle(self) -> Deferred:
+        if not self.in_flight and not self.queue:
+            return succeed(None)
+        return self._idle.wait()
+
+    # --- IRestartable (with a server) ---------------------------------------
+
+    @property
+    def restarts(self) -> int:
+        return self.server.restarts if self.server is not None else 0
+
+    @property
+    def live_processes(self) -> int:
+        return self.server.live_processes if self.server is not None else 0
+
+    def restart(self) -> None:
+        if self.server is not None:
+            self.server.restart()
 
     def describe(self) -> dict:
         described = {
@@ -400,7 +444,7 @@ class HttpModel(Service):
             described["replicas"] = [replica.describe(now) for replica in self.replicas]
         if self.server is not None:
             described["restarts"] = self.server.restarts
-            described["last_error"] = self.server.failed_reason or self.server.last_error
+            described["last_error"] = self.server.last_failure
             described["next_restart_in"] = self.server.next_restart_in()
             described["processes"] = self.server.describe_processes()
         return described
@@ -505,8 +549,8 @@ class HttpModel(Service):
         return d.addTimeout(1, self._clock)
 
     def send(self, body: bytes, context) -> Deferred[ModelAnswer]:
-        if self.server is not None and self.server.state != "ready":
-            state = self.server.state
+        if self.server is not None and self._state.value != READY:
+            state = self._state.value
             why = self.server.failed_reason if state == "failed" else f"its server is {state}"
             raise ModelUnavailable(
                 f"model {self.model_id!r} is not ready: {why}",
@@ -619,6 +663,8 @@ class HttpModel(Service):
         self.in_flight -= 1
         while self.queue and (not self.spec.max_concurrency or self.in_flight < self.spec.max_concurrency):
             self.queue.popleft().callback(None)
+        if self._idle and not self.in_flight and not self.queue:
+            self._idle.fire()
         return result
 
     def _read(self, response):

@@ -108,6 +108,14 @@ class IModel(ISender):
     in_flight = Attribute("How many requests the model is working on now (int).")
     queued = Attribute("How many requests wait for a place at the model (int).")
     last_failure = Attribute("Why the model last failed, as one line (str), or None.")
+    request_timeout = Attribute(
+        "How long one request may take, in seconds (float; 0 if the model sets no bound): "
+        "how long a model that is removed may take to finish the requests it has."
+    )
+    startup_timeout = Attribute(
+        "How long the model may take to become C{ready} once started, in seconds (float; 0 "
+        "if it is ready at once)."
+    )
 
     def whenReady():
         """

@@ -16,6 +16,8 @@ from collections import Counter
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from aibackend.interfaces import READY, IReplicated, IRestartable
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds: a cache hit in a millisecond to a long generation in ten minutes.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -94,15 +96,14 @@ class DaemonCollector:
                     running += count
                     cumulative.append((bound, running))
                 latency.add_metric([model_id, operation], cumulative, stats.sums[operation])
-            in_flight.add_metric([model_id], getattr(model, "in_flight", stats.in_flight))
-            queued.add_metric([model_id], len(getattr(model, "queue", ())))
-            ready.add_metric([model_id], 1 if getattr(model, "state", "ready") == "ready" else 0)
-            if hasattr(model, "replicas"):
+            in_flight.add_metric([model_id], model.in_flight)
+            queued.add_metric([model_id], model.queued)
+            ready.add_metric([model_id], 1 if model.state == READY else 0)
+            if IReplicated.providedBy(model):
                 ejections.add_metric([model_id], model.ejections)
-            pool = getattr(model, "server", None) or (model if hasattr(model, "slots") else None)
-            if pool is not None:
-                restarts.add_metric([model_id], pool.restarts)
-                processes.add_metric([model_id], sum(1 for process in pool.slots if process is not None))
+            if IRestartable.providedBy(model):
+                restarts.add_metric([model_id], model.restarts)
+                processes.add_metric([model_id], model.live_processes)
         connections = GaugeMetricFamily("aibackend_open_connections", "Client connections open now.")
         connections.add_metric([], self.daemon.open_connections)
         refusals = CounterMetricFamily(

@@ -86,3 +86,55 @@ class ModelState:
                 self._watchers.remove(callback)
 
         return stop
+
+
+class Waiters:
+    """
+    Deferreds waiting for one thing (a model having nothing in flight): L{fire} fires
+    each once. Empty, it is false, so that the hot path pays one test for it.
+    """
+
+    __slots__ = ("_waiting",)
+
+    def __init__(self):
+        self._waiting: list[Deferred] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    def wait(self) -> Deferred:
+        """A Deferred that fires with None at the next L{fire}; cancelling it stops the wait only."""
+        d: Deferred = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+        return d
+
+    def fire(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+class AlwaysReady:
+    """
+    The L{aibackend.interfaces.IModel} part of a model that is ready once built and
+    keeps no count of its requests (a model type whose C{send} answers at once, or that
+    leaves its load to someone else): state C{ready} for good, nothing in flight or
+    queued, no failure, no timeouts. A model type may inherit it and override what it
+    knows better.
+    """
+
+    state = READY
+    in_flight = 0
+    queued = 0
+    last_failure = None
+    request_timeout = 0.0
+    startup_timeout = 0.0
+
+    def whenReady(self) -> Deferred:
+        return succeed(None)
+
+    def whenIdle(self) -> Deferred:
+        return succeed(None)
+
+    def watch(self, callback: Callable) -> Callable[[], None]:
+        return lambda: None  # its state never changes

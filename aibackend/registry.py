@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import DeferredList, maybeDeferred, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from aibackend import config
 from aibackend.errors import Conflict, UnknownModel
-from aibackend.interfaces import ISender
+from aibackend.interfaces import IModel
 from aibackend.metrics import ModelStats
 
-DRAIN_POLL = 0.05
 MAX_DRAIN_SECONDS = 30.0
 
 
@@ -96,7 +96,7 @@ class ModelRegistry(Service):
             model = self.builder(spec, runtime)
         else:
             model = default_build(spec, self.runtime_deps if runtime else self.deps)
-        verifyObject(ISender, model)
+        verifyObject(IModel, model)
         return model
 
     # --- lifetimes ----------------------------------------------------------
@@ -130,6 +130,7 @@ class ModelRegistry(Service):
         @param spec: the spec it was built from (by default, the model's own).
         @raise Conflict: a model with that id exists.
         """
+        verifyObject(IModel, model)
         if model.model_id in self._entries:
             raise Conflict(f"a model with id {model.model_id!r} exists", model=model.model_id)
         entry = self._entries[model.model_id] = Entry(model, spec if spec is not None else model.spec, origin)
@@ -177,22 +178,21 @@ class ModelRegistry(Service):
         return self.drain_and_stop(model)
 
     def drain_and_stop(self, model):
+        """
+        Stop C{model} once nothing is in flight or queued at it, or after its request
+        timeout (at most C{drain_timeout}), whichever comes first.
+
+        @return: a Deferred that fires once it has stopped.
+        """
+        limit = min(float(model.request_timeout or 0), self.drain_timeout)
+        if limit <= 0 or not (model.in_flight or model.queued):
+            return self._stop(model)
         clock = self.deps.reactor
-        limit = min(float(getattr(model.spec, "timeout", 0) or 0), self.drain_timeout)
-        deadline = clock.seconds() + limit
-        done: Deferred = Deferred()
-
-        def busy() -> bool:
-            return bool(getattr(model, "in_flight", 0) or len(getattr(model, "queue", ())))
-
-        def check():
-            if busy() and clock.seconds() < deadline:
-                clock.callLater(DRAIN_POLL, check)
-            else:
-                self._stop(model).chainDeferred(done)
-
-        check()
-        return done
+        idle = model.whenIdle()
+        idle.addTimeout(limit, clock)
+        # On the reactor's next turn: the last answer is on its way to its client first.
+        idle.addBoth(lambda _: deferLater(clock, 0, self._stop, model))
+        return idle
 
     def entry(self, model_id: str) -> Entry:
         """

@@ -20,6 +20,7 @@ reaches a request other than its own.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,9 +39,12 @@ from zope.interface import implementer
 from aibackend import proctree
 from aibackend.directwrite import event_done
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import ISender, ModelAnswer
+from aibackend.interfaces import (
+    FAILED, READY, RESTARTING, STARTING, STOPPED, STOPPING, IModel, IRestartable, ModelAnswer,
+)
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.logs import ModelLog, normalize_level
+from aibackend.modelstate import ModelState, Waiters
 
 PGROUP_WRAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
 STDERR_LINE_BYTES = 4096
@@ -286,6 +290,19 @@ class ModelProcess(ProcessProtocol):
         self.pool._process_exited(self, reason)
 
 
+def _refreshes(method):
+    """A L{ProcessPool} method after which the pool's state may have changed: its watchers hear of it."""
+
+    @functools.wraps(method)
+    def refreshing(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._state.set(self._current_state())
+
+    return refreshing
+
+
 class ProcessPool(Service):
     """
     Supervises C{size} processes of one model.
@@ -308,7 +325,7 @@ class ProcessPool(Service):
     # Whether stdout is how the processes answer: one that closes it and lives on is broken.
     stdout_is_protocol = False
 
-    def __init__(self, *, model_id, settings, size, reactor, model_log, environ, launcher=None):
+    def __init__(self, *, model_id, settings, size, reactor, model_log, environ, launcher=None, state=None):
         self.model_id = model_id
         self.settings = settings
         self.size = size
@@ -326,21 +343,35 @@ class ProcessPool(Service):
         self.failed_reason: str | None = None
         self.last_error: str | None = None
         self.stopping = False
+        # What the pool's state is to its model's watchers (the model's, when it has one:
+        # an HTTP model's server): set after every change, never computed when read.
+        self._state = state if state is not None else ModelState(self, STOPPED, why=lambda: self.last_failure)
 
     # --- state ------------------------------------------------------------
 
     @property
     def state(self) -> str:
+        return self._state.value
+
+    def _current_state(self) -> str:
         if self.failed_reason is not None:
-            return "failed"
+            return FAILED
         if self.stopping or not self.running:
-            return "stopped" if not any(self.slots) else "stopping"
+            return STOPPED if not any(self.slots) else STOPPING
         states = [process.state for process in self.slots if process is not None]
         if "ready" in states:
-            return "ready"
+            return READY
         if self.restart_timers and "starting" not in states:
-            return "restarting"
-        return "starting"
+            return RESTARTING
+        return STARTING
+
+    @property
+    def last_failure(self) -> str | None:
+        return self.failed_reason or self.last_error
+
+    @property
+    def live_processes(self) -> int:
+        return sum(1 for process in self.slots if process is not None)
 
     def ready_processes(self) -> list:
         return [process for process in self.slots if process is not None and process.state == "ready"]
@@ -373,12 +404,14 @@ class ProcessPool(Service):
 
     # --- lifecycle ----------------------------------------------------------
 
+    @_refreshes
     def startService(self):
         super().startService()
         self.stopping = False
         for slot in range(self.size):
             self._spawn(slot)
 
+    @_refreshes
     def stopService(self):
         super().stopService()
         self.stopping = True
@@ -393,6 +426,7 @@ class ProcessPool(Service):
             return succeed(None)
         return DeferredList(waiting)
 
+    @_refreshes
     def restart(self) -> None:
         """Bring a failed pool back at once: forget the crash loop and spawn again."""
         self.failed_reason = None
@@ -417,6 +451,7 @@ class ProcessPool(Service):
                     timer.cancel()
                 setattr(self, name, None)
 
+    @_refreshes
     def _spawn(self, slot: int) -> None:
         self.restart_timers.pop(slot, None)
         if self.stopping or not self.running or (self.failed_reason is not None and self.trial_timer is None):
@@ -447,6 +482,7 @@ class ProcessPool(Service):
         if self.ready_on_spawn:
             self.mark_ready(process)
 
+    @_refreshes
     def mark_ready(self, process) -> None:
         if process.state != "starting":
             return
@@ -471,6 +507,7 @@ class ProcessPool(Service):
         self._terminate(process, why, on_purpose=False)
         self.startup_failed(why)
 
+    @_refreshes
     def _terminate(self, process, why: str, *, on_purpose: bool = True) -> None:
         """Ask a process to stop (close its stdin, SIGTERM its group), SIGKILL after the grace period."""
         if process.state in ("stopping", "exited"):
@@ -523,6 +560,7 @@ class ProcessPool(Service):
         self.model_log.append("error", "stdout closed", slot=process.slot, pid=process.pid, error=why)
         self._terminate(process, f"the model process {why}", on_purpose=False)
 
+    @_refreshes
     def _process_exited(self, process, reason) -> None:
         was = process.state
         process.state = "exited"
@@ -577,6 +615,7 @@ class ProcessPool(Service):
         self.model_log.append("warning", "restart scheduled", slot=slot, delay_s=delay)
         self._schedule_spawn(slot, delay)
 
+    @_refreshes
     def _crash_loop(self) -> None:
         """Too many quick deaths: the pool has failed, and tries again after a growing wait."""
         self.crash_loops += 1
@@ -597,6 +636,7 @@ class ProcessPool(Service):
         self.retry_timer = self.clock.callLater(delay, self._retry)
         self.pool_failed(self.failed_reason)
 
+    @_refreshes
     def _retry(self) -> None:
         """A failed pool's next try: its processes are started again, on trial for min_uptime."""
         self.retry_timer = None
@@ -606,6 +646,7 @@ class ProcessPool(Service):
         for slot in range(self.size):
             self._spawn(slot)
 
+    @_refreshes
     def _trial_passed(self) -> None:
         """The try ran for min_uptime: the pool is back, and its count starts again."""
         self.trial_timer = None
@@ -616,6 +657,7 @@ class ProcessPool(Service):
         self.log.info("model {model} is back after a crash loop", model=self.model_id)
         self.pool_back()
 
+    @_refreshes
     def _schedule_spawn(self, slot: int, delay: float) -> None:
         if slot in self.restart_timers:
             return
@@ -748,7 +790,7 @@ class Pending:
         self.abandoned = False
 
 
-@implementer(ISender)
+@implementer(IModel, IRestartable)
 class SubprocessModel(ProcessPool):
     """
     A model served by programs the daemon runs, in the C{raw} or C{jsonl} line protocol.
@@ -797,6 +839,9 @@ class SubprocessModel(ProcessPool):
         self.requests = 0
         self.failures = 0
         self._wire_counter = 0
+        self._idle = Waiters()
+        self.request_timeout = float(spec.timeout)
+        self.startup_timeout = float(spec.process.startup_timeout)
 
     @classmethod
     def from_spec(cls, spec, deps):
@@ -805,6 +850,25 @@ class SubprocessModel(ProcessPool):
     @property
     def in_flight(self) -> int:
         return sum(len(process.inflight) for process in self.slots if process is not None)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    def whenReady(self) -> Deferred:
+        return self._state.when_ready()
+
+    def watch(self, callback):
+        return self._state.watch(callback)
+
+    def whenIdle(self) -> Deferred:
+        if not self.queue and not self.in_flight:
+            return succeed(None)
+        return self._idle.wait()
+
+    def _maybe_idle(self) -> None:
+        if self._idle and not self.queue and not self.in_flight:
+            self._idle.fire()
 
     def describe(self) -> dict:
         return {
@@ -819,7 +883,7 @@ class SubprocessModel(ProcessPool):
             "restarts": self.restarts,
             "next_restart_in": self.next_restart_in(),
             "trial_ends_in": self.trial_ends_in(),
-            "last_error": self.failed_reason or self.last_error,
+            "last_error": self.last_failure,
             "processes": self.describe_processes(),
         }
 
@@ -906,15 +970,16 @@ class SubprocessModel(ProcessPool):
             if pending.timer.active():
                 pending.timer.cancel()
             pending.timer = None
-        if pending.abandoned or pending.deferred.called:
-            return
-        if error is not None:
-            self.failures += 1
-            pending.deferred.errback(error)
-        else:
-            if result.status >= 400:
+        if not (pending.abandoned or pending.deferred.called):
+            if error is not None:
                 self.failures += 1
-            pending.deferred.callback(result)
+                pending.deferred.errback(error)
+            else:
+                if result.status >= 400:
+                    self.failures += 1
+                pending.deferred.callback(result)
+        if self._idle:
+            self._maybe_idle()
 
     def _cancelled(self, pending: Pending) -> None:
         """The client went away: forget the request, and free its place if we can."""

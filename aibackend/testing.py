@@ -3,7 +3,7 @@ Fakes and helpers the tests share (and that people writing model types may reuse
 
 Nothing here imports the global reactor: every fake takes the clock it runs on.
 
-  - L{FakeModel}: an L{ISender} whose answers the test decides (a canned
+  - L{FakeModel}: an L{IModel} whose answers the test decides (a canned
     L{ModelAnswer}, an error, a Deferred the test fires later), and which records every
     body and context it received.
   - L{HangingClient}: a treq-like client whose requests never answer, recording what was
@@ -25,8 +25,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aibackend.config import ModelSpec
-from aibackend.interfaces import ISender, ModelAnswer, RequestContext
+from aibackend.interfaces import READY, IModel, ModelAnswer, RequestContext
 from aibackend.logs import ModelLog
+from aibackend.modelstate import ModelState, Waiters
 
 
 # --- Deferreds, synchronously --------------------------------------------------
@@ -99,7 +100,7 @@ class _Clockless:
         return 0.0
 
 
-@implementer(ISender)
+@implementer(IModel)
 class FakeModel:
     """
     A model whose answers the test decides.
@@ -111,22 +112,57 @@ class FakeModel:
       - L{holds}: every send returns a Deferred the test fires later (see L{pending});
         cancelling it is recorded in L{cancelled}.
 
+    Its L{state} is the test's to set (C{model.state = "failed"}): those waiting and
+    watching hear of it as from any model. Its requests in flight are the held ones.
+
     @ivar received: a L{Received} per request, in order.
     @ivar pending: the Deferreds handed out while holding, not yet fired.
     @ivar cancelled: the L{Received} whose held Deferred was cancelled.
+    @ivar last_failure: the test's to set too.
+    @ivar request_timeout: how long a removal waits for the held requests (0: not at all).
     """
 
     type_name = "fake"
     log = Logger()
+    queued = 0
+    last_failure = None
+    startup_timeout = 0.0
 
-    def __init__(self, model_id: str = "fake", clock=None, *, log_entries: int = 1000):
+    def __init__(self, model_id: str = "fake", clock=None, *, log_entries: int = 1000, state: str = READY,
+                 request_timeout: float = 0.0):
         self.model_id = model_id
         self.spec = ModelSpec(id=model_id, type=self.type_name, log_entries=log_entries)
         self.model_log = ModelLog(clock if clock is not None else _Clockless(), log_entries)
         self.received: list[Received] = []
         self.pending: list[Deferred] = []
         self.cancelled: list[Received] = []
+        self.request_timeout = request_timeout
+        self._state = ModelState(self, state, why=lambda: self.last_failure)
+        self._idle = Waiters()
         self.answers()
+
+    # IModel
+
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._state.set(state)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def whenReady(self) -> Deferred:
+        return self._state.when_ready()
+
+    def whenIdle(self) -> Deferred:
+        return self._idle.wait() if self.pending else succeed(None)
+
+    def watch(self, callback):
+        return self._state.watch(callback)
 
     # what the next requests get
 
@@ -166,7 +202,7 @@ class FakeModel:
         return d
 
     def describe(self) -> dict:
-        return {"id": self.model_id, "type": self.type_name, "state": "ready", "requests": len(self.received)}
+        return {"id": self.model_id, "type": self.type_name, "state": self.state, "requests": len(self.received)}
 
     def _cancelled(self, d, received):
         self.cancelled.append(received)
@@ -174,6 +210,8 @@ class FakeModel:
     def _forget(self, result, d):
         if d in self.pending:
             self.pending.remove(d)
+            if not self.pending:
+                self._idle.fire()
         return result
 
 

@@ -16,13 +16,14 @@ import pytest
 import pytest_twisted
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from aibackend import config
 from aibackend.admin import ModelManager, load_models, table_from_query
 from aibackend.auth import Guard
 from aibackend.destinations import DestinationPolicy
 from aibackend.errors import BadGateway, Forbidden, GatewayTimeout
-from aibackend.interfaces import ModelAnswer
+from aibackend.interfaces import IRestartable, ModelAnswer
 from aibackend.store import Change, MemoryStore
 from aibackend.testing import FakeModel, StubFrontDoor, failure_of, has_fired, result_of
 from test_api import assert_error
@@ -81,14 +82,9 @@ class ServiceModel(FakeModel, Service):
     """A fake model with a lifetime (started and stopped by the registry), a state, and in-flight requests."""
 
     def __init__(self, model_id, clock, *, state="ready", timeout=None):
-        FakeModel.__init__(self, model_id, clock)
-        self.state = state
+        FakeModel.__init__(self, model_id, clock, state=state, request_timeout=timeout or 0.0)
         if timeout is not None:
             self.spec = config.HttpModelSpec(id=model_id, type="http", url="http://127.0.0.1:9/", timeout=timeout)
-
-    @property
-    def in_flight(self):
-        return len(self.pending)
 
     def describe(self):
         return {**FakeModel.describe(self), "state": self.state, "in_flight": self.in_flight}
@@ -352,6 +348,7 @@ def test_requests_in_flight_on_the_replaced_model_finish_there(door, old, clock,
     door.registry.startService()
     staged = stage(door, monkeypatch, clock, state="ready")
     old.spec = config.HttpModelSpec(id="m", type="http", url="http://127.0.0.1:9/", timeout=10)
+    old.request_timeout = 10.0
     old.holds()
     slow = door.request("POST", "/post/predict?id=m", data=b'{"slow": 1}')
 
@@ -779,12 +776,19 @@ def test_status_needs_an_id_of_a_model(door):
 # --- restart ---------------------------------------------------------------------------------------
 
 
+@implementer(IRestartable)
 class FailingPool(ServiceModel):
     """A model whose processes have failed until it is restarted."""
+
+    live_processes = 0
 
     def __init__(self, model_id, clock):
         super().__init__(model_id, clock, state="failed")
         self.restarted = 0
+
+    @property
+    def restarts(self):
+        return self.restarted
 
     def restart(self):
         self.restarted += 1

@@ -69,11 +69,13 @@ def test_the_fake_model_records_what_it_was_sent(model):
 def test_a_model_written_to_the_interface_can_be_registered(clock):
     from zope.interface import implementer
 
+    from aibackend.interfaces import IModel
     from aibackend.logs import ModelLog
+    from aibackend.modelstate import AlwaysReady
     from aibackend.registry import ModelDeps, ModelRegistry
 
-    @implementer(ISender)
-    class AsDocumented:
+    @implementer(IModel)
+    class AsDocumented(AlwaysReady):
         model_id = "documented"
         type_name = "documented"
         spec = None
@@ -88,7 +90,7 @@ def test_a_model_written_to_the_interface_can_be_registered(clock):
             return {}
 
     model = AsDocumented()
-    assert verifyObject(ISender, model)
+    assert verifyObject(IModel, model)
 
     ModelRegistry(ModelDeps(reactor=clock)).add(model)
 
