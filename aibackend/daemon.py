@@ -198,12 +198,13 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
         _add(root, "subreaper", SubreaperService(reactor))
     if store is None:
         store = open_store(reactor, state_dir)
+    primary_states = PrimaryStates() if worker is not None else None
     internal_token = new_token() if worker is None and processes > 1 else None
     core = build_core(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
-                      worker=worker)
+                      worker=worker, primary_states=primary_states)
     if worker is not None:
-        _serve_as_worker(root, core, reactor, config, worker)
+        _serve_as_worker(root, core, reactor, config, worker, primary_states)
     elif processes > 1:
         _serve_as_primary(root, core, reactor, listen, processes, worker_argv, internal_token)
     else:
@@ -213,7 +214,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
 
 
 def build_core(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
-               internal_token=None, worker=None) -> Core:
+               internal_token=None, worker=None, primary_states=None) -> Core:
     """
     The HTTP pools, the store, the registry with the configured and the kept runtime
     models, the manager, the guard, the metrics, the front door and its site; the
@@ -237,10 +238,9 @@ def build_core(root, config: Config, reactor, *, store, environ, listen, max_bod
                              destination_policy=policy)
     StoreService(store).setServiceParent(root)
 
-    builder = primary_states = None
+    builder = None
     if worker is not None:
-        primary_states = PrimaryStates(reactor, deps.pool, worker["primary"], worker["token"])
-        builder = worker_builder(worker, lambda runtime: runtime_deps if runtime else deps, primary_states.states)
+        builder = worker_builder(worker, lambda runtime: runtime_deps if runtime else deps, primary_states)
     registry = ModelRegistry(deps, runtime_deps, drain_timeout=server.drain_timeout, builder=builder)
     registry.setServiceParent(root)
     manager = ModelManager(
@@ -248,12 +248,10 @@ def build_core(root, config: Config, reactor, *, store, environ, listen, max_bod
         config_ids=[spec.id for spec in config.models], environ=environ,
     )
     load_models(registry, store, config, manager.validate, log, manager.tables)
-    if primary_states is not None:
-        _add(root, "primary-states", primary_states)
 
     guard = Guard(admin_token, listen, server.api_keys, internal_token=internal_token)
     log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
-                      policy=policy.describe())
+             policy=policy.describe())
     metrics = Metrics(registry)
     front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics)
     site = AibackendSite(
@@ -279,21 +277,22 @@ def _serve_as_primary(root, core: Core, reactor, listen, count: int, worker_argv
     private = _add(root, "worker-port",
                    Listener(reactor, "tcp:0:interface=127.0.0.1", core.site, what="port for worker processes"))
     shared = [SharedListener.bound(reactor, core.site, description) for description in listen]
-    workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private,
-                                                              internal_token))
+    workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private, internal_token,
+                                                    registry=core.registry))
     core.manager.changed.append(workers.sync)
     core.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
     for index, listener in enumerate(shared):
         _add(root, f"listener-{index}", listener)
 
 
-def _serve_as_worker(root, core: Core, reactor, config: Config, worker: dict) -> None:
+def _serve_as_worker(root, core: Core, reactor, config: Config, worker: dict, primary_states) -> None:
     core.front_door.primary = Forwarder(reactor, core.deps.pool, worker["primary"], worker["token"])
 
     def follow():
         return resync(core.registry, config, core.store, core.manager.validate, log)
 
     _add(root, "primary-link", WorkerControl(
-        reactor, follow, restart_local(core.registry, log), ack_fd=worker.get("ack")))
+        reactor, follow, restart_local(core.registry, log), ack_fd=worker.get("ack"),
+        states=primary_states))
     for index, (fd, family) in enumerate(worker["fds"]):
         _add(root, f"listener-{index}", SharedListener.adopted(reactor, core.site, fd, family))

@@ -242,3 +242,280 @@ def test_start_up_modules_import_in_functions_only_where_a_comment_says_why(modu
                 if isinstance(inner, (ast.Import, ast.ImportFrom)):
                     around = "\n".join(lines[max(0, inner.lineno - 2):inner.lineno])
                     assert "#" in around, f"{module}.py:{inner.lineno} imports inside a function without saying why"
+
+
+# --- --processes: the primary tells its workers the states of its models ---------------------
+
+
+def _specs(*tables):
+    return {spec.id: spec for spec in config.parse_config({"models": list(tables)}, environ={}).models}
+
+
+def primary_registry(clock, *models_and_specs):
+    from aibackend.registry import ModelDeps, ModelRegistry
+
+    registry = ModelRegistry(ModelDeps(reactor=clock, environ={}))
+    for model, spec in models_and_specs:
+        registry.add(model, spec=spec)
+    return registry
+
+
+def test_the_primary_tells_the_states_of_the_models_workers_forward_and_each_change(clock):
+    from aibackend.processes import ModelStates
+    from aibackend.testing import FakeModel
+
+    specs = _specs(_subprocess_model("shared"), _subprocess_model("own", per_process=True),
+                   {"id": "web", "type": "http", "url": "http://127.0.0.1:9/"})
+    shared = FakeModel("shared", state="starting")
+    registry = primary_registry(clock, (shared, specs["shared"]), (FakeModel("own"), specs["own"]),
+                                (FakeModel("web"), specs["web"]))
+    told = []
+    states = ModelStates(registry, told.append)
+
+    states.follow()
+    assert told == ["state shared starting"]  # the others each process runs itself
+    shared.state = "ready"
+    shared.state = "failed"
+    assert told[1:] == ["state shared ready", "state shared failed"]
+    assert states.notices() == ["state shared failed"]
+
+    replacement = FakeModel("shared", state="starting")
+    registry.replace(replacement, spec=specs["shared"])
+    states.follow()
+    shared.state = "stopped"  # the old one, on its way out: not told
+    assert told[3:] == ["state shared starting"]
+
+    registry.remove("shared")
+    states.follow()
+    replacement.state = "ready"
+    assert told[4:] == ["forget shared"]
+    states.stop()
+
+
+def test_a_new_worker_is_told_every_state_and_a_sync_tells_new_models_first(clock, logged_errors):
+    from aibackend.testing import FakeModel
+
+    specs = _specs(_subprocess_model("a"), _subprocess_model("b"))
+    registry = primary_registry(clock, (FakeModel("a", state="starting"), specs["a"]))
+    reactor, workers = workers_on(clock, registry=registry)
+    [(first, *_)] = reactor.spawned
+
+    assert first.transport.written == [b"state a starting\n"]
+    registry.get("a").state = "ready"
+    assert first.transport.written[-1] == b"state a ready\n"
+
+    registry.add(FakeModel("b"), spec=specs["b"])
+    followed = workers.sync("b")
+    assert first.transport.written[-2:] == [b"state b ready\n", b"sync 1\n"]
+    first.childDataReceived(4, b"synced 1\n")
+    assert followed.called
+
+    end(first)
+    clock.advance(1)
+    (second, *_) = reactor.spawned[-1]
+    assert second.transport.written == [b"state a ready\nstate b ready\n"]
+    logged_errors.flush()
+    workers.stopService()
+    registry.get("a").state = "failed"  # stopped: the workers are not told any more
+    assert second.transport.written == [b"state a ready\nstate b ready\n"]
+    end(second)
+
+
+def test_a_notice_that_is_not_one_line_is_refused(clock):
+    reactor, workers = workers_on(clock)
+    with pytest.raises(ValueError):
+        workers.notify("state a ready\nsync 9")
+    with pytest.raises(ValueError):
+        workers.notify("x" * 2000)
+    workers.stopService()
+    end(reactor.spawned[0][0])
+
+
+# The primary's supervision of workers on a fake reactor, as in test_processes.py (a test
+# module does not import another).
+
+
+class FakeWorkerTransport:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+        self.written = []
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class SpawningClock:
+    def __init__(self, clock):
+        self.clock = clock
+        self.spawned = []
+
+    def __getattr__(self, name):
+        return getattr(self.clock, name)
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        transport = FakeWorkerTransport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, env, childFDs))
+        return transport
+
+
+class FakeListener:
+    def __init__(self, fileno):
+        self.socket = type("Sock", (), {"fileno": lambda self: fileno, "family": socket.AF_INET})()
+
+
+class FakePrivate:
+    port = type("Port", (), {"getHost": lambda self: type("Address", (), {"port": 4321})()})()
+
+
+def workers_on(clock, count=2, registry=None):
+    from aibackend.processes import WorkerProcesses
+
+    reactor = SpawningClock(clock)
+    workers = WorkerProcesses(reactor, count, ["-c", "pass"], [FakeListener(7)], FakePrivate(), "token",
+                              registry=registry)
+    workers.startService()
+    return reactor, workers
+
+
+def end(worker):
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    worker.processEnded(Failure(ProcessTerminated(exitCode=1)))
+
+
+# --- in a worker: the stand-in takes its state from what the primary says --------------------
+
+
+def channel_with_states():
+    from twisted.internet.testing import StringTransport
+
+    from aibackend.processes import ControlChannel, PrimaryStates
+
+    states = PrimaryStates()
+    channel = ControlChannel(lambda: pytest.fail("no sync here"), reactor=None, states=states)
+    channel.makeConnection(StringTransport())
+    return channel, states
+
+
+def forwarded_model(clock, states, model_id="shared"):
+    from aibackend.processes import ForwardedModel
+
+    spec = _specs(_subprocess_model(model_id, timeout=7))[model_id]
+    return ForwardedModel(spec, 4321, "t" * 20, states, reactor=clock)
+
+
+def test_a_forwarded_model_is_starting_until_the_primary_says_otherwise(clock):
+    from zope.interface.verify import verifyObject
+
+    from aibackend.interfaces import IModel, IRestartable
+
+    channel, states = channel_with_states()
+    model = forwarded_model(clock, states)
+    verifyObject(IModel, model)
+    assert not IRestartable.providedBy(model)  # its processes are the primary's
+    model.startService()
+    seen = []
+    model.watch(lambda m: seen.append(m.state))
+    ready = model.whenReady()
+
+    assert model.state == "starting" and not ready.called
+    channel.dataReceived(b"state shared re")
+    channel.dataReceived(b"ady\nstate other failed\n")
+
+    assert model.state == "ready" and ready.called and seen == ["ready"]
+    assert model.describe()["state"] == "ready"
+    assert model.describe()["served_by"] == "the primary process"
+    assert model.describe()["type"] == "subprocess"
+    assert "url" not in model.describe()
+    assert model.request_timeout == 12.0  # its own, and the way to the primary
+    channel.dataReceived(b"state shared failed\n")
+    assert model.state == "failed"
+    model.stopService()
+    assert model.state == "stopped"
+    channel.dataReceived(b"state shared ready\n")
+    assert model.state == "stopped" and seen == ["ready", "failed", "stopped"]
+
+
+def test_a_forwarded_model_made_after_the_primary_spoke_has_its_state(clock):
+    channel, states = channel_with_states()
+    channel.dataReceived(b"state shared failed\n")
+
+    model = forwarded_model(clock, states)
+    assert model.state == "failed"
+    failed = model.whenReady()
+    assert failed.called
+    from aibackend.errors import ModelUnavailable
+
+    failed.addErrback(lambda f: f.trap(ModelUnavailable))
+    channel.dataReceived(b"forget shared\n")
+    assert forwarded_model(clock, states).state == "starting"
+
+
+@pytest.mark.parametrize("line", [
+    b"state shared nonsense",
+    b"state shared",
+    b"state -bad ready",
+    b"state " + b"a" * 129 + b" ready",
+    b"state sh\xffared ready",
+    b"state shared ready extra",
+    b"forget",
+])
+def test_a_state_line_that_is_not_one_is_ignored(line):
+    channel, states = channel_with_states()
+    channel.dataReceived(b"state shared failed\n" + line + b"\n")
+
+    assert states.get("shared") == "failed"
+
+
+def test_a_long_model_id_is_told(clock):
+    channel, states = channel_with_states()
+    model_id = "a" + "b.c-d_" * 21  # 127 characters
+    channel.dataReceived(f"state {model_id} ready\n".encode())
+
+    assert states.get(model_id) == "ready"
+
+
+def test_the_worker_channel_stops_the_reactor_when_the_primary_is_gone_unless_it_is_closing():
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.python.failure import Failure
+
+    from aibackend.processes import ControlChannel
+
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    stopped = []
+    reactor.stop = lambda: stopped.append(True)
+    channel = ControlChannel(lambda: None, reactor)
+    channel.makeConnection(StringTransport())
+
+    channel.connectionLost(Failure(EOFError()))
+    assert stopped == [True]
+    closing = ControlChannel(lambda: None, reactor)
+    closing.closing = True
+    closing.connectionLost(Failure(EOFError()))
+    assert stopped == [True]
+
+
+def test_a_notice_that_fails_is_logged_and_the_channel_reads_on(logged_errors):
+    from twisted.internet.testing import StringTransport
+
+    from aibackend.processes import ControlChannel, PrimaryStates
+
+    def restart(model_id):
+        raise RuntimeError(f"cannot restart {model_id}")
+
+    states = PrimaryStates()
+    channel = ControlChannel(lambda: pytest.fail("no sync here"), reactor=None, restart=restart, states=states)
+    channel.makeConnection(StringTransport())
+
+    channel.dataReceived(b"restart m\nstate m ready\n")
+
+    assert [event["log_failure"].value.args for event in logged_errors.flush(RuntimeError)] == [("cannot restart m",)]
+    assert states.get("m") == "ready"
+    assert not channel.transport.disconnecting
