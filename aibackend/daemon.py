@@ -1,8 +1,8 @@
 """
-The daemon assembled: the core every process has, and the three ways a process serves it.
+The daemon assembled: the parts every process has, and the three ways a process serves them.
 
-L{build} makes the root service and the L{Core} (what the daemon's parts are, for whoever
-needs one: tests, the benchmark). The root is a L{Root} of named children, started in
+L{build} makes the root service and the L{Parts} (the registry, the manager, the front
+door, its site..., for whoever needs one: tests, the benchmark). The root is a L{Root} of named children, started in
 this order and stopped in the reverse one:
 
   - C{subreaper} (with C{subreaper=True}): before any model process starts;
@@ -122,7 +122,7 @@ class Root(service.MultiService):
 
 
 @dataclass(frozen=True)
-class Core:
+class Parts:
     """What every process of the daemon has, built once; the parts a reader may need."""
 
     registry: ModelRegistry
@@ -138,11 +138,11 @@ class Core:
 
 
 @dataclass(frozen=True)
-class Daemon:
-    """The daemon L{build} made: its root service (for twistd) and its L{Core}."""
+class Built:
+    """The daemon L{build} made: its root service (for twistd) and its L{Parts}."""
 
     service: Root
-    core: Core
+    parts: Parts
 
 
 def _add(root, name: str, child):
@@ -180,9 +180,9 @@ def open_store(reactor, state_dir: str):
 
 def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None, admin_token=None,
           store=None, processes=1, worker=None, worker_argv=None, subreaper=False,
-          log_observer=None) -> Daemon:
+          log_observer=None) -> Built:
     """
-    Wire the daemon: the core (L{build_core}), then the listeners of its mode: alone, the
+    Wire the daemon: its parts (L{build_parts}), then the listeners of its mode: alone, the
     C{--processes} primary (C{processes > 1}), or a worker (C{worker} given).
 
     @param state_dir: where runtime changes are kept (ignored when C{store} is given).
@@ -200,21 +200,21 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
         store = open_store(reactor, state_dir)
     primary_states = PrimaryStates() if worker is not None else None
     internal_token = new_token() if worker is None and processes > 1 else None
-    core = build_core(root, config, reactor, store=store, environ=environ, listen=listen,
+    parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
                       worker=worker, primary_states=primary_states)
     if worker is not None:
-        _serve_as_worker(root, core, reactor, config, worker, primary_states)
+        _serve_as_worker(root, parts, reactor, config, worker, primary_states)
     elif processes > 1:
-        _serve_as_primary(root, core, reactor, listen, processes, worker_argv, internal_token)
+        _serve_as_primary(root, parts, reactor, listen, processes, worker_argv, internal_token)
     else:
-        _serve_alone(root, core, reactor, listen)
-    _add(root, "readiness", ReadinessService(core.front_door))
-    return Daemon(root, core)
+        _serve_alone(root, parts, reactor, listen)
+    _add(root, "readiness", ReadinessService(parts.front_door))
+    return Built(root, parts)
 
 
-def build_core(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
-               internal_token=None, worker=None, primary_states=None) -> Core:
+def build_parts(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
+               internal_token=None, worker=None, primary_states=None) -> Parts:
     """
     The HTTP pools, the store, the registry with the configured and the kept runtime
     models, the manager, the guard, the metrics, the front door and its site; the
@@ -262,37 +262,37 @@ def build_core(root, config: Config, reactor, *, store, environ, listen, max_bod
     )
     release_freed_memory()
     _raise_open_files_limit(server.max_connections)
-    return Core(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
+    return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
                 metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy)
 
 
-def _serve_alone(root, core: Core, reactor, listen) -> None:
+def _serve_alone(root, parts: Parts, reactor, listen) -> None:
     for index, description in enumerate(listen):
-        _add(root, f"listener-{index}", Listener(reactor, description, core.site))
+        _add(root, f"listener-{index}", Listener(reactor, description, parts.site))
 
 
-def _serve_as_primary(root, core: Core, reactor, listen, count: int, worker_argv, internal_token) -> None:
+def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_argv, internal_token) -> None:
     # The private port workers forward to, then the workers; the public sockets last,
     # so that on stop they close first.
     private = _add(root, "worker-port",
-                   Listener(reactor, "tcp:0:interface=127.0.0.1", core.site, what="port for worker processes"))
-    shared = [SharedListener.bound(reactor, core.site, description) for description in listen]
+                   Listener(reactor, "tcp:0:interface=127.0.0.1", parts.site, what="port for worker processes"))
+    shared = [SharedListener.bound(reactor, parts.site, description) for description in listen]
     workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private, internal_token,
-                                                    registry=core.registry))
-    core.manager.changed.append(workers.sync)
-    core.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
+                                                    registry=parts.registry))
+    parts.manager.changed.append(workers.sync)
+    parts.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
     for index, listener in enumerate(shared):
         _add(root, f"listener-{index}", listener)
 
 
-def _serve_as_worker(root, core: Core, reactor, config: Config, worker: dict, primary_states) -> None:
-    core.front_door.primary = Forwarder(reactor, core.deps.pool, worker["primary"], worker["token"])
+def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, primary_states) -> None:
+    parts.front_door.primary = Forwarder(reactor, parts.deps.pool, worker["primary"], worker["token"])
 
     def follow():
-        return resync(core.registry, config, core.store, core.manager.validate, log)
+        return resync(parts.registry, config, parts.store, parts.manager.validate, log)
 
     _add(root, "primary-link", WorkerControl(
-        reactor, follow, restart_local(core.registry, log), ack_fd=worker.get("ack"),
+        reactor, follow, restart_local(parts.registry, log), ack_fd=worker.get("ack"),
         states=primary_states))
     for index, (fd, family) in enumerate(worker["fds"]):
-        _add(root, f"listener-{index}", SharedListener.adopted(reactor, core.site, fd, family))
+        _add(root, f"listener-{index}", SharedListener.adopted(reactor, parts.site, fd, family))

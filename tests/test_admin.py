@@ -960,7 +960,7 @@ def test_runtime_models_connect_only_where_the_policy_allows_config_models_anywh
 
     reactor = MemoryReactorClock()
     cfg = config.parse_config({"server": {"allowed_destinations": ["127.0.0.1"]}}, environ={})
-    registry = build(cfg, reactor, listen=[], max_body_bytes=1000, store=MemoryStore(), environ={}).core.registry
+    registry = build(cfg, reactor, listen=[], max_body_bytes=1000, store=MemoryStore(), environ={}).parts.registry
     spec = http_spec("rebound", url="http://127.0.0.2:9/", timeout=5)
 
     runtime = registry.build(spec, runtime=True)

@@ -100,11 +100,11 @@ def test_alone_the_daemon_is_named_children_in_start_order():
 
     assert names(root) == ["subreaper", "pool", "runtime-pool", "store", "models", "listener-0", "listener-1",
                            "readiness"]
-    assert root.getServiceNamed("models") is daemon.core.registry
-    assert daemon.core.registry.get("m").model_id == "m"
-    assert root.getServiceNamed("listener-0").factory is daemon.core.site
-    assert root.getServiceNamed("readiness").front_door is daemon.core.front_door
-    assert daemon.core.front_door.registry is daemon.core.registry
+    assert root.getServiceNamed("models") is daemon.parts.registry
+    assert daemon.parts.registry.get("m").model_id == "m"
+    assert root.getServiceNamed("listener-0").factory is daemon.parts.site
+    assert root.getServiceNamed("readiness").front_door is daemon.parts.front_door
+    assert daemon.parts.front_door.registry is daemon.parts.registry
 
 
 def test_the_primary_starts_its_workers_after_the_models_and_before_its_sockets():
@@ -120,8 +120,8 @@ def test_the_primary_starts_its_workers_after_the_models_and_before_its_sockets(
     assert workers.private is root.getServiceNamed("worker-port")
     assert workers.listeners == [root.getServiceNamed("listener-0")]
     # The internal token workers present is made for this start, and the guard knows it.
-    assert workers.token and daemon.core.guard.internal_token == workers.token
-    assert daemon.core.manager.changed == [workers.sync]
+    assert workers.token and daemon.parts.guard.internal_token == workers.token
+    assert daemon.parts.manager.changed == [workers.sync]
 
 
 def test_a_worker_forwards_to_its_primary_and_adopts_the_sockets_it_inherited():
@@ -136,10 +136,10 @@ def test_a_worker_forwards_to_its_primary_and_adopts_the_sockets_it_inherited():
     assert "primary-link" in names(root)
     assert names(root)[-3:] == ["listener-0", "listener-1", "readiness"]
     assert root.getServiceNamed("listener-1").inherited == (4, int(socket.AF_INET6))
-    assert daemon.core.front_door.primary is not None
-    assert daemon.core.guard.internal_token is None
-    assert daemon.core.registry.get("shared").describe()["served_by"] == "the primary process"
-    assert "served_by" not in daemon.core.registry.get("own").describe()
+    assert daemon.parts.front_door.primary is not None
+    assert daemon.parts.guard.internal_token is None
+    assert daemon.parts.registry.get("shared").describe()["served_by"] == "the primary process"
+    assert "served_by" not in daemon.parts.registry.get("own").describe()
 
 
 def test_given_to_twistds_application_the_root_names_its_log_observer():
