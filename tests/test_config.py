@@ -280,3 +280,181 @@ def test_environment_variables_come_from_the_given_environ(tmp_path):
     assert load_config(str(path), environ={"MODEL_KEY": "k"}).models[0].id == "m"
     with pytest.raises(ConfigError):
         load_config(str(path), environ={})
+
+
+# --- each key declared once: the parser, the masked view and the reference read it ---------
+
+
+README = os.path.join(ROOT, "README.md")
+REGENERATE = "python -m aibackend.config --reference README.md"
+
+
+def test_the_readmes_reference_is_rendered_from_the_declarations():
+    from aibackend.config import REFERENCE_BEGIN, REFERENCE_END, reference_markdown
+
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert REFERENCE_BEGIN in text and REFERENCE_END in text, f"README.md lost its reference markers; run {REGENERATE}"
+    written = text.split(REFERENCE_BEGIN, 1)[1].split(REFERENCE_END, 1)[0]
+
+    assert written.strip() == reference_markdown().strip(), (
+        f"README.md's configuration reference differs from the declarations: run {REGENERATE}"
+    )
+
+
+def test_with_reference_rewrites_only_the_marked_section():
+    from aibackend.config import REFERENCE_BEGIN, REFERENCE_END, reference_markdown, with_reference
+
+    stale = f"# before\n\n{REFERENCE_BEGIN}\n| stale | table |\n{REFERENCE_END}\n\n# after\n"
+
+    rewritten = with_reference(stale)
+
+    assert rewritten == f"# before\n\n{REFERENCE_BEGIN}\n\n{reference_markdown()}\n{REFERENCE_END}\n\n# after\n"
+    assert with_reference(rewritten) == rewritten
+    with pytest.raises(ValueError):
+        with_reference("no markers here")
+
+
+def test_the_reference_command_prints_the_reference():
+    import subprocess
+    import sys
+
+    from aibackend.config import reference_markdown
+
+    printed = subprocess.run([sys.executable, "-m", "aibackend.config", "--reference"], cwd=ROOT,
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+
+    assert printed == reference_markdown()
+
+
+@pytest.mark.parametrize("spec_class", ["ServerSpec", "ModelSpec", "HttpModelSpec", "SubprocessModelSpec",
+                                        "ProcessSettings"])
+def test_every_declared_key_is_in_the_reference(spec_class):
+    from aibackend import config
+    from aibackend.configbase import settings_of
+
+    reference = config.reference_markdown()
+    for name, setting in settings_of(getattr(config, spec_class)):
+        if name == "command" and spec_class == "ProcessSettings":
+            continue  # shown in each model type's table
+        key = setting.label or f"`{setting.key or name}`"
+        assert f"| {key}" in reference, f"{spec_class}.{name} is not in the reference"
+
+
+def test_the_reference_shows_the_declared_defaults_bounds_aside():
+    from aibackend.config import reference_markdown
+
+    reference = reference_markdown()
+
+    assert "| `url` (alias `dest`) | required | where requests are POSTed." in reference
+    assert "| `timeout` | `60` | seconds for the whole exchange" in reference
+    assert "| `listen` | `[\"tcp:8080:interface=127.0.0.1\"]` |" in reference
+    assert "| `protocol` | `\"raw\"` | `raw` or `jsonl` (below) |" in reference
+    assert "| `access_log` | `true` |" in reference
+    assert "| `max_concurrency` | `0` (no limit) |" in reference
+    assert "| `[models.v2]` | none |" in reference
+
+
+def test_a_parsed_spec_has_the_dataclass_defaults():
+    """One default per key: what the parser fills in is what the dataclass says."""
+    import sys
+
+    from aibackend.config import ProcessSettings, ServerSpec, SubprocessModelSpec
+
+    config = parse_config({"models": [http_model(), {"id": "s", "type": "subprocess", "command": ["python", "x.py"]}]},
+                          environ={})
+
+    assert config.server == ServerSpec()
+    http, subprocess_spec = config.models
+    assert http == HttpModelSpec(id="m", type="http", url="http://127.0.0.1:9001/predict")
+    assert subprocess_spec == SubprocessModelSpec(
+        id="s", type="subprocess", process=ProcessSettings(command=("python", "x.py"), executable=sys.executable),
+    )
+
+
+def test_every_spec_answers_timeout_process_and_urls():
+    import sys
+
+    from aibackend.config import ModelSpec, ProcessSettings, SubprocessModelSpec
+
+    bare = ModelSpec(id="b", type="mine")
+    assert (bare.timeout, bare.process, bare.urls) == (60.0, None, ())
+
+    single = HttpModelSpec(id="m", type="http", url="http://127.0.0.1:9/p", timeout=5.0)
+    assert (single.timeout, single.process, single.urls) == (5.0, None, ("http://127.0.0.1:9/p",))
+    replicas = HttpModelSpec(id="r", type="http", url="http://a:1/", urls=("http://a:1/", "http://b:1/"))
+    assert replicas.urls == ("http://a:1/", "http://b:1/")
+
+    settings = ProcessSettings(command=("python", "x.py"), executable=sys.executable)
+    spec = SubprocessModelSpec(id="s", type="subprocess", process=settings, timeout=7.0)
+    assert (spec.timeout, spec.process, spec.urls) == (7.0, settings, ())
+
+
+def test_the_masked_view_of_an_http_model_with_a_server_process(tmp_path):
+    import sys
+
+    data = {"models": [http_model(
+        headers={"Authorization": "Bearer plain", "X-Api-Key": "k", "X-Token": "${TOKEN}", "X-Mode": "fast"},
+        command=["python", "server.py"], cwd=str(tmp_path), env={"SECRET": "${TOKEN}", "MODE": "fast"},
+        health_path="/health", kill_timeout=2, timeout=30,
+    )]}
+
+    (spec,) = parse_config(data, environ={"TOKEN": "t0ken"}).models
+    described = spec.public()
+
+    assert list(described.items()) == [
+        ("id", "m"), ("type", "http"), ("log_entries", 1000),
+        ("url", "http://127.0.0.1:9001/predict"), ("timeout", 30.0), ("connect_timeout", 10.0),
+        ("headers", {"Authorization": "***", "X-Api-Key": "***", "X-Token": "***", "X-Mode": "fast"}),
+        ("max_response_bytes", 64 * 1024 * 1024), ("max_concurrency", 0), ("max_queue", 100),
+        ("urls", ["http://127.0.0.1:9001/predict"]), ("eject_after", 5), ("eject_seconds", 10.0),
+        ("max_eject_seconds", 300.0), ("health_interval", None), ("health_path", "/health"),
+        ("command", ["python", "server.py"]), ("cwd", str(tmp_path)), ("env", {"SECRET": "***", "MODE": "fast"}),
+        ("startup_timeout", 60.0), ("kill_timeout", 2), ("restart_backoff", 1.0), ("max_backoff", 30.0),
+        ("max_crash_loop_backoff", 300.0), ("max_restarts", 5), ("min_uptime", 10.0),
+        ("max_line_bytes", 64 * 1024 * 1024),
+    ]
+    assert sys.executable not in repr(described)  # the resolved program is not shown
+
+
+def test_the_masked_view_of_a_subprocess_model():
+    data = {"models": [{"id": "s", "type": "subprocess", "command": ["python", "x.py"], "protocol": " JSONL ",
+                        "max_inflight": 4, "v2": {"platform": "p", "version": "2"}}]}
+
+    (spec,) = parse_config(data, environ={}).models
+
+    assert list(spec.public()) == [
+        "id", "type", "log_entries", "v2", "per_process", "protocol", "workers", "max_inflight", "timeout",
+        "max_queue", "command", "cwd", "env", "startup_timeout", "kill_timeout", "restart_backoff", "max_backoff",
+        "max_crash_loop_backoff", "max_restarts", "min_uptime", "max_line_bytes",
+    ]
+    assert spec.public()["protocol"] == "jsonl"
+    assert spec.public()["v2"] == {"inputs": [], "outputs": [], "version": "2", "native": False, "platform": "p"}
+    assert list(spec.public()["v2"]) == ["inputs", "outputs", "version", "native", "platform"]
+
+
+def test_a_wrong_protocol_is_not_also_a_raw_process_problem():
+    problems = problems_of({"models": [{"id": "s", "type": "subprocess", "command": ["python", "x.py"],
+                                        "protocol": "grpc", "max_inflight": 4}]})
+
+    assert problems == [("models[0].protocol", "must be one of raw, jsonl, got 'grpc'")]
+
+
+def test_a_raw_process_with_more_in_flight_is_refused_in_its_turn():
+    problems = problems_of({"models": [{"id": "s", "type": "subprocess", "command": ["python", "x.py"],
+                                        "max_inflight": 4, "timeout": 0}]})
+
+    assert problems == [
+        ("models[0].max_inflight", "a raw process takes one request at a time; use protocol = \"jsonl\""),
+        ("models[0].timeout", "must be more than 0, got 0"),
+    ]
+
+
+def test_process_keys_without_a_command_are_named():
+    problems = problems_of({"models": [http_model(cwd="/", max_restarts=3, max_line_bytes=100)]})
+
+    assert problems == [
+        ("models[0].cwd", "is only used with command (a program the daemon starts)"),
+        ("models[0].max_restarts", "is only used with command (a program the daemon starts)"),
+        ("models[0].max_line_bytes", "is not a known key"),
+    ]
