@@ -10,8 +10,11 @@ capped so one huge line cannot hold memory.
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from datetime import datetime, timezone
+
+from twisted.logger import jsonFileLogObserver
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 LEVEL_ALIASES = {"warn": "warning", "err": "error", "critical": "error"}
@@ -186,19 +189,12 @@ class ModelLog:
 
 # --- the daemon's own log as JSON lines (twistd aibackend --log-format json) --------------
 
-JSON_LOG_FILE = None
 
-
-def json_log_observer():
+def json_log_observer(path: str | None = None):
     """
     A twistd log observer writing one JSON object a line (twisted.logger's event, fields
-    and all) to twistd's log file, or stdout in the foreground.
+    and all) to C{path} (twistd's log file), or stdout without one (in the foreground).
     """
-    import sys
-
-    from twisted.logger import jsonFileLogObserver
-
-    path = JSON_LOG_FILE
     if path and path != "-":
         stream = open(path, "a", encoding="utf-8")
     else:

@@ -18,40 +18,54 @@ owns the models:
     The primary answers once every worker has followed (or after C{SYNC_TIMEOUT}, logged),
     so a request sent after the answer finds the change in every process. A restart
     reaches the pools of per_process models in every process.
-  - a worker learns the state of the models the primary runs (ready, starting, failed...)
-    by asking it every second, so its readiness answers are the primary's.
+  - the primary tells each worker the state of the models it runs for them (ready,
+    starting, failed...) each time it changes, so a worker's readiness answers are the
+    primary's.
 
 Stopping the primary (SIGTERM, Ctrl-C) stops the workers first (each drains like the
 primary does), then the models. A worker whose primary dies ends too (its stdin closes,
 and on Linux it is sent SIGTERM).
 
+The primary speaks to each worker on the worker's stdin, one line a notice
+(L{ControlChannel}): C{sync N} (the models changed: follow, then say C{synced N} on the
+ack pipe), C{restart ID}, C{state ID STATE} and C{forget ID}. A model id is 1 to 128
+characters of C{[A-Za-z0-9_.-]} and a state one of L{aibackend.interfaces.STATES}: a
+line is short, and its fields have no spaces.
+
 Logs, model logs (C{cleanlogs} too) and /metrics are per process.
 """
-
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
-import socket
 import sys
 from dataclasses import replace
 
 from twisted.application import service
-from twisted.internet import endpoints, protocol
+from twisted.internet import protocol, stdio
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from aibackend import config, errors
+from aibackend.admin import desired_specs
 from aibackend.httpmodel import HttpModel
+from aibackend.interfaces import IModel, IRestartable, STARTING, STATES, STOPPED
+from aibackend.modelstate import ModelState
+from aibackend.registry import default_build
 
 WORKER_ENV = "AIBACKEND_WORKER"
 PGROUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pgroup.py")
 FIRST_INHERITED_FD = 3
 FORWARDED_HEADERS = (b"content-type", b"origin")
+# The longest line the primary writes to a worker ("state" + an id of 128 + a state is
+# far less); the worker's channel reads lines of up to LineOnlyReceiver.MAX_LENGTH.
+MAX_NOTICE = 1024
 
 
 def parse_processes(text: str) -> int:
@@ -67,71 +81,12 @@ def parse_processes(text: str) -> int:
     return count
 
 
-def shared_address(reactor, description: str):
-    """
-    C{(family, host, port, backlog)} of a TCP listen description, which processes can share.
-
-    @raise ValueError: it is not a TCP endpoint.
-    """
-    from aibackend.tap import with_backlog
-
-    endpoint = endpoints.serverFromString(reactor, with_backlog(description))
-    if isinstance(endpoint, endpoints.TCP6ServerEndpoint):
-        family = socket.AF_INET6
-    elif isinstance(endpoint, endpoints.TCP4ServerEndpoint):
-        family = socket.AF_INET
-    else:
-        raise ValueError(f"--processes shares TCP sockets only; {description!r} is not tcp: or tcp6:")
-    return family, endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), endpoint._port, endpoint._backlog
+def forwarded(spec) -> bool:
+    """Does a worker forward the requests for the model of C{spec} to the primary?"""
+    return isinstance(spec, config.SubprocessModelSpec) and not spec.per_process
 
 
-class SharedListener(service.Service):
-    """
-    A listening socket served by several processes: the primary binds it and passes it
-    on; a worker adopts the one it inherited.
-    """
-
-    log = Logger()
-
-    def __init__(self, reactor, factory, *, description=None, inherited=None):
-        self.reactor = reactor
-        self.factory = factory
-        self.description = description
-        self.inherited = inherited  # (fd, family) in a worker
-        self.socket = None
-        self.port = None
-
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        if self.inherited is not None:
-            fd, family = self.inherited
-            self.port = self.reactor.adoptStreamPort(fd, family, self.factory)
-            os.close(fd)  # adoptStreamPort took a copy
-            return
-        from aibackend.tap import StartupError
-
-        try:
-            family, host, port, backlog = shared_address(self.reactor, self.description)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-            sock.setblocking(False)
-        except (OSError, ValueError) as e:
-            raise StartupError(f"cannot listen on {self.description!r}: {e}") from None
-        self.socket = sock
-        self.port = self.reactor.adoptStreamPort(sock.fileno(), family, self.factory)
-        from aibackend.tap import describe_address
-
-        self.log.info("aibackend listening on {address}", address=describe_address(self.port.getHost()))
-
-    def stopService(self):
-        super().stopService()
-        d = self.port.stopListening() if self.port is not None else None
-        if self.socket is not None:
-            self.socket.close()
-            self.socket = None
-        return d
+# --- in the primary -----------------------------------------------------------------
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -164,24 +119,75 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.group.worker_ended(self, reason)
 
 
+class ModelStates:
+    """
+    The primary's side of the workers' view of its models: it watches each model that
+    workers forward to it (L{forwarded}) and has the workers told each change of its
+    state (C{state ID STATE}), and of a model that went (C{forget ID}).
+
+    @param registry: the primary's L{aibackend.registry.ModelRegistry}.
+    @param tell: called with each notice line, for every worker.
+    """
+
+    def __init__(self, registry, tell):
+        self.registry = registry
+        self.tell = tell
+        self._watched: dict[str, tuple] = {}  # id -> (model, stop watching)
+
+    def follow(self) -> None:
+        """Watch the models the registry has now; tell what is new or gone."""
+        now = {entry.model_id: entry.model for entry in self.registry.entries() if forwarded(entry.spec)}
+        for model_id, (model, stop) in list(self._watched.items()):
+            if now.get(model_id) is not model:
+                stop()
+                del self._watched[model_id]
+                if model_id not in now:
+                    self.tell(f"forget {model_id}")
+        for model_id, model in now.items():
+            if model_id not in self._watched:
+                self._watched[model_id] = (model, model.watch(self._changed))
+                self.tell(self._notice(model))
+
+    def notices(self) -> list[str]:
+        """What a new worker is told first: the state of every model watched."""
+        return [self._notice(model) for model, _ in self._watched.values()]
+
+    def stop(self) -> None:
+        for _, stop in self._watched.values():
+            stop()
+        self._watched.clear()
+
+    def _changed(self, model) -> None:
+        self.tell(self._notice(model))
+
+    @staticmethod
+    def _notice(model) -> str:
+        return f"state {model.model_id} {model.state}"
+
+
 class WorkerProcesses(service.Service):
     """
     The primary's worker processes: started after everything else, stopped first, and
     restarted if one ends while the daemon runs (after a second, doubling up to 30 s for
-    one that keeps ending within 10 s of its start).
+    one that keeps ending within 10 s of its start). Each is told what changes
+    (L{sync}, L{notify}) and, given C{registry}, the states of the models it forwards
+    to the primary (L{ModelStates}): all of them as it starts, then each change.
 
     @param argv: the worker's command line (C{twistd ... aibackend ...}).
-    @param listeners: the L{SharedListener}s whose sockets each worker inherits.
+    @param listeners: the L{aibackend.listeners.SharedListener}s whose sockets each
+        worker inherits.
     @param private: the listener workers forward to (its port is known once listening).
+    @param registry: the primary's registry, whose models' states workers are told.
     """
 
     log = Logger()
+    name = "workers"
     SYNC_TIMEOUT = 10.0
     RESTART_DELAY = 1.0
     MAX_RESTART_DELAY = 30.0
     MIN_UPTIME = 10.0
 
-    def __init__(self, reactor, count, argv, listeners, private, token, *, stop_timeout=40.0):
+    def __init__(self, reactor, count, argv, listeners, private, token, *, registry=None, stop_timeout=40.0):
         self.reactor = reactor
         self.count = count
         self.argv = list(argv)
@@ -189,6 +195,7 @@ class WorkerProcesses(service.Service):
         self.private = private
         self.token = token
         self.stop_timeout = stop_timeout
+        self.states = ModelStates(registry, self.notify) if registry is not None else None
         self.workers: dict[int, _WorkerProtocol] = {}
         self._restarts = {}
         self._delays: dict[int, float] = {}
@@ -197,6 +204,8 @@ class WorkerProcesses(service.Service):
 
     def startService(self):
         super().startService()
+        if self.states is not None:
+            self.states.follow()
         for number in range(1, self.count):
             self._spawn(number)
 
@@ -223,6 +232,9 @@ class WorkerProcesses(service.Service):
                                   env=env, childFDs=child_fds)
         self.workers[number] = worker
         self.log.info("aibackend worker {number} started (pid {pid})", number=number, pid=worker.pid)
+        if self.states is not None:
+            # Read once its reactor runs; until then (and for a model not told) it is "starting".
+            self._tell(worker, self.states.notices())
 
     def worker_ended(self, worker, reason):
         if self.workers.get(worker.number) is worker:
@@ -239,22 +251,29 @@ class WorkerProcesses(service.Service):
 
     def notify(self, change: str) -> list:
         """Tell every worker C{change} (one line); the workers told."""
-        told = []
-        for worker in list(self.workers.values()):
-            try:
-                worker.transport.write(change.encode("ascii") + b"\n")
-            except Exception:  # a worker that is going away; it is restarted in full
-                continue
-            told.append(worker)
-        return told
+        if len(change) > MAX_NOTICE or "\n" in change:
+            raise ValueError(f"not a notice for a worker: {change[:80]!r}")
+        return [worker for worker in list(self.workers.values()) if self._tell(worker, [change])]
+
+    @staticmethod
+    def _tell(worker, lines) -> bool:
+        if not lines:
+            return True
+        try:
+            worker.transport.write("".join(f"{line}\n" for line in lines).encode("ascii"))
+        except Exception:  # a worker that is going away; it is restarted in full
+            return False
+        return True
 
     def sync(self, model_id: str | None = None) -> Deferred:
         """
-        Tell every worker that the models changed.
+        Tell every worker that the models changed (the states of new models first).
 
         @return: a Deferred that fires once each worker told has followed (or ended), or
             after C{SYNC_TIMEOUT} seconds, logged: it never fails.
         """
+        if self.states is not None:
+            self.states.follow()
         self._sequence += 1
         told = self.notify(f"sync {self._sequence}")
         if not told:
@@ -291,6 +310,8 @@ class WorkerProcesses(service.Service):
 
     def stopService(self):
         super().stopService()
+        if self.states is not None:
+            self.states.stop()  # the models stop after the workers: nothing more to tell
         for wait in list(self._waits):
             self._finish(wait)
         for call in self._restarts.values():
@@ -324,6 +345,10 @@ class _SyncWait:
         self.timer = None
 
 
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
 # --- in a worker ---------------------------------------------------------------
 
 
@@ -333,58 +358,152 @@ def worker_settings(environ) -> dict | None:
     return json.loads(text) if text else None
 
 
-class ForwardedModel(HttpModel):
+class PrimaryStates:
     """
-    A worker's stand-in for a model the primary runs: requests go to the primary's
-    front door over its private port.
+    A worker's view of the states of the models the primary runs for it, as the primary
+    tells them (L{ControlChannel}); C{starting} for a model not told yet.
     """
 
-    def __init__(self, spec, primary_port: int, token: str, states=None, **kwargs):
-        self.original_spec = spec
-        self._states = states if states is not None else {}
-        forwarded = config.HttpModelSpec(
-            id=spec.id, type="http", log_entries=spec.log_entries, v2=spec.v2,
-            url=f"http://127.0.0.1:{primary_port}/post/predict?id={spec.id}",
-            timeout=float(getattr(spec, "timeout", 60.0)) + 5.0,
-            connect_timeout=5.0,
-            headers={"Authorization": f"Bearer {token}"},
-        )
-        super().__init__(forwarded, **kwargs)
+    def __init__(self):
+        self._states: dict[str, str] = {}
+        self._watchers: dict[str, list] = {}
+
+    def get(self, model_id: str) -> str:
+        return self._states.get(model_id, STARTING)
+
+    def heard(self, model_id: str, state: str) -> None:
+        """The primary says model C{model_id} is C{state} now."""
+        self._states[model_id] = state
+        for callback in list(self._watchers.get(model_id, ())):
+            callback(state)
+
+    def forget(self, model_id: str) -> None:
+        """The primary has no such model any more."""
+        self._states.pop(model_id, None)
+
+    def watch(self, model_id: str, callback):
+        """
+        Call C{callback(state)} each time the primary tells model C{model_id}'s state.
+
+        @return: a callable of no arguments that stops the watch.
+        """
+        self._watchers.setdefault(model_id, []).append(callback)
+
+        def stop() -> None:
+            callbacks = self._watchers.get(model_id, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._watchers.pop(model_id, None)
+
+        return stop
+
+
+def forwarded_spec(spec, primary_port: int, token: str) -> config.HttpModelSpec:
+    """How a worker reaches the primary's front door for model C{spec}: an HTTP model's spec."""
+    return config.HttpModelSpec(
+        id=spec.id, type="http", log_entries=spec.log_entries, v2=spec.v2,
+        url=f"http://127.0.0.1:{primary_port}/post/predict?id={spec.id}",
+        timeout=float(spec.timeout) + 5.0,
+        connect_timeout=5.0,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+@implementer(IModel)
+class ForwardedModel(service.Service):
+    """
+    A worker's stand-in for a model the primary runs: requests go to the primary's front
+    door over its private port (through an L{HttpModel} of its own), and its state is the
+    primary's, as the primary tells it (L{PrimaryStates}).
+
+    @param spec: the model's spec (a subprocess model's).
+    @param states: the worker's L{PrimaryStates}.
+    """
+
+    def __init__(self, spec, primary_port: int, token: str, states: PrimaryStates, *, reactor, pool=None):
+        self.model_id = spec.id
         self.type_name = spec.type
+        self._to_primary = HttpModel(forwarded_spec(spec, primary_port, token), reactor=reactor, pool=pool)
+        self.spec = self._to_primary.spec
+        self.model_log = self._to_primary.model_log
+        self.request_timeout = self._to_primary.request_timeout
+        # The primary starts it; a worker waits for the primary to say it is ready.
+        self.startup_timeout = float(spec.process.startup_timeout) if spec.process is not None else 0.0
+        self._states = states
+        self._state = ModelState(self, states.get(spec.id))
+        self._unwatch = None
+
+    def startService(self):
+        super().startService()
+        self._unwatch = self._states.watch(self.model_id, self._state.set)
+        self._state.set(self._states.get(self.model_id))  # what was told since it was made
+        self._to_primary.startService()
+
+    def stopService(self):
+        super().stopService()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        self._state.set(STOPPED)
+        return self._to_primary.stopService()
 
     @property
     def state(self) -> str:
-        """The model's state in the primary, as last heard (starting until then)."""
-        return self._states.get(self.model_id, "starting")
+        """The model's state in the primary, as last told (starting until then)."""
+        return self._state.value
+
+    @property
+    def in_flight(self) -> int:
+        return self._to_primary.in_flight
+
+    @property
+    def queued(self) -> int:
+        return self._to_primary.queued
+
+    @property
+    def last_failure(self) -> str | None:
+        return None  # the primary's own answers say why
+
+    def send(self, body: bytes, context):
+        return self._to_primary.send(body, context)
+
+    def whenReady(self) -> Deferred:
+        return self._state.when_ready()
+
+    def whenIdle(self) -> Deferred:
+        return self._to_primary.whenIdle()
+
+    def watch(self, callback):
+        return self._state.watch(callback)
 
     def describe(self) -> dict:
-        described = super().describe()
-        described["type"] = self.original_spec.type
+        described = self._to_primary.describe()
+        described["type"] = self.type_name
+        described["state"] = self.state
         described["served_by"] = "the primary process"
         described.pop("url", None)
         described.pop("replicas", None)
         return described
 
 
-def worker_builder(settings, deps_for, states):
+def worker_builder(settings, deps_for, states: PrimaryStates):
     """
     How a worker builds a model: a subprocess model is forwarded to the primary (unless
     C{per_process}); an HTTP model's server process is left to the primary.
 
-    @param states: model id -> state in the primary (L{PrimaryStates}).
+    @param deps_for: C{runtime -> ModelDeps}.
+    @param states: the L{PrimaryStates} forwarded models take their state from.
     """
-    from aibackend.registry import default_build
 
     def build(spec, runtime):
         deps = deps_for(runtime)
-        if isinstance(spec, config.SubprocessModelSpec) and not spec.per_process:
-            model = ForwardedModel(spec, settings["primary"], settings["token"], states,
-                                   reactor=deps.reactor, pool=deps.pool)
-        elif isinstance(spec, config.HttpModelSpec) and spec.process is not None:
-            model = default_build(replace(spec, process=None), deps)
-        else:
-            model = default_build(spec, deps)
-        return model
+        if forwarded(spec):
+            return ForwardedModel(spec, settings["primary"], settings["token"], states,
+                                  reactor=deps.reactor, pool=deps.pool)
+        if isinstance(spec, config.HttpModelSpec) and spec.process is not None:
+            return default_build(replace(spec, process=None), deps)
+        return default_build(spec, deps)
 
     return build
 
@@ -402,10 +521,8 @@ class Forwarder:
         Send C{request} (method, path, query, body) to the primary; answer the client with
         what the primary answers.
         """
-        from twisted.web.client import FileBodyProducer
-
         headers = Headers({b"authorization": [b"Bearer " + self.token.encode("ascii")]})
-        request_id = getattr(request, "aibackend_request_id", None)
+        request_id = request.aibackend_request_id
         if request_id is not None:
             headers.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
         for name in FORWARDED_HEADERS:
@@ -414,7 +531,7 @@ class Forwarder:
                 headers.setRawHeaders(name, [value])
         request.content.seek(0)
         body = request.content.read()
-        producer = FileBodyProducer(__import__("io").BytesIO(body)) if body else None
+        producer = FileBodyProducer(io.BytesIO(body)) if body else None
         d = self.agent.request(request.method, self.base + request.uri, headers, producer)
 
         def answered(response):
@@ -434,18 +551,38 @@ class Forwarder:
         return d.addCallback(answered).addErrback(failed)
 
 
+def _model_id(text: str) -> bool:
+    return len(text) <= config.MAX_ID_LENGTH and config.ID_PATTERN.match(text) is not None
+
+
 class ControlChannel(LineOnlyReceiver):
-    """A worker's stdin: the primary's notices. End of file: the primary is gone."""
+    """
+    A worker's stdin: the primary's notices (see the module's docstring). End of file:
+    the primary is gone, and the worker stops (unless it is stopping already).
+
+    @param resync: called for C{sync}; returns a Deferred that fires once followed.
+    @param reactor: stopped when the primary is gone (None: nothing to stop).
+    @param restart: called with the model id of a C{restart}.
+    @param states: the L{PrimaryStates} that C{state} and C{forget} update.
+    """
 
     delimiter = b"\n"
     log = Logger()
 
-    def __init__(self, resync, reactor, restart=None):
+    def __init__(self, resync, reactor, restart=None, states: PrimaryStates | None = None):
         self.resync = resync
         self.reactor = reactor
         self.restart = restart
+        self.states = states
+        self.closing = False
 
     def lineReceived(self, line):
+        try:
+            self._notice(line)
+        except Exception:  # a notice that went wrong must not cut the worker off its primary
+            self.log.failure("following the primary's notice {line!r}", line=line[:200])
+
+    def _notice(self, line: bytes) -> None:
         word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
         if word == "sync":
             d = self.resync().addErrback(lambda failure: self.log.failure("following the primary's change", failure))
@@ -453,9 +590,15 @@ class ControlChannel(LineOnlyReceiver):
                 d.addCallback(lambda _: self.transport.write(f"synced {argument}\n".encode("ascii")))
         elif word == "restart" and self.restart is not None:
             self.restart(argument)
+        elif word == "state" and self.states is not None:
+            model_id, _, state = argument.partition(" ")
+            if _model_id(model_id) and state in STATES:
+                self.states.heard(model_id, state)
+        elif word == "forget" and self.states is not None and _model_id(argument):
+            self.states.forget(argument)
 
     def connectionLost(self, reason):
-        if getattr(self.reactor, "running", False):
+        if not self.closing and self.reactor is not None and self.reactor.running:
             self.log.warn("aibackend worker: the primary process is gone; stopping")
             self.reactor.stop()
 
@@ -468,7 +611,6 @@ def resync(registry, cfg, store, validate, log) -> Deferred:
 
     @return: a Deferred that fires once the registry has followed.
     """
-    from aibackend.admin import desired_specs
 
     def follow(changes) -> None:
         wanted = desired_specs(cfg, changes, validate, log)
@@ -486,40 +628,33 @@ def resync(registry, cfg, store, validate, log) -> Deferred:
     return store.read().addCallback(follow)
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
 class WorkerControl(service.Service):
     """A worker listens to its primary on stdin (L{ControlChannel})."""
 
-    def __init__(self, reactor, resync_now, restart=None, ack_fd=None):
+    name = "primary-link"
+
+    def __init__(self, reactor, resync_now, restart=None, ack_fd=None, states: PrimaryStates | None = None):
         self.reactor = reactor
         self.resync_now = resync_now
         self.restart = restart
         self.ack_fd = ack_fd
+        self.states = states
         self.stdio = None
 
     def startService(self):
         super().startService()
-        from twisted.internet import stdio
-
         # stdout stays twistd's log: the channel writes to the ack pipe the primary reads.
         if self.ack_fd is None:
             self.ack_fd = os.open(os.devnull, os.O_WRONLY)
-        self.stdio = stdio.StandardIO(ControlChannel(self.resync_now, self.reactor, self.restart), stdin=0,
-                                      stdout=self.ack_fd, reactor=self.reactor)
+        channel = ControlChannel(self.resync_now, self.reactor, self.restart, self.states)
+        self.stdio = stdio.StandardIO(channel, stdin=0, stdout=self.ack_fd, reactor=self.reactor)
 
     def stopService(self):
         super().stopService()
         if self.stdio is not None:
-            channel, self.stdio = self.stdio, None
-            channel.protocol.reactor = _Stopping()
-            channel.loseConnection()
-
-
-class _Stopping:
-    running = False
+            transport, self.stdio = self.stdio, None
+            transport.protocol.closing = True
+            transport.loseConnection()
 
 
 def restart_local(registry, log):
@@ -529,61 +664,9 @@ def restart_local(registry, log):
         if model_id not in registry:
             return
         model = registry.get(model_id)
-        if isinstance(model, ForwardedModel) or not hasattr(model, "restart"):
-            return
+        if not IRestartable.providedBy(model):
+            return  # a forwarded model's processes are the primary's
         log.info("aibackend worker: restarting model {model} as the primary did", model=model_id)
         model.restart()
 
     return restart
-
-
-class PrimaryStates(service.Service):
-    """
-    A worker's view of the states of the models the primary runs: C{/get/models} on the
-    primary's private port, every second.
-    """
-
-    INTERVAL = 1.0
-    log = Logger()
-
-    def __init__(self, reactor, pool, port: int, token: str):
-        self.reactor = reactor
-        self.agent = Agent(reactor, pool=pool)
-        self.url = f"http://127.0.0.1:{port}/get/models".encode("ascii")
-        self.headers = Headers({b"authorization": [b"Bearer " + token.encode("ascii")]})
-        self.states: dict[str, str] = {}
-        self._loop = None
-        self._asking = None
-
-    def startService(self):
-        super().startService()
-        from twisted.internet.task import LoopingCall
-
-        self._loop = LoopingCall(self.ask)
-        self._loop.clock = self.reactor
-        self._loop.start(self.INTERVAL, now=True)
-
-    def ask(self):
-        if self._asking is not None:
-            return
-        d = self._asking = self.agent.request(b"GET", self.url, self.headers)
-        d.addCallback(readBody)
-        d.addCallback(self._heard)
-        d.addErrback(lambda failure: None)  # the primary is starting or stopping: ask again later
-
-        def done(result):
-            self._asking = None
-
-        d.addBoth(done)
-
-    def _heard(self, body: bytes) -> None:
-        models = json.loads(body).get("models", [])
-        self.states.clear()
-        self.states.update({model["id"]: model.get("state", "ready") for model in models})
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._asking is not None:
-            self._asking.cancel()

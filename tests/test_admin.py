@@ -916,17 +916,17 @@ def test_runtime_models_connect_only_where_the_policy_allows_config_models_anywh
     from twisted.internet.testing import MemoryReactorClock
 
     from aibackend.interfaces import RequestContext
-    from aibackend.tap import build_service
+    from aibackend.daemon import build
 
     reactor = MemoryReactorClock()
     cfg = config.parse_config({"server": {"allowed_destinations": ["127.0.0.1"]}}, environ={})
-    root = build_service(cfg, reactor, listen=[], max_body_bytes=1000, store=MemoryStore(), environ={})
+    registry = build(cfg, reactor, listen=[], max_body_bytes=1000, store=MemoryStore(), environ={}).parts.registry
     spec = http_spec("rebound", url="http://127.0.0.2:9/", timeout=5)
 
-    runtime = root.registry.build(spec, runtime=True)
+    runtime = registry.build(spec, runtime=True)
     refused = runtime.send(b"{}", RequestContext(request_id="r"))
     assert reactor.tcpClients == []
-    trusted = root.registry.build(spec, runtime=False)
+    trusted = registry.build(spec, runtime=False)
     attempted = trusted.send(b"{}", RequestContext(request_id="t"))
     assert [client[1] for client in reactor.tcpClients] == [9]
 

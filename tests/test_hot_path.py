@@ -294,6 +294,6 @@ def test_access_events_can_be_turned_off(clock):
     ("unix:/run/aibackend.sock", "unix:/run/aibackend.sock"),
 ])
 def test_tcp_listeners_get_a_backlog_for_bursts_unless_they_say(description, expected):
-    from aibackend.tap import with_backlog
+    from aibackend.listeners import with_backlog
 
     assert with_backlog(description) == expected

@@ -553,17 +553,17 @@ def test_parse_processes():
 
 
 def test_shared_address_takes_tcp_only():
-    from aibackend.processes import shared_address
+    from aibackend.listeners import shared_address
 
-    reactor = object()  # parsing a description needs no reactor
-    family, host, port, backlog = shared_address(reactor, "tcp:8080:interface=127.0.0.1")
+    # Parsing a description needs no reactor.
+    family, host, port, backlog = shared_address("tcp:8080:interface=127.0.0.1")
     assert (family, host, port) == (socket.AF_INET, "127.0.0.1", 8080)
     assert backlog > 0
-    assert shared_address(reactor, "tcp:8081")[:3] == (socket.AF_INET, "0.0.0.0", 8081)
-    assert shared_address(reactor, "tcp6:8082:interface=\\:\\:1")[:3] == (socket.AF_INET6, "::1", 8082)
-    assert shared_address(reactor, "tcp6:8083")[:3] == (socket.AF_INET6, "::", 8083)
+    assert shared_address("tcp:8081")[:3] == (socket.AF_INET, "0.0.0.0", 8081)
+    assert shared_address("tcp6:8082:interface=\\:\\:1")[:3] == (socket.AF_INET6, "::1", 8082)
+    assert shared_address("tcp6:8083")[:3] == (socket.AF_INET6, "::", 8083)
     with pytest.raises(ValueError, match="not tcp"):
-        shared_address(reactor, "unix:/tmp/aibackend.sock")
+        shared_address("unix:/tmp/aibackend.sock")
 
 
 def _subprocess_model(**fields):

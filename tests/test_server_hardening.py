@@ -821,13 +821,13 @@ def test_the_daemon_wires_the_client_limits_into_its_site(tmp_path):
 
     from aibackend.config import parse_config
     from aibackend.store import SQLiteStore
-    from aibackend.tap import build_service
+    from aibackend.daemon import build
 
     config = parse_config({"server": {"body_timeout": 5, "min_body_rate": 100, "send_timeout": 7,
                                       "max_connections_per_peer": 9}})
-    root = build_service(config, Clock(), listen=["tcp:0:interface=127.0.0.1"], max_body_bytes=1024,
-                         environ={}, store=SQLiteStore(Clock(), str(tmp_path)))
-    site = root.listeners[0].factory
+    root = build(config, Clock(), listen=["tcp:0:interface=127.0.0.1"], max_body_bytes=1024,
+                 environ={}, store=SQLiteStore(Clock(), str(tmp_path))).service
+    site = root.getServiceNamed("listener-0").factory
     assert (site.body_timeout, site.min_body_rate, site.send_timeout, site.max_connections_per_peer) == (5, 100, 7, 9)
 
 

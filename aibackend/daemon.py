@@ -1,0 +1,298 @@
+"""
+The daemon assembled: the parts every process has, and the three ways a process serves them.
+
+L{build} makes the root service and the L{Parts} (the registry, the manager, the front
+door, its site..., for whoever needs one: tests, the benchmark). The root is a L{Root} of named children, started in
+this order and stopped in the reverse one:
+
+  - C{subreaper} (with C{subreaper=True}): before any model process starts;
+  - C{pool}, C{runtime-pool}: the HTTP connection pools, closed on stop;
+  - C{store}: where runtime changes are kept, closed after the registry;
+  - C{models}: the registry, which starts and stops the models;
+  - then by mode:
+      - alone (one process): C{listener-0}, C{listener-1}, ... (L{Listener});
+      - the C{--processes} primary: C{worker-port} (the private port workers forward to),
+        C{workers} (L{WorkerProcesses}, stopped before the models), then the shared
+        sockets C{listener-0}, ... (L{SharedListener}; on stop they close first);
+      - a worker: C{primary-link} (L{WorkerControl}: the primary's notices on stdin), then
+        the inherited sockets C{listener-0}, ...;
+  - C{readiness}: last, so that on stop it is the first to say "not ready".
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+from aibackend.admin import ModelManager, load_models
+from aibackend.auth import Guard
+from aibackend.config import Config
+from aibackend.destinations import DestinationPolicy
+from aibackend.listeners import Listener, SharedListener, StartupError
+from aibackend.metrics import Metrics
+from aibackend.processes import (
+    Forwarder, PrimaryStates, WorkerControl, WorkerProcesses, new_token, restart_local, resync, worker_builder,
+)
+from aibackend.proctree import SubreaperService
+from aibackend.registry import ModelDeps, ModelRegistry
+from aibackend.root import FrontDoor
+from aibackend.server import AibackendSite, release_freed_memory
+from aibackend.store import SQLiteStore
+
+DEFAULT_MAX_PERSISTENT_PER_HOST = 64
+IDLE_CONNECTION_SECONDS = 120
+
+log = Logger()
+
+
+class QuietClientFactory(_HTTP11ClientFactory):
+    # One "Starting factory" line per upstream connection is noise in the log. (Twisted
+    # has no public way to choose the pool's protocol factory: HTTPConnectionPool._factory.)
+    noisy = False
+
+
+class ConnectionPoolService(service.Service):
+    """Owns one of the daemon's HTTP connection pools and closes it on stop."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        return self.pool.closeCachedConnections()
+
+
+class ReadinessService(service.Service):
+    """Says the front door is ready once everything before it has started, and not ready at stop."""
+
+    name = "readiness"
+
+    def __init__(self, front_door):
+        self.front_door = front_door
+
+    def startService(self):
+        super().startService()
+        self.front_door.accepting = True
+
+    def stopService(self):
+        self.front_door.accepting = False
+        return super().stopService()
+
+
+class StoreService(service.Service):
+    """Closes the store on stop (after the registry, which may still be writing)."""
+
+    name = "store"
+
+    def __init__(self, store):
+        self.store = store
+
+    def stopService(self):
+        super().stopService()
+        return self.store.close()
+
+
+class Root(service.MultiService):
+    """
+    The daemon's root service.
+
+    @param log_observer: a factory of the log observer the daemon's log goes to instead
+        of twistd's own lines (C{--log-format json}), or None. twistd's logger uses the
+        C{ILogObserver} component of its application when no C{--logger} is given (the
+        way a C{.tac} file chooses one); handed to the application, this service sets it
+        there. twistd starts its logger after making the service, and before starting it.
+    """
+
+    def __init__(self, log_observer: Callable[[], Any] | None = None):
+        super().__init__()
+        self.log_observer = log_observer
+
+    def setServiceParent(self, parent):
+        if (self.log_observer is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver) is None):
+            parent.setComponent(ILogObserver, self.log_observer())
+        super().setServiceParent(parent)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What every process of the daemon has, built once; the parts a reader may need."""
+
+    registry: ModelRegistry
+    manager: ModelManager
+    front_door: FrontDoor
+    site: AibackendSite
+    guard: Guard
+    metrics: Metrics
+    store: Any
+    deps: ModelDeps
+    runtime_deps: ModelDeps
+    policy: DestinationPolicy
+
+
+@dataclass(frozen=True)
+class Built:
+    """The daemon L{build} made: its root service (for twistd) and its L{Parts}."""
+
+    service: Root
+    parts: Parts
+
+
+def _add(root, name: str, child):
+    child.setName(name)
+    child.setServiceParent(root)
+    return child
+
+
+def _raise_open_files_limit(connections: int) -> None:
+    """Let the daemon hold its max_connections (the soft limit is often 1024), up to the hard limit."""
+    try:
+        import resource  # here: Unix only, and only needed once, at start
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = connections + 256
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def open_store(reactor, state_dir: str):
+    """
+    The SQLite store in C{state_dir}, made (0700) if it is not there.
+
+    @raise StartupError: the directory or the database cannot be used.
+    """
+    try:
+        return SQLiteStore(reactor, state_dir)
+    except (OSError, sqlite3.Error) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise StartupError(f"cannot use the state directory {state_dir}: {why}") from None
+
+
+def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None, admin_token=None,
+          store=None, processes=1, worker=None, worker_argv=None, subreaper=False,
+          log_observer=None) -> Built:
+    """
+    Wire the daemon: its parts (L{build_parts}), then the listeners of its mode: alone, the
+    C{--processes} primary (C{processes > 1}), or a worker (C{worker} given).
+
+    @param state_dir: where runtime changes are kept (ignored when C{store} is given).
+    @param worker: what the primary told this worker (L{aibackend.processes.worker_settings}).
+    @param worker_argv: the command line of a worker (the primary's).
+    @param subreaper: make the process a child subreaper (L{aibackend.proctree}), so
+        that what the model processes start is found and stopped however it escapes.
+    @param log_observer: see L{Root}.
+    """
+    environ = os.environ if environ is None else environ
+    root = Root(log_observer)
+    if subreaper:  # first: started before any model process, stopped with the rest
+        _add(root, "subreaper", SubreaperService(reactor))
+    if store is None:
+        store = open_store(reactor, state_dir)
+    primary_states = PrimaryStates() if worker is not None else None
+    internal_token = new_token() if worker is None and processes > 1 else None
+    parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
+                      max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
+                      worker=worker, primary_states=primary_states)
+    if worker is not None:
+        _serve_as_worker(root, parts, reactor, config, worker, primary_states)
+    elif processes > 1:
+        _serve_as_primary(root, parts, reactor, listen, processes, worker_argv, internal_token)
+    else:
+        _serve_alone(root, parts, reactor, listen)
+    _add(root, "readiness", ReadinessService(parts.front_door))
+    return Built(root, parts)
+
+
+def build_parts(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
+               internal_token=None, worker=None, primary_states=None) -> Parts:
+    """
+    The HTTP pools, the store, the registry with the configured and the kept runtime
+    models, the manager, the guard, the metrics, the front door and its site; the
+    services among them added to C{root}.
+    """
+    server = config.server
+
+    def make_pool(name):
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = DEFAULT_MAX_PERSISTENT_PER_HOST
+        pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
+        pool._factory = QuietClientFactory
+        _add(root, name, ConnectionPoolService(pool))
+        return pool
+
+    policy = DestinationPolicy(server.allowed_destinations)
+    deps = ModelDeps(reactor=reactor, pool=make_pool("pool"), environ=environ)
+    # Runtime models connect through a pool of their own: a connection made for a trusted
+    # model is never handed to one whose destinations are checked.
+    runtime_deps = ModelDeps(reactor=reactor, pool=make_pool("runtime-pool"), environ=environ,
+                             destination_policy=policy)
+    StoreService(store).setServiceParent(root)
+
+    builder = None
+    if worker is not None:
+        builder = worker_builder(worker, lambda runtime: runtime_deps if runtime else deps, primary_states)
+    registry = ModelRegistry(deps, runtime_deps, drain_timeout=server.drain_timeout, builder=builder)
+    registry.setServiceParent(root)
+    manager = ModelManager(
+        registry, store, server, clock=reactor, destination_policy=policy,
+        config_ids=[spec.id for spec in config.models], environ=environ,
+    )
+    load_models(registry, store, config, manager.validate, log, manager.tables)
+
+    guard = Guard(admin_token, listen, server.api_keys, internal_token=internal_token)
+    log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
+             policy=policy.describe())
+    metrics = Metrics(registry)
+    front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics)
+    site = AibackendSite(
+        front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
+        timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
+        access_log=server.access_log, body_timeout=server.body_timeout, min_body_rate=server.min_body_rate,
+        send_timeout=server.send_timeout, max_connections_per_peer=server.max_connections_per_peer,
+    )
+    release_freed_memory()
+    _raise_open_files_limit(server.max_connections)
+    return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
+                metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy)
+
+
+def _serve_alone(root, parts: Parts, reactor, listen) -> None:
+    for index, description in enumerate(listen):
+        _add(root, f"listener-{index}", Listener(reactor, description, parts.site))
+
+
+def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_argv, internal_token) -> None:
+    # The private port workers forward to, then the workers; the public sockets last,
+    # so that on stop they close first.
+    private = _add(root, "worker-port",
+                   Listener(reactor, "tcp:0:interface=127.0.0.1", parts.site, what="port for worker processes"))
+    shared = [SharedListener.bound(reactor, parts.site, description) for description in listen]
+    workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private, internal_token,
+                                                    registry=parts.registry))
+    parts.manager.changed.append(workers.sync)
+    parts.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
+    for index, listener in enumerate(shared):
+        _add(root, f"listener-{index}", listener)
+
+
+def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, primary_states) -> None:
+    parts.front_door.primary = Forwarder(reactor, parts.deps.pool, worker["primary"], worker["token"])
+
+    def follow():
+        return resync(parts.registry, config, parts.store, parts.manager.validate, log)
+
+    _add(root, "primary-link", WorkerControl(
+        reactor, follow, restart_local(parts.registry, log), ack_fd=worker.get("ack"),
+        states=primary_states))
+    for index, (fd, family) in enumerate(worker["fds"]):
+        _add(root, f"listener-{index}", SharedListener.adopted(reactor, parts.site, fd, family))
