@@ -15,7 +15,7 @@ import sys
 def main():
     os.setsid()
     try:
-        import ctypes
+        import ctypes  # here: only where it can be loaded (the wrapper must start anyway)
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

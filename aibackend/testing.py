@@ -54,7 +54,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.web.client import Agent
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
@@ -296,16 +297,12 @@ class JSONResponse:
     """
 
     def __init__(self, code: int = 200, body: bytes = b'{"ok": true}'):
-        from twisted.web.http_headers import Headers
-
         self.code = code
         self.headers = Headers({b"content-type": [b"application/json"]})
         self.length = len(body)
         self._body = body
 
     def deliverBody(self, protocol) -> None:
-        from twisted.python.failure import Failure
-        from twisted.web.client import ResponseDone
 
         protocol.dataReceived(self._body)
         protocol.connectionLost(Failure(ResponseDone()))

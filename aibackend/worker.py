@@ -110,7 +110,7 @@ def tensor(data, name: str, datatype: str | None = None):
         raise BadInput(f"the request has no input {name!r}")
     value = data[name]
     try:
-        import numpy
+        import numpy  # here: numpy is optional; without it the value is given as it is
     except ImportError:
         return value
     dtype = NUMPY_TYPES.get(datatype, datatype) if isinstance(datatype, str) else datatype
