@@ -12,7 +12,6 @@ model's own status is passed through.
 from __future__ import annotations
 
 import os
-from collections import deque
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from hyperlink import DecodedURL
@@ -40,9 +39,10 @@ from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, ModelAnswer
 from aibackend.jsonread import NotClientJSON, model_json
+from aibackend.limits import ConcurrencyLimit
 from aibackend.logs import ModelLog
-from aibackend.modelstate import ModelState, Waiters
-from aibackend.subprocess import ProcessPool
+from aibackend.modelstate import ModelState
+from aibackend.supervisor import PoolEvents, ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
 SNIPPET = 200
@@ -179,17 +179,14 @@ def snippet(body: bytes) -> str:
     return repr(text) + (f" ... ({len(body)} bytes)" if len(body) > SNIPPET else "")
 
 
-class ServerProcess(ProcessPool):
+class ServerReadiness(PoolEvents):
     """
-    The model server process of an HTTP model that has a C{command}: supervised like any
-    model process, ready once its URL answers (C{health_path} with a 2xx, or a TCP
-    connection to its host and port).
+    What the supervisor (L{aibackend.supervisor.ProcessPool}) of the model server process
+    of an HTTP model that has a C{command} is told: a process is ready once its URL
+    answers (C{health_path} with a 2xx, or a TCP connection to its host and port).
     """
 
-    ready_on_spawn = False
-
-    def __init__(self, model, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, model):
         self.model = model
         self._probes: dict = {}
 
@@ -197,8 +194,9 @@ class ServerProcess(ProcessPool):
         self._probe_later(process, 0)
 
     def _probe_later(self, process, delay) -> None:
-        if process.state == "starting" and self.running and not self.stopping:
-            self._probes[process] = self.clock.callLater(delay, self._probe, process)
+        pool = process.pool
+        if process.state == "starting" and pool.running and not pool.stopping:
+            self._probes[process] = pool.clock.callLater(delay, self._probe, process)
 
     def _probe(self, process) -> None:
         """Probe once; the probe in flight is kept (like the timer) so it can be cancelled."""
@@ -211,7 +209,7 @@ class ServerProcess(ProcessPool):
             if self._probes.get(process) is d:
                 del self._probes[process]
             if ok is True:
-                self.mark_ready(process)
+                process.pool.mark_ready(process)
             else:
                 self._probe_later(process, PROBE_INTERVAL)
 
@@ -333,12 +331,9 @@ class HttpModel(Service):
         self._header_block = b"".join(
             name + b": " + values[0] + b"\r\n" for name, values in self._headers.items()
         )
-        self.in_flight = 0
+        self.limit = ConcurrencyLimit(spec.id, max_queue=spec.max_queue, max_in_flight=spec.max_concurrency)
         self.requests = 0
         self.failures = 0
-        self.shed = 0
-        self.queue: deque[Deferred] = deque()
-        self._idle = Waiters()
         self.request_timeout = float(spec.timeout)
         self.startup_timeout = float(spec.process.startup_timeout) if spec.process is not None else 0.0
         # Ready for good without a server to start; with one, its supervisor sets it.
@@ -346,8 +341,7 @@ class HttpModel(Service):
         self.server = None
         if spec.process is not None:
             alsoProvides(self, IRestartable)
-            self.server = ServerProcess(
-                self,
+            self.server = ProcessPool(
                 model_id=spec.id,
                 settings=spec.process,
                 size=1,
@@ -356,6 +350,8 @@ class HttpModel(Service):
                 environ=environ,
                 launcher=launcher,
                 state=self._state,
+                events=ServerReadiness(self),
+                ready_on_spawn=False,
             )
 
     @classmethod
@@ -395,8 +391,16 @@ class HttpModel(Service):
         return self._state.value
 
     @property
+    def in_flight(self) -> int:
+        return self.limit.in_flight
+
+    @property
     def queued(self) -> int:
-        return len(self.queue)
+        return len(self.limit.queue)
+
+    @property
+    def shed(self) -> int:
+        return self.limit.shed
 
     @property
     def last_failure(self) -> str | None:
@@ -409,9 +413,7 @@ class HttpModel(Service):
         return self._state.watch(callback)
 
     def whenIdle(self) -> Deferred:
-        if not self.in_flight and not self.queue:
-            return succeed(None)
-        return self._idle.wait()
+        return self.limit.when_idle()
 
     # --- IRestartable (with a server) ---------------------------------------
 
@@ -434,7 +436,7 @@ class HttpModel(Service):
             "state": self.state,
             "url": self.spec.url,
             "in_flight": self.in_flight,
-            "queued": len(self.queue),
+            "queued": len(self.limit.queue),
             "requests": self.requests,
             "failures": self.failures,
             "shed": self.shed,
@@ -557,43 +559,21 @@ class HttpModel(Service):
                 model=self.model_id,
                 retry_after=self.server.retry_after(),
             )
-        deadline = self._clock.seconds() + self.spec.timeout
-        limit = self.spec.max_concurrency
-        if not limit or self.in_flight < limit:
+        timeout = self.spec.timeout
+        deadline = self._clock.seconds() + timeout
+        limit = self.limit
+        if not limit.max_in_flight or limit.in_flight < limit.max_in_flight:  # limit.has_room(), inline
             return self._post(body, context, deadline)
-        if len(self.queue) >= self.spec.max_queue:
-            # Load shedding: answered at once, and not a failure of the model.
-            self.shed += 1
-            raise ModelUnavailable(
-                f"model {self.model_id!r} is busy: {self.in_flight} requests in flight (max_concurrency) "
-                f"and {len(self.queue)} waiting (max_queue)",
-                model=self.model_id,
-                retry_after=1,
-            )
-        waiter: Deferred = Deferred(lambda d: self.queue.remove(d) if d in self.queue else None)
-        self.queue.append(waiter)
-        waiter.addTimeout(self.spec.timeout, self._clock)
-
-        def waited_too_long(failure):
-            failure.trap(DeadlineExceeded)
-            raise GatewayTimeout(
-                f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s "
-                f"(the request waited for one of its max_concurrency places)",
-                model=self.model_id,
-            )
-
-        waiter.addErrback(waited_too_long)
+        if limit.full():
+            raise limit.busy(retry_after=1)
+        waiter = limit.wait_for_place(timeout, self._clock)
         waiter.addCallback(lambda _: self._post(body, context, deadline))
         return waiter
 
     def _post(self, body: bytes, context, deadline: float, tried: tuple = ()) -> Deferred[ModelAnswer]:
         left = deadline - self._clock.seconds()
         if left <= 0:
-            raise GatewayTimeout(
-                f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s "
-                f"(the request waited for one of its max_concurrency places)",
-                model=self.model_id,
-            )
+            raise self.limit.place_timeout(self.spec.timeout)
         replica = self._pick(tried)
         if replica is None:
             return self._no_replica(tried)
@@ -614,7 +594,7 @@ class HttpModel(Service):
     def _attempt(self, replica: Replica, body: bytes, context, left: float) -> Deferred[ModelAnswer]:
         headers = Headers(self._headers)
         headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
-        self.in_flight += 1
+        self.limit.in_flight += 1  # limit.started(), inline
         self.requests += 1
         replica.in_flight += 1
         read = True
@@ -646,7 +626,7 @@ class HttpModel(Service):
         d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
         d.addBoth(self._replica_outcome, replica)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
-        d.addBoth(self._done)
+        d.addBoth(self.limit.finished)
         return d
 
     def _no_replica(self, tried):
@@ -658,14 +638,6 @@ class HttpModel(Service):
             model=self.model_id,
             retry_after=retry_after,
         )
-
-    def _done(self, result):
-        self.in_flight -= 1
-        while self.queue and (not self.spec.max_concurrency or self.in_flight < self.spec.max_concurrency):
-            self.queue.popleft().callback(None)
-        if self._idle and not self.in_flight and not self.queue:
-            self._idle.fire()
-        return result
 
     def _read(self, response):
         d = read_body(response, self.spec.max_response_bytes)
