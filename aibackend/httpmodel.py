@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-from hyperlink import DecodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -24,7 +23,6 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.error import SchemeNotSupported
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -42,6 +40,8 @@ from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.limits import ConcurrencyLimit
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState
+# uri_bytes is read from here too (tests of the request target).
+from aibackend.replicas import Replica, ReplicaRefused, ReplicaSet, uri_bytes  # noqa: F401
 from aibackend.supervisor import PoolEvents, ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
@@ -152,16 +152,6 @@ def _no_cookies() -> CookieJar:
     return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
 
 
-def uri_bytes(url: DecodedURL) -> bytes:
-    """A URL as the ASCII bytes of a request target (IDNA host, percent-encoded path and query)."""
-    if ":" not in url.host:
-        return url.to_uri().to_text().encode("ascii")
-    # hyperlink runs an IPv6 address through IDNA too, which refuses its colons.
-    placeholder = "ipv6-address.invalid"
-    text = url.replace(host=placeholder).to_uri().to_text()
-    return text.replace(placeholder, f"[{url.host}]", 1).encode("ascii")
-
-
 def not_strict_json(body: bytes) -> str | None:
     """
     What keeps C{body} from being strict JSON text (L{aibackend.jsonread.model_json}, the
@@ -223,57 +213,8 @@ class ServerReadiness(PoolEvents):
             pending.cancel()
 
 
-CONNECT_FAILURES = (ierror.ConnectError, ierror.DNSLookupError, ierror.ConnectingCancelledError)
-BROKEN = CONNECT_FAILURES + (ResponseFailed, ierror.ConnectionLost, ierror.ConnectionDone)
-
-
 def _deadline_passed(result, timeout):
     raise DeadlineExceeded(timeout, "Deferred")
-
-
-class ReplicaRefused(BadGateway):
-    """A replica could not be connected to: nothing of the request reached it."""
-
-
-class Replica:
-    """One URL of an HTTP model, with what the daemon knows of its health."""
-
-    __slots__ = ("url", "uri", "head", "text", "base_path", "in_flight", "failures", "ejected_until", "ejections", "healthy")
-
-    def __init__(self, text: str):
-        self.text = text
-        self.url = DecodedURL.from_text(text)
-        # The request target, encoded once: each request sends these bytes as they are.
-        self.uri = uri_bytes(self.url)
-        # What a POST to it starts with, made once: the request line and the Host header.
-        target = URI.fromBytes(self.uri)
-        default_port = 443 if target.scheme == b"https" else 80
-        host = b"[" + target.host + b"]" if b":" in target.host else target.host
-        if target.port != default_port:
-            host += b":%d" % target.port
-        self.head = b"POST " + target.originForm + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
-        # What comes before the routes of a server with several (the Open Inference
-        # Protocol's /v2/...): the URL's path up to a "v2" segment, or all of it.
-        path = tuple(segment for segment in self.url.path if segment)
-        self.base_path = path[:path.index("v2")] if "v2" in path else path
-        self.in_flight = 0
-        self.failures = 0  # in a row
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.healthy = True  # what the active health check last saw
-
-    def available(self, now: float) -> bool:
-        return self.healthy and self.ejected_until <= now
-
-    def describe(self, now: float) -> dict:
-        return {
-            "url": self.text,
-            "in_flight": self.in_flight,
-            "failures_in_a_row": self.failures,
-            "ejected_for_s": round(max(self.ejected_until - now, 0.0), 3),
-            "ejections": self.ejections,
-            "healthy": self.healthy,
-        }
 
 
 @implementer(IModel, IReplicated)
@@ -298,10 +239,12 @@ class HttpModel(Service):
         self.model_log = ModelLog(reactor, spec.log_entries)
         self._clock = reactor
         self._destination_policy = destination_policy
-        self.replicas = [Replica(text) for text in (spec.urls or (spec.url,))]
+        self.replica_set = ReplicaSet(spec, reactor, self.model_log, self.probe)
+        self.replicas = self.replica_set.replicas
+        # Looked up once: every request asks for a replica and says how it went.
+        self._pick = self.replica_set.pick
+        self._replica_outcome = self.replica_set.outcome
         self._url = self.replicas[0].url
-        self._health_timer = None
-        self._health_probes: list = []
         self._lean = None
         if client is None:
             if destination_policy is not None:
@@ -368,16 +311,12 @@ class HttpModel(Service):
         super().startService()
         if self.server is not None:
             self.server.startService()
-        elif self.spec.health_interval and self.spec.health_path:
-            self._health_timer = self._clock.callLater(0, self._health_check)
+        else:
+            self.replica_set.start_checks()
 
     def stopService(self):
         super().stopService()
-        if self._health_timer is not None and self._health_timer.active():
-            self._health_timer.cancel()
-        self._health_timer = None
-        for probe in list(self._health_probes):
-            probe.cancel()
+        self.replica_set.stop_checks()
         if self._lean is not None:
             self._lean.close()
         if self.server is not None and self.server.running:
@@ -441,9 +380,8 @@ class HttpModel(Service):
             "failures": self.failures,
             "shed": self.shed,
         }
-        if len(self.replicas) > 1 or self.spec.health_interval:
-            now = self._clock.seconds()
-            described["replicas"] = [replica.describe(now) for replica in self.replicas]
+        if self.replica_set.several or self.spec.health_interval:
+            described["replicas"] = self.replica_set.describe()
         if self.server is not None:
             described["restarts"] = self.server.restarts
             described["last_error"] = self.server.last_failure
@@ -455,74 +393,7 @@ class HttpModel(Service):
 
     @property
     def ejections(self) -> int:
-        return sum(replica.ejections for replica in self.replicas)
-
-    def _pick(self, tried) -> Replica | None:
-        """The available replica with the fewest requests in flight."""
-        now = self._clock.seconds()
-        best = None
-        for replica in self.replicas:
-            if replica not in tried and replica.available(now):
-                if best is None or replica.in_flight < best.in_flight:
-                    best = replica
-        return best
-
-    def _replica_failed(self, replica: Replica, why: str) -> None:
-        replica.failures += 1
-        if len(self.replicas) < 2 or replica.failures < self.spec.eject_after:
-            return
-        seconds = min(self.spec.eject_seconds * 2 ** replica.ejections, self.spec.max_eject_seconds)
-        replica.ejected_until = self._clock.seconds() + seconds
-        replica.ejections += 1
-        replica.failures = 0
-        self.model_log.append(
-            "warning", "replica ejected", url=replica.text, error=why, seconds=seconds,
-        )
-        self.log.warn("model {model}: replica {url} ejected for {seconds} s ({why})",
-                      model=self.model_id, url=replica.text, seconds=seconds, why=why)
-
-    def _replica_outcome(self, result, replica: Replica):
-        """Count what a replica did: connection failures, resets and 5xx count against it."""
-        replica.in_flight -= 1
-        if isinstance(result, Failure):
-            if result.check(*BROKEN):
-                self._replica_failed(replica, result.getErrorMessage())
-        elif result[0].code >= 500:
-            self._replica_failed(replica, f"status {result[0].code}")
-        else:
-            replica.failures = 0
-        return result
-
-    def _health_check(self) -> None:
-        """The active health check: GET health_path on every replica, each interval."""
-        self._health_timer = None
-        try:
-            for replica in self.replicas:
-                probe = self.probe(replica)
-                self._health_probes.append(probe)
-                probe.addBoth(self._health_seen, replica, probe)
-        except Exception:
-            self.log.failure("model {model}: the health check failed to run", model=self.model_id)
-        if self.running:
-            self._health_timer = self._clock.callLater(self.spec.health_interval, self._health_check)
-
-    def _health_seen(self, result, replica: Replica, probe) -> None:
-        if probe in self._health_probes:
-            self._health_probes.remove(probe)
-        if isinstance(result, Failure) and result.check(CancelledError):
-            return
-        healthy = result is True
-        if healthy != replica.healthy:
-            replica.healthy = healthy
-            if healthy:
-                replica.ejected_until = 0.0
-                replica.failures = 0
-            self.model_log.append(
-                "info" if healthy else "warning",
-                "replica restored" if healthy else "replica ejected",
-                url=replica.text,
-                error=None if healthy else "the health check failed",
-            )
+        return self.replica_set.ejections
 
     def probe(self, replica: Replica | None = None) -> Deferred[bool]:
         """Does the model server answer? (Its health path with a 2xx, or a TCP connection.)"""
@@ -576,9 +447,9 @@ class HttpModel(Service):
             raise self.limit.place_timeout(self.spec.timeout)
         replica = self._pick(tried)
         if replica is None:
-            return self._no_replica(tried)
+            raise self.replica_set.none_left()
         d = self._attempt(replica, body, context, left)
-        if len(self.replicas) > 1:
+        if self.replica_set.several:
 
             def elsewhere(failure):
                 # Nothing of the request reached this replica: another may take it. A
@@ -628,16 +499,6 @@ class HttpModel(Service):
         d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
         d.addBoth(self.limit.finished)
         return d
-
-    def _no_replica(self, tried):
-        now = self._clock.seconds()
-        back = [replica.ejected_until - now for replica in self.replicas if replica.ejected_until > now]
-        retry_after = max(1, int(min(back)) + 1) if back else max(1, int(self.spec.health_interval or 1))
-        raise ModelUnavailable(
-            f"model {self.model_id!r} has no replica to take the request: every one is ejected or unhealthy",
-            model=self.model_id,
-            retry_after=retry_after,
-        )
 
     def _read(self, response):
         d = read_body(response, self.spec.max_response_bytes)
