@@ -226,14 +226,19 @@ class HttpModel(Service):
     @param spec: an L{aibackend.config.HttpModelSpec}.
     @param reactor: the reactor (clock and connections).
     @param pool: the daemon's L{HTTPConnectionPool}, shared by every HTTP model.
-    @param client: a treq-like client to use instead (tests pass a StubTreq).
+    @param endpoints: the C{IAgentEndpointFactory} its connections are made with (by
+        default, an L{EndpointCache}, or the destination policy's guarded endpoints);
+        tests give L{aibackend.testing.MemoryEndpoints}.
+    @param client: a treq-like client for the requests other than a predict's POST (the
+        health check, the Open Inference Protocol's other routes), instead of treq over
+        C{endpoints}.
     """
 
     type_name = "http"
     log = Logger()
 
     def __init__(self, spec, *, reactor, pool=None, environ=None, client=None, launcher=None,
-                 destination_policy=None):
+                 destination_policy=None, endpoints=None):
         self.spec = spec
         self.model_id = spec.id
         self.model_log = ModelLog(reactor, spec.log_entries)
@@ -245,23 +250,21 @@ class HttpModel(Service):
         self._pick = self.replica_set.pick
         self._replica_outcome = self.replica_set.outcome
         self._url = self.replicas[0].url
-        self._lean = None
+        if endpoints is not None:
+            factory = endpoints
+        elif destination_policy is not None:
+            # A runtime model: connect only where the policy allows, checked on the
+            # address really connected to.
+            factory = GuardedEndpointFactory(reactor, destination_policy, spec.connect_timeout)
+        else:
+            factory = EndpointCache(reactor, spec.connect_timeout)
         if client is None:
-            if destination_policy is not None:
-                # A runtime model: connect only where the policy allows, checked on the
-                # address really connected to.
-                factory = GuardedEndpointFactory(reactor, destination_policy, spec.connect_timeout)
-            else:
-                factory = EndpointCache(reactor, spec.connect_timeout)
-            agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
-            client = HTTPClient(agent, cookiejar=_no_cookies())
-            # The hot path: each request one write of bytes made ahead, the answer parsed
-            # in C (aibackend.client). treq stays for health checks and the Open Inference
-            # Protocol's other routes.
-            self._lean = LeanClient(reactor, factory)
+            client = HTTPClient(Agent.usingEndpointFactory(reactor, factory, pool=pool), cookiejar=_no_cookies())
+        # The hot path: each request one write of bytes made ahead, the answer parsed in C
+        # (aibackend.client). treq stays for health checks and the Open Inference
+        # Protocol's other routes.
+        self._lean = LeanClient(reactor, factory)
         self._client = client
-        # Given a client (tests give a StubTreq), the hot path speaks to its Agent itself.
-        self._agent = getattr(client, "_agent", None)
         environ = os.environ if environ is None else environ
         self._headers = {
             b"Content-Type": [b"application/json"],
@@ -270,9 +273,11 @@ class HttpModel(Service):
         }
         for name, template in spec.headers.items():
             self._headers[name.encode("ascii")] = [expand_env(template, environ).encode("utf-8")]
-        # The same headers as the lean client writes them, after each replica's request line.
+        # The same headers as the lean client writes them, after each replica's request
+        # line; the request's own X-Request-Id follows them (a configured one gives way).
         self._header_block = b"".join(
             name + b": " + values[0] + b"\r\n" for name, values in self._headers.items()
+            if name.lower() != b"x-request-id"
         )
         self.limit = ConcurrencyLimit(spec.id, max_queue=spec.max_queue, max_in_flight=spec.max_concurrency)
         self.requests = 0
@@ -317,8 +322,7 @@ class HttpModel(Service):
     def stopService(self):
         super().stopService()
         self.replica_set.stop_checks()
-        if self._lean is not None:
-            self._lean.close()
+        self._lean.close()
         if self.server is not None and self.server.running:
             return self.server.stopService()
         return None
@@ -463,15 +467,12 @@ class HttpModel(Service):
         return d
 
     def _attempt(self, replica: Replica, body: bytes, context, left: float) -> Deferred[ModelAnswer]:
-        headers = Headers(self._headers)
-        headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
         self.limit.in_flight += 1  # limit.started(), inline
         self.requests += 1
         replica.in_flight += 1
-        read = True
         try:
-            if context.path is None and self._lean is not None:
-                read = False  # the lean client reads the body itself
+            if context.path is None:
+                # The lean client reads the body itself.
                 head = (
                     replica.head, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
                     b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
@@ -479,19 +480,15 @@ class HttpModel(Service):
                 # A large body is written after its head, not copied into one string with it.
                 data = b"".join((*head, body)) if len(body) < LARGE else (b"".join(head), body)
                 d = self._lean.request(replica.uri, data, self.spec.max_response_bytes)
-            elif context.path is None and self._agent is not None:
-                d = self._agent.request(b"POST", replica.uri, headers, BytesProducer(body))
-            elif context.path is None:
-                d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False,
-                                      unbuffered=True)
             else:
+                headers = Headers(self._headers)
+                headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
                 url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
                 d = self._client.request(context.method.decode("ascii"), url, data=body or None, headers=headers,
                                          allow_redirects=False, unbuffered=True)
+                d.addCallback(self._read)
         except Exception:
             d = fail()  # counted in flight above: the outcome below uncounts it
-        if read:
-            d.addCallback(self._read)
         # Cancelling the exchange fails it with whatever the client layer makes of the
         # cancel (ResponseNeverReceived before the headers); past the deadline it is a 504.
         d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
