@@ -485,7 +485,7 @@ class ProcessPool(Service):
             return
         if self.slots[slot] is not None:
             return  # still held by a process on its way out; its exit spawns the next
-        process = ModelProcess(self, slot, getattr(self.settings, "max_line_bytes", 64 * 1024 * 1024))
+        process = ModelProcess(self, slot, self.settings.max_line_bytes)
         self.slots[slot] = process
         process.startup_timer = self.clock.callLater(
             self.settings.startup_timeout, self._startup_timed_out, process

@@ -1404,6 +1404,8 @@ def stop_http_model(h, model):
 def test_an_http_model_server_is_ready_once_its_health_path_answers_2xx(h):
     model, client = http_model_with_server(h)
     (server,) = h.launcher.spawned
+    assert verifyObject(IModel, model) and verifyObject(IRestartable, model)  # its server is restartable
+    assert (model.live_processes, model.restarts, model.startup_timeout) == (1, 0, 60.0)
     with pytest.raises(ModelUnavailable) as caught:
         model.send(b"{}", RequestContext(request_id="early"))
     assert "starting" in caught.value.message
