@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeadlineExceeded
 
 from aibackend.errors import GatewayTimeout, ModelUnavailable
-from aibackend.modelstate import Waiters
 
 
 class ConcurrencyLimit:
@@ -32,6 +31,8 @@ class ConcurrencyLimit:
     @ivar in_flight: how many requests the model works on now.
     @ivar queue: those waiting for a place, first come first served.
     @ivar shed: how many requests were shed.
+    @ivar idle_waiters: the Deferreds of L{when_idle} not fired yet (a list: the hot path
+        tests it, at no more cost than that, before it looks whether the model is idle).
     """
 
     __slots__ = ("model_id", "max_queue", "max_in_flight", "in_flight", "queue", "shed", "idle_waiters")
@@ -43,7 +44,7 @@ class ConcurrencyLimit:
         self.in_flight = 0
         self.queue: deque = deque()
         self.shed = 0
-        self.idle_waiters = Waiters()
+        self.idle_waiters: list[Deferred] = []
 
     @property
     def queued(self) -> int:
@@ -111,16 +112,24 @@ class ConcurrencyLimit:
         while queue and (not self.max_in_flight or self.in_flight < self.max_in_flight):
             queue.popleft().callback(None)
         if self.idle_waiters and not self.in_flight and not queue:
-            self.idle_waiters.fire()
+            self._fire_idle()
         return result
 
     def check_idle(self) -> None:
         """For a model that takes requests off its queue itself: nothing in flight or queued now?"""
         if self.idle_waiters and not self.in_flight and not self.queue:
-            self.idle_waiters.fire()
+            self._fire_idle()
 
     def when_idle(self) -> Deferred:
         """A Deferred that fires once nothing is in flight or queued (at once if nothing is)."""
         if not self.in_flight and not self.queue:
             return succeed(None)
-        return self.idle_waiters.wait()
+        waiting = self.idle_waiters
+        d: Deferred = Deferred(lambda d: waiting.remove(d) if d in waiting else None)
+        waiting.append(d)
+        return d
+
+    def _fire_idle(self) -> None:
+        waiting, self.idle_waiters = self.idle_waiters, []
+        for d in waiting:
+            d.callback(None)
