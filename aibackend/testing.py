@@ -299,6 +299,7 @@ class HeldModelServer(MemoryEndpoints):
     def __init__(self):
         super().__init__(_Holding(self))
         self.requests: list = []
+        self._lost: list = []  # the requests whose connection closed before their answer
 
     def answer(self, index: int = 0, status: int = 200, body: bytes = b'{"ok": true}', headers=None) -> None:
         """Answer the request C{index} and let the answer reach the client."""
@@ -319,7 +320,7 @@ class HeldModelServer(MemoryEndpoints):
     def abandoned(self, index: int = 0) -> bool:
         """Whether the client closed the connection of request C{index} before its answer."""
         self.flush()
-        return bool(self.requests[index]._disconnected)
+        return self.requests[index] in self._lost
 
     def url(self, index: int) -> str:
         """The URL request C{index} was sent to (host, port and path)."""
@@ -339,6 +340,7 @@ class _Holding(Resource):
 
     def render(self, request):
         self._server.requests.append(request)
+        request.notifyFinish().addErrback(lambda _: self._server._lost.append(request))
         return NOT_DONE_YET
 
 
