@@ -233,6 +233,29 @@ class JsonLines:
         )
 
 
+class _RawProcess:
+    """What the raw protocol keeps of one process."""
+
+    __slots__ = ("answer", "sent_any", "settling")
+
+    def __init__(self):
+        self.answer = None  # (pending, body, problem): read, not given yet (the read is not over)
+        self.sent_any = False  # a request was ever written to it
+        self.settling = None  # the wait before the next request may be written
+
+
+def _raw(process) -> _RawProcess:
+    kept = process.lines
+    if kept is None:
+        kept = process.lines = _RawProcess()
+    return kept
+
+
+def _hold(process, kept: _RawProcess) -> None:
+    """The process takes no request while an answer of it is being given or settling."""
+    process.held = kept.answer is not None or kept.settling is not None
+
+
 class RawLines:
     """
     The C{raw} protocol of one model (L{aibackend.subprocess.SubprocessModel}, C{model}):
@@ -247,6 +270,7 @@ class RawLines:
         self.model = model
 
     def write(self, process, pending) -> None:
+        _raw(process).sent_any = True
         process.write(one_line(pending.body) + b"\n")
 
     def cancelled(self, process, pending) -> None:
@@ -265,50 +289,59 @@ class RawLines:
 
     def gone(self, process) -> None:
         """A process went: its answer not yet given, and its wait before the next request, with it."""
-        process.answer = None
-        if process.settling is not None:
-            if process.settling.active():
-                process.settling.cancel()
-            process.settling = None
+        kept = _raw(process)
+        kept.answer = None
+        if kept.settling is not None:
+            if kept.settling.active():
+                kept.settling.cancel()
+            kept.settling = None
+        _hold(process, kept)
 
     def read(self, process) -> None:
         """A read is over; the answer it held is given, unless a line is still being printed."""
-        if process.answer is None or process.state != "ready" or process.partial_line():
+        kept = process.lines
+        if kept is None or kept.answer is None or process.state != "ready" or process.partial_line():
             return
         model = self.model
-        pending, body, problem = process.answer
-        process.answer = None
+        pending, body, problem = kept.answer
+        kept.answer = None
         process.inflight.pop(pending.wire_id, None)
         # The next request waits for stdout to be polled again: a line printed just
         # after this answer is then caught as the protocol error it is. (Set first: the
         # answer's callbacks may send the next request at once.)
-        process.settling = model.pool.clock.callLater(0, self._settling, process, 0)
+        kept.settling = model.pool.clock.callLater(0, self._settling, process, 0)
+        _hold(process, kept)
         if problem is not None:
             model.settle(pending, error=BadGateway(f"model {model.model_id!r} {problem}", model=model.model_id))
         else:
             model.settle(pending, ModelAnswer(status=200, body=body))
 
     def _settling(self, process, tries: int) -> None:
-        process.settling = None
+        kept = _raw(process)
+        kept.settling = None
         if process.state != "ready":
+            _hold(process, kept)
             return
         pool = self.model.pool
         if tries < QUIET_TURNS + QUIET_TRIES and pool.launcher.busy(process.transport):
             # Still running (between two writes?): let it, and look again.
             delay = 0 if tries < QUIET_TURNS else QUIET_STEP * 2 ** (tries - QUIET_TURNS)
-            process.settling = pool.clock.callLater(delay, self._settling, process, tries + 1)
+            kept.settling = pool.clock.callLater(delay, self._settling, process, tries + 1)
             return
         # Called from a timed call: the next one comes after the reactor's next poll.
-        process.settling = pool.clock.callLater(0, self._settled, process)
+        kept.settling = pool.clock.callLater(0, self._settled, process)
 
     def _settled(self, process) -> None:
-        process.settling = None
+        kept = _raw(process)
+        kept.settling = None
+        _hold(process, kept)
         self.model.dispatch()
 
     def line(self, process, line: bytes) -> None:
         if process.state not in ("starting", "ready"):
             return  # the output of a process on its way out: no answer can come of it
         model_log = self.model.model_log
+        kept = _raw(process)
         problem = None
         try:
             model_json(line)
@@ -320,11 +353,12 @@ class RawLines:
                 self._protocol_error(process, "printed binary data on stdout", line)
                 return
             problem = e.reason  # JSON, but not for clients
-        if process.inflight and process.answer is None and process.settling is None:
+        if process.inflight and kept.answer is None and kept.settling is None:
             (pending,) = process.inflight.values()  # raw: one at a time
-            process.answer = (pending, line.strip(), problem)
+            kept.answer = (pending, line.strip(), problem)
+            _hold(process, kept)
             return
-        if not process.inflight and not process.sent_any:
+        if not process.inflight and not kept.sent_any:
             # Before its first request a process answers no one: a banner.
             model_log.append("warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line))
             return

@@ -226,8 +226,7 @@ class SubprocessModel(PoolEvents, Service):
             process.state == "ready"
             and not process.stdout_closed
             and len(process.inflight) < self.capacity
-            and process.answer is None
-            and process.settling is None
+            and not process.held
         )
 
     def _least_busy(self):
@@ -256,7 +255,6 @@ class SubprocessModel(PoolEvents, Service):
         pending.counted = True
         self.limit.in_flight += 1  # limit.started(), inline
         process.inflight[wire_id] = pending
-        process.sent_any = True
         self.protocol.write(process, pending)
 
     def settle(self, pending: Pending, result=None, error=None) -> None:

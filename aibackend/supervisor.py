@@ -203,7 +203,8 @@ class ModelProcess(ProcessProtocol):
     @ivar inflight: wire id -> pending request, the requests it works on (kept by the
         model that sends them, L{aibackend.subprocess.SubprocessModel}).
     @ivar stdout_closed: its stdout has closed (it ends, or it closed it and lives on).
-    @ivar answer, sent_any, settling: the raw line protocol's (L{aibackend.lines.RawLines}).
+    @ivar held: its line protocol holds it (no request may be written to it now).
+    @ivar lines: what its line protocol keeps of it (L{aibackend.lines}), or None.
     """
 
     def __init__(self, pool, slot: int, max_line_bytes: int):
@@ -219,11 +220,8 @@ class ModelProcess(ProcessProtocol):
         self.startup_timer = None
         self.kill_timer = None
         self.stdout_timer = None
-        # raw (L{aibackend.lines.RawLines}): the answer read but not yet given, a request
-        # was ever written, and the wait before the next one may be written.
-        self.answer = None
-        self.sent_any = False
-        self.settling = None
+        self.held = False
+        self.lines = None
         self.exited = Deferred()
         self._stdout = LineBuffer(max_line_bytes)
         self._stderr = LineBuffer(STDERR_LINE_BYTES, truncate=True)
