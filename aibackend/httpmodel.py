@@ -12,10 +12,8 @@ model's own status is passed through.
 from __future__ import annotations
 
 import os
-from collections import deque
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-from hyperlink import DecodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -25,7 +23,6 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.error import SchemeNotSupported
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -40,9 +37,12 @@ from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
 from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, ModelAnswer
 from aibackend.jsonread import NotClientJSON, model_json
+from aibackend.limits import ConcurrencyLimit
 from aibackend.logs import ModelLog
-from aibackend.modelstate import ModelState, Waiters
-from aibackend.subprocess import ProcessPool
+from aibackend.modelstate import ModelState
+# uri_bytes is read from here too (tests of the request target).
+from aibackend.replicas import Replica, ReplicaRefused, ReplicaSet, uri_bytes  # noqa: F401
+from aibackend.supervisor import PoolEvents, ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
 SNIPPET = 200
@@ -152,16 +152,6 @@ def _no_cookies() -> CookieJar:
     return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
 
 
-def uri_bytes(url: DecodedURL) -> bytes:
-    """A URL as the ASCII bytes of a request target (IDNA host, percent-encoded path and query)."""
-    if ":" not in url.host:
-        return url.to_uri().to_text().encode("ascii")
-    # hyperlink runs an IPv6 address through IDNA too, which refuses its colons.
-    placeholder = "ipv6-address.invalid"
-    text = url.replace(host=placeholder).to_uri().to_text()
-    return text.replace(placeholder, f"[{url.host}]", 1).encode("ascii")
-
-
 def not_strict_json(body: bytes) -> str | None:
     """
     What keeps C{body} from being strict JSON text (L{aibackend.jsonread.model_json}, the
@@ -179,17 +169,14 @@ def snippet(body: bytes) -> str:
     return repr(text) + (f" ... ({len(body)} bytes)" if len(body) > SNIPPET else "")
 
 
-class ServerProcess(ProcessPool):
+class ServerReadiness(PoolEvents):
     """
-    The model server process of an HTTP model that has a C{command}: supervised like any
-    model process, ready once its URL answers (C{health_path} with a 2xx, or a TCP
-    connection to its host and port).
+    What the supervisor (L{aibackend.supervisor.ProcessPool}) of the model server process
+    of an HTTP model that has a C{command} is told: a process is ready once its URL
+    answers (C{health_path} with a 2xx, or a TCP connection to its host and port).
     """
 
-    ready_on_spawn = False
-
-    def __init__(self, model, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, model):
         self.model = model
         self._probes: dict = {}
 
@@ -197,8 +184,9 @@ class ServerProcess(ProcessPool):
         self._probe_later(process, 0)
 
     def _probe_later(self, process, delay) -> None:
-        if process.state == "starting" and self.running and not self.stopping:
-            self._probes[process] = self.clock.callLater(delay, self._probe, process)
+        pool = process.pool
+        if process.state == "starting" and pool.running and not pool.stopping:
+            self._probes[process] = pool.clock.callLater(delay, self._probe, process)
 
     def _probe(self, process) -> None:
         """Probe once; the probe in flight is kept (like the timer) so it can be cancelled."""
@@ -211,7 +199,7 @@ class ServerProcess(ProcessPool):
             if self._probes.get(process) is d:
                 del self._probes[process]
             if ok is True:
-                self.mark_ready(process)
+                process.pool.mark_ready(process)
             else:
                 self._probe_later(process, PROBE_INTERVAL)
 
@@ -225,57 +213,8 @@ class ServerProcess(ProcessPool):
             pending.cancel()
 
 
-CONNECT_FAILURES = (ierror.ConnectError, ierror.DNSLookupError, ierror.ConnectingCancelledError)
-BROKEN = CONNECT_FAILURES + (ResponseFailed, ierror.ConnectionLost, ierror.ConnectionDone)
-
-
 def _deadline_passed(result, timeout):
     raise DeadlineExceeded(timeout, "Deferred")
-
-
-class ReplicaRefused(BadGateway):
-    """A replica could not be connected to: nothing of the request reached it."""
-
-
-class Replica:
-    """One URL of an HTTP model, with what the daemon knows of its health."""
-
-    __slots__ = ("url", "uri", "head", "text", "base_path", "in_flight", "failures", "ejected_until", "ejections", "healthy")
-
-    def __init__(self, text: str):
-        self.text = text
-        self.url = DecodedURL.from_text(text)
-        # The request target, encoded once: each request sends these bytes as they are.
-        self.uri = uri_bytes(self.url)
-        # What a POST to it starts with, made once: the request line and the Host header.
-        target = URI.fromBytes(self.uri)
-        default_port = 443 if target.scheme == b"https" else 80
-        host = b"[" + target.host + b"]" if b":" in target.host else target.host
-        if target.port != default_port:
-            host += b":%d" % target.port
-        self.head = b"POST " + target.originForm + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
-        # What comes before the routes of a server with several (the Open Inference
-        # Protocol's /v2/...): the URL's path up to a "v2" segment, or all of it.
-        path = tuple(segment for segment in self.url.path if segment)
-        self.base_path = path[:path.index("v2")] if "v2" in path else path
-        self.in_flight = 0
-        self.failures = 0  # in a row
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.healthy = True  # what the active health check last saw
-
-    def available(self, now: float) -> bool:
-        return self.healthy and self.ejected_until <= now
-
-    def describe(self, now: float) -> dict:
-        return {
-            "url": self.text,
-            "in_flight": self.in_flight,
-            "failures_in_a_row": self.failures,
-            "ejected_for_s": round(max(self.ejected_until - now, 0.0), 3),
-            "ejections": self.ejections,
-            "healthy": self.healthy,
-        }
 
 
 @implementer(IModel, IReplicated)
@@ -287,40 +226,45 @@ class HttpModel(Service):
     @param spec: an L{aibackend.config.HttpModelSpec}.
     @param reactor: the reactor (clock and connections).
     @param pool: the daemon's L{HTTPConnectionPool}, shared by every HTTP model.
-    @param client: a treq-like client to use instead (tests pass a StubTreq).
+    @param endpoints: the C{IAgentEndpointFactory} its connections are made with (by
+        default, an L{EndpointCache}, or the destination policy's guarded endpoints);
+        tests give L{aibackend.testing.MemoryEndpoints}.
+    @param client: a treq-like client for the requests other than a predict's POST (the
+        health check, the Open Inference Protocol's other routes), instead of treq over
+        C{endpoints}.
     """
 
     type_name = "http"
     log = Logger()
 
     def __init__(self, spec, *, reactor, pool=None, environ=None, client=None, launcher=None,
-                 destination_policy=None):
+                 destination_policy=None, endpoints=None):
         self.spec = spec
         self.model_id = spec.id
         self.model_log = ModelLog(reactor, spec.log_entries)
         self._clock = reactor
         self._destination_policy = destination_policy
-        self.replicas = [Replica(text) for text in (spec.urls or (spec.url,))]
+        self.replica_set = ReplicaSet(spec, reactor, self.model_log, self.probe)
+        self.replicas = self.replica_set.replicas
+        # Looked up once: every request asks for a replica and says how it went.
+        self._pick = self.replica_set.pick
+        self._replica_outcome = self.replica_set.outcome
         self._url = self.replicas[0].url
-        self._health_timer = None
-        self._health_probes: list = []
-        self._lean = None
+        if endpoints is not None:
+            factory = endpoints
+        elif destination_policy is not None:
+            # A runtime model: connect only where the policy allows, checked on the
+            # address really connected to.
+            factory = GuardedEndpointFactory(reactor, destination_policy, spec.connect_timeout)
+        else:
+            factory = EndpointCache(reactor, spec.connect_timeout)
         if client is None:
-            if destination_policy is not None:
-                # A runtime model: connect only where the policy allows, checked on the
-                # address really connected to.
-                factory = GuardedEndpointFactory(reactor, destination_policy, spec.connect_timeout)
-            else:
-                factory = EndpointCache(reactor, spec.connect_timeout)
-            agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
-            client = HTTPClient(agent, cookiejar=_no_cookies())
-            # The hot path: each request one write of bytes made ahead, the answer parsed
-            # in C (aibackend.client). treq stays for health checks and the Open Inference
-            # Protocol's other routes.
-            self._lean = LeanClient(reactor, factory)
+            client = HTTPClient(Agent.usingEndpointFactory(reactor, factory, pool=pool), cookiejar=_no_cookies())
+        # The hot path: each request one write of bytes made ahead, the answer parsed in C
+        # (aibackend.client). treq stays for health checks and the Open Inference
+        # Protocol's other routes.
+        self._lean = LeanClient(reactor, factory)
         self._client = client
-        # Given a client (tests give a StubTreq), the hot path speaks to its Agent itself.
-        self._agent = getattr(client, "_agent", None)
         environ = os.environ if environ is None else environ
         self._headers = {
             b"Content-Type": [b"application/json"],
@@ -329,16 +273,15 @@ class HttpModel(Service):
         }
         for name, template in spec.headers.items():
             self._headers[name.encode("ascii")] = [expand_env(template, environ).encode("utf-8")]
-        # The same headers as the lean client writes them, after each replica's request line.
+        # The same headers as the lean client writes them, after each replica's request
+        # line; the request's own X-Request-Id follows them (a configured one gives way).
         self._header_block = b"".join(
             name + b": " + values[0] + b"\r\n" for name, values in self._headers.items()
+            if name.lower() != b"x-request-id"
         )
-        self.in_flight = 0
+        self.limit = ConcurrencyLimit(spec.id, max_queue=spec.max_queue, max_in_flight=spec.max_concurrency)
         self.requests = 0
         self.failures = 0
-        self.shed = 0
-        self.queue: deque[Deferred] = deque()
-        self._idle = Waiters()
         self.request_timeout = float(spec.timeout)
         self.startup_timeout = float(spec.process.startup_timeout) if spec.process is not None else 0.0
         # Ready for good without a server to start; with one, its supervisor sets it.
@@ -346,8 +289,7 @@ class HttpModel(Service):
         self.server = None
         if spec.process is not None:
             alsoProvides(self, IRestartable)
-            self.server = ServerProcess(
-                self,
+            self.server = ProcessPool(
                 model_id=spec.id,
                 settings=spec.process,
                 size=1,
@@ -356,6 +298,8 @@ class HttpModel(Service):
                 environ=environ,
                 launcher=launcher,
                 state=self._state,
+                events=ServerReadiness(self),
+                ready_on_spawn=False,
             )
 
     @classmethod
@@ -372,18 +316,13 @@ class HttpModel(Service):
         super().startService()
         if self.server is not None:
             self.server.startService()
-        elif self.spec.health_interval and self.spec.health_path:
-            self._health_timer = self._clock.callLater(0, self._health_check)
+        else:
+            self.replica_set.start_checks()
 
     def stopService(self):
         super().stopService()
-        if self._health_timer is not None and self._health_timer.active():
-            self._health_timer.cancel()
-        self._health_timer = None
-        for probe in list(self._health_probes):
-            probe.cancel()
-        if self._lean is not None:
-            self._lean.close()
+        self.replica_set.stop_checks()
+        self._lean.close()
         if self.server is not None and self.server.running:
             return self.server.stopService()
         return None
@@ -395,8 +334,16 @@ class HttpModel(Service):
         return self._state.value
 
     @property
+    def in_flight(self) -> int:
+        return self.limit.in_flight
+
+    @property
     def queued(self) -> int:
-        return len(self.queue)
+        return len(self.limit.queue)
+
+    @property
+    def shed(self) -> int:
+        return self.limit.shed
 
     @property
     def last_failure(self) -> str | None:
@@ -409,9 +356,7 @@ class HttpModel(Service):
         return self._state.watch(callback)
 
     def whenIdle(self) -> Deferred:
-        if not self.in_flight and not self.queue:
-            return succeed(None)
-        return self._idle.wait()
+        return self.limit.when_idle()
 
     # --- IRestartable (with a server) ---------------------------------------
 
@@ -434,14 +379,13 @@ class HttpModel(Service):
             "state": self.state,
             "url": self.spec.url,
             "in_flight": self.in_flight,
-            "queued": len(self.queue),
+            "queued": len(self.limit.queue),
             "requests": self.requests,
             "failures": self.failures,
             "shed": self.shed,
         }
-        if len(self.replicas) > 1 or self.spec.health_interval:
-            now = self._clock.seconds()
-            described["replicas"] = [replica.describe(now) for replica in self.replicas]
+        if self.replica_set.several or self.spec.health_interval:
+            described["replicas"] = self.replica_set.describe()
         if self.server is not None:
             described["restarts"] = self.server.restarts
             described["last_error"] = self.server.last_failure
@@ -453,74 +397,7 @@ class HttpModel(Service):
 
     @property
     def ejections(self) -> int:
-        return sum(replica.ejections for replica in self.replicas)
-
-    def _pick(self, tried) -> Replica | None:
-        """The available replica with the fewest requests in flight."""
-        now = self._clock.seconds()
-        best = None
-        for replica in self.replicas:
-            if replica not in tried and replica.available(now):
-                if best is None or replica.in_flight < best.in_flight:
-                    best = replica
-        return best
-
-    def _replica_failed(self, replica: Replica, why: str) -> None:
-        replica.failures += 1
-        if len(self.replicas) < 2 or replica.failures < self.spec.eject_after:
-            return
-        seconds = min(self.spec.eject_seconds * 2 ** replica.ejections, self.spec.max_eject_seconds)
-        replica.ejected_until = self._clock.seconds() + seconds
-        replica.ejections += 1
-        replica.failures = 0
-        self.model_log.append(
-            "warning", "replica ejected", url=replica.text, error=why, seconds=seconds,
-        )
-        self.log.warn("model {model}: replica {url} ejected for {seconds} s ({why})",
-                      model=self.model_id, url=replica.text, seconds=seconds, why=why)
-
-    def _replica_outcome(self, result, replica: Replica):
-        """Count what a replica did: connection failures, resets and 5xx count against it."""
-        replica.in_flight -= 1
-        if isinstance(result, Failure):
-            if result.check(*BROKEN):
-                self._replica_failed(replica, result.getErrorMessage())
-        elif result[0].code >= 500:
-            self._replica_failed(replica, f"status {result[0].code}")
-        else:
-            replica.failures = 0
-        return result
-
-    def _health_check(self) -> None:
-        """The active health check: GET health_path on every replica, each interval."""
-        self._health_timer = None
-        try:
-            for replica in self.replicas:
-                probe = self.probe(replica)
-                self._health_probes.append(probe)
-                probe.addBoth(self._health_seen, replica, probe)
-        except Exception:
-            self.log.failure("model {model}: the health check failed to run", model=self.model_id)
-        if self.running:
-            self._health_timer = self._clock.callLater(self.spec.health_interval, self._health_check)
-
-    def _health_seen(self, result, replica: Replica, probe) -> None:
-        if probe in self._health_probes:
-            self._health_probes.remove(probe)
-        if isinstance(result, Failure) and result.check(CancelledError):
-            return
-        healthy = result is True
-        if healthy != replica.healthy:
-            replica.healthy = healthy
-            if healthy:
-                replica.ejected_until = 0.0
-                replica.failures = 0
-            self.model_log.append(
-                "info" if healthy else "warning",
-                "replica restored" if healthy else "replica ejected",
-                url=replica.text,
-                error=None if healthy else "the health check failed",
-            )
+        return self.replica_set.ejections
 
     def probe(self, replica: Replica | None = None) -> Deferred[bool]:
         """Does the model server answer? (Its health path with a 2xx, or a TCP connection.)"""
@@ -557,48 +434,26 @@ class HttpModel(Service):
                 model=self.model_id,
                 retry_after=self.server.retry_after(),
             )
-        deadline = self._clock.seconds() + self.spec.timeout
-        limit = self.spec.max_concurrency
-        if not limit or self.in_flight < limit:
+        timeout = self.spec.timeout
+        deadline = self._clock.seconds() + timeout
+        limit = self.limit
+        if not limit.max_in_flight or limit.in_flight < limit.max_in_flight:  # limit.has_room(), inline
             return self._post(body, context, deadline)
-        if len(self.queue) >= self.spec.max_queue:
-            # Load shedding: answered at once, and not a failure of the model.
-            self.shed += 1
-            raise ModelUnavailable(
-                f"model {self.model_id!r} is busy: {self.in_flight} requests in flight (max_concurrency) "
-                f"and {len(self.queue)} waiting (max_queue)",
-                model=self.model_id,
-                retry_after=1,
-            )
-        waiter: Deferred = Deferred(lambda d: self.queue.remove(d) if d in self.queue else None)
-        self.queue.append(waiter)
-        waiter.addTimeout(self.spec.timeout, self._clock)
-
-        def waited_too_long(failure):
-            failure.trap(DeadlineExceeded)
-            raise GatewayTimeout(
-                f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s "
-                f"(the request waited for one of its max_concurrency places)",
-                model=self.model_id,
-            )
-
-        waiter.addErrback(waited_too_long)
+        if limit.full():
+            raise limit.busy(retry_after=1)
+        waiter = limit.wait_for_place(timeout, self._clock)
         waiter.addCallback(lambda _: self._post(body, context, deadline))
         return waiter
 
     def _post(self, body: bytes, context, deadline: float, tried: tuple = ()) -> Deferred[ModelAnswer]:
         left = deadline - self._clock.seconds()
         if left <= 0:
-            raise GatewayTimeout(
-                f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s "
-                f"(the request waited for one of its max_concurrency places)",
-                model=self.model_id,
-            )
+            raise self.limit.place_timeout(self.spec.timeout)
         replica = self._pick(tried)
         if replica is None:
-            return self._no_replica(tried)
+            raise self.replica_set.none_left()
         d = self._attempt(replica, body, context, left)
-        if len(self.replicas) > 1:
+        if self.replica_set.several:
 
             def elsewhere(failure):
                 # Nothing of the request reached this replica: another may take it. A
@@ -612,15 +467,12 @@ class HttpModel(Service):
         return d
 
     def _attempt(self, replica: Replica, body: bytes, context, left: float) -> Deferred[ModelAnswer]:
-        headers = Headers(self._headers)
-        headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
-        self.in_flight += 1
+        self.limit.in_flight += 1  # limit.started(), inline
         self.requests += 1
         replica.in_flight += 1
-        read = True
         try:
-            if context.path is None and self._lean is not None:
-                read = False  # the lean client reads the body itself
+            if context.path is None:
+                # The lean client reads the body itself.
                 head = (
                     replica.head, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
                     b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
@@ -628,44 +480,22 @@ class HttpModel(Service):
                 # A large body is written after its head, not copied into one string with it.
                 data = b"".join((*head, body)) if len(body) < LARGE else (b"".join(head), body)
                 d = self._lean.request(replica.uri, data, self.spec.max_response_bytes)
-            elif context.path is None and self._agent is not None:
-                d = self._agent.request(b"POST", replica.uri, headers, BytesProducer(body))
-            elif context.path is None:
-                d = self._client.post(replica.url, data=body, headers=headers, allow_redirects=False,
-                                      unbuffered=True)
             else:
+                headers = Headers(self._headers)
+                headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
                 url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
                 d = self._client.request(context.method.decode("ascii"), url, data=body or None, headers=headers,
                                          allow_redirects=False, unbuffered=True)
+                d.addCallback(self._read)
         except Exception:
             d = fail()  # counted in flight above: the outcome below uncounts it
-        if read:
-            d.addCallback(self._read)
         # Cancelling the exchange fails it with whatever the client layer makes of the
         # cancel (ResponseNeverReceived before the headers); past the deadline it is a 504.
         d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
         d.addBoth(self._replica_outcome, replica)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
-        d.addBoth(self._done)
+        d.addBoth(self.limit.finished)
         return d
-
-    def _no_replica(self, tried):
-        now = self._clock.seconds()
-        back = [replica.ejected_until - now for replica in self.replicas if replica.ejected_until > now]
-        retry_after = max(1, int(min(back)) + 1) if back else max(1, int(self.spec.health_interval or 1))
-        raise ModelUnavailable(
-            f"model {self.model_id!r} has no replica to take the request: every one is ejected or unhealthy",
-            model=self.model_id,
-            retry_after=retry_after,
-        )
-
-    def _done(self, result):
-        self.in_flight -= 1
-        while self.queue and (not self.spec.max_concurrency or self.in_flight < self.spec.max_concurrency):
-            self.queue.popleft().callback(None)
-        if self._idle and not self.in_flight and not self.queue:
-            self._idle.fire()
-        return result
 
     def _read(self, response):
         d = read_body(response, self.spec.max_response_bytes)

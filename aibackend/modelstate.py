@@ -1,7 +1,9 @@
 """
 A model's state as an event source: what L{aibackend.interfaces.IModel}'s C{state},
 C{watch} and C{whenReady} are made of, so that every model type (and a worker's stand-in
-for a model the primary runs) tells the same thing the same way, and nobody polls.
+for a model the primary runs) tells the same thing the same way, and nobody polls. Also
+L{Waiters} (Deferreds waiting for one thing, as a fake model's C{whenIdle}) and
+L{AlwaysReady} (the C{IModel} part of a model that is ready once built and counts nothing).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class ModelState:
 class Waiters:
     """
     Deferreds waiting for one thing (a model having nothing in flight): L{fire} fires
-    each once. Empty, it is false, so that the hot path pays one test for it.
+    each once. Empty, it is false.
     """
 
     __slots__ = ("_waiting",)

@@ -50,13 +50,16 @@ from treq.client import HTTPClient
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.client import Agent, ResponseDone
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers as HTTPHeaders
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from aibackend.admin import ModelManager
@@ -255,6 +258,129 @@ class FakeModel:
         return result
 
 
+# --- a model server in memory ---------------------------------------------------
+
+
+@implementer(IAgentEndpointFactory)
+class MemoryEndpoints:
+    """
+    An C{IAgentEndpointFactory} whose connections reach a twisted.web resource in memory
+    (L{twisted.test.iosim}): given to an L{aibackend.httpmodel.HttpModel} as its
+    C{endpoints}, its requests go through the clients production uses (the lean client
+    of the hot path, Agent for the rest), over no socket. What is written moves when the
+    test says, with L{flush}.
+
+    @ivar refusing: a connection failure (an exception) every new connection gets
+        instead, or None.
+    @ivar refused_ports: port -> the connection failure each connection to it gets.
+    @ivar connections: every connection made, as C{(client transport, server transport)}.
+    """
+
+    def __init__(self, resource):
+        # The server's timers (its idle timeout) run on a clock of their own: the test's
+        # clock has only the model's.
+        self.site = Site(resource, reactor=Clock())
+        self.site.noisy = False
+        self.refusing: BaseException | None = None
+        self.refused_ports: dict = {}  # port -> the connection failure its connections get
+        self.connections: list = []
+        self._pumps: list = []
+
+    def endpointForURI(self, uri):
+        return _MemoryEndpoint(self, uri)
+
+    def flush(self) -> None:
+        """Move what was written either way until nothing moves."""
+        moved = True
+        while moved:
+            moved = False
+            for pump in list(self._pumps):
+                if pump.pump():
+                    moved = True
+                if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                    self._pumps.remove(pump)
+
+    def _connect(self, uri, factory) -> Deferred:
+        if self.refusing is not None:
+            return fail(self.refusing)
+        if uri.port in self.refused_ports:
+            return fail(self.refused_ports[uri.port])
+        server_address = IPv4Address("TCP", "127.0.0.1", uri.port)
+        client_address = IPv4Address("TCP", "127.0.0.1", 31337)
+        server = self.site.buildProtocol(client_address)
+        server_io = iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
+                                        peerAddress=client_address)
+        client = factory.buildProtocol(server_address)
+        client_io = iosim.FakeTransport(client, isServer=False, hostAddress=client_address,
+                                        peerAddress=server_address)
+        self._pumps.append(iosim.connect(server, server_io, client, client_io, greet=False))
+        self.connections.append((client_io, server_io))
+        return succeed(client)
+
+
+class _MemoryEndpoint:
+    def __init__(self, endpoints: MemoryEndpoints, uri):
+        self._endpoints = endpoints
+        self._uri = uri
+
+    def connect(self, factory) -> Deferred:
+        return self._endpoints._connect(self._uri, factory)
+
+
+class HeldModelServer(MemoryEndpoints):
+    """
+    L{MemoryEndpoints} to a model server whose every request waits for the test to
+    answer it (L{answer}), in the order they came (L{requests}: twisted.web requests).
+    """
+
+    def __init__(self):
+        super().__init__(_Holding(self))
+        self.requests: list = []
+        self._lost: list = []  # the requests whose connection closed before their answer
+
+    def answer(self, index: int = 0, status: int = 200, body: bytes = b'{"ok": true}', headers=None) -> None:
+        """Answer the request C{index} and let the answer reach the client."""
+        request = self.requests[index]
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        for name, value in (headers or {}).items():
+            request.setHeader(name, value)
+        request.write(body)
+        request.finish()
+        self.flush()
+
+    def drop(self, index: int = 0) -> None:
+        """Close the connection of request C{index} without answering."""
+        self.requests[index].channel.transport.loseConnection()
+        self.flush()
+
+    def abandoned(self, index: int = 0) -> bool:
+        """Whether the client closed the connection of request C{index} before its answer."""
+        self.flush()
+        return self.requests[index] in self._lost
+
+    def url(self, index: int) -> str:
+        """The URL request C{index} was sent to (host, port and path)."""
+        request = self.requests[index]
+        return f"http://127.0.0.1:{request.getHost().port}{request.uri.decode()}"
+
+    def urls(self) -> list[str]:
+        return [self.url(index) for index in range(len(self.requests))]
+
+
+class _Holding(Resource):
+    isLeaf = True
+
+    def __init__(self, server: HeldModelServer):
+        super().__init__()
+        self._server = server
+
+    def render(self, request):
+        self._server.requests.append(request)
+        request.notifyFinish().addErrback(lambda _: self._server._lost.append(request))
+        return NOT_DONE_YET
+
+
 # --- an HTTP client -----------------------------------------------------------
 
 
@@ -298,7 +424,7 @@ class JSONResponse:
 
     def __init__(self, code: int = 200, body: bytes = b'{"ok": true}'):
         self.code = code
-        self.headers = Headers({b"content-type": [b"application/json"]})
+        self.headers = HTTPHeaders({b"content-type": [b"application/json"]})
         self.length = len(body)
         self._body = body
 
@@ -1304,12 +1430,14 @@ __all__ = [
     "HEX32",
     "HangingClient",
     "Headers",
+    "HeldModelServer",
     "JSONResponse",
     "LOOPBACK_ANY_PORT",
     "MISBEHAVE",
     "MODEL_SERVER",
     "PHOENIX",
     "ManagedFrontDoor",
+    "MemoryEndpoints",
     "ModelServer",
     "Multi",
     "Posted",

@@ -1,8 +1,9 @@
 """
 aibackend.httpmodel.HttpModel against model servers that misbehave on purpose.
 
-The model server is a small twisted.web resource reached through StubTreq (no socket);
-deadlines run on a Clock, with a client whose requests never answer.
+The model server is a small twisted.web resource reached in memory (no socket) through the
+clients production uses (aibackend.testing.MemoryEndpoints: the lean client of the hot
+path); deadlines run on a Clock, with a server that holds its requests.
 """
 
 import json
@@ -10,11 +11,7 @@ import os
 import sys
 
 import pytest
-from treq.testing import StubTreq
 from twisted.internet import error as ierror
-from twisted.internet.defer import fail
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
@@ -22,9 +19,10 @@ from zope.interface.verify import verifyObject
 from aibackend.config import HttpModelSpec
 from aibackend.errors import BadGateway, GatewayTimeout
 from aibackend.httpmodel import HttpModel
-from aibackend.interfaces import ISender, ModelAnswer, RequestContext
+from aibackend.interfaces import IModel, IReplicated, IRestartable, ModelAnswer, RequestContext
 from aibackend.testing import (
-    MODEL_SERVER, ROOT, Daemon, HangingClient, failure_of, free_port, has_fired, result_of, toml_models, wait_until,
+    MODEL_SERVER, ROOT, Daemon, HangingClient, HeldModelServer, MemoryEndpoints, failure_of, free_port, has_fired,
+    result_of, toml_models, wait_until,
 )
 
 URL = "http://model.test:9001"
@@ -125,23 +123,50 @@ def server():
 
 @pytest.fixture
 def stub(server):
-    return StubTreq(server)
+    return MemoryEndpoints(server)
 
 
-def make_model(clock, client, path="/json", environ=None, **fields):
+MADE: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_models(clock):
+    """Each test's models close their kept-alive connections at its end (before the clock is checked)."""
+    yield
+    while MADE:
+        idle_connections_closed(MADE.pop())
+
+
+def make_model(clock, endpoints, path="/json", environ=None, **fields):
     spec = HttpModelSpec(id="m", type="http", url=URL + path, **fields)
-    return HttpModel(spec, reactor=clock, client=client, environ=environ if environ is not None else {})
+    model = HttpModel(spec, reactor=clock, endpoints=endpoints, environ=environ if environ is not None else {})
+    model.endpoints = endpoints
+    MADE.append(model)
+    return model
 
 
 def send(model, body=b'{"text": "hi"}', request_id="rid-1"):
-    return model.send(body, RequestContext(request_id=request_id))
+    """Send, and let what the model and its server write move (the answer, if it comes at once)."""
+    d = model.send(body, RequestContext(request_id=request_id))
+    model.endpoints.flush()
+    return d
+
+
+def idle_connections_closed(model):
+    """The model's kept-alive connections close (their idle timers with them), as at stop."""
+    model.stopService()
+    model.endpoints.flush()
 
 
 # --- answers -------------------------------------------------------------------------
 
 
-def test_an_http_model_provides_isender(clock, stub):
-    assert verifyObject(ISender, make_model(clock, stub))
+def test_an_http_model_provides_imodel_and_is_replicated(clock, stub):
+    model = make_model(clock, stub)
+    assert verifyObject(IModel, model)
+    assert IReplicated.providedBy(model)
+    assert not IRestartable.providedBy(model)  # no server of its own to restart
+    assert model.state == "ready" and result_of(model.whenReady()) is None
 
 
 def test_a_json_answer_is_passed_through_as_it_is(clock, stub, server):
@@ -303,17 +328,16 @@ def test_the_request_id_is_the_one_of_each_request(clock, stub, server):
 
 
 def test_a_model_that_never_answers_times_out_and_its_request_is_cancelled(clock):
-    client = HangingClient()
-    model = make_model(clock, client, timeout=30)
+    held = HeldModelServer()
+    model = make_model(clock, held, timeout=30)
 
     d = send(model)
-    [posted] = client.posted
+    [request] = held.requests
     assert not has_fired(d)
-    assert posted.kwargs.get("allow_redirects") is False
 
     clock.advance(29.9)
     assert not has_fired(d)
-    assert not posted.cancelled
+    assert not held.abandoned(0)
 
     clock.advance(0.1)
 
@@ -321,7 +345,7 @@ def test_a_model_that_never_answers_times_out_and_its_request_is_cancelled(clock
     assert error.status == 504
     assert error.model == "m"
     assert "did not answer within 30 s" in error.message
-    assert posted.cancelled
+    assert held.abandoned(0)  # the connection, midway through the exchange, is closed
     assert clock.getDelayedCalls() == []
     assert model.in_flight == 0
 
@@ -348,33 +372,36 @@ def test_a_model_that_answers_in_time_leaves_no_timer(clock, stub):
 
     result_of(send(model))
 
+    # The kept-alive connection's idle timer is the only one; it goes with the connection.
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [clock.seconds() + 120.0]
+    idle_connections_closed(model)
     assert clock.getDelayedCalls() == []
 
 
+def test_an_answered_connection_is_kept_alive_and_used_again(clock, stub, server):
+    model = make_model(clock, stub, "/json")
+
+    result_of(send(model, request_id="first"))
+    result_of(send(model, request_id="second"))
+
+    assert len(stub.connections) == 1
+    assert [r["headers"][b"x-request-id"] for r in server.received] == [[b"first"], [b"second"]]
+
+
 def test_cancelling_a_send_abandons_the_request(clock):
-    client = HangingClient()
-    model = make_model(clock, client, timeout=30)
+    held = HeldModelServer()
+    model = make_model(clock, held, timeout=30)
 
     d = send(model)
     d.cancel()
 
     failure_of(d)
-    assert client.posted[0].cancelled
+    assert held.abandoned(0)
     assert clock.getDelayedCalls() == []
     assert model.in_flight == 0
 
 
 # --- connections that fail --------------------------------------------------------------------
-
-
-class FailingClient:
-    """A treq-like client whose every request fails with one error."""
-
-    def __init__(self, error):
-        self.error = error
-
-    def post(self, url, **kwargs):
-        return fail(self.error)
 
 
 @pytest.mark.parametrize(
@@ -383,11 +410,11 @@ class FailingClient:
         (ierror.ConnectionRefusedError(), BadGateway, "cannot connect to model 'm' at http://model.test:9001/json: connection refused"),
         (ierror.DNSLookupError("model.test"), BadGateway, "host name not found"),
         (ierror.TimeoutError(), GatewayTimeout, "cannot connect to model 'm' at http://model.test:9001/json within 10 s"),
-        (ResponseFailed([Failure(ierror.ConnectionLost())]), BadGateway, "closed the connection before answering"),
     ],
 )
-def test_connection_failures_are_gateway_errors(clock, error, expected, wanted):
-    model = make_model(clock, FailingClient(error))
+def test_connection_failures_are_gateway_errors(clock, stub, error, expected, wanted):
+    model = make_model(clock, stub)
+    stub.refusing = error
 
     raised = failure_of(send(model), expected).value
 
@@ -397,8 +424,25 @@ def test_connection_failures_are_gateway_errors(clock, error, expected, wanted):
     assert clock.getDelayedCalls() == []
 
 
-def test_an_unexpected_client_failure_is_logged_and_a_bad_gateway(clock, logged_errors):
-    model = make_model(clock, FailingClient(ZeroDivisionError("bug in the client")))
+def test_a_model_that_closes_the_connection_midway_is_a_bad_gateway(clock, logged_errors):
+    held = HeldModelServer()
+    model = make_model(clock, held)
+
+    d = send(model)
+    request = held.requests[0]
+    request.setHeader(b"content-length", b"100")
+    request.write(b'{"partial": ')
+    held.drop(0)
+
+    raised = failure_of(d, BadGateway).value
+    assert "closed the connection before answering" in raised.message
+    assert model.failures == 1
+    assert logged_errors.events == []
+
+
+def test_an_unexpected_client_failure_is_logged_and_a_bad_gateway(clock, stub, logged_errors):
+    model = make_model(clock, stub)
+    stub.refusing = ZeroDivisionError("bug in the client")
 
     raised = failure_of(send(model), BadGateway).value
 

@@ -7,7 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from aibackend.subprocess import OVERSIZE, STDERR_LINE_BYTES, LineBuffer, ModelProcess
+from aibackend.supervisor import OVERSIZE, STDERR_LINE_BYTES, LineBuffer, ModelProcess
 
 
 def feed_all(buffer, chunks):

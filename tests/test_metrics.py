@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aibackend import errors
 from aibackend.interfaces import ModelAnswer
 from aibackend.metrics import REFUSAL_REASONS
-from aibackend.testing import FakeModel, HangingClient, StubFrontDoor, result_of
+from aibackend.testing import FakeModel, HeldModelServer, StubFrontDoor, result_of
 
 ALLOWED_LABELS = {"model", "operation", "status_class", "reason", "le"}
 STATUS_CLASS = re.compile(r"^[1-5]xx$")
@@ -69,7 +69,7 @@ def predict(door, model_id="m", body=b"{}", **kwargs):
     return door.call("POST", f"/post/predict?id={model_id}", data=body, **kwargs)
 
 
-def http_model(model_id, clock, client, timeout=5):
+def http_model(model_id, clock, endpoints, timeout=5):
     from aibackend.config import Table, parse_model
     from aibackend.httpmodel import HttpModel
 
@@ -79,7 +79,7 @@ def http_model(model_id, clock, client, timeout=5):
               "models[0]", problems)
     )
     assert problems == []
-    return HttpModel(spec, reactor=clock, client=client)
+    return HttpModel(spec, reactor=clock, endpoints=endpoints)
 
 
 @pytest.fixture
@@ -245,18 +245,19 @@ def test_the_in_flight_gauge_counts_requests_a_model_holds(door, model):
 
 
 def test_the_in_flight_gauge_of_an_http_model_until_its_timeout(clock):
-    client = HangingClient()
-    slow = http_model("slow", clock, client, timeout=5)
+    server = HeldModelServer()
+    slow = http_model("slow", clock, server, timeout=5)
     door = StubFrontDoor(clock, [slow])
 
     d = door.request("POST", "/post/predict?id=slow", data=b"{}")
+    server.flush()
 
-    assert len(client.posted) == 1
+    assert len(server.requests) == 1
     assert value(door, "aibackend_model_in_flight", model="slow") == 1
     clock.advance(5)
     door.flush()
     assert result_of(d).status == 504
-    assert client.posted[0].cancelled
+    assert server.abandoned(0)
     assert value(door, "aibackend_model_in_flight", model="slow") == 0
     assert request_counts(door) == {("slow", "predict", "5xx"): 1}
     assert value(door, "aibackend_request_duration_seconds_sum", model="slow", operation="predict") == 5.0

@@ -22,8 +22,9 @@ from zope.interface.verify import verifyObject
 
 from aibackend.config import ProcessSettings, SubprocessModelSpec, Table, parse_model
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import ISender, ModelAnswer, RequestContext
+from aibackend.interfaces import IModel, IRestartable, ModelAnswer, RequestContext
 from aibackend.subprocess import SubprocessModel
+from aibackend.testing import HeldModelServer, failure_of, result_of
 
 # --- fakes ------------------------------------------------------------------------
 
@@ -218,10 +219,56 @@ def events(model, name=None) -> list[dict]:
 # --- raw ------------------------------------------------------------------------------
 
 
-def test_a_subprocess_model_is_an_isender(h):
+def test_a_subprocess_model_is_an_imodel_and_restartable(h):
     model = h.model()
 
-    assert verifyObject(ISender, model)
+    assert verifyObject(IModel, model)
+    assert verifyObject(IRestartable, model)
+    assert (model.in_flight, model.queued, model.live_processes, model.last_failure) == (0, 0, 1, None)
+    h.stop(model)
+
+
+def test_watchers_and_waiters_hear_of_each_state_as_it_changes(h):
+    model = h.model(start=False, protocol="jsonl")
+    seen = []
+    stop_watching = model.watch(lambda m: seen.append(m.state))
+    assert model.state == "stopped"
+    assert failure_of(model.whenReady(), ModelUnavailable).value.message == "model 'm' is stopped"
+
+    model.startService()
+    ready = model.whenReady()
+    (process,) = h.launcher.spawned
+    assert seen == ["starting"] and not ready.called
+    process.says({"ready": True})
+    assert seen == ["starting", "ready"]
+    assert result_of(ready) is None
+    assert result_of(model.whenReady()) is None  # at once, once ready
+
+    process.killed(signal=9)
+    assert seen[-1] == "restarting"
+    stop_watching()
+    h.stop(model)
+    assert seen[-1] == "restarting"  # no longer watched
+
+
+def test_when_idle_fires_once_the_last_request_in_flight_or_queued_is_done(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    assert result_of(model.whenIdle()) is None  # nothing in flight: at once
+
+    first = h.send(model, b'{"n": 1}', "r1")
+    second = h.send(model, b'{"n": 2}', "r2")  # queued: raw takes one at a time
+    idle = model.whenIdle()
+    assert (model.in_flight, model.queued) == (1, 1)
+    process.prints(b'{"n": 1}\n')
+    h.clock.advance(0)
+    assert first.answer().status == 200 and not idle.called
+    h.clock.advance(0)
+    h.clock.advance(0)
+    process.prints(b'{"n": 2}\n')
+    assert second.answer().status == 200
+    assert result_of(idle) is None
+    assert (model.in_flight, model.queued) == (0, 0)
     h.stop(model)
 
 
@@ -1330,46 +1377,6 @@ def test_specs_built_directly_work_too(h):
 # --- the server process of an HTTP model (the same supervisor) -------------------------
 
 
-class FakeResponse:
-    def __init__(self, code: int, body: bytes = b""):
-        from twisted.web.http_headers import Headers
-
-        self.code = code
-        self.body = body
-        self.length = len(body)
-        self.headers = Headers({b"content-type": [b"application/json"]})
-
-    def deliverBody(self, protocol):
-        from twisted.internet.testing import StringTransport
-        from twisted.web.client import ResponseDone
-
-        protocol.makeConnection(StringTransport())
-        protocol.dataReceived(self.body)
-        protocol.connectionLost(Failure(ResponseDone()))
-
-
-class FakeHTTPClient:
-    """A treq-like client whose requests the test answers."""
-
-    def __init__(self):
-        self.gets: list = []
-        self.posts: list = []
-
-    def get(self, url, **kwargs):
-        from twisted.internet.defer import Deferred
-
-        d = Deferred()
-        self.gets.append((str(url), d))
-        return d
-
-    def post(self, url, data=None, **kwargs):
-        from twisted.internet.defer import Deferred
-
-        d = Deferred()
-        self.posts.append((str(url), data, d))
-        return d
-
-
 def http_model_with_server(h, **keys):
     from aibackend.httpmodel import HttpModel
 
@@ -1380,8 +1387,8 @@ def http_model_with_server(h, **keys):
     }
     spec = parse_model(Table(table, "models[0]", problems), environ={})
     assert problems == []
-    client = FakeHTTPClient()
-    model = HttpModel(spec, reactor=h.clock, client=client, environ={}, launcher=h.launcher)
+    client = HeldModelServer()  # its server, in memory: each request waits for the test's answer
+    model = HttpModel(spec, reactor=h.clock, endpoints=client, environ={}, launcher=h.launcher)
     model.startService()
     return model, client
 
@@ -1397,23 +1404,27 @@ def stop_http_model(h, model):
 def test_an_http_model_server_is_ready_once_its_health_path_answers_2xx(h):
     model, client = http_model_with_server(h)
     (server,) = h.launcher.spawned
+    assert verifyObject(IModel, model) and verifyObject(IRestartable, model)  # its server is restartable
+    assert (model.live_processes, model.restarts, model.startup_timeout) == (1, 0, 60.0)
     with pytest.raises(ModelUnavailable) as caught:
         model.send(b"{}", RequestContext(request_id="early"))
     assert "starting" in caught.value.message
 
     h.clock.advance(0)
-    url, probe = client.gets[0]
-    assert url == "http://127.0.0.1:9009/health"
-    probe.callback(FakeResponse(503))
+    client.flush()
+    assert client.url(0) == "http://127.0.0.1:9009/health"
+    client.answer(0, 503, b"")
     assert model.state == "starting"
     h.clock.advance(0.25)
-    client.gets[1][1].callback(FakeResponse(200))
+    client.flush()
+    client.answer(1, 200, b"")
 
     assert model.state == "ready"
     outcome = h.send(model, b'{"text": "hi"}', "req")
-    url, data, d = client.posts[0]
-    assert (url, data) == ("http://127.0.0.1:9009/predict", b'{"text": "hi"}')
-    d.callback(FakeResponse(200, b'{"label": "positive"}'))
+    client.flush()
+    assert client.url(2) == "http://127.0.0.1:9009/predict"
+    assert client.requests[2].method == b"POST" and client.requests[2].content.read() == b'{"text": "hi"}'
+    client.answer(2, 200, b'{"label": "positive"}')
     assert outcome.answer() == ModelAnswer(status=200, body=b'{"label": "positive"}')
     stop_http_model(h, model)
     assert h.launcher.signals_to(server) == ["TERM"]
@@ -1422,7 +1433,8 @@ def test_an_http_model_server_is_ready_once_its_health_path_answers_2xx(h):
 def test_an_http_model_server_that_crashes_answers_503_and_is_restarted_after_backoff(h):
     model, client = http_model_with_server(h)
     h.clock.advance(0)
-    client.gets[0][1].callback(FakeResponse(200))
+    client.flush()
+    client.answer(0, 200, b"")
     (server,) = h.launcher.spawned
 
     server.killed(signal=11)
@@ -1435,7 +1447,8 @@ def test_an_http_model_server_that_crashes_answers_503_and_is_restarted_after_ba
     h.clock.advance(1)
     assert len(h.launcher.spawned) == 2
     h.clock.advance(0)
-    client.gets[1][1].callback(FakeResponse(204))
+    client.flush()
+    client.answer(1, 204, b"")
     assert model.state == "ready"
     stop_http_model(h, model)
 
@@ -1443,6 +1456,7 @@ def test_an_http_model_server_that_crashes_answers_503_and_is_restarted_after_ba
 def test_stopping_an_http_model_server_mid_probe_leaves_no_timer(h):
     model, client = http_model_with_server(h)
     h.clock.advance(0)
-    assert len(client.gets) == 1  # a probe is on its way
+    client.flush()
+    assert len(client.requests) == 1  # a probe is on its way
 
     stop_http_model(h, model)
