@@ -136,7 +136,7 @@ class ModelManager:
         if problems:
             raise BadRequest(f"the model is not valid: {_problems(problems)}", model=table.get("id")
                              if isinstance(table.get("id"), str) else None)
-        process = getattr(spec, "process", None)
+        process = spec.process
         if process is not None:
             allowed = self.server.allowed_commands
             if os.path.realpath(process.executable) not in allowed:
@@ -151,8 +151,7 @@ class ModelManager:
     @inlineCallbacks
     def check_destination(self, spec):
         """Every URL of the model (each replica) must be allowed."""
-        urls = getattr(spec, "urls", None) or ([spec.url] if getattr(spec, "url", None) else [])
-        for url in urls:
+        for url in spec.urls:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             try:

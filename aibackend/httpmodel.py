@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
@@ -40,37 +40,12 @@ from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.limits import ConcurrencyLimit
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState
-# uri_bytes is read from here too (tests of the request target).
-from aibackend.replicas import Replica, ReplicaRefused, ReplicaSet, uri_bytes  # noqa: F401
+from aibackend.replicas import Replica, ReplicaRefused, ReplicaSet
 from aibackend.supervisor import PoolEvents, ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
 SNIPPET = 200
 PROBE_INTERVAL = 0.25
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body that is already in memory, written in one go."""
-
-    __slots__ = ("body", "length")
-
-    def __init__(self, body: bytes):
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 @implementer(IAgentEndpointFactory)

@@ -36,9 +36,6 @@ from aibackend.supervisor import (
     PoolEvents, ProcessPool, describe_exit,
 )
 
-# The old spelling (bench/ and tests read the jsonl answer's text with it).
-_output_text = output_text
-
 __all__ = [
     "SubprocessModel", "Pending", "RawLines", "JsonLines", "Launcher", "LineBuffer", "ModelProcess", "PoolEvents",
     "ProcessPool", "OVERSIZE", "PGROUP_WRAPPER", "STDERR_LINE_BYTES", "STDOUT_CLOSED_GRACE", "SNIPPET",

@@ -19,8 +19,9 @@ from twisted.web.client import URI
 from aibackend import errors
 from aibackend.web import orjson_takes, parse_json
 from aibackend.auth import Guard
-from aibackend.httpmodel import BytesProducer, EndpointCache, not_strict_json, uri_bytes
-from aibackend.subprocess import _output_text
+from aibackend.httpmodel import EndpointCache, not_strict_json
+from aibackend.lines import output_text
+from aibackend.replicas import uri_bytes
 from aibackend.testing import FakeModel, StubFrontDoor
 
 
@@ -163,25 +164,6 @@ def test_an_answer_is_taken_as_json_as_json_takes_it():
 # --- the HTTP model's client ---------------------------------------------------------------------
 
 
-class Consumer:
-    def __init__(self):
-        self.written = []
-
-    def write(self, data):
-        self.written.append(data)
-
-
-def test_a_body_is_produced_in_one_write_with_its_length():
-    producer = BytesProducer(b'{"text": "hello"}')
-    consumer = Consumer()
-
-    d = producer.startProducing(consumer)
-
-    assert producer.length == 17
-    assert consumer.written == [b'{"text": "hello"}']
-    assert d.called
-
-
 @pytest.mark.parametrize("text, expected", [
     ("http://127.0.0.1:9001/echo", b"http://127.0.0.1:9001/echo"),
     ("http://[::1]:8888/a b?x=é", b"http://[::1]:8888/a%20b?x=%C3%A9"),
@@ -219,7 +201,7 @@ def test_an_endpoint_for_another_scheme_is_refused():
 def test_a_workers_answer_is_passed_on_byte_for_byte():
     line = b'{"id": "r-1", "output": {"b": 1.50, "a": [1,2 ,3], "s": "\\u00e9"}}\n'
 
-    assert _output_text(json.loads(line), line) == b'{"b": 1.50, "a": [1,2 ,3], "s": "\\u00e9"}'
+    assert output_text(json.loads(line), line) == b'{"b": 1.50, "a": [1,2 ,3], "s": "\\u00e9"}'
 
 
 @pytest.mark.parametrize("line", [
@@ -229,20 +211,20 @@ def test_a_workers_answer_is_passed_on_byte_for_byte():
     b'{"id": "r-\\u0031", "output": {"a": 1}}',       # the id escaped
 ])
 def test_an_answer_in_another_spelling_is_encoded_again(line):
-    assert json.loads(_output_text(json.loads(line), line)) == {"a": 1}
+    assert json.loads(output_text(json.loads(line), line)) == {"a": 1}
 
 
 def test_a_big_integer_in_an_answer_encoded_again_stays_exact():
     line = b'{"output": 123456789012345678901234567890, "id": "r-1"}'
 
-    assert _output_text({"output": 1.2345678901234568e29, "id": "r-1"}, line) == b"123456789012345678901234567890"
+    assert output_text({"output": 1.2345678901234568e29, "id": "r-1"}, line) == b"123456789012345678901234567890"
 
 
 def test_an_output_that_holds_the_marker_is_not_cut_short():
     line = b'{"id": "r-1", "output": "say \\", \\"output\\": " }'
     message = json.loads(line)
 
-    assert json.loads(_output_text(message, line)) == message["output"]
+    assert json.loads(output_text(message, line)) == message["output"]
 
 
 # --- access events ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from aibackend.errors import BadGateway, GatewayTimeout
 from aibackend.httpmodel import HttpModel
 from aibackend.interfaces import IModel, IReplicated, IRestartable, ModelAnswer, RequestContext
 from aibackend.testing import (
-    MODEL_SERVER, ROOT, Daemon, HangingClient, HeldModelServer, MemoryEndpoints, failure_of, free_port, has_fired,
+    MODEL_SERVER, ROOT, Daemon, HeldModelServer, MemoryEndpoints, failure_of, free_port, has_fired,
     result_of, toml_models, wait_until,
 )
 

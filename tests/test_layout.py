@@ -73,7 +73,7 @@ def test_the_readme_layout_names_every_module_with_a_line_of_its_own():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"^\s+([a-z_]+)\.py\s+\S", layout, re.M))
+    listed = set(re.findall(r"^\s+([a-z0-9_]+)\.py\s+\S", layout, re.M))
     missing = [m for m in MODULES if m != "__init__" and m not in listed]
     assert not missing, f"README's layout does not list aibackend/{', '.join(missing)}"
     gone = sorted(listed - set(MODULES))

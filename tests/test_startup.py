@@ -6,9 +6,6 @@ module of their own, and no start-up module is on an import cycle.
 
 from __future__ import annotations
 
-import ast
-import functools
-import os
 import socket
 
 import pytest
@@ -22,7 +19,6 @@ from aibackend.daemon import Root, build
 from aibackend.listeners import StartupError, check_endpoint, describe_address
 from aibackend.store import MemoryStore
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "aibackend")
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
@@ -193,55 +189,8 @@ def test_an_endpoint_is_checked_without_a_reactor():
     assert check_endpoint("nonsense:1")
 
 
-# --- no import cycles -------------------------------------------------------------------------
-
-
-@functools.cache
-def _module_imports() -> dict[str, set[str]]:
-    """Each aibackend module -> the aibackend modules it imports when it is imported (module level)."""
-    graph = {}
-    for filename in os.listdir(PACKAGE):
-        if not filename.endswith(".py"):
-            continue
-        name = f"aibackend.{filename[:-3]}" if filename != "__init__.py" else "aibackend"
-        with open(os.path.join(PACKAGE, filename)) as f:
-            tree = ast.parse(f.read())
-        found = set()
-        for node in tree.body:  # module level only: a function's import runs later
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found.add(node.module)
-                found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[name] = {module for module in found if module.startswith("aibackend.")}
-    return {name: {module for module in found if module in graph} for name, found in graph.items()}
-
-
-@pytest.mark.parametrize("module", ["aibackend.tap", "aibackend.daemon", "aibackend.listeners",
-                                    "aibackend.processes"])
-def test_no_start_up_module_is_on_an_import_cycle(module):
-    graph = _module_imports()
-    seen, todo = set(), list(graph[module])
-    while todo:
-        current = todo.pop()
-        if current == module:
-            pytest.fail(f"{module} imports itself through {sorted(seen)}")
-        if current not in seen:
-            seen.add(current)
-            todo.extend(graph[current])
-
-
-@pytest.mark.parametrize("module", ["tap", "daemon", "listeners", "processes"])
-def test_start_up_modules_import_in_functions_only_where_a_comment_says_why(module):
-    with open(os.path.join(PACKAGE, f"{module}.py")) as f:
-        source = f.read()
-    lines = source.splitlines()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for inner in ast.walk(node):
-                if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                    around = "\n".join(lines[max(0, inner.lineno - 2):inner.lineno])
-                    assert "#" in around, f"{module}.py:{inner.lineno} imports inside a function without saying why"
+# (No import cycles, and imports inside functions only with a comment: tests/test_layout.py, for
+# every module.)
 
 
 # --- --processes: the primary tells its workers the states of its models ---------------------
