@@ -14,7 +14,7 @@ it (L{aibackend.httpspec}, L{aibackend.subprocspec}); what they share is in
 L{aibackend.configbase}. The names other modules use are all here too.
 
 A model type is a name (with aliases), a parser that turns a C{[[models]]} table into a
-frozen spec, and the dotted name of the L{aibackend.interfaces.ISender} class built from
+frozen spec, and the dotted name of the L{aibackend.interfaces.IModel} class built from
 it. L{register} adds one.
 
 C{python -m aibackend.config --reference} prints the README's reference;
@@ -93,7 +93,7 @@ class ModelType:
     @ivar name: the canonical type name.
     @ivar aliases: other accepted names (type names are case-insensitive).
     @ivar parse: C{(Table, common fields, environ) -> spec}; reports problems on the table.
-    @ivar factory: C{"module:Class"}, an L{ISender} with C{from_spec(spec, deps)}.
+    @ivar factory: C{"module:Class"}, an L{aibackend.interfaces.IModel} with C{from_spec(spec, deps)}.
     """
 
     name: str

@@ -228,7 +228,7 @@ class ModelProcess(ProcessProtocol):
 
     def connectionMade(self):
         self.pid = self.transport.pid
-        self.pool._process_spawned(self)
+        self.pool.on_spawned(self)
 
     def write(self, data: bytes) -> None:
         if self.state in ("starting", "ready") and self.transport is not None:
@@ -244,31 +244,31 @@ class ModelProcess(ProcessProtocol):
             if self.state == "exited":
                 break
             if line is OVERSIZE:
-                self.pool._process_oversize(self)
+                self.pool.on_oversize(self)
             elif line.strip():
-                self.pool._process_line(self, line)
+                self.pool.on_line(self, line)
         if self.state != "exited":
-            self.pool._process_read(self)  # the whole of this read has been looked at
+            self.pool.on_read(self)  # the whole of this read has been looked at
         event_done(self.pool.clock)  # the answers written to clients go now (aibackend.directwrite)
 
     def outConnectionLost(self):
         self.stdout_closed = True
-        self.pool._process_stdout_closed(self)
+        self.pool.on_stdout_closed(self)
 
     def errReceived(self, data: bytes):
         for line in self._stderr.feed(data):
             if line.strip():
-                self.pool._process_stderr(self, line)
+                self.pool.on_stderr(self, line)
 
     def errConnectionLost(self):
         # A crash message without a line end ("fatal: ..."; exit(1)) is still worth keeping.
         for line in self._stderr.flush():
-            self.pool._process_stderr(self, line)
+            self.pool.on_stderr(self, line)
 
     def processExited(self, reason):
         # processExited, not processEnded: a grandchild that keeps our pipes open must
         # not delay noticing the crash.
-        self.pool._process_exited(self, reason)
+        self.pool.on_exited(self, reason)
 
 
 def _refreshes(method):
@@ -350,8 +350,8 @@ class ProcessPool(Service):
         self.ready_on_spawn = ready_on_spawn
         self.stdout_is_protocol = stdout_is_protocol
         # What a process's output is given to, looked up once: each line of every answer comes here.
-        self._process_line = self.events.process_line
-        self._process_read = self.events.process_read
+        self.on_line = self.events.process_line
+        self.on_read = self.events.process_read
         self.settings = settings
         self.size = size
         self.clock = reactor
@@ -499,7 +499,7 @@ class ProcessPool(Service):
             self.model_log.append("error", "spawn failed", slot=slot, error=str(e))
             self._crashed(slot, uptime=0.0)
 
-    def _process_spawned(self, process) -> None:
+    def on_spawned(self, process) -> None:
         self.model_log.append(
             "info", "process started", slot=process.slot, pid=process.pid, command=" ".join(self.settings.command)
         )
@@ -570,7 +570,7 @@ class ProcessPool(Service):
         self._cancel_timer(process, "kill_timer")
         self._cancel_timer(process, "stdout_timer")
 
-    def _process_stdout_closed(self, process) -> None:
+    def on_stdout_closed(self, process) -> None:
         """
         Its stdout closed. Usually the process is ending (its exit is noticed a moment
         later); one still there after L{STDOUT_CLOSED_GRACE} closed it and lives on.
@@ -586,7 +586,7 @@ class ProcessPool(Service):
         self.terminate(process, f"the model process {why}", on_purpose=False)
 
     @_refreshes
-    def _process_exited(self, process, reason) -> None:
+    def on_exited(self, process, reason) -> None:
         was = process.state
         process.state = "exited"
         self._cancel_timers(process)
@@ -696,10 +696,10 @@ class ProcessPool(Service):
 
     # --- output -------------------------------------------------------------
 
-    def _process_stderr(self, process, line: bytes) -> None:
+    def on_stderr(self, process, line: bytes) -> None:
         self.model_log.append("warning", "stderr", slot=process.slot, pid=process.pid, line=_text(line))
 
-    def _process_oversize(self, process) -> None:
+    def on_oversize(self, process) -> None:
         limit = self.settings.max_line_bytes
         why = f"the model printed a line longer than max_line_bytes ({limit} bytes)"
         self.last_error = why

@@ -130,25 +130,25 @@ class RecordingPool:
         self.clock = Clock()
         self.events = []
 
-    def _process_spawned(self, process):
+    def on_spawned(self, process):
         self.events.append(("spawned", process.pid))
 
-    def _process_line(self, process, line):
+    def on_line(self, process, line):
         self.events.append(("line", line))
 
-    def _process_oversize(self, process):
+    def on_oversize(self, process):
         self.events.append(("oversize",))
 
-    def _process_read(self, process):
+    def on_read(self, process):
         self.events.append(("read",))
 
-    def _process_stdout_closed(self, process):
+    def on_stdout_closed(self, process):
         self.events.append(("stdout closed",))
 
-    def _process_stderr(self, process, line):
+    def on_stderr(self, process, line):
         self.events.append(("stderr", line))
 
-    def _process_exited(self, process, reason):
+    def on_exited(self, process, reason):
         self.events.append(("exited",))
 
 
