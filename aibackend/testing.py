@@ -49,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
@@ -68,6 +68,7 @@ from aibackend.destinations import DestinationPolicy
 from aibackend.interfaces import READY, IModel, ModelAnswer, RequestContext
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState, Waiters
+from aibackend.processes import WorkerProcesses
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.server import AibackendSite
 from aibackend.store import MemoryStore
@@ -276,11 +277,13 @@ class MemoryEndpoints:
     @ivar connections: every connection made, as C{(client transport, server transport)}.
     """
 
-    def __init__(self, resource):
-        # The server's timers (its idle timeout) run on a clock of their own: the test's
-        # clock has only the model's.
-        self.site = Site(resource, reactor=Clock())
-        self.site.noisy = False
+    def __init__(self, resource=None, *, site=None):
+        if site is None:
+            # The server's timers (its idle timeout) run on a clock of their own: the test's
+            # clock has only the model's.
+            site = Site(resource, reactor=Clock())
+            site.noisy = False
+        self.site = site
         self.refusing: BaseException | None = None
         self.refused_ports: dict = {}  # port -> the connection failure its connections get
         self.connections: list = []
@@ -299,6 +302,13 @@ class MemoryEndpoints:
                     moved = True
                 if pump.clientIO.disconnected and pump.serverIO.disconnected:
                     self._pumps.remove(pump)
+
+    def drop(self) -> None:
+        """Close both ends of every open connection (a client that goes away)."""
+        for pump in list(self._pumps):
+            pump.serverIO.loseConnection()
+            pump.clientIO.loseConnection()
+        self.flush()
 
     def _connect(self, uri, factory) -> Deferred:
         if self.refusing is not None:
@@ -476,52 +486,6 @@ class _BodyAtOnce:
         pass
 
 
-@implementer(IAgentEndpointFactory, IStreamClientEndpoint)
-class _InMemory:
-    """
-    The endpoint of every URL: a connection in memory (L{twisted.test.iosim}) to a
-    protocol of C{site}, on the URL's port of 127.0.0.1, from 127.0.0.1:31337.
-
-    @ivar pumps: the connections' pumps, while one of their ends is open.
-    """
-
-    def __init__(self, site):
-        self.site = site
-        self.pumps: list = []
-        self._port = 80
-
-    def endpointForURI(self, uri) -> "_InMemory":
-        self._port = uri.port
-        return self
-
-    def connect(self, factory) -> Deferred:
-        server_address = IPv4Address("TCP", "127.0.0.1", self._port)
-        client_address = IPv4Address("TCP", "127.0.0.1", 31337)
-        server = self.site.buildProtocol(client_address)
-        server_transport = iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
-                                               peerAddress=client_address)
-        client = factory.buildProtocol(server_address)
-        client_transport = iosim.FakeTransport(client, isServer=False, hostAddress=client_address,
-                                               peerAddress=server_address)
-        self.pumps.append(iosim.connect(server, server_transport, client, client_transport))
-        return succeed(client)
-
-    def flush(self) -> None:
-        """Move every byte either end has written, until no connection has more to move."""
-        pumps, self.pumps = self.pumps, []
-        for pump in pumps:
-            pump.flush()
-            if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
-                self.pumps.append(pump)
-
-    def drop(self) -> None:
-        """Close both ends of every open connection (a client that goes away)."""
-        for pump in self.pumps:
-            pump.serverIO.loseConnection()
-            pump.clientIO.loseConnection()
-        self.flush()
-
-
 class StubFrontDoor:
     """
     A L{aibackend.root.FrontDoor} over a registry, reached through treq's L{HTTPClient} and
@@ -552,7 +516,7 @@ class StubFrontDoor:
             self.front_door.resource(), max_body_bytes=max_body_bytes, reactor=memory,
             metrics=self.front_door.metrics,
         )
-        self._connections = _InMemory(self.site)
+        self._connections = MemoryEndpoints(site=self.site)
         self._client = HTTPClient(Agent.usingEndpointFactory(memory, self._connections),
                                   data_to_body_producer=_BodyAtOnce)
 
@@ -1422,7 +1386,75 @@ class ModelServer:
         self._thread.join(5)
 
 
+# --- the --processes primary's workers, on a fake reactor ---------------------------------------
+
+
+class FakeWorkerTransport:
+    """A worker process's transport: what was written to it and the signals it was sent."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+        self.written = []
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+    def write(self, data):
+        self.written.append(data)
+
+
+class SpawningClock:
+    """A Clock that also spawns (fake) processes: C{spawned} holds what each was given."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.spawned = []
+
+    def __getattr__(self, name):
+        return getattr(self.clock, name)
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        transport = FakeWorkerTransport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args, env, childFDs))
+        return transport
+
+
+class FakeListener:
+    """A shared listening socket, as the workers inherit it (its file descriptor, IPv4)."""
+
+    def __init__(self, fileno):
+        self.socket = type("Sock", (), {"fileno": lambda self: fileno, "family": socket.AF_INET})()
+
+
+class FakePrivate:
+    """The private port the workers forward to (4321)."""
+
+    port = type("Port", (), {"getHost": lambda self: type("Address", (), {"port": 4321})()})()
+
+
+def workers_on(clock, count=2, registry=None):
+    """C{count} - 1 worker processes of a primary (L{aibackend.processes.WorkerProcesses}), started on C{clock}."""
+    reactor = SpawningClock(clock)
+    workers = WorkerProcesses(reactor, count, ["-c", "pass"], [FakeListener(7)], FakePrivate(), "token",
+                              registry=registry)
+    workers.startService()
+    return reactor, workers
+
+
+def end_worker(worker):
+    """A worker process ends (exit status 1)."""
+    worker.processEnded(Failure(ProcessTerminated(exitCode=1)))
+
+
 __all__ = [
+    "FakeListener",
+    "FakePrivate",
+    "FakeWorkerTransport",
+    "SpawningClock",
+    "end_worker",
+    "workers_on",
     "ADMIN_TOKEN",
     "Daemon",
     "ExampleModelServer",

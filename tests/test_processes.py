@@ -28,6 +28,7 @@ import time
 import pytest
 
 from aibackend.testing import (
+    end_worker, workers_on,
     MODEL_SERVER, PHOENIX, ROOT, TWISTD, TWISTD_MARK, Multi, alive, children, cmdline, config_text,
     descendants, free_port, listening_inode, parent_of, pids_stopped, reaped, run, socket_inodes, start_time, wait_until,
     with_mark, write,
@@ -592,61 +593,6 @@ def test_per_process_that_is_not_a_boolean_is_named_by_key_path():
 # --- the primary's supervision of its workers, on a fake reactor -------------------------------
 
 
-class FakeWorkerTransport:
-    def __init__(self, pid):
-        self.pid = pid
-        self.signals = []
-        self.written = []
-
-    def signalProcess(self, name):
-        self.signals.append(name)
-
-    def write(self, data):
-        self.written.append(data)
-
-
-class SpawningClock:
-    """A Clock that also spawns (fake) processes."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.spawned = []
-
-    def __getattr__(self, name):
-        return getattr(self.clock, name)
-
-    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
-        transport = FakeWorkerTransport(1000 + len(self.spawned))
-        protocol.makeConnection(transport)
-        self.spawned.append((protocol, args, env, childFDs))
-        return transport
-
-
-class FakeListener:
-    def __init__(self, fileno):
-        self.socket = type("Sock", (), {"fileno": lambda self: fileno, "family": socket.AF_INET})()
-
-
-class FakePrivate:
-    port = type("Port", (), {"getHost": lambda self: type("Address", (), {"port": 4321})()})()
-
-
-def workers_on(clock, count=2):
-    from aibackend.processes import WorkerProcesses
-
-    reactor = SpawningClock(clock)
-    workers = WorkerProcesses(reactor, count, ["-c", "pass"], [FakeListener(7)], FakePrivate(), "token")
-    workers.startService()
-    return reactor, workers
-
-
-def end(worker):
-    from twisted.internet.error import ProcessTerminated
-    from twisted.python.failure import Failure
-
-    worker.processEnded(Failure(ProcessTerminated(exitCode=1)))
-
-
 def test_a_worker_inherits_the_sockets_and_is_told_where_the_primary_is(clock):
     reactor, workers = workers_on(clock)
 
@@ -659,7 +605,7 @@ def test_a_worker_inherits_the_sockets_and_is_told_where_the_primary_is(clock):
     workers.notify("restart m")
     assert protocol.transport.written == [b"restart m\n"]
     workers.stopService()
-    end(protocol)
+    end_worker(protocol)
 
 
 def test_a_change_is_answered_once_every_worker_followed_it(clock):
@@ -677,7 +623,7 @@ def test_a_change_is_answered_once_every_worker_followed_it(clock):
     assert followed.called
     assert clock.getDelayedCalls() == []  # the timeout is cancelled
     workers.stopService()
-    end(first), end(second)
+    end_worker(first), end_worker(second)
 
 
 def test_a_later_acknowledgement_covers_earlier_changes_and_other_lines_are_ignored(clock):
@@ -692,7 +638,7 @@ def test_a_later_acknowledgement_covers_earlier_changes_and_other_lines_are_igno
 
     assert one.called and two.called
     workers.stopService()
-    end(worker)
+    end_worker(worker)
 
 
 def test_a_worker_that_ends_is_not_waited_for(clock, logged_errors):
@@ -700,7 +646,7 @@ def test_a_worker_that_ends_is_not_waited_for(clock, logged_errors):
     [(worker, *_)] = reactor.spawned
     followed = workers.sync("m")
 
-    end(worker)
+    end_worker(worker)
 
     assert followed.called
     logged_errors.flush()
@@ -725,7 +671,7 @@ def test_a_worker_that_does_not_follow_in_time_is_logged_and_the_change_answered
     assert warning["numbers"] == "1" and warning["model"] == "slow-model"
     worker.childDataReceived(4, b"synced 1\n")  # late: nothing left to fire
     workers.stopService()
-    end(worker)
+    end_worker(worker)
 
 
 def test_stopping_answers_changes_still_waited_for(clock):
@@ -736,13 +682,13 @@ def test_stopping_answers_changes_still_waited_for(clock):
     workers.stopService()
 
     assert followed.called
-    end(worker)
+    end_worker(worker)
     assert [call for call in clock.getDelayedCalls() if call.active()] == []
 
 
 def test_with_no_worker_running_a_change_is_answered_at_once(clock, logged_errors):
     reactor, workers = workers_on(clock)
-    end(reactor.spawned[0][0])
+    end_worker(reactor.spawned[0][0])
 
     assert workers.sync("m").called
     logged_errors.flush()
@@ -786,7 +732,7 @@ def test_a_worker_that_keeps_ending_is_started_again_later_and_later(clock, logg
     reactor, workers = workers_on(clock)
     delays = []
     for _ in range(7):
-        end(reactor.spawned[-1][0])
+        end_worker(reactor.spawned[-1][0])
         delays.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
         clock.advance(delays[-1])
 
@@ -794,18 +740,18 @@ def test_a_worker_that_keeps_ending_is_started_again_later_and_later(clock, logg
     assert len(reactor.spawned) == 8
     logged_errors.flush()
     workers.stopService()
-    end(reactor.spawned[-1][0])
+    end_worker(reactor.spawned[-1][0])
 
 
 def test_a_worker_that_lived_a_while_is_started_again_after_a_second(clock, logged_errors):
     reactor, workers = workers_on(clock)
-    end(reactor.spawned[-1][0])
+    end_worker(reactor.spawned[-1][0])
     clock.advance(1)
-    end(reactor.spawned[-1][0])
+    end_worker(reactor.spawned[-1][0])
     clock.advance(2)
     clock.advance(60)  # this one runs a minute
 
-    end(reactor.spawned[-1][0])
+    end_worker(reactor.spawned[-1][0])
 
     assert clock.getDelayedCalls()[0].getTime() - clock.seconds() == 1
     logged_errors.flush()
@@ -822,5 +768,5 @@ def test_stopping_terms_the_workers_then_kills_one_that_stays(clock):
     clock.advance(40)
     assert protocol.transport.signals == ["TERM", "KILL"]
     assert not d.called
-    end(protocol)
+    end_worker(protocol)
     assert d.called

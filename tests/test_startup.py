@@ -18,6 +18,7 @@ from aibackend import config
 from aibackend.daemon import Root, build
 from aibackend.listeners import StartupError, check_endpoint, describe_address
 from aibackend.store import MemoryStore
+from aibackend.testing import end_worker, workers_on
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -259,7 +260,7 @@ def test_a_new_worker_is_told_every_state_and_a_sync_tells_new_models_first(cloc
     first.childDataReceived(4, b"synced 1\n")
     assert followed.called
 
-    end(first)
+    end_worker(first)
     clock.advance(1)
     (second, *_) = reactor.spawned[-1]
     assert second.transport.written == [b"state a ready\nstate b ready\n"]
@@ -267,7 +268,7 @@ def test_a_new_worker_is_told_every_state_and_a_sync_tells_new_models_first(cloc
     workers.stopService()
     registry.get("a").state = "failed"  # stopped: the workers are not told any more
     assert second.transport.written == [b"state a ready\nstate b ready\n"]
-    end(second)
+    end_worker(second)
 
 
 def test_a_notice_that_is_not_one_line_is_refused(clock):
@@ -277,65 +278,7 @@ def test_a_notice_that_is_not_one_line_is_refused(clock):
     with pytest.raises(ValueError):
         workers.notify("x" * 2000)
     workers.stopService()
-    end(reactor.spawned[0][0])
-
-
-# The primary's supervision of workers on a fake reactor, as in test_processes.py (a test
-# module does not import another).
-
-
-class FakeWorkerTransport:
-    def __init__(self, pid):
-        self.pid = pid
-        self.signals = []
-        self.written = []
-
-    def signalProcess(self, name):
-        self.signals.append(name)
-
-    def write(self, data):
-        self.written.append(data)
-
-
-class SpawningClock:
-    def __init__(self, clock):
-        self.clock = clock
-        self.spawned = []
-
-    def __getattr__(self, name):
-        return getattr(self.clock, name)
-
-    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
-        transport = FakeWorkerTransport(1000 + len(self.spawned))
-        protocol.makeConnection(transport)
-        self.spawned.append((protocol, args, env, childFDs))
-        return transport
-
-
-class FakeListener:
-    def __init__(self, fileno):
-        self.socket = type("Sock", (), {"fileno": lambda self: fileno, "family": socket.AF_INET})()
-
-
-class FakePrivate:
-    port = type("Port", (), {"getHost": lambda self: type("Address", (), {"port": 4321})()})()
-
-
-def workers_on(clock, count=2, registry=None):
-    from aibackend.processes import WorkerProcesses
-
-    reactor = SpawningClock(clock)
-    workers = WorkerProcesses(reactor, count, ["-c", "pass"], [FakeListener(7)], FakePrivate(), "token",
-                              registry=registry)
-    workers.startService()
-    return reactor, workers
-
-
-def end(worker):
-    from twisted.internet.error import ProcessTerminated
-    from twisted.python.failure import Failure
-
-    worker.processEnded(Failure(ProcessTerminated(exitCode=1)))
+    end_worker(reactor.spawned[0][0])
 
 
 # --- in a worker: the stand-in takes its state from what the primary says --------------------
