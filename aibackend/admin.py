@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from aibackend import config
 from aibackend.destinations import DestinationDenied, check_destination
-from aibackend.errors import BadRequest, Conflict, Forbidden, ModelUnavailable, UnknownModel
+from aibackend.errors import ApiError, BadRequest, Conflict, Forbidden, ModelUnavailable, UnknownModel
 from aibackend.interfaces import FAILED, IRestartable
 from aibackend.jsonread import JSONProblem, read_json
 
@@ -331,7 +331,7 @@ def desired_specs(cfg, changes, validate, log, tables=None) -> dict:
             spec = validate(change.table)
         except Exception as e:
             log.error("kept runtime model {model} is not loaded: {why}", model=change.model_id,
-                      why=getattr(e, "message", str(e)))
+                      why=e.message if isinstance(e, ApiError) else str(e))
             continue
         specs[spec.id] = (spec, "runtime")
         if tables is not None:
