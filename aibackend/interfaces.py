@@ -152,3 +152,40 @@ class IReplicated(Interface):
     """A model served by several replicas, some of which may be ejected."""
 
     ejections = Attribute("How many times a replica was ejected after failures in a row (int).")
+
+
+class IChunks(Interface):
+    """
+    Where a streaming model puts its answer's chunks: the relay's end of a stream, which
+    writes each one to the client in the reactor turn it is given.
+    """
+
+    def chunk(data: bytes) -> None:
+        """One chunk of the answer: JSON text (bytes), exactly as the model gave it."""
+
+    def registerProducer(producer, streaming: bool) -> None:
+        """
+        The model's L{twisted.internet.interfaces.IPushProducer} (C{streaming} is True):
+        paused while the client reads slower than the model writes, resumed once it has
+        caught up, stopped if the client leaves. A model registers one before its first
+        chunk, or never (then nothing slows it).
+        """
+
+    def unregisterProducer() -> None:
+        """The producer registered is done."""
+
+
+class IStreaming(Interface):
+    """A model that can answer in chunks (a text generator, token by token)."""
+
+    def stream(body: bytes, context: RequestContext, chunks: IChunks):
+        """
+        Send a request whose answer comes in pieces, each given to C{chunks.chunk} as it
+        arrives.
+
+        @return: a Deferred that fires once the stream has ended: with the JSON text
+            (bytes) of the model's final output, or None if it ended with no output
+            (C{done}); or fails with an L{aibackend.errors.ApiError}, before or after
+            chunks (the relay tells the client either way). Cancelling it stops the
+            model's work on the request (a jsonl model is sent C{{"op": "cancel"}}).
+        """
