@@ -11,6 +11,9 @@ import socket
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
@@ -225,3 +228,109 @@ def test_the_access_event_is_written_once(door, model):
     finally:
         globalLogPublisher.removeObserver(observe)
     assert [(e["status"], e["model"]) for e in events] == [(200, "m")]
+
+
+def test_a_raw_subprocess_model_cannot_stream(clock, door):
+    from aibackend.config import parse_config
+
+    spec = parse_config({"models": [{"id": "r", "type": "subprocess", "protocol": "raw",
+                                     "command": ["python3", "-c", "pass"]}]}, environ={}).models[0]
+    door.registry.add(FakeModel("r", clock), spec=spec)
+    response = door.call("POST", "/post/predict?id=r", data=b"{}", headers={"Accept": "application/x-ndjson"})
+    assert_error(response, 400, "bad_request", model="r", message="model 'r' cannot stream (protocol raw)")
+
+
+# --- on a real socket -------------------------------------------------------------
+
+
+class Reading(Protocol):
+    """A raw client: what came, in pieces, and when the server closed."""
+
+    def __init__(self):
+        self.pieces = []
+        self.closed = Deferred()
+
+    def dataReceived(self, data):
+        self.pieces.append(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(b"".join(self.pieces))
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+async def until(predicate, what: str, deadline: float = 5.0):
+    from twisted.internet import reactor
+
+    waited = 0.0
+    while not predicate():
+        if waited > deadline:
+            pytest.fail(f"waited {deadline} s for {what}")
+        await deferLater(reactor, 0.005, lambda: None)
+        waited += 0.005
+
+
+@pytest.fixture
+def streaming_site():
+    from twisted.internet import reactor
+
+    from aibackend.registry import ModelDeps, ModelRegistry
+    from aibackend.root import FrontDoor
+    from aibackend.server import AibackendSite
+
+    model = FakeStreamingModel("m", reactor)
+    registry = ModelRegistry(ModelDeps(reactor=reactor, environ={}))
+    registry.add(model)
+    site = AibackendSite(FrontDoor(registry, reactor).resource(), max_body_bytes=1 << 20)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    yield port.getHost().port, model
+    pytest_twisted.blockon(port.stopListening())
+
+
+async def connect(port, request: bytes) -> Reading:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Reading())
+    client.transport.write(request)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_socket_each_chunk_arrives_before_the_end(streaming_site):
+    port, model = streaming_site
+    client = await connect(port, b"POST /post/predict?id=m HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                                 b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    await until(lambda: model.streams, "the model's stream")
+    stream = model.streams[0]
+    stream.chunk("one")
+    await until(lambda: b'data: "one"' in client.data, "the first chunk")
+    head = client.data.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200")
+    assert b"transfer-encoding: chunked" in head
+    assert b"content-length" not in head
+    assert b"event: done" not in client.data
+    stream.chunk("two")
+    await until(lambda: b'data: "two"' in client.data, "the second chunk")
+    assert b"event: done" not in client.data
+    stream.end()
+    raw = await client.closed
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert body == (b'd\r\ndata: "one"\n\n\r\nd\r\ndata: "two"\n\n\r\n'
+                    b'24\r\nevent: done\ndata: {"output": null}\n\n\r\n0\r\n\r\n')
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_socket_an_http_1_0_stream_ends_at_the_close(streaming_site):
+    port, model = streaming_site
+    client = await connect(port, b"GET /get/predict?id=m&stream=true HTTP/1.0\r\nHost: x\r\n\r\n")
+    await until(lambda: model.streams, "the model's stream")
+    model.streams[0].chunk("one")
+    await until(lambda: b'data: "one"' in client.data, "the first chunk")
+    model.streams[0].end("x")
+    raw = await client.closed
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b'data: "one"\n\nevent: done\ndata: {"output": "x"}\n\n'
