@@ -334,3 +334,28 @@ async def test_on_a_socket_an_http_1_0_stream_ends_at_the_close(streaming_site):
     head, body = raw.split(b"\r\n\r\n", 1)
     assert b"transfer-encoding" not in head.lower()
     assert body == b'data: "one"\n\nevent: done\ndata: {"output": "x"}\n\n'
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_socket_a_client_that_does_not_read_pauses_the_model(streaming_site):
+    from twisted.internet import reactor
+
+    port, model = streaming_site
+    client = await connect(port, b"POST /post/predict?id=m&stream=true HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    await until(lambda: model.streams, "the model's stream")
+    stream = model.streams[0]
+    client.transport.pauseProducing()  # the client stops reading
+    piece = "x" * 32000
+    given = 0
+    while not stream.pauses:
+        assert given < 2000, "64 MB given and the model was never paused"
+        stream.chunk(piece)
+        given += 1
+        await deferLater(reactor, 0, lambda: None)
+    assert stream.resumes == 0
+    client.transport.resumeProducing()
+    await until(lambda: stream.resumes, "the model resumed once the client reads again")
+    stream.end()
+    raw = await client.closed
+    assert raw.count(b'data: "' + piece.encode() + b'"\n\n') == given
