@@ -326,8 +326,17 @@ class StreamWriter:
         self._last(self.framing.error(document))
 
     def drop(self) -> None:
-        """Nothing more is written (the client is gone, or the error is answered plainly)."""
-        self.unregisterProducer()
+        """
+        Nothing more is written: the error is answered plainly, or the client is gone
+        (then the model's producer, if still registered, is stopped: the connection does
+        not stop a request's producer itself).
+        """
+        producer = self.producer
+        if producer is not None and client_gone(self.request):
+            self.producer = None
+            producer.stopProducing()
+        else:
+            self.unregisterProducer()
 
     def _last(self, data: bytes) -> None:
         if self._open():

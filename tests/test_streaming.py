@@ -144,8 +144,10 @@ def test_an_unknown_model_is_a_404_before_the_first_byte(door):
     (errors.ModelUnavailable("model 'm' is restarting", model="m"), 503, "model_unavailable"),
     (errors.GatewayTimeout("model 'm' did not answer in 1 s", model="m"), 504, "gateway_timeout"),
 ])
-def test_an_error_before_the_first_byte_keeps_its_status(door, model, error, status, kind):
-    d = door.request("POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_an_error_before_the_first_byte_keeps_its_status(door, model, error, status, kind, method):
+    d = door.request(method, f"/{method.lower()}/predict?id=m", data=b"{}" if method == "POST" else None,
+                     headers={"Accept": "text/event-stream"})
     model.streams[0].fail(error)
     door.flush()
     response = result_of(d)
@@ -178,13 +180,16 @@ def test_an_error_after_the_first_byte_in_ndjson(door, model):
     assert json.loads(last)["error"]["type"] == errors.BadGateway.type
 
 
-def test_a_client_that_leaves_cancels_the_stream_and_is_logged_499(door, model):
-    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_client_that_leaves_cancels_the_stream_and_is_logged_499(door, model, method):
+    opened = Opened(door, method, f"/{method.lower()}/predict?id=m", data=b"{}" if method == "POST" else None,
+                    headers={"Accept": "text/event-stream"})
     stream = model.streams[0]
     stream.chunk("a")
     assert opened.body == b'data: "a"\n\n'
     door.drop_connections()
     assert stream.cancelled
+    assert stream.stopped  # the producer is stopped too (by the connection)
     assert requests_logged(model) == [(499, "the client went away")]
     assert model.in_flight == 0
     opened.ended.addErrback(lambda _: None)
