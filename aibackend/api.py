@@ -20,9 +20,10 @@ from twisted.python.failure import Failure
 from aibackend import errors
 from aibackend.admin import describe, table_from_query
 from aibackend.config import MAX_ID_LENGTH
-from aibackend.interfaces import RequestContext
+from aibackend.interfaces import IStreaming, RequestContext
 from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from aibackend.relay import NDJSON, SSE
 from aibackend.web import (
     THREAD_ABOVE_BYTES,
     ErrorShape,
@@ -70,6 +71,44 @@ def _int_param(params, name, minimum=0):
     if value < minimum:
         raise errors.BadRequest(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+STREAM_WORDS = {"true": True, "1": True, "false": False, "0": False}
+# Query parameters that are the front door's, never a GET predict's input fields.
+NOT_INPUTS = ("id", "stream")
+
+
+def stream_framing(request, params: dict):
+    """
+    Whether a predict asks for a stream, and in which format: C{Accept:
+    application/x-ndjson} gives NDJSON; C{Accept: text/event-stream} or C{?stream=true}
+    gives Server-Sent Events (L{aibackend.relay.SSE}); None for a plain answer.
+
+    @raise errors.BadRequest: C{stream} is not true, false, 1 or 0.
+    """
+    text = single(params, "stream") if "stream" in params else None
+    asked = None
+    if text is not None:
+        asked = STREAM_WORDS.get(text.lower())
+        if asked is None:
+            raise errors.BadRequest(f"stream must be true or false, got {text!r}")
+    accept = request.requestHeaders.getRawHeaders(b"accept")
+    if accept:
+        accepted = b",".join(accept).lower()
+        if b"application/x-ndjson" in accepted and asked is not False:
+            return NDJSON
+        if b"text/event-stream" in accepted and asked is not False:
+            return SSE
+    return SSE if asked else None
+
+
+def cannot_stream(entry) -> errors.BadRequest:
+    spec = entry.spec
+    if spec.type == "subprocess" and spec.protocol == "raw":
+        return errors.BadRequest(f"model {entry.model_id!r} cannot stream (protocol raw)", model=entry.model_id)
+    return errors.BadRequest(
+        f"model {entry.model_id!r} cannot stream: its type does not answer in chunks", model=entry.model_id
+    )
 
 
 class DaemonShape(ErrorShape):
@@ -215,7 +254,7 @@ class OperationAPI:
             fields = {
                 name: values[0] if len(values) == 1 else values
                 for name, values in params.items()
-                if name != "id"
+                if name not in NOT_INPUTS
             }
             return json.dumps(fields).encode()
         content_type = request.getHeader(b"content-type")
@@ -232,12 +271,20 @@ class OperationAPI:
         started = relay.clock.seconds()
         context = RequestContext(request_id=request_id, operation="predict")
         try:
+            framing = stream_framing(request, params)
+            if framing is None:
+                send = relay.send
+            elif IStreaming.providedBy(entry.model):
+                def send(request, entry, body, context, started):
+                    return relay.stream(request, entry, body, context, started, framing, self.shape)
+            else:
+                raise cannot_stream(entry)
             body = self.request_body(request, params)
             if orjson_takes(body):
-                return relay.send(request, entry, body, context, started)
+                return send(request, entry, body, context, started)
             if len(body) <= THREAD_ABOVE_BYTES:
                 parse_json(body)
-                return relay.send(request, entry, body, context, started)
+                return send(request, entry, body, context, started)
         except errors.ApiError as error:
             relay.done(entry, request_id, "predict", started, error.status, error.message)
             raise
@@ -246,7 +293,7 @@ class OperationAPI:
         # holds up no other request (json takes seconds for a few megabytes).
         d = self.core.in_thread(parse_json, body)
         d.addErrback(relay.refused, entry, request_id, "predict", started)
-        return d.addCallback(lambda _: relay.send(request, entry, body, context, started))
+        return d.addCallback(lambda _: send(request, entry, body, context, started))
 
     def getlogs(self, request, request_id, params):
         model = self.registry.get(model_id_param(params))

@@ -15,15 +15,19 @@ primary process (C{--processes}), readiness, and the relay.
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import threads
 from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from aibackend import errors
 from aibackend.auth import Guard
+from aibackend.interfaces import IChunks
 from aibackend.metrics import Metrics
-from aibackend.web import client_gone, sized
+from aibackend.web import UNEXPECTED, client_gone, sized
 
 # A client that goes away before its answer is logged with nginx's status for it.
 CLIENT_CLOSED = 499
@@ -136,6 +140,66 @@ class Relay:
         d.addCallbacks(answered, failed)
         return d
 
+    def stream(self, request, entry, body: bytes, context, started: float, framing: "Framing", shape):
+        """
+        The streaming twin of L{send}: have the model of C{entry} (an L{IStreaming})
+        answer in chunks, each written to the client at once in C{framing}'s format, then
+        the final event. An error before the first byte fails the Deferred (the front
+        door answers it as a plain request's error, in C{shape}); after it, the error
+        event (C{shape}'s document) ends the stream. The outcome is logged and counted
+        once: 200 for a stream that ended, the error's status for one that failed (before
+        or after its first byte), 499 when the client went away (the model's stream is
+        cancelled: cancelling the Deferred returned cancels it).
+
+        @return: a Deferred firing with None once the request is finished, or failing
+            with an L{errors.ApiError} (or the L{CancelledError} of a client gone).
+        """
+        stats = entry.stats
+        stats.in_flight += 1
+        writer = StreamWriter(request, framing)
+        d = maybeDeferred(entry.model.stream, body, context, writer)
+
+        def settled(result):
+            stats.in_flight -= 1
+            return result
+
+        d.addBoth(settled)
+        request_id, operation = context.request_id, context.operation
+
+        def ended(output):
+            self.done(entry, request_id, operation, started, 200, None)
+            writer.end(output)
+
+        def failed(failure):
+            if failure.check(CancelledError):
+                if client_gone(request):
+                    self.done(entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
+                    writer.drop()
+                    return failure
+                model_id = entry.model_id
+                error = errors.ModelUnavailable(
+                    f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
+                )
+            elif failure.check(errors.ApiError):
+                error = failure.value
+            else:
+                self.done(entry, request_id, operation, started, 500, failure.getErrorMessage())
+                if not writer.started:
+                    writer.drop()
+                    return failure  # the front door logs it and answers 500
+                self.log.failure("streaming an answer of model {model}", failure, model=entry.model_id)
+                writer.fail(shape.document(errors.InternalError(UNEXPECTED), request_id))
+                return None
+            self.done(entry, request_id, operation, started, error.status, error.message)
+            if not writer.started:
+                writer.drop()
+                raise error
+            writer.fail(shape.document(error, request_id))
+            return None
+
+        d.addCallbacks(ended, failed)
+        return d
+
     def done(self, entry, request_id: str, operation: str, started: float, status: int, error: str | None):
         """
         Log a request to the model of C{entry} (its log, the metrics): one sent, or one
@@ -170,6 +234,116 @@ class Relay:
         d.addCallback(_write, request)
         d.addErrback(self.log.failure, "writing an answer")
         return NOT_DONE_YET
+
+
+class Framing:
+    """
+    How a streamed answer is written: its content type, and the bytes of a chunk, of the
+    end and of an error. A chunk's JSON goes as the model gave it, its line breaks (JSON
+    whitespace only: a string's are escaped) made spaces, so that it stays one line.
+    """
+
+    def __init__(self, name: str, content_type: bytes, chunk, end, error):
+        self.name = name
+        self.content_type = content_type
+        self._chunk, self._end, self._error = chunk, end, error
+
+    def chunk(self, data: bytes) -> bytes:
+        if b"\n" in data or b"\r" in data:
+            data = data.replace(b"\r", b" ").replace(b"\n", b" ")
+        return self._chunk[0] + data + self._chunk[1]
+
+    def end(self, output: bytes | None) -> bytes:
+        if output is None:
+            output = b"null"
+        elif b"\n" in output or b"\r" in output:
+            output = output.replace(b"\r", b" ").replace(b"\n", b" ")
+        return self._end[0] + output + self._end[1]
+
+    def error(self, document: dict) -> bytes:
+        return self._error[0] + json.dumps(document).encode() + self._error[1]
+
+
+SSE = Framing("sse", b"text/event-stream", (b"data: ", b"\n\n"),
+              (b'event: done\ndata: {"output": ', b"}\n\n"), (b"event: error\ndata: ", b"\n\n"))
+NDJSON = Framing("ndjson", b"application/x-ndjson", (b'{"chunk": ', b"}\n"),
+                 (b'{"done": true, "output": ', b"}\n"), (b"", b"\n"))
+
+
+@implementer(IChunks)
+class StreamWriter:
+    """
+    The relay's end of one stream (L{IChunks}): writes each chunk to the request in the
+    turn it is given (the status and headers with the first byte), hands the model's
+    producer to the request (Twisted's transport pauses it while the client's socket is
+    full), and finishes the request with the end or an error event.
+
+    @ivar started: whether the first byte has gone (the status is then 200).
+    """
+
+    started = False
+    producer = None
+
+    def __init__(self, request, framing: Framing):
+        self.request = request
+        self.framing = framing
+
+    def _open(self) -> bool:
+        request = self.request
+        if request.finished or client_gone(request):
+            return False
+        if not self.started:
+            self.started = True
+            request.setResponseCode(200)
+            headers = request.responseHeaders
+            headers.setRawHeaders(b"content-type", [self.framing.content_type])
+            headers.setRawHeaders(b"cache-control", [b"no-cache"])
+            headers.setRawHeaders(b"x-accel-buffering", [b"no"])
+            headers.removeHeader(b"content-length")
+        return True
+
+    def chunk(self, data: bytes) -> None:
+        if self._open():
+            self.request.write(self.framing.chunk(data))
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        request = self.request
+        if request.finished or client_gone(request):
+            return
+        self.producer = producer
+        request.registerProducer(producer, True)
+
+    def unregisterProducer(self) -> None:
+        if self.producer is not None:
+            self.producer = None
+            if not (self.request.finished or client_gone(self.request)):
+                self.request.unregisterProducer()
+
+    def end(self, output: bytes | None) -> None:
+        self._last(self.framing.end(output))
+
+    def fail(self, document: dict) -> None:
+        self._last(self.framing.error(document))
+
+    def drop(self) -> None:
+        """
+        Nothing more is written: the error is answered plainly, or the client is gone
+        (then the model's producer, if still registered, is stopped: the connection does
+        not stop a request's producer itself).
+        """
+        producer = self.producer
+        if producer is not None and client_gone(self.request):
+            self.producer = None
+            producer.stopProducing()
+        else:
+            self.unregisterProducer()
+
+    def _last(self, data: bytes) -> None:
+        if self._open():
+            self.unregisterProducer()
+            request = self.request
+            request.write(data)
+            request.finish()
 
 
 def _write(body, request):

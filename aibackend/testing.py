@@ -50,6 +50,7 @@ from treq.client import HTTPClient
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ProcessTerminated
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
@@ -65,7 +66,7 @@ from zope.interface import implementer
 from aibackend.admin import ModelManager
 from aibackend.config import ModelSpec, parse_config
 from aibackend.destinations import DestinationPolicy
-from aibackend.interfaces import READY, IModel, ModelAnswer, RequestContext
+from aibackend.interfaces import READY, IModel, IStreaming, ModelAnswer, RequestContext
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState, Waiters
 from aibackend.processes import WorkerProcesses
@@ -257,6 +258,77 @@ class FakeModel:
             if not self.pending:
                 self._idle.fire()
         return result
+
+
+@implementer(IPushProducer)
+class Stream:
+    """
+    One request to a L{FakeStreamingModel}: the test drives it (L{chunk}, L{end},
+    L{fail}); what the daemon did to it is recorded (L{pauses}, L{resumes}, L{stopped},
+    L{cancelled}).
+    """
+
+    def __init__(self, body: bytes, context: RequestContext, chunks):
+        self.body = body
+        self.context = context
+        self.chunks = chunks
+        self.pauses = 0
+        self.resumes = 0
+        self.stopped = False
+        self.cancelled = False
+        self.d = Deferred(self._cancel)
+
+    def chunk(self, value) -> None:
+        """Give one chunk (a value made JSON, or JSON bytes as they are)."""
+        self.chunks.chunk(value if isinstance(value, bytes) else json.dumps(value).encode())
+
+    def end(self, output=None) -> None:
+        """End the stream: with a final output (a value or JSON bytes), or None (done)."""
+        if output is not None and not isinstance(output, bytes):
+            output = json.dumps(output).encode()
+        self.d.callback(output)
+
+    def fail(self, error: BaseException) -> None:
+        self.d.errback(error)
+
+    # the producer the model registers
+
+    def pauseProducing(self) -> None:
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.resumes += 1
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+    def _cancel(self, d) -> None:
+        self.cancelled = True
+
+
+@implementer(IStreaming)
+class FakeStreamingModel(FakeModel):
+    """
+    A L{FakeModel} that also streams: each L{stream} call makes a L{Stream} (in
+    L{streams}) which registers itself as the request's producer (unless
+    C{producer=False}) and whose chunks and end the test gives.
+    """
+
+    def __init__(self, model_id: str = "fake", clock=None, *, producer: bool = True, **kwargs):
+        super().__init__(model_id, clock, **kwargs)
+        self.producer = producer
+        self.streams: list[Stream] = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending) + sum(1 for s in self.streams if not s.d.called)
+
+    def stream(self, body: bytes, context: RequestContext, chunks) -> Deferred:
+        stream = Stream(body, context, chunks)
+        self.streams.append(stream)
+        if self.producer:
+            chunks.registerProducer(stream, True)
+        return stream.d
 
 
 # --- a model server in memory ---------------------------------------------------
@@ -535,6 +607,17 @@ class StubFrontDoor:
             )
 
         d.addCallback(read)
+        self.flush()
+        return d
+
+    def open(self, method: str, url: str, **kwargs) -> Deferred:
+        """
+        Start a request; the Deferred fires with treq's response as soon as its status
+        and headers are in (a streamed answer's body is then read with C{treq.collect}).
+        """
+        if url.startswith("/"):
+            url = "http://localhost" + url
+        d = self._client.request(method, url, **kwargs)
         self.flush()
         return d
 

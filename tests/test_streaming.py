@@ -1,0 +1,366 @@
+"""
+Streamed answers at the front door (issue 14): negotiation, the SSE and NDJSON bytes, errors
+before and after the first byte, a client that leaves, flow control. Through StubFrontDoor
+(a real Site and Request, no socket) over a FakeStreamingModel the test drives; one test on
+a real socket shows the chunks arriving one by one.
+"""
+
+import json
+import socket
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from zope.interface.verify import verifyObject
+
+from aibackend import errors
+from aibackend.interfaces import IStreaming
+from aibackend.testing import FakeModel, FakeStreamingModel, StubFrontDoor, assert_error, has_fired, result_of
+
+
+@pytest.fixture
+def model(clock):
+    return FakeStreamingModel("m", clock)
+
+
+@pytest.fixture
+def door(clock, model):
+    return StubFrontDoor(clock, [model, FakeModel("plain", clock)])
+
+
+class Opened:
+    """A streamed answer read as it comes: its response, and the bytes so far."""
+
+    def __init__(self, door, method, url, **kwargs):
+        self.door = door
+        self.received = []
+        self.ended = None
+        self.response = None
+        door.open(method, url, **kwargs).addCallback(self._got)
+
+    def _got(self, response):
+        self.response = response
+        self.ended = treq.collect(response, self.received.append)
+
+    @property
+    def body(self) -> bytes:
+        self.door.flush()
+        return b"".join(self.received)
+
+    def header(self, name):
+        values = self.response.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+
+def requests_logged(model):
+    return [(e["status"], e.get("error")) for e in model.model_log.query() if e["event"] == "request"]
+
+
+def test_the_fake_streaming_model_provides_istreaming(model):
+    assert verifyObject(IStreaming, model)
+
+
+def test_sse_sends_each_chunk_then_the_final_event(door, model):
+    opened = Opened(door, "POST", "/post/predict?id=m", data=b'{"prompt": "hi"}',
+                    headers={"Accept": "text/event-stream"})
+    (stream,) = model.streams
+    assert stream.body == b'{"prompt": "hi"}'
+    assert opened.response is None  # nothing written yet: no status either
+    stream.chunk("Hello")
+    assert opened.body == b'data: "Hello"\n\n'
+    assert opened.response.code == 200
+    assert opened.header("content-type") == "text/event-stream"
+    assert opened.header("cache-control") == "no-cache"
+    assert opened.header("x-accel-buffering") == "no"
+    assert opened.header("x-request-id")
+    assert opened.header("content-length") is None
+    stream.chunk(b'{"t":\n 1}')
+    stream.end()
+    assert opened.body == b'data: "Hello"\n\ndata: {"t":  1}\n\nevent: done\ndata: {"output": null}\n\n'
+    assert has_fired(opened.ended)
+    assert requests_logged(model) == [(200, None)]
+    assert model.in_flight == 0
+
+
+def test_stream_true_in_the_query_asks_for_sse_and_the_end_carries_the_output(door, model):
+    opened = Opened(door, "POST", "/post/predict?id=m&stream=true", data=b"{}")
+    model.streams[0].end({"text": "Hi"})
+    assert opened.body == b'event: done\ndata: {"output": {"text": "Hi"}}\n\n'
+    assert opened.header("content-type") == "text/event-stream"
+
+
+def test_ndjson(door, model):
+    opened = Opened(door, "POST", "/post/predict?id=m&stream=1", data=b"{}",
+                    headers={"Accept": "application/x-ndjson"})
+    stream = model.streams[0]
+    stream.chunk("a")
+    stream.chunk([1, 2])
+    stream.end("ab")
+    assert opened.body == b'{"chunk": "a"}\n{"chunk": [1, 2]}\n{"done": true, "output": "ab"}\n'
+    assert opened.header("content-type") == "application/x-ndjson"
+
+
+def test_get_predict_streams_and_stream_is_not_an_input(door, model):
+    opened = Opened(door, "GET", "/get/predict?id=m&stream=true&prompt=hi")
+    assert json.loads(model.streams[0].body) == {"prompt": "hi"}
+    model.streams[0].end()
+    assert opened.body == b'event: done\ndata: {"output": null}\n\n'
+
+
+def test_stream_false_is_a_plain_request(door, model):
+    response = door.call("GET", "/get/predict?id=m&stream=false&x=1")
+    assert response.status == 200
+    assert response.json() == {"ok": True}
+    assert [json.loads(r.body) for r in model.received] == [{"x": "1"}]
+    assert model.streams == []
+
+
+@pytest.mark.parametrize("method, url", [("POST", "/post/predict?id=m&stream=yes"),
+                                         ("GET", "/get/predict?id=m&stream=maybe")])
+def test_another_stream_value_is_a_400(door, model, method, url):
+    response = door.call(method, url, data=b"{}" if method == "POST" else None)
+    assert_error(response, 400, "bad_request", message="stream must be true or false, got " +
+                 repr(url.rsplit("=", 1)[1]))
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_model_that_cannot_stream_is_a_400(door, method):
+    url = f"/{method.lower()}/predict?id=plain"
+    response = door.call(method, url, headers={"Accept": "text/event-stream"})
+    assert_error(response, 400, "bad_request", model="plain",
+                 message="model 'plain' cannot stream: its type does not answer in chunks")
+
+
+def test_an_unknown_model_is_a_404_before_the_first_byte(door):
+    response = door.call("POST", "/post/predict?id=nope&stream=true", data=b"{}")
+    assert_error(response, 404, "unknown_model", model="nope")
+
+
+@pytest.mark.parametrize("error, status, kind", [
+    (errors.ModelUnavailable("model 'm' is restarting", model="m"), 503, "model_unavailable"),
+    (errors.GatewayTimeout("model 'm' did not answer in 1 s", model="m"), 504, "gateway_timeout"),
+])
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_an_error_before_the_first_byte_keeps_its_status(door, model, error, status, kind, method):
+    d = door.request(method, f"/{method.lower()}/predict?id=m", data=b"{}" if method == "POST" else None,
+                     headers={"Accept": "text/event-stream"})
+    model.streams[0].fail(error)
+    door.flush()
+    response = result_of(d)
+    assert_error(response, status, kind, model="m")
+    assert response.header("content-type") == "application/json"
+    assert requests_logged(model) == [(status, error.message)]
+
+
+def test_an_error_after_the_first_byte_is_an_error_event(door, model):
+    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+    stream = model.streams[0]
+    stream.chunk("a")
+    stream.fail(errors.GatewayTimeout("model 'm' went quiet", model="m"))
+    body = opened.body
+    request_id = opened.header("x-request-id")
+    document = {"error": {"type": "gateway_timeout", "message": "model 'm' went quiet", "model": "m",
+                          "request_id": request_id}}
+    assert body == b'data: "a"\n\nevent: error\ndata: ' + json.dumps(document).encode() + b"\n\n"
+    assert opened.response.code == 200
+    assert has_fired(opened.ended)
+    assert requests_logged(model) == [(504, "model 'm' went quiet")]
+
+
+def test_an_error_after_the_first_byte_in_ndjson(door, model):
+    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "application/x-ndjson"})
+    model.streams[0].chunk(1)
+    model.streams[0].fail(errors.BadGateway("model 'm' answered nonsense", model="m"))
+    first, last = opened.body.splitlines()
+    assert first == b'{"chunk": 1}'
+    assert json.loads(last)["error"]["type"] == errors.BadGateway.type
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_client_that_leaves_cancels_the_stream_and_is_logged_499(door, model, method):
+    opened = Opened(door, method, f"/{method.lower()}/predict?id=m", data=b"{}" if method == "POST" else None,
+                    headers={"Accept": "text/event-stream"})
+    stream = model.streams[0]
+    stream.chunk("a")
+    assert opened.body == b'data: "a"\n\n'
+    door.drop_connections()
+    assert stream.cancelled
+    assert stream.stopped  # the producer is stopped too (by the connection)
+    assert requests_logged(model) == [(499, "the client went away")]
+    assert model.in_flight == 0
+    opened.ended.addErrback(lambda _: None)
+
+
+def test_a_client_that_leaves_before_the_first_byte(door, model):
+    d = door.request("POST", "/post/predict?id=m&stream=true", data=b"{}")
+    door.drop_connections()
+    assert model.streams[0].cancelled
+    assert requests_logged(model) == [(499, "the client went away")]
+    d.addErrback(lambda _: None)
+
+
+def test_the_transport_pausing_pauses_the_model(door, model):
+    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+    stream = model.streams[0]
+    stream.chunk("a")
+    door.flush()
+    (channel,) = door.site.channels
+    channel.pauseProducing()
+    assert stream.pauses == 1
+    channel.resumeProducing()
+    assert stream.resumes == 1
+    stream.end()
+    assert opened.body.endswith(b"event: done\ndata: {\"output\": null}\n\n")
+
+
+def test_the_access_event_is_written_once(door, model):
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace") == "aibackend.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+        model.streams[0].chunk("a")
+        model.streams[0].end()
+        opened.body
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [(e["status"], e["model"]) for e in events] == [(200, "m")]
+
+
+def test_a_raw_subprocess_model_cannot_stream(clock, door):
+    from aibackend.config import parse_config
+
+    spec = parse_config({"models": [{"id": "r", "type": "subprocess", "protocol": "raw",
+                                     "command": ["python3", "-c", "pass"]}]}, environ={}).models[0]
+    door.registry.add(FakeModel("r", clock), spec=spec)
+    response = door.call("POST", "/post/predict?id=r", data=b"{}", headers={"Accept": "application/x-ndjson"})
+    assert_error(response, 400, "bad_request", model="r", message="model 'r' cannot stream (protocol raw)")
+
+
+# --- on a real socket -------------------------------------------------------------
+
+
+class Reading(Protocol):
+    """A raw client: what came, in pieces, and when the server closed."""
+
+    def __init__(self):
+        self.pieces = []
+        self.closed = Deferred()
+
+    def dataReceived(self, data):
+        self.pieces.append(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(b"".join(self.pieces))
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+async def until(predicate, what: str, deadline: float = 5.0):
+    from twisted.internet import reactor
+
+    waited = 0.0
+    while not predicate():
+        if waited > deadline:
+            pytest.fail(f"waited {deadline} s for {what}")
+        await deferLater(reactor, 0.005, lambda: None)
+        waited += 0.005
+
+
+@pytest.fixture
+def streaming_site():
+    from twisted.internet import reactor
+
+    from aibackend.registry import ModelDeps, ModelRegistry
+    from aibackend.root import FrontDoor
+    from aibackend.server import AibackendSite
+
+    model = FakeStreamingModel("m", reactor)
+    registry = ModelRegistry(ModelDeps(reactor=reactor, environ={}))
+    registry.add(model)
+    site = AibackendSite(FrontDoor(registry, reactor).resource(), max_body_bytes=1 << 20)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    yield port.getHost().port, model
+    pytest_twisted.blockon(port.stopListening())
+
+
+async def connect(port, request: bytes) -> Reading:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Reading())
+    client.transport.write(request)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_socket_each_chunk_arrives_before_the_end(streaming_site):
+    port, model = streaming_site
+    client = await connect(port, b"POST /post/predict?id=m HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                                 b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    await until(lambda: model.streams, "the model's stream")
+    stream = model.streams[0]
+    stream.chunk("one")
+    await until(lambda: b'data: "one"' in client.data, "the first chunk")
+    head = client.data.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200")
+    assert b"transfer-encoding: chunked" in head
+    assert b"content-length" not in head
+    assert b"event: done" not in client.data
+    stream.chunk("two")
+    await until(lambda: b'data: "two"' in client.data, "the second chunk")
+    assert b"event: done" not in client.data
+    stream.end()
+    raw = await client.closed
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert body == (b'd\r\ndata: "one"\n\n\r\nd\r\ndata: "two"\n\n\r\n'
+                    b'24\r\nevent: done\ndata: {"output": null}\n\n\r\n0\r\n\r\n')
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_socket_an_http_1_0_stream_ends_at_the_close(streaming_site):
+    port, model = streaming_site
+    client = await connect(port, b"GET /get/predict?id=m&stream=true HTTP/1.0\r\nHost: x\r\n\r\n")
+    await until(lambda: model.streams, "the model's stream")
+    model.streams[0].chunk("one")
+    await until(lambda: b'data: "one"' in client.data, "the first chunk")
+    model.streams[0].end("x")
+    raw = await client.closed
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b'data: "one"\n\nevent: done\ndata: {"output": "x"}\n\n'
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_socket_a_client_that_does_not_read_pauses_the_model(streaming_site):
+    from twisted.internet import reactor
+
+    port, model = streaming_site
+    client = await connect(port, b"POST /post/predict?id=m&stream=true HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    await until(lambda: model.streams, "the model's stream")
+    stream = model.streams[0]
+    client.transport.pauseProducing()  # the client stops reading
+    piece = "x" * 32000
+    given = 0
+    while not stream.pauses:
+        assert given < 2000, "64 MB given and the model was never paused"
+        stream.chunk(piece)
+        given += 1
+        await deferLater(reactor, 0, lambda: None)
+    assert stream.resumes == 0
+    client.transport.resumeProducing()
+    await until(lambda: stream.resumes, "the model resumed once the client reads again")
+    stream.end()
+    raw = await client.closed
+    assert raw.count(b'data: "' + piece.encode() + b'"\n\n') == given
