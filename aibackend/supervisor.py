@@ -237,7 +237,7 @@ class ModelProcess(ProcessProtocol):
 
     def pause_stdout(self, holder) -> None:
         """Stop reading the process's output while C{holder} (a stream's slow reader) needs it."""
-        if not self.paused_by and self.transport is not None:
+        if not self.paused_by and self.transport is not None and self.state != "exited":
             self.transport.pauseProducing()
         self.paused_by.add(holder)
 
@@ -245,7 +245,7 @@ class ModelProcess(ProcessProtocol):
         """C{holder} no longer needs the output held; it is read again once no one does."""
         if holder in self.paused_by:
             self.paused_by.discard(holder)
-            if not self.paused_by and self.transport is not None:
+            if not self.paused_by and self.transport is not None and self.state != "exited":
                 self.transport.resumeProducing()
 
     def partial_line(self) -> bool:
