@@ -275,7 +275,12 @@ class JsonLines:
             return
         chunks = pending.chunks
         if chunks is not None:
-            chunks.chunk(text)
+            try:
+                chunks.chunk(text)
+            except Exception:
+                # A bug in the reader must not break the process's protocol: that stream ends.
+                self.model.log.failure("model {model}: a stream's reader failed on a chunk", model=self.model.model_id)
+                pending.deferred.cancel()
             return
         gathered = pending.gathered
         if gathered is None:

@@ -1512,6 +1512,38 @@ def test_jsonl_provides_istreaming_and_raw_does_not(h):
     verifyObject(IChunks, RecordingChunks(h.clock))
 
 
+def test_a_streams_producer_is_a_push_producer(h):
+    from twisted.internet.interfaces import IPushProducer
+
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    verifyObject(IPushProducer, chunks.producer)
+    process.answers("s", done=True)
+    assert outcome.results == [None]
+    h.stop(model)
+
+
+def test_a_reader_that_fails_on_a_chunk_ends_its_stream_not_the_process(h, logged_errors):
+    model, process = streaming(h)
+
+    class Broken(RecordingChunks):
+        def chunk(self, data):
+            raise RuntimeError("a bug in the reader")
+
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), Broken(h.clock)))
+    wire = process.wire("s")
+    process.answers("s", chunk=1)
+    outcome.error(CancelledError)
+    assert len(logged_errors.flush(RuntimeError)) == 1
+    assert process.messages()[-1] == {"id": wire, "op": "cancel"}
+    assert process.alive and model.in_flight == 0
+    other = h.send(model, request_id="next")
+    process.answers("next", output=2)
+    assert other.answer().body == b"2"
+    h.stop(model)
+
+
 def test_a_stream_gives_each_chunk_in_order_in_the_turn_its_line_is_read_and_ends_with_the_output(h):
     model, process = streaming(h)
     chunks = RecordingChunks(h.clock)
