@@ -202,6 +202,9 @@ class JsonLines:
         model_log.append("warning", "answer is not strict JSON", slot=process.slot, pid=process.pid,
                          line=_text(line[:SNIPPET]))
         if pending is not None:
+            if pending.chunks is not None or pending.gathered is not None:
+                # Mid-stream: the model would go on with a stream no one reads.
+                process.write(b'{"id": ' + json.dumps(wire_id).encode() + b', "op": "cancel"}\n')
             self._bad_answer(pending, problem.reason)
 
     def _message(self, process, message, line: bytes) -> None:

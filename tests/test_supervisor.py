@@ -1721,3 +1721,16 @@ def test_gathered_chunks_within_max_line_bytes_are_answered(h):
     process.answers("p", done=True)
     assert len(outcome.answer().body) <= 100
     h.stop(model)
+
+
+def test_a_chunk_that_is_not_strict_json_fails_the_stream_with_502_and_cancels_it(h):
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    wire = process.wire("s")
+    process.answers("s", chunk="ok")
+    process.prints(b'{"id": "%s", "chunk": NaN}\n' % wire.encode())
+    outcome.error(BadGateway)
+    assert chunks.chunks == [b'"ok"']
+    assert process.messages()[-1] == {"id": wire, "op": "cancel"}
+    h.stop(model)
