@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 
-from aibackend.errors import BadGateway
+from aibackend.errors import ApiError, BadGateway
 from aibackend.interfaces import ModelAnswer
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.logs import normalize_level
@@ -69,19 +69,66 @@ def leading_id(line: bytes):
         return None
 
 
-def output_text(message: dict, line: bytes) -> bytes:
+def output_text(message: dict, line: bytes, key: str = "output") -> bytes:
     """
-    The JSON text of an answer's C{output}, as the model wrote it when its line is
-    C{{"id": ..., "output": ...}} in the usual spelling (aibackend.worker's), so that it
-    is passed on unchanged instead of decoded and encoded again.
+    The JSON text of an answer's C{output} (or C{chunk}: C{key}), as the model wrote it
+    when its line is C{{"id": ..., "output": ...}} in the usual spelling
+    (aibackend.worker's), so that it is passed on unchanged instead of decoded and
+    encoded again.
     """
     line = line.rstrip()
     if len(message) == 2 and line.endswith(b"}"):
-        prefix = b'{"id": ' + json.dumps(message["id"]).encode() + b', "output": '
+        prefix = b'{"id": ' + json.dumps(message["id"]).encode() + b', "' + key.encode() + b'": '
         if line.startswith(prefix):
             return line[len(prefix):-1].strip()
     # Read again with json: orjson, which read the line first, makes integers past 64 bits floats.
-    return json.dumps(json.loads(line.decode("utf-8"))["output"], allow_nan=False).encode()
+    return json.dumps(json.loads(line.decode("utf-8"))[key], allow_nan=False).encode()
+
+
+class ModelError(ApiError):
+    """
+    A model's C{error} line as a stream's failure: the status, type and message a plain
+    request would have been answered with.
+    """
+
+    def __init__(self, message: str, *, status: int, kind: str, model: str):
+        super().__init__(message, model=model)
+        self.status = status
+        self.type = kind
+
+
+def stream_result(answer: ModelAnswer):
+    """What a stream's Deferred fires with: the output's JSON text, None (done), or its error."""
+    if answer.status < 400:
+        return answer.body
+    error = json.loads(answer.body)["error"]
+    raise ModelError(error["message"], status=answer.status, kind=error["type"], model=error.get("model"))
+
+
+class Gathered:
+    """The chunks of a plain request to a model that answers in chunks (README "How models answer")."""
+
+    __slots__ = ("texts", "strings", "size")
+
+    def __init__(self):
+        self.texts = []  # each chunk's JSON text
+        self.strings = []  # while every chunk is a string: the strings
+        self.size = 2  # the gathered answer's length, as an array (its brackets and commas)
+
+    def add(self, value, text: bytes) -> None:
+        self.size += len(text) + (1 if self.texts else 0)
+        self.texts.append(text)
+        if self.strings is not None:
+            if isinstance(value, str):
+                self.strings.append(value)
+            else:
+                self.strings = None
+
+    def answer(self) -> bytes:
+        """All strings: one string; else an array of the chunks (no chunk at all: [])."""
+        if self.strings is not None and self.texts:
+            return json.dumps("".join(self.strings)).encode()
+        return b"[" + b",".join(self.texts) + b"]"
 
 
 def one_line(body: bytes) -> bytes:
@@ -155,6 +202,9 @@ class JsonLines:
         model_log.append("warning", "answer is not strict JSON", slot=process.slot, pid=process.pid,
                          line=_text(line[:SNIPPET]))
         if pending is not None:
+            if pending.chunks is not None or pending.gathered is not None:
+                # Mid-stream: the model would go on with a stream no one reads.
+                process.write(b'{"id": ' + json.dumps(wire_id).encode() + b', "op": "cancel"}\n')
             self._bad_answer(pending, problem.reason)
 
     def _message(self, process, message, line: bytes) -> None:
@@ -173,6 +223,9 @@ class JsonLines:
                     "warning", "unexpected output", slot=process.slot, pid=process.pid, line=_text(line)
                 )
             return
+        if "chunk" in message and "output" not in message and "error" not in message:
+            self._chunk(process, message, line)
+            return
         # Only the request in flight in this process under this exact id: an answer to
         # any other (unknown, timed out, cancelled, answered already) is dropped.
         pending = process.inflight.pop(message["id"], None) if isinstance(message["id"], str) else None
@@ -190,10 +243,57 @@ class JsonLines:
                 self._bad_answer(pending, "answered an output that cannot be written as strict JSON")
                 return
             model.settle(pending, ModelAnswer(status=200, body=body))
+        elif message.get("done") is True:
+            if pending.chunks is not None:
+                body = None
+            elif pending.gathered is not None:
+                body = pending.gathered.answer()
+            else:
+                body = b"[]"
+            model.settle(pending, ModelAnswer(status=200, body=body))
         else:
             self._bad_answer(pending, f"answered without 'output' or 'error': {_text(line[:SNIPPET])!r}")
             return
         model.dispatch()
+
+    def _chunk(self, process, message, line: bytes) -> None:
+        """
+        A piece of an answer: a stream's goes to its client at once; a plain request's is
+        gathered (bounded by max_line_bytes) until the answer ends.
+        """
+        wire_id = message["id"]
+        pending = process.inflight.get(wire_id) if isinstance(wire_id, str) else None
+        if pending is None:
+            self.model.model_log.append(
+                "warning", "answer to an unknown request", slot=process.slot, pid=process.pid,
+                line=_text(line[:SNIPPET]),
+            )
+            return
+        try:
+            text = output_text(message, line, "chunk")
+        except (ValueError, RecursionError):
+            del process.inflight[wire_id]
+            process.write(b'{"id": ' + json.dumps(wire_id).encode() + b', "op": "cancel"}\n')
+            self._bad_answer(pending, "answered a chunk that cannot be written as strict JSON")
+            return
+        chunks = pending.chunks
+        if chunks is not None:
+            try:
+                chunks.chunk(text)
+            except Exception:
+                # A bug in the reader must not break the process's protocol: that stream ends.
+                self.model.log.failure("model {model}: a stream's reader failed on a chunk", model=self.model.model_id)
+                pending.deferred.cancel()
+            return
+        gathered = pending.gathered
+        if gathered is None:
+            gathered = pending.gathered = Gathered()
+        gathered.add(message["chunk"], text)
+        limit = self.model.spec.process.max_line_bytes
+        if gathered.size > limit:
+            del process.inflight[wire_id]
+            process.write(b'{"id": ' + json.dumps(wire_id).encode() + b', "op": "cancel"}\n')
+            self._bad_answer(pending, f"answered more than max_line_bytes ({limit} bytes) in chunks")
 
     def _bad_answer(self, pending, why: str) -> None:
         """A model's answer no client could use: 502, and the place goes to the next request."""

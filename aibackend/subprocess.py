@@ -23,12 +23,15 @@ import os
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import alsoProvides, implementer
 
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import STOPPED, IModel, IRestartable
+from aibackend.interfaces import STOPPED, IModel, IRestartable, IStreaming
 from aibackend.limits import ConcurrencyLimit
-from aibackend.lines import PROTOCOLS, SNIPPET, JsonLines, RawLines, is_text, leading_id, one_line, output_text
+from aibackend.lines import (
+    PROTOCOLS, SNIPPET, JsonLines, RawLines, is_text, leading_id, one_line, output_text, stream_result,
+)
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState
 from aibackend.supervisor import (
@@ -46,7 +49,8 @@ __all__ = [
 class Pending:
     """A request on its way through a subprocess model."""
 
-    __slots__ = ("body", "context", "deferred", "timer", "process", "wire_id", "sent_at", "abandoned", "counted")
+    __slots__ = ("body", "context", "deferred", "timer", "process", "wire_id", "sent_at", "abandoned", "counted",
+                 "chunks", "gathered", "paused")
 
     def __init__(self, body, context):
         self.body = body
@@ -58,6 +62,41 @@ class Pending:
         self.sent_at = None
         self.abandoned = False
         self.counted = False  # in flight, in the limit's count
+        self.chunks = None  # a stream's IChunks
+        self.gathered = None  # a plain request's chunks so far (lines.Gathered)
+        self.paused = False  # a stream whose reader is slow
+
+
+def _unregister(result, chunks):
+    chunks.unregisterProducer()
+    return result
+
+
+@implementer(IPushProducer)
+class StreamProducer:
+    """A stream's flow control: its slow reader pauses the reading of its process's stdout."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self, pending: Pending):
+        self.pending = pending
+
+    def pauseProducing(self) -> None:
+        pending = self.pending
+        if not pending.paused:
+            pending.paused = True
+            if pending.process is not None and pending.counted:
+                pending.process.pause_stdout(pending)
+
+    def resumeProducing(self) -> None:
+        pending = self.pending
+        if pending.paused:
+            pending.paused = False
+            if pending.process is not None:
+                pending.process.resume_stdout(pending)
+
+    def stopProducing(self) -> None:
+        self.pending.deferred.cancel()
 
 
 @implementer(IModel, IRestartable)
@@ -111,6 +150,8 @@ class SubprocessModel(PoolEvents, Service):
         self._wire_counter = 0
         self.request_timeout = float(spec.timeout)
         self.startup_timeout = float(spec.process.startup_timeout)
+        if spec.protocol == "jsonl":
+            alsoProvides(self, IStreaming)  # raw answers are one line: they cannot come in chunks
 
     @classmethod
     def from_spec(cls, spec, deps):
@@ -188,6 +229,24 @@ class SubprocessModel(PoolEvents, Service):
     # --- sending ------------------------------------------------------------
 
     def send(self, body: bytes, context) -> Deferred:
+        return self._send(Pending(body, context))
+
+    def stream(self, body: bytes, context, chunks) -> Deferred:
+        """
+        IStreaming (jsonl only): as L{send}, but each chunk goes to C{chunks} in the reactor
+        turn its line was read in; the Deferred fires with the output's JSON text or None.
+        """
+        pending = Pending(body, context)
+        pending.chunks = chunks
+        chunks.registerProducer(StreamProducer(pending), True)
+        try:
+            d = self._send(pending)
+        except BaseException:
+            chunks.unregisterProducer()
+            raise
+        return d.addBoth(_unregister, chunks).addCallback(stream_result)
+
+    def _send(self, pending: Pending) -> Deferred:
         self.requests += 1
         pool = self.pool
         if pool.failed_reason is not None:
@@ -205,7 +264,6 @@ class SubprocessModel(PoolEvents, Service):
         if pool.stopping or not pool.running:
             self.failures += 1
             raise ModelUnavailable(f"model {self.model_id!r} is not running", model=self.model_id)
-        pending = Pending(body, context)
         pending.deferred = Deferred(lambda d: self._cancelled(pending))
         process = self._least_busy()
         if process is None and self.limit.full():
@@ -252,6 +310,8 @@ class SubprocessModel(PoolEvents, Service):
         pending.counted = True
         self.limit.in_flight += 1  # limit.started(), inline
         process.inflight[wire_id] = pending
+        if pending.paused:
+            process.pause_stdout(pending)
         self.protocol.write(process, pending)
 
     def settle(self, pending: Pending, result=None, error=None) -> None:
@@ -267,6 +327,8 @@ class SubprocessModel(PoolEvents, Service):
         if pending.counted:
             pending.counted = False
             limit.in_flight -= 1
+            if pending.paused:
+                pending.process.resume_stdout(pending)
         if not (pending.abandoned or pending.deferred.called):
             if error is not None:
                 self.failures += 1

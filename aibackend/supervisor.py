@@ -222,6 +222,7 @@ class ModelProcess(ProcessProtocol):
         self.stdout_timer = None
         self.held = False
         self.lines = None
+        self.paused_by: set = set()  # the streams that have paused its stdout
         self.exited = Deferred()
         self._stdout = LineBuffer(max_line_bytes)
         self._stderr = LineBuffer(STDERR_LINE_BYTES, truncate=True)
@@ -233,6 +234,19 @@ class ModelProcess(ProcessProtocol):
     def write(self, data: bytes) -> None:
         if self.state in ("starting", "ready") and self.transport is not None:
             self.transport.write(data)
+
+    def pause_stdout(self, holder) -> None:
+        """Stop reading the process's output while C{holder} (a stream's slow reader) needs it."""
+        if not self.paused_by and self.transport is not None and self.state != "exited":
+            self.transport.pauseProducing()
+        self.paused_by.add(holder)
+
+    def resume_stdout(self, holder) -> None:
+        """C{holder} no longer needs the output held; it is read again once no one does."""
+        if holder in self.paused_by:
+            self.paused_by.discard(holder)
+            if not self.paused_by and self.transport is not None and self.state != "exited":
+                self.transport.resumeProducing()
 
     def partial_line(self) -> bool:
         """Whether stdout ended (so far) in the middle of a line."""

@@ -26,11 +26,24 @@ What C{serve} does:
     corrupting the protocol; so is L{log};
   - a C{cancel} for a request that has not started yet drops it; a model object with a
     C{cancel(request_id)} method is also told, so it can stop work in progress (its
-    C{predict} learns its own request's id from L{current_request_id}).
+    C{predict} learns its own request's id from L{current_request_id});
+  - a C{predict} written as a generator (C{yield}) or an async generator streams: each
+    value it yields is written (and flushed) at once as a C{{"id", "chunk"}} line, and
+    its end as C{{"id", "done": true}}, or C{{"id", "output": v}} if it ends with
+    C{return v}; an exception on the way is the error line. A cancel closes the
+    generator (a plain one before its next step, an async one where it awaits), so its
+    C{finally:} runs. Clients that do not ask for a stream get the chunks gathered
+    (README "How models answer").
+
+        def predict(data):
+            for word in data["text"].split():
+                yield word + " "
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 import sys
@@ -164,22 +177,148 @@ def _take_stdout():
     sys.stdout = _LogWriter()
 
 
-def _answer(request_id, predict, data) -> None:
+def _error(request_id, e: BaseException) -> None:
+    """The model's failure is the client's answer, not our crash."""
+    status = getattr(e, "status", 500)
+    if not isinstance(status, int) or not 400 <= status <= 599:
+        status = 500
+    if status >= 500:
+        log(traceback.format_exc(), "error")
+    message = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+    _send({"id": request_id, "error": {"message": message, "status": status}})
+
+
+def _answer(request_id, predict, data, requests) -> None:
     try:
         output = predict(data)
-    except Exception as e:  # the model's failure is the client's answer, not our crash
-        status = getattr(e, "status", 500)
-        if not isinstance(status, int) or not 400 <= status <= 599:
-            status = 500
-        if status >= 500:
-            log(traceback.format_exc(), "error")
-        message = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
-        _send({"id": request_id, "error": {"message": message, "status": status}})
+    except Exception as e:
+        _error(request_id, e)
+        return
+    if inspect.isgenerator(output):
+        _stream(request_id, output, requests)
+        return
+    if inspect.isasyncgen(output):
+        _stream_async(request_id, output, requests)
         return
     try:
         _send({"id": request_id, "output": output})
     except (TypeError, ValueError) as e:
         _send({"id": request_id, "error": {"message": f"the model's output is not JSON: {e}", "status": 500}})
+
+
+def _chunk(request_id, value) -> bool:
+    """Write one chunk line (flushed); False, and the error line, if it is not JSON."""
+    try:
+        _send({"id": request_id, "chunk": value})
+    except (TypeError, ValueError) as e:
+        _send({"id": request_id, "error": {"message": f"the model's chunk is not JSON: {e}", "status": 500}})
+        return False
+    return True
+
+
+def _stream(request_id, generator, requests) -> None:
+    """
+    A generator's values, each a chunk line as soon as it is yielded; then C{done}, or
+    the C{output} it returns. A cancel closes it before its next step (its C{finally}
+    runs); a step under way is not interrupted.
+    """
+    try:
+        while True:
+            if requests.cancelled(request_id):
+                return
+            try:
+                value = next(generator)
+            except StopIteration as stop:
+                if stop.value is None:
+                    _send({"id": request_id, "done": True})
+                else:
+                    try:
+                        _send({"id": request_id, "output": stop.value})
+                    except (TypeError, ValueError) as e:
+                        _send({"id": request_id,
+                               "error": {"message": f"the model's output is not JSON: {e}", "status": 500}})
+                return
+            except Exception as e:
+                _error(request_id, e)
+                return
+            if not _chunk(request_id, value):
+                return
+    finally:
+        generator.close()
+
+
+def _stream_async(request_id, generator, requests) -> None:
+    """An async generator's values, as L{_stream}; a cancel cancels it where it awaits."""
+    import asyncio  # here: most models never stream asynchronously
+
+    async def drain():
+        try:
+            async for value in generator:
+                if not _chunk(request_id, value):
+                    return
+            _send({"id": request_id, "done": True})
+        except asyncio.CancelledError:
+            pass  # cancelled by the daemon: it wants no answer
+        except Exception as e:
+            _error(request_id, e)
+        finally:
+            await generator.aclose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(drain())
+        with requests.running(request_id, lambda: loop.call_soon_threadsafe(task.cancel)):
+            loop.run_until_complete(task)
+    finally:
+        loop.close()
+
+
+class _Requests:
+    """The requests of one C{serve}: which were cancelled, and how to stop the ones streaming."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cancelled: set = set()
+        self._stops: dict = {}  # request id -> how to stop its stream now (async generators)
+
+    def cancel(self, request_id) -> None:
+        with self._lock:
+            if len(self._cancelled) > 10000:  # ids of requests that had already finished
+                self._cancelled.clear()
+            self._cancelled.add(request_id)
+            stop = self._stops.get(request_id)
+        if stop is not None:
+            stop()
+
+    def cancelled(self, request_id) -> bool:
+        return request_id in self._cancelled
+
+    def take(self, request_id) -> bool:
+        """A request about to start: False (and forgotten) if it was cancelled."""
+        with self._lock:
+            if request_id in self._cancelled:
+                self._cancelled.discard(request_id)
+                return False
+            return True
+
+    def again(self, request_id) -> None:
+        """An id may come again (a client retrying with its own id)."""
+        with self._lock:
+            self._cancelled.discard(request_id)
+
+    @contextlib.contextmanager
+    def running(self, request_id, stop):
+        with self._lock:
+            self._stops[request_id] = stop
+            cancelled = request_id in self._cancelled
+        if cancelled:
+            stop()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._stops.get(request_id) is stop:
+                    del self._stops[request_id]
 
 
 def _predictor(model):
@@ -217,18 +356,17 @@ def serve(model, *, concurrency: int = 1) -> None:
     _take_stdout()
     predict, cancel = _predictor(model)
     _send({"ready": True})
-    cancelled: set = set()
+    requests = _Requests()
     # Predictions run in threads even one at a time, so that stdin is read on meanwhile
     # and a cancel for a request still waiting arrives before it starts.
     executor = ThreadPoolExecutor(max_workers=max(1, concurrency))
 
     def run(request_id, data):
-        if request_id in cancelled:
-            cancelled.discard(request_id)
+        if not requests.take(request_id):
             return
         _current.request_id = request_id
         try:
-            _answer(request_id, predict, data)
+            _answer(request_id, predict, data, requests)
         finally:
             _current.request_id = None
 
@@ -244,9 +382,7 @@ def serve(model, *, concurrency: int = 1) -> None:
             log(f"not a request: {raw[:200]!r}", "warning")
             continue
         if op == "cancel":
-            if len(cancelled) > 10000:  # ids of requests that had already finished
-                cancelled.clear()
-            cancelled.add(request_id)
+            requests.cancel(request_id)
             if cancel is not None:
                 # The model can stop work in progress: tell it (it matches the id with
                 # current_request_id() in the thread that is predicting).
@@ -258,6 +394,6 @@ def serve(model, *, concurrency: int = 1) -> None:
         if op != "predict":
             _send({"id": request_id, "error": {"message": f"unknown op {op!r}", "status": 400}})
             continue
-        cancelled.discard(request_id)  # an id may come again (a client retrying with its own id)
+        requests.again(request_id)
         executor.submit(run, request_id, message.get("input"))
     executor.shutdown(wait=True)

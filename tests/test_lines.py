@@ -3,6 +3,8 @@ Framing a model's output into lines: L{LineBuffer} on its own, then L{ModelProce
 fed awkwardly split chunks over a StringTransport, reporting to a recording pool.
 """
 
+import json
+
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -263,3 +265,62 @@ def test_stdout_after_the_process_has_exited_is_ignored():
     process.outReceived(b'{"id": "late", "output": 1}\n')
 
     assert pool.events[1:] == []
+
+
+# --- pausing a process's stdout (a slow stream's reader) ------------------------------
+
+
+def test_stdout_is_paused_while_any_holder_holds_it_and_resumed_when_none_does():
+    pool, process = connected()
+    transport = process.transport
+    first, second = object(), object()
+
+    process.pause_stdout(first)
+    assert transport.producerState == "paused"
+    process.pause_stdout(second)
+    process.resume_stdout(first)
+    assert transport.producerState == "paused"
+    process.resume_stdout(first)  # again: no effect
+    process.resume_stdout(second)
+    assert transport.producerState == "producing"
+
+
+# --- gathering chunks and a stream's result -------------------------------------------
+
+
+def test_gathered_strings_are_joined_and_anything_else_is_an_array():
+    from aibackend.lines import Gathered
+
+    strings = Gathered()
+    for text in ("Hel", "lo"):
+        strings.add(text, json.dumps(text).encode())
+    assert strings.answer() == b'"Hello"'
+
+    mixed = Gathered()
+    mixed.add("a", b'"a"')
+    mixed.add({"b": 1}, b'{"b":  1}')
+    assert mixed.answer() == b'["a",{"b":  1}]'
+    assert mixed.size == len(mixed.answer())
+    assert Gathered().answer() == b"[]"
+
+
+def test_a_chunk_is_taken_as_the_model_wrote_it():
+    from aibackend.lines import output_text
+
+    line = b'{"id": "r#1", "chunk": {"big": 123456789012345678901234567890}}'
+    assert output_text(json.loads(line), line, "chunk") == b'{"big": 123456789012345678901234567890}'
+    other = b'{"chunk": [1,2], "id": "r#1"}'
+    assert output_text(json.loads(other), other, "chunk") == b"[1, 2]"
+
+
+def test_a_stream_result_is_the_output_none_or_the_models_error():
+    from aibackend.errors import ApiError
+    from aibackend.interfaces import ModelAnswer
+    from aibackend.lines import stream_result
+
+    assert stream_result(ModelAnswer(status=200, body=b"[1]")) == b"[1]"
+    assert stream_result(ModelAnswer(status=200, body=None)) is None
+    body = json.dumps({"error": {"type": "model_error", "message": "no", "model": "m", "request_id": "r"}})
+    with pytest.raises(ApiError) as raised:
+        stream_result(ModelAnswer(status=429, body=body.encode()))
+    assert (raised.value.status, raised.value.type, raised.value.message) == (429, "model_error", "no")

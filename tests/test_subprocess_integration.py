@@ -363,3 +363,131 @@ async def test_a_crashed_processs_last_words_without_a_line_end_are_logged(start
     await eventually(lambda: entries(model, "stderr"), 1, "the stderr line in the log")
 
     assert [e["line"] for e in entries(model, "stderr")] == ["fatal: no GPU found"]
+
+
+# --- streams ------------------------------------------------------------------------
+
+
+WORKER_CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "worker_cases.py")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("op", ["stream", "astream"])
+@pytest_twisted.ensureDeferred
+async def test_a_real_worker_streams_through_subprocess_model_chunk_by_chunk_before_it_has_finished(op):
+    """A generator predict of aibackend.worker, on the real reactor: each chunk arrives as it is made."""
+    import sys
+
+    from twisted.internet import reactor
+    from zope.interface import implementer
+
+    from aibackend.interfaces import IChunks, IStreaming
+    from aibackend.subprocess import SubprocessModel
+
+    @implementer(IChunks)
+    class Recording:
+        producer = None
+
+        def __init__(self):
+            self.arrivals = []  # (when it arrived, the chunk)
+
+        def chunk(self, data):
+            self.arrivals.append((time.time(), json.loads(data)))
+
+        def registerProducer(self, producer, streaming):
+            self.producer = producer
+
+        def unregisterProducer(self):
+            self.producer = None
+
+    problems = []
+    table = {"id": "gen", "type": "subprocess", "protocol": "jsonl", "command": [sys.executable, WORKER_CASES]}
+    spec = parse_model(Table(table, "models[0]", problems))
+    assert problems == []
+    model = SubprocessModel(spec, reactor=reactor)
+    model.startService()
+    try:
+        await model.whenReady().addTimeout(10, reactor)
+        assert IStreaming.providedBy(model)
+        chunks = Recording()
+        words = ["one", "two", "three", "four"]
+        body = json.dumps({"op": op, "words": words, "pause": 0.25}).encode()
+        output = await model.stream(body, RequestContext(request_id="s"), chunks).addTimeout(10, reactor)
+
+        assert output is None  # done
+        assert [chunk["word"] for _, chunk in chunks.arrivals] == words
+        made_last = chunks.arrivals[-1][1]["at"]
+        # The first chunk was here well before the model made its last one (0.75 s later) ...
+        assert chunks.arrivals[0][0] < made_last - 0.5
+        # ... and each arrived soon after the model wrote it.
+        for arrived, chunk in chunks.arrivals:
+            assert arrived - chunk["at"] < 0.2
+        assert chunks.producer is None  # unregistered at the end
+
+        # A plain request to the same model gets the chunks gathered into one array.
+        answer = await model.send(body, RequestContext(request_id="p")).addTimeout(10, reactor)
+        assert [chunk["word"] for chunk in json.loads(answer.body)] == words
+    finally:
+        await model.stopService().addTimeout(10, reactor)
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_a_paused_stream_stops_reading_the_real_process_and_stopping_it_closes_the_generator():
+    """Flow control and cancel, on the real reactor: paused, nothing more is read; stopped, the model's finally runs."""
+    import sys
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.task import deferLater
+    from zope.interface import implementer
+
+    from aibackend.interfaces import IChunks
+    from aibackend.subprocess import SubprocessModel
+
+    @implementer(IChunks)
+    class Recording:
+        def __init__(self):
+            self.count = 0
+            self.producer = None
+
+        def chunk(self, data):
+            self.count += 1
+            if self.count == 1:
+                self.producer.pauseProducing()  # a slow reader, from its first chunk
+
+        def registerProducer(self, producer, streaming):
+            self.producer = producer
+
+        def unregisterProducer(self):
+            pass
+
+    problems = []
+    table = {"id": "gen", "type": "subprocess", "protocol": "jsonl", "command": [sys.executable, WORKER_CASES]}
+    spec = parse_model(Table(table, "models[0]", problems))
+    assert problems == []
+    model = SubprocessModel(spec, reactor=reactor)
+    model.startService()
+    try:
+        await model.whenReady().addTimeout(10, reactor)
+        chunks = Recording()
+        body = json.dumps({"op": "stream", "words": ["w" * 100], "forever": True}).encode()
+        d = model.stream(body, RequestContext(request_id="s"), chunks)
+        await eventually(lambda: chunks.count, 5, "the first chunk")
+        await deferLater(reactor, 0.3, lambda: None)
+        held = chunks.count  # what the read that held the first chunk had, at most
+        await deferLater(reactor, 0.5, lambda: None)
+        assert chunks.count == held  # paused: nothing more read, though the model never stops
+        chunks.producer.resumeProducing()
+        await eventually(lambda: chunks.count > held + 100, 5, "more chunks once resumed")
+
+        chunks.producer.stopProducing()  # the client left
+        with pytest.raises(CancelledError):
+            await d
+        await eventually(
+            lambda: any(e.get("message", "").startswith("finally ran for s#") for e in entries(model, "model")),
+            5, "the generator's finally",
+        )
+        assert model.in_flight == 0
+    finally:
+        await model.stopService().addTimeout(10, reactor)

@@ -18,11 +18,12 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from aibackend.config import ProcessSettings, SubprocessModelSpec, Table, parse_model
-from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import IModel, IRestartable, ModelAnswer, RequestContext
+from aibackend.errors import ApiError, BadGateway, GatewayTimeout, ModelUnavailable
+from aibackend.interfaces import IChunks, IModel, IRestartable, IStreaming, ModelAnswer, RequestContext
 from aibackend.subprocess import SubprocessModel
 from aibackend.testing import HeldModelServer, failure_of, result_of
 
@@ -43,8 +44,17 @@ class FakeProcess:
         self.stdin = b""
         self.stdin_closed = False
         self.signalled = []
+        self.reading = True  # not paused (pauseProducing / resumeProducing)
+        self.pauses = 0
 
     # the transport's side
+    def pauseProducing(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.reading = True
+
     def write(self, data: bytes) -> None:
         assert not self.stdin_closed, "the daemon wrote after closing the process's stdin"
         self.stdin += data
@@ -1460,3 +1470,267 @@ def test_stopping_an_http_model_server_mid_probe_leaves_no_timer(h):
     assert len(client.requests) == 1  # a probe is on its way
 
     stop_http_model(h, model)
+
+
+# --- jsonl streams ------------------------------------------------------------------
+
+
+@implementer(IChunks)
+class RecordingChunks:
+    """An IChunks that records each chunk with the clock's time and the producer."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.chunks = []
+        self.producer = None
+        self.unregistered = False
+
+    def chunk(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        assert streaming is True
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.unregistered = True
+
+
+def streaming(h, **keys):
+    model = h.model(protocol="jsonl", **keys)
+    (process,) = h.launcher.spawned
+    process.says({"ready": True})
+    return model, process
+
+
+def test_jsonl_provides_istreaming_and_raw_does_not(h):
+    jsonl = h.model(protocol="jsonl", start=False)
+    raw = h.model(protocol="raw", start=False)
+    assert IStreaming.providedBy(jsonl)
+    verifyObject(IStreaming, jsonl)
+    assert not IStreaming.providedBy(raw)
+    verifyObject(IChunks, RecordingChunks(h.clock))
+
+
+def test_a_streams_producer_is_a_push_producer(h):
+    from twisted.internet.interfaces import IPushProducer
+
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    verifyObject(IPushProducer, chunks.producer)
+    process.answers("s", done=True)
+    assert outcome.results == [None]
+    h.stop(model)
+
+
+def test_a_reader_that_fails_on_a_chunk_ends_its_stream_not_the_process(h, logged_errors):
+    model, process = streaming(h)
+
+    class Broken(RecordingChunks):
+        def chunk(self, data):
+            raise RuntimeError("a bug in the reader")
+
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), Broken(h.clock)))
+    wire = process.wire("s")
+    process.answers("s", chunk=1)
+    outcome.error(CancelledError)
+    assert len(logged_errors.flush(RuntimeError)) == 1
+    assert process.messages()[-1] == {"id": wire, "op": "cancel"}
+    assert process.alive and model.in_flight == 0
+    other = h.send(model, request_id="next")
+    process.answers("next", output=2)
+    assert other.answer().body == b"2"
+    h.stop(model)
+
+
+def test_a_stream_gives_each_chunk_in_order_in_the_turn_its_line_is_read_and_ends_with_the_output(h):
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b'{"x": 1}', RequestContext(request_id="s"), chunks))
+    wire = process.wire("s")
+    assert process.messages()[-1] == {"id": wire, "op": "predict", "input": {"x": 1}}
+
+    process.prints(b'{"id": "%s", "chunk": "a"}\n{"id": "%s", "chunk": {"b":  [1, 2]}}\n' % (
+        wire.encode(), wire.encode()))
+    assert chunks.chunks == [b'"a"', b'{"b":  [1, 2]}']  # as the model wrote them, no turn waited
+    assert not outcome.fired
+    process.says({"id": wire, "chunk": 3})
+    assert chunks.chunks[-1] == b"3"
+    process.says({"id": wire, "output": {"n": 3}})
+    assert outcome.results == [b'{"n": 3}']
+    assert chunks.unregistered
+    assert model.in_flight == 0
+    h.stop(model)
+
+
+def test_a_stream_ended_with_done_fires_none(h):
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    process.answers("s", chunk="x")
+    process.answers("s", done=True)
+    assert chunks.chunks == [b'"x"']
+    assert outcome.results == [None]
+    h.stop(model)
+
+
+def test_an_error_mid_stream_fails_the_deferred_after_its_chunks_with_the_plain_requests_error(h):
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    process.answers("s", chunk="x")
+    process.answers("s", error={"message": "out of tokens", "status": 422})
+    assert chunks.chunks == [b'"x"']
+    error = outcome.error(ApiError)
+    assert (error.status, error.type, error.message, error.model) == (422, "model_error", "out of tokens", "m")
+    assert error.as_json("s") == {
+        "error": {"type": "model_error", "message": "out of tokens", "model": "m", "request_id": "s"}
+    }
+    h.stop(model)
+
+
+def test_cancelling_a_stream_sends_the_cancel_op_and_later_chunks_go_nowhere(h):
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    wire = process.wire("s")
+    process.answers("s", chunk=1)
+    chunks.producer.stopProducing()  # the client left
+    outcome.error(CancelledError)
+    assert process.messages()[-1] == {"id": wire, "op": "cancel"}
+    assert model.in_flight == 0
+    process.says({"id": wire, "chunk": 2})
+    assert chunks.chunks == [b"1"]
+    assert [e["event"] for e in events(model)][-1] == "answer to an unknown request"
+    h.stop(model)
+
+
+def test_a_paused_stream_stops_reading_its_process_until_every_paused_stream_of_it_resumes(h):
+    model, process = streaming(h, max_inflight=2)
+    one, two = RecordingChunks(h.clock), RecordingChunks(h.clock)
+    first = Outcome(model.stream(b"{}", RequestContext(request_id="a"), one))
+    second = Outcome(model.stream(b"{}", RequestContext(request_id="b"), two))
+
+    one.producer.pauseProducing()
+    assert not process.reading
+    two.producer.pauseProducing()
+    one.producer.pauseProducing()  # twice: still one pause
+    one.producer.resumeProducing()
+    assert not process.reading  # the other stream is still paused
+    two.producer.resumeProducing()
+    assert process.reading
+    assert process.pauses == 1
+
+    two.producer.pauseProducing()
+    process.answers("b", done=True)  # a stream that ends lets go of its pause
+    assert process.reading
+    process.answers("a", output=1)
+    assert (first.results, second.results) == ([b"1"], [None])
+    h.stop(model)
+
+
+def test_a_stream_paused_while_queued_pauses_its_process_once_it_is_sent(h):
+    model, process = streaming(h)
+    busy = h.send(model, request_id="busy")
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    chunks.producer.pauseProducing()
+    assert process.reading and model.queued == 1
+    process.answers("busy", output=0)
+    assert busy.answer().body == b"0"
+    assert not process.reading
+    chunks.producer.resumeProducing()
+    assert process.reading
+    process.answers("s", done=True)
+    assert outcome.results == [None]
+    h.stop(model)
+
+
+def test_a_streams_deadline_is_the_models_timeout_over_the_whole_stream(h):
+    model, process = streaming(h, timeout=10)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    wire = process.wire("s")
+    for _ in range(9):
+        h.clock.advance(1)
+        process.answers("s", chunk="t")
+    assert not outcome.fired
+    h.clock.advance(1)
+    outcome.error(GatewayTimeout)
+    assert len(chunks.chunks) == 9
+    assert process.messages()[-1] == {"id": wire, "op": "cancel"}
+    h.stop(model)
+
+
+def test_a_stream_is_shed_like_a_request_when_the_queue_is_full(h):
+    model, process = streaming(h, max_queue=0)
+    h.send(model, request_id="busy")
+    chunks = RecordingChunks(h.clock)
+    with pytest.raises(ModelUnavailable):
+        model.stream(b"{}", RequestContext(request_id="s"), chunks)
+    assert chunks.unregistered
+    process.answers("busy", output=0)
+    h.stop(model)
+
+
+# --- a plain request to a model that answers in chunks ------------------------------
+
+
+@pytest.mark.parametrize("chunks, end, body", [
+    (["Hel", "lo", ""], {"done": True}, b'"Hello"'),
+    (["a", 1, {"b": None}], {"done": True}, b'["a",1,{"b": null}]'),
+    (["a", "b"], {"output": {"text": "ab"}}, b'{"text": "ab"}'),
+    ([], {"done": True}, b"[]"),
+])
+def test_a_plain_request_gets_the_chunks_gathered(h, chunks, end, body):
+    model, process = streaming(h)
+    outcome = h.send(model, request_id="p")
+    for chunk in chunks:
+        process.answers("p", chunk=chunk)
+    assert not outcome.fired
+    process.answers("p", **end)
+    answer = outcome.answer()
+    assert answer.status == 200
+    assert answer.body == body
+    assert json.loads(answer.body) == (end["output"] if "output" in end else json.loads(body))
+    h.stop(model)
+
+
+def test_gathered_chunks_past_max_line_bytes_are_a_502_and_the_process_is_told_to_stop(h):
+    model, process = streaming(h, max_line_bytes=100)
+    outcome = h.send(model, request_id="p")
+    wire = process.wire("p")
+    for _ in range(9):
+        process.answers("p", chunk="x" * 8)  # 10 bytes of JSON each
+    assert not outcome.fired
+    process.answers("p", chunk="x" * 8)
+    error = outcome.error(BadGateway)
+    assert "answered more than max_line_bytes (100 bytes)" in error.message
+    assert process.messages()[-1] == {"id": wire, "op": "cancel"}
+    process.answers("p", done=True)  # too late: dropped
+    assert model.in_flight == 0
+    h.stop(model)
+
+
+def test_gathered_chunks_within_max_line_bytes_are_answered(h):
+    model, process = streaming(h, max_line_bytes=100)
+    outcome = h.send(model, request_id="p")
+    for _ in range(9):
+        process.answers("p", chunk=[1, 2, 3])  # 9 bytes + a comma
+    process.answers("p", done=True)
+    assert len(outcome.answer().body) <= 100
+    h.stop(model)
+
+
+def test_a_chunk_that_is_not_strict_json_fails_the_stream_with_502_and_cancels_it(h):
+    model, process = streaming(h)
+    chunks = RecordingChunks(h.clock)
+    outcome = Outcome(model.stream(b"{}", RequestContext(request_id="s"), chunks))
+    wire = process.wire("s")
+    process.answers("s", chunk="ok")
+    process.prints(b'{"id": "%s", "chunk": NaN}\n' % wire.encode())
+    outcome.error(BadGateway)
+    assert chunks.chunks == [b'"ok"']
+    assert process.messages()[-1] == {"id": wire, "op": "cancel"}
+    h.stop(model)

@@ -320,3 +320,76 @@ def test_a_model_with_a_cancel_method_is_told_to_stop_work_in_progress(start_wor
     answer = worker.answer("long", timeout=10)
     assert answer["output"] == {"stopped": True, "id": "long"}
     assert time.monotonic() - started < 5
+
+
+# --- generators stream ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["stream", "astream"])
+def test_a_generator_predict_streams_each_value_as_a_chunk_line_the_moment_it_is_yielded(start_worker, op):
+    worker = start_worker().ready()
+    worker.predict("g", {"op": op, "words": ["a", "b", "c"], "pause": 0.3})
+
+    arrivals = []
+    while True:
+        message = worker.next()
+        if message.get("id") != "g":
+            continue
+        arrivals.append((time.time(), message))
+        if "chunk" not in message:
+            break
+    chunks = [m["chunk"] for _, m in arrivals[:-1]]
+    assert [c["word"] for c in chunks] == ["a", "b", "c"]
+    assert arrivals[-1][1] == {"id": "g", "done": True}
+    # Each line was flushed as it was yielded: the first came long before the last was made.
+    assert arrivals[0][0] < chunks[-1]["at"] - 0.4
+    for (arrived, _), chunk in zip(arrivals, chunks):
+        assert arrived - chunk["at"] < 0.25
+
+
+def test_a_generator_that_returns_a_value_ends_with_it_as_the_output(start_worker):
+    worker = start_worker().ready()
+    worker.predict("g", {"op": "stream", "words": ["x"], "returns": {"total": 1}})
+    before, end = worker.until(lambda m: m.get("id") == "g" and "chunk" not in m)
+    assert [m["chunk"]["word"] for m in before if m.get("id") == "g"] == ["x"]
+    assert end == {"id": "g", "output": {"total": 1}}
+
+
+@pytest.mark.parametrize("op", ["stream", "astream"])
+def test_an_exception_mid_stream_is_the_error_line_after_the_chunks(start_worker, op):
+    worker = start_worker().ready()
+    worker.predict("g", {"op": op, "words": ["a", "b", "c"], "boom_at": 2})
+    before, end = worker.until(lambda m: m.get("id") == "g" and "chunk" not in m)
+    assert [m["chunk"]["word"] for m in before if m.get("id") == "g"] == ["a", "b"]
+    assert end["error"]["status"] == 500
+    assert "boom mid-stream" in end["error"]["message"]
+
+
+@pytest.mark.parametrize("op", ["stream", "astream"])
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_cancel_closes_the_generator_and_its_finally_runs(start_worker, op, concurrency):
+    worker = start_worker(concurrency).ready()
+    worker.predict("g", {"op": op, "words": ["w"], "forever": True, "pause": 0.05})
+    worker.until(lambda m: m.get("id") == "g" and "chunk" in m)
+    worker.write({"id": "g", "op": "cancel"})
+    worker.until(lambda m: m.get("log") == "finally ran for g")
+    # Nothing more for it once closed (a chunk already on its way may still come first).
+    later = worker.nothing_more(0.3)
+    assert all(m.get("id") != "g" for m in later), later
+    # The worker goes on serving.
+    worker.predict("after", {"op": "echo"})
+    assert worker.answer("after")["output"] == {"echo": {"op": "echo"}}
+
+
+def test_streams_run_side_by_side_with_concurrency(start_worker):
+    worker = start_worker(2).ready()
+    worker.predict("one", {"op": "stream", "words": ["a", "b"], "pause": 0.3})
+    worker.predict("two", {"op": "astream", "words": ["c", "d"], "pause": 0.3})
+    seen = []
+    ends = 0
+    while ends < 2:
+        message = worker.next()
+        if "id" in message:
+            seen.append(message["id"])
+            ends += "chunk" not in message
+    assert seen[:2] in (["one", "two"], ["two", "one"])  # both began before either ended

@@ -6,8 +6,13 @@ A model written with aibackend.worker, for tests/test_worker.py.
 Its input says what to do: C{{"op": "sleep", "seconds": s, "tag": t}}, C{"bad"} (BadInput),
 C{"teapot"} (a ModelError with status 418), C{"boom"} (a RuntimeError), C{"print"}
 (prints, and writes on file descriptor 1 directly), C{"nan"}, C{"object"} (output that is
-not JSON), C{"numpy"}, C{"loaded"}; anything else is echoed.
+not JSON), C{"numpy"}, C{"loaded"}; C{"stream"} / C{"astream"} (a generator / an async
+generator yielding C{{"word", "at"}} for each of C{words}, C{pause} seconds apart, then
+returning C{returns} if given; C{"boom_at"}: raising at that word; C{"forever"}: never
+ending, printing "finally ran for <id>" once closed); anything else is echoed.
 """
+
+import asyncio
 
 import os
 import sys
@@ -62,9 +67,43 @@ class Cases:
             stop = self.stops.setdefault(current_request_id(), threading.Event())
             stopped = stop.wait(data["seconds"])
             return {"stopped": stopped, "id": current_request_id()}
+        if op == "stream":
+            return self.words(data, current_request_id())
+        if op == "astream":
+            return self.awords(data, current_request_id())
         if op == "loaded":
             return {"loaded": self.loaded}
         return {"echo": data}
+
+    @staticmethod
+    def words(data, request_id):
+        try:
+            n = 0
+            while data.get("forever") or n < len(data["words"]):
+                if n == data.get("boom_at"):
+                    raise RuntimeError("boom mid-stream")
+                if n:
+                    time.sleep(data.get("pause", 0))
+                word = data["words"][n % len(data["words"])]
+                yield {"word": word, "at": time.time()}
+                n += 1
+            return data.get("returns")
+        finally:
+            print(f"finally ran for {request_id}")
+
+    @staticmethod
+    async def awords(data, request_id):
+        try:
+            n = 0
+            while data.get("forever") or n < len(data["words"]):
+                if n == data.get("boom_at"):
+                    raise RuntimeError("boom mid-stream")
+                if n:
+                    await asyncio.sleep(data.get("pause", 0))
+                yield {"word": data["words"][n % len(data["words"])], "at": time.time()}
+                n += 1
+        finally:
+            print(f"finally ran for {request_id}")
 
 
 if __name__ == "__main__":
