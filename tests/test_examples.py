@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -79,11 +80,23 @@ def test_every_example_model_answers_and_sigterm_leaves_no_example_process(examp
     bad_iris = daemon.predict("iris", {"features": [1, 2]})
     assert bad_iris.status == 400, bad_iris
 
+    # The README's streamed answer: words come one by one, long before the last one is made.
+    arrived = streamed(daemon.port, "/post/predict?id=generate",
+                       b'{"prompt": "the daemon", "max_words": 8, "seed": 7}')
+    words = [json.loads(line[len(b"data: "):]) for _, line in arrived if line.startswith(b"data: ") and
+             not line.startswith(b"data: {")]
+    assert "".join(words) == "asks the model that the request names."
+    assert arrived[-2:][0][1] == b"event: done" and arrived[-1][1] == b'data: {"output": null}'
+    first, last = arrived[0][0], arrived[-1][0]
+    assert last - first >= 0.2  # 50 ms between words: eight of them were not sent together
+    gathered = daemon.predict("generate", {"prompt": "the daemon", "max_words": 8, "seed": 7})
+    assert gathered.status == 200 and gathered.json() == "asks the model that the request names."
+
     processes = {
-        model: daemon.model_pids(model) for model in ("sentiment", "adder", "wordstats", "iris")
+        model: daemon.model_pids(model) for model in ("sentiment", "adder", "wordstats", "iris", "generate")
     }
     assert {model: len(pids) for model, pids in processes.items()} == {
-        "sentiment": 1, "adder": 2, "wordstats": 1, "iris": 2,
+        "sentiment": 1, "adder": 2, "wordstats": 1, "iris": 2, "generate": 1,
     }
     trained = [e["message"] for e in daemon.events("iris", "model")]
     assert any(message.startswith("trained on 150 samples") for message in trained)
@@ -93,6 +106,31 @@ def test_every_example_model_answers_and_sigterm_leaves_no_example_process(examp
     every_pid = set().union(*processes.values())
     assert [pid for pid in every_pid if not reaped(pid)] == []
     assert port_is_free(MODEL_SERVER_PORT)
+
+
+def streamed(port: int, path: str, body: bytes) -> list:
+    """POST C{body} asking for Server-Sent Events; each non-empty line of the answer's body with when it came."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                     + body)
+        buffered, lines, in_body = b"", [], False
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            now = time.monotonic()
+            buffered += data
+            *complete, buffered = buffered.split(b"\n")
+            for line in complete:
+                line = line.rstrip(b"\r")
+                if not in_body:
+                    in_body = line == b""
+                    if line.startswith(b"HTTP/"):
+                        assert line.split()[1] == b"200", line
+                elif line:
+                    lines.append((now, line))
+    return lines
 
 
 def readme_python_block(starting_with: str) -> str:
