@@ -19,6 +19,7 @@ import json
 
 from twisted.internet import threads
 from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -172,7 +173,7 @@ class Relay:
 
         def failed(failure):
             if failure.check(CancelledError):
-                if client_gone(request):
+                if writer.gone():
                     self.done(entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
                     writer.drop()
                     return failure
@@ -288,9 +289,13 @@ class StreamWriter:
         self.request = request
         self.framing = framing
 
+    def gone(self) -> bool:
+        """Has the client gone away?"""
+        return client_gone(self.request)
+
     def _open(self) -> bool:
         request = self.request
-        if request.finished or client_gone(request):
+        if request.finished or self.gone():
             return False
         if not self.started:
             self.started = True
@@ -308,16 +313,17 @@ class StreamWriter:
 
     def registerProducer(self, producer, streaming: bool) -> None:
         request = self.request
-        if request.finished or client_gone(request):
+        if request.finished or self.gone():
             return
         self.producer = producer
-        request.registerProducer(producer, True)
+        request.registerProducer(_ClientEnd(self, producer), True)
 
     def unregisterProducer(self) -> None:
         if self.producer is not None:
             self.producer = None
-            if not (self.request.finished or client_gone(self.request)):
-                self.request.unregisterProducer()
+            request = self.request
+            if request.producer is not None and request.channel is not None:
+                request.unregisterProducer()
 
     def end(self, output: bytes | None) -> None:
         self._last(self.framing.end(output))
@@ -332,7 +338,7 @@ class StreamWriter:
         not stop a request's producer itself).
         """
         producer = self.producer
-        if producer is not None and client_gone(self.request):
+        if producer is not None and self.gone():
             self.producer = None
             producer.stopProducing()
         else:
@@ -344,6 +350,33 @@ class StreamWriter:
             request = self.request
             request.write(data)
             request.finish()
+
+
+@implementer(IPushProducer)
+class _ClientEnd:
+    """
+    A model's producer as the connection sees it: pausing and resuming pass through.
+    Stopping is the connection being lost: a TCP connection stops its producer before the
+    request hears that it is gone, so the request is marked gone here first (the cancel
+    that follows is then a client that left, 499, not a model that abandoned the request,
+    503), and the producer is unregistered while the request still has its channel.
+    """
+
+    def __init__(self, writer: StreamWriter, producer):
+        self.writer = writer
+        self.producer = producer
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        writer = self.writer
+        writer.request.aibackend_gone = True
+        writer.unregisterProducer()
+        self.producer.stopProducing()
 
 
 def _write(body, request):

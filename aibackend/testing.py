@@ -300,7 +300,10 @@ class Stream:
         self.resumes += 1
 
     def stopProducing(self) -> None:
+        # As a real model's producer: stopping it stops the work (the stream is cancelled).
         self.stopped = True
+        if not self.d.called:
+            self.d.cancel()
 
     def _cancel(self, d) -> None:
         self.cancelled = True

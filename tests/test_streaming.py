@@ -364,3 +364,34 @@ async def test_on_a_socket_a_client_that_does_not_read_pauses_the_model(streamin
     stream.end()
     raw = await client.closed
     assert raw.count(b'data: "' + piece.encode() + b'"\n\n') == given
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_socket_a_client_that_closes_mid_stream_is_a_499_and_leaves_no_producer_behind(streaming_site):
+    # A TCP connection stops its producer as it is lost, before the request hears of it:
+    # the cancel that follows is the client's (499), not the model abandoning it (503).
+    from twisted.logger import globalLogPublisher
+
+    port, model = streaming_site
+    failures = []
+
+    def observe(event):
+        if event.get("log_failure") is not None:
+            failures.append(event["log_failure"].getErrorMessage())
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        client = await connect(port, b"POST /post/predict?id=m HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                                     b"Content-Length: 2\r\n\r\n{}")
+        await until(lambda: model.streams, "the model's stream")
+        stream = model.streams[0]
+        stream.chunk("one")
+        await until(lambda: b'data: "one"' in client.data, "the first chunk")
+        client.transport.loseConnection()
+        await client.closed
+        await until(lambda: requests_logged(model), "the request to be logged")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert requests_logged(model) == [(499, "the client went away")]
+    assert stream.stopped or stream.cancelled
+    assert failures == []
