@@ -241,6 +241,8 @@ def _stream(request_id, generator, requests) -> None:
             except Exception as e:
                 _error(request_id, e)
                 return
+            if requests.cancelled(request_id):
+                return  # cancelled while the value was made: the daemon forgot the request
             if not _chunk(request_id, value):
                 return
     finally:
@@ -254,6 +256,8 @@ def _stream_async(request_id, generator, requests) -> None:
     async def drain():
         try:
             async for value in generator:
+                if requests.cancelled(request_id):
+                    return  # cancelled while the value was made: the daemon forgot the request
                 if not _chunk(request_id, value):
                     return
             _send({"id": request_id, "done": True})

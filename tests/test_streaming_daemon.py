@@ -174,9 +174,9 @@ def test_a_hundred_concurrent_streams_each_get_exactly_their_own_chunks_in_order
 
 LEAVING = {
     "jsonl-script": ("single", {"op": "ticks", "end": "never", "pause": 0.05}, {"op": "pid"}, None),
-    "worker-generator": ("gen", {"words": ["w"], "forever": True, "pause": 0.05}, {"words": ["a", "b"]}, "GeneratorExit"),
+    "worker-generator": ("gen", {"words": ["w"], "forever": True, "pause": 0.05}, {"words": ["a", "b"]}, ("GeneratorExit",)),
     "worker-async-generator": ("gen", {"words": ["w"], "forever": True, "pause": 0.05, "async": True},
-                               {"words": ["a", "b"]}, "CancelledError"),
+                               {"words": ["a", "b"]}, ("CancelledError", "GeneratorExit")),
 }
 
 
@@ -200,7 +200,7 @@ def test_a_client_that_leaves_mid_stream_ends_the_models_work(daemon, tmp_path, 
     print(f"\n{case}: the model saw the client leave {delay * 1000:.1f} ms after it did")
     assert delay < CANCEL_BOUND
     if how is not None:
-        assert seen["how"] == how
+        assert seen["how"] in how
     else:
         assert seen["id"].startswith(request_id + "#")
 
@@ -213,6 +213,9 @@ def test_a_client_that_leaves_mid_stream_ends_the_models_work(daemon, tmp_path, 
     assert reply.status == 200, reply
     status = daemon.status(model_id).json()
     assert (status["in_flight"], status["queued"]) == (0, 0)
+    # Nothing came for the request after its cancel (it came before that next answer, if at all).
+    late = [e for e in daemon.logs(model_id) if request_id in e.get("line", "")]
+    assert late == [], "the model wrote for the request after the cancel"
 
 
 # --- 4. an error in the middle ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ Its input: C{{"words": [...], "pause": s, "forever": false, "mark": file, "chunk
 before all but the first; C{"stamped"}: C{{"word", "at": time.time()}}), C{pause} seconds
 apart, over and over with C{forever}. When the generator is closed before its end (the
 daemon's cancel), C{{"at": time.time(), "how": "GeneratorExit"|"CancelledError"}} is
-written to C{mark}; C{"boom_at": k} raises at word k.
+written to C{mark}; C{"boom_at": k} raises at word k (the plain generator).
 """
 
 import asyncio
@@ -60,8 +60,8 @@ async def awords(data):
                 await asyncio.sleep(data.get("pause", 0))
             yield _value(data, n)
             n += 1
-    except asyncio.CancelledError:
-        _closed(data.get("mark"), "CancelledError")
+    except (asyncio.CancelledError, GeneratorExit) as e:  # cancelled where it awaits, or closed between steps
+        _closed(data.get("mark"), type(e).__name__)
         raise
 
 
