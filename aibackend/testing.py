@@ -1623,28 +1623,50 @@ class StreamEvent(NamedTuple):
 class Streamed:
     """
     A request to the real daemon whose answer is read as a stream, on a connection of its
-    own: L{status} and L{headers} once the first byte has come, then L{events} (SSE or
-    NDJSON, as C{framing} asks with C{Accept}), each as it arrives. L{leave} drops the
-    connection mid-stream (the client goes away); L{close} at the end.
+    own: the request is sent at once; L{status} and L{headers} wait for the answer's
+    first byte; L{events} (SSE or NDJSON, as the answer's type says) come each as it
+    arrives. L{leave} drops the connection (the client goes away, at any point);
+    L{close} at the end.
 
-    @param framing: C{"sse"} or C{"ndjson"}; None sends no C{Accept} (the path may say
-        C{stream=true}).
+    @param framing: C{"sse"} or C{"ndjson"}, asked for with C{Accept}; None sends no
+        C{Accept} (the path may say C{stream=true}).
+    @param receive_buffer: the client socket's C{SO_RCVBUF}, set before it connects (a
+        small one makes a slow reader whose daemon soon pauses the model).
     """
 
     def __init__(self, port: int, method: str, path: str, body=None, *, framing: str | None = "sse",
-                 headers=None, timeout: float = 15.0):
+                 headers=None, timeout: float = 15.0, receive_buffer: int | None = None):
         headers = dict(headers or {})
         if framing is not None:
             headers.setdefault("Accept", STREAM_ACCEPT[framing])
         body, headers = _json_body(body, headers)
         self.framing = framing
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        if receive_buffer is not None:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(timeout)
+            sock.connect(("127.0.0.1", port))
+            self.connection.sock = sock
         self.connection.request(method, path, body=body, headers=headers)
-        self.response = self.connection.getresponse()
-        self.status = self.response.status
-        self.headers = Headers((k.lower(), v) for k, v in self.response.getheaders())
+        self._response = None
         self.comments = 0  # SSE comment lines (keepalives) seen
         self._buffer = b""
+
+    @property
+    def response(self) -> http.client.HTTPResponse:
+        """The answer, once its status line and headers have come."""
+        if self._response is None:
+            self._response = self.connection.getresponse()
+        return self._response
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def headers(self) -> Headers:
+        return Headers((k.lower(), v) for k, v in self.response.getheaders())
 
     def _lines(self):
         """Each line of the body as it arrives, with when it did."""
@@ -1719,8 +1741,28 @@ class Streamed:
         return at
 
     def close(self) -> None:
-        self.response.close()
+        if self._response is not None:
+            self._response.close()
         self.connection.close()
 
 
-__all__ += ["STREAMER", "STREAM_ACCEPT", "STREAM_WORKER", "StreamEvent", "Streamed"]
+def blocked_writing(pid: int) -> bool:
+    """
+    Is a thread of process C{pid} asleep writing to a full pipe (its stdout, when the
+    daemon has stopped reading it)? What the kernel says in C{/proc/PID/task/*/wchan}.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                if "pipe_write" in f.read():
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return False
+
+
+__all__ += ["STREAMER", "STREAM_ACCEPT", "STREAM_WORKER", "StreamEvent", "Streamed", "blocked_writing"]

@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 import pytest
 
 from aibackend.testing import (
-    ADMIN_TOKEN, STREAM_WORKER, STREAMER, Daemon, Streamed, config_text, toml_models, wait_until,
+    ADMIN_TOKEN, STREAM_WORKER, STREAMER, Daemon, Streamed, blocked_writing, config_text, toml_models, wait_until,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -68,12 +68,12 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{next(_ids)}"
 
 
-def post(daemon, model_id: str, ask, framing="sse", request_id=None, headers=None, timeout=15.0) -> Streamed:
+def post(daemon, model_id: str, ask, framing="sse", request_id=None, headers=None, **options) -> Streamed:
     headers = dict(headers or {})
     if request_id is not None:
         headers["X-Request-Id"] = request_id
     return Streamed(daemon.port, "POST", f"/post/predict?id={model_id}", ask, framing=framing, headers=headers,
-                    timeout=timeout)
+                    **options)
 
 
 def read_to_the_end(stream: Streamed) -> list:
@@ -113,7 +113,7 @@ def assert_streaming_headers(stream: Streamed, framing: str) -> None:
 @pytest.mark.parametrize("method, framing", [("POST", "sse"), ("POST", "ndjson"), ("GET", "sse"), ("GET", "ndjson")])
 def test_each_chunk_reaches_the_client_before_the_model_makes_the_next(daemon, method, framing):
     tag = unique(f"{method}-{framing}")
-    ask = {"op": "ticks", "n": 4, "pause": 0.3, "tag": tag, "end": "output"}
+    ask = {"op": "ticks", "n": 3, "pause": 0.25, "tag": tag, "end": "output"}
     if method == "POST":
         stream = post(daemon, "streamer", ask, framing)
     elif framing == "sse":  # GET asks with ?stream=true, not Accept
@@ -125,9 +125,9 @@ def test_each_chunk_reaches_the_client_before_the_model_makes_the_next(daemon, m
     events = read_to_the_end(stream)
 
     chunks, last = events[:-1], events[-1]
-    assert [(e.kind, e.data["tag"], e.data["i"]) for e in chunks] == [("chunk", tag, i) for i in range(4)]
-    assert (last.kind, last.data) == ("done", {"tag": tag, "chunks": 4})
-    # Each chunk was read by the client before the model made the next one (0.3 s later).
+    assert [(e.kind, e.data["tag"], e.data["i"]) for e in chunks] == [("chunk", tag, i) for i in range(3)]
+    assert (last.kind, last.data) == ("done", {"tag": tag, "chunks": 3})
+    # Each chunk was read by the client before the model made the next one (0.25 s later).
     for chunk, following in zip(chunks, chunks[1:]):
         assert chunk.at < following.data["at"], f"chunk {chunk.data['i']} came only after the next was made"
     lags = [round((e.at - e.data["at"]) * 1000, 1) for e in chunks]
@@ -138,12 +138,12 @@ def test_each_chunk_reaches_the_client_before_the_model_makes_the_next(daemon, m
 
 
 def test_a_hundred_concurrent_streams_each_get_exactly_their_own_chunks_in_order(daemon):
-    count, n = 100, 5
+    count, n = 100, 4
     run = unique("many")
 
     def one(k):
         framing = "sse" if k % 2 else "ndjson"
-        stream = post(daemon, "streamer", {"op": "ticks", "n": n, "pause": 0.3, "tag": f"{run}-{k}", "end": "output"},
+        stream = post(daemon, "streamer", {"op": "ticks", "n": n, "pause": 0.25, "tag": f"{run}-{k}", "end": "output"},
                       framing, request_id=f"{run}-{k}", timeout=30)
         assert_streaming_headers(stream, framing)
         return read_to_the_end(stream)
@@ -216,6 +216,76 @@ def test_a_client_that_leaves_mid_stream_ends_the_models_work(daemon, tmp_path, 
     # Nothing came for the request after its cancel (it came before that next answer, if at all).
     late = [e for e in daemon.logs(model_id) if request_id in e.get("line", "")]
     assert late == [], "the model wrote for the request after the cancel"
+
+
+def test_a_client_that_leaves_before_the_first_chunk_ends_the_models_work(daemon, tmp_path):
+    for method in ("POST", "GET"):
+        mark = tmp_path / f"cancelled-{method}"
+        request_id = unique(f"early-{method}")
+        ask = {"op": "ticks", "first": 20, "end": "never", "mark": str(mark)}
+        headers = {"X-Request-Id": request_id}
+        if method == "POST":
+            stream = post(daemon, "single", ask, headers=headers)
+        else:
+            stream = Streamed(daemon.port, "GET", "/get/predict?id=single&" + urlencode(ask), headers=headers)
+        wait_until(lambda: daemon.status("single").json()["in_flight"] == 1, 5, "the request to reach the model")
+
+        left = stream.leave()  # nothing of the answer has come: not even its status
+
+        wait_until(mark.exists, 5, "the model to see the cancel")
+        delay = json.loads(mark.read_text())["at"] - left
+        print(f"\n{method}, before the first chunk: the model saw the client leave {delay * 1000:.1f} ms after it did")
+        assert delay < CANCEL_BOUND
+        assert logged_once(daemon, "single", request_id)["status"] == 499
+        assert daemon.predict("single", {"op": "pid"}, timeout=10).status == 200
+
+
+def test_a_client_that_leaves_while_its_stream_waits_for_the_model_frees_its_place(daemon):
+    busy = post(daemon, "single", {"op": "ticks", "n": 4, "pause": 0.2, "end": "output", "tag": "busy"})
+    events = busy.events()
+    assert next(events).kind == "chunk"
+    request_id = unique("queued")
+    waiting = post(daemon, "single", {"op": "ticks", "n": 1}, request_id=request_id)
+    wait_until(lambda: daemon.status("single").json()["queued"] == 1, 5, "the second stream to wait")
+
+    waiting.leave()
+
+    wait_until(lambda: daemon.status("single").json()["queued"] == 0, 5, "the queue to be empty")
+    assert logged_once(daemon, "single", request_id)["status"] == 499
+    rest = list(events)  # the stream in the process goes on, untouched
+    busy.close()
+    assert [e.data["i"] for e in rest[:-1]] == [1, 2, 3]
+    assert (rest[-1].kind, rest[-1].data) == ("done", {"tag": "busy", "chunks": 4})
+
+
+PAUSED = {
+    "jsonl-script": ("single", {"op": "ticks", "end": "never", "pause": 0, "pad": 2000}, {"op": "pid"}),
+    "worker-generator": ("gen", {"words": ["w" * 2000], "forever": True, "pause": 0}, {"words": ["a"]}),
+}
+
+
+@pytest.mark.parametrize("case", list(PAUSED))
+def test_a_slow_reader_that_leaves_a_paused_stream_ends_the_models_work(daemon, tmp_path, case):
+    model_id, ask, after = PAUSED[case]
+    (pid,) = daemon.pids(model_id)
+    mark = tmp_path / "cancelled"
+    request_id = unique("paused")
+    stream = post(daemon, model_id, {**ask, "mark": str(mark)}, request_id=request_id, receive_buffer=4096)
+    assert next(stream.events()).kind == "chunk"
+    # The client reads no more: the daemon stops reading the model, which then blocks writing.
+    wait_until(lambda: blocked_writing(pid), 10, "the model to be paused (blocked writing its stdout)")
+
+    left = stream.leave()
+
+    wait_until(mark.exists, 5, "the model to see the cancel")
+    delay = json.loads(mark.read_text().splitlines()[-1])["at"] - left
+    print(f"\n{case}, paused: the model saw the client leave {delay * 1000:.1f} ms after it did")
+    assert delay < CANCEL_BOUND
+    assert logged_once(daemon, model_id, request_id)["status"] == 499
+    reply = daemon.predict(model_id, after, timeout=10)
+    assert reply.status == 200, reply
+    late = [e for e in daemon.logs(model_id) if request_id in e.get("line", "")]
+    print(f"{case}, paused: {len(late)} lines the model had written for the request were read after it left")
 
 
 # --- 4. an error in the middle ----------------------------------------------------------------------

@@ -8,14 +8,14 @@ select() between the chunks that are due, so a cancel is seen as soon as it come
 What a request asks (C{{"op": ...}}):
 
   - C{ticks}: C{n} chunks C{{"tag": tag, "i": k, "at": time.time(), "pid": pid}}, C{pause}
-    seconds apart (the first at once), then the end C{end} says (numbers may be given as
+    seconds apart (the first after C{first} seconds, 0 by default), then the end C{end} says (numbers may be given as
     strings, as a GET's query parameters are):
       - C{"done"} (the default): C{{"id", "done": true}}
       - C{"output"}: C{{"id", "output": {"tag", "chunks": n}}}
       - C{"error"}: C{{"id", "error": {"message": message, "status": status}}}
       - C{"crash"}: a line on stderr, and the process exits with status 3
       - C{"never"}: chunks forever
-    With C{mark} (a file name), a cancel of the request appends C{{"id", "at"}} (when it
+    With C{pad}, each chunk also has C{"pad"}: that many C{x}. With C{mark} (a file name), a cancel of the request appends C{{"id", "at"}} (when it
     was read) to that file, one JSON line per cancel.
   - C{pid}: answers C{{"pid": its pid}} at once.
 """
@@ -44,7 +44,7 @@ def start(wire_id, request) -> None:
     if op != "ticks":
         send({"id": wire_id, "error": {"message": f"unknown op {op!r}", "status": 400}})
         return
-    streams[wire_id] = {"request": request, "i": 0, "due": time.monotonic()}
+    streams[wire_id] = {"request": request, "i": 0, "due": time.monotonic() + float(request.get("first", 0))}
 
 
 def step(wire_id, stream) -> None:
@@ -52,7 +52,10 @@ def step(wire_id, stream) -> None:
     i = stream["i"]
     end = request.get("end", "done")
     if end == "never" or i < int(request.get("n", 3)):
-        send({"id": wire_id, "chunk": {"tag": request.get("tag"), "i": i, "at": time.time(), "pid": os.getpid()}})
+        chunk = {"tag": request.get("tag"), "i": i, "at": time.time(), "pid": os.getpid()}
+        if request.get("pad"):
+            chunk["pad"] = "x" * int(request["pad"])
+        send({"id": wire_id, "chunk": chunk})
         stream["i"] = i + 1
         stream["due"] = time.monotonic() + float(request.get("pause", 0))
         return
