@@ -307,6 +307,35 @@ def test_an_error_line_after_chunks_ends_the_stream_with_the_error_document(daem
     assert (entry["status"], entry["error"]) == (422, "ran out of words")
 
 
+def test_a_worker_generator_that_raises_mid_stream_ends_it_with_the_error_event(daemon):
+    request_id = unique("boom")
+    stream = post(daemon, "gen", {"words": ["a", "b", "c"], "boom_at": 2}, request_id=request_id)
+    assert_streaming_headers(stream, "sse")
+
+    events = read_to_the_end(stream)
+
+    assert [(e.kind, e.data) for e in events[:-1]] == [("chunk", "a"), ("chunk", " b")]
+    assert events[-1].kind == "error"
+    assert events[-1].data == {"error": {"type": "model_error", "message": "RuntimeError: boom mid-stream",
+                                         "model": "gen", "request_id": request_id}}
+    assert logged_once(daemon, "gen", request_id)["status"] == 500
+
+
+@pytest.mark.parametrize("framing", ["sse", "ndjson"])
+def test_an_error_before_the_first_chunk_is_answered_with_its_status(daemon, framing):
+    request_id = unique(f"refused-{framing}")
+    stream = post(daemon, "streamer", {"op": "ticks", "n": 0, "end": "error", "status": 422, "message": "no words"},
+                  framing, request_id)
+    try:
+        assert stream.status == 422
+        assert stream.headers["content-type"] == "application/json"
+        assert json.loads(stream.rest()) == {"error": {"type": "model_error", "message": "no words",
+                                                       "model": "streamer", "request_id": request_id}}
+    finally:
+        stream.close()
+    assert logged_once(daemon, "streamer", request_id)["status"] == 422
+
+
 def test_the_sse_error_event_is_on_the_wire_as_documented(daemon):
     request_id = unique("fails-raw")
     stream = post(daemon, "streamer", {"op": "ticks", "n": 1, "end": "error", "status": 503, "message": "no"},
