@@ -220,7 +220,7 @@ def _stream(request_id, generator, requests) -> None:
     """
     A generator's values, each a chunk line as soon as it is yielded; then C{done}, or
     the C{output} it returns. A cancel closes it before its next step (its C{finally}
-    runs); a step under way is not interrupted.
+    runs); a step under way is not interrupted, and the value it makes is not sent.
     """
     try:
         while True:
