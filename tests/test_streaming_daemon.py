@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -132,6 +131,20 @@ def test_each_chunk_reaches_the_client_before_the_model_makes_the_next(daemon, m
         assert chunk.at < following.data["at"], f"chunk {chunk.data['i']} came only after the next was made"
     lags = [round((e.at - e.data["at"]) * 1000, 1) for e in chunks]
     print(f"\n{method} {framing}: ms from the model's write to the client's read, per chunk: {lags}")
+
+
+def test_a_worker_generators_chunks_reach_the_client_before_it_makes_the_next(daemon):
+    words = ["one", "two", "three"]
+    stream = post(daemon, "gen", {"words": words, "pause": 0.25, "chunks": "stamped"}, "ndjson")
+    assert_streaming_headers(stream, "ndjson")
+
+    events = read_to_the_end(stream)
+
+    chunks = events[:-1]
+    assert [(e.kind, e.data["word"]) for e in chunks] == [("chunk", word) for word in words]
+    assert (events[-1].kind, events[-1].data) == ("done", None)
+    for chunk, following in zip(chunks, chunks[1:]):
+        assert chunk.at < following.data["at"], f"{chunk.data['word']!r} came only after the next was made"
 
 
 # --- 2. 100 concurrent streams ------------------------------------------------------------------
