@@ -1669,7 +1669,7 @@ class Streamed:
         return Headers((k.lower(), v) for k, v in self.response.getheaders())
 
     def _lines(self):
-        """Each line of the body as it arrives, with when it did."""
+        """Each line of the body (without its line end) as soon as it has arrived."""
         while True:
             while b"\n" in self._buffer:
                 line, self._buffer = self._buffer.split(b"\n", 1)
@@ -1728,7 +1728,7 @@ class Streamed:
             self.close()
 
     def rest(self) -> bytes:
-        """What is left of the body (a plain answer, or the stream's bytes not read yet)."""
+        """What is left of the body, read to its end (a plain answer, or what a stream still had to say)."""
         return self._buffer + self.response.read()
 
     def leave(self) -> float:

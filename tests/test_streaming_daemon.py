@@ -187,7 +187,8 @@ def test_a_hundred_concurrent_streams_each_get_exactly_their_own_chunks_in_order
 
 LEAVING = {
     "jsonl-script": ("single", {"op": "ticks", "end": "never", "pause": 0.05}, {"op": "pid"}, None),
-    "worker-generator": ("gen", {"words": ["w"], "forever": True, "pause": 0.05}, {"words": ["a", "b"]}, ("GeneratorExit",)),
+    "worker-generator": ("gen", {"words": ["w"], "forever": True, "pause": 0.05}, {"words": ["a", "b"]},
+                         ("GeneratorExit",)),
     "worker-async-generator": ("gen", {"words": ["w"], "forever": True, "pause": 0.05, "async": True},
                                {"words": ["a", "b"]}, ("CancelledError", "GeneratorExit")),
 }

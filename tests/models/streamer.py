@@ -15,8 +15,9 @@ What a request asks (C{{"op": ...}}):
       - C{"error"}: C{{"id", "error": {"message": message, "status": status}}}
       - C{"crash"}: a line on stderr, and the process exits with status 3
       - C{"never"}: chunks forever
-    With C{pad}, each chunk also has C{"pad"}: that many C{x}. With C{mark} (a file name), a cancel of the request appends C{{"id", "at"}} (when it
-    was read) to that file, one JSON line per cancel.
+    With C{pad}, each chunk also has C{"pad"}: that many C{x}. With C{mark} (a file
+    name), a cancel of the request appends C{{"id", "at"}} (when it was read) to that
+    file, one JSON line per cancel.
   - C{pid}: answers C{{"pid": its pid}} at once.
 """
 
