@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -153,9 +154,11 @@ def test_a_worker_generators_chunks_reach_the_client_before_it_makes_the_next(da
 def test_a_hundred_concurrent_streams_each_get_exactly_their_own_chunks_in_order(daemon):
     count, n = 100, 4
     run = unique("many")
+    everyone = threading.Barrier(count, timeout=20)  # the requests go together
 
     def one(k):
         framing = "sse" if k % 2 else "ndjson"
+        everyone.wait()
         stream = post(daemon, "streamer", {"op": "ticks", "n": n, "pause": 0.25, "tag": f"{run}-{k}", "end": "output"},
                       framing, request_id=f"{run}-{k}", timeout=30)
         assert_streaming_headers(stream, framing)
@@ -172,7 +175,7 @@ def test_a_hundred_concurrent_streams_each_get_exactly_their_own_chunks_in_order
     spans = [(events[0].data["at"], events[-2].data["at"]) for events in results]
     together = max(sum(1 for start, end in spans if start <= moment <= end) for moment, _ in spans)
     print(f"\nstreams in flight together at most: {together} of {count}")
-    assert together >= 20
+    assert together >= count // 2
     assert len({e.data["pid"] for events in results for e in events[:-1]}) == 2
     # Nothing is left in flight, and each stream was logged once, as 200.
     status = daemon.status("streamer").json()
