@@ -1597,3 +1597,172 @@ __all__ = [
     "with_mark",
     "write",
 ]
+
+
+# --- sockets (issue 14) ---
+#
+# A streamed answer of the real daemon, read on a real socket as it comes: each event
+# with the moment it arrived (time.time(), the clock models write in their chunks).
+
+STREAMER = os.path.join(ROOT, "tests", "models", "streamer.py")  # a hand-written jsonl model that streams
+STREAM_WORKER = os.path.join(ROOT, "tests", "models", "stream_worker.py")  # an aibackend.worker generator
+STREAM_ACCEPT = {"sse": "text/event-stream", "ndjson": "application/x-ndjson"}
+
+
+class StreamEvent(NamedTuple):
+    """
+    One event of a streamed answer: C{kind} is C{"chunk"}, C{"done"} or C{"error"};
+    C{data} the chunk, the final output, or the error document; C{at} when it arrived.
+    """
+
+    at: float
+    kind: str
+    data: object
+
+
+class Streamed:
+    """
+    A request to the real daemon whose answer is read as a stream, on a connection of its
+    own: the request is sent at once; L{status} and L{headers} wait for the answer's
+    first byte; L{events} (SSE or NDJSON, as the answer's type says) come each as it
+    arrives. L{leave} drops the connection (the client goes away, at any point);
+    L{close} at the end.
+
+    @param framing: C{"sse"} or C{"ndjson"}, asked for with C{Accept}; None sends no
+        C{Accept} (the path may say C{stream=true}).
+    @param receive_buffer: the client socket's C{SO_RCVBUF}, set before it connects (a
+        small one makes a slow reader whose daemon soon pauses the model).
+    """
+
+    def __init__(self, port: int, method: str, path: str, body=None, *, framing: str | None = "sse",
+                 headers=None, timeout: float = 15.0, receive_buffer: int | None = None):
+        headers = dict(headers or {})
+        if framing is not None:
+            headers.setdefault("Accept", STREAM_ACCEPT[framing])
+        body, headers = _json_body(body, headers)
+        self.framing = framing
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        if receive_buffer is not None:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(timeout)
+            sock.connect(("127.0.0.1", port))
+            self.connection.sock = sock
+        self.connection.request(method, path, body=body, headers=headers)
+        self._response = None
+        self.comments = 0  # SSE comment lines (keepalives) seen
+        self._buffer = b""
+
+    @property
+    def response(self) -> http.client.HTTPResponse:
+        """The answer, once its status line and headers have come."""
+        if self._response is None:
+            self._response = self.connection.getresponse()
+        return self._response
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def headers(self) -> Headers:
+        return Headers((k.lower(), v) for k, v in self.response.getheaders())
+
+    def _lines(self):
+        """Each line of the body (without its line end) as soon as it has arrived."""
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                yield line
+            data = self.response.read1(65536)
+            if not data:
+                if self._buffer:
+                    raise AssertionError(f"the stream ended in the middle of a line: {self._buffer[:200]!r}")
+                return
+            self._buffer += data
+
+    def events(self):
+        """Each event as it arrives, until the stream ends (the done or error event, or the connection's end)."""
+        if self.headers.get("content-type") == "application/x-ndjson":
+            for line in self._lines():
+                event = self._ndjson(json.loads(line))
+                yield event
+                if event.kind != "chunk":
+                    return
+            return
+        kind, data = None, []
+        for line in self._lines():
+            if line.startswith(b":"):
+                self.comments += 1
+            elif line.startswith(b"event: "):
+                kind = line[len(b"event: "):].decode()
+            elif line.startswith(b"data: "):
+                data.append(line[len(b"data: "):].decode())
+            elif line == b"":
+                if data:
+                    value = json.loads("\n".join(data))
+                    if kind == "done":
+                        value = value["output"]
+                    event = StreamEvent(time.time(), kind or "chunk", value)
+                    yield event
+                    if event.kind != "chunk":
+                        return
+                kind, data = None, []
+            else:
+                raise AssertionError(f"not a line of Server-Sent Events: {line[:200]!r}")
+
+    @staticmethod
+    def _ndjson(value) -> StreamEvent:
+        at = time.time()
+        if isinstance(value, dict) and set(value) == {"chunk"}:
+            return StreamEvent(at, "chunk", value["chunk"])
+        if isinstance(value, dict) and value.get("done") is True:
+            return StreamEvent(at, "done", value["output"])
+        return StreamEvent(at, "error", value)
+
+    def read_all(self) -> list[StreamEvent]:
+        """Every event to the end; the connection is closed after."""
+        try:
+            return list(self.events())
+        finally:
+            self.close()
+
+    def rest(self) -> bytes:
+        """What is left of the body, read to its end (a plain answer, or what a stream still had to say)."""
+        return self._buffer + self.response.read()
+
+    def leave(self) -> float:
+        """Drop the connection now, as a client that goes away; when it did (time.time())."""
+        sock = self.connection.sock
+        at = time.time()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.close()
+        return at
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+        self.connection.close()
+
+
+def blocked_writing(pid: int) -> bool:
+    """
+    Is a thread of process C{pid} asleep writing to a full pipe (its stdout, when the
+    daemon has stopped reading it)? What the kernel says in C{/proc/PID/task/*/wchan}.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                if "pipe_write" in f.read():
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return False
+
+
+__all__ += ["STREAMER", "STREAM_ACCEPT", "STREAM_WORKER", "StreamEvent", "Streamed", "blocked_writing"]

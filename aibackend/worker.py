@@ -220,7 +220,7 @@ def _stream(request_id, generator, requests) -> None:
     """
     A generator's values, each a chunk line as soon as it is yielded; then C{done}, or
     the C{output} it returns. A cancel closes it before its next step (its C{finally}
-    runs); a step under way is not interrupted.
+    runs); a step under way is not interrupted, and the value it makes is not sent.
     """
     try:
         while True:
@@ -241,6 +241,8 @@ def _stream(request_id, generator, requests) -> None:
             except Exception as e:
                 _error(request_id, e)
                 return
+            if requests.cancelled(request_id):
+                return  # cancelled while the value was made: the daemon forgot the request
             if not _chunk(request_id, value):
                 return
     finally:
@@ -254,6 +256,8 @@ def _stream_async(request_id, generator, requests) -> None:
     async def drain():
         try:
             async for value in generator:
+                if requests.cancelled(request_id):
+                    return  # cancelled while the value was made: the daemon forgot the request
                 if not _chunk(request_id, value):
                     return
             _send({"id": request_id, "done": True})
