@@ -1606,26 +1606,32 @@ def test_cancelling_a_stream_sends_the_cancel_op_and_later_chunks_go_nowhere(h):
     h.stop(model)
 
 
-def test_a_paused_stream_stops_reading_its_process_until_every_paused_stream_of_it_resumes(h):
+def test_a_paused_stream_stops_reading_its_process_only_while_it_is_the_only_request_there(h):
+    # Reading stdout is all or nothing: a slow reader holds its process only while no other
+    # request waits for that process's lines (the relay bounds what waits for the reader).
     model, process = streaming(h, max_inflight=2)
     one, two = RecordingChunks(h.clock), RecordingChunks(h.clock)
     first = Outcome(model.stream(b"{}", RequestContext(request_id="a"), one))
-    second = Outcome(model.stream(b"{}", RequestContext(request_id="b"), two))
 
     one.producer.pauseProducing()
-    assert not process.reading
-    two.producer.pauseProducing()
+    assert not process.reading  # alone: its process waits for its reader
     one.producer.pauseProducing()  # twice: still one pause
+    assert process.pauses == 1
+    second = Outcome(model.stream(b"{}", RequestContext(request_id="b"), two))
+    assert process.reading  # another request there: the process is read again
+    two.producer.pauseProducing()
+    assert process.reading  # and neither slow reader holds it up now
     one.producer.resumeProducing()
-    assert not process.reading  # the other stream is still paused
     two.producer.resumeProducing()
     assert process.reading
     assert process.pauses == 1
 
-    two.producer.pauseProducing()
-    process.answers("b", done=True)  # a stream that ends lets go of its pause
-    assert process.reading
+    process.answers("b", done=True)
+    one.producer.pauseProducing()  # alone again: held again
+    assert not process.reading
+    one.producer.resumeProducing()
     process.answers("a", output=1)
+    assert process.reading
     assert (first.results, second.results) == ([b"1"], [None])
     h.stop(model)
 
