@@ -1606,6 +1606,31 @@ def test_cancelling_a_stream_sends_the_cancel_op_and_later_chunks_go_nowhere(h):
     h.stop(model)
 
 
+def test_the_lines_a_model_still_prints_for_a_request_it_was_told_to_drop_are_logged_once_at_info(h):
+    model, process = streaming(h, timeout=5, max_inflight=2)
+    chunks = RecordingChunks(h.clock)
+    stream = Outcome(model.stream(b"{}", RequestContext(request_id="c"), chunks))
+    slow = h.send(model, request_id="t")
+    cancelled, timed_out = process.wire("c"), process.wire("t")
+    chunks.producer.stopProducing()  # the client left
+    stream.error(CancelledError)
+    h.clock.advance(1)
+    process.says({"log": "working"})  # alive: the timed-out request is cancelled, not the process
+    h.clock.advance(4)
+    slow.error(GatewayTimeout)
+
+    process.says({"id": cancelled, "chunk": 1}, {"id": cancelled, "chunk": 2}, {"id": cancelled, "done": True},
+                 {"id": timed_out, "output": "late"}, {"id": "nobody#1", "chunk": 3})
+
+    logged = [(e["level"], e.get("request"), e["line"]) for e in events(model, "answer to an unknown request")]
+    assert logged == [
+        ("info", "cancelled", json.dumps({"id": cancelled, "chunk": 1})),
+        ("info", "timed out", json.dumps({"id": timed_out, "output": "late"})),
+        ("warning", None, json.dumps({"id": "nobody#1", "chunk": 3})),
+    ]
+    h.stop(model)
+
+
 def test_a_paused_stream_stops_reading_its_process_only_while_it_is_the_only_request_there(h):
     # Reading stdout is all or nothing: a slow reader holds its process only while no other
     # request waits for that process's lines (the relay bounds what waits for the reader).
