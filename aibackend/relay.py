@@ -346,12 +346,18 @@ class StreamWriter:
     @ivar stream_end: how the stream ended (L{aibackend.metrics.STREAM_ENDS}), once it has.
     """
 
-    started = False
-    producer = None
+    __slots__ = (
+        "request", "framing", "clock", "stats", "began", "started", "producer", "chunks", "first_chunk_at",
+        "last_chunk_at", "last_write_at", "cut", "stream_end", "paused", "waiting", "timer", "deferred",
+        "client_end", "first_chunk_timeout", "idle_timeout", "keepalive_seconds", "max_buffer", "keepalive_bytes",
+        "model_id",
+    )
 
     def __init__(self, request, framing: Framing, clock=None, *, spec=None, stats=None, started: float = 0.0):
         self.request = request
         self.framing = framing
+        self.started = False
+        self.producer = None
         self.clock = clock
         self.stats = stats
         self.began = started
@@ -537,6 +543,9 @@ class StreamWriter:
                     f"(first_chunk_timeout)", model=self.model_id,
                 ))
                 return
+        elif self.paused:
+            # The client is slow, not the model: a model held for its reader is not idle.
+            self.last_chunk_at = now
         elif self.idle_timeout is not None and reached >= self.last_chunk_at + self.idle_timeout:
             self._cut(errors.GatewayTimeout(
                 f"model {self.model_id!r} sent no chunk for {self.idle_timeout:g} s (stream_idle_timeout)",
@@ -586,6 +595,8 @@ class _ClientEnd:
         writer = self.writer
         writer.paused = False
         writer.waiting = 0
+        if writer.timer is not None:
+            writer.last_chunk_at = writer.clock.seconds()  # the model's idle time counts from now
         if writer.producer is not None:
             writer.producer.resumeProducing()
 

@@ -366,6 +366,24 @@ def test_a_gap_past_stream_idle_timeout_is_an_error_event_and_cancels_the_model(
     assert clock.getDelayedCalls() == []
 
 
+def test_a_model_held_for_a_slow_client_is_not_idle(clock):
+    door, model = limited(clock, stream_idle_timeout=2, keepalive_seconds=0)
+    opened = sse(door)
+    stream = model.streams[0]
+    stream.chunk("a")
+    door.flush()
+    (channel,) = door.site.channels
+    channel.pauseProducing()  # the model is paused: its silence is the client's doing
+    clock.advance(10)
+    assert not stream.cancelled
+    channel.resumeProducing()
+    clock.advance(1.9)  # its idle time counts from the resume
+    assert not stream.cancelled
+    clock.advance(0.1)
+    assert stream.cancelled
+    assert error_event(opened)["error"]["message"] == "model 'm' sent no chunk for 2 s (stream_idle_timeout)"
+
+
 def test_an_sse_stream_gets_a_keepalive_comment_after_each_quiet_keepalive_seconds(clock):
     door, model = limited(clock)  # the default: 15 s
     opened = sse(door)
