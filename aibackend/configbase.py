@@ -670,8 +670,9 @@ class ModelSpec:
     )
     stream_idle_timeout: float | None = number(
         None, minimum=0, exclusive_minimum=True, maximum=86400, public="unless-default", shown="none",
-        doc="a stream's seconds allowed between two chunks (after the first); past it the stream ends with an "
-            "error event (the 504 document) and the model's work is cancelled",
+        doc="a stream's seconds allowed between two chunks (after the first; while the client's connection is "
+            "full the model is not idle); past it the stream ends with an error event (the 504 document) and the "
+            "model's work is cancelled",
     )
     keepalive_seconds: float = number(
         DEFAULT_KEEPALIVE, minimum=0, maximum=3600, public="unless-default",
