@@ -245,3 +245,13 @@ def test_a_slow_reader_beside_another_request_of_its_process_is_cut_past_max_str
         assert daemon.high_water_kb() - before < 32 * 1024
     finally:
         hold.close()
+
+
+def test_the_stream_settings_given_are_in_the_models_status(daemon):
+    specs = {model_id: daemon.status(model_id).json()["spec"] for model_id in ("first", "idle", "slow", "flood")}
+
+    assert specs["first"]["first_chunk_timeout"] == 1.0
+    assert specs["idle"]["stream_idle_timeout"] == 1.0
+    assert specs["slow"]["keepalive_seconds"] == 0.3
+    assert specs["flood"]["max_stream_buffer_bytes"] == MIB
+    assert "keepalive_seconds" not in specs["first"]  # a default is in the reference, not repeated here
