@@ -221,7 +221,8 @@ def test_a_slow_reader_beside_another_request_of_its_process_is_cut_past_max_str
                  b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
     path = str(tmp_path / "progress")
     try:
-        wait_until(lambda: any(e["message"].startswith("holding limits-hold#") for e in daemon.events("flood", "model")),
+        wait_until(lambda: any(entry["message"].startswith("holding limits-hold#")
+                               for entry in daemon.events("flood", "model")),
                    10, "the held request to reach the model")
         before = daemon.high_water_kb()
         client = Client(daemon, "flood", {"op": "flood", "size": 64 * 1024, "count": 3200, "progress": path},

@@ -459,7 +459,8 @@ def test_bytes_past_max_stream_buffer_bytes_while_the_client_is_slow_cut_the_str
     stream.chunk("x" * 2)  # 108: past it
     assert stream.cancelled
     channel.resumeProducing()
-    message = "the client read too slowly: more than 100 bytes of the stream waited to be sent (max_stream_buffer_bytes)"
+    message = ("the client read too slowly: more than 100 bytes of the stream waited to be sent "
+               "(max_stream_buffer_bytes)")
     assert error_event(opened)["error"] == {"type": "slow_client", "message": message, "model": "m",
                                            "request_id": opened.header("x-request-id")}
     assert opened.body.count(b'data: "xx"') == 8
@@ -575,7 +576,8 @@ def test_the_stream_figures_in_metrics(clock):
     opened.body
     text = door.call("GET", "/metrics").body.decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
-    histogram = {(s.name, s.labels.get("le")): s.value for s in families["aibackend_stream_first_chunk_seconds"].samples}
+    histogram = {(sample.name, sample.labels.get("le")): sample.value
+                 for sample in families["aibackend_stream_first_chunk_seconds"].samples}
     assert histogram[("aibackend_stream_first_chunk_seconds_bucket", "0.25")] == 0
     assert histogram[("aibackend_stream_first_chunk_seconds_bucket", "0.5")] == 1
     assert histogram[("aibackend_stream_first_chunk_seconds_count", None)] == 1
