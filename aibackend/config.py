@@ -57,6 +57,7 @@ from aibackend.configbase import (  # noqa: F401 (the names other modules use, h
     read_log_entries,
     read_setting,
     read_settings,
+    read_stream_settings,
     reference_rows,
     reference_table,
     settings_of,
@@ -152,7 +153,8 @@ def parse_model(table: Table, *, default_log_entries: int = DEFAULT_LOG_ENTRIES,
     v2 = parse_v2(table.table("v2"), model_type.name if model_type else "") if table.has("v2") else DEFAULT_V2
     if model_type is None:
         return None
-    common = {"id": model_id or "", "type": model_type.name, "log_entries": log_entries, "v2": v2}
+    common = {"id": model_id or "", "type": model_type.name, "log_entries": log_entries, "v2": v2,
+              **read_stream_settings(table)}
     spec = model_type.parse(table, common, environ)
     table.finish()
     return spec

@@ -634,6 +634,8 @@ V2_DOC = (
 )
 
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_KEEPALIVE = 15.0
+DEFAULT_STREAM_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -658,6 +660,32 @@ class ModelSpec:
                                doc="how many entries the model's log keeps (oldest dropped first)")
     v2: V2Spec = custom(DEFAULT_V2, doc=V2_DOC, label="`[models.v2]`", shown="none",
                         public="unless-default", show=V2Spec.public)
+    # How a streamed answer is kept moving (aibackend.relay.StreamWriter); a plain request
+    # is not affected by them. Shown in the masked view once given.
+    first_chunk_timeout: float | None = number(
+        None, minimum=0, exclusive_minimum=True, maximum=86400, public="unless-default", shown="none",
+        doc="a [stream](#streamed-answers)'s seconds until the model's first chunk; past it the model's work is "
+            "cancelled and the client gets 504 (an `event: error` with the 504 document if a keepalive went "
+            "already). Unset: only the model's `timeout` bounds it",
+    )
+    stream_idle_timeout: float | None = number(
+        None, minimum=0, exclusive_minimum=True, maximum=86400, public="unless-default", shown="none",
+        doc="a stream's seconds allowed between two chunks (after the first; while the client's connection is "
+            "full the model is not idle); past it the stream ends with an error event (the 504 document) and the "
+            "model's work is cancelled",
+    )
+    keepalive_seconds: float = number(
+        DEFAULT_KEEPALIVE, minimum=0, maximum=3600, public="unless-default",
+        doc="while an SSE stream has written nothing for this long, the comment `: keepalive` is written (the "
+            "first one sends the status 200 and headers), so that proxies do not cut a slow first chunk; `0`: "
+            "none. NDJSON streams get none (a line there would be a chunk)",
+    )
+    max_stream_buffer_bytes: int = integer(
+        DEFAULT_STREAM_BUFFER, minimum=1, maximum=1 << 30, public="unless-default",
+        doc="bytes of a stream that may wait, unsent, while its client reads slower than the model writes (its "
+            "connection's send buffer is full); past it the stream ends with an error event (408 `slow_client`) "
+            "and the model's work is cancelled",
+    )
 
     timeout = DEFAULT_TIMEOUT
     process = None
@@ -669,6 +697,13 @@ class ModelSpec:
 
 
 MODEL_FIELDS = tuple(name for name, _ in settings_of(ModelSpec))
+# What every model has for its streams, read with the other common keys (L{read_stream_settings}).
+STREAM_FIELDS = ("first_chunk_timeout", "stream_idle_timeout", "keepalive_seconds", "max_stream_buffer_bytes")
+
+
+def read_stream_settings(table: Table) -> dict:
+    """A model's stream settings (L{STREAM_FIELDS}), for the fields every model has."""
+    return read_settings(table, ModelSpec, skip=tuple(name for name in MODEL_FIELDS if name not in STREAM_FIELDS))
 
 
 def read_log_entries(table: Table, default: int) -> int:

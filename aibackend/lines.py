@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 
 from aibackend.errors import ApiError, BadGateway
 from aibackend.interfaces import ModelAnswer
@@ -33,6 +34,9 @@ SNIPPET = 200
 QUIET_TURNS = 4
 QUIET_STEP = 0.001
 QUIET_TRIES = 7
+# jsonl: how many wire ids of requests that were cancelled or timed out are remembered, so
+# that the lines a model still prints for them (a generator's next chunks) are expected.
+LATE_IDS = 1024
 
 
 def _text(line: bytes) -> str:
@@ -150,6 +154,39 @@ class JsonLines:
     def __init__(self, model):
         self.model = model
         self.capacity = model.spec.max_inflight
+        # wire id -> why it ended here ("cancelled", "timed out"), or None once a late line
+        # of it was logged: the requests the model may still print lines for.
+        self.ended: OrderedDict = OrderedDict()
+
+    def _ended_here(self, wire_id: str, why: str) -> None:
+        ended = self.ended
+        ended[wire_id] = why
+        if len(ended) > LATE_IDS:
+            ended.popitem(last=False)
+
+    def _unknown(self, process, wire_id, line: bytes, final: bool) -> None:
+        """
+        A line for no request in flight: expected (logged once, at info) if its request was
+        just cancelled or timed out, as a model finishing its line or a generator its next
+        chunk does; a warning for any other id.
+        """
+        ended = self.ended
+        if isinstance(wire_id, str) and wire_id in ended:
+            why = ended[wire_id]
+            if final:
+                del ended[wire_id]  # the model is done with it
+            elif why is not None:
+                ended[wire_id] = None  # its next lines are not logged
+            if why is not None:
+                self.model.model_log.append(
+                    "info", "answer to an unknown request", slot=process.slot, pid=process.pid,
+                    line=_text(line[:SNIPPET]), request=why,
+                )
+            return
+        self.model.model_log.append(
+            "warning", "answer to an unknown request", slot=process.slot, pid=process.pid,
+            line=_text(line[:SNIPPET] if not final else line),
+        )
 
     def write(self, process, pending) -> None:
         process.write(
@@ -162,6 +199,7 @@ class JsonLines:
         model = self.model
         process.inflight.pop(pending.wire_id, None)
         model.settle(pending)
+        self._ended_here(pending.wire_id, "cancelled")
         process.write(b'{"id": ' + json.dumps(pending.wire_id).encode() + b', "op": "cancel"}\n')
         model.dispatch()
 
@@ -170,6 +208,7 @@ class JsonLines:
         if process.last_output <= pending.sent_at:
             self.model.pool.terminate(process, "the process is hung: it printed nothing since the timed-out request")
         else:
+            self._ended_here(pending.wire_id, "timed out")
             process.write(b'{"id": ' + json.dumps(pending.wire_id).encode() + b', "op": "cancel"}\n')
             self.model.dispatch()
 
@@ -230,9 +269,7 @@ class JsonLines:
         # any other (unknown, timed out, cancelled, answered already) is dropped.
         pending = process.inflight.pop(message["id"], None) if isinstance(message["id"], str) else None
         if pending is None:
-            model.model_log.append(
-                "warning", "answer to an unknown request", slot=process.slot, pid=process.pid, line=_text(line)
-            )
+            self._unknown(process, message["id"], line, True)
             return
         if "error" in message:
             model.settle(pending, self._model_error(pending, message["error"]))
@@ -264,10 +301,7 @@ class JsonLines:
         wire_id = message["id"]
         pending = process.inflight.get(wire_id) if isinstance(wire_id, str) else None
         if pending is None:
-            self.model.model_log.append(
-                "warning", "answer to an unknown request", slot=process.slot, pid=process.pid,
-                line=_text(line[:SNIPPET]),
-            )
+            self._unknown(process, wire_id, line, False)
             return
         try:
             text = output_text(message, line, "chunk")

@@ -34,14 +34,25 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
 
+# How a streamed answer ended (the C{end} label, and the access event's C{stream_end}).
+STREAM_ENDS = ("done", "error", "cancelled", "timeout")
+
+
 class ModelStats:
-    """A model's request counts and latency histogram, by operation."""
+    """
+    A model's request counts and latency histogram, by operation; and its streams' figures
+    (once it has streamed): time to the first chunk, chunks, and how streams ended.
+    """
 
     def __init__(self):
         self.requests: Counter = Counter()  # (operation, status class) -> count
         self.buckets: dict[str, list[int]] = {}  # operation -> counts per bucket (+Inf last)
         self.sums: Counter = Counter()  # operation -> total seconds
         self.in_flight = 0  # requests the front door is waiting on
+        self.first_chunk_buckets: list[int] | None = None  # None until the model streams
+        self.first_chunk_sum = 0.0
+        self.stream_chunks = 0  # chunks written to streaming clients (the relay adds each)
+        self.stream_ends: Counter = Counter()  # end (STREAM_ENDS) -> streams
 
     def observe(self, operation: str, status: int, seconds: float) -> None:
         self.requests[(operation, status_class(status))] += 1
@@ -50,6 +61,19 @@ class ModelStats:
             counts = self.buckets[operation] = [0] * (len(BUCKETS) + 1)
         counts[bisect_left(BUCKETS, seconds)] += 1
         self.sums[operation] += seconds
+
+    def stream_began(self) -> None:
+        """A stream began: the model's stream series are exported from now on."""
+        if self.first_chunk_buckets is None:
+            self.first_chunk_buckets = [0] * (len(BUCKETS) + 1)
+
+    def first_chunk(self, seconds: float) -> None:
+        """A stream's first chunk came, C{seconds} after its request."""
+        self.first_chunk_buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.first_chunk_sum += seconds
+
+    def stream_ended(self, end: str) -> None:
+        self.stream_ends[end] += 1
 
 
 class DaemonStats:
@@ -86,16 +110,27 @@ class DaemonCollector:
         ejections = CounterMetricFamily(
             "aibackend_model_ejections", "Replica ejections after failures in a row.", labels=["model"]
         )
+        first_chunk = HistogramMetricFamily(
+            "aibackend_stream_first_chunk_seconds", "Time from a streamed request to its first chunk, by model.",
+            labels=["model"],
+        )
+        chunks = CounterMetricFamily("aibackend_stream_chunks", "Chunks written to streaming clients.",
+                                     labels=["model"])
+        streams = CounterMetricFamily(
+            "aibackend_streams", "Streamed answers by how they ended (done, error, cancelled, timeout).",
+            labels=["model", "end"],
+        )
         for entry in self.registry.entries():
             model, model_id, stats = entry.model, entry.model_id, entry.stats
             for (operation, klass), count in sorted(stats.requests.items()):
                 requests.add_metric([model_id, operation, klass], count)
             for operation, counts in sorted(stats.buckets.items()):
-                cumulative, running = [], 0
-                for bound, count in zip((*map(_bound, BUCKETS), "+Inf"), counts):
-                    running += count
-                    cumulative.append((bound, running))
-                latency.add_metric([model_id, operation], cumulative, stats.sums[operation])
+                latency.add_metric([model_id, operation], _cumulative(counts), stats.sums[operation])
+            if stats.first_chunk_buckets is not None:
+                first_chunk.add_metric([model_id], _cumulative(stats.first_chunk_buckets), stats.first_chunk_sum)
+                chunks.add_metric([model_id], stats.stream_chunks)
+                for end in STREAM_ENDS:
+                    streams.add_metric([model_id, end], stats.stream_ends[end])
             in_flight.add_metric([model_id], model.in_flight)
             queued.add_metric([model_id], model.queued)
             ready.add_metric([model_id], 1 if model.state == READY else 0)
@@ -114,11 +149,20 @@ class DaemonCollector:
         models = GaugeMetricFamily("aibackend_models", "Registered models.")
         models.add_metric([], len(self.registry.models()))
         return [requests, latency, in_flight, queued, ready, restarts, processes, ejections, connections, refusals,
-                models]
+                models, first_chunk, chunks, streams]
 
 
 def _bound(value: float) -> str:
     return repr(float(value))
+
+
+def _cumulative(counts: list[int]) -> list:
+    """A histogram's C{(le, count)} pairs from its counts per bucket (+Inf last)."""
+    cumulative, running = [], 0
+    for bound, count in zip((*map(_bound, BUCKETS), "+Inf"), counts):
+        running += count
+        cumulative.append((bound, running))
+    return cumulative
 
 
 class Metrics:
@@ -132,6 +176,10 @@ class Metrics:
     def observe(self, entry, operation: str, status: int, seconds: float) -> None:
         """Count a request to the model of registry entry C{entry}."""
         entry.stats.observe(operation, status, seconds)
+
+    def stream_ended(self, entry, end: str) -> None:
+        """Count a stream of the model of C{entry} that ended (C{end}, one of L{STREAM_ENDS})."""
+        entry.stats.stream_ended(end)
 
     def refused(self, reason: str) -> None:
         if reason in REFUSAL_REASONS:

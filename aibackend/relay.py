@@ -152,29 +152,44 @@ class Relay:
         or after its first byte), 499 when the client went away (the model's stream is
         cancelled: cancelling the Deferred returned cancels it).
 
+        The model's spec bounds the stream (L{StreamWriter}): C{first_chunk_timeout} and
+        C{stream_idle_timeout} (504, the model's work cancelled), C{keepalive_seconds}
+        (SSE comments while nothing is written), C{max_stream_buffer_bytes} (what may wait
+        for a slow reader; past it, L{SlowReader}, the model's work cancelled).
+
         @return: a Deferred firing with None once the request is finished, or failing
             with an L{errors.ApiError} (or the L{CancelledError} of a client gone).
         """
         stats = entry.stats
         stats.in_flight += 1
-        writer = StreamWriter(request, framing)
+        stats.stream_began()
+        writer = StreamWriter(request, framing, self.clock, spec=entry.spec, stats=stats, started=started)
+        request.aibackend_stream = writer  # the access event's stream fields (aibackend.server)
+        writer.begin()
         d = maybeDeferred(entry.model.stream, body, context, writer)
+        if not d.called:
+            writer.watch(d)
 
         def settled(result):
             stats.in_flight -= 1
+            writer.stop_clock()
             return result
 
         d.addBoth(settled)
         request_id, operation = context.request_id, context.operation
 
         def ended(output):
-            self.done(entry, request_id, operation, started, 200, None)
+            self._stream_done(writer, entry, request_id, operation, started, 200, None, "done")
             writer.end(output)
 
         def failed(failure):
-            if failure.check(CancelledError):
+            error = writer.cut
+            if error is not None:
+                pass  # the relay ended it: a deadline, or a reader too slow
+            elif failure.check(CancelledError):
                 if writer.gone():
-                    self.done(entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
+                    self._stream_done(writer, entry, request_id, operation, started, CLIENT_CLOSED,
+                                      "the client went away", "cancelled")
                     writer.drop()
                     return failure
                 model_id = entry.model_id
@@ -184,14 +199,16 @@ class Relay:
             elif failure.check(errors.ApiError):
                 error = failure.value
             else:
-                self.done(entry, request_id, operation, started, 500, failure.getErrorMessage())
+                self._stream_done(writer, entry, request_id, operation, started, 500, failure.getErrorMessage(),
+                                  "error")
                 if not writer.started:
                     writer.drop()
                     return failure  # the front door logs it and answers 500
                 self.log.failure("streaming an answer of model {model}", failure, model=entry.model_id)
                 writer.fail(shape.document(errors.InternalError(UNEXPECTED), request_id))
                 return None
-            self.done(entry, request_id, operation, started, error.status, error.message)
+            how = "timeout" if error.status == errors.GatewayTimeout.status else "error"
+            self._stream_done(writer, entry, request_id, operation, started, error.status, error.message, how)
             if not writer.started:
                 writer.drop()
                 raise error
@@ -200,6 +217,11 @@ class Relay:
 
         d.addCallbacks(ended, failed)
         return d
+
+    def _stream_done(self, writer, entry, request_id, operation, started, status, error, how: str) -> None:
+        writer.stream_end = how
+        self.metrics.stream_ended(entry, how)
+        self.done(entry, request_id, operation, started, status, error)
 
     def done(self, entry, request_id: str, operation: str, started: float, status: int, error: str | None):
         """
@@ -237,11 +259,28 @@ class Relay:
         return NOT_DONE_YET
 
 
+class SlowReader(errors.ApiError):
+    """
+    A stream's client read slower than its model wrote, and more than the model's
+    C{max_stream_buffer_bytes} waited unsent: the stream was cut (its error event's type).
+    """
+
+    status = 408
+    type = "slow_client"
+
+
+# The SSE comment a stream gets while it waits (a line a client's EventSource ignores).
+SSE_KEEPALIVE = b": keepalive\n\n"
+# A deadline this close is reached (the clock's float arithmetic).
+_EPSILON = 1e-9
+
+
 class Framing:
     """
     How a streamed answer is written: its content type, and the bytes of a chunk, of the
-    end and of an error. A chunk's JSON goes as the model gave it, its line breaks (JSON
-    whitespace only: a string's are escaped) made spaces, so that it stays one line.
+    end and of an error (and of a keepalive, L{keepalive}). A chunk's JSON goes as the
+    model gave it, its line breaks (JSON whitespace only: a string's are escaped) made
+    spaces, so that it stays one line.
     """
 
     def __init__(self, name: str, content_type: bytes, chunk, end, error):
@@ -264,6 +303,14 @@ class Framing:
     def error(self, document: dict) -> bytes:
         return self._error[0] + json.dumps(document).encode() + self._error[1]
 
+    def keepalive(self) -> bytes | None:
+        """
+        What is written while a stream has written nothing for C{keepalive_seconds}, or
+        None for nothing: an SSE comment for Server-Sent Events (any framing of type
+        C{text/event-stream}); nothing in other formats, where every line is an event.
+        """
+        return SSE_KEEPALIVE if self.content_type == b"text/event-stream" else None
+
 
 SSE = Framing("sse", b"text/event-stream", (b"data: ", b"\n\n"),
               (b'event: done\ndata: {"output": ', b"}\n\n"), (b"event: error\ndata: ", b"\n\n"))
@@ -275,19 +322,74 @@ NDJSON = Framing("ndjson", b"application/x-ndjson", (b'{"chunk": ', b"}\n"),
 class StreamWriter:
     """
     The relay's end of one stream (L{IChunks}): writes each chunk to the request in the
-    turn it is given (the status and headers with the first byte), hands the model's
-    producer to the request (Twisted's transport pauses it while the client's socket is
-    full), and finishes the request with the end or an error event.
+    turn it is given (the status and headers with the first byte), passes the
+    connection's flow control to the model's producer, keeps the stream's deadlines and
+    keepalives, and finishes the request with the end or an error event.
+
+    Its own producer (L{_ClientEnd}) is the request's for the whole stream, so that it
+    knows when the client's connection is full whatever the model registers: bytes
+    written while it is are counted, and past the spec's C{max_stream_buffer_bytes} the
+    stream is cut (L{cut}: a L{SlowReader}). Its deadlines and keepalive share one
+    DelayedCall, moved lazily: a chunk only notes its time, and the call, when it
+    fires, looks at what came since and sets itself again (a stream costs one timer,
+    however fast its chunks).
+
+    @param clock: the relay's clock (without one, no deadline, no keepalive).
+    @param spec: the model's spec (L{aibackend.configbase.ModelSpec}): its stream settings.
+    @param stats: the model's L{aibackend.metrics.ModelStats} (chunks, time to the first).
+    @param started: when the request came (the clock's seconds).
 
     @ivar started: whether the first byte has gone (the status is then 200).
+    @ivar chunks: chunks written.
+    @ivar cut: the L{errors.ApiError} the relay ended the stream with (a deadline, a
+        slow reader), or None.
+    @ivar stream_end: how the stream ended (L{aibackend.metrics.STREAM_ENDS}), once it has.
     """
 
-    started = False
-    producer = None
+    __slots__ = (
+        "request", "framing", "clock", "stats", "began", "started", "producer", "chunks", "first_chunk_at",
+        "last_chunk_at", "last_write_at", "cut", "stream_end", "paused", "waiting", "timer", "deferred",
+        "client_end", "first_chunk_timeout", "idle_timeout", "keepalive_seconds", "max_buffer", "keepalive_bytes",
+        "model_id",
+    )
 
-    def __init__(self, request, framing: Framing):
+    def __init__(self, request, framing: Framing, clock=None, *, spec=None, stats=None, started: float = 0.0):
         self.request = request
         self.framing = framing
+        self.started = False
+        self.producer = None
+        self.clock = clock
+        self.stats = stats
+        self.began = started
+        self.chunks = 0
+        self.first_chunk_at = None
+        self.last_chunk_at = started  # the model's last sign: its last chunk
+        self.last_write_at = started  # the client's: the last byte written
+        self.cut = None
+        self.stream_end = None
+        self.paused = False  # the client's connection is full
+        self.waiting = 0  # bytes written since it is
+        self.timer = None
+        self.deferred = None
+        self.client_end = _ClientEnd(self)
+        if spec is None or clock is None:
+            self.first_chunk_timeout = self.idle_timeout = None
+            self.keepalive_seconds = 0.0
+            self.max_buffer = None if spec is None else spec.max_stream_buffer_bytes
+        else:
+            self.first_chunk_timeout = spec.first_chunk_timeout
+            self.idle_timeout = spec.stream_idle_timeout
+            self.keepalive_seconds = spec.keepalive_seconds
+            self.max_buffer = spec.max_stream_buffer_bytes
+        self.keepalive_bytes = framing.keepalive() if self.keepalive_seconds else None
+        self.model_id = None if spec is None else spec.id
+
+    @property
+    def first_chunk_ms(self) -> float | None:
+        """Milliseconds from the request to its first chunk (None: none came)."""
+        if self.first_chunk_at is None:
+            return None
+        return round((self.first_chunk_at - self.began) * 1000, 3)
 
     def gone(self) -> bool:
         """Has the client gone away?"""
@@ -307,23 +409,58 @@ class StreamWriter:
             headers.removeHeader(b"content-length")
         return True
 
+    # --- IChunks ------------------------------------------------------------------
+
     def chunk(self, data: bytes) -> None:
-        if self._open():
-            self.request.write(self.framing.chunk(data))
+        if self.cut is not None or not self._open():
+            return
+        framed = self.framing.chunk(data)
+        if self.paused:
+            self.waiting += len(framed)
+            if self.max_buffer is not None and self.waiting > self.max_buffer:
+                self._cut(SlowReader(
+                    f"the client read too slowly: more than {self.max_buffer} bytes of the stream waited to be sent "
+                    f"(max_stream_buffer_bytes)", model=self.model_id,
+                ))
+                return
+        self.chunks += 1
+        stats = self.stats
+        if stats is not None:
+            stats.stream_chunks += 1
+        if self.first_chunk_at is None:
+            clock = self.clock
+            now = self.first_chunk_at = clock.seconds() if clock is not None else self.began
+            self.last_chunk_at = self.last_write_at = now
+            if stats is not None:
+                stats.first_chunk(now - self.began)
+            if self.deferred is not None:
+                # From now on the idle deadline counts, not the first chunk's: maybe sooner.
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                self._schedule(now)
+        elif self.timer is not None:
+            self.last_chunk_at = self.last_write_at = self.clock.seconds()
+        self.request.write(framed)
 
     def registerProducer(self, producer, streaming: bool) -> None:
         request = self.request
         if request.finished or self.gone():
             return
         self.producer = producer
-        request.registerProducer(_ClientEnd(self, producer), True)
+        if self.paused:
+            producer.pauseProducing()  # the connection is full already: it will not say so again
 
     def unregisterProducer(self) -> None:
-        if self.producer is not None:
-            self.producer = None
-            request = self.request
-            if request.producer is not None and request.channel is not None:
-                request.unregisterProducer()
+        self.producer = None
+
+    # --- the stream's ends ------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Hear from the client's connection (its flow control) from now on."""
+        request = self.request
+        if request.producer is None and not request.finished and not self.gone():
+            request.registerProducer(self.client_end, True)
 
     def end(self, output: bytes | None) -> None:
         self._last(self.framing.end(output))
@@ -341,42 +478,135 @@ class StreamWriter:
         if producer is not None and self.gone():
             self.producer = None
             producer.stopProducing()
-        else:
-            self.unregisterProducer()
+        self._release()
+
+    def _release(self) -> None:
+        """The request's producer is no longer the stream's."""
+        self.producer = None
+        request = self.request
+        if request.producer is self.client_end and request.channel is not None:
+            request.unregisterProducer()
 
     def _last(self, data: bytes) -> None:
         if self._open():
-            self.unregisterProducer()
+            self._release()
             request = self.request
             request.write(data)
             request.finish()
+        else:
+            self._release()
+
+    # --- deadlines and keepalives -----------------------------------------------------
+
+    def watch(self, deferred) -> None:
+        """Keep the deadlines and keepalives of the stream whose Deferred (the model's) is C{deferred}."""
+        self.deferred = deferred
+        if self.clock is not None:
+            self._schedule(self.clock.seconds())
+
+    def stop_clock(self) -> None:
+        """The stream has ended: no deadline, no keepalive any more."""
+        self.deferred = None
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            if timer.active():
+                timer.cancel()
+
+    def _next(self) -> float | None:
+        """When the timer must next look: the nearest deadline or keepalive, or None."""
+        if self.first_chunk_at is None:
+            when = None if self.first_chunk_timeout is None else self.began + self.first_chunk_timeout
+        else:
+            when = None if self.idle_timeout is None else self.last_chunk_at + self.idle_timeout
+        if self.keepalive_bytes is not None:
+            due = self.last_write_at + self.keepalive_seconds
+            if when is None or due < when:
+                when = due
+        return when
+
+    def _schedule(self, now: float) -> None:
+        when = self._next()
+        if when is not None and self.deferred is not None:
+            self.timer = self.clock.callLater(max(when - now, 0.0), self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.deferred is None:
+            return
+        now = self.clock.seconds()
+        reached = now + _EPSILON
+        if self.first_chunk_at is None:
+            if self.first_chunk_timeout is not None and reached >= self.began + self.first_chunk_timeout:
+                self._cut(errors.GatewayTimeout(
+                    f"model {self.model_id!r} sent no chunk within {self.first_chunk_timeout:g} s "
+                    f"(first_chunk_timeout)", model=self.model_id,
+                ))
+                return
+        elif self.paused:
+            # The client is slow, not the model: a model held for its reader is not idle.
+            self.last_chunk_at = now
+        elif self.idle_timeout is not None and reached >= self.last_chunk_at + self.idle_timeout:
+            self._cut(errors.GatewayTimeout(
+                f"model {self.model_id!r} sent no chunk for {self.idle_timeout:g} s (stream_idle_timeout)",
+                model=self.model_id,
+            ))
+            return
+        if self.keepalive_bytes is not None and reached >= self.last_write_at + self.keepalive_seconds:
+            self.last_write_at = now
+            # A client whose connection is full has bytes to read already.
+            if not self.paused and self._open():
+                self.request.write(self.keepalive_bytes)
+        self._schedule(now)
+
+    def _cut(self, error: errors.ApiError) -> None:
+        """End the stream from here: the model's work is cancelled, and the client told C{error}."""
+        deferred = self.deferred
+        if self.cut is not None or deferred is None:
+            return
+        self.cut = error
+        deferred.cancel()
 
 
 @implementer(IPushProducer)
 class _ClientEnd:
     """
-    A model's producer as the connection sees it: pausing and resuming pass through.
-    Stopping is the connection being lost: a TCP connection stops its producer before the
-    request hears that it is gone, so the request is marked gone here first (the cancel
-    that follows is then a client that left, 499, not a model that abandoned the request,
-    503), and the producer is unregistered while the request still has its channel.
+    A stream's producer as the connection sees it, for the whole stream: pausing and
+    resuming are noted by the writer (its buffer bound) and passed on to the model's
+    producer, if it has one. Stopping is the connection being lost: a TCP connection
+    stops its producer before the request hears that it is gone, so the request is
+    marked gone here first (the cancel that follows is then a client that left, 499,
+    not a model that abandoned the request, 503), and the producer is unregistered while
+    the request still has its channel.
     """
 
-    def __init__(self, writer: StreamWriter, producer):
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: StreamWriter):
         self.writer = writer
-        self.producer = producer
 
     def pauseProducing(self) -> None:
-        self.producer.pauseProducing()
+        writer = self.writer
+        writer.paused = True
+        if writer.producer is not None:
+            writer.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.producer.resumeProducing()
+        writer = self.writer
+        writer.paused = False
+        writer.waiting = 0
+        if writer.timer is not None:
+            writer.last_chunk_at = writer.clock.seconds()  # the model's idle time counts from now
+        if writer.producer is not None:
+            writer.producer.resumeProducing()
 
     def stopProducing(self) -> None:
         writer = self.writer
         writer.request.aibackend_gone = True
-        writer.unregisterProducer()
-        self.producer.stopProducing()
+        producer = writer.producer
+        writer._release()
+        if producer is not None:
+            producer.stopProducing()
 
 
 def _write(body, request):

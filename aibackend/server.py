@@ -450,6 +450,9 @@ class BoundedRequest(Request):
     aibackend_model = None
     # The client went away (its connection was lost) before the answer was finished.
     aibackend_gone = False
+    # A streamed answer's figures, set by the relay (aibackend.relay.StreamWriter): its
+    # chunks, first_chunk_ms and stream_end, for the access line. None for a plain answer.
+    aibackend_stream = None
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
@@ -697,6 +700,10 @@ class AibackendSite(Site):
         method = request.method.decode("latin-1")
         model = request.aibackend_model
         request_id = request.aibackend_request_id
+        stream = request.aibackend_stream
+        if stream is not None:
+            self._log_stream(request, stream, peer, method, path, parts, model, request_id, latency_ms)
+            return
         # The line is made here, once, with an f-string: the log system's own formatting of a
         # many-field template costs several times more, on every request.
         access_log.info(
@@ -712,4 +719,26 @@ class AibackendSite(Site):
             bytes=request.sentLength,
             latency_ms=latency_ms,
             request_id=request_id,
+        )
+
+    def _log_stream(self, request, stream, peer, method, path, parts, model, request_id, latency_ms) -> None:
+        """A streamed answer's access event: a plain one's fields, and its chunks, first chunk and end."""
+        chunks, first_chunk_ms, stream_end = stream.chunks, stream.first_chunk_ms, stream.stream_end
+        access_log.info(
+            "{line}",
+            line=f"{peer} {method} {path} {request.code} {request.sentLength} bytes {latency_ms} ms "
+                 f"model={model} request={request_id} chunks={chunks} first_chunk_ms={first_chunk_ms} "
+                 f"stream_end={stream_end}",
+            peer=peer,
+            method=method,
+            path=path,
+            operation=parts[1] if len(parts) == 2 else None,
+            model=model,
+            status=request.code,
+            bytes=request.sentLength,
+            latency_ms=latency_ms,
+            request_id=request_id,
+            chunks=chunks,
+            first_chunk_ms=first_chunk_ms,
+            stream_end=stream_end,
         )

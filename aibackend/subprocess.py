@@ -74,7 +74,14 @@ def _unregister(result, chunks):
 
 @implementer(IPushProducer)
 class StreamProducer:
-    """A stream's flow control: its slow reader pauses the reading of its process's stdout."""
+    """
+    A stream's flow control: its slow reader pauses the reading of its process's stdout,
+    while the stream is the only request in flight in that process. Reading a process's
+    stdout is all or nothing: a process working on other requests too (C{max_inflight}
+    above 1) is not held up for one slow reader; what waits for that reader is bounded by
+    the relay instead (C{max_stream_buffer_bytes}, past which the stream is cut), and a
+    request given to a process held by a stream releases it (L{SubprocessModel._assign}).
+    """
 
     __slots__ = ("pending",)
 
@@ -85,8 +92,9 @@ class StreamProducer:
         pending = self.pending
         if not pending.paused:
             pending.paused = True
-            if pending.process is not None and pending.counted:
-                pending.process.pause_stdout(pending)
+            process = pending.process
+            if process is not None and pending.counted and len(process.inflight) == 1:
+                process.pause_stdout(pending)
 
     def resumeProducing(self) -> None:
         pending = self.pending
@@ -310,7 +318,12 @@ class SubprocessModel(PoolEvents, Service):
         pending.counted = True
         self.limit.in_flight += 1  # limit.started(), inline
         process.inflight[wire_id] = pending
-        if pending.paused:
+        if process.paused_by:
+            # A stream's slow reader holds this process's stdout: it may no longer, or this
+            # request would wait for that reader (the relay bounds what waits for it).
+            for holder in list(process.paused_by):
+                process.resume_stdout(holder)
+        elif pending.paused and len(process.inflight) == 1:
             process.pause_stdout(pending)
         self.protocol.write(process, pending)
 

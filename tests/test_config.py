@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from aibackend.config import ConfigError, HttpModelSpec, load_config, parse_config
+from aibackend.config import ConfigError, HttpModelSpec, Table, load_config, parse_config, parse_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "etc", "aibackend.toml")
@@ -458,3 +458,57 @@ def test_process_keys_without_a_command_are_named():
         ("models[0].max_restarts", "is only used with command (a program the daemon starts)"),
         ("models[0].max_line_bytes", "is not a known key"),
     ]
+
+
+# --- every model's stream settings ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("table", [
+    http_model(),
+    {"id": "s", "type": "subprocess", "command": ["python", "x.py"], "protocol": "jsonl"},
+])
+def test_every_model_type_has_the_stream_settings_with_their_defaults(table):
+    (spec,) = parse_config({"models": [table]}, environ={}).models
+
+    assert (spec.first_chunk_timeout, spec.stream_idle_timeout, spec.keepalive_seconds,
+            spec.max_stream_buffer_bytes) == (None, None, 15.0, 1024 * 1024)
+    for key in ("first_chunk_timeout", "stream_idle_timeout", "keepalive_seconds", "max_stream_buffer_bytes"):
+        assert key not in spec.public()  # the masked view shows them once given
+
+
+@pytest.mark.parametrize("table", [
+    http_model(first_chunk_timeout=5, stream_idle_timeout=2.5, keepalive_seconds=0, max_stream_buffer_bytes=4096),
+    {"id": "s", "type": "subprocess", "command": ["python", "x.py"], "protocol": "jsonl", "first_chunk_timeout": 5,
+     "stream_idle_timeout": 2.5, "keepalive_seconds": 0, "max_stream_buffer_bytes": 4096},
+])
+def test_the_stream_settings_given_are_read_and_shown(table):
+    (spec,) = parse_config({"models": [table]}, environ={}).models
+
+    assert (spec.first_chunk_timeout, spec.stream_idle_timeout, spec.keepalive_seconds,
+            spec.max_stream_buffer_bytes) == (5.0, 2.5, 0.0, 4096)
+    public = spec.public()
+    assert {key: public[key] for key in ("first_chunk_timeout", "stream_idle_timeout", "keepalive_seconds",
+                                         "max_stream_buffer_bytes")} == {
+        "first_chunk_timeout": 5.0, "stream_idle_timeout": 2.5, "keepalive_seconds": 0.0,
+        "max_stream_buffer_bytes": 4096,
+    }
+
+
+def test_bad_stream_settings_are_each_named_with_their_key_path():
+    problems = problems_of({"models": [http_model(first_chunk_timeout=0, stream_idle_timeout="1",
+                                                  keepalive_seconds=-1, max_stream_buffer_bytes=1.5)]})
+
+    assert problems == [
+        ("models[0].first_chunk_timeout", "must be more than 0, got 0"),
+        ("models[0].stream_idle_timeout", "must be a number, got a string"),
+        ("models[0].keepalive_seconds", "must be at least 0, got -1"),
+        ("models[0].max_stream_buffer_bytes", "must be an integer, got a number"),
+    ]
+
+
+def test_addmodels_json_takes_the_stream_settings_too():
+    problems = []
+    spec = parse_model(Table({"id": "g", "type": "http", "url": "http://127.0.0.1:1/", "keepalive_seconds": 5,
+                              "max_stream_buffer_bytes": 0}, "", problems), environ={})
+    assert problems == [("max_stream_buffer_bytes", "must be at least 1, got 0")]
+    assert spec.keepalive_seconds == 5.0

@@ -134,6 +134,9 @@ def test_metrics_is_prometheus_text_with_every_family(door):
         "aibackend_open_connections": "gauge",
         "aibackend_refusals": "counter",
         "aibackend_models": "gauge",
+        "aibackend_stream_first_chunk_seconds": "histogram",
+        "aibackend_stream_chunks": "counter",
+        "aibackend_streams": "counter",
     }
     assert value(door, "aibackend_models") == 2
     assert value(door, "aibackend_model_ready", model="m") == 1

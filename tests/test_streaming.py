@@ -7,10 +7,12 @@ a real socket shows the chunks arriving one by one.
 
 import json
 import socket
+from dataclasses import replace
 
 import pytest
 import pytest_twisted
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -18,7 +20,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from aibackend import errors
-from aibackend.interfaces import IStreaming
+from aibackend.interfaces import IStreaming, ModelAnswer
 from aibackend.testing import FakeModel, FakeStreamingModel, StubFrontDoor, assert_error, has_fired, result_of
 
 
@@ -243,6 +245,390 @@ def test_a_raw_subprocess_model_cannot_stream(clock, door):
     door.registry.add(FakeModel("r", clock), spec=spec)
     response = door.call("POST", "/post/predict?id=r", data=b"{}", headers={"Accept": "application/x-ndjson"})
     assert_error(response, 400, "bad_request", model="r", message="model 'r' cannot stream (protocol raw)")
+
+
+# --- deadlines, keepalives, the buffer bound (the model's stream settings) ------------------
+
+
+def limited(clock, *, producer=True, **settings):
+    """A door over a streaming model 'm' whose spec has these stream settings."""
+    model = FakeStreamingModel("m", clock, producer=producer)
+    model.spec = replace(model.spec, **settings)
+    return StubFrontDoor(clock, [model, FakeModel("plain", clock)]), model
+
+
+def sse(door, url="/post/predict?id=m"):
+    return Opened(door, "POST", url, data=b"{}", headers={"Accept": "text/event-stream"})
+
+
+def error_event(opened) -> dict:
+    """The stream's last event, an error event: its document."""
+    last = opened.body.split(b"\n\n")[-2]
+    assert last.startswith(b"event: error\ndata: "), opened.body
+    return json.loads(last[len(b"event: error\ndata: "):])
+
+
+def stream_figures(door):
+    """{end: count} of aibackend_streams_total for model m, and its chunk counter."""
+    text = door.call("GET", "/metrics").body.decode()
+    ends, chunks = {}, None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "aibackend_streams_total" and sample.labels["model"] == "m":
+                ends[sample.labels["end"]] = sample.value
+            elif sample.name == "aibackend_stream_chunks_total" and sample.labels["model"] == "m":
+                chunks = sample.value
+    return {end: count for end, count in ends.items() if count}, chunks
+
+
+def test_the_stream_settings_default_to_no_deadline_a_15_s_keepalive_and_a_1_mib_buffer(model):
+    spec = model.spec
+    assert (spec.first_chunk_timeout, spec.stream_idle_timeout, spec.keepalive_seconds,
+            spec.max_stream_buffer_bytes) == (None, None, 15.0, 1 << 20)
+
+
+def test_no_first_chunk_within_first_chunk_timeout_is_a_504_and_the_models_work_is_cancelled(clock):
+    door, model = limited(clock, first_chunk_timeout=5, keepalive_seconds=0)
+    d = door.request("POST", "/post/predict?id=m&stream=true", data=b"{}")
+    (stream,) = model.streams
+    clock.advance(4.9)
+    assert not stream.cancelled and not has_fired(d)
+    clock.advance(0.1)
+    door.flush()
+    assert stream.cancelled
+    message = "model 'm' sent no chunk within 5 s (first_chunk_timeout)"
+    assert_error(result_of(d), 504, "gateway_timeout", model="m", message=message)
+    assert requests_logged(model) == [(504, message)]
+    assert stream_figures(door) == ({"timeout": 1}, 0)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_first_chunk_timeout_after_a_keepalive_went_is_an_error_event(clock):
+    door, model = limited(clock, first_chunk_timeout=5, keepalive_seconds=2)
+    opened = sse(door)
+    (stream,) = model.streams
+    clock.advance(2)
+    assert opened.body == b": keepalive\n\n"
+    assert opened.response.code == 200  # the first keepalive sent the status and headers
+    assert opened.header("content-type") == "text/event-stream"
+    clock.advance(2)
+    clock.advance(1)
+    assert stream.cancelled
+    assert opened.body.startswith(b": keepalive\n\n: keepalive\n\nevent: error\n")
+    assert error_event(opened)["error"] == {
+        "type": "gateway_timeout", "message": "model 'm' sent no chunk within 5 s (first_chunk_timeout)",
+        "model": "m", "request_id": opened.header("x-request-id"),
+    }
+    assert has_fired(opened.ended)
+    assert requests_logged(model) == [(504, "model 'm' sent no chunk within 5 s (first_chunk_timeout)")]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_first_chunk_in_time_ends_the_first_chunk_deadline(clock):
+    door, model = limited(clock, first_chunk_timeout=5, keepalive_seconds=0)
+    opened = sse(door)
+    stream = model.streams[0]
+    clock.advance(4)
+    stream.chunk("a")
+    assert clock.getDelayedCalls() == []  # no idle limit, no keepalive: nothing more to watch
+    clock.advance(100)
+    stream.chunk("b")
+    stream.end()
+    assert opened.body == b'data: "a"\n\ndata: "b"\n\nevent: done\ndata: {"output": null}\n\n'
+    assert not stream.cancelled
+    assert requests_logged(model) == [(200, None)]
+
+
+def test_a_gap_past_stream_idle_timeout_is_an_error_event_and_cancels_the_model(clock):
+    door, model = limited(clock, stream_idle_timeout=2, keepalive_seconds=0)
+    opened = sse(door)
+    stream = model.streams[0]
+    clock.advance(30)  # before the first chunk the idle limit does not count
+    assert not stream.cancelled
+    stream.chunk("a")
+    for _ in range(5):
+        clock.advance(1.5)
+        before = [(call, call.getTime()) for call in clock.getDelayedCalls()]
+        stream.chunk("b")
+        # One DelayedCall for the stream, moved lazily: a chunk does not touch it.
+        assert len(before) == 1
+        assert [(call, call.getTime()) for call in clock.getDelayedCalls()] == before
+    clock.advance(1.9)
+    assert not stream.cancelled
+    clock.advance(0.1)
+    assert stream.cancelled
+    message = "model 'm' sent no chunk for 2 s (stream_idle_timeout)"
+    assert error_event(opened)["error"]["message"] == message
+    assert error_event(opened)["error"]["type"] == "gateway_timeout"
+    assert opened.body.count(b"data: \"b\"") == 5
+    assert requests_logged(model) == [(504, message)]
+    assert stream_figures(door) == ({"timeout": 1}, 6)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_model_held_for_a_slow_client_is_not_idle(clock):
+    door, model = limited(clock, stream_idle_timeout=2, keepalive_seconds=0)
+    opened = sse(door)
+    stream = model.streams[0]
+    stream.chunk("a")
+    door.flush()
+    (channel,) = door.site.channels
+    channel.pauseProducing()  # the model is paused: its silence is the client's doing
+    clock.advance(10)
+    assert not stream.cancelled
+    channel.resumeProducing()
+    clock.advance(1.9)  # its idle time counts from the resume
+    assert not stream.cancelled
+    clock.advance(0.1)
+    assert stream.cancelled
+    assert error_event(opened)["error"]["message"] == "model 'm' sent no chunk for 2 s (stream_idle_timeout)"
+
+
+def test_an_sse_stream_gets_a_keepalive_comment_after_each_quiet_keepalive_seconds(clock):
+    door, model = limited(clock)  # the default: 15 s
+    opened = sse(door)
+    stream = model.streams[0]
+    clock.advance(14.9)
+    assert opened.response is None  # nothing yet, not even the status
+    clock.advance(0.1)
+    assert opened.body == b": keepalive\n\n"
+    assert opened.response.code == 200
+    clock.advance(15)
+    assert opened.body == b": keepalive\n\n" * 2
+    clock.advance(1)
+    stream.chunk("a")  # written at 31: the next keepalive is due at 46, not 45
+    clock.advance(14)
+    assert opened.body == b": keepalive\n\n" * 2 + b'data: "a"\n\n'
+    clock.advance(1)
+    assert opened.body == b": keepalive\n\n" * 2 + b'data: "a"\n\n: keepalive\n\n'
+    stream.end()
+    assert opened.body.endswith(b': keepalive\n\nevent: done\ndata: {"output": null}\n\n')
+    assert clock.getDelayedCalls() == []
+    assert requests_logged(model) == [(200, None)]
+
+
+@pytest.mark.parametrize("settings, accept", [
+    ({}, "application/x-ndjson"),
+    ({"keepalive_seconds": 0}, "text/event-stream"),
+])
+def test_ndjson_and_keepalive_seconds_0_get_no_keepalive(clock, settings, accept):
+    door, model = limited(clock, **settings)
+    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": accept})
+    assert clock.getDelayedCalls() == []  # nothing to watch: no timer at all
+    clock.advance(600)
+    assert opened.response is None
+    model.streams[0].chunk(1)
+    model.streams[0].end()
+    assert b"keepalive" not in opened.body
+
+
+def test_the_keepalive_waits_while_the_clients_connection_is_full(clock):
+    door, model = limited(clock, keepalive_seconds=1)
+    opened = sse(door)
+    model.streams[0].chunk("a")
+    door.flush()
+    (channel,) = door.site.channels
+    channel.pauseProducing()
+    clock.advance(5)
+    assert opened.body == b'data: "a"\n\n'
+    channel.resumeProducing()
+    clock.advance(1)
+    assert opened.body == b'data: "a"\n\n: keepalive\n\n'
+    model.streams[0].end()
+
+
+def paused_stream(clock, *, producer=True, limit=100):
+    door, model = limited(clock, max_stream_buffer_bytes=limit, producer=producer)
+    opened = sse(door)
+    stream = model.streams[0]
+    stream.chunk("a")
+    door.flush()
+    (channel,) = door.site.channels
+    channel.pauseProducing()  # the transport's buffer is full: the client reads slower than the model
+    return door, model, opened, stream, channel
+
+
+@pytest.mark.parametrize("producer", [True, False])
+def test_bytes_past_max_stream_buffer_bytes_while_the_client_is_slow_cut_the_stream(clock, producer):
+    door, model, opened, stream, channel = paused_stream(clock, producer=producer)
+    if producer:
+        assert stream.pauses == 1  # the model was told to slow down
+    for _ in range(8):
+        stream.chunk("x" * 2)  # 'data: "xx"\n\n': 12 bytes each
+    assert not stream.cancelled  # 96 bytes wait: within the bound
+    stream.chunk("x" * 2)  # 108: past it
+    assert stream.cancelled
+    channel.resumeProducing()
+    message = ("the client read too slowly: more than 100 bytes of the stream waited to be sent "
+               "(max_stream_buffer_bytes)")
+    assert error_event(opened)["error"] == {"type": "slow_client", "message": message, "model": "m",
+                                           "request_id": opened.header("x-request-id")}
+    assert opened.body.count(b'data: "xx"') == 8
+    stream.chunk("late")  # a model that goes on: nothing more is written
+    assert b"late" not in opened.body
+    assert has_fired(opened.ended)
+    assert requests_logged(model) == [(408, message)]
+    assert stream_figures(door) == ({"error": 1}, 9)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_client_that_catches_up_starts_the_count_again(clock):
+    door, model, opened, stream, channel = paused_stream(clock)
+    for _ in range(8):
+        stream.chunk("x" * 2)
+    channel.resumeProducing()
+    assert stream.resumes == 1
+    channel.pauseProducing()
+    for _ in range(8):
+        stream.chunk("x" * 2)
+    channel.resumeProducing()
+    stream.end()
+    assert not stream.cancelled
+    assert opened.body.count(b'data: "xx"') == 16
+    assert opened.body.endswith(b"event: done\ndata: {\"output\": null}\n\n")
+
+
+def test_a_producer_registered_while_the_connection_is_full_is_paused_at_once(clock):
+    door, model = limited(clock, producer=False)
+    opened = sse(door)
+    stream = model.streams[0]
+    door.flush()
+    (channel,) = door.site.channels
+    channel.pauseProducing()
+    stream.chunks.registerProducer(stream, True)
+    assert stream.pauses == 1
+    channel.resumeProducing()
+    assert stream.resumes == 1
+    stream.chunks.unregisterProducer()
+    stream.end()
+    assert opened.body == b'event: done\ndata: {"output": null}\n\n'
+
+
+def test_a_plain_request_is_not_bound_by_the_stream_settings(clock):
+    door, model = limited(clock, first_chunk_timeout=1, stream_idle_timeout=1, keepalive_seconds=1)
+    model.holds()
+    d = door.request("POST", "/post/predict?id=m", data=b"{}")
+    assert clock.getDelayedCalls() == []
+    clock.advance(10)
+    model.pending[0].callback(ModelAnswer(status=200, body=b'{"ok": 1}'))
+    door.flush()
+    assert result_of(d).json() == {"ok": 1}
+
+
+def end_by_done(door, model, clock, opened):
+    model.streams[0].end()
+
+
+def end_by_error(door, model, clock, opened):
+    model.streams[0].fail(errors.BadGateway("model 'm' crashed", model="m"))
+
+
+def end_by_bug(door, model, clock, opened):
+    model.streams[0].fail(ZeroDivisionError("a bug"))
+
+
+def end_by_client_gone(door, model, clock, opened):
+    door.drop_connections()
+    opened.ended.addErrback(lambda _: None)
+
+
+def end_by_idle_timeout(door, model, clock, opened):
+    clock.advance(3)
+
+
+def end_by_cut(door, model, clock, opened):
+    (channel,) = door.site.channels
+    channel.pauseProducing()
+    model.streams[0].chunk("y" * 200)
+
+
+@pytest.mark.parametrize("end, how, status", [
+    (end_by_done, "done", 200),
+    (end_by_error, "error", 502),
+    (end_by_bug, "error", 500),
+    (end_by_client_gone, "cancelled", 499),
+    (end_by_idle_timeout, "timeout", 504),
+    (end_by_cut, "error", 408),
+])
+def test_every_ending_cancels_the_streams_timer_and_is_counted_by_how(clock, logged_errors, end, how, status):
+    door, model = limited(clock, first_chunk_timeout=10, stream_idle_timeout=3, max_stream_buffer_bytes=100)
+    opened = sse(door)
+    model.streams[0].chunk("a")
+    door.flush()
+    assert len(clock.getDelayedCalls()) == 1  # one timer for its deadlines and keepalive
+    end(door, model, clock, opened)
+    door.flush()
+    assert clock.getDelayedCalls() == []
+    assert [s for s, _ in requests_logged(model)] == [status]
+    assert stream_figures(door)[0] == {how: 1}
+    assert model.in_flight == 0
+    if end is end_by_bug:
+        logged_errors.flush(ZeroDivisionError)
+
+
+def test_the_stream_figures_in_metrics(clock):
+    door, model = limited(clock, keepalive_seconds=0)
+    opened = sse(door)
+    clock.advance(0.3)
+    model.streams[0].chunk("a")
+    model.streams[0].chunk("b")
+    model.streams[0].end()
+    opened.body
+    text = door.call("GET", "/metrics").body.decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    histogram = {(sample.name, sample.labels.get("le")): sample.value
+                 for sample in families["aibackend_stream_first_chunk_seconds"].samples}
+    assert histogram[("aibackend_stream_first_chunk_seconds_bucket", "0.25")] == 0
+    assert histogram[("aibackend_stream_first_chunk_seconds_bucket", "0.5")] == 1
+    assert histogram[("aibackend_stream_first_chunk_seconds_count", None)] == 1
+    assert histogram[("aibackend_stream_first_chunk_seconds_sum", None)] == pytest.approx(0.3)
+    assert stream_figures(door) == ({"done": 1}, 2)
+    ends = {s.labels["end"]: s.value for s in families["aibackend_streams"].samples if s.labels["model"] == "m"}
+    assert ends == {"done": 1, "error": 0, "cancelled": 0, "timeout": 0}
+    # A model that never streamed has no stream series.
+    assert not [s for f in families.values() for s in f.samples if s.labels.get("model") == "plain"
+                and "stream" in s.name]
+
+
+@pytest.fixture
+def access_events():
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace") == "aibackend.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_a_streams_access_event_has_its_chunks_first_chunk_and_end(clock, access_events):
+    door, model = limited(clock)
+    opened = sse(door)
+    clock.advance(0.25)
+    model.streams[0].chunk("a")
+    model.streams[0].chunk("b")
+    model.streams[0].end()
+    opened.body
+    door.call("POST", "/post/predict?id=plain", data=b"{}")
+    stream_event, plain_event = access_events
+    assert (stream_event["chunks"], stream_event["first_chunk_ms"], stream_event["stream_end"]) == (2, 250.0, "done")
+    assert stream_event["line"].endswith(" chunks=2 first_chunk_ms=250.0 stream_end=done")
+    assert stream_event["status"] == 200 and stream_event["model"] == "m"
+    for field in ("chunks", "first_chunk_ms", "stream_end"):
+        assert field not in plain_event
+    assert "chunks=" not in plain_event["line"]
+
+
+def test_a_stream_that_timed_out_before_its_first_byte_has_its_access_fields_too(clock, access_events):
+    door, model = limited(clock, first_chunk_timeout=1, keepalive_seconds=0)
+    d = door.request("POST", "/post/predict?id=m&stream=true", data=b"{}")
+    clock.advance(1)
+    door.flush()
+    assert result_of(d).status == 504
+    (event,) = access_events
+    assert (event["status"], event["chunks"], event["first_chunk_ms"], event["stream_end"]) == (504, 0, None, "timeout")
 
 
 # --- on a real socket -------------------------------------------------------------

@@ -1606,26 +1606,57 @@ def test_cancelling_a_stream_sends_the_cancel_op_and_later_chunks_go_nowhere(h):
     h.stop(model)
 
 
-def test_a_paused_stream_stops_reading_its_process_until_every_paused_stream_of_it_resumes(h):
+def test_the_lines_a_model_still_prints_for_a_request_it_was_told_to_drop_are_logged_once_at_info(h):
+    model, process = streaming(h, timeout=5, max_inflight=2)
+    chunks = RecordingChunks(h.clock)
+    stream = Outcome(model.stream(b"{}", RequestContext(request_id="c"), chunks))
+    slow = h.send(model, request_id="t")
+    cancelled, timed_out = process.wire("c"), process.wire("t")
+    chunks.producer.stopProducing()  # the client left
+    stream.error(CancelledError)
+    h.clock.advance(1)
+    process.says({"log": "working"})  # alive: the timed-out request is cancelled, not the process
+    h.clock.advance(4)
+    slow.error(GatewayTimeout)
+
+    process.says({"id": cancelled, "chunk": 1}, {"id": cancelled, "chunk": 2}, {"id": cancelled, "done": True},
+                 {"id": timed_out, "output": "late"}, {"id": "nobody#1", "chunk": 3})
+
+    logged = [(e["level"], e.get("request"), e["line"]) for e in events(model, "answer to an unknown request")]
+    assert logged == [
+        ("info", "cancelled", json.dumps({"id": cancelled, "chunk": 1})),
+        ("info", "timed out", json.dumps({"id": timed_out, "output": "late"})),
+        ("warning", None, json.dumps({"id": "nobody#1", "chunk": 3})),
+    ]
+    h.stop(model)
+
+
+def test_a_paused_stream_stops_reading_its_process_only_while_it_is_the_only_request_there(h):
+    # Reading stdout is all or nothing: a slow reader holds its process only while no other
+    # request waits for that process's lines (the relay bounds what waits for the reader).
     model, process = streaming(h, max_inflight=2)
     one, two = RecordingChunks(h.clock), RecordingChunks(h.clock)
     first = Outcome(model.stream(b"{}", RequestContext(request_id="a"), one))
-    second = Outcome(model.stream(b"{}", RequestContext(request_id="b"), two))
 
     one.producer.pauseProducing()
-    assert not process.reading
-    two.producer.pauseProducing()
+    assert not process.reading  # alone: its process waits for its reader
     one.producer.pauseProducing()  # twice: still one pause
+    assert process.pauses == 1
+    second = Outcome(model.stream(b"{}", RequestContext(request_id="b"), two))
+    assert process.reading  # another request there: the process is read again
+    two.producer.pauseProducing()
+    assert process.reading  # and neither slow reader holds it up now
     one.producer.resumeProducing()
-    assert not process.reading  # the other stream is still paused
     two.producer.resumeProducing()
     assert process.reading
     assert process.pauses == 1
 
-    two.producer.pauseProducing()
-    process.answers("b", done=True)  # a stream that ends lets go of its pause
-    assert process.reading
+    process.answers("b", done=True)
+    one.producer.pauseProducing()  # alone again: held again
+    assert not process.reading
+    one.producer.resumeProducing()
     process.answers("a", output=1)
+    assert process.reading
     assert (first.results, second.results) == ([b"1"], [None])
     h.stop(model)
 
