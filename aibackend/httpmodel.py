@@ -31,6 +31,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.error import SchemeNotSupported
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -260,6 +261,28 @@ class UpstreamError(ApiError):
 
     def as_json(self, request_id):
         return self.document
+
+
+def _cancelled_as_such(request: Deferred) -> Deferred:
+    """
+    C{request}'s outcome, but cancelling it fails it with C{CancelledError} (Agent fails a
+    request cancelled before its answer with C{ResponseNeverReceived}), so that the relay
+    tells a client that left (499) from a model that broke the exchange off (502).
+    """
+    cancelled = []
+
+    def cancel(_) -> None:
+        cancelled.append(True)
+        request.cancel()
+
+    def passed(result):
+        if cancelled and isinstance(result, Failure) and not result.check(CancelledError):
+            return Failure(CancelledError())
+        return result
+
+    d = Deferred(cancel)
+    request.addBoth(passed).chainDeferred(d)
+    return d
 
 
 def _unregister(result, chunks):
@@ -623,8 +646,8 @@ class HttpModel(Service):
             if other_route:
                 url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
                 method = context.method.decode("ascii")
-            d = self._client.request(method, url, data=_Body(body), headers=headers, allow_redirects=False,
-                                     unbuffered=True)
+            d = _cancelled_as_such(self._client.request(method, url, data=_Body(body), headers=headers,
+                                                         allow_redirects=False, unbuffered=True))
             d.addCallback(self._streaming, chunks, flow)
         except Exception:
             d = fail()

@@ -364,9 +364,9 @@ class UpstreamFlow:
                 self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        stream = self.stream
-        if stream is not None and not stream.called:
-            stream.cancel()
+        if self.stream is not None:
+            # (A fired Deferred ignores it; one waiting on another cancels that one.)
+            self.stream.cancel()
 
 
 class StreamBody(Protocol):
