@@ -1767,16 +1767,19 @@ class StreamReader:
     """
     A streamed answer of the real daemon read as it comes, on a raw socket: the status
     line and headers (L{head}), then the body's pieces, chunked encoding undone
-    (L{read_until}). C{rcvbuf}: a small receive buffer (a slow reader's).
+    (L{read_until}). C{rcvbuf}: a small receive buffer (a slow reader's); C{sock}: a
+    socket connected already (L{Multi.connection_to}'s) instead of a new one.
     """
 
     def __init__(self, port: int, path: str, body, headers: dict | None = None, *, rcvbuf: int | None = None,
-                 timeout: float = 15):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                 timeout: float = 15, sock=None):
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.connect(("127.0.0.1", port))
+        self.sock = sock
         self.sock.settimeout(timeout)
-        self.sock.connect(("127.0.0.1", port))
         if not isinstance(body, bytes):
             body = json.dumps(body).encode()
         lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
