@@ -329,6 +329,16 @@ def test_each_event_is_a_chunk_as_soon_as_its_bytes_arrive_and_done_ends_the_str
     assert clock.getDelayedCalls() == []
 
 
+def test_a_configured_accept_header_is_sent_with_streams_too(clock):
+    held = HeldModelServer()
+    model = make_model(clock, held, headers={"accept": "application/x-ndjson"})
+
+    d, _ = stream(model)
+    assert held.requests[0].requestHeaders.getRawHeaders(b"accept") == [b"application/x-ndjson"]
+    d.cancel()
+    failure_of(d, CancelledError)
+
+
 def test_json_lines_in_aibackends_envelope_end_with_the_output(clock):
     held = HeldModelServer()
     model = make_model(clock, held)

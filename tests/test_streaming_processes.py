@@ -8,6 +8,7 @@ One real daemon (aibackend.testing.Multi) for the module.
 import json
 import os
 import sys
+import tomllib
 
 import pytest
 
@@ -53,6 +54,23 @@ def primary_log(daemon, request_id: str) -> list[dict]:
     reply = daemon.request_to(daemon.pid, "GET", "/get/getlogs?id=gen")
     assert reply.status == 200, reply
     return [entry for entry in reply.json()["entries"] if request_id in json.dumps(entry)]
+
+
+@pytest.mark.parametrize("protocol, streams", [("jsonl", True), ("raw", False)])
+def test_a_workers_stand_in_streams_as_the_primarys_model_does(clock, protocol, streams):
+    from zope.interface.verify import verifyObject
+
+    from aibackend.config import parse_config
+    from aibackend.interfaces import IStreaming
+    from aibackend.processes import ForwardedModel, PrimaryStates
+
+    config = parse_config(tomllib.loads(toml_models({"id": "m", "type": "subprocess", "protocol": protocol,
+                                                     "command": [sys.executable, RAW_MODEL]})))
+    [spec] = config.models
+    model = ForwardedModel(spec, 4321, "t" * 20, PrimaryStates(), reactor=clock)
+    assert IStreaming.providedBy(model) is streams
+    if streams:
+        assert verifyObject(IStreaming, model)
 
 
 @pytest.mark.timeout(60)
