@@ -143,7 +143,6 @@ class _Reader:
 
     ended = False
     output = None
-    line_break = _HAS_BREAK
 
     def __init__(self, emit, limit: int, model_id: str):
         self.emit = emit

@@ -715,7 +715,7 @@ def test_a_slow_reader_blocks_the_upstreams_writes_and_the_daemon_stays_small(da
 
         def stalled():
             seen.append(stream.written)
-            return len(seen) > 5 and seen[-1] == seen[-6]  # no write for 5 looks, 0.1 s apart
+            return len(seen) > 50 and seen[-1] == seen[-51]  # no write for 50 looks, a second
 
         wait_until(stalled, 30, "the upstream's writes to block")
         assert stream.written < 64 * 1024 * 1024 and not stream.ended.is_set()
