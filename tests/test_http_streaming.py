@@ -12,8 +12,6 @@ plain request's gathered answer.
 """
 
 import json
-import socket
-import time
 
 import pytest
 from twisted.internet import error as ierror
