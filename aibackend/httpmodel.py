@@ -35,8 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
@@ -719,6 +718,9 @@ class HttpModel(Service):
                 body = gather(reader, body, self.spec.max_response_bytes, self.model_id)
             except BadStream as e:
                 raise BadGateway(f"model {self.model_id!r} {e.why}", model=self.model_id) from None
+            except ApiError:
+                self.failures += 1  # the upstream's error event: a failure, as its error status would be
+                raise
         else:
             problem = not_strict_json(body)
             if problem is not None:

@@ -581,6 +581,7 @@ def test_a_plain_requests_gathered_answer_is_bounded_and_its_error_event_is_its_
     held.flush()
     error = failure_of(d, ModelError).value
     assert (error.status, error.type, error.message) == (400, "bad_request", "no prompt")
+    assert model.failures == 2  # each counted as a failed request
 
 
 # --- the real daemon in front of a real upstream ---------------------------------------------
