@@ -7,10 +7,18 @@ through one daemon-owned persistent connection pool. The whole exchange, body
 included, has one deadline on the injected clock; redirects are never followed; the
 answer must be strict JSON (L{aibackend.jsonread.model_json}: UTF-8, no NaN or Infinity), and the
 model's own status is passed through.
+
+Streams (L{IStreaming}): a stream request is sent like a plain one, with C{Accept:
+text/event-stream, application/x-ndjson, application/json} (L{STREAM_ACCEPT}), through
+Agent rather than the lean client, and the answer's C{Content-Type} says how it is read
+(L{aibackend.streambody}): Server-Sent Events and JSON lines chunk by chunk as they
+arrive, anything else whole, as the stream's output. A plain request answered in events
+or lines gets them gathered into one JSON answer (L{aibackend.streambody.gather}).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
@@ -23,10 +31,11 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.web.error import SchemeNotSupported
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
@@ -35,17 +44,25 @@ from aibackend.config import expand_env
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, ModelAnswer
+from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, IStreaming, ModelAnswer
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.limits import ConcurrencyLimit
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState
 from aibackend.replicas import Replica, ReplicaRefused, ReplicaSet
+from aibackend.streambody import BadStream, StreamBody, UpstreamFlow, gather, reader_for
 from aibackend.supervisor import PoolEvents, ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
 SNIPPET = 200
 PROBE_INTERVAL = 0.25
+# What a stream request accepts (a configured Accept header is sent instead).
+STREAM_ACCEPT = b"text/event-stream, application/x-ndjson, application/json"
+# Content types a plain answer is read as it is, without asking which reader it needs.
+PLAIN_TYPES = frozenset({
+    b"application/json", b"application/json; charset=utf-8", b"application/json;charset=utf-8",
+    b"application/json; charset=UTF-8",
+})
 
 
 @implementer(IAgentEndpointFactory)
@@ -192,7 +209,87 @@ def _deadline_passed(result, timeout):
     raise DeadlineExceeded(timeout, "Deferred")
 
 
-@implementer(IModel, IReplicated)
+@implementer(IBodyProducer)
+class _Body:
+    """A request body of bytes, written at once (Agent's FileBodyProducer takes turns of the global reactor)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer) -> Deferred:
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UpstreamError(ApiError):
+    """
+    An HTTP model's own 4xx or 5xx JSON answer to a stream request (before any chunk):
+    answered as a plain request's is, the model's body with its status (and its
+    C{Retry-After}), instead of the daemon's error document.
+    """
+
+    type = "model_error"
+
+    def __init__(self, answer: ModelAnswer, model_id: str):
+        self.document = json.loads(answer.body)
+        error = self.document.get("error") if isinstance(self.document, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+        elif isinstance(error, str):
+            message = error
+        else:
+            message = f"model {model_id!r} answered status {answer.status}"
+        headers = {}
+        for name, value in answer.headers.items():
+            try:
+                headers[name.decode("ascii")] = value.decode("ascii")
+            except UnicodeDecodeError:
+                pass
+        super().__init__(message, model=model_id, headers=headers)
+        self.status = answer.status
+
+    def as_json(self, request_id):
+        return self.document
+
+
+def _cancelled_as_such(request: Deferred) -> Deferred:
+    """
+    C{request}'s outcome, but cancelling it fails it with C{CancelledError} (Agent fails a
+    request cancelled before its answer with C{ResponseNeverReceived}), so that the relay
+    tells a client that left (499) from a model that broke the exchange off (502).
+    """
+    cancelled = []
+
+    def cancel(_) -> None:
+        cancelled.append(True)
+        request.cancel()
+
+    def passed(result):
+        if cancelled and isinstance(result, Failure) and not result.check(CancelledError):
+            return Failure(CancelledError())
+        return result
+
+    d = Deferred(cancel)
+    request.addBoth(passed).chainDeferred(d)
+    return d
+
+
+def _unregister(result, chunks):
+    chunks.unregisterProducer()
+    return result
+
+
+@implementer(IModel, IReplicated, IStreaming)
 class HttpModel(Service):
     """
     A model served by an HTTP server. One with a C{command} (a server the daemon starts)
@@ -205,15 +302,17 @@ class HttpModel(Service):
         default, an L{EndpointCache}, or the destination policy's guarded endpoints);
         tests give L{aibackend.testing.MemoryEndpoints}.
     @param client: a treq-like client for the requests other than a predict's POST (the
-        health check, the Open Inference Protocol's other routes), instead of treq over
-        C{endpoints}.
+        health check, the Open Inference Protocol's other routes, streams), instead of
+        treq over C{endpoints}.
+    @param stream_accept: the C{Accept} header of a stream request (L{STREAM_ACCEPT}; a
+        worker's model forwarded to the primary asks for JSON lines only).
     """
 
     type_name = "http"
     log = Logger()
 
     def __init__(self, spec, *, reactor, pool=None, environ=None, client=None, launcher=None,
-                 destination_policy=None, endpoints=None):
+                 destination_policy=None, endpoints=None, stream_accept: bytes = STREAM_ACCEPT):
         self.spec = spec
         self.model_id = spec.id
         self.model_log = ModelLog(reactor, spec.log_entries)
@@ -248,6 +347,10 @@ class HttpModel(Service):
         }
         for name, template in spec.headers.items():
             self._headers[name.encode("ascii")] = [expand_env(template, environ).encode("utf-8")]
+        # A stream asks for events or lines, unless the configuration says what to accept.
+        self._stream_headers = dict(self._headers)
+        if not any(name.lower() == "accept" for name in spec.headers):
+            self._stream_headers[b"Accept"] = [stream_accept]
         # The same headers as the lean client writes them, after each replica's request
         # line; the request's own X-Request-Id follows them (a configured one gives way).
         self._header_block = b"".join(
@@ -400,15 +503,18 @@ class HttpModel(Service):
             d.addCallback(lambda protocol: protocol.transport.loseConnection() or True)
         return d.addTimeout(1, self._clock)
 
+    def _not_ready(self) -> ModelUnavailable:
+        state = self._state.value
+        why = self.server.failed_reason if state == "failed" else f"its server is {state}"
+        return ModelUnavailable(
+            f"model {self.model_id!r} is not ready: {why}",
+            model=self.model_id,
+            retry_after=self.server.retry_after(),
+        )
+
     def send(self, body: bytes, context) -> Deferred[ModelAnswer]:
         if self.server is not None and self._state.value != READY:
-            state = self._state.value
-            why = self.server.failed_reason if state == "failed" else f"its server is {state}"
-            raise ModelUnavailable(
-                f"model {self.model_id!r} is not ready: {why}",
-                model=self.model_id,
-                retry_after=self.server.retry_after(),
-            )
+            raise self._not_ready()
         timeout = self.spec.timeout
         deadline = self._clock.seconds() + timeout
         limit = self.limit
@@ -472,6 +578,118 @@ class HttpModel(Service):
         d.addBoth(self.limit.finished)
         return d
 
+    # --- IStreaming -----------------------------------------------------------
+
+    def stream(self, body: bytes, context, chunks) -> Deferred:
+        """
+        Send a request whose answer comes in chunks (see the module's docstring): each
+        chunk goes to C{chunks} in the reactor turn its bytes came in, a slow reader of
+        C{chunks} pauses the reading of the upstream's connection, and cancelling (the
+        client left, a deadline) closes that connection at once. The model's C{timeout}
+        bounds the whole stream. Like a plain request, a stream is counted in flight and
+        in the limit, and goes to another replica only when the one it was sent to could
+        not be connected to (before any chunk).
+
+        @return: a Deferred firing with the output's JSON text, or None.
+        """
+        if self.server is not None and self._state.value != READY:
+            raise self._not_ready()
+        timeout = self.spec.timeout
+        deadline = self._clock.seconds() + timeout
+        limit = self.limit
+        flow = UpstreamFlow()
+        chunks.registerProducer(flow, True)
+        try:
+            if limit.has_room():
+                d = self._stream_post(body, context, chunks, flow, deadline)
+            elif limit.full():
+                raise limit.busy(retry_after=1)
+            else:
+                d = limit.wait_for_place(timeout, self._clock)
+                d.addCallback(lambda _: self._stream_post(body, context, chunks, flow, deadline))
+        except BaseException:
+            chunks.unregisterProducer()
+            raise
+        flow.stream = d
+        return d.addBoth(_unregister, chunks)
+
+    def _stream_post(self, body: bytes, context, chunks, flow, deadline: float, tried: tuple = ()) -> Deferred:
+        left = deadline - self._clock.seconds()
+        if left <= 0:
+            raise self.limit.place_timeout(self.spec.timeout)
+        replica = self._pick(tried)
+        if replica is None:
+            raise self.replica_set.none_left()
+        d = self._stream_attempt(replica, body, context, chunks, flow, left)
+        if self.replica_set.several:
+
+            def elsewhere(failure):
+                # Nothing reached this replica (so no chunk came): another may take it.
+                failure.trap(ReplicaRefused)
+                if self._pick(tried + (replica,)) is None:
+                    return failure
+                return self._stream_post(body, context, chunks, flow, deadline, tried + (replica,))
+
+            d.addErrback(elsewhere)
+        return d
+
+    def _stream_attempt(self, replica: Replica, body: bytes, context, chunks, flow, left: float) -> Deferred:
+        self.limit.in_flight += 1
+        self.requests += 1
+        replica.in_flight += 1
+        other_route = context.path is not None
+        try:
+            headers = Headers(self._stream_headers)
+            headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
+            url, method = replica.url, "POST"
+            if other_route:
+                url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
+                method = context.method.decode("ascii")
+            d = _cancelled_as_such(self._client.request(method, url, data=_Body(body), headers=headers,
+                                                         allow_redirects=False, unbuffered=True))
+            d.addCallback(self._streaming, chunks, flow)
+        except Exception:
+            d = fail()
+        d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
+        d.addBoth(self._replica_outcome, replica)
+        d.addCallbacks(self._stream_ended, self._failed, callbackArgs=(other_route,), errbackArgs=(replica,))
+        d.addBoth(self.limit.finished)
+        return d
+
+    def _streaming(self, response, chunks, flow) -> Deferred:
+        """
+        The upstream's answer came: a 2xx in events or lines is read chunk by chunk, to
+        C{(response, output, True)}; any other is read whole, to C{(response, body)}.
+        """
+        content_types = response.headers.getRawHeaders(b"content-type")
+        reader = reader_for(content_types[0]) if content_types and 200 <= response.code < 300 else None
+        if reader is None:
+            return self._read(response)
+
+        def emit(value, text: bytes) -> None:
+            chunks.chunk(text)
+
+        protocol = StreamBody(reader(emit, self.spec.max_response_bytes, self.model_id), self._clock)
+        response.deliverBody(protocol)
+        # Once delivering has begun: Agent resumes the transport as it hands the body over.
+        if protocol.transport is not None:
+            flow.attach(protocol.transport)
+        d = protocol.finished
+        d.addCallbacks(lambda output: (response, output, True), self._bad_stream)
+        return d
+
+    def _bad_stream(self, failure):
+        failure.trap(BadStream)
+        raise BadGateway(f"model {self.model_id!r} {failure.value.why}", model=self.model_id)
+
+    def _stream_ended(self, result, other_route: bool):
+        if len(result) == 3:
+            return result[1]
+        answer = self._answered(result, other_route)
+        if answer.status < 300:
+            return answer.body
+        raise UpstreamError(answer, self.model_id)
+
     def _read(self, response):
         d = read_body(response, self.spec.max_response_bytes)
         d.addCallback(lambda body: (response, body))
@@ -490,14 +708,28 @@ class HttpModel(Service):
                 "redirects are not followed",
                 model=self.model_id,
             )
-        problem = not_strict_json(body)
-        if problem is not None:
-            content_type = response.headers.getRawHeaders(b"content-type", [b"none"])[0].decode("latin-1")
-            raise BadGateway(
-                f"model {self.model_id!r} {problem} "
-                f"(status {status}, content-type {content_type}): {snippet(body)}",
-                model=self.model_id,
-            ) from None
+        content_types = response.headers.getRawHeaders(b"content-type")
+        reader = None
+        if content_types is not None and content_types[0] not in PLAIN_TYPES and status < 300:
+            reader = reader_for(content_types[0])
+        if reader is not None:
+            # Events or JSON lines answering a plain request: gathered into one answer.
+            try:
+                body = gather(reader, body, self.spec.max_response_bytes, self.model_id)
+            except BadStream as e:
+                raise BadGateway(f"model {self.model_id!r} {e.why}", model=self.model_id) from None
+            except ApiError:
+                self.failures += 1  # the upstream's error event: a failure, as its error status would be
+                raise
+        else:
+            problem = not_strict_json(body)
+            if problem is not None:
+                content_type = (content_types or [b"none"])[0].decode("latin-1")
+                raise BadGateway(
+                    f"model {self.model_id!r} {problem} "
+                    f"(status {status}, content-type {content_type}): {snippet(body)}",
+                    model=self.model_id,
+                ) from None
         if status >= 400:
             self.failures += 1
         headers = {}

@@ -50,12 +50,12 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from aibackend import config, errors
 from aibackend.admin import desired_specs
 from aibackend.httpmodel import HttpModel
-from aibackend.interfaces import IModel, IRestartable, STARTING, STATES, STOPPED
+from aibackend.interfaces import IModel, IRestartable, IStreaming, STARTING, STATES, STOPPED
 from aibackend.modelstate import ModelState
 from aibackend.registry import default_build
 
@@ -415,7 +415,11 @@ class ForwardedModel(service.Service):
     """
     A worker's stand-in for a model the primary runs: requests go to the primary's front
     door over its private port (through an L{HttpModel} of its own), and its state is the
-    primary's, as the primary tells it (L{PrimaryStates}).
+    primary's, as the primary tells it (L{PrimaryStates}). A model that streams (a
+    C{jsonl} one) streams here too (L{IStreaming}): the primary is asked for JSON lines
+    (its front door's NDJSON, which the HttpModel reads chunk by chunk), and a client that
+    leaves this process closes the connection to the primary, which cancels the model's
+    work as for a client of its own.
 
     @param spec: the model's spec (a subprocess model's).
     @param states: the worker's L{PrimaryStates}.
@@ -424,7 +428,10 @@ class ForwardedModel(service.Service):
     def __init__(self, spec, primary_port: int, token: str, states: PrimaryStates, *, reactor, pool=None):
         self.model_id = spec.id
         self.type_name = spec.type
-        self._to_primary = HttpModel(forwarded_spec(spec, primary_port, token), reactor=reactor, pool=pool)
+        self._to_primary = HttpModel(forwarded_spec(spec, primary_port, token), reactor=reactor, pool=pool,
+                                     stream_accept=b"application/x-ndjson")
+        if spec.protocol == "jsonl":
+            alsoProvides(self, IStreaming)
         self.spec = self._to_primary.spec
         self.model_log = self._to_primary.model_log
         self.request_timeout = self._to_primary.request_timeout
@@ -467,6 +474,10 @@ class ForwardedModel(service.Service):
 
     def send(self, body: bytes, context):
         return self._to_primary.send(body, context)
+
+    def stream(self, body: bytes, context, chunks):
+        """IStreaming (a jsonl model's stand-in): the primary's NDJSON stream, chunk by chunk."""
+        return self._to_primary.stream(body, context, chunks)
 
     def whenReady(self) -> Deferred:
         return self._state.when_ready()

@@ -66,7 +66,7 @@ from zope.interface import implementer
 from aibackend.admin import ModelManager
 from aibackend.config import ModelSpec, parse_config
 from aibackend.destinations import DestinationPolicy
-from aibackend.interfaces import READY, IModel, IStreaming, ModelAnswer, RequestContext
+from aibackend.interfaces import READY, IChunks, IModel, IStreaming, ModelAnswer, RequestContext
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState, Waiters
 from aibackend.processes import WorkerProcesses
@@ -1766,3 +1766,257 @@ def blocked_writing(pid: int) -> bool:
 
 
 __all__ += ["STREAMER", "STREAM_ACCEPT", "STREAM_WORKER", "StreamEvent", "Streamed", "blocked_writing"]
+
+# --- upstream (issue 14) ---
+#
+# Streams from HTTP upstreams: L{RecordingChunks}, an IChunks that keeps what it is given
+# (for HttpModel.stream over MemoryEndpoints); L{StreamingModelServer}, a real upstream on
+# a loopback socket (threads of the test) that streams Server-Sent Events or JSON lines as
+# its request's body says, keeping when it wrote what and whether it saw its client leave;
+# L{StreamReader}, a client of the real daemon that reads a streamed answer as it comes.
+
+
+
+@implementer(IChunks)
+class RecordingChunks:
+    """An L{IChunks} that keeps the chunks it is given (L{texts}) and the producer registered."""
+
+    def __init__(self):
+        self.texts: list[bytes] = []
+        self.producer = None
+        self.registered = 0
+
+    def chunk(self, data: bytes) -> None:
+        self.texts.append(data)
+
+    @property
+    def values(self) -> list:
+        return [json.loads(text) for text in self.texts]
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        assert streaming is True
+        self.producer = producer
+        self.registered += 1
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class UpstreamStream:
+    """What a L{StreamingModelServer} did with one request: its plan, writes, and end."""
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+        self.writes: list[float] = []  # when each chunk was written (time.time())
+        self.written = 0  # bytes written so far
+        self.release = threading.Event()  # the test lets a "gate" stream go on
+        self.gone = threading.Event()  # a write failed: the client (the daemon) left
+        self.ended = threading.Event()  # the handler is done, whatever happened
+
+
+class StreamingModelServer:
+    """
+    A model server on 127.0.0.1 (a free port), in threads of the test, that answers each
+    POST with a stream (chunked encoding) as its JSON body says:
+
+      - C{format}: C{"sse"} (C{text/event-stream}), C{"ndjson"} (C{application/x-ndjson})
+        or C{"json"} (the chunks as one JSON array); C{crlf}: SSE lines end with CRLF;
+      - C{chunks}: the chunks' values, each written (and flushed) on its own, C{pause}
+        seconds apart; C{gate}: after the first chunk, wait for the test's C{release}
+        (up to 10 s); C{forever}: write the chunks again and again until a write fails
+        (C{limit}: at most that many bytes); C{size}: each chunk a string of that many
+        bytes instead;
+      - C{end}: C{"openai"} (C{data: [DONE]}), C{"done"} (aibackend's done event/line,
+        with C{output}), or nothing (the body just ends); C{error}: an error event/line
+        (this document) after the chunks instead;
+      - C{tag}: the name of the request in L{streams} (an L{UpstreamStream}).
+    """
+
+    def __init__(self):
+        self.streams: dict[str, UpstreamStream] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                plan = json.loads(self.rfile.read(length) or b"{}")
+                stream = UpstreamStream(plan)
+                stream.accept = self.headers.get("Accept")
+                with server._lock:
+                    server.streams[plan.get("tag", "")] = stream
+                try:
+                    server._answer(self, plan, stream)
+                except OSError:
+                    stream.gone.set()
+                finally:
+                    stream.ended.set()
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/stream"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def _answer(self, handler, plan: dict, stream: UpstreamStream) -> None:
+        kind = plan.get("format", "sse")
+        eol = "\r\n" if plan.get("crlf") else "\n"
+        handler.send_response(plan.get("status", 200))
+        handler.send_header("Content-Type", {"sse": "text/event-stream", "ndjson": "application/x-ndjson",
+                                             "json": "application/json"}[kind])
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+
+        def write(text: str) -> None:
+            data = text.encode()
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            stream.written += len(data)
+            stream.writes.append(time.time())
+
+        def piece(value) -> str:
+            text = json.dumps(value)
+            if kind == "sse":
+                return f"data: {text}{eol}{eol}"
+            if kind == "ndjson":
+                return text + "\n"
+            return text
+
+        values = plan.get("chunks", [])
+        if plan.get("size"):
+            values = ["x" * plan["size"]]
+        if kind == "json":
+            write(json.dumps(values))
+        else:
+            n = 0
+            while n < len(values) or (plan.get("forever") and stream.written < plan.get("limit", 1 << 40)):
+                if n and plan.get("pause"):
+                    time.sleep(plan["pause"])
+                write(piece(values[n % len(values)]))
+                if n == 0 and plan.get("gate"):
+                    stream.release.wait(10)
+                n += 1
+            if plan.get("error") is not None:
+                text = json.dumps(plan["error"])
+                write(f"event: error{eol}data: {text}{eol}{eol}" if kind == "sse" else text + "\n")
+            elif plan.get("end") == "openai":
+                write(f"data: [DONE]{eol}{eol}")
+            elif plan.get("end") == "done":
+                output = json.dumps({"output": plan.get("output")})
+                if kind == "sse":
+                    write(f"event: done{eol}data: {output}{eol}{eol}")
+                else:
+                    write(json.dumps({"done": True, "output": plan.get("output")}) + "\n")
+        handler.wfile.write(b"0\r\n\r\n")
+
+    def stream(self, tag: str, timeout: float = 10) -> UpstreamStream:
+        """The request tagged C{tag}, once it has come."""
+        wait_until(lambda: tag in self.streams, timeout, f"the upstream to be sent request {tag!r}")
+        return self.streams[tag]
+
+    def close(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+
+class StreamReader:
+    """
+    A streamed answer of the real daemon read as it comes, on a raw socket: the status
+    line and headers (L{head}), then the body's pieces, chunked encoding undone
+    (L{read_until}). C{rcvbuf}: a small receive buffer (a slow reader's); C{sock}: a
+    socket connected already (L{Multi.connection_to}'s) instead of a new one.
+    """
+
+    def __init__(self, port: int, path: str, body, headers: dict | None = None, *, rcvbuf: int | None = None,
+                 timeout: float = 15, sock=None):
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.connect(("127.0.0.1", port))
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
+                 "Content-Type: application/json"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        self._raw = b""
+        self.body = b""
+        self.arrivals: list[tuple[float, bytes]] = []  # (when, the body's bytes that came)
+        self.status = None
+        self.headers = Headers()
+
+    def _recv(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self._raw += data
+        return True
+
+    def head(self) -> "StreamReader":
+        while b"\r\n\r\n" not in self._raw:
+            if not self._recv():
+                raise AssertionError(f"the connection closed before the headers: {self._raw!r}")
+        head, self._raw = self._raw.split(b"\r\n\r\n", 1)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split()[1])
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        return self
+
+    def _unchunk(self) -> bool:
+        """Move the whole chunks received to L{body}; True once the last chunk came."""
+        while b"\r\n" in self._raw:
+            size_line, rest = self._raw.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if len(rest) < size + 2:
+                return False
+            if size == 0:
+                return True
+            piece, self._raw = rest[:size], rest[size + 2:]
+            self.body += piece
+            self.arrivals.append((time.time(), piece))
+        return False
+
+    def read_until(self, wanted: bytes) -> bytes:
+        """Read until the body holds C{wanted}; the body so far."""
+        if self.status is None:
+            self.head()
+        while wanted not in self.body:
+            if self._unchunk():
+                break
+            if wanted in self.body:
+                break
+            if not self._recv():
+                break
+        assert wanted in self.body, f"{wanted!r} never came; the body: {self.body[-500:]!r}"
+        return self.body
+
+    def read_all(self) -> bytes:
+        """Read until the last chunk."""
+        if self.status is None:
+            self.head()
+        while not self._unchunk():
+            if not self._recv():
+                break
+        return self.body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+__all__ += ["RecordingChunks", "StreamReader", "StreamingModelServer", "UpstreamStream"]
