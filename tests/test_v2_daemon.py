@@ -160,7 +160,7 @@ def test_server_metadata(v2):
     metadata = v2.client.get_server_metadata()
 
     assert metadata["name"] == "aibackend"
-    assert metadata["extensions"] == ["model_repository"]
+    assert metadata["extensions"] == ["model_repository", "generate"]
     assert isinstance(metadata["version"], str)
 
 
