@@ -109,8 +109,8 @@ class Answers:
 
         @raise JSONProblem: C{data} is not strict JSON (C{what} it is, for the message).
         """
-        text = data.strip()
-        if text[:1] == b'"':
+        text = data if data[:1] == b'"' and data[-1:] == b'"' else data.strip()
+        if text[:1] == b'"':  # a string (a word, a token): put in as it is, unread
             return self._text + text + b"}"
         value = read_json(text, what, finite=True)
         return json.dumps(self.document(value, text.decode("utf-8"))).encode()

@@ -1632,8 +1632,11 @@ class StreamReader:
 
 
 def sse_data(body: bytes) -> list:
-    """The JSON of each C{data:} event of a Server-Sent Events body (every event must be one)."""
-    events = [event for event in body.split(b"\n\n") if event]
+    """
+    The JSON of each C{data:} event of a Server-Sent Events body, in order: every event
+    but comments (keepalives) must be one line C{data: <JSON>}.
+    """
+    events = [event for event in body.split(b"\n\n") if event and not event.startswith(b":")]
     assert all(event.startswith(b"data: ") and b"\n" not in event for event in events), body
     return [json.loads(event[len(b"data: "):]) for event in events]
 
@@ -1641,7 +1644,7 @@ def sse_data(body: bytes) -> list:
 def sse_over_socket(port: int, path: str, body: bytes, timeout: float = 20.0):
     """
     POST C{body} to the real daemon over a plain socket, in HTTP/1.0 (the answer ends when
-    the daemon closes the connection).
+    the daemon closes the connection), for an answer of Server-Sent Events.
 
     @return: the status, the headers (lower-case names) and each event of the body, in
         order, as C{(when it was complete: time.monotonic(), its bytes)}.
