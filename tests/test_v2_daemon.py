@@ -30,6 +30,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 
 import numpy as np
@@ -440,6 +441,24 @@ def test_the_readmes_generate_lines_answer_what_it_shows(v2):
     answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
     assert status == 200 and answers[:len(shown_events)] == shown_events
     assert "".join(answer["text_output"] for answer in answers) == shown[0]["text_output"]
+
+
+def test_a_client_that_leaves_generate_stream_stops_the_generator_and_is_logged_499(v2):
+    body = json.dumps({"prompt": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
+    with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
+        sock.sendall(b"POST /v2/models/generate/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"X-Request-Id: leaves-early\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert b"data: " in sock.recv(65536)  # the first word came: the client leaves
+
+    def logged():
+        return [entry for entry in v2.daemon.events("generate", "request") if entry["request_id"] == "leaves-early"]
+
+    wait_until(logged, 5, "the stream's end to be logged")
+    [entry] = logged()
+    assert (entry["operation"], entry["status"]) == ("generate_stream", 499)
+    # The request is over for the model (it was sent a cancel) long before 200 words (10 s) were made.
+    wait_until(lambda: v2.daemon.request("GET", "/get/status?id=generate").json()["in_flight"] == 0, 3,
+               "the model's request to end")
 
 
 def test_generate_on_a_jsonl_model_answers_its_fields(v2):
