@@ -2020,3 +2020,82 @@ class StreamReader:
 
 
 __all__ += ["RecordingChunks", "StreamReader", "StreamingModelServer", "UpstreamStream"]
+
+
+# --- generate (issue 14) ---
+
+
+class DoorStream:
+    """
+    A streamed answer through a L{StubFrontDoor}, read as it comes: the response once its
+    status and headers are in (None before), and the body's bytes so far (L{body} flushes
+    the connections first).
+    """
+
+    def __init__(self, door: StubFrontDoor, method: str, url: str, **kwargs):
+        self.door = door
+        self.received: list[bytes] = []
+        self.response = None
+        self.ended = None
+        door.open(method, url, **kwargs).addCallback(self._got)
+
+    def _got(self, response):
+        self.response = response
+        self.ended = treq.collect(response, self.received.append)
+
+    @property
+    def body(self) -> bytes:
+        self.door.flush()
+        return b"".join(self.received)
+
+    def header(self, name: str):
+        """The first value of header C{name}, as text, or None."""
+        values = self.response.headers.getRawHeaders(name.encode("latin-1"))
+        return values[0].decode("latin-1") if values else None
+
+
+def sse_data(body: bytes) -> list:
+    """
+    The JSON of each C{data:} event of a Server-Sent Events body, in order: every event
+    but comments (keepalives) must be one line C{data: <JSON>}.
+    """
+    events = [event for event in body.split(b"\n\n") if event and not event.startswith(b":")]
+    assert all(event.startswith(b"data: ") and b"\n" not in event for event in events), body
+    return [json.loads(event[len(b"data: "):]) for event in events]
+
+
+def sse_over_socket(port: int, path: str, body: bytes, timeout: float = 20.0):
+    """
+    POST C{body} to the real daemon over a plain socket, in HTTP/1.0 (the answer ends when
+    the daemon closes the connection), for an answer of Server-Sent Events.
+
+    @return: the status, the headers (lower-case names) and each event of the body, in
+        order, as C{(when it was complete: time.monotonic(), its bytes)}.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        buffered, head, events = b"", None, []
+        while True:
+            data = sock.recv(65536)
+            now = time.monotonic()
+            if not data:
+                break
+            buffered += data
+            if head is None:
+                if b"\r\n\r\n" not in buffered:
+                    continue
+                head, buffered = buffered.split(b"\r\n\r\n", 1)
+            *complete, buffered = buffered.split(b"\n\n")
+            events.extend((now, event) for event in complete)
+    assert head is not None, buffered
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    assert not buffered, buffered  # every event ended with its blank line
+    return int(status_line.split()[1]), headers, events
+
+
+__all__ += ["DoorStream", "sse_data", "sse_over_socket"]

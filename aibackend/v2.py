@@ -8,6 +8,11 @@ and Seldon's clients call, under C{/v2}, for every model the daemon serves.
   - Every other model is adapted (L{aibackend.tensors}): the v2 request becomes the
     model's plain JSON, one key per input, and its JSON answer becomes output tensors.
 
+The generate extension (C{/generate}, C{/generate_stream}: L{aibackend.generate}) is
+adapted and proxied the same way: an adapted model gets the flat request object as its
+predict body and its output becomes the flat answer object; a native model's server gets
+the request as it came.
+
 Versions: an adapted model has exactly one version, C{"1"} unless C{[models.v2]} says
 C{version}; replacing a model does not add a version. A native model's versions are its
 server's, passed through.
@@ -27,7 +32,9 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 
 import aibackend
 from aibackend import errors
-from aibackend.interfaces import FAILED, READY, ModelAnswer, RequestContext
+from aibackend.api import cannot_stream
+from aibackend.generate import Answers, GenerateFraming, model_body
+from aibackend.interfaces import FAILED, READY, IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
 # Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
@@ -44,7 +51,7 @@ from aibackend.web import (
     sized,
 )
 
-EXTENSIONS = ["model_repository"]
+EXTENSIONS = ["model_repository", "generate"]
 # Model states as the repository index names them.
 STATES = {"ready": "READY", "starting": "LOADING", "restarting": "LOADING", "stopping": "UNLOADING",
           "stopped": "UNAVAILABLE", "failed": "UNAVAILABLE"}
@@ -301,6 +308,68 @@ class OpenInference:
         return d.addCallback(lambda prepared: relay.send(request, entry, prepared[0], prepared[2], started,
                                                          prepared[1]))
 
+    # --- the generate extension (aibackend.generate) -------------------------------
+
+    @app.route("/models/<string:name>/generate", methods=["POST"], branch=False)
+    @app.route("/models/<string:name>/versions/<string:version>/generate", methods=["POST"], branch=False)
+    def generate(self, request, name, version=None):
+        return self._generate(request, name, version, "generate")
+
+    @app.route("/models/<string:name>/generate_stream", methods=["POST"], branch=False)
+    @app.route("/models/<string:name>/versions/<string:version>/generate_stream", methods=["POST"], branch=False)
+    def generate_stream(self, request, name, version=None):
+        return self._generate(request, name, version, "generate_stream")
+
+    def _generate(self, request, name, version, operation: str):
+        """
+        generate (one answer object, through L{Relay.send}: a model that streams gathers
+        its chunks) or generate_stream (Server-Sent Events, through L{Relay.stream}). A
+        native model's server gets the request as it came, on the same route.
+        """
+        request_id = self.begin(request)
+        entry = self._entry(request, name, version)
+        model = entry.model
+        relay = self.core.relay
+        started = relay.clock.seconds()
+        stream = operation == "generate_stream"
+        if stream and not IStreaming.providedBy(model):
+            error = cannot_stream(entry)
+            relay.done(entry, request_id, operation, started, error.status, error.message)
+            raise error
+        native = model.spec.v2.native
+        answers = None if native else Answers(model.model_id, model.spec.v2.version)
+
+        def prepare(text):
+            document = _document(text)
+            if native:  # its server is the judge of the rest
+                path = self._upstream_path(model, version, (operation,))
+                return text, RequestContext(request_id=request_id, operation=operation, path=path)
+            return model_body(document), RequestContext(request_id=request_id, operation=operation)
+
+        d = self._work(prepare, maybeDeferred(_body_text, request))
+        d.addErrback(relay.refused, entry, request_id, operation, started)
+        if stream:
+            framing = GenerateFraming(answers)
+            return d.addCallback(lambda prepared: relay.stream(request, entry, prepared[0], prepared[1], started,
+                                                               framing, self.shape))
+        shape = self._native_answer if native else self._generated(model, answers)
+        return d.addCallback(lambda prepared: relay.send(request, entry, prepared[0], prepared[1], started, shape))
+
+    def _generated(self, model, answers: Answers):
+        """What makes an adapted model's answer the extension's answer object (or its error)."""
+
+        def convert(answer: ModelAnswer) -> ModelAnswer:
+            return ModelAnswer(200, answers.answer(answer.body, model.model_id))
+
+        def shape(answer: ModelAnswer):
+            if answer.status >= 400:
+                return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode(), answer.headers)
+            if len(answer.body) > THREAD_ABOVE_BYTES:
+                return self.in_thread(convert, answer)
+            return convert(answer)
+
+        return shape
+
     def _work(self, function, text_or_deferred):
         """
         C{function(text)}, in a thread when the text is large: reading, checking and
@@ -376,7 +445,7 @@ class OpenInference:
 
     def _native_answer(self, answer: ModelAnswer) -> ModelAnswer:
         if answer.status >= 400:
-            return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode())
+            return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode(), answer.headers)
         return answer
 
     def _adapted_request(self, model, document):
@@ -419,7 +488,7 @@ class OpenInference:
 
         def shape(answer: ModelAnswer):
             if answer.status >= 400:
-                return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode())
+                return ModelAnswer(answer.status, json.dumps({"error": _error_text(answer)}).encode(), answer.headers)
             if len(answer.body) > THREAD_ABOVE_BYTES:
                 return self.in_thread(convert, answer)
             return convert(answer)

@@ -101,7 +101,7 @@ def test_server_metadata(door, path):
 
     assert response.status == 200, response.body
     assert response.header("Content-Type") == "application/json"
-    assert response.json() == {"name": "aibackend", "version": aibackend.__version__, "extensions": ["model_repository"]}
+    assert response.json() == {"name": "aibackend", "version": aibackend.__version__, "extensions": ["model_repository", "generate"]}
 
 
 def test_health_live(door):
@@ -610,6 +610,17 @@ def test_a_model_error_answer_becomes_a_v2_error_with_its_status(door, declared)
     assert response.status == 422
     assert response.header("Content-Type") == "application/json"
     assert response.json() == {"error": "nope"}
+
+
+def test_a_model_error_answer_keeps_its_retry_after(door, declared, native_door, native):
+    declared.answers(503, {"error": "busy"}, headers={b"retry-after": b"4"})
+    native.answers(429, {"error": "slow down"}, headers={b"retry-after": b"2"})
+
+    adapted = infer(door, "m", {"inputs": [x_input(), n_input()]})
+    proxied = infer(native_door, "tri", {"inputs": [x_input()]})
+
+    assert (adapted.status, adapted.json(), adapted.header("Retry-After")) == (503, {"error": "busy"}, "4")
+    assert (proxied.status, proxied.json(), proxied.header("Retry-After")) == (429, {"error": "slow down"}, "2")
 
 
 @pytest.mark.parametrize(

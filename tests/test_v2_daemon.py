@@ -8,7 +8,9 @@ One daemon serves the whole module (it takes a few seconds to start its models):
     declaring x FP32, n INT64, words BYTES in and y, total, upper out;
   - C{sleepy}: a jsonl model that never says it is ready (misbehave.py without --jsonl);
   - C{tri}: a native v2 HTTP model, tests/models/v2_server.py started by the daemon, whose
-    model is C{doubler} on that server.
+    model is C{doubler} on that server;
+  - C{generate}: the example streaming text generator (examples/generate.py), for the
+    generate extension.
 
 The tests run in file order and share the daemon: the one that unloads a model loads it
 back before it ends; the last one stops the daemon and checks that no process is left.
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import sys
 
 import numpy as np
@@ -34,10 +38,22 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from aibackend.testing import MISBEHAVE, ROOT, Daemon, free_port, port_is_free, reaped, toml_models, wait_until
+from aibackend.testing import (
+    MISBEHAVE,
+    ROOT,
+    Daemon,
+    free_port,
+    port_is_free,
+    reaped,
+    sse_data,
+    sse_over_socket,
+    toml_models,
+    wait_until,
+)
 
 V2_SERVER = os.path.join("tests", "models", "v2_server.py")  # relative: the daemon runs in ROOT
 V2_WORKER = os.path.join(ROOT, "tests", "models", "v2_worker.py")
+GENERATOR = os.path.join("examples", "generate.py")
 WORKER_V2 = {
     "inputs": [
         {"name": "x", "datatype": "FP32", "shape": [-1]},
@@ -113,15 +129,18 @@ def v2(tmp_path_factory):
                        "command": ["python", V2_SERVER, "--port", str(upstream_port)], "health_path": "/health",
                        "timeout": 10})
         + toml_v2({"native": True, "model": "doubler"})
+        + "\n"
+        + toml_models({"id": "generate", "type": "subprocess", "command": ["python", GENERATOR], "protocol": "jsonl",
+                       "timeout": 10})
     )
     path = tmp / "aibackend.toml"
     path.write_text(config)
     daemon = Daemon(str(path), cwd=ROOT)
     try:
         started = V2Daemon(daemon, upstream_port)
-        wait_until(lambda: started.ready("worker") and started.state("tri") == "READY", 20,
-                   "worker and tri to be ready")
-        started.note_pids("worker", "sleepy", "tri")
+        wait_until(lambda: started.ready("worker") and started.ready("generate") and started.state("tri") == "READY",
+                   20, "worker, generate and tri to be ready")
+        started.note_pids("worker", "sleepy", "tri", "generate")
         yield started
         started.client.close()
     finally:
@@ -160,7 +179,7 @@ def test_server_metadata(v2):
     metadata = v2.client.get_server_metadata()
 
     assert metadata["name"] == "aibackend"
-    assert metadata["extensions"] == ["model_repository"]
+    assert metadata["extensions"] == ["model_repository", "generate"]
     assert isinstance(metadata["version"], str)
 
 
@@ -373,6 +392,107 @@ def test_a_bad_load_config_is_a_400_exception(v2):
     assert "bad" not in index_of(v2)
 
 
+# --- the generate extension ---------------------------------------------------------------------------------
+
+# The example generator's words for this prompt and seed (tests/test_examples.py reads them too).
+SEEDED = {"prompt": "the daemon", "parameters": {"max_words": 8, "seed": 7}}
+SEEDED_TEXT = "asks the model that the request names."
+
+
+def test_generate_answers_the_generators_text_as_text_output(v2):
+    reply = v2.daemon.request("POST", "/v2/models/generate/generate",
+                              {**SEEDED, "parameters": {**SEEDED["parameters"], "delay": 0}})
+
+    assert reply.status == 200, reply
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json() == {"model_name": "generate", "model_version": "1", "text_output": SEEDED_TEXT}
+
+
+def test_generate_stream_sends_the_words_one_by_one_then_ends(v2):
+    body = json.dumps({**SEEDED, "parameters": {**SEEDED["parameters"], "delay": 0.1}}).encode()
+
+    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/generate/generate_stream", body)
+
+    assert status == 200
+    assert headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
+    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    assert len(answers) == 8  # one per word; no end event: the answer ends with the last word
+    assert all(set(answer) == {"model_name", "model_version", "text_output"} for answer in answers)
+    assert {(answer["model_name"], answer["model_version"]) for answer in answers} == {("generate", "1")}
+    assert "".join(answer["text_output"] for answer in answers) == SEEDED_TEXT
+    first, last = events[0][0], events[-1][0]
+    assert last - first >= 0.3  # 100 ms between words: the eight were not sent together
+
+
+def test_the_readmes_generate_lines_answer_what_it_shows(v2):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("### The generate extension", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    (generate_body, stream_body) = re.findall(r"-d '([^']*)'", block)
+    shown = [json.loads(line[2:]) for line in block.splitlines() if line.startswith("# {")]
+    shown_events = [json.loads(line[len("# data: "):]) for line in block.splitlines() if line.startswith("# data: ")]
+
+    reply = v2.daemon.request("POST", "/v2/models/generate/generate", generate_body.encode())
+    status, _, events = sse_over_socket(v2.daemon.port, "/v2/models/generate/generate_stream", stream_body.encode())
+
+    assert [reply.json()] == shown
+    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    assert status == 200 and answers[:len(shown_events)] == shown_events
+    assert "".join(answer["text_output"] for answer in answers) == shown[0]["text_output"]
+
+
+def test_a_client_that_leaves_generate_stream_stops_the_generator_and_is_logged_499(v2):
+    body = json.dumps({"prompt": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
+    with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
+        sock.sendall(b"POST /v2/models/generate/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"X-Request-Id: leaves-early\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert b"data: " in sock.recv(65536)  # the first word came: the client leaves
+
+    def logged():
+        return [entry for entry in v2.daemon.events("generate", "request") if entry["request_id"] == "leaves-early"]
+
+    wait_until(logged, 5, "the stream's end to be logged")
+    [entry] = logged()
+    assert (entry["operation"], entry["status"]) == ("generate_stream", 499)
+    # The request is over for the model (it was sent a cancel) long before 200 words (10 s) were made.
+    wait_until(lambda: v2.daemon.request("GET", "/get/status?id=generate").json()["in_flight"] == 0, 3,
+               "the model's request to end")
+
+
+def test_generate_on_a_jsonl_model_answers_its_fields(v2):
+    body = {"x": [1.0, 2.5], "parameters": {"n": 4}}
+
+    generated = v2.daemon.request("POST", "/v2/models/worker/generate", body)
+    streamed = v2.daemon.request("POST", "/v2/models/worker/versions/1/generate_stream", body)
+
+    expected = {"model_name": "worker", "model_version": "1", "y": [2.0, 5.0], "total": 4}
+    assert (generated.status, generated.json()) == (200, expected)
+    assert streamed.status == 200, streamed
+    assert streamed.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert sse_data(streamed.body) == [expected]  # its one output, as one event
+
+
+def test_generate_errors_are_the_protocols_with_their_status(v2):
+    refusals = [
+        ("/v2/models/generate/generate_stream", {"parameters": {"max_words": 0}}, 400, "max_words must be"),
+        ("/v2/models/generate/generate", {"parameters": {"max_words": 0}}, 400, "max_words must be"),
+        ("/v2/models/generate/generate", [1], 400, "must be a JSON object"),
+        ("/v2/models/generate/generate_stream", {"text_input": 1}, 400, "text_input must be a string"),
+        ("/v2/models/generate/versions/2/generate", {}, 404, "has no version '2'"),
+        ("/v2/models/nobody/generate_stream", {}, 404, "no model with id 'nobody'"),
+        ("/v2/models/worker/generate", {"n": [-1]}, 400, "the total of n is negative"),
+        # The native model's server is asked on its own generate route (it has none).
+        ("/v2/models/tri/generate", {"text_input": "a"}, 404, "no route /v2/models/doubler/generate"),
+    ]
+    for path, body, status, message in refusals:
+        reply = v2.daemon.request("POST", path, body)
+        assert reply.status == status, (path, reply)
+        assert reply.headers["content-type"] == "application/json", (path, reply)
+        assert set(reply.json()) == {"error"} and message in reply.json()["error"], (path, reply)
+
+
 # --- the end -----------------------------------------------------------------------------------------------
 
 
@@ -380,7 +500,7 @@ def test_the_daemon_survived_and_stopping_it_leaves_no_model_process(v2):
     assert v2.client.is_server_live() is True
     assert v2.client.is_model_ready("worker") is True
     pids = v2.pids | v2.daemon.model_pids("tri") | v2.daemon.model_pids("sleepy")
-    assert len(pids) >= 3  # worker, sleepy and tri; more if the load tests ran
+    assert len(pids) >= 4  # worker, sleepy, tri and generate; more if the load tests ran
 
     assert v2.daemon.terminate() in (0, -signal.SIGTERM)
 
