@@ -1807,7 +1807,7 @@ class UpstreamStream:
 
     def __init__(self, plan: dict):
         self.plan = plan
-        self.writes: list[float] = []  # when each chunk was written (time.time())
+        self.writes: list[float] = []  # when the writing of each chunk began (time.time())
         self.written = 0  # bytes written so far
         self.release = threading.Event()  # the test lets a "gate" stream go on
         self.gone = threading.Event()  # a write failed: the client (the daemon) left
@@ -1878,9 +1878,9 @@ class StreamingModelServer:
 
         def write(text: str) -> None:
             data = text.encode()
+            stream.writes.append(time.time())  # before: the client may read it before this thread goes on
             handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             stream.written += len(data)
-            stream.writes.append(time.time())
 
         def piece(value) -> str:
             text = json.dumps(value)
