@@ -13,6 +13,9 @@ Inference Protocol's routes (C{/v2}), that protocol's own, C{{"error": "..."}}
 
 from __future__ import annotations
 
+# A client that went away before its answer was finished is logged with nginx's status for it.
+CLIENT_CLOSED = 499
+
 
 def is_v2_path(path: bytes) -> bool:
     """Is C{path} one of the Open Inference Protocol's routes (whose errors have their own shape)?"""

@@ -30,8 +30,7 @@ from aibackend.interfaces import IChunks
 from aibackend.metrics import Metrics
 from aibackend.web import UNEXPECTED, client_gone, sized
 
-# A client that goes away before its answer is logged with nginx's status for it.
-CLIENT_CLOSED = 499
+CLIENT_CLOSED = errors.CLIENT_CLOSED  # a client that went away before its answer (nginx's 499)
 
 
 class Core:

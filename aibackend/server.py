@@ -31,7 +31,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.server import Request, Site
 
 from aibackend.directwrite import LARGE, hold_writes
-from aibackend.errors import PayloadTooLarge, refusal_document
+from aibackend.errors import CLIENT_CLOSED, PayloadTooLarge, refusal_document
 from aibackend.ids import new_request_id, request_id_from_headers
 
 
@@ -453,6 +453,8 @@ class BoundedRequest(Request):
     # A streamed answer's figures, set by the relay (aibackend.relay.StreamWriter): its
     # chunks, first_chunk_ms and stream_end, for the access line. None for a plain answer.
     aibackend_stream = None
+    # Whole, and handed to its resource (so it has a method and a path to log).
+    aibackend_processed = False
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
@@ -462,7 +464,14 @@ class BoundedRequest(Request):
 
     def connectionLost(self, reason):
         self.aibackend_gone = True  # before the errbacks of notifyFinish(), which read it
+        channel = self.channel
         super().connectionLost(reason)
+        if self.aibackend_processed and not self.finished and channel is not None:
+            # The client left before its answer was finished: finish() never comes, so the
+            # request gets its access event here (499, as every request whose client left:
+            # AibackendSite.log), after the errbacks above have cancelled its work (a
+            # stream's end is known then).
+            channel.site.log(self)
 
     def handleContentChunk(self, data):
         if self.refused:
@@ -510,6 +519,7 @@ class BoundedRequest(Request):
         self.channel.body_since = None
         if self.refused:
             return
+        self.aibackend_processed = True
         if self.body_size > LARGE:
             # The body is held once: getvalue() trims the buffer to its size, and read()
             # then hands on that same bytes object instead of a copy.
@@ -700,33 +710,36 @@ class AibackendSite(Site):
         method = request.method.decode("latin-1")
         model = request.aibackend_model
         request_id = request.aibackend_request_id
+        # A client that left is logged with nginx's status for it, whatever was begun for it
+        # (a route may still finish a request whose connection is going).
+        status = CLIENT_CLOSED if request.aibackend_gone else request.code
         stream = request.aibackend_stream
         if stream is not None:
-            self._log_stream(request, stream, peer, method, path, parts, model, request_id, latency_ms)
+            self._log_stream(request, stream, status, peer, method, path, parts, model, request_id, latency_ms)
             return
         # The line is made here, once, with an f-string: the log system's own formatting of a
         # many-field template costs several times more, on every request.
         access_log.info(
             "{line}",
-            line=f"{peer} {method} {path} {request.code} {request.sentLength} bytes {latency_ms} ms "
+            line=f"{peer} {method} {path} {status} {request.sentLength} bytes {latency_ms} ms "
                  f"model={model} request={request_id}",
             peer=peer,
             method=method,
             path=path,
             operation=parts[1] if len(parts) == 2 else None,
             model=model,
-            status=request.code,
+            status=status,
             bytes=request.sentLength,
             latency_ms=latency_ms,
             request_id=request_id,
         )
 
-    def _log_stream(self, request, stream, peer, method, path, parts, model, request_id, latency_ms) -> None:
+    def _log_stream(self, request, stream, status, peer, method, path, parts, model, request_id, latency_ms) -> None:
         """A streamed answer's access event: a plain one's fields, and its chunks, first chunk and end."""
         chunks, first_chunk_ms, stream_end = stream.chunks, stream.first_chunk_ms, stream.stream_end
         access_log.info(
             "{line}",
-            line=f"{peer} {method} {path} {request.code} {request.sentLength} bytes {latency_ms} ms "
+            line=f"{peer} {method} {path} {status} {request.sentLength} bytes {latency_ms} ms "
                  f"model={model} request={request_id} chunks={chunks} first_chunk_ms={first_chunk_ms} "
                  f"stream_end={stream_end}",
             peer=peer,
@@ -734,7 +747,7 @@ class AibackendSite(Site):
             path=path,
             operation=parts[1] if len(parts) == 2 else None,
             model=model,
-            status=request.code,
+            status=status,
             bytes=request.sentLength,
             latency_ms=latency_ms,
             request_id=request_id,

@@ -96,6 +96,14 @@ def logged_once(daemon, model_id: str, request_id: str) -> dict:
     return entry
 
 
+def access_line(daemon, request_id: str) -> str:
+    """The access event's line of request C{request_id}, once it is in the daemon's log."""
+    def found():
+        return [line for line in daemon.lines if f"request={request_id} " in line + " " and " bytes " in line]
+    (line,) = wait_until(found, 5, f"the access event of request {request_id}")
+    return line
+
+
 def assert_streaming_headers(stream: Streamed, framing: str) -> None:
     assert stream.status == 200
     headers = stream.headers
@@ -224,6 +232,10 @@ def test_a_client_that_leaves_mid_stream_ends_the_models_work(daemon, tmp_path, 
     entry = logged_once(daemon, model_id, request_id)
     assert (entry["status"], entry["error"]) == (499, "the client went away")
     assert daemon.metric("aibackend_requests_total", **counted) == before + 1
+    # The request never finished, yet it has its access event: 499, its chunks, how it ended.
+    line = access_line(daemon, request_id)
+    assert f" POST /post/predict 499 " in line, line
+    assert "chunks=3 " in line and line.endswith("stream_end=cancelled"), line
     # No process is left busy: the next request (the model takes one at a time) is answered
     # now, not after the 30 s timeout of a request left in the process.
     reply = daemon.predict(model_id, after, timeout=10)
@@ -254,7 +266,19 @@ def test_a_client_that_leaves_before_the_first_chunk_ends_the_models_work(daemon
         print(f"\n{method}, before the first chunk: the model saw the client leave {delay * 1000:.1f} ms after it did")
         assert delay < CANCEL_BOUND
         assert logged_once(daemon, "single", request_id)["status"] == 499
+        assert f" {method} /{method.lower()}/predict 499 0 bytes " in access_line(daemon, request_id)
         assert daemon.predict("single", {"op": "pid"}, timeout=10).status == 200
+
+
+def test_a_plain_request_whose_client_leaves_has_its_access_event_with_499(daemon, tmp_path):
+    request_id = unique("plain-leaves")
+    ask = {"op": "ticks", "first": 20, "end": "never", "mark": str(tmp_path / "cancelled")}
+    stream = post(daemon, "single", ask, framing=None, request_id=request_id)
+    wait_until(lambda: daemon.status("single").json()["in_flight"] == 1, 5, "the request to reach the model")
+    stream.leave()
+    assert logged_once(daemon, "single", request_id)["status"] == 499
+    line = access_line(daemon, request_id)
+    assert " POST /post/predict 499 0 bytes " in line and "stream_end" not in line, line
 
 
 def test_a_client_that_leaves_while_its_stream_waits_for_the_model_frees_its_place(daemon):
