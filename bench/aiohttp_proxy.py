@@ -7,8 +7,9 @@ The Python peer of the benchmark: a minimal aiohttp reverse proxy in front of on
 One process, asyncio's default event loop (not uvloop: aibackend runs on Twisted's default
 epoll reactor, so this is the like-for-like peer), one ClientSession with one
 TCPConnector(limit=...) reused for every request. Any method and path: the request body is
-POSTed to the upstream (same path and query), and its status and body come back as JSON.
-No access log.
+POSTed to the upstream (same path and query), and its status and body come back as JSON;
+an answer of type text/event-stream is relayed piece by piece as it arrives (a
+StreamResponse, chunked), for the benchmark's streaming cases. No access log.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 UPSTREAM = web.AppKey("upstream", str)
 SESSION = web.AppKey("session", ClientSession)
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 async def forward(request: web.Request) -> web.Response:
@@ -27,6 +29,14 @@ async def forward(request: web.Request) -> web.Response:
         data=body,
         headers={"Content-Type": "application/json"},
     ) as answer:
+        if answer.content_type == "text/event-stream":
+            # A stream (bench/stream_source.py): each piece written on as it comes.
+            response = web.StreamResponse(status=answer.status, headers=STREAM_HEADERS)
+            await response.prepare(request)
+            async for data in answer.content.iter_any():
+                await response.write(data)
+            await response.write_eof()
+            return response
         data = await answer.read()
         return web.Response(status=answer.status, body=data, content_type="application/json")
 
