@@ -10,7 +10,9 @@ Each of --streams keep-alive connections POSTs {"chunks": C, "interval": S} with
 `Accept: text/event-stream`, reads the answer (HTTP/1.1 chunked, SSE events), and once the
 stream has ended sends the next request, until --duration seconds have passed (the streams
 then in progress are read to their end). The connections start their first request at
-random moments within one interval, so that their chunks do not all fall due together.
+random moments within one stream's length (chunks x interval; one stream starts at once),
+so that new streams come at a steady rate rather than in a burst, and chunks do not all
+fall due together.
 
 For every `data:` event it notes the arrival time (time.monotonic(), taken once per read
 from the socket, before the data is parsed) minus the chunk's "t" (the model's
@@ -110,8 +112,10 @@ class Client(asyncio.Protocol):
         self.transport = transport
 
     def start(self) -> None:
-        """The first request, at a random moment within one interval."""
-        self.run.loop.call_later(random.uniform(0, self.run.args.interval), self.send)
+        """The first request, at a random moment within one stream's length."""
+        args = self.run.args
+        spread = args.chunks * args.interval if args.streams > 1 else 0.0
+        self.run.loop.call_later(random.uniform(0, spread), self.send)
 
     def send(self) -> None:
         if self.gone:
