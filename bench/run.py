@@ -289,6 +289,7 @@ class Bench:
         self.wrk = args.wrk
         self.free_port = None
         self.stream_source = None
+        self.processes_flag = False
 
     # -- starting and stopping --
 
@@ -846,7 +847,10 @@ def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
         probe = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         started = time.monotonic()
         failed, first_error = 0, None
+        progress = []  # [streams open, seconds] every tenth: a cost that grows with the streams held shows
         for start in range(0, count, CONNECT_BATCH):
+            if start and start % max(CONNECT_BATCH, count // 10 // CONNECT_BATCH * CONNECT_BATCH) == 0:
+                progress.append([len(sockets), round(time.monotonic() - started, 2)])
             batch = []
             for index in range(start, min(start + CONNECT_BATCH, count)):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -907,6 +911,8 @@ STREAM_CASES = {
                       "TCPConnector(limit=256)",
     "stream-aibackend-jsonl": "aibackend, jsonl subprocess model bench/stream_source.py --jsonl (the same chunks on "
                               f"a pipe), workers = 1, max_inflight = {STREAM_INFLIGHT}",
+    "stream-aibackend-jsonl-p2": "as stream-aibackend-jsonl, with twistd aibackend --processes 2 and "
+                                 "per_process = true (each process its own model process)",
     "stream-aibackend-http": "aibackend, HTTP model pointing at the source (its SSE relayed chunk by chunk)",
     "stream-held": f"{HELD_STREAMS:,} idle streams held at once by aibackend (jsonl model: one chunk, then open "
                    "until the client leaves), then a fresh request; the daemon's RSS",
@@ -957,6 +963,18 @@ def start_stream_case(bench: Bench, name: str) -> tuple[Server, str, list[str]]:
         server = bench.start_aibackend(name, subprocess_model(
             "stream", STREAM_SOURCE, "jsonl", 1, STREAM_INFLIGHT, arguments=("--jsonl",)))
         return server, STREAM_PATH, []
+    if name == "stream-aibackend-jsonl-p2":
+        if not bench.processes_flag:
+            raise Skipped("not available: `twistd aibackend --help` does not list --processes")
+        try:
+            server = bench.start_aibackend(name, subprocess_model(
+                "stream", STREAM_SOURCE, "jsonl", 1, STREAM_INFLIGHT, per_process=True, arguments=("--jsonl",)),
+                processes=2)
+        except BenchError as e:
+            if "per_process" not in str(e):
+                raise
+            raise Skipped("not available: the daemon refuses `per_process = true`") from None
+        return server, STREAM_PATH, ["per_process = true"]
     if name == "stream-aibackend-http":
         server = bench.start_aibackend(name, http_model("stream", f"http://127.0.0.1:{source.port}/"))
         return server, STREAM_PATH, []
@@ -1118,7 +1136,10 @@ def held_streams(bench: Bench, count: int, hold: float) -> dict:
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         started = time.monotonic()
         failed, first_error = 0, None
+        progress = []  # [streams open, seconds] every tenth: a cost that grows with the streams held shows
         for start in range(0, count, CONNECT_BATCH):
+            if start and start % max(CONNECT_BATCH, count // 10 // CONNECT_BATCH * CONNECT_BATCH) == 0:
+                progress.append([len(sockets), round(time.monotonic() - started, 2)])
             batch = []
             for index in range(start, min(start + CONNECT_BATCH, count)):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -1189,8 +1210,8 @@ def held_streams(bench: Bench, count: int, hold: float) -> dict:
         after_rss, _ = memory_mb(server.pid, "VmRSS")
         result = {
             "wanted": count, "opened": held, "failed": failed, "first_error": first_error,
-            "open_seconds": round(opened_s, 1), "held_seconds": hold, "still_open": open_now,
-            "ended_while_held": ended, "keepalives_seen": keepalives, "bytes_while_held": extra,
+            "open_seconds": round(opened_s, 1), "open_progress": progress, "held_seconds": hold,
+            "still_open": open_now, "ended_while_held": ended, "keepalives_seen": keepalives, "bytes_while_held": extra,
             "daemon_open_connections": open_connections, "model_in_flight": in_flight,
             "fresh_stream_status": fresh_status, "fresh_stream_ok": fresh_ok, "fresh_stream_ms": round(fresh_ms, 1),
             "fresh_predict_status": fresh_predict,
@@ -1262,7 +1283,7 @@ def stream_notes(section: dict) -> list[str]:
             "the floor the added columns are taken from. server CPU = the proxy's own processes (not the source, "
             "not the jsonl model); client CPU = the stream client's, in % of one core.")
         by_case = {(row["case"], row["streams"]): row for row in section["rows"]}
-        for name in ("stream-aibackend-jsonl", "stream-aibackend-http"):
+        for name in ("stream-aibackend-jsonl", "stream-aibackend-jsonl-p2", "stream-aibackend-http"):
             row = by_case.get((name, 100))
             if row and row.get("added_p99_ms") is not None:
                 met = row["added_p99_ms"] <= STREAM_TARGET_P99_MS
@@ -1624,6 +1645,7 @@ def main(argv=None) -> int:
     processes_flag = has_processes_flag(args.twistd)
     results["meta"]["processes_flag"] = processes_flag
     bench = Bench(args)
+    bench.processes_flag = processes_flag
     failed = False
     interrupted = False
     try:
