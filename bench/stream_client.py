@@ -81,6 +81,7 @@ class Run:
         self.finished = loop.create_future()
         self.end_at = None
         self.last_arrival = None
+        self.arrivals = [] if args.samples else None  # each chunk's arrival, for --samples
 
     def error(self, kind: str, sample: str = "") -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -231,6 +232,8 @@ class Client(asyncio.Protocol):
                     run.error("bad_chunk", b"\n".join(data).decode(errors="replace"))
                     continue
                 run.latencies.append(now - t)
+                if run.arrivals is not None:
+                    run.arrivals.append(now)
                 if self.got == 0:
                     run.first.append(now - self.sent)
                     run.model_first.append(t - chunk["r"])
@@ -305,6 +308,10 @@ async def main_async(args) -> dict:
                 client.close()
     elapsed = time.monotonic() - started
     used = resource.getrusage(resource.RUSAGE_SELF)
+    if args.samples:
+        with open(args.samples, "w") as f:
+            for arrival, latency in zip(run.arrivals, run.latencies):
+                f.write(f"{arrival - started:.6f} {latency * 1000:.4f}\n")
     span = (run.last_arrival - started) if run.last_arrival else elapsed
     return {
         "streams_wanted": args.streams, "connections": len(clients), "duration_s": args.duration,
@@ -331,6 +338,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=50, help="chunks each stream asks for")
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between two chunks of a stream")
     parser.add_argument("--accept", default="text/event-stream")
+    parser.add_argument("--samples", metavar="FILE",
+                        help="also write each chunk's arrival (seconds from the start) and latency (ms) to FILE")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds past the last stream's expected end before the run gives up")
     args = parser.parse_args()
