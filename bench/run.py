@@ -8,12 +8,17 @@ aibackend's benchmark: the daemon side by side with nginx and aiohttp, all on lo
 
 Every case is started once on a free 127.0.0.1 port, warmed up for a second, then driven
 by wrk (POST of a small JSON body, bench/post.lua) at concurrency 1 and 32, for a fixed
-duration, in two passes; the table has the medians. A memory section follows: the idle
-daemon with 100 models, its growth over a long run of requests, and 10,000 idle
-keep-alive connections held at once. Results go to bench/results/ as JSON and Markdown.
+duration, in two passes; the table has the medians. A streaming section follows: Server-
+Sent Events from a model that writes its clock into each chunk (bench/stream_source.py),
+read by bench/stream_client.py at 1 and 100 concurrent streams, per-chunk latency and time
+to first chunk against the source read directly, nginx and aiohttp; then 10,000 idle
+streams held at once. Then a memory section: the idle daemon with 100 models, its growth
+over a long run of requests, and 10,000 idle keep-alive connections held at once. Results
+go to bench/results/ as JSON and Markdown.
 
 Standard library only (run it with the venv's python, whose twistd it starts). Everything
-it starts (nginx, the aiohttp proxy, twistd and the models twistd starts) and its temp dir
+it starts (nginx, the aiohttp proxy, the streaming source, twistd and the models twistd
+starts) and its temp dir
 are removed on the way out, Ctrl-C and failures included. See bench/README.md.
 """
 
