@@ -1584,7 +1584,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", default=quick_env,
                         help=f"a short run: {QUICK_DURATION} s runs, a {QUICK_SOAK:,}-request soak (or BENCH_QUICK=1)")
     parser.add_argument("--duration", type=int, default=None,
-                        help=f"seconds per wrk run (BENCH_DURATION; default {DEFAULT_DURATION}, {QUICK_DURATION} quick)")
+                        help=f"seconds per wrk run and per streaming run (BENCH_DURATION; default {DEFAULT_DURATION}, "
+                             f"{QUICK_DURATION} quick)")
     parser.add_argument("--passes", type=int, default=PASSES, help="passes over both concurrencies (default 2)")
     parser.add_argument("--soak-requests", type=int, default=None,
                         help=f"requests of the memory soak (BENCH_SOAK_REQUESTS; default {DEFAULT_SOAK:,}, "
@@ -1592,7 +1593,8 @@ def parse_args(argv=None):
     parser.add_argument("--connections", type=int, default=IDLE_CONNECTIONS,
                         help=f"idle keep-alive connections to hold (default {IDLE_CONNECTIONS:,}; 0 skips it)")
     parser.add_argument("--hold", type=float, default=None,
-                        help="seconds the idle connections are held before they are counted (default 5, 2 quick)")
+                        help="seconds the idle connections, and the held streams, are held before they are counted "
+                             "(default 5, 2 quick)")
     parser.add_argument("--cases", default=",".join([*CASES, *STREAM_CASES]),
                         help="comma-separated cases to run (default: all; `streaming` names every streaming case; "
                              "direct runs with any wrk case, stream-direct with any streaming one but stream-held)")
