@@ -856,10 +856,7 @@ def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
         probe = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         started = time.monotonic()
         failed, first_error = 0, None
-        progress = []  # [streams open, seconds] every tenth: a cost that grows with the streams held shows
         for start in range(0, count, CONNECT_BATCH):
-            if start and start % max(CONNECT_BATCH, count // 10 // CONNECT_BATCH * CONNECT_BATCH) == 0:
-                progress.append([len(sockets), round(time.monotonic() - started, 2)])
             batch = []
             for index in range(start, min(start + CONNECT_BATCH, count)):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -1541,6 +1538,8 @@ def stream_markdown(section: dict) -> list[str]:
                 target = f"target under {HELD_TARGET_MB} MB: " + (
                     "met" if held["rss_held_mb"] < HELD_TARGET_MB else "**not met**")
             fresh_ok = held["fresh_stream_ok"] and held["fresh_predict_status"] == 200
+            # Released: no connection left but the /metrics request's own, nothing in flight.
+            released = (held["open_connections_after_release"] or 0) <= 1 and not held["model_in_flight_after_release"]
             if fresh_ok:
                 fresh = "200, 200"
             else:
@@ -1561,7 +1560,8 @@ def stream_markdown(section: dict) -> list[str]:
                 f"| a fresh stream (3 chunks) and a fresh plain request while they are held "
                 f"| {fresh} (the stream in {held['fresh_stream_ms']:.0f} ms) |",
                 f"| released: the daemon's open connections and in flight after {held['release_seconds']:g} s, RSS "
-                f"| {fmt(held['open_connections_after_release'], 0)}, {fmt(held['model_in_flight_after_release'], 0)}; "
+                f"| {'' if released else '**⚠ '}{fmt(held['open_connections_after_release'], 0)}, "
+                f"{fmt(held['model_in_flight_after_release'], 0)}{'' if released else '**'}; "
                 f"{held['rss_after_release_mb']:.1f} MB |",
             ]
     return out
