@@ -1323,13 +1323,19 @@ def stream_notes(section: dict) -> list[str]:
             "the floor the added columns are taken from. server CPU = the proxy's own processes (not the source, "
             "not the jsonl model); client CPU = the stream client's, in % of one core.")
         by_case = {(row["case"], row["streams"]): row for row in section["rows"]}
+        floor = by_case.get(("stream-direct", 100)) or {}
         for name in ("stream-aibackend-jsonl", "stream-aibackend-jsonl-p2", "stream-aibackend-http"):
             row = by_case.get((name, 100))
             if row and row.get("added_p99_ms") is not None:
-                met = row["added_p99_ms"] <= STREAM_TARGET_P99_MS
+                loads = [row.get("other_cpu_pct_max") or 0.0, floor.get("other_cpu_pct_max") or 0.0]
+                if max(loads) > OTHER_LOAD_FLAG:
+                    # A difference of two runs of which one had the CPUs taken by others is noise.
+                    verdict = (f"not judged: other load {loads[0]:.0f}% during it, {loads[1]:.0f}% during "
+                               "stream-direct's (over 25%: ‡)")
+                else:
+                    verdict = "met" if row["added_p99_ms"] <= STREAM_TARGET_P99_MS else "NOT met"
                 notes.append(f"target (issue 14): added per-chunk p99 at most {STREAM_TARGET_P99_MS:g} ms with 100 "
-                             f"concurrent streams: {name} {row['added_p99_ms']:.3f} ms, "
-                             f"{'met' if met else 'NOT met'}.")
+                             f"concurrent streams: {name} {row['added_p99_ms']:.3f} ms, {verdict}.")
     disturbed = [f"{row['case']} {row['streams']} streams ({row['other_cpu_pct_max']:.0f}%)"
                  for row in section.get("rows", [])
                  if row.get("other_cpu_pct_max") is not None and row["other_cpu_pct_max"] > OTHER_LOAD_FLAG]
