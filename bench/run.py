@@ -364,11 +364,12 @@ class Bench:
         return server
 
     def start_aiohttp(self, name: str = "aiohttp-proxy", upstream_port=None, limit: int = AIOHTTP_LIMIT,
-                      check: bytes = BODY) -> Server:
+                      check: bytes = BODY, stream: bool = False) -> Server:
         port = free_port()
         server = self.start(name, [
             self.python, AIOHTTP_PROXY, "--port", str(port),
             "--upstream", f"http://127.0.0.1:{upstream_port or self.free_port}", "--limit", str(limit),
+            *(["--stream"] if stream else []),
         ])
         server.port = port
         self.wait_ready(server, "/", timeout=30, method="POST", body=check)
@@ -913,8 +914,8 @@ STREAM_CASES = {
                      "HTTP/1.1) read directly: the floor, no gateway",
     "stream-nginx": "nginx (1 worker) proxying the source: proxy_buffering off, HTTP/1.1 upstream keepalive "
                     "(bench/nginx-stream-proxy.conf.in)",
-    "stream-aiohttp": "bench/aiohttp_proxy.py relaying the source's answer piece by piece (StreamResponse), "
-                      "TCPConnector(limit=256)",
+    "stream-aiohttp": "bench/aiohttp_proxy.py --stream relaying the source's answer piece by piece "
+                      "(StreamResponse), TCPConnector(limit=256)",
     "stream-aibackend-jsonl": "aibackend, jsonl subprocess model bench/stream_source.py --jsonl (the same chunks on "
                               f"a pipe), workers = 1, max_inflight = {STREAM_INFLIGHT}",
     "stream-aibackend-jsonl-p2": "as stream-aibackend-jsonl, with twistd aibackend --processes 2 and "
@@ -982,7 +983,8 @@ def start_stream_case(bench: Bench, name: str) -> tuple[Server, str, list[str]]:
         return bench.start_nginx("stream-nginx", NGINX_STREAM_PROXY, source.port), "/", []
     if name == "stream-aiohttp":
         # A limit above the streams at once: each holds an upstream connection for its whole length.
-        return bench.start_aiohttp("stream-aiohttp", source.port, limit=256, check=b'{"chunks": 1}'), "/", []
+        return bench.start_aiohttp("stream-aiohttp", source.port, limit=256, check=b'{"chunks": 1}',
+                                   stream=True), "/", []
     if name == "stream-aibackend-jsonl":
         server = bench.start_aibackend(name, subprocess_model(
             "stream", STREAM_SOURCE, "jsonl", 1, STREAM_INFLIGHT, arguments=("--jsonl",)))
