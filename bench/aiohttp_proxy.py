@@ -8,7 +8,8 @@ One process, asyncio's default event loop (not uvloop: aibackend runs on Twisted
 epoll reactor, so this is the like-for-like peer), one ClientSession with one
 TCPConnector(limit=...) reused for every request. Any method and path: the request body is
 POSTed to the upstream (same path and query), and its status and body come back as JSON.
-No access log.
+With --stream (the benchmark's streaming cases), the answer is relayed piece by piece as it
+arrives instead (a StreamResponse, chunked), with the upstream's Content-Type. No access log.
 """
 
 import argparse
@@ -31,7 +32,25 @@ async def forward(request: web.Request) -> web.Response:
         return web.Response(status=answer.status, body=data, content_type="application/json")
 
 
-def make_app(upstream: str, limit: int) -> web.Application:
+async def forward_stream(request: web.Request) -> web.StreamResponse:
+    """With --stream: the upstream's answer relayed piece by piece as it arrives (chunked)."""
+    body = await request.read()
+    session = request.app[SESSION]
+    async with session.post(
+        request.app[UPSTREAM] + request.rel_url.path_qs,
+        data=body,
+        headers={"Content-Type": "application/json"},
+    ) as answer:
+        response = web.StreamResponse(status=answer.status, headers={
+            "Content-Type": answer.headers.get("Content-Type", "application/json"), "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        async for data in answer.content.iter_any():
+            await response.write(data)
+        await response.write_eof()
+        return response
+
+
+def make_app(upstream: str, limit: int, stream: bool = False) -> web.Application:
     app = web.Application()
     app[UPSTREAM] = upstream.rstrip("/")
 
@@ -42,7 +61,7 @@ def make_app(upstream: str, limit: int) -> web.Application:
             yield
 
     app.cleanup_ctx.append(session_context)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.router.add_route("*", "/{tail:.*}", forward_stream if stream else forward)
     return app
 
 
@@ -52,8 +71,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="the model's base URL, e.g. http://127.0.0.1:8080")
     parser.add_argument("--limit", type=int, default=64, help="the connector's connection limit (default 64)")
+    parser.add_argument("--stream", action="store_true",
+                        help="relay each answer piece by piece as it arrives (the streaming cases)")
     args = parser.parse_args()
-    web.run_app(make_app(args.upstream, args.limit), host=args.host, port=args.port,
+    web.run_app(make_app(args.upstream, args.limit, args.stream), host=args.host, port=args.port,
                 access_log=None, print=None, backlog=4096)
 
 

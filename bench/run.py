@@ -8,12 +8,17 @@ aibackend's benchmark: the daemon side by side with nginx and aiohttp, all on lo
 
 Every case is started once on a free 127.0.0.1 port, warmed up for a second, then driven
 by wrk (POST of a small JSON body, bench/post.lua) at concurrency 1 and 32, for a fixed
-duration, in two passes; the table has the medians. A memory section follows: the idle
-daemon with 100 models, its growth over a long run of requests, and 10,000 idle
-keep-alive connections held at once. Results go to bench/results/ as JSON and Markdown.
+duration, in two passes; the table has the medians. A streaming section follows: Server-
+Sent Events from a model that writes its clock into each chunk (bench/stream_source.py),
+read by bench/stream_client.py at 1 and 100 concurrent streams, per-chunk latency and time
+to first chunk against the source read directly, nginx and aiohttp; then 10,000 idle
+streams held at once. Then a memory section: the idle daemon with 100 models, its growth
+over a long run of requests, and 10,000 idle keep-alive connections held at once. Results
+go to bench/results/ as JSON and Markdown.
 
 Standard library only (run it with the venv's python, whose twistd it starts). Everything
-it starts (nginx, the aiohttp proxy, twistd and the models twistd starts) and its temp dir
+it starts (nginx, the aiohttp proxy, the streaming source, twistd and the models twistd
+starts) and its temp dir
 are removed on the way out, Ctrl-C and failures included. See bench/README.md.
 """
 
@@ -46,10 +51,13 @@ ECHO_JSONL = os.path.join(BENCH, "echo_jsonl.py")
 AIOHTTP_PROXY = os.path.join(BENCH, "aiohttp_proxy.py")
 NGINX_FREE = os.path.join(BENCH, "nginx-free.conf.in")
 NGINX_PROXY = os.path.join(BENCH, "nginx-proxy.conf.in")
+NGINX_STREAM_PROXY = os.path.join(BENCH, "nginx-stream-proxy.conf.in")
+STREAM_SOURCE = os.path.join(BENCH, "stream_source.py")
+STREAM_CLIENT = os.path.join(BENCH, "stream_client.py")
 
 # Processes of these programs are models the daemon starts, not the daemon: their memory
 # is not counted in the daemon's RSS (nor is that of anything they start).
-MODEL_MARKERS = ("echo_raw.py", "echo_jsonl.py", "_pgroup.py")
+MODEL_MARKERS = ("echo_raw.py", "echo_jsonl.py", "stream_source.py", "_pgroup.py")
 
 BODY = b'{"text": "hello"}'
 CONCURRENCIES = (1, 32)
@@ -69,6 +77,18 @@ MODELS_FOR_IDLE = 100
 RAW_WORKERS = 2
 JSONL_INFLIGHT = 64
 AIOHTTP_LIMIT = 64
+# The streaming section (bench/stream_source.py writes the chunks, bench/stream_client.py reads them).
+STREAM_CONCURRENCIES = (1, 100)
+STREAM_CHUNKS = 50  # chunks a stream asks for: one second of them at the interval below
+STREAM_INTERVAL = 0.02  # seconds between two chunks of a stream: 50 a second, a text generator's pace
+STREAM_INFLIGHT = 1000  # max_inflight of the jsonl streaming model: every stream at once, none queued
+STREAM_TARGET_P99_MS = 1.0  # issue 14: added per-chunk p99 at most 1 ms with 100 concurrent streams
+HELD_STREAMS = 10_000
+HELD_TARGET_MB = 200  # issue 14: 10,000 idle streams held in under 200 MB
+# Seconds the held streams are held: past the daemon's first keepalive comment (every 15 s by
+# default), so that a full run sees the daemon send them and the streams take them.
+STREAM_HOLD = 20.0
+QUICK_STREAM_HOLD = 2.0
 OTHER_LOAD_FLAG = 25.0  # % of one core used by processes that are not the benchmark's: a disturbed run
 QUIET_LOAD = 20.0  # what "quiet" means before a case starts
 
@@ -277,6 +297,8 @@ class Bench:
         self.nginx = args.nginx
         self.wrk = args.wrk
         self.free_port = None
+        self.stream_source = None
+        self.processes_flag = False
 
     # -- starting and stopping --
 
@@ -341,14 +363,24 @@ class Bench:
         self.wait_ready(server, "/", timeout=15)
         return server
 
-    def start_aiohttp(self) -> Server:
+    def start_aiohttp(self, name: str = "aiohttp-proxy", upstream_port=None, limit: int = AIOHTTP_LIMIT,
+                      check: bytes = BODY, stream: bool = False) -> Server:
         port = free_port()
-        server = self.start("aiohttp-proxy", [
+        server = self.start(name, [
             self.python, AIOHTTP_PROXY, "--port", str(port),
-            "--upstream", f"http://127.0.0.1:{self.free_port}", "--limit", str(AIOHTTP_LIMIT),
+            "--upstream", f"http://127.0.0.1:{upstream_port or self.free_port}", "--limit", str(limit),
+            *(["--stream"] if stream else []),
         ])
         server.port = port
-        self.wait_ready(server, "/", timeout=30, method="POST", body=BODY)
+        self.wait_ready(server, "/", timeout=30, method="POST", body=check)
+        return server
+
+    def start_stream_source(self) -> Server:
+        """The streaming source over HTTP (bench/stream_source.py --port), for the whole run."""
+        port = free_port()
+        server = self.start("stream-source", [self.python, STREAM_SOURCE, "--port", str(port)])
+        server.port = port
+        self.wait_ready(server, "/", timeout=30)
         return server
 
     def start_aibackend(self, name: str, models_toml: str, processes: int | None = None,
@@ -470,10 +502,11 @@ def http_model(model_id: str, url: str) -> str:
 
 
 def subprocess_model(model_id: str, script: str, protocol: str, workers: int, max_inflight: int = 1,
-                     per_process: bool = False) -> str:
+                     per_process: bool = False, arguments: tuple = (), timeout: float = 30) -> str:
+    command = ", ".join(toml_string(part) for part in ("python", script, *arguments))
     text = (f"[[models]]\nid = {toml_string(model_id)}\ntype = \"subprocess\"\n"
-            f"command = [\"python\", {toml_string(script)}]\nprotocol = \"{protocol}\"\n"
-            f"workers = {workers}\ntimeout = 30\nkill_timeout = 2\nmax_queue = 1000\n")
+            f"command = [{command}]\nprotocol = \"{protocol}\"\n"
+            f"workers = {workers}\ntimeout = {timeout:g}\nkill_timeout = 2\nmax_queue = 1000\n")
     if protocol == "jsonl":
         text += f"max_inflight = {max_inflight}\n"
     if per_process:
@@ -789,17 +822,27 @@ def metric_value(text: str, name: str):
     return float(match.group(1)) if match else None
 
 
-def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
+def raise_open_files(count: int) -> tuple[int, str | None]:
+    """Raise this process's RLIMIT_NOFILE for count sockets (and 512 more): (the count it allows, a note)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = count + 512
     if soft != resource.RLIM_INFINITY and soft < wanted:
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
-    note = None
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        note = f"the open-files hard limit ({hard}) allows only {soft - 512} connections"
-        count = max(0, soft - 512)
+        return max(0, soft - 512), f"the open-files hard limit ({hard}) allows only {soft - 512} connections"
+    return count, None
+
+
+def client_address(index: int) -> str:
+    """The loopback address the index-th of many held connections comes from (127.0.0.2, .3...)."""
+    client = index // CONNECTIONS_PER_ADDRESS
+    return f"127.0.{client // 250}.{client % 250 + 2}"
+
+
+def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
+    count, note = raise_open_files(count)
     free_url = f"http://127.0.0.1:{bench.free_port}/"
     log(f"memory: {count:,} idle keep-alive connections to aibackend")
     server = bench.start_aibackend(
@@ -819,9 +862,8 @@ def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
             for index in range(start, min(start + CONNECT_BATCH, count)):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 s.settimeout(15)
-                client = index // CONNECTIONS_PER_ADDRESS
                 try:
-                    s.bind((f"127.0.{client // 250}.{client % 250 + 2}", 0))
+                    s.bind((client_address(index), 0))
                     s.connect(("127.0.0.1", server.port))
                     s.sendall(probe)
                     batch.append(s)
@@ -862,6 +904,482 @@ def memory_idle_connections(bench: Bench, count: int, hold: float) -> dict:
         for s in sockets:
             s.close()
         bench.stop(server)
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+STREAM_CASES = {
+    "stream-direct": "the streaming source itself (bench/stream_source.py --port: asyncio, SSE over chunked "
+                     "HTTP/1.1) read directly: the floor, no gateway",
+    "stream-nginx": "nginx (1 worker) proxying the source: proxy_buffering off, HTTP/1.1 upstream keepalive "
+                    "(bench/nginx-stream-proxy.conf.in)",
+    "stream-aiohttp": "bench/aiohttp_proxy.py --stream relaying the source's answer piece by piece "
+                      "(StreamResponse), TCPConnector(limit=256)",
+    "stream-aibackend-jsonl": "aibackend, jsonl subprocess model bench/stream_source.py --jsonl (the same chunks on "
+                              f"a pipe), workers = 1, max_inflight = {STREAM_INFLIGHT}",
+    "stream-aibackend-jsonl-p2": "as stream-aibackend-jsonl, with twistd aibackend --processes 2 and "
+                                 "per_process = true (each process its own model process)",
+    "stream-aibackend-http": "aibackend, HTTP model pointing at the source (its SSE relayed chunk by chunk)",
+    "stream-held": f"{HELD_STREAMS:,} idle streams held at once by aibackend (jsonl model: one chunk, then open "
+                   "until the client leaves), then a fresh request; the daemon's RSS",
+}
+# The cases that the floor (stream-direct) is needed for.
+STREAM_LATENCY_CASES = tuple(name for name in STREAM_CASES if name != "stream-held")
+STREAM_PATH = "/post/predict?id=stream"
+SSE_HEADERS = {"Accept": "text/event-stream", "Content-Type": "application/json"}
+
+
+def stream_request(port: int, path: str, body: bytes, timeout: float = 10.0) -> tuple[int, str, bytes]:
+    """One streamed request read to its end: (status, content type, the body, chunked encoding undone)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=body, headers=SSE_HEADERS)
+        answer = conn.getresponse()
+        return answer.status, answer.getheader("Content-Type", ""), answer.read()
+    finally:
+        conn.close()
+
+
+def sse_chunks(body: bytes) -> tuple[int, bool]:
+    """(the chunks of the source in an SSE body, whether it has a `done` event), whatever their JSON's spacing."""
+    chunks, done = 0, False
+    for event in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        lines = event.split(b"\n")
+        if b"event: done" in lines:
+            done = True
+            continue
+        data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+        if not data or any(line.startswith(b"event:") for line in lines):
+            continue
+        try:
+            chunks += "t" in json.loads(data)
+        except (ValueError, TypeError):
+            pass
+    return chunks, done
+
+
+def check_stream(server: Server, path: str) -> None:
+    """A streamed check request: 200, SSE, 3 chunks. A daemon that says "cannot stream" is Skipped."""
+    status, content_type, body = stream_request(server.port, path, b'{"chunks": 3, "interval": 0}')
+    if status == 400 and b"cannot stream" in body:
+        raise Skipped("not available: the daemon answers 400 \"cannot stream\" for this model "
+                      f"({body[:200].decode(errors='replace')})")
+    if status != 200:
+        raise BenchError(f"{server.name}: a streamed check request got {status}: {body[:300]!r}\n{server.log_tail()}")
+    if not content_type.startswith("text/event-stream"):
+        raise BenchError(f"{server.name}: a streamed check request got Content-Type {content_type!r}: {body[:300]!r}")
+    chunks, _ = sse_chunks(body)
+    if chunks != 3:
+        raise BenchError(f"{server.name}: a streamed check request got {chunks} chunks of 3: {body[:500]!r}")
+
+
+def start_stream_case(bench: Bench, name: str) -> tuple[Server, str, list[str]]:
+    """Start the server of a streaming case: (server, the path the client calls, notes)."""
+    source = bench.stream_source
+    if name == "stream-direct":
+        return source, "/", []
+    if name == "stream-nginx":
+        return bench.start_nginx("stream-nginx", NGINX_STREAM_PROXY, source.port), "/", []
+    if name == "stream-aiohttp":
+        # A limit above the streams at once: each holds an upstream connection for its whole length.
+        return bench.start_aiohttp("stream-aiohttp", source.port, limit=256, check=b'{"chunks": 1}',
+                                   stream=True), "/", []
+    if name == "stream-aibackend-jsonl":
+        server = bench.start_aibackend(name, subprocess_model(
+            "stream", STREAM_SOURCE, "jsonl", 1, STREAM_INFLIGHT, arguments=("--jsonl",)))
+        return server, STREAM_PATH, []
+    if name == "stream-aibackend-jsonl-p2":
+        if not bench.processes_flag:
+            raise Skipped("not available: `twistd aibackend --help` does not list --processes")
+        try:
+            server = bench.start_aibackend(name, subprocess_model(
+                "stream", STREAM_SOURCE, "jsonl", 1, STREAM_INFLIGHT, per_process=True, arguments=("--jsonl",)),
+                processes=2)
+        except BenchError as e:
+            if "per_process" not in str(e):
+                raise
+            raise Skipped("not available: the daemon refuses `per_process = true`") from None
+        return server, STREAM_PATH, ["per_process = true"]
+    if name == "stream-aibackend-http":
+        server = bench.start_aibackend(name, http_model("stream", f"http://127.0.0.1:{source.port}/"))
+        return server, STREAM_PATH, []
+    raise BenchError(f"unknown streaming case {name!r}")
+
+
+def run_stream_client(bench: Bench, port: int, path: str, streams: int, duration: float,
+                      chunks: int = STREAM_CHUNKS, interval: float = STREAM_INTERVAL) -> dict:
+    argv = [bench.python, STREAM_CLIENT, "--port", str(port), "--path", path, "--streams", str(streams),
+            "--duration", f"{duration:g}", "--chunks", str(chunks), "--interval", f"{interval:g}"]
+    limit = duration + chunks * interval + 90
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=BENCH)
+    if done.returncode != 0:
+        raise BenchError(f"the stream client failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        raise BenchError(f"cannot read the stream client's output: {done.stdout[:500]!r}") from None
+
+
+def run_stream_case(bench: Bench, name: str) -> dict:
+    args = bench.args
+    case = {"name": name, "description": STREAM_CASES[name], "notes": [], "runs": [], "summary": {}}
+    log(f"case {name}: {STREAM_CASES[name]}")
+    server = None
+    try:
+        server, path, notes = start_stream_case(bench, name)
+        case["path"] = path
+        case["notes"] += notes
+        check_stream(server, path)
+    except Skipped as e:
+        case["skipped"] = str(e)
+        log(f"case {name}: skipped ({e})")
+        if server is not None and server is not bench.stream_source:
+            bench.stop(server)
+        return case
+    except (BenchError, OSError) as e:
+        case["error"] = str(e)
+        log(f"case {name}: FAILED to start: {e}")
+        if server is not None and server is not bench.stream_source:
+            bench.stop(server)
+        return case
+    try:
+        if args.quiet_wait > 0:
+            case["quiet"] = wait_quiet(bench, args.quiet_wait)
+        warm = run_stream_client(bench, server.port, path, 32, WARMUP_SECONDS)
+        case["warmup"] = {"chunks": warm["chunks"], "errors": warm["errors"]}
+        roots = [server.pid] if server is bench.stream_source else [server.pid, bench.stream_source.pid]
+        for n in range(1, args.passes + 1):
+            for streams in STREAM_CONCURRENCIES:
+                before = cpu_snapshot(roots)
+                run = run_stream_client(bench, server.port, path, streams, args.duration)
+                used = cpu_used(before, cpu_snapshot(roots))
+                mine, wall, chunks = used["servers"][server.pid], used["wall"], run["chunks"]
+                run["pass"] = n
+                run["server_cpu_pct"] = round(100 * mine / wall, 1)
+                run["cpu_us_per_chunk"] = round(1e6 * mine / chunks, 1) if chunks else None
+                # Everything else under the roots: the model process (jsonl), or the source.
+                upstream = used["trees"] - mine
+                run["upstream_cpu_us_per_chunk"] = round(1e6 * upstream / chunks, 1) if chunks else None
+                run["client_cpu_pct"] = round(100 * used["wrk"] / wall, 1)
+                other = used["machine"] - used["trees"] - used["wrk"] - used["self"] + used["steal"]
+                run["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
+                run["steal_pct"] = round(100 * used["steal"] / wall, 1)
+                if streams == 1:
+                    # One stream makes only a stream a second: the time to first chunk at 1 stream
+                    # comes from a run of its own, of one-chunk streams one after the other.
+                    first_run = run_stream_client(bench, server.port, path, 1, max(1.0, args.duration / 2),
+                                                  chunks=1, interval=0)
+                    run["first_chunk_run"] = {key: first_run[key] for key in (
+                        "streams", "duration_s", "errors", "error_samples", "first_chunk", "model_first_chunk",
+                        "request_to_model")}
+                    add_errors(run["errors"], first_run["errors"])
+                case["runs"].append(run)
+                lat = run["chunk_latency"]
+                first = run.get("first_chunk_run", run)["first_chunk"]
+                flag = f"  ERRORS: {show_errors(run['errors'])}" if run["errors"] else ""
+                log(f"  pass {n} {streams} streams: {run['chunks_per_s']:.0f} chunks/s, chunk p50 "
+                    f"{lat.get('p50_ms', 0):.3f} ms p99 {lat.get('p99_ms', 0):.3f} ms, first chunk p50 "
+                    f"{first.get('p50_ms', 0):.3f} ms, server CPU {run['server_cpu_pct']:.0f}% "
+                    f"({run['cpu_us_per_chunk'] or 0:.0f} us/chunk), client CPU {run['client_cpu_pct']:.0f}%, "
+                    f"other load {run['other_cpu_pct']:.0f}%{flag}")
+        server.remember()
+        peak, _ = memory_mb(server.pid, "VmHWM")
+        case["peak_rss_mb"] = round(peak, 1)
+        if not server.alive():
+            case["error"] = f"{server.name} exited during the case:\n{server.log_tail()}"
+    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+        case["error"] = str(e)
+        log(f"case {name}: FAILED: {e}")
+    finally:
+        if server is not bench.stream_source:
+            bench.stop(server)
+    for streams in STREAM_CONCURRENCIES:
+        runs = [run for run in case["runs"] if run["streams_wanted"] == streams]
+        if not runs:
+            continue
+
+        def median(key, part=None, first=False):
+            values = [((run.get("first_chunk_run", run) if first else run)[part] if part else run).get(key)
+                      for run in runs]
+            values = [value for value in values if value is not None]
+            return statistics.median(values) if values else None
+
+        summary = case["summary"][str(streams)] = {
+            "chunks_per_s": median("chunks_per_s"),
+            "chunk_p50_ms": median("p50_ms", "chunk_latency"), "chunk_p99_ms": median("p99_ms", "chunk_latency"),
+            "first_p50_ms": median("p50_ms", "first_chunk", True),
+            "first_p99_ms": median("p99_ms", "first_chunk", True),
+            "first_samples": sum(run.get("first_chunk_run", run)["first_chunk"].get("count", 0) for run in runs),
+            "model_first_p50_ms": median("p50_ms", "model_first_chunk", True),
+            "request_to_model_p50_ms": median("p50_ms", "request_to_model", True),
+            "chunks": sum(run["chunks"] for run in runs), "streams": sum(run["streams"] for run in runs),
+            "server_cpu_pct": median("server_cpu_pct"), "cpu_us_per_chunk": median("cpu_us_per_chunk"),
+            "upstream_cpu_us_per_chunk": median("upstream_cpu_us_per_chunk"),
+            "client_cpu_pct": median("client_cpu_pct"),
+            "other_cpu_pct_max": max(run["other_cpu_pct"] for run in runs),
+            "keepalives": sum(run["keepalives"] for run in runs), "errors": {},
+        }
+        for run in runs:
+            add_errors(summary["errors"], run["errors"])
+    return case
+
+
+def read_first_event(sock: socket.socket) -> tuple[int, bytes]:
+    """Read a streamed answer's head and its first SSE event: (status, what was read)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before an answer")
+        data += chunk
+    status = int(data.split(b" ", 2)[1])
+    if status != 200:
+        return status, data
+    body_at = data.find(b"\r\n\r\n") + 4
+    while b"\n\n" not in data[body_at:]:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before the first chunk")
+        data += chunk
+    return status, data
+
+
+def model_metric(text: str, name: str, model: str):
+    match = re.search(rf'^{name}{{[^}}]*model="{re.escape(model)}"[^}}]*}}\s+([0-9.eE+-]+)\s*$', text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def daemon_counts(port: int) -> tuple[float | None, float | None]:
+    """(aibackend_open_connections, aibackend_model_in_flight of the held model) from /metrics."""
+    _, metrics = request(port, "GET", "/metrics")
+    text = metrics.decode(errors="replace")
+    return metric_value(text, "aibackend_open_connections"), model_metric(text, "aibackend_model_in_flight", "hold")
+
+
+def held_streams(bench: Bench, count: int, hold: float) -> dict:
+    """count idle streams held at once (a chunk each, then nothing), a fresh request, the daemon's RSS."""
+    count, note = raise_open_files(count)
+    free_url = f"http://127.0.0.1:{bench.free_port}/"
+    log(f"stream-held: {count:,} idle streams held by aibackend")
+    models = http_model("free", free_url) + "\n" + subprocess_model(
+        "hold", STREAM_SOURCE, "jsonl", 1, count + 100, arguments=("--jsonl",), timeout=3600)
+    server = bench.start_aibackend(
+        "stream-held", models, server_toml=f"max_connections = {count + 1000}\nidle_timeout = 300\n"
+                                           f"max_connections_per_peer = {2 * CONNECTIONS_PER_ADDRESS}\n")
+    sockets: list[socket.socket] = []
+    try:
+        request(server.port, "POST", "/post/predict?id=free", BODY)
+        stream_request(server.port, "/post/predict?id=hold", b'{"chunks": 2, "interval": 0}')
+        time.sleep(0.5)
+        baseline, _ = memory_mb(server.pid, "VmRSS")
+        body = b'{"chunks": 1, "hold": true}'
+        probe = (b"POST /post/predict?id=hold HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        started = time.monotonic()
+        failed, first_error = 0, None
+        progress = []  # [streams open, seconds] every tenth: a cost that grows with the streams held shows
+        for start in range(0, count, CONNECT_BATCH):
+            if start and start % max(CONNECT_BATCH, count // 10 // CONNECT_BATCH * CONNECT_BATCH) == 0:
+                progress.append([len(sockets), round(time.monotonic() - started, 2)])
+            batch = []
+            for index in range(start, min(start + CONNECT_BATCH, count)):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.settimeout(15)
+                try:
+                    s.bind((client_address(index), 0))
+                    s.connect(("127.0.0.1", server.port))
+                    s.sendall(probe)
+                    batch.append(s)
+                except OSError as e:
+                    failed += 1
+                    first_error = first_error or str(e)
+                    s.close()
+            for s in batch:
+                try:
+                    status, data = read_first_event(s)
+                    if status == 200 and b"data: " in data:
+                        sockets.append(s)
+                        continue
+                    failed += 1
+                    first_error = first_error or f"status {status}: {data[:300]!r}"
+                except (OSError, ValueError, IndexError) as e:
+                    failed += 1
+                    first_error = first_error or str(e)
+                s.close()
+        opened_s = time.monotonic() - started
+        log(f"  {len(sockets):,} streams open in {opened_s:.1f} s ({failed} failed); holding {hold:g} s")
+        time.sleep(hold)
+        fresh_started = time.monotonic()
+        fresh_status, _, fresh_body = stream_request(server.port, "/post/predict?id=hold",
+                                                     b'{"chunks": 3, "interval": 0}')
+        fresh_ms = (time.monotonic() - fresh_started) * 1000
+        fresh_ok = fresh_status == 200 and sse_chunks(fresh_body) == (3, True)
+        fresh_predict, _ = request(server.port, "POST", "/post/predict?id=free", BODY)
+        open_connections, in_flight = daemon_counts(server.port)
+        held_rss, _ = memory_mb(server.pid, "VmRSS")
+        open_now = still_open(sockets)
+        # What came on the held streams meanwhile: keepalive comments only (no end, no error).
+        ended, keepalives, extra = 0, 0, 0
+        for s in sockets:
+            s.setblocking(False)
+            data = b""
+            try:
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            except (BlockingIOError, OSError):
+                pass
+            extra += len(data)
+            keepalives += data.count(b"\r\n:")
+            ended += b"event: " in data or data.endswith(b"0\r\n\r\n")
+        # Release them all, and see the daemon let go of them.
+        released = time.monotonic()
+        for s in sockets:
+            s.close()
+        held = len(sockets)
+        sockets = []
+        after_connections, after_in_flight = open_connections, in_flight
+        while time.monotonic() - released < 30:
+            after_connections, after_in_flight = daemon_counts(server.port)
+            if (after_connections or 0) <= 1 and not after_in_flight:
+                break
+            time.sleep(0.2)
+        release_s = time.monotonic() - released
+        time.sleep(0.5)
+        after_rss, _ = memory_mb(server.pid, "VmRSS")
+        result = {
+            "wanted": count, "opened": held, "failed": failed, "first_error": first_error,
+            "open_seconds": round(opened_s, 1), "open_progress": progress, "held_seconds": hold,
+            "still_open": open_now, "ended_while_held": ended, "keepalives_seen": keepalives, "bytes_while_held": extra,
+            "daemon_open_connections": open_connections, "model_in_flight": in_flight,
+            "fresh_stream_status": fresh_status, "fresh_stream_ok": fresh_ok, "fresh_stream_ms": round(fresh_ms, 1),
+            "fresh_predict_status": fresh_predict,
+            "rss_before_mb": round(baseline, 1), "rss_held_mb": round(held_rss, 1),
+            "kb_per_stream": round((held_rss - baseline) * 1024 / max(held, 1), 2),
+            "release_seconds": round(release_s, 1), "open_connections_after_release": after_connections,
+            "model_in_flight_after_release": after_in_flight, "rss_after_release_mb": round(after_rss, 1),
+        }
+        if note:
+            result["note"] = note
+        log(f"  RSS {baseline:.1f} -> {held_rss:.1f} MB ({result['kb_per_stream']:.1f} KB a stream); fresh stream "
+            f"{fresh_status} {'ok' if fresh_ok else 'NOT ok'} in {fresh_ms:.0f} ms, predict {fresh_predict}; "
+            f"released in {release_s:.1f} s (open connections {after_connections}, in flight {after_in_flight})")
+        return result
+    finally:
+        for s in sockets:
+            s.close()
+        bench.stop(server)
+
+
+def stream_rows(cases: list[dict]) -> list[dict]:
+    by_name = {case["name"]: case for case in cases}
+
+    def summary(name, streams):
+        return by_name.get(name, {}).get("summary", {}).get(str(streams))
+
+    def minus(a, b):
+        return round(a - b, 3) if a is not None and b is not None else None
+
+    rows = []
+    for case in cases:
+        if case.get("skipped") or (case.get("error") and not case["summary"]):
+            rows.append({"case": case["name"], "streams": None,
+                         "note": case.get("skipped") or "FAILED: " + first_line(case["error"])})
+            continue
+        for streams in STREAM_CONCURRENCIES:
+            s = summary(case["name"], streams)
+            if not s:
+                continue
+            floor = summary("stream-direct", streams) or {}
+            rows.append({
+                "case": case["name"], "streams": streams, "chunks_per_s": s["chunks_per_s"],
+                "chunk_p50_ms": s["chunk_p50_ms"], "chunk_p99_ms": s["chunk_p99_ms"],
+                "added_p50_ms": minus(s["chunk_p50_ms"], floor.get("chunk_p50_ms")),
+                "added_p99_ms": minus(s["chunk_p99_ms"], floor.get("chunk_p99_ms")),
+                "first_p50_ms": s["first_p50_ms"], "first_p99_ms": s["first_p99_ms"],
+                "added_first_p50_ms": minus(s["first_p50_ms"], floor.get("first_p50_ms")),
+                "server_cpu_pct": s["server_cpu_pct"], "cpu_us_per_chunk": s["cpu_us_per_chunk"],
+                "client_cpu_pct": s["client_cpu_pct"], "other_cpu_pct_max": s["other_cpu_pct_max"],
+                "peak_rss_mb": case.get("peak_rss_mb"), "errors": s["errors"],
+                "note": "; ".join(case["notes"] + (["ERROR: " + first_line(case["error"])]
+                                                   if case.get("error") else [])),
+            })
+    return rows
+
+
+def stream_notes(section: dict) -> list[str]:
+    """The notes of the streaming section: how it was measured, and the issue's targets."""
+    if not section.get("rows") and not section.get("held_streams"):
+        return []
+    notes = []
+    if section.get("rows"):
+        notes.append(
+            f"streaming: bench/stream_client.py (asyncio, one process) holds 1 or 100 keep-alive connections, each "
+            f"asking for streams of {STREAM_CHUNKS} chunks {STREAM_INTERVAL * 1000:g} ms apart, one after the other, "
+            "for the run's duration; the chunk latency is its arrival time (taken once per socket read, before "
+            "parsing) minus the CLOCK_MONOTONIC time the model wrote into the chunk just before writing it. "
+            "stream-direct reads the source itself (no gateway): its latency is the socket's and the client's, "
+            "the floor the added columns are taken from. server CPU = the proxy's own processes (not the source, "
+            "not the jsonl model); client CPU = the stream client's, in % of one core.")
+        by_case = {(row["case"], row["streams"]): row for row in section["rows"]}
+        floor = by_case.get(("stream-direct", 100)) or {}
+        for name in ("stream-aibackend-jsonl", "stream-aibackend-jsonl-p2", "stream-aibackend-http"):
+            row = by_case.get((name, 100))
+            if row and row.get("added_p99_ms") is not None:
+                loads = [row.get("other_cpu_pct_max") or 0.0, floor.get("other_cpu_pct_max") or 0.0]
+                if max(loads) > OTHER_LOAD_FLAG:
+                    # A difference of two runs of which one had the CPUs taken by others is noise.
+                    verdict = (f"not judged: other load {loads[0]:.0f}% during it, {loads[1]:.0f}% during "
+                               "stream-direct's (over 25%: ‡)")
+                else:
+                    verdict = "met" if row["added_p99_ms"] <= STREAM_TARGET_P99_MS else "NOT met"
+                notes.append(f"target (issue 14): added per-chunk p99 at most {STREAM_TARGET_P99_MS:g} ms with 100 "
+                             f"concurrent streams: {name} {row['added_p99_ms']:.3f} ms, {verdict}.")
+    disturbed = [f"{row['case']} {row['streams']} streams ({row['other_cpu_pct_max']:.0f}%)"
+                 for row in section.get("rows", [])
+                 if row.get("other_cpu_pct_max") is not None and row["other_cpu_pct_max"] > OTHER_LOAD_FLAG]
+    if disturbed:
+        notes.append(f"‡ disturbed (streaming): other processes used over {OTHER_LOAD_FLAG:g}% of a core during "
+                     f"{', '.join(disturbed)}.")
+    held = section.get("held_streams") or {}
+    if "rss_held_mb" in held:
+        met = (held["opened"] >= HELD_STREAMS and held["rss_held_mb"] < HELD_TARGET_MB and held["fresh_stream_ok"]
+               and held["fresh_predict_status"] == 200)
+        notes.append(f"target (issue 14): {HELD_STREAMS:,} concurrent idle streams held in under {HELD_TARGET_MB} MB "
+                     f"with a fresh request still answered: {held['opened']:,} held, daemon RSS "
+                     f"{held['rss_held_mb']:.1f} MB, fresh stream {held['fresh_stream_status']}, fresh predict "
+                     f"{held['fresh_predict_status']}: {'met' if met else 'NOT met'}.")
+    return notes
+
+
+def run_streaming(bench: Bench, names: list[str]) -> tuple[dict, bool]:
+    """The streaming section: its cases, then the held streams. (results, whether something failed)"""
+    args = bench.args
+    section = {"chunks_per_stream": STREAM_CHUNKS, "interval_s": STREAM_INTERVAL,
+               "concurrencies": list(STREAM_CONCURRENCIES), "cases": [], "rows": []}
+    failed = False
+    if any(name in STREAM_LATENCY_CASES for name in names):
+        bench.stream_source = bench.start_stream_source()
+        for name in names:
+            if name in STREAM_LATENCY_CASES:
+                case = run_stream_case(bench, name)
+                section["cases"].append(case)
+                failed |= bool(case.get("error"))
+        bench.stop(bench.stream_source)
+        bench.stream_source = None
+        section["rows"] = stream_rows(section["cases"])
+    if "stream-held" in names and args.held_streams > 0:
+        hold = args.stream_hold if args.stream_hold is not None else (QUICK_STREAM_HOLD if args.quick else STREAM_HOLD)
+        try:
+            section["held_streams"] = held_streams(bench, args.held_streams, hold)
+        except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+            log(f"stream-held: FAILED: {e}")
+            section["held_streams"] = {"error": str(e)}
+            failed = True
+    return section, failed
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -912,15 +1430,20 @@ def markdown(results: dict) -> str:
     out = [
         f"# aibackend benchmark, {meta['started']}",
         "",
-        f"{meta['duration_s']} s per run, {meta['passes']} passes (medians), wrk -t1 -c1 and -t2 -c32, "
-        f"1 s warm-up; POST {BODY.decode()}. Machine: {meta['cpus']} CPUs, {meta['kernel']}; "
+        (f"{meta['duration_s']} s per run, {meta['passes']} passes (medians), wrk -t1 -c1 and -t2 -c32, "
+         f"1 s warm-up; POST {BODY.decode()}. " if results["rows"] else
+         f"{meta['duration_s']} s per run, {meta['passes']} passes (medians), 1 s warm-up. ")
+        + f"Machine: {meta['cpus']} CPUs, {meta['kernel']}; "
         f"aibackend {meta['git_commit'][:12]}{' (with uncommitted changes)' if meta['git_dirty'] else ''}."
         + (" **Quick run.**" if meta["quick"] else ""),
-        "",
-        "| case | conc | req/s | p50 ms | p99 ms | added p50 vs direct @c1 (ms) | peak RSS MB "
-        "| × nginx-proxy | × aiohttp-proxy | errors | server CPU % | CPU µs/req | other load % |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
+    if results["rows"]:
+        out += [
+            "",
+            "| case | conc | req/s | p50 ms | p99 ms | added p50 vs direct @c1 (ms) | peak RSS MB "
+            "| × nginx-proxy | × aiohttp-proxy | errors | server CPU % | CPU µs/req | other load % |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        ]
     for row in results["rows"]:
         if row["concurrency"] is None:
             out.append(f"| {row['case']} | — | — | — | — | — | — | — | — | {row['note']} | — | — | — |")
@@ -935,6 +1458,7 @@ def markdown(results: dict) -> str:
             f"| {fmt(row['vs_nginx_proxy'], 2, '×')} | {fmt(row['vs_aiohttp_proxy'], 2, '×')} | {errors} "
             f"| {fmt(row['server_cpu_pct'], 0)} | {fmt(row['cpu_us_per_request'], 0)} | {fmt(other, 0)}{disturbed} |"
         )
+    out += stream_markdown(results.get("streaming") or {})
     memory = results.get("memory") or {}
     if memory:
         out += ["", "## Memory (aibackend, one process, RSS = VmRSS of the daemon's own processes)", "",
@@ -973,7 +1497,82 @@ def markdown(results: dict) -> str:
                 out.append(f"| {key} | **FAILED**: {first_line(value['error'])} |")
     out += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     out += ["", "Cases:", ""] + [f"- `{name}`: {text}" for name, text in CASES.items()]
+    out += [f"- `{name}`: {text}" for name, text in STREAM_CASES.items()]
     return "\n".join(out) + "\n"
+
+
+def stream_markdown(section: dict) -> list[str]:
+    if not section.get("rows") and not section.get("held_streams"):
+        return []
+    out = []
+    if section.get("rows"):
+        out += [
+            "", f"## Streaming (SSE; each stream asks for {section['chunks_per_stream']} chunks, one every "
+            f"{section['interval_s'] * 1000:g} ms, then the next stream on the same connection)", "",
+            "Chunk latency = the client's arrival time minus the time the model wrote the chunk (it writes its "
+            "CLOCK_MONOTONIC into each); added = minus `stream-direct`'s at the same number of streams. First "
+            "chunk = from the request's send to its first chunk's arrival (the model writes it at once).", "",
+            "| case | streams | chunks/s | chunk p50 ms | chunk p99 ms | added p50 ms | added p99 ms "
+            "| first chunk p50 ms | first chunk p99 ms | added first p50 ms | server CPU % | CPU µs/chunk "
+            "| client CPU % | errors | other load % |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for row in section["rows"]:
+            if row["streams"] is None:
+                out.append(f"| {row['case']} | — | — | — | — | — | — | — | — | — | — | — | — | {row['note']} | — |")
+                continue
+            errors = f"**⚠ {show_errors(row['errors'])}**" if row["errors"] else "0"
+            name = f"**⚠ {row['case']}**" if row["errors"] else row["case"]
+            other = row["other_cpu_pct_max"]
+            disturbed = " ‡" if other is not None and other > OTHER_LOAD_FLAG else ""
+            out.append(
+                f"| {name} | {row['streams']} | {fmt(row['chunks_per_s'], 0)}{disturbed} "
+                f"| {fmt(row['chunk_p50_ms'], 3)} | {fmt(row['chunk_p99_ms'], 3)} | {fmt(row['added_p50_ms'], 3)} "
+                f"| {fmt(row['added_p99_ms'], 3)} | {fmt(row['first_p50_ms'], 3)} | {fmt(row['first_p99_ms'], 3)} "
+                f"| {fmt(row['added_first_p50_ms'], 3)} | {fmt(row['server_cpu_pct'], 0)} "
+                f"| {fmt(row['cpu_us_per_chunk'], 0)} | {fmt(row['client_cpu_pct'], 0)} | {errors} "
+                f"| {fmt(other, 0)}{disturbed} |"
+            )
+    held = section.get("held_streams")
+    if held:
+        out += ["", "## Held streams (aibackend, one process, RSS = VmRSS of the daemon's own processes)", "",
+                "| measurement | value |", "| --- | --- |"]
+        if "error" in held:
+            out.append(f"| stream-held | **FAILED**: {first_line(held['error'])} |")
+        else:
+            if held["opened"] < HELD_STREAMS:
+                target = f"the target is for {HELD_STREAMS:,}"
+            else:
+                target = f"target under {HELD_TARGET_MB} MB: " + (
+                    "met" if held["rss_held_mb"] < HELD_TARGET_MB else "**not met**")
+            fresh_ok = held["fresh_stream_ok"] and held["fresh_predict_status"] == 200
+            # Released: no connection left but the /metrics request's own, nothing in flight.
+            released = (held["open_connections_after_release"] or 0) <= 1 and not held["model_in_flight_after_release"]
+            if fresh_ok:
+                fresh = "200, 200"
+            else:
+                fresh = (f"**⚠ stream {held['fresh_stream_status']}"
+                         f"{' ok' if held['fresh_stream_ok'] else ' incomplete'}, "
+                         f"predict {held['fresh_predict_status']}**")
+            out += [
+                f"| {held['opened']:,} idle streams held ({held['wanted']:,} wanted"
+                f"{', ⚠ ' + str(held['failed']) + ' failed' if held['failed'] else ''}), before → held "
+                f"| {held['rss_before_mb']:.1f} → {held['rss_held_mb']:.1f} MB ({held['kb_per_stream']:.1f} KB per "
+                f"stream; {target}) |",
+                f"| streams still open after {held['held_seconds']:g} s (daemon's aibackend_open_connections, "
+                f"the model's in flight) | {held['still_open']:,} ({fmt(held['daemon_open_connections'], 0)}, "
+                f"{fmt(held['model_in_flight'], 0)}) |",
+                f"| streams that ended or failed while held (keepalive comments seen) "
+                f"| {'0' if not held['ended_while_held'] else '**⚠ ' + str(held['ended_while_held']) + '**'} "
+                f"({held['keepalives_seen']}) |",
+                f"| a fresh stream (3 chunks) and a fresh plain request while they are held "
+                f"| {fresh} (the stream in {held['fresh_stream_ms']:.0f} ms) |",
+                f"| released: the daemon's open connections and in flight after {held['release_seconds']:g} s, RSS "
+                f"| {'' if released else '**⚠ '}{fmt(held['open_connections_after_release'], 0)}, "
+                f"{fmt(held['model_in_flight_after_release'], 0)}{'' if released else '**'}; "
+                f"{held['rss_after_release_mb']:.1f} MB |",
+            ]
+    return out
 
 
 def write_results(results: dict, results_dir: str) -> tuple[str, str]:
@@ -1002,7 +1601,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", default=quick_env,
                         help=f"a short run: {QUICK_DURATION} s runs, a {QUICK_SOAK:,}-request soak (or BENCH_QUICK=1)")
     parser.add_argument("--duration", type=int, default=None,
-                        help=f"seconds per wrk run (BENCH_DURATION; default {DEFAULT_DURATION}, {QUICK_DURATION} quick)")
+                        help=f"seconds per wrk run and per streaming run (BENCH_DURATION; default {DEFAULT_DURATION}, "
+                             f"{QUICK_DURATION} quick)")
     parser.add_argument("--passes", type=int, default=PASSES, help="passes over both concurrencies (default 2)")
     parser.add_argument("--soak-requests", type=int, default=None,
                         help=f"requests of the memory soak (BENCH_SOAK_REQUESTS; default {DEFAULT_SOAK:,}, "
@@ -1011,8 +1611,14 @@ def parse_args(argv=None):
                         help=f"idle keep-alive connections to hold (default {IDLE_CONNECTIONS:,}; 0 skips it)")
     parser.add_argument("--hold", type=float, default=None,
                         help="seconds the idle connections are held before they are counted (default 5, 2 quick)")
-    parser.add_argument("--cases", default=",".join(CASES),
-                        help="comma-separated cases to run (default: all; direct always runs)")
+    parser.add_argument("--cases", default=",".join([*CASES, *STREAM_CASES]),
+                        help="comma-separated cases to run (default: all; `streaming` names every streaming case; "
+                             "direct runs with any wrk case, stream-direct with any streaming one but stream-held)")
+    parser.add_argument("--held-streams", type=int, default=HELD_STREAMS,
+                        help=f"idle streams stream-held holds (default {HELD_STREAMS:,}; 0 skips it)")
+    parser.add_argument("--stream-hold", type=float, default=None,
+                        help=f"seconds stream-held holds them before it counts them (default {STREAM_HOLD:g}: past "
+                             f"the daemon's first keepalive; {QUICK_STREAM_HOLD:g} quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
     parser.add_argument("--quiet-wait", type=float, default=None,
                         help="before each case, seconds to wait at most for other processes to leave the CPUs "
@@ -1036,10 +1642,19 @@ def parse_args(argv=None):
     if args.duration < 1 or args.passes < 1:
         parser.error("--duration and --passes must be at least 1")
     wanted = [name.strip() for name in args.cases.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in CASES]
+    if "streaming" in wanted:
+        wanted += list(STREAM_CASES)
+    unknown = [name for name in wanted if name not in CASES and name not in STREAM_CASES and name != "streaming"]
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
-    args.cases = [name for name in CASES if name in wanted or name == "direct"]
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join([*CASES, *STREAM_CASES])}, streaming")
+    args.cases = [name for name in CASES if name in wanted]
+    if args.cases and "direct" not in args.cases:
+        args.cases.insert(0, "direct")
+    args.stream_cases = [name for name in STREAM_CASES if name in wanted]
+    if any(name in STREAM_LATENCY_CASES for name in args.stream_cases) and "stream-direct" not in args.stream_cases:
+        args.stream_cases.insert(0, "stream-direct")
+    if args.held_streams < 0:
+        parser.error("--held-streams must be at least 0")
     return args
 
 
@@ -1089,11 +1704,12 @@ def main(argv=None) -> int:
             "git_commit": git("rev-parse", "HEAD") or "?",
             "git_dirty": bool(git("status", "--porcelain", "--", "aibackend", "twisted", "setup.py")),
         },
-        "cases": [], "rows": [], "memory": {}, "notes": [],
+        "cases": [], "rows": [], "streaming": {}, "memory": {}, "notes": [],
     }
     processes_flag = has_processes_flag(args.twistd)
     results["meta"]["processes_flag"] = processes_flag
     bench = Bench(args)
+    bench.processes_flag = processes_flag
     failed = False
     interrupted = False
     try:
@@ -1104,6 +1720,9 @@ def main(argv=None) -> int:
             case = run_case(bench, name, processes_flag)
             results["cases"].append(case)
             failed |= bool(case.get("error"))
+        if args.stream_cases:
+            results["streaming"], stream_failed = run_streaming(bench, args.stream_cases)
+            failed |= stream_failed
         if not args.no_memory:
             steps = [("idle_100_models", lambda: memory_idle_models(bench))]
             if args.soak_requests > 0:
@@ -1158,13 +1777,17 @@ def main(argv=None) -> int:
     if disturbed:
         notes.append(f"‡ disturbed: other processes used over {OTHER_LOAD_FLAG:g}% of a core during "
                      f"{', '.join(disturbed)}; those numbers understate what the server can do.")
-    for case in results["cases"]:
+    notes += stream_notes(results["streaming"])
+    for case in results["cases"] + results["streaming"].get("cases", []):
         if case["notes"]:
             notes.append(f"{case['name']}: {'; '.join(case['notes'])}.")
         if any(run["errors"] for run in case["runs"]):
             notes.append(f"⚠ {case['name']} had errors under load (see the errors column and the JSON's runs).")
         if case.get("error"):
             notes.append(f"⚠ {case['name']} failed: {first_line(case['error'])}")
+    held = results["streaming"].get("held_streams") or {}
+    if held.get("error"):
+        notes.append(f"⚠ stream-held failed: {first_line(held['error'])}")
     notes.append(f"total run time {results['meta']['elapsed_s']:.0f} s.")
     json_path, md_path = write_results(results, args.results_dir)
     print(markdown(results))
