@@ -8,7 +8,8 @@ One daemon serves the whole module (it takes a few seconds to start its models):
     declaring x FP32, n INT64, words BYTES in and y, total, upper out;
   - C{sleepy}: a jsonl model that never says it is ready (misbehave.py without --jsonl);
   - C{tri}: a native v2 HTTP model, tests/models/v2_server.py started by the daemon, whose
-    model is C{doubler} on that server (it has the generate extension too);
+    model is C{doubler} on that server (it has the generate extension too); its streams
+    get a keepalive every 0.5 s of silence;
   - C{astray}: a native v2 HTTP model on the same server, named C{missing} there, a model
     that server does not have;
   - C{generate}: the example streaming text generator (examples/generate.py), for the
@@ -130,7 +131,7 @@ def v2(tmp_path_factory):
         + "\n"
         + toml_models({"id": "tri", "type": "http", "url": f"http://127.0.0.1:{upstream_port}",
                        "command": ["python", V2_SERVER, "--port", str(upstream_port)], "health_path": "/health",
-                       "timeout": 10})
+                       "timeout": 10, "keepalive_seconds": 0.5})
         + toml_v2({"native": True, "model": "doubler"})
         + "\n"
         + toml_models({"id": "astray", "type": "http", "url": f"http://127.0.0.1:{upstream_port}", "timeout": 10})
@@ -401,7 +402,7 @@ def test_a_bad_load_config_is_a_400_exception(v2):
 # --- the generate extension ---------------------------------------------------------------------------------
 
 # The example generator's words for this prompt and seed (tests/test_examples.py reads them too).
-SEEDED = {"prompt": "the daemon", "parameters": {"max_words": 8, "seed": 7}}
+SEEDED = {"text_input": "the daemon", "parameters": {"max_words": 8, "seed": 7}}
 SEEDED_TEXT = "asks the model that the request names."
 
 
@@ -412,6 +413,18 @@ def test_generate_answers_the_generators_text_as_text_output(v2):
     assert reply.status == 200, reply
     assert reply.headers["content-type"] == "application/json"
     assert reply.json() == {"model_name": "generate", "model_version": "1", "text_output": SEEDED_TEXT}
+
+
+def test_the_generators_text_input_is_its_prompt(v2):
+    def text(document):
+        reply = v2.daemon.request("POST", "/v2/models/generate/generate", document)
+        assert reply.status == 200, reply
+        return reply.json()["text_output"]
+
+    prompt = {"prompt": SEEDED["text_input"], "parameters": {**SEEDED["parameters"], "delay": 0}}
+    assert text(prompt) == SEEDED_TEXT
+    both = v2.daemon.request("POST", "/v2/models/generate/generate", {**prompt, "text_input": "the daemon"})
+    assert (both.status, both.json()) == (400, {"error": "give the prompt as prompt or as text_input, not both"})
 
 
 def test_generate_stream_sends_the_words_one_by_one_then_ends(v2):
@@ -450,7 +463,7 @@ def test_the_readmes_generate_lines_answer_what_it_shows(v2):
 
 
 def test_a_client_that_leaves_generate_stream_stops_the_generator_and_is_logged_499(v2):
-    body = json.dumps({"prompt": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
+    body = json.dumps({"text_input": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
     with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
         sock.sendall(b"POST /v2/models/generate/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"X-Request-Id: leaves-early\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -541,6 +554,7 @@ def test_generate_stream_on_a_native_model_relays_its_servers_events_one_by_one(
     assert status == 200
     assert headers["content-type"] == "text/event-stream; charset=utf-8"
     assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
+    events = [(when, event) for when, event in events if not event.startswith(b":")]  # (a keepalive, if slow)
     answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
     assert [answer["text_output"] for answer in answers] == ["one", " one", " two", " two", " three", " three"]
     assert all(set(answer) == {"model_name", "model_version", "text_output", "sent_at"} for answer in answers)
@@ -551,6 +565,17 @@ def test_generate_stream_on_a_native_model_relays_its_servers_events_one_by_one(
     assert all(when >= answer["sent_at"] for when, answer in zip(arrived, answers))
     assert arrived[0] < answers[-1]["sent_at"]
     assert len(set(arrived)) >= 3
+
+
+def test_a_native_generate_stream_gets_keepalives_while_its_server_is_silent(v2):
+    body = json.dumps({"text_input": "slow", "parameters": {"delay": 0.8}}).encode()
+
+    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/tri/generate_stream", body)
+
+    assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+    assert events[0][1] == b": keepalive"  # the SSE comment, before the first word (0.8 s)
+    assert [answer["text_output"] for answer in sse_data(b"".join(event + b"\n\n" for _, event in events))] == [
+        "slow", " slow"]
 
 
 def test_a_native_servers_error_before_the_first_event_is_its_status_and_message(v2):
