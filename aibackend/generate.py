@@ -132,7 +132,10 @@ class GenerateFraming(Framing):
     C{text_output}, its text.
 
     @param answers: the L{Answers} of the model, or None to send each chunk as it is (a
-        native model's server answers in the extension's shape itself).
+        native model's server answers in the extension's shape itself; its
+        C{{"error": "..."}} event is not a chunk but the stream's error, which
+        L{aibackend.httpmodel} raises with its words, so that it is written as the
+        error event above and the stream is logged as failed).
     """
 
     def __init__(self, answers: Answers | None):
