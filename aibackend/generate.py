@@ -16,7 +16,8 @@ L{aibackend.v2}'s; a native v2 model's server gets the request as it came.
     JSON text (C{3} -> C{"3"}).
   - generate_stream sends one C{data:} event per chunk, each such an answer object; a
     stream that ends with an output sends it as one more; then the response ends (there
-    is no end event, as in Triton). An error after the first byte is a last C{data:}
+    is no end event, as in Triton). While nothing is written, the SSE keepalive comment
+    goes every C{keepalive_seconds}, as for any stream. An error after the first byte is a last C{data:}
     event holding the extension's error object, C{{"error": "..."}}.
 """
 
@@ -26,7 +27,7 @@ import json
 
 from aibackend import errors
 from aibackend.jsonread import JSONProblem, read_json
-from aibackend.relay import Framing
+from aibackend.relay import SSE_KEEPALIVE, Framing
 
 CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 _HEAD_KEYS = ("model_name", "model_version")
@@ -131,7 +132,10 @@ class GenerateFraming(Framing):
     C{text_output}, its text.
 
     @param answers: the L{Answers} of the model, or None to send each chunk as it is (a
-        native model's server answers in the extension's shape itself).
+        native model's server answers in the extension's shape itself; its
+        C{{"error": "..."}} event is not a chunk but the stream's error, which
+        L{aibackend.httpmodel} raises with its words, so that it is written as the
+        error event above and the stream is logged as failed).
     """
 
     def __init__(self, answers: Answers | None):
@@ -152,3 +156,7 @@ class GenerateFraming(Framing):
         if output is None:
             return b""
         return self.chunk(output)
+
+    def keepalive(self) -> bytes:
+        """Server-Sent Events: the comment line (the content type has a charset, which Framing's test misses)."""
+        return SSE_KEEPALIVE

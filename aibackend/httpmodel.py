@@ -14,6 +14,10 @@ Agent rather than the lean client, and the answer's C{Content-Type} says how it 
 (L{aibackend.streambody}): Server-Sent Events and JSON lines chunk by chunk as they
 arrive, anything else whole, as the stream's output. A plain request answered in events
 or lines gets them gathered into one JSON answer (L{aibackend.streambody.gather}).
+A native v2 server's C{generate_stream} (the Open Inference Protocol's generate
+extension, on its own route) says an error after its first event as one more event,
+C{data: {"error": "..."}}: that event ends the stream as the server's error (a 502
+carrying its words), not as one more chunk.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ from aibackend.supervisor import PoolEvents, ProcessPool
 USER_AGENT = f"aibackend/{__version__}".encode()
 SNIPPET = 200
 PROBE_INTERVAL = 0.25
+# The operation of the Open Inference Protocol's generate_stream (aibackend.v2), whose
+# server says an error in a chunk of its own (see the module's docstring).
+GENERATE_STREAM = "generate_stream"
 # What a stream request accepts (a configured Accept header is sent instead).
 STREAM_ACCEPT = b"text/event-stream, application/x-ndjson, application/json"
 # Content types a plain answer is read as it is, without asking which reader it needs.
@@ -647,7 +654,8 @@ class HttpModel(Service):
                 method = context.method.decode("ascii")
             d = _cancelled_as_such(self._client.request(method, url, data=_Body(body), headers=headers,
                                                          allow_redirects=False, unbuffered=True))
-            d.addCallback(self._streaming, chunks, flow)
+            d.addCallback(self._streaming, chunks, flow,
+                          other_route and context.operation == GENERATE_STREAM)
         except Exception:
             d = fail()
         d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
@@ -656,18 +664,29 @@ class HttpModel(Service):
         d.addBoth(self.limit.finished)
         return d
 
-    def _streaming(self, response, chunks, flow) -> Deferred:
+    def _streaming(self, response, chunks, flow, error_chunks: bool = False) -> Deferred:
         """
         The upstream's answer came: a 2xx in events or lines is read chunk by chunk, to
         C{(response, output, True)}; any other is read whole, to C{(response, body)}.
+        With C{error_chunks} (a v2 server's generate_stream), a chunk C{{"error": "..."}}
+        fails the stream with its words.
         """
         content_types = response.headers.getRawHeaders(b"content-type")
         reader = reader_for(content_types[0]) if content_types and 200 <= response.code < 300 else None
         if reader is None:
             return self._read(response)
 
-        def emit(value, text: bytes) -> None:
-            chunks.chunk(text)
+        if error_chunks:
+            model_id = self.model_id
+
+            def emit(value, text: bytes) -> None:
+                if type(value) is dict and len(value) == 1 and type(value.get("error")) is str:
+                    raise BadGateway(value["error"], model=model_id)
+                chunks.chunk(text)
+        else:
+
+            def emit(value, text: bytes) -> None:
+                chunks.chunk(text)
 
         protocol = StreamBody(reader(emit, self.spec.max_response_bytes, self.model_id), self._clock)
         response.deliverBody(protocol)

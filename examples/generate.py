@@ -8,7 +8,10 @@ words are made.
          -d '{"prompt": "the daemon", "max_words": 30}' 'http://127.0.0.1:8080/post/predict?id=generate'
 
 Input: {"prompt": "...", "max_words": 40, "seed": 7, "delay": 0.05}; every key may be left
-out. The text goes on from the prompt's last two words, or, if the model does not know
+out. "text_input" is another name for "prompt" (the name the Open Inference Protocol's
+generate extension gives it: /v2/models/generate/generate_stream takes
+{"text_input": "the daemon", "parameters": {"max_words": 30}}); give one or the other.
+The text goes on from the prompt's last two words, or, if the model does not know
 them, from two opening words of its own, followed by "max_words" more (1 to 200). "delay"
 is the seconds between two words (0 to 1), so that a client can watch them arrive; "seed"
 makes the words the same each time.
@@ -60,11 +63,13 @@ class Generator:
     def predict(self, data):
         if not isinstance(data, dict):
             raise BadInput('send {"prompt": "...", "max_words": 40}')
-        prompt = data.get("prompt", "")
+        if "prompt" in data and "text_input" in data:
+            raise BadInput("give the prompt as prompt or as text_input, not both")
+        prompt = data.get("prompt", data.get("text_input", ""))
         max_words = data.get("max_words", 40)
         delay = data.get("delay", 0.05)
         if not isinstance(prompt, str):
-            raise BadInput("prompt must be a string")
+            raise BadInput(f"{'prompt' if 'prompt' in data else 'text_input'} must be a string")
         if not isinstance(max_words, int) or isinstance(max_words, bool) or not 1 <= max_words <= MAX_WORDS:
             raise BadInput(f"max_words must be a whole number from 1 to {MAX_WORDS}")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= 1:

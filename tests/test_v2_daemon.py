@@ -8,7 +8,10 @@ One daemon serves the whole module (it takes a few seconds to start its models):
     declaring x FP32, n INT64, words BYTES in and y, total, upper out;
   - C{sleepy}: a jsonl model that never says it is ready (misbehave.py without --jsonl);
   - C{tri}: a native v2 HTTP model, tests/models/v2_server.py started by the daemon, whose
-    model is C{doubler} on that server;
+    model is C{doubler} on that server (it has the generate extension too); its streams
+    get a keepalive every 0.5 s of silence;
+  - C{astray}: a native v2 HTTP model on the same server, named C{missing} there, a model
+    that server does not have;
   - C{generate}: the example streaming text generator (examples/generate.py), for the
     generate extension.
 
@@ -42,6 +45,7 @@ from aibackend.testing import (
     MISBEHAVE,
     ROOT,
     Daemon,
+    call,
     free_port,
     port_is_free,
     reaped,
@@ -127,8 +131,11 @@ def v2(tmp_path_factory):
         + "\n"
         + toml_models({"id": "tri", "type": "http", "url": f"http://127.0.0.1:{upstream_port}",
                        "command": ["python", V2_SERVER, "--port", str(upstream_port)], "health_path": "/health",
-                       "timeout": 10})
+                       "timeout": 10, "keepalive_seconds": 0.5})
         + toml_v2({"native": True, "model": "doubler"})
+        + "\n"
+        + toml_models({"id": "astray", "type": "http", "url": f"http://127.0.0.1:{upstream_port}", "timeout": 10})
+        + toml_v2({"native": True, "model": "missing"})
         + "\n"
         + toml_models({"id": "generate", "type": "subprocess", "command": ["python", GENERATOR], "protocol": "jsonl",
                        "timeout": 10})
@@ -395,7 +402,7 @@ def test_a_bad_load_config_is_a_400_exception(v2):
 # --- the generate extension ---------------------------------------------------------------------------------
 
 # The example generator's words for this prompt and seed (tests/test_examples.py reads them too).
-SEEDED = {"prompt": "the daemon", "parameters": {"max_words": 8, "seed": 7}}
+SEEDED = {"text_input": "the daemon", "parameters": {"max_words": 8, "seed": 7}}
 SEEDED_TEXT = "asks the model that the request names."
 
 
@@ -406,6 +413,18 @@ def test_generate_answers_the_generators_text_as_text_output(v2):
     assert reply.status == 200, reply
     assert reply.headers["content-type"] == "application/json"
     assert reply.json() == {"model_name": "generate", "model_version": "1", "text_output": SEEDED_TEXT}
+
+
+def test_the_generators_text_input_is_its_prompt(v2):
+    def text(document):
+        reply = v2.daemon.request("POST", "/v2/models/generate/generate", document)
+        assert reply.status == 200, reply
+        return reply.json()["text_output"]
+
+    prompt = {"prompt": SEEDED["text_input"], "parameters": {**SEEDED["parameters"], "delay": 0}}
+    assert text(prompt) == SEEDED_TEXT
+    both = v2.daemon.request("POST", "/v2/models/generate/generate", {**prompt, "text_input": "the daemon"})
+    assert (both.status, both.json()) == (400, {"error": "give the prompt as prompt or as text_input, not both"})
 
 
 def test_generate_stream_sends_the_words_one_by_one_then_ends(v2):
@@ -444,7 +463,7 @@ def test_the_readmes_generate_lines_answer_what_it_shows(v2):
 
 
 def test_a_client_that_leaves_generate_stream_stops_the_generator_and_is_logged_499(v2):
-    body = json.dumps({"prompt": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
+    body = json.dumps({"text_input": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
     with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
         sock.sendall(b"POST /v2/models/generate/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"X-Request-Id: leaves-early\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -483,14 +502,143 @@ def test_generate_errors_are_the_protocols_with_their_status(v2):
         ("/v2/models/generate/versions/2/generate", {}, 404, "has no version '2'"),
         ("/v2/models/nobody/generate_stream", {}, 404, "no model with id 'nobody'"),
         ("/v2/models/worker/generate", {"n": [-1]}, 400, "the total of n is negative"),
-        # The native model's server is asked on its own generate route (it has none).
-        ("/v2/models/tri/generate", {"text_input": "a"}, 404, "no route /v2/models/doubler/generate"),
+        # A native model's server is asked on its own generate routes, for its own name
+        # for the model (one it does not have): its 404 comes back.
+        ("/v2/models/astray/generate", {"text_input": "a"}, 404, "unknown model: 'missing' is not found"),
+        ("/v2/models/astray/generate_stream", {"text_input": "a"}, 404, "unknown model: 'missing' is not found"),
     ]
     for path, body, status, message in refusals:
         reply = v2.daemon.request("POST", path, body)
         assert reply.status == status, (path, reply)
         assert reply.headers["content-type"] == "application/json", (path, reply)
         assert set(reply.json()) == {"error"} and message in reply.json()["error"], (path, reply)
+
+
+# --- the generate extension of a native model (its server's own routes) ---------------------------------------
+
+
+def upstream_streams(v2) -> dict:
+    """How each generate_stream the native server was sent ended, by request id (its GET /streams)."""
+    return call(v2.upstream_port, "GET", "/streams", None, {}, 5).json()
+
+
+def access_line(v2, request_id: str) -> str:
+    """The access event's line of request C{request_id}, once it is in the daemon's log."""
+    def found():
+        return [line for line in v2.daemon.lines if f"request={request_id} " in line + " " and " bytes " in line]
+    (line,) = wait_until(found, 5, f"the access event of request {request_id}")
+    return line
+
+
+def logged(v2, model: str, request_id: str) -> dict:
+    def entries():
+        return [entry for entry in v2.daemon.events(model, "request") if entry["request_id"] == request_id]
+    (entry,) = wait_until(entries, 5, f"request {request_id} in the log of {model}")
+    return entry
+
+
+def test_generate_on_a_native_model_is_its_servers_answer(v2):
+    reply = v2.daemon.request("POST", "/v2/models/tri/generate", {"text_input": "one two"})
+
+    assert reply.status == 200, reply
+    assert reply.headers["content-type"] == "application/json"
+    # Passed through as the server answered it (its own name for the model).
+    assert reply.json() == {"model_name": "doubler", "model_version": "1", "text_output": "one one two two"}
+
+
+def test_generate_stream_on_a_native_model_relays_its_servers_events_one_by_one(v2):
+    body = json.dumps({"text_input": "one two three", "parameters": {"delay": 0.2, "stamp": True}}).encode()
+
+    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/tri/versions/1/generate_stream", body)
+
+    assert status == 200
+    assert headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
+    events = [(when, event) for when, event in events if not event.startswith(b":")]  # (a keepalive, if slow)
+    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    assert [answer["text_output"] for answer in answers] == ["one", " one", " two", " two", " three", " three"]
+    assert all(set(answer) == {"model_name", "model_version", "text_output", "sent_at"} for answer in answers)
+    # Each event reached the client after the server wrote it (the clocks are one: the
+    # machine's monotonic clock), and the first came before the server wrote the last
+    # (a second later): the events were relayed as they came, not gathered.
+    arrived = [when for when, _ in events]
+    assert all(when >= answer["sent_at"] for when, answer in zip(arrived, answers))
+    assert arrived[0] < answers[-1]["sent_at"]
+    assert len(set(arrived)) >= 3
+
+
+def test_a_native_generate_stream_gets_keepalives_while_its_server_is_silent(v2):
+    body = json.dumps({"text_input": "slow", "parameters": {"delay": 0.8}}).encode()
+
+    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/tri/generate_stream", body)
+
+    assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+    assert events[0][1] == b": keepalive"  # the SSE comment, before the first word (0.8 s)
+    assert [answer["text_output"] for answer in sse_data(b"".join(event + b"\n\n" for _, event in events))] == [
+        "slow", " slow"]
+
+
+def test_a_native_servers_error_before_the_first_event_is_its_status_and_message(v2):
+    for path in ("/v2/models/tri/generate_stream", "/v2/models/tri/generate"):
+        reply = v2.daemon.request("POST", path, {"parameters": {"delay": 0}})
+
+        assert reply.status == 400, (path, reply)
+        assert reply.headers["content-type"] == "application/json", (path, reply)
+        assert reply.json() == {"error": "text_input is required, a string"}, (path, reply)
+    failed = v2.daemon.request("POST", "/v2/models/tri/generate", {"text_input": "a b", "parameters": {"fail_after": 1}})
+    assert (failed.status, failed.json()) == (400, {"error": "the model failed after 1 words"})
+    # An error event that comes before any other: the stream had not begun for the
+    # client, so it is answered as an error of the server's is, with its words (a 502).
+    first = v2.daemon.request("POST", "/v2/models/tri/generate_stream",
+                              {"text_input": "a b", "parameters": {"fail_after": 0}})
+    assert (first.status, first.headers["content-type"]) == (502, "application/json")
+    assert first.json() == {"error": "the model failed after 0 words"}
+
+
+def test_a_native_servers_error_after_the_first_event_ends_the_stream_with_it(v2):
+    body = json.dumps({"text_input": "a b c", "parameters": {"fail_after": 2}}).encode()
+
+    status, _, events = sse_over_socket(v2.daemon.port, "/v2/models/tri/generate_stream", body)
+
+    assert status == 200
+    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    assert [answer.get("text_output") for answer in answers[:-1]] == ["a", " a"]
+    assert answers[-1] == {"error": "the model failed after 2 words"}  # the server's own words, its last event
+
+
+def test_a_native_servers_error_event_is_logged_as_the_streams_error(v2):
+    body = json.dumps({"text_input": "a b c", "parameters": {"fail_after": 1}})
+    request_id = "native-fails-late"
+
+    reply = v2.daemon.request("POST", "/v2/models/tri/generate_stream", body.encode(),
+                              headers={"X-Request-Id": request_id})
+
+    assert reply.status == 200
+    assert sse_data(reply.body)[-1] == {"error": "the model failed after 1 words"}
+    entry = logged(v2, "tri", request_id)
+    assert (entry["operation"], entry["status"], entry["error"]) == (
+        "generate_stream", 502, "the model failed after 1 words")
+    line = access_line(v2, request_id)
+    assert "chunks=1 " in line and line.endswith("stream_end=error"), line
+
+
+def test_a_client_that_leaves_a_native_generate_stream_closes_the_upstream_connection(v2):
+    request_id = "native-leaves"
+    body = json.dumps({"text_input": " ".join(["word"] * 100), "parameters": {"delay": 0.05}}).encode()
+    with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
+        sock.sendall(b"POST /v2/models/tri/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"X-Request-Id: " + request_id.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        assert b"data: " in sock.recv(65536)  # the first word came: the client leaves
+        assert upstream_streams(v2)[request_id] == "running"  # (200 events, 10 s)
+
+    # The daemon closed its connection to the server, which saw it and stopped.
+    wait_until(lambda: upstream_streams(v2)[request_id] == "closed", 3, "the server to see its connection closed")
+    entry = logged(v2, "tri", request_id)
+    assert (entry["operation"], entry["status"]) == ("generate_stream", 499)
+    assert access_line(v2, request_id).endswith("stream_end=cancelled")
+    wait_until(lambda: v2.daemon.request("GET", "/get/status?id=tri").json()["in_flight"] == 0, 3,
+               "the model's request to end")
 
 
 # --- the end -----------------------------------------------------------------------------------------------
