@@ -27,7 +27,7 @@ import json
 
 from aibackend import errors
 from aibackend.jsonread import JSONProblem, read_json
-from aibackend.relay import SSE_KEEPALIVE, Framing
+from aibackend.relay import Framing
 
 CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 _HEAD_KEYS = ("model_name", "model_version")
@@ -156,7 +156,3 @@ class GenerateFraming(Framing):
         if output is None:
             return b""
         return self.chunk(output)
-
-    def keepalive(self) -> bytes:
-        """Server-Sent Events: the comment line (the content type has a charset, which Framing's test misses)."""
-        return SSE_KEEPALIVE

@@ -308,7 +308,8 @@ class Framing:
         None for nothing: an SSE comment for Server-Sent Events (any framing of type
         C{text/event-stream}); nothing in other formats, where every line is an event.
         """
-        return SSE_KEEPALIVE if self.content_type == b"text/event-stream" else None
+        media = self.content_type.split(b";", 1)[0].strip().lower()  # without its charset
+        return SSE_KEEPALIVE if media == b"text/event-stream" else None
 
 
 SSE = Framing("sse", b"text/event-stream", (b"data: ", b"\n\n"),

@@ -20,6 +20,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from aibackend import errors
+from aibackend.relay import NDJSON, SSE, SSE_KEEPALIVE, Framing
 from aibackend.interfaces import IStreaming, ModelAnswer
 from aibackend.testing import FakeModel, FakeStreamingModel, StubFrontDoor, assert_error, has_fired, result_of
 
@@ -781,3 +782,11 @@ async def test_on_a_socket_a_client_that_closes_mid_stream_is_a_499_and_leaves_n
     assert requests_logged(model) == [(499, "the client went away")]
     assert stream.stopped or stream.cancelled
     assert failures == []
+
+
+def test_any_framing_of_the_event_stream_media_type_gets_keepalives_whatever_its_parameters():
+    parts = ((b"data: ", b"\n\n"), (b"", b""), (b"data: ", b"\n\n"))
+    assert SSE.keepalive() == SSE_KEEPALIVE == b": keepalive\n\n"
+    assert Framing("with-charset", b"Text/Event-Stream; charset=utf-8", *parts).keepalive() == SSE_KEEPALIVE
+    assert NDJSON.keepalive() is None
+    assert Framing("other", b"application/json-seq", *parts).keepalive() is None
