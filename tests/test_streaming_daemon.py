@@ -76,16 +76,6 @@ def post(daemon, model_id: str, ask, framing="sse", request_id=None, headers=Non
                     **options)
 
 
-def read_to_the_end(stream: Streamed) -> list:
-    """Every event, then the answer's end: nothing comes after the last event."""
-    try:
-        events = list(stream.events())
-        assert stream.rest() == b"", "bytes after the stream's last event"
-        return events
-    finally:
-        stream.close()
-
-
 def requests_logged(daemon, model_id: str, request_id: str) -> list[dict]:
     return [e for e in daemon.events(model_id, "request") if e.get("request_id") == request_id]
 
@@ -130,7 +120,7 @@ def test_each_chunk_reaches_the_client_before_the_model_makes_the_next(daemon, m
         stream = Streamed(daemon.port, "GET", "/get/predict?id=streamer&" + urlencode(ask), framing="ndjson")
     assert_streaming_headers(stream, framing)
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     chunks, last = events[:-1], events[-1]
     assert [(e.kind, e.data["tag"], e.data["i"]) for e in chunks] == [("chunk", tag, i) for i in range(3)]
@@ -147,7 +137,7 @@ def test_a_worker_generators_chunks_reach_the_client_before_it_makes_the_next(da
     stream = post(daemon, "gen", {"words": words, "pause": 0.25, "chunks": "stamped"}, "ndjson")
     assert_streaming_headers(stream, "ndjson")
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     chunks = events[:-1]
     assert [(e.kind, e.data["word"]) for e in chunks] == [("chunk", word) for word in words]
@@ -170,7 +160,7 @@ def test_a_hundred_concurrent_streams_each_get_exactly_their_own_chunks_in_order
         stream = post(daemon, "streamer", {"op": "ticks", "n": n, "pause": 0.25, "tag": f"{run}-{k}", "end": "output"},
                       framing, request_id=f"{run}-{k}", timeout=30)
         assert_streaming_headers(stream, framing)
-        return read_to_the_end(stream)
+        return stream.read_events()
 
     with ThreadPoolExecutor(count) as pool:
         results = list(pool.map(one, range(count)))
@@ -339,7 +329,7 @@ def test_an_error_line_after_chunks_ends_the_stream_with_the_error_document(daem
                                        "message": "ran out of words", "tag": request_id}, framing, request_id)
     assert_streaming_headers(stream, framing)  # the status went with the first chunk
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     assert [e.kind for e in events] == ["chunk", "chunk", "error"]
     assert events[-1].data == {"error": {"type": "model_error", "message": "ran out of words", "model": "streamer",
@@ -353,7 +343,7 @@ def test_a_worker_generator_that_raises_mid_stream_ends_it_with_the_error_event(
     stream = post(daemon, "gen", {"words": ["a", "b", "c"], "boom_at": 2}, request_id=request_id)
     assert_streaming_headers(stream, "sse")
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     assert [(e.kind, e.data) for e in events[:-1]] == [("chunk", "a"), ("chunk", " b")]
     assert events[-1].kind == "error"
@@ -400,7 +390,7 @@ def test_a_model_that_crashes_mid_stream_ends_it_with_an_error_event_and_is_rest
     stream = post(daemon, "crasher", {"op": "ticks", "n": 2, "end": "crash"}, request_id=request_id)
     assert_streaming_headers(stream, "sse")
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     assert [e.kind for e in events] == ["chunk", "chunk", "error"]
     error = events[-1].data["error"]
@@ -411,7 +401,7 @@ def test_a_model_that_crashes_mid_stream_ends_it_with_an_error_event_and_is_rest
     wait_until(lambda: daemon.ready_pids("crasher") - {crashed}, 10, "the process to be restarted")
     daemon.wait_state("crasher", "ready", timeout=10)
 
-    again = read_to_the_end(post(daemon, "crasher", {"op": "ticks", "n": 2, "end": "output", "tag": "again"}))
+    again = post(daemon, "crasher", {"op": "ticks", "n": 2, "end": "output", "tag": "again"}).read_events()
 
     assert [(e.kind, e.data["i"]) for e in again[:-1]] == [("chunk", 0), ("chunk", 1)]
     assert (again[-1].kind, again[-1].data) == ("done", {"tag": "again", "chunks": 2})
@@ -443,7 +433,7 @@ def test_streams_through_client_keys_and_from_a_model_added_at_runtime(start_dae
     def streams(model_id, headers):
         stream = post(daemon, model_id, ask, headers=headers)
         assert_streaming_headers(stream, "sse")
-        events = read_to_the_end(stream)
+        events = stream.read_events()
         assert [e.kind for e in events] == ["chunk", "chunk", "done"]
         assert events[-1].data == {"tag": "k", "chunks": 2}
 

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 
 import numpy as np
@@ -42,11 +41,11 @@ from aibackend.testing import (
     MISBEHAVE,
     ROOT,
     Daemon,
+    Streamed,
     free_port,
     port_is_free,
     reaped,
     sse_data,
-    sse_over_socket,
     toml_models,
     wait_until,
 )
@@ -411,12 +410,15 @@ def test_generate_answers_the_generators_text_as_text_output(v2):
 def test_generate_stream_sends_the_words_one_by_one_then_ends(v2):
     body = json.dumps({**SEEDED, "parameters": {**SEEDED["parameters"], "delay": 0.1}}).encode()
 
-    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/generate/generate_stream", body)
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/generate/generate_stream", body, framing=None,
+                      timeout=20, http_version="1.0")
+    events = stream.read_events()
+    status, headers = stream.status, stream.headers
 
     assert status == 200
     assert headers["content-type"] == "text/event-stream; charset=utf-8"
     assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
-    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    answers = sse_data(stream.body)
     assert len(answers) == 8  # one per word; no end event: the answer ends with the last word
     assert all(set(answer) == {"model_name", "model_version", "text_output"} for answer in answers)
     assert {(answer["model_name"], answer["model_version"]) for answer in answers} == {("generate", "1")}
@@ -435,20 +437,25 @@ def test_the_readmes_generate_lines_answer_what_it_shows(v2):
     shown_events = [json.loads(line[len("# data: "):]) for line in block.splitlines() if line.startswith("# data: ")]
 
     reply = v2.daemon.request("POST", "/v2/models/generate/generate", generate_body.encode())
-    status, _, events = sse_over_socket(v2.daemon.port, "/v2/models/generate/generate_stream", stream_body.encode())
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/generate/generate_stream", stream_body, framing=None,
+                      timeout=20, http_version="1.0")
+    stream.read_events()
+    status = stream.status
 
     assert [reply.json()] == shown
-    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    answers = sse_data(stream.body)
     assert status == 200 and answers[:len(shown_events)] == shown_events
     assert "".join(answer["text_output"] for answer in answers) == shown[0]["text_output"]
 
 
 def test_a_client_that_leaves_generate_stream_stops_the_generator_and_is_logged_499(v2):
     body = json.dumps({"prompt": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
-    with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
-        sock.sendall(b"POST /v2/models/generate/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"X-Request-Id: leaves-early\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        assert b"data: " in sock.recv(65536)  # the first word came: the client leaves
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/generate/generate_stream", body, framing=None,
+                      headers={"X-Request-Id": "leaves-early"}, timeout=20)
+    try:
+        stream.read_until(b"data: ")  # the first word came: the client leaves
+    finally:
+        stream.close()
 
     def logged():
         return [entry for entry in v2.daemon.events("generate", "request") if entry["request_id"] == "leaves-early"]
