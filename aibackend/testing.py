@@ -1037,6 +1037,15 @@ def accepted_inode(port: int, client_port: int) -> int:
     return 0
 
 
+def memory_kb(pid: int, field: str = "VmRSS") -> int:
+    """A figure of process C{pid}'s memory, in kB, as /proc/PID/status says: its resident set (VmRSS), or C{field}."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
 def blocked_writing(pid: int) -> bool:
     """
     Is a thread of process C{pid} asleep writing to a full pipe (its stdout, when the
@@ -1334,11 +1343,7 @@ class Daemon:
 
     def high_water_kb(self) -> int:
         """Its peak resident memory (VmHWM), in kB."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmHWM")
+        return memory_kb(self.pid, "VmHWM")
 
     # requests
 
@@ -2103,6 +2108,7 @@ __all__ = [
     "free_port",
     "has_fired",
     "listening_inode",
+    "memory_kb",
     "misbehaving",
     "parent_of",
     "parse_response",

@@ -26,7 +26,7 @@ from aibackend.lines import ModelError
 from aibackend.streambody import DRAIN_SECONDS, BadStream, EventStream, JsonLines, UpstreamFlow, gather
 from aibackend.testing import (
     Daemon, HeldModelServer, RecordingChunks, StreamingModelServer, Streamed, failure_of, has_fired,
-    result_of, sse_events, toml_models, wait_until, write,
+    memory_kb, result_of, sse_events, toml_models, wait_until, write,
 )
 
 URL = "http://model.test:9001/stream"
@@ -677,17 +677,9 @@ def test_an_upstream_error_event_mid_stream_is_the_clients_error_event(daemon, u
     assert [entry["status"] for entry in daemon.logs("up") if entry.get("request_id") == "breaks-1"] == [500]
 
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.timeout(60)
 def test_a_slow_reader_blocks_the_upstreams_writes_and_the_daemon_stays_small(daemon, upstream):
-    before = rss_kb(daemon.pid)
+    before = memory_kb(daemon.pid)
     limit = 400 * 1024 * 1024  # what the upstream would write if nothing stopped it
     client = Streamed(daemon.port, "POST", "/post/predict?id=up",
                       {"tag": "slow", "format": "sse", "size": 64 * 1024, "forever": True, "limit": limit},
@@ -703,7 +695,7 @@ def test_a_slow_reader_blocks_the_upstreams_writes_and_the_daemon_stays_small(da
 
         wait_until(stalled, 30, "the upstream's writes to block")
         assert stream.written < 64 * 1024 * 1024 and not stream.ended.is_set()
-        assert rss_kb(daemon.pid) - before < 48 * 1024  # kB: the daemon holds a read or two, not the stream
+        assert memory_kb(daemon.pid) - before < 48 * 1024  # kB: the daemon holds a read or two, not the stream
 
         # Reading on: the upstream goes on writing.
         at = stream.written
@@ -712,7 +704,7 @@ def test_a_slow_reader_blocks_the_upstreams_writes_and_the_daemon_stays_small(da
         while stream.written <= at:
             read += len(client.sock.recv(1 << 20))
         print(f"the upstream stalled after {at} bytes; {read} read before it wrote again; "
-              f"the daemon grew by {rss_kb(daemon.pid) - before} kB")
+              f"the daemon grew by {memory_kb(daemon.pid) - before} kB")
     finally:
         client.close()
     wait_until(stream.ended.is_set, 10, "the upstream to see its client leave")
