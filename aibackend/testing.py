@@ -10,24 +10,32 @@ In memory:
     body and context it received.
   - L{HangingClient}: a treq-like client whose requests never answer, recording what was
     sent and what was cancelled (for deadlines on a L{Clock}).
+  - L{FakeStreamingModel}: one that streams as the test says; L{RecordingChunks}, an
+    L{IChunks} that keeps the chunks it is given.
   - L{result_of}, L{failure_of}: the synchronous C{successResultOf}/C{failureResultOf}
     of trial, for pytest.
   - L{StubFrontDoor}: a L{FrontDoor} served by the daemon's own Site over connections
     in memory (L{twisted.test.iosim}), with a C{call} that answers a L{Response}
-    (status, headers, body, json) at once; L{ManagedFrontDoor}, one with a model manager.
-  - L{assert_error}, L{parse_response}: the daemon's error shape; a raw HTTP answer read.
+    (status, headers, body, json) at once, and an C{open} whose streamed answer
+    L{DoorStream} reads as it comes; L{ManagedFrontDoor}, one with a model manager.
+  - L{assert_error}, L{parse_response}: the daemon's error shape; a raw HTTP answer read;
+    L{sse_blocks}, L{sse_data}, L{sse_events}: a Server-Sent Events body taken apart.
 
 The real thing, for the integration tests (blocking code, beside the reactor):
   - L{Daemon}: the real C{twistd aibackend} on a free loopback port (L{Multi}: with
-    C{--processes}), its log, requests to it (L{Reply}), and its stop (SIGTERM, reaped).
+    C{--processes}), its log, requests to it (L{Reply}), and its stop (SIGTERM, reaped);
+    L{Streamed}: a request to it whose answer is read on a raw socket as it comes (its
+    body's pieces and events, each with when it arrived).
   - L{ExampleModelServer}: examples/http_model_server.py on a free loopback port;
-    L{ModelServer}: an HTTP model in a thread of the test, keeping what it is sent.
+    L{ModelServer}: an HTTP model in a thread of the test, keeping what it is sent;
+    L{StreamingModelServer}: one that streams (SSE or JSON lines) as its request says.
   - L{Process}: any child process with its output read; L{alive}, L{reaped},
     L{children}... what /proc says; L{wait_until}, L{free_port}, L{toml_models}.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import http.client
 import json
@@ -334,6 +342,31 @@ class FakeStreamingModel(FakeModel):
         return stream.d
 
 
+@implementer(IChunks)
+class RecordingChunks:
+    """An L{IChunks} that keeps the chunks it is given (L{texts}) and the producer registered."""
+
+    def __init__(self):
+        self.texts: list[bytes] = []
+        self.producer = None
+        self.registered = 0
+
+    def chunk(self, data: bytes) -> None:
+        self.texts.append(data)
+
+    @property
+    def values(self) -> list:
+        return [json.loads(text) for text in self.texts]
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        assert streaming is True
+        self.producer = producer
+        self.registered += 1
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
 # --- a model server in memory ---------------------------------------------------
 
 
@@ -635,6 +668,35 @@ class StubFrontDoor:
         """Drop every connection between the client and the site, as a client that goes away."""
         self._connections.drop()
 
+class DoorStream:
+    """
+    A streamed answer through a L{StubFrontDoor}, read as it comes: the response once its
+    status and headers are in (None before), and the body's bytes so far (L{body} flushes
+    the connections first); L{ended}, treq's collect of the body, fires at its end.
+    """
+
+    def __init__(self, door: StubFrontDoor, method: str, url: str, **kwargs):
+        self.door = door
+        self.received: list[bytes] = []
+        self.response = None
+        self.ended = None
+        door.open(method, url, **kwargs).addCallback(self._got)
+
+    def _got(self, response):
+        self.response = response
+        self.ended = treq.collect(response, self.received.append)
+
+    @property
+    def body(self) -> bytes:
+        self.door.flush()
+        return b"".join(self.received)
+
+    def header(self, name: str):
+        """The first value of header C{name}, as text, or None."""
+        values = self.response.headers.getRawHeaders(name.encode("latin-1"))
+        return values[0].decode("latin-1") if values else None
+
+
 class ManagedFrontDoor:
     """
     A L{StubFrontDoor} with a model manager (L{aibackend.admin.ModelManager}), its store
@@ -711,6 +773,32 @@ def parse_response(raw: bytes):
     return status, headers, rest[:length], rest[length:]
 
 
+def sse_blocks(body: bytes) -> list[bytes]:
+    """Each event (and comment) of a Server-Sent Events body as it is written, without the blank line after it."""
+    return [block for block in body.split(b"\n\n") if block]
+
+
+def sse_data(body: bytes) -> list:
+    """
+    The JSON of each C{data:} event of a Server-Sent Events body, in order: every event
+    but comments (keepalives) must be one line C{data: <JSON>}.
+    """
+    events = [event for event in sse_blocks(body) if not event.startswith(b":")]
+    assert all(event.startswith(b"data: ") and b"\n" not in event for event in events), body
+    return [json.loads(event[len(b"data: "):]) for event in events]
+
+
+def sse_events(body: bytes) -> list[tuple[str, str]]:
+    """(event name, data as written) of each event of a Server-Sent Events body; C{"message"} when it has no name."""
+    found = []
+    for block in body.decode().split("\n\n"):
+        if block.strip():
+            fields = dict(line.split(": ", 1) for line in block.split("\n"))
+            found.append((fields.get("event", "message"), fields["data"]))
+    return found
+
+
+
 # --- the real daemon, in a child process ---------------------------------------
 #
 # What the integration tests share: the real C{twistd aibackend} (the one beside this
@@ -724,6 +812,9 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MODEL_SERVER = os.path.join(ROOT, "examples", "http_model_server.py")
 MISBEHAVE = os.path.join(ROOT, "tests", "models", "misbehave.py")
 PHOENIX = os.path.join(ROOT, "tests", "models", "phoenix.py")  # crashes until its flag file exists
+STREAMER = os.path.join(ROOT, "tests", "models", "streamer.py")  # a hand-written jsonl model that streams
+STREAM_WORKER = os.path.join(ROOT, "tests", "models", "stream_worker.py")  # an aibackend.worker generator
+STREAM_ACCEPT = {"sse": "text/event-stream", "ndjson": "application/x-ndjson"}  # a Streamed's framing, asked
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
 START_DEADLINE = 20.0
 HEX32 = re.compile(r"^[0-9a-f]{32}$")  # a request id the daemon made
@@ -944,6 +1035,34 @@ def accepted_inode(port: int, client_port: int) -> int:
         if local == _loopback(port) and remote == _loopback(client_port):
             return inode
     return 0
+
+
+def memory_kb(pid: int, field: str = "VmRSS") -> int:
+    """A figure of process C{pid}'s memory, in kB, as /proc/PID/status says: its resident set (VmRSS), or C{field}."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+def blocked_writing(pid: int) -> bool:
+    """
+    Is a thread of process C{pid} asleep writing to a full pipe (its stdout, when the
+    daemon has stopped reading it)? What the kernel says in C{/proc/PID/task/*/wchan}.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                if "pipe_write" in f.read():
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return False
 
 
 @contextmanager
@@ -1224,11 +1343,7 @@ class Daemon:
 
     def high_water_kb(self) -> int:
         """Its peak resident memory (VmHWM), in kB."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmHWM")
+        return memory_kb(self.pid, "VmHWM")
 
     # requests
 
@@ -1288,6 +1403,13 @@ class Daemon:
 
     def events(self, model_id: str, name: str) -> list[dict]:
         return [entry for entry in self.logs(model_id) if entry["event"] == name]
+
+    def access_line(self, request_id: str, timeout: float = 5) -> str:
+        """The access event's line of request C{request_id}, once it is in the daemon's log (there must be one)."""
+        def found():
+            return [line for line in self.lines if f"request={request_id} " in line + " " and " bytes " in line]
+        (line,) = wait_until(found, timeout, f"the access event of request {request_id}")
+        return line
 
     def model_pids(self, model_id: str) -> set[int]:
         """Every process the model's log says was started."""
@@ -1380,6 +1502,281 @@ class Multi(Daemon):
             connection.close()
 
 
+class StreamEvent(NamedTuple):
+    """
+    One event of a streamed answer: C{kind} is C{"chunk"}, C{"done"} or C{"error"};
+    C{data} the chunk, the final output, or the error document; C{at} when the bytes that
+    completed it arrived (time.time(), the clock models write in their chunks).
+    """
+
+    at: float
+    kind: str
+    data: object
+
+
+class Streamed:
+    """
+    A request to the real daemon whose answer is read as it comes, on a raw socket: the
+    request is sent at once; L{status}, L{version} and L{headers} wait for the answer's head;
+    its body is taken as it arrives (chunked encoding undone; without it, to its length or
+    to the connection's end) into L{body}, each piece with the moment it came in
+    L{arrivals}. Read it as bytes (L{read_until}, L{read_all}, L{rest}) or as events
+    (L{events}, L{read_events}: SSE or NDJSON, as the answer's type says), or both: the
+    events are read from the same body. L{leave} drops the connection (the client goes
+    away, at any point); L{close} at the end.
+
+    @param body: a dict or list is sent as JSON; bytes (or text) as they are; any body
+        goes with C{Content-Type: application/json} unless the headers say otherwise.
+    @param framing: C{"sse"} or C{"ndjson"}, asked for with C{Accept} (unless the headers
+        have one); None sends no C{Accept} (the path may say C{stream=true}).
+    @param receive_buffer: the client socket's C{SO_RCVBUF}, set before it connects (a
+        small one makes a slow reader whose daemon soon pauses the model).
+    @param sock: a socket connected already (L{Multi.connection_to}'s C{.sock}) to send
+        the request on, instead of a new one.
+    @param http_version: C{"1.1"}, or C{"1.0"} (the answer then ends with the connection).
+    @ivar request_id: the C{X-Request-Id} the request was sent with, if any.
+    @ivar comments: how many SSE comment lines (keepalives) L{events} has passed over.
+    """
+
+    def __init__(self, port: int, method: str, path: str, body=None, *, framing: str | None = "sse",
+                 headers=None, timeout: float = 15.0, receive_buffer: int | None = None, sock=None,
+                 http_version: str = "1.1"):
+        body, headers = _json_body(body, headers)
+        headers = dict(headers or {})
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if framing is not None and not any(name.lower() == "accept" for name in headers):
+            headers["Accept"] = STREAM_ACCEPT[framing]
+        if body is not None:
+            if not any(name.lower() == "content-type" for name in headers):
+                headers["Content-Type"] = "application/json"
+            headers["Content-Length"] = str(len(body))
+        self.request_id = next((value for name, value in headers.items() if name.lower() == "x-request-id"), None)
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if receive_buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(timeout)
+            sock.connect(("127.0.0.1", port))
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        lines = [f"{method} {path} HTTP/{http_version}", "Host: 127.0.0.1"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        self.arrivals: list[tuple[float, bytes]] = []  # (when, the body's bytes that came then)
+        self.comments = 0
+        self._raw = bytearray()  # received, not yet taken into the body
+        self._body = bytearray()
+        self._ends: list[int] = []  # the body's length after each piece of arrivals
+        self._at = 0.0  # when the last bytes came
+        self._closed = False  # the daemon closed the connection
+        self._ended = False  # the body is complete
+        self._length = None  # what is left of a body of known length (None: chunked, or to the close)
+        self._chunked = False
+        self._cursor = 0  # how far into the body the events have been read
+        self._head = None
+
+    # the answer's head
+
+    def head(self) -> "Streamed":
+        """Wait for the status line and headers."""
+        if self._head is None:
+            while b"\r\n\r\n" not in self._raw:
+                if not self._receive():
+                    raise AssertionError(f"the connection closed before the answer's head: {bytes(self._raw)!r}")
+            end = self._raw.index(b"\r\n\r\n")
+            head = bytes(self._raw[:end]).decode("latin-1")
+            del self._raw[:end + 4]
+            status_line, *header_lines = head.split("\r\n")
+            version, status = status_line.split()[:2]
+            headers = Headers()
+            for line in header_lines:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            self._head = (version, int(status), headers)
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                self._chunked = True
+            elif "content-length" in headers:
+                self._length = int(headers["content-length"])
+            self._take()
+        return self
+
+    @property
+    def version(self) -> str:
+        """The answer's HTTP version, as its status line says (C{"HTTP/1.1"})."""
+        return self.head()._head[0]
+
+    @property
+    def status(self) -> int:
+        return self.head()._head[1]
+
+    @property
+    def headers(self) -> Headers:
+        return self.head()._head[2]
+
+    # the body, as bytes
+
+    @property
+    def body(self) -> bytes:
+        """The body so far."""
+        return bytes(self._body)
+
+    @property
+    def ended(self) -> bool:
+        """Has the body ended (by its own framing, or by the connection's end)?"""
+        return self._ended
+
+    def read_until(self, wanted: bytes) -> bytes:
+        """Read until the body holds C{wanted} (it must come before the body ends); the body so far."""
+        while wanted not in self._body and self._read():
+            pass
+        assert wanted in self._body, f"{wanted!r} never came; the body: {bytes(self._body[-500:])!r}"
+        return self.body
+
+    def read_all(self, timeout: float | None = None) -> bytes:
+        """Read to the body's end (within C{timeout} s, if given); the whole body."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._read():
+            assert deadline is None or time.monotonic() < deadline, \
+                f"the stream did not end within {timeout} s: {bytes(self._body[-300:])!r}"
+        return self.body
+
+    def rest(self) -> bytes:
+        """What L{events} has not read of the body, read to its end (a plain answer, or what a stream still had)."""
+        self.read_all()
+        return bytes(self._body[self._cursor:])
+
+    # the body, as events
+
+    def events(self):
+        """Each event as it arrives, until the stream ends (the done or error event, or the body's end)."""
+        if self.headers.get("content-type") == "application/x-ndjson":
+            for line, at in self._lines():
+                event = self._ndjson(json.loads(line), at)
+                yield event
+                if event.kind != "chunk":
+                    return
+            return
+        kind, data = None, []
+        for line, at in self._lines():
+            if line.startswith(b":"):
+                self.comments += 1
+            elif line.startswith(b"event: "):
+                kind = line[len(b"event: "):].decode()
+            elif line.startswith(b"data: "):
+                data.append(line[len(b"data: "):].decode())
+            elif line == b"":
+                if data:
+                    value = json.loads("\n".join(data))
+                    if kind == "done":
+                        value = value["output"]
+                    event = StreamEvent(at, kind or "chunk", value)
+                    yield event
+                    if event.kind != "chunk":
+                        return
+                kind, data = None, []
+            else:
+                raise AssertionError(f"not a line of Server-Sent Events: {line[:200]!r}")
+        assert kind is None and not data, f"the stream ended in the middle of an event: {bytes(self._body[-300:])!r}"
+
+    def read_events(self) -> list[StreamEvent]:
+        """Every event, then the body's end: nothing may come after the last event. The connection is closed after."""
+        try:
+            events = list(self.events())
+            assert self.rest() == b"", "bytes after the stream's last event"
+            return events
+        finally:
+            self.close()
+
+    @staticmethod
+    def _ndjson(value, at: float) -> StreamEvent:
+        if isinstance(value, dict) and set(value) == {"chunk"}:
+            return StreamEvent(at, "chunk", value["chunk"])
+        if isinstance(value, dict) and value.get("done") is True:
+            return StreamEvent(at, "done", value["output"])
+        return StreamEvent(at, "error", value)
+
+    def _lines(self):
+        """Each line of the body (without its line end) as soon as it has come, with when it came."""
+        while True:
+            end = self._body.find(b"\n", self._cursor)
+            if end >= 0:
+                line = bytes(self._body[self._cursor:end])
+                self._cursor = end + 1
+                yield line, self.arrivals[bisect.bisect_right(self._ends, end)][0]
+            elif not self._read():
+                if self._cursor < len(self._body):
+                    raise AssertionError(f"the stream ended in the middle of a line: {bytes(self._body[-200:])!r}")
+                return
+
+    # the socket
+
+    def _receive(self) -> bool:
+        """One read of the socket into the received bytes; False once the connection has ended."""
+        if self._closed:
+            return False
+        data = self.sock.recv(65536)
+        self._at = time.time()
+        if not data:
+            self._closed = True
+            return False
+        self._raw += data
+        return True
+
+    def _read(self) -> bool:
+        """Wait until more of the body has come; False (nothing more) once the body has ended."""
+        before = len(self._body)
+        self.head()  # the bytes that came with the head count as more
+        while len(self._body) == before and not self._ended:
+            if not self._receive():
+                self._ended = True  # the connection's end ends the body, whatever its framing said
+            self._take()
+        return len(self._body) > before
+
+    def _take(self) -> None:
+        """Move what has been received of the body to L{body} (whole chunks only, with chunked encoding)."""
+        if self._chunked:
+            while not self._ended:
+                line_end = self._raw.find(b"\r\n")
+                if line_end < 0:
+                    return
+                size = int(bytes(self._raw[:line_end]).split(b";")[0], 16)
+                if size == 0:
+                    self._ended = True
+                    return
+                if len(self._raw) < line_end + 2 + size + 2:
+                    return
+                self._piece(bytes(self._raw[line_end + 2:line_end + 2 + size]))
+                del self._raw[:line_end + 2 + size + 2]
+            return
+        if self._raw:
+            piece = bytes(self._raw if self._length is None else self._raw[:self._length])
+            self._raw.clear()
+            if self._length is not None:
+                self._length -= len(piece)
+            self._piece(piece)
+        if self._closed or self._length == 0:
+            self._ended = True
+
+    def _piece(self, piece: bytes) -> None:
+        self._body += piece
+        self._ends.append(len(self._body))
+        self.arrivals.append((self._at, piece))
+
+    def leave(self) -> float:
+        """Drop the connection now, as a client that goes away; when it did (time.time())."""
+        at = time.time()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # gone already
+        self.close()
+        return at
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class ExampleModelServer:
     """examples/http_model_server.py, the README's model server, on a free loopback port (L{port})."""
 
@@ -1395,7 +1792,40 @@ class ExampleModelServer:
         return self.process.terminate()
 
 
-class ModelServer:
+class _QuietHandler(BaseHTTPRequestHandler):
+    """How the test's HTTP servers answer: HTTP/1.1, nothing logged."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def read_body(self) -> bytes:
+        """The request's body (its Content-Length's worth)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+
+class _ThreadedServer:
+    """An HTTP server on 127.0.0.1 (a free port) in threads of this process: L{port}, L{url}, L{close}."""
+
+    def _serve(self, handler: type, path: str) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{path}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(5)
+
+
+class ModelServer(_ThreadedServer):
     """
     An HTTP model on 127.0.0.1 (a free port) in a thread of this process: every request
     (any method, any path) is kept in L{received} as (path, headers, body) and answered
@@ -1407,15 +1837,9 @@ class ModelServer:
         self._changed = threading.Condition()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(_QuietHandler):
             def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body = self.read_body()
                 headers = dict(self.headers.items())
                 with server._changed:
                     server.received.append((self.path, headers, body))
@@ -1433,14 +1857,7 @@ class ModelServer:
 
             do_GET = do_POST
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/predict"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
+        self._serve(Handler, "/predict")
 
     def answer(self, path: str, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
         """(status, headers, body) of the answer to a request (in the request's thread)."""
@@ -1466,10 +1883,118 @@ class ModelServer:
                     raise AssertionError(f"no request to {prefix} within {timeout} s")
                 self._changed.wait(left)
 
+
+class UpstreamStream:
+    """What a L{StreamingModelServer} did with one request: its plan, writes, and end."""
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+        self.writes: list[float] = []  # when the writing of each chunk began (time.time())
+        self.written = 0  # bytes written so far
+        self.release = threading.Event()  # the test lets a "gate" stream go on
+        self.gone = threading.Event()  # a write failed: the client (the daemon) left
+        self.ended = threading.Event()  # the handler is done, whatever happened
+
+
+class StreamingModelServer(_ThreadedServer):
+    """
+    A model server on 127.0.0.1 (a free port), in threads of the test, that answers each
+    POST with a stream (chunked encoding) as its JSON body says:
+
+      - C{format}: C{"sse"} (C{text/event-stream}), C{"ndjson"} (C{application/x-ndjson})
+        or C{"json"} (the chunks as one JSON array); C{crlf}: SSE lines end with CRLF;
+      - C{chunks}: the chunks' values, each written (and flushed) on its own, C{pause}
+        seconds apart; C{gate}: after the first chunk, wait for the test's C{release}
+        (up to 10 s); C{forever}: write the chunks again and again until a write fails
+        (C{limit}: at most that many bytes); C{size}: each chunk a string of that many
+        bytes instead;
+      - C{end}: C{"openai"} (C{data: [DONE]}), C{"done"} (aibackend's done event/line,
+        with C{output}), or nothing (the body just ends); C{error}: an error event/line
+        (this document) after the chunks instead;
+      - C{tag}: the name of the request in L{streams} (an L{UpstreamStream}).
+    """
+
+    def __init__(self):
+        self.streams: dict[str, UpstreamStream] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(_QuietHandler):
+            def do_POST(self):
+                plan = json.loads(self.read_body() or b"{}")
+                stream = UpstreamStream(plan)
+                stream.accept = self.headers.get("Accept")
+                with server._lock:
+                    server.streams[plan.get("tag", "")] = stream
+                try:
+                    server._answer(self, plan, stream)
+                except OSError:
+                    stream.gone.set()
+                finally:
+                    stream.ended.set()
+                    self.close_connection = True
+
+        self._serve(Handler, "/stream")
+
+    def _answer(self, handler, plan: dict, stream: UpstreamStream) -> None:
+        kind = plan.get("format", "sse")
+        eol = "\r\n" if plan.get("crlf") else "\n"
+        handler.send_response(plan.get("status", 200))
+        handler.send_header("Content-Type", {"sse": "text/event-stream", "ndjson": "application/x-ndjson",
+                                             "json": "application/json"}[kind])
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+
+        def write(text: str) -> None:
+            data = text.encode()
+            stream.writes.append(time.time())  # before: the client may read it before this thread goes on
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            stream.written += len(data)
+
+        def piece(value) -> str:
+            text = json.dumps(value)
+            if kind == "sse":
+                return f"data: {text}{eol}{eol}"
+            if kind == "ndjson":
+                return text + "\n"
+            return text
+
+        values = plan.get("chunks", [])
+        if plan.get("size"):
+            values = ["x" * plan["size"]]
+        if kind == "json":
+            write(json.dumps(values))
+        else:
+            n = 0
+            while n < len(values) or (plan.get("forever") and stream.written < plan.get("limit", 1 << 40)):
+                if n and plan.get("pause"):
+                    time.sleep(plan["pause"])
+                write(piece(values[n % len(values)]))
+                if n == 0 and plan.get("gate"):
+                    stream.release.wait(10)
+                n += 1
+            if plan.get("error") is not None:
+                text = json.dumps(plan["error"])
+                write(f"event: error{eol}data: {text}{eol}{eol}" if kind == "sse" else text + "\n")
+            elif plan.get("end") == "openai":
+                write(f"data: [DONE]{eol}{eol}")
+            elif plan.get("end") == "done":
+                output = json.dumps({"output": plan.get("output")})
+                if kind == "sse":
+                    write(f"event: done{eol}data: {output}{eol}{eol}")
+                else:
+                    write(json.dumps({"done": True, "output": plan.get("output")}) + "\n")
+        handler.wfile.write(b"0\r\n\r\n")
+
+    def stream(self, tag: str, timeout: float = 10) -> UpstreamStream:
+        """The request tagged C{tag}, once it has come."""
+        wait_until(lambda: tag in self.streams, timeout, f"the upstream to be sent request {tag!r}")
+        return self.streams[tag]
+
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(5)
+        for stream in list(self.streams.values()):
+            stream.release.set()
+        super().close()
 
 
 # --- the --processes primary's workers, on a fake reactor ---------------------------------------
@@ -1543,6 +2068,7 @@ __all__ = [
     "workers_on",
     "ADMIN_TOKEN",
     "Daemon",
+    "DoorStream",
     "ExampleModelServer",
     "FakeModel",
     "HEX32",
@@ -1554,6 +2080,7 @@ __all__ = [
     "MISBEHAVE",
     "MODEL_SERVER",
     "PHOENIX",
+    "RecordingChunks",
     "ManagedFrontDoor",
     "MemoryEndpoints",
     "ModelServer",
@@ -1561,15 +2088,23 @@ __all__ = [
     "Posted",
     "Process",
     "ROOT",
+    "STREAMER",
+    "STREAM_ACCEPT",
+    "STREAM_WORKER",
     "Received",
     "Reply",
     "Response",
+    "StreamEvent",
+    "Streamed",
+    "StreamingModelServer",
     "StubFrontDoor",
     "TWISTD",
+    "UpstreamStream",
     "accepted_inode",
     "alive",
     "assert_error",
     "assert_no_bug_logged",
+    "blocked_writing",
     "call",
     "children",
     "cmdline",
@@ -1580,6 +2115,7 @@ __all__ = [
     "free_port",
     "has_fired",
     "listening_inode",
+    "memory_kb",
     "misbehaving",
     "parent_of",
     "parse_response",
@@ -1590,6 +2126,9 @@ __all__ = [
     "result_of",
     "run",
     "socket_inodes",
+    "sse_blocks",
+    "sse_data",
+    "sse_events",
     "start_time",
     "stopped",
     "toml_models",
@@ -1597,505 +2136,3 @@ __all__ = [
     "with_mark",
     "write",
 ]
-
-
-# --- sockets (issue 14) ---
-#
-# A streamed answer of the real daemon, read on a real socket as it comes: each event
-# with the moment it arrived (time.time(), the clock models write in their chunks).
-
-STREAMER = os.path.join(ROOT, "tests", "models", "streamer.py")  # a hand-written jsonl model that streams
-STREAM_WORKER = os.path.join(ROOT, "tests", "models", "stream_worker.py")  # an aibackend.worker generator
-STREAM_ACCEPT = {"sse": "text/event-stream", "ndjson": "application/x-ndjson"}
-
-
-class StreamEvent(NamedTuple):
-    """
-    One event of a streamed answer: C{kind} is C{"chunk"}, C{"done"} or C{"error"};
-    C{data} the chunk, the final output, or the error document; C{at} when it arrived.
-    """
-
-    at: float
-    kind: str
-    data: object
-
-
-class Streamed:
-    """
-    A request to the real daemon whose answer is read as a stream, on a connection of its
-    own: the request is sent at once; L{status} and L{headers} wait for the answer's
-    first byte; L{events} (SSE or NDJSON, as the answer's type says) come each as it
-    arrives. L{leave} drops the connection (the client goes away, at any point);
-    L{close} at the end.
-
-    @param framing: C{"sse"} or C{"ndjson"}, asked for with C{Accept}; None sends no
-        C{Accept} (the path may say C{stream=true}).
-    @param receive_buffer: the client socket's C{SO_RCVBUF}, set before it connects (a
-        small one makes a slow reader whose daemon soon pauses the model).
-    """
-
-    def __init__(self, port: int, method: str, path: str, body=None, *, framing: str | None = "sse",
-                 headers=None, timeout: float = 15.0, receive_buffer: int | None = None):
-        headers = dict(headers or {})
-        if framing is not None:
-            headers.setdefault("Accept", STREAM_ACCEPT[framing])
-        body, headers = _json_body(body, headers)
-        self.framing = framing
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        if receive_buffer is not None:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-            sock.settimeout(timeout)
-            sock.connect(("127.0.0.1", port))
-            self.connection.sock = sock
-        self.connection.request(method, path, body=body, headers=headers)
-        self._response = None
-        self.comments = 0  # SSE comment lines (keepalives) seen
-        self._buffer = b""
-
-    @property
-    def response(self) -> http.client.HTTPResponse:
-        """The answer, once its status line and headers have come."""
-        if self._response is None:
-            self._response = self.connection.getresponse()
-        return self._response
-
-    @property
-    def status(self) -> int:
-        return self.response.status
-
-    @property
-    def headers(self) -> Headers:
-        return Headers((k.lower(), v) for k, v in self.response.getheaders())
-
-    def _lines(self):
-        """Each line of the body (without its line end) as soon as it has arrived."""
-        while True:
-            while b"\n" in self._buffer:
-                line, self._buffer = self._buffer.split(b"\n", 1)
-                yield line
-            data = self.response.read1(65536)
-            if not data:
-                if self._buffer:
-                    raise AssertionError(f"the stream ended in the middle of a line: {self._buffer[:200]!r}")
-                return
-            self._buffer += data
-
-    def events(self):
-        """Each event as it arrives, until the stream ends (the done or error event, or the connection's end)."""
-        if self.headers.get("content-type") == "application/x-ndjson":
-            for line in self._lines():
-                event = self._ndjson(json.loads(line))
-                yield event
-                if event.kind != "chunk":
-                    return
-            return
-        kind, data = None, []
-        for line in self._lines():
-            if line.startswith(b":"):
-                self.comments += 1
-            elif line.startswith(b"event: "):
-                kind = line[len(b"event: "):].decode()
-            elif line.startswith(b"data: "):
-                data.append(line[len(b"data: "):].decode())
-            elif line == b"":
-                if data:
-                    value = json.loads("\n".join(data))
-                    if kind == "done":
-                        value = value["output"]
-                    event = StreamEvent(time.time(), kind or "chunk", value)
-                    yield event
-                    if event.kind != "chunk":
-                        return
-                kind, data = None, []
-            else:
-                raise AssertionError(f"not a line of Server-Sent Events: {line[:200]!r}")
-
-    @staticmethod
-    def _ndjson(value) -> StreamEvent:
-        at = time.time()
-        if isinstance(value, dict) and set(value) == {"chunk"}:
-            return StreamEvent(at, "chunk", value["chunk"])
-        if isinstance(value, dict) and value.get("done") is True:
-            return StreamEvent(at, "done", value["output"])
-        return StreamEvent(at, "error", value)
-
-    def read_all(self) -> list[StreamEvent]:
-        """Every event to the end; the connection is closed after."""
-        try:
-            return list(self.events())
-        finally:
-            self.close()
-
-    def rest(self) -> bytes:
-        """What is left of the body, read to its end (a plain answer, or what a stream still had to say)."""
-        return self._buffer + self.response.read()
-
-    def leave(self) -> float:
-        """Drop the connection now, as a client that goes away; when it did (time.time())."""
-        sock = self.connection.sock
-        at = time.time()
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-        self.close()
-        return at
-
-    def close(self) -> None:
-        if self._response is not None:
-            self._response.close()
-        self.connection.close()
-
-
-def blocked_writing(pid: int) -> bool:
-    """
-    Is a thread of process C{pid} asleep writing to a full pipe (its stdout, when the
-    daemon has stopped reading it)? What the kernel says in C{/proc/PID/task/*/wchan}.
-    """
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return False
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/wchan") as f:
-                if "pipe_write" in f.read():
-                    return True
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return False
-
-
-__all__ += ["STREAMER", "STREAM_ACCEPT", "STREAM_WORKER", "StreamEvent", "Streamed", "blocked_writing"]
-
-# --- upstream (issue 14) ---
-#
-# Streams from HTTP upstreams: L{RecordingChunks}, an IChunks that keeps what it is given
-# (for HttpModel.stream over MemoryEndpoints); L{StreamingModelServer}, a real upstream on
-# a loopback socket (threads of the test) that streams Server-Sent Events or JSON lines as
-# its request's body says, keeping when it wrote what and whether it saw its client leave;
-# L{StreamReader}, a client of the real daemon that reads a streamed answer as it comes.
-
-
-
-@implementer(IChunks)
-class RecordingChunks:
-    """An L{IChunks} that keeps the chunks it is given (L{texts}) and the producer registered."""
-
-    def __init__(self):
-        self.texts: list[bytes] = []
-        self.producer = None
-        self.registered = 0
-
-    def chunk(self, data: bytes) -> None:
-        self.texts.append(data)
-
-    @property
-    def values(self) -> list:
-        return [json.loads(text) for text in self.texts]
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        assert streaming is True
-        self.producer = producer
-        self.registered += 1
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
-class UpstreamStream:
-    """What a L{StreamingModelServer} did with one request: its plan, writes, and end."""
-
-    def __init__(self, plan: dict):
-        self.plan = plan
-        self.writes: list[float] = []  # when the writing of each chunk began (time.time())
-        self.written = 0  # bytes written so far
-        self.release = threading.Event()  # the test lets a "gate" stream go on
-        self.gone = threading.Event()  # a write failed: the client (the daemon) left
-        self.ended = threading.Event()  # the handler is done, whatever happened
-
-
-class StreamingModelServer:
-    """
-    A model server on 127.0.0.1 (a free port), in threads of the test, that answers each
-    POST with a stream (chunked encoding) as its JSON body says:
-
-      - C{format}: C{"sse"} (C{text/event-stream}), C{"ndjson"} (C{application/x-ndjson})
-        or C{"json"} (the chunks as one JSON array); C{crlf}: SSE lines end with CRLF;
-      - C{chunks}: the chunks' values, each written (and flushed) on its own, C{pause}
-        seconds apart; C{gate}: after the first chunk, wait for the test's C{release}
-        (up to 10 s); C{forever}: write the chunks again and again until a write fails
-        (C{limit}: at most that many bytes); C{size}: each chunk a string of that many
-        bytes instead;
-      - C{end}: C{"openai"} (C{data: [DONE]}), C{"done"} (aibackend's done event/line,
-        with C{output}), or nothing (the body just ends); C{error}: an error event/line
-        (this document) after the chunks instead;
-      - C{tag}: the name of the request in L{streams} (an L{UpstreamStream}).
-    """
-
-    def __init__(self):
-        self.streams: dict[str, UpstreamStream] = {}
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                plan = json.loads(self.rfile.read(length) or b"{}")
-                stream = UpstreamStream(plan)
-                stream.accept = self.headers.get("Accept")
-                with server._lock:
-                    server.streams[plan.get("tag", "")] = stream
-                try:
-                    server._answer(self, plan, stream)
-                except OSError:
-                    stream.gone.set()
-                finally:
-                    stream.ended.set()
-                    self.close_connection = True
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/stream"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def _answer(self, handler, plan: dict, stream: UpstreamStream) -> None:
-        kind = plan.get("format", "sse")
-        eol = "\r\n" if plan.get("crlf") else "\n"
-        handler.send_response(plan.get("status", 200))
-        handler.send_header("Content-Type", {"sse": "text/event-stream", "ndjson": "application/x-ndjson",
-                                             "json": "application/json"}[kind])
-        handler.send_header("Transfer-Encoding", "chunked")
-        handler.end_headers()
-
-        def write(text: str) -> None:
-            data = text.encode()
-            stream.writes.append(time.time())  # before: the client may read it before this thread goes on
-            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            stream.written += len(data)
-
-        def piece(value) -> str:
-            text = json.dumps(value)
-            if kind == "sse":
-                return f"data: {text}{eol}{eol}"
-            if kind == "ndjson":
-                return text + "\n"
-            return text
-
-        values = plan.get("chunks", [])
-        if plan.get("size"):
-            values = ["x" * plan["size"]]
-        if kind == "json":
-            write(json.dumps(values))
-        else:
-            n = 0
-            while n < len(values) or (plan.get("forever") and stream.written < plan.get("limit", 1 << 40)):
-                if n and plan.get("pause"):
-                    time.sleep(plan["pause"])
-                write(piece(values[n % len(values)]))
-                if n == 0 and plan.get("gate"):
-                    stream.release.wait(10)
-                n += 1
-            if plan.get("error") is not None:
-                text = json.dumps(plan["error"])
-                write(f"event: error{eol}data: {text}{eol}{eol}" if kind == "sse" else text + "\n")
-            elif plan.get("end") == "openai":
-                write(f"data: [DONE]{eol}{eol}")
-            elif plan.get("end") == "done":
-                output = json.dumps({"output": plan.get("output")})
-                if kind == "sse":
-                    write(f"event: done{eol}data: {output}{eol}{eol}")
-                else:
-                    write(json.dumps({"done": True, "output": plan.get("output")}) + "\n")
-        handler.wfile.write(b"0\r\n\r\n")
-
-    def stream(self, tag: str, timeout: float = 10) -> UpstreamStream:
-        """The request tagged C{tag}, once it has come."""
-        wait_until(lambda: tag in self.streams, timeout, f"the upstream to be sent request {tag!r}")
-        return self.streams[tag]
-
-    def close(self) -> None:
-        for stream in list(self.streams.values()):
-            stream.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(5)
-
-
-class StreamReader:
-    """
-    A streamed answer of the real daemon read as it comes, on a raw socket: the status
-    line and headers (L{head}), then the body's pieces, chunked encoding undone
-    (L{read_until}). C{rcvbuf}: a small receive buffer (a slow reader's); C{sock}: a
-    socket connected already (L{Multi.connection_to}'s) instead of a new one.
-    """
-
-    def __init__(self, port: int, path: str, body, headers: dict | None = None, *, rcvbuf: int | None = None,
-                 timeout: float = 15, sock=None):
-        if sock is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            if rcvbuf is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.connect(("127.0.0.1", port))
-        self.sock = sock
-        self.sock.settimeout(timeout)
-        if not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
-                 "Content-Type: application/json"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        self._raw = b""
-        self.body = b""
-        self.arrivals: list[tuple[float, bytes]] = []  # (when, the body's bytes that came)
-        self.status = None
-        self.headers = Headers()
-
-    def _recv(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self._raw += data
-        return True
-
-    def head(self) -> "StreamReader":
-        while b"\r\n\r\n" not in self._raw:
-            if not self._recv():
-                raise AssertionError(f"the connection closed before the headers: {self._raw!r}")
-        head, self._raw = self._raw.split(b"\r\n\r\n", 1)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        self.status = int(status_line.split()[1])
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        return self
-
-    def _unchunk(self) -> bool:
-        """Move the whole chunks received to L{body}; True once the last chunk came."""
-        while b"\r\n" in self._raw:
-            size_line, rest = self._raw.split(b"\r\n", 1)
-            size = int(size_line.split(b";")[0], 16)
-            if len(rest) < size + 2:
-                return False
-            if size == 0:
-                return True
-            piece, self._raw = rest[:size], rest[size + 2:]
-            self.body += piece
-            self.arrivals.append((time.time(), piece))
-        return False
-
-    def read_until(self, wanted: bytes) -> bytes:
-        """Read until the body holds C{wanted}; the body so far."""
-        if self.status is None:
-            self.head()
-        while wanted not in self.body:
-            if self._unchunk():
-                break
-            if wanted in self.body:
-                break
-            if not self._recv():
-                break
-        assert wanted in self.body, f"{wanted!r} never came; the body: {self.body[-500:]!r}"
-        return self.body
-
-    def read_all(self) -> bytes:
-        """Read until the last chunk."""
-        if self.status is None:
-            self.head()
-        while not self._unchunk():
-            if not self._recv():
-                break
-        return self.body
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-__all__ += ["RecordingChunks", "StreamReader", "StreamingModelServer", "UpstreamStream"]
-
-
-# --- generate (issue 14) ---
-
-
-class DoorStream:
-    """
-    A streamed answer through a L{StubFrontDoor}, read as it comes: the response once its
-    status and headers are in (None before), and the body's bytes so far (L{body} flushes
-    the connections first).
-    """
-
-    def __init__(self, door: StubFrontDoor, method: str, url: str, **kwargs):
-        self.door = door
-        self.received: list[bytes] = []
-        self.response = None
-        self.ended = None
-        door.open(method, url, **kwargs).addCallback(self._got)
-
-    def _got(self, response):
-        self.response = response
-        self.ended = treq.collect(response, self.received.append)
-
-    @property
-    def body(self) -> bytes:
-        self.door.flush()
-        return b"".join(self.received)
-
-    def header(self, name: str):
-        """The first value of header C{name}, as text, or None."""
-        values = self.response.headers.getRawHeaders(name.encode("latin-1"))
-        return values[0].decode("latin-1") if values else None
-
-
-def sse_data(body: bytes) -> list:
-    """
-    The JSON of each C{data:} event of a Server-Sent Events body, in order: every event
-    but comments (keepalives) must be one line C{data: <JSON>}.
-    """
-    events = [event for event in body.split(b"\n\n") if event and not event.startswith(b":")]
-    assert all(event.startswith(b"data: ") and b"\n" not in event for event in events), body
-    return [json.loads(event[len(b"data: "):]) for event in events]
-
-
-def sse_over_socket(port: int, path: str, body: bytes, timeout: float = 20.0):
-    """
-    POST C{body} to the real daemon over a plain socket, in HTTP/1.0 (the answer ends when
-    the daemon closes the connection), for an answer of Server-Sent Events.
-
-    @return: the status, the headers (lower-case names) and each event of the body, in
-        order, as C{(when it was complete: time.monotonic(), its bytes)}.
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"POST " + path.encode() + b" HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        buffered, head, events = b"", None, []
-        while True:
-            data = sock.recv(65536)
-            now = time.monotonic()
-            if not data:
-                break
-            buffered += data
-            if head is None:
-                if b"\r\n\r\n" not in buffered:
-                    continue
-                head, buffered = buffered.split(b"\r\n\r\n", 1)
-            *complete, buffered = buffered.split(b"\n\n")
-            events.extend((now, event) for event in complete)
-    assert head is not None, buffered
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    assert not buffered, buffered  # every event ended with its blank line
-    return int(status_line.split()[1]), headers, events
-
-
-__all__ += ["DoorStream", "sse_data", "sse_over_socket"]

@@ -25,8 +25,8 @@ from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
 from aibackend.lines import ModelError
 from aibackend.streambody import DRAIN_SECONDS, BadStream, EventStream, JsonLines, UpstreamFlow, gather
 from aibackend.testing import (
-    Daemon, HeldModelServer, RecordingChunks, StreamingModelServer, StreamReader, failure_of, has_fired,
-    result_of, toml_models, wait_until, write,
+    Daemon, HeldModelServer, RecordingChunks, StreamingModelServer, Streamed, failure_of, has_fired,
+    memory_kb, result_of, sse_events, toml_models, wait_until, write,
 )
 
 URL = "http://model.test:9001/stream"
@@ -609,24 +609,10 @@ def daemon(upstream, tmp_path_factory):
         daemon.stop()
 
 
-SSE_ACCEPT = {"Accept": "text/event-stream"}
-
-
-def events(body: bytes) -> list[tuple[str, str]]:
-    """(event name, data) of each event of an SSE body."""
-    found = []
-    for block in body.decode().split("\n\n"):
-        if block.strip():
-            fields = dict(line.split(": ", 1) for line in block.split("\n"))
-            found.append((fields.get("event", "message"), fields["data"]))
-    return found
-
-
 @pytest.mark.timeout(30)
 def test_chunks_reach_the_client_before_the_upstream_has_finished(daemon, upstream):
-    client = StreamReader(daemon.port, "/post/predict?id=up", {"tag": "early", "format": "sse", "crlf": True,
-                                                                "chunks": ["he", "llo", "!"], "gate": True},
-                          SSE_ACCEPT)
+    client = Streamed(daemon.port, "POST", "/post/predict?id=up", {"tag": "early", "format": "sse", "crlf": True,
+                                                                   "chunks": ["he", "llo", "!"], "gate": True})
     try:
         client.read_until(b'data: "he"\n\n')  # the upstream is held until this has come
         assert client.status == 200
@@ -640,17 +626,17 @@ def test_chunks_reach_the_client_before_the_upstream_has_finished(daemon, upstre
         client.read_all()
     finally:
         client.close()
-    assert events(client.body) == [("message", '"he"'), ("message", '"llo"'), ("message", '"!"'),
+    assert sse_events(client.body) == [("message", '"he"'), ("message", '"llo"'), ("message", '"!"'),
                                    ("done", '{"output": null}')]
     assert first_arrived < stream.writes[1]
 
 
 @pytest.mark.timeout(30)
 def test_json_lines_from_the_upstream_reach_an_ndjson_client(daemon, upstream):
-    client = StreamReader(daemon.port, "/post/predict?id=up",
-                          {"tag": "lines", "format": "ndjson", "chunks": [{"t": 1}, {"t": 2}], "end": "done",
-                           "output": {"all": [1, 2]}},
-                          {"Accept": "application/x-ndjson"})
+    client = Streamed(daemon.port, "POST", "/post/predict?id=up",
+                      {"tag": "lines", "format": "ndjson", "chunks": [{"t": 1}, {"t": 2}], "end": "done",
+                       "output": {"all": [1, 2]}},
+                      framing="ndjson")
     try:
         body = client.read_all()
     finally:
@@ -662,9 +648,8 @@ def test_json_lines_from_the_upstream_reach_an_ndjson_client(daemon, upstream):
 
 @pytest.mark.timeout(30)
 def test_a_client_that_leaves_closes_the_upstreams_connection(daemon, upstream):
-    client = StreamReader(daemon.port, "/post/predict?id=up",
-                          {"tag": "leaves", "format": "sse", "chunks": [1], "forever": True, "pause": 0.02},
-                          SSE_ACCEPT)
+    client = Streamed(daemon.port, "POST", "/post/predict?id=up",
+                      {"tag": "leaves", "format": "sse", "chunks": [1], "forever": True, "pause": 0.02})
     try:
         client.read_until(b"data: 1\n\ndata: 1\n\n")
     finally:
@@ -677,36 +662,28 @@ def test_a_client_that_leaves_closes_the_upstreams_connection(daemon, upstream):
 
 @pytest.mark.timeout(30)
 def test_an_upstream_error_event_mid_stream_is_the_clients_error_event(daemon, upstream):
-    client = StreamReader(daemon.port, "/post/predict?id=up",
-                          {"tag": "breaks", "format": "sse", "chunks": ["a"],
-                           "error": {"error": {"type": "model_error", "message": "the model broke", "status": 500}}},
-                          {**SSE_ACCEPT, "X-Request-Id": "breaks-1"})
+    client = Streamed(daemon.port, "POST", "/post/predict?id=up",
+                      {"tag": "breaks", "format": "sse", "chunks": ["a"],
+                       "error": {"error": {"type": "model_error", "message": "the model broke", "status": 500}}},
+                      headers={"X-Request-Id": "breaks-1"})
     try:
         body = client.read_all()
     finally:
         client.close()
-    (first, data), (name, error) = events(body)
+    (first, data), (name, error) = sse_events(body)
     assert (first, data, name) == ("message", '"a"', "error")
     assert json.loads(error) == {"error": {"type": "model_error", "message": "the model broke", "model": "up",
                                            "request_id": "breaks-1"}}
     assert [entry["status"] for entry in daemon.logs("up") if entry.get("request_id") == "breaks-1"] == [500]
 
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.timeout(60)
 def test_a_slow_reader_blocks_the_upstreams_writes_and_the_daemon_stays_small(daemon, upstream):
-    before = rss_kb(daemon.pid)
+    before = memory_kb(daemon.pid)
     limit = 400 * 1024 * 1024  # what the upstream would write if nothing stopped it
-    client = StreamReader(daemon.port, "/post/predict?id=up",
-                          {"tag": "slow", "format": "sse", "size": 64 * 1024, "forever": True, "limit": limit},
-                          SSE_ACCEPT, rcvbuf=4096)
+    client = Streamed(daemon.port, "POST", "/post/predict?id=up",
+                      {"tag": "slow", "format": "sse", "size": 64 * 1024, "forever": True, "limit": limit},
+                      receive_buffer=4096)
     try:
         client.head()
         stream = upstream.stream("slow")
@@ -718,7 +695,7 @@ def test_a_slow_reader_blocks_the_upstreams_writes_and_the_daemon_stays_small(da
 
         wait_until(stalled, 30, "the upstream's writes to block")
         assert stream.written < 64 * 1024 * 1024 and not stream.ended.is_set()
-        assert rss_kb(daemon.pid) - before < 48 * 1024  # kB: the daemon holds a read or two, not the stream
+        assert memory_kb(daemon.pid) - before < 48 * 1024  # kB: the daemon holds a read or two, not the stream
 
         # Reading on: the upstream goes on writing.
         at = stream.written
@@ -727,7 +704,7 @@ def test_a_slow_reader_blocks_the_upstreams_writes_and_the_daemon_stays_small(da
         while stream.written <= at:
             read += len(client.sock.recv(1 << 20))
         print(f"the upstream stalled after {at} bytes; {read} read before it wrote again; "
-              f"the daemon grew by {rss_kb(daemon.pid) - before} kB")
+              f"the daemon grew by {memory_kb(daemon.pid) - before} kB")
     finally:
         client.close()
     wait_until(stream.ended.is_set, 10, "the upstream to see its client leave")
@@ -747,10 +724,9 @@ def test_a_plain_request_to_a_streaming_upstream_gets_the_gathered_answer(daemon
 
 @pytest.mark.timeout(30)
 def test_a_plain_json_upstream_answers_a_stream_with_its_whole_answer_as_the_output(daemon, upstream):
-    client = StreamReader(daemon.port, "/post/predict?id=up", {"tag": "whole", "format": "json", "chunks": [1, 2]},
-                          SSE_ACCEPT)
+    client = Streamed(daemon.port, "POST", "/post/predict?id=up", {"tag": "whole", "format": "json", "chunks": [1, 2]})
     try:
         body = client.read_all()
     finally:
         client.close()
-    assert events(body) == [("done", '{"output": [1, 2]}')]
+    assert sse_events(body) == [("done", '{"output": [1, 2]}')]

@@ -2,21 +2,18 @@
 A stream's limits on the real daemon (issue 14): C{first_chunk_timeout}, C{stream_idle_timeout},
 keepalives, and a slow reader of a fast model (the daemon's memory stays bounded: its
 model is paused, or its stream cut past C{max_stream_buffer_bytes}). One daemon for the
-module, serving tests/models/stream_ops.py (a jsonl model that logs each cancel it gets)
+module, serving tests/models/streamer.py (a jsonl model that logs each cancel it gets)
 under several ids, each with the settings its test needs; clients on raw sockets.
 """
 
 import json
-import os
-import socket
 import sys
 import time
 
 import pytest
 
-from aibackend.testing import ROOT, Daemon, config_text, wait_until, write
+from aibackend.testing import STREAMER, Daemon, Streamed, config_text, sse_blocks, wait_until, write
 
-STREAMER = os.path.join(ROOT, "tests", "models", "stream_ops.py")
 MIB = 1 << 20
 
 
@@ -44,56 +41,11 @@ def daemon(tmp_path_factory):
     daemon.assert_no_bug_logged()
 
 
-class Client:
-    """A raw client of one streamed request: what came, and when."""
-
-    def __init__(self, daemon, model_id: str, body: dict, *, receive_buffer: int | None = None):
-        self.sock = socket.socket()
-        if receive_buffer is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.sock.settimeout(10)
-        self.sock.connect(("127.0.0.1", daemon.port))
-        payload = json.dumps(body).encode()
-        self.request_id = f"limits-{model_id}-{time.monotonic_ns()}"
-        self.sock.sendall(
-            f"POST /post/predict?id={model_id} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
-            f"Content-Type: application/json\r\nX-Request-Id: {self.request_id}\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
-        )
-        self.pieces = []  # (when it came, the bytes)
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(piece for _, piece in self.pieces)
-
-    def read_to_end(self, timeout: float = 10) -> bytes:
-        """Everything until the daemon closes the connection."""
-        deadline = time.monotonic() + timeout
-        while True:
-            assert time.monotonic() < deadline, f"the stream did not end: {self.data[-300:]!r}"
-            piece = self.sock.recv(1 << 16)
-            if not piece:
-                return self.data
-            self.pieces.append((time.monotonic(), piece))
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def head_and_body(self):
-        head, _, body = self.data.partition(b"\r\n\r\n")
-        return head.decode("latin-1").lower(), body
-
-
-def events_of(chunked: bytes) -> list[bytes]:
-    """The SSE events (and comments) of a chunked body, without the chunk framing."""
-    text, rest = b"", chunked
-    while rest:
-        size, _, rest = rest.partition(b"\r\n")
-        size = int(size, 16)
-        if size == 0:
-            break
-        text, rest = text + rest[:size], rest[size + 2:]
-    return [event for event in text.split(b"\n\n") if event]
+def open_stream(daemon, model_id: str, body: dict, *, receive_buffer: int | None = None) -> Streamed:
+    """One streamed request (SSE) of an id of its own, on a raw socket."""
+    return Streamed(daemon.port, "POST", f"/post/predict?id={model_id}", body, timeout=10,
+                    headers={"X-Request-Id": f"limits-{model_id}-{time.monotonic_ns()}", "Connection": "close"},
+                    receive_buffer=receive_buffer)
 
 
 def cancels(daemon, model_id: str) -> list[str]:
@@ -127,14 +79,13 @@ def test_no_first_chunk_within_first_chunk_timeout_is_a_504_and_the_model_is_sen
 
 @pytest.mark.timeout(30)
 def test_a_gap_past_stream_idle_timeout_ends_the_stream_with_an_error_event_and_cancels_the_model(daemon):
-    client = Client(daemon, "idle", {"op": "gap", "seconds": 20})
+    client = open_stream(daemon, "idle", {"op": "gap", "seconds": 20})
     try:
-        client.read_to_end(timeout=15)
+        body = client.read_all(timeout=15)
     finally:
         client.close()
-    head, body = client.head_and_body()
-    assert head.startswith("http/1.1 200")
-    first, last = events_of(body)
+    assert (client.version, client.status) == ("HTTP/1.1", 200)
+    first, last = sse_blocks(body)
     assert first == b'data: "a"'
     assert last.startswith(b"event: error\ndata: ")
     document = json.loads(last.split(b"data: ", 1)[1])
@@ -148,21 +99,20 @@ def test_a_gap_past_stream_idle_timeout_ends_the_stream_with_an_error_event_and_
 
 @pytest.mark.timeout(30)
 def test_a_keepalive_comment_arrives_on_the_socket_while_the_model_is_slow(daemon):
-    client = Client(daemon, "slow", {"op": "wait", "seconds": 1.5})
+    client = open_stream(daemon, "slow", {"op": "wait", "seconds": 1.5})
     try:
-        client.read_to_end(timeout=15)
+        body = client.read_all(timeout=15)
     finally:
         client.close()
-    head, body = client.head_and_body()
-    assert head.startswith("http/1.1 200")
-    assert "content-type: text/event-stream" in head
-    events = events_of(body)
+    assert (client.version, client.status) == ("HTTP/1.1", 200)
+    assert client.headers["content-type"].startswith("text/event-stream")
+    events = sse_blocks(body)
     assert events[0] == b": keepalive"  # the status and headers went with it
     assert events[-2:] == [b'data: "late"', b'event: done\ndata: {"output": null}']
     assert set(events[:-2]) == {b": keepalive"} and len(events) >= 4
     # The first keepalive reached the client well before the model's chunk.
-    keepalive_at = next(when for when, piece in client.pieces if b": keepalive" in piece)
-    chunk_at = next(when for when, piece in client.pieces if b'"late"' in piece)
+    keepalive_at = next(when for when, piece in client.arrivals if b": keepalive" in piece)
+    chunk_at = next(when for when, piece in client.arrivals if b'"late"' in piece)
     assert chunk_at - keepalive_at > 0.5
     assert requests(daemon, "slow", client.request_id) == [(200, None)]
 
@@ -196,8 +146,8 @@ def test_a_client_that_reads_nothing_pauses_a_fast_model_and_the_daemons_memory_
     # request of its process, so the process's stdout is no longer read.
     path = str(tmp_path / "progress")
     before = daemon.high_water_kb()
-    client = Client(daemon, "flood", {"op": "flood", "size": 64 * 1024, "count": 3200, "progress": path},
-                    receive_buffer=64 * 1024)
+    client = open_stream(daemon, "flood", {"op": "flood", "size": 64 * 1024, "count": 3200, "progress": path},
+                         receive_buffer=64 * 1024)
     try:
         held = settled(path)
         assert held < 32 * MIB  # paused: the model is blocked in its write, far from 200 MB
@@ -214,28 +164,25 @@ def test_a_client_that_reads_nothing_pauses_a_fast_model_and_the_daemons_memory_
 def test_a_slow_reader_beside_another_request_of_its_process_is_cut_past_max_stream_buffer_bytes(daemon, tmp_path):
     # Another request in flight in the same process: the slow reader does not hold the
     # process up, so what waits for it grows until the relay cuts the stream.
-    hold = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-    payload = json.dumps({"op": "hold", "seconds": 30}).encode()
-    hold.sendall(b"POST /post/predict?id=flood HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"X-Request-Id: limits-hold\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    hold = Streamed(daemon.port, "POST", "/post/predict?id=flood", {"op": "hold", "seconds": 30}, framing=None,
+                    headers={"X-Request-Id": "limits-hold"}, timeout=10)
     path = str(tmp_path / "progress")
     try:
         wait_until(lambda: any(entry["message"].startswith("holding limits-hold#")
                                for entry in daemon.events("flood", "model")),
                    10, "the held request to reach the model")
         before = daemon.high_water_kb()
-        client = Client(daemon, "flood", {"op": "flood", "size": 64 * 1024, "count": 3200, "progress": path},
-                        receive_buffer=64 * 1024)
+        client = open_stream(daemon, "flood", {"op": "flood", "size": 64 * 1024, "count": 3200, "progress": path},
+                             receive_buffer=64 * 1024)
         try:
             wait_until(lambda: requests(daemon, "flood", client.request_id), 20, "the stream to be cut")
             assert [status for status, _ in requests(daemon, "flood", client.request_id)] == [408]
             assert daemon.high_water_kb() - before < 32 * 1024
             assert progress(path) < 150 * MIB  # cut, not given all 200 MB
-            client.read_to_end(timeout=20)  # the client reads at last: its chunks, then the error event
+            client.read_all(timeout=20)  # the client reads at last: its chunks, then the error event
         finally:
             client.close()
-        last = events_of(client.head_and_body()[1])[-1]
+        last = sse_blocks(client.body)[-1]
         document = json.loads(last.split(b"data: ", 1)[1])
         assert document["error"]["type"] == "slow_client"
         assert document["error"]["message"] == (

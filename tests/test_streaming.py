@@ -6,12 +6,10 @@ a real socket shows the chunks arriving one by one.
 """
 
 import json
-import socket
 from dataclasses import replace
 
 import pytest
 import pytest_twisted
-import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -22,7 +20,9 @@ from zope.interface.verify import verifyObject
 from aibackend import errors
 from aibackend.relay import NDJSON, SSE, SSE_KEEPALIVE, Framing
 from aibackend.interfaces import IStreaming, ModelAnswer
-from aibackend.testing import FakeModel, FakeStreamingModel, StubFrontDoor, assert_error, has_fired, result_of
+from aibackend.testing import (
+    DoorStream, FakeModel, FakeStreamingModel, StubFrontDoor, assert_error, has_fired, result_of,
+)
 
 
 @pytest.fixture
@@ -35,30 +35,6 @@ def door(clock, model):
     return StubFrontDoor(clock, [model, FakeModel("plain", clock)])
 
 
-class Opened:
-    """A streamed answer read as it comes: its response, and the bytes so far."""
-
-    def __init__(self, door, method, url, **kwargs):
-        self.door = door
-        self.received = []
-        self.ended = None
-        self.response = None
-        door.open(method, url, **kwargs).addCallback(self._got)
-
-    def _got(self, response):
-        self.response = response
-        self.ended = treq.collect(response, self.received.append)
-
-    @property
-    def body(self) -> bytes:
-        self.door.flush()
-        return b"".join(self.received)
-
-    def header(self, name):
-        values = self.response.headers.getRawHeaders(name)
-        return values[0] if values else None
-
-
 def requests_logged(model):
     return [(e["status"], e.get("error")) for e in model.model_log.query() if e["event"] == "request"]
 
@@ -68,8 +44,8 @@ def test_the_fake_streaming_model_provides_istreaming(model):
 
 
 def test_sse_sends_each_chunk_then_the_final_event(door, model):
-    opened = Opened(door, "POST", "/post/predict?id=m", data=b'{"prompt": "hi"}',
-                    headers={"Accept": "text/event-stream"})
+    opened = DoorStream(door, "POST", "/post/predict?id=m", data=b'{"prompt": "hi"}',
+                        headers={"Accept": "text/event-stream"})
     (stream,) = model.streams
     assert stream.body == b'{"prompt": "hi"}'
     assert opened.response is None  # nothing written yet: no status either
@@ -90,15 +66,15 @@ def test_sse_sends_each_chunk_then_the_final_event(door, model):
 
 
 def test_stream_true_in_the_query_asks_for_sse_and_the_end_carries_the_output(door, model):
-    opened = Opened(door, "POST", "/post/predict?id=m&stream=true", data=b"{}")
+    opened = DoorStream(door, "POST", "/post/predict?id=m&stream=true", data=b"{}")
     model.streams[0].end({"text": "Hi"})
     assert opened.body == b'event: done\ndata: {"output": {"text": "Hi"}}\n\n'
     assert opened.header("content-type") == "text/event-stream"
 
 
 def test_ndjson(door, model):
-    opened = Opened(door, "POST", "/post/predict?id=m&stream=1", data=b"{}",
-                    headers={"Accept": "application/x-ndjson"})
+    opened = DoorStream(door, "POST", "/post/predict?id=m&stream=1", data=b"{}",
+                        headers={"Accept": "application/x-ndjson"})
     stream = model.streams[0]
     stream.chunk("a")
     stream.chunk([1, 2])
@@ -108,7 +84,7 @@ def test_ndjson(door, model):
 
 
 def test_get_predict_streams_and_stream_is_not_an_input(door, model):
-    opened = Opened(door, "GET", "/get/predict?id=m&stream=true&prompt=hi")
+    opened = DoorStream(door, "GET", "/get/predict?id=m&stream=true&prompt=hi")
     assert json.loads(model.streams[0].body) == {"prompt": "hi"}
     model.streams[0].end()
     assert opened.body == b'event: done\ndata: {"output": null}\n\n'
@@ -160,7 +136,7 @@ def test_an_error_before_the_first_byte_keeps_its_status(door, model, error, sta
 
 
 def test_an_error_after_the_first_byte_is_an_error_event(door, model):
-    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+    opened = DoorStream(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
     stream = model.streams[0]
     stream.chunk("a")
     stream.fail(errors.GatewayTimeout("model 'm' went quiet", model="m"))
@@ -175,7 +151,7 @@ def test_an_error_after_the_first_byte_is_an_error_event(door, model):
 
 
 def test_an_error_after_the_first_byte_in_ndjson(door, model):
-    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "application/x-ndjson"})
+    opened = DoorStream(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "application/x-ndjson"})
     model.streams[0].chunk(1)
     model.streams[0].fail(errors.BadGateway("model 'm' answered nonsense", model="m"))
     first, last = opened.body.splitlines()
@@ -185,8 +161,8 @@ def test_an_error_after_the_first_byte_in_ndjson(door, model):
 
 @pytest.mark.parametrize("method", ["POST", "GET"])
 def test_a_client_that_leaves_cancels_the_stream_and_is_logged_499(door, model, method):
-    opened = Opened(door, method, f"/{method.lower()}/predict?id=m", data=b"{}" if method == "POST" else None,
-                    headers={"Accept": "text/event-stream"})
+    opened = DoorStream(door, method, f"/{method.lower()}/predict?id=m", data=b"{}" if method == "POST" else None,
+                        headers={"Accept": "text/event-stream"})
     stream = model.streams[0]
     stream.chunk("a")
     assert opened.body == b'data: "a"\n\n'
@@ -207,7 +183,7 @@ def test_a_client_that_leaves_before_the_first_byte(door, model):
 
 
 def test_the_transport_pausing_pauses_the_model(door, model):
-    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+    opened = DoorStream(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
     stream = model.streams[0]
     stream.chunk("a")
     door.flush()
@@ -229,7 +205,7 @@ def test_the_access_event_is_written_once(door, model):
 
     globalLogPublisher.addObserver(observe)
     try:
-        opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
+        opened = DoorStream(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": "text/event-stream"})
         model.streams[0].chunk("a")
         model.streams[0].end()
         opened.body
@@ -259,7 +235,7 @@ def limited(clock, *, producer=True, **settings):
 
 
 def sse(door, url="/post/predict?id=m"):
-    return Opened(door, "POST", url, data=b"{}", headers={"Accept": "text/event-stream"})
+    return DoorStream(door, "POST", url, data=b"{}", headers={"Accept": "text/event-stream"})
 
 
 def error_event(opened) -> dict:
@@ -414,7 +390,7 @@ def test_an_sse_stream_gets_a_keepalive_comment_after_each_quiet_keepalive_secon
 ])
 def test_ndjson_and_keepalive_seconds_0_get_no_keepalive(clock, settings, accept):
     door, model = limited(clock, **settings)
-    opened = Opened(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": accept})
+    opened = DoorStream(door, "POST", "/post/predict?id=m", data=b"{}", headers={"Accept": accept})
     assert clock.getDelayedCalls() == []  # nothing to watch: no timer at all
     clock.advance(600)
     assert opened.response is None

@@ -76,16 +76,6 @@ def post(daemon, model_id: str, ask, framing="sse", request_id=None, headers=Non
                     **options)
 
 
-def read_to_the_end(stream: Streamed) -> list:
-    """Every event, then the answer's end: nothing comes after the last event."""
-    try:
-        events = list(stream.events())
-        assert stream.rest() == b"", "bytes after the stream's last event"
-        return events
-    finally:
-        stream.close()
-
-
 def requests_logged(daemon, model_id: str, request_id: str) -> list[dict]:
     return [e for e in daemon.events(model_id, "request") if e.get("request_id") == request_id]
 
@@ -94,14 +84,6 @@ def logged_once(daemon, model_id: str, request_id: str) -> dict:
     wait_until(lambda: requests_logged(daemon, model_id, request_id), 5, f"request {request_id} in the log")
     (entry,) = requests_logged(daemon, model_id, request_id)
     return entry
-
-
-def access_line(daemon, request_id: str) -> str:
-    """The access event's line of request C{request_id}, once it is in the daemon's log."""
-    def found():
-        return [line for line in daemon.lines if f"request={request_id} " in line + " " and " bytes " in line]
-    (line,) = wait_until(found, 5, f"the access event of request {request_id}")
-    return line
 
 
 def assert_streaming_headers(stream: Streamed, framing: str) -> None:
@@ -130,7 +112,7 @@ def test_each_chunk_reaches_the_client_before_the_model_makes_the_next(daemon, m
         stream = Streamed(daemon.port, "GET", "/get/predict?id=streamer&" + urlencode(ask), framing="ndjson")
     assert_streaming_headers(stream, framing)
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     chunks, last = events[:-1], events[-1]
     assert [(e.kind, e.data["tag"], e.data["i"]) for e in chunks] == [("chunk", tag, i) for i in range(3)]
@@ -147,7 +129,7 @@ def test_a_worker_generators_chunks_reach_the_client_before_it_makes_the_next(da
     stream = post(daemon, "gen", {"words": words, "pause": 0.25, "chunks": "stamped"}, "ndjson")
     assert_streaming_headers(stream, "ndjson")
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     chunks = events[:-1]
     assert [(e.kind, e.data["word"]) for e in chunks] == [("chunk", word) for word in words]
@@ -170,7 +152,7 @@ def test_a_hundred_concurrent_streams_each_get_exactly_their_own_chunks_in_order
         stream = post(daemon, "streamer", {"op": "ticks", "n": n, "pause": 0.25, "tag": f"{run}-{k}", "end": "output"},
                       framing, request_id=f"{run}-{k}", timeout=30)
         assert_streaming_headers(stream, framing)
-        return read_to_the_end(stream)
+        return stream.read_events()
 
     with ThreadPoolExecutor(count) as pool:
         results = list(pool.map(one, range(count)))
@@ -233,7 +215,7 @@ def test_a_client_that_leaves_mid_stream_ends_the_models_work(daemon, tmp_path, 
     assert (entry["status"], entry["error"]) == (499, "the client went away")
     assert daemon.metric("aibackend_requests_total", **counted) == before + 1
     # The request never finished, yet it has its access event: 499, its chunks, how it ended.
-    line = access_line(daemon, request_id)
+    line = daemon.access_line(request_id)
     assert f" POST /post/predict 499 " in line, line
     assert "chunks=3 " in line and line.endswith("stream_end=cancelled"), line
     # No process is left busy: the next request (the model takes one at a time) is answered
@@ -266,7 +248,7 @@ def test_a_client_that_leaves_before_the_first_chunk_ends_the_models_work(daemon
         print(f"\n{method}, before the first chunk: the model saw the client leave {delay * 1000:.1f} ms after it did")
         assert delay < CANCEL_BOUND
         assert logged_once(daemon, "single", request_id)["status"] == 499
-        assert f" {method} /{method.lower()}/predict 499 0 bytes " in access_line(daemon, request_id)
+        assert f" {method} /{method.lower()}/predict 499 0 bytes " in daemon.access_line(request_id)
         assert daemon.predict("single", {"op": "pid"}, timeout=10).status == 200
 
 
@@ -277,7 +259,7 @@ def test_a_plain_request_whose_client_leaves_has_its_access_event_with_499(daemo
     wait_until(lambda: daemon.status("single").json()["in_flight"] == 1, 5, "the request to reach the model")
     stream.leave()
     assert logged_once(daemon, "single", request_id)["status"] == 499
-    line = access_line(daemon, request_id)
+    line = daemon.access_line(request_id)
     assert " POST /post/predict 499 0 bytes " in line and "stream_end" not in line, line
 
 
@@ -339,7 +321,7 @@ def test_an_error_line_after_chunks_ends_the_stream_with_the_error_document(daem
                                        "message": "ran out of words", "tag": request_id}, framing, request_id)
     assert_streaming_headers(stream, framing)  # the status went with the first chunk
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     assert [e.kind for e in events] == ["chunk", "chunk", "error"]
     assert events[-1].data == {"error": {"type": "model_error", "message": "ran out of words", "model": "streamer",
@@ -353,7 +335,7 @@ def test_a_worker_generator_that_raises_mid_stream_ends_it_with_the_error_event(
     stream = post(daemon, "gen", {"words": ["a", "b", "c"], "boom_at": 2}, request_id=request_id)
     assert_streaming_headers(stream, "sse")
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     assert [(e.kind, e.data) for e in events[:-1]] == [("chunk", "a"), ("chunk", " b")]
     assert events[-1].kind == "error"
@@ -400,7 +382,7 @@ def test_a_model_that_crashes_mid_stream_ends_it_with_an_error_event_and_is_rest
     stream = post(daemon, "crasher", {"op": "ticks", "n": 2, "end": "crash"}, request_id=request_id)
     assert_streaming_headers(stream, "sse")
 
-    events = read_to_the_end(stream)
+    events = stream.read_events()
 
     assert [e.kind for e in events] == ["chunk", "chunk", "error"]
     error = events[-1].data["error"]
@@ -411,7 +393,7 @@ def test_a_model_that_crashes_mid_stream_ends_it_with_an_error_event_and_is_rest
     wait_until(lambda: daemon.ready_pids("crasher") - {crashed}, 10, "the process to be restarted")
     daemon.wait_state("crasher", "ready", timeout=10)
 
-    again = read_to_the_end(post(daemon, "crasher", {"op": "ticks", "n": 2, "end": "output", "tag": "again"}))
+    again = post(daemon, "crasher", {"op": "ticks", "n": 2, "end": "output", "tag": "again"}).read_events()
 
     assert [(e.kind, e.data["i"]) for e in again[:-1]] == [("chunk", 0), ("chunk", 1)]
     assert (again[-1].kind, again[-1].data) == ("done", {"tag": "again", "chunks": 2})
@@ -443,7 +425,7 @@ def test_streams_through_client_keys_and_from_a_model_added_at_runtime(start_dae
     def streams(model_id, headers):
         stream = post(daemon, model_id, ask, headers=headers)
         assert_streaming_headers(stream, "sse")
-        events = read_to_the_end(stream)
+        events = stream.read_events()
         assert [e.kind for e in events] == ["chunk", "chunk", "done"]
         assert events[-1].data == {"tag": "k", "chunks": 2}
 

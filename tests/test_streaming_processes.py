@@ -12,7 +12,7 @@ import tomllib
 
 import pytest
 
-from aibackend.testing import ROOT, Multi, StreamReader, toml_models, wait_until, write
+from aibackend.testing import ROOT, Multi, Streamed, sse_events, toml_models, wait_until, write
 
 WORKER_CASES = os.path.join(ROOT, "tests", "models", "worker_cases.py")
 RAW_MODEL = os.path.join(ROOT, "examples", "raw_model.py")
@@ -36,18 +36,10 @@ def multi(tmp_path_factory):
         daemon.stop()
 
 
-def stream_at(daemon, pid: int, body: dict, headers: dict) -> StreamReader:
+def stream_at(daemon, pid: int, body: dict, headers: dict) -> Streamed:
     connection = daemon.connection_to(pid)
-    return StreamReader(daemon.port, "/post/predict?id=gen", body, headers, sock=connection.sock)
-
-
-def events(body: bytes) -> list[tuple[str, str]]:
-    found = []
-    for block in body.decode().split("\n\n"):
-        if block.strip():
-            fields = dict(line.split(": ", 1) for line in block.split("\n"))
-            found.append((fields.get("event", "message"), fields["data"]))
-    return found
+    return Streamed(daemon.port, "POST", "/post/predict?id=gen", body, framing=None, headers=headers,
+                    sock=connection.sock)
 
 
 def primary_log(daemon, request_id: str) -> list[dict]:
@@ -85,7 +77,7 @@ def test_a_worker_streams_a_model_the_primary_runs_chunk_by_chunk(multi):
     finally:
         client.close()
     assert client.status == 200 and client.headers["content-type"] == "text/event-stream"
-    found = events(body)
+    found = sse_events(body)
     assert [json.loads(data)["word"] for name, data in found[:-1]] == words
     assert found[-1] == ("done", '{"output": null}')
     made_last = json.loads(found[-2][1])["at"]

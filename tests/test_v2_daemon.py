@@ -33,7 +33,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 
 import numpy as np
@@ -45,12 +44,12 @@ from aibackend.testing import (
     MISBEHAVE,
     ROOT,
     Daemon,
+    Streamed,
     call,
     free_port,
     port_is_free,
     reaped,
     sse_data,
-    sse_over_socket,
     toml_models,
     wait_until,
 )
@@ -430,12 +429,15 @@ def test_the_generators_text_input_is_its_prompt(v2):
 def test_generate_stream_sends_the_words_one_by_one_then_ends(v2):
     body = json.dumps({**SEEDED, "parameters": {**SEEDED["parameters"], "delay": 0.1}}).encode()
 
-    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/generate/generate_stream", body)
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/generate/generate_stream", body, framing=None,
+                      timeout=20, http_version="1.0")
+    events = stream.read_events()
+    status, headers = stream.status, stream.headers
 
     assert status == 200
     assert headers["content-type"] == "text/event-stream; charset=utf-8"
     assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
-    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    answers = sse_data(stream.body)
     assert len(answers) == 8  # one per word; no end event: the answer ends with the last word
     assert all(set(answer) == {"model_name", "model_version", "text_output"} for answer in answers)
     assert {(answer["model_name"], answer["model_version"]) for answer in answers} == {("generate", "1")}
@@ -454,20 +456,25 @@ def test_the_readmes_generate_lines_answer_what_it_shows(v2):
     shown_events = [json.loads(line[len("# data: "):]) for line in block.splitlines() if line.startswith("# data: ")]
 
     reply = v2.daemon.request("POST", "/v2/models/generate/generate", generate_body.encode())
-    status, _, events = sse_over_socket(v2.daemon.port, "/v2/models/generate/generate_stream", stream_body.encode())
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/generate/generate_stream", stream_body, framing=None,
+                      timeout=20, http_version="1.0")
+    stream.read_events()
+    status = stream.status
 
     assert [reply.json()] == shown
-    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    answers = sse_data(stream.body)
     assert status == 200 and answers[:len(shown_events)] == shown_events
     assert "".join(answer["text_output"] for answer in answers) == shown[0]["text_output"]
 
 
 def test_a_client_that_leaves_generate_stream_stops_the_generator_and_is_logged_499(v2):
     body = json.dumps({"text_input": "the daemon", "parameters": {"max_words": 200, "delay": 0.05}}).encode()
-    with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
-        sock.sendall(b"POST /v2/models/generate/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"X-Request-Id: leaves-early\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        assert b"data: " in sock.recv(65536)  # the first word came: the client leaves
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/generate/generate_stream", body, framing=None,
+                      headers={"X-Request-Id": "leaves-early"}, timeout=20)
+    try:
+        stream.read_until(b"data: ")  # the first word came: the client leaves
+    finally:
+        stream.close()
 
     def logged():
         return [entry for entry in v2.daemon.events("generate", "request") if entry["request_id"] == "leaves-early"]
@@ -522,14 +529,6 @@ def upstream_streams(v2) -> dict:
     return call(v2.upstream_port, "GET", "/streams", None, {}, 5).json()
 
 
-def access_line(v2, request_id: str) -> str:
-    """The access event's line of request C{request_id}, once it is in the daemon's log."""
-    def found():
-        return [line for line in v2.daemon.lines if f"request={request_id} " in line + " " and " bytes " in line]
-    (line,) = wait_until(found, 5, f"the access event of request {request_id}")
-    return line
-
-
 def logged(v2, model: str, request_id: str) -> dict:
     def entries():
         return [entry for entry in v2.daemon.events(model, "request") if entry["request_id"] == request_id]
@@ -549,19 +548,21 @@ def test_generate_on_a_native_model_is_its_servers_answer(v2):
 def test_generate_stream_on_a_native_model_relays_its_servers_events_one_by_one(v2):
     body = json.dumps({"text_input": "one two three", "parameters": {"delay": 0.2, "stamp": True}}).encode()
 
-    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/tri/versions/1/generate_stream", body)
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/tri/versions/1/generate_stream", body, framing=None,
+                      http_version="1.0")
+    events = stream.read_events()
 
-    assert status == 200
+    assert stream.status == 200
+    headers = stream.headers
     assert headers["content-type"] == "text/event-stream; charset=utf-8"
     assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
-    events = [(when, event) for when, event in events if not event.startswith(b":")]  # (a keepalive, if slow)
-    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    answers = [event.data for event in events]  # (a keepalive, if slow, is passed over)
     assert [answer["text_output"] for answer in answers] == ["one", " one", " two", " two", " three", " three"]
     assert all(set(answer) == {"model_name", "model_version", "text_output", "sent_at"} for answer in answers)
     # Each event reached the client after the server wrote it (the clocks are one: the
-    # machine's monotonic clock), and the first came before the server wrote the last
-    # (a second later): the events were relayed as they came, not gathered.
-    arrived = [when for when, _ in events]
+    # machine's time.time()), and the first came before the server wrote the last (a
+    # second later): the events were relayed as they came, not gathered.
+    arrived = [event.at for event in events]
     assert all(when >= answer["sent_at"] for when, answer in zip(arrived, answers))
     assert arrived[0] < answers[-1]["sent_at"]
     assert len(set(arrived)) >= 3
@@ -570,12 +571,14 @@ def test_generate_stream_on_a_native_model_relays_its_servers_events_one_by_one(
 def test_a_native_generate_stream_gets_keepalives_while_its_server_is_silent(v2):
     body = json.dumps({"text_input": "slow", "parameters": {"delay": 0.8}}).encode()
 
-    status, headers, events = sse_over_socket(v2.daemon.port, "/v2/models/tri/generate_stream", body)
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/tri/generate_stream", body, framing=None,
+                      http_version="1.0")
+    stream.read_all()
+    stream.close()
 
-    assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
-    assert events[0][1] == b": keepalive"  # the SSE comment, before the first word (0.8 s)
-    assert [answer["text_output"] for answer in sse_data(b"".join(event + b"\n\n" for _, event in events))] == [
-        "slow", " slow"]
+    assert (stream.status, stream.headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+    assert stream.body.startswith(b": keepalive\n\n")  # the SSE comment, before the first word (0.8 s)
+    assert [answer["text_output"] for answer in sse_data(stream.body)] == ["slow", " slow"]
 
 
 def test_a_native_servers_error_before_the_first_event_is_its_status_and_message(v2):
@@ -598,10 +601,13 @@ def test_a_native_servers_error_before_the_first_event_is_its_status_and_message
 def test_a_native_servers_error_after_the_first_event_ends_the_stream_with_it(v2):
     body = json.dumps({"text_input": "a b c", "parameters": {"fail_after": 2}}).encode()
 
-    status, _, events = sse_over_socket(v2.daemon.port, "/v2/models/tri/generate_stream", body)
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/tri/generate_stream", body, framing=None,
+                      http_version="1.0")
+    stream.read_all()
+    stream.close()
 
-    assert status == 200
-    answers = sse_data(b"".join(event + b"\n\n" for _, event in events))
+    assert stream.status == 200
+    answers = sse_data(stream.body)
     assert [answer.get("text_output") for answer in answers[:-1]] == ["a", " a"]
     assert answers[-1] == {"error": "the model failed after 2 words"}  # the server's own words, its last event
 
@@ -618,25 +624,26 @@ def test_a_native_servers_error_event_is_logged_as_the_streams_error(v2):
     entry = logged(v2, "tri", request_id)
     assert (entry["operation"], entry["status"], entry["error"]) == (
         "generate_stream", 502, "the model failed after 1 words")
-    line = access_line(v2, request_id)
+    line = v2.daemon.access_line(request_id)
     assert "chunks=1 " in line and line.endswith("stream_end=error"), line
 
 
 def test_a_client_that_leaves_a_native_generate_stream_closes_the_upstream_connection(v2):
     request_id = "native-leaves"
     body = json.dumps({"text_input": " ".join(["word"] * 100), "parameters": {"delay": 0.05}}).encode()
-    with socket.create_connection(("127.0.0.1", v2.daemon.port), timeout=20) as sock:
-        sock.sendall(b"POST /v2/models/tri/generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"X-Request-Id: " + request_id.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
-                     + b"\r\n\r\n" + body)
-        assert b"data: " in sock.recv(65536)  # the first word came: the client leaves
+    stream = Streamed(v2.daemon.port, "POST", "/v2/models/tri/generate_stream", body, framing=None,
+                      headers={"X-Request-Id": request_id}, timeout=20)
+    try:
+        stream.read_until(b"data: ")  # the first word came: the client leaves
         assert upstream_streams(v2)[request_id] == "running"  # (200 events, 10 s)
+    finally:
+        stream.close()
 
     # The daemon closed its connection to the server, which saw it and stopped.
     wait_until(lambda: upstream_streams(v2)[request_id] == "closed", 3, "the server to see its connection closed")
     entry = logged(v2, "tri", request_id)
     assert (entry["operation"], entry["status"]) == ("generate_stream", 499)
-    assert access_line(v2, request_id).endswith("stream_end=cancelled")
+    assert v2.daemon.access_line(request_id).endswith("stream_end=cancelled")
     wait_until(lambda: v2.daemon.request("GET", "/get/status?id=tri").json()["in_flight"] == 0, 3,
                "the model's request to end")
 

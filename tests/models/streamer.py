@@ -1,24 +1,33 @@
 """
 A streaming model written by hand in the C{jsonl} protocol (no aibackend.worker), for
-tests/test_streaming_daemon.py. One thread, many streams at once: stdin is read with
-select() between the chunks that are due, so a cancel is seen as soon as it comes.
+tests/test_streaming_daemon.py and tests/test_stream_limits_daemon.py. One thread, many
+streams at once: each request is a generator of its steps, and stdin is read with
+select() between the steps that are due, so a cancel is seen as soon as it comes (a
+cancelled request writes nothing more). Every cancel is logged: C{cancel for <id>} (a
+C{log} line).
 
     python streamer.py
 
-What a request asks (C{{"op": ...}}):
+What a request asks (C{{"op": ...}}; numbers may be given as strings, as a GET's query
+parameters are):
 
   - C{ticks}: C{n} chunks C{{"tag": tag, "i": k, "at": time.time(), "pid": pid}}, C{pause}
-    seconds apart (the first after C{first} seconds, 0 by default), then the end C{end} says (numbers may be given as
-    strings, as a GET's query parameters are):
+    seconds apart (the first after C{first} seconds, 0 by default), then the end C{end} says:
       - C{"done"} (the default): C{{"id", "done": true}}
       - C{"output"}: C{{"id", "output": {"tag", "chunks": n}}}
       - C{"error"}: C{{"id", "error": {"message": message, "status": status}}}
       - C{"crash"}: a line on stderr, and the process exits with status 3
       - C{"never"}: chunks forever
-    With C{pad}, each chunk also has C{"pad"}: that many C{x}. With C{mark} (a file
-    name), a cancel of the request appends C{{"id", "at"}} (when it was read) to that
-    file, one JSON line per cancel.
+    With C{pad}, each chunk also has C{"pad"}: that many C{x}.
+  - C{wait}: waits C{seconds}, then the chunk C{"late"}, then done
+  - C{gap}: the chunk C{"a"}, waits C{seconds}, then the chunk C{"b"}, then done
+  - C{flood}: C{count} chunks of a C{size}-character string as fast as the pipe takes
+    them, writing the bytes written so far to the file C{progress} after each; then done
+  - C{hold}: logs C{holding <id>}, then after C{seconds} a plain answer C{"held"}
   - C{pid}: answers C{{"pid": its pid}} at once.
+
+With C{mark} (a file name), a cancel of the request appends C{{"id", "at"}} (when it was
+read) to that file, one JSON line per cancel.
 """
 
 import json
@@ -28,39 +37,28 @@ import sys
 import time
 
 OUT = 1
-streams = {}  # wire id -> dict(request, next chunk's number, when it is due)
+streams = {}  # wire id -> dict(request, its steps, when the next is due)
 
 
-def send(message) -> None:
+def send(message) -> int:
     data = (json.dumps(message) + "\n").encode()
+    size = len(data)
     while data:
         data = data[os.write(OUT, data):]
+    return size
 
 
-def start(wire_id, request) -> None:
-    op = request.get("op") if isinstance(request, dict) else None
-    if op == "pid":
-        send({"id": wire_id, "output": {"pid": os.getpid()}})
-        return
-    if op != "ticks":
-        send({"id": wire_id, "error": {"message": f"unknown op {op!r}", "status": 400}})
-        return
-    streams[wire_id] = {"request": request, "i": 0, "due": time.monotonic() + float(request.get("first", 0))}
-
-
-def step(wire_id, stream) -> None:
-    request = stream["request"]
-    i = stream["i"]
+def ticks(wire_id, request):
+    yield float(request.get("first", 0))
     end = request.get("end", "done")
-    if end == "never" or i < int(request.get("n", 3)):
+    i = 0
+    while end == "never" or i < int(request.get("n", 3)):
         chunk = {"tag": request.get("tag"), "i": i, "at": time.time(), "pid": os.getpid()}
         if request.get("pad"):
             chunk["pad"] = "x" * int(request["pad"])
         send({"id": wire_id, "chunk": chunk})
-        stream["i"] = i + 1
-        stream["due"] = time.monotonic() + float(request.get("pause", 0))
-        return
-    del streams[wire_id]
+        i += 1
+        yield float(request.get("pause", 0))
     if end == "output":
         send({"id": wire_id, "output": {"tag": request.get("tag"), "chunks": i}})
     elif end == "error":
@@ -74,11 +72,63 @@ def step(wire_id, stream) -> None:
         send({"id": wire_id, "done": True})
 
 
+def wait(wire_id, request):
+    yield float(request["seconds"])
+    send({"id": wire_id, "chunk": "late"})
+    send({"id": wire_id, "done": True})
+
+
+def gap(wire_id, request):
+    send({"id": wire_id, "chunk": "a"})
+    yield float(request["seconds"])
+    send({"id": wire_id, "chunk": "b"})
+    send({"id": wire_id, "done": True})
+
+
+def flood(wire_id, request):
+    piece, written = "x" * int(request["size"]), 0
+    for _ in range(int(request["count"])):
+        written += send({"id": wire_id, "chunk": piece})
+        with open(request["progress"], "w") as f:
+            f.write(str(written))
+        yield 0  # a cancel is read between two chunks
+    send({"id": wire_id, "done": True})
+
+
+def hold(wire_id, request):
+    send({"log": f"holding {wire_id}"})
+    yield float(request["seconds"])
+    send({"id": wire_id, "output": "held"})
+
+
+OPS = {"ticks": ticks, "wait": wait, "gap": gap, "flood": flood, "hold": hold}
+
+
+def start(wire_id, request) -> None:
+    op = request.get("op") if isinstance(request, dict) else None
+    if op == "pid":
+        send({"id": wire_id, "output": {"pid": os.getpid()}})
+    elif op in OPS:
+        streams[wire_id] = {"request": request, "steps": OPS[op](wire_id, request), "due": time.monotonic()}
+    else:
+        send({"id": wire_id, "error": {"message": f"unknown op {op!r}", "status": 400}})
+
+
+def step(wire_id, stream) -> None:
+    """The request's next step; when it is over, it is forgotten."""
+    try:
+        stream["due"] = time.monotonic() + next(stream["steps"])
+    except StopIteration:
+        streams.pop(wire_id, None)
+
+
 def cancel(wire_id) -> None:
     at = time.time()
+    send({"log": f"cancel for {wire_id}"})
     stream = streams.pop(wire_id, None)
     if stream is None:
         return
+    stream["steps"].close()
     mark = stream["request"].get("mark")
     if mark:
         with open(mark, "a") as f:
@@ -101,8 +151,8 @@ def main() -> None:
         for wire_id, stream in list(streams.items()):
             if stream["due"] <= now:
                 step(wire_id, stream)
-        wait = min((stream["due"] for stream in streams.values()), default=None)
-        timeout = None if wait is None else max(0.0, wait - time.monotonic())
+        wait_for = min((stream["due"] for stream in streams.values()), default=None)
+        timeout = None if wait_for is None else max(0.0, wait_for - time.monotonic())
         readable, _, _ = select.select([0], [], [], timeout)
         if not readable:
             continue

@@ -22,7 +22,7 @@ library only.
     C{fail_after}, how many words are said before the model fails (C{generate}: a 400;
     C{generate_stream}: a last event C{data: {"error": "..."}}, after a 200, as Triton
     sends an error once its stream has begun); C{stamp}, true to add C{sent_at} (this
-    process's C{time.monotonic()} as the event was written) to each event. A
+    process's C{time.time()} as the event was written) to each event. A
     C{text_input} missing or not a string is a 400 C{{"error": "..."}} before any event.
   - C{GET /streams}: how each generate_stream so far ended, by its C{X-Request-Id}:
     C{"running"}, C{"finished"}, C{"failed"} or C{"closed"} (the client closed the
@@ -185,7 +185,7 @@ class Handler(BaseHTTPRequestHandler):
                     STREAMS[request_id] = "closed"
                     return None
                 if stamp and "error" not in event:
-                    event["sent_at"] = time.monotonic()
+                    event["sent_at"] = time.time()
                 self.write_chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
             self.wfile.write(b"0\r\n\r\n")
         except OSError:  # (BrokenPipeError, ConnectionResetError: it left as the event was written)
