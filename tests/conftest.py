@@ -13,6 +13,18 @@ import gc
 import pytest
 
 
+def pytest_collection_finish(session):
+    """
+    Every test ends with a full garbage collection (L{logged_errors}). What exists once the
+    tests are collected (the modules imported: Twisted, numpy, hypothesis, tritonclient...) is
+    frozen out of it (C{gc.freeze}): the collection then looks only at what the tests made,
+    which is where a lost Deferred is, and takes a few milliseconds instead of a tenth of a
+    second of CPU per test.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _is_error(event) -> bool:
     if event.get("log_failure") is not None or event.get("isError"):
         return True
