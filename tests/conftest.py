@@ -25,6 +25,35 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+# make test runs the suite on pytest-xdist workers, each test module whole on one worker
+# (--dist loadscope) in the order collected (--no-loadscope-reorder). These modules take the
+# longest (real daemons, model processes, hypothesis; measured in a make test run, slowest
+# first): collected first, they start first, and no worker is left with one of them at the end
+# while the others idle. Every other module keeps its place after them. Only the order changes.
+SLOWEST_MODULES = (
+    "test_processes.py",
+    "test_server_hardening.py",
+    "test_runtime_daemon.py",
+    "test_fuzz.py",
+    "test_subprocess_integration.py",
+    "test_faults.py",
+    "test_daemon.py",
+    "test_subprocess_hardening.py",
+    "test_worker.py",
+    "test_destinations.py",
+    "test_observability_daemon.py",
+    "test_client_limits.py",
+    "test_examples.py",
+    "test_httpmodel.py",
+)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_MODULES)))
+
+
 def _is_error(event) -> bool:
     if event.get("log_failure") is not None or event.get("isError"):
         return True
