@@ -54,6 +54,34 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_MODULES)))
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """
+    Under C{--dist loadscope}, a test that crashes its worker (pytest-timeout's thread method
+    ends the worker of a test that hangs) is reported as crashed and not run again. xdist's
+    own scheduler puts it back in the queue with the rest of its module: it would hang the
+    next worker too, until the restarts run out and the modules after it never run.
+    """
+    if config.getvalue("dist") != "loadscope":
+        return None
+    # Imported here: pytest-xdist is there only when it calls this hook (a run without -n
+    # needs none of it).
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def remove_node(self, node):
+            crashed = None
+            for unit in self.assigned_work.get(node, {}).values():
+                crashed = next((nodeid for nodeid, done in unit.items() if not done), None)
+                if crashed is not None:
+                    unit[crashed] = True  # the worker ended in it: the rest of the unit goes back
+                    break
+            super().remove_node(node)
+            return crashed
+
+    return ModuleScheduling(config, log)
+
+
 def _is_error(event) -> bool:
     if event.get("log_failure") is not None or event.get("isError"):
         return True
