@@ -31,20 +31,24 @@ def pytest_collection_finish(session):
 # first): collected first, they start first, and no worker is left with one of them at the end
 # while the others idle. Every other module keeps its place after them. Only the order changes.
 SLOWEST_MODULES = (
-    "test_processes.py",
-    "test_server_hardening.py",
-    "test_runtime_daemon.py",
     "test_fuzz.py",
-    "test_subprocess_integration.py",
+    "test_processes.py",
+    "test_runtime_daemon.py",
     "test_faults.py",
-    "test_daemon.py",
+    "test_server_hardening.py",
+    "test_subprocess_integration.py",
     "test_subprocess_hardening.py",
-    "test_worker.py",
-    "test_destinations.py",
-    "test_observability_daemon.py",
-    "test_client_limits.py",
+    "test_v2.py",
+    "test_tensors.py",
     "test_examples.py",
-    "test_httpmodel.py",
+    "test_daemon.py",
+    "test_worker.py",
+    "test_client_limits.py",
+    "test_api_hardening.py",
+    "test_v2_daemon.py",
+    "test_observability_daemon.py",
+    "test_supervisor.py",
+    "test_write_path.py",
 )
 
 
