@@ -8,7 +8,9 @@ nor anything that does (klein, aibackend.api), at module level.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
+import os
 
 import pytest
 
@@ -84,6 +86,35 @@ def pytest_xdist_make_scheduler(config, log):
             return crashed
 
     return ModuleScheduling(config, log)
+
+
+# Under pytest-xdist a worker's stdout goes nowhere (its channel to the controller took it), so
+# pytest-timeout's thread method would end a hanging worker with its stack dump unseen: there,
+# faulthandler's watchdog thread does the same (every thread's stack, then the worker ends) to
+# the stderr the worker was started with, which is the controller's.
+_worker_stderr = None
+
+
+def pytest_configure(config):
+    global _worker_stderr
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _worker_stderr = os.fdopen(os.dup(2), "w")  # capturing is off during configure: the real one
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item, settings):
+    if _worker_stderr is None or settings.method != "thread":
+        return None  # pytest-timeout's own
+    faulthandler.dump_traceback_later(settings.timeout, exit=True, file=_worker_stderr)
+    return True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item):
+    if _worker_stderr is None:
+        return None
+    faulthandler.cancel_dump_traceback_later()
+    return True
 
 
 def _is_error(event) -> bool:
