@@ -28,8 +28,13 @@ venv: $(VENV)/.run-installed
 run: $(VENV)/.run-installed
 	$(BIN)/twistd --pidfile= -n aibackend --config $(CONFIG)
 
+# The suite mostly waits (real daemons, model processes), so it runs on TEST_WORKERS
+# pytest-xdist workers, a test module to a worker (--dist loadscope: a module's shared
+# daemon starts once, its tests run in order), the slowest modules first (in the order
+# tests/conftest.py collects them); TEST_WORKERS=0 runs it all in one process.
+TEST_WORKERS ?= 4
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache twisted/plugins/dropin.cache

@@ -29,6 +29,9 @@ setup(
             "pytest>=8.0",
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.2",
+            # make test runs the suite on several workers (-n in pytest.ini): most of its time is
+            # waiting on real daemons and model processes, not CPU.
+            "pytest-xdist>=3.5",
             # The Open Inference Protocol tests call the daemon with Triton's real client.
             "tritonclient[http]>=2.40",
             # tests/test_fuzz.py: generated paths, queries, headers and bodies against the

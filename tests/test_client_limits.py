@@ -50,15 +50,34 @@ def closed_within(sock, seconds) -> bool:
         return True
 
 
+CONFIG = SERVER + toml_models(
+    {"id": "slow", "type": "subprocess", "command": [sys.executable, MISBEHAVE], "timeout": 10},
+)
+
+
 @pytest.fixture
 def daemon(start_daemon):
-    models = toml_models(
-        {"id": "slow", "type": "subprocess", "command": [sys.executable, MISBEHAVE], "timeout": 10},
-    )
-    return start_daemon(config_text=SERVER + models)
+    """A daemon of its own, for a test that stops it."""
+    return start_daemon(config_text=CONFIG)
 
 
-def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closes(daemon):
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon of the same configuration for the tests that leave it as they found it."""
+    from aibackend.testing import Daemon
+
+    directory = tmp_path_factory.mktemp("limits")
+    config = directory / "aibackend.toml"
+    config.write_text(CONFIG)
+    daemon = Daemon(str(config), cwd=str(directory), env={"XDG_STATE_HOME": str(directory / "state")})
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closes(shared):
+    daemon = shared
     sock = connect(daemon.port)
     sock.sendall(b"GET /get/models HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
     started = time.monotonic()
@@ -71,12 +90,14 @@ def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closes(da
     assert daemon.request("GET", "/health/live").status == 200  # the daemon serves on
 
 
-def test_a_slow_request_is_not_cut_by_the_header_deadline_or_the_idle_timeout(daemon):
+def test_a_slow_request_is_not_cut_by_the_header_deadline_or_the_idle_timeout(shared):
+    daemon = shared
     reply = daemon.predict("slow", {"op": "sleep", "seconds": 1.5})
     assert reply.status == 200, reply
 
 
-def test_an_idle_keep_alive_connection_is_closed(daemon):
+def test_an_idle_keep_alive_connection_is_closed(shared):
+    daemon = shared
     sock = connect(daemon.port)
     sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     sock.settimeout(5)

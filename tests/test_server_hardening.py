@@ -527,9 +527,30 @@ ECHO_RAW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 ECHO = {"id": "echo", "type": "subprocess", "command": [sys.executable, MISBEHAVE], "timeout": 10}
 
 
+REFUSING_CONFIG = "[server]\nmax_body_bytes = 4096\n" + toml_models(ECHO)
+
+
 @pytest.fixture
 def daemon(start_daemon):
-    return start_daemon(config_text="[server]\nmax_body_bytes = 4096\n" + toml_models(ECHO))
+    return start_daemon(config_text=REFUSING_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def refusing_daemon(tmp_path_factory):
+    """
+    One daemon of L{daemon}'s configuration for every case of the refusals below, with a
+    store of its own: each case checks that it still serves and that nothing was added.
+    """
+    from aibackend.testing import Daemon
+
+    directory = tmp_path_factory.mktemp("refusals")
+    config = directory / "aibackend.toml"
+    config.write_text(REFUSING_CONFIG)
+    daemon = Daemon(str(config), cwd=str(directory), env={"XDG_STATE_HOME": str(directory / "state")})
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.parametrize("raw, status, kind", [
@@ -548,7 +569,8 @@ def daemon(start_daemon):
     (b"GET /get/models HTTP/1.1\nHost: 127.0.0.1\n\n", 400, "bad_request"),
 ], ids=["long-request-line", "long-header", "bad-header", "two-hosts", "two-hosts-addmodel", "no-host",
         "bare-lf-chunks", "chunk-over-limit", "bare-lf-request"])
-def test_the_daemons_refusals_are_in_its_error_shape_at_once(daemon, raw, status, kind):
+def test_the_daemons_refusals_are_in_its_error_shape_at_once(refusing_daemon, raw, status, kind):
+    daemon = refusing_daemon
     check_error_shape(raw_exchange(daemon.port, raw), status, kind)
     assert daemon.predict("echo", {"after": 1}).status == 200
     assert daemon.request("GET", "/get/models").status == 200  # nothing was added
