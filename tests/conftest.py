@@ -48,6 +48,8 @@ SLOWEST_MODULES = (
     "test_client_limits.py",
     "test_api_hardening.py",
     "test_v2_daemon.py",
+    "test_streaming_daemon.py",
+    "test_http_streaming.py",
     "test_observability_daemon.py",
     "test_supervisor.py",
     "test_write_path.py",
