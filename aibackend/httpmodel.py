@@ -217,7 +217,8 @@ def _deadline_passed(result, timeout):
 
 
 @implementer(IBodyProducer)
-class _Body:
+@implementer(IBodyProducer)
+class BytesBody:
     """A request body of bytes, written at once (Agent's FileBodyProducer takes turns of the global reactor)."""
 
     def __init__(self, data: bytes):
@@ -652,7 +653,7 @@ class HttpModel(Service):
             if other_route:
                 url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
                 method = context.method.decode("ascii")
-            d = _cancelled_as_such(self._client.request(method, url, data=_Body(body), headers=headers,
+            d = _cancelled_as_such(self._client.request(method, url, data=BytesBody(body), headers=headers,
                                                          allow_redirects=False, unbuffered=True))
             d.addCallback(self._streaming, chunks, flow,
                           other_route and context.operation == GENERATE_STREAM)

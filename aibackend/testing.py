@@ -66,7 +66,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http_headers import Headers as HTTPHeaders
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
@@ -74,6 +74,7 @@ from zope.interface import implementer
 from aibackend.admin import ModelManager
 from aibackend.config import ModelSpec, parse_config
 from aibackend.destinations import DestinationPolicy
+from aibackend.httpmodel import BytesBody
 from aibackend.interfaces import READY, IChunks, IModel, IStreaming, ModelAnswer, RequestContext
 from aibackend.logs import ModelLog
 from aibackend.modelstate import ModelState, Waiters
@@ -572,26 +573,9 @@ class Response:
         return json.loads(self.body)
 
 
-@implementer(IBodyProducer)
-class _BodyAtOnce:
+def _body_at_once(body) -> BytesBody:
     """A request body written whole as soon as the request is (so a request can answer at once)."""
-
-    def __init__(self, body):
-        self.body = body.encode("utf-8") if isinstance(body, str) else bytes(body)
-        self.length = len(self.body)
-
-    def startProducing(self, consumer) -> Deferred:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+    return BytesBody(body.encode("utf-8") if isinstance(body, str) else bytes(body))
 
 
 class StubFrontDoor:
@@ -626,7 +610,7 @@ class StubFrontDoor:
         )
         self._connections = MemoryEndpoints(site=self.site)
         self._client = HTTPClient(Agent.usingEndpointFactory(memory, self._connections),
-                                  data_to_body_producer=_BodyAtOnce)
+                                  data_to_body_producer=_body_at_once)
 
     def request(self, method: str, url: str, **kwargs) -> Deferred:
         """
@@ -738,6 +722,19 @@ class ManagedFrontDoor:
 
     def status(self, model_id):
         return self.call("GET", f"/get/status?id={model_id}")
+
+
+def assert_v2_error(response, status, *, message=None) -> str:
+    """The Open Inference Protocol's error shape: C{{"error": "text"}}, JSON, with the request's id; the text."""
+    assert response.status == status, response.body
+    assert response.header("Content-Type") == "application/json"
+    assert response.header("X-Request-Id")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"], str) and body["error"]
+    if message is not None:
+        assert message in body["error"], body["error"]
+    return body["error"]
 
 
 def assert_error(response, status, error_type, *, model=None, message=None) -> dict:
@@ -2103,6 +2100,7 @@ __all__ = [
     "accepted_inode",
     "alive",
     "assert_error",
+    "assert_v2_error",
     "assert_no_bug_logged",
     "blocked_writing",
     "call",

@@ -20,7 +20,7 @@ from aibackend.auth import Guard
 from aibackend.config import V2Spec
 from aibackend.tensors import TensorSpec
 from aibackend.testing import ADMIN_TOKEN as TOKEN
-from aibackend.testing import FakeModel, StubFrontDoor, failure_of, has_fired, result_of
+from aibackend.testing import FakeModel, StubFrontDoor, assert_v2_error, failure_of, has_fired, result_of
 from aibackend.testing import ManagedFrontDoor as Door
 
 KEY = "client-key-0123456789"
@@ -77,19 +77,6 @@ def x_input(data=((1, 2), (3, 4)), shape=(2, 2), datatype="FP32", name="x", **ex
 
 def n_input(value=3, datatype="INT8", shape=()):
     return {"name": "n", "datatype": datatype, "shape": list(shape), "data": [value]}
-
-
-def assert_v2_error(response, status, *, message=None):
-    """The protocol's error shape: C{{"error": "text"}}, JSON, with the request's id."""
-    assert response.status == status, response.body
-    assert response.header("Content-Type") == "application/json"
-    assert response.header("X-Request-Id")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert isinstance(body["error"], str) and body["error"]
-    if message is not None:
-        assert message in body["error"], body["error"]
-    return body["error"]
 
 
 # --- the server ---------------------------------------------------------------------------

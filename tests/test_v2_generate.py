@@ -22,6 +22,7 @@ from aibackend.testing import (
     FakeStreamingModel,
     DoorStream,
     StubFrontDoor,
+    assert_v2_error,
     has_fired,
     result_of,
     sse_data,
@@ -65,19 +66,6 @@ def generate(door, model, body, **kwargs):
 def open_stream(door, model, body, **kwargs) -> DoorStream:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return DoorStream(door, "POST", f"/v2/models/{model}/generate_stream", data=data, **kwargs)
-
-
-def assert_v2_error(response, status, *, message=None):
-    """The protocol's error shape: C{{"error": "text"}}, JSON, with the request's id."""
-    assert response.status == status, response.body
-    assert response.header("Content-Type") == "application/json"
-    assert response.header("X-Request-Id")
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert isinstance(body["error"], str) and body["error"]
-    if message is not None:
-        assert message in body["error"], body["error"]
-    return body["error"]
 
 
 def requests_logged(model):
