@@ -434,10 +434,19 @@ class StreamWriter:
                 stats.first_chunk(now - self.began)
             if self.deferred is not None:
                 # From now on the idle deadline counts, not the first chunk's: maybe sooner.
-                if self.timer is not None:
-                    self.timer.cancel()
-                    self.timer = None
-                self._schedule(now)
+                # The timer is moved, not replaced (a cancelled DelayedCall stays in the
+                # reactor's heap until its time): sooner if need be, and a later time is
+                # found by the tick itself.
+                timer = self.timer
+                if timer is None:
+                    self._schedule(now)
+                else:
+                    when = self._next()
+                    if when is None:
+                        self.timer = None
+                        timer.cancel()
+                    elif when < timer.getTime():
+                        timer.reset(max(when - now, 0.0))
         elif self.timer is not None:
             self.last_chunk_at = self.last_write_at = self.clock.seconds()
         self.request.write(framed)
