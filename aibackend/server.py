@@ -176,8 +176,9 @@ class AibackendChannel(HTTPChannel):
 
     The limits cost the hot path nothing it did not pay before: one timer a connection,
     set when the first request starts and looking, when it fires, at what is awaited
-    (headers, a body, the client reading its answer), then setting itself for what is
-    left; a body that arrives with its headers never arms it.
+    (headers, a body, the client reading its answer, an idle keep-alive connection: the
+    idle timeout Twisted's own DelayedCall kept, L{setTimeout}), then setting itself for
+    what is left; a body that arrives with its headers never arms it.
 
     Twisted's refusals are made in methods it calls on its channel; those overridden
     here (C{_respondToBadRequestAndDisconnect}, and the counters and the decoder it
@@ -194,7 +195,7 @@ class AibackendChannel(HTTPChannel):
     # its own, 1.5 KB): an open connection costs that much less (10,000 held streams, 15 MB).
     __slots__ = (
         "peer", "refusal", "writes", "timer", "head_since", "body_since", "body_armed", "stalled_since", "closing",
-        "_local", "_after_cr", "requests", "_handlingRequest", "_dataBuffer", "_transferDecoder",
+        "_local", "_after_cr", "idle_since", "requests", "_handlingRequest", "_dataBuffer", "_transferDecoder",
     )
 
     def __init__(self):
@@ -210,6 +211,7 @@ class AibackendChannel(HTTPChannel):
         self.closing = False
         self._local = None
         self._after_cr = False  # the request line's bytes so far end in CR
+        self.idle_since = None  # the idle timeout's start (Twisted's timeOut): no request in progress
 
     # --- the connection ------------------------------------------------------------------
 
@@ -341,6 +343,34 @@ class AibackendChannel(HTTPChannel):
 
     # --- the timer -------------------------------------------------------------------------
 
+    def setTimeout(self, period):
+        """
+        Twisted's idle timeout (L{TimeoutMixin.setTimeout}: C{idle_timeout}, off while a
+        request is in progress), kept by the connection's one timer instead of a
+        DelayedCall of its own: Twisted cancels that call at each request and makes a new
+        one after it, and a cancelled call stays in the reactor's heap until its time (a
+        held stream's connection held one for C{idle_timeout}). When it is reached,
+        Twisted's C{timeoutConnection} closes the connection, as before.
+        """
+        previous = self.timeOut
+        self.timeOut = period
+        if period is None:
+            self.idle_since = None
+            return previous
+        reactor = self.site.reactor
+        now = self.idle_since = reactor.seconds()
+        timer = self.timer
+        if timer is None:
+            self.timer = reactor.callLater(period, self._check)
+        elif timer.getTime() > now + period:
+            timer.reset(period)
+        return previous
+
+    def resetTimeout(self):
+        """Data came: an idle connection's timeout counts from now (L{TimeoutMixin.resetTimeout})."""
+        if self.idle_since is not None:
+            self.idle_since = self.site.reactor.seconds()
+
     def _start_head(self) -> None:
         if not self.site.header_timeout:
             return
@@ -378,6 +408,13 @@ class AibackendChannel(HTTPChannel):
             at = self.head_since + site.header_timeout
             if now >= at - _EPSILON:
                 return self._head_expired()
+            due.append(at)
+        if self.idle_since is not None and self.timeOut is not None:
+            at = self.idle_since + self.timeOut
+            if now >= at - _EPSILON:
+                self.idle_since = None
+                self.timeoutConnection()
+                return
             due.append(at)
         if self.body_since is not None and self.body_armed:
             at = self._body_due(now)
