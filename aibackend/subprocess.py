@@ -72,6 +72,11 @@ def _unregister(result, chunks):
     return result
 
 
+def _streamed(answer, chunks):
+    chunks.unregisterProducer()
+    return stream_result(answer)
+
+
 @implementer(IPushProducer)
 class StreamProducer:
     """
@@ -252,7 +257,8 @@ class SubprocessModel(PoolEvents, Service):
         except BaseException:
             chunks.unregisterProducer()
             raise
-        return d.addBoth(_unregister, chunks).addCallback(stream_result)
+        # One callback pair, not two (a held stream's Deferred holds them).
+        return d.addCallbacks(_streamed, _unregister, callbackArgs=(chunks,), errbackArgs=(chunks,))
 
     def _send(self, pending: Pending) -> Deferred:
         self.requests += 1
