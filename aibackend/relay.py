@@ -209,9 +209,8 @@ class Relay:
         @return: C{NOT_DONE_YET}, for C{render}.
         """
         request.notifyFinish().addErrback(_cancel, d)
-        d.addErrback(shape.errback, request)
-        d.addCallback(_write, request)
-        d.addErrback(_write_failed)
+        # One callback pair (the answer, or the failure in the shape), not three steps.
+        d.addCallbacks(_answered, _refused, callbackArgs=(request,), errbackArgs=(request, shape))
         return NOT_DONE_YET
 
 
@@ -634,10 +633,18 @@ def _cancel(_, d) -> None:
     d.cancel()
 
 
-def _write_failed(failure) -> None:
-    # A function, not the bound method of a Logger (the descriptor makes one at each access):
-    # the Deferred of every request holds it until it is answered.
-    Relay.log.failure("writing an answer", failure)
+def _answered(body, request) -> None:
+    try:
+        _write(body, request)
+    except Exception:
+        Relay.log.failure("writing an answer")
+
+
+def _refused(failure, request, shape) -> None:
+    try:
+        _write(shape.failure(request, failure), request)
+    except Exception:
+        Relay.log.failure("writing an answer")
 
 
 def _write(body, request):
