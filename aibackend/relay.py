@@ -391,20 +391,17 @@ class StreamWriter:
             if stats is not None:
                 stats.first_chunk(now - self.began)
             if self.deferred is not None:
-                # From now on the idle deadline counts, not the first chunk's: maybe sooner.
-                # The timer is moved, not replaced (a cancelled DelayedCall stays in the
-                # reactor's heap until its time): sooner if need be, and a later time is
-                # found by the tick itself.
+                # From now on the idle deadline counts, not the first chunk's. A later one is
+                # left to the timer's tick (a cancelled DelayedCall stays in the reactor's
+                # heap until its time); a sooner one replaces it (moving a DelayedCall
+                # sooner searches the reactor's whole heap: O(streams)).
                 timer = self.timer
-                if timer is None:
-                    self._schedule(now)
-                else:
-                    when = self._next()
-                    if when is None:
+                when = self._next()
+                if timer is None or when is None or when < timer.getTime():
+                    if timer is not None:
                         self.timer = None
                         timer.cancel()
-                    elif when < timer.getTime():
-                        timer.reset(max(when - now, 0.0))
+                    self._schedule(now)
         elif self.timer is not None:
             self.last_chunk_at = self.last_write_at = self.clock.seconds()
         self.request.write(framed)

@@ -216,6 +216,11 @@ class AibackendChannel(HTTPChannel):
     # --- the connection ------------------------------------------------------------------
 
     def connectionMade(self):
+        if self.refusal is None and self.site.header_timeout:
+            # Before Twisted's setTimeout (the idle timeout, in super()), so that the timer is
+            # made once, for the nearer deadline: moving a DelayedCall sooner searches the
+            # reactor's whole heap (O(connections)).
+            self.head_since = self.site.reactor.seconds()
         super().connectionMade()
         # Each request asks its channel for the local address: one getsockname() call a
         # request, for an answer that never changes on a connection.
@@ -223,8 +228,8 @@ class AibackendChannel(HTTPChannel):
         self.writes = hold_writes(self.transport, self.site.reactor)
         if self.refusal is not None:
             self.answer(*self.refusal)
-        else:
-            self._start_head()
+        elif self.head_since is not None and self.timer is None:
+            self._arm(self.head_since + self.site.header_timeout)  # (set already, unless there is no idle timeout)
 
     def getHost(self):
         return self._local if self._local is not None else super().getHost()
@@ -357,13 +362,17 @@ class AibackendChannel(HTTPChannel):
         if period is None:
             self.idle_since = None
             return previous
-        reactor = self.site.reactor
+        site = self.site
+        reactor = site.reactor
         now = self.idle_since = reactor.seconds()
+        at = now + period
         timer = self.timer
         if timer is None:
-            self.timer = reactor.callLater(period, self._check)
-        elif timer.getTime() > now + period:
-            timer.reset(period)
+            if self.head_since is not None:
+                at = min(at, self.head_since + site.header_timeout)  # a new connection's
+            self.timer = reactor.callLater(max(0.0, at - now), self._check)
+        elif timer.getTime() > at:
+            timer.reset(period)  # rare: a timer set for later (a send_timeout past idle_timeout)
         return previous
 
     def resetTimeout(self):

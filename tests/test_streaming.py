@@ -339,9 +339,10 @@ def test_a_first_chunk_in_time_ends_the_first_chunk_deadline(clock):
     assert requests_logged(model) == [(200, None)]
 
 
-def test_the_first_chunk_moves_the_streams_timer_instead_of_making_another(clock):
-    # A cancelled DelayedCall stays in the reactor's heap until its time: the stream's one
-    # timer is moved (sooner: the idle deadline), or left for its tick to set again (later).
+def test_the_first_chunk_leaves_the_streams_timer_for_a_later_deadline_and_replaces_it_for_a_sooner(clock):
+    # A cancelled DelayedCall stays in the reactor's heap until its time, and moving one
+    # sooner searches that whole heap: the stream's one timer is left for its tick to set
+    # again when the idle deadline is later, replaced when it is sooner.
     door, model = limited(clock, first_chunk_timeout=60, stream_idle_timeout=2, keepalive_seconds=0)
     opened = sse(door)
     stream = model.streams[0]
@@ -349,7 +350,8 @@ def test_the_first_chunk_moves_the_streams_timer_instead_of_making_another(clock
     assert timer.getTime() == 60
     clock.advance(1)
     stream.chunk("a")
-    assert clock.getDelayedCalls() == [timer] and timer.getTime() == 3  # sooner: the idle deadline
+    (replaced,) = clock.getDelayedCalls()
+    assert replaced is not timer and replaced.getTime() == 3 and timer.cancelled  # sooner: the idle deadline
     clock.advance(2)
     assert stream.cancelled
     assert error_event(opened)["error"]["message"] == "model 'm' sent no chunk for 2 s (stream_idle_timeout)"
