@@ -21,6 +21,7 @@ this order and stopped in the reverse one:
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -80,10 +81,23 @@ class ReadinessService(service.Service):
     def startService(self):
         super().startService()
         self.front_door.accepting = True
+        freeze_start_up()
 
     def stopService(self):
         self.front_door.accepting = False
         return super().stopService()
+
+
+def freeze_start_up() -> None:
+    """
+    Take what start-up made (modules, classes, routes, the configuration, the models'
+    parts: it lives as long as the daemon) out of the garbage collector's generations
+    (C{gc.freeze}), once it has started: a full collection, which comes whenever the
+    objects alive have grown by a quarter (10,000 held streams are a million objects),
+    then no longer walks them all again. Start-up's own garbage is collected first.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class StoreService(service.Service):

@@ -168,53 +168,10 @@ class Relay:
         d = maybeDeferred(entry.model.stream, body, context, writer)
         if not d.called:
             writer.watch(d)
-
-        def settled(result):
-            stats.in_flight -= 1
-            writer.stop_clock()
-            return result
-
-        d.addBoth(settled)
-        request_id, operation = context.request_id, context.operation
-
-        def ended(output):
-            self._stream_done(writer, entry, request_id, operation, started, 200, None, "done")
-            writer.end(output)
-
-        def failed(failure):
-            error = writer.cut
-            if error is not None:
-                pass  # the relay ended it: a deadline, or a reader too slow
-            elif failure.check(CancelledError):
-                if writer.gone():
-                    self._stream_done(writer, entry, request_id, operation, started, CLIENT_CLOSED,
-                                      "the client went away", "cancelled")
-                    writer.drop()
-                    return failure
-                model_id = entry.model_id
-                error = errors.ModelUnavailable(
-                    f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
-                )
-            elif failure.check(errors.ApiError):
-                error = failure.value
-            else:
-                self._stream_done(writer, entry, request_id, operation, started, 500, failure.getErrorMessage(),
-                                  "error")
-                if not writer.started:
-                    writer.drop()
-                    return failure  # the front door logs it and answers 500
-                self.log.failure("streaming an answer of model {model}", failure, model=entry.model_id)
-                writer.fail(shape.document(errors.InternalError(UNEXPECTED), request_id))
-                return None
-            how = "timeout" if error.status == errors.GatewayTimeout.status else "error"
-            self._stream_done(writer, entry, request_id, operation, started, error.status, error.message, how)
-            if not writer.started:
-                writer.drop()
-                raise error
-            writer.fail(shape.document(error, request_id))
-            return None
-
-        d.addCallbacks(ended, failed)
+        # The outcome is the writer's to tell (StreamWriter.ended, .failed): two bound methods
+        # on the stream's Deferred, no closures (a held stream holds them all).
+        writer.relay, writer.entry, writer.context, writer.shape = self, entry, context, shape
+        d.addCallbacks(writer.ended, writer.failed)
         return d
 
     def _stream_done(self, writer, entry, request_id, operation, started, status, error, how: str) -> None:
@@ -251,10 +208,9 @@ class Relay:
 
         @return: C{NOT_DONE_YET}, for C{render}.
         """
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addErrback(shape.errback, request)
-        d.addCallback(_write, request)
-        d.addErrback(self.log.failure, "writing an answer")
+        request.notifyFinish().addErrback(_cancel, d)
+        # One callback pair (the answer, or the failure in the shape), not three steps.
+        d.addCallbacks(_answered, _refused, callbackArgs=(request,), errbackArgs=(request, shape))
         return NOT_DONE_YET
 
 
@@ -350,7 +306,7 @@ class StreamWriter:
         "request", "framing", "clock", "stats", "began", "started", "producer", "chunks", "first_chunk_at",
         "last_chunk_at", "last_write_at", "cut", "stream_end", "paused", "waiting", "timer", "deferred",
         "client_end", "first_chunk_timeout", "idle_timeout", "keepalive_seconds", "max_buffer", "keepalive_bytes",
-        "model_id",
+        "model_id", "relay", "entry", "context", "shape",
     )
 
     def __init__(self, request, framing: Framing, clock=None, *, spec=None, stats=None, started: float = 0.0):
@@ -383,6 +339,8 @@ class StreamWriter:
             self.max_buffer = spec.max_stream_buffer_bytes
         self.keepalive_bytes = framing.keepalive() if self.keepalive_seconds else None
         self.model_id = None if spec is None else spec.id
+        # The stream's outcome (Relay.stream): told by ended or failed, once.
+        self.relay = self.entry = self.context = self.shape = None
 
     @property
     def first_chunk_ms(self) -> float | None:
@@ -434,11 +392,17 @@ class StreamWriter:
             if stats is not None:
                 stats.first_chunk(now - self.began)
             if self.deferred is not None:
-                # From now on the idle deadline counts, not the first chunk's: maybe sooner.
-                if self.timer is not None:
-                    self.timer.cancel()
-                    self.timer = None
-                self._schedule(now)
+                # From now on the idle deadline counts, not the first chunk's. A later one is
+                # left to the timer's tick (a cancelled DelayedCall stays in the reactor's
+                # heap until its time); a sooner one replaces it (moving a DelayedCall
+                # sooner searches the reactor's whole heap: O(streams)).
+                timer = self.timer
+                when = self._next()
+                if timer is None or when is None or when < timer.getTime():
+                    if timer is not None:
+                        self.timer = None
+                        timer.cancel()
+                    self._schedule(now)
         elif self.timer is not None:
             self.last_chunk_at = self.last_write_at = self.clock.seconds()
         self.request.write(framed)
@@ -495,6 +459,60 @@ class StreamWriter:
             request.finish()
         else:
             self._release()
+
+    # --- the outcome (Relay.stream's callbacks) ---------------------------------------
+
+    def _settled(self) -> None:
+        self.entry.stats.in_flight -= 1
+        self.stop_clock()
+
+    def ended(self, output) -> None:
+        """The model's stream ended with C{output}: logged, counted, and the end event written."""
+        self._settled()
+        context = self.context
+        self.relay._stream_done(self, self.entry, context.request_id, context.operation, self.began, 200, None,
+                                "done")
+        self.end(output)
+
+    def failed(self, failure):
+        """
+        The model's stream failed (or was cut, or its client went away): logged and
+        counted; before the first byte, the failure goes on to the front door (which
+        answers it as a plain request's error); after it, the error event ends the stream.
+        """
+        self._settled()
+        relay, entry, context = self.relay, self.entry, self.context
+        request_id, operation, started = context.request_id, context.operation, self.began
+        error = self.cut
+        if error is not None:
+            pass  # the relay ended it: a deadline, or a reader too slow
+        elif failure.check(CancelledError):
+            if self.gone():
+                relay._stream_done(self, entry, request_id, operation, started, CLIENT_CLOSED,
+                                   "the client went away", "cancelled")
+                self.drop()
+                return failure
+            model_id = entry.model_id
+            error = errors.ModelUnavailable(
+                f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
+            )
+        elif failure.check(errors.ApiError):
+            error = failure.value
+        else:
+            relay._stream_done(self, entry, request_id, operation, started, 500, failure.getErrorMessage(), "error")
+            if not self.started:
+                self.drop()
+                return failure  # the front door logs it and answers 500
+            relay.log.failure("streaming an answer of model {model}", failure, model=entry.model_id)
+            self.fail(self.shape.document(errors.InternalError(UNEXPECTED), request_id))
+            return None
+        how = "timeout" if error.status == errors.GatewayTimeout.status else "error"
+        relay._stream_done(self, entry, request_id, operation, started, error.status, error.message, how)
+        if not self.started:
+            self.drop()
+            raise error
+        self.fail(self.shape.document(error, request_id))
+        return None
 
     # --- deadlines and keepalives -----------------------------------------------------
 
@@ -607,6 +625,24 @@ class _ClientEnd:
         writer._release()
         if producer is not None:
             producer.stopProducing()
+
+
+def _cancel(_, d) -> None:
+    d.cancel()
+
+
+def _answered(body, request) -> None:
+    try:
+        _write(body, request)
+    except Exception:
+        Relay.log.failure("writing an answer")
+
+
+def _refused(failure, request, shape) -> None:
+    try:
+        _write(shape.failure(request, failure), request)
+    except Exception:
+        Relay.log.failure("writing an answer")
 
 
 def _write(body, request):

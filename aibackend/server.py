@@ -176,8 +176,9 @@ class AibackendChannel(HTTPChannel):
 
     The limits cost the hot path nothing it did not pay before: one timer a connection,
     set when the first request starts and looking, when it fires, at what is awaited
-    (headers, a body, the client reading its answer), then setting itself for what is
-    left; a body that arrives with its headers never arms it.
+    (headers, a body, the client reading its answer, an idle keep-alive connection: the
+    idle timeout Twisted's own DelayedCall kept, L{setTimeout}), then setting itself for
+    what is left; a body that arrives with its headers never arms it.
 
     Twisted's refusals are made in methods it calls on its channel; those overridden
     here (C{_respondToBadRequestAndDisconnect}, and the counters and the decoder it
@@ -187,21 +188,39 @@ class AibackendChannel(HTTPChannel):
     log = Logger()
 
     site = None
-    peer = None  # the client's address (a host), for the per-peer cap
-    refusal = None  # (status, reason, kind, message): answered once connected
-    writes = None  # aibackend.directwrite's, on a plain TCP connection
-    timer = None
-    head_since = None  # when the request whose headers are awaited began
-    body_since = None  # when the body now awaited began
-    body_armed = False
-    stalled_since = None  # when the client stopped reading what it is sent
-    closing = False
-    _local = None
-    _after_cr = False  # the request line's bytes so far end in CR
+
+    # The daemon's own attributes, and those HTTPChannel.__init__ always sets (none has a
+    # class default), are slots: the instance's __dict__ keeps fewer than 30 keys, CPython's
+    # limit for a dict that shares its class's keys (under 300 bytes; past it, a dict of
+    # its own, 1.5 KB): an open connection costs that much less (10,000 held streams, 15 MB).
+    __slots__ = (
+        "peer", "refusal", "writes", "timer", "head_since", "body_since", "body_armed", "stalled_since", "closing",
+        "_local", "_after_cr", "idle_since", "requests", "_handlingRequest", "_dataBuffer", "_transferDecoder",
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.peer = None  # the client's address (a host), for the per-peer cap
+        self.refusal = None  # (status, reason, kind, message): answered once connected
+        self.writes = None  # aibackend.directwrite's, on a plain TCP connection
+        self.timer = None
+        self.head_since = None  # when the request whose headers are awaited began
+        self.body_since = None  # when the body now awaited began
+        self.body_armed = False
+        self.stalled_since = None  # when the client stopped reading what it is sent
+        self.closing = False
+        self._local = None
+        self._after_cr = False  # the request line's bytes so far end in CR
+        self.idle_since = None  # the idle timeout's start (Twisted's timeOut): no request in progress
 
     # --- the connection ------------------------------------------------------------------
 
     def connectionMade(self):
+        if self.refusal is None and self.site.header_timeout:
+            # Before Twisted's setTimeout (the idle timeout, in super()), so that the timer is
+            # made once, for the nearer deadline: moving a DelayedCall sooner searches the
+            # reactor's whole heap (O(connections)).
+            self.head_since = self.site.reactor.seconds()
         super().connectionMade()
         # Each request asks its channel for the local address: one getsockname() call a
         # request, for an answer that never changes on a connection.
@@ -209,8 +228,8 @@ class AibackendChannel(HTTPChannel):
         self.writes = hold_writes(self.transport, self.site.reactor)
         if self.refusal is not None:
             self.answer(*self.refusal)
-        else:
-            self._start_head()
+        elif self.head_since is not None and self.timer is None:
+            self._arm(self.head_since + self.site.header_timeout)  # (set already, unless there is no idle timeout)
 
     def getHost(self):
         return self._local if self._local is not None else super().getHost()
@@ -329,6 +348,38 @@ class AibackendChannel(HTTPChannel):
 
     # --- the timer -------------------------------------------------------------------------
 
+    def setTimeout(self, period):
+        """
+        Twisted's idle timeout (L{TimeoutMixin.setTimeout}: C{idle_timeout}, off while a
+        request is in progress), kept by the connection's one timer instead of a
+        DelayedCall of its own: Twisted cancels that call at each request and makes a new
+        one after it, and a cancelled call stays in the reactor's heap until its time (a
+        held stream's connection held one for C{idle_timeout}). When it is reached,
+        Twisted's C{timeoutConnection} closes the connection, as before.
+        """
+        previous = self.timeOut
+        self.timeOut = period
+        if period is None:
+            self.idle_since = None
+            return previous
+        site = self.site
+        reactor = site.reactor
+        now = self.idle_since = reactor.seconds()
+        at = now + period
+        timer = self.timer
+        if timer is None:
+            if self.head_since is not None:
+                at = min(at, self.head_since + site.header_timeout)  # a new connection's
+            self.timer = reactor.callLater(max(0.0, at - now), self._check)
+        elif timer.getTime() > at:
+            timer.reset(period)  # rare: a timer set for later (a send_timeout past idle_timeout)
+        return previous
+
+    def resetTimeout(self):
+        """Data came: an idle connection's timeout counts from now (L{TimeoutMixin.resetTimeout})."""
+        if self.idle_since is not None:
+            self.idle_since = self.site.reactor.seconds()
+
     def _start_head(self) -> None:
         if not self.site.header_timeout:
             return
@@ -366,6 +417,13 @@ class AibackendChannel(HTTPChannel):
             at = self.head_since + site.header_timeout
             if now >= at - _EPSILON:
                 return self._head_expired()
+            due.append(at)
+        if self.idle_since is not None and self.timeOut is not None:
+            at = self.idle_since + self.timeOut
+            if now >= at - _EPSILON:
+                self.idle_since = None
+                self.timeoutConnection()
+                return
             due.append(at)
         if self.body_since is not None and self.body_armed:
             at = self._body_due(now)
@@ -440,6 +498,15 @@ class AibackendChannel(HTTPChannel):
 
 class BoundedRequest(Request):
     """A request whose body may not exceed its site's C{max_body_bytes}."""
+
+    # What Twisted's Request.__init__ always sets (none has a class default) goes in slots,
+    # so that the instance's __dict__ keeps fewer than 30 keys, CPython's limit for a dict
+    # that shares its class's keys: under 300 bytes, not 1.5 KB, for each request (a held
+    # stream holds its request: 10,000 of them, 12 MB).
+    __slots__ = (
+        "notifications", "channel", "client", "host", "requestHeaders", "received_cookies", "responseHeaders",
+        "cookies", "transport", "queued", "_parsePOSTFormSubmission", "_adapterCache",
+    )
 
     body_size = 0
     refused = False

@@ -50,7 +50,7 @@ class Pending:
     """A request on its way through a subprocess model."""
 
     __slots__ = ("body", "context", "deferred", "timer", "process", "wire_id", "sent_at", "abandoned", "counted",
-                 "chunks", "gathered", "paused")
+                 "chunks", "gathered", "paused", "model")
 
     def __init__(self, body, context):
         self.body = body
@@ -65,11 +65,21 @@ class Pending:
         self.chunks = None  # a stream's IChunks
         self.gathered = None  # a plain request's chunks so far (lines.Gathered)
         self.paused = False  # a stream whose reader is slow
+        self.model = None  # the SubprocessModel it was sent to
+
+    def cancel(self, deferred) -> None:
+        """Its Deferred's canceller: the client went away (a bound method, not a closure a request)."""
+        self.model._cancelled(self)
 
 
 def _unregister(result, chunks):
     chunks.unregisterProducer()
     return result
+
+
+def _streamed(answer, chunks):
+    chunks.unregisterProducer()
+    return stream_result(answer)
 
 
 @implementer(IPushProducer)
@@ -252,7 +262,8 @@ class SubprocessModel(PoolEvents, Service):
         except BaseException:
             chunks.unregisterProducer()
             raise
-        return d.addBoth(_unregister, chunks).addCallback(stream_result)
+        # One callback pair, not two (a held stream's Deferred holds them).
+        return d.addCallbacks(_streamed, _unregister, callbackArgs=(chunks,), errbackArgs=(chunks,))
 
     def _send(self, pending: Pending) -> Deferred:
         self.requests += 1
@@ -272,7 +283,8 @@ class SubprocessModel(PoolEvents, Service):
         if pool.stopping or not pool.running:
             self.failures += 1
             raise ModelUnavailable(f"model {self.model_id!r} is not running", model=self.model_id)
-        pending.deferred = Deferred(lambda d: self._cancelled(pending))
+        pending.model = self
+        pending.deferred = Deferred(pending.cancel)
         process = self._least_busy()
         if process is None and self.limit.full():
             self.failures += 1

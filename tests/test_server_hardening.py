@@ -803,7 +803,7 @@ def test_after_a_large_request_the_site_trims_the_heap_once_a_second_later(clock
     small = POST + b"Content-Length: 2\r\n\r\n{}"
     large = b'{"text": "' + b"a" * (2 << 20) + b'"}'
     protocol.dataReceived(small)
-    assert len(live_calls(clock)) == 2  # the header and idle timers: no trim for a small one
+    assert len(live_calls(clock)) == 1  # the connection's one timer (its header and idle timeouts): no trim for a small one
     for _ in range(3):
         protocol.dataReceived(POST + b"Content-Length: %d\r\n\r\n" % len(large) + large)
     assert transport.value().count(b"HTTP/1.1 200 ") == 4
@@ -867,4 +867,42 @@ def test_an_http_1_0_request_without_host_on_a_unix_socket_is_served(clock):
     status, headers, body, _ = parse_response(transport.value())
     assert status == 200, transport.value()[:300]
     assert headers["content-type"] == "application/json"
+    close(protocol)
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_by_the_connections_one_timer(clock):
+    # Twisted's idle timeout (timeout=, the config's idle_timeout) is kept by the channel's
+    # own timer: one DelayedCall a connection, none made or cancelled at each request.
+    site = make_site(clock, timeout=30)
+    protocol, transport = connect(site)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(5)
+    protocol.dataReceived(POST + b"Content-Length: 2\r\n\r\n{}")
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert len(clock.getDelayedCalls()) == 1  # the same one: nothing cancelled, nothing new
+    clock.advance(29)  # the header deadline passed (nothing awaited); idle for 29 s of 30
+    assert not transport.disconnecting
+    protocol.dataReceived(b"GET /health/live HTTP/1.1\r\n")  # data: it is not idle, a request is coming
+    clock.advance(2)
+    protocol.dataReceived(b"Host: x\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 200 ") == 2
+    clock.advance(29.9)
+    assert not transport.disconnecting  # idle since the second answer: 29.9 s of 30
+    clock.advance(0.2)
+
+    assert transport.disconnecting
+    close(protocol)
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_request_in_progress_is_never_timed_out_as_idle(clock):
+    model = FakeModel("m", clock).holds()
+    site = make_site(clock, model, timeout=30)
+    protocol, transport = connect(site)
+    protocol.dataReceived(POST + b"Content-Length: 2\r\n\r\n{}")
+    clock.advance(100)
+
+    assert not transport.disconnecting
+    assert transport.value() == b""
+    assert [call for call in clock.getDelayedCalls() if call.func.__name__ == "_check"] == []
     close(protocol)

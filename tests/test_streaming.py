@@ -316,6 +316,42 @@ def test_a_first_chunk_in_time_ends_the_first_chunk_deadline(clock):
     assert requests_logged(model) == [(200, None)]
 
 
+def test_the_first_chunk_leaves_the_streams_timer_for_a_later_deadline_and_replaces_it_for_a_sooner(clock):
+    # A cancelled DelayedCall stays in the reactor's heap until its time, and moving one
+    # sooner searches that whole heap: the stream's one timer is left for its tick to set
+    # again when the idle deadline is later, replaced when it is sooner.
+    door, model = limited(clock, first_chunk_timeout=60, stream_idle_timeout=2, keepalive_seconds=0)
+    opened = sse(door)
+    stream = model.streams[0]
+    (timer,) = clock.getDelayedCalls()
+    assert timer.getTime() == 60
+    clock.advance(1)
+    stream.chunk("a")
+    (replaced,) = clock.getDelayedCalls()
+    assert replaced is not timer and replaced.getTime() == 3 and timer.cancelled  # sooner: the idle deadline
+    clock.advance(2)
+    assert stream.cancelled
+    assert error_event(opened)["error"]["message"] == "model 'm' sent no chunk for 2 s (stream_idle_timeout)"
+    assert clock.getDelayedCalls() == []
+
+    door, model = limited(clock, first_chunk_timeout=2, stream_idle_timeout=10, keepalive_seconds=0)
+    opened = sse(door)
+    stream = model.streams[0]
+    (timer,) = clock.getDelayedCalls()
+    clock.advance(1)
+    stream.chunk("a")
+    assert clock.getDelayedCalls() == [timer] and timer.getTime() == 5  # later: left for its tick
+    clock.advance(1)
+    (timer,) = clock.getDelayedCalls()
+    assert timer.getTime() == 14 and not stream.cancelled  # the tick set itself for the idle deadline
+    clock.advance(8.9)
+    assert not stream.cancelled
+    clock.advance(0.1)
+    assert stream.cancelled
+    assert error_event(opened)["error"]["message"] == "model 'm' sent no chunk for 10 s (stream_idle_timeout)"
+    assert clock.getDelayedCalls() == []
+
+
 def test_a_gap_past_stream_idle_timeout_is_an_error_event_and_cancels_the_model(clock):
     door, model = limited(clock, stream_idle_timeout=2, keepalive_seconds=0)
     opened = sse(door)
