@@ -220,10 +220,6 @@ class ErrorShape:
                          method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
         return self.render(request, errors.InternalError(UNEXPECTED))
 
-    def errback(self, failure, request) -> bytes:
-        """L{failure} as an errback: C{d.addErrback(shape.errback, request)}."""
-        return self.failure(request, failure)
-
 
 def handle_errors(app: Klein) -> Klein:
     """
