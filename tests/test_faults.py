@@ -220,8 +220,9 @@ def test_every_replica_refusing_is_a_502(start_daemon):
 # --- 3. a flood past the limits -----------------------------------------------------------
 
 
+@pytest.mark.timeout(30)
 def test_a_flood_past_the_limits_is_shed_at_once(start_daemon, model_server):
-    slow = model_server(delay=1)
+    slow = model_server(delay=2)
     daemon = start_daemon(config_text=SERVER + toml_models(
         http_model("slow", url=slow.url, max_concurrency=2, max_queue=2, timeout=8),
     ))
@@ -239,7 +240,9 @@ def test_a_flood_past_the_limits_is_shed_at_once(start_daemon, model_server):
     assert codes == [200] * 4 + [503] * 8, results
     for code, took, retry_after, reply in results:
         if code == 503:
-            assert took < 0.5, results
+            # At once: long before the model's first answer (2 s) would free a place. (The
+            # bound is loose: the suite runs on several workers of a loaded machine.)
+            assert took < 1.0, results
             assert retry_after is not None and int(retry_after) >= 1, reply
             assert reply.json()["error"]["type"] == "model_unavailable"
     assert slow.hits == 4
