@@ -212,6 +212,17 @@ def read_request(text: bytes, operation: str) -> tuple[dict, bool, bool]:
     return document, stream, include_usage
 
 
+def prepare(text: bytes, operation: str) -> tuple:
+    """
+    L{read_request}, then what the model is sent (L{model_body}) and the prompt's text
+    (L{prompt_text}): the request's work, done in a thread for a large body.
+
+    @return: (document, stream, include_usage, body, prompt).
+    """
+    document, stream, include_usage = read_request(text, operation)
+    return document, stream, include_usage, model_body(document, operation), prompt_text(document, operation)
+
+
 def model_body(document: dict, operation: str) -> bytes:
     """What an adapted model is sent: the request without the front door's keys."""
     drop = FRONT_DOOR_KEYS + (("encoding_format",) if operation == EMBEDDINGS else ())
@@ -408,8 +419,9 @@ class CompletionFraming(Framing):
     role in a chat's first), then one with the finish_reason, a usage chunk if asked,
     and C{data: [DONE]}; an error after the first byte is a last C{data: {"error": ...}}.
 
-    A chunk that is only a finish_reason or usage is kept for the end; a chunk whose JSON
-    is not a chat model's is sent as its text.
+    A chunk's finish_reason and usage are kept for the end (a chunk of only those is an
+    empty delta: the writer writes something for each chunk); a chunk that is not JSON is
+    sent as its text, and one that is neither a string nor an object as its JSON text.
     """
 
     def __init__(self, completions: Completions, include_usage: bool):
@@ -442,7 +454,7 @@ class CompletionFraming(Framing):
         self.finish = finish or self.finish
         self.usage = usage or self.usage
         if delta is None:
-            delta = ""  # an empty delta: a chunk still (the writer writes something for each)
+            delta = ""
         self.text.append(delta)
         first, self.first = self.first, False
         return _event(self.completions.chunk(delta, first=first, include_usage=self.include_usage))
@@ -538,13 +550,13 @@ class OpenAIAPI:
         request_id = self.begin(request)
         text = request.content.read().strip()
         if len(text) > THREAD_ABOVE_BYTES:
-            d = self.in_thread(read_request, text, operation)
+            d = self.in_thread(prepare, text, operation)
         else:
-            d = maybeDeferred(read_request, text, operation)
+            d = maybeDeferred(prepare, text, operation)
         return d.addCallback(self._send, request, request_id, operation)
 
-    def _send(self, read, request, request_id: str, operation: str):
-        document, stream, include_usage = read
+    def _send(self, prepared, request, request_id: str, operation: str):
+        document, stream, include_usage, body, prompt = prepared
         name = document["model"]
         request.aibackend_model = name
         entry = self._entry(name)
@@ -556,8 +568,6 @@ class OpenAIAPI:
             error = cannot_stream(entry)
             relay.done(entry, request_id, operation, started, error.status, error.message)
             raise error
-        body = model_body(document, operation)
-        prompt = prompt_text(document, operation)
         if operation == EMBEDDINGS:
             shape = self._embedded(model_id, document["encoding_format"] if "encoding_format" in document
                                    else "float", len(document["input"]), prompt)

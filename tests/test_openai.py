@@ -11,6 +11,7 @@ import json
 import struct
 
 import pytest
+from twisted.internet.defer import maybeDeferred
 
 from aibackend import errors
 from aibackend.auth import Guard
@@ -368,6 +369,30 @@ def test_embeddings_from_a_model_that_is_not_an_embedder(door, plain, answer, st
     assert response.status == status, response.body
     if status == 400:
         assert_openai_error(response, 400, "bad_request", message="cannot serve /v1/embeddings")
+
+
+def test_a_large_body_is_read_in_a_thread(clock):
+    calls = []
+
+    def in_thread(function, *args):
+        calls.append(function.__name__)
+        return maybeDeferred(function, *args)
+
+    model = FakeModel("big", clock).answers(200, {"embeddings": [[1.0]] * 2})
+    door = StubFrontDoor(clock, [model], in_thread=in_thread)
+    response = post(door, "/v1/embeddings", {"model": "big", "input": ["x" * 200_000, "y" * 200_000]})
+
+    assert response.status == 200, response.body
+    assert calls == ["prepare"]
+    assert json.loads(model.received[0].body)["input"][1] == "y" * 200_000
+
+
+def test_the_servers_refusals_on_v1_paths_are_in_openais_shape(clock, plain):
+    door = StubFrontDoor(clock, [plain], max_body_bytes=100)
+    response = post(door, "/v1/chat/completions", {**CHAT, "model": "plain", "user": "x" * 200})
+    assert_openai_error(response, 413, "payload_too_large")
+    problem = door.call("GET", "/v1/models/%FF")
+    assert_openai_error(problem, 400, "bad_request", message="not UTF-8")
 
 
 def test_the_hot_path_and_other_front_doors_are_unchanged(door, plain):

@@ -186,9 +186,20 @@ def test_a_model_failure_is_an_api_status_error(client):
     assert raised.value.response.headers["x-request-id"]
 
 
+def test_a_model_that_fails_mid_stream_ends_it_with_an_error_event(client):
+    stream = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "break"}],
+                                            stream=True)
+    pieces = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            pieces.append(chunk.choices[0].delta.content)
+    assert pieces == ["You"]
+    assert "the model broke mid-stream" in raised.value.message
+
+
 def test_shedding_is_a_rate_limit_error(client, daemon):
     holding = threading.Thread(target=lambda: client.chat.completions.create(
-        model="narrow", messages=[{"role": "user", "content": "one two three"}], temperature=0.5))
+        model="narrow", messages=[{"role": "user", "content": "one two three"}], temperature=0.3))
     holding.start()
     try:
         wait_until(lambda: daemon.request("GET", "/get/status?id=narrow", headers=AUTH).json()["in_flight"] == 1,

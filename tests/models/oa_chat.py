@@ -8,8 +8,8 @@ message's (or the prompt's) words, one chunk per word (a generator: it streams),
 C{max_tokens} words (then finish_reason "length"), C{temperature} seconds apart (a test's
 way to pace it). It ends with C{{"content": the whole text, "finish_reason", "usage"}},
 usage counted as words, for a chat; a completion's end gives no usage (the front door
-estimates it). The text "fail" raises (a 500); "forever" yields words until it is
-cancelled.
+estimates it). The text "fail" raises (a 500); "break" raises after its first word
+(an error mid-stream); "forever" yields words until it is cancelled.
 """
 
 import time
@@ -46,6 +46,8 @@ def _words(content, limit, pause, chat, prompt_words):
         piece = word if n == 0 else " " + word
         sent.append(piece)
         yield piece
+        if content == "break":
+            raise RuntimeError("the model broke mid-stream")
         n += 1
         if pause:
             time.sleep(pause)
