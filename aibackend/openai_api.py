@@ -429,9 +429,12 @@ class CompletionFraming(Framing):
         self.completions = completions
         self.include_usage = include_usage
         self.first = True
-        self.text: list[str] = []
+        # The stream's text, for estimated usage: strings, and string chunks' JSON text as it came.
+        self.text: list = []
         self.finish = None
         self.usage = None
+        # A later chunk's event around a string delta's JSON text, made once (see chunk).
+        self._around = None
 
     def _read(self, data: bytes):
         try:
@@ -450,6 +453,16 @@ class CompletionFraming(Framing):
         return json.dumps(value), None, None
 
     def chunk(self, data: bytes) -> bytes:
+        if not self.first and data[:1] == b'"' and data[-1:] == b'"':
+            # A text delta (a word, a token), after the first: its JSON text is put in the
+            # event as it came, unread (the common chunk, made without a JSON round trip).
+            around = self._around
+            if around is None:
+                template = json.dumps(self.completions.chunk("\x00", include_usage=self.include_usage)).encode()
+                before, after = template.split(b'"\\u0000"')
+                around = self._around = (b"data: " + before, after + b"\n\n")
+            self.text.append(data)
+            return around[0] + data + around[1]
         delta, finish, usage = self._read(data)
         self.finish = finish or self.finish
         self.usage = usage or self.usage
@@ -458,6 +471,9 @@ class CompletionFraming(Framing):
         self.text.append(delta)
         first, self.first = self.first, False
         return _event(self.completions.chunk(delta, first=first, include_usage=self.include_usage))
+
+    def _completion_text(self) -> str:
+        return "".join(piece if isinstance(piece, str) else self._read(piece)[0] for piece in self.text)
 
     def end(self, output: bytes | None) -> bytes:
         out = b""
@@ -475,7 +491,7 @@ class CompletionFraming(Framing):
         if self.include_usage:
             usage = self.usage if self.usage is not None and all(
                 isinstance(self.usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens")) else None
-            out += _event(completions.usage_chunk(full_usage(usage, completions.prompt, "".join(self.text))))
+            out += _event(completions.usage_chunk(full_usage(usage, completions.prompt, self._completion_text())))
         return out + DONE
 
 

@@ -266,6 +266,21 @@ def test_include_usage_gives_every_chunk_a_null_usage_and_a_last_usage_chunk(doo
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "abcdefgh"
 
 
+def test_usage_the_stream_does_not_give_is_estimated_from_its_text(door, model):
+    stream = open_stream(door, "/v1/completions",
+                         {"model": "m", "prompt": "x", "stream": True, "stream_options": {"include_usage": True}})
+    for piece in ("Hé", " there", {"content": " you"}, "\n!"):
+        model.streams[0].chunk(piece)
+    model.streams[0].end()
+
+    events = openai_events(stream.body)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Hé there you\n!"
+    assert all(e["usage"] is None for e in events[:-1])
+    # 14 characters: 4 tokens, estimated; the prompt's 1 character: 1.
+    assert events[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1]] == [None] * 4 + ["stop"]
+
+
 def test_a_stream_answered_in_one_output_is_one_chunk(door, model):
     stream = open_stream(door, "/v1/chat/completions", {**CHAT, "stream": True})
     model.streams[0].end("all at once")
