@@ -11,6 +11,8 @@ import json
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import maybeDeferred
 
 from aibackend import errors
@@ -414,3 +416,28 @@ def test_the_hot_path_and_other_front_doors_are_unchanged(door, plain):
     assert door.call("POST", "/post/predict?id=plain", data=b"{}").json() == {"ok": True}
     assert door.call("GET", "/v1x").status == 404
     assert "error" in door.call("GET", "/v2/models/nobody").json()
+
+
+# --- any request, any answer -----------------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_keys = st.sampled_from(["messages", "prompt", "input", "stream", "stream_options", "encoding_format", "n",
+                         "content", "role"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+       fields=st.dictionaries(_keys, _json_values, max_size=4), answer=_json_values)
+def test_any_request_and_any_answer_is_answered_without_a_bug(clock, route, fields, answer):
+    model = FakeModel("plain", clock).answers(200, answer)
+    door = StubFrontDoor(clock, [model])
+
+    response = post(door, route, {"model": "plain", **fields})
+
+    assert response.status in (200, 400, 502), (response.status, response.body)
+    if response.status != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
