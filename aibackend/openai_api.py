@@ -22,7 +22,8 @@ C{finish_reason} and C{usage}. An embedding model answers C{{"embeddings": [[...
 "usage"?}} or a bare list of vectors, one per input. Usage a model does not give is
 estimated (L{estimate_tokens}). Which routes a model serves is known by its answer: one
 that does not fit the route (an embedder's vectors for a chat, a chat model's text for
-embeddings) is a 400 that says what the route needs.
+embeddings) is a 400 that says what the route needs. A stream asked of a model that
+cannot stream (a raw program) is made of its whole answer, sent once it came.
 
 Errors are OpenAI's, C{{"error": {"message", "type", "param", "code"}}}
 (L{errors.openai_document}), with the request's C{X-Request-Id} in the headers; a model
@@ -40,7 +41,6 @@ from klein import Klein
 from twisted.internet.defer import maybeDeferred
 
 from aibackend import errors
-from aibackend.api import cannot_stream
 from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.relay import Framing
@@ -580,10 +580,6 @@ class OpenAIAPI:
         relay = self.core.relay
         started = relay.clock.seconds()
         context = RequestContext(request_id=request_id, operation=operation)
-        if stream and not IStreaming.providedBy(entry.model):
-            error = cannot_stream(entry)
-            relay.done(entry, request_id, operation, started, error.status, error.message)
-            raise error
         if operation == EMBEDDINGS:
             shape = self._embedded(model_id, document["encoding_format"] if "encoding_format" in document
                                    else "float", len(document["input"]), prompt)
@@ -591,6 +587,10 @@ class OpenAIAPI:
         completions = Completions(operation, model_id, request_id, int(relay.clock.seconds()), prompt)
         if stream:
             framing = CompletionFraming(completions, include_usage)
+            if not IStreaming.providedBy(entry.model):
+                # A model that cannot stream (a raw program) answers in one piece: the
+                # stream is made of its answer, sent whole once it came.
+                return relay.send(request, entry, body, context, started, self._streamed_whole(completions, framing))
             return relay.stream(request, entry, body, context, started, framing, self.shape)
         return relay.send(request, entry, body, context, started, self._completed(completions))
 
@@ -627,6 +627,20 @@ class OpenAIAPI:
             value = self._answer_value(model_id, answer)
             text, finish, usage = read_text_answer(value, model_id, completions.operation)
             return ModelAnswer(200, json.dumps(completions.answer(text, finish, usage)).encode())
+
+        return shape
+
+    def _streamed_whole(self, completions: Completions, framing: CompletionFraming):
+        model_id = completions.model_id
+
+        def shape(answer: ModelAnswer) -> ModelAnswer:
+            if answer.status >= 400:
+                return self._failed(answer, model_id)
+            value = self._answer_value(model_id, answer)
+            text, finish, usage = read_text_answer(value, model_id, completions.operation)
+            events = framing.chunk(json.dumps(text).encode()) if text else b""
+            events += framing.end(json.dumps({"finish_reason": finish, "usage": usage}).encode())
+            return ModelAnswer(200, events, {b"content-type": CONTENT_TYPE, b"cache-control": b"no-cache"})
 
         return shape
 

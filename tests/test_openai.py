@@ -333,10 +333,27 @@ def test_a_client_that_leaves_cancels_the_stream_and_is_logged_499(door, model):
     stream.ended.addErrback(lambda _: None)
 
 
-def test_a_model_that_cannot_stream_is_a_400(door, plain):
-    response = post(door, "/v1/chat/completions", {**CHAT, "model": "plain", "stream": True})
-    assert_openai_error(response, 400, "bad_request", message="cannot stream")
-    assert plain.received == []
+def test_a_model_that_cannot_stream_answers_a_stream_of_its_whole_answer(door, plain):
+    plain.answers(200, {"content": "all of it", "finish_reason": "length"})
+    response = post(door, "/v1/chat/completions", {**CHAT, "model": "plain", "stream": True,
+                                                    "stream_options": {"include_usage": True}})
+
+    assert response.status == 200
+    assert response.header("Content-Type") == "text/event-stream; charset=utf-8"
+    assert response.header("X-Request-Id")
+    events = openai_events(response.body)
+    assert [e["choices"][0] for e in events[:-1]] == [
+        {"index": 0, "delta": {"role": "assistant", "content": "all of it"}, "logprobs": None, "finish_reason": None},
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    assert events[-1]["usage"]["completion_tokens"] == estimate_tokens("all of it")
+    assert json.loads(plain.received[0].body) == {"messages": CHAT["messages"]}
+    assert requests_logged(plain) == [("chat.completions", 200, None)]
+
+
+def test_a_model_that_cannot_stream_and_fails_is_a_json_error(door, plain):
+    plain.answers(503, {"error": {"message": "not now"}}, headers={b"retry-after": b"2"})
+    response = post(door, "/v1/completions", {"model": "plain", "prompt": "x", "stream": True})
+    assert_openai_error(response, 503, "model_error", message="not now")
 
 
 # --- embeddings ----------------------------------------------------------------------------
