@@ -109,7 +109,7 @@ class ModelNotFound(errors.NotFound):
 def openai_error(error: errors.ApiError) -> errors.ApiError:
     """
     The error as the OpenAI API says it: a model that shed the request (its queue is
-    full, L{aibackend.limits.Limit.busy}) is a 429 with the same words and Retry-After.
+    full, L{aibackend.limits.ConcurrencyLimit.busy}) is a 429 with the same words and Retry-After.
     """
     if isinstance(error, errors.ModelUnavailable) and " is busy: " in error.message:
         limited = RateLimited(error.message, model=error.model)
@@ -206,8 +206,8 @@ def read_request(text: bytes, operation: str) -> tuple[dict, bool, bool]:
                 "input must be a string or a non-empty array of strings (token arrays are not taken: send text)",
                 "input",
             )
-        encoding = document.get("encoding_format", "float")
-        if encoding not in ("float", "base64"):
+        encoding = document.get("encoding_format")
+        if encoding not in (None, "float", "base64"):
             raise ParamError(f"encoding_format must be float or base64, got {encoding!r}", "encoding_format")
     return document, stream, include_usage
 
@@ -564,25 +564,25 @@ class OpenAIAPI:
 
     def _complete(self, request, operation: str):
         request_id = self.begin(request)
+        started = self.core.relay.clock.seconds()
         text = request.content.read().strip()
         if len(text) > THREAD_ABOVE_BYTES:
             d = self.in_thread(prepare, text, operation)
         else:
             d = maybeDeferred(prepare, text, operation)
-        return d.addCallback(self._send, request, request_id, operation)
+        return d.addCallback(self._send, request, request_id, operation, started)
 
-    def _send(self, prepared, request, request_id: str, operation: str):
+    def _send(self, prepared, request, request_id: str, operation: str, started: float):
         document, stream, include_usage, body, prompt = prepared
         name = document["model"]
         request.aibackend_model = name
         entry = self._entry(name)
         model_id = entry.model_id
         relay = self.core.relay
-        started = relay.clock.seconds()
         context = RequestContext(request_id=request_id, operation=operation)
         if operation == EMBEDDINGS:
-            shape = self._embedded(model_id, document["encoding_format"] if "encoding_format" in document
-                                   else "float", len(document["input"]), prompt)
+            shape = self._embedded(model_id, document.get("encoding_format") or "float", len(document["input"]),
+                                   prompt)
             return relay.send(request, entry, body, context, started, shape)
         completions = Completions(operation, model_id, request_id, int(relay.clock.seconds()), prompt)
         if stream:
