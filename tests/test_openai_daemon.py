@@ -177,6 +177,11 @@ def test_with_raw_response_has_the_request_id(client):
     assert raw.headers["x-request-id"] == "oa-raw-1"
     assert raw.headers["content-type"] == "application/json"
     assert raw.parse().id == "chatcmpl-oa-raw-1"
+    streamed = client.chat.completions.with_raw_response.create(model="chat", messages=HELLO, stream=True,
+                                                                extra_headers={"X-Request-Id": "oa-raw-2"})
+    assert streamed.headers["x-request-id"] == "oa-raw-2"
+    assert streamed.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert {chunk.id for chunk in streamed.parse()} == {"chatcmpl-oa-raw-2"}
 
 
 def test_a_model_failure_is_an_api_status_error(client):
