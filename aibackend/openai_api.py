@@ -37,6 +37,7 @@ import base64
 import json
 import struct
 
+import orjson
 from klein import Klein
 from twisted.internet.defer import maybeDeferred
 
@@ -74,7 +75,12 @@ def estimate_tokens(text: str) -> int:
     The tokens of C{text}, estimated when a model does not count them: one per four
     characters, rounded up (OpenAI's rule of thumb for English).
     """
-    return (len(text) + 3) // 4
+    return tokens_of(len(text))
+
+
+def tokens_of(characters: int) -> int:
+    """L{estimate_tokens} for a text of C{characters} characters."""
+    return (characters + 3) // 4
 
 
 def _kind(value) -> str:
@@ -336,15 +342,18 @@ def read_embeddings(value, model_id: str, count: int) -> tuple[list, dict | None
     return value, usage
 
 
-def full_usage(usage: dict | None, prompt: str, completion: str) -> dict:
-    """OpenAI's usage object: the model's counts where it gave them, estimates for the rest."""
+def full_usage(usage: dict | None, prompt: str, completion) -> dict:
+    """
+    OpenAI's usage object: the model's counts where it gave them, estimates for the rest
+    (C{completion} is the completion's text, or the number of its characters).
+    """
     usage = usage or {}
     prompt_tokens = usage.get("prompt_tokens")
     if prompt_tokens is None:
         prompt_tokens = estimate_tokens(prompt)
     completion_tokens = usage.get("completion_tokens")
     if completion_tokens is None:
-        completion_tokens = estimate_tokens(completion)
+        completion_tokens = estimate_tokens(completion) if isinstance(completion, str) else tokens_of(completion)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -408,6 +417,14 @@ class Completions:
         return {**self._head(self.chunk_object), "choices": [], "usage": usage}
 
 
+def _length(data: bytes) -> int:
+    """The characters of a JSON string's text (its JSON length, if it is not strict JSON)."""
+    try:
+        return len(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return len(data) - 2
+
+
 def _event(document: dict) -> bytes:
     return b"data: " + json.dumps(document).encode() + b"\n\n"
 
@@ -429,8 +446,9 @@ class CompletionFraming(Framing):
         self.completions = completions
         self.include_usage = include_usage
         self.first = True
-        # The stream's text, for estimated usage: strings, and string chunks' JSON text as it came.
-        self.text: list = []
+        # The characters of the stream's text, for an estimated usage (counted only when
+        # usage is asked: a stream keeps no text).
+        self.chars = 0
         self.finish = None
         self.usage = None
         # A later chunk's event around a string delta's JSON text, made once (see chunk).
@@ -461,19 +479,17 @@ class CompletionFraming(Framing):
                 template = json.dumps(self.completions.chunk("\x00", include_usage=self.include_usage)).encode()
                 before, after = template.split(b'"\\u0000"')
                 around = self._around = (b"data: " + before, after + b"\n\n")
-            self.text.append(data)
+            if self.include_usage:
+                self.chars += _length(data)
             return around[0] + data + around[1]
         delta, finish, usage = self._read(data)
         self.finish = finish or self.finish
         self.usage = usage or self.usage
         if delta is None:
             delta = ""
-        self.text.append(delta)
+        self.chars += len(delta)
         first, self.first = self.first, False
         return _event(self.completions.chunk(delta, first=first, include_usage=self.include_usage))
-
-    def _completion_text(self) -> str:
-        return "".join(piece if isinstance(piece, str) else self._read(piece)[0] for piece in self.text)
 
     def end(self, output: bytes | None) -> bytes:
         out = b""
@@ -482,7 +498,7 @@ class CompletionFraming(Framing):
             self.finish = finish or self.finish
             self.usage = usage or self.usage
             if self.first and content:  # a model that answered in one piece
-                self.text.append(content)
+                self.chars += len(content)
                 out += _event(self.completions.chunk(content, first=True, include_usage=self.include_usage))
                 self.first = False
         completions = self.completions
@@ -491,7 +507,7 @@ class CompletionFraming(Framing):
         if self.include_usage:
             usage = self.usage if self.usage is not None and all(
                 isinstance(self.usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens")) else None
-            out += _event(completions.usage_chunk(full_usage(usage, completions.prompt, self._completion_text())))
+            out += _event(completions.usage_chunk(full_usage(usage, completions.prompt, self.chars)))
         return out + DONE
 
 
