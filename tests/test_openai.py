@@ -292,6 +292,17 @@ def test_a_stream_answered_in_one_output_is_one_chunk(door, model):
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_quiet_stream_gets_sse_keepalive_comments_the_client_skips(door, model, clock):
+    stream = open_stream(door, "/v1/chat/completions", {**CHAT, "stream": True})
+    model.streams[0].chunk("a")
+    clock.advance(model.spec.keepalive_seconds)
+    model.streams[0].end()
+
+    assert b"\n\n: keepalive\n\n" in stream.body
+    assert [e["choices"][0]["delta"] for e in openai_events(stream.body)] == [
+        {"role": "assistant", "content": "a"}, {}]
+
+
 def test_a_completion_stream_is_text_completion_chunks(door, model):
     stream = open_stream(door, "/v1/completions", {"model": "m", "prompt": "x", "stream": True})
     model.streams[0].chunk("a")
