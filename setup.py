@@ -34,6 +34,9 @@ setup(
             "pytest-xdist>=3.5",
             # The Open Inference Protocol tests call the daemon with Triton's real client.
             "tritonclient[http]>=2.40",
+            # The OpenAI-compatible API's tests (tests/test_openai_daemon.py) call the daemon
+            # with the official openai client, sync and async, as a user's code would.
+            "openai>=1.40",
             # tests/test_fuzz.py: generated paths, queries, headers and bodies against the
             # real daemon, shrunk to the smallest input that earns a 5xx or a traceback.
             "hypothesis>=6.100",

@@ -6,9 +6,10 @@ Every answer the daemon makes itself on failure has one shape::
     {"error": {"type": "...", "message": "...", "model": "...", "request_id": "..."}}
 
 Handlers raise these; each front door renders them (L{aibackend.web.ErrorShape}) with one
-of the two documents made here: the daemon's (L{daemon_document}), or, for the Open
+of the three documents made here: the daemon's (L{daemon_document}); for the Open
 Inference Protocol's routes (C{/v2}), that protocol's own, C{{"error": "..."}}
-(L{v2_document}). L{refusal_document} picks one by path for the HTTP server.
+(L{v2_document}); for the OpenAI-compatible routes (C{/v1}), OpenAI's
+(L{openai_document}). L{refusal_document} picks one by path for the HTTP server.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def is_v2_path(path: bytes) -> bool:
     return path == b"/v2" or path.startswith(b"/v2/")
 
 
+def is_openai_path(path: bytes) -> bool:
+    """Is C{path} one of the OpenAI-compatible routes (whose errors have OpenAI's shape)?"""
+    return path == b"/v1" or path.startswith(b"/v1/")
+
+
 def refusal_document(path: bytes | None, kind: str, message: str, request_id: str) -> dict:
     """
     The error document of a request refused before any route saw it (by the HTTP server:
@@ -32,6 +38,8 @@ def refusal_document(path: bytes | None, kind: str, message: str, request_id: st
     error.type = kind
     if path is not None and is_v2_path(path):
         return v2_document(error, request_id)
+    if path is not None and is_openai_path(path):
+        return openai_document(error, request_id)
     return daemon_document(error, request_id)
 
 
@@ -43,6 +51,25 @@ def daemon_document(error: ApiError, request_id: str | None) -> dict:
 def v2_document(error: ApiError, request_id: str | None) -> dict:
     """The Open Inference Protocol's error shape, C{{"error": "..."}} (the id is in a header)."""
     return {"error": error.message}
+
+
+# OpenAI's error types, by status (what its clients read besides the status).
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 405: "invalid_request_error", 408: "timeout_error",
+                409: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                429: "rate_limit_error"}
+
+
+def openai_document(error: ApiError, request_id: str | None) -> dict:
+    """
+    OpenAI's error shape, C{{"error": {"message", "type", "param", "code"}}}: C{type} is
+    OpenAI's for the status (L{OPENAI_TYPES}; C{server_error} for a 5xx), C{code} the
+    daemon's own type of the error, C{param} the request's key it is about, if any (the
+    id is in a header).
+    """
+    status = error.status
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.type}}
 
 
 class ApiError(Exception):
@@ -57,6 +84,7 @@ class ApiError(Exception):
 
     status = 500
     type = "internal_error"
+    param = None  # the request's key the error is about (OpenAI's errors say it)
 
     def __init__(self, message: str, *, model: str | None = None, headers=None):
         super().__init__(message)

@@ -2,10 +2,11 @@
 The daemon's front doors over one core, and the root resource that mounts them.
 
 L{FrontDoor} builds the L{Core} (the state every front door shares, and the relay) and
-the front doors over it: the daemon's own routes (L{aibackend.api.OperationAPI}) and
-the Open Inference Protocol's (L{aibackend.v2.OpenInference}). L{Root} sends each
-request to its front door: C{POST /post/predict} straight to its handler, a C{/v2} path
-to the protocol's app, every other request to the daemon's Klein app.
+the front doors over it: the daemon's own routes (L{aibackend.api.OperationAPI}), the
+Open Inference Protocol's (L{aibackend.v2.OpenInference}) and the OpenAI-compatible API's
+(L{aibackend.openai_api.OpenAIAPI}). L{Root} sends each request to its front door:
+C{POST /post/predict} straight to its handler, a C{/v2} path to the protocol's app, a
+C{/v1} path to OpenAI's, every other request to the daemon's Klein app.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from twisted.web.resource import Resource
 
 from aibackend import errors
 from aibackend.api import OperationAPI
-from aibackend.errors import is_v2_path
+from aibackend.errors import is_openai_path, is_v2_path
+from aibackend.openai_api import OpenAIAPI
 from aibackend.relay import Core
 from aibackend.v2 import OpenInference
 from aibackend.web import not_utf8
@@ -23,17 +25,18 @@ from aibackend.web import not_utf8
 class Root(Resource):
     """
     The daemon's root resource: C{POST /post/predict} goes straight to
-    L{OperationAPI.render_predict}, a C{/v2} path to L{OpenInference}, every other
-    request to the daemon's Klein app.
+    L{OperationAPI.render_predict}, a C{/v2} path to L{OpenInference}, a C{/v1} path to
+    L{OpenAIAPI}, every other request to the daemon's Klein app.
     """
 
     isLeaf = True
 
-    def __init__(self, core: Core, api: OperationAPI, open_inference: OpenInference):
+    def __init__(self, core: Core, api: OperationAPI, open_inference: OpenInference, openai: OpenAIAPI):
         super().__init__()
         self.guard = core.guard
         self.api = api
         self.open_inference = open_inference
+        self.openai = openai
         self.klein_resource = api.resource()
 
     def render(self, request):
@@ -44,14 +47,17 @@ class Root(Resource):
         if request.method == b"POST" and path == b"/post/predict":
             return self.api.render_predict(request)
         v2 = is_v2_path(path)
+        openai = not v2 and is_openai_path(path)
         # Klein answers a path, Host or method that is not UTF-8 itself, in text and with
         # a logged traceback: they are the client's mistake, answered in the route's shape.
         problem = not_utf8(request)
         if problem is not None:
-            shape = self.open_inference.shape if v2 else self.api.shape
+            shape = self.open_inference.shape if v2 else self.openai.shape if openai else self.api.shape
             return shape.render(request, errors.BadRequest(problem))
         if v2:
             return self.open_inference.render(request)
+        if openai:
+            return self.openai.render(request)
         return self.klein_resource.render(request)
 
 
@@ -67,6 +73,7 @@ class FrontDoor:
     @ivar core: the L{Core}.
     @ivar api: the daemon's own routes (L{OperationAPI}).
     @ivar open_inference: the C{/v2} routes (L{OpenInference}).
+    @ivar openai: the C{/v1} routes (L{OpenAIAPI}).
     """
 
     def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None, in_thread=None):
@@ -76,10 +83,11 @@ class FrontDoor:
         self.guard = self.core.guard
         self.api = OperationAPI(self.core)
         self.open_inference = OpenInference(self.core)
+        self.openai = OpenAIAPI(self.core)
 
     def resource(self) -> Root:
         """The root resource: the hot route straight to its handler, the rest to their apps."""
-        return Root(self.core, self.api, self.open_inference)
+        return Root(self.core, self.api, self.open_inference, self.openai)
 
     @property
     def accepting(self) -> bool:

@@ -2134,3 +2134,36 @@ __all__ = [
     "with_mark",
     "write",
 ]
+
+
+# --- oa-front (issue 15) ---
+
+
+def openai_events(body: bytes, *, done: bool = True) -> list:
+    """
+    The JSON of each C{data:} event of an OpenAI stream (comments skipped), in order; with
+    C{done}, the last event must be C{data: [DONE]} (it is not in the list).
+    """
+    events = [event for event in sse_blocks(body) if not event.startswith(b":")]
+    assert all(event.startswith(b"data: ") and b"\n" not in event for event in events), body
+    if done:
+        assert events and events[-1] == b"data: [DONE]", body
+        events = events[:-1]
+    return [json.loads(event[len(b"data: "):]) for event in events]
+
+
+def assert_openai_error(response, status, code, *, message=None, param=None) -> dict:
+    """OpenAI's error shape (C{{"error": {"message", "type", "param", "code"}}}), JSON, with a request id."""
+    assert response.status == status, response.body
+    assert response.header("Content-Type") == "application/json"
+    assert response.header("X-Request-Id")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["param"] == param, error
+    if message is not None:
+        assert message in error["message"], error["message"]
+    return error

@@ -1,0 +1,692 @@
+"""
+The OpenAI-compatible API, under C{/v1}: the routes the official C{openai} client calls
+(C{GET /v1/models}, C{GET /v1/models/{id}}, C{POST /v1/chat/completions},
+C{/v1/completions}, C{/v1/embeddings}), for every model the daemon serves, translated to
+the relay and back as L{aibackend.v2} does for the Open Inference Protocol.
+
+Every model is adapted (a model whose server speaks OpenAI itself, proxied route by
+route, is the next slice). An adapted model gets, as its predict body (exactly what
+C{/post/predict} would send it):
+
+  - chat completions: the request object without C{model}, C{stream} and
+    C{stream_options}: C{messages} and the parameters as the client gave them
+    (C{max_tokens}, C{temperature}, C{stop}, C{n}, C{seed}...);
+  - completions: the same, with C{prompt};
+  - embeddings: C{{"input": [text, ...]}} (a single string made a list of one) and the
+    other parameters but C{encoding_format}, which the front door applies.
+
+It answers a chat or completion with a string (the text) or C{{"content", "finish_reason"?,
+"usage"?}}; streaming, with chunks that are strings (text deltas) or
+C{{"content"?, "finish_reason"?, "usage"?}}, and a final output that may carry
+C{finish_reason} and C{usage}. An embedding model answers C{{"embeddings": [[...], ...],
+"usage"?}} or a bare list of vectors, one per input. Usage a model does not give is
+estimated (L{estimate_tokens}). Which routes a model serves is known by its answer: one
+that does not fit the route (an embedder's vectors for a chat, a chat model's text for
+embeddings) is a 400 that says what the route needs. A stream asked of a model that
+cannot stream (a raw program) is made of its whole answer, sent once it came.
+
+Errors are OpenAI's, C{{"error": {"message", "type", "param", "code"}}}
+(L{errors.openai_document}), with the request's C{X-Request-Id} in the headers; a model
+that is busy (its queue is full: shed) is a 429, as OpenAI says "rate limited". A stream's
+error after its first byte is a last C{data: {"error": ...}} event.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import orjson
+from klein import Klein
+from twisted.internet.defer import maybeDeferred
+
+from aibackend import errors
+from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
+from aibackend.jsonread import JSONProblem, read_json
+from aibackend.relay import Framing
+from aibackend.web import (
+    ABANDONED,
+    JSON,
+    THREAD_ABOVE_BYTES,
+    Abandoned,
+    ErrorShape,
+    begin,
+    handle_errors,
+    parse_json,
+    routing,
+    sized,
+)
+
+CONTENT_TYPE = b"text/event-stream; charset=utf-8"
+DONE = b"data: [DONE]\n\n"
+# The request's keys that are the front door's, never sent to an adapted model.
+FRONT_DOOR_KEYS = ("model", "stream", "stream_options")
+FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")
+# Operations, as the model's log and the metrics name them.
+CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
+ROUTES = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
+TEXT_ANSWER = 'a chat or completion model answers a string or {"content": text, "finish_reason"?, "usage"?}'
+EMBEDDINGS_ANSWER = 'an embedding model answers {"embeddings": [[float, ...], ...]} or a list of vectors'
+
+
+def estimate_tokens(text: str) -> int:
+    """
+    The tokens of C{text}, estimated when a model does not count them: one per four
+    characters, rounded up (OpenAI's rule of thumb for English).
+    """
+    return tokens_of(len(text))
+
+
+def tokens_of(characters: int) -> int:
+    """L{estimate_tokens} for a text of C{characters} characters."""
+    return (characters + 3) // 4
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", str: "a string", int: "a number", float: "a number", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+class RateLimited(errors.ApiError):
+    """A model that shed the request (its queue is full), as OpenAI's 429."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class ParamError(errors.BadRequest):
+    """A 400 about one parameter of the request (OpenAI's C{param})."""
+
+    def __init__(self, message: str, param: str, *, model: str | None = None):
+        super().__init__(message, model=model)
+        self.param = param
+
+
+class ModelNotFound(errors.NotFound):
+    """A model the request names that the daemon does not have (OpenAI's C{model_not_found})."""
+
+    type = "model_not_found"
+    param = "model"
+
+
+def openai_error(error: errors.ApiError) -> errors.ApiError:
+    """
+    The error as the OpenAI API says it: a model that shed the request (its queue is
+    full, L{aibackend.limits.ConcurrencyLimit.busy}) is a 429 with the same words and Retry-After.
+    """
+    if isinstance(error, errors.ModelUnavailable) and " is busy: " in error.message:
+        limited = RateLimited(error.message, model=error.model)
+        limited.headers = dict(error.headers)
+        return limited
+    return error
+
+
+class OpenAIShape(ErrorShape):
+    """OpenAI's errors: C{{"error": {"message", "type", "param", "code"}}}, the request id in a header."""
+
+    document = staticmethod(errors.openai_document)
+
+    def render(self, request, error: errors.ApiError) -> bytes:
+        return super().render(request, openai_error(error))
+
+    def no_route(self, request) -> errors.ApiError:
+        return errors.NotFound(f"no OpenAI-compatible route {request.path.decode('latin-1')!r}")
+
+    def not_allowed(self, request, allowed) -> errors.ApiError:
+        method = request.method.decode("latin-1")
+        return errors.MethodNotAllowed(f"{method} is not allowed here: use {' or '.join(allowed)}", allowed)
+
+    def abandoned(self) -> errors.ApiError:
+        return Abandoned(ABANDONED)
+
+
+def _json(request, body, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+    return sized(request, json.dumps(body).encode())
+
+
+def _model_entry(model, created: int) -> dict:
+    return {"id": model.model_id, "object": "model", "created": created, "owned_by": "aibackend"}
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def read_request(text: bytes, operation: str) -> tuple[dict, bool, bool]:
+    """
+    Check an OpenAI request's body for C{operation}.
+
+    @return: the request object, whether it asks for a stream, and whether for the
+        usage chunk (C{stream_options.include_usage}).
+    @raise errors.BadRequest: the body is not a JSON object, or a key the front door
+        reads (C{model}, C{stream}, C{stream_options}, C{messages}, C{prompt},
+        C{input}, C{encoding_format}) is missing or not what it must be.
+    """
+    if not text:
+        raise errors.BadRequest("the request body is empty: send a JSON object")
+    document = parse_json(text, finite=True)
+    if not isinstance(document, dict):
+        raise errors.BadRequest(f"the request body must be a JSON object, got {_kind(document)}")
+    model = document.get("model")
+    if not isinstance(model, str) or not model:
+        raise ParamError("model must be given: the id of a model (GET /v1/models lists them)", "model")
+    stream = document.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool) or (stream and operation == EMBEDDINGS):
+        raise ParamError(f"stream must be true or false, got {_kind(stream)}" if not isinstance(stream, bool)
+                         else "embeddings do not stream: leave stream out", "stream")
+    options = document.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ParamError(f"stream_options must be an object, got {_kind(options)}", "stream_options")
+        if not stream:
+            raise ParamError("stream_options is only for a stream: set stream to true", "stream_options")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise ParamError("stream_options.include_usage must be true or false", "stream_options.include_usage")
+    if operation == CHAT:
+        messages = document.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ParamError("messages must be a non-empty array of {role, content}", "messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ParamError(f"messages[{index}] must be an object with a role", f"messages[{index}]")
+    elif operation == COMPLETIONS:
+        prompt = document.get("prompt")
+        if not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
+        ):
+            raise ParamError("prompt must be a string (or an array of strings)", "prompt")
+    else:
+        inputs = document.get("input")
+        if isinstance(inputs, str):
+            document["input"] = [inputs]
+        elif not (isinstance(inputs, list) and inputs and all(isinstance(i, str) for i in inputs)):
+            raise ParamError(
+                "input must be a string or a non-empty array of strings (token arrays are not taken: send text)",
+                "input",
+            )
+        encoding = document.get("encoding_format")
+        if encoding not in (None, "float", "base64"):
+            raise ParamError(f"encoding_format must be float or base64, got {encoding!r}", "encoding_format")
+    return document, stream, include_usage
+
+
+def prepare(text: bytes, operation: str) -> tuple:
+    """
+    L{read_request}, then what the model is sent (L{model_body}) and the prompt's text
+    (L{prompt_text}): the request's work, done in a thread for a large body.
+
+    @return: (document, stream, include_usage, body, prompt).
+    """
+    document, stream, include_usage = read_request(text, operation)
+    return document, stream, include_usage, model_body(document, operation), prompt_text(document, operation)
+
+
+def model_body(document: dict, operation: str) -> bytes:
+    """What an adapted model is sent: the request without the front door's keys."""
+    drop = FRONT_DOOR_KEYS + (("encoding_format",) if operation == EMBEDDINGS else ())
+    return json.dumps({key: value for key, value in document.items() if key not in drop}).encode()
+
+
+def prompt_text(document: dict, operation: str) -> str:
+    """The request's text, for an estimate of its tokens."""
+    if operation == CHAT:
+        parts = []
+        for message in document["messages"]:
+            content = message.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):  # content parts: their text
+                parts.extend(part["text"] for part in content
+                             if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return "\n".join(parts)
+    if operation == COMPLETIONS:
+        prompt = document["prompt"]
+        return prompt if isinstance(prompt, str) else "\n".join(prompt)
+    return "\n".join(document["input"])
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+def _route_error(model_id: str, operation: str, what: str, needs: str) -> errors.BadRequest:
+    return errors.BadRequest(
+        f"model {model_id!r} cannot serve {ROUTES[operation]}: it answered {what}; {needs}", model=model_id
+    )
+
+
+def _usage(value, model_id: str, operation: str) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(key, 0), int) and not isinstance(value.get(key, 0), bool)
+        for key in ("prompt_tokens", "completion_tokens")
+    ):
+        raise errors.BadGateway(
+            f"model {model_id!r} answered a bad usage: it must be {{\"prompt_tokens\": n, \"completion_tokens\": n}}",
+            model=model_id,
+        )
+    return value
+
+
+def _finish(value, model_id: str) -> str | None:
+    if value is None or value in FINISH_REASONS:
+        return value
+    raise errors.BadGateway(
+        f"model {model_id!r} answered finish_reason {value!r}: it must be one of {', '.join(FINISH_REASONS)}",
+        model=model_id,
+    )
+
+
+def read_text_answer(value, model_id: str, operation: str) -> tuple[str, str | None, dict | None]:
+    """
+    A chat or completion model's answer (or a streaming model's chunks, gathered as a
+    JSON array): its text, finish_reason and usage (None where it gives none).
+
+    @raise errors.BadRequest: the answer is not a chat model's (the model cannot serve
+        the route).
+    """
+    if isinstance(value, str):
+        return value, None, None
+    if isinstance(value, dict):
+        content = value.get("content", "")
+        if not isinstance(content, str) or ("content" not in value and "finish_reason" not in value):
+            raise _route_error(model_id, operation, f"an object with keys {', '.join(map(repr, value)) or 'none'}",
+                               TEXT_ANSWER)
+        return content, _finish(value.get("finish_reason"), model_id), _usage(value.get("usage"), model_id, operation)
+    if isinstance(value, list) and all(isinstance(item, (str, dict)) for item in value):
+        # A stream gathered (aibackend.lines): its chunks in order.
+        texts, finish, usage = [], None, None
+        for item in value:
+            text, item_finish, item_usage = read_text_answer(item, model_id, operation)
+            texts.append(text)
+            finish = item_finish or finish
+            usage = item_usage or usage
+        return "".join(texts), finish, usage
+    raise _route_error(model_id, operation, _kind(value), TEXT_ANSWER)
+
+
+def read_embeddings(value, model_id: str, count: int) -> tuple[list, dict | None]:
+    """
+    An embedding model's answer: its vectors (one per input) and usage (or None).
+
+    @raise errors.BadRequest: it is not an embedding model's answer.
+    @raise errors.BadGateway: it is, but the vectors are not one list of numbers per input.
+    """
+    usage = None
+    if isinstance(value, dict) and "embeddings" in value:
+        usage = value.get("usage")
+        if usage is not None and not (isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)):
+            raise errors.BadGateway(f"model {model_id!r} answered a bad usage: it must be {{\"prompt_tokens\": n}}",
+                                    model=model_id)
+        value = value["embeddings"]
+    elif not isinstance(value, list):
+        what = (f"an object with keys {', '.join(map(repr, value)) or 'none'}" if isinstance(value, dict)
+                else _kind(value))
+        raise _route_error(model_id, EMBEDDINGS, what, EMBEDDINGS_ANSWER)
+    if not isinstance(value, list) or not all(isinstance(vector, list) for vector in value):
+        raise _route_error(model_id, EMBEDDINGS, "something else than a list of vectors", EMBEDDINGS_ANSWER)
+    if len(value) != count:
+        raise errors.BadGateway(f"model {model_id!r} answered {len(value)} vectors for {count} inputs",
+                                model=model_id)
+    for vector in value:
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector):
+            raise errors.BadGateway(f"model {model_id!r} answered a vector that is not all numbers", model=model_id)
+    return value, usage
+
+
+def full_usage(usage: dict | None, prompt: str, completion) -> dict:
+    """
+    OpenAI's usage object: the model's counts where it gave them, estimates for the rest
+    (C{completion} is the completion's text, or the number of its characters).
+    """
+    usage = usage or {}
+    prompt_tokens = usage.get("prompt_tokens")
+    if prompt_tokens is None:
+        prompt_tokens = estimate_tokens(prompt)
+    completion_tokens = usage.get("completion_tokens")
+    if completion_tokens is None:
+        completion_tokens = estimate_tokens(completion) if isinstance(completion, str) else tokens_of(completion)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _vector(vector: list, encoding: str):
+    if encoding == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return [float(x) for x in vector]
+
+
+class Completions:
+    """
+    Makes a chat or completion model's text into OpenAI's objects, for one request.
+
+    @param operation: L{CHAT} or L{COMPLETIONS}.
+    @param model_id: the model's id, as the client named it.
+    @param completion_id: the object's id (the request id, prefixed as OpenAI's are).
+    @param created: the clock's seconds, whole.
+    @param prompt: the request's text (for estimated usage).
+    """
+
+    def __init__(self, operation: str, model_id: str, request_id: str, created: int, prompt: str):
+        self.operation = operation
+        self.model_id = model_id
+        chat = operation == CHAT
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self.created = created
+        self.prompt = prompt
+
+    def _head(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_id}
+
+    def answer(self, text: str, finish: str | None, usage: dict | None) -> dict:
+        """The whole answer object (no stream)."""
+        if self.operation == CHAT:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish or "stop"}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish or "stop"}
+        return {**self._head(self.object), "choices": [choice], "usage": full_usage(usage, self.prompt, text)}
+
+    def chunk(self, delta: str | None, *, first: bool = False, finish: str | None = None,
+              include_usage: bool = False) -> dict:
+        """One stream chunk: a text delta (the role too in a chat's first), or the finish."""
+        if self.operation == CHAT:
+            content = {} if delta is None else {"content": delta}
+            if first:
+                content = {"role": "assistant", **content}
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        chunk = {**self._head(self.chunk_object), "choices": [choice]}
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self, usage: dict) -> dict:
+        """The last chunk of a stream that asked for usage: no choice, the usage."""
+        return {**self._head(self.chunk_object), "choices": [], "usage": usage}
+
+
+def _length(data: bytes) -> int:
+    """The characters of a JSON string's text (its JSON length, if it is not strict JSON)."""
+    try:
+        return len(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return len(data) - 2
+
+
+def _event(document: dict) -> bytes:
+    return b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+class CompletionFraming(Framing):
+    """
+    A chat's or completion's Server-Sent Events (one per request: it keeps the stream's
+    text for estimated usage): a C{data:} chunk object per model chunk that has text (the
+    role in a chat's first), then one with the finish_reason, a usage chunk if asked,
+    and C{data: [DONE]}; an error after the first byte is a last C{data: {"error": ...}}.
+
+    A chunk's finish_reason and usage are kept for the end (a chunk of only those is an
+    empty delta: the writer writes something for each chunk); a chunk that is not JSON is
+    sent as its text, and one that is neither a string nor an object as its JSON text.
+    """
+
+    def __init__(self, completions: Completions, include_usage: bool):
+        super().__init__("openai", CONTENT_TYPE, (b"data: ", b"\n\n"), (b"", b""), (b"data: ", b"\n\n"))
+        self.completions = completions
+        self.include_usage = include_usage
+        self.first = True
+        # The characters of the stream's text, for an estimated usage (counted only when
+        # usage is asked: a stream keeps no text).
+        self.chars = 0
+        self.finish = None
+        self.usage = None
+        # A later chunk's event around a text delta's JSON text, made once (_around).
+        self._template = None
+
+    def _read(self, data: bytes):
+        # orjson: as strict as read_json (a chunk is only read, never written again as it
+        # came) and many times faster, per chunk.
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return data.decode("utf-8", "replace"), None, None
+        if isinstance(value, str):
+            return value, None, None
+        if isinstance(value, dict):
+            content = value.get("content")
+            finish = value.get("finish_reason")
+            usage = value.get("usage")
+            return (content if isinstance(content, str) else None,
+                    finish if finish in FINISH_REASONS else None,
+                    usage if isinstance(usage, dict) else None)
+        return json.dumps(value), None, None
+
+    def chunk(self, data: bytes) -> bytes:
+        if not self.first and data[:1] == b'"' and data[-1:] == b'"':
+            # A text delta (a word, a token), after the first: its JSON text is put in the
+            # event as it came, unread (the common chunk, made without a JSON round trip).
+            if self.include_usage:
+                self.chars += _length(data)
+            return self._around(data)
+        delta, finish, usage = self._read(data)
+        self.finish = finish or self.finish
+        self.usage = usage or self.usage
+        if delta is None:
+            delta = ""
+        self.chars += len(delta)
+        if self.first:
+            self.first = False
+            return _event(self.completions.chunk(delta, first=True, include_usage=self.include_usage))
+        return self._around(orjson.dumps(delta))
+
+    def _around(self, delta: bytes) -> bytes:
+        """A later chunk's event for a text delta's JSON text C{delta} (its template made once)."""
+        around = self._template
+        if around is None:
+            template = json.dumps(self.completions.chunk("\x00", include_usage=self.include_usage)).encode()
+            before, after = template.split(b'"\\u0000"')
+            around = self._template = (b"data: " + before, after + b"\n\n")
+        return around[0] + delta + around[1]
+
+    def end(self, output: bytes | None) -> bytes:
+        out = b""
+        if output is not None:
+            content, finish, usage = self._read(output)
+            self.finish = finish or self.finish
+            self.usage = usage or self.usage
+            if self.first and content:  # a model that answered in one piece
+                self.chars += len(content)
+                out += _event(self.completions.chunk(content, first=True, include_usage=self.include_usage))
+                self.first = False
+        completions = self.completions
+        out += _event(completions.chunk(None, first=self.first, finish=self.finish or "stop",
+                                        include_usage=self.include_usage))
+        if self.include_usage:
+            usage = self.usage if self.usage is not None and all(
+                isinstance(self.usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens")) else None
+            out += _event(completions.usage_chunk(full_usage(usage, completions.prompt, self.chars)))
+        return out + DONE
+
+
+# --- the routes -----------------------------------------------------------------------------
+
+
+class OpenAIAPI:
+    """
+    The C{/v1} routes, a Klein app over the daemon's L{Core}, mounted by
+    L{aibackend.root.Root}.
+
+    @param core: the L{aibackend.relay.Core}.
+    """
+
+    app = handle_errors(routing(Klein()))
+
+    def __init__(self, core, *, in_thread=None):
+        self.core = core
+        self.registry = core.registry
+        self.shape = OpenAIShape(core.metrics)
+        self.in_thread = in_thread if in_thread is not None else core.in_thread
+        # Models have no creation time of their own: the front door's.
+        self.created = int(core.clock.seconds())
+        self._resource = self.app.resource()
+
+    def render(self, request):
+        """Answer a request for a C{/v1} path (the root resource's C{request.postpath} whole)."""
+        if request.path in (b"/v1", b"/v1/"):
+            return self.shape.render(request, self.shape.no_route(request))
+        request.prepath.append(request.postpath.pop(0))  # b"v1": the app's routes are below it
+        if not request.postpath[0]:
+            return self.shape.render(request, self.shape.no_route(request))
+        return self._resource.render(request)
+
+    def begin(self, request) -> str:
+        request_id = begin(request)
+        self.core.guard.check_client(request)
+        return request_id
+
+    @app.route("/models", methods=["GET"], branch=False)
+    def models(self, request):
+        self.begin(request)
+        return _json(request, {"object": "list",
+                               "data": [_model_entry(model, self.created) for model in self.registry.models()]})
+
+    @app.route("/models/<string:name>", methods=["GET"], branch=False)
+    def model(self, request, name):
+        self.begin(request)
+        request.aibackend_model = name
+        return _json(request, _model_entry(self._entry(name).model, self.created))
+
+    def _entry(self, name: str):
+        try:
+            return self.registry.entry(name)
+        except errors.UnknownModel as e:
+            raise ModelNotFound(f"The model {name!r} does not exist: GET /v1/models lists the models",
+                                model=name) from e
+
+    @app.route("/chat/completions", methods=["POST"], branch=False)
+    def chat_completions(self, request):
+        return self._complete(request, CHAT)
+
+    @app.route("/completions", methods=["POST"], branch=False)
+    def completions(self, request):
+        return self._complete(request, COMPLETIONS)
+
+    @app.route("/embeddings", methods=["POST"], branch=False)
+    def embeddings(self, request):
+        return self._complete(request, EMBEDDINGS)
+
+    def _complete(self, request, operation: str):
+        request_id = self.begin(request)
+        started = self.core.relay.clock.seconds()
+        text = request.content.read().strip()
+        if len(text) > THREAD_ABOVE_BYTES:
+            d = self.in_thread(prepare, text, operation)
+        else:
+            d = maybeDeferred(prepare, text, operation)
+        return d.addCallback(self._send, request, request_id, operation, started)
+
+    def _send(self, prepared, request, request_id: str, operation: str, started: float):
+        document, stream, include_usage, body, prompt = prepared
+        name = document["model"]
+        request.aibackend_model = name
+        entry = self._entry(name)
+        model_id = entry.model_id
+        relay = self.core.relay
+        context = RequestContext(request_id=request_id, operation=operation)
+        if operation == EMBEDDINGS:
+            shape = self._embedded(model_id, document.get("encoding_format") or "float", len(document["input"]),
+                                   prompt)
+            return relay.send(request, entry, body, context, started, shape)
+        completions = Completions(operation, model_id, request_id, int(relay.clock.seconds()), prompt)
+        if stream:
+            framing = CompletionFraming(completions, include_usage)
+            if not IStreaming.providedBy(entry.model):
+                # A model that cannot stream (a raw program) answers in one piece: the
+                # stream is made of its answer, sent whole once it came.
+                return relay.send(request, entry, body, context, started, self._streamed_whole(completions, framing))
+            return relay.stream(request, entry, body, context, started, framing, self.shape)
+        return relay.send(request, entry, body, context, started, self._completed(completions))
+
+    def _answer_value(self, model_id: str, answer: ModelAnswer):
+        try:
+            return read_json(answer.body, f"the answer of model {model_id!r}", finite=True)
+        except JSONProblem as e:
+            raise errors.BadGateway(str(e), model=model_id) from None
+
+    def _failed(self, answer: ModelAnswer, model_id: str) -> ModelAnswer:
+        """A model's error answer in OpenAI's shape, with its status and words."""
+        try:
+            document = read_json(answer.body, "the answer", finite=True)
+        except JSONProblem:
+            document = None
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+        elif isinstance(error, str):
+            message = error
+        else:
+            message = answer.body[:200].decode("utf-8", "replace")
+        failure = errors.ApiError(message, model=model_id)
+        failure.status = answer.status
+        failure.type = "model_error"
+        return ModelAnswer(answer.status, json.dumps(errors.openai_document(failure, None)).encode(), answer.headers)
+
+    def _completed(self, completions: Completions):
+        model_id = completions.model_id
+
+        def shape(answer: ModelAnswer) -> ModelAnswer:
+            if answer.status >= 400:
+                return self._failed(answer, model_id)
+            value = self._answer_value(model_id, answer)
+            text, finish, usage = read_text_answer(value, model_id, completions.operation)
+            return ModelAnswer(200, json.dumps(completions.answer(text, finish, usage)).encode())
+
+        return shape
+
+    def _streamed_whole(self, completions: Completions, framing: CompletionFraming):
+        model_id = completions.model_id
+
+        def shape(answer: ModelAnswer) -> ModelAnswer:
+            if answer.status >= 400:
+                return self._failed(answer, model_id)
+            value = self._answer_value(model_id, answer)
+            text, finish, usage = read_text_answer(value, model_id, completions.operation)
+            events = framing.chunk(json.dumps(text).encode()) if text else b""
+            events += framing.end(json.dumps({"finish_reason": finish, "usage": usage}).encode())
+            return ModelAnswer(200, events, {b"content-type": CONTENT_TYPE, b"cache-control": b"no-cache"})
+
+        return shape
+
+    def _embedded(self, model_id: str, encoding: str, count: int, prompt: str):
+        def convert(answer: ModelAnswer) -> ModelAnswer:
+            value = self._answer_value(model_id, answer)
+            vectors, usage = read_embeddings(value, model_id, count)
+            prompt_tokens = usage["prompt_tokens"] if usage is not None else estimate_tokens(prompt)
+            document = {
+                "object": "list",
+                "data": [{"object": "embedding", "index": index, "embedding": _vector(vector, encoding)}
+                         for index, vector in enumerate(vectors)],
+                "model": model_id,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            }
+            return ModelAnswer(200, json.dumps(document).encode())
+
+        def shape(answer: ModelAnswer):
+            if answer.status >= 400:
+                return self._failed(answer, model_id)
+            if len(answer.body) > THREAD_ABOVE_BYTES:
+                return self.in_thread(convert, answer)
+            return convert(answer)
+
+        return shape
