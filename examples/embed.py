@@ -9,15 +9,17 @@ closer than texts on different ones.
 Through the OpenAI-compatible API: client.embeddings.create(model="embed", input=["..."]).
 Through /post/predict, with the body that API sends it (README "Chat models"):
 
-    curl -s -d '{"input": ["the cat sleeps", "a dog barks"], "dimensions": 8}' \\
+    curl -s -d '{"input": ["the cat sleeps", "a dog barks"], "dimensions": 4}' \\
          'http://127.0.0.1:8080/post/predict?id=embed'
-    # {"embeddings": [[0.41, ...], [0.38, ...]], "usage": {"prompt_tokens": 6, "total_tokens": 6}}
+    # {"embeddings": [[0.566, -0.004, 0.444, -0.695], [0.379, -0.197, -0.901, -0.070]],
+    #  "usage": {"prompt_tokens": 6, "total_tokens": 6}}
 
 Input: {"input": [text, ...]} (a single string is taken as a list of one; 1 to 2048 texts,
 none empty), "dimensions" (1 to 64: the first components, those that carry the most, the
 vector normalised again) optional; other parameters (user, encoding_format: the API's front
 door encodes the floats) are accepted and have no effect. prompt_tokens counts the texts'
-words and punctuation marks (aibackend.worker.count_tokens).
+words and punctuation marks (aibackend.worker.count_tokens). A text that shares not one
+word or letter group with the sentences below has no direction here: its vector is all zeros.
 """
 
 import numpy

@@ -122,6 +122,10 @@ def check_chat(daemon):
         "content": "asks the model that the request names.", "finish_reason": "length",
         "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13},
     }
+    readme = daemon.predict("chat", {"messages": [{"role": "user", "content": "the daemon"}], "max_tokens": 8,
+                                     "seed": 7})  # the README's Walkthrough
+    assert readme.status == 200 and readme.json() == dict(
+        answer.json(), usage={"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10}), readme
     # Streamed: one text delta per word, 20 ms apart, then the output with finish_reason and usage.
     arrived = streamed(daemon.port, "/post/predict?id=chat", json.dumps(request).encode())
     deltas = [json.loads(line[len(b"data: "):]) for _, line in arrived[:-2]]
@@ -169,10 +173,14 @@ def check_embed(daemon):
     assert cosine(stocks, rates) > cosine(stocks, kitten) + 0.1
     assert cosine(stocks, rates) > cosine(rates, cat) + 0.1
 
-    short = daemon.predict("embed", {"input": "the cat sleeps on the sofa", "dimensions": 8})
+    short = daemon.predict("embed", {"input": ["the cat sleeps on the sofa", "the stock market crashed"],
+                                     "dimensions": 8})  # the README's Walkthrough
     assert short.status == 200, short
-    (vector,) = short.json()["embeddings"]
-    assert len(vector) == 8 and sum(x * x for x in vector) == pytest.approx(1.0)
+    assert short.json()["usage"] == {"prompt_tokens": 10, "total_tokens": 10}
+    assert [len(vector) for vector in short.json()["embeddings"]] == [8, 8]
+    assert [sum(x * x for x in vector) for vector in short.json()["embeddings"]] == [pytest.approx(1.0)] * 2
+    (one,) = daemon.predict("embed", {"input": "the cat sleeps on the sofa"}).json()["embeddings"]
+    assert one == pytest.approx(vectors[cat])  # a single string is a list of one
     for bad, message in [
         ({"input": ["a"], "dimensions": 65}, "dimensions must be a whole number from 1 to 64 (this model's size)"),
         ({"input": [""]}, "input[0] is empty"),
