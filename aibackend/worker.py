@@ -38,6 +38,13 @@ What C{serve} does:
         def predict(data):
             for word in data["text"].split():
                 yield word + " "
+
+  - L{chat} turns a function that yields a chat reply's text pieces into such a predict,
+    for models served through the OpenAI-compatible API (README "Chat models"):
+
+        @chat
+        def predict(messages, **params):
+            yield from my_model(messages[-1]["content"])
 """
 
 from __future__ import annotations
@@ -46,12 +53,14 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import sys
 import threading
 import traceback
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["BadInput", "ModelError", "current_request_id", "log", "serve", "tensor"]
+__all__ = ["BadInput", "ModelError", "chat", "count_tokens", "current_request_id", "log", "serve", "tensor"]
 
 
 class ModelError(Exception):
@@ -134,6 +143,173 @@ def tensor(data, name: str, datatype: str | None = None):
     if array.dtype == object and dtype != "object":
         raise BadInput(f"input {name!r} is not a regular tensor (its rows differ in length or type)")
     return array
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """
+    An estimate of C{text}'s tokens that needs no tokenizer: its words and punctuation
+    marks (C{"Hello, world!"} is 4). What L{chat} counts a prompt in.
+    """
+    return len(_TOKEN.findall(text))
+
+
+def _message_text(message, index: int) -> str:
+    """A chat message's content as text (a string, or a list of text parts)."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadInput(f"messages[{index}] must be an object with a role and a content")
+    content = message.get("content")
+    if content is None:
+        return ""  # an assistant message that only called tools
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadInput(f"messages[{index}].content: this model takes text parts only")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadInput(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def _chat_request(data, cap, default):
+    """The messages, the piece limit, the stop sequences and the other parameters of a chat request."""
+    if not isinstance(data, dict):
+        raise BadInput('send {"messages": [{"role": "user", "content": "..."}]} or {"prompt": "..."}')
+    params = dict(data)
+    if "messages" in params and "prompt" in params:
+        raise BadInput("give messages or a prompt, not both")
+    if "messages" in params:
+        messages = params.pop("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadInput("messages must be a list of at least one message")
+        texts = [_message_text(message, i) for i, message in enumerate(messages)]
+        messages = [dict(message, content=text) for message, text in zip(messages, texts)]
+    elif "prompt" in params:
+        prompt = params.pop("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadInput("prompt must be a string (one prompt per request)")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        raise BadInput('send {"messages": [{"role": "user", "content": "..."}]} or {"prompt": "..."}')
+    limit = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = params.pop(name, None)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (cap is not None and value > cap):
+            most = f"from 1 to {cap}" if cap is not None else "1 or more"
+            raise BadInput(f"{name} must be a whole number {most}")
+        limit = value if limit is None else min(limit, value)
+    if limit is None:
+        limit = default
+    stop = params.pop("stop", None)
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > 4
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise BadInput("stop must be a string or a list of up to 4 non-empty strings")
+    return messages, limit, stop, params
+
+
+def _held_back(text: str, stop: list) -> int:
+    """How many characters at the end of C{text} could begin a stop sequence."""
+    longest = 0
+    for sequence in stop:
+        for size in range(min(len(sequence) - 1, len(text)), longest, -1):
+            if text.endswith(sequence[:size]):
+                longest = size
+                break
+    return longest
+
+
+def _chat_stream(reply, limit, stop, prompt_tokens):
+    """A reply's pieces as chunks, cut at the piece limit or a stop sequence; returns the output."""
+    taken, finish, held, sent = 0, "stop", "", []
+    try:
+        for piece in iter((reply,)) if isinstance(reply, str) else reply:
+            if not isinstance(piece, str):
+                raise ModelError(f"a chat reply yields strings, not {type(piece).__name__}")
+            taken += 1
+            text = held + piece
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                held = ""
+                if cut:
+                    sent.append(text[:cut])
+                    yield text[:cut]
+                break
+            keep = _held_back(text, stop) if stop else 0
+            held = text[len(text) - keep:] if keep else ""
+            if len(text) > keep:
+                sent.append(text[:len(text) - keep])
+                yield sent[-1]
+            if limit is not None and taken >= limit:
+                finish = "length"
+                break
+        if held:
+            sent.append(held)
+            yield held
+    finally:
+        if isinstance(reply, Generator):
+            reply.close()  # the reply's finally runs now, not when it is collected
+    return {
+        "content": "".join(sent),
+        "finish_reason": finish,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": taken,
+                  "total_tokens": prompt_tokens + taken},
+    }
+
+
+def chat(reply=None, *, max_tokens: int | None = None, default_tokens: int | None = None):
+    """
+    A chat model's predict from a function of its messages that yields the reply's text
+    in pieces (words, tokens: each piece counts as one completion token). Use it as a
+    decorator, with or without C{max_tokens}, or call it: C{serve(chat(reply))}.
+
+        @chat(max_tokens=200)
+        def predict(messages, temperature=1.0, **others):
+            for word in answer(messages[-1]["content"], temperature):
+                yield word
+
+    The request is what the OpenAI-compatible API sends an adapted model (README "Chat
+    models"): C{{"messages": [{"role", "content"}, ...]}} (content a string or a list of
+    text parts, given to C{reply} as one string), or C{{"prompt": "..."}} (a completion),
+    given to C{reply} as one user message; with the parameters as the client gave them.
+    The helper takes C{max_tokens} / C{max_completion_tokens} (the most pieces: the reply
+    is closed there, C{finish_reason} C{"length"}) and C{stop} (up to 4 strings: the text
+    ends before the first one, C{"stop"}; a piece that may begin one is held back until
+    it is known not to); every other parameter (temperature, seed, top_p, n, user...) is
+    passed to C{reply} as a keyword argument: take the ones the model honours and accept
+    the others with C{**others}.
+
+    Streamed, each piece is a chunk (a string); the output at the end, and the whole
+    answer of a plain request, is C{{"content": text, "finish_reason": "stop" | "length",
+    "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}}, prompt tokens
+    counted by L{count_tokens} over every message's content.
+
+    @param max_tokens: the most pieces of a reply, and the limit a request may ask for
+        (more is a 400); None: as many as the reply gives, or as the request says.
+    @param default_tokens: the most pieces when the request does not say (None:
+        C{max_tokens}).
+    """
+    if reply is None:
+        return lambda function: chat(function, max_tokens=max_tokens, default_tokens=default_tokens)
+    default = default_tokens if default_tokens is not None else max_tokens
+
+    def predict(data):
+        messages, limit, stop, params = _chat_request(data, max_tokens, default)
+        prompt_tokens = sum(count_tokens(message["content"]) for message in messages)
+        return _chat_stream(reply(messages, **params), limit, stop, prompt_tokens)
+
+    return predict
 
 
 def log(message, level: str = "info") -> None:

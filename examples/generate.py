@@ -20,7 +20,7 @@ makes the words the same each time.
 import random
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from aibackend.worker import BadInput, serve
 
@@ -74,11 +74,17 @@ class Generator:
             raise BadInput(f"max_words must be a whole number from 1 to {MAX_WORDS}")
         if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay <= 1:
             raise BadInput("delay must be a number of seconds from 0 to 1")
-        return self._words(prompt, max_words, delay, random.Random(data.get("seed")))
+        return self.words(prompt, max_words, delay, random.Random(data.get("seed")))
 
-    def _words(self, prompt, max_words, delay, rng):
-        # A generator: aibackend.worker sends each piece as it is yielded (a word with the
-        # space before it, so that the pieces joined are the text), and closes the
+    def words(self, prompt, max_words=None, delay=0.0, rng=random, temperature=1.0):
+        """
+        The text going on from C{prompt}, a word at a time (with the space before it, so
+        that the pieces joined are the text): C{max_words} of them after the opening, or
+        without end if None. C{temperature} 1 picks each word as often as it follows the
+        last two in the text, 0 always the most frequent, above 1 evens the odds out.
+        (examples/chat.py speaks through this too.)
+        """
+        # A generator: aibackend.worker sends each piece as it is yielded, and closes the
         # generator if the client goes away (the loop ends there).
         state = tuple(re.findall(r"[A-Za-z']+", prompt.lower())[-ORDER:])
         first = True
@@ -87,17 +93,27 @@ class Generator:
             for word in state:
                 yield word if first else " " + word
                 first = False
-        for _ in range(max_words):
+        made = 0
+        while max_words is None or made < max_words:
+            made += 1
             following = self.chain.get(state)
             if not following:
                 state = rng.choice(self.starts)
                 following = self.chain[state]
-            word = rng.choice(following)
+            word = rng.choice(following) if temperature == 1 else self._pick(following, temperature, rng)
             if delay:
                 time.sleep(delay)
             yield word if first or word in ".," else " " + word
             first = False
             state = (state[1], word.lower())
+
+    @staticmethod
+    def _pick(following, temperature, rng):
+        counts = Counter(following)  # in the order the words first follow: ties go to the first
+        if temperature == 0:
+            return max(counts, key=counts.get)
+        words = list(counts)
+        return rng.choices(words, [counts[w] ** (1 / temperature) for w in words])[0]
 
 
 if __name__ == "__main__":

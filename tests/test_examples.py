@@ -92,11 +92,15 @@ def test_every_example_model_answers_and_sigterm_leaves_no_example_process(examp
     gathered = daemon.predict("generate", {"prompt": "the daemon", "max_words": 8, "seed": 7})
     assert gathered.status == 200 and gathered.json() == "asks the model that the request names."
 
+    check_chat(daemon)
+    check_embed(daemon)
+
     processes = {
-        model: daemon.model_pids(model) for model in ("sentiment", "adder", "wordstats", "iris", "generate")
+        model: daemon.model_pids(model)
+        for model in ("sentiment", "adder", "wordstats", "iris", "generate", "chat", "embed")
     }
     assert {model: len(pids) for model, pids in processes.items()} == {
-        "sentiment": 1, "adder": 2, "wordstats": 1, "iris": 2, "generate": 1,
+        "sentiment": 1, "adder": 2, "wordstats": 1, "iris": 2, "generate": 1, "chat": 1, "embed": 1,
     }
     trained = [e["message"] for e in daemon.events("iris", "model")]
     assert any(message.startswith("trained on 150 samples") for message in trained)
@@ -106,6 +110,85 @@ def test_every_example_model_answers_and_sigterm_leaves_no_example_process(examp
     every_pid = set().union(*processes.values())
     assert [pid for pid in every_pid if not reaped(pid)] == []
     assert port_is_free(MODEL_SERVER_PORT)
+
+
+def check_chat(daemon):
+    """The chat example through /post/predict, with the body the OpenAI front door sends an adapted model."""
+    request = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the daemon"}],
+               "max_tokens": 8, "seed": 7, "temperature": 1, "top_p": 1, "user": "u-1"}
+    answer = daemon.predict("chat", request)
+    assert answer.status == 200, answer
+    assert answer.json() == {
+        "content": "asks the model that the request names.", "finish_reason": "length",
+        "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13},
+    }
+    readme = daemon.predict("chat", {"messages": [{"role": "user", "content": "the daemon"}], "max_tokens": 8,
+                                     "seed": 7})  # the README's Walkthrough
+    assert readme.status == 200 and readme.json() == dict(
+        answer.json(), usage={"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10}), readme
+    # Streamed: one text delta per word, 20 ms apart, then the output with finish_reason and usage.
+    arrived = streamed(daemon.port, "/post/predict?id=chat", json.dumps(request).encode())
+    deltas = [json.loads(line[len(b"data: "):]) for _, line in arrived[:-2]]
+    assert deltas == ["asks", " the", " model", " that", " the", " request", " names", "."]
+    assert arrived[-2][1] == b"event: done"
+    assert json.loads(arrived[-1][1][len(b"data: "):]) == {"output": answer.json()}
+    assert arrived[-1][0] - arrived[0][0] >= 0.1  # the words were not sent together
+    # A stop sequence ends the text before it; temperature 0 always picks the likeliest word.
+    stopped = daemon.predict("chat", {"messages": [{"role": "user", "content": "the daemon"}],
+                                      "temperature": 0, "stop": [" the client"], "max_completion_tokens": 30})
+    assert stopped.status == 200, stopped
+    assert stopped.json()["content"] == "sends it on to"
+    assert stopped.json()["finish_reason"] == "stop"
+    # The completions form: a prompt.
+    completion = daemon.predict("chat", {"prompt": "the daemon", "max_tokens": 3, "seed": 7})
+    assert completion.status == 200 and completion.json()["content"] == "asks the model", completion
+    for bad, message in [
+        ({"messages": []}, "messages must be a list of at least one message"),
+        ({"prompt": "x", "max_tokens": 201}, "max_tokens must be a whole number from 1 to 200"),
+        ({"prompt": "x", "n": 2}, "n must be 1: this model answers one choice"),
+        ({"prompt": "x", "temperature": 3}, "temperature must be a number from 0 to 2"),
+    ]:
+        refused = daemon.predict("chat", bad)
+        assert refused.status == 400 and refused.json()["error"]["message"] == message, refused
+
+
+def check_embed(daemon):
+    """The embed example: L2-normalised vectors, dimensions honoured, texts on one subject closer."""
+    texts = ["the cat sleeps on the sofa", "a kitten naps by the window",
+             "the stock market crashed", "the bank raised interest rates"]
+    answer = daemon.predict("embed", {"input": texts, "user": "u-1"}, timeout=40)
+    assert answer.status == 200, answer
+    body = answer.json()
+    assert body["usage"] == {"prompt_tokens": 21, "total_tokens": 21}  # 6 + 6 + 4 + 5 words
+    vectors = body["embeddings"]
+    assert [len(vector) for vector in vectors] == [64] * 4
+    assert [sum(x * x for x in vector) for vector in vectors] == [pytest.approx(1.0)] * 4
+
+    def cosine(a, b):
+        return sum(x * y for x, y in zip(vectors[a], vectors[b]))
+
+    cat, kitten, stocks, rates = range(4)
+    assert cosine(cat, kitten) > cosine(cat, stocks) + 0.1
+    assert cosine(cat, kitten) > cosine(kitten, rates) + 0.1
+    assert cosine(stocks, rates) > cosine(stocks, kitten) + 0.1
+    assert cosine(stocks, rates) > cosine(rates, cat) + 0.1
+
+    short = daemon.predict("embed", {"input": ["the cat sleeps on the sofa", "the stock market crashed"],
+                                     "dimensions": 8})  # the README's Walkthrough
+    assert short.status == 200, short
+    assert short.json()["usage"] == {"prompt_tokens": 10, "total_tokens": 10}
+    assert [len(vector) for vector in short.json()["embeddings"]] == [8, 8]
+    assert [sum(x * x for x in vector) for vector in short.json()["embeddings"]] == [pytest.approx(1.0)] * 2
+    (one,) = daemon.predict("embed", {"input": "the cat sleeps on the sofa"}).json()["embeddings"]
+    assert one == pytest.approx(vectors[cat])  # a single string is a list of one
+    for bad, message in [
+        ({"input": ["a"], "dimensions": 65}, "dimensions must be a whole number from 1 to 64 (this model's size)"),
+        ({"input": [""]}, "input[0] is empty"),
+        ({"input": [[1, 2]]}, "input[0] must be a string (this model takes text, not token ids)"),
+        ({"text": "a"}, 'send {"input": ["text", ...]}'),
+    ]:
+        refused = daemon.predict("embed", bad)
+        assert refused.status == 400 and refused.json()["error"]["message"] == message, refused
 
 
 def streamed(port: int, path: str, body: bytes) -> list:

@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from aibackend.worker import BadInput, ModelError, chat, count_tokens
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = os.path.join(ROOT, "tests", "models", "worker_cases.py")
 
@@ -393,3 +395,148 @@ def test_streams_run_side_by_side_with_concurrency(start_worker):
             seen.append(message["id"])
             ends += "chunk" not in message
     assert seen[:2] in (["one", "two"], ["two", "one"])  # both began before either ended
+
+
+# The chat helper (aibackend.worker.chat): a pure function of the request, tested in-process.
+
+
+def drained(stream):
+    """A chat predict's chunks and the output it returns."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(stream))
+        except StopIteration as stop:
+            return chunks, stop.value
+
+
+def words_reply(text):
+    """A reply yielding C{text}'s words (each with the space before it but the first), told what it got."""
+    seen = {}
+
+    def reply(messages, **params):
+        seen.update(messages=messages, params=params)
+        for i, word in enumerate(text.split()):
+            yield word if i == 0 else " " + word
+
+    return reply, seen
+
+
+def test_chat_streams_each_piece_and_ends_with_the_whole_text_finish_reason_and_usage():
+    reply, seen = words_reply("Hello there, friend.")
+    chunks, output = drained(chat(reply)({"messages": [{"role": "user", "content": "Hi, you!"}], "seed": 7}))
+    assert chunks == ["Hello", " there,", " friend."]
+    assert output == {
+        "content": "Hello there, friend.", "finish_reason": "stop",
+        "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
+    }
+    assert seen == {"messages": [{"role": "user", "content": "Hi, you!"}], "params": {"seed": 7}}
+
+
+def test_chat_passes_every_parameter_but_its_own_and_counts_every_message():
+    reply, seen = words_reply("ok")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "one "}, {"type": "text", "text": "two"}]}]
+    _, output = drained(chat(reply)({"messages": messages, "max_tokens": 5, "stop": None, "temperature": 0.5,
+                                     "top_p": 1, "n": 1, "user": "u"}))
+    assert seen["params"] == {"temperature": 0.5, "top_p": 1, "n": 1, "user": "u"}
+    assert seen["messages"][1] == {"role": "user", "content": "one two"}  # text parts joined
+    assert output["usage"]["prompt_tokens"] == 5  # "Be brief." is 3, "one two" 2
+
+
+def test_a_completion_prompt_reaches_the_reply_as_one_user_message():
+    reply, seen = words_reply("ok")
+    for prompt in ("the daemon", ["the daemon"]):
+        drained(chat(reply)({"prompt": prompt}))
+        assert seen["messages"] == [{"role": "user", "content": "the daemon"}]
+
+
+@pytest.mark.parametrize("limits, taken", [
+    ({"max_tokens": 2}, 2), ({"max_completion_tokens": 3}, 3), ({"max_tokens": 4, "max_completion_tokens": 2}, 2),
+])
+def test_max_tokens_cuts_the_reply_with_finish_reason_length_and_closes_it(limits, taken):
+    closed = []
+
+    def reply(messages):
+        try:
+            while True:
+                yield "w "
+        finally:
+            closed.append(True)
+
+    chunks, output = drained(chat(reply)(dict({"messages": [{"role": "user", "content": "go"}]}, **limits)))
+    assert chunks == ["w "] * taken
+    assert output["finish_reason"] == "length" and output["content"] == "w " * taken
+    assert output["usage"]["completion_tokens"] == taken
+    assert closed == [True]  # the reply's finally ran as the stream ended
+
+
+def test_the_helpers_limits_bound_a_reply_and_a_request():
+    def endless(messages):
+        while True:
+            yield "w"
+
+    predict = chat(max_tokens=10, default_tokens=4)(endless)
+    assert drained(predict({"prompt": "x"}))[0] == ["w"] * 4
+    assert drained(predict({"prompt": "x", "max_tokens": 10}))[0] == ["w"] * 10
+    with pytest.raises(BadInput, match="^max_tokens must be a whole number from 1 to 10$"):
+        predict({"prompt": "x", "max_tokens": 11})
+    assert drained(chat(max_tokens=3)(endless)({"prompt": "x"}))[1]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("stop, chunks, content", [
+    ("friend", ["Hello", " there,", " "], "Hello there, "),                     # cut inside a piece
+    (["xyz", " there"], ["Hello"], "Hello"),                                    # the first of several
+    (", fr", ["Hello", " there"], "Hello there"),                              # across two pieces
+    ("there, no", ["Hello", " ", "there, friend."], "Hello there, friend."),   # held back, then let go
+    ("Hello", [], ""),                                                          # at once: nothing
+])
+def test_a_stop_sequence_ends_the_text_before_it_even_across_pieces(stop, chunks, content):
+    reply, _ = words_reply("Hello there, friend.")
+    got, output = drained(chat(reply)({"prompt": "x", "stop": stop}))
+    assert got == chunks and "".join(got) == content
+    assert output["content"] == content and output["finish_reason"] == "stop"
+
+
+def test_a_reply_may_return_a_string_or_a_list_of_pieces():
+    assert drained(chat(lambda messages: "all at once")({"prompt": "x"})) == (
+        ["all at once"], {"content": "all at once", "finish_reason": "stop",
+                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    assert drained(chat(lambda messages: ["a", "b"])({"prompt": "x"}))[0] == ["a", "b"]
+
+
+@pytest.mark.parametrize("data, message", [
+    (5, 'send {"messages": [{"role": "user", "content": "..."}]} or {"prompt": "..."}'),
+    ({"text": "x"}, 'send {"messages": [{"role": "user", "content": "..."}]} or {"prompt": "..."}'),
+    ({"messages": [], }, "messages must be a list of at least one message"),
+    ({"messages": "hi"}, "messages must be a list of at least one message"),
+    ({"messages": [{"content": "hi"}]}, "messages[0] must be an object with a role and a content"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string or a list of text parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content: this model takes text parts only"),
+    ({"messages": [{"role": "user", "content": "a"}], "prompt": "b"}, "give messages or a prompt, not both"),
+    ({"prompt": ["a", "b"]}, "prompt must be a string (one prompt per request)"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens must be a whole number 1 or more"),
+    ({"prompt": "a", "max_completion_tokens": True}, "max_completion_tokens must be a whole number 1 or more"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop must be a string or a list of up to 4 non-empty strings"),
+    ({"prompt": "a", "stop": [""]}, "stop must be a string or a list of up to 4 non-empty strings"),
+    ({"prompt": "a", "stop": 5}, "stop must be a string or a list of up to 4 non-empty strings"),
+])
+def test_a_bad_chat_request_is_bad_input_before_the_reply_is_asked(data, message):
+    asked = []
+    with pytest.raises(BadInput) as raised:
+        chat(lambda messages, **params: asked.append(messages) or "x")(data)
+    assert str(raised.value) == message and raised.value.status == 400
+    assert asked == []
+
+
+def test_a_piece_that_is_not_a_string_is_a_model_error():
+    with pytest.raises(ModelError, match="^a chat reply yields strings, not int$") as raised:
+        drained(chat(lambda messages: [1])({"prompt": "x"}))
+    assert raised.value.status == 500
+
+
+def test_count_tokens_counts_words_and_punctuation_marks():
+    assert count_tokens("Hello, world!") == 4
+    assert count_tokens("") == 0
+    assert count_tokens("don't stop") == 4  # don ' t stop
