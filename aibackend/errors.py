@@ -170,6 +170,10 @@ class ModelUnavailable(ApiError):
         self.retry_after = retry_after
 
 
+class ModelBusy(ModelUnavailable):
+    """A request shed: the model's places and its queue are full (503, as every unavailable model's)."""
+
+
 class BadGateway(ApiError):
     """The model crashed mid-request, answered something that is not JSON, or refused the connection."""
 

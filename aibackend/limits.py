@@ -16,7 +16,7 @@ from collections import deque
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeadlineExceeded
 
-from aibackend.errors import GatewayTimeout, ModelUnavailable
+from aibackend.errors import GatewayTimeout, ModelBusy
 
 
 class ConcurrencyLimit:
@@ -58,7 +58,7 @@ class ConcurrencyLimit:
         """Whether the queue is at its bound: a request that would wait is shed instead."""
         return len(self.queue) >= self.max_queue
 
-    def busy(self, retry_after: int = 1) -> ModelUnavailable:
+    def busy(self, retry_after: int = 1) -> ModelBusy:
         """The 503 of a request shed (counted): answered at once, and not a failure of the model."""
         self.shed += 1
         if self.max_in_flight:
@@ -68,7 +68,7 @@ class ConcurrencyLimit:
             )
         else:
             message = f"model {self.model_id!r} is busy: {len(self.queue)} requests are waiting (max_queue)"
-        return ModelUnavailable(message, model=self.model_id, retry_after=retry_after)
+        return ModelBusy(message, model=self.model_id, retry_after=retry_after)
 
     def wait_for_place(self, timeout: float, clock) -> Deferred:
         """

@@ -117,7 +117,7 @@ def openai_error(error: errors.ApiError) -> errors.ApiError:
     The error as the OpenAI API says it: a model that shed the request (its queue is
     full, L{aibackend.limits.ConcurrencyLimit.busy}) is a 429 with the same words and Retry-After.
     """
-    if isinstance(error, errors.ModelUnavailable) and " is busy: " in error.message:
+    if isinstance(error, errors.ModelBusy):
         limited = RateLimited(error.message, model=error.model)
         limited.headers = dict(error.headers)
         return limited

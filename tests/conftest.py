@@ -50,6 +50,7 @@ SLOWEST_MODULES = (
     "test_v2_daemon.py",
     "test_streaming_daemon.py",
     "test_http_streaming.py",
+    "test_openai_daemon.py",
     "test_observability_daemon.py",
     "test_supervisor.py",
     "test_write_path.py",

@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -245,3 +247,26 @@ def test_the_readme_triton_client_snippet_calls_the_iris_example(example_daemon)
     assert json.loads(scores) == [
         pytest.approx([0.9817, 0.0183, 0.0], abs=2e-3), pytest.approx([0.0001, 0.0801, 0.9199], abs=2e-3),
     ]
+
+
+@pytest.mark.timeout(90)
+def test_the_readme_openai_snippet_calls_the_chat_and_embed_examples(example_daemon):
+    daemon = example_daemon
+    # embed is fitted at load: a first request waits for it.
+    assert daemon.predict("embed", {"input": ["the daemon"]}, timeout=40).status == 200
+    snippet = readme_python_block("from openai import OpenAI\n\nclient = OpenAI(")
+    assert '"http://127.0.0.1:8080/v1"' in snippet
+    snippet = snippet.replace('"http://127.0.0.1:8080/v1"', f'"http://127.0.0.1:{daemon.port}/v1"')
+
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+
+    assert ran.returncode == 0, ran.stderr
+    *lines, similarities = ran.stdout.splitlines()
+    assert lines == [
+        "asks the model that the request names.", "length 10",
+        "asks the model that the request names.", "8 tokens",
+        "asks the model",
+        "64 16",
+    ]
+    near, far = (float(value) for value in similarities.split())
+    assert near == pytest.approx(0.31, abs=0.05) and far == pytest.approx(-0.02, abs=0.05)

@@ -193,7 +193,7 @@ def test_a_models_error_answer_keeps_its_status_and_words(door, plain):
 
 
 def test_a_model_that_is_busy_is_a_429_with_retry_after(door, plain):
-    plain.fails(errors.ModelUnavailable("model 'plain' is busy: 3 requests are waiting (max_queue)", model="plain"))
+    plain.fails(errors.ModelBusy("model 'plain' is busy: 3 requests are waiting (max_queue)", model="plain"))
     response = post(door, "/v1/chat/completions", {**CHAT, "model": "plain"})
     error = assert_openai_error(response, 429, "rate_limit_exceeded", message="is busy")
     assert error["type"] == "rate_limit_error"
