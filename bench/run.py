@@ -57,6 +57,7 @@ STREAM_CLIENT = os.path.join(BENCH, "stream_client.py")
 CHAT_LUA = os.path.join(BENCH, "chat.lua")
 NGINX_OPENAI = os.path.join(BENCH, "nginx-openai.conf.in")
 NGINX_OPENAI_STREAM = os.path.join(BENCH, "nginx-openai-stream.conf.in")
+NGINX_OPENAI_ADAPTED = os.path.join(BENCH, "nginx-openai-adapted.conf.in")
 
 # Processes of these programs are models the daemon starts, not the daemon: their memory
 # is not counted in the daemon's RSS (nor is that of anything they start).
@@ -303,6 +304,7 @@ class Bench:
         self.stream_source = None
         self.openai_up = None  # the fixed-answer OpenAI upstreams (nginx), during the OpenAI section
         self.openai_stream_up = None
+        self.openai_adapted_up = None
         self.processes_flag = False
 
     # -- starting and stopping --
@@ -1403,6 +1405,9 @@ OPENAI_CASES = {
                     "model `fixed` = openai/fixed at the fixed upstream: POST /v1/chat/completions, stream false",
     "aibackend-openai-chat": "aibackend's /v1/chat/completions, the fixed upstream as an HTTP model with "
                              "[models.openai] native = true: stream false",
+    "aibackend-openai-chat-adapted": "aibackend's /v1/chat/completions, an adapted HTTP model: nginx answering the "
+                                     "same fixed text as {\"content\", \"finish_reason\", \"usage\"} "
+                                     "(bench/nginx-openai-adapted.conf.in), made a chat.completion by the daemon",
 }
 OPENAI_STREAM_CASES = {
     "openai-stream-direct": "the fixed SSE upstream itself: nginx (1 worker) sending 5 chat.completion.chunk events "
@@ -1410,6 +1415,9 @@ OPENAI_STREAM_CASES = {
     "litellm-chat-stream": "LiteLLM's proxy as litellm-chat, model `fixed-stream` at the SSE upstream: stream true",
     "aibackend-openai-chat-stream": "aibackend's /v1/chat/completions, the SSE upstream as a native OpenAI HTTP "
                                     "model: stream true, its chunks passed through",
+    "aibackend-openai-chat-adapted-stream": "as aibackend-openai-chat-adapted, stream true: the HTTP model streams "
+                                            "SSE text deltas (strings, then finish_reason and usage), made "
+                                            "chat.completion.chunk events by the daemon",
 }
 OPENAI_PATH = "/v1/chat/completions"
 LITELLM_KEY = "sk-bench"  # LiteLLM's master_key (it will not start without one); the others ignore it
@@ -1480,6 +1488,10 @@ def start_aibackend_openai(bench: Bench, name: str) -> tuple[Server, list[str]]:
     """
     models = (native_openai_model("fixed", f"http://127.0.0.1:{bench.openai_up.port}/v1")
               + native_openai_model("fixed-stream", f"http://127.0.0.1:{bench.openai_stream_up.port}/v1"))
+    if "adapted" in name:
+        up = bench.openai_adapted_up.port
+        return bench.start_aibackend(name, http_model("fixed", f"http://127.0.0.1:{up}/chat")
+                                     + http_model("fixed-stream", f"http://127.0.0.1:{up}/stream")), []
     try:
         return bench.start_aibackend(name, models), []
     except BenchError as e:
@@ -1501,7 +1513,7 @@ def start_openai_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Se
         return bench.openai_up, OPENAI_PATH, []
     if name == "litellm-chat":
         return start_litellm(bench, name), OPENAI_PATH, []
-    if name == "aibackend-openai-chat":
+    if name.startswith("aibackend-openai-chat"):
         server, notes = start_aibackend_openai(bench, name)
         try:
             status, body = request(server.port, "POST", OPENAI_PATH, CHAT_BODY, headers=OPENAI_HEADERS)
@@ -1549,7 +1561,7 @@ def start_openai_stream_case(bench: Bench, name: str) -> tuple[Server, list[str]
         return bench.openai_stream_up, []
     if name == "litellm-chat-stream":
         return start_litellm(bench, name), []
-    if name == "aibackend-openai-chat-stream":
+    if name.startswith("aibackend-openai-chat"):
         return start_aibackend_openai(bench, name)
     raise BenchError(f"unknown OpenAI streaming case {name!r}")
 
@@ -1577,7 +1589,7 @@ def check_chat_stream(server: Server, notes: list[str]) -> None:
 def run_openai_stream_case(bench: Bench, name: str) -> dict:
     """Streamed chat requests one after the other on 1 and 32 connections: streams/s, time to first chunk."""
     args = bench.args
-    up = bench.openai_stream_up
+    up = bench.openai_adapted_up if "adapted" in name else bench.openai_stream_up
     case = {"name": name, "description": OPENAI_STREAM_CASES[name], "notes": [], "runs": [], "summary": {}}
     log(f"case {name}: {OPENAI_STREAM_CASES[name]}")
     server = None
@@ -1696,17 +1708,22 @@ def openai_notes(section: dict) -> list[str]:
     def verdict(ok, *rows):
         return "not judged (other load over 25%: ‡)" if disturbed(*rows) else ("met" if ok else "NOT met")
 
-    ours, theirs = plain.get(("aibackend-openai-chat", 32)), plain.get(("litellm-chat", 32))
-    if ours and theirs and ours.get("vs_litellm") is not None:
-        notes.append(f"target (issue 15): aibackend >= {OPENAI_TARGET_RATIO:g}x LiteLLM's req/s at c32: "
-                     f"{ours['rps']:,.0f} vs {theirs['rps']:,.0f} req/s = {ours['vs_litellm']:.1f}x, "
-                     f"{verdict(ours['vs_litellm'] >= OPENAI_TARGET_RATIO, ours, theirs)}.")
-    else:
-        notes.append(f"target (issue 15): aibackend >= {OPENAI_TARGET_RATIO:g}x LiteLLM's req/s at c32: not measured "
-                     "(a case was not available or failed; see its row).")
-    for label, rows, key, floor in (("added p50 at c1", plain, "aibackend-openai-chat", "openai-direct"),
-                                    ("streaming: time to first chunk added at 1 stream", streamed,
-                                     "aibackend-openai-chat-stream", "openai-stream-direct")):
+    for name in ("aibackend-openai-chat", "aibackend-openai-chat-adapted"):
+        ours, theirs = plain.get((name, 32)), plain.get(("litellm-chat", 32))
+        if ours and theirs and ours.get("vs_litellm") is not None:
+            notes.append(f"target (issue 15): aibackend >= {OPENAI_TARGET_RATIO:g}x LiteLLM's req/s at c32: {name} "
+                         f"{ours['rps']:,.0f} vs {theirs['rps']:,.0f} req/s = {ours['vs_litellm']:.1f}x, "
+                         f"{verdict(ours['vs_litellm'] >= OPENAI_TARGET_RATIO, ours, theirs)}.")
+        else:
+            notes.append(f"target (issue 15): aibackend >= {OPENAI_TARGET_RATIO:g}x LiteLLM's req/s at c32: {name} "
+                         "not measured (it or litellm-chat was not available or failed; see its row).")
+    for label, rows, key, floor in (
+            ("added p50 at c1", plain, "aibackend-openai-chat", "openai-direct"),
+            ("added p50 at c1", plain, "aibackend-openai-chat-adapted", "openai-direct"),
+            ("streaming: time to first chunk added at 1 stream", streamed, "aibackend-openai-chat-stream",
+             "openai-stream-direct"),
+            ("streaming: time to first chunk added at 1 stream", streamed, "aibackend-openai-chat-adapted-stream",
+             "openai-stream-direct")):
         row = rows.get((key, 1))
         if row and row.get("added_p50_ms") is not None:
             notes.append(f"target (issue 15): {label} at most {OPENAI_TARGET_ADDED_MS:g} ms: {key} "
@@ -1733,10 +1750,11 @@ def run_openai(bench: Bench, names: list[str], stream_names: list[str]) -> tuple
     failed = False
     bench.openai_up = bench.start_nginx("openai-direct", NGINX_OPENAI)
     bench.openai_stream_up = bench.start_nginx("openai-stream-direct", NGINX_OPENAI_STREAM)
+    bench.openai_adapted_up = bench.start_nginx("openai-adapted", NGINX_OPENAI_ADAPTED)
     try:
         for name in names:
             case = run_case(bench, name, False, OPENAI_CASES, start_openai_case, check_chat, CHAT_LUA,
-                            bench.openai_up)
+                            bench.openai_adapted_up if "adapted" in name else bench.openai_up)
             section["cases"].append(case)
             failed |= bool(case.get("error"))
         for name in stream_names:
@@ -1744,8 +1762,8 @@ def run_openai(bench: Bench, names: list[str], stream_names: list[str]) -> tuple
             section["stream_cases"].append(case)
             failed |= bool(case.get("error"))
     finally:
-        bench.stop(bench.openai_up)
-        bench.stop(bench.openai_stream_up)
+        for up in (bench.openai_up, bench.openai_stream_up, bench.openai_adapted_up):
+            bench.stop(up)
     section["rows"] = openai_rows(section["cases"], "openai-direct", CONCURRENCIES, "rps")
     section["stream_rows"] = openai_rows(section["stream_cases"], "openai-stream-direct",
                                          OPENAI_STREAM_CONCURRENCIES, "streams_per_s")
