@@ -44,6 +44,8 @@ setup(
         "bench": [
             "aiohttp>=3.9",  # the benchmark's Python peer (bench/aiohttp_proxy.py)
             "py-spy>=0.3",  # profiles of the daemon under load (bench/README.md, "Profiling")
+            # The OpenAI cases' peer: LiteLLM's proxy (bench/README.md, "The OpenAI section").
+            "litellm[proxy]>=1.50",
         ],
         "examples": [
             "scikit-learn>=1.3",  # the iris example model

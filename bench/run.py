@@ -54,6 +54,10 @@ NGINX_PROXY = os.path.join(BENCH, "nginx-proxy.conf.in")
 NGINX_STREAM_PROXY = os.path.join(BENCH, "nginx-stream-proxy.conf.in")
 STREAM_SOURCE = os.path.join(BENCH, "stream_source.py")
 STREAM_CLIENT = os.path.join(BENCH, "stream_client.py")
+CHAT_LUA = os.path.join(BENCH, "chat.lua")
+NGINX_OPENAI = os.path.join(BENCH, "nginx-openai.conf.in")
+NGINX_OPENAI_STREAM = os.path.join(BENCH, "nginx-openai-stream.conf.in")
+NGINX_OPENAI_ADAPTED = os.path.join(BENCH, "nginx-openai-adapted.conf.in")
 
 # Processes of these programs are models the daemon starts, not the daemon: their memory
 # is not counted in the daemon's RSS (nor is that of anything they start).
@@ -298,6 +302,9 @@ class Bench:
         self.wrk = args.wrk
         self.free_port = None
         self.stream_source = None
+        self.openai_up = None  # the fixed-answer OpenAI upstreams (nginx), during the OpenAI section
+        self.openai_stream_up = None
+        self.openai_adapted_up = None
         self.processes_flag = False
 
     # -- starting and stopping --
@@ -411,11 +418,11 @@ class Bench:
 
     # -- load --
 
-    def run_wrk(self, port: int, path: str, connections: int, duration: int) -> dict:
+    def run_wrk(self, port: int, path: str, connections: int, duration: int, script: str = POST_LUA) -> dict:
         threads = 1 if connections == 1 else min(2, connections)
         argv = [
             self.wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
-            "--latency", "-s", POST_LUA, f"http://127.0.0.1:{port}{path}",
+            "--latency", "-s", script, f"http://127.0.0.1:{port}{path}",
         ]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, cwd=BENCH)
         if done.returncode != 0:
@@ -434,10 +441,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 10.0):
+def request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 10.0, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
         conn.request(method, path, body=body, headers=headers)
         answer = conn.getresponse()
         return answer.status, answer.read()
@@ -625,8 +632,8 @@ def start_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Server, s
     raise BenchError(f"unknown case {name!r}")
 
 
-def check_answer(server: Server, path: str) -> None:
-    status, body = request(server.port, "POST", path, BODY)
+def check_answer(server: Server, path: str, request_body: bytes = BODY, headers=None) -> None:
+    status, body = request(server.port, "POST", path, request_body, headers=headers)
     if status != 200:
         raise BenchError(f"{server.name}: a check request got {status}: {body[:300]!r}\n{server.log_tail()}")
     try:
@@ -635,12 +642,18 @@ def check_answer(server: Server, path: str) -> None:
         raise BenchError(f"{server.name}: a check request got a body that is not JSON: {body[:300]!r}") from None
 
 
-def run_case(bench: Bench, name: str, processes_flag: bool) -> dict:
+def run_case(bench: Bench, name: str, processes_flag: bool, describe: dict = CASES, start=start_case,
+             check=check_answer, script: str = POST_LUA, upstream: Server | None = None) -> dict:
+    """
+    A wrk case: start it, check it, warm it up, the passes at each concurrency. The OpenAI section
+    runs its own cases through this too (its descriptions, start, check, wrk script and upstream).
+    """
     args = bench.args
-    case = {"name": name, "description": CASES[name], "notes": [], "runs": [], "summary": {}}
-    log(f"case {name}: {CASES[name]}")
+    upstream = upstream or bench.free_server
+    case = {"name": name, "description": describe[name], "notes": [], "runs": [], "summary": {}}
+    log(f"case {name}: {describe[name]}")
     try:
-        server, path, notes = start_case(bench, name, processes_flag)
+        server, path, notes = start(bench, name, processes_flag)
     except Skipped as e:
         case["skipped"] = str(e)
         log(f"case {name}: skipped ({e})")
@@ -652,16 +665,16 @@ def run_case(bench: Bench, name: str, processes_flag: bool) -> dict:
     case["notes"] += notes
     case["path"] = path
     try:
-        check_answer(server, path)
+        check(server, path)
         if args.quiet_wait > 0:
             case["quiet"] = wait_quiet(bench, args.quiet_wait)
-        warm = bench.run_wrk(server.port, path, 32, WARMUP_SECONDS)
+        warm = bench.run_wrk(server.port, path, 32, WARMUP_SECONDS, script)
         case["warmup"] = {"requests": warm["requests"], "errors": warm["errors"]}
         for n in range(1, args.passes + 1):
             for connections in CONCURRENCIES:
-                roots = [server.pid] if server is bench.free_server else [server.pid, bench.free_server.pid]
+                roots = [server.pid] if server is upstream else [server.pid, upstream.pid]
                 before = cpu_snapshot(roots)
-                run = bench.run_wrk(server.port, path, connections, args.duration)
+                run = bench.run_wrk(server.port, path, connections, args.duration, script)
                 used = cpu_used(before, cpu_snapshot(roots))
                 mine, wall = used["servers"][server.pid], used["wall"]
                 run["pass"] = n
@@ -688,7 +701,7 @@ def run_case(bench: Bench, name: str, processes_flag: bool) -> dict:
         case["error"] = str(e)
         log(f"case {name}: FAILED: {e}")
     finally:
-        if server is not bench.free_server:
+        if server is not upstream:
             bench.stop(server)
     for connections in CONCURRENCIES:
         runs = [run for run in case["runs"] if run["connections"] == connections]
@@ -1008,9 +1021,9 @@ def start_stream_case(bench: Bench, name: str) -> tuple[Server, str, list[str]]:
 
 
 def run_stream_client(bench: Bench, port: int, path: str, streams: int, duration: float,
-                      chunks: int = STREAM_CHUNKS, interval: float = STREAM_INTERVAL) -> dict:
+                      chunks: int = STREAM_CHUNKS, interval: float = STREAM_INTERVAL, extra: tuple = ()) -> dict:
     argv = [bench.python, STREAM_CLIENT, "--port", str(port), "--path", path, "--streams", str(streams),
-            "--duration", f"{duration:g}", "--chunks", str(chunks), "--interval", f"{interval:g}"]
+            "--duration", f"{duration:g}", "--chunks", str(chunks), "--interval", f"{interval:g}", *extra]
     limit = duration + chunks * interval + 90
     done = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=BENCH)
     if done.returncode != 0:
@@ -1382,6 +1395,416 @@ def run_streaming(bench: Bench, names: list[str]) -> tuple[dict, bool]:
     return section, failed
 
 
+# --- the OpenAI section -------------------------------------------------------------------------
+
+
+OPENAI_CASES = {
+    "openai-direct": "the fixed-answer OpenAI-shaped upstream itself: nginx (1 worker) answering a fixed "
+                     "chat.completion JSON to any request (bench/nginx-openai.conf.in): the floor",
+    "litellm-chat": "LiteLLM's proxy (`litellm --config`, 1 worker, master_key, LITELLM_LOCAL_MODEL_COST_MAP=True), "
+                    "model `fixed` = openai/fixed at the fixed upstream: POST /v1/chat/completions, stream false",
+    "aibackend-openai-chat": "aibackend's /v1/chat/completions, the fixed upstream as an HTTP model with "
+                             "[models.openai] native = true: stream false",
+    "aibackend-openai-chat-adapted": "aibackend's /v1/chat/completions, an adapted HTTP model: nginx answering the "
+                                     "same fixed text as {\"content\", \"finish_reason\", \"usage\"} "
+                                     "(bench/nginx-openai-adapted.conf.in), made a chat.completion by the daemon",
+}
+OPENAI_STREAM_CASES = {
+    "openai-stream-direct": "the fixed SSE upstream itself: nginx (1 worker) sending 5 chat.completion.chunk events "
+                            "and data: [DONE] as one body (bench/nginx-openai-stream.conf.in): the floor",
+    "litellm-chat-stream": "LiteLLM's proxy as litellm-chat, model `fixed-stream` at the SSE upstream: stream true",
+    "aibackend-openai-chat-stream": "aibackend's /v1/chat/completions, the SSE upstream as a native OpenAI HTTP "
+                                    "model: stream true, its chunks passed through",
+    "aibackend-openai-chat-adapted-stream": "as aibackend-openai-chat-adapted, stream true: the HTTP model streams "
+                                            "SSE text deltas (strings, then finish_reason and usage), made "
+                                            "chat.completion.chunk events by the daemon",
+}
+OPENAI_PATH = "/v1/chat/completions"
+LITELLM_KEY = "sk-bench"  # LiteLLM's master_key (it will not start without one); the others ignore it
+OPENAI_HEADERS = {"Authorization": f"Bearer {LITELLM_KEY}"}
+CHAT_BODY = b'{"model": "fixed", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}'
+CHAT_STREAM_BODY = (b'{"model": "fixed-stream", "messages": [{"role": "user", "content": "hello"}], '
+                    b'"max_tokens": 16, "stream": true}')
+OPENAI_STREAM_CONCURRENCIES = (1, 32)
+OPENAI_TARGET_RATIO = 50.0  # issue 15: aibackend at least 50x LiteLLM's requests/s at concurrency 32
+OPENAI_TARGET_ADDED_MS = 0.5  # issue 15: added p50 at c1, and added time to first chunk, at most 0.5 ms
+LITELLM_CONFIG = """\
+# written by bench/run.py: LiteLLM's proxy in front of the fixed-answer upstreams
+model_list:
+  - model_name: fixed
+    litellm_params:
+      model: openai/fixed
+      api_base: http://127.0.0.1:{port}/v1
+      api_key: none
+  - model_name: fixed-stream
+    litellm_params:
+      model: openai/fixed
+      api_base: http://127.0.0.1:{stream_port}/v1
+      api_key: none
+general_settings:
+  master_key: {key}
+"""
+
+
+def litellm_path(bench: Bench) -> str | None:
+    """LiteLLM's proxy command: --litellm, else the one beside this python (the bench extra)."""
+    path = bench.args.litellm or os.path.join(os.path.dirname(sys.executable), "litellm")
+    return path if os.access(path, os.X_OK) else None
+
+
+def start_litellm(bench: Bench, name: str) -> Server:
+    command = litellm_path(bench)
+    if command is None:
+        raise Skipped("not available: LiteLLM's proxy is not installed (no `litellm` beside this python: "
+                      "`pip install 'litellm[proxy]'`, setup.py's bench extra, which make bench installs)")
+    config = os.path.join(bench.tmp, f"{name}.yaml")
+    with open(config, "w") as f:
+        f.write(LITELLM_CONFIG.format(port=bench.openai_up.port, stream_port=bench.openai_stream_up.port,
+                                      key=LITELLM_KEY))
+    port = free_port()
+    # Offline: the model cost map from the package, not fetched at start.
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    server = bench.start(name, [command, "--config", config, "--host", "127.0.0.1", "--port", str(port),
+                                "--num_workers", "1"], env=env)
+    server.port = port
+    try:
+        bench.wait_ready(server, "/health/liveliness", timeout=180)
+    except BenchError:
+        bench.stop(server)
+        raise
+    return server
+
+
+def native_openai_model(model_id: str, url: str) -> str:
+    """An HTTP model whose server speaks OpenAI itself (issue 15's `[models.openai] native = true`)."""
+    return http_model(model_id, url) + f"[models.openai]\nnative = true\nmodel = {toml_string(model_id)}\n"
+
+
+def start_aibackend_openai(bench: Bench, name: str) -> tuple[Server, list[str]]:
+    """
+    aibackend with both fixed upstreams as native OpenAI models. A daemon that refuses the
+    [models.openai] table has no native OpenAI models: the case is not available (without the
+    table the fixed upstream would be an adapted model, whose answer a chat.completion is not).
+    """
+    models = (native_openai_model("fixed", f"http://127.0.0.1:{bench.openai_up.port}/v1")
+              + native_openai_model("fixed-stream", f"http://127.0.0.1:{bench.openai_stream_up.port}/v1"))
+    if "adapted" in name:
+        up = bench.openai_adapted_up.port
+        return bench.start_aibackend(name, http_model("fixed", f"http://127.0.0.1:{up}/chat")
+                                     + http_model("fixed-stream", f"http://127.0.0.1:{up}/stream")), []
+    try:
+        return bench.start_aibackend(name, models), []
+    except BenchError as e:
+        if "openai" not in str(e):
+            raise
+        raise Skipped("not available: the daemon refuses `[models.openai] native = true` "
+                      f"({first_line(str(e))})") from None
+
+
+def openai_unavailable(status: int, body: bytes, notes: list[str]) -> None:
+    """A 404 on /v1/chat/completions: the daemon has no OpenAI routes (yet): Skipped, not failed."""
+    if status == 404:
+        raise Skipped(f"not available: the daemon answers 404 on {OPENAI_PATH} "
+                      f"({body[:200].decode(errors='replace')})" + "".join(f"; {note}" for note in notes))
+
+
+def start_openai_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Server, str, list[str]]:
+    if name == "openai-direct":
+        return bench.openai_up, OPENAI_PATH, []
+    if name == "litellm-chat":
+        return start_litellm(bench, name), OPENAI_PATH, []
+    if name.startswith("aibackend-openai-chat"):
+        server, notes = start_aibackend_openai(bench, name)
+        try:
+            status, body = request(server.port, "POST", OPENAI_PATH, CHAT_BODY, headers=OPENAI_HEADERS)
+            openai_unavailable(status, body, notes)
+        except OSError as e:
+            bench.stop(server)
+            raise BenchError(f"{name}: a chat request failed: {e}") from None
+        except Skipped:
+            bench.stop(server)
+            raise
+        return server, OPENAI_PATH, notes
+    raise BenchError(f"unknown OpenAI case {name!r}")
+
+
+def check_chat(server: Server, path: str) -> None:
+    """A chat request must answer 200 with a chat.completion whose first choice has content."""
+    status, body = request(server.port, "POST", path, CHAT_BODY, headers=OPENAI_HEADERS)
+    if status != 200:
+        raise BenchError(f"{server.name}: a chat request got {status}: {body[:300]!r}\n{server.log_tail()}")
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BenchError(f"{server.name}: a chat request got no chat.completion: {body[:300]!r}") from None
+    if not content:
+        raise BenchError(f"{server.name}: a chat request got an empty answer: {body[:300]!r}")
+
+
+def openai_stream_events(body: bytes) -> tuple[int, bool]:
+    """(the chat.completion.chunk events of an SSE body, whether it ends with data: [DONE])."""
+    chunks, done = 0, False
+    for event in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        data = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+        if data == b"[DONE]":
+            done = True
+        elif data:
+            try:
+                chunks += json.loads(data).get("object") == "chat.completion.chunk"
+            except (ValueError, AttributeError):
+                pass
+    return chunks, done
+
+
+def start_openai_stream_case(bench: Bench, name: str) -> tuple[Server, list[str]]:
+    if name == "openai-stream-direct":
+        return bench.openai_stream_up, []
+    if name == "litellm-chat-stream":
+        return start_litellm(bench, name), []
+    if name.startswith("aibackend-openai-chat"):
+        return start_aibackend_openai(bench, name)
+    raise BenchError(f"unknown OpenAI streaming case {name!r}")
+
+
+def check_chat_stream(server: Server, notes: list[str]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("POST", OPENAI_PATH, body=CHAT_STREAM_BODY,
+                     headers={**SSE_HEADERS, **OPENAI_HEADERS})
+        answer = conn.getresponse()
+        status, content_type, body = answer.status, answer.getheader("Content-Type", ""), answer.read()
+    finally:
+        conn.close()
+    openai_unavailable(status, body, notes)
+    if status != 200:
+        raise BenchError(f"{server.name}: a streamed chat request got {status}: {body[:300]!r}\n{server.log_tail()}")
+    if not content_type.startswith("text/event-stream"):
+        raise BenchError(f"{server.name}: a streamed chat request got Content-Type {content_type!r}: {body[:300]!r}")
+    chunks, done = openai_stream_events(body)
+    if not chunks or not done:
+        raise BenchError(f"{server.name}: a streamed chat request got {chunks} chunks, "
+                         f"{'with' if done else 'no'} [DONE]: {body[:500]!r}")
+
+
+def run_openai_stream_case(bench: Bench, name: str) -> dict:
+    """Streamed chat requests one after the other on 1 and 32 connections: streams/s, time to first chunk."""
+    args = bench.args
+    up = bench.openai_adapted_up if "adapted" in name else bench.openai_stream_up
+    case = {"name": name, "description": OPENAI_STREAM_CASES[name], "notes": [], "runs": [], "summary": {}}
+    log(f"case {name}: {OPENAI_STREAM_CASES[name]}")
+    server = None
+    try:
+        server, notes = start_openai_stream_case(bench, name)
+        case["notes"] += notes
+        check_chat_stream(server, notes)
+    except (Skipped, BenchError, OSError) as e:
+        case["skipped" if isinstance(e, Skipped) else "error"] = str(e)
+        log(f"case {name}: {'skipped' if isinstance(e, Skipped) else 'FAILED to start'} ({e})")
+        if server is not None and server is not up:
+            bench.stop(server)
+        return case
+    extra = ("--openai", "--body", CHAT_STREAM_BODY.decode(), "--authorization", OPENAI_HEADERS["Authorization"])
+    try:
+        if args.quiet_wait > 0:
+            case["quiet"] = wait_quiet(bench, args.quiet_wait)
+        warm = run_stream_client(bench, server.port, OPENAI_PATH, 32, WARMUP_SECONDS, 1, 0, extra)
+        case["warmup"] = {"streams": warm["streams"], "errors": warm["errors"]}
+        roots = [server.pid] if server is up else [server.pid, up.pid]
+        for n in range(1, args.passes + 1):
+            for streams in OPENAI_STREAM_CONCURRENCIES:
+                before = cpu_snapshot(roots)
+                run = run_stream_client(bench, server.port, OPENAI_PATH, streams, args.duration, 1, 0, extra)
+                used = cpu_used(before, cpu_snapshot(roots))
+                mine, wall, count = used["servers"][server.pid], used["wall"], run["streams"]
+                run["pass"] = n
+                run["streams_per_s"] = round(count / run["elapsed_s"], 1) if run["elapsed_s"] else 0.0
+                run["server_cpu_pct"] = round(100 * mine / wall, 1)
+                run["cpu_us_per_stream"] = round(1e6 * mine / count, 1) if count else None
+                run["client_cpu_pct"] = round(100 * used["wrk"] / wall, 1)
+                other = used["machine"] - used["trees"] - used["wrk"] - used["self"] + used["steal"]
+                run["other_cpu_pct"] = round(max(0.0, 100 * other / wall), 1)
+                case["runs"].append(run)
+                first = run["first_chunk"]
+                flag = f"  ERRORS: {show_errors(run['errors'])}" if run["errors"] else ""
+                log(f"  pass {n} {streams} streams: {run['streams_per_s']:.0f} streams/s, first chunk p50 "
+                    f"{first.get('p50_ms', 0):.3f} ms p99 {first.get('p99_ms', 0):.3f} ms, server CPU "
+                    f"{run['server_cpu_pct']:.0f}% ({run['cpu_us_per_stream'] or 0:.0f} us/stream), "
+                    f"other load {run['other_cpu_pct']:.0f}%{flag}")
+        server.remember()
+        peak, _ = memory_mb(server.pid, "VmHWM")
+        case["peak_rss_mb"] = round(peak, 1)
+        if not server.alive():
+            case["error"] = f"{server.name} exited during the case:\n{server.log_tail()}"
+    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+        case["error"] = str(e)
+        log(f"case {name}: FAILED: {e}")
+    finally:
+        if server is not up:
+            bench.stop(server)
+    for streams in OPENAI_STREAM_CONCURRENCIES:
+        runs = [run for run in case["runs"] if run["streams_wanted"] == streams]
+        if not runs:
+            continue
+        summary = case["summary"][str(streams)] = {
+            "streams_per_s": statistics.median(run["streams_per_s"] for run in runs),
+            "first_p50_ms": statistics.median(run["first_chunk"].get("p50_ms", 0.0) for run in runs),
+            "first_p99_ms": statistics.median(run["first_chunk"].get("p99_ms", 0.0) for run in runs),
+            "streams": sum(run["streams"] for run in runs),
+            "server_cpu_pct": statistics.median(run["server_cpu_pct"] for run in runs),
+            "cpu_us_per_stream": statistics.median(run["cpu_us_per_stream"] or 0 for run in runs),
+            "client_cpu_pct": statistics.median(run["client_cpu_pct"] for run in runs),
+            "other_cpu_pct_max": max(run["other_cpu_pct"] for run in runs), "errors": {},
+        }
+        for run in runs:
+            add_errors(summary["errors"], run["errors"])
+    return case
+
+
+def openai_rows(cases: list[dict], floor: str, concurrencies: tuple, rate: str) -> list[dict]:
+    """One row per case and concurrency: the figures, added (vs the floor at c1 / same streams), × LiteLLM."""
+    by_name = {case["name"]: case for case in cases}
+    peer = "litellm-chat-stream" if floor == "openai-stream-direct" else "litellm-chat"
+
+    def summary(name, n):
+        return by_name.get(name, {}).get("summary", {}).get(str(n))
+
+    rows = []
+    for case in cases:
+        if case.get("skipped") or (case.get("error") and not case["summary"]):
+            rows.append({"case": case["name"], "concurrency": None,
+                         "note": case.get("skipped") or "FAILED: " + first_line(case["error"])})
+            continue
+        for n in concurrencies:
+            s = summary(case["name"], n)
+            if not s:
+                continue
+            base, litellm = summary(floor, n), summary(peer, n)
+            row = {"case": case["name"], "concurrency": n, rate: s[rate],
+                   "vs_litellm": round(s[rate] / litellm[rate], 2) if litellm and litellm[rate] else None,
+                   "peak_rss_mb": case.get("peak_rss_mb"), "server_cpu_pct": s["server_cpu_pct"],
+                   "other_cpu_pct_max": s["other_cpu_pct_max"], "errors": s["errors"],
+                   "note": "; ".join(case["notes"] + (["ERROR: " + first_line(case["error"])]
+                                                      if case.get("error") else []))}
+            if rate == "rps":
+                row.update(p50_ms=round(s["p50_ms"], 3), p99_ms=round(s["p99_ms"], 3),
+                           cpu_us=s["cpu_us_per_request"],
+                           added_p50_ms=round(s["p50_ms"] - base["p50_ms"], 3) if n == 1 and base else None)
+            else:
+                row.update(p50_ms=s["first_p50_ms"], p99_ms=s["first_p99_ms"], cpu_us=s["cpu_us_per_stream"],
+                           added_p50_ms=round(s["first_p50_ms"] - base["first_p50_ms"], 3) if base else None)
+            rows.append(row)
+    return rows
+
+
+def openai_notes(section: dict) -> list[str]:
+    """The issue's targets, judged from the rows (not judged when a run had the CPUs taken by others)."""
+    notes = []
+    plain = {(row["case"], row["concurrency"]): row for row in section.get("rows", [])}
+    streamed = {(row["case"], row["concurrency"]): row for row in section.get("stream_rows", [])}
+
+    def disturbed(*rows):
+        return any((row.get("other_cpu_pct_max") or 0) > OTHER_LOAD_FLAG for row in rows)
+
+    def verdict(ok, *rows):
+        return "not judged (other load over 25%: ‡)" if disturbed(*rows) else ("met" if ok else "NOT met")
+
+    for name in ("aibackend-openai-chat", "aibackend-openai-chat-adapted"):
+        ours, theirs = plain.get((name, 32)), plain.get(("litellm-chat", 32))
+        if ours and theirs and ours.get("vs_litellm") is not None:
+            notes.append(f"target (issue 15): aibackend >= {OPENAI_TARGET_RATIO:g}x LiteLLM's req/s at c32: {name} "
+                         f"{ours['rps']:,.0f} vs {theirs['rps']:,.0f} req/s = {ours['vs_litellm']:.1f}x, "
+                         f"{verdict(ours['vs_litellm'] >= OPENAI_TARGET_RATIO, ours, theirs)}.")
+        else:
+            notes.append(f"target (issue 15): aibackend >= {OPENAI_TARGET_RATIO:g}x LiteLLM's req/s at c32: {name} "
+                         "not measured (it or litellm-chat was not available or failed; see its row).")
+    for label, rows, key, floor in (
+            ("added p50 at c1", plain, "aibackend-openai-chat", "openai-direct"),
+            ("added p50 at c1", plain, "aibackend-openai-chat-adapted", "openai-direct"),
+            ("streaming: time to first chunk added at 1 stream", streamed, "aibackend-openai-chat-stream",
+             "openai-stream-direct"),
+            ("streaming: time to first chunk added at 1 stream", streamed, "aibackend-openai-chat-adapted-stream",
+             "openai-stream-direct")):
+        row = rows.get((key, 1))
+        if row and row.get("added_p50_ms") is not None:
+            notes.append(f"target (issue 15): {label} at most {OPENAI_TARGET_ADDED_MS:g} ms: {key} "
+                         f"{row['added_p50_ms']:.3f} ms, "
+                         f"{verdict(row['added_p50_ms'] <= OPENAI_TARGET_ADDED_MS, row, rows.get((floor, 1)) or {})}.")
+        else:
+            notes.append(f"target (issue 15): {label} at most {OPENAI_TARGET_ADDED_MS:g} ms: not measured ({key} "
+                         "not available or failed).")
+    for key in ("litellm-chat", "litellm-chat-stream"):
+        row = (plain if key == "litellm-chat" else streamed).get((key, 1))
+        if row and row.get("added_p50_ms") is not None:
+            what = "to the time to first chunk" if key.endswith("-stream") else "at p50"
+            unit = "stream" if key.endswith("-stream") else "request"
+            notes.append(f"{key}: {row[('streams_per_s' if unit == 'stream' else 'rps')]:,.0f} {unit}s/s and "
+                         f"{row['added_p50_ms']:.2f} ms added {what} with one connection, "
+                         f"{row['cpu_us'] or 0:,.0f} µs of CPU per {unit}, peak RSS {fmt(row['peak_rss_mb'], 0)} MB.")
+    return notes
+
+
+def run_openai(bench: Bench, names: list[str], stream_names: list[str]) -> tuple[dict, bool]:
+    """The OpenAI section: the fixed upstreams, then the wrk cases and the streamed ones."""
+    section = {"path": OPENAI_PATH, "body": CHAT_BODY.decode(), "stream_body": CHAT_STREAM_BODY.decode(),
+               "cases": [], "rows": [], "stream_cases": [], "stream_rows": []}
+    failed = False
+    bench.openai_up = bench.start_nginx("openai-direct", NGINX_OPENAI)
+    bench.openai_stream_up = bench.start_nginx("openai-stream-direct", NGINX_OPENAI_STREAM)
+    bench.openai_adapted_up = bench.start_nginx("openai-adapted", NGINX_OPENAI_ADAPTED)
+    try:
+        for name in names:
+            case = run_case(bench, name, False, OPENAI_CASES, start_openai_case, check_chat, CHAT_LUA,
+                            bench.openai_adapted_up if "adapted" in name else bench.openai_up)
+            section["cases"].append(case)
+            failed |= bool(case.get("error"))
+        for name in stream_names:
+            case = run_openai_stream_case(bench, name)
+            section["stream_cases"].append(case)
+            failed |= bool(case.get("error"))
+    finally:
+        for up in (bench.openai_up, bench.openai_stream_up, bench.openai_adapted_up):
+            bench.stop(up)
+    section["rows"] = openai_rows(section["cases"], "openai-direct", CONCURRENCIES, "rps")
+    section["stream_rows"] = openai_rows(section["stream_cases"], "openai-stream-direct",
+                                         OPENAI_STREAM_CONCURRENCIES, "streams_per_s")
+    section["notes"] = openai_notes(section)
+    return section, failed
+
+
+def openai_markdown(section: dict) -> list[str]:
+    if not section.get("cases") and not section.get("stream_cases"):
+        return []
+    out = ["", f"## OpenAI (POST {OPENAI_PATH} in front of a fixed-answer upstream; LiteLLM's proxy the peer)", "",
+           f"Body `{section['body']}` (wrk, bench/chat.lua); streamed: `{section['stream_body']}`, one stream after "
+           "the other on each connection (bench/stream_client.py --openai). Added = minus the fixed upstream's "
+           "own figure (`openai-direct` at c1; `openai-stream-direct` at the same streams).", ""]
+    for key, title, rate, unit in (("rows", "conc", "req/s", "req"), ("stream_rows", "streams", "streams/s", "stream")):
+        rows = section.get(key) or []
+        if not rows:
+            continue
+        lat = "p50 ms | p99 ms | added p50 @c1 ms" if key == "rows" else \
+            "first chunk p50 ms | first chunk p99 ms | added first p50 ms"
+        out += [f"| case | {title} | {rate} | {lat} | × LiteLLM | peak RSS MB | errors | server CPU % "
+                f"| CPU µs/{unit} | other load % |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for row in rows:
+            if row["concurrency"] is None:
+                out.append(f"| {row['case']} | — | — | — | — | — | — | — | {row['note']} | — | — | — |")
+                continue
+            errors = f"**⚠ {show_errors(row['errors'])}**" if row["errors"] else "0"
+            other = row["other_cpu_pct_max"]
+            disturbed = " ‡" if other is not None and other > OTHER_LOAD_FLAG else ""
+            rate_key = "rps" if key == "rows" else "streams_per_s"
+            out.append(
+                f"| {'**⚠ ' + row['case'] + '**' if row['errors'] else row['case']} | {row['concurrency']} "
+                f"| {fmt(row[rate_key], 0)}{disturbed} | {fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} "
+                f"| {fmt(row['added_p50_ms'], 3)} | {fmt(row['vs_litellm'], 1, '×')} | {fmt(row['peak_rss_mb'], 1)} "
+                f"| {errors} | {fmt(row['server_cpu_pct'], 0)} | {fmt(row['cpu_us'], 0)} | {fmt(other, 0)}{disturbed} |")
+        out.append("")
+    out += [f"- {note}" for note in section.get("notes", [])]
+    return out
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -1459,6 +1882,7 @@ def markdown(results: dict) -> str:
             f"| {fmt(row['server_cpu_pct'], 0)} | {fmt(row['cpu_us_per_request'], 0)} | {fmt(other, 0)}{disturbed} |"
         )
     out += stream_markdown(results.get("streaming") or {})
+    out += openai_markdown(results.get("openai") or {})
     memory = results.get("memory") or {}
     if memory:
         out += ["", "## Memory (aibackend, one process, RSS = VmRSS of the daemon's own processes)", "",
@@ -1498,6 +1922,7 @@ def markdown(results: dict) -> str:
     out += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     out += ["", "Cases:", ""] + [f"- `{name}`: {text}" for name, text in CASES.items()]
     out += [f"- `{name}`: {text}" for name, text in STREAM_CASES.items()]
+    out += [f"- `{name}`: {text}" for name, text in {**OPENAI_CASES, **OPENAI_STREAM_CASES}.items()]
     return "\n".join(out) + "\n"
 
 
@@ -1611,9 +2036,12 @@ def parse_args(argv=None):
                         help=f"idle keep-alive connections to hold (default {IDLE_CONNECTIONS:,}; 0 skips it)")
     parser.add_argument("--hold", type=float, default=None,
                         help="seconds the idle connections are held before they are counted (default 5, 2 quick)")
-    parser.add_argument("--cases", default=",".join([*CASES, *STREAM_CASES]),
-                        help="comma-separated cases to run (default: all; `streaming` names every streaming case; "
-                             "direct runs with any wrk case, stream-direct with any streaming one but stream-held)")
+    parser.add_argument("--cases", default=",".join([*CASES, *STREAM_CASES, *OPENAI_CASES, *OPENAI_STREAM_CASES]),
+                        help="comma-separated cases to run (default: all; `streaming` names every streaming case, "
+                             "`openai` every OpenAI one; direct runs with any wrk case, stream-direct with any "
+                             "streaming one but stream-held, openai-direct / openai-stream-direct with any OpenAI one)")
+    parser.add_argument("--litellm", default=None,
+                        help="LiteLLM's proxy command (default: the `litellm` beside this python, the bench extra)")
     parser.add_argument("--held-streams", type=int, default=HELD_STREAMS,
                         help=f"idle streams stream-held holds (default {HELD_STREAMS:,}; 0 skips it)")
     parser.add_argument("--stream-hold", type=float, default=None,
@@ -1644,15 +2072,24 @@ def parse_args(argv=None):
     wanted = [name.strip() for name in args.cases.split(",") if name.strip()]
     if "streaming" in wanted:
         wanted += list(STREAM_CASES)
-    unknown = [name for name in wanted if name not in CASES and name not in STREAM_CASES and name != "streaming"]
+    if "openai" in wanted:
+        wanted += [*OPENAI_CASES, *OPENAI_STREAM_CASES]
+    known = [*CASES, *STREAM_CASES, *OPENAI_CASES, *OPENAI_STREAM_CASES]
+    unknown = [name for name in wanted if name not in known and name not in ("streaming", "openai")]
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join([*CASES, *STREAM_CASES])}, streaming")
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}, streaming, openai")
     args.cases = [name for name in CASES if name in wanted]
     if args.cases and "direct" not in args.cases:
         args.cases.insert(0, "direct")
     args.stream_cases = [name for name in STREAM_CASES if name in wanted]
     if any(name in STREAM_LATENCY_CASES for name in args.stream_cases) and "stream-direct" not in args.stream_cases:
         args.stream_cases.insert(0, "stream-direct")
+    args.openai_cases = [name for name in OPENAI_CASES if name in wanted]
+    if args.openai_cases and "openai-direct" not in args.openai_cases:
+        args.openai_cases.insert(0, "openai-direct")
+    args.openai_stream_cases = [name for name in OPENAI_STREAM_CASES if name in wanted]
+    if args.openai_stream_cases and "openai-stream-direct" not in args.openai_stream_cases:
+        args.openai_stream_cases.insert(0, "openai-stream-direct")
     if args.held_streams < 0:
         parser.error("--held-streams must be at least 0")
     return args
@@ -1701,10 +2138,12 @@ def main(argv=None) -> int:
             "wrk": version_of([args.wrk, "-v"]), "nginx": version_of([args.nginx, "-v"]),
             "aiohttp": version_of([sys.executable, "-c", "import aiohttp; print(aiohttp.__version__)"]),
             "twisted": version_of([sys.executable, "-c", "import twisted; print(twisted.__version__)"]),
+            "litellm": version_of([sys.executable, "-c", "import importlib.metadata as m\ntry: print(m.version('litellm'))\n"
+                                   "except m.PackageNotFoundError: print('not installed')"]),
             "git_commit": git("rev-parse", "HEAD") or "?",
             "git_dirty": bool(git("status", "--porcelain", "--", "aibackend", "twisted", "setup.py")),
         },
-        "cases": [], "rows": [], "streaming": {}, "memory": {}, "notes": [],
+        "cases": [], "rows": [], "streaming": {}, "openai": {}, "memory": {}, "notes": [],
     }
     processes_flag = has_processes_flag(args.twistd)
     results["meta"]["processes_flag"] = processes_flag
@@ -1713,7 +2152,8 @@ def main(argv=None) -> int:
     failed = False
     interrupted = False
     try:
-        log(f"temp dir {bench.tmp}; {args.duration} s runs, {args.passes} passes; cases: {', '.join(args.cases)}")
+        log(f"temp dir {bench.tmp}; {args.duration} s runs, {args.passes} passes; cases: "
+            + ", ".join(args.cases + args.stream_cases + args.openai_cases + args.openai_stream_cases))
         bench.free_server = bench.start_nginx("direct", NGINX_FREE)
         bench.free_port = bench.free_server.port
         for name in args.cases:
@@ -1723,6 +2163,9 @@ def main(argv=None) -> int:
         if args.stream_cases:
             results["streaming"], stream_failed = run_streaming(bench, args.stream_cases)
             failed |= stream_failed
+        if args.openai_cases or args.openai_stream_cases:
+            results["openai"], openai_failed = run_openai(bench, args.openai_cases, args.openai_stream_cases)
+            failed |= openai_failed
         if not args.no_memory:
             steps = [("idle_100_models", lambda: memory_idle_models(bench))]
             if args.soak_requests > 0:
@@ -1778,7 +2221,9 @@ def main(argv=None) -> int:
         notes.append(f"‡ disturbed: other processes used over {OTHER_LOAD_FLAG:g}% of a core during "
                      f"{', '.join(disturbed)}; those numbers understate what the server can do.")
     notes += stream_notes(results["streaming"])
-    for case in results["cases"] + results["streaming"].get("cases", []):
+    openai = results["openai"]
+    for case in results["cases"] + results["streaming"].get("cases", []) + openai.get("cases", []) + openai.get(
+            "stream_cases", []):
         if case["notes"]:
             notes.append(f"{case['name']}: {'; '.join(case['notes'])}.")
         if any(run["errors"] for run in case["runs"]):

@@ -24,6 +24,12 @@ keepalive) are counted and skipped; `event: done` is counted; an `event: error`,
 other than 200, a stream that ends with fewer chunks than asked or a connection lost
 mid-stream is an error. Prints one JSON object: counts, errors, and the percentiles (ms).
 
+With --openai (bench/run.py's OpenAI cases) the request is --body (an OpenAI chat request with
+`"stream": true`) and the answer OpenAI's SSE: `data: {chat.completion.chunk}` events ending
+with `data: [DONE]`, chunked or with a Content-Length (a fixed body, as the fixed upstream
+sends it). Those chunks carry no clock: only the time to first chunk and the streams are
+measured; a stream without a chunk or without `[DONE]` is an error.
+
 Standard library only, one process, asyncio's default loop, the garbage collector off
 (a short run allocates no cycles worth collecting, and a collection's pause would be
 counted as latency).
@@ -71,9 +77,11 @@ class Run:
     def __init__(self, args, loop):
         self.args = args
         self.loop = loop
-        body = json.dumps({"chunks": args.chunks, "interval": args.interval}).encode()
+        body = (args.body.encode() if args.body is not None
+                else json.dumps({"chunks": args.chunks, "interval": args.interval}).encode())
+        auth = f"Authorization: {args.authorization}\r\n" if args.authorization else ""
         self.request = (
-            f"POST {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\nAccept: {args.accept}\r\n"
+            f"POST {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\nAccept: {args.accept}\r\n{auth}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode() + body
         self.latencies: list[float] = []
@@ -116,6 +124,7 @@ class Client(asyncio.Protocol):
         self.length = 0
         self.sent = 0.0
         self.got = 0
+        self.done = False
         self.gone = False
 
     def connection_made(self, transport):
@@ -132,6 +141,7 @@ class Client(asyncio.Protocol):
             return
         self.state = "head"
         self.got = 0
+        self.done = False
         self.events.clear()
         self.sent = time.monotonic()
         self.transport.write(self.run.request)
@@ -175,6 +185,8 @@ class Client(asyncio.Protocol):
                 if status != 200:
                     self.state = "refused"
                     self.status = status
+                elif not chunked and run.args.openai:
+                    self.state = "body"  # a fixed SSE body with a Content-Length (the fixed upstream)
                 elif not chunked:
                     run.error("not_chunked", head[0])
                     return self.close()
@@ -189,6 +201,15 @@ class Client(asyncio.Protocol):
                     self.ended(now)
                     if self.state != "head":
                         return
+            elif state == "body":
+                if len(buffer) < self.length:
+                    return
+                self.events += buffer[:self.length]
+                del buffer[:self.length]
+                self.sse(now)
+                self.ended(now)
+                if self.state != "head":
+                    return
             elif state == "refused":
                 if len(buffer) < self.length:
                     return
@@ -233,7 +254,17 @@ class Client(asyncio.Protocol):
             if not data and name == b"message":
                 run.keepalives += 1
                 continue
-            if name == b"message":
+            if name == b"message" and run.args.openai:
+                if data == [b"[DONE]"]:
+                    self.done = True
+                    run.done_events += 1
+                    continue
+                if self.got == 0:
+                    run.first.append(now - self.sent)
+                self.got += 1
+                run.chunks += 1
+                run.last_arrival = now
+            elif name == b"message":
                 text = data[0] if len(data) == 1 else b"\n".join(data)
                 stamp = STAMP.search(text)  # cheaper than json.loads: the client must not be the bottleneck
                 try:
@@ -261,7 +292,10 @@ class Client(asyncio.Protocol):
     def ended(self, now: float) -> None:
         run = self.run
         run.streams += 1
-        if self.got < run.args.chunks:
+        if run.args.openai:
+            if not self.got or not self.done:
+                run.error("short_stream", f"{self.got} chunks, {'with' if self.done else 'no'} [DONE]")
+        elif self.got < run.args.chunks:
             run.error("short_stream", f"{self.got} of {run.args.chunks} chunks")
         self.next()
 
@@ -348,6 +382,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=50, help="chunks each stream asks for")
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between two chunks of a stream")
     parser.add_argument("--accept", default="text/event-stream")
+    parser.add_argument("--openai", action="store_true",
+                        help="OpenAI's SSE (chat.completion.chunk events, data: [DONE]): time to first chunk only")
+    parser.add_argument("--body", help="the request's JSON body (default: {\"chunks\": C, \"interval\": S})")
+    parser.add_argument("--authorization", help="an Authorization header's value (e.g. 'Bearer KEY')")
     parser.add_argument("--samples", metavar="FILE",
                         help="also write each chunk's arrival (seconds from the start) and latency (ms) to FILE")
     parser.add_argument("--timeout", type=float, default=30.0,
