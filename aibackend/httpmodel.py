@@ -44,7 +44,7 @@ from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
 from aibackend.client import LeanClient, ResponseTooLarge
-from aibackend.config import expand_env
+from aibackend.config import expand_env, read_key_file
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
@@ -355,6 +355,12 @@ class HttpModel(Service):
         }
         for name, template in spec.headers.items():
             self._headers[name.encode("ascii")] = [expand_env(template, environ).encode("utf-8")]
+        openai = spec.openai
+        if openai.api_key is not None or openai.api_key_file is not None:
+            # A server that speaks OpenAI itself: its key (never logged; masked in the spec's view).
+            key = (expand_env(openai.api_key, environ) if openai.api_key is not None
+                   else read_key_file(openai.api_key_file))
+            self._headers[b"Authorization"] = [b"Bearer " + key.encode("utf-8")]
         # A stream asks for events or lines, unless the configuration says what to accept.
         self._stream_headers = dict(self._headers)
         if not any(name.lower() == "accept" for name in spec.headers):
