@@ -4,6 +4,7 @@ aibackend.config: TOML in, frozen validated specs out, every problem named by it
 
 import dataclasses
 import os
+import tomllib
 
 import pytest
 
@@ -559,3 +560,12 @@ def test_only_an_http_model_is_native_and_its_key_is_not_also_a_header(tmp_path)
                                     "models[0].openai.api_key_file")
     both = http_model(openai={"native": True, "api_key": "k"}, headers={"Authorization": "Bearer x"})
     assert "leave that header out" in problem_at({"models": [both]}, "models[0].openai.api_key")
+
+
+def test_the_readmes_native_openai_example_loads():
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("**Native upstreams.**", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    (spec,) = parse_config(tomllib.loads(block), environ={"UPSTREAM_API_KEY": "k"}).models
+    assert spec.openai.native and spec.openai.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert spec.url == "http://127.0.0.1:8000/v1"

@@ -8,6 +8,7 @@ upstream and never shown.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
@@ -31,8 +32,6 @@ class Native:
         self.upstream_port = upstream_port
 
     def records(self) -> dict:
-        import http.client  # (only here: the upstream's own record of what it saw)
-
         connection = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=10)
         try:
             connection.request("GET", "/records")
@@ -152,3 +151,11 @@ def test_a_client_leaving_mid_stream_closes_the_upstream_connection(native):
     streamed.leave()
     wait_until(lambda: native.records()["streams"].get("native-leaves") == "closed", 10,
                "the upstream to see its client leave")
+
+
+def test_each_route_goes_to_the_same_route_upstream(native, client):
+    # The upstream has no /v1/completions: its own 404 reaches the client.
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.completions.create(model="up", prompt="p")
+    assert raised.value.code == "not_found" and "no route /v1/completions" in raised.value.message
+    assert native.records()["bodies"][-1] == {"model": "upstream-name", "prompt": "p"}
