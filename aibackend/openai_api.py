@@ -171,14 +171,17 @@ class PassedThrough(Framing):
     A native model's stream: each event's data as its server wrote it, in a C{data:}
     event of its own, and C{data: [DONE]} at the end (the server's own, which ended the
     stream, L{aibackend.streambody}); an error after the first byte is a last C{data:
-    {"error": ...}}.
+    {"error": ...}}. A server that answered a stream request with one JSON answer (not
+    events) has it sent as one event, then C{[DONE]}.
     """
 
     def __init__(self):
         super().__init__("openai", CONTENT_TYPE, (b"data: ", b"\n\n"), (b"", b""), (b"data: ", b"\n\n"))
 
     def end(self, output: bytes | None) -> bytes:
-        return DONE
+        if output is None:
+            return DONE
+        return self.chunk(output) + DONE
 
 
 PASSED = PassedThrough()

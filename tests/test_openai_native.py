@@ -159,3 +159,21 @@ def test_each_route_goes_to_the_same_route_upstream(native, client):
         client.completions.create(model="up", prompt="p")
     assert raised.value.code == "not_found" and "no route /v1/completions" in raised.value.message
     assert native.records()["bodies"][-1] == {"model": "upstream-name", "prompt": "p"}
+
+
+def test_a_large_request_is_proxied_whole(native, client):
+    # (Read in a thread, as a large body is: the native models' names go with it.)
+    text = "w" * 300_000
+    answer = client.embeddings.create(model="up", input=text)
+    assert answer.data[0].embedding == [300_000.0, 1.0]
+    assert native.records()["bodies"][-1] == {"model": "upstream-name", "input": text, "encoding_format": "base64"}
+
+
+def test_a_plain_answer_to_a_stream_request_is_one_event(native):
+    streamed = Streamed(native.daemon.port, "POST", "/v1/chat/completions",
+                        {"model": "up", "stream": True, "messages": [{"role": "user", "content": "plain"}]},
+                        headers=AUTH)
+    assert streamed.status == 200
+    first, done = streamed.read_all().decode().split("\n\n")[:2]
+    assert json.loads(first.removeprefix("data: "))["choices"][0]["message"]["content"] == "echo: plain"
+    assert done == "data: [DONE]"

@@ -12,7 +12,7 @@ OpenAI model's upstream). Standard library only.
     so a test can see the chunk arrived as written), a last one with C{finish_reason}
     C{stop}, and C{data: [DONE]}. A last message C{"fail"}: 400 in OpenAI's error shape
     (code C{upstream_says_no}); C{"slow"}: one chunk, then nothing until the client leaves
-    (up to 30 s).
+    (up to 30 s); C{"plain"}: the plain answer, even to a stream request.
   - C{POST /v1/embeddings}: a vector C{[len(text), 1.0]} per input (a string or a list)
   - C{GET /records}: what it saw: C{auth} (each request's C{Authorization} header, or
     null), C{bodies} (each POST's body as JSON) and C{streams} (each stream's end by its
@@ -89,7 +89,7 @@ class Handler(BaseHTTPRequestHandler):
         if said == "fail":
             return self.answer(*error("the upstream says no", "upstream_says_no", 400))
         model = body.get("model")
-        if not body.get("stream"):
+        if not body.get("stream") or said == "plain":
             return self.answer(200, {
                 "id": "up-1", "object": "chat.completion", "created": 1, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "echo: " + said},
