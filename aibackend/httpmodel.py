@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from treq.client import HTTPClient
@@ -58,6 +59,13 @@ from aibackend.streambody import BadStream, StreamBody, UpstreamFlow, gather, re
 from aibackend.supervisor import PoolEvents, ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
+# A path segment the lean client sends as it is (anything else goes through treq, quoted).
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
+# The operations whose other routes go through the lean client: the OpenAI API's
+# (aibackend.openai_api's names), a few fixed routes each request of which is small work.
+LEAN_OPERATIONS = frozenset({"chat.completions", "completions", "embeddings"})
+# The request lines of other routes (L{HttpModel._route_head}) a model keeps made.
+MAX_ROUTE_HEADS = 64
 SNIPPET = 200
 PROBE_INTERVAL = 0.25
 # The operation of the Open Inference Protocol's generate_stream (aibackend.v2), whose
@@ -346,6 +354,7 @@ class HttpModel(Service):
         # (aibackend.client). treq stays for health checks and the Open Inference
         # Protocol's other routes.
         self._lean = LeanClient(reactor, factory)
+        self._route_heads: dict = {}
         self._client = client
         environ = os.environ if environ is None else environ
         self._headers = {
@@ -566,10 +575,11 @@ class HttpModel(Service):
         self.requests += 1
         replica.in_flight += 1
         try:
-            if context.path is None:
+            line = replica.head if context.path is None else self._route_head(replica, context)
+            if line is not None:
                 # The lean client reads the body itself.
                 head = (
-                    replica.head, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
+                    line, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
                     b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
                 )
                 # A large body is written after its head, not copied into one string with it.
@@ -591,6 +601,26 @@ class HttpModel(Service):
         d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
         d.addBoth(self.limit.finished)
         return d
+
+    def _route_head(self, replica: Replica, context) -> bytes | None:
+        """
+        The request line and Host of a POST to another route of the model's server (a
+        native OpenAI server's, L{LEAN_OPERATIONS}), for the lean client: made once per
+        route (a few are kept); None for any other (treq sends it, quoted).
+        """
+        if context.method != b"POST" or context.operation not in LEAN_OPERATIONS:
+            return None
+        key = (replica.head, context.path)
+        line = self._route_heads.get(key)
+        if line is None:
+            segments = replica.base_path + tuple(context.path)
+            if not all(type(segment) is str and SAFE_SEGMENT.match(segment) for segment in segments):
+                return None
+            line = (b"POST /" + "/".join(segments).encode("ascii")
+                    + replica.head[replica.head.index(b" HTTP/1.1\r\n"):])
+            if len(self._route_heads) < MAX_ROUTE_HEADS:
+                self._route_heads[key] = line
+        return line
 
     # --- IStreaming -----------------------------------------------------------
 

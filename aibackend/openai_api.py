@@ -67,7 +67,8 @@ DONE = b"data: [DONE]\n\n"
 # The request's keys that are the front door's, never sent to an adapted model.
 FRONT_DOOR_KEYS = ("model", "stream", "stream_options")
 FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")
-# Operations, as the model's log and the metrics name them.
+# Operations, as the model's log and the metrics name them (aibackend.httpmodel's
+# LEAN_OPERATIONS names them too: their routes go through its lean client).
 CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
 ROUTES = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
 TEXT_ANSWER = 'a chat or completion model answers a string or {"content": text, "finish_reason"?, "usage"?}'
