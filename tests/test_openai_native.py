@@ -177,3 +177,8 @@ def test_a_plain_answer_to_a_stream_request_is_one_event(native):
     first, done = streamed.read_all().decode().split("\n\n")[:2]
     assert json.loads(first.removeprefix("data: "))["choices"][0]["message"]["content"] == "echo: plain"
     assert done == "data: [DONE]"
+
+
+def test_a_number_past_64_bits_is_passed_on_as_it_is(native, client):
+    client.chat.completions.create(model="up", messages=[{"role": "user", "content": "n"}], seed=2**70)
+    assert native.records()["bodies"][-1]["seed"] == 2**70
