@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 from aibackend.configbase import (  # noqa: F401 (the names other modules use, here)
     DEFAULT_LOG_ENTRIES,
+    DEFAULT_OPENAI,
     DEFAULT_TIMEOUT,
     DEFAULT_V2,
     ENV_REFERENCE,
@@ -41,6 +42,7 @@ from aibackend.configbase import (  # noqa: F401 (the names other modules use, h
     ConfigError,
     ModelSpec,
     Setting,
+    OpenAISpec,
     Table,
     V2Spec,
     boolean,
@@ -52,8 +54,10 @@ from aibackend.configbase import (  # noqa: F401 (the names other modules use, h
     expand_env,
     integer,
     number,
+    parse_openai,
     parse_v2,
     public_of,
+    read_key_file,
     read_log_entries,
     read_setting,
     read_settings,
@@ -151,9 +155,11 @@ def parse_model(table: Table, *, default_log_entries: int = DEFAULT_LOG_ENTRIES,
             table.problem("type", f"unknown model type {given_type!r}: use one of {known_type_names()}")
     log_entries = read_log_entries(table, default_log_entries)
     v2 = parse_v2(table.table("v2"), model_type.name if model_type else "") if table.has("v2") else DEFAULT_V2
+    openai = (parse_openai(table.table("openai"), model_type.name if model_type else "", environ)
+              if table.has("openai") else DEFAULT_OPENAI)
     if model_type is None:
         return None
-    common = {"id": model_id or "", "type": model_type.name, "log_entries": log_entries, "v2": v2,
+    common = {"id": model_id or "", "type": model_type.name, "log_entries": log_entries, "v2": v2, "openai": openai,
               **read_stream_settings(table)}
     spec = model_type.parse(table, common, environ)
     table.finish()

@@ -10,7 +10,7 @@ L{public_of} is the masked view of a spec (C{status}, C{models}), L{reference_ro
 rows of the README's configuration reference.
 
 Also here: L{ConfigError}, L{Table}, the checks every part uses (model ids, URLs,
-destinations, C{${VAR}} references), and what every model has (L{ModelSpec}, L{V2Spec}).
+destinations, C{${VAR}} references), and what every model has (L{ModelSpec}, L{V2Spec}, L{OpenAISpec}).
 Pure on purpose (no Twisted).
 """
 
@@ -633,6 +633,93 @@ V2_DOC = (
     "speaks v2 itself `native = true` and `model` (its name there, default the id)"
 )
 
+def _mask(value):
+    return "***"
+
+
+@dataclass(frozen=True)
+class OpenAISpec:
+    """
+    How a model is seen through the OpenAI-compatible API (C{[models.openai]}).
+
+    @ivar native: the model's server speaks OpenAI itself (HTTP models): each C{/v1}
+        request is proxied to the same route under the model's URL (its base, e.g.
+        C{http://host:port/v1}), only C{model} rewritten.
+    @ivar model: the model's name on that server (default: the model's id).
+    @ivar api_key: the upstream's key, sent as C{Authorization: Bearer}; may hold
+        C{${VAR}} (expanded when the model is made, as C{headers} are). Always masked.
+    @ivar api_key_file: a file whose text (stripped) is the key, instead.
+    """
+
+    native: bool = boolean(False, doc="an HTTP model's server speaks OpenAI itself: /v1 requests are proxied")
+    model: str | None = string(None, doc="with `native`: the model's name on its server (default: the id)",
+                               public="if-set")
+    api_key: str | None = string(None, doc="with `native`: the upstream's key (`${VAR}` allowed), sent as "
+                                           "`Authorization: Bearer`", public="if-set", show=_mask)
+    api_key_file: str | None = string(None, doc="with `native`: a file holding the upstream's key",
+                                      public="if-set")
+
+    def public(self) -> dict:
+        return public_of(self)
+
+
+DEFAULT_OPENAI = OpenAISpec()
+
+
+def read_key_file(path: str) -> str:
+    """
+    The key in the file at C{path}: its text without the whitespace around it.
+
+    @raise OSError: it cannot be read.
+    @raise ValueError: it holds no key.
+    """
+    with open(path, encoding="utf-8") as f:
+        key = f.read().strip()
+    if not key:
+        raise ValueError("is empty")
+    if "\n" in key or "\r" in key:
+        raise ValueError("holds more than one line")
+    return key
+
+
+def parse_openai(table: Table, type_name: str, environ: Mapping[str, str]) -> OpenAISpec:
+    """Read a model's C{[models.openai]} table."""
+    values = read_settings(table, OpenAISpec, environ)
+    native = values["native"]
+    if native and type_name != "http":
+        table.problem("native", "only an HTTP model's server can speak OpenAI itself")
+    for key in ("model", "api_key", "api_key_file"):
+        if values[key] is not None and not native:
+            table.problem(key, "is for a server that speaks OpenAI itself: it needs native = true")
+    key, path = values["api_key"], values["api_key_file"]
+    if key is not None and path is not None:
+        table.problem("api_key", "give either api_key or api_key_file")
+    if key is not None:
+        missing = [name for name in env_references(key) if name not in environ]
+        if missing:
+            table.problem("api_key", f"names environment variable {', '.join(missing)}, which is not set")
+        if "\r" in key or "\n" in key:
+            table.problem("api_key", "must not hold a line break")
+    if path is not None:
+        try:
+            read_key_file(path)
+        except OSError as e:
+            table.problem("api_key_file", f"{path!r} cannot be read: {e.strerror or e}")
+        except UnicodeDecodeError:
+            table.problem("api_key_file", f"{path!r} is not UTF-8 text")
+        except ValueError as e:
+            table.problem("api_key_file", f"{path!r} {e}")
+    table.finish()
+    return OpenAISpec(**values)
+
+
+OPENAI_DOC = (
+    "how the model is served by the [OpenAI-compatible API](#openai-compatible-api): for an HTTP model whose "
+    "server speaks OpenAI itself `native = true` (its `url` is the base of its routes, e.g. "
+    "`http://host:8000/v1`), `model` (its name there, default the id) and its key, `api_key` (`${VAR}` "
+    "allowed) or `api_key_file`, sent as `Authorization: Bearer` and always masked"
+)
+
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_STREAM_BUFFER = 1 << 20
@@ -660,6 +747,8 @@ class ModelSpec:
                                doc="how many entries the model's log keeps (oldest dropped first)")
     v2: V2Spec = custom(DEFAULT_V2, doc=V2_DOC, label="`[models.v2]`", shown="none",
                         public="unless-default", show=V2Spec.public)
+    openai: OpenAISpec = custom(DEFAULT_OPENAI, doc=OPENAI_DOC, label="`[models.openai]`", shown="none",
+                                public="unless-default", show=OpenAISpec.public)
     # How a streamed answer is kept moving (aibackend.relay.StreamWriter); a plain request
     # is not affected by them. Shown in the masked view once given.
     first_chunk_timeout: float | None = number(

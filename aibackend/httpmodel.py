@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from treq.client import HTTPClient
@@ -44,7 +45,7 @@ from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
 from aibackend.client import LeanClient, ResponseTooLarge
-from aibackend.config import expand_env
+from aibackend.config import expand_env, read_key_file
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
 from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
@@ -58,6 +59,13 @@ from aibackend.streambody import BadStream, StreamBody, UpstreamFlow, gather, re
 from aibackend.supervisor import PoolEvents, ProcessPool
 
 USER_AGENT = f"aibackend/{__version__}".encode()
+# A path segment the lean client sends as it is (anything else goes through treq, quoted).
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
+# The operations whose other routes go through the lean client: the OpenAI API's
+# (aibackend.openai_api's names), a few fixed routes each request of which is small work.
+LEAN_OPERATIONS = frozenset({"chat.completions", "completions", "embeddings"})
+# The request lines of other routes (L{HttpModel._route_head}) a model keeps made.
+MAX_ROUTE_HEADS = 64
 SNIPPET = 200
 PROBE_INTERVAL = 0.25
 # The operation of the Open Inference Protocol's generate_stream (aibackend.v2), whose
@@ -346,6 +354,7 @@ class HttpModel(Service):
         # (aibackend.client). treq stays for health checks and the Open Inference
         # Protocol's other routes.
         self._lean = LeanClient(reactor, factory)
+        self._route_heads: dict = {}
         self._client = client
         environ = os.environ if environ is None else environ
         self._headers = {
@@ -355,6 +364,12 @@ class HttpModel(Service):
         }
         for name, template in spec.headers.items():
             self._headers[name.encode("ascii")] = [expand_env(template, environ).encode("utf-8")]
+        openai = spec.openai
+        if openai.api_key is not None or openai.api_key_file is not None:
+            # A server that speaks OpenAI itself: its key (never logged; masked in the spec's view).
+            key = (expand_env(openai.api_key, environ) if openai.api_key is not None
+                   else read_key_file(openai.api_key_file))
+            self._headers[b"Authorization"] = [b"Bearer " + key.encode("utf-8")]
         # A stream asks for events or lines, unless the configuration says what to accept.
         self._stream_headers = dict(self._headers)
         if not any(name.lower() == "accept" for name in spec.headers):
@@ -560,10 +575,11 @@ class HttpModel(Service):
         self.requests += 1
         replica.in_flight += 1
         try:
-            if context.path is None:
+            line = replica.head if context.path is None else self._route_head(replica, context)
+            if line is not None:
                 # The lean client reads the body itself.
                 head = (
-                    replica.head, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
+                    line, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
                     b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
                 )
                 # A large body is written after its head, not copied into one string with it.
@@ -585,6 +601,26 @@ class HttpModel(Service):
         d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
         d.addBoth(self.limit.finished)
         return d
+
+    def _route_head(self, replica: Replica, context) -> bytes | None:
+        """
+        The request line and Host of a POST to another route of the model's server (a
+        native OpenAI server's, L{LEAN_OPERATIONS}), for the lean client: made once per
+        route (a few are kept); None for any other (treq sends it, quoted).
+        """
+        if context.method != b"POST" or context.operation not in LEAN_OPERATIONS:
+            return None
+        key = (replica.head, context.path)
+        line = self._route_heads.get(key)
+        if line is None:
+            segments = replica.base_path + tuple(context.path)
+            if not all(type(segment) is str and SAFE_SEGMENT.match(segment) for segment in segments):
+                return None
+            line = (b"POST /" + "/".join(segments).encode("ascii")
+                    + replica.head[replica.head.index(b" HTTP/1.1\r\n"):])
+            if len(self._route_heads) < MAX_ROUTE_HEADS:
+                self._route_heads[key] = line
+        return line
 
     # --- IStreaming -----------------------------------------------------------
 

@@ -170,6 +170,11 @@ def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> 
         "urls": lambda values: tuple(urls),
         "process": lambda values: parse_process(table, environ, required=False, line_protocol=False),
     })
+    openai = common["openai"]
+    if (openai.api_key is not None or openai.api_key_file is not None) and any(
+        name.lower() == "authorization" for name in values["headers"]
+    ):
+        table.problem("openai.api_key", "the key is sent as the Authorization header: leave that header out")
     if values["health_interval"] is not None and values["health_path"] is None:
         table.problem("health_interval", "needs health_path (the path the active health check GETs)")
     return HttpModelSpec(**common, **values)

@@ -4,8 +4,11 @@ The OpenAI-compatible API, under C{/v1}: the routes the official C{openai} clien
 C{/v1/completions}, C{/v1/embeddings}), for every model the daemon serves, translated to
 the relay and back as L{aibackend.v2} does for the Open Inference Protocol.
 
-Every model is adapted (a model whose server speaks OpenAI itself, proxied route by
-route, is the next slice). An adapted model gets, as its predict body (exactly what
+A model whose server speaks OpenAI itself (an HTTP model with C{[models.openai] native =
+true}) is proxied route by route: the request goes to the same route under the model's URL
+(its base, e.g. C{http://host:8000/v1}), as it came but for C{model} (the upstream's name),
+with the model's key; its answer, its errors (status and body) and its stream's events
+come back as its server wrote them. Every other model is adapted. An adapted model gets, as its predict body (exactly what
 C{/post/predict} would send it):
 
   - chat completions: the request object without C{model}, C{stream} and
@@ -42,6 +45,7 @@ from klein import Klein
 from twisted.internet.defer import maybeDeferred
 
 from aibackend import errors
+from aibackend.httpmodel import UpstreamError
 from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.relay import Framing
@@ -63,7 +67,8 @@ DONE = b"data: [DONE]\n\n"
 # The request's keys that are the front door's, never sent to an adapted model.
 FRONT_DOOR_KEYS = ("model", "stream", "stream_options")
 FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")
-# Operations, as the model's log and the metrics name them.
+# Operations, as the model's log and the metrics name them (aibackend.httpmodel's
+# LEAN_OPERATIONS names them too: their routes go through its lean client).
 CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
 ROUTES = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
 TEXT_ANSWER = 'a chat or completion model answers a string or {"content": text, "finish_reason"?, "usage"?}'
@@ -130,6 +135,14 @@ class OpenAIShape(ErrorShape):
     document = staticmethod(errors.openai_document)
 
     def render(self, request, error: errors.ApiError) -> bytes:
+        if isinstance(error, UpstreamError):
+            # A native model's server's own error to a stream request: its status and body.
+            begin(request)
+            request.setResponseCode(error.status)
+            for name, value in error.headers.items():
+                request.responseHeaders.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
+            request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+            return sized(request, json.dumps(error.document).encode())
         return super().render(request, openai_error(error))
 
     def no_route(self, request) -> errors.ApiError:
@@ -149,11 +162,56 @@ def _json(request, body, status: int = 200) -> bytes:
     return sized(request, json.dumps(body).encode())
 
 
+def native_name(model) -> str:
+    """The name on its server of a model whose server speaks OpenAI itself."""
+    return model.spec.openai.model or model.model_id
+
+
+class PassedThrough(Framing):
+    """
+    A native model's stream: each event's data as its server wrote it, in a C{data:}
+    event of its own, and C{data: [DONE]} at the end (the server's own, which ended the
+    stream, L{aibackend.streambody}); an error after the first byte is a last C{data:
+    {"error": ...}}. A server that answered a stream request with one JSON answer (not
+    events) has it sent as one event, then C{[DONE]}.
+    """
+
+    def __init__(self):
+        super().__init__("openai", CONTENT_TYPE, (b"data: ", b"\n\n"), (b"", b""), (b"data: ", b"\n\n"))
+
+    def end(self, output: bytes | None) -> bytes:
+        if output is None:
+            return DONE
+        return self.chunk(output) + DONE
+
+
+PASSED = PassedThrough()
+# Where a native model's server is sent each operation, under its URL (e.g. http://host/v1).
+UPSTREAM_PATHS = {CHAT: ("chat", "completions"), COMPLETIONS: ("completions",), EMBEDDINGS: ("embeddings",)}
+
+
 def _model_entry(model, created: int) -> dict:
     return {"id": model.model_id, "object": "model", "created": created, "owned_by": "aibackend"}
 
 
 # --- requests ------------------------------------------------------------------------------
+
+
+def read_document(text: bytes) -> dict:
+    """
+    An OpenAI request's body: a JSON object that names a model.
+
+    @raise errors.BadRequest: it is not, or C{model} is not a model's name.
+    """
+    if not text:
+        raise errors.BadRequest("the request body is empty: send a JSON object")
+    document = parse_json(text, finite=True)
+    if not isinstance(document, dict):
+        raise errors.BadRequest(f"the request body must be a JSON object, got {_kind(document)}")
+    model = document.get("model")
+    if not isinstance(model, str) or not model:
+        raise ParamError("model must be given: the id of a model (GET /v1/models lists them)", "model")
+    return document
 
 
 def read_request(text: bytes, operation: str) -> tuple[dict, bool, bool]:
@@ -166,14 +224,11 @@ def read_request(text: bytes, operation: str) -> tuple[dict, bool, bool]:
         reads (C{model}, C{stream}, C{stream_options}, C{messages}, C{prompt},
         C{input}, C{encoding_format}) is missing or not what it must be.
     """
-    if not text:
-        raise errors.BadRequest("the request body is empty: send a JSON object")
-    document = parse_json(text, finite=True)
-    if not isinstance(document, dict):
-        raise errors.BadRequest(f"the request body must be a JSON object, got {_kind(document)}")
-    model = document.get("model")
-    if not isinstance(model, str) or not model:
-        raise ParamError("model must be given: the id of a model (GET /v1/models lists them)", "model")
+    return check_request(read_document(text), operation)
+
+
+def check_request(document: dict, operation: str) -> tuple[dict, bool, bool]:
+    """L{read_request} for a document L{read_document} read."""
     stream = document.get("stream", False)
     if stream is None:
         stream = False
@@ -218,14 +273,36 @@ def read_request(text: bytes, operation: str) -> tuple[dict, bool, bool]:
     return document, stream, include_usage
 
 
-def prepare(text: bytes, operation: str) -> tuple:
+def _dumps(document: dict) -> bytes:
+    """A document as JSON: orjson's (several times faster), json's for what it cannot write (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return json.dumps(document).encode()
+
+
+def _no_native(name: str) -> None:
+    return None
+
+
+def prepare(text: bytes, operation: str, native_name=_no_native) -> tuple:
     """
     L{read_request}, then what the model is sent (L{model_body}) and the prompt's text
-    (L{prompt_text}): the request's work, done in a thread for a large body.
+    (L{prompt_text}): the request's work, done in a thread for a large body. A request
+    for a model whose server speaks OpenAI itself (C{native_name(id)} is its name there,
+    None for any other model) is that server's to judge: only read (L{read_document}),
+    and sent as it came, its C{model} made the upstream's name.
 
-    @return: (document, stream, include_usage, body, prompt).
+    @return: (document, stream, include_usage, body, prompt); for a native model's
+        request, (the model's id, stream, body) with stream C{True} only if asked so.
     """
-    document, stream, include_usage = read_request(text, operation)
+    document = read_document(text)
+    name = document["model"]
+    upstream_name = native_name(name)
+    if upstream_name is not None:
+        document["model"] = upstream_name
+        return name, document.get("stream") is True, _dumps(document)
+    document, stream, include_usage = check_request(document, operation)
     return document, stream, include_usage, model_body(document, operation), prompt_text(document, operation)
 
 
@@ -591,12 +668,24 @@ class OpenAIAPI:
         started = self.core.relay.clock.seconds()
         text = request.content.read().strip()
         if len(text) > THREAD_ABOVE_BYTES:
-            d = self.in_thread(prepare, text, operation)
+            # The native models' names, as they are now (a thread does not read the registry).
+            names = {model.model_id: native_name(model) for model in self.registry.models()
+                     if model.spec.openai.native}
+            d = self.in_thread(prepare, text, operation, names.get)
         else:
-            d = maybeDeferred(prepare, text, operation)
+            d = maybeDeferred(prepare, text, operation, self._native_name)
         return d.addCallback(self._send, request, request_id, operation, started)
 
+    def _native_name(self, name: str) -> str | None:
+        """The name on its server of model C{name} if that server speaks OpenAI itself, else None."""
+        if name not in self.registry:
+            return None
+        model = self.registry.get(name)
+        return native_name(model) if model.spec.openai.native else None
+
     def _send(self, prepared, request, request_id: str, operation: str, started: float):
+        if len(prepared) == 3:
+            return self._proxy(prepared, request, request_id, operation, started)
         document, stream, include_usage, body, prompt = prepared
         name = document["model"]
         request.aibackend_model = name
@@ -617,6 +706,21 @@ class OpenAIAPI:
                 return relay.send(request, entry, body, context, started, self._streamed_whole(completions, framing))
             return relay.stream(request, entry, body, context, started, framing, self.shape)
         return relay.send(request, entry, body, context, started, self._completed(completions))
+
+    def _proxy(self, prepared, request, request_id: str, operation: str, started: float):
+        """
+        A request for a model whose server speaks OpenAI itself: sent to the same route
+        under its URL, its answer (or its error, status and body) passed on as it came, a
+        stream event by event (L{PASSED}).
+        """
+        name, stream, body = prepared
+        request.aibackend_model = name
+        entry = self._entry(name)
+        relay = self.core.relay
+        context = RequestContext(request_id=request_id, operation=operation, path=UPSTREAM_PATHS[operation])
+        if stream:
+            return relay.stream(request, entry, body, context, started, PASSED, self.shape)
+        return relay.send(request, entry, body, context, started)
 
     def _answer_value(self, model_id: str, answer: ModelAnswer):
         try:

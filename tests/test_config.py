@@ -4,6 +4,7 @@ aibackend.config: TOML in, frozen validated specs out, every problem named by it
 
 import dataclasses
 import os
+import tomllib
 
 import pytest
 
@@ -512,3 +513,59 @@ def test_addmodels_json_takes_the_stream_settings_too():
                               "max_stream_buffer_bytes": 0}, "", problems), environ={})
     assert problems == [("max_stream_buffer_bytes", "must be at least 1, got 0")]
     assert spec.keepalive_seconds == 5.0
+
+
+# --- [models.openai] (a server that speaks OpenAI itself) -------------------------------------
+
+
+def test_a_native_openai_model(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-a-file\n")
+    data = {"models": [
+        http_model(id="a", url="http://127.0.0.1:8000/v1", openai={"native": True, "model": "llama",
+                                                                    "api_key": "${UP_KEY}"}),
+        http_model(id="b", url="http://127.0.0.1:8000/v1", openai={"native": True, "api_key_file": str(key_file)}),
+        http_model(id="c"),
+    ]}
+
+    a, b, c = parse_config(data, environ={"UP_KEY": "sk-secret"}).models
+
+    assert (a.openai.native, a.openai.model, a.openai.api_key) == (True, "llama", "${UP_KEY}")
+    assert a.public()["openai"] == {"native": True, "model": "llama", "api_key": "***"}
+    assert b.public()["openai"] == {"native": True, "api_key_file": str(key_file)}
+    assert not c.openai.native and "openai" not in c.public()
+    assert "sk-secret" not in repr(a) and "sk-from-a-file" not in repr(b)
+
+
+@pytest.mark.parametrize("openai, path, words", [
+    ({"native": "yes"}, "models[0].openai.native", "must be true or false"),
+    ({"model": "x"}, "models[0].openai.model", "needs native = true"),
+    ({"api_key": "k"}, "models[0].openai.api_key", "needs native = true"),
+    ({"native": True, "api_key": "${NOT_SET}"}, "models[0].openai.api_key", "NOT_SET, which is not set"),
+    ({"native": True, "api_key": "k", "api_key_file": "/nowhere"}, "models[0].openai.api_key",
+     "either api_key or api_key_file"),
+    ({"native": True, "api_key_file": "/nowhere/key"}, "models[0].openai.api_key_file", "cannot be read"),
+    ({"native": True, "modle": "x"}, "models[0].openai.modle", ""),
+])
+def test_bad_openai_tables(openai, path, words):
+    assert words in problem_at({"models": [http_model(openai=openai)]}, path)
+
+
+def test_only_an_http_model_is_native_and_its_key_is_not_also_a_header(tmp_path):
+    subprocess = {"id": "s", "type": "subprocess", "command": ["python", "x.py"], "openai": {"native": True}}
+    assert "only an HTTP model" in problem_at({"models": [subprocess]}, "models[0].openai.native")
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert "is empty" in problem_at({"models": [http_model(openai={"native": True, "api_key_file": str(empty)})]},
+                                    "models[0].openai.api_key_file")
+    both = http_model(openai={"native": True, "api_key": "k"}, headers={"Authorization": "Bearer x"})
+    assert "leave that header out" in problem_at({"models": [both]}, "models[0].openai.api_key")
+
+
+def test_the_readmes_native_openai_example_loads():
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("**Native upstreams.**", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    (spec,) = parse_config(tomllib.loads(block), environ={"UPSTREAM_API_KEY": "k"}).models
+    assert spec.openai.native and spec.openai.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert spec.url == "http://127.0.0.1:8000/v1"
