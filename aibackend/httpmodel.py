@@ -278,6 +278,22 @@ class UpstreamError(ApiError):
         return self.document
 
 
+def in_own_shape(failure):
+    """
+    An errback for a front door whose errors have a shape of their own (an adapted model
+    on C{/v1} or C{/v2}): an L{UpstreamError} becomes a plain L{ApiError} with the same
+    status, words and C{Retry-After}, so that the front door's shape renders it; the
+    model's own document is passed on only where the protocol is the model's (C{/post},
+    native models).
+    """
+    if failure.check(UpstreamError):
+        upstream = failure.value
+        error = ApiError(upstream.message, model=upstream.model, headers=upstream.headers)
+        error.status, error.type = upstream.status, upstream.type
+        raise error
+    return failure
+
+
 def _cancelled_as_such(request: Deferred) -> Deferred:
     """
     C{request}'s outcome, but cancelling it fails it with C{CancelledError} (Agent fails a

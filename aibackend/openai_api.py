@@ -45,7 +45,7 @@ from klein import Klein
 from twisted.internet.defer import maybeDeferred
 
 from aibackend import errors
-from aibackend.httpmodel import UpstreamError
+from aibackend.httpmodel import UpstreamError, in_own_shape
 from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.relay import Framing
@@ -136,7 +136,8 @@ class OpenAIShape(ErrorShape):
 
     def render(self, request, error: errors.ApiError) -> bytes:
         if isinstance(error, UpstreamError):
-            # A native model's server's own error to a stream request: its status and body.
+            # A native model's server's own error to a stream request: its status and body
+            # (an adapted model's was made an ApiError of this shape: in_own_shape).
             begin(request)
             request.setResponseCode(error.status)
             for name, value in error.headers.items():
@@ -704,7 +705,7 @@ class OpenAIAPI:
                 # A model that cannot stream (a raw program) answers in one piece: the
                 # stream is made of its answer, sent whole once it came.
                 return relay.send(request, entry, body, context, started, self._streamed_whole(completions, framing))
-            return relay.stream(request, entry, body, context, started, framing, self.shape)
+            return relay.stream(request, entry, body, context, started, framing, self.shape).addErrback(in_own_shape)
         return relay.send(request, entry, body, context, started, self._completed(completions))
 
     def _proxy(self, prepared, request, request_id: str, operation: str, started: float):

@@ -34,6 +34,7 @@ import aibackend
 from aibackend import errors
 from aibackend.api import cannot_stream
 from aibackend.generate import Answers, GenerateFraming, model_body
+from aibackend.httpmodel import in_own_shape
 from aibackend.interfaces import FAILED, READY, IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, output_tensor, read_input, reshape
@@ -350,8 +351,9 @@ class OpenInference:
         d.addErrback(relay.refused, entry, request_id, operation, started)
         if stream:
             framing = GenerateFraming(answers)
-            return d.addCallback(lambda prepared: relay.stream(request, entry, prepared[0], prepared[1], started,
-                                                               framing, self.shape))
+            d.addCallback(lambda prepared: relay.stream(request, entry, prepared[0], prepared[1], started,
+                                                        framing, self.shape))
+            return d if native else d.addErrback(in_own_shape)
         shape = self._native_answer if native else self._generated(model, answers)
         return d.addCallback(lambda prepared: relay.send(request, entry, prepared[0], prepared[1], started, shape))
 

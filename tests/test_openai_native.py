@@ -52,6 +52,9 @@ def native(tmp_path_factory):
             "id": "up", "type": "http", "url": f"http://127.0.0.1:{port}/v1", "timeout": 20,
             "command": ["python", SERVER, "--port", str(port)], "health_path": "/health",
             "openai": {"native": True, "model": "upstream-name", "api_key": "${UPSTREAM_TEST_KEY}"},
+        }, {
+            # The same server as an adapted model (no [models.openai]): its errors are ours to shape.
+            "id": "adapted", "type": "http", "url": f"http://127.0.0.1:{port}/v1/chat/completions", "timeout": 20,
         })
     )
     path = tmp / "aibackend.toml"
@@ -73,7 +76,7 @@ def client(native):
 
 
 def test_the_models_list_names_it_by_our_id(client):
-    assert [model.id for model in client.models.list()] == ["up"]
+    assert [model.id for model in client.models.list()] == ["up", "adapted"]
     assert client.models.retrieve("up").id == "up"
 
 
@@ -140,6 +143,20 @@ def test_the_upstreams_error_reaches_the_client(client):
         list(client.chat.completions.create(model="up", messages=[{"role": "user", "content": "fail"}],
                                             stream=True))
     assert raised.value.code == "upstream_says_no"
+
+
+def test_an_adapted_http_models_error_to_a_stream_is_in_openais_shape_not_the_models(client):
+    # The model's own 400 (OpenAI-shaped here, with its own code) is an adapted model's
+    # error: its words and status, in the daemon's OpenAI document (code model_error),
+    # plain and streamed alike; only a native model's error is passed on as it came.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as raised:
+            answer = client.chat.completions.create(model="adapted", messages=[{"role": "user", "content": "fail"}],
+                                                    stream=stream)
+            list(answer) if stream else None
+        assert raised.value.status_code == 400, stream
+        assert raised.value.code == "model_error", (stream, raised.value.body)
+        assert raised.value.message.endswith("the upstream says no"), stream
 
 
 def test_a_client_leaving_mid_stream_closes_the_upstream_connection(native):
