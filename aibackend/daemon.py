@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sqlite3
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -75,8 +77,9 @@ class ReadinessService(service.Service):
 
     name = "readiness"
 
-    def __init__(self, front_door):
+    def __init__(self, front_door, reactor):
         self.front_door = front_door
+        self.reactor = reactor
 
     def startService(self):
         super().startService()
@@ -85,7 +88,30 @@ class ReadinessService(service.Service):
 
     def stopService(self):
         self.front_door.accepting = False
+        ignore_stop_signals(self.reactor)
         return super().stopService()
+
+
+def ignore_stop_signals(reactor) -> None:
+    """
+    Once the daemon is stopping, a second SIGTERM or SIGINT (an impatient Ctrl-C, a
+    supervisor that sends the signal again) says so in the log and changes nothing: the
+    drain goes on. Twisted's handler would stop the reactor a second time, which logs a
+    critical C{ReactorNotRunning} traceback. Only a signal the reactor handles (its
+    C{sigTerm} / C{sigInt}, installed when twistd runs it), never one a test process that
+    built the daemon itself handles.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (signal.SIGTERM, signal.SIGINT):
+        # The reactor's handler is one of its bound methods.
+        if getattr(signal.getsignal(number), "__self__", None) is reactor:
+            signal.signal(number, _already_stopping)
+
+
+def _already_stopping(number: int, frame) -> None:
+    log.info("Received {signal} while stopping: the drain goes on (SIGKILL stops at once)",
+             signal=signal.Signals(number).name)
 
 
 def freeze_start_up() -> None:
@@ -223,7 +249,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
         _serve_as_primary(root, parts, reactor, listen, processes, worker_argv, internal_token)
     else:
         _serve_alone(root, parts, reactor, listen)
-    _add(root, "readiness", ReadinessService(parts.front_door))
+    _add(root, "readiness", ReadinessService(parts.front_door, reactor))
     return Built(root, parts)
 
 

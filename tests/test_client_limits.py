@@ -5,6 +5,7 @@ connections are held, and SIGTERM letting an in-flight request finish.
 """
 
 import json
+import signal
 import socket
 import sys
 import threading
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from aibackend.testing import MISBEHAVE, toml_models
+from aibackend.testing import MISBEHAVE, toml_models, wait_until
 
 SERVER = """
 [server]
@@ -152,3 +153,27 @@ def test_sigterm_lets_the_request_in_flight_finish(daemon):
     thread.join(15)
     assert result["reply"].status == 200, result["reply"]
     assert time.monotonic() - started < 10 + 5 + 1
+
+
+def test_a_second_sigterm_while_draining_changes_nothing(daemon):
+    result = {}
+
+    def slow():
+        result["reply"] = daemon.predict("slow", {"op": "sleep", "seconds": 2}, timeout=15)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    wait_until(lambda: 'aibackend_model_in_flight{model="slow"} 1.0' in daemon.request("GET", "/metrics").body.decode(),
+               10, "the request with the model")
+    daemon.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.send_signal(signal.SIGINT)
+    status = daemon.terminate()
+    thread.join(15)
+
+    assert result.get("reply") is not None and result["reply"].status == 200, daemon.output
+    assert status in (0, -signal.SIGTERM), daemon.output
+    assert "Traceback" not in daemon.output and "ReactorNotRunning" not in daemon.output
+    assert "Received SIGTERM while stopping: the drain goes on" in daemon.output
+    assert "Received SIGINT while stopping" in daemon.output

@@ -396,7 +396,9 @@ def test_ready_is_503_until_the_daemon_accepts_work_then_200(door):
 def test_the_readiness_service_flips_ready_at_start_and_at_stop(door):
     from aibackend.daemon import ReadinessService
 
-    readiness = ReadinessService(door.front_door)
+    from twisted.internet.testing import MemoryReactor
+
+    readiness = ReadinessService(door.front_door, MemoryReactor())
     assert door.call("GET", "/health/ready").status == 503
 
     readiness.startService()
