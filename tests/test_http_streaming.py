@@ -18,6 +18,7 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError
 from zope.interface.verify import verifyObject
 
+from aibackend.client import IDLE_SECONDS
 from aibackend.config import HttpModelSpec
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.httpmodel import STREAM_ACCEPT, HttpModel, UpstreamError
@@ -324,6 +325,18 @@ def test_each_event_is_a_chunk_as_soon_as_its_bytes_arrive_and_done_ends_the_str
     request.finish()
     held.flush()
     assert model.in_flight == 0 and model.requests == 1 and model.failures == 0
+    # The body's end came within DRAIN_SECONDS: its connection is kept (its idle timer
+    # the only one), and the next stream goes on it.
+    [idle] = clock.getDelayedCalls()
+    assert idle.getTime() == clock.seconds() + IDLE_SECONDS
+    d, chunks = stream(model, request_id="rid-2")
+    assert len(held.connections) == 1 and len(held.requests) == 2
+    request = begin(held, 1)
+    send_bytes(held, request, b"data: 1\n\ndata: [DONE]\n\n")
+    assert result_of(d) is None and chunks.texts == [b"1"]
+    request.finish()
+    held.flush()
+    model.stopService()
     assert clock.getDelayedCalls() == []
 
 
