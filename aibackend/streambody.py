@@ -184,6 +184,9 @@ class EventStream(_Reader):
     def feed(self, data: bytes) -> None:
         if self.ended or not data:
             return
+        if (data[-2:] == b"\n\n" and not self._held and not self._data and not self._event and not self._skip_lf
+                and b"\r" not in data and self._whole_events(data)):
+            return
         if self._skip_lf:
             self._skip_lf = False
             if data[:1] == b"\n":
@@ -204,6 +207,26 @@ class EventStream(_Reader):
                 return
         if rest:
             self._hold(rest)
+
+    def _whole_events(self, data: bytes) -> bool:
+        """
+        What upstreams write most (one or more whole events of one C{data} line each, after
+        a whole event), read as L{_line} and L{_dispatch} would read it, faster; False
+        (nothing done) for anything else.
+        """
+        events = data[:-2].split(b"\n\n")
+        limit = self.limit + 5
+        for event in events:
+            if event[:6] != b"data: " or b"\n" in event or len(event) > limit:
+                return False
+        emit = self.emit
+        for event in events:
+            text = event[6:]
+            if text == b"[DONE]":
+                self._end(None)
+                return True
+            emit(_strict(text), text)
+        return True
 
     def finish(self) -> None:
         """The body ended: an event not ended by a blank line is not dispatched (the spec's rule)."""

@@ -82,6 +82,34 @@ def test_server_sent_events_are_read_into_chunks_split_anywhere(line_end):
     assert read(EventStream, data, range(1, len(data))) == expected  # a byte at a time
 
 
+def outcome(reader_class, data: bytes, splits=(), limit=1 << 20):
+    """L{read}, or the error it raised (its type and words)."""
+    try:
+        return read(reader_class, data, splits, limit)
+    except Exception as e:
+        return type(e), str(e)
+
+
+@pytest.mark.parametrize("reads", [
+    [b'data: 1\n\n', b'data: {"a": [2]}\n\ndata: "3"\n\n'],
+    [b'data: 1\n\ndata: [DONE]\n\ndata: 2\n\n'],
+    [b"event: delta\n", b"data: 1\n\n"],  # (an event's name read before: not the quick way)
+    [b"data: 1\n", b"data: 2\n\n"],
+    [b"data: 1\r", b"\ndata: 2\n\n"],
+    [b"data: 1\n\n\n\n", b"data:2\n\n", b": hi\n\n", b"data:  3\n\n"],
+    [b"data: 1\n\ndata: NaN\n\ndata: 3\n\n"],
+    [b"data: \n\n"],
+    [b"data: 1\n\ndata: " + b"9" * 40 + b"\n\n"],
+    [b"data: " + b"9" * 34 + b"\n\n"],
+], ids=range(10))
+def test_reads_of_whole_events_are_read_the_quick_way_as_line_by_line(reads, monkeypatch):
+    data = b"".join(reads)
+    splits = [len(b"".join(reads[:n])) for n in range(1, len(reads))]
+    quick = outcome(EventStream, data, splits, limit=35)
+    monkeypatch.setattr(EventStream, "_whole_events", lambda self, data: False)
+    assert quick == outcome(EventStream, data, splits, limit=35)
+
+
 def test_a_cr_at_the_end_of_a_read_ends_its_line_at_once():
     texts = []
     reader = EventStream(lambda value, text: texts.append(text), 1000, "m")
