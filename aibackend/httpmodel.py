@@ -226,7 +226,6 @@ def _deadline_passed(result, timeout):
 
 
 @implementer(IBodyProducer)
-@implementer(IBodyProducer)
 class BytesBody:
     """A request body of bytes, written at once (Agent's FileBodyProducer takes turns of the global reactor)."""
 
@@ -298,8 +297,10 @@ def in_own_shape(failure):
 def _cancelled_as_such(request: Deferred) -> Deferred:
     """
     C{request}'s outcome, but cancelling it fails it with C{CancelledError} (Agent fails a
-    request cancelled before its answer with C{ResponseNeverReceived}), so that the relay
-    tells a client that left (499) from a model that broke the exchange off (502).
+    request cancelled before its answer with C{ResponseNeverReceived}, the lean client one
+    cancelled while it connects with C{ConnectingCancelledError}, which would be taken for
+    a replica that refused it), so that the relay tells a client that left (499) from a
+    model that broke the exchange off (502).
     """
     cancelled = []
 
@@ -347,9 +348,9 @@ class HttpModel(Service):
     @param endpoints: the C{IAgentEndpointFactory} its connections are made with (by
         default, an L{EndpointCache}, or the destination policy's guarded endpoints);
         tests give L{aibackend.testing.MemoryEndpoints}.
-    @param client: a treq-like client for the requests other than a predict's POST (the
-        health check, the Open Inference Protocol's other routes, streams), instead of
-        treq over C{endpoints}.
+    @param client: a treq-like client for the requests the lean client does not send
+        (the health check, the Open Inference Protocol's other routes, plain or streamed),
+        instead of treq over C{endpoints}.
     @param stream_accept: the C{Accept} header of a stream request (L{STREAM_ACCEPT}; a
         worker's model forwarded to the primary asks for JSON lines only).
     """
@@ -380,9 +381,9 @@ class HttpModel(Service):
             factory = EndpointCache(reactor, spec.connect_timeout)
         if client is None:
             client = HTTPClient(Agent.usingEndpointFactory(reactor, factory, pool=pool), cookiejar=_no_cookies())
-        # The hot path: each request one write of bytes made ahead, the answer parsed in C
-        # (aibackend.client). treq stays for health checks and the Open Inference
-        # Protocol's other routes.
+        # The hot path and streams: each request one write of bytes made ahead, the answer
+        # parsed in C (aibackend.client). treq stays for health checks and the Open
+        # Inference Protocol's other routes.
         self._lean = LeanClient(reactor, factory)
         self._route_heads: dict = {}
         self._client = client

@@ -416,6 +416,25 @@ def test_a_plain_json_answer_is_the_streams_output(clock):
     assert chunks.texts == []
 
 
+def test_a_streams_plain_answer_and_each_of_its_events_are_bounded_by_max_response_bytes(clock):
+    held = HeldModelServer()
+    model = make_model(clock, held, max_response_bytes=100)
+
+    d, _ = stream(model)
+    held.answer(0, body=b'{"text": "%s"}' % (b"x" * 100))
+    assert failure_of(d, BadGateway).value.message == "model 'm' answered more than max_response_bytes (100 bytes)"
+
+    d, chunks = stream(model, request_id="rid-2")
+    assert len(held.connections) == 2  # the first was closed, not kept
+    request = begin(held, 1)
+    send_bytes(held, request, b'data: "%s"\n\n' % (b"x" * 50) * 3)  # the stream as a whole is not bounded
+    send_bytes(held, request, b'data: "%s"\n\n' % (b"x" * 100))
+    assert failure_of(d, BadGateway).value.message == (
+        "model 'm' sent an event longer than max_response_bytes (100 bytes)")
+    assert len(chunks.texts) == 3
+    assert held.abandoned(1)
+
+
 def test_a_models_own_error_status_is_answered_as_a_plain_requests_with_its_body(clock):
     held = HeldModelServer()
     model = make_model(clock, held)
