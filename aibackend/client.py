@@ -14,6 +14,17 @@ error handling is the same for both.
 
 Like Twisted's Agent with a POST, a request is never sent twice: a kept-alive connection
 that the server closed as the request was written fails that request.
+
+A request may be a stream (C{head} given to L{LeanClient.request}): once the answer's
+headers are read, C{head(answer, transport)} says how its body is read. A reader (an
+object with C{feed(data)}, C{finish()}, C{ended} and C{output}: L{aibackend.streambody}'s
+readers) is fed each piece of the body as llhttp gives it, in the reactor turn it came
+(chunked transfer-encoding decoded), and the request fires with C{(answer, output, True)}
+at the reader's end event (the rest of the body is then read and dropped for up to
+L{DRAIN_SECONDS}) or the body's clean end; None reads the body whole, as a plain request's,
+to C{(answer, body)}. A reader that raises fails the request with what it raised and
+closes the connection. C{transport} is the connection's, for the caller's flow control
+(C{pauseProducing}/C{resumeProducing}); it reads again before the connection is reused.
 """
 
 from __future__ import annotations
@@ -31,6 +42,9 @@ from aibackend.directwrite import hold_writes
 
 MAX_IDLE_PER_HOST = 64
 IDLE_SECONDS = 120.0
+# How long the rest of a streamed body is read (and dropped) after its reader's end
+# event, before its connection is closed instead (one whose answer ends goes back to the pool).
+DRAIN_SECONDS = 1.0
 
 
 class ResponseTooLarge(Exception):
@@ -69,6 +83,8 @@ class Connection(Protocol):
         self.idle_timer = None
         self.parser = None
         self.writes = None
+        self.exchange = None  # a streamed answer's (L{_Streamed}), while one is read
+        self.drain = None
 
     def connectionMade(self) -> None:
         self.writes = hold_writes(self.transport, self.client.reactor)
@@ -93,10 +109,26 @@ class Connection(Protocol):
                 self.transport.write(part)
         return self.deferred
 
+    def stream(self, data: bytes, limit: int, head) -> Deferred:
+        """A request whose answer's body C{head} says how to read (see the module's docstring)."""
+        self.deferred = Deferred(self._cancel)
+        self.received = False
+        self.exchange = exchange = _Streamed(self, head, limit)
+        self.parser = httptools.HttpResponseParser(exchange)
+        if type(data) is bytes:
+            self.transport.write(data)
+        else:
+            for part in data:
+                self.transport.write(part)
+        return self.deferred
+
     def _cancel(self, d):
         # The deadline passed, or the client went away: the answer is no longer wanted,
         # and the connection, midway through it, cannot be used again.
         self.deferred = None
+        if self.exchange is not None:
+            self.exchange.over = True  # (a cancel set off by a chunk: nothing more is read)
+            self._stream_over()
         self.transport.abortConnection()
 
     def _finish(self, result) -> None:
@@ -139,6 +171,9 @@ class Connection(Protocol):
             self.writes.event_done()  # the answer written to the client goes now
 
     def _received(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self._stream_received(data)
+            return
         if self.deferred is None:
             # Bytes nobody asked for (or the rest of an abandoned answer): close.
             self.transport.abortConnection()
@@ -163,6 +198,9 @@ class Connection(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.client._forget(self)
+        if self.exchange is not None:
+            self._stream_lost(reason)
+            return
         if self.deferred is None:
             return
         if self.headers_done and not self.complete and self._until_close():
@@ -175,10 +213,179 @@ class Connection(Protocol):
             self._finish(Failure(ResponseNeverReceived([reason])))
 
 
-    def _until_close(self) -> bool:
+    def _until_close(self, headers=None) -> bool:
         """Has the answer neither a length nor chunks, so that the end of the connection ends it?"""
-        encodings = b",".join(self.headers.get(b"transfer-encoding", ())).lower()
-        return b"content-length" not in self.headers and b"chunked" not in encodings
+        headers = self.headers if headers is None else headers
+        encodings = b",".join(headers.get(b"transfer-encoding", ())).lower()
+        return b"content-length" not in headers and b"chunked" not in encodings
+
+    # --- a streamed answer ------------------------------------------------------
+
+    def _stream_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            # (Not a callback's: they do not raise.) Bytes after a complete answer spoil
+            # only the connection.
+            if not exchange.complete and exchange.failure is None:
+                exchange.failure = Failure(ResponseFailed([Failure(e)]))
+            exchange.keep_alive = False
+        if self.exchange is not exchange:
+            return  # cancelled meanwhile (by what a chunk set off): the connection is closed
+        if exchange.failure is not None:
+            self._stream_over()
+            self._fire(exchange.failure)
+            self.transport.abortConnection()
+            return
+        if exchange.complete:
+            self._stream_complete(exchange)
+            return
+        reader = exchange.reader
+        if reader is not None and reader.ended and self.deferred is not None:
+            # The reader's end event: the stream is over, the rest of its body is dropped
+            # as it comes (a paused connection reads again), for a while.
+            self.transport.resumeProducing()
+            self.drain = self.client.reactor.callLater(DRAIN_SECONDS, self._drained)
+            self._fire((exchange.answer, reader.output, True))
+
+    def _fire(self, result) -> None:
+        d, self.deferred = self.deferred, None
+        if d is not None:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _stream_complete(self, exchange) -> None:
+        """The answer is complete: the request's result, and the connection kept (reading) or closed."""
+        self._stream_over()
+        if self.deferred is not None:
+            result = exchange.result()
+            if isinstance(result, Failure):
+                self._fire(result)
+                self.transport.abortConnection()
+                return
+            self._fire(result)
+        if exchange.keep_alive:
+            self.transport.resumeProducing()  # the caller's flow control may have paused it
+            self.client._release(self)
+        else:
+            self.transport.loseConnection()
+
+    def _drained(self) -> None:
+        self.drain = None
+        self._stream_over()
+        self.transport.abortConnection()
+
+    def _stream_over(self) -> None:
+        self.exchange = None
+        self.parser = None
+        drain, self.drain = self.drain, None
+        if drain is not None and drain.active():
+            drain.cancel()
+
+    def _stream_lost(self, reason) -> None:
+        exchange = self.exchange
+        self._stream_over()
+        if self.deferred is None:
+            return  # its stream was over (the rest being drained), or given up
+        if exchange.headers_done and not exchange.complete and self._until_close(exchange.headers):
+            self._fire(exchange.result())  # a body that runs until the connection closes
+        elif self.received:
+            self._fire(Failure(ResponseFailed([reason])))
+        else:
+            self._fire(Failure(ResponseNeverReceived([reason])))
+
+
+class _Streamed:
+    """
+    llhttp's callbacks for a streamed answer (L{Connection.stream}). None raises: a
+    failure is kept (L{failure}) for the connection to act on once llhttp returns, and
+    what comes after it, or after the reader's end event (L{over}), is dropped.
+    """
+
+    __slots__ = ("connection", "head", "limit", "headers", "headers_done", "keep_alive", "answer", "reader",
+                 "chunks", "size", "complete", "over", "failure")
+
+    def __init__(self, connection: Connection, head, limit: int):
+        self.connection = connection
+        self.head = head
+        self.limit = limit
+        self.headers: dict = {}
+        self.headers_done = False
+        self.keep_alive = False
+        self.answer = None
+        self.reader = None
+        self.chunks: list = []  # a body read whole (head said None)
+        self.size = 0
+        self.complete = False
+        self.over = False
+        self.failure = None
+
+    def result(self):
+        """The request's result once the body has ended (or a Failure)."""
+        reader = self.reader
+        if reader is None:
+            return (self.answer, b"".join(self.chunks))
+        if not reader.ended:
+            try:
+                reader.finish()
+            except Exception:
+                return Failure()
+        return (self.answer, reader.output, True)
+
+    def _fail(self, failure: Failure) -> None:
+        self.failure = failure
+        self.over = True
+        self.chunks = []
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer nobody asked for: the connection is not kept
+            self.keep_alive = False
+            self.over = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.headers_done:
+            self.headers.setdefault(name.lower(), []).append(value)
+
+    def on_headers_complete(self) -> None:
+        if self.headers_done or self.over:
+            return
+        self.headers_done = True
+        connection = self.connection
+        parser = connection.parser
+        self.keep_alive = parser.should_keep_alive()
+        self.answer = Answer(parser.get_status_code(), self.headers)
+        try:
+            self.reader = self.head(self.answer, connection.transport)
+        except Exception:
+            self._fail(Failure())
+
+    def on_body(self, body: bytes) -> None:
+        if self.over:
+            return
+        reader = self.reader
+        if reader is None:
+            self.size += len(body)
+            if self.size > self.limit:
+                self._fail(Failure(ResponseTooLarge(self.limit)))
+                return
+            self.chunks.append(body)
+            return
+        try:
+            reader.feed(body)
+        except Exception:
+            self._fail(Failure())
+            return
+        if reader.ended:
+            self.over = True
+
+    def on_message_complete(self) -> None:
+        if not self.complete:
+            self.complete = True
+            self.over = True
 
 
 class _QuietFactory(Factory):
@@ -202,10 +409,12 @@ class LeanClient:
         self._idle: dict = defaultdict(list)
         self._uris: dict = {}
 
-    def request(self, uri: bytes, data: bytes, limit: int) -> Deferred:
+    def request(self, uri: bytes, data: bytes, limit: int, head=None) -> Deferred:
         """
         Send C{data} (a whole request: request line, headers, body; or a sequence of
-        its parts) to the server of C{uri}; fires with C{(Answer, body)}.
+        its parts) to the server of C{uri}; fires with C{(Answer, body)}, C{body} at most
+        C{limit} bytes (else L{ResponseTooLarge}). With C{head}, a stream (see the module's
+        docstring): C{head(answer, transport)} says how the body is read once its headers are.
         """
         parsed = self._uris.get(uri)
         if parsed is None:
@@ -219,10 +428,14 @@ class LeanClient:
             connection.idle_timer = None
             transport = connection.transport
             if getattr(transport, "connected", True) and not getattr(transport, "disconnecting", False):
+                if head is not None:
+                    return connection.stream(data, limit, head)
                 return connection.send(data, limit)
         endpoint = self.endpoint_factory.endpointForURI(parsed)
         factory = _QuietFactory.forProtocol(lambda: Connection(self, key))
         d = endpoint.connect(factory)
+        if head is not None:
+            return d.addCallback(lambda connection: connection.stream(data, limit, head))
         return d.addCallback(lambda connection: connection.send(data, limit))
 
     def _release(self, connection) -> None:
@@ -252,4 +465,4 @@ class LeanClient:
             idle.clear()
 
 
-__all__ = ["Answer", "LeanClient", "ResponseTooLarge"]
+__all__ = ["DRAIN_SECONDS", "Answer", "LeanClient", "ResponseTooLarge"]

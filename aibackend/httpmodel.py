@@ -10,9 +10,10 @@ model's own status is passed through.
 
 Streams (L{IStreaming}): a stream request is sent like a plain one, with C{Accept:
 text/event-stream, application/x-ndjson, application/json} (L{STREAM_ACCEPT}), through
-Agent rather than the lean client, and the answer's C{Content-Type} says how it is read
-(L{aibackend.streambody}): Server-Sent Events and JSON lines chunk by chunk as they
-arrive, anything else whole, as the stream's output. A plain request answered in events
+the same client (the lean one, L{aibackend.client}, or treq for the routes it does not
+send), and the answer's C{Content-Type} says how it is read (L{aibackend.streambody}):
+Server-Sent Events and JSON lines chunk by chunk as they arrive, anything else whole, as
+the stream's output. A plain request answered in events
 or lines gets them gathered into one JSON answer (L{aibackend.streambody.gather}).
 A native v2 server's C{generate_stream} (the Open Inference Protocol's generate
 extension, on its own route) says an error after its first event as one more event,
@@ -225,7 +226,6 @@ def _deadline_passed(result, timeout):
 
 
 @implementer(IBodyProducer)
-@implementer(IBodyProducer)
 class BytesBody:
     """A request body of bytes, written at once (Agent's FileBodyProducer takes turns of the global reactor)."""
 
@@ -297,8 +297,10 @@ def in_own_shape(failure):
 def _cancelled_as_such(request: Deferred) -> Deferred:
     """
     C{request}'s outcome, but cancelling it fails it with C{CancelledError} (Agent fails a
-    request cancelled before its answer with C{ResponseNeverReceived}), so that the relay
-    tells a client that left (499) from a model that broke the exchange off (502).
+    request cancelled before its answer with C{ResponseNeverReceived}, the lean client one
+    cancelled while it connects with C{ConnectingCancelledError}, which would be taken for
+    a replica that refused it), so that the relay tells a client that left (499) from a
+    model that broke the exchange off (502).
     """
     cancelled = []
 
@@ -314,6 +316,19 @@ def _cancelled_as_such(request: Deferred) -> Deferred:
     d = Deferred(cancel)
     request.addBoth(passed).chainDeferred(d)
     return d
+
+
+def _header_block(headers: dict) -> bytes:
+    """
+    C{headers} as the lean client writes them: a configured header replaces the default
+    of the same name in any case (as in Agent's L{Headers}), and C{X-Request-Id} is the
+    request's own, written after them.
+    """
+    last = {}
+    for name, values in headers.items():
+        last.pop(name.lower(), None)  # (a name set again goes where it was set last)
+        last[name.lower()] = (name, values[0])
+    return b"".join(name + b": " + value + b"\r\n" for key, (name, value) in last.items() if key != b"x-request-id")
 
 
 def _unregister(result, chunks):
@@ -333,9 +348,9 @@ class HttpModel(Service):
     @param endpoints: the C{IAgentEndpointFactory} its connections are made with (by
         default, an L{EndpointCache}, or the destination policy's guarded endpoints);
         tests give L{aibackend.testing.MemoryEndpoints}.
-    @param client: a treq-like client for the requests other than a predict's POST (the
-        health check, the Open Inference Protocol's other routes, streams), instead of
-        treq over C{endpoints}.
+    @param client: a treq-like client for the requests the lean client does not send
+        (the health check, the Open Inference Protocol's other routes, plain or streamed),
+        instead of treq over C{endpoints}.
     @param stream_accept: the C{Accept} header of a stream request (L{STREAM_ACCEPT}; a
         worker's model forwarded to the primary asks for JSON lines only).
     """
@@ -366,9 +381,9 @@ class HttpModel(Service):
             factory = EndpointCache(reactor, spec.connect_timeout)
         if client is None:
             client = HTTPClient(Agent.usingEndpointFactory(reactor, factory, pool=pool), cookiejar=_no_cookies())
-        # The hot path: each request one write of bytes made ahead, the answer parsed in C
-        # (aibackend.client). treq stays for health checks and the Open Inference
-        # Protocol's other routes.
+        # The hot path and streams: each request one write of bytes made ahead, the answer
+        # parsed in C (aibackend.client). treq stays for health checks and the Open
+        # Inference Protocol's other routes.
         self._lean = LeanClient(reactor, factory)
         self._route_heads: dict = {}
         self._client = client
@@ -392,10 +407,8 @@ class HttpModel(Service):
             self._stream_headers[b"Accept"] = [stream_accept]
         # The same headers as the lean client writes them, after each replica's request
         # line; the request's own X-Request-Id follows them (a configured one gives way).
-        self._header_block = b"".join(
-            name + b": " + values[0] + b"\r\n" for name, values in self._headers.items()
-            if name.lower() != b"x-request-id"
-        )
+        self._header_block = _header_block(self._headers)
+        self._stream_header_block = _header_block(self._stream_headers)
         self.limit = ConcurrencyLimit(spec.id, max_queue=spec.max_queue, max_in_flight=spec.max_concurrency)
         self.requests = 0
         self.failures = 0
@@ -593,7 +606,7 @@ class HttpModel(Service):
         try:
             line = replica.head if context.path is None else self._route_head(replica, context)
             if line is not None:
-                # The lean client reads the body itself.
+                # The lean client reads the body itself. (L{_request_bytes}, inline: the hot path.)
                 head = (
                     line, self._header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
                     b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
@@ -698,17 +711,32 @@ class HttpModel(Service):
         self.requests += 1
         replica.in_flight += 1
         other_route = context.path is not None
+        error_chunks = other_route and context.operation == GENERATE_STREAM
         try:
-            headers = Headers(self._stream_headers)
-            headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
-            url, method = replica.url, "POST"
-            if other_route:
+            # The lean client, as for a plain request: the model's URL, or another route it
+            # sends (L{_route_head}: a POST of L{LEAN_OPERATIONS} to a path that needs no
+            # quoting). treq sends the rest: another method, a path to quote, another
+            # operation's route (a v2 server's generate_stream).
+            line = replica.head if not other_route else self._route_head(replica, context)
+            if line is not None:
+                data = self._request_bytes(line, self._stream_header_block, body, context)
+
+                def head(answer, transport):
+                    reader = self._stream_reader(answer, chunks, error_chunks)
+                    if reader is not None:
+                        flow.attach(transport)
+                    return reader
+
+                d = _cancelled_as_such(self._lean.request(replica.uri, data, self.spec.max_response_bytes, head))
+                d.addErrback(self._bad_stream)
+            else:
+                headers = Headers(self._stream_headers)
+                headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
                 url = replica.url.replace(path=replica.base_path + tuple(context.path), query=(), fragment="")
-                method = context.method.decode("ascii")
-            d = _cancelled_as_such(self._client.request(method, url, data=BytesBody(body), headers=headers,
-                                                         allow_redirects=False, unbuffered=True))
-            d.addCallback(self._streaming, chunks, flow,
-                          other_route and context.operation == GENERATE_STREAM)
+                d = _cancelled_as_such(self._client.request(context.method.decode("ascii"), url,
+                                                             data=BytesBody(body), headers=headers,
+                                                             allow_redirects=False, unbuffered=True))
+                d.addCallback(self._streaming, chunks, flow, error_chunks)
         except Exception:
             d = fail()
         d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
@@ -717,31 +745,50 @@ class HttpModel(Service):
         d.addBoth(self.limit.finished)
         return d
 
-    def _streaming(self, response, chunks, flow, error_chunks: bool = False) -> Deferred:
+    def _request_bytes(self, line: bytes, header_block: bytes, body: bytes, context):
+        """A request for the lean client: its request line, headers and body (a large body apart)."""
+        head = (
+            line, header_block, b"X-Request-Id: ", context.request_id.encode("ascii"),
+            b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
+        )
+        # A large body is written after its head, not copied into one string with it.
+        return b"".join((*head, body)) if len(body) < LARGE else (b"".join(head), body)
+
+    def _stream_reader(self, response, chunks, error_chunks: bool):
         """
-        The upstream's answer came: a 2xx in events or lines is read chunk by chunk, to
-        C{(response, output, True)}; any other is read whole, to C{(response, body)}.
+        The reader of a stream's answer (L{aibackend.streambody}), each chunk of which
+        goes to C{chunks}: a 2xx in events or lines; None for any other (read whole).
         With C{error_chunks} (a v2 server's generate_stream), a chunk C{{"error": "..."}}
         fails the stream with its words.
         """
         content_types = response.headers.getRawHeaders(b"content-type")
         reader = reader_for(content_types[0]) if content_types and 200 <= response.code < 300 else None
         if reader is None:
-            return self._read(response)
-
+            return None
+        chunk = chunks.chunk
         if error_chunks:
             model_id = self.model_id
 
             def emit(value, text: bytes) -> None:
                 if type(value) is dict and len(value) == 1 and type(value.get("error")) is str:
                     raise BadGateway(value["error"], model=model_id)
-                chunks.chunk(text)
+                chunk(text)
         else:
 
             def emit(value, text: bytes) -> None:
-                chunks.chunk(text)
+                chunk(text)
 
-        protocol = StreamBody(reader(emit, self.spec.max_response_bytes, self.model_id), self._clock)
+        return reader(emit, self.spec.max_response_bytes, self.model_id)
+
+    def _streaming(self, response, chunks, flow, error_chunks: bool = False) -> Deferred:
+        """
+        Agent's answer to a stream came: a 2xx in events or lines is read chunk by chunk,
+        to C{(response, output, True)}; any other is read whole, to C{(response, body)}.
+        """
+        reader = self._stream_reader(response, chunks, error_chunks)
+        if reader is None:
+            return self._read(response)
+        protocol = StreamBody(reader, self._clock)
         response.deliverBody(protocol)
         # Once delivering has begun: Agent resumes the transport as it hands the body over.
         if protocol.transport is not None:

@@ -1,17 +1,20 @@
 """
-aibackend.client: the lean HTTP/1.1 client of the hot path, over in-memory transports.
+aibackend.client: the lean HTTP/1.1 client of the hot path, over in-memory transports;
+its streams too (a request given a head: aibackend.streambody's readers fed as the body
+comes), whose real-socket tests are in test_client_streaming.py.
 """
 
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import succeed
+from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from aibackend.client import LeanClient, ResponseTooLarge
+from aibackend.client import DRAIN_SECONDS, LeanClient, ResponseTooLarge
+from aibackend.streambody import BadStream, reader_for
 from aibackend.testing import failure_of, has_fired, result_of
 
 URI = b"http://127.0.0.1:9001/predict?x=1"
@@ -209,3 +212,227 @@ def test_close_closes_the_idle_connections(client, endpoints):
     client.close()
 
     assert not transport.connected
+
+
+# --- streams (a request given head) -------------------------------------------------------
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunks(*pieces: bytes) -> bytes:
+    """The pieces in chunked transfer-encoding."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+
+
+def chunked(*pieces: bytes) -> bytes:
+    """The pieces in chunked transfer-encoding, and its end."""
+    return chunks(*pieces) + b"0\r\n\r\n"
+
+
+class Reading:
+    """A stream's head: a streambody reader for events or lines (their texts kept), else None."""
+
+    def __init__(self, limit=1000):
+        self.limit = limit
+        self.texts = []
+        self.heads = []
+
+    def __call__(self, answer, transport):
+        self.heads.append((answer.code, transport))
+        content_types = answer.headers.getRawHeaders(b"content-type")
+        reader = reader_for(content_types[0]) if content_types and answer.code < 300 else None
+        if reader is None:
+            return None
+        return reader(lambda value, text: self.texts.append(text), self.limit, "m")
+
+
+def begin_stream(client, endpoints, data=b"", *, limit=1000):
+    reading = Reading(limit)
+    d = client.request(URI, REQUEST, limit, reading)
+    protocol, transport = endpoints.made[-1]
+    if data:
+        protocol.dataReceived(data)
+    return d, protocol, transport, reading
+
+
+def test_a_streams_events_are_read_as_each_arrives_split_at_every_byte_and_its_connection_kept(client, endpoints,
+                                                                                                clock):
+    body = chunked(b'data: "he"\n\nda', b'ta: "llo"\r\n\r', b"\ndata: [1,\n", b"data: 2]\n\n", b"data: [DONE]\n\n")
+    raw = SSE_HEAD + body
+    for split in range(1, len(raw)):
+        d, protocol, transport, reading = begin_stream(client, endpoints, raw[:split])
+        protocol.dataReceived(raw[split:])
+        assert result_of(d)[1:] == (None, True)
+        assert reading.texts == [b'"he"', b'"llo"', b"[1,\n2]"], split
+    # A clean end with keep-alive: the one connection served every stream.
+    assert len(endpoints.made) == 1
+    assert len(clock.getDelayedCalls()) == 1  # its idle timer: no drain left behind
+
+
+def test_each_event_goes_on_in_the_read_its_last_byte_came_in(client, endpoints):
+    body = b'data: 1\n\ndata: 2\n\ndata: [DONE]\n\n'
+    d, protocol, _, reading = begin_stream(
+        client, endpoints,
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(body))
+    seen = []
+    for n, byte in enumerate(body):
+        protocol.dataReceived(bytes([byte]))
+        seen.append(len(reading.texts))
+    assert [n for n in range(1, len(body)) if seen[n] != seen[n - 1]] == [8, 17]  # each event's last byte
+    assert result_of(d)[1:] == (None, True)
+    client.request(URI, REQUEST, 1000)
+    assert len(endpoints.made) == 1  # a content-length body read to its end: kept
+
+
+def test_json_lines_end_with_the_bodys_end_and_a_last_line_without_its_line_end(client, endpoints):
+    body = b'{"chunk": 1}\n{"done": true}'
+    d, _, _, reading = begin_stream(
+        client, endpoints,
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer, output, streamed = result_of(d)
+    assert (answer.code, output, streamed) == (200, None, True)
+    assert reading.texts == [b"1", b'{"done": true}']
+
+
+def test_a_streams_output_is_its_done_events(client, endpoints):
+    d, *_ = begin_stream(client, endpoints, SSE_HEAD + chunked(b'event: done\ndata: {"output": {"n": 1}}\n\n'))
+    assert result_of(d)[1] == b'{"n": 1}'
+
+
+def test_an_answer_in_neither_is_read_whole_within_the_limit(client, endpoints):
+    d, *_, reading = begin_stream(
+        client, endpoints, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           + chunked(b'{"a"', b": 1}"))
+    answer, body = result_of(d)
+    assert (answer.code, body, reading.texts) == (200, b'{"a": 1}', [])
+
+    d, _, transport, _ = begin_stream(client, endpoints, b"HTTP/1.1 500 Oops\r\nContent-Type: text/event-stream\r\n"
+                                                         b"Content-Length: 20\r\n\r\n" + b"x" * 20, limit=10)
+    failure_of(d, ResponseTooLarge)
+    assert transport.aborted
+
+
+def test_the_transport_head_is_given_pauses_and_reads_again_before_the_connection_is_reused(client, endpoints):
+    d, protocol, transport, reading = begin_stream(client, endpoints, SSE_HEAD)
+    [(_, given)] = reading.heads
+    assert given is transport
+    given.pauseProducing()  # as a slow reader's flow does
+    assert transport.producerState == "paused"
+    protocol.dataReceived(chunked(b"data: 1\n\n"))
+    assert result_of(d)[1:] == (None, True)
+    assert transport.producerState == "producing"
+    second = client.request(URI, REQUEST, 1000)
+    assert len(endpoints.made) == 1 and not has_fired(second)
+
+
+def test_cancelling_a_stream_mid_body_aborts_its_connection_which_is_never_reused(client, endpoints, clock):
+    d, protocol, transport, reading = begin_stream(client, endpoints, SSE_HEAD + chunks(b"data: 1\n\n"))
+    assert reading.texts == [b"1"]
+    d.cancel()
+    failure_of(d, CancelledError)
+    assert transport.aborted
+    protocol.dataReceived(chunked(b"data: 2\n\n"))  # what was on its way: dropped
+    protocol.connectionLost(Failure(ConnectionLost()))
+    assert reading.texts == [b"1"]
+    client.request(URI, REQUEST, 1000)
+    assert len(endpoints.made) == 2
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_cancel_set_off_by_a_chunk_stops_the_reading_of_the_rest(client, endpoints):
+    reading = Reading()
+    d = None
+
+    def head(answer, transport):
+        reader = reading(answer, transport)
+        emit = reader.emit
+        reader.emit = lambda value, text: (emit(value, text), d.cancel())
+        return reader
+
+    d = client.request(URI, REQUEST, 1000, head)
+    protocol, transport = endpoints.made[-1]
+    protocol.dataReceived(SSE_HEAD + chunked(b"data: 1\n\n", b"data: 2\n\n"))
+    failure_of(d, CancelledError)
+    assert reading.texts == [b"1"] and transport.aborted
+
+
+def test_after_the_end_event_the_rest_of_the_body_is_dropped_and_the_connection_kept(client, endpoints, clock):
+    d, protocol, transport, reading = begin_stream(client, endpoints, SSE_HEAD + chunks(b"data: [DONE]\n\ndata: more\n\n"))
+    assert result_of(d)[1:] == (None, True)
+    protocol.dataReceived(b"0\r\n\r\n")
+    assert reading.texts == [] and not transport.aborted
+    client.request(URI, REQUEST, 1000)
+    assert len(endpoints.made) == 1
+    client.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_body_that_goes_on_after_the_end_event_is_closed_after_a_while(client, endpoints, clock):
+    d, protocol, transport, _ = begin_stream(client, endpoints, SSE_HEAD + chunked(b"data: [DONE]\n\n")[:-5])
+    assert result_of(d)[1:] == (None, True)
+    clock.advance(DRAIN_SECONDS)
+    assert transport.aborted
+    protocol.connectionLost(Failure(ConnectionLost()))
+    assert clock.getDelayedCalls() == []
+    client.request(URI, REQUEST, 1000)
+    assert len(endpoints.made) == 2
+
+
+def test_a_stream_cut_short_or_never_answered_fails_as_twisteds_client_does(client, endpoints):
+    d, protocol, transport, reading = begin_stream(client, endpoints, SSE_HEAD + chunks(b"data: 1\n\n"))
+    protocol.connectionLost(Failure(ConnectionLost()))
+    failure_of(d, ResponseFailed)
+    assert reading.texts == [b"1"]
+
+    d, protocol, *_ = begin_stream(client, endpoints)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    failure_of(d, ResponseNeverReceived)
+
+
+def test_a_stream_whose_body_runs_until_the_connection_closes_ends_with_it(client, endpoints):
+    d, protocol, transport, reading = begin_stream(
+        client, endpoints, b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n{\"chunk\": 1}\n{\"x\"")
+    protocol.dataReceived(b": 2}")
+    assert not has_fired(d)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert result_of(d)[1:] == (None, True)
+    assert reading.texts == [b"1", b'{"x": 2}']
+
+
+def test_a_reader_that_raises_fails_the_stream_and_aborts_the_connection(client, endpoints):
+    d, protocol, transport, reading = begin_stream(client, endpoints, SSE_HEAD + chunked(b"data: 1\n\ndata: NaN\n\n"))
+    failure_of(d, BadStream)
+    assert reading.texts == [b"1"] and transport.aborted
+
+
+def test_an_event_longer_than_the_limit_fails_the_stream(client, endpoints):
+    d, _, transport, _ = begin_stream(client, endpoints, SSE_HEAD + chunked(b"data: " + b"1" * 30), limit=20)
+    failure_of(d, BadStream)
+    assert transport.aborted
+
+
+def test_a_stream_whose_http_breaks_fails_as_a_failed_response(client, endpoints):
+    d, _, transport, reading = begin_stream(client, endpoints, SSE_HEAD + chunks(b"data: 1\n\n") + b"zz\r\n")
+    failure_of(d, ResponseFailed)
+    assert reading.texts == [b"1"] and transport.aborted
+
+
+def test_a_head_that_raises_fails_the_stream(client, endpoints):
+    def head(answer, transport):
+        raise ValueError("no")
+
+    d = client.request(URI, REQUEST, 1000, head)
+    protocol, transport = endpoints.made[-1]
+    protocol.dataReceived(SSE_HEAD + chunked(b"data: 1\n\n"))
+    failure_of(d, ValueError)
+    assert transport.aborted
+
+
+def test_a_plain_request_after_a_stream_on_the_same_connection_is_read_as_plain(client, endpoints):
+    d, protocol, *_ = begin_stream(client, endpoints, SSE_HEAD + chunked(b"data: 1\n\n"))
+    result_of(d)
+    plain = client.request(URI, REQUEST, 1000)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    assert result_of(plain)[1] == b"{}"
+    assert len(endpoints.made) == 1

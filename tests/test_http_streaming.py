@@ -18,6 +18,7 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError
 from zope.interface.verify import verifyObject
 
+from aibackend.client import IDLE_SECONDS
 from aibackend.config import HttpModelSpec
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.httpmodel import STREAM_ACCEPT, HttpModel, UpstreamError
@@ -79,6 +80,34 @@ def test_server_sent_events_are_read_into_chunks_split_anywhere(line_end):
     for at in range(1, len(data)):
         assert read(EventStream, data, [at]) == expected, at
     assert read(EventStream, data, range(1, len(data))) == expected  # a byte at a time
+
+
+def outcome(reader_class, data: bytes, splits=(), limit=1 << 20):
+    """L{read}, or the error it raised (its type and words)."""
+    try:
+        return read(reader_class, data, splits, limit)
+    except Exception as e:
+        return type(e), str(e)
+
+
+@pytest.mark.parametrize("reads", [
+    [b'data: 1\n\n', b'data: {"a": [2]}\n\ndata: "3"\n\n'],
+    [b'data: 1\n\ndata: [DONE]\n\ndata: 2\n\n'],
+    [b"event: delta\n", b"data: 1\n\n"],  # (an event's name read before: not the quick way)
+    [b"data: 1\n", b"data: 2\n\n"],
+    [b"data: 1\r", b"\ndata: 2\n\n"],
+    [b"data: 1\n\n\n\n", b"data:2\n\n", b": hi\n\n", b"data:  3\n\n"],
+    [b"data: 1\n\ndata: NaN\n\ndata: 3\n\n"],
+    [b"data: \n\n"],
+    [b"data: 1\n\ndata: " + b"9" * 40 + b"\n\n"],
+    [b"data: " + b"9" * 34 + b"\n\n"],
+], ids=range(10))
+def test_reads_of_whole_events_are_read_the_quick_way_as_line_by_line(reads, monkeypatch):
+    data = b"".join(reads)
+    splits = [len(b"".join(reads[:n])) for n in range(1, len(reads))]
+    quick = outcome(EventStream, data, splits, limit=35)
+    monkeypatch.setattr(EventStream, "_whole_events", lambda self, data: False)
+    assert quick == outcome(EventStream, data, splits, limit=35)
 
 
 def test_a_cr_at_the_end_of_a_read_ends_its_line_at_once():
@@ -324,6 +353,18 @@ def test_each_event_is_a_chunk_as_soon_as_its_bytes_arrive_and_done_ends_the_str
     request.finish()
     held.flush()
     assert model.in_flight == 0 and model.requests == 1 and model.failures == 0
+    # The body's end came within DRAIN_SECONDS: its connection is kept (its idle timer
+    # the only one), and the next stream goes on it.
+    [idle] = clock.getDelayedCalls()
+    assert idle.getTime() == clock.seconds() + IDLE_SECONDS
+    d, chunks = stream(model, request_id="rid-2")
+    assert len(held.connections) == 1 and len(held.requests) == 2
+    request = begin(held, 1)
+    send_bytes(held, request, b"data: 1\n\ndata: [DONE]\n\n")
+    assert result_of(d) is None and chunks.texts == [b"1"]
+    request.finish()
+    held.flush()
+    model.stopService()
     assert clock.getDelayedCalls() == []
 
 
@@ -373,6 +414,25 @@ def test_a_plain_json_answer_is_the_streams_output(clock):
     held.answer(0, body=b'{"label":  "positive"}')
     assert result_of(d) == b'{"label":  "positive"}'
     assert chunks.texts == []
+
+
+def test_a_streams_plain_answer_and_each_of_its_events_are_bounded_by_max_response_bytes(clock):
+    held = HeldModelServer()
+    model = make_model(clock, held, max_response_bytes=100)
+
+    d, _ = stream(model)
+    held.answer(0, body=b'{"text": "%s"}' % (b"x" * 100))
+    assert failure_of(d, BadGateway).value.message == "model 'm' answered more than max_response_bytes (100 bytes)"
+
+    d, chunks = stream(model, request_id="rid-2")
+    assert len(held.connections) == 2  # the first was closed, not kept
+    request = begin(held, 1)
+    send_bytes(held, request, b'data: "%s"\n\n' % (b"x" * 50) * 3)  # the stream as a whole is not bounded
+    send_bytes(held, request, b'data: "%s"\n\n' % (b"x" * 100))
+    assert failure_of(d, BadGateway).value.message == (
+        "model 'm' sent an event longer than max_response_bytes (100 bytes)")
+    assert len(chunks.texts) == 3
+    assert held.abandoned(1)
 
 
 def test_a_models_own_error_status_is_answered_as_a_plain_requests_with_its_body(clock):
