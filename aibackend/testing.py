@@ -2294,3 +2294,6 @@ class LineLauncher:
 
     def live(self) -> list[LineProcess]:
         return [process for process in self.spawned if process.alive]
+
+
+BATCH_CASES = os.path.join(ROOT, "tests", "models", "batch_cases.py")  # an aibackend.worker predict_batch model
