@@ -594,3 +594,31 @@ def test_the_metrics_show_batch_sizes_waits_and_why_batches_left(h):
     assert 'aibackend_batches_total{model="m",reason="deadline"} 0.0' in text
     assert 'aibackend_batch_wait_seconds_count{model="m"} 5.0' in text
     h.stop(model)
+
+
+# --- the iris example ---------------------------------------------------------------------------
+
+
+def test_the_iris_example_predicts_a_batch_in_one_call_as_it_would_each_request():
+    pytest.importorskip("sklearn")
+    import importlib.util
+    import os
+
+    from aibackend.worker import BadInput
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "iris_model.py")
+    loader = importlib.util.spec_from_file_location("iris_example", path)
+    iris = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(iris)
+    model = iris.IrisClassifier()
+    model.load()
+    inputs = [{"features": [6.7, 3.0, 5.2, 2.3]}, {"features": [1, 2]},
+              {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}]
+
+    first, bad, both = model.predict_batch(inputs)
+
+    assert isinstance(bad, BadInput) and "got shape [1, 2]" in str(bad)
+    for output, data in ((first, inputs[0]), (both, inputs[2])):
+        alone = model.predict(data)
+        assert output["label"] == alone["label"] and output["scores"].tolist() == alone["scores"].tolist()
+    assert both["label"] == ["setosa", "virginica"]
