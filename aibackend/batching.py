@@ -29,7 +29,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 
 from aibackend.interfaces import BatchItem
 
@@ -147,6 +147,7 @@ class Batcher:
         self.timer = None
         self.timer_reason = None
         self.stats = BatchStats()
+        self.empty_waiters: list[Deferred] = []
 
     @property
     def waiting(self) -> int:
@@ -168,12 +169,29 @@ class Batcher:
             self._set_timer(self.wait_bound, self.bound_reason)
         return d
 
+    def when_empty(self) -> Deferred:
+        """A Deferred that fires once no request waits to be batched (at once if none does)."""
+        if not self.forming:
+            return succeed(None)
+        waiters = self.empty_waiters
+        d: Deferred = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
+        waiters.append(d)
+        return d
+
+    def _emptied(self) -> None:
+        """If no request waits now, those waiting for that hear of it."""
+        if self.empty_waiters and not self.forming:
+            waiters, self.empty_waiters = self.empty_waiters, []
+            for d in waiters:
+                d.callback(None)
+
     def fail_waiting(self, error) -> None:
         """Fail every request waiting (the model is stopping)."""
         forming, self.forming = self.forming, []
         self._stop_timer()
         for waiting in forming:
             waiting.deferred.errback(error)
+        self._emptied()
 
     # --- the timer --------------------------------------------------------------------
 
@@ -235,6 +253,7 @@ class Batcher:
         for waiting, answer in zip(batch, answers):
             waiting.sent = answer
             answer.chainDeferred(waiting.deferred)
+        self._emptied()  # once the batch is the model's: it is in its queue or in flight
 
     def _cancelled(self, waiting: Waiting) -> None:
         if waiting.sent is not None:
@@ -244,3 +263,4 @@ class Batcher:
         if waiting in forming:
             forming.remove(waiting)
             self._reschedule()
+            self._emptied()

@@ -545,6 +545,12 @@ class BatchingSubprocessModel(SubprocessModel):
             self._assign(process, batch)
         return [pending.deferred for pending in pendings]
 
+    def whenIdle(self) -> Deferred:
+        """Idle: no request waits to be batched, and none is queued or in flight."""
+        if not self.batcher.waiting:
+            return self.limit.when_idle()
+        return self.batcher.when_empty().addCallback(lambda _: self.whenIdle())
+
     def describe(self) -> dict:
         described = super().describe()
         described["batching"] = {**self.batching.public(), **self.batch_stats.describe(),

@@ -23,7 +23,7 @@ from aibackend.interfaces import IBatching, IModel, ModelAnswer, RequestContext
 from aibackend.metrics import Metrics
 from aibackend.registry import ModelDeps
 from aibackend.subprocess import BatchingSubprocessModel, SubprocessModel
-from aibackend.testing import FakeBatchingModel, LineLauncher, failure_of, result_of
+from aibackend.testing import FakeBatchingModel, LineLauncher, failure_of, has_fired, result_of
 
 
 class Got:
@@ -548,6 +548,26 @@ def test_a_stream_is_never_batched(h):
     assert message["op"] == "predict" and message["input"] == {"s": 1}
     process.says({"id": message["id"], "chunk": "a"}, {"id": message["id"], "done": True})
     assert result_of(d) is None and model.places == {}
+    h.stop(model)
+
+
+def test_the_model_is_idle_once_no_request_waits_to_be_batched_or_is_in_flight(h):
+    model = h.model()
+    (process,) = h.launcher.spawned
+    got = h.send(model, "r1")
+
+    idle = model.whenIdle()
+    h.clock.advance(0.01)  # the batch leaves: in flight now
+    assert not has_fired(idle)
+    process.answers_batch(process.batches()[0])
+
+    assert has_fired(idle) and got.answer().status == 200
+    assert result_of(model.whenIdle()) is None
+    cancelled = model.send(b"{}", RequestContext(request_id="r2"))
+    later = model.whenIdle()
+    cancelled.cancel()  # the only request waiting leaves: idle at once
+    failure_of(cancelled, CancelledError)
+    assert has_fired(later)
     h.stop(model)
 
 
