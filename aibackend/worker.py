@@ -94,10 +94,14 @@ _channel = None
 _lock = threading.Lock()
 
 
+def _line(message: dict) -> bytes:
+    return (json.dumps(message, default=_to_json, allow_nan=False) + "\n").encode("utf-8")
+
+
 def _send(message: dict) -> None:
-    line = json.dumps(message, default=_to_json, allow_nan=False) + "\n"
+    line = _line(message)
     with _lock:
-        _channel.write(line.encode("utf-8"))
+        _channel.write(line)
         _channel.flush()
 
 
@@ -425,6 +429,7 @@ def _answer_batch(batch_id, predict_batch, ids, inputs, requests) -> None:
     except Exception as e:
         _error(batch_id, e)
         return
+    lines = []  # written in one go: a batch's answers cost one write, not one each
     for request_id, output in zip(ids, outputs):
         if requests.cancelled(request_id):
             continue  # the daemon forgot it while the batch was predicted
@@ -432,9 +437,14 @@ def _answer_batch(batch_id, predict_batch, ids, inputs, requests) -> None:
             _failed(request_id, output)
             continue
         try:
-            _send({"id": request_id, "output": output})
+            lines.append(_line({"id": request_id, "output": output}))
         except (TypeError, ValueError) as e:
-            _send({"id": request_id, "error": {"message": f"the model's output is not JSON: {e}", "status": 500}})
+            lines.append(_line({"id": request_id,
+                                "error": {"message": f"the model's output is not JSON: {e}", "status": 500}}))
+    if lines:
+        with _lock:
+            _channel.write(b"".join(lines))
+            _channel.flush()
 
 
 def _chunk(request_id, value) -> bool:
