@@ -7,7 +7,9 @@ chooses one when built and hands it its processes' lines.
   - L{JsonLines} (C{jsonl}): answers carry ids. Each request gets a wire id no other
     request of the model ever gets, and an answer goes only to the request in flight
     under its exact id in the process that printed it; any other is logged and dropped.
-    A process may work on several requests at once (C{max_inflight}).
+    A process may work on several requests at once (C{max_inflight}). A batching model's
+    batch is one line holding several requests, each still answered under its own id
+    (L{JsonLines.write_batch}).
   - L{RawLines} (C{raw}): answers carry nothing. A raw answer is exactly one JSON line,
     printed while its request is the one in flight. Any other JSON line and any binary
     output is a protocol error: the request fails with 502 and the process is replaced.

@@ -11,7 +11,9 @@ A L{SubprocessModel} is made of parts, each testable on its own:
     the bounded queue of those waiting for a free process, shedding past it.
 
 The model dispatches requests (least in-flight process first) and sees to it that no
-answer reaches a request other than its own.
+answer reaches a request other than its own. A C{jsonl} model with C{[models.batching]}
+is a L{BatchingSubprocessModel}: its plain requests wait in a L{aibackend.batching.Batcher}
+and go to a process in batches.
 
 The names the supervisor and the line protocols had here are kept importable.
 """

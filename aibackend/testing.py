@@ -2171,6 +2171,8 @@ def assert_openai_error(response, status, code, *, message=None, param=None) -> 
 
 # --- batch (session 16) ---
 
+from aibackend.interfaces import IBatching  # noqa: E402  (this section's own import, kept with it for the merge)
+
 
 @dataclass
 class SentBatch:
@@ -2191,6 +2193,7 @@ class SentBatch:
             self.answer(index, json.dumps({"answer": item.context.request_id}).encode())
 
 
+@implementer(IBatching)
 class FakeBatchingModel:
     """
     An L{aibackend.interfaces.IBatching} model in memory for a L{aibackend.batching.Batcher}:

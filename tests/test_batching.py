@@ -63,6 +63,7 @@ def send(batcher_, request_id: str, body: bytes = b'{"x": 1}') -> Got:
 
 def test_a_full_batch_leaves_at_once_and_its_timer_is_cancelled(clock):
     model, b = batcher(clock, size=3, delay_ms=50)
+    assert verifyObject(IBatching, model)
 
     send(b, "a"), send(b, "b")
     assert model.batches == [] and len(clock.getDelayedCalls()) == 1
