@@ -199,9 +199,13 @@ class Batcher:
         self.timer_reason = reason
         timer = self.timer
         if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
-            self.timer = self.clock.callLater(delay, self._fire)
+            if self.clock.seconds() + delay >= timer.getTime():
+                timer.reset(delay)  # later: the reactor only notes it
+                return
+            # Sooner: a reactor moves a call sooner by searching all its calls (every
+            # request in flight has its timeout's); a new one is a push, the old one dropped.
+            timer.cancel()
+        self.timer = self.clock.callLater(delay, self._fire)
 
     def _stop_timer(self) -> None:
         timer, self.timer = self.timer, None
