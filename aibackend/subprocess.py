@@ -43,7 +43,8 @@ from aibackend.supervisor import (
 )
 
 __all__ = [
-    "SubprocessModel", "BatchingSubprocessModel", "Batch", "Pending", "RawLines", "JsonLines", "Launcher", "LineBuffer", "ModelProcess", "PoolEvents",
+    "SubprocessModel", "BatchingSubprocessModel", "Batch", "Pending", "RawLines", "JsonLines", "Launcher",
+    "LineBuffer", "ModelProcess", "PoolEvents",
     "ProcessPool", "OVERSIZE", "PGROUP_WRAPPER", "STDERR_LINE_BYTES", "STDOUT_CLOSED_GRACE", "SNIPPET",
     "describe_exit", "is_text", "leading_id", "one_line", "output_text",
 ]
