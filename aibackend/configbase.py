@@ -187,8 +187,15 @@ class Table:
 
     def finish(self) -> None:
         for key in sorted(self._data):
-            self.problem(key, "is not a known key")
+            self.problem(key, NOT_HERE.get(key, "is not a known key"))
         self._data.clear()
+
+
+# Keys some tables know and others not: what a table that does not know one says of it.
+NOT_HERE = {
+    "batching": "is not a known key here: only a subprocess model with protocol = \"jsonl\" can batch "
+                "(HTTP models cannot yet)",
+}
 
 
 # --- declarations ------------------------------------------------------------------
@@ -720,6 +727,73 @@ OPENAI_DOC = (
     "allowed) or `api_key_file`, sent as `Authorization: Bearer` and always masked"
 )
 
+# --- [models.batching] -------------------------------------------------------------------
+
+
+def _check_preferred(table: Table, key: str, value, environ) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(size, int) and not isinstance(size, bool)
+                                              for size in value):
+        table.problem(key, f"must be a list of integers, got {type_name(value)}")
+        return ()
+    if any(size < 1 for size in value):
+        table.problem(key, f"must hold sizes of at least 1, got {value}")
+        return ()
+    if len(set(value)) != len(value):
+        table.problem(key, f"names a size twice: {value}")
+    return tuple(sorted(set(value)))
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """
+    How a model's requests are gathered into batches (C{[models.batching]},
+    L{aibackend.batching}).
+
+    @ivar max_batch_size: the most requests in one batch (a full batch leaves at once).
+    @ivar max_delay_ms: how long the first request of a batch may wait for company.
+    @ivar preferred_sizes: sizes a batch leaves at as soon as nothing else is waiting.
+    """
+
+    max_batch_size: int = integer(REQUIRED, minimum=1, maximum=65536,
+                                  doc="the most requests in one batch; a full batch leaves at once")
+    max_delay_ms: float = number(0, minimum=0, maximum=60_000, as_float=False,
+                                 doc="milliseconds the first request of a batch may wait for company (`0`: "
+                                     "only those that arrive in the same turn of the reactor)")
+    preferred_sizes: tuple = custom((), check=_check_preferred, show=list,
+                                    doc="sizes a batch leaves at as soon as it reaches one and nothing else "
+                                        "is waiting")
+
+    def public(self) -> dict:
+        return public_of(self)
+
+
+def parse_batching(table: Table, *, max_queue: int, timeout: float) -> BatchingSpec | None:
+    """Read a model's C{[models.batching]} table (the model's C{max_queue} bounds a batch)."""
+    values = read_settings(table, BatchingSpec, readers={
+        "preferred_sizes": lambda values: _check_preferred(
+            table, "preferred_sizes", table.get("preferred_sizes", [], ())[1], EMPTY_MAP),
+    })
+    table.finish()
+    size = values["max_batch_size"]
+    if not isinstance(size, int):
+        return None
+    too_big = [preferred for preferred in values["preferred_sizes"] if preferred > size]
+    if too_big:
+        table.problem("preferred_sizes", f"must be at most max_batch_size ({size}), got {too_big[0]}")
+    if size > max_queue:
+        table.problem("max_batch_size", f"is more than the model's max_queue ({max_queue}): the requests that "
+                                        "wait to be batched count in that queue, so no batch could fill")
+    if values["max_delay_ms"] / 1000 >= timeout:
+        table.problem("max_delay_ms", f"must be shorter than the model's timeout ({timeout:g} s)")
+    return BatchingSpec(**values)
+
+
+BATCHING_DOC = (
+    "[dynamic batching](#batching) (`protocol = \"jsonl\"` only): `max_batch_size` (required), `max_delay_ms` "
+    "(default `0`: only what arrives in the same turn of the reactor) and `preferred_sizes` (a list)"
+)
+
+
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_STREAM_BUFFER = 1 << 20
@@ -779,6 +853,7 @@ class ModelSpec:
     timeout = DEFAULT_TIMEOUT
     process = None
     urls = ()
+    batching = None  # a BatchingSpec where the type can batch and [models.batching] says so
 
     def public(self) -> dict:
         """The spec as JSON, secrets masked."""

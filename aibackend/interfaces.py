@@ -11,8 +11,9 @@ L{ISender} is that interface on the reactor: C{send} returns a Deferred of the m
 answer instead of blocking for it. L{IModel} adds what the rest of the daemon needs to
 know of a model (its state, its load, its last failure, events for ready and idle), so
 that no code has to guess with C{getattr}. Optional capabilities are interfaces of their
-own, checked with C{providedBy}: L{IRestartable} (a model with processes to restart) and
-L{IReplicated} (a model spread over replicas). A new model type implements L{IModel}
+own, checked with C{providedBy}: L{IRestartable} (a model with processes to restart),
+L{IReplicated} (a model spread over replicas), L{IStreaming} (answers in chunks) and
+L{IBatching} (takes many requests in one call). A new model type implements L{IModel}
 (and the capabilities it has), and registers its type name with
 L{aibackend.config.register}.
 """
@@ -188,4 +189,49 @@ class IStreaming(Interface):
             (C{done}); or fails with an L{aibackend.errors.ApiError}, before or after
             chunks (the relay tells the client either way). Cancelling it stops the
             model's work on the request (a jsonl model is sent C{{"op": "cancel"}}).
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """
+    One request of a batch (L{IBatching.send_batch}).
+
+    @ivar body: the request's JSON text (bytes).
+    @ivar context: its L{RequestContext}.
+    @ivar deadline: when it must be answered by (the clock's seconds): its arrival plus
+        the model's C{timeout} (the time it waited to be batched counts).
+    """
+
+    body: bytes
+    context: RequestContext
+    deadline: float
+
+
+class IBatching(Interface):
+    """
+    A model that takes many requests in one call (L{aibackend.batching}: the batcher in
+    front of it gathers them; C{[models.batching]}).
+    """
+
+    batching = Attribute("Its L{aibackend.configbase.BatchingSpec}.")
+    batch_stats = Attribute("Its batches' figures (an L{aibackend.batching.BatchStats}).")
+
+    def admit(waiting: int) -> None:
+        """
+        May one more request wait to be batched? C{waiting} are waiting in the batcher
+        already; they count in the model's queue bound (C{max_queue}).
+
+        @raise aibackend.errors.ApiError: no: the model is not ready (503), or its queue is
+            full (503, shed).
+        """
+
+    def send_batch(items: list):
+        """
+        Send a batch of L{BatchItem}s to the model in one call.
+
+        @return: a list of Deferreds, one per item in order, each firing with that
+            request's L{ModelAnswer} (its own output or its own error answer) or failing
+            with an L{aibackend.errors.ApiError} (a failure of the whole batch fails each
+            one). Cancelling one abandons that request alone.
         """

@@ -7,7 +7,9 @@ chooses one when built and hands it its processes' lines.
   - L{JsonLines} (C{jsonl}): answers carry ids. Each request gets a wire id no other
     request of the model ever gets, and an answer goes only to the request in flight
     under its exact id in the process that printed it; any other is logged and dropped.
-    A process may work on several requests at once (C{max_inflight}).
+    A process may work on several requests at once (C{max_inflight}). A batching model's
+    batch is one line holding several requests, each still answered under its own id
+    (L{JsonLines.write_batch}).
   - L{RawLines} (C{raw}): answers carry nothing. A raw answer is exactly one JSON line,
     printed while its request is the one in flight. Any other JSON line and any binary
     output is a protocol error: the request fails with 502 and the process is replaced.
@@ -157,6 +159,8 @@ class JsonLines:
         # wire id -> why it ended here ("cancelled", "timed out"), or None once a late line
         # of it was logged: the requests the model may still print lines for.
         self.ended: OrderedDict = OrderedDict()
+        # A batching model's batches written and not all answered: batch wire id -> Batch.
+        self.batches: dict = {}
 
     def _ended_here(self, wire_id: str, why: str) -> None:
         ended = self.ended
@@ -193,6 +197,33 @@ class JsonLines:
             b'{"id": ' + json.dumps(pending.wire_id).encode() + b', "op": "predict", "input": '
             + one_line(pending.body) + b"}\n"
         )
+
+    def write_batch(self, process, batch) -> None:
+        """
+        A batch, in one line: C{{"id": <batch id>, "op": "batch", "batch": [{"id": ...,
+        "input": ...}, ...]}}. Each request is answered by its own line, as a single one is;
+        an C{error} line under the batch's id fails those of it not answered yet.
+        """
+        self.batches[batch.wire_id] = batch
+        dumps = json.dumps
+        parts = [b'{"id": ' + dumps(pending.wire_id).encode() + b', "input": ' + one_line(pending.body) + b"}"
+                 for pending in batch.items]
+        process.write(b'{"id": ' + dumps(batch.wire_id).encode() + b', "op": "batch", "batch": ['
+                      + b", ".join(parts) + b"]}\n")
+
+    def batch_done(self, batch) -> None:
+        """Every request of a batch is answered (or abandoned)."""
+        self.batches.pop(batch.wire_id, None)
+
+    def _batch_failed(self, process, batch, message) -> None:
+        """An C{error} line under a batch's id: each of its requests not answered yet gets that error."""
+        model = self.model
+        inflight = process.inflight
+        for pending in list(batch.items):
+            if inflight.get(pending.wire_id) is pending:
+                del inflight[pending.wire_id]
+                model.settle(pending, self._model_error(pending, message["error"]))
+        model.dispatch()
 
     def cancelled(self, process, pending) -> None:
         """The client went away: the process is told, and the place goes to the next request."""
@@ -269,6 +300,10 @@ class JsonLines:
         # any other (unknown, timed out, cancelled, answered already) is dropped.
         pending = process.inflight.pop(message["id"], None) if isinstance(message["id"], str) else None
         if pending is None:
+            batch = self.batches.get(message["id"]) if self.batches and isinstance(message["id"], str) else None
+            if batch is not None and batch.process is process and "error" in message:
+                self._batch_failed(process, batch, message)
+                return
             self._unknown(process, message["id"], line, True)
             return
         if "error" in message:

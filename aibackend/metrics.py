@@ -16,7 +16,9 @@ from collections import Counter
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from aibackend.interfaces import READY, IReplicated, IRestartable
+from aibackend.batching import REASONS as BATCH_REASONS
+from aibackend.batching import SIZE_BUCKETS, WAIT_BUCKETS
+from aibackend.interfaces import READY, IBatching, IReplicated, IRestartable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds: a cache hit in a millisecond to a long generation in ten minutes.
@@ -120,8 +122,26 @@ class DaemonCollector:
             "aibackend_streams", "Streamed answers by how they ended (done, error, cancelled, timeout).",
             labels=["model", "end"],
         )
+        batch_sizes = HistogramMetricFamily(
+            "aibackend_batch_size", "Requests per batch sent to a batching model, by model.", labels=["model"],
+        )
+        batch_waits = HistogramMetricFamily(
+            "aibackend_batch_wait_seconds", "Time requests waited to be batched, by model.", labels=["model"],
+        )
+        batches = CounterMetricFamily(
+            "aibackend_batches", "Batches by why they left (full, preferred, delay, deadline), by model.",
+            labels=["model", "reason"],
+        )
+        batching = False
         for entry in self.registry.entries():
             model, model_id, stats = entry.model, entry.model_id, entry.stats
+            if IBatching.providedBy(model):
+                batching = True
+                figures = model.batch_stats
+                batch_sizes.add_metric([model_id], _cumulative(figures.sizes, SIZE_BUCKETS), figures.size_sum)
+                batch_waits.add_metric([model_id], _cumulative(figures.waits, WAIT_BUCKETS), figures.wait_sum)
+                for reason in BATCH_REASONS:
+                    batches.add_metric([model_id, reason], figures.reasons[reason])
             for (operation, klass), count in sorted(stats.requests.items()):
                 requests.add_metric([model_id, operation, klass], count)
             for operation, counts in sorted(stats.buckets.items()):
@@ -148,18 +168,21 @@ class DaemonCollector:
             refusals.add_metric([reason], self.daemon.refusals[reason])
         models = GaugeMetricFamily("aibackend_models", "Registered models.")
         models.add_metric([], len(self.registry.models()))
-        return [requests, latency, in_flight, queued, ready, restarts, processes, ejections, connections, refusals,
-                models, first_chunk, chunks, streams]
+        families = [requests, latency, in_flight, queued, ready, restarts, processes, ejections, connections,
+                    refusals, models, first_chunk, chunks, streams]
+        if batching:  # the batching families exist once a model batches
+            families += [batch_sizes, batch_waits, batches]
+        return families
 
 
 def _bound(value: float) -> str:
     return repr(float(value))
 
 
-def _cumulative(counts: list[int]) -> list:
+def _cumulative(counts: list[int], buckets: tuple = BUCKETS) -> list:
     """A histogram's C{(le, count)} pairs from its counts per bucket (+Inf last)."""
     cumulative, running = [], 0
-    for bound, count in zip((*map(_bound, BUCKETS), "+Inf"), counts):
+    for bound, count in zip((*map(_bound, buckets), "+Inf"), counts):
         running += count
         cumulative.append((bound, running))
     return cumulative

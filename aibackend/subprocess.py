@@ -11,7 +11,9 @@ A L{SubprocessModel} is made of parts, each testable on its own:
     the bounded queue of those waiting for a free process, shedding past it.
 
 The model dispatches requests (least in-flight process first) and sees to it that no
-answer reaches a request other than its own.
+answer reaches a request other than its own. A C{jsonl} model with C{[models.batching]}
+is a L{BatchingSubprocessModel}: its plain requests wait in a L{aibackend.batching.Batcher}
+and go to a process in batches.
 
 The names the supervisor and the line protocols had here are kept importable.
 """
@@ -21,13 +23,14 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import alsoProvides, implementer
 
-from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import STOPPED, IModel, IRestartable, IStreaming
+from aibackend.batching import Batcher
+from aibackend.errors import BadGateway, GatewayTimeout, ModelBusy, ModelUnavailable
+from aibackend.interfaces import STOPPED, IBatching, IModel, IRestartable, IStreaming
 from aibackend.limits import ConcurrencyLimit
 from aibackend.lines import (
     PROTOCOLS, SNIPPET, JsonLines, RawLines, is_text, leading_id, one_line, output_text, stream_result,
@@ -40,7 +43,8 @@ from aibackend.supervisor import (
 )
 
 __all__ = [
-    "SubprocessModel", "Pending", "RawLines", "JsonLines", "Launcher", "LineBuffer", "ModelProcess", "PoolEvents",
+    "SubprocessModel", "BatchingSubprocessModel", "Batch", "Pending", "RawLines", "JsonLines", "Launcher",
+    "LineBuffer", "ModelProcess", "PoolEvents",
     "ProcessPool", "OVERSIZE", "PGROUP_WRAPPER", "STDERR_LINE_BYTES", "STDOUT_CLOSED_GRACE", "SNIPPET",
     "describe_exit", "is_text", "leading_id", "one_line", "output_text",
 ]
@@ -50,7 +54,7 @@ class Pending:
     """A request on its way through a subprocess model."""
 
     __slots__ = ("body", "context", "deferred", "timer", "process", "wire_id", "sent_at", "abandoned", "counted",
-                 "chunks", "gathered", "paused", "model")
+                 "chunks", "gathered", "paused", "model", "batch")
 
     def __init__(self, body, context):
         self.body = body
@@ -66,6 +70,7 @@ class Pending:
         self.gathered = None  # a plain request's chunks so far (lines.Gathered)
         self.paused = False  # a stream whose reader is slow
         self.model = None  # the SubprocessModel it was sent to
+        self.batch = None  # the Batch it is part of (a batching model's)
 
     def cancel(self, deferred) -> None:
         """Its Deferred's canceller: the client went away (a bound method, not a closure a request)."""
@@ -173,6 +178,8 @@ class SubprocessModel(PoolEvents, Service):
 
     @classmethod
     def from_spec(cls, spec, deps):
+        if spec.batching is not None and cls is SubprocessModel:
+            cls = BatchingSubprocessModel
         return cls(spec, reactor=deps.reactor, environ=deps.environ)
 
     def startService(self):
@@ -265,24 +272,30 @@ class SubprocessModel(PoolEvents, Service):
         # One callback pair, not two (a held stream's Deferred holds them).
         return d.addCallbacks(_streamed, _unregister, callbackArgs=(chunks,), errbackArgs=(chunks,))
 
-    def _send(self, pending: Pending) -> Deferred:
-        self.requests += 1
+    def _unavailable(self):
+        """Why the model takes no request now (a L{ModelUnavailable}), or None."""
         pool = self.pool
         if pool.failed_reason is not None:
-            self.failures += 1
             wait = pool.retry_after()
             if pool.trial_timer is None:
                 when = f"it is tried again in {wait} s"
             else:
                 when = f"it is being tried again, and takes requests if it runs for another {wait} s"
-            raise ModelUnavailable(
+            return ModelUnavailable(
                 f"model {self.model_id!r} has failed: {pool.failed_reason}; {when} (an admin can restart it now)",
                 model=self.model_id,
                 retry_after=wait,
             )
         if pool.stopping or not pool.running:
+            return ModelUnavailable(f"model {self.model_id!r} is not running", model=self.model_id)
+        return None
+
+    def _send(self, pending: Pending) -> Deferred:
+        self.requests += 1
+        pool = self.pool
+        if pool.failed_reason is not None or pool.stopping or not pool.running:
             self.failures += 1
-            raise ModelUnavailable(f"model {self.model_id!r} is not running", model=self.model_id)
+            raise self._unavailable()
         pending.model = self
         pending.deferred = Deferred(pending.cancel)
         process = self._least_busy()
@@ -437,3 +450,236 @@ class SubprocessModel(PoolEvents, Service):
     def _fail_queue(self, error) -> None:
         while self.queue:
             self.settle(self.queue.popleft(), error=error)
+
+
+class Batch:
+    """
+    Requests a batching model sends in one message (L{BatchingSubprocessModel}): their
+    L{Pending}s, each in flight under its own wire id, answered by its own line.
+
+    @ivar wire_id: the batch's own id (an C{error} line under it fails each request of
+        the batch not answered yet), once written.
+    @ivar open: how many of its requests are not answered yet, once written.
+    """
+
+    __slots__ = ("items", "wire_id", "open", "process")
+
+    def __init__(self, items: list):
+        self.items = items
+        self.wire_id = None
+        self.open = 0
+        self.process = None
+
+
+@implementer(IBatching)
+class BatchingSubprocessModel(SubprocessModel):
+    """
+    A C{jsonl} subprocess model with C{[models.batching]}: plain requests wait in a
+    L{aibackend.batching.Batcher}, whose batches go to a process in one
+    C{{"op": "batch", ...}} message (L{aibackend.lines.JsonLines.write_batch}); a batch
+    holds one of the process's C{max_inflight} places. Batches that wait for a free
+    process are sent together when one frees, up to C{max_batch_size}. Streams are never
+    batched: each goes on its own, as for any jsonl model, holding a place too.
+    """
+
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
+        self.batching = spec.batching
+        self.batcher = Batcher(self, spec.batching, self.clock, float(spec.timeout))
+        self.batch_stats = self.batcher.stats
+        self.places: dict = {}  # process -> messages (batches, streams) in flight there
+        self.queued_items = 0  # requests of the batches in the queue
+        self.queued_batches = 0  # batches in the queue (the rest of it is streams)
+
+    # --- IBatching --------------------------------------------------------------------
+
+    def send(self, body: bytes, context) -> Deferred:
+        return self.batcher.send(body, context)
+
+    @property
+    def queued(self) -> int:
+        return self.batcher.waiting + self._waiting_for_a_place()
+
+    def _waiting_for_a_place(self) -> int:
+        """The requests in the queue: those of its batches, and its streams."""
+        return self.queued_items + len(self.queue) - self.queued_batches
+
+    def admit(self, waiting: int) -> None:
+        pool = self.pool
+        if pool.failed_reason is not None or pool.stopping or not pool.running:
+            self.requests += 1
+            self.failures += 1
+            raise self._unavailable()
+        queued = waiting + self._waiting_for_a_place()
+        if queued >= self.spec.max_queue:
+            self.requests += 1
+            self.failures += 1
+            self.limit.shed += 1
+            raise ModelBusy(
+                f"model {self.model_id!r} is busy: {queued} requests are waiting to be batched or for a "
+                f"process (max_queue)",
+                model=self.model_id, retry_after=pool.retry_after(),
+            )
+
+    def send_batch(self, items: list) -> list:
+        n = len(items)
+        self.requests += n
+        error = self._unavailable()
+        if error is not None:
+            self.failures += n
+            return [fail(error) for _ in items]
+        clock = self.clock
+        now = clock.seconds()
+        batch = Batch([])
+        pendings = batch.items
+        for item in items:
+            pending = Pending(item.body, item.context)
+            pending.model = self
+            pending.batch = batch
+            pending.deferred = Deferred(pending.cancel)
+            pending.timer = clock.callLater(max(item.deadline - now, 0), self._timed_out, pending)
+            pendings.append(pending)
+        process = self._least_busy()
+        if process is None:
+            self.queue.append(batch)
+            self.queued_items += n
+            self.queued_batches += 1
+        else:
+            self._assign(process, batch)
+        return [pending.deferred for pending in pendings]
+
+    def whenIdle(self) -> Deferred:
+        """Idle: no request waits to be batched, and none is queued or in flight."""
+        if not self.batcher.waiting:
+            return self.limit.when_idle()
+        return self.batcher.when_empty().addCallback(lambda _: self.whenIdle())
+
+    def describe(self) -> dict:
+        described = super().describe()
+        described["batching"] = {**self.batching.public(), **self.batch_stats.describe(),
+                                 "waiting": self.batcher.waiting}
+        return described
+
+    # --- places: a batch or a stream holds one --------------------------------------------
+
+    def _takes_requests(self, process) -> bool:
+        return (
+            process.state == "ready"
+            and not process.stdout_closed
+            and self.places.get(process, 0) < self.capacity
+            and not process.held
+        )
+
+    def dispatch(self) -> None:
+        queue = self.queue
+        max_size = self.batching.max_batch_size
+        while queue:
+            process = self._least_busy()
+            if process is None:
+                return
+            entry = queue.popleft()
+            if type(entry) is Batch:
+                self.queued_items -= len(entry.items)
+                self.queued_batches -= 1
+                # Batches that waited together go together, as far as one batch may hold.
+                while queue and type(queue[0]) is Batch and len(entry.items) + len(queue[0].items) <= max_size:
+                    more = queue.popleft()
+                    self.queued_items -= len(more.items)
+                    self.queued_batches -= 1
+                    for pending in more.items:
+                        pending.batch = entry
+                    entry.items.extend(more.items)
+            self._assign(process, entry)
+
+    def _assign(self, process, entry) -> None:
+        self.places[process] = self.places.get(process, 0) + 1
+        if type(entry) is not Batch:
+            super()._assign(process, entry)  # a stream
+            return
+        batch = entry
+        batch.process = process
+        batch.open = len(batch.items)
+        self._wire_counter += 1
+        batch.wire_id = f"batch#{self._wire_counter}"
+        now = self.clock.seconds()
+        inflight = process.inflight
+        for pending in batch.items:
+            self._wire_counter += 1
+            wire_id = f"{pending.context.request_id}#{self._wire_counter}"
+            pending.wire_id = wire_id
+            pending.process = process
+            pending.sent_at = now
+            pending.counted = True
+            inflight[wire_id] = pending
+        self.limit.in_flight += len(batch.items)
+        if process.paused_by:
+            for holder in list(process.paused_by):
+                process.resume_stdout(holder)
+        self.batch_stats.sent(len(batch.items))
+        self.protocol.write_batch(process, batch)
+
+    def settle(self, pending: Pending, result=None, error=None) -> None:
+        counted, process = pending.counted, pending.process
+        super().settle(pending, result, error)
+        if not counted:
+            return
+        batch = pending.batch
+        if batch is not None:
+            batch.open -= 1
+            if batch.open:
+                return
+            self.protocol.batch_done(batch)
+        places = self.places
+        left = places.get(process, 0) - 1
+        if left > 0:
+            places[process] = left
+        else:
+            places.pop(process, None)
+
+    def process_gone(self, process, why: str) -> None:
+        super().process_gone(process, why)
+        self.places.pop(process, None)
+
+    # --- requests of a batch still in the queue ---------------------------------------------
+
+    def _unqueue(self, pending: Pending) -> None:
+        batch = pending.batch
+        batch.items.remove(pending)
+        self.queued_items -= 1
+        if not batch.items:
+            self.queue.remove(batch)
+            self.queued_batches -= 1
+
+    def _cancelled(self, pending: Pending) -> None:
+        if pending.batch is not None and pending.process is None:
+            pending.abandoned = True
+            self._unqueue(pending)
+            self.settle(pending)
+            return
+        super()._cancelled(pending)
+
+    def _timed_out(self, pending: Pending) -> None:
+        if pending.batch is not None and pending.process is None:
+            pending.timer = None
+            self._unqueue(pending)
+            self.settle(pending, error=GatewayTimeout(
+                f"model {self.model_id!r} did not answer within {self.spec.timeout:g} s "
+                f"(the request waited to be batched and for a process)", model=self.model_id))
+            return
+        super()._timed_out(pending)
+
+    def pool_stopping(self) -> None:
+        self.batcher.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+        super().pool_stopping()
+
+    def _fail_queue(self, error) -> None:
+        queue = self.queue
+        while queue:
+            entry = queue.popleft()
+            if type(entry) is Batch:
+                self.queued_items -= len(entry.items)
+                self.queued_batches -= 1
+                for pending in entry.items:
+                    self.settle(pending, error=error)
+            else:
+                self.settle(entry, error=error)

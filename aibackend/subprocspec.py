@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from aibackend.configbase import (
+    BATCHING_DOC,
     DEFAULT_TIMEOUT,
     REQUIRED,
     MODEL_FIELDS,
@@ -27,6 +28,7 @@ from aibackend.configbase import (
     integer,
     keys_of,
     number,
+    parse_batching,
     public_of,
     read_setting,
     read_settings,
@@ -195,6 +197,8 @@ class SubprocessModelSpec(ModelSpec):
                             doc="seconds a request may take, queueing included (504 past it)")
     max_queue: int = integer(100, minimum=0, maximum=1_000_000,
                              doc="requests that may wait for a free process; past it, 503 at once")
+    batching: object = custom(None, doc=BATCHING_DOC, label="`[models.batching]`", shown="none",
+                              public="unless-default", show=lambda spec: spec.public())
 
 
 def parse_subprocess_model(table: Table, common: dict, environ: Mapping[str, str]) -> SubprocessModelSpec:
@@ -204,8 +208,24 @@ def parse_subprocess_model(table: Table, common: dict, environ: Mapping[str, str
             table.problem("max_inflight", "a raw process takes one request at a time; use protocol = \"jsonl\"")
         return value
 
+    def batching(values):
+        if not table.has("batching"):
+            return None
+        problems = len(table.problems)
+        where = table.table("batching")
+        if len(table.problems) > problems:
+            return None  # not a table
+        if values["protocol"] != "jsonl":
+            where.problem(None, 'needs protocol = "jsonl": a raw process takes one request at a time')
+            return None
+        max_queue, timeout = values["max_queue"], values["timeout"]
+        if not isinstance(max_queue, int) or not isinstance(timeout, (int, float)):
+            return None
+        return parse_batching(where, max_queue=max_queue, timeout=timeout)
+
     values = read_settings(table, SubprocessModelSpec, environ, skip=MODEL_FIELDS, readers={
         "process": lambda values: parse_process(table, environ, required=True, line_protocol=True),
         "max_inflight": max_inflight,
+        "batching": batching,
     })
     return SubprocessModelSpec(**common, **values)

@@ -2167,3 +2167,136 @@ def assert_openai_error(response, status, code, *, message=None, param=None) -> 
     if message is not None:
         assert message in error["message"], error["message"]
     return error
+
+
+# --- batch (session 16) ---
+
+from aibackend.interfaces import IBatching  # noqa: E402  (this section's own import, kept with it for the merge)
+
+
+@dataclass
+class SentBatch:
+    """A batch a L{FakeBatchingModel} was sent: its items and the Deferreds the test fires."""
+
+    items: list
+    deferreds: list
+
+    @property
+    def ids(self) -> list:
+        return [item.context.request_id for item in self.items]
+
+    def answer(self, index: int, body: bytes = b'{"ok": true}', status: int = 200) -> None:
+        self.deferreds[index].callback(ModelAnswer(status=status, body=body))
+
+    def answer_all(self) -> None:
+        for index, item in enumerate(self.items):
+            self.answer(index, json.dumps({"answer": item.context.request_id}).encode())
+
+
+@implementer(IBatching)
+class FakeBatchingModel:
+    """
+    An L{aibackend.interfaces.IBatching} model in memory for a L{aibackend.batching.Batcher}:
+    records each batch it is sent (L{SentBatch}), and the requests whose Deferred was
+    cancelled at it; C{refuse} (an exception) makes L{admit} refuse.
+    """
+
+    def __init__(self, batching):
+        self.batching = batching
+        self.batch_stats = None
+        self.batches: list[SentBatch] = []
+        self.cancelled: list[str] = []
+        self.admitted: list[int] = []
+        self.refuse = None
+        self.broken = None  # an exception send_batch raises
+
+    def admit(self, waiting: int) -> None:
+        self.admitted.append(waiting)
+        if self.refuse is not None:
+            raise self.refuse
+
+    def send_batch(self, items: list) -> list:
+        if self.broken is not None:
+            raise self.broken
+        deferreds = [Deferred(lambda d, request_id=item.context.request_id: self.cancelled.append(request_id))
+                     for item in items]
+        self.batches.append(SentBatch(list(items), deferreds))
+        return deferreds
+
+
+class LineProcess:
+    """
+    The transport of a model process a L{LineLauncher} "started": what the daemon writes on
+    its stdin, and what the test makes it print and how it ends.
+    """
+
+    def __init__(self, protocol, pid: int):
+        self.protocol = protocol
+        self.pid = pid
+        self.stdin = b""
+
+    def write(self, data: bytes) -> None:
+        self.stdin += data
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def closeStdin(self) -> None:
+        pass
+
+    def signalProcess(self, name) -> None:
+        pass
+
+    def messages(self) -> list:
+        return [json.loads(line) for line in self.stdin.split(b"\n")[:-1]]
+
+    def batches(self) -> list:
+        """The batch messages written to it."""
+        return [message for message in self.messages() if message.get("op") == "batch"]
+
+    def says(self, *messages) -> None:
+        self.protocol.outReceived(b"".join(json.dumps(message).encode() + b"\n" for message in messages))
+
+    def answers_batch(self, batch: dict, answer=lambda item: {"output": {"echo": item["input"]}}) -> None:
+        """Answer each request of a batch message, in one read: C{answer(item)} -> the line's other keys."""
+        self.says(*({"id": item["id"], **answer(item)} for item in batch["batch"]))
+
+    def killed(self, signal: int = 9) -> None:
+        self.protocol.processExited(Failure(ProcessTerminated(signal=signal)))
+
+    @property
+    def alive(self) -> bool:
+        return self.protocol.state != "exited"
+
+
+class LineLauncher:
+    """Stands in for L{aibackend.supervisor.Launcher}: no process is started (L{LineProcess})."""
+
+    def __init__(self):
+        self.spawned: list[LineProcess] = []
+        self._next_pid = 2001
+
+    def spawn(self, protocol, settings, env):
+        process = LineProcess(protocol, self._next_pid)
+        self._next_pid += 1
+        self.spawned.append(process)
+        protocol.makeConnection(process)
+        return process
+
+    def signal(self, process, name: str) -> None:
+        pass
+
+    def process_exited(self, pid):
+        return None
+
+    def busy(self, process) -> bool:
+        return False
+
+    def live(self) -> list[LineProcess]:
+        return [process for process in self.spawned if process.alive]
+
+
+BATCH_CASES = os.path.join(ROOT, "tests", "models", "batch_cases.py")  # an aibackend.worker predict_batch model

@@ -39,6 +39,16 @@ What C{serve} does:
             for word in data["text"].split():
                 yield word + " "
 
+  - a batch (C{{"id": <batch id>, "op": "batch", "batch": [{"id", "input"}, ...]}}, sent
+    to a model with C{[models.batching]}) goes to the model's C{predict_batch(inputs)} if it
+    has one: a list of outputs, one per input, in order, where an exception instance in
+    an output's place answers that request with its error (C{BadInput("...")}: 400); an
+    exception raised fails the whole batch. Without C{predict_batch}, C{predict} is called
+    for each input, as if each came alone:
+
+        def predict_batch(inputs):
+            return model.predict([row["features"] for row in inputs]).tolist()
+
   - L{chat} turns a function that yields a chat reply's text pieces into such a predict,
     for models served through the OpenAI-compatible API (README "Chat models"):
 
@@ -84,10 +94,14 @@ _channel = None
 _lock = threading.Lock()
 
 
+def _line(message: dict) -> bytes:
+    return (json.dumps(message, default=_to_json, allow_nan=False) + "\n").encode("utf-8")
+
+
 def _send(message: dict) -> None:
-    line = json.dumps(message, default=_to_json, allow_nan=False) + "\n"
+    line = _line(message)
     with _lock:
-        _channel.write(line.encode("utf-8"))
+        _channel.write(line)
         _channel.flush()
 
 
@@ -382,6 +396,57 @@ def _answer(request_id, predict, data, requests) -> None:
         _send({"id": request_id, "error": {"message": f"the model's output is not JSON: {e}", "status": 500}})
 
 
+def _failed(request_id, e: BaseException) -> None:
+    """C{_error} for an exception a model gave back rather than raised (an item of predict_batch)."""
+    status = getattr(e, "status", 500)
+    if not isinstance(status, int) or not 400 <= status <= 599:
+        status = 500
+    if status >= 500:
+        log("".join(traceback.format_exception(e)), "error")
+    message = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+    _send({"id": request_id, "error": {"message": message, "status": status}})
+
+
+def _batch_outputs(predict_batch, inputs) -> list:
+    """C{predict_batch(inputs)} checked: a list of as many outputs as inputs."""
+    outputs = predict_batch(inputs)
+    if inspect.isgenerator(outputs) or inspect.isasyncgen(outputs):
+        raise ModelError("predict_batch must return a list of outputs, not a generator")
+    outputs = list(outputs)
+    if len(outputs) != len(inputs):
+        raise ModelError(f"predict_batch returned {len(outputs)} outputs for {len(inputs)} inputs")
+    return outputs
+
+
+def _answer_batch(batch_id, predict_batch, ids, inputs, requests) -> None:
+    """
+    One call of C{predict_batch} for a batch: each output answers its own request (an
+    exception instance in its place is that request's error); an exception raised, or a
+    wrong number of outputs, fails the whole batch (one error line under the batch's id).
+    """
+    try:
+        outputs = _batch_outputs(predict_batch, inputs)
+    except Exception as e:
+        _error(batch_id, e)
+        return
+    lines = []  # written in one go: a batch's answers cost one write, not one each
+    for request_id, output in zip(ids, outputs):
+        if requests.cancelled(request_id):
+            continue  # the daemon forgot it while the batch was predicted
+        if isinstance(output, BaseException):
+            _failed(request_id, output)
+            continue
+        try:
+            lines.append(_line({"id": request_id, "output": output}))
+        except (TypeError, ValueError) as e:
+            lines.append(_line({"id": request_id,
+                                "error": {"message": f"the model's output is not JSON: {e}", "status": 500}}))
+    if lines:
+        with _lock:
+            _channel.write(b"".join(lines))
+            _channel.flush()
+
+
 def _chunk(request_id, value) -> bool:
     """Write one chunk line (flushed); False, and the error line, if it is not JSON."""
     try:
@@ -509,12 +574,16 @@ def _predictor(model):
         load()
     cancel = getattr(model, "cancel", None)
     cancel = cancel if callable(cancel) else None
+    predict_batch = getattr(model, "predict_batch", None)
+    predict_batch = predict_batch if callable(predict_batch) else None
     predict = getattr(model, "predict", None)
     if callable(predict):
-        return predict, cancel
+        return predict, cancel, predict_batch
     if callable(model):
-        return model, cancel
-    raise TypeError("a model is a function, or an object with a predict() method")
+        return model, cancel, predict_batch
+    if predict_batch is not None:
+        return None, cancel, predict_batch
+    raise TypeError("a model is a function, or an object with a predict() or predict_batch() method")
 
 
 _current = threading.local()
@@ -534,7 +603,13 @@ def serve(model, *, concurrency: int = 1) -> None:
     @param concurrency: how many predictions may run at once (threads).
     """
     _take_stdout()
-    predict, cancel = _predictor(model)
+    predict, cancel, predict_batch = _predictor(model)
+    if predict is None:
+        def predict(data):  # a model of batches alone: one request is a batch of one
+            (output,) = _batch_outputs(predict_batch, [data])
+            if isinstance(output, BaseException):
+                raise output
+            return output
     _send({"ready": True})
     requests = _Requests()
     # Predictions run in threads even one at a time, so that stdin is read on meanwhile
@@ -549,6 +624,17 @@ def serve(model, *, concurrency: int = 1) -> None:
             _answer(request_id, predict, data, requests)
         finally:
             _current.request_id = None
+
+    def run_batch(batch_id, items):
+        ids, inputs = [], []
+        for item in items:
+            if requests.take(item["id"]):
+                ids.append(item["id"])
+                inputs.append(item.get("input"))
+        if not ids:
+            return
+        _current.request_id = None
+        _answer_batch(batch_id, predict_batch, ids, inputs, requests)
 
     stdin = sys.stdin.buffer
     for raw in stdin:
@@ -570,6 +656,19 @@ def serve(model, *, concurrency: int = 1) -> None:
                     cancel(request_id)
                 except Exception:
                     log(traceback.format_exc(), "error")
+            continue
+        if op == "batch":
+            items = message.get("batch")
+            if not isinstance(items, list) or not all(isinstance(item, dict) and "id" in item for item in items):
+                _send({"id": request_id, "error": {"message": "a batch is a list of {id, input}", "status": 400}})
+                continue
+            for item in items:
+                requests.again(item["id"])
+            if predict_batch is not None:
+                executor.submit(run_batch, request_id, items)
+            else:  # predict per item, as if each came alone
+                for item in items:
+                    executor.submit(run, item["id"], item.get("input"))
             continue
         if op != "predict":
             _send({"id": request_id, "error": {"message": f"unknown op {op!r}", "status": 400}})

@@ -9,6 +9,9 @@ Output: {"predictions": [{"class": "setosa", "probabilities": {"setosa": 0.98, .
 
 "label" and "scores" are the same answer as tensors: through the Open Inference Protocol
 (see [models.v2] in etc/aibackend.toml) they are the outputs a Triton client reads.
+
+With [models.batching] (etc/aibackend.toml), requests that arrive together reach
+predict_batch: their rows go to scikit-learn in one call (README "Batching").
 """
 import numpy
 
@@ -27,7 +30,8 @@ class IrisClassifier:
         self.model = LogisticRegression(max_iter=1000).fit(data.data, data.target)
         log(f"trained on {len(data.data)} samples, training accuracy {self.model.score(data.data, data.target):.3f}")
 
-    def predict(self, data):
+    def rows(self, data):
+        """A request's instances as an array of shape (n, 4), or BadInput."""
         if not isinstance(data, dict) or not ("features" in data or "instances" in data):
             raise BadInput(USAGE)
         if "instances" in data:
@@ -38,7 +42,9 @@ class IrisClassifier:
             raise BadInput(f"{USAGE}; got shape {list(rows.shape)}")
         if not numpy.isfinite(rows).all():
             raise BadInput("each instance is 4 finite numbers (sepal length, sepal width, petal length, petal width)")
-        probabilities = self.model.predict_proba(rows).round(4)
+        return rows
+
+    def answer(self, probabilities):
         labels = [self.classes[int(p.argmax())] for p in probabilities]
         return {
             "predictions": [
@@ -48,6 +54,33 @@ class IrisClassifier:
             "label": labels,
             "scores": probabilities,
         }
+
+    def predict(self, data):
+        return self.answer(self.model.predict_proba(self.rows(data)).round(4))
+
+    def predict_batch(self, inputs):
+        """
+        A batch of requests ([models.batching]): every request's rows in one predict_proba
+        call, split back; a request whose input is bad gets its BadInput, the others their
+        answers.
+        """
+        rows, outputs = [], []
+        for data in inputs:
+            try:
+                rows.append(self.rows(data))
+                outputs.append(None)
+            except BadInput as e:
+                rows.append(None)
+                outputs.append(e)
+        given = [r for r in rows if r is not None]
+        if given:
+            probabilities = self.model.predict_proba(numpy.concatenate(given)).round(4)
+            start = 0
+            for index, r in enumerate(rows):
+                if r is not None:
+                    outputs[index] = self.answer(probabilities[start:start + len(r)])
+                    start += len(r)
+        return outputs
 
 
 if __name__ == "__main__":

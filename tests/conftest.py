@@ -54,6 +54,7 @@ SLOWEST_MODULES = (
     "test_observability_daemon.py",
     "test_supervisor.py",
     "test_write_path.py",
+    "test_batching_daemon.py",
 )
 
 

@@ -20,6 +20,7 @@ from aibackend.worker import BadInput, ModelError, chat, count_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = os.path.join(ROOT, "tests", "models", "worker_cases.py")
+BATCH_CASES = os.path.join(ROOT, "tests", "models", "batch_cases.py")
 
 
 def strict_json(line: bytes):
@@ -34,11 +35,11 @@ def strict_json(line: bytes):
 class Worker:
     """A worker_cases.py process: write requests, read its stdout as JSON lines."""
 
-    def __init__(self, concurrency: int = 1):
+    def __init__(self, concurrency: int = 1, argv=None):
         env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(
-            [sys.executable, CASES, str(concurrency)],
+            [sys.executable, *(argv or [CASES, str(concurrency)])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -128,8 +129,8 @@ class Worker:
 def start_worker():
     workers = []
 
-    def start(concurrency: int = 1) -> Worker:
-        worker = Worker(concurrency)
+    def start(concurrency: int = 1, argv=None) -> Worker:
+        worker = Worker(concurrency, argv)
         workers.append(worker)
         return worker
 
@@ -540,3 +541,87 @@ def test_count_tokens_counts_words_and_punctuation_marks():
     assert count_tokens("Hello, world!") == 4
     assert count_tokens("") == 0
     assert count_tokens("don't stop") == 4  # don ' t stop
+
+
+# --- batches (op "batch", sent to a model with [models.batching]) --------------------------
+
+
+def batch(batch_id, *inputs):
+    return {"id": batch_id, "op": "batch", "batch": [{"id": f"{batch_id}.{i}", "input": data}
+                                                     for i, data in enumerate(inputs)]}
+
+
+def answers(worker, batch_message) -> dict:
+    ids = {item["id"] for item in batch_message["batch"]}
+    got = {}
+    while ids - set(got):
+        message = worker.next()
+        if "id" in message:
+            got[message["id"]] = message
+    return got
+
+
+def test_a_batch_goes_to_predict_batch_in_one_call_each_output_to_its_own_request(start_worker):
+    worker = start_worker(argv=[BATCH_CASES]).ready()
+    message = batch("b1", {"x": 1}, {"x": 2}, {"x": 3})
+
+    worker.write(message)
+    got = answers(worker, message)
+
+    assert [got[f"b1.{i}"]["output"]["y"] for i in range(3)] == [2, 4, 6]
+    assert {got[f"b1.{i}"]["output"]["batch"] for i in range(3)} == {3}
+
+
+def test_an_exception_in_an_outputs_place_is_that_requests_error(start_worker):
+    worker = start_worker(argv=[BATCH_CASES]).ready()
+    message = batch("b2", {"x": 1}, {"op": "bad"}, {"x": 5})
+
+    worker.write(message)
+    got = answers(worker, message)
+
+    assert got["b2.1"] == {"id": "b2.1", "error": {"message": "x must be a number", "status": 400}}
+    assert (got["b2.0"]["output"]["y"], got["b2.2"]["output"]["y"]) == (2, 10)
+
+
+@pytest.mark.parametrize("op, words", [("boom", "RuntimeError: the whole batch broke"),
+                                       ("short", "predict_batch returned 1 outputs for 2 inputs")])
+def test_a_batch_that_fails_as_a_whole_is_one_error_under_the_batch_id(start_worker, op, words):
+    worker = start_worker(argv=[BATCH_CASES]).ready()
+
+    worker.write(batch("b3", {"x": 1}, {"op": op}))
+
+    _, failed = worker.until(lambda m: m.get("id") == "b3")
+    assert failed == {"id": "b3", "error": {"message": words, "status": 500}}
+    assert all(m.get("id") not in ("b3.0", "b3.1") for m in worker.nothing_more(0.3))
+
+
+def test_a_request_cancelled_before_its_batch_starts_is_left_out_of_it(start_worker):
+    worker = start_worker(argv=[BATCH_CASES]).ready()
+    worker.write(batch("b4", {"x": 1, "sleep": 0.3}))
+    worker.write(batch("b5", {"x": 2}, {"x": 3}), {"id": "b5.0", "op": "cancel"})
+
+    got = answers(worker, {"batch": [{"id": "b4.0"}, {"id": "b5.1"}]})
+
+    assert got["b5.1"]["output"] == {"y": 6, "batch": 1, "pid": got["b5.1"]["output"]["pid"]}
+    assert all(m.get("id") != "b5.0" for m in worker.nothing_more(0.3))
+
+
+def test_without_predict_batch_predict_is_called_for_each_item(start_worker):
+    worker = start_worker(argv=[BATCH_CASES, "single"]).ready()
+    message = batch("b6", {"x": 1}, {"op": "bad"}, {"x": 4})
+
+    worker.write(message)
+    got = answers(worker, message)
+
+    assert (got["b6.0"]["output"]["y"], got["b6.2"]["output"]["y"]) == (2, 8)
+    assert {got["b6.0"]["output"]["batch"], got["b6.2"]["output"]["batch"]} == {1}
+    assert got["b6.1"]["error"] == {"message": "x must be a number", "status": 400}
+
+
+def test_a_malformed_batch_is_answered_400_under_its_id(start_worker):
+    worker = start_worker(argv=[BATCH_CASES]).ready()
+
+    worker.write({"id": "b7", "op": "batch", "batch": [{"input": 1}]})
+
+    assert worker.answer("b7") == {"id": "b7", "error": {"message": "a batch is a list of {id, input}",
+                                                          "status": 400}}
