@@ -13,9 +13,10 @@ this order and stopped in the reverse one:
       - alone (one process): C{listener-0}, C{listener-1}, ... (L{Listener});
       - the C{--processes} primary: C{worker-port} (the private port workers forward to),
         C{workers} (L{WorkerProcesses}, stopped before the models), then the shared
-        sockets C{listener-0}, ... (L{SharedListener}; on stop they close first);
+        addresses C{listener-0}, ... (L{SharedListener}: a C{SO_REUSEPORT} socket for
+        each process, bound before any worker starts; on stop they close first);
       - a worker: C{primary-link} (L{WorkerControl}: the primary's notices on stdin), then
-        the inherited sockets C{listener-0}, ...;
+        its inherited sockets C{listener-0}, ...;
   - C{readiness}: last, so that on stop it is the first to say "not ready".
 """
 
@@ -39,7 +40,8 @@ from aibackend.destinations import DestinationPolicy
 from aibackend.listeners import Listener, SharedListener, StartupError
 from aibackend.metrics import Metrics
 from aibackend.processes import (
-    Forwarder, PrimaryStates, WorkerControl, WorkerProcesses, new_token, restart_local, resync, worker_builder,
+    Forwarder, PrimaryStates, ProcessCollector, WorkerControl, WorkerProcesses, new_token, restart_local, resync,
+    worker_builder,
 )
 from aibackend.proctree import SubreaperService
 from aibackend.registry import ModelDeps, ModelRegistry
@@ -290,13 +292,14 @@ def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_ar
     # so that on stop they close first.
     private = _add(root, "worker-port",
                    Listener(reactor, "tcp:0:interface=127.0.0.1", parts.site, what="port for worker processes"))
-    shared = [SharedListener.bound(reactor, parts.site, description) for description in listen]
+    shared = [SharedListener.bound(reactor, parts.site, description, count) for description in listen]
     workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private, internal_token,
                                                     registry=parts.registry))
     parts.manager.changed.append(workers.sync)
     parts.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
     for index, listener in enumerate(shared):
         _add(root, f"listener-{index}", listener)
+    parts.metrics.collectors.register(ProcessCollector("primary"))
 
 
 def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, primary_states) -> None:
@@ -310,3 +313,4 @@ def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, 
         states=primary_states))
     for index, (fd, family) in enumerate(worker["fds"]):
         _add(root, f"listener-{index}", SharedListener.adopted(reactor, parts.site, fd, family))
+    parts.metrics.collectors.register(ProcessCollector(f"worker-{worker['number']}"))
