@@ -604,7 +604,7 @@ def per_process(server: Server, before: dict, after: dict, wall: float, counted_
     """
     The run's figures for each of a --processes server's processes: its requests (from its
     /metrics, when the daemon says which process answers) and its CPU (from /proc), by name
-    (primary, worker-N; a process /metrics did not name is "pid N"); and the balance, the fewest
+    (primary, worker-N; a process /metrics did not name is "worker pid N"); and the balance, the fewest
     requests over the most (CPU time when there are no request counts).
     """
     names = {server.pid: "primary"}
@@ -615,7 +615,7 @@ def per_process(server: Server, before: dict, after: dict, wall: float, counted_
     for (pid, start), ticks in after["servers"].get(server.pid, {}).items():
         if "twistd" not in cmdline(pid) and pid != server.pid:
             continue
-        name = names.get(pid, f"pid {pid}")
+        name = names.get(pid, f"worker pid {pid}")
         seconds = (ticks - earlier.get((pid, start), 0)) / CLOCK_TICKS
         processes[name] = {"pid": pid, "cpu_pct": round(100 * seconds / wall, 1)}
     if counted_before is not None and counted_after is not None:
