@@ -583,7 +583,8 @@ def process_requests(server: Server, timeout: float = 10.0) -> dict | None:
     Each aibackend process's requests so far: /metrics on fresh connections until every one of
     the server's processes has answered one (each answers with its own figures, and says which it
     is: aibackend_process_info), {name: {"pid", "requests"}} with requests = the sum of its
-    aibackend_requests_total. None from a daemon without aibackend_process_info.
+    aibackend_requests_total. None from a daemon without aibackend_process_info, or when a
+    process did not answer within C{timeout}.
     """
     found: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
@@ -597,7 +598,7 @@ def process_requests(server: Server, timeout: float = 10.0) -> dict | None:
         total = sum(float(value) for value in re.findall(r"^aibackend_requests_total\{[^}]*\}\s+([0-9.eE+-]+)\s*$",
                                                           text, re.M))
         found[labels["process"]] = {"pid": int(labels["pid"]), "requests": total}
-    return found
+    return found if len(found) >= server.processes else None  # one that never answered: not counted at all
 
 
 def per_process(server: Server, before: dict, after: dict, wall: float, counted_before, counted_after) -> dict:
