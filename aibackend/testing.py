@@ -1473,7 +1473,7 @@ class Multi(Daemon):
         return self.tagged(parent, tag)
 
     def primary_stopped(self):
-        """The primary stopped: only the workers accept connections meanwhile."""
+        """The primary stopped (SIGSTOP; SIGCONT after): the connections the kernel gives its socket wait meanwhile."""
         return pids_stopped([self.pid])
 
     def connection_to(self, pid: int, timeout: float = 15) -> http.client.HTTPConnection:
@@ -2214,6 +2214,11 @@ def _tcp_sockets_all():
 def listening_inodes(port: int) -> set[int]:
     """The inodes of every socket listening on 127.0.0.1:C{port} (one a process, with C{--processes})."""
     return {inode for local, _, state, inode, _ in _tcp_sockets_all() if local == _loopback(port) and state == "0A"}
+
+
+def waiting_to_be_accepted(inodes) -> int:
+    """The connections waiting in the queues of the listening sockets C{inodes} (/proc/net/tcp's rx_queue)."""
+    return sum(queue for _, _, state, inode, queue in _tcp_sockets_all() if state == "0A" and inode in inodes)
 
 
 def _accepted_by(pids, port: int, client_port: int, timeout: float) -> int | None:

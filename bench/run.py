@@ -1932,7 +1932,8 @@ def openai_markdown(section: dict) -> list[str]:
                 f"| {fmt_spread(row[rate_key], row.get(rate_key + '_range'), 0)}{disturbed} | {fmt(row['p50_ms'], 3)} "
                 f"| {fmt_spread(row['p99_ms'], row.get('p99_ms_range'), 3)} "
                 f"| {fmt(row['added_p50_ms'], 3)} | {fmt(row['vs_litellm'], 1, '×')} | {fmt(row['peak_rss_mb'], 1)} "
-                f"| {errors} | {fmt(row['server_cpu_pct'], 0)} | {fmt_spread(row['cpu_us'], row.get('cpu_us_range'), 0)} "
+                f"| {errors} | {fmt(row['server_cpu_pct'], 0)} "
+                f"| {fmt_spread(row['cpu_us'], row.get('cpu_us_range'), 0)} "
                 f"| {fmt(other, 0)}{disturbed} |")
         out.append("")
     out += [f"- {note}" for note in section.get("notes", [])]
@@ -1999,7 +2000,8 @@ def rows_for(cases: list[dict]) -> list[dict]:
 
 def processes_markdown(rows: list[dict]) -> list[str]:
     """The --processes cases' requests per process (each process's /metrics, read before and after each run)."""
-    rows = [{**row, "concurrency": row.get("concurrency", row.get("streams"))} for row in rows if row.get("per_process")]
+    rows = [{**row, "concurrency": row.get("concurrency", row.get("streams"))}
+            for row in rows if row.get("per_process")]
     if not rows:
         return []
     out = ["", "## Requests per process (`--processes` cases)", "",
@@ -2136,7 +2138,8 @@ def stream_markdown(section: dict) -> list[str]:
             out.append(
                 f"| {name} | {row['streams']} | {fmt_spread(row['chunks_per_s'], row.get('chunks_per_s_range'), 0)}"
                 f"{disturbed} | {fmt(row['chunk_p50_ms'], 3)} "
-                f"| {fmt_spread(row['chunk_p99_ms'], row.get('chunk_p99_ms_range'), 3)} | {fmt(row['added_p50_ms'], 3)} "
+                f"| {fmt_spread(row['chunk_p99_ms'], row.get('chunk_p99_ms_range'), 3)} "
+                f"| {fmt(row['added_p50_ms'], 3)} "
                 f"| {fmt(row['added_p99_ms'], 3)} | {fmt(row['first_p50_ms'], 3)} | {fmt(row['first_p99_ms'], 3)} "
                 f"| {fmt(row['added_first_p50_ms'], 3)} | {fmt(row['server_cpu_pct'], 0)} "
                 f"| {fmt_spread(row['cpu_us_per_chunk'], row.get('cpu_us_per_chunk_range'), 0)} "

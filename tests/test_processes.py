@@ -29,7 +29,7 @@ import time
 import pytest
 
 from aibackend.testing import (
-    end_worker, fresh_connection_counts, listening_inodes, process_info, process_of, workers_on,
+    end_worker, fresh_connection_counts, listening_inodes, process_info, process_of, waiting_to_be_accepted, workers_on,
     MODEL_SERVER, PHOENIX, ROOT, TWISTD, TWISTD_MARK, Multi, alive, children, cmdline, config_text,
     descendants, free_port, parent_of, pids_stopped, reaped, run, socket_inodes, start_time, wait_until,
     with_mark, write,
@@ -256,23 +256,11 @@ def test_connections_the_kernel_gives_a_stopped_process_wait_for_it(pair):
     with pair.primary_stopped():
         for asker in askers:
             asker.start()
-        wait_until(lambda: _queued(own) > 0, 10, "a connection to wait in the primary's queue")
+        wait_until(lambda: waiting_to_be_accepted(own) > 0, 10, "a connection to wait in the primary's queue")
     for asker in askers:
         asker.join(20)
 
     assert results == [200] * 16, results
-
-
-def _queued(inodes) -> int:
-    """Connections waiting to be accepted on the listening sockets C{inodes} (/proc/net/tcp's rx_queue)."""
-    total = 0
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[9]) in inodes:
-                total += int(fields[4].split(":")[1], 16)
-    return total
 
 
 def test_both_processes_answer_fresh_connections(pair):
@@ -936,11 +924,11 @@ def test_sigterm_answers_the_connections_waiting_in_the_primarys_queue(tmp_path,
         wait_until(lambda: "worker 1 serves its socket" in daemon.output, 15, "the worker to listen")
         with daemon.primary_stopped():
             waiting = []
-            while _queued(own) < 3 and len(waiting) < 200:
+            while waiting_to_be_accepted(own) < 3 and len(waiting) < 200:
                 sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=15)
                 sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 waiting.append(sock)
-            assert _queued(own) >= 3
+            assert waiting_to_be_accepted(own) >= 3
             daemon.process.popen.send_signal(signal.SIGTERM)
         answers = []
         for sock in waiting:
