@@ -220,7 +220,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
                       worker=worker, primary_states=primary_states)
     if worker is not None:
-        _serve_as_worker(root, parts, reactor, config, worker, primary_states)
+        _serve_as_worker(root, parts, reactor, config, worker, primary_states, listen)
     elif processes > 1:
         _serve_as_primary(root, parts, reactor, listen, processes, worker_argv, internal_token)
     else:
@@ -302,7 +302,7 @@ def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_ar
     parts.metrics.collectors.register(ProcessCollector("primary"))
 
 
-def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, primary_states) -> None:
+def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, primary_states, listen=()) -> None:
     parts.front_door.primary = Forwarder(reactor, parts.deps.pool, worker["primary"], worker["token"])
 
     def follow():
@@ -311,6 +311,9 @@ def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, 
     _add(root, "primary-link", WorkerControl(
         reactor, follow, restart_local(parts.registry, log), ack_fd=worker.get("ack"),
         states=primary_states))
+    listen = list(listen)
     for index, (fd, family) in enumerate(worker["fds"]):
-        _add(root, f"listener-{index}", SharedListener.adopted(reactor, parts.site, fd, family))
+        # The primary's sockets come in the order of the listen addresses, which the worker is given too.
+        description = listen[index] if index < len(listen) else None
+        _add(root, f"listener-{index}", SharedListener.adopted(reactor, parts.site, fd, family, description))
     parts.metrics.collectors.register(ProcessCollector(f"worker-{worker['number']}"))

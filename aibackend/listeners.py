@@ -3,9 +3,9 @@ The daemon's listening sockets, and the one-line failure of a start that cannot 
 
 A listen address is a Twisted server endpoint description (C{tcp:8080:interface=127.0.0.1},
 C{ssl:...}, C{unix:...}). L{check_endpoint} parses one without a reactor (C{postOptions});
-L{Listener} listens on one for a single process; L{SharedListener} is a TCP address that
-the C{--processes} processes share, each on a socket of its own (C{SO_REUSEPORT}, see
-there). A TCP or TLS listener gets a listen backlog of L{DEFAULT_BACKLOG} unless its
+L{Listener} listens on one for a single process; L{SharedListener} is a TCP (or TLS)
+address that the C{--processes} processes share, each on a socket of its own
+(C{SO_REUSEPORT}, see there). A TCP or TLS listener gets a listen backlog of L{DEFAULT_BACKLOG} unless its
 description gives one.
 """
 
@@ -69,20 +69,39 @@ def with_backlog(description: str) -> str:
 
 def shared_address(description: str):
     """
-    C{(family, host, port, backlog)} of a TCP listen description, which processes can share.
+    C{(family, host, port, backlog)} of a TCP or TLS listen description, which processes
+    can share.
 
-    @raise ValueError: it is not a TCP endpoint.
+    @raise ValueError: it is neither (C{unix:}...).
     """
     endpoint = endpoints.serverFromString(_NoReactor(), with_backlog(description))
     if isinstance(endpoint, endpoints.TCP6ServerEndpoint):
         family = socket.AF_INET6
     elif isinstance(endpoint, endpoints.TCP4ServerEndpoint):
         family = socket.AF_INET
+    elif isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+        family = socket.AF_INET6 if ":" in (endpoint._interface or "") else socket.AF_INET
     else:
-        raise ValueError(f"--processes shares TCP sockets only; {description!r} is not tcp: or tcp6:")
-    # Twisted's TCP endpoints keep what they were given in these fields and offer no reader.
+        raise ValueError(f"--processes shares TCP sockets only (TLS included); {description!r} is not tcp:, "
+                         "tcp6: or ssl:")
+    # Twisted's TCP and TLS endpoints keep what they were given in these fields and offer no reader.
     host = endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
     return family, host, endpoint._port, endpoint._backlog
+
+
+def served_factory(description: str, factory):
+    """
+    What a process serves a shared address's connections with: C{factory}, in TLS for an
+    C{ssl:} address (its key and certificate as the description gives them, as Twisted's
+    own C{ssl:} endpoint would serve them).
+    """
+    endpoint = endpoints.serverFromString(_NoReactor(), description)
+    if not isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+        return factory
+    from twisted.protocols.tls import TLSMemoryBIOFactory  # here: only ssl: needs pyOpenSSL
+
+    # The endpoint keeps the context factory it parsed in this field and offers no reader.
+    return TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
 
 
 def describe_address(address) -> str:
@@ -228,12 +247,20 @@ class SharedListener(service.Service):
         return cls(reactor, factory, description=description, processes=processes)
 
     @classmethod
-    def adopted(cls, reactor, factory, fd: int, family: int) -> SharedListener:
-        """A worker's: adopts the socket it inherited as C{fd} when it starts."""
-        return cls(reactor, factory, inherited=(fd, family))
+    def adopted(cls, reactor, factory, fd: int, family: int, description: str | None = None) -> SharedListener:
+        """
+        A worker's: adopts the socket it inherited as C{fd} when it starts, and serves it
+        as C{description} says (in TLS for C{ssl:}).
+        """
+        return cls(reactor, factory, description=description, inherited=(fd, family))
 
     def privilegedStartService(self):
         super().privilegedStartService()
+        if self.description is not None:
+            try:
+                self.factory = served_factory(self.description, self.factory)
+            except Exception as e:  # the parser raises many kinds for many endpoint types
+                raise StartupError(f"cannot listen on {self.description!r}: {e}") from None
         if self.inherited is not None:
             fd, self.family = self.inherited
             self.port = self.reactor.adoptStreamPort(fd, self.family, self.factory)

@@ -18,6 +18,7 @@ Plain blocking tests; every wait has a deadline; every process a test saw is end
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -944,3 +945,51 @@ def test_sigterm_answers_the_connections_waiting_in_the_primarys_queue(tmp_path,
 
     assert all(answer.startswith(b"HTTP/1.1 ") for answer in answers), answers
     assert status in (0, -signal.SIGTERM), daemon.output
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def test_a_tls_address_is_shared_too_and_each_process_serves_it_in_tls(tmp_path, tracker):
+    import shutil
+    import ssl
+
+    pytest.importorskip("OpenSSL")
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                "-days", "1", "-subj", "/CN=localhost"], cwd=str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    path = write(tmp_path / "tls.toml", config_text())
+    daemon = Multi(path, state=str(tmp_path / "state"), processes=2, cwd=str(tmp_path),
+                   listen=f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
+    tracker.add([daemon.pid])
+    try:
+        tracker.add(daemon.wait_workers(1))
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        seen = {}
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 and time.monotonic() < deadline:
+            connection = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=context)
+            try:
+                connection.request("GET", "/metrics")
+                response = connection.getresponse()
+                body = response.read().decode()
+            finally:
+                connection.close()
+            assert response.status == 200, body[:300]
+            seen[process_of(body)] = seen.get(process_of(body), 0) + 1
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as plain:
+            plain.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            plain.settimeout(5)
+            try:
+                answer = plain.recv(100)
+            except OSError:
+                answer = b""
+    finally:
+        assert daemon.terminate() in (0, -signal.SIGTERM)
+
+    assert set(seen) == {"primary", "worker-1"}, seen
+    assert not answer.startswith(b"HTTP/1.1"), answer  # not served in the clear
