@@ -13,9 +13,10 @@ this order and stopped in the reverse one:
       - alone (one process): C{listener-0}, C{listener-1}, ... (L{Listener});
       - the C{--processes} primary: C{worker-port} (the private port workers forward to),
         C{workers} (L{WorkerProcesses}, stopped before the models), then the shared
-        sockets C{listener-0}, ... (L{SharedListener}; on stop they close first);
+        addresses C{listener-0}, ... (L{SharedListener}: a C{SO_REUSEPORT} socket for
+        each process, bound before any worker starts; on stop they close first);
       - a worker: C{primary-link} (L{WorkerControl}: the primary's notices on stdin), then
-        the inherited sockets C{listener-0}, ...;
+        its inherited sockets C{listener-0}, ...;
   - C{readiness}: last, so that on stop it is the first to say "not ready".
 """
 
@@ -41,7 +42,8 @@ from aibackend.destinations import DestinationPolicy
 from aibackend.listeners import Listener, SharedListener, StartupError
 from aibackend.metrics import Metrics
 from aibackend.processes import (
-    Forwarder, PrimaryStates, WorkerControl, WorkerProcesses, new_token, restart_local, resync, worker_builder,
+    Forwarder, PrimaryStates, ProcessCollector, WorkerControl, WorkerProcesses, new_token, restart_local, resync,
+    worker_builder,
 )
 from aibackend.proctree import SubreaperService
 from aibackend.registry import ModelDeps, ModelRegistry
@@ -244,7 +246,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
                       worker=worker, primary_states=primary_states)
     if worker is not None:
-        _serve_as_worker(root, parts, reactor, config, worker, primary_states)
+        _serve_as_worker(root, parts, reactor, config, worker, primary_states, listen)
     elif processes > 1:
         _serve_as_primary(root, parts, reactor, listen, processes, worker_argv, internal_token)
     else:
@@ -316,16 +318,17 @@ def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_ar
     # so that on stop they close first.
     private = _add(root, "worker-port",
                    Listener(reactor, "tcp:0:interface=127.0.0.1", parts.site, what="port for worker processes"))
-    shared = [SharedListener.bound(reactor, parts.site, description) for description in listen]
+    shared = [SharedListener.bound(reactor, parts.site, description, count) for description in listen]
     workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private, internal_token,
                                                     registry=parts.registry))
     parts.manager.changed.append(workers.sync)
     parts.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
     for index, listener in enumerate(shared):
         _add(root, f"listener-{index}", listener)
+    parts.metrics.collectors.register(ProcessCollector("primary"))
 
 
-def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, primary_states) -> None:
+def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, primary_states, listen=()) -> None:
     parts.front_door.primary = Forwarder(reactor, parts.deps.pool, worker["primary"], worker["token"])
 
     def follow():
@@ -334,5 +337,9 @@ def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, 
     _add(root, "primary-link", WorkerControl(
         reactor, follow, restart_local(parts.registry, log), ack_fd=worker.get("ack"),
         states=primary_states))
+    listen = list(listen)
     for index, (fd, family) in enumerate(worker["fds"]):
-        _add(root, f"listener-{index}", SharedListener.adopted(reactor, parts.site, fd, family))
+        # The primary's sockets come in the order of the listen addresses, which the worker is given too.
+        description = listen[index] if index < len(listen) else None
+        _add(root, f"listener-{index}", SharedListener.adopted(reactor, parts.site, fd, family, description))
+    parts.metrics.collectors.register(ProcessCollector(f"worker-{worker['number']}"))

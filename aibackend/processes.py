@@ -1,10 +1,14 @@
 """
 C{--processes N}: N reactor processes serving one listening socket, with one registry.
 
-The primary process (the one C{twistd} started) binds each listening socket itself and
-serves it, and starts N-1 worker processes that inherit the sockets and adopt them
-(C{adoptStreamPort}); the kernel hands each new connection to one of them. The primary
-owns the models:
+The primary process (the one C{twistd} started) binds, for each listen address, one
+listening socket per process in a C{SO_REUSEPORT} group
+(L{aibackend.listeners.SharedListener}), serves its own, and starts N-1 worker processes,
+each of which inherits its socket and adopts it (C{adoptStreamPort}); the kernel hashes
+each new connection to one of the sockets, so the connections spread over the processes.
+The primary serves a worker's socket itself whenever that worker is not listening on it
+(before it has said so on its ack pipe, C{listening}, and once it has ended, until the
+worker started again in its place takes it back). The primary owns the models:
 
   - an HTTP model is a client: each process calls the model's server itself, through its
     own connection pool (a server the daemon starts, C{command}, is started once, by the
@@ -28,11 +32,13 @@ and on Linux it is sent SIGTERM).
 
 The primary speaks to each worker on the worker's stdin, one line a notice
 (L{ControlChannel}): C{sync N} (the models changed: follow, then say C{synced N} on the
-ack pipe), C{restart ID}, C{state ID STATE} and C{forget ID}. A model id is 1 to 128
+ack pipe), C{restart ID}, C{state ID STATE} and C{forget ID}. A worker says C{listening}
+on its ack pipe once it has started (its sockets adopted, its front door ready). A model id is 1 to 128
 characters of C{[A-Za-z0-9_.-]} and a state one of L{aibackend.interfaces.STATES}: a
 line is short, and its fields have no spaces.
 
-Logs, model logs (C{cleanlogs} too) and /metrics are per process.
+Logs, model logs (C{cleanlogs} too) and /metrics are per process; a scrape says which
+process answered it (C{aibackend_process_info}, L{ProcessCollector}).
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ import secrets
 import sys
 from dataclasses import replace
 
+from prometheus_client.core import GaugeMetricFamily
 from twisted.application import service
 from twisted.internet import protocol, stdio
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -113,6 +120,8 @@ class _WorkerProtocol(protocol.ProcessProtocol):
             word, _, number = line.decode("ascii", "replace").strip().partition(" ")
             if word == "synced" and number.isdigit():
                 self.group.worker_synced(self, int(number))
+            elif word == "listening" and not number:
+                self.group.worker_listening(self)
 
     def processEnded(self, reason):
         self.exited.callback(reason.value.exitCode)
@@ -174,8 +183,9 @@ class WorkerProcesses(service.Service):
     to the primary (L{ModelStates}): all of them as it starts, then each change.
 
     @param argv: the worker's command line (C{twistd ... aibackend ...}).
-    @param listeners: the L{aibackend.listeners.SharedListener}s whose sockets each
-        worker inherits.
+    @param listeners: the L{aibackend.listeners.SharedListener}s: each worker inherits
+        its socket of each (C{socket_for(number)}); the primary serves it whenever the
+        worker is not listening on it (C{handed_over(number)}, C{taken_back(number)}).
     @param private: the listener workers forward to (its port is known once listening).
     @param registry: the primary's registry, whose models' states workers are told.
     """
@@ -215,8 +225,9 @@ class WorkerProcesses(service.Service):
         child_fds = {0: "w", 1: 1, 2: 2}
         for index, listener in enumerate(self.listeners):
             fd = FIRST_INHERITED_FD + index
-            child_fds[fd] = listener.socket.fileno()
-            inherited.append([fd, int(listener.socket.family)])
+            sock = listener.socket_for(number)
+            child_fds[fd] = sock.fileno()
+            inherited.append([fd, int(sock.family)])
         ack_fd = FIRST_INHERITED_FD + len(self.listeners)
         child_fds[ack_fd] = "r"
         env = dict(os.environ)
@@ -236,9 +247,17 @@ class WorkerProcesses(service.Service):
             # Read once its reactor runs; until then (and for a model not told) it is "starting".
             self._tell(worker, self.states.notices())
 
+    def worker_listening(self, worker) -> None:
+        """C{worker} has started and serves its sockets: the primary stops serving them."""
+        if self.workers.get(worker.number) is worker:
+            for listener in self.listeners:
+                listener.handed_over(worker.number)
+
     def worker_ended(self, worker, reason):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
+            for listener in self.listeners:  # what its sockets' queues hold, and what comes, is served here
+                listener.taken_back(worker.number)
         self._followed(worker, None)  # a new worker reads the store as it starts
         if self.running:
             quick = self.reactor.seconds() - worker.started < self.MIN_UPTIME
@@ -347,6 +366,23 @@ class _SyncWait:
 
 def new_token() -> str:
     return secrets.token_urlsafe(32)
+
+
+class ProcessCollector:
+    """
+    C{aibackend_process_info{process="primary"|"worker-N", pid="..."} 1} in /metrics:
+    which process answered a scrape (each has its own figures), for a scraper or the
+    benchmark that counts each process's requests.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def collect(self):
+        info = GaugeMetricFamily("aibackend_process_info", "The --processes process that answered this scrape.",
+                                 labels=["process", "pid"])
+        info.add_metric([self.name, str(os.getpid())], 1)
+        return [info]
 
 
 # --- in a worker ---------------------------------------------------------------
@@ -659,6 +695,11 @@ class WorkerControl(service.Service):
             self.ack_fd = os.open(os.devnull, os.O_WRONLY)
         channel = ControlChannel(self.resync_now, self.reactor, self.restart, self.states)
         self.stdio = stdio.StandardIO(channel, stdin=0, stdout=self.ack_fd, reactor=self.reactor)
+        # The primary stops serving this worker's sockets. The listeners adopted them
+        # already (privilegedStartService, which every service passes before any starts),
+        # and the line leaves once the reactor runs: after every service has started,
+        # the readiness last.
+        self.stdio.write(b"listening\n")
 
     def stopService(self):
         super().stopService()

@@ -1473,19 +1473,30 @@ class Multi(Daemon):
         return self.tagged(parent, tag)
 
     def primary_stopped(self):
-        """The primary stopped: only the workers accept connections meanwhile."""
+        """The primary stopped (SIGSTOP; SIGCONT after): the connections the kernel gives its socket wait meanwhile."""
         return pids_stopped([self.pid])
 
-    def connection_to(self, pid: int) -> http.client.HTTPConnection:
-        """A connection that process C{pid} (the primary or a worker) has accepted."""
-        others = ({self.pid} | self.workers()) - {pid}
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-        with pids_stopped(others):
+    def connection_to(self, pid: int, timeout: float = 15) -> http.client.HTTPConnection:
+        """
+        A connection that process C{pid} (the primary or a worker) has accepted. Each
+        process listens on a socket of its own (C{SO_REUSEPORT}) and the kernel hashes a
+        connection to one of them: a connection another process accepted, or that none
+        accepted within a second (it went to the socket of a process that is stopped), is
+        closed and another one made.
+        """
+        deadline = time.monotonic() + timeout
+        ours = {self.pid} | self.workers()
+        while True:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
             connection.connect()
             client_port = connection.sock.getsockname()[1]
-            wait_until(lambda: accepted_inode(self.port, client_port) in socket_inodes(pid), 5,
-                       f"process {pid} to accept the connection")
-        return connection
+            holder = _accepted_by(ours, self.port, client_port, min(1.0, max(0.1, deadline - time.monotonic())))
+            if holder == pid:
+                return connection
+            connection.close()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"process {pid} accepted none of the connections made in {timeout:g} s "
+                                     f"(the last: {holder or 'nobody'})")
 
     def request_to(self, pid: int, method: str, path: str, body=None, headers=None) -> Reply:
         """One request on a connection process C{pid} accepted."""
@@ -2030,10 +2041,25 @@ class SpawningClock:
 
 
 class FakeListener:
-    """A shared listening socket, as the workers inherit it (its file descriptor, IPv4)."""
+    """
+    A shared listen address, as the workers inherit it: every worker's socket has file
+    descriptor C{fileno} (IPv4); C{handed} and C{taken} list the worker numbers the
+    primary stopped serving and served again.
+    """
 
     def __init__(self, fileno):
         self.socket = type("Sock", (), {"fileno": lambda self: fileno, "family": socket.AF_INET})()
+        self.handed: list[int] = []
+        self.taken: list[int] = []
+
+    def socket_for(self, number):
+        return self.socket
+
+    def handed_over(self, number):
+        self.handed.append(number)
+
+    def taken_back(self, number):
+        self.taken.append(number)
 
 
 class FakePrivate:
@@ -2300,3 +2326,73 @@ class LineLauncher:
 
 
 BATCH_CASES = os.path.join(ROOT, "tests", "models", "batch_cases.py")  # an aibackend.worker predict_batch model
+
+
+# --- reuseport (session 16) ---
+
+
+def _tcp_sockets_all():
+    """Like C{_tcp_sockets}, with each socket's queue: C{(local, remote, state, inode, rx_queue)}."""
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    yield fields[1], fields[2], fields[3], int(fields[9]), int(fields[4].split(":")[1], 16)
+        except FileNotFoundError:
+            continue
+
+
+def listening_inodes(port: int) -> set[int]:
+    """The inodes of every socket listening on 127.0.0.1:C{port} (one a process, with C{--processes})."""
+    return {inode for local, _, state, inode, _ in _tcp_sockets_all() if local == _loopback(port) and state == "0A"}
+
+
+def waiting_to_be_accepted(inodes) -> int:
+    """The connections waiting in the queues of the listening sockets C{inodes} (/proc/net/tcp's rx_queue)."""
+    return sum(queue for _, _, state, inode, queue in _tcp_sockets_all() if state == "0A" and inode in inodes)
+
+
+def _accepted_by(pids, port: int, client_port: int, timeout: float) -> int | None:
+    """Which of C{pids} accepted the connection from C{client_port} within C{timeout} s (None: none did)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        inode = accepted_inode(port, client_port)
+        if inode:
+            for pid in pids:
+                if inode in socket_inodes(pid):
+                    return pid
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
+def process_info(reply_or_text) -> dict[str, str]:
+    """The labels of C{aibackend_process_info} in a /metrics answer (C{process}, C{pid}): which process answered."""
+    text = reply_or_text if isinstance(reply_or_text, str) else reply_or_text.body.decode()
+    found = re.search(r"^aibackend_process_info\{(.*)\} 1\.0$", text, re.M)
+    assert found, text[-2000:]
+    return dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+
+
+def process_of(reply_or_text) -> str:
+    """Which process answered a /metrics request: C{primary} or C{worker-N}."""
+    return process_info(reply_or_text)["process"]
+
+
+def fresh_connection_counts(port: int, count: int, path: str = "/metrics") -> dict[str, int]:
+    """GET C{path} (/metrics) on C{count} fresh connections: how many each process answered."""
+    counts: dict[str, int] = {}
+    for _ in range(count):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read().decode()
+            assert response.status == 200, (response.status, body[:500])
+        finally:
+            connection.close()
+        name = process_of(body)
+        counts[name] = counts.get(name, 0) + 1
+    return counts

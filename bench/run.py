@@ -95,6 +95,7 @@ STREAM_HOLD = 20.0
 QUICK_STREAM_HOLD = 2.0
 OTHER_LOAD_FLAG = 25.0  # % of one core used by processes that are not the benchmark's: a disturbed run
 QUIET_LOAD = 20.0  # what "quiet" means before a case starts
+BALANCE_TARGET = 0.8  # issue 16: with --processes 2, each process's requests within 20 % of the other's
 
 
 class BenchError(Exception):
@@ -232,6 +233,7 @@ class Server:
                 start_new_session=True, env=env, cwd=ROOT,
             )
         self.known: dict[int, int] = {}  # pid -> start time of every process seen under it
+        self.processes = None  # aibackend's --processes, if given
         self.remember()
 
     @property
@@ -409,6 +411,7 @@ class Bench:
             argv += ["--processes", str(processes)]
         server = self.start(name, argv)
         server.port = port
+        server.processes = processes
         try:
             self.wait_ready(server, "/health/ready", timeout=90)
         except BenchError:
@@ -569,6 +572,72 @@ CASES = {
 }
 
 
+def spread(values) -> list | None:
+    """C{[min, max]} of a figure over the passes (None without a value)."""
+    values = [value for value in values if value is not None]
+    return [min(values), max(values)] if values else None
+
+
+def process_requests(server: Server, timeout: float = 10.0) -> dict | None:
+    """
+    Each aibackend process's requests so far: /metrics on fresh connections until every one of
+    the server's processes has answered one (each answers with its own figures, and says which it
+    is: aibackend_process_info), {name: {"pid", "requests"}} with requests = the sum of its
+    aibackend_requests_total. None from a daemon without aibackend_process_info, or when a
+    process did not answer within C{timeout}.
+    """
+    found: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < server.processes and time.monotonic() < deadline:
+        status, body = request(server.port, "GET", "/metrics")
+        text = body.decode(errors="replace")
+        info = re.search(r"^aibackend_process_info\{(.*)\} 1\.0$", text, re.M)
+        if status != 200 or not info:
+            return None
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1)))
+        total = sum(float(value) for value in re.findall(r"^aibackend_requests_total\{[^}]*\}\s+([0-9.eE+-]+)\s*$",
+                                                          text, re.M))
+        found[labels["process"]] = {"pid": int(labels["pid"]), "requests": total}
+    return found if len(found) >= server.processes else None  # one that never answered: not counted at all
+
+
+def per_process(server: Server, before: dict, after: dict, wall: float, counted_before, counted_after) -> dict:
+    """
+    The run's figures for each of a --processes server's processes: its requests (from its
+    /metrics, when the daemon says which process answers) and its CPU (from /proc), by name
+    (primary, worker-N; a process /metrics did not name is "worker pid N"); and the balance, the fewest
+    requests over the most (CPU time when there are no request counts).
+    """
+    names = {server.pid: "primary"}
+    for name, figures in (counted_after or {}).items():
+        names[figures["pid"]] = name
+    earlier = before["servers"].get(server.pid, {})
+    processes: dict[str, dict] = {}
+    for (pid, start), ticks in after["servers"].get(server.pid, {}).items():
+        if "twistd" not in cmdline(pid) and pid != server.pid:
+            continue
+        name = names.get(pid, f"worker pid {pid}")
+        seconds = (ticks - earlier.get((pid, start), 0)) / CLOCK_TICKS
+        processes[name] = {"pid": pid, "cpu_pct": round(100 * seconds / wall, 1)}
+    if counted_before is not None and counted_after is not None:
+        for name, figures in counted_after.items():
+            was = counted_before.get(name)
+            # A process that has restarted since (another pid) counts from zero.
+            start = was["requests"] if was and was["pid"] == figures["pid"] else 0.0
+            processes.setdefault(name, {"pid": figures["pid"], "cpu_pct": None})["requests"] = \
+                int(figures["requests"] - start)
+    counts = [figures.get("requests") for figures in processes.values()]
+    if len(counts) >= 2 and all(count is not None for count in counts):
+        balance = min(counts) / max(counts) if max(counts) else None
+        basis = "requests"
+    else:
+        cpu = [figures["cpu_pct"] or 0.0 for figures in processes.values()]
+        balance = min(cpu) / max(cpu) if len(cpu) >= 2 and max(cpu) else None
+        basis = "cpu"
+    return {"processes": dict(sorted(processes.items())), "balance": round(balance, 3) if balance is not None
+            else None, "balance_of": basis}
+
+
 def wait_quiet(bench: Bench, seconds: float) -> dict:
     """
     Wait (up to seconds) until processes that are not the benchmark's use under QUIET_LOAD % of a
@@ -673,10 +742,14 @@ def run_case(bench: Bench, name: str, processes_flag: bool, describe: dict = CAS
         for n in range(1, args.passes + 1):
             for connections in CONCURRENCIES:
                 roots = [server.pid] if server is upstream else [server.pid, upstream.pid]
+                counted = process_requests(server) if server.processes else None
                 before = cpu_snapshot(roots)
                 run = bench.run_wrk(server.port, path, connections, args.duration, script)
-                used = cpu_used(before, cpu_snapshot(roots))
+                after = cpu_snapshot(roots)
+                used = cpu_used(before, after)
                 mine, wall = used["servers"][server.pid], used["wall"]
+                if server.processes:
+                    run["per_process"] = per_process(server, before, after, wall, counted, process_requests(server))
                 run["pass"] = n
                 run["server_cpu_pct"] = round(100 * mine / wall, 1)
                 run["cpu_us_per_request"] = round(1e6 * mine / run["requests"], 1) if run["requests"] else None
@@ -690,7 +763,8 @@ def run_case(bench: Bench, name: str, processes_flag: bool, describe: dict = CAS
                 flag = f"  ERRORS: {show_errors(run['errors'])}" if run["errors"] else ""
                 log(f"  pass {n} c{connections}: {run['rps']:.0f} req/s, p50 {run.get('p50_ms', 0):.3f} ms, "
                     f"p99 {run.get('p99_ms', 0):.3f} ms, server CPU {run['server_cpu_pct']:.0f}% "
-                    f"({run['cpu_us_per_request'] or 0:.0f} us/req), other load {run['other_cpu_pct']:.0f}%{flag}")
+                    f"({run['cpu_us_per_request'] or 0:.0f} us/req), other load {run['other_cpu_pct']:.0f}%{flag}"
+                    + (f"; per process {show_processes(run['per_process'])}" if "per_process" in run else ""))
         server.remember()
         peak, pids = memory_mb(server.pid, "VmHWM")
         case["peak_rss_mb"] = round(peak, 1)
@@ -716,13 +790,52 @@ def run_case(bench: Bench, name: str, processes_flag: bool, describe: dict = CAS
             "cpu_us_per_request": statistics.median(run["cpu_us_per_request"] or 0 for run in runs),
             "other_cpu_pct_max": max(run["other_cpu_pct"] for run in runs),
             "errors": {},
+            # min-max over the passes, beside each median
+            "spread": {"rps": spread(run["rps"] for run in runs),
+                       "p99_ms": spread(run.get("p99_ms") for run in runs),
+                       "cpu_us_per_request": spread(run["cpu_us_per_request"] for run in runs)},
         }
         for run in runs:
             add_errors(case["summary"][str(connections)]["errors"], run["errors"])
+        if any("per_process" in run for run in runs):
+            case["summary"][str(connections)]["per_process"] = summarize_processes(
+                [run["per_process"] for run in runs if "per_process" in run])
     for run in case["runs"]:
         if not run["errors"]:
             run.pop("raw", None)  # wrk's own text is kept only for runs with errors
     return case
+
+
+def show_processes(figures: dict) -> str:
+    """One run's per-process figures, for the log: C{primary 1,234 req 88% CPU, worker-1 ...; balance 0.98}."""
+    parts = []
+    for name, process in figures["processes"].items():
+        requests = process.get("requests")
+        parts.append(f"{name} {requests:,} req {process['cpu_pct'] or 0:.0f}% CPU" if requests is not None
+                     else f"{name} {process['cpu_pct'] or 0:.0f}% CPU")
+    balance = figures["balance"]
+    return ", ".join(parts) + (f"; balance {balance:.2f} ({figures['balance_of']})" if balance is not None else "")
+
+
+def summarize_processes(runs: list[dict]) -> dict:
+    """The passes' per-process figures: requests summed, CPU % medians, the balance of the sums and the worst pass."""
+    names = sorted({name for run in runs for name in run["processes"]})
+    processes = {}
+    for name in names:
+        mine = [run["processes"][name] for run in runs if name in run["processes"]]
+        requests = [process.get("requests") for process in mine]
+        cpu = [process["cpu_pct"] for process in mine if process.get("cpu_pct") is not None]
+        processes[name] = {
+            "requests": sum(requests) if requests and all(r is not None for r in requests) else None,
+            "cpu_pct": statistics.median(cpu) if cpu else None,
+        }
+    counts = [process["requests"] for process in processes.values()]
+    basis = "requests" if len(counts) >= 2 and all(count is not None for count in counts) else "cpu"
+    values = counts if basis == "requests" else [process["cpu_pct"] or 0.0 for process in processes.values()]
+    balance = min(values) / max(values) if len(values) >= 2 and max(values) else None
+    worst = [run["balance"] for run in runs if run["balance"] is not None]
+    return {"processes": processes, "balance": round(balance, 3) if balance is not None else None,
+            "balance_worst_pass": min(worst) if worst else None, "balance_of": basis}
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -1064,10 +1177,14 @@ def run_stream_case(bench: Bench, name: str) -> dict:
         roots = [server.pid] if server is bench.stream_source else [server.pid, bench.stream_source.pid]
         for n in range(1, args.passes + 1):
             for streams in STREAM_CONCURRENCIES:
+                counted = process_requests(server) if server.processes else None
                 before = cpu_snapshot(roots)
                 run = run_stream_client(bench, server.port, path, streams, args.duration)
-                used = cpu_used(before, cpu_snapshot(roots))
+                after = cpu_snapshot(roots)
+                used = cpu_used(before, after)
                 mine, wall, chunks = used["servers"][server.pid], used["wall"], run["chunks"]
+                if server.processes:
+                    run["per_process"] = per_process(server, before, after, wall, counted, process_requests(server))
                 run["pass"] = n
                 run["server_cpu_pct"] = round(100 * mine / wall, 1)
                 run["cpu_us_per_chunk"] = round(1e6 * mine / chunks, 1) if chunks else None
@@ -1095,7 +1212,8 @@ def run_stream_case(bench: Bench, name: str) -> dict:
                     f"{lat.get('p50_ms', 0):.3f} ms p99 {lat.get('p99_ms', 0):.3f} ms, first chunk p50 "
                     f"{first.get('p50_ms', 0):.3f} ms, server CPU {run['server_cpu_pct']:.0f}% "
                     f"({run['cpu_us_per_chunk'] or 0:.0f} us/chunk), client CPU {run['client_cpu_pct']:.0f}%, "
-                    f"other load {run['other_cpu_pct']:.0f}%{flag}")
+                    f"other load {run['other_cpu_pct']:.0f}%{flag}"
+                    + (f"; per process {show_processes(run['per_process'])}" if "per_process" in run else ""))
         server.remember()
         peak, _ = memory_mb(server.pid, "VmHWM")
         case["peak_rss_mb"] = round(peak, 1)
@@ -1132,9 +1250,14 @@ def run_stream_case(bench: Bench, name: str) -> dict:
             "client_cpu_pct": median("client_cpu_pct"),
             "other_cpu_pct_max": max(run["other_cpu_pct"] for run in runs),
             "keepalives": sum(run["keepalives"] for run in runs), "errors": {},
+            "spread": {"chunks_per_s": spread(run["chunks_per_s"] for run in runs),
+                       "chunk_p99_ms": spread(run["chunk_latency"].get("p99_ms") for run in runs),
+                       "cpu_us_per_chunk": spread(run["cpu_us_per_chunk"] for run in runs)},
         }
         for run in runs:
             add_errors(summary["errors"], run["errors"])
+        if any("per_process" in run for run in runs):
+            summary["per_process"] = summarize_processes([run["per_process"] for run in runs if "per_process" in run])
     return case
 
 
@@ -1319,6 +1442,9 @@ def stream_rows(cases: list[dict]) -> list[dict]:
                 "peak_rss_mb": case.get("peak_rss_mb"), "errors": s["errors"],
                 "note": "; ".join(case["notes"] + (["ERROR: " + first_line(case["error"])]
                                                    if case.get("error") else [])),
+                **spreads_of(s, chunks_per_s="chunks_per_s", chunk_p99_ms="chunk_p99_ms",
+                             cpu_us_per_chunk="cpu_us_per_chunk"),
+                **({"per_process": s["per_process"]} if "per_process" in s else {}),
             })
     return rows
 
@@ -1654,6 +1780,9 @@ def run_openai_stream_case(bench: Bench, name: str) -> dict:
             "cpu_us_per_stream": statistics.median(run["cpu_us_per_stream"] or 0 for run in runs),
             "client_cpu_pct": statistics.median(run["client_cpu_pct"] for run in runs),
             "other_cpu_pct_max": max(run["other_cpu_pct"] for run in runs), "errors": {},
+            "spread": {"streams_per_s": spread(run["streams_per_s"] for run in runs),
+                       "first_p99_ms": spread(run["first_chunk"].get("p99_ms") for run in runs),
+                       "cpu_us_per_stream": spread(run["cpu_us_per_stream"] for run in runs)},
         }
         for run in runs:
             add_errors(summary["errors"], run["errors"])
@@ -1688,10 +1817,13 @@ def openai_rows(cases: list[dict], floor: str, concurrencies: tuple, rate: str) 
             if rate == "rps":
                 row.update(p50_ms=round(s["p50_ms"], 3), p99_ms=round(s["p99_ms"], 3),
                            cpu_us=s["cpu_us_per_request"],
-                           added_p50_ms=round(s["p50_ms"] - base["p50_ms"], 3) if n == 1 and base else None)
+                           added_p50_ms=round(s["p50_ms"] - base["p50_ms"], 3) if n == 1 and base else None,
+                           **spreads_of(s, rps="rps", p99_ms="p99_ms", cpu_us="cpu_us_per_request"))
             else:
                 row.update(p50_ms=s["first_p50_ms"], p99_ms=s["first_p99_ms"], cpu_us=s["cpu_us_per_stream"],
-                           added_p50_ms=round(s["first_p50_ms"] - base["first_p50_ms"], 3) if base else None)
+                           added_p50_ms=round(s["first_p50_ms"] - base["first_p50_ms"], 3) if base else None,
+                           **spreads_of(s, streams_per_s="streams_per_s", p99_ms="first_p99_ms",
+                                        cpu_us="cpu_us_per_stream"))
             rows.append(row)
     return rows
 
@@ -1797,9 +1929,12 @@ def openai_markdown(section: dict) -> list[str]:
             rate_key = "rps" if key == "rows" else "streams_per_s"
             out.append(
                 f"| {'**⚠ ' + row['case'] + '**' if row['errors'] else row['case']} | {row['concurrency']} "
-                f"| {fmt(row[rate_key], 0)}{disturbed} | {fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} "
+                f"| {fmt_spread(row[rate_key], row.get(rate_key + '_range'), 0)}{disturbed} | {fmt(row['p50_ms'], 3)} "
+                f"| {fmt_spread(row['p99_ms'], row.get('p99_ms_range'), 3)} "
                 f"| {fmt(row['added_p50_ms'], 3)} | {fmt(row['vs_litellm'], 1, '×')} | {fmt(row['peak_rss_mb'], 1)} "
-                f"| {errors} | {fmt(row['server_cpu_pct'], 0)} | {fmt(row['cpu_us'], 0)} | {fmt(other, 0)}{disturbed} |")
+                f"| {errors} | {fmt(row['server_cpu_pct'], 0)} "
+                f"| {fmt_spread(row['cpu_us'], row.get('cpu_us_range'), 0)} "
+                f"| {fmt(other, 0)}{disturbed} |")
         out.append("")
     out += [f"- {note}" for note in section.get("notes", [])]
     return out
@@ -1812,6 +1947,19 @@ def fmt(value, digits=2, suffix="") -> str:
     if value is None:
         return "—"
     return f"{value:,.{digits}f}{suffix}"
+
+
+def fmt_spread(value, bounds, digits=2) -> str:
+    """A median with its spread over the passes beside it: C{4,606 (3,529–4,701)}; just the median for one pass."""
+    if value is None or not bounds or bounds[0] is None:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} ({fmt(bounds[0], digits)}–{fmt(bounds[1], digits)})"
+
+
+def spreads_of(summary: dict, **keys) -> dict:
+    """A row's C{<name>_range} fields: the summary's spread of each key (None without one)."""
+    found = summary.get("spread") or {}
+    return {f"{name}_range": found.get(key) for name, key in keys.items()}
 
 
 def rows_for(cases: list[dict]) -> list[dict]:
@@ -1844,8 +1992,39 @@ def rows_for(cases: list[dict]) -> list[dict]:
                 "errors": s["errors"],
                 "note": "; ".join(case["notes"] + (["ERROR: " + first_line(case["error"])]
                                                    if case.get("error") else [])),
+                **spreads_of(s, rps="rps", p99_ms="p99_ms", cpu_us_per_request="cpu_us_per_request"),
+                **({"per_process": s["per_process"]} if "per_process" in s else {}),
             })
     return rows
+
+
+def processes_markdown(rows: list[dict]) -> list[str]:
+    """The --processes cases' requests per process (each process's /metrics, read before and after each run)."""
+    rows = [{**row, "concurrency": row.get("concurrency", row.get("streams"))}
+            for row in rows if row.get("per_process")]
+    if not rows:
+        return []
+    out = ["", "## Requests per process (`--processes` cases)", "",
+           "Each process's requests over the runs (the difference of its own `aibackend_requests_total` before and "
+           "after each run, read from its /metrics: `aibackend_process_info` says which process answered) and its "
+           "CPU; balance = the fewest requests over the most (of the passes' sums; in brackets the worst pass), "
+           f"CPU time where the daemon does not count per process. The issue's target: at c32 each process within "
+           f"20 % of the other (balance ≥ {BALANCE_TARGET:g}). At c1 there is one connection, which one process "
+           "serves.", "",
+           "| case | conc / streams | requests per process | balance (worst pass) | CPU % per process (median) |",
+           "| --- | ---: | --- | ---: | --- |"]
+    for row in rows:
+        figures = row["per_process"]
+        processes = figures["processes"]
+        requests = " · ".join(f"{name} {fmt(process['requests'], 0)}" for name, process in processes.items()) \
+            if figures["balance_of"] == "requests" else "— (not counted per process)"
+        cpu = " · ".join(f"{name} {fmt(process['cpu_pct'], 0)}" for name, process in processes.items())
+        balance = figures["balance"]
+        flag = "" if row["concurrency"] == 1 or balance is None or balance >= BALANCE_TARGET else " **⚠**"
+        worst = figures.get("balance_worst_pass")
+        out.append(f"| {row['case']} | {row['concurrency']} | {requests} | {fmt(balance, 2)}"
+                   f"{f' ({fmt(worst, 2)})' if worst is not None else ''}{flag} | {cpu} |")
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -1853,9 +2032,10 @@ def markdown(results: dict) -> str:
     out = [
         f"# aibackend benchmark, {meta['started']}",
         "",
-        (f"{meta['duration_s']} s per run, {meta['passes']} passes (medians), wrk -t1 -c1 and -t2 -c32, "
-         f"1 s warm-up; POST {BODY.decode()}. " if results["rows"] else
-         f"{meta['duration_s']} s per run, {meta['passes']} passes (medians), 1 s warm-up. ")
+        (f"{meta['duration_s']} s per run, {meta['passes']} passes (medians, and in brackets the spread over the "
+         f"passes: min–max), wrk -t1 -c1 and -t2 -c32, 1 s warm-up; POST {BODY.decode()}. " if results["rows"] else
+         f"{meta['duration_s']} s per run, {meta['passes']} passes (medians; in brackets min–max over the passes), "
+         "1 s warm-up. ")
         + f"Machine: {meta['cpus']} CPUs, {meta['kernel']}; "
         f"aibackend {meta['git_commit'][:12]}{' (with uncommitted changes)' if meta['git_dirty'] else ''}."
         + (" **Quick run.**" if meta["quick"] else ""),
@@ -1876,11 +2056,16 @@ def markdown(results: dict) -> str:
         other = row["other_cpu_pct_max"]
         disturbed = " ‡" if other is not None and other > OTHER_LOAD_FLAG else ""
         out.append(
-            f"| {name} | {row['concurrency']} | {fmt(row['rps'], 0)}{disturbed} | {fmt(row['p50_ms'], 3)} "
-            f"| {fmt(row['p99_ms'], 3)} | {fmt(row['added_p50_ms'], 3)} | {fmt(row['peak_rss_mb'], 1)} "
+            f"| {name} | {row['concurrency']} | {fmt_spread(row['rps'], row.get('rps_range'), 0)}{disturbed} "
+            f"| {fmt(row['p50_ms'], 3)} "
+            f"| {fmt_spread(row['p99_ms'], row.get('p99_ms_range'), 3)} | {fmt(row['added_p50_ms'], 3)} "
+            f"| {fmt(row['peak_rss_mb'], 1)} "
             f"| {fmt(row['vs_nginx_proxy'], 2, '×')} | {fmt(row['vs_aiohttp_proxy'], 2, '×')} | {errors} "
-            f"| {fmt(row['server_cpu_pct'], 0)} | {fmt(row['cpu_us_per_request'], 0)} | {fmt(other, 0)}{disturbed} |"
+            f"| {fmt(row['server_cpu_pct'], 0)} "
+            f"| {fmt_spread(row['cpu_us_per_request'], row.get('cpu_us_per_request_range'), 0)} "
+            f"| {fmt(other, 0)}{disturbed} |"
         )
+    out += processes_markdown(results["rows"] + (results.get("streaming") or {}).get("rows", []))
     out += stream_markdown(results.get("streaming") or {})
     out += openai_markdown(results.get("openai") or {})
     memory = results.get("memory") or {}
@@ -1951,11 +2136,14 @@ def stream_markdown(section: dict) -> list[str]:
             other = row["other_cpu_pct_max"]
             disturbed = " ‡" if other is not None and other > OTHER_LOAD_FLAG else ""
             out.append(
-                f"| {name} | {row['streams']} | {fmt(row['chunks_per_s'], 0)}{disturbed} "
-                f"| {fmt(row['chunk_p50_ms'], 3)} | {fmt(row['chunk_p99_ms'], 3)} | {fmt(row['added_p50_ms'], 3)} "
+                f"| {name} | {row['streams']} | {fmt_spread(row['chunks_per_s'], row.get('chunks_per_s_range'), 0)}"
+                f"{disturbed} | {fmt(row['chunk_p50_ms'], 3)} "
+                f"| {fmt_spread(row['chunk_p99_ms'], row.get('chunk_p99_ms_range'), 3)} "
+                f"| {fmt(row['added_p50_ms'], 3)} "
                 f"| {fmt(row['added_p99_ms'], 3)} | {fmt(row['first_p50_ms'], 3)} | {fmt(row['first_p99_ms'], 3)} "
                 f"| {fmt(row['added_first_p50_ms'], 3)} | {fmt(row['server_cpu_pct'], 0)} "
-                f"| {fmt(row['cpu_us_per_chunk'], 0)} | {fmt(row['client_cpu_pct'], 0)} | {errors} "
+                f"| {fmt_spread(row['cpu_us_per_chunk'], row.get('cpu_us_per_chunk_range'), 0)} "
+                f"| {fmt(row['client_cpu_pct'], 0)} | {errors} "
                 f"| {fmt(other, 0)}{disturbed} |"
             )
     held = section.get("held_streams")
@@ -2220,6 +2408,15 @@ def main(argv=None) -> int:
     if disturbed:
         notes.append(f"‡ disturbed: other processes used over {OTHER_LOAD_FLAG:g}% of a core during "
                      f"{', '.join(disturbed)}; those numbers understate what the server can do.")
+    balances = [{**row, "concurrency": row.get("concurrency", row.get("streams"))}
+                for row in results["rows"] + results["streaming"].get("rows", []) if row.get("per_process")]
+    for row in [row for row in balances if row["concurrency"] != 1]:
+        balance = row["per_process"]["balance"]
+        if balance is not None:
+            notes.append(f"{row['case']} c{row['concurrency']}: balance of the processes' "
+                         f"{row['per_process']['balance_of']} {balance:.2f} (worst pass "
+                         f"{fmt(row['per_process'].get('balance_worst_pass'), 2)}); the target, each within 20 % of "
+                         f"the other (≥ {BALANCE_TARGET:g}), is {'met' if balance >= BALANCE_TARGET else 'not met'}.")
     notes += stream_notes(results["streaming"])
     openai = results["openai"]
     for case in results["cases"] + results["streaming"].get("cases", []) + openai.get("cases", []) + openai.get(

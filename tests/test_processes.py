@@ -7,16 +7,18 @@ daemon-started examples/http_model_server.py), what a client sees over fresh HTT
 connections, and what /proc says about the processes: who is whose child, who holds the
 listening socket, who is gone.
 
-Which process serves a connection is the kernel's choice; a test that needs one takes a
-connection pinned to it (L{aibackend.testing.Multi.connection_to}): the other processes
-are stopped (SIGSTOP) until /proc shows that the wanted one has accepted it, then continued
-(SIGCONT, always, in a finally), and the request is sent on that connection.
+Each process listens on a socket of its own (SO_REUSEPORT) and the kernel hashes each new
+connection to one of them; a test that needs a given process takes a connection pinned to
+it (L{aibackend.testing.Multi.connection_to}): connections are made until /proc shows one
+that the wanted process has accepted, and the request is sent on that one. A test that
+stops a process (SIGSTOP) continues it (SIGCONT) always, in a finally.
 
 Plain blocking tests; every wait has a deadline; every process a test saw is ended after it.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -28,9 +30,9 @@ import time
 import pytest
 
 from aibackend.testing import (
-    end_worker, workers_on,
+    end_worker, fresh_connection_counts, listening_inodes, process_info, process_of, waiting_to_be_accepted, workers_on,
     MODEL_SERVER, PHOENIX, ROOT, TWISTD, TWISTD_MARK, Multi, alive, children, cmdline, config_text,
-    descendants, free_port, listening_inode, parent_of, pids_stopped, reaped, run, socket_inodes, start_time, wait_until,
+    descendants, free_port, parent_of, pids_stopped, reaped, run, socket_inodes, start_time, wait_until,
     with_mark, write,
 )
 
@@ -151,14 +153,18 @@ def fresh_statuses(daemon, model_id: str, count: int = 20) -> list[int]:
 # --- 1. the processes ---------------------------------------------------------------------------------
 
 
-def test_two_processes_share_one_listening_socket(pair):
+def test_each_process_listens_on_a_socket_of_its_own(pair):
     worker = pair.worker()
     assert parent_of(worker) == pair.pid
     assert TWISTD_MARK in " ".join(cmdline(worker))
 
-    inode = listening_inode(pair.port)
-    holders = {pid for pid in {pair.pid} | descendants(pair.pid) if inode in socket_inodes(pid)}
+    inodes = listening_inodes(pair.port)
+    assert len(inodes) == 2
+    holders = {pid for pid in {pair.pid} | descendants(pair.pid) if inodes & socket_inodes(pid)}
     assert holders == {pair.pid, worker}
+    # The worker holds its own; the primary its own and the worker's (to serve it if the worker ends).
+    assert len(inodes & socket_inodes(worker)) == 1
+    assert inodes <= socket_inodes(pair.pid)
 
 
 def test_subprocess_models_run_once_unless_per_process(pair):
@@ -178,16 +184,84 @@ def test_subprocess_models_run_once_unless_per_process(pair):
 # --- 2. both processes serve ------------------------------------------------------------------------------
 
 
-def test_the_worker_accepts_every_connection_while_the_primary_is_stopped(pair):
-    with pair.primary_stopped():
-        replies = [pair.predict("echo", {"n": n}, timeout=5) for n in range(20)]
-        own = [pair.predict("own", {"numbers": [n, 1]}, timeout=5) for n in range(5)]
-        status = pair.status("shared")
+def _ask(connection, method: str, path: str, body=None):
+    connection.request(method, path, body=None if body is None else json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
 
-    assert [reply.status for reply in replies] == [200] * 20, replies
-    assert [reply.json()["echo"] for reply in replies] == [{"n": n} for n in range(20)]
-    assert [reply.json() for reply in own] == [{"sum": n + 1, "count": 2} for n in range(5)]
-    assert status.json()["served_by"] == "the primary process"
+
+def test_the_worker_serves_its_connections_while_the_primary_is_stopped(pair):
+    with pair.primary_stopped():
+        connection = pair.connection_to(pair.worker())
+        try:
+            replies = [_ask(connection, "POST", "/post/predict?id=echo", {"n": n}) for n in range(20)]
+            own = [_ask(connection, "POST", "/post/predict?id=own", {"numbers": [n, 1]}) for n in range(5)]
+            status = _ask(connection, "GET", "/get/status?id=shared")
+        finally:
+            connection.close()
+
+    assert [(code, body["echo"]) for code, body in replies] == [(200, {"n": n}) for n in range(20)], replies
+    assert own == [(200, {"sum": n + 1, "count": 2}) for n in range(5)]
+    assert status[1]["served_by"] == "the primary process"
+
+
+def test_fresh_connections_spread_over_both_processes(pair):
+    counts = fresh_connection_counts(pair.port, 60)
+
+    assert set(counts) == {"primary", "worker-1"}, counts
+    # The kernel hashes each connection to a socket: fewer than 10 of 60 on one is a chance of 1 in 10^8.
+    assert min(counts.values()) >= 10, counts
+
+
+def test_connections_opened_at_once_spread_over_both_processes(pair):
+    # A benchmark's clients connect all at once, then keep their connections: on one shared
+    # socket, the process that woke first took the whole burst.
+    connections = [socket.create_connection(("127.0.0.1", pair.port), timeout=10) for _ in range(32)]
+    try:
+        for connection in connections:
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = []
+        for connection in connections:
+            chunks = []
+            while chunk := connection.recv(65536):
+                chunks.append(chunk)
+            answers.append(b"".join(chunks).decode())
+    finally:
+        for connection in connections:
+            connection.close()
+
+    assert all(answer.startswith("HTTP/1.1 200") for answer in answers), [a[:100] for a in answers]
+    by_process = [process_of(answer) for answer in answers]
+    # Fewer than 5 of 32 on one socket is a chance of 1 in 10^5.
+    assert min(by_process.count("primary"), by_process.count("worker-1")) >= 5, by_process
+
+
+def test_each_process_says_who_it_is_in_its_metrics(pair):
+    for pid, name in ((pair.pid, "primary"), (pair.worker(), "worker-1")):
+        reply = pair.request_to(pid, "GET", "/metrics")
+        assert reply.status == 200, reply
+        assert process_info(reply) == {"process": name, "pid": str(pid)}
+
+
+def test_connections_the_kernel_gives_a_stopped_process_wait_for_it(pair):
+    # SO_REUSEPORT's price: the kernel does not know that a process is stopped (or hung), and
+    # its share of the new connections waits in its socket's queue, served once it runs again.
+    own = listening_inodes(pair.port) - socket_inodes(pair.worker())
+    results = []
+
+    def ask(n):
+        results.append(pair.predict("echo", {"n": n}, timeout=30).status)
+
+    askers = [threading.Thread(target=ask, args=(n,), daemon=True) for n in range(16)]
+    with pair.primary_stopped():
+        for asker in askers:
+            asker.start()
+        wait_until(lambda: waiting_to_be_accepted(own) > 0, 10, "a connection to wait in the primary's queue")
+    for asker in askers:
+        asker.join(20)
+
+    assert results == [200] * 16, results
 
 
 def test_both_processes_answer_fresh_connections(pair):
@@ -218,19 +292,22 @@ def test_the_worker_forwards_a_subprocess_model_to_the_primary(pair):
 
 def test_a_request_the_worker_took_waits_for_a_stopped_primary(pair):
     result = {}
+    connection = pair.connection_to(pair.worker())
 
     def ask():
-        result["reply"] = pair.predict("shared", {"numbers": [2, 3]}, timeout=20)
+        result["reply"] = _ask(connection, "POST", "/post/predict?id=shared", {"numbers": [2, 3]})
 
     asking = threading.Thread(target=ask, daemon=True)
-    with pair.primary_stopped():
-        asking.start()
-        time.sleep(0.5)
-        assert "reply" not in result  # the worker took it and waits for the primary
-    asking.join(15)
+    try:
+        with pair.primary_stopped():
+            asking.start()
+            time.sleep(0.5)
+            assert "reply" not in result  # the worker took it and waits for the primary
+        asking.join(15)
+    finally:
+        connection.close()
 
-    assert result["reply"].status == 200, result
-    assert result["reply"].json() == {"sum": 5, "count": 2}
+    assert result["reply"] == (200, {"sum": 5, "count": 2}), result
 
 
 # --- 3. one registry ----------------------------------------------------------------------------------------
@@ -442,8 +519,12 @@ def test_a_killed_worker_is_replaced_and_the_new_one_serves(tmp_path, tracker):
     try:
         old = daemon.worker()
         old_models = daemon.tagged(old, OWN_TAG)
+        old_socket = listening_inodes(daemon.port) & socket_inodes(old)
 
         os.kill(old, signal.SIGKILL)
+        wait_until(lambda: old not in daemon.workers(), 8, "the primary to reap the killed worker")
+        # Until another worker listens, the primary serves the dead one's socket: nothing waits.
+        answered = [daemon.predict("echo", {"n": n}, timeout=5).status for n in range(10)]
         (new,) = daemon.wait_workers(1, timeout=8, exclude={old})
         tracker.add([new])
         assert not alive(old)
@@ -451,10 +532,16 @@ def test_a_killed_worker_is_replaced_and_the_new_one_serves(tmp_path, tracker):
         tracker.add(descendants(new))
         wait_until(lambda: not any(alive(pid) for pid in old_models), 8, "the old worker's model processes to end")
 
-        assert listening_inode(daemon.port) in socket_inodes(new)
+        assert answered == [200] * 10, answered
+        # The new worker serves the socket the old one had: no bind again, the same place in the group.
+        assert listening_inodes(daemon.port) & socket_inodes(new) == old_socket
         with daemon.primary_stopped():
-            replies = [daemon.predict("echo", {"n": n}, timeout=5) for n in range(10)]
-        assert [reply.status for reply in replies] == [200] * 10, replies
+            connection = daemon.connection_to(new)
+            try:
+                replies = [_ask(connection, "POST", "/post/predict?id=echo", {"n": n}) for n in range(10)]
+            finally:
+                connection.close()
+        assert [code for code, _ in replies] == [200] * 10, replies
         forwarded = daemon.request_to(new, "POST", "/post/predict?id=shared", {"numbers": [4]})
         assert (forwarded.status, forwarded.json()) == (200, {"sum": 4, "count": 1}), forwarded
     finally:
@@ -770,3 +857,139 @@ def test_stopping_terms_the_workers_then_kills_one_that_stays(clock):
     assert not d.called
     end_worker(protocol)
     assert d.called
+
+
+def test_a_worker_that_says_it_listens_is_handed_its_sockets_and_they_come_back_when_it_ends(clock, logged_errors):
+    reactor, workers = workers_on(clock)
+    [listener] = workers.listeners
+    [(first, *_)] = reactor.spawned
+
+    first.childDataReceived(4, b"listen")
+    assert listener.handed == []
+    first.childDataReceived(4, b"ing\n")
+    assert listener.handed == [1]
+    end_worker(first)
+    assert listener.taken == [1]
+
+    clock.advance(1)
+    [_, (second, *_)] = reactor.spawned
+    first.childDataReceived(4, b"listening\n")  # the old one's late line: not the worker running now
+    assert listener.handed == [1]
+    second.childDataReceived(4, b"listening\n")
+    assert listener.handed == [1, 1]
+    logged_errors.flush()
+    workers.stopService()
+    end_worker(second)
+
+
+# --- SO_REUSEPORT: who may share the port -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("reuseport", [True, False], ids=["held-with-so-reuseport", "held-without"])
+def test_a_port_another_process_listens_on_is_refused_in_one_line(tmp_path, reuseport):
+    # A program of the same user that listens with SO_REUSEPORT would let the daemon's sockets
+    # join its group (and take a share of its connections): the daemon refuses the port.
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen(8)
+    port = other.getsockname()[1]
+    try:
+        done = run([TWISTD, "--pidfile=", "-n", "aibackend", "--state", str(tmp_path / "state"), "--processes", "2",
+                    "--listen", f"tcp:{port}:interface=127.0.0.1"], cwd=str(tmp_path))
+    finally:
+        other.close()
+
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    complaints = [line for line in output.splitlines() if f"tcp:{port}:" in line]
+    assert len(complaints) == 1, output
+    assert complaints[0].endswith(f"aibackend: cannot listen on 'tcp:{port}:interface=127.0.0.1': [Errno 98] "
+                                  "Address already in use"), complaints
+
+
+def test_sigterm_answers_the_connections_waiting_in_the_primarys_queue(tmp_path, tracker):
+    # On stop each process accepts what waits in its socket's queue before it closes it
+    # (closing a listening socket resets them): here connections wait in the stopped
+    # primary's queue when it is told to stop.
+    path = write(tmp_path / "plain.toml", config_text())
+    daemon = Multi(path, state=str(tmp_path / "state"), processes=2, cwd=str(tmp_path))
+    tracker.add([daemon.pid])
+    try:
+        worker = next(iter(daemon.wait_workers(1)))
+        tracker.add([worker])
+        own = listening_inodes(daemon.port) - socket_inodes(worker)
+        wait_until(lambda: "worker 1 serves its socket" in daemon.output, 15, "the worker to listen")
+        with daemon.primary_stopped():
+            waiting = []
+            while waiting_to_be_accepted(own) < 3 and len(waiting) < 200:
+                sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=15)
+                sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                waiting.append(sock)
+            assert waiting_to_be_accepted(own) >= 3
+            daemon.process.popen.send_signal(signal.SIGTERM)
+        answers = []
+        for sock in waiting:
+            try:
+                answers.append(sock.recv(100).split(b"\r\n")[0])
+            except OSError as e:  # a reset
+                answers.append(repr(e).encode())
+            finally:
+                sock.close()
+        status = daemon.process.wait_exit(15)
+    finally:
+        daemon.terminate()
+
+    assert all(answer.startswith(b"HTTP/1.1 ") for answer in answers), answers
+    assert status in (0, -signal.SIGTERM), daemon.output
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def test_a_tls_address_is_shared_too_and_each_process_serves_it_in_tls(tmp_path, tracker):
+    import shutil
+    import ssl
+
+    pytest.importorskip("OpenSSL")
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                "-days", "1", "-subj", "/CN=localhost"], cwd=str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    path = write(tmp_path / "tls.toml", config_text())
+    daemon = Multi(path, state=str(tmp_path / "state"), processes=2, cwd=str(tmp_path),
+                   listen=f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1")
+    tracker.add([daemon.pid])
+    try:
+        tracker.add(daemon.wait_workers(1))
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        seen = {}
+        deadline = time.monotonic() + 15
+        while len(seen) < 2 and time.monotonic() < deadline:
+            connection = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=context)
+            try:
+                connection.request("GET", "/metrics")
+                response = connection.getresponse()
+                body = response.read().decode()
+            finally:
+                connection.close()
+            assert response.status == 200, body[:300]
+            seen[process_of(body)] = seen.get(process_of(body), 0) + 1
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as plain:
+            plain.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            plain.settimeout(5)
+            try:
+                answer = plain.recv(100)
+            except OSError:
+                answer = b""
+    finally:
+        assert daemon.terminate() in (0, -signal.SIGTERM)
+
+    assert set(seen) == {"primary", "worker-1"}, seen
+    assert not answer.startswith(b"HTTP/1.1"), answer  # not served in the clear
