@@ -43,7 +43,7 @@ class Options(usage.Options):
          "(default: the configuration's state_dir, else $XDG_STATE_HOME/aibackend or ~/.local/state/aibackend)."],
         ["log-format", None, "text", "text (twistd's own lines) or json (one JSON object a line, for log shippers)."],
         ["processes", None, "1",
-         "How many reactor processes serve the listening sockets (TCP only), sharing one set of "
+         "How many reactor processes serve the listening sockets (TCP and TLS; not unix sockets), sharing one set of "
          "models: a number, or auto for one per core."],
         ["admin-token-file", None, None,
          "A file whose first line is the admin token (16 characters or more) that admin "
