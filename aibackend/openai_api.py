@@ -382,15 +382,18 @@ def _route_error(model_id: str, operation: str, what: str, needs: str) -> errors
 def _usage(value, model_id: str, operation: str) -> dict | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not all(
-        isinstance(value.get(key, 0), int) and not isinstance(value.get(key, 0), bool)
-        for key in ("prompt_tokens", "completion_tokens")
-    ):
+    if not (isinstance(value, dict) and _count(value.get("prompt_tokens", 0))
+            and _count(value.get("completion_tokens", 0))):
         raise errors.BadGateway(
             f"model {model_id!r} answered a bad usage: it must be {{\"prompt_tokens\": n, \"completion_tokens\": n}}",
             model=model_id,
         )
     return value
+
+
+def _count(value) -> bool:
+    """Is C{value} a count of tokens (an integer, not a boolean)?"""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finish(value, model_id: str) -> str | None:
@@ -553,9 +556,10 @@ class Completions:
               include_usage: bool = False) -> dict:
         """One stream chunk: a text delta (the role too in a chat's first), or the finish."""
         if self.chat:
-            content = {} if delta is None else {"content": delta}
-            if first:
-                content = {"role": "assistant", **content}
+            if delta is None:
+                content = {"role": "assistant"} if first else {}
+            else:
+                content = {"role": "assistant", "content": delta} if first else {"content": delta}
             choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
