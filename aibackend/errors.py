@@ -72,6 +72,20 @@ def openai_document(error: ApiError, request_id: str | None) -> dict:
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.type}}
 
 
+def error_message(document) -> str | None:
+    """
+    The words of an error document a model or its server answered: C{error.message} of
+    C{{"error": {"message": ...}}} (OpenAI's shape, the daemon's), or C{error} of
+    C{{"error": "..."}} (the Open Inference Protocol's); None for any other document (or
+    None, for a body that is not JSON).
+    """
+    error = document.get("error") if isinstance(document, dict) else None
+    if isinstance(error, dict):
+        message = error.get("message")
+        return message if isinstance(message, str) else None
+    return error if isinstance(error, str) else None
+
+
 class ApiError(Exception):
     """
     A failure the client is told about, with the status that tells it what to do.
@@ -172,6 +186,19 @@ class ModelUnavailable(ApiError):
 
 class ModelBusy(ModelUnavailable):
     """A request shed: the model's places and its queue are full (503, as every unavailable model's)."""
+
+
+class ModelError(ApiError):
+    """
+    A model's own error answer (a 4xx or 5xx), said in the front door's shape: the
+    model's status and words (L{error_message}), type C{model_error}.
+    """
+
+    type = "model_error"
+
+    def __init__(self, status: int, message: str, *, model: str | None = None, headers=None):
+        super().__init__(message, model=model, headers=headers)
+        self.status = status
 
 
 class BadGateway(ApiError):

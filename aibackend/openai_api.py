@@ -42,12 +42,12 @@ import struct
 
 import orjson
 from klein import Klein
-from twisted.internet.defer import maybeDeferred
+from twisted.python.failure import Failure
 
 from aibackend import errors
 from aibackend.httpmodel import UpstreamError, in_own_shape
 from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
-from aibackend.jsonread import JSONProblem, read_json
+from aibackend.jsonread import MAX_JSON_DEPTH, JSONProblem, read_json, too_deep
 from aibackend.relay import Framing
 from aibackend.web import (
     ABANDONED,
@@ -57,7 +57,6 @@ from aibackend.web import (
     ErrorShape,
     begin,
     handle_errors,
-    parse_json,
     routing,
     sized,
 )
@@ -66,11 +65,16 @@ CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 DONE = b"data: [DONE]\n\n"
 # The request's keys that are the front door's, never sent to an adapted model.
 FRONT_DOOR_KEYS = ("model", "stream", "stream_options")
+EMBEDDINGS_DROPPED = FRONT_DOOR_KEYS + ("encoding_format",)  # the front door applies the encoding
 FINISH_REASONS = ("stop", "length", "content_filter", "tool_calls")
 # Operations, as the model's log and the metrics name them (aibackend.httpmodel's
 # LEAN_OPERATIONS names them too: their routes go through its lean client).
 CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
 ROUTES = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions", EMBEDDINGS: "/v1/embeddings"}
+# The routes a POST takes past Klein (aibackend.root.Root, OpenAIAPI.render_operation), by their bytes.
+POST_ROUTES = {path.encode("ascii"): operation for operation, path in ROUTES.items()}
+# The headers of a stream made of a whole answer (a model that cannot stream).
+WHOLE_STREAM_HEADERS = {b"content-type": CONTENT_TYPE, b"cache-control": b"no-cache"}
 TEXT_ANSWER = 'a chat or completion model answers a string or {"content": text, "finish_reason"?, "usage"?}'
 EMBEDDINGS_ANSWER = 'an embedding model answers {"embeddings": [[float, ...], ...]} or a list of vectors'
 
@@ -195,6 +199,46 @@ def _model_entry(model, created: int) -> dict:
     return {"id": model.model_id, "object": "model", "created": created, "owned_by": "aibackend"}
 
 
+# --- JSON ----------------------------------------------------------------------------------
+
+# A run of digits orjson may not read as json does: an integer past 64 bits (orjson makes it a
+# float, json keeps it whole). A text with one (a string's digits too) is read by json. Found
+# by mapping every digit to 0 and looking for 19 of them (a third of a regex's time).
+_DIGITS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGITS = b"0" * 19
+
+
+def read_strict(data: bytes, what: str):
+    """
+    L{aibackend.jsonread.read_json}C{(data, what, finite=True)}, orjson first: orjson is
+    several times faster and as strict (UTF-8, no NaN or Infinity, no number too large for
+    a double), and reads the same values, but for integers past 64 bits (a text with a run
+    of 19 digits is read by json) and for the depth (a document orjson reads is measured as
+    json's is). What orjson refuses (a lone surrogate, which json takes) is read by json,
+    whose word is final and whose messages say where.
+
+    @raise JSONProblem: with what is wrong and where.
+    """
+    if _LONG_DIGITS not in data.translate(_DIGITS_ZERO):
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            # Deeper than MAX_JSON_DEPTH takes more brackets than that.
+            if len(data) <= MAX_JSON_DEPTH or not too_deep(data):
+                return value
+    return read_json(data, what, finite=True)
+
+
+def _dumps(document) -> bytes:
+    """A document as JSON: orjson's (several times faster), json's for what it cannot write (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return json.dumps(document).encode()
+
+
 # --- requests ------------------------------------------------------------------------------
 
 
@@ -206,7 +250,10 @@ def read_document(text: bytes) -> dict:
     """
     if not text:
         raise errors.BadRequest("the request body is empty: send a JSON object")
-    document = parse_json(text, finite=True)
+    try:
+        document = read_strict(text, "the request body")
+    except JSONProblem as e:
+        raise errors.BadRequest(str(e)) from None
     if not isinstance(document, dict):
         raise errors.BadRequest(f"the request body must be a JSON object, got {_kind(document)}")
     model = document.get("model")
@@ -274,14 +321,6 @@ def check_request(document: dict, operation: str) -> tuple[dict, bool, bool]:
     return document, stream, include_usage
 
 
-def _dumps(document: dict) -> bytes:
-    """A document as JSON: orjson's (several times faster), json's for what it cannot write (an integer past 64 bits)."""
-    try:
-        return orjson.dumps(document)
-    except orjson.JSONEncodeError:
-        return json.dumps(document).encode()
-
-
 def _no_native(name: str) -> None:
     return None
 
@@ -309,8 +348,8 @@ def prepare(text: bytes, operation: str, native_name=_no_native) -> tuple:
 
 def model_body(document: dict, operation: str) -> bytes:
     """What an adapted model is sent: the request without the front door's keys."""
-    drop = FRONT_DOOR_KEYS + (("encoding_format",) if operation == EMBEDDINGS else ())
-    return json.dumps({key: value for key, value in document.items() if key not in drop}).encode()
+    drop = EMBEDDINGS_DROPPED if operation == EMBEDDINGS else FRONT_DOOR_KEYS
+    return _dumps({key: value for key, value in document.items() if key not in drop})
 
 
 def prompt_text(document: dict, operation: str) -> str:
@@ -343,15 +382,18 @@ def _route_error(model_id: str, operation: str, what: str, needs: str) -> errors
 def _usage(value, model_id: str, operation: str) -> dict | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not all(
-        isinstance(value.get(key, 0), int) and not isinstance(value.get(key, 0), bool)
-        for key in ("prompt_tokens", "completion_tokens")
-    ):
+    if not (isinstance(value, dict) and _count(value.get("prompt_tokens", 0))
+            and _count(value.get("completion_tokens", 0))):
         raise errors.BadGateway(
             f"model {model_id!r} answered a bad usage: it must be {{\"prompt_tokens\": n, \"completion_tokens\": n}}",
             model=model_id,
         )
     return value
+
+
+def _count(value) -> bool:
+    """Is C{value} a count of tokens (an integer, not a boolean)?"""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finish(value, model_id: str) -> str | None:
@@ -442,9 +484,34 @@ def _vector(vector: list, encoding: str):
     return [float(x) for x in vector]
 
 
+def model_failure(answer: ModelAnswer, model_id: str) -> ModelAnswer:
+    """
+    A model's error answer (a 4xx or 5xx) in OpenAI's shape: its status, its words
+    (L{errors.error_message} of its JSON, else the start of its body) and its headers.
+    """
+    try:
+        document = read_strict(answer.body, "the answer")
+    except JSONProblem:
+        document = None
+    message = errors.error_message(document)
+    if message is None:
+        message = answer.body[:200].decode("utf-8", "replace")
+    failure = errors.ModelError(answer.status, message, model=model_id)
+    return ModelAnswer(answer.status, _dumps(errors.openai_document(failure, None)), answer.headers)
+
+
+def answer_value(answer: ModelAnswer, model_id: str):
+    """A model's answer read (L{read_strict}); a 502 if it is not JSON the daemon reads."""
+    try:
+        return read_strict(answer.body, f"the answer of model {model_id!r}")
+    except JSONProblem as e:
+        raise errors.BadGateway(str(e), model=model_id) from None
+
+
 class Completions:
     """
-    Makes a chat or completion model's text into OpenAI's objects, for one request.
+    Makes a chat or completion model's text into OpenAI's objects, for one request; its
+    L{whole} is the relay's shape for a plain request.
 
     @param operation: L{CHAT} or L{COMPLETIONS}.
     @param model_id: the model's id, as the client named it.
@@ -453,46 +520,59 @@ class Completions:
     @param prompt: the request's text (for estimated usage).
     """
 
+    __slots__ = ("operation", "model_id", "chat", "id", "object", "chunk_object", "created", "prompt")
+
     def __init__(self, operation: str, model_id: str, request_id: str, created: int, prompt: str):
         self.operation = operation
         self.model_id = model_id
-        chat = operation == CHAT
+        self.chat = chat = operation == CHAT
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.created = created
         self.prompt = prompt
 
-    def _head(self, object_name: str) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_id}
+    def read(self, answer: ModelAnswer) -> tuple[str, str | None, dict | None]:
+        """A model's whole answer (status 200): its text, finish_reason and usage (L{read_text_answer})."""
+        return read_text_answer(answer_value(answer, self.model_id), self.model_id, self.operation)
+
+    def whole(self, answer: ModelAnswer) -> ModelAnswer:
+        """The relay's shape for a plain request: the model's answer made the completion object."""
+        if answer.status >= 400:
+            return model_failure(answer, self.model_id)
+        return ModelAnswer(200, _dumps(self.answer(*self.read(answer))))
 
     def answer(self, text: str, finish: str | None, usage: dict | None) -> dict:
         """The whole answer object (no stream)."""
-        if self.operation == CHAT:
+        if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": finish or "stop"}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish or "stop"}
-        return {**self._head(self.object), "choices": [choice], "usage": full_usage(usage, self.prompt, text)}
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model_id,
+                "choices": [choice], "usage": full_usage(usage, self.prompt, text)}
 
     def chunk(self, delta: str | None, *, first: bool = False, finish: str | None = None,
               include_usage: bool = False) -> dict:
         """One stream chunk: a text delta (the role too in a chat's first), or the finish."""
-        if self.operation == CHAT:
-            content = {} if delta is None else {"content": delta}
-            if first:
-                content = {"role": "assistant", **content}
+        if self.chat:
+            if delta is None:
+                content = {"role": "assistant"} if first else {}
+            else:
+                content = {"role": "assistant", "content": delta} if first else {"content": delta}
             choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-        chunk = {**self._head(self.chunk_object), "choices": [choice]}
+        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model_id,
+                 "choices": [choice]}
         if include_usage:
             chunk["usage"] = None
         return chunk
 
     def usage_chunk(self, usage: dict) -> dict:
         """The last chunk of a stream that asked for usage: no choice, the usage."""
-        return {**self._head(self.chunk_object), "choices": [], "usage": usage}
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model_id,
+                "choices": [], "usage": usage}
 
 
 def _length(data: bytes) -> int:
@@ -504,7 +584,7 @@ def _length(data: bytes) -> int:
 
 
 def _event(document: dict) -> bytes:
-    return b"data: " + json.dumps(document).encode() + b"\n\n"
+    return b"data: " + _dumps(document) + b"\n\n"
 
 
 class CompletionFraming(Framing):
@@ -517,6 +597,7 @@ class CompletionFraming(Framing):
     A chunk's finish_reason and usage are kept for the end (a chunk of only those is an
     empty delta: the writer writes something for each chunk); a chunk that is not JSON is
     sent as its text, and one that is neither a string nor an object as its JSON text.
+    Its L{whole} is the relay's shape for a stream asked of a model that cannot stream.
     """
 
     def __init__(self, completions: Completions, include_usage: bool):
@@ -572,22 +653,36 @@ class CompletionFraming(Framing):
         """A later chunk's event for a text delta's JSON text C{delta} (its template made once)."""
         around = self._template
         if around is None:
-            template = json.dumps(self.completions.chunk("\x00", include_usage=self.include_usage)).encode()
+            template = _dumps(self.completions.chunk("\x00", include_usage=self.include_usage))
             before, after = template.split(b'"\\u0000"')
             around = self._template = (b"data: " + before, after + b"\n\n")
         return around[0] + delta + around[1]
 
     def end(self, output: bytes | None) -> bytes:
-        out = b""
-        if output is not None:
-            content, finish, usage = self._read(output)
-            self.finish = finish or self.finish
-            self.usage = usage or self.usage
-            if self.first and content:  # a model that answered in one piece
-                self.chars += len(content)
-                out += _event(self.completions.chunk(content, first=True, include_usage=self.include_usage))
-                self.first = False
+        if output is None:
+            return self._ending(None, None, None)
+        return self._ending(*self._read(output))
+
+    def whole(self, answer: ModelAnswer) -> ModelAnswer:
+        """
+        The relay's shape for a stream asked of a model that cannot stream: its whole
+        answer (read as a plain request's is, L{Completions.read}) made the stream's events.
+        """
         completions = self.completions
+        if answer.status >= 400:
+            return model_failure(answer, completions.model_id)
+        return ModelAnswer(200, self._ending(*completions.read(answer)), WHOLE_STREAM_HEADERS)
+
+    def _ending(self, content: str | None, finish: str | None, usage: dict | None) -> bytes:
+        """The stream's last events: a model's text that came whole (its first chunk), the finish, the usage."""
+        self.finish = finish or self.finish
+        self.usage = usage or self.usage
+        completions = self.completions
+        out = b""
+        if self.first and content:  # a model that answered in one piece
+            self.chars += len(content)
+            out = _event(completions.chunk(content, first=True, include_usage=self.include_usage))
+            self.first = False
         out += _event(completions.chunk(None, first=self.first, finish=self.finish or "stop",
                                         include_usage=self.include_usage))
         if self.include_usage:
@@ -597,13 +692,51 @@ class CompletionFraming(Framing):
         return out + DONE
 
 
+class Embeddings:
+    """
+    Makes an embedding model's answer OpenAI's list of embeddings, for one request: its
+    L{shape} is the relay's (an answer longer than C{THREAD_ABOVE_BYTES} is converted in
+    a thread).
+    """
+
+    __slots__ = ("model_id", "encoding", "count", "prompt", "in_thread")
+
+    def __init__(self, model_id: str, encoding: str, count: int, prompt: str, in_thread):
+        self.model_id = model_id
+        self.encoding = encoding
+        self.count = count
+        self.prompt = prompt
+        self.in_thread = in_thread
+
+    def shape(self, answer: ModelAnswer):
+        if answer.status >= 400:
+            return model_failure(answer, self.model_id)
+        if len(answer.body) > THREAD_ABOVE_BYTES:
+            return self.in_thread(self.convert, answer)
+        return self.convert(answer)
+
+    def convert(self, answer: ModelAnswer) -> ModelAnswer:
+        model_id, encoding = self.model_id, self.encoding
+        vectors, usage = read_embeddings(answer_value(answer, model_id), model_id, self.count)
+        prompt_tokens = usage["prompt_tokens"] if usage is not None else estimate_tokens(self.prompt)
+        document = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": index, "embedding": _vector(vector, encoding)}
+                     for index, vector in enumerate(vectors)],
+            "model": model_id,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+        return ModelAnswer(200, _dumps(document))
+
+
 # --- the routes -----------------------------------------------------------------------------
 
 
 class OpenAIAPI:
     """
     The C{/v1} routes, a Klein app over the daemon's L{Core}, mounted by
-    L{aibackend.root.Root}.
+    L{aibackend.root.Root}; a POST to one of the three routes clients call most
+    (L{POST_ROUTES}) comes past Klein (L{render_operation}) to the same handler.
 
     @param core: the L{aibackend.relay.Core}.
     """
@@ -613,6 +746,7 @@ class OpenAIAPI:
     def __init__(self, core, *, in_thread=None):
         self.core = core
         self.registry = core.registry
+        self.relay = core.relay
         self.shape = OpenAIShape(core.metrics)
         self.in_thread = in_thread if in_thread is not None else core.in_thread
         # Models have no creation time of their own: the front door's.
@@ -627,6 +761,19 @@ class OpenAIAPI:
         if not request.postpath[0]:
             return self.shape.render(request, self.shape.no_route(request))
         return self._resource.render(request)
+
+    def render_operation(self, request, operation: str):
+        """
+        A POST to C{operation}'s route (L{POST_ROUTES}) without Klein's routing (werkzeug
+        matching, URL parts, IKleinRequest): L{complete}'s checks and handler, as Klein's
+        route calls them, answered by the relay (L{aibackend.relay.Relay.answer}) in
+        OpenAI's shape, as Klein's error handlers would.
+        """
+        try:
+            d = self.complete(request, operation)
+        except Exception:
+            return self.shape.failure(request, Failure())
+        return self.relay.answer(request, d, self.shape)
 
     def begin(self, request) -> str:
         request_id = begin(request)
@@ -652,30 +799,39 @@ class OpenAIAPI:
             raise ModelNotFound(f"The model {name!r} does not exist: GET /v1/models lists the models",
                                 model=name) from e
 
+    # Klein's routes for what the fast path does not take: another method (a 405 with
+    # Allow), a path that is one of these once its %-escapes are decoded.
     @app.route("/chat/completions", methods=["POST"], branch=False)
     def chat_completions(self, request):
-        return self._complete(request, CHAT)
+        return self.complete(request, CHAT)
 
     @app.route("/completions", methods=["POST"], branch=False)
     def completions(self, request):
-        return self._complete(request, COMPLETIONS)
+        return self.complete(request, COMPLETIONS)
 
     @app.route("/embeddings", methods=["POST"], branch=False)
     def embeddings(self, request):
-        return self._complete(request, EMBEDDINGS)
+        return self.complete(request, EMBEDDINGS)
 
-    def _complete(self, request, operation: str):
+    def complete(self, request, operation: str):
+        """
+        A request for C{operation} (L{CHAT}, L{COMPLETIONS}, L{EMBEDDINGS}), Klein's
+        route and the fast path alike: the client let in, the body read and checked
+        (L{prepare}; in a thread for a large body), and sent by the relay.
+
+        @return: the relay's Deferred.
+        @raise errors.ApiError: a request refused at once (a bad body, an unknown model).
+        """
         request_id = self.begin(request)
-        started = self.core.relay.clock.seconds()
+        started = self.relay.clock.seconds()
         text = request.content.read().strip()
         if len(text) > THREAD_ABOVE_BYTES:
             # The native models' names, as they are now (a thread does not read the registry).
             names = {model.model_id: native_name(model) for model in self.registry.models()
                      if model.spec.openai.native}
             d = self.in_thread(prepare, text, operation, names.get)
-        else:
-            d = maybeDeferred(prepare, text, operation, self._native_name)
-        return d.addCallback(self._send, request, request_id, operation, started)
+            return d.addCallback(self._send, request, request_id, operation, started)
+        return self._send(prepare(text, operation, self._native_name), request, request_id, operation, started)
 
     def _native_name(self, name: str) -> str | None:
         """The name on its server of model C{name} if that server speaks OpenAI itself, else None."""
@@ -692,21 +848,21 @@ class OpenAIAPI:
         request.aibackend_model = name
         entry = self._entry(name)
         model_id = entry.model_id
-        relay = self.core.relay
+        relay = self.relay
         context = RequestContext(request_id=request_id, operation=operation)
         if operation == EMBEDDINGS:
-            shape = self._embedded(model_id, document.get("encoding_format") or "float", len(document["input"]),
-                                   prompt)
-            return relay.send(request, entry, body, context, started, shape)
+            embeddings = Embeddings(model_id, document.get("encoding_format") or "float", len(document["input"]),
+                                    prompt, self.in_thread)
+            return relay.send(request, entry, body, context, started, embeddings.shape)
         completions = Completions(operation, model_id, request_id, int(relay.clock.seconds()), prompt)
         if stream:
             framing = CompletionFraming(completions, include_usage)
             if not IStreaming.providedBy(entry.model):
                 # A model that cannot stream (a raw program) answers in one piece: the
                 # stream is made of its answer, sent whole once it came.
-                return relay.send(request, entry, body, context, started, self._streamed_whole(completions, framing))
+                return relay.send(request, entry, body, context, started, framing.whole)
             return relay.stream(request, entry, body, context, started, framing, self.shape).addErrback(in_own_shape)
-        return relay.send(request, entry, body, context, started, self._completed(completions))
+        return relay.send(request, entry, body, context, started, completions.whole)
 
     def _proxy(self, prepared, request, request_id: str, operation: str, started: float):
         """
@@ -717,81 +873,8 @@ class OpenAIAPI:
         name, stream, body = prepared
         request.aibackend_model = name
         entry = self._entry(name)
-        relay = self.core.relay
+        relay = self.relay
         context = RequestContext(request_id=request_id, operation=operation, path=UPSTREAM_PATHS[operation])
         if stream:
             return relay.stream(request, entry, body, context, started, PASSED, self.shape)
         return relay.send(request, entry, body, context, started)
-
-    def _answer_value(self, model_id: str, answer: ModelAnswer):
-        try:
-            return read_json(answer.body, f"the answer of model {model_id!r}", finite=True)
-        except JSONProblem as e:
-            raise errors.BadGateway(str(e), model=model_id) from None
-
-    def _failed(self, answer: ModelAnswer, model_id: str) -> ModelAnswer:
-        """A model's error answer in OpenAI's shape, with its status and words."""
-        try:
-            document = read_json(answer.body, "the answer", finite=True)
-        except JSONProblem:
-            document = None
-        error = document.get("error") if isinstance(document, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        elif isinstance(error, str):
-            message = error
-        else:
-            message = answer.body[:200].decode("utf-8", "replace")
-        failure = errors.ApiError(message, model=model_id)
-        failure.status = answer.status
-        failure.type = "model_error"
-        return ModelAnswer(answer.status, json.dumps(errors.openai_document(failure, None)).encode(), answer.headers)
-
-    def _completed(self, completions: Completions):
-        model_id = completions.model_id
-
-        def shape(answer: ModelAnswer) -> ModelAnswer:
-            if answer.status >= 400:
-                return self._failed(answer, model_id)
-            value = self._answer_value(model_id, answer)
-            text, finish, usage = read_text_answer(value, model_id, completions.operation)
-            return ModelAnswer(200, json.dumps(completions.answer(text, finish, usage)).encode())
-
-        return shape
-
-    def _streamed_whole(self, completions: Completions, framing: CompletionFraming):
-        model_id = completions.model_id
-
-        def shape(answer: ModelAnswer) -> ModelAnswer:
-            if answer.status >= 400:
-                return self._failed(answer, model_id)
-            value = self._answer_value(model_id, answer)
-            text, finish, usage = read_text_answer(value, model_id, completions.operation)
-            events = framing.chunk(json.dumps(text).encode()) if text else b""
-            events += framing.end(json.dumps({"finish_reason": finish, "usage": usage}).encode())
-            return ModelAnswer(200, events, {b"content-type": CONTENT_TYPE, b"cache-control": b"no-cache"})
-
-        return shape
-
-    def _embedded(self, model_id: str, encoding: str, count: int, prompt: str):
-        def convert(answer: ModelAnswer) -> ModelAnswer:
-            value = self._answer_value(model_id, answer)
-            vectors, usage = read_embeddings(value, model_id, count)
-            prompt_tokens = usage["prompt_tokens"] if usage is not None else estimate_tokens(prompt)
-            document = {
-                "object": "list",
-                "data": [{"object": "embedding", "index": index, "embedding": _vector(vector, encoding)}
-                         for index, vector in enumerate(vectors)],
-                "model": model_id,
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-            }
-            return ModelAnswer(200, json.dumps(document).encode())
-
-        def shape(answer: ModelAnswer):
-            if answer.status >= 400:
-                return self._failed(answer, model_id)
-            if len(answer.body) > THREAD_ABOVE_BYTES:
-                return self.in_thread(convert, answer)
-            return convert(answer)
-
-        return shape

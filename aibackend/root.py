@@ -5,8 +5,9 @@ L{FrontDoor} builds the L{Core} (the state every front door shares, and the rela
 the front doors over it: the daemon's own routes (L{aibackend.api.OperationAPI}), the
 Open Inference Protocol's (L{aibackend.v2.OpenInference}) and the OpenAI-compatible API's
 (L{aibackend.openai_api.OpenAIAPI}). L{Root} sends each request to its front door:
-C{POST /post/predict} straight to its handler, a C{/v2} path to the protocol's app, a
-C{/v1} path to OpenAI's, every other request to the daemon's Klein app.
+C{POST /post/predict} and a POST to OpenAI's chat completions, completions and embeddings
+straight to their handlers, a C{/v2} path to the protocol's app, any other C{/v1} path to
+OpenAI's, every other request to the daemon's Klein app.
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ from twisted.web.resource import Resource
 from aibackend import errors
 from aibackend.api import OperationAPI
 from aibackend.errors import is_openai_path, is_v2_path
-from aibackend.openai_api import OpenAIAPI
+from aibackend.openai_api import POST_ROUTES, OpenAIAPI
 from aibackend.relay import Core
 from aibackend.v2 import OpenInference
-from aibackend.web import not_utf8
+from aibackend.web import host_not_utf8, not_utf8
 
 
 class Root(Resource):
     """
     The daemon's root resource: C{POST /post/predict} goes straight to
-    L{OperationAPI.render_predict}, a C{/v2} path to L{OpenInference}, a C{/v1} path to
-    L{OpenAIAPI}, every other request to the daemon's Klein app.
+    L{OperationAPI.render_predict}, a POST to C{/v1/chat/completions}, C{/v1/completions}
+    or C{/v1/embeddings} to L{OpenAIAPI.render_operation}, a C{/v2} path to
+    L{OpenInference}, any other C{/v1} path to L{OpenAIAPI}, every other request to the
+    daemon's Klein app.
     """
 
     isLeaf = True
@@ -44,8 +47,16 @@ class Root(Resource):
         if guard.watching_for_proxies:
             guard.notice_proxy(request)
         path = request.path
-        if request.method == b"POST" and path == b"/post/predict":
-            return self.api.render_predict(request)
+        if request.method == b"POST":
+            if path == b"/post/predict":
+                return self.api.render_predict(request)
+            operation = POST_ROUTES.get(path)
+            if operation is not None:
+                # Its path and method are ASCII: only the Host can be what Klein would refuse.
+                problem = host_not_utf8(request)
+                if problem is not None:
+                    return self.openai.shape.render(request, errors.BadRequest(problem))
+                return self.openai.render_operation(request, operation)
         v2 = is_v2_path(path)
         openai = not v2 and is_openai_path(path)
         # Klein answers a path, Host or method that is not UTF-8 itself, in text and with

@@ -13,11 +13,12 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import CancelledError, maybeDeferred
 
 from aibackend import errors
 from aibackend.auth import Guard
-from aibackend.openai_api import estimate_tokens
+from aibackend.jsonread import JSONProblem, read_json
+from aibackend.openai_api import estimate_tokens, read_strict
 from aibackend.testing import (
     DoorStream,
     FakeModel,
@@ -469,3 +470,171 @@ def test_any_request_and_any_answer_is_answered_without_a_bug(clock, route, fiel
     assert response.status in (200, 400, 502), (response.status, response.body)
     if response.status != 200:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# --- the routes past Klein (issue 16): the same answers as Klein's routes --------------------------
+
+# Klein routes a path by its segments once their %-escapes are decoded: /v1/%63hat/completions is
+# Klein's route for chat completions, the same handler (OpenAIAPI.complete) reached through Klein.
+KLEIN_PATHS = {"/v1/chat/completions": "/v1/%63hat/completions", "/v1/completions": "/v1/%63ompletions",
+               "/v1/embeddings": "/v1/%65mbeddings"}
+
+
+def without_ids(response):
+    """A response as the client sees it, without what differs from one request to the next (its id)."""
+    request_id = response.header("X-Request-Id")
+    assert request_id
+    text = response.body.decode("utf-8", "replace").replace(request_id, "ID")
+    if text.startswith("data: "):
+        body = openai_events(text.encode(), done=text.endswith("data: [DONE]\n\n"))
+    else:
+        body = json.loads(text) if text else None
+    return (response.status, body, response.header("Content-Type"), response.header("Allow"),
+            response.header("Retry-After"), response.header("WWW-Authenticate"))
+
+
+@pytest.mark.parametrize("path, body, answer", [
+    ("/v1/chat/completions", CHAT, "Hi!"),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+     {"content": "all", "finish_reason": "length", "usage": {"prompt_tokens": 2, "completion_tokens": 3}}),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, "Hi!"),
+    ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 1e999}', "Hi!"),
+    ("/v1/chat/completions", b'{"model": "m", "seed": 123456789012345678901234567890, "messages": [{"role": "user"}]}',
+     "Hi!"),
+    ("/v1/chat/completions", b"{", "Hi!"),
+    ("/v1/chat/completions", {**CHAT, "model": "nobody"}, "Hi!"),
+    ("/v1/chat/completions", CHAT, b"not json"),
+    ("/v1/chat/completions", CHAT, {"embeddings": [[1.0]]}),
+    ("/v1/completions", {"model": "m", "prompt": ["a", "b"], "max_tokens": 3}, {"content": "x"}),
+    ("/v1/completions", {"model": "m", "prompt": 3}, "x"),
+    ("/v1/embeddings", {"model": "m", "input": "x", "encoding_format": "base64"}, [[0.5, 1]]),
+    ("/v1/embeddings", {"model": "m", "input": ["x"], "stream": True}, [[0.5]]),
+])
+def test_the_fast_routes_answer_as_the_klein_routes_do(clock, path, body, answer):
+    model = FakeModel("m", clock).answers(200, answer)
+    door = StubFrontDoor(clock, [model])
+
+    fast, routed = (post(door, route, body) for route in (path, KLEIN_PATHS[path]))
+
+    assert without_ids(fast) == without_ids(routed)
+    assert [json.loads(sent.body) for sent in model.received[::2]] == [
+        json.loads(sent.body) for sent in model.received[1::2]]
+
+
+@pytest.mark.parametrize("outcome", [
+    lambda model: model.answers(429, {"error": {"message": "slow down"}}, {b"retry-after": b"3"}),
+    lambda model: model.answers(503, b"not now"),
+    lambda model: model.fails(errors.GatewayTimeout("too slow", model="m")),
+    lambda model: model.fails(errors.ModelBusy("model 'm' is busy", model="m", retry_after=2)),
+    lambda model: model.fails(CancelledError()),
+    lambda model: model.fails(ZeroDivisionError("a bug")),
+    lambda model: model.raises(ZeroDivisionError("a bug")),
+], ids=["an error answer", "a text error", "a timeout", "busy", "cancelled", "a bug", "raises at once"])
+def test_the_fast_route_and_the_klein_route_answer_and_log_each_outcome_alike(clock, outcome, logged_errors):
+    model = outcome(FakeModel("m", clock))
+    door = StubFrontDoor(clock, [model])
+
+    fast = post(door, "/v1/chat/completions", CHAT)
+    routed = post(door, KLEIN_PATHS["/v1/chat/completions"], CHAT)
+    logged_errors.flush(ZeroDivisionError)
+
+    assert without_ids(fast) == without_ids(routed)
+    assert fast.status >= 400
+    fast_entry, routed_entry = requests_logged(model)
+    assert fast_entry == routed_entry and fast_entry[1] in (fast.status, 503)
+
+
+@pytest.mark.parametrize("path", list(KLEIN_PATHS))
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"])
+def test_another_method_on_a_fast_route_is_a_405_with_allow(door, path, method):
+    response = door.call(method, path)
+
+    assert response.status == 405
+    assert response.header("Allow") == "POST"
+    assert response.header("X-Request-Id")
+    if method != "HEAD":
+        assert_openai_error(response, 405, "method_not_allowed", message=f"{method} is not allowed here")
+
+
+def test_a_host_that_is_not_utf8_on_a_fast_route_is_a_400(door, plain):
+    response = post(door, "/v1/chat/completions", {**CHAT, "model": "plain"}, headers={b"Host": [b"\xff.example"]})
+
+    assert_openai_error(response, 400, "bad_request", message="Host header is not UTF-8")
+    assert plain.received == []
+
+
+def test_a_fast_route_checks_the_client_key_first(clock, plain):
+    plain.answers(200, [[1.0]])
+    door = StubFrontDoor(clock, [plain], guard=Guard(None, ["tcp:8080"], [KEY]))
+
+    refused = post(door, "/v1/embeddings", b"not even json")
+    allowed = post(door, "/v1/embeddings", {"model": "plain", "input": "x"},
+                   headers={"Authorization": f"Bearer {KEY}"})
+
+    assert_openai_error(refused, 401, "unauthorized")
+    assert refused.header("WWW-Authenticate") == 'Bearer realm="aibackend"'
+    assert allowed.status == 200, allowed.body
+
+
+@pytest.mark.parametrize("answer", [
+    "a text \ud800 with a lone surrogate",
+    {"content": "counted", "usage": {"prompt_tokens": 123456789012345678901234567890, "completion_tokens": 1}},
+    {"finish_reason": "length"},
+])
+def test_a_stream_made_of_a_whole_answer_says_what_the_plain_answer_says(door, plain, answer):
+    """One reading of the model's answer for both (Completions.read): its text, finish_reason and usage."""
+    plain.answers(200, json.dumps(answer).encode())
+    whole = post(door, "/v1/chat/completions", {**CHAT, "model": "plain"}).json()
+    events = openai_events(post(door, "/v1/chat/completions", {**CHAT, "model": "plain", "stream": True,
+                                                                "stream_options": {"include_usage": True}}).body)
+
+    choice = whole["choices"][0]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == choice["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert events[-1]["usage"] == whole["usage"]
+
+
+# --- reading JSON: orjson first, json's word where they differ -----------------------------------
+
+SPECIAL_TEXTS = [
+    b'{"seed": 123456789012345678901234567890}', b'{"a": 18446744073709551616}', b'{"a": -9223372036854775809}',
+    b'{"phone": "12345678901234567890"}', b'{"a": 1e999}', b'{"a": -1e400}', b'{"a": 1e-400}', b'{"a": NaN}',
+    b'{"a": Infinity}', b'{"a": "\\ud800"}', b'{"a": "x\x01"}', b"\xef\xbb\xbf{}", b"\xff\xfe", b'{"a": 1, "a": 2}',
+    b"[" * 513 + b"]" * 513, b"[" * 512 + b"]" * 512, b"[" * 1100 + b"]" * 1100, b'{"a": -0, "b": -0.0, "c": 1E5}',
+    b"", b"  ", b'{"a":1}\x0c', b'"\\u00e9\xc3\xa9"', b"01", b"1.", b"[1,]",
+]
+
+
+def _read(read, text):
+    try:
+        return "value", repr(read(text))
+    except JSONProblem as e:
+        return "refused", str(e)
+
+
+@pytest.mark.parametrize("text", SPECIAL_TEXTS)
+def test_read_strict_reads_what_json_reads_the_same(text):
+    assert _read(lambda t: read_strict(t, "the body"), text) == _read(
+        lambda t: read_json(t, "the body", finite=True), text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json_values, spaces=st.booleans())
+def test_read_strict_reads_any_json_as_json_does(value, spaces):
+    text = json.dumps(value, separators=(", ", ": ") if spaces else (",", ":"), ensure_ascii=spaces).encode()
+    assert _read(lambda t: read_strict(t, "the body"), text) == _read(
+        lambda t: read_json(t, "the body", finite=True), text)
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"error": {"message": "it broke", "type": "x"}}, "it broke"),
+    ({"error": {"message": ""}}, ""),
+    ({"error": "v2's words"}, "v2's words"),
+    ({"error": {"message": 5}}, None),
+    ({"error": 5}, None),
+    ({"message": "no error key"}, None),
+    (["error"], None),
+    (None, None),
+])
+def test_error_message_is_the_words_of_an_error_document(document, message):
+    assert errors.error_message(document) == message
