@@ -191,14 +191,18 @@ class ModelBusy(ModelUnavailable):
 class ModelError(ApiError):
     """
     A model's own error answer (a 4xx or 5xx), said in the front door's shape: the
-    model's status and words (L{error_message}), type C{model_error}.
+    model's status and words (L{error_message}), type C{model_error} unless the model
+    said its own (a subprocess model's C{error} line, whose type the daemon gave it).
     """
 
     type = "model_error"
 
-    def __init__(self, status: int, message: str, *, model: str | None = None, headers=None):
+    def __init__(self, status: int, message: str, *, model: str | None = None, headers=None,
+                 kind: str | None = None):
         super().__init__(message, model=model, headers=headers)
         self.status = status
+        if kind is not None:
+            self.type = kind
 
 
 class BadGateway(ApiError):

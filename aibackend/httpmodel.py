@@ -49,7 +49,7 @@ from aibackend.client import LeanClient, ResponseTooLarge
 from aibackend.config import expand_env, read_key_file
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
-from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
+from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelError, ModelUnavailable, error_message
 from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, IStreaming, ModelAnswer
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.limits import ConcurrencyLimit
@@ -247,23 +247,17 @@ class BytesBody:
         pass
 
 
-class UpstreamError(ApiError):
+class UpstreamError(ModelError):
     """
     An HTTP model's own 4xx or 5xx JSON answer to a stream request (before any chunk):
     answered as a plain request's is, the model's body with its status (and its
     C{Retry-After}), instead of the daemon's error document.
     """
 
-    type = "model_error"
-
     def __init__(self, answer: ModelAnswer, model_id: str):
         self.document = json.loads(answer.body)
-        error = self.document.get("error") if isinstance(self.document, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-        elif isinstance(error, str):
-            message = error
-        else:
+        message = error_message(self.document)
+        if message is None:
             message = f"model {model_id!r} answered status {answer.status}"
         headers = {}
         for name, value in answer.headers.items():
@@ -271,8 +265,7 @@ class UpstreamError(ApiError):
                 headers[name.decode("ascii")] = value.decode("ascii")
             except UnicodeDecodeError:
                 pass
-        super().__init__(message, model=model_id, headers=headers)
-        self.status = answer.status
+        super().__init__(answer.status, message, model=model_id, headers=headers)
 
     def as_json(self, request_id):
         return self.document
@@ -281,16 +274,14 @@ class UpstreamError(ApiError):
 def in_own_shape(failure):
     """
     An errback for a front door whose errors have a shape of their own (an adapted model
-    on C{/v1} or C{/v2}): an L{UpstreamError} becomes a plain L{ApiError} with the same
+    on C{/v1} or C{/v2}): an L{UpstreamError} becomes a plain L{ModelError} with the same
     status, words and C{Retry-After}, so that the front door's shape renders it; the
     model's own document is passed on only where the protocol is the model's (C{/post},
     native models).
     """
     if failure.check(UpstreamError):
         upstream = failure.value
-        error = ApiError(upstream.message, model=upstream.model, headers=upstream.headers)
-        error.status, error.type = upstream.status, upstream.type
-        raise error
+        raise ModelError(upstream.status, upstream.message, model=upstream.model, headers=upstream.headers)
     return failure
 
 

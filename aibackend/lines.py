@@ -24,7 +24,7 @@ import json
 import re
 from collections import OrderedDict
 
-from aibackend.errors import ApiError, BadGateway
+from aibackend.errors import BadGateway, ModelError
 from aibackend.interfaces import ModelAnswer
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.logs import normalize_level
@@ -91,24 +91,12 @@ def output_text(message: dict, line: bytes, key: str = "output") -> bytes:
     return json.dumps(json.loads(line.decode("utf-8"))[key], allow_nan=False).encode()
 
 
-class ModelError(ApiError):
-    """
-    A model's C{error} line as a stream's failure: the status, type and message a plain
-    request would have been answered with.
-    """
-
-    def __init__(self, message: str, *, status: int, kind: str, model: str):
-        super().__init__(message, model=model)
-        self.status = status
-        self.type = kind
-
-
 def stream_result(answer: ModelAnswer):
     """What a stream's Deferred fires with: the output's JSON text, None (done), or its error."""
     if answer.status < 400:
         return answer.body
     error = json.loads(answer.body)["error"]
-    raise ModelError(error["message"], status=answer.status, kind=error["type"], model=error.get("model"))
+    raise ModelError(answer.status, error["message"], kind=error["type"], model=error.get("model"))
 
 
 class Gathered:

@@ -46,7 +46,8 @@ from zope.interface import implementer
 from aibackend import errors
 from aibackend.client import DRAIN_SECONDS
 from aibackend.jsonread import NotClientJSON, model_json
-from aibackend.lines import Gathered, ModelError
+from aibackend.errors import ModelError
+from aibackend.lines import Gathered
 
 SNIPPET = 200
 
@@ -132,7 +133,7 @@ def upstream_error(value, text: bytes, model_id: str) -> errors.ApiError:
         status = error.get("status")
         if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
             status = STATUSES.get(kind, 502)
-        return ModelError(error["message"], status=status, kind=kind, model=model_id)
+        return ModelError(status, error["message"], kind=kind, model=model_id)
     if isinstance(error, str):
         return errors.BadGateway(f"model {model_id!r} sent an error: {error}", model=model_id)
     return errors.BadGateway(f"model {model_id!r} sent an error event: {snippet(text)}", model=model_id)

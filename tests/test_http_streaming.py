@@ -23,7 +23,7 @@ from aibackend.config import HttpModelSpec
 from aibackend.errors import BadGateway, GatewayTimeout, ModelUnavailable
 from aibackend.httpmodel import STREAM_ACCEPT, HttpModel, UpstreamError
 from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
-from aibackend.lines import ModelError
+from aibackend.errors import ModelError
 from aibackend.streambody import DRAIN_SECONDS, BadStream, EventStream, JsonLines, UpstreamFlow, gather
 from aibackend.testing import (
     Daemon, HeldModelServer, RecordingChunks, StreamingModelServer, Streamed, failure_of, has_fired,
