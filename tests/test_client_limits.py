@@ -134,20 +134,22 @@ max_connections = 200
             sock.close()
 
 
-def test_sigterm_lets_the_request_in_flight_finish(daemon):
+def slow_request_with_the_model(daemon, seconds: float):
+    """A request the model takes C{seconds} over, in a thread, once the model has it: the thread and its result."""
     result = {}
 
     def slow():
-        result["reply"] = daemon.predict("slow", {"op": "sleep", "seconds": 1.5}, timeout=15)
+        result["reply"] = daemon.predict("slow", {"op": "sleep", "seconds": seconds}, timeout=15)
 
     thread = threading.Thread(target=slow)
     thread.start()
-    deadline = time.monotonic() + 5
-    while not any("request" in line or "predict" in line for line in daemon.lines[-5:]):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # the request is with the model
+    wait_until(lambda: 'aibackend_model_in_flight{model="slow"} 1.0' in daemon.request("GET", "/metrics").body.decode(),
+               10, "the request with the model")
+    return thread, result
+
+
+def test_sigterm_lets_the_request_in_flight_finish(daemon):
+    thread, result = slow_request_with_the_model(daemon, 1.5)
     started = time.monotonic()
     daemon.terminate()
     thread.join(15)
@@ -156,15 +158,7 @@ def test_sigterm_lets_the_request_in_flight_finish(daemon):
 
 
 def test_a_second_sigterm_while_draining_changes_nothing(daemon):
-    result = {}
-
-    def slow():
-        result["reply"] = daemon.predict("slow", {"op": "sleep", "seconds": 2}, timeout=15)
-
-    thread = threading.Thread(target=slow)
-    thread.start()
-    wait_until(lambda: 'aibackend_model_in_flight{model="slow"} 1.0' in daemon.request("GET", "/metrics").body.decode(),
-               10, "the request with the model")
+    thread, result = slow_request_with_the_model(daemon, 2)
     daemon.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     daemon.send_signal(signal.SIGTERM)
