@@ -268,3 +268,31 @@ class Batcher:
             forming.remove(waiting)
             self._reschedule()
             self._emptied()
+
+
+class BatchingModel:
+    """
+    What every batching model shares (a mixin before the model's own class, which
+    provides C{limit}, C{describe} and L{aibackend.interfaces.IBatching}'s C{admit} and
+    C{send_batch}): the L{Batcher} in front of it, which takes its plain requests, its
+    idleness (no request waits to be batched either), and its batching's part of C{status}.
+    """
+
+    def start_batching(self, spec, clock, timeout: float) -> None:
+        """Put a L{Batcher} in front of the model: C{spec}, its C{[models.batching]}."""
+        self.batching = spec
+        self.batcher = Batcher(self, spec, clock, timeout)
+        self.batch_stats = self.batcher.stats
+
+    def send(self, body: bytes, context) -> Deferred:
+        return self.batcher.send(body, context)
+
+    def whenIdle(self) -> Deferred:
+        """Idle: no request waits to be batched, and none is queued or in flight."""
+        if not self.batcher.waiting:
+            return self.limit.when_idle()
+        return self.batcher.when_empty().addCallback(lambda _: self.whenIdle())
+
+    def describe_batching(self) -> dict:
+        """The C{batching} of the model's C{status}: its settings and figures."""
+        return {**self.batching.public(), **self.batch_stats.describe(), "waiting": self.batcher.waiting}

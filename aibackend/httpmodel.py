@@ -19,6 +19,10 @@ A native v2 server's C{generate_stream} (the Open Inference Protocol's generate
 extension, on its own route) says an error after its first event as one more event,
 C{data: {"error": "..."}}: that event ends the stream as the server's error (a 502
 carrying its words), not as one more chunk.
+
+An HTTP model with C{[models.batching]} is a L{BatchingHttpModel}: its plain requests wait
+in a L{aibackend.batching.Batcher}, and each batch is one POST of a JSON array of their
+bodies to the batching C{url}, answered by an array of their answers in the same order.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
+import orjson
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -45,12 +50,15 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
+from aibackend.batching import BatchingModel
 from aibackend.client import LeanClient, ResponseTooLarge
 from aibackend.config import expand_env, read_key_file
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
-from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelUnavailable
-from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, IStreaming, ModelAnswer
+from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelBusy, ModelUnavailable
+from aibackend.interfaces import (
+    READY, STOPPED, IBatching, IModel, IReplicated, IRestartable, IStreaming, ModelAnswer,
+)
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.limits import ConcurrencyLimit
 from aibackend.logs import ModelLog
@@ -434,6 +442,8 @@ class HttpModel(Service):
 
     @classmethod
     def from_spec(cls, spec, deps):
+        if spec.batching is not None and cls is HttpModel:
+            cls = BatchingHttpModel
         return cls(
             spec,
             reactor=deps.reactor,
@@ -895,3 +905,247 @@ class HttpModel(Service):
             raise BadGateway(f"model {model!r} closed the connection before answering in full", model=model)
         self.log.failure("model {model} failed in an unexpected way", failure, model=model)
         raise BadGateway(f"model {model!r} failed: {failure.getErrorMessage()}", model=model)
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def batch_route(replica: Replica, url: str) -> Replica:
+    """
+    Where a batch for C{replica}'s server is POSTed (C{[models.batching] url}): a path on
+    that server, or a whole URL. (A L{Replica} only for its C{head} and C{uri}: the
+    replica's own one is ejected, counted, picked.)
+    """
+    if url.startswith("/"):
+        base = replica.url
+        url = base.replace(path=(), query=(), fragment="").to_text().rstrip("/") + url
+    return Replica(url)
+
+
+def answer_bytes(element) -> bytes:
+    """One element of a batch's answer, as the JSON text of its request's answer."""
+    try:
+        return orjson.dumps(element)
+    except TypeError:  # an integer past 64 bits: json writes it
+        return json.dumps(element, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class HttpBatch:
+    """
+    A batch of a L{BatchingHttpModel} in one exchange: each request's Deferred (L{deferreds},
+    in order), its deadline's timer when it comes before the exchange's (the latest of the
+    batch's), and the exchange.
+
+    A request cancelled (its client left) fails alone; the exchange is abandoned only once
+    every request of the batch is gone.
+    """
+
+    __slots__ = ("model", "deferreds", "live", "timers", "open", "exchange")
+
+    def __init__(self, model, items: list, now: float, latest: float):
+        self.model = model
+        self.open = len(items)
+        self.live = [True] * len(items)  # not cancelled, not timed out
+        self.exchange = None
+        self.deferreds = [Deferred(self._cancelled) for _ in items]
+        clock = model._clock
+        self.timers = [
+            None if item.deadline >= latest else clock.callLater(max(item.deadline - now, 0), self._timed_out, index)
+            for index, item in enumerate(items)
+        ]
+
+    def _gone(self, index: int) -> None:
+        self.live[index] = False
+        timer = self.timers[index]
+        if timer is not None:
+            self.timers[index] = None
+            if timer.active():
+                timer.cancel()
+        self.open -= 1
+        if not self.open and self.exchange is not None:
+            self.exchange.cancel()
+
+    def _cancelled(self, deferred: Deferred) -> None:
+        self._gone(self.deferreds.index(deferred))  # the Deferred fails with CancelledError
+
+    def _timed_out(self, index: int) -> None:
+        self.timers[index] = None
+        model = self.model
+        model.failures += 1
+        d = self.deferreds[index]
+        self._gone(index)
+        d.errback(GatewayTimeout(f"model {model.model_id!r} did not answer within {model.spec.timeout:g} s "
+                                 f"(the request waited to be batched, and for its batch's answer)",
+                                 model=model.model_id))
+
+    def settle(self, result) -> None:
+        """The exchange's outcome (a L{ModelAnswer} or a failure): each request still waiting gets its share."""
+        for timer in self.timers:
+            if timer is not None and timer.active():
+                timer.cancel()
+        live = self.live
+        waiting = [d for index, d in enumerate(self.deferreds) if live[index] and not d.called]
+        self.open = 0
+        if not waiting:
+            return  # each was cancelled or timed out already (and the exchange abandoned)
+        model = self.model
+        if isinstance(result, Failure):
+            model.failures += len(waiting) - 1  # the exchange's failure counted once already
+            for d in waiting:
+                d.errback(result.value)
+            return
+        if result.status >= 300:  # the model's own error answers every request of the batch
+            if result.status >= 400:
+                model.failures += len(waiting) - 1
+            for d in waiting:
+                d.callback(result)
+            return
+        answers = model_json(result.body)
+        count = len(self.deferreds)
+        if type(answers) is not list or len(answers) != count:
+            model.failures += len(waiting)
+            said = (f"a JSON {type_of(answers)}" if type(answers) is not list
+                    else f"{len(answers)} answers")
+            error = BadGateway(f"model {model.model_id!r} answered a batch of {count} requests with {said} "
+                               f"(a batch is answered by a JSON array of one answer per request, in order)",
+                               model=model.model_id)
+            for d in waiting:
+                d.errback(error)
+            return
+        status = result.status
+        for index, element in enumerate(answers):
+            d = self.deferreds[index]
+            if live[index] and not d.called:
+                d.callback(ModelAnswer(status=status, body=answer_bytes(element)))
+
+
+def type_of(value) -> str:
+    """The JSON name of a value's type, for errors."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool) or value is None:
+        return "literal"
+    return "number"
+
+
+@implementer(IBatching)
+class BatchingHttpModel(BatchingModel, HttpModel):
+    """
+    An HTTP model with C{[models.batching]}: its plain requests (C{POST /post/predict})
+    wait in a L{aibackend.batching.Batcher}, and each batch is one POST of C{[body, ...]}
+    (each request's body as it would be sent alone) to the batching C{url}, through the
+    model's own client (its replicas, headers, timeout, destination policy); the answer is
+    a JSON array of one answer per request, in order (L{HttpBatch.settle}). A batch takes
+    one of the model's C{max_concurrency} places. Requests to its server's other routes
+    (the Open Inference Protocol's, a native OpenAI server's) and streams are never batched.
+    """
+
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
+        self.start_batching(spec.batching, self._clock, float(spec.timeout))
+        self._batch_routes = {replica: batch_route(replica, spec.batching.url) for replica in self.replicas}
+        self.queued_items = 0  # requests of the batches waiting for a place
+        self.queued_batches = 0  # those batches (the rest of the limit's queue: other routes' requests)
+
+    def send(self, body: bytes, context) -> Deferred[ModelAnswer]:
+        if context.path is None:
+            return self.batcher.send(body, context)
+        return HttpModel.send(self, body, context)
+
+    @property
+    def queued(self) -> int:
+        return self.batcher.waiting + self.queued_items + len(self.limit.queue) - self.queued_batches
+
+    def admit(self, waiting: int) -> None:
+        if self.server is not None and self._state.value != READY:
+            raise self._not_ready()
+        queued = waiting + self.queued_items
+        if queued >= self.spec.max_queue:
+            self.limit.shed += 1
+            raise ModelBusy(f"model {self.model_id!r} is busy: {queued} requests are waiting to be batched or "
+                            f"for a place (max_queue)", model=self.model_id, retry_after=1)
+
+    def send_batch(self, items: list) -> list:
+        if self.server is not None and self._state.value != READY:
+            error = self._not_ready()
+            return [fail(error) for _ in items]
+        clock = self._clock
+        now = clock.seconds()
+        latest = max(item.deadline for item in items)
+        batch = HttpBatch(self, items, now, latest)
+        body = b"[" + b",".join([item.body for item in items]) + b"]"
+        request_ids = ", ".join([item.context.request_id for item in items]).encode("ascii")
+        count = len(items)
+        limit = self.limit
+        if limit.has_room():
+            exchange = self._post_batch(body, request_ids, count, latest)
+        else:
+            self.queued_items += count
+            self.queued_batches += 1
+            exchange = limit.wait_for_place(max(latest - now, 0), clock)
+            exchange.addBoth(self._placed, count)
+            exchange.addCallback(lambda _: self._post_batch(body, request_ids, count, latest))
+        batch.exchange = exchange
+        exchange.addBoth(batch.settle)
+        return batch.deferreds
+
+    def _placed(self, result, count: int):
+        self.queued_items -= count
+        self.queued_batches -= 1
+        return result
+
+    def _post_batch(self, body: bytes, request_ids: bytes, count: int, deadline: float,
+                    tried: tuple = ()) -> Deferred[ModelAnswer]:
+        left = deadline - self._clock.seconds()
+        if left <= 0:
+            return fail(self.limit.place_timeout(self.spec.timeout))
+        replica = self._pick(tried)
+        if replica is None:
+            return fail(self.replica_set.none_left())
+        if not tried:
+            self.batch_stats.sent(count)
+        d = self._batch_attempt(replica, body, request_ids, count, left)
+        if self.replica_set.several:
+
+            def elsewhere(failure):
+                # As L{_post}: only a batch that reached no replica is sent to another.
+                failure.trap(ReplicaRefused)
+                if self._pick(tried + (replica,)) is None:
+                    return failure
+                return self._post_batch(body, request_ids, count, deadline, tried + (replica,))
+
+            d.addErrback(elsewhere)
+        return d
+
+    def _batch_attempt(self, replica: Replica, body: bytes, request_ids: bytes, count: int,
+                       left: float) -> Deferred[ModelAnswer]:
+        """As L{_attempt}: one exchange, the batch's, to the replica's batch route (the lean client)."""
+        self.limit.in_flight += 1
+        self.requests += count
+        replica.in_flight += 1
+        route = self._batch_routes[replica]
+        try:
+            head = (
+                route.head, self._header_block, b"X-Request-Id: ", request_ids,
+                b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
+            )
+            data = b"".join((*head, body)) if len(body) < LARGE else (b"".join(head), body)
+            d = self._lean.request(route.uri, data, self.spec.max_response_bytes)
+        except Exception:
+            d = fail()
+        d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
+        d.addBoth(self._replica_outcome, replica)
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(replica,))
+        d.addBoth(self.limit.finished)
+        return d
+
+    def stopService(self):
+        self.batcher.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+        return super().stopService()
+
+    def describe(self) -> dict:
+        described = super().describe()
+        described["batching"] = self.describe_batching()
+        return described

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import alsoProvides, implementer
 
-from aibackend.batching import Batcher
+from aibackend.batching import BatchingModel
 from aibackend.errors import BadGateway, GatewayTimeout, ModelBusy, ModelUnavailable
 from aibackend.interfaces import STOPPED, IBatching, IModel, IRestartable, IStreaming
 from aibackend.limits import ConcurrencyLimit
@@ -472,7 +472,7 @@ class Batch:
 
 
 @implementer(IBatching)
-class BatchingSubprocessModel(SubprocessModel):
+class BatchingSubprocessModel(BatchingModel, SubprocessModel):
     """
     A C{jsonl} subprocess model with C{[models.batching]}: plain requests wait in a
     L{aibackend.batching.Batcher}, whose batches go to a process in one
@@ -484,17 +484,12 @@ class BatchingSubprocessModel(SubprocessModel):
 
     def __init__(self, spec, **kwargs):
         super().__init__(spec, **kwargs)
-        self.batching = spec.batching
-        self.batcher = Batcher(self, spec.batching, self.clock, float(spec.timeout))
-        self.batch_stats = self.batcher.stats
+        self.start_batching(spec.batching, self.clock, float(spec.timeout))
         self.places: dict = {}  # process -> messages (batches, streams) in flight there
         self.queued_items = 0  # requests of the batches in the queue
         self.queued_batches = 0  # batches in the queue (the rest of it is streams)
 
     # --- IBatching --------------------------------------------------------------------
-
-    def send(self, body: bytes, context) -> Deferred:
-        return self.batcher.send(body, context)
 
     @property
     def queued(self) -> int:
@@ -548,16 +543,9 @@ class BatchingSubprocessModel(SubprocessModel):
             self._assign(process, batch)
         return [pending.deferred for pending in pendings]
 
-    def whenIdle(self) -> Deferred:
-        """Idle: no request waits to be batched, and none is queued or in flight."""
-        if not self.batcher.waiting:
-            return self.limit.when_idle()
-        return self.batcher.when_empty().addCallback(lambda _: self.whenIdle())
-
     def describe(self) -> dict:
         described = super().describe()
-        described["batching"] = {**self.batching.public(), **self.batch_stats.describe(),
-                                 "waiting": self.batcher.waiting}
+        described["batching"] = self.describe_batching()
         return described
 
     # --- places: a batch or a stream holds one --------------------------------------------
