@@ -50,7 +50,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
-from aibackend.batching import BatchingModel
+from aibackend.batching import BatchingModel, OneCall
 from aibackend.client import LeanClient, ResponseTooLarge
 from aibackend.config import expand_env, read_key_file
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
@@ -930,93 +930,16 @@ def answer_bytes(element) -> bytes:
         return json.dumps(element, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-class HttpBatch:
-    """
-    A batch of a L{BatchingHttpModel} in one exchange: each request's Deferred (L{deferreds},
-    in order), its deadline's timer when it comes before the exchange's (the latest of the
-    batch's), and the exchange.
-
-    A request cancelled (its client left) fails alone; the exchange is abandoned only once
-    every request of the batch is gone.
-    """
-
-    __slots__ = ("model", "deferreds", "live", "timers", "open", "exchange")
-
-    def __init__(self, model, items: list, now: float, latest: float):
-        self.model = model
-        self.open = len(items)
-        self.live = [True] * len(items)  # not cancelled, not timed out
-        self.exchange = None
-        self.deferreds = [Deferred(self._cancelled) for _ in items]
-        clock = model._clock
-        self.timers = [
-            None if item.deadline >= latest else clock.callLater(max(item.deadline - now, 0), self._timed_out, index)
-            for index, item in enumerate(items)
-        ]
-
-    def _gone(self, index: int) -> None:
-        self.live[index] = False
-        timer = self.timers[index]
-        if timer is not None:
-            self.timers[index] = None
-            if timer.active():
-                timer.cancel()
-        self.open -= 1
-        if not self.open and self.exchange is not None:
-            self.exchange.cancel()
-
-    def _cancelled(self, deferred: Deferred) -> None:
-        self._gone(self.deferreds.index(deferred))  # the Deferred fails with CancelledError
-
-    def _timed_out(self, index: int) -> None:
-        self.timers[index] = None
-        model = self.model
-        model.failures += 1
-        d = self.deferreds[index]
-        self._gone(index)
-        d.errback(GatewayTimeout(f"model {model.model_id!r} did not answer within {model.spec.timeout:g} s "
-                                 f"(the request waited to be batched, and for its batch's answer)",
-                                 model=model.model_id))
-
-    def settle(self, result) -> None:
-        """The exchange's outcome (a L{ModelAnswer} or a failure): each request still waiting gets its share."""
-        for timer in self.timers:
-            if timer is not None and timer.active():
-                timer.cancel()
-        live = self.live
-        waiting = [d for index, d in enumerate(self.deferreds) if live[index] and not d.called]
-        self.open = 0
-        if not waiting:
-            return  # each was cancelled or timed out already (and the exchange abandoned)
-        model = self.model
-        if isinstance(result, Failure):
-            model.failures += len(waiting) - 1  # the exchange's failure counted once already
-            for d in waiting:
-                d.errback(result.value)
-            return
-        if result.status >= 300:  # the model's own error answers every request of the batch
-            if result.status >= 400:
-                model.failures += len(waiting) - 1
-            for d in waiting:
-                d.callback(result)
-            return
-        answers = model_json(result.body)
-        count = len(self.deferreds)
-        if type(answers) is not list or len(answers) != count:
-            model.failures += len(waiting)
-            said = (f"a JSON {type_of(answers)}" if type(answers) is not list
-                    else f"{len(answers)} answers")
-            error = BadGateway(f"model {model.model_id!r} answered a batch of {count} requests with {said} "
-                               f"(a batch is answered by a JSON array of one answer per request, in order)",
-                               model=model.model_id)
-            for d in waiting:
-                d.errback(error)
-            return
-        status = result.status
-        for index, element in enumerate(answers):
-            d = self.deferreds[index]
-            if live[index] and not d.called:
-                d.callback(ModelAnswer(status=status, body=answer_bytes(element)))
+def split_array(answer: ModelAnswer, count: int, model_id: str) -> list:
+    """A batch's 2xx answer: a JSON array of one answer per request, in order (L{OneCall}'s split)."""
+    answers = model_json(answer.body)  # strict JSON already (L{HttpModel._answered})
+    if type(answers) is not list or len(answers) != count:
+        said = f"a JSON {type_of(answers)}" if type(answers) is not list else f"{len(answers)} answers"
+        raise BadGateway(f"model {model_id!r} answered a batch of {count} requests with {said} "
+                         f"(a batch is answered by a JSON array of one answer per request, in order)",
+                         model=model_id)
+    status = answer.status
+    return [ModelAnswer(status=status, body=answer_bytes(element)) for element in answers]
 
 
 def type_of(value) -> str:
@@ -1037,7 +960,7 @@ class BatchingHttpModel(BatchingModel, HttpModel):
     wait in a L{aibackend.batching.Batcher}, and each batch is one POST of C{[body, ...]}
     (each request's body as it would be sent alone) to the batching C{url}, through the
     model's own client (its replicas, headers, timeout, destination policy); the answer is
-    a JSON array of one answer per request, in order (L{HttpBatch.settle}). A batch takes
+    a JSON array of one answer per request, in order (L{split_array}). A batch takes
     one of the model's C{max_concurrency} places. Requests to its server's other routes
     (the Open Inference Protocol's, a native OpenAI server's) and streams are never batched.
     """
@@ -1051,17 +974,18 @@ class BatchingHttpModel(BatchingModel, HttpModel):
 
     def send(self, body: bytes, context) -> Deferred[ModelAnswer]:
         if context.path is None:
-            return self.batcher.send(body, context)
+            return BatchingModel.send(self, body, context)
         return HttpModel.send(self, body, context)
 
     @property
     def queued(self) -> int:
-        return self.batcher.waiting + self.queued_items + len(self.limit.queue) - self.queued_batches
+        return (self.batcher.waiting + self.keyed_waiting() + self.queued_items + len(self.limit.queue)
+                - self.queued_batches)
 
     def admit(self, waiting: int) -> None:
         if self.server is not None and self._state.value != READY:
             raise self._not_ready()
-        queued = waiting + self.queued_items
+        queued = waiting + self.keyed_waiting() + self.queued_items
         if queued >= self.spec.max_queue:
             self.limit.shed += 1
             raise ModelBusy(f"model {self.model_id!r} is busy: {queued} requests are waiting to be batched or "
@@ -1074,10 +998,11 @@ class BatchingHttpModel(BatchingModel, HttpModel):
         clock = self._clock
         now = clock.seconds()
         latest = max(item.deadline for item in items)
-        batch = HttpBatch(self, items, now, latest)
+        count = len(items)
+        model_id = self.model_id
+        batch = OneCall(self, items, clock, latest, lambda answer: split_array(answer, count, model_id))
         body = b"[" + b",".join([item.body for item in items]) + b"]"
         request_ids = ", ".join([item.context.request_id for item in items]).encode("ascii")
-        count = len(items)
         limit = self.limit
         if limit.has_room():
             exchange = self._post_batch(body, request_ids, count, latest)
@@ -1142,7 +1067,7 @@ class BatchingHttpModel(BatchingModel, HttpModel):
         return d
 
     def stopService(self):
-        self.batcher.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+        self.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
         return super().stopService()
 
     def describe(self) -> dict:

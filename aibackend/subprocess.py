@@ -493,7 +493,7 @@ class BatchingSubprocessModel(BatchingModel, SubprocessModel):
 
     @property
     def queued(self) -> int:
-        return self.batcher.waiting + self._waiting_for_a_place()
+        return self.batcher.waiting + self.keyed_waiting() + self._waiting_for_a_place()
 
     def _waiting_for_a_place(self) -> int:
         """The requests in the queue: those of its batches, and its streams."""
@@ -505,7 +505,7 @@ class BatchingSubprocessModel(BatchingModel, SubprocessModel):
             self.requests += 1
             self.failures += 1
             raise self._unavailable()
-        queued = waiting + self._waiting_for_a_place()
+        queued = waiting + self.keyed_waiting() + self._waiting_for_a_place()
         if queued >= self.spec.max_queue:
             self.requests += 1
             self.failures += 1
@@ -657,7 +657,7 @@ class BatchingSubprocessModel(BatchingModel, SubprocessModel):
         super()._timed_out(pending)
 
     def pool_stopping(self) -> None:
-        self.batcher.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+        self.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
         super().pool_stopping()
 
     def _fail_queue(self, error) -> None:

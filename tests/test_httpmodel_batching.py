@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 from aibackend.config import ConfigError, HttpModelSpec, parse_config
 from aibackend.errors import BadGateway, GatewayTimeout, ModelBusy, ModelUnavailable
 from aibackend.httpmodel import BatchingHttpModel, HttpModel
+from aibackend.batching import TensorBatch
 from aibackend.httpspec import HttpBatchingSpec
 from aibackend.interfaces import IBatching, IModel, IStreaming, RequestContext
 from aibackend.testing import MemoryEndpoints, failure_of, has_fired, result_of
@@ -30,6 +31,8 @@ class BatchServer(Resource):
     A model server that records what it is sent and answers by path:
 
       /predict          200 {"alone": BODY}
+      /rows/double      200 {"y": each row of input x doubled, "n": the rows' count, for each row}
+      /rows/short       as /rows/double, one row fewer
       /batch/echo       200 [{"echo": ITEM, "of": N}, ...]
       /batch/short      200 one answer fewer than the batch's requests
       /batch/object     200 {"not": "an array"}
@@ -52,6 +55,11 @@ class BatchServer(Resource):
         parts = request.path.decode().strip("/").split("/")
         if parts[0] == "predict":
             return json.dumps({"alone": json.loads(body)}).encode()
+        if parts[0] == "rows":  # the model's url of the tensor cases: one output row per input row
+            rows = json.loads(body)["x"]
+            if parts[1] == "short":
+                rows = rows[1:]
+            return json.dumps({"y": [[2 * v for v in row] for row in rows], "n": [len(rows)] * len(rows)}).encode()
         items = json.loads(body)
         kind = parts[1]
         if kind == "echo":
@@ -93,9 +101,9 @@ def _close_models(clock):
 
 
 def make_model(clock, endpoints, batch_url="/batch/echo", *, max_batch_size=4, max_delay_ms=10,
-               **fields) -> BatchingHttpModel:
+               path="/predict", **fields) -> BatchingHttpModel:
     batching = HttpBatchingSpec(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, url=batch_url)
-    spec = HttpModelSpec(id="m", type="http", url=URL + "/predict", batching=batching, **fields)
+    spec = HttpModelSpec(id="m", type="http", url=URL + path, batching=batching, **fields)
     model = BatchingHttpModel(spec, reactor=clock, endpoints=endpoints, environ={})
     model.endpoints = endpoints
     MADE.append(model)
@@ -374,3 +382,96 @@ def test_an_answered_batch_leaves_no_timer_but_its_kept_alive_connection(clock, 
         result_of(d)
 
     assert [call.getTime() for call in clock.getDelayedCalls()] == [clock.seconds() + 120.0]
+
+
+# --- requests concatenated along their batch dimension (the Open Inference Protocol's) -------------
+
+KEY = ((("x", "FP32", (2,)),), "[null, null]")
+
+
+def ask_rows(model, request_id, rows, key=KEY):
+    """A request of C{rows} (each [a, b]) that batches with those of its key, as aibackend.v2 makes one."""
+    context = RequestContext(request_id=request_id, operation="infer", batch=TensorBatch(key, len(rows)))
+    return model.send(json.dumps({"x": rows}).encode(), context)
+
+
+def test_requests_of_one_key_are_one_call_of_all_their_rows_and_each_gets_its_own_rows_back(clock, stub, server):
+    model = make_model(clock, stub, path="/rows/double")
+
+    ds = [ask_rows(model, "a", [[1, 2]]), ask_rows(model, "b", [[3, 4], [5, 6]]), ask_rows(model, "c", [[7, 8]])]
+    assert model.queued == 3
+    clock.advance(0.011)
+    stub.flush()
+
+    [received] = server.received
+    assert received["path"] == "/rows/double"  # the model's own url: one request of all the rows
+    assert json.loads(received["body"]) == {"x": [[1, 2], [3, 4], [5, 6], [7, 8]]}
+    assert received["headers"][b"x-request-id"] == [b"a,b,c"]
+    assert [json.loads(result_of(d).body) for d in ds] == [
+        {"y": [[2, 4]], "n": [4]}, {"y": [[6, 8], [10, 12]], "n": [4, 4]}, {"y": [[14, 16]], "n": [4]}]
+    assert model.batch_stats.batches == 1 and model.batch_stats.size_sum == 3
+    assert model.keyed == {} and model.queued == 0
+    assert clock.getDelayedCalls()[0].getTime() == clock.seconds() + 120.0  # the kept-alive connection's alone
+    assert len(clock.getDelayedCalls()) == 1
+
+
+def test_requests_of_other_keys_or_without_one_are_never_concatenated_together(clock, stub, server):
+    model = make_model(clock, stub, path="/rows/double")
+    other = ((("x", "FP32", (3,)),), "[null, null]")
+    params = ((("x", "FP32", (2,)),), '[{"scale": 2}, null]')
+
+    ds = [ask_rows(model, "a", [[1, 2]]), ask_rows(model, "b", [[1, 2, 3]], other),
+          ask_rows(model, "c", [[3, 4]], params), ask_rows(model, "d", [[5, 6]]), ask(model, 9)]
+    assert len(model.keyed) == 3
+    clock.advance(0.011)
+    stub.flush()
+
+    bodies = sorted(r["body"] for r in server.received if r["path"] == "/rows/double")
+    assert bodies == sorted([b'{"x": [[1, 2], [5, 6]]}', b'{"x": [[1, 2, 3]]}', b'{"x": [[3, 4]]}'])
+    assert [json.loads(r["body"]) for r in server.received if r["path"] == "/batch/echo"] == [[{"x": 9}]]
+    assert json.loads(result_of(ds[3]).body) == {"y": [[10, 12]], "n": [2]}
+    assert json.loads(result_of(ds[1]).body) == {"y": [[2, 4, 6]], "n": [1]}
+    assert [result_of(d).status for d in (ds[0], ds[2], ds[4])] == [200] * 3
+    assert model.keyed == {}
+
+
+def test_an_answer_without_one_row_per_row_is_a_502_for_each_request(clock, stub):
+    model = make_model(clock, stub, path="/rows/short")
+
+    ds = [ask_rows(model, "a", [[1, 2]]), ask_rows(model, "b", [[3, 4]])]
+    clock.advance(0.011)
+    stub.flush()
+
+    errors = [failure_of(d, BadGateway).value for d in ds]
+    assert errors[0].message == (
+        "model 'm' answered a batch of 2 requests (2 rows) badly: output 'y' is a list of 1 rows for a batch "
+        "of 2 rows (each output has one row per row of the inputs, in order)")
+    assert model.failures == 2
+
+
+def test_a_request_of_a_concatenated_call_cancelled_fails_alone(clock, stub, server):
+    model = make_model(clock, stub, path="/rows/double")
+
+    ds = [ask_rows(model, "a", [[1, 2]]), ask_rows(model, "b", [[3, 4]])]
+    clock.advance(0.011)
+    ds[0].cancel()
+    failure_of(ds[0])
+    stub.flush()
+
+    assert json.loads(result_of(ds[1]).body) == {"y": [[6, 8]], "n": [2]}
+
+
+def test_requests_waiting_to_be_concatenated_count_in_max_queue(clock, stub):
+    model = make_model(clock, stub, path="/rows/double", max_queue=4)
+
+    ds = [ask_rows(model, "a", [[1, 2]]), ask(model, 1), ask_rows(model, "c", [[1, 2]], (("z",), "")),
+          ask_rows(model, "d", [[1, 2]])]
+    with pytest.raises(ModelBusy):
+        ask_rows(model, "e", [[1, 2]])
+    with pytest.raises(ModelBusy):
+        ask(model, 5)
+
+    assert len(model.keyed) == 2  # the refused one left no batcher behind
+    model.stopService()
+    assert all(isinstance(failure_of(d, ModelUnavailable).value, ModelUnavailable) for d in ds)
+    assert model.keyed == {}
