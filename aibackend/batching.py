@@ -410,6 +410,7 @@ class RowBatches:
             item = items[0]
             return [maybeDeferred(model.send_alone, item.body, item.context)]
         rows = [item.context.batch.rows for item in items]
+        model.requests += len(items) - 1  # one call, counted once by the model: the requests it answers
         context = RequestContext(request_id=",".join([item.context.request_id for item in items]),
                                  operation=items[0].context.operation)
         clock = model.batcher.clock
