@@ -64,3 +64,5 @@ def test_concurrent_requests_reach_the_http_model_in_batches_each_answered_as_it
     batching = daemon.status("batched").json()["batching"]
     assert batching["batches"] == len(server.sizes)
     assert batching["url"] == "/batch" and batching["waiting"] == 0
+    assert daemon.metric("aibackend_batch_size_count", model="batched") == len(server.sizes)
+    assert daemon.metric("aibackend_batch_size_sum", model="batched") == 32
