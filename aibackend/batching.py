@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.python.failure import Failure
 
 from aibackend.errors import ApiError, BadGateway, GatewayTimeout
-from aibackend.interfaces import BatchItem, ModelAnswer, RequestContext
+from aibackend.interfaces import BatchItem, ModelAnswer, RequestContext, RowsContext
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.tensors import TensorError, concat_rows, split_rows
 
@@ -285,7 +285,7 @@ class Batcher:
 class TensorBatch:
     """
     A request that is concatenated with others along its batch dimension (the Open
-    Inference Protocol's, L{aibackend.v2}: C{RequestContext.batch}): requests of one key
+    Inference Protocol's, L{aibackend.v2}: L{RowsContext}C{.batch}): requests of one key
     only share a batch, and the model gets one body of all their rows
     (L{aibackend.tensors.concat_rows}), whose answer is split back (L{RowBatches}).
 
@@ -452,9 +452,9 @@ class BatchingModel:
         self.keyed: dict = {}  # TensorBatch key -> its Batcher, while requests wait in it
 
     def send(self, body: bytes, context) -> Deferred:
-        tensor = context.batch
-        if tensor is None:
+        if type(context) is not RowsContext:
             return self.batcher.send(body, context)
+        tensor = context.batch
         batcher = self.keyed.get(tensor.key)
         if batcher is None:
             batcher = Batcher(RowBatches(self), self.batching, self.batcher.clock, self.batcher.timeout,

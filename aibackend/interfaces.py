@@ -36,15 +36,25 @@ class RequestContext:
         the Open Inference Protocol itself): the path segments to send to, under the
         server's base path, instead of the model's URL. Other model types ignore it.
     @ivar method: the HTTP method that goes with C{path}.
-    @ivar batch: for a batching model, an L{aibackend.batching.TensorBatch}: the request
-        is batched only with requests of the same key, their rows concatenated (the Open
-        Inference Protocol's batch dimension); None: batched as it is.
     """
 
     request_id: str
     operation: str = "predict"
     path: tuple | None = None
     method: bytes = b"POST"
+
+
+@dataclass(frozen=True, slots=True)
+class RowsContext(RequestContext):
+    """
+    The context of a request that a batching model concatenates with others along their
+    batch dimension (the Open Inference Protocol's, L{aibackend.v2}); a plain
+    L{RequestContext} keeps its fields, and the hot path its cost.
+
+    @ivar batch: its L{aibackend.batching.TensorBatch}: the request is batched only with
+        requests of the same key, their rows concatenated.
+    """
+
     batch: object = None
 
 

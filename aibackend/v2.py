@@ -36,7 +36,7 @@ from aibackend.api import cannot_stream
 from aibackend.generate import Answers, GenerateFraming, model_body
 from aibackend.httpmodel import in_own_shape
 from aibackend.batching import TensorBatch
-from aibackend.interfaces import FAILED, READY, IBatching, IStreaming, ModelAnswer, RequestContext
+from aibackend.interfaces import FAILED, READY, IBatching, IStreaming, ModelAnswer, RequestContext, RowsContext
 from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, batch_rows, output_tensor, read_input, reshape
 # Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
@@ -303,7 +303,9 @@ class OpenInference:
                                          path=self._upstream_path(model, version, ("infer",)))
                 return self._native_request(model, document), self._native_answer, context
             body, shape, batch = self._adapted_request(model, document)
-            return body, shape, RequestContext(request_id=request_id, operation="infer", batch=batch)
+            if batch is not None:
+                return body, shape, RowsContext(request_id=request_id, operation="infer", batch=batch)
+            return body, shape, RequestContext(request_id=request_id, operation="infer")
 
         d = self._work(prepare, maybeDeferred(_body_text, request))
         d.addErrback(relay.refused, entry, request_id, "infer", started)

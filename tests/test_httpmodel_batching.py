@@ -20,7 +20,7 @@ from aibackend.errors import BadGateway, GatewayTimeout, ModelBusy, ModelUnavail
 from aibackend.httpmodel import BatchingHttpModel, HttpModel
 from aibackend.batching import TensorBatch
 from aibackend.httpspec import HttpBatchingSpec
-from aibackend.interfaces import IBatching, IModel, IStreaming, RequestContext
+from aibackend.interfaces import IBatching, IModel, IStreaming, RequestContext, RowsContext
 from aibackend.testing import MemoryEndpoints, failure_of, has_fired, result_of
 
 URL = "http://model.test:9001"
@@ -391,7 +391,7 @@ KEY = ((("x", "FP32", (2,)),), "[null, null]")
 
 def ask_rows(model, request_id, rows, key=KEY):
     """A request of C{rows} (each [a, b]) that batches with those of its key, as aibackend.v2 makes one."""
-    context = RequestContext(request_id=request_id, operation="infer", batch=TensorBatch(key, len(rows)))
+    context = RowsContext(request_id=request_id, operation="infer", batch=TensorBatch(key, len(rows)))
     return model.send(json.dumps({"x": rows}).encode(), context)
 
 
