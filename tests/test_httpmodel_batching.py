@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from aibackend.config import ConfigError, HttpModelSpec, parse_config
 from aibackend.errors import BadGateway, GatewayTimeout, ModelBusy, ModelUnavailable
-from aibackend.httpmodel import BatchingHttpModel, HttpModel
+from aibackend.httpmodel import BatchingHttpModel, HttpModel, batch_route
 from aibackend.batching import TensorBatch
 from aibackend.httpspec import HttpBatchingSpec
 from aibackend.interfaces import IBatching, IModel, IStreaming, RequestContext, RowsContext
@@ -226,6 +226,17 @@ def test_a_whole_batch_url_is_posted_to_as_it_is(clock, stub, server):
 
     assert server.received[0]["path"] == "/batch/echo"
     assert json.loads(result_of(d).body) == {"echo": {"x": 0}, "of": 1}
+
+
+def test_a_batch_path_is_on_each_replicas_server_and_a_whole_url_as_it_is():
+    spec = HttpModelSpec(id="m", type="http", url="http://a.test:1/v1/predict?x=1",
+                         urls=("http://a.test:1/v1/predict?x=1", "https://b.test:2/p"),
+                         batching=HttpBatchingSpec(max_batch_size=2, url="/predict_batch"))
+    routes = [batch_route(replica, "/predict_batch") for replica in HttpModel(spec, reactor=None).replicas]
+
+    assert [route.uri for route in routes] == [b"http://a.test:1/predict_batch", b"https://b.test:2/predict_batch"]
+    assert routes[0].head == b"POST /predict_batch HTTP/1.1\r\nHost: a.test:1\r\n"
+    assert batch_route(routes[0], "http://c.test:3/b").uri == b"http://c.test:3/b"
 
 
 def test_requests_to_the_servers_other_routes_are_not_batched(clock, stub, server):
