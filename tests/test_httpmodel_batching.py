@@ -239,6 +239,19 @@ def test_a_batch_path_is_on_each_replicas_server_and_a_whole_url_as_it_is():
     assert batch_route(routes[0], "http://c.test:3/b").uri == b"http://c.test:3/b"
 
 
+def test_a_batch_refused_by_one_replica_goes_to_another(clock, stub, server):
+    stub.refused_ports[9001] = ierror.ConnectionRefusedError("refused")
+    model = make_model(clock, stub, urls=(URL + "/predict", "http://model.test:9002/predict"))
+
+    ds = sent_batch(model, clock, 2)
+
+    [received] = server.received
+    assert received["path"] == "/batch/echo" and received["headers"][b"host"] == [b"model.test:9002"]
+    assert model.replicas[0].failures == 1  # tried first, refused
+    assert [json.loads(result_of(d).body)["echo"] for d in ds] == [{"x": 0}, {"x": 1}]
+    assert model.batch_stats.batches == 1  # sent once, as far as its figures go
+
+
 def test_requests_to_the_servers_other_routes_are_not_batched(clock, stub, server):
     model = make_model(clock, stub)
 
