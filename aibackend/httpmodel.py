@@ -28,8 +28,10 @@ bodies to the batching C{url}, answered by an array of their answers in the same
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections import deque
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import orjson
@@ -942,6 +944,37 @@ def split_array(answer: ModelAnswer, count: int, model_id: str) -> list:
     return [ModelAnswer(status=status, body=answer_bytes(element)) for element in answers]
 
 
+def _raise(error: Exception):
+    raise error
+
+
+class WaitingBatch:
+    """A batch of a L{BatchingHttpModel} (its L{OneCall}) waiting for a place, or sent."""
+
+    __slots__ = ("items", "call", "waiter", "merged")
+
+    def __init__(self, items: list, call: OneCall):
+        self.items = items
+        self.call = call
+        self.waiter = None
+        self.merged = False  # sent with the batch before it
+
+
+class SharedExchange:
+    """The exchange of batches sent together, as each one's L{OneCall} sees it: abandoned once all of them are."""
+
+    __slots__ = ("exchange", "left")
+
+    def __init__(self, exchange: Deferred, count: int):
+        self.exchange = exchange
+        self.left = count
+
+    def cancel(self) -> None:
+        self.left -= 1
+        if not self.left:
+            self.exchange.cancel()
+
+
 def type_of(value) -> str:
     """The JSON name of a value's type, for errors."""
     if isinstance(value, dict):
@@ -969,8 +1002,8 @@ class BatchingHttpModel(BatchingModel, HttpModel):
         super().__init__(spec, **kwargs)
         self.start_batching(spec.batching, self._clock, float(spec.timeout))
         self._batch_routes = {replica: batch_route(replica, spec.batching.url) for replica in self.replicas}
-        self.queued_items = 0  # requests of the batches waiting for a place
-        self.queued_batches = 0  # those batches (the rest of the limit's queue: other routes' requests)
+        self.waiting_batches: deque = deque()  # batches waiting for a place (WaitingBatch), first come first
+        self.queued_items = 0  # their requests
 
     def send(self, body: bytes, context) -> Deferred[ModelAnswer]:
         if context.path is None:
@@ -980,7 +1013,7 @@ class BatchingHttpModel(BatchingModel, HttpModel):
     @property
     def queued(self) -> int:
         return (self.batcher.waiting + self.keyed_waiting() + self.queued_items + len(self.limit.queue)
-                - self.queued_batches)
+                - len(self.waiting_batches))
 
     def admit(self, waiting: int) -> None:
         if self.server is not None and self._state.value != READY:
@@ -996,30 +1029,82 @@ class BatchingHttpModel(BatchingModel, HttpModel):
             error = self._not_ready()
             return [fail(error) for _ in items]
         clock = self._clock
-        now = clock.seconds()
-        latest = max(item.deadline for item in items)
-        count = len(items)
-        model_id = self.model_id
-        batch = OneCall(self, items, clock, latest, lambda answer: split_array(answer, count, model_id))
-        body = b"[" + b",".join([item.body for item in items]) + b"]"
-        request_ids = ", ".join([item.context.request_id for item in items]).encode("ascii")
+        call = OneCall(self, items, clock, math.inf, None)  # each request's own deadline: a timer each
+        waiting = WaitingBatch(items, call)
         limit = self.limit
         if limit.has_room():
-            exchange = self._post_batch(body, request_ids, count, latest)
-        else:
-            self.queued_items += count
-            self.queued_batches += 1
-            exchange = limit.wait_for_place(max(latest - now, 0), clock)
-            exchange.addBoth(self._placed, count)
-            exchange.addCallback(lambda _: self._post_batch(body, request_ids, count, latest))
-        batch.exchange = exchange
-        exchange.addBoth(batch.settle)
-        return batch.deferreds
+            self._send_group([waiting])
+            return call.deferreds
+        self.waiting_batches.append(waiting)
+        self.queued_items += len(items)
+        latest = max(item.deadline for item in items)
+        waiter = waiting.waiter = limit.wait_for_place(max(latest - clock.seconds(), 0), clock)
+        waiter.addCallbacks(self._batch_placed, self._batch_not_placed, callbackArgs=(waiting,),
+                            errbackArgs=(waiting,))
+        call.exchange = waiter  # every request of it gone: it leaves the queue
+        return call.deferreds
 
-    def _placed(self, result, count: int):
-        self.queued_items -= count
-        self.queued_batches -= 1
-        return result
+    def _unqueue_batch(self, waiting: WaitingBatch) -> None:
+        self.waiting_batches.remove(waiting)
+        self.queued_items -= len(waiting.items)
+
+    def _batch_not_placed(self, failure, waiting: WaitingBatch) -> None:
+        if waiting.merged:
+            return  # its requests went with the batch before it
+        self._unqueue_batch(waiting)
+        waiting.call.settle(failure)  # its time ran out (504), or its requests are gone
+
+    def _batch_placed(self, _, waiting: WaitingBatch) -> None:
+        """A place freed: the batch goes, with those that waited after it, up to max_batch_size."""
+        self._unqueue_batch(waiting)
+        group, size = [waiting], len(waiting.items)
+        queue, max_size = self.waiting_batches, self.batching.max_batch_size
+        while queue and size + len(queue[0].items) <= max_size:
+            more = queue[0]
+            self._unqueue_batch(more)
+            more.merged = True
+            more.waiter.cancel()  # out of the limit's queue: the place is this one's
+            group.append(more)
+            size += len(more.items)
+        self._send_group(group)
+
+    def _send_group(self, group: list) -> None:
+        """POST the requests of one or more batches as one, and share its outcome out."""
+        items = [item for waiting in group for item in waiting.items]
+        body = b"[" + b",".join([item.body for item in items]) + b"]"
+        request_ids = ", ".join([item.context.request_id for item in items]).encode("ascii")
+        exchange = self._post_batch(body, request_ids, len(items), max(item.deadline for item in items))
+        if len(group) == 1:
+            call = group[0].call
+            model_id, count = self.model_id, len(items)
+            call.split = lambda answer: split_array(answer, count, model_id)
+            call.exchange = exchange
+            exchange.addBoth(call.settle)
+            return
+        shared = SharedExchange(exchange, len(group))
+        for waiting in group:
+            waiting.call.exchange = shared
+        exchange.addBoth(self._share_out, group, len(items))
+
+    def _share_out(self, result, group: list, count: int) -> None:
+        """The outcome of batches sent together: each its part (an error for every one of them alike)."""
+        if isinstance(result, Failure) or result.status >= 400:
+            self.failures += len(group) - 1  # counted once by the exchange, and by each batch but one
+        if not isinstance(result, Failure) and result.status < 300:
+            try:
+                answers = split_array(result, count, self.model_id)
+            except ApiError as e:
+                error = e
+                for waiting in group:
+                    waiting.call.split = lambda answer: _raise(error)
+            else:
+                start = 0
+                for waiting in group:
+                    end = start + len(waiting.items)
+                    waiting.call.split = lambda answer, part=answers[start:end]: part
+                    start = end
+        for waiting in group:
+            waiting.call.settle(result)
 
     def _post_batch(self, body: bytes, request_ids: bytes, count: int, deadline: float,
                     tried: tuple = ()) -> Deferred[ModelAnswer]:

@@ -389,6 +389,77 @@ def test_with_max_concurrency_a_batch_waits_for_a_place_and_waiting_requests_cou
     assert model.queued == 0 and model.in_flight == 0
 
 
+def answer_held(server, stub, index, answers):
+    held = server.held[index]
+    held.write(json.dumps(answers).encode())
+    held.finish()
+    stub.flush()
+
+
+def test_batches_that_waited_for_a_place_go_together_up_to_max_batch_size(clock, stub, server):
+    model = make_model(clock, stub, "/batch/hang", max_concurrency=1, max_batch_size=4)
+
+    first = [ask(model, i) for i in range(4)]  # full: sent at once
+    second = [ask(model, 4)]
+    clock.advance(0.01)  # a batch of one leaves, and waits for the place
+    third = [ask(model, 5), ask(model, 6)]
+    clock.advance(0.01)
+    fourth = [ask(model, 7), ask(model, 8)]
+    clock.advance(0.01)
+    stub.flush()
+    assert len(server.held) == 1 and model.queued == 5
+
+    answer_held(server, stub, 0, [{"a": i} for i in range(4)])
+    assert [json.loads(result_of(d).body) for d in first] == [{"a": i} for i in range(4)]
+    # The two batches first in line go as one (1 + 2 requests); the next would make 5.
+    assert json.loads(server.received[1]["body"]) == [{"x": 4}, {"x": 5}, {"x": 6}]
+    assert server.received[1]["headers"][b"x-request-id"] == [b"r4, r5, r6"]
+    assert model.queued == 2 and model.batch_stats.batches == 2 and model.batch_stats.size_sum == 7
+
+    answer_held(server, stub, 1, [{"a": 4}, {"a": 5}, {"a": 6}])
+    assert [json.loads(result_of(d).body) for d in second + third] == [{"a": 4}, {"a": 5}, {"a": 6}]
+    assert json.loads(server.received[2]["body"]) == [{"x": 7}, {"x": 8}]
+    answer_held(server, stub, 2, [{"a": 7}])  # one answer short: a 502 for both of its requests
+    assert all(failure_of(d, BadGateway) for d in fourth)
+    assert model.queued == 0 and model.in_flight == 0
+
+
+def test_batches_sent_together_are_abandoned_only_once_all_their_requests_are_gone(clock, stub, server):
+    model = make_model(clock, stub, "/batch/hang", max_concurrency=1, max_batch_size=4)
+
+    first = [ask(model, i) for i in range(4)]
+    second = [ask(model, 4)]
+    clock.advance(0.01)
+    third = [ask(model, 5)]
+    clock.advance(0.01)
+    stub.flush()
+    answer_held(server, stub, 0, [{"a": i} for i in range(4)])
+    for d in first:
+        result_of(d)
+    assert json.loads(server.received[1]["body"]) == [{"x": 4}, {"x": 5}]
+
+    second[0].cancel()
+    failure_of(second[0])
+    stub.flush()
+    assert not server.held[1]._disconnected
+    answer_held(server, stub, 1, [{"a": 4}, {"a": 5}])
+    assert json.loads(result_of(third[0]).body) == {"a": 5}
+
+
+def test_a_batch_that_waits_too_long_for_a_place_is_a_504_for_each(clock, stub, server):
+    model = make_model(clock, stub, "/batch/hang", max_concurrency=1, max_batch_size=2, timeout=1)
+
+    first = [ask(model, 0), ask(model, 1)]
+    waiting = [ask(model, 2), ask(model, 3)]
+    stub.flush()
+    clock.advance(1)
+    stub.flush()
+
+    assert all(failure_of(d, GatewayTimeout) for d in first + waiting)
+    assert model.queued == 0 and model.in_flight == 0
+    assert len(server.received) == 1
+
+
 def test_stopping_the_model_fails_the_requests_waiting_to_be_batched(clock, stub):
     model = make_model(clock, stub)
 
