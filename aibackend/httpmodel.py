@@ -1157,5 +1157,6 @@ class BatchingHttpModel(BatchingModel, HttpModel):
 
     def describe(self) -> dict:
         described = super().describe()
+        described["queued"] = self.queued  # requests, those waiting to be batched or in a batch for a place too
         described["batching"] = self.describe_batching()
         return described

@@ -407,7 +407,7 @@ def test_batches_that_waited_for_a_place_go_together_up_to_max_batch_size(clock,
     fourth = [ask(model, 7), ask(model, 8)]
     clock.advance(0.01)
     stub.flush()
-    assert len(server.held) == 1 and model.queued == 5
+    assert len(server.held) == 1 and model.queued == 5 and model.describe()["queued"] == 5
 
     answer_held(server, stub, 0, [{"a": i} for i in range(4)])
     assert [json.loads(result_of(d).body) for d in first] == [{"a": i} for i in range(4)]
