@@ -22,6 +22,13 @@ its request alone is abandoned at the model; its deadline keeps running from its
 moved (not made again) as the batch changes, and cancelled when it leaves or empties.
 
 Streamed requests are never batched: they go to the model's C{stream} as before.
+
+What the batching models share is here too: L{BatchingModel} (the batcher in front of a
+model, its idleness and status), L{OneCall} (requests answered by one call of the model:
+an HTTP model's batch, each request with its own deadline and cancellation), and the
+Open Inference Protocol's batch dimension: requests with a L{TensorBatch}
+(L{aibackend.interfaces.RowsContext}) wait in a batcher of their key, whose batches
+become one call of all their rows (L{RowBatches}).
 """
 
 from __future__ import annotations
