@@ -22,16 +22,29 @@ its request alone is abandoned at the model; its deadline keeps running from its
 moved (not made again) as the batch changes, and cancelled when it leaves or empties.
 
 Streamed requests are never batched: they go to the model's C{stream} as before.
+
+What the batching models share is here too: L{BatchingModel} (the batcher in front of a
+model, its idleness and status), L{OneCall} (requests answered by one call of the model:
+an HTTP model's batch, each request with its own deadline and cancellation), and the
+Open Inference Protocol's batch dimension: requests with a L{TensorBatch}
+(L{aibackend.interfaces.RowsContext}) wait in a batcher of their key, whose batches
+become one call of all their rows (L{RowBatches}).
 """
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from collections import deque
+from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.python.failure import Failure
 
-from aibackend.interfaces import BatchItem
+from aibackend.errors import ApiError, BadGateway, GatewayTimeout
+from aibackend.interfaces import BatchItem, ModelAnswer, RequestContext, RowsContext
+from aibackend.jsonread import NotClientJSON, model_json
+from aibackend.tensors import TensorError, concat_rows, split_rows
 
 FULL = "full"
 PREFERRED = "preferred"
@@ -130,7 +143,7 @@ class Batcher:
     @ivar stats: its L{BatchStats}.
     """
 
-    def __init__(self, model, spec, clock, timeout: float):
+    def __init__(self, model, spec, clock, timeout: float, *, stats=None, on_empty=None):
         self.model = model
         self.clock = clock
         self.timeout = timeout
@@ -146,8 +159,9 @@ class Batcher:
         self.forming: list[Waiting] = []
         self.timer = None
         self.timer_reason = None
-        self.stats = BatchStats()
+        self.stats = BatchStats() if stats is None else stats
         self.empty_waiters: list[Deferred] = []
+        self.on_empty = on_empty  # called with the batcher when no request waits in it any more
 
     @property
     def waiting(self) -> int:
@@ -180,7 +194,11 @@ class Batcher:
 
     def _emptied(self) -> None:
         """If no request waits now, those waiting for that hear of it."""
-        if self.empty_waiters and not self.forming:
+        if self.forming:
+            return
+        if self.on_empty is not None:
+            self.on_empty(self)
+        if self.empty_waiters:
             waiters, self.empty_waiters = self.empty_waiters, []
             for d in waiters:
                 d.callback(None)
@@ -268,3 +286,221 @@ class Batcher:
             forming.remove(waiting)
             self._reschedule()
             self._emptied()
+
+
+@dataclass(frozen=True, slots=True)
+class TensorBatch:
+    """
+    A request that is concatenated with others along its batch dimension (the Open
+    Inference Protocol's, L{aibackend.v2}: L{RowsContext}C{.batch}): requests of one key
+    only share a batch, and the model gets one body of all their rows
+    (L{aibackend.tensors.concat_rows}), whose answer is split back (L{RowBatches}).
+
+    @ivar key: what the requests of one batch share: their inputs' names, datatypes and
+        dimensions past the first, and their parameters.
+    @ivar rows: the request's size along the batch dimension.
+    """
+
+    key: tuple
+    rows: int
+
+
+class OneCall:
+    """
+    Requests answered by one call of the model (an HTTP model's batch, or requests
+    concatenated along their batch dimension): each request's Deferred (L{deferreds}, in
+    order), a timer at its deadline (when the call's own comes later), and the call
+    (L{exchange}), whose outcome L{settle} shares out (C{split}: a 2xx L{ModelAnswer} to
+    one answer per request, or an L{aibackend.errors.ApiError} for each).
+
+    A request cancelled (its client left) or timed out fails alone; the call is abandoned
+    only once every request of it is gone.
+
+    @param model: the model (its C{model_id}, C{spec.timeout}, C{failures}).
+    @param until: when the call itself times out (the clock's seconds): requests whose
+        deadline comes before it get a timer of their own.
+    """
+
+    __slots__ = ("model", "deferreds", "live", "timers", "open", "exchange", "split")
+
+    def __init__(self, model, items: list, clock, until: float, split):
+        self.model = model
+        self.split = split
+        self.open = len(items)
+        self.live = [True] * len(items)  # not cancelled, not timed out
+        self.exchange = None
+        self.deferreds = [Deferred(self._cancelled) for _ in items]
+        now = clock.seconds()
+        self.timers = [
+            None if item.deadline >= until else clock.callLater(max(item.deadline - now, 0), self._timed_out, index)
+            for index, item in enumerate(items)
+        ]
+
+    def _gone(self, index: int) -> None:
+        self.live[index] = False
+        timer = self.timers[index]
+        if timer is not None:
+            self.timers[index] = None
+            if timer.active():
+                timer.cancel()
+        self.open -= 1
+        if not self.open and self.exchange is not None:
+            self.exchange.cancel()
+
+    def _cancelled(self, deferred: Deferred) -> None:
+        self._gone(self.deferreds.index(deferred))  # the Deferred fails with CancelledError
+
+    def _timed_out(self, index: int) -> None:
+        self.timers[index] = None
+        model = self.model
+        model.failures += 1
+        d = self.deferreds[index]
+        self._gone(index)
+        d.errback(GatewayTimeout(f"model {model.model_id!r} did not answer within {model.spec.timeout:g} s "
+                                 f"(the request waited to be batched, and for its batch's answer)",
+                                 model=model.model_id))
+
+    def settle(self, result) -> None:
+        """The call's outcome (a L{ModelAnswer} or a failure): each request still waiting gets its share."""
+        for timer in self.timers:
+            if timer is not None and timer.active():
+                timer.cancel()
+        live = self.live
+        waiting = [d for index, d in enumerate(self.deferreds) if live[index] and not d.called]
+        self.open = 0
+        if not waiting:
+            return  # each was cancelled or timed out already (and the call abandoned)
+        model = self.model
+        if isinstance(result, Failure):
+            model.failures += len(waiting) - 1  # the call's failure is counted once already
+            for d in waiting:
+                d.errback(result.value)
+            return
+        if result.status >= 300:  # the model's own error answers every request of the batch
+            if result.status >= 400:
+                model.failures += len(waiting) - 1
+            for d in waiting:
+                d.callback(result)
+            return
+        try:
+            answers = self.split(result)
+        except ApiError as e:
+            model.failures += len(waiting)
+            for d in waiting:
+                d.errback(e)
+            return
+        for index, answer in enumerate(answers):
+            d = self.deferreds[index]
+            if live[index] and not d.called:
+                d.callback(answer)
+
+
+class RowBatches:
+    """
+    The model a keyed L{Batcher} sends to (L{BatchingModel}): its batches of requests with
+    one L{TensorBatch} key become one call of the model with all their rows
+    (L{aibackend.tensors.concat_rows}) past its own batcher (C{send_alone}), whose answer
+    is split back by each request's rows (L{aibackend.tensors.split_rows}).
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def admit(self, waiting: int) -> None:
+        # The model counts what waits in every one of its batchers (this one's C{waiting} with them).
+        self.model.admit(self.model.batcher.waiting)
+
+    def send_batch(self, items: list) -> list:
+        model = self.model
+        model.batch_stats.sent(len(items))
+        if len(items) == 1:
+            item = items[0]
+            return [maybeDeferred(model.send_alone, item.body, item.context)]
+        rows = [item.context.batch.rows for item in items]
+        model.requests += len(items) - 1  # one call, counted once by the model: the requests it answers
+        context = RequestContext(request_id=",".join([item.context.request_id for item in items]),
+                                 operation=items[0].context.operation)
+        clock = model.batcher.clock
+        call = OneCall(model, items, clock, clock.seconds() + float(model.spec.timeout),
+                       lambda answer: self._split(answer, rows))
+        try:
+            exchange = model.send_alone(concat_rows([item.body for item in items]), context)
+        except Exception:
+            exchange = fail()
+        call.exchange = exchange
+        exchange.addBoth(call.settle)
+        return call.deferreds
+
+    def _split(self, answer: ModelAnswer, rows: list) -> list:
+        model_id = self.model.model_id
+        try:
+            parts = split_rows(model_json(answer.body), rows)
+        except (NotClientJSON, TensorError) as e:
+            raise BadGateway(f"model {model_id!r} answered a batch of {len(rows)} requests ({sum(rows)} rows) "
+                             f"badly: {e}", model=model_id) from None
+        return [ModelAnswer(status=answer.status, body=json.dumps(part).encode()) for part in parts]
+
+
+class BatchingModel:
+    """
+    What every batching model shares (a mixin before the model's own class, which
+    provides C{limit}, C{describe} and L{aibackend.interfaces.IBatching}'s C{admit} and
+    C{send_batch}): the L{Batcher} in front of it, which takes its plain requests; the
+    keyed ones of requests concatenated along their batch dimension (L{TensorBatch},
+    L{RowBatches}: one per key while requests of it wait); its idleness (no request waits
+    to be batched either), and its batching's part of C{status}.
+    """
+
+    def start_batching(self, spec, clock, timeout: float) -> None:
+        """Put a L{Batcher} in front of the model: C{spec}, its C{[models.batching]}."""
+        self.batching = spec
+        self.batcher = Batcher(self, spec, clock, timeout)
+        self.batch_stats = self.batcher.stats
+        self.keyed: dict = {}  # TensorBatch key -> its Batcher, while requests wait in it
+
+    def send(self, body: bytes, context) -> Deferred:
+        if type(context) is not RowsContext:
+            return self.batcher.send(body, context)
+        tensor = context.batch
+        batcher = self.keyed.get(tensor.key)
+        if batcher is None:
+            batcher = Batcher(RowBatches(self), self.batching, self.batcher.clock, self.batcher.timeout,
+                              stats=self.batch_stats, on_empty=self._key_emptied)
+            self.keyed[tensor.key] = batcher
+        try:
+            return batcher.send(body, context)
+        finally:
+            if not batcher.waiting:
+                self.keyed.pop(tensor.key, None)  # refused at once
+
+    def _key_emptied(self, batcher: Batcher) -> None:
+        for key, each in self.keyed.items():
+            if each is batcher:
+                del self.keyed[key]
+                return
+
+    def send_alone(self, body: bytes, context) -> Deferred:
+        """Send one request to the model past its batchers (the model's own C{send})."""
+        return super().send(body, context)
+
+    def keyed_waiting(self) -> int:
+        """The requests waiting to be concatenated with others (L{TensorBatch})."""
+        return sum(batcher.waiting for batcher in self.keyed.values()) if self.keyed else 0
+
+    def whenIdle(self) -> Deferred:
+        """Idle: no request waits to be batched, and none is queued or in flight."""
+        for batcher in (self.batcher, *self.keyed.values()):
+            if batcher.waiting:
+                return batcher.when_empty().addCallback(lambda _: self.whenIdle())
+        return self.limit.when_idle()
+
+    def fail_waiting(self, error) -> None:
+        """Fail every request waiting to be batched (the model is stopping)."""
+        self.batcher.fail_waiting(error)
+        for batcher in list(self.keyed.values()):
+            batcher.fail_waiting(error)
+
+    def describe_batching(self) -> dict:
+        """The C{batching} of the model's C{status}: its settings and figures."""
+        return {**self.batching.public(), **self.batch_stats.describe(),
+                "waiting": self.batcher.waiting + self.keyed_waiting()}

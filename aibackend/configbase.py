@@ -193,8 +193,8 @@ class Table:
 
 # Keys some tables know and others not: what a table that does not know one says of it.
 NOT_HERE = {
-    "batching": "is not a known key here: only a subprocess model with protocol = \"jsonl\" can batch "
-                "(HTTP models cannot yet)",
+    "batching": "is not a known key here: only a subprocess model with protocol = \"jsonl\" and an HTTP "
+                "model can batch",
 }
 
 
@@ -767,9 +767,15 @@ class BatchingSpec:
         return public_of(self)
 
 
-def parse_batching(table: Table, *, max_queue: int, timeout: float) -> BatchingSpec | None:
-    """Read a model's C{[models.batching]} table (the model's C{max_queue} bounds a batch)."""
-    values = read_settings(table, BatchingSpec, readers={
+def parse_batching(table: Table, *, max_queue: int, timeout: float, cls=BatchingSpec,
+                   environ: Mapping[str, str] = EMPTY_MAP) -> BatchingSpec | None:
+    """
+    Read a model's C{[models.batching]} table (the model's C{max_queue} bounds a batch).
+
+    @param cls: L{BatchingSpec}, or a subclass of it declaring a model type's own keys
+        (an HTTP model's C{url}).
+    """
+    values = read_settings(table, cls, environ, readers={
         "preferred_sizes": lambda values: _check_preferred(
             table, "preferred_sizes", table.get("preferred_sizes", [], ())[1], EMPTY_MAP),
     })
@@ -785,7 +791,7 @@ def parse_batching(table: Table, *, max_queue: int, timeout: float) -> BatchingS
                                         "wait to be batched count in that queue, so no batch could fill")
     if values["max_delay_ms"] / 1000 >= timeout:
         table.problem("max_delay_ms", f"must be shorter than the model's timeout ({timeout:g} s)")
-    return BatchingSpec(**values)
+    return cls(**values)
 
 
 BATCHING_DOC = (

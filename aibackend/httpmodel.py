@@ -19,15 +19,22 @@ A native v2 server's C{generate_stream} (the Open Inference Protocol's generate
 extension, on its own route) says an error after its first event as one more event,
 C{data: {"error": "..."}}: that event ends the stream as the server's error (a 502
 carrying its words), not as one more chunk.
+
+An HTTP model with C{[models.batching]} is a L{BatchingHttpModel}: its plain requests wait
+in a L{aibackend.batching.Batcher}, and each batch is one POST of a JSON array of their
+bodies to the batching C{url}, answered by an array of their answers in the same order.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections import deque
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
+import orjson
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -45,12 +52,17 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
+from aibackend.batching import BatchingModel, OneCall
 from aibackend.client import LeanClient, ResponseTooLarge
 from aibackend.config import expand_env, read_key_file
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
-from aibackend.errors import ApiError, BadGateway, Forbidden, GatewayTimeout, ModelError, ModelUnavailable, error_message
-from aibackend.interfaces import READY, STOPPED, IModel, IReplicated, IRestartable, IStreaming, ModelAnswer
+from aibackend.errors import (
+    ApiError, BadGateway, Forbidden, GatewayTimeout, ModelBusy, ModelError, ModelUnavailable, error_message,
+)
+from aibackend.interfaces import (
+    READY, STOPPED, IBatching, IModel, IReplicated, IRestartable, IStreaming, ModelAnswer,
+)
 from aibackend.jsonread import NotClientJSON, model_json
 from aibackend.limits import ConcurrencyLimit
 from aibackend.logs import ModelLog
@@ -425,6 +437,8 @@ class HttpModel(Service):
 
     @classmethod
     def from_spec(cls, spec, deps):
+        if spec.batching is not None and cls is HttpModel:
+            cls = BatchingHttpModel
         return cls(
             spec,
             reactor=deps.reactor,
@@ -886,3 +900,256 @@ class HttpModel(Service):
             raise BadGateway(f"model {model!r} closed the connection before answering in full", model=model)
         self.log.failure("model {model} failed in an unexpected way", failure, model=model)
         raise BadGateway(f"model {model!r} failed: {failure.getErrorMessage()}", model=model)
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def batch_route(replica: Replica, url: str) -> Replica:
+    """
+    Where a batch for C{replica}'s server is POSTed (C{[models.batching] url}): a path on
+    that server, or a whole URL. (A L{Replica} only for its C{head} and C{uri}: the
+    replica's own one is ejected, counted, picked.)
+    """
+    if url.startswith("/"):
+        base = replica.url
+        url = base.replace(path=(), query=(), fragment="").to_text().rstrip("/") + url
+    return Replica(url)
+
+
+def answer_bytes(element) -> bytes:
+    """One element of a batch's answer, as the JSON text of its request's answer."""
+    try:
+        return orjson.dumps(element)
+    except TypeError:  # an integer past 64 bits: json writes it
+        return json.dumps(element, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def split_array(answer: ModelAnswer, count: int, model_id: str) -> list:
+    """A batch's 2xx answer: a JSON array of one answer per request, in order (L{OneCall}'s split)."""
+    answers = model_json(answer.body)  # strict JSON already (L{HttpModel._answered})
+    if type(answers) is not list or len(answers) != count:
+        said = f"a JSON {type_of(answers)}" if type(answers) is not list else f"{len(answers)} answers"
+        raise BadGateway(f"model {model_id!r} answered a batch of {count} requests with {said} "
+                         f"(a batch is answered by a JSON array of one answer per request, in order)",
+                         model=model_id)
+    status = answer.status
+    return [ModelAnswer(status=status, body=answer_bytes(element)) for element in answers]
+
+
+def _raise(error: Exception):
+    raise error
+
+
+class WaitingBatch:
+    """A batch of a L{BatchingHttpModel} (its L{OneCall}) waiting for a place, or sent."""
+
+    __slots__ = ("items", "call", "waiter", "merged")
+
+    def __init__(self, items: list, call: OneCall):
+        self.items = items
+        self.call = call
+        self.waiter = None
+        self.merged = False  # sent with the batch before it
+
+
+class SharedExchange:
+    """The exchange of batches sent together, as each one's L{OneCall} sees it: abandoned once all of them are."""
+
+    __slots__ = ("exchange", "left")
+
+    def __init__(self, exchange: Deferred, count: int):
+        self.exchange = exchange
+        self.left = count
+
+    def cancel(self) -> None:
+        self.left -= 1
+        if not self.left:
+            self.exchange.cancel()
+
+
+def type_of(value) -> str:
+    """The JSON name of a value's type, for errors."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool) or value is None:
+        return "literal"
+    return "number"
+
+
+@implementer(IBatching)
+class BatchingHttpModel(BatchingModel, HttpModel):
+    """
+    An HTTP model with C{[models.batching]}: its plain requests (C{POST /post/predict})
+    wait in a L{aibackend.batching.Batcher}, and each batch is one POST of C{[body, ...]}
+    (each request's body as it would be sent alone) to the batching C{url}, through the
+    model's own client (its replicas, headers, timeout, destination policy); the answer is
+    a JSON array of one answer per request, in order (L{split_array}). A batch takes
+    one of the model's C{max_concurrency} places. Requests to its server's other routes
+    (the Open Inference Protocol's, a native OpenAI server's) and streams are never batched.
+    """
+
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
+        self.start_batching(spec.batching, self._clock, float(spec.timeout))
+        self._batch_routes = {replica: batch_route(replica, spec.batching.url) for replica in self.replicas}
+        self.waiting_batches: deque = deque()  # batches waiting for a place (WaitingBatch), first come first
+        self.queued_items = 0  # their requests
+
+    def send(self, body: bytes, context) -> Deferred[ModelAnswer]:
+        if context.path is None:
+            return BatchingModel.send(self, body, context)
+        return HttpModel.send(self, body, context)
+
+    @property
+    def queued(self) -> int:
+        return (self.batcher.waiting + self.keyed_waiting() + self.queued_items + len(self.limit.queue)
+                - len(self.waiting_batches))
+
+    def admit(self, waiting: int) -> None:
+        if self.server is not None and self._state.value != READY:
+            raise self._not_ready()
+        queued = waiting + self.keyed_waiting() + self.queued_items
+        if queued >= self.spec.max_queue:
+            self.limit.shed += 1
+            raise ModelBusy(f"model {self.model_id!r} is busy: {queued} requests are waiting to be batched or "
+                            f"for a place (max_queue)", model=self.model_id, retry_after=1)
+
+    def send_batch(self, items: list) -> list:
+        if self.server is not None and self._state.value != READY:
+            error = self._not_ready()
+            return [fail(error) for _ in items]
+        clock = self._clock
+        call = OneCall(self, items, clock, math.inf, None)  # each request's own deadline: a timer each
+        waiting = WaitingBatch(items, call)
+        limit = self.limit
+        if limit.has_room():
+            self._send_group([waiting])
+            return call.deferreds
+        self.waiting_batches.append(waiting)
+        self.queued_items += len(items)
+        latest = max(item.deadline for item in items)
+        waiter = waiting.waiter = limit.wait_for_place(max(latest - clock.seconds(), 0), clock)
+        waiter.addCallbacks(self._batch_placed, self._batch_not_placed, callbackArgs=(waiting,),
+                            errbackArgs=(waiting,))
+        call.exchange = waiter  # every request of it gone: it leaves the queue
+        return call.deferreds
+
+    def _unqueue_batch(self, waiting: WaitingBatch) -> None:
+        self.waiting_batches.remove(waiting)
+        self.queued_items -= len(waiting.items)
+
+    def _batch_not_placed(self, failure, waiting: WaitingBatch) -> None:
+        if waiting.merged:
+            return  # its requests went with the batch before it
+        self._unqueue_batch(waiting)
+        waiting.call.settle(failure)  # its time ran out (504), or its requests are gone
+
+    def _batch_placed(self, _, waiting: WaitingBatch) -> None:
+        """A place freed: the batch goes, with those that waited after it, up to max_batch_size."""
+        self._unqueue_batch(waiting)
+        group, size = [waiting], len(waiting.items)
+        queue, max_size = self.waiting_batches, self.batching.max_batch_size
+        while queue and size + len(queue[0].items) <= max_size:
+            more = queue[0]
+            self._unqueue_batch(more)
+            more.merged = True
+            more.waiter.cancel()  # out of the limit's queue: the place is this one's
+            group.append(more)
+            size += len(more.items)
+        self._send_group(group)
+
+    def _send_group(self, group: list) -> None:
+        """POST the requests of one or more batches as one, and share its outcome out."""
+        items = [item for waiting in group for item in waiting.items]
+        body = b"[" + b",".join([item.body for item in items]) + b"]"
+        request_ids = ", ".join([item.context.request_id for item in items]).encode("ascii")
+        exchange = self._post_batch(body, request_ids, len(items), max(item.deadline for item in items))
+        if len(group) == 1:
+            call = group[0].call
+            model_id, count = self.model_id, len(items)
+            call.split = lambda answer: split_array(answer, count, model_id)
+            call.exchange = exchange
+            exchange.addBoth(call.settle)
+            return
+        shared = SharedExchange(exchange, len(group))
+        for waiting in group:
+            waiting.call.exchange = shared
+        exchange.addBoth(self._share_out, group, len(items))
+
+    def _share_out(self, result, group: list, count: int) -> None:
+        """The outcome of batches sent together: each its part (an error for every one of them alike)."""
+        if isinstance(result, Failure) or result.status >= 400:
+            self.failures += len(group) - 1  # counted once by the exchange, and by each batch but one
+        if not isinstance(result, Failure) and result.status < 300:
+            try:
+                answers = split_array(result, count, self.model_id)
+            except ApiError as e:
+                error = e
+                for waiting in group:
+                    waiting.call.split = lambda answer: _raise(error)
+            else:
+                start = 0
+                for waiting in group:
+                    end = start + len(waiting.items)
+                    waiting.call.split = lambda answer, part=answers[start:end]: part
+                    start = end
+        for waiting in group:
+            waiting.call.settle(result)
+
+    def _post_batch(self, body: bytes, request_ids: bytes, count: int, deadline: float,
+                    tried: tuple = ()) -> Deferred[ModelAnswer]:
+        left = deadline - self._clock.seconds()
+        if left <= 0:
+            return fail(self.limit.place_timeout(self.spec.timeout))
+        replica = self._pick(tried)
+        if replica is None:
+            return fail(self.replica_set.none_left())
+        if not tried:
+            self.batch_stats.sent(count)
+        d = self._batch_attempt(replica, body, request_ids, count, left)
+        if self.replica_set.several:
+
+            def elsewhere(failure):
+                # As L{_post}: only a batch that reached no replica is sent to another.
+                failure.trap(ReplicaRefused)
+                if self._pick(tried + (replica,)) is None:
+                    return failure
+                return self._post_batch(body, request_ids, count, deadline, tried + (replica,))
+
+            d.addErrback(elsewhere)
+        return d
+
+    def _batch_attempt(self, replica: Replica, body: bytes, request_ids: bytes, count: int,
+                       left: float) -> Deferred[ModelAnswer]:
+        """As L{_attempt}: one exchange, the batch's, to the replica's batch route (the lean client)."""
+        self.limit.in_flight += 1
+        self.requests += count
+        replica.in_flight += 1
+        route = self._batch_routes[replica]
+        try:
+            head = (
+                route.head, self._header_block, b"X-Request-Id: ", request_ids,
+                b"\r\nContent-Length: ", str(len(body)).encode("ascii"), b"\r\n\r\n",
+            )
+            data = b"".join((*head, body)) if len(body) < LARGE else (b"".join(head), body)
+            d = self._lean.request(route.uri, data, self.spec.max_response_bytes)
+        except Exception:
+            d = fail()
+        d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
+        d.addBoth(self._replica_outcome, replica)
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(replica,))
+        d.addBoth(self.limit.finished)
+        return d
+
+    def stopService(self):
+        self.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+        return super().stopService()
+
+    def describe(self) -> dict:
+        described = super().describe()
+        described["queued"] = self.queued  # requests, those waiting to be batched or in a batch for a place too
+        described["batching"] = self.describe_batching()
+        return described

@@ -11,6 +11,7 @@ from typing import Mapping
 
 from aibackend.configbase import (
     DEFAULT_TIMEOUT,
+    BatchingSpec,
     MODEL_FIELDS,
     REQUIRED,
     Table,
@@ -21,6 +22,7 @@ from aibackend.configbase import (
     env_references,
     integer,
     number,
+    parse_batching,
     read_settings,
     string,
     string_map,
@@ -43,6 +45,30 @@ The daemon always POSTs (as the original design chose) with `Content-Type: appli
 `X-Request-Id` and the configured headers, over persistent connections (each model keeps up
 to 64 idle ones per server, each closed after 120 s unused). Redirects are never followed (a 3xx answer is a 502): a model cannot send the
 daemon somewhere no one configured. Cookies are never kept between requests."""
+
+
+def _check_batch_url(table: Table, key: str, value: str, environ) -> str:
+    if value.startswith("/"):
+        if "?" in value or "#" in value:
+            table.problem(key, f"must be a path without a query or fragment, got {value!r}")
+        return value
+    checked, problem = check_http_url(value)
+    if problem:
+        table.problem(key, f"must be a path ('/predict_batch', on each of the model's servers) or an "
+                           f"http(s) URL: {problem}")
+        return value
+    return checked
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpBatchingSpec(BatchingSpec):
+    """An HTTP model's C{[models.batching]}: the batcher's keys, and where a batch is POSTed."""
+
+    url: str = string(
+        REQUIRED, check=_check_batch_url,
+        doc="where a batch is POSTed: a path (`/predict_batch`: on the model's server, each replica's with "
+            "`urls`) or a whole URL (a model with one `url` only)",
+    )
 
 
 def secret_header(name: str, value: str) -> bool:
@@ -127,6 +153,12 @@ class HttpModelSpec(ModelSpec):
         doc="with `command`: the path probed for readiness (a 2xx answer; without it, a TCP connection to the "
             "URL's host and port is enough); with `health_interval`: the active health check's path",
     )
+    batching: object = custom(
+        None, label="`[models.batching]`", shown="none", public="unless-default", show=lambda spec: spec.public(),
+        doc="[dynamic batching](#batching): `url` (required: where a batch is POSTed, a path on the model's "
+            "server or a whole URL), `max_batch_size` (required), `max_delay_ms` (default `0`) and "
+            "`preferred_sizes`",
+    )
 
     def __post_init__(self):
         if self.url and not self.urls:
@@ -163,12 +195,29 @@ def _read_urls(table: Table) -> list[str]:
     return [url]
 
 
+def _read_batching(table: Table, values: dict, urls: list, environ) -> HttpBatchingSpec | None:
+    if not table.has("batching"):
+        return None
+    problems = len(table.problems)
+    where = table.table("batching")
+    if len(table.problems) > problems:
+        return None  # not a table
+    max_queue, timeout = values["max_queue"], values["timeout"]
+    if not isinstance(max_queue, int) or not isinstance(timeout, (int, float)):
+        return None
+    spec = parse_batching(where, max_queue=max_queue, timeout=timeout, cls=HttpBatchingSpec, environ=environ)
+    if spec is not None and isinstance(spec.url, str) and not spec.url.startswith("/") and len(urls) > 1:
+        where.problem("url", "must be a path with urls (replicas): each replica's server is sent its batches")
+    return spec
+
+
 def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> HttpModelSpec:
     urls = _read_urls(table)
     values = read_settings(table, HttpModelSpec, environ, skip=MODEL_FIELDS, readers={
         "url": lambda values: urls[0] if urls else "",
         "urls": lambda values: tuple(urls),
         "process": lambda values: parse_process(table, environ, required=False, line_protocol=False),
+        "batching": lambda values: _read_batching(table, values, urls, environ),
     })
     openai = common["openai"]
     if (openai.api_key is not None or openai.api_key_file is not None) and any(

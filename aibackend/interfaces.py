@@ -45,6 +45,20 @@ class RequestContext:
 
 
 @dataclass(frozen=True, slots=True)
+class RowsContext(RequestContext):
+    """
+    The context of a request that a batching model concatenates with others along their
+    batch dimension (the Open Inference Protocol's, L{aibackend.v2}); a plain
+    L{RequestContext} keeps its fields, and the hot path its cost.
+
+    @ivar batch: its L{aibackend.batching.TensorBatch}: the request is batched only with
+        requests of the same key, their rows concatenated.
+    """
+
+    batch: object = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelAnswer:
     """
     A model's answer: an HTTP status and a body that is known to be JSON text.

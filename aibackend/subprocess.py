@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import alsoProvides, implementer
 
-from aibackend.batching import Batcher
+from aibackend.batching import BatchingModel
 from aibackend.errors import BadGateway, GatewayTimeout, ModelBusy, ModelUnavailable
 from aibackend.interfaces import STOPPED, IBatching, IModel, IRestartable, IStreaming
 from aibackend.limits import ConcurrencyLimit
@@ -472,7 +472,7 @@ class Batch:
 
 
 @implementer(IBatching)
-class BatchingSubprocessModel(SubprocessModel):
+class BatchingSubprocessModel(BatchingModel, SubprocessModel):
     """
     A C{jsonl} subprocess model with C{[models.batching]}: plain requests wait in a
     L{aibackend.batching.Batcher}, whose batches go to a process in one
@@ -484,21 +484,16 @@ class BatchingSubprocessModel(SubprocessModel):
 
     def __init__(self, spec, **kwargs):
         super().__init__(spec, **kwargs)
-        self.batching = spec.batching
-        self.batcher = Batcher(self, spec.batching, self.clock, float(spec.timeout))
-        self.batch_stats = self.batcher.stats
+        self.start_batching(spec.batching, self.clock, float(spec.timeout))
         self.places: dict = {}  # process -> messages (batches, streams) in flight there
         self.queued_items = 0  # requests of the batches in the queue
         self.queued_batches = 0  # batches in the queue (the rest of it is streams)
 
     # --- IBatching --------------------------------------------------------------------
 
-    def send(self, body: bytes, context) -> Deferred:
-        return self.batcher.send(body, context)
-
     @property
     def queued(self) -> int:
-        return self.batcher.waiting + self._waiting_for_a_place()
+        return self.batcher.waiting + self.keyed_waiting() + self._waiting_for_a_place()
 
     def _waiting_for_a_place(self) -> int:
         """The requests in the queue: those of its batches, and its streams."""
@@ -510,7 +505,7 @@ class BatchingSubprocessModel(SubprocessModel):
             self.requests += 1
             self.failures += 1
             raise self._unavailable()
-        queued = waiting + self._waiting_for_a_place()
+        queued = waiting + self.keyed_waiting() + self._waiting_for_a_place()
         if queued >= self.spec.max_queue:
             self.requests += 1
             self.failures += 1
@@ -548,16 +543,9 @@ class BatchingSubprocessModel(SubprocessModel):
             self._assign(process, batch)
         return [pending.deferred for pending in pendings]
 
-    def whenIdle(self) -> Deferred:
-        """Idle: no request waits to be batched, and none is queued or in flight."""
-        if not self.batcher.waiting:
-            return self.limit.when_idle()
-        return self.batcher.when_empty().addCallback(lambda _: self.whenIdle())
-
     def describe(self) -> dict:
         described = super().describe()
-        described["batching"] = {**self.batching.public(), **self.batch_stats.describe(),
-                                 "waiting": self.batcher.waiting}
+        described["batching"] = self.describe_batching()
         return described
 
     # --- places: a batch or a stream holds one --------------------------------------------
@@ -669,7 +657,7 @@ class BatchingSubprocessModel(SubprocessModel):
         super()._timed_out(pending)
 
     def pool_stopping(self) -> None:
-        self.batcher.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
+        self.fail_waiting(ModelUnavailable(f"model {self.model_id!r} is stopping", model=self.model_id))
         super().pool_stopping()
 
     def _fail_queue(self, error) -> None:

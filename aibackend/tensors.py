@@ -242,3 +242,58 @@ def output_tensor(name: str, value, spec: TensorSpec | None) -> dict:
         flat = [float(x) for x in flat]
     spec.check_shape(shape, "output")
     return {"name": name, "datatype": spec.datatype, "shape": shape, "data": flat}
+
+
+# --- batching along the batch dimension (aibackend.batching.RowBatches) ---------------------------
+
+
+def batch_rows(inputs, declared) -> int | None:
+    """
+    How many rows a request brings along the batch dimension (its inputs' first), if the
+    model declares one: every declared input's shape starts with C{-1} and every input
+    given has that many rows. None otherwise (the request is not concatenated with others).
+
+    @param inputs: the request's inputs, as L{read_input} reads them (name, datatype, shape, flat).
+    @param declared: the model's declared inputs (L{TensorSpec}s).
+    """
+    if not declared or not all(tensor.shape and tensor.shape[0] == -1 for tensor in declared):
+        return None
+    rows = {shape[0] if shape else None for _, _, shape, _ in inputs}
+    if len(rows) != 1:
+        return None
+    (count,) = rows
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def concat_rows(bodies: list) -> bytes:
+    """The model bodies (C{{name: rows}} JSON texts, the same names in each) as one, each input's rows in turn."""
+    documents = [json.loads(body) for body in bodies]
+    names = list(documents[0])
+    return json.dumps({name: [row for document in documents for row in document[name]] for name in names}).encode()
+
+
+def split_rows(value, rows: list) -> list:
+    """
+    The answer of a concatenated call split back: C{value} (an object of outputs, or one
+    output) whose every output has C{sum(rows)} rows, as C{len(rows)} answers of their
+    rows each, in order.
+
+    @raise TensorError: an output is not a list of that many rows.
+    """
+    total = sum(rows)
+    outputs = value if isinstance(value, dict) else {None: value}
+    for name, output in outputs.items():
+        if not isinstance(output, list) or len(output) != total:
+            what = f"a list of {len(output)} rows" if isinstance(output, list) else "not a list of rows"
+            raise TensorError(f"{'output' if name is None else f'output {name!r}'} is {what} for a batch of "
+                              f"{total} rows (each output has one row per row of the inputs, in order)")
+    parts = []
+    start = 0
+    for count in rows:
+        end = start + count
+        if isinstance(value, dict):
+            parts.append({name: output[start:end] for name, output in value.items()})
+        else:
+            parts.append(value[start:end])
+        start = end
+    return parts

@@ -2396,3 +2396,30 @@ def fresh_connection_counts(port: int, count: int, path: str = "/metrics") -> di
         name = process_of(body)
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+# --- batch2 (session 16) ---
+
+
+class BatchModelServer(ModelServer):
+    """
+    An HTTP model that batches (L{ModelServer}, each request kept in L{received}): a POST
+    to C{/batch} (a JSON array of C{{"x": number}} bodies) is answered by one
+    C{{"y": 2x, "batch": size}} per body, in order, after C{delay} seconds (a model's
+    fixed cost, so that requests gather); L{sizes} are the batches' sizes it was sent.
+    Anything else is answered as a request alone: C{{"y": 2x, "batch": 0}}.
+    """
+
+    def __init__(self, delay: float = 0.02):
+        self.delay = delay
+        self.sizes: list[int] = []
+        super().__init__()
+
+    def answer(self, path: str, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
+        document = json.loads(body)
+        if path != "/batch":
+            return 200, {}, json.dumps({"y": 2 * document["x"], "batch": 0}).encode()
+        with self._changed:
+            self.sizes.append(len(document))
+        time.sleep(self.delay)
+        return 200, {}, json.dumps([{"y": 2 * item["x"], "batch": len(document)} for item in document]).encode()

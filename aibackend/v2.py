@@ -35,9 +35,10 @@ from aibackend import errors
 from aibackend.api import cannot_stream
 from aibackend.generate import Answers, GenerateFraming, model_body
 from aibackend.httpmodel import in_own_shape
-from aibackend.interfaces import FAILED, READY, IStreaming, ModelAnswer, RequestContext
+from aibackend.batching import TensorBatch
+from aibackend.interfaces import FAILED, READY, IBatching, IStreaming, ModelAnswer, RequestContext, RowsContext
 from aibackend.jsonread import JSONProblem, read_json
-from aibackend.tensors import TensorError, output_tensor, read_input, reshape
+from aibackend.tensors import TensorError, batch_rows, output_tensor, read_input, reshape
 # Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
 from aibackend.web import (
     ABANDONED,
@@ -301,7 +302,9 @@ class OpenInference:
                 context = RequestContext(request_id=request_id, operation="infer",
                                          path=self._upstream_path(model, version, ("infer",)))
                 return self._native_request(model, document), self._native_answer, context
-            body, shape = self._adapted_request(model, document)
+            body, shape, batch = self._adapted_request(model, document)
+            if batch is not None:
+                return body, shape, RowsContext(request_id=request_id, operation="infer", batch=batch)
             return body, shape, RequestContext(request_id=request_id, operation="infer")
 
         d = self._work(prepare, maybeDeferred(_body_text, request))
@@ -495,7 +498,26 @@ class OpenInference:
                 return self.in_thread(convert, answer)
             return convert(answer)
 
-        return body, shape
+        return body, shape, self._tensor_batch(model, document, inputs)
+
+    @staticmethod
+    def _tensor_batch(model, document, inputs) -> TensorBatch | None:
+        """
+        For a batching model whose inputs all declare a batch dimension (C{-1} first): how
+        the request is concatenated with others (L{TensorBatch}: only with those of the same
+        inputs' names, datatypes and other dimensions, and the same parameters), as Triton's
+        dynamic batcher does. (Once the request is checked: L{_adapted_request}.)
+        """
+        if not IBatching.providedBy(model):
+            return None
+        rows = batch_rows(inputs, model.spec.v2.inputs)
+        if rows is None:
+            return None
+        parameters = [document.get("parameters")]
+        parameters += [tensor.get("parameters") for tensor in document["inputs"]]
+        key = (tuple(sorted((name, datatype, tuple(shape[1:])) for name, datatype, shape, _ in inputs)),
+               json.dumps(parameters, sort_keys=True))
+        return TensorBatch(key, rows)
 
     @staticmethod
     def _outputs(model, answer: ModelAnswer, requested, request_id) -> dict:

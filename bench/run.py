@@ -1943,6 +1943,168 @@ def openai_markdown(section: dict) -> list[str]:
 # --- output ----------------------------------------------------------------------------------
 
 
+# --- the batching section (issue 17) -------------------------------------------------------------
+
+FIXED_COST_MODEL = os.path.join(BENCH, "fixed_cost_model.py")
+BATCH_FIXED_MS = 2.0  # what each call of the model costs, whatever it holds
+BATCH_PER_ITEM_MS = 0.05  # and what each item of it adds
+BATCH_CONCURRENCIES = (1, 64)
+BATCH_MAX_SIZE = 64
+BATCH_DELAY_MS = 2
+BATCH_CASES = {
+    "batch-off": f"unbatched: bench/fixed_cost_model.py ({BATCH_FIXED_MS:g} ms a call + {BATCH_PER_ITEM_MS:g} ms an "
+                 "item), jsonl, 1 process, max_inflight = 1",
+    "batch-on": f"the same model with predict_batch and [models.batching] max_batch_size = {BATCH_MAX_SIZE}, "
+                "max_delay_ms = 0",
+    "batch-on-delay": f"as batch-on, with max_delay_ms = {BATCH_DELAY_MS}",
+}
+BATCH_TARGET_SPEEDUP = 5.0  # issue 17: at least 5x the unbatched requests/s at concurrency 64
+
+
+def batching_model(name: str) -> str:
+    """The [[models]] table of a batching case: the fixed-cost model, batched or not."""
+    batched = name != "batch-off"
+    text = subprocess_model("fixed-cost", FIXED_COST_MODEL, "jsonl", 1, 1, timeout=30, arguments=(
+        "--fixed-ms", str(BATCH_FIXED_MS), "--per-item-ms", str(BATCH_PER_ITEM_MS), *(["--batch"] if batched else [])))
+    if batched:
+        delay = BATCH_DELAY_MS if name == "batch-on-delay" else 0
+        text += f"[models.batching]\nmax_batch_size = {BATCH_MAX_SIZE}\nmax_delay_ms = {delay}\n"
+    return text
+
+
+def process_seconds(pid: int) -> float:
+    """CPU seconds one process has used (the daemon's own: without --processes it is one process)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def batching_status(server: Server) -> dict:
+    """The fixed-cost model's C{batching} in the daemon's status ({} unbatched)."""
+    status, body = request(server.port, "GET", "/get/status?id=fixed-cost")
+    return (json.loads(body).get("batching") or {}) if status == 200 else {}
+
+
+def run_batching_case(bench: Bench, name: str) -> dict:
+    """A batching case: the daemon and its model, checked, warmed up, then wrk at each concurrency, each pass."""
+    args = bench.args
+    case = {"name": name, "description": BATCH_CASES[name], "runs": [], "summary": {}}
+    log(f"case {name}: {BATCH_CASES[name]}")
+    path = "/post/predict?id=fixed-cost"
+    try:
+        server = bench.start_aibackend(name, batching_model(name))
+    except BenchError as e:
+        case["error"] = str(e)
+        log(f"case {name}: FAILED to start: {e}")
+        return case
+    try:
+        check_answer(server, path)
+        if args.quiet_wait > 0:
+            case["quiet"] = wait_quiet(bench, args.quiet_wait)
+        bench.run_wrk(server.port, path, BATCH_CONCURRENCIES[-1], WARMUP_SECONDS)
+        for n in range(1, args.passes + 1):
+            for connections in BATCH_CONCURRENCIES:
+                before, daemon_before = cpu_snapshot([server.pid]), process_seconds(server.pid)
+                run = bench.run_wrk(server.port, path, connections, args.duration)
+                daemon = process_seconds(server.pid) - daemon_before
+                used = cpu_used(before, cpu_snapshot([server.pid]))
+                other = used["machine"] - used["trees"] - used["wrk"] - used["self"] + used["steal"]
+                run["pass"] = n
+                run["cpu_us_per_request"] = round(1e6 * daemon / run["requests"], 1) if run["requests"] else None
+                run["other_cpu_pct"] = round(max(0.0, 100 * other / used["wall"]), 1)
+                run["mean_batch"] = batching_status(server).get("recent_mean_batch_size")
+                case["runs"].append(run)
+                log(f"  pass {n} c{connections}: {run['rps']:.0f} req/s, p50 {run.get('p50_ms', 0):.3f} ms, "
+                    f"p99 {run.get('p99_ms', 0):.3f} ms, daemon {run['cpu_us_per_request'] or 0:.0f} us/req, "
+                    f"other load {run['other_cpu_pct']:.0f}%"
+                    + (f"  ERRORS: {show_errors(run['errors'])}" if run["errors"] else ""))
+        case["batching"] = batching_status(server) or None
+    except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+        case["error"] = str(e)
+        log(f"case {name}: FAILED: {e}")
+    finally:
+        bench.stop(server)
+    for connections in BATCH_CONCURRENCIES:
+        runs = [run for run in case["runs"] if run["connections"] == connections]
+        if runs:
+            errors: dict = {}
+            for run in runs:
+                add_errors(errors, run["errors"])
+            case["summary"][str(connections)] = {
+                "rps": statistics.median(run["rps"] for run in runs),
+                "p50_ms": statistics.median(run.get("p50_ms", 0.0) for run in runs),
+                "p99_ms": statistics.median(run.get("p99_ms", 0.0) for run in runs),
+                "cpu_us_per_request": statistics.median(run["cpu_us_per_request"] or 0 for run in runs),
+                "other_cpu_pct_max": max(run["other_cpu_pct"] for run in runs),
+                "mean_batch": statistics.median(run["mean_batch"] for run in runs) if all(
+                    run["mean_batch"] is not None for run in runs) else None,
+                "errors": errors,
+            }
+    for run in case["runs"]:
+        if not run["errors"]:
+            run.pop("raw", None)
+    return case
+
+
+def run_batching(bench: Bench, names: list[str]) -> tuple[dict, bool]:
+    """The batching section: each case, then its rows (against batch-off) and the issue's targets."""
+    section = {"fixed_ms": BATCH_FIXED_MS, "per_item_ms": BATCH_PER_ITEM_MS, "max_batch_size": BATCH_MAX_SIZE,
+               "delay_ms": BATCH_DELAY_MS, "cases": [], "rows": [], "notes": []}
+    for name in names:
+        section["cases"].append(run_batching_case(bench, name))
+    failed = any(case.get("error") for case in section["cases"])
+    summaries = {case["name"]: case["summary"] for case in section["cases"]}
+    base = summaries.get("batch-off", {})
+    for case in section["cases"]:
+        for connections, figures in case["summary"].items():
+            unbatched = base.get(connections)
+            row = {"case": case["name"], "concurrency": int(connections), **figures,
+                   "vs_unbatched": round(figures["rps"] / unbatched["rps"], 2) if unbatched and unbatched["rps"]
+                   else None,
+                   "added_p50_ms": round(figures["p50_ms"] - unbatched["p50_ms"], 3) if unbatched else None}
+            section["rows"].append(row)
+    rows = {(row["case"], row["concurrency"]): row for row in section["rows"]}
+    top = BATCH_CONCURRENCIES[-1]
+    for name in ("batch-on", "batch-on-delay"):
+        loaded, lone = rows.get((name, top)), rows.get((name, 1))
+        delay = BATCH_DELAY_MS if name == "batch-on-delay" else 0
+        if loaded and loaded["vs_unbatched"] is not None:
+            met = "met" if loaded["vs_unbatched"] >= BATCH_TARGET_SPEEDUP else "**missed**"
+            section["notes"].append(f"{name} c{top}: {loaded['vs_unbatched']:.1f}x the unbatched requests/s "
+                                    f"(target at least {BATCH_TARGET_SPEEDUP:g}x: {met}).")
+        if lone and lone["added_p50_ms"] is not None:
+            met = "met" if lone["added_p50_ms"] <= delay + 1 else "**missed**"
+            section["notes"].append(f"{name} c1: {lone['added_p50_ms']:+.3f} ms p50 against unbatched "
+                                    f"(target at most max_delay_ms + 1 = {delay + 1} ms: {met}).")
+    return section, failed
+
+
+def batch_cases(wanted: list[str]) -> list[str]:
+    """The batching cases asked for (any of them brings batch-off, what they are measured against)."""
+    names = [name for name in BATCH_CASES if name in wanted]
+    return ["batch-off", *(name for name in names if name != "batch-off")] if names else []
+
+
+def batching_markdown(section: dict) -> list[str]:
+    if not section.get("rows"):
+        return []
+    out = ["", f"## Batching (a model of {section['fixed_ms']:g} ms a call + {section['per_item_ms']:g} ms an item, "
+               f"jsonl, 1 process; max_batch_size {section['max_batch_size']})", "",
+           "| case | conc | req/s | × unbatched | p50 ms | p99 ms | added p50 vs unbatched (ms) | mean batch "
+           "| daemon CPU µs/req | errors | other load % |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for row in section["rows"]:
+        errors = f"**⚠ {show_errors(row['errors'])}**" if row["errors"] else "0"
+        out.append(f"| {row['case']} | {row['concurrency']} | {fmt(row['rps'], 0)} | {fmt(row['vs_unbatched'], 1, '×')} "
+                   f"| {fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} | {fmt(row['added_p50_ms'], 3)} "
+                   f"| {fmt(row['mean_batch'], 1)} | {fmt(row['cpu_us_per_request'], 0)} | {errors} "
+                   f"| {fmt(row['other_cpu_pct_max'], 0)} |")
+    out += [""] + [f"- {note}" for note in section["notes"]]
+    out.append("- mean batch = the model's `recent_mean_batch_size` (`status`: its latest 100 batches) at the end "
+               "of each run, the median over the passes; daemon CPU = the daemon's process alone (not the model's).")
+    return out
+
+
 def fmt(value, digits=2, suffix="") -> str:
     if value is None:
         return "—"
@@ -2068,6 +2230,7 @@ def markdown(results: dict) -> str:
     out += processes_markdown(results["rows"] + (results.get("streaming") or {}).get("rows", []))
     out += stream_markdown(results.get("streaming") or {})
     out += openai_markdown(results.get("openai") or {})
+    out += batching_markdown(results.get("batching") or {})
     memory = results.get("memory") or {}
     if memory:
         out += ["", "## Memory (aibackend, one process, RSS = VmRSS of the daemon's own processes)", "",
@@ -2224,7 +2387,8 @@ def parse_args(argv=None):
                         help=f"idle keep-alive connections to hold (default {IDLE_CONNECTIONS:,}; 0 skips it)")
     parser.add_argument("--hold", type=float, default=None,
                         help="seconds the idle connections are held before they are counted (default 5, 2 quick)")
-    parser.add_argument("--cases", default=",".join([*CASES, *STREAM_CASES, *OPENAI_CASES, *OPENAI_STREAM_CASES]),
+    parser.add_argument("--cases", default=",".join([*CASES, *STREAM_CASES, *OPENAI_CASES, *OPENAI_STREAM_CASES,
+                                                     *BATCH_CASES]),
                         help="comma-separated cases to run (default: all; `streaming` names every streaming case, "
                              "`openai` every OpenAI one; direct runs with any wrk case, stream-direct with any "
                              "streaming one but stream-held, openai-direct / openai-stream-direct with any OpenAI one)")
@@ -2262,8 +2426,10 @@ def parse_args(argv=None):
         wanted += list(STREAM_CASES)
     if "openai" in wanted:
         wanted += [*OPENAI_CASES, *OPENAI_STREAM_CASES]
-    known = [*CASES, *STREAM_CASES, *OPENAI_CASES, *OPENAI_STREAM_CASES]
-    unknown = [name for name in wanted if name not in known and name not in ("streaming", "openai")]
+    if "batching" in wanted:
+        wanted += list(BATCH_CASES)
+    known = [*CASES, *STREAM_CASES, *OPENAI_CASES, *OPENAI_STREAM_CASES, *BATCH_CASES]
+    unknown = [name for name in wanted if name not in known and name not in ("streaming", "openai", "batching")]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}, streaming, openai")
     args.cases = [name for name in CASES if name in wanted]
@@ -2278,6 +2444,7 @@ def parse_args(argv=None):
     args.openai_stream_cases = [name for name in OPENAI_STREAM_CASES if name in wanted]
     if args.openai_stream_cases and "openai-stream-direct" not in args.openai_stream_cases:
         args.openai_stream_cases.insert(0, "openai-stream-direct")
+    args.batch_cases = batch_cases(wanted)
     if args.held_streams < 0:
         parser.error("--held-streams must be at least 0")
     return args
@@ -2354,6 +2521,9 @@ def main(argv=None) -> int:
         if args.openai_cases or args.openai_stream_cases:
             results["openai"], openai_failed = run_openai(bench, args.openai_cases, args.openai_stream_cases)
             failed |= openai_failed
+        if args.batch_cases:
+            results["batching"], batching_failed = run_batching(bench, args.batch_cases)
+            failed |= batching_failed
         if not args.no_memory:
             steps = [("idle_100_models", lambda: memory_idle_models(bench))]
             if args.soak_requests > 0:

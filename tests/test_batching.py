@@ -296,14 +296,13 @@ def test_bad_batching_settings_are_clear_config_errors(keys, problem):
     assert any(p.startswith(problem) for p in problems), problems
 
 
-def test_a_batching_table_on_a_model_type_that_cannot_batch_is_a_clear_error():
+def test_a_batching_table_where_nothing_batches_is_a_clear_error():
     with pytest.raises(ConfigError) as raised:
-        parse_config({"models": [{"id": "h", "type": "http", "url": "http://127.0.0.1:9/",
-                                  "batching": {"max_batch_size": 4}}]}, environ={})
+        parse_config({"server": {"batching": {"max_batch_size": 4}}}, environ={})
 
     assert raised.value.lines() == [
-        'models[0].batching: is not a known key here: only a subprocess model with protocol = "jsonl" can batch '
-        "(HTTP models cannot yet)"
+        'server.batching: is not a known key here: only a subprocess model with protocol = "jsonl" and an HTTP '
+        "model can batch"
     ]
 
 
