@@ -94,7 +94,7 @@ class AibackendChannel(LlhttpChannel):
     # its own, 1.5 KB): an open connection costs that much less (10,000 held streams, 15 MB).
     __slots__ = (
         "peer", "refusal", "writes", "timer", "head_since", "body_since", "body_armed", "stalled_since",
-        "_local", "idle_since",
+        "_local", "_remote", "idle_since",
     )
 
     def __init__(self):
@@ -108,6 +108,7 @@ class AibackendChannel(LlhttpChannel):
         self.body_armed = False
         self.stalled_since = None  # when the client stopped reading what it is sent
         self._local = None
+        self._remote = None
         self.idle_since = None  # the idle timeout's start (Twisted's timeOut): no request in progress
 
     # --- the connection ------------------------------------------------------------------
@@ -119,9 +120,11 @@ class AibackendChannel(LlhttpChannel):
             # reactor's whole heap (O(connections)).
             self.head_since = self.site.reactor.seconds()
         super().connectionMade()
-        # Each request asks its channel for the local address: one getsockname() call a
-        # request, for an answer that never changes on a connection.
+        # Each request asks its channel for the local address (one getsockname() call a
+        # request) and the client's (a new address object): answers that never change on a
+        # connection.
         self._local = self.transport.getHost()
+        self._remote = self.transport.getPeer()
         self.writes = hold_writes(self.transport, self.site.reactor)
         if self.refusal is not None:
             self.answer(*self.refusal)
@@ -130,6 +133,9 @@ class AibackendChannel(LlhttpChannel):
 
     def getHost(self):
         return self._local if self._local is not None else super().getHost()
+
+    def getPeer(self):
+        return self._remote if self._remote is not None else super().getPeer()
 
     @property
     def body_limit(self):
