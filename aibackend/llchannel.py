@@ -219,14 +219,16 @@ class LlhttpChannel(HTTPChannel):
             self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
                         f"the request's headers are more than {self.totalHeadersSize} bytes")
             return b""
+        if self.head_done == (end < 0):
+            # llhttp and the channel do not agree on where the head ends (never, with a
+            # strict llhttp): what follows cannot be framed safely.
+            self._refuse_malformed("its head does not end at its first empty line")
+            return b""
         if end < 0:
             self.head_tail = (self.head_tail + segment)[-3:]
             return b""
         self.head_size = 0
         self.head_tail = b""
-        if not self.head_done:
-            self._refuse_malformed("its head does not end at its first empty line")
-            return b""
         return self._head_complete(data, end)
 
     def _skip_empty_lines(self, data: bytes) -> bytes:
