@@ -22,7 +22,7 @@ setup(
         "zope.interface>=6.0",
         "prometheus_client>=0.17",  # the /metrics exposition, not hand-written
         "orjson>=3.9",  # JSON checks on the hot path, several times faster than json
-        "httptools>=0.6",  # llhttp (Node.js's C HTTP parser): the hot path's model answers
+        "httptools>=0.9",  # llhttp 9, Node.js's C HTTP parser: the requests the server reads, the models' answers (its strictness is tested)
     ],
     extras_require={
         "test": [

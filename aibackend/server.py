@@ -7,10 +7,11 @@ memory, once: a body that announces (C{Content-Length}, or a chunk's size line) 
 past the limit is refused with a JSON 413 at once and the connection closed, without
 reading the rest.
 
-Each connection is an L{AibackendChannel}, Twisted's L{HTTPChannel} with the daemon's
-client limits: every refusal Twisted makes itself (a malformed request line, header or
-chunked body, a request line or header section too large) is answered in the daemon's JSON
-error shape; a request has C{header_timeout} for its headers, C{body_timeout} for its body
+Each connection is an L{AibackendChannel}: Twisted's L{HTTPChannel} reading requests with
+llhttp (L{aibackend.llchannel.LlhttpChannel}), with the daemon's client limits: every
+refusal of a request that is not HTTP/1.1 (a malformed request line, header or chunked
+body, a request line or header section too large) is answered in the daemon's JSON error
+shape; a request has C{header_timeout} for its headers, C{body_timeout} for its body
 and must keep up C{min_body_rate} after a grace period; an answer the client does not read
 for C{send_timeout} closes the connection; and a peer may hold only
 C{max_connections_per_peer} connections. One timer a connection watches all of it.
@@ -27,12 +28,13 @@ from io import BytesIO
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
 
 from aibackend.directwrite import LARGE, hold_writes
 from aibackend.errors import CLIENT_CLOSED, PayloadTooLarge, refusal_document
 from aibackend.ids import new_request_id, request_id_from_headers
+from aibackend.llchannel import LlhttpChannel
 
 
 access_log = Logger(namespace="aibackend.access")
@@ -40,10 +42,6 @@ access_log = Logger(namespace="aibackend.access")
 # A deadline is taken as reached this close to it (seconds): a timer set for a time fires
 # at that time give or take a float's rounding.
 _EPSILON = 1e-6
-# The longest line of a chunked body (a chunk's size and extensions, or a trailer).
-_MAX_CHUNK_LINE = 4096
-_MAX_TRAILERS = 16384
-_HEX = frozenset(b"0123456789abcdefABCDEF")
 # The refusal (aibackend.metrics) each of the server's own answers counts as (a 413 is
 # counted where it is decided, as body_too_large).
 _REFUSAL_OF_KIND = {
@@ -72,105 +70,7 @@ def error_answer(status: int, reason: str, kind: str, message: str, request_id: 
     ]) + b"\r\n\r\n" + body
 
 
-class ChunkedBody:
-    """
-    A strict decoder of a chunked request body (RFC 9112, section 7.1), in place of
-    Twisted's: each line must end with CRLF (a bare LF is a 400 at once, not a wait for a
-    CRLF that never comes), and a chunk whose size would take the body past
-    C{max_body_bytes} is refused (413) from its size line, before its data is read.
-
-    It has the interface of Twisted's decoders: C{dataReceived}, C{noMoreData}, and the
-    C{dataCallback}/C{finishCallback} it is given.
-    """
-
-    def __init__(self, channel, request, dataCallback, finishCallback, limit: int):
-        self.channel = channel
-        self.request = request
-        self.dataCallback = dataCallback
-        self.finishCallback = finishCallback
-        self.limit = limit
-        self.announced = 0  # the sizes of the chunks so far
-        self.remaining = 0
-        self.state = "size"
-        self.pending = b""
-        self.trailers = 0
-
-    def noMoreData(self) -> None:
-        pass  # the server's channel never calls it: a body ends with its last chunk
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.pending:
-            data = self.pending + data
-            self.pending = b""
-        position, end = 0, len(data)
-        while position < end:
-            state = self.state
-            if state == "data":
-                take = min(self.remaining, end - position)
-                self.dataCallback(data if take == end else data[position:position + take])
-                position += take
-                self.remaining -= take
-                if self.remaining == 0:
-                    self.state = "crlf"
-                if self.state == "stopped":
-                    return
-            elif state == "crlf":
-                if end - position < 2:
-                    self.pending = data[position:]
-                    return
-                if data[position:position + 2] != b"\r\n":
-                    return self._bad("a chunk's data does not end with CRLF")
-                position += 2
-                self.state = "size"
-            elif state in ("size", "trailer"):
-                newline = data.find(b"\n", position)
-                if newline == -1:
-                    if end - position > _MAX_CHUNK_LINE:
-                        return self._bad("a line of the chunked body is too long")
-                    self.pending = data[position:]
-                    return
-                if newline == position or data[newline - 1] != 13:
-                    return self._bad("a line of the chunked body ends with a bare LF, not CRLF")
-                line = data[position:newline - 1]
-                position = newline + 1
-                if state == "size":
-                    if not self._size(line):
-                        return
-                elif line:
-                    self.trailers += len(line) + 2
-                    if self.trailers > _MAX_TRAILERS:
-                        return self._bad("the chunked body's trailers are too long")
-                else:
-                    self.state = "done"
-                    self.finishCallback(data[position:])
-                    return
-            else:
-                return  # done or stopped: nothing more is read
-
-    def _size(self, line: bytes) -> bool:
-        size = line.split(b";", 1)[0].rstrip(b" \t")
-        if not size or len(size) > 16 or not _HEX.issuperset(size):
-            self._bad("a chunk's size is not a hexadecimal number")
-            return False
-        length = int(size, 16)
-        if length == 0:
-            self.state = "trailer"
-            return True
-        self.announced += length
-        if self.announced > self.limit:
-            self.state = "stopped"
-            self.request.refuse_too_large(None)
-            return False
-        self.state = "data"
-        self.remaining = length
-        return True
-
-    def _bad(self, message: str) -> None:
-        self.state = "stopped"
-        self.channel.refuse(400, "Bad Request", "bad_request", message)
-
-
-class AibackendChannel(HTTPChannel):
+class AibackendChannel(LlhttpChannel):
     """
     An HTTP/1.1 connection with the daemon's client limits (see the module's docstring).
 
@@ -180,9 +80,8 @@ class AibackendChannel(HTTPChannel):
     idle timeout Twisted's own DelayedCall kept, L{setTimeout}), then setting itself for
     what is left; a body that arrives with its headers never arms it.
 
-    Twisted's refusals are made in methods it calls on its channel; those overridden
-    here (C{_respondToBadRequestAndDisconnect}, and the counters and the decoder it
-    keeps) are the same from Twisted 24.7 to 26.10.
+    Requests are read by llhttp (L{LlhttpChannel}); this class adds the limits and
+    answers every refusal in the daemon's JSON error shape.
     """
 
     log = Logger()
@@ -194,8 +93,8 @@ class AibackendChannel(HTTPChannel):
     # limit for a dict that shares its class's keys (under 300 bytes; past it, a dict of
     # its own, 1.5 KB): an open connection costs that much less (10,000 held streams, 15 MB).
     __slots__ = (
-        "peer", "refusal", "writes", "timer", "head_since", "body_since", "body_armed", "stalled_since", "closing",
-        "_local", "_after_cr", "idle_since", "requests", "_handlingRequest", "_dataBuffer", "_transferDecoder",
+        "peer", "refusal", "writes", "timer", "head_since", "body_since", "body_armed", "stalled_since",
+        "_local", "_remote", "idle_since",
     )
 
     def __init__(self):
@@ -208,9 +107,8 @@ class AibackendChannel(HTTPChannel):
         self.body_since = None  # when the body now awaited began
         self.body_armed = False
         self.stalled_since = None  # when the client stopped reading what it is sent
-        self.closing = False
         self._local = None
-        self._after_cr = False  # the request line's bytes so far end in CR
+        self._remote = None
         self.idle_since = None  # the idle timeout's start (Twisted's timeOut): no request in progress
 
     # --- the connection ------------------------------------------------------------------
@@ -222,9 +120,11 @@ class AibackendChannel(HTTPChannel):
             # reactor's whole heap (O(connections)).
             self.head_since = self.site.reactor.seconds()
         super().connectionMade()
-        # Each request asks its channel for the local address: one getsockname() call a
-        # request, for an answer that never changes on a connection.
+        # Each request asks its channel for the local address (one getsockname() call a
+        # request) and the client's (a new address object): answers that never change on a
+        # connection.
         self._local = self.transport.getHost()
+        self._remote = self.transport.getPeer()
         self.writes = hold_writes(self.transport, self.site.reactor)
         if self.refusal is not None:
             self.answer(*self.refusal)
@@ -234,48 +134,48 @@ class AibackendChannel(HTTPChannel):
     def getHost(self):
         return self._local if self._local is not None else super().getHost()
 
+    def getPeer(self):
+        return self._remote if self._remote is not None else super().getPeer()
+
+    @property
+    def body_limit(self):
+        return self.site.max_body_bytes
+
     def dataReceived(self, data):
-        if not self.requests:
-            if self.head_since is None:
-                self._start_head()
-            # The request line must end in CRLF (RFC 9112 allows a server to refuse a bare
-            # LF): one that does not would be held, as one unending line, until a timeout.
-            end = data.find(b"\n")
-            if end >= 0 and not (data[end - 1:end] == b"\r" if end else self._after_cr):
-                self.refuse(400, "Bad Request", "bad_request", "a line of the request ends in a bare LF, not CRLF")
-                return
-            self._after_cr = data[-1:] == b"\r"
         super().dataReceived(data)
         if self.body_since is not None and not self.body_armed:
             self._arm_body()
         if self.writes is not None:
             self.writes.event_done()  # the request written to a model goes now
 
-    def allHeadersReceived(self):
+    # --- the steps of a request (LlhttpChannel's) ----------------------------------------
+
+    def head_started(self):
+        if self.head_since is None:
+            self._start_head()
+
+    def head_received(self, request, version):
         self.head_since = None
-        request = self.requests[-1]
         hosts = request.requestHeaders.getRawHeaders(b"host")
         if hosts is None:
-            if self._version == b"HTTP/1.1":
+            if version == b"HTTP/1.1":
                 request.refuse(400, "Bad Request", "bad_request", "an HTTP/1.1 request must have a Host header")
-                return
+                return False
             if not isinstance(self._local, (IPv4Address, IPv6Address)):
                 # HTTP/1.0 on a unix socket: Twisted names the host from the local
                 # address, which has none (Klein would raise), so the host is this one.
                 request.requestHeaders.setRawHeaders(b"host", [b"localhost"])
         elif len(hosts) > 1:
             request.refuse(400, "Bad Request", "bad_request", "the request has more than one Host header")
-            return
-        super().allHeadersReceived()
-        if self.length is None and not request.refused:
-            # Chunked: the daemon's strict decoder, with the callbacks of Twisted's.
-            twisted_decoder = self._transferDecoder
-            self._transferDecoder = ChunkedBody(
-                self, request, twisted_decoder.dataCallback, twisted_decoder.finishCallback, self.site.max_body_bytes,
-            )
-        if self.length != 0 and not request.refused:
-            self.body_since = request.aibackend_started  # gotLength's "now"
-            self.body_armed = False
+            return False
+        return True
+
+    def body_expected(self, request):
+        self.body_since = request.aibackend_started  # gotLength's "now"
+        self.body_armed = False
+
+    def body_too_large(self):
+        self.requests[-1].refuse_too_large(None)
 
     def pauseProducing(self):
         # The transport holds more than it can send: the client is not reading its answer.
@@ -297,27 +197,11 @@ class AibackendChannel(HTTPChannel):
         self.site.connection_lost(self)
         super().connectionLost(reason)
 
-    # --- Twisted's refusals, in the daemon's shape ---------------------------------------
-
-    def lineLengthExceeded(self, line):
-        if not self.requests:
-            self.refuse(414, "URI Too Long", "uri_too_long",
-                        f"the request line is longer than {self.MAX_LENGTH} bytes")
-        else:
-            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
-                        f"a header line is longer than {self.MAX_LENGTH} bytes")
+    # --- refusals, in the daemon's shape ---------------------------------------------------
 
     def _respondToBadRequestAndDisconnect(self):
-        if self._receivedHeaderSize > self.totalHeadersSize:
-            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
-                        f"the request's headers are more than {self.totalHeadersSize} bytes")
-        elif self._receivedHeaderCount > self.maxHeaders:
-            self.refuse(431, "Request Header Fields Too Large", "headers_too_large",
-                        f"the request has more than {self.maxHeaders} headers")
-        else:
-            self.refuse(400, "Bad Request", "bad_request",
-                        "the request is not valid HTTP/1.1 (its request line, a header, "
-                        "its Content-Length or Transfer-Encoding, or its chunked body)")
+        # Twisted's Request calls it for a form it cannot parse (none is parsed here).
+        self.refuse(400, "Bad Request", "bad_request", "the request is not valid HTTP/1.1")
 
     def refuse(self, status: int, reason: str, kind: str, message: str) -> None:
         """Refuse the request being read (if any) in the error shape, and close."""
@@ -573,8 +457,8 @@ class BoundedRequest(Request):
         request_id = request_id_from_headers(self.requestHeaders)
         # The request never reaches finish(), so give it its access event here. Its
         # method and path are still only the channel's (requestReceived comes later).
-        self.method = getattr(channel, "_command", None) or b"-"
-        self.uri = getattr(channel, "_path", None) or b"-"
+        self.method = channel.method or b"-"
+        self.uri = channel.target or b"-"
         self.path = self.uri.split(b"?", 1)[0]
         sent = channel.answer(status, reason, kind, message, request_id, self.path)
         self.code = status

@@ -2423,3 +2423,30 @@ class BatchModelServer(ModelServer):
             self.sizes.append(len(document))
         time.sleep(self.delay)
         return 200, {}, json.dumps([{"y": 2 * item["x"], "batch": len(document)} for item in document]).encode()
+
+
+# --- llserver (session 16) ---
+
+
+def parse_responses(raw: bytes) -> list:
+    """Every whole HTTP answer in C{raw}, in order: (status, headers with lower-case names, body) each."""
+    answers = []
+    while raw:
+        status, headers, body, raw = parse_response(raw)
+        answers.append((status, headers, body))
+    return answers
+
+
+def connect_channel(site, host: str = "127.0.0.1", port: int = 5000):
+    """
+    A connection of C{site}'s (its real channel, L{AibackendSite}'s) over a
+    L{StringTransport} from C{host}:C{port}: (the channel, the transport).
+    """
+    # (imported here: this section of the module may not change the imports at its top)
+    from twisted.internet.testing import StringTransport
+
+    protocol = site.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, port),
+                                hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
+    protocol.makeConnection(transport)
+    return protocol, transport

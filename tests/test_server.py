@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 
 from aibackend.ids import request_id_from_headers
-from aibackend.testing import HEX32, FakeModel, StubFrontDoor, parse_response
+from aibackend.testing import HEX32, FakeModel, StubFrontDoor, parse_response, parse_responses
 
 LIMIT = 1024
 
@@ -200,6 +200,25 @@ async def test_a_chunked_body_under_the_limit_is_accepted(listening):
     status, _, _, _ = parse_response(raw)
     assert status == 200
     assert [received.body for received in model.received] == [b'{"a": 1}']
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_in_one_write_and_one_in_bytes_are_answered_in_order(listening):
+    port, model = listening
+    head = b"POST /post/predict?id=m HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    bodies = [b'{"n": %d}' % n for n in range(30)]
+    pipelined = b"".join(head + b"X-Request-Id: pipe-%d\r\nContent-Length: %d\r\n\r\n%s" % (n, len(body), body)
+                         for n, body in enumerate(bodies))
+    last = head + b"X-Request-Id: pipe-last\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunk(
+        b'{"n": "last"}') + b"0\r\n\r\n"
+
+    # The last request comes a byte a write (the client's writes may still be joined on the way).
+    raw = await exchange(port, pipelined, *(last[i:i + 1] for i in range(len(last))))
+
+    answers = parse_responses(raw)
+    assert [headers["x-request-id"] for _, headers, _ in answers] == [f"pipe-{n}" for n in range(30)] + ["pipe-last"]
+    assert {status for status, _, _ in answers} == {200}
+    assert [received.body for received in model.received] == bodies + [b'{"n": "last"}']
 
 
 @pytest_twisted.ensureDeferred
