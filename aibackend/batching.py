@@ -37,8 +37,9 @@ import json
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from aibackend.errors import ApiError, BadGateway, GatewayTimeout
@@ -395,6 +396,11 @@ class OneCall:
                 d.callback(answer)
 
 
+def _alone(answer: ModelAnswer) -> list:
+    """A call for one request: its answer."""
+    return [answer]
+
+
 class RowBatches:
     """
     The model a keyed L{Batcher} sends to (L{BatchingModel}): its batches of requests with
@@ -414,24 +420,27 @@ class RowBatches:
         model = self.model
         model.batch_stats.sent(len(items))
         if len(items) == 1:
-            item = items[0]
-            return [maybeDeferred(model.send_alone, item.body, item.context)]
-        rows = [item.context.batch.rows for item in items]
-        model.requests += len(items) - 1  # one call, counted once by the model: the requests it answers
-        context = RequestContext(request_id=",".join([item.context.request_id for item in items]),
-                                 operation=items[0].context.operation)
+            # Alone: its body as it came, under its own deadline (the wait to be batched
+            # counts), not a fresh timeout of the model's.
+            body, context, split = items[0].body, items[0].context, _alone
+        else:
+            rows = [item.context.batch.rows for item in items]
+            model.requests += len(items) - 1  # one call, counted once by the model: the requests it answers
+            context = RequestContext(request_id=",".join([item.context.request_id for item in items]),
+                                     operation=items[0].context.operation)
+            body = concat_rows([item.body for item in items])
+            split = partial(self._split, rows=rows)
         clock = model.batcher.clock
-        call = OneCall(model, items, clock, clock.seconds() + float(model.spec.timeout),
-                       lambda answer: self._split(answer, rows))
+        call = OneCall(model, items, clock, clock.seconds() + float(model.spec.timeout), split)
         try:
-            exchange = model.send_alone(concat_rows([item.body for item in items]), context)
+            exchange = model.send_alone(body, context)
         except Exception:
             exchange = fail()
         call.exchange = exchange
         exchange.addBoth(call.settle)
         return call.deferreds
 
-    def _split(self, answer: ModelAnswer, rows: list) -> list:
+    def _split(self, answer: ModelAnswer, *, rows: list) -> list:
         model_id = self.model.model_id
         try:
             parts = split_rows(model_json(answer.body), rows)

@@ -223,7 +223,18 @@ class JsonLines:
         model.dispatch()
 
     def timed_out(self, process, pending) -> None:
-        """A request timed out (answered already): a hung process is replaced, another told to drop it."""
+        """
+        A request timed out (answered already): a hung process is replaced, another told to
+        drop it. A process working on a batch answers it in one write at its end, so it is
+        hung only once every request of the batch has timed out with nothing printed: until
+        then the others of the batch, whose deadlines come later, are still its work.
+        """
+        batch = pending.batch
+        inflight = process.inflight
+        if batch is not None and any(inflight.get(other.wire_id) is other for other in batch.items):
+            self._ended_here(pending.wire_id, "timed out")
+            self.model.dispatch()
+            return
         if process.last_output <= pending.sent_at:
             self.model.pool.terminate(process, "the process is hung: it printed nothing since the timed-out request")
         else:

@@ -642,3 +642,56 @@ def test_the_iris_example_predicts_a_batch_in_one_call_as_it_would_each_request(
         alone = model.predict(data)
         assert output["label"] == alone["label"] and output["scores"].tolist() == alone["scores"].tolist()
     assert both["label"] == ["setosa", "virginica"]
+
+
+def test_a_request_of_a_batch_that_times_out_leaves_the_others_of_its_batch_to_the_process(h):
+    model = h.model(timeout=10, batching={"max_batch_size": 8, "max_delay_ms": 4000})
+    (process,) = h.launcher.spawned
+    first = h.send(model, "a")
+    h.clock.advance(3.9)
+    second = h.send(model, "b")
+    h.clock.advance(0.1)
+    (batch,) = process.batches()  # written at 4 s: the process works on both
+
+    h.clock.advance(6.0)  # 10 s: the first one's deadline, nothing printed yet
+
+    assert first.error(GatewayTimeout).status == 504
+    assert not second.fired  # 3.9 s left: the process is not hung for it
+    assert process.alive and process.protocol.state == "ready"
+    process.answers_batch(batch)
+    assert second.answer().status == 200
+    h.stop(model)
+
+
+def test_a_process_silent_past_every_deadline_of_its_batch_is_hung(h):
+    model = h.model(timeout=10, batching={"max_batch_size": 8, "max_delay_ms": 4000})
+    (process,) = h.launcher.spawned
+    first = h.send(model, "a")
+    h.clock.advance(3.9)
+    second = h.send(model, "b")
+    h.clock.advance(0.1)
+    assert len(process.batches()) == 1
+
+    h.clock.advance(6.0)
+    assert process.protocol.state == "ready"
+    h.clock.advance(3.9)  # the second one's deadline too: nothing printed since the batch was sent
+
+    assert first.error(GatewayTimeout).status == 504 and second.error(GatewayTimeout).status == 504
+    assert process.protocol.state != "ready"  # replaced as hung
+    process.killed()
+    h.stop(model)
+
+
+def test_a_lone_request_concatenated_along_its_batch_dimension_keeps_its_deadline(h):
+    from aibackend.batching import TensorBatch
+    from aibackend.interfaces import RowsContext
+
+    model = h.model(timeout=1, batching={"max_batch_size": 8, "max_delay_ms": 400})
+    context = RowsContext(request_id="a", operation="infer", batch=TensorBatch(("k",), 1))
+    got = Got(model.send(b'{"x": [[1, 2]]}', context))
+    h.clock.advance(0.4)  # its batch of one leaves
+
+    h.clock.advance(0.6001)  # its arrival + the timeout
+
+    assert got.error(GatewayTimeout).status == 504
+    h.stop(model)
