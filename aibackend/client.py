@@ -100,6 +100,7 @@ class Connection(Protocol):
         self.header_name = None
         self.complete = False
         self.headers_done = False
+        self.interim = False
         self.received = False
         self.parser = httptools.HttpResponseParser(self)
         if type(data) is bytes:
@@ -143,15 +144,31 @@ class Connection(Protocol):
 
     # --- llhttp's callbacks ---------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer in the same read, nobody asked for: not kept
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.setdefault(name.lower(), []).append(value)
+        if not self.complete:
+            self.headers.setdefault(name.lower(), []).append(value)
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
+        if _interim(self.parser):
+            # A 1xx (103 Early Hints, an unasked 100 Continue) before the answer: passed over.
+            self.interim = True
+            self.headers = {}
+            return
         self.headers_done = True
-        # Asked here: once the message is complete, llhttp no longer says.
+        # Asked here: once the message is complete, llhttp no longer says (and what
+        # follows it in the same read is another answer's).
+        self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
         self.size += len(body)
         if self.size > self.limit:
             self.chunks = []
@@ -161,6 +178,9 @@ class Connection(Protocol):
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.complete = True
 
     # --- the connection ---------------------------------------------------------
@@ -187,7 +207,7 @@ class Connection(Protocol):
             self.transport.abortConnection()
             return
         if self.complete and self.deferred is not None:
-            answer = Answer(parser.get_status_code(), self.headers)
+            answer = Answer(self.status, self.headers)
             body = b"".join(self.chunks)
             keep = self.keep_alive
             self._finish((answer, body))
@@ -205,7 +225,7 @@ class Connection(Protocol):
             return
         if self.headers_done and not self.complete and self._until_close():
             # An answer whose body runs until the connection closes (no length given).
-            self._finish((Answer(self.parser.get_status_code(), self.headers), b"".join(self.chunks)))
+            self._finish((Answer(self.status, self.headers), b"".join(self.chunks)))
             return
         if self.received:
             self._finish(Failure(ResponseFailed([reason])))
@@ -307,7 +327,7 @@ class _Streamed:
     """
 
     __slots__ = ("connection", "head", "limit", "headers", "headers_done", "keep_alive", "answer", "reader",
-                 "chunks", "size", "complete", "over", "failure")
+                 "chunks", "size", "complete", "over", "failure", "interim")
 
     def __init__(self, connection: Connection, head, limit: int):
         self.connection = connection
@@ -323,6 +343,7 @@ class _Streamed:
         self.complete = False
         self.over = False
         self.failure = None
+        self.interim = False
 
     def result(self):
         """The request's result once the body has ended (or a Failure)."""
@@ -353,9 +374,13 @@ class _Streamed:
     def on_headers_complete(self) -> None:
         if self.headers_done or self.over:
             return
-        self.headers_done = True
         connection = self.connection
         parser = connection.parser
+        if _interim(parser):  # a 1xx before the answer: passed over
+            self.interim = True
+            self.headers = {}
+            return
+        self.headers_done = True
         self.keep_alive = parser.should_keep_alive()
         self.answer = Answer(parser.get_status_code(), self.headers)
         try:
@@ -383,9 +408,17 @@ class _Streamed:
             self.over = True
 
     def on_message_complete(self) -> None:
-        if not self.complete:
+        if self.interim:
+            self.interim = False
+        elif not self.complete:
             self.complete = True
             self.over = True
+
+
+def _interim(parser) -> bool:
+    """Is the answer whose head llhttp has just read an interim one (1xx, but 101: a switch, never asked)?"""
+    status = parser.get_status_code()
+    return 100 <= status < 200 and status != 101
 
 
 class _QuietFactory(Factory):

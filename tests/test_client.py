@@ -436,3 +436,47 @@ def test_a_plain_request_after_a_stream_on_the_same_connection_is_read_as_plain(
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     assert result_of(plain)[1] == b"{}"
     assert len(endpoints.made) == 1
+
+
+def test_a_second_answer_in_the_same_read_is_not_part_of_the_first_and_the_connection_is_not_kept(client, endpoints):
+    d, protocol, transport = answer(client, endpoints, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+                                    b"HTTP/1.1 500 Oops\r\nContent-Length: 5\r\nX-Evil: 1\r\n\r\nhello")
+
+    answer_, body = result_of(d)
+    assert (answer_.code, body, answer_.headers.getRawHeaders(b"x-evil")) == (200, b"{}", None)
+    assert not transport.connected
+    client.request(URI, REQUEST, 1000)
+    assert len(endpoints.made) == 2
+
+
+@pytest.mark.parametrize("interim", [b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n",
+                                     b"HTTP/1.1 100 Continue\r\n\r\n"])
+def test_an_interim_answer_is_passed_over(client, endpoints, interim):
+    d = client.request(URI, REQUEST, 1000)
+    protocol, transport = endpoints.made[-1]
+
+    protocol.dataReceived(interim)
+    assert not has_fired(d)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    answer_, body = result_of(d)
+    assert (answer_.code, body, answer_.headers.getRawHeaders(b"link")) == (200, b"{}", None)
+    assert not transport.aborted
+
+
+def test_an_interim_answer_is_passed_over_by_a_stream(client, endpoints):
+    from aibackend.streambody import reader_for
+
+    seen = []
+
+    def head(answer_, transport):
+        seen.append(answer_.code)
+        return reader_for(b"text/event-stream")(lambda value, text: None, 1000, "m")
+
+    d = client.request(URI, REQUEST, 1000, head)
+    protocol, transport = endpoints.made[-1]
+    protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 11\r\n\r\n"
+                          b"data: 1\n\n\n\n")
+
+    assert result_of(d)[0].code == 200 and seen == [200]
