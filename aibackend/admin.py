@@ -150,8 +150,8 @@ class ModelManager:
 
     @inlineCallbacks
     def check_destination(self, spec):
-        """Every URL of the model (each replica) must be allowed."""
-        for url in spec.urls:
+        """Every URL the model connects to (each replica's, its batches') must be allowed."""
+        for url in spec.destinations:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
             try:

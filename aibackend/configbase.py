@@ -865,6 +865,11 @@ class ModelSpec:
         """The spec as JSON, secrets masked."""
         return public_of(self)
 
+    @property
+    def destinations(self) -> tuple:
+        """Every URL the daemon connects to for the model: its L{urls}, and any other route's."""
+        return self.urls
+
 
 MODEL_FIELDS = tuple(name for name, _ in settings_of(ModelSpec))
 # What every model has for its streams, read with the other common keys (L{read_stream_settings}).

@@ -164,6 +164,14 @@ class HttpModelSpec(ModelSpec):
         if self.url and not self.urls:
             object.__setattr__(self, "urls", (self.url,))
 
+    @property
+    def destinations(self) -> tuple:
+        """The replicas' URLs, and the batches' when it is a whole URL (not a path on them)."""
+        batching = self.batching
+        if batching is not None and not batching.url.startswith("/"):
+            return (*self.urls, batching.url)
+        return self.urls
+
 
 def _read_urls(table: Table) -> list[str]:
     """C{urls} (replicas) or C{url} (or C{dest}): every URL, the first being C{url}."""

@@ -550,6 +550,16 @@ async def test_other_spellings_of_a_denied_address_are_403(clock, url):
     assert door.store.load() == []
 
 
+def test_a_batch_url_to_a_denied_destination_is_403(door):
+    response = door.add({"id": "ssrf", "type": "http", "url": "http://127.0.0.1:8888/predict",
+                         "batching": {"max_batch_size": 4, "max_delay_ms": 1,
+                                      "url": "http://169.254.169.254/latest/meta-data/"}})
+
+    assert_error(response, 403, "forbidden", model="ssrf", message="allowed_destinations")
+    assert door.ids() == ["m", "other"]
+    assert door.store.load() == []
+
+
 def test_an_explicit_destination_list_allows_only_it(clock):
     door = Door(clock, server=server_spec(allowed_destinations=["127.0.0.1"]))
 
