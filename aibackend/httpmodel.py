@@ -979,6 +979,25 @@ def type_of(value) -> str:
     return "number"
 
 
+# The longest X-Request-Id a batch is sent with: past it, its first ids and how many more
+# (a server's header limit is 8 to 16 KiB; a batch may hold thousands of requests).
+MAX_BATCH_IDS = 4096
+
+
+def batch_request_ids(request_ids: list) -> bytes:
+    """A batch's X-Request-Id: its requests' ids, comma-separated, in order; past L{MAX_BATCH_IDS}, cut."""
+    text = ", ".join(request_ids)
+    if len(text) <= MAX_BATCH_IDS:
+        return text.encode("ascii")
+    shown, length = [], 0
+    for request_id in request_ids:
+        length += len(request_id) + 2
+        if length > MAX_BATCH_IDS - 32:
+            break
+        shown.append(request_id)
+    return f"{', '.join(shown)}, ... ({len(request_ids) - len(shown)} more)".encode("ascii")
+
+
 @implementer(IBatching)
 class BatchingHttpModel(BatchingModel, HttpModel):
     """
@@ -1065,7 +1084,7 @@ class BatchingHttpModel(BatchingModel, HttpModel):
         """POST the requests of one or more batches as one, and share its outcome out."""
         items = [item for waiting in group for item in waiting.items]
         body = b"[" + b",".join([item.body for item in items]) + b"]"
-        request_ids = ", ".join([item.context.request_id for item in items]).encode("ascii")
+        request_ids = batch_request_ids([item.context.request_id for item in items])
         exchange = self._post_batch(body, request_ids, len(items), max(item.deadline for item in items))
         if len(group) == 1:
             call = group[0].call

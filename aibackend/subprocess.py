@@ -241,7 +241,7 @@ class SubprocessModel(PoolEvents, Service):
             "state": self.state,
             "protocol": self.spec.protocol,
             "in_flight": self.in_flight,
-            "queued": len(self.queue),
+            "queued": self.queued,
             "requests": self.requests,
             "failures": self.failures,
             "restarts": pool.restarts,

@@ -570,3 +570,15 @@ def test_requests_waiting_to_be_concatenated_count_in_max_queue(clock, stub):
     model.stopService()
     assert all(isinstance(failure_of(d, ModelUnavailable).value, ModelUnavailable) for d in ds)
     assert model.keyed == {}
+
+
+def test_a_batchs_request_ids_header_is_bounded():
+    from aibackend.httpmodel import MAX_BATCH_IDS, batch_request_ids
+
+    assert batch_request_ids(["a", "b"]) == b"a, b"
+    many = [f"{index:032x}" for index in range(1000)]
+    header = batch_request_ids(many)
+    assert len(header) <= MAX_BATCH_IDS
+    shown = header.decode().split(", ")
+    assert shown[:-1] == many[:len(shown) - 1]
+    assert shown[-1] == f"... ({1000 - (len(shown) - 1)} more)"
