@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 from twisted.web.client import URI
 
-from aibackend.directwrite import hold_writes
+from aibackend.directwrite import flush, hold_writes
 
 MAX_IDLE_PER_HOST = 64
 IDLE_SECONDS = 120.0
@@ -103,11 +103,7 @@ class Connection(Protocol):
         self.interim = False
         self.received = False
         self.parser = httptools.HttpResponseParser(self)
-        if type(data) is bytes:
-            self.transport.write(data)
-        else:  # (head, a large body): written one after the other, not joined
-            for part in data:
-                self.transport.write(part)
+        self._write(data)
         return self.deferred
 
     def stream(self, data: bytes, limit: int, head) -> Deferred:
@@ -116,12 +112,24 @@ class Connection(Protocol):
         self.received = False
         self.exchange = exchange = _Streamed(self, head, limit)
         self.parser = httptools.HttpResponseParser(exchange)
+        self._write(data)
+        return self.deferred
+
+    def _write(self, data) -> None:
+        """
+        Write a request: its bytes, or (head, a large body) one after the other, not
+        joined. A quiet reactor sends it at once (L{aibackend.directwrite}): the model
+        starts on it while the daemon finishes the event that made it.
+        """
+        transport = self.transport
         if type(data) is bytes:
-            self.transport.write(data)
+            transport.write(data)
         else:
             for part in data:
-                self.transport.write(part)
-        return self.deferred
+                transport.write(part)
+        writes = self.writes
+        if writes is not None and not writes.busy:
+            flush(transport)
 
     def _cancel(self, d):
         # The deadline passed, or the client went away: the answer is no longer wanted,

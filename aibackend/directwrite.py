@@ -12,13 +12,17 @@ C{send()}: the answer's headers and body go out together. When it is sent depend
 busy the reactor is:
 
   - quiet (its last turn wrote to at most one connection): as soon as the event that
-    wrote it has been handled (L{Writes.event_done}), so the model starts on a request
-    while the daemon is still finishing its own bookkeeping;
+    wrote it has been handled (L{Writes.event_done}); a request to a model goes at once
+    (the lean client's L{flush}), so the model starts on it while the daemon is still
+    finishing its own bookkeeping;
   - busy: at the end of the reactor's turn, once every event of the turn is handled.
     Sending at once then costs more CPU per request than Twisted's own path (measured
     with wrk at concurrency 32: more and smaller wake-ups of the model server and of
     the daemon); holding until the end of the turn keeps the batching a busy reactor
     gets for free.
+
+Whatever the reactor's mood, a stream's first chunk goes at once (L{flush}): the time to
+a stream's first token matters more than the one more C{send()}.
 
 Only what the kernel does not take goes to Twisted's own buffer, so flow control and
 producers work as before. A large write (C{LARGE} bytes or more: a big request body on its
@@ -174,6 +178,16 @@ class _HeldClient(_HeldWrites, tcp.Client):
 
 _HELD = {tcp.Server: _HeldServer, tcp.Client: _HeldClient}
 _writes: dict = {}  # reactor -> its Writes (a process has one reactor)
+
+
+def flush(transport) -> None:
+    """
+    Send what C{transport} holds now, not at the end of the event or turn: for a write
+    whose latency matters more than the one C{send()} it costs (a stream's first chunk).
+    A transport whose writes are not held (TLS, not TCP) sends them its own way.
+    """
+    if isinstance(transport, _HeldWrites):
+        send(transport)
 
 
 def event_done(reactor) -> None:

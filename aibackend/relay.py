@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from aibackend import errors
 from aibackend.auth import Guard
+from aibackend.directwrite import flush
 from aibackend.interfaces import IChunks
 from aibackend.metrics import Metrics
 from aibackend.web import UNEXPECTED, client_gone, sized
@@ -403,6 +404,14 @@ class StreamWriter:
                         self.timer = None
                         timer.cancel()
                     self._schedule(now)
+            # The first chunk (the time to first token) goes at once, not with what the
+            # rest of this read makes (an upstream's events often come several a read).
+            request = self.request
+            request.write(framed)
+            channel = request.channel
+            if channel is not None:
+                flush(channel.transport)
+            return
         elif self.timer is not None:
             self.last_chunk_at = self.last_write_at = self.clock.seconds()
         self.request.write(framed)

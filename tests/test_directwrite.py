@@ -339,3 +339,23 @@ def test_this_twisted_has_everything_held_writes_read(pair):
 
     transport, _ = pair
     assert [name for name in RELIED_ON if not hasattr(transport, name)] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_sends_what_is_held_at_once_even_on_a_busy_reactor(held):
+    from aibackend.directwrite import flush
+
+    transport, peer, clock, writes, sends = held
+    writes.busy = True
+    transport.write(b"data: first\n\n")
+    assert sends.calls == []
+
+    flush(transport)
+
+    assert sends.calls == [b"data: first\n\n"]
+    transport.write(b"data: second\n\n")
+    writes.event_done()
+    assert len(sends.calls) == 1  # the rest waits for the turn's end, as before
+    clock.advance(0)
+    assert sends.calls[1:] == [b"data: second\n\n"]
+    flush(StringTransport())  # a transport whose writes are not held: nothing to do
