@@ -449,6 +449,9 @@ class LeanClient:
         self.idle_seconds = idle_seconds
         self._idle: dict = defaultdict(list)
         self._uris: dict = {}
+        # Closed (its model stopped): a connection an answer still in flight frees then is
+        # closed, not kept; a request after that (the model started again) opens it again.
+        self.closed = False
 
     def request(self, uri: bytes, data: bytes, limit: int, head=None) -> Deferred:
         """
@@ -457,6 +460,8 @@ class LeanClient:
         C{limit} bytes (else L{ResponseTooLarge}). With C{head}, a stream (see the module's
         docstring): C{head(answer, transport)} says how the body is read once its headers are.
         """
+        if self.closed:
+            self.closed = False
         parsed = self._uris.get(uri)
         if parsed is None:
             parsed = self._uris[uri] = URI.fromBytes(uri)
@@ -481,7 +486,7 @@ class LeanClient:
 
     def _release(self, connection) -> None:
         idle = self._idle[connection.key]
-        if len(idle) >= self.max_idle:
+        if self.closed or len(idle) >= self.max_idle:
             connection.transport.loseConnection()
             return
         idle.append(connection)
@@ -496,7 +501,8 @@ class LeanClient:
             idle.remove(connection)
 
     def close(self) -> None:
-        """Close every idle connection (at stop)."""
+        """Close every idle connection, and each one in use once its answer is done (at stop)."""
+        self.closed = True
         for idle in list(self._idle.values()):
             for connection in list(idle):
                 if connection.idle_timer is not None and connection.idle_timer.active():

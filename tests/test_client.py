@@ -214,6 +214,19 @@ def test_close_closes_the_idle_connections(client, endpoints):
     assert not transport.connected
 
 
+def test_a_connection_freed_after_close_is_closed_not_kept(client, endpoints, clock):
+    d = client.request(URI, REQUEST, 1000)
+    protocol, transport = endpoints.made[-1]
+    client.close()  # the model stops while its answer is on its way
+
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    assert result_of(d)[1] == b"{}"
+    assert not transport.connected and clock.getDelayedCalls() == []
+    client.request(URI, REQUEST, 1000)  # started again: a new connection, kept as before
+    assert len(endpoints.made) == 2
+
+
 # --- streams (a request given head) -------------------------------------------------------
 
 
