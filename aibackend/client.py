@@ -252,14 +252,17 @@ class Connection(Protocol):
     def _stream_received(self, data: bytes) -> None:
         exchange = self.exchange
         self.received = True
+        broken = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            # (Not a callback's: they do not raise.) Bytes after a complete answer spoil
-            # only the connection.
-            if not exchange.complete and exchange.failure is None:
+            # (Not a callback's: they do not raise.) Bytes after a complete answer, or
+            # after the reader's end event, spoil only the connection.
+            reader = exchange.reader
+            if not exchange.complete and exchange.failure is None and not (reader is not None and reader.ended):
                 exchange.failure = Failure(ResponseFailed([Failure(e)]))
             exchange.keep_alive = False
+            broken = True
         if self.exchange is not exchange:
             return  # cancelled meanwhile (by what a chunk set off): the connection is closed
         if exchange.failure is not None:
@@ -272,11 +275,19 @@ class Connection(Protocol):
             return
         reader = exchange.reader
         if reader is not None and reader.ended and self.deferred is not None:
+            if broken:  # what followed the end event is not HTTP: the stream is over, the connection too
+                self._stream_over()
+                self._fire((exchange.answer, reader.output, True))
+                self.transport.abortConnection()
+                return
             # The reader's end event: the stream is over, the rest of its body is dropped
             # as it comes (a paused connection reads again), for a while.
             self.transport.resumeProducing()
             self.drain = self.client.reactor.callLater(DRAIN_SECONDS, self._drained)
             self._fire((exchange.answer, reader.output, True))
+        elif broken and self.deferred is None:  # bytes past the end event that are not HTTP
+            self._stream_over()
+            self.transport.abortConnection()
 
     def _fire(self, result) -> None:
         d, self.deferred = self.deferred, None

@@ -381,6 +381,23 @@ def test_after_the_end_event_the_rest_of_the_body_is_dropped_and_the_connection_
     assert clock.getDelayedCalls() == []
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_what_follows_the_end_event_spoils_the_connection_not_the_stream(client, endpoints, clock, split):
+    junk = b"zz\r\nnot chunked at all\r\n"
+    body = SSE_HEAD + chunks(b"data: 1\n\ndata: [DONE]\n\n")
+    d, protocol, transport, reading = begin_stream(client, endpoints, body if split else body + junk)
+    result = result_of(d)
+    if split:
+        assert not transport.aborted  # drained, for a while
+        protocol.dataReceived(junk)
+
+    assert result[1:] == (None, True) and reading.texts == [b"1"]
+    assert transport.aborted and clock.getDelayedCalls() == []
+    protocol.connectionLost(Failure(ConnectionLost()))
+    client.request(URI, REQUEST, 1000)
+    assert len(endpoints.made) == 2
+
+
 def test_a_body_that_goes_on_after_the_end_event_is_closed_after_a_while(client, endpoints, clock):
     d, protocol, transport, _ = begin_stream(client, endpoints, SSE_HEAD + chunked(b"data: [DONE]\n\n")[:-5])
     assert result_of(d)[1:] == (None, True)
