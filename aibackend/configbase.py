@@ -794,6 +794,32 @@ def parse_batching(table: Table, *, max_queue: int, timeout: float, cls=Batching
     return cls(**values)
 
 
+def read_batching(table: Table, values: dict, *, cls=BatchingSpec, environ: Mapping[str, str] = EMPTY_MAP,
+                  refuse=None, check=None) -> BatchingSpec | None:
+    """
+    A model's C{[models.batching]} (L{parse_batching}), read once its C{max_queue} and
+    C{timeout} are (C{values}); None when it is absent or wrong.
+
+    @param refuse: C{refuse(where)}: true when the model cannot batch (it said why on C{where}).
+    @param check: C{check(where, spec)}: the model type's own checks of the spec read.
+    """
+    if not table.has("batching"):
+        return None
+    problems = len(table.problems)
+    where = table.table("batching")
+    if len(table.problems) > problems:
+        return None  # not a table
+    if refuse is not None and refuse(where):
+        return None
+    max_queue, timeout = values["max_queue"], values["timeout"]
+    if not isinstance(max_queue, int) or not isinstance(timeout, (int, float)):
+        return None
+    spec = parse_batching(where, max_queue=max_queue, timeout=timeout, cls=cls, environ=environ)
+    if spec is not None and check is not None:
+        check(where, spec)
+    return spec
+
+
 BATCHING_DOC = (
     "[dynamic batching](#batching) (`protocol = \"jsonl\"` only): `max_batch_size` (required), `max_delay_ms` "
     "(default `0`: only what arrives in the same turn of the reactor) and `preferred_sizes` (a list)"

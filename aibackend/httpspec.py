@@ -22,7 +22,7 @@ from aibackend.configbase import (
     env_references,
     integer,
     number,
-    parse_batching,
+    read_batching,
     read_settings,
     string,
     string_map,
@@ -204,19 +204,11 @@ def _read_urls(table: Table) -> list[str]:
 
 
 def _read_batching(table: Table, values: dict, urls: list, environ) -> HttpBatchingSpec | None:
-    if not table.has("batching"):
-        return None
-    problems = len(table.problems)
-    where = table.table("batching")
-    if len(table.problems) > problems:
-        return None  # not a table
-    max_queue, timeout = values["max_queue"], values["timeout"]
-    if not isinstance(max_queue, int) or not isinstance(timeout, (int, float)):
-        return None
-    spec = parse_batching(where, max_queue=max_queue, timeout=timeout, cls=HttpBatchingSpec, environ=environ)
-    if spec is not None and isinstance(spec.url, str) and not spec.url.startswith("/") and len(urls) > 1:
-        where.problem("url", "must be a path with urls (replicas): each replica's server is sent its batches")
-    return spec
+    def check(where, spec) -> None:
+        if isinstance(spec.url, str) and not spec.url.startswith("/") and len(urls) > 1:
+            where.problem("url", "must be a path with urls (replicas): each replica's server is sent its batches")
+
+    return read_batching(table, values, cls=HttpBatchingSpec, environ=environ, check=check)
 
 
 def parse_http_model(table: Table, common: dict, environ: Mapping[str, str]) -> HttpModelSpec:

@@ -28,7 +28,7 @@ from aibackend.configbase import (
     integer,
     keys_of,
     number,
-    parse_batching,
+    read_batching,
     public_of,
     read_setting,
     read_settings,
@@ -209,19 +209,13 @@ def parse_subprocess_model(table: Table, common: dict, environ: Mapping[str, str
         return value
 
     def batching(values):
-        if not table.has("batching"):
-            return None
-        problems = len(table.problems)
-        where = table.table("batching")
-        if len(table.problems) > problems:
-            return None  # not a table
-        if values["protocol"] != "jsonl":
-            where.problem(None, 'needs protocol = "jsonl": a raw process takes one request at a time')
-            return None
-        max_queue, timeout = values["max_queue"], values["timeout"]
-        if not isinstance(max_queue, int) or not isinstance(timeout, (int, float)):
-            return None
-        return parse_batching(where, max_queue=max_queue, timeout=timeout)
+        def refuse(where) -> bool:
+            if values["protocol"] != "jsonl":
+                where.problem(None, 'needs protocol = "jsonl": a raw process takes one request at a time')
+                return True
+            return False
+
+        return read_batching(table, values, refuse=refuse)
 
     values = read_settings(table, SubprocessModelSpec, environ, skip=MODEL_FIELDS, readers={
         "process": lambda values: parse_process(table, environ, required=True, line_protocol=True),
