@@ -31,7 +31,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import NO_BODY_CODES, datetimeToString
+from twisted.web.http import NO_BODY_CODES, datetimeToString, parse_qs
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from twisted.web.server import version as SERVER_VERSION
@@ -471,6 +471,7 @@ class BoundedRequest(Request):
     aibackend_stream = None
     # Whole, and handed to its resource (so it has a method and a path to log).
     aibackend_processed = False
+    aibackend_args = None  # the query's parameters, once read (args)
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
@@ -530,6 +531,31 @@ class BoundedRequest(Request):
         self.sentLength = sent
         self.aibackend_request_id = request_id
         channel.site.log(self)
+
+    def requestReceived(self, command, path, version):
+        """
+        The whole request is in: Twisted's L{Request.requestReceived}, without the work
+        the daemon does not use: the site parses no form, and the query's parameters
+        (C{args}) are parsed when first read (the daemon's routes read the query
+        themselves, L{aibackend.web.query_params}).
+        """
+        self.content.seek(0, 0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path = path.split(b"?", 1)[0]
+        self.process()
+
+    @property
+    def args(self):
+        """The query's parameters (Twisted's C{Request.args}), parsed when first read."""
+        args = self.aibackend_args
+        if args is None:
+            query = self.uri.partition(b"?")[2]
+            args = self.aibackend_args = parse_qs(query, 1) if query else {}
+        return args
+
+    @args.setter
+    def args(self, value):
+        self.aibackend_args = value
 
     def process(self):
         self.channel.body_since = None
