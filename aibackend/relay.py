@@ -28,6 +28,7 @@ from aibackend import errors
 from aibackend.auth import Guard
 from aibackend.interfaces import IChunks
 from aibackend.metrics import Metrics
+from aibackend.server import BoundedRequest
 from aibackend.web import UNEXPECTED, client_gone, sized
 
 CLIENT_CLOSED = errors.CLIENT_CLOSED  # a client that went away before its answer (nginx's 499)
@@ -208,7 +209,10 @@ class Relay:
 
         @return: C{NOT_DONE_YET}, for C{render}.
         """
-        request.notifyFinish().addErrback(_cancel, d)
+        if isinstance(request, BoundedRequest):
+            request.aibackend_answering = d  # cancelled when its connection is lost
+        else:
+            request.notifyFinish().addErrback(_cancel, d)
         # One callback pair (the answer, or the failure in the shape), not three steps.
         d.addCallbacks(_answered, _refused, callbackArgs=(request,), errbackArgs=(request, shape))
         return NOT_DONE_YET

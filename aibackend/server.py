@@ -472,6 +472,9 @@ class BoundedRequest(Request):
     # Whole, and handed to its resource (so it has a method and a path to log).
     aibackend_processed = False
     aibackend_args = None  # the query's parameters, once read (args)
+    # The Deferred of the answer (aibackend.relay.Relay.answer), cancelled if the client
+    # goes away first: one attribute, not a notifyFinish() Deferred a request.
+    aibackend_answering = None
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
@@ -483,6 +486,10 @@ class BoundedRequest(Request):
         self.aibackend_gone = True  # before the errbacks of notifyFinish(), which read it
         channel = self.channel
         super().connectionLost(reason)
+        answering = self.aibackend_answering
+        if answering is not None:
+            self.aibackend_answering = None
+            answering.cancel()  # after the errbacks of notifyFinish(), as if it were one of them
         if self.aibackend_processed and not self.finished and channel is not None:
             # The client left before its answer was finished: finish() never comes, so the
             # request gets its access event here (499, as every request whose client left:
