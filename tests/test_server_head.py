@@ -214,3 +214,30 @@ def test_an_answered_request_is_not_cancelled_when_its_connection_goes(clock):
     assert model.cancelled == []
     [(status, headers, body)] = parse_responses(transport.value())
     assert (status, headers["x-request-id"], body) == (200, "done", b'{"late": true}')
+
+
+def test_a_transport_is_resumed_after_a_request_only_if_it_was_paused(clock):
+    from aibackend.interfaces import ModelAnswer
+
+    model = FakeModel("m", clock).holds()
+    protocol, transport = connect_channel(door_site(clock, model))
+    resumed = []
+    original = transport.resumeProducing
+    transport.resumeProducing = lambda: (resumed.append(True), original())
+
+    protocol.dataReceived(post(request_id="plain"))
+    model.pending[0].callback(ModelAnswer(200, b"{}"))
+    assert resumed == []  # never paused: not resumed at each request
+
+    # Pipelined requests held past 16 KiB pause it: resumed once the request before is done.
+    protocol.dataReceived(post(request_id="first"))
+    protocol.dataReceived(post(b'{"pad": "%s"}' % (b"x" * 20000), "second"))
+    assert transport.producerState == "paused"
+    model.pending[0].callback(ModelAnswer(200, b"{}"))
+    assert transport.producerState == "producing"
+    assert len(resumed) == 1
+    model.pending[0].callback(ModelAnswer(200, b"{}"))
+    assert [headers["x-request-id"] for _, headers, _ in parse_responses(transport.value())] == [
+        "plain", "first", "second"]
+    assert len(resumed) == 1
+    close(protocol)
