@@ -77,7 +77,8 @@ class LlhttpChannel(HTTPChannel):
         empty) read it: reading is paused with the answer only between requests;
       - C{_networkProducer}: the transport as a push producer (HTTPChannel registers it in
         C{connectionMade}): paused while too much of pipelined requests is held, resumed
-        when a request is done, as Twisted's C{requestDone} does;
+        when a request is done, as Twisted's C{requestDone} does (if it was paused, by this
+        class or by HTTPChannel's C{pauseProducing}: C{network_paused});
       - C{_waitingForTransport}: the transport asked to pause; reading must not resume then.
     """
 
@@ -92,7 +93,7 @@ class LlhttpChannel(HTTPChannel):
         "requests", "_handlingRequest", "_dataBuffer", "_transferDecoder",  # HTTPChannel.__init__'s
         "parser", "current", "method", "target", "http_version", "keep_alive", "head_done", "head_size",
         "head_tail", "header_count", "problem", "body_left", "chunked", "held", "held_size", "parsing",
-        "saved_timeout", "closing",
+        "saved_timeout", "closing", "network_paused",
     )
 
     def __init__(self):
@@ -115,6 +116,10 @@ class LlhttpChannel(HTTPChannel):
         self.parsing = False
         self.saved_timeout = None  # the idle timeout, off while a request is answered
         self.closing = False  # refused (or closed on purpose): nothing more is read
+        # The transport may have been paused (pipelined requests held, or HTTPChannel's
+        # pauseProducing between requests): requestDone resumes it only then, not at every
+        # request (three calls into the reactor a request for a transport never paused).
+        self.network_paused = False
 
     # --- for subclasses ------------------------------------------------------------------
 
@@ -169,6 +174,12 @@ class LlhttpChannel(HTTPChannel):
         if self.held_size > HELD_BEFORE_PAUSE and not self._waitingForTransport:
             # The client sends more while its answer is not done: it waits (TCP backpressure).
             self._networkProducer.pauseProducing()
+            self.network_paused = True
+
+    def pauseProducing(self):
+        if not self._handlingRequest:
+            self.network_paused = True  # HTTPChannel's pauses the transport too, then
+        super().pauseProducing()
 
     def _head(self, data: bytes) -> bytes:
         """Read what of C{data} is a request's head; return what follows it."""
@@ -406,7 +417,8 @@ class LlhttpChannel(HTTPChannel):
         if request is not self.requests[0]:
             raise TypeError
         del self.requests[0]
-        if not self._waitingForTransport:
+        if self.network_paused and not self._waitingForTransport:
+            self.network_paused = False
             self._networkProducer.resumeProducing()
         if not self.persistent:
             self.loseConnection()

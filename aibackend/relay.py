@@ -29,6 +29,7 @@ from aibackend.auth import Guard
 from aibackend.directwrite import flush
 from aibackend.interfaces import IChunks
 from aibackend.metrics import Metrics
+from aibackend.server import BoundedRequest
 from aibackend.web import UNEXPECTED, client_gone, sized
 
 CLIENT_CLOSED = errors.CLIENT_CLOSED  # a client that went away before its answer (nginx's 499)
@@ -100,45 +101,17 @@ class Relay:
         @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}
             (or, when the client went away, with the L{CancelledError}).
         """
-        stats = entry.stats
-        stats.in_flight += 1
+        entry.stats.in_flight += 1
         d = maybeDeferred(entry.model.send, body, context)
-
-        def settled(result):
-            stats.in_flight -= 1
-            return result
-
-        d.addBoth(settled)
-        if shape is not None:
+        # The outcome is a _Sent's to tell: bound methods of one small object, not three
+        # closures a request.
+        sent = _Sent(self, request, entry, context, started, shape is None)
+        if shape is None:
+            d.addCallbacks(sent.answered, sent.failed)  # each settles the request first
+        else:
+            d.addBoth(sent.settled)
             d.addCallback(shape)
-        request_id, operation = context.request_id, context.operation
-
-        def answered(answer):
-            self.done(entry, request_id, operation, started, answer.status, None)
-            request.setResponseCode(answer.status)
-            headers = request.responseHeaders
-            for name, value in answer.headers.items():
-                headers.setRawHeaders(name, [value])
-            return sized(request, answer.body)
-
-        def failed(failure):
-            if failure.check(errors.ApiError):
-                self.done(entry, request_id, operation, started, failure.value.status, failure.value.message)
-            elif failure.check(CancelledError):
-                if client_gone(request):
-                    self.done(entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
-                    return failure
-                model_id = entry.model_id
-                error = errors.ModelUnavailable(
-                    f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
-                )
-                self.done(entry, request_id, operation, started, error.status, error.message)
-                raise error
-            else:
-                self.done(entry, request_id, operation, started, 500, failure.getErrorMessage())
-            return failure
-
-        d.addCallbacks(answered, failed)
+            d.addCallbacks(sent.answered, sent.failed)
         return d
 
     def stream(self, request, entry, body: bytes, context, started: float, framing: "Framing", shape):
@@ -209,10 +182,71 @@ class Relay:
 
         @return: C{NOT_DONE_YET}, for C{render}.
         """
-        request.notifyFinish().addErrback(_cancel, d)
+        if isinstance(request, BoundedRequest):
+            request.aibackend_answering = d  # cancelled when its connection is lost
+        else:
+            request.notifyFinish().addErrback(_cancel, d)
         # One callback pair (the answer, or the failure in the shape), not three steps.
         d.addCallbacks(_answered, _refused, callbackArgs=(request,), errbackArgs=(request, shape))
         return NOT_DONE_YET
+
+
+class _Sent:
+    """
+    A request L{Relay.send} sent: its outcome, told once (the model's log, the metrics)
+    and made the client's answer. C{settling}: L{answered} and L{failed} settle it (no
+    shape runs between the model's answer and them), else L{settled} does, first.
+    """
+
+    __slots__ = ("relay", "request", "entry", "stats", "context", "started", "settling")
+
+    def __init__(self, relay, request, entry, context, started: float, settling: bool):
+        self.relay = relay
+        self.request = request
+        self.entry = entry
+        self.stats = entry.stats
+        self.context = context
+        self.started = started
+        self.settling = settling
+
+    def settled(self, result):
+        self.stats.in_flight -= 1
+        return result
+
+    def answered(self, answer):
+        if self.settling:
+            self.stats.in_flight -= 1
+        context = self.context
+        self.relay.done(self.entry, context.request_id, context.operation, self.started, answer.status, None)
+        request = self.request
+        request.setResponseCode(answer.status)
+        headers = answer.headers
+        if headers:
+            response_headers = request.responseHeaders
+            for name, value in headers.items():
+                response_headers.setRawHeaders(name, [value])
+        return sized(request, answer.body)
+
+    def failed(self, failure):
+        if self.settling:
+            self.stats.in_flight -= 1
+        relay, entry, started = self.relay, self.entry, self.started
+        request_id, operation = self.context.request_id, self.context.operation
+        if failure.check(errors.ApiError):
+            relay.done(entry, request_id, operation, started, failure.value.status, failure.value.message)
+        elif failure.check(CancelledError):
+            if client_gone(self.request):
+                relay.done(entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
+                return failure
+            model_id = entry.model_id
+            error = errors.ModelUnavailable(
+                f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
+            )
+            relay.done(entry, request_id, operation, started, error.status, error.message)
+            raise error
+        else:
+            relay.done(entry, request_id, operation, started, 500, failure.getErrorMessage())
+        return failure
 
 
 class SlowReader(errors.ApiError):

@@ -25,11 +25,16 @@ import json
 import sys
 from collections import OrderedDict
 from io import BytesIO
+from time import time
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
-from twisted.web.http import datetimeToString
+from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES, datetimeToString, parse_qs
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
+from twisted.web.server import version as SERVER_VERSION
 
 from aibackend.directwrite import LARGE, hold_writes
 from aibackend.errors import CLIENT_CLOSED, PayloadTooLarge, refusal_document
@@ -64,10 +69,61 @@ def error_answer(status: int, reason: str, kind: str, message: str, request_id: 
         b"Content-Type: application/json",
         b"Content-Length: %d" % len(body),
         b"X-Request-Id: " + request_id.encode(),
-        b"Date: " + datetimeToString(),
+        b"Date: " + http_date(),
         *([b"Retry-After: 1"] if status == 503 else []),
         b"Connection: close",
     ]) + b"\r\n\r\n" + body
+
+
+_date_second = None
+_date = b""
+
+
+def http_date() -> bytes:
+    """The Date header's value now (Twisted's C{datetimeToString()}), made once a second."""
+    global _date_second, _date
+    second = int(time())
+    if second != _date_second:
+        _date = datetimeToString(second)
+        _date_second = second
+    return _date
+
+
+_SERVER_LINE = b"Server: " + SERVER_VERSION
+# The names answer_head looks out for (as Headers spells them).
+_DATE, _SERVER, _CONTENT_TYPE, _CONTENT_LENGTH = b"Date", b"Server", b"Content-Type", b"Content-Length"
+_NOTED = frozenset((_DATE, _SERVER, _CONTENT_TYPE, _CONTENT_LENGTH))
+
+
+def answer_head(version: bytes, code: int, reason: bytes, headers: Headers, whole: bool = False) -> bytes | None:
+    """
+    An answer's head (its status line and its headers, to the empty line) in one join:
+    C{headers}, with C{Server} and C{Date} first unless they are set there. Twisted's
+    L{Request.process} sets those two on every request's L{Headers} (a Date string made
+    each time); here they are the site's, the Date made once a second (L{http_date}).
+
+    @param whole: the head of an answer whose body is written at once (L{BoundedRequest.write}):
+        None if it has no Content-Type or no Content-Length (Twisted's own write adds a
+        default type, or frames the body chunked).
+    """
+    lines = [b"%s %d %s" % (version, code, reason), _SERVER_LINE, b"Date: " + http_date()]
+    noted = 0
+    for name, values in headers.getAllRawHeaders():
+        if name in _NOTED:
+            if name == _DATE:
+                lines[2] = None
+            elif name == _SERVER:
+                lines[1] = None
+            else:
+                noted += 1
+        for value in values:
+            lines.append(name + b": " + value)
+    if whole and noted != 2:
+        return None
+    if lines[1] is None or lines[2] is None:
+        lines = [line for line in lines if line is not None]
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 class AibackendChannel(LlhttpChannel):
@@ -130,6 +186,15 @@ class AibackendChannel(LlhttpChannel):
             self.answer(*self.refusal)
         elif self.head_since is not None and self.timer is None:
             self._arm(self.head_since + self.site.header_timeout)  # (set already, unless there is no idle timeout)
+
+    def writeHeaders(self, version, code, reason, headers):
+        """
+        Write an answer's head (Twisted's L{HTTPChannel.writeHeaders}), made by
+        L{answer_head}: in one join, with the site's C{Server} and C{Date}.
+        """
+        if not isinstance(headers, Headers):
+            return super().writeHeaders(version, code, reason, headers)
+        self.transport.write(answer_head(version, int(code), reason, headers))
 
     def getHost(self):
         return self._local if self._local is not None else super().getHost()
@@ -406,6 +471,10 @@ class BoundedRequest(Request):
     aibackend_stream = None
     # Whole, and handed to its resource (so it has a method and a path to log).
     aibackend_processed = False
+    aibackend_args = None  # the query's parameters, once read (args)
+    # The Deferred of the answer (aibackend.relay.Relay.answer), cancelled if the client
+    # goes away first: one attribute, not a notifyFinish() Deferred a request.
+    aibackend_answering = None
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
@@ -417,6 +486,10 @@ class BoundedRequest(Request):
         self.aibackend_gone = True  # before the errbacks of notifyFinish(), which read it
         channel = self.channel
         super().connectionLost(reason)
+        answering = self.aibackend_answering
+        if answering is not None:
+            self.aibackend_answering = None
+            answering.cancel()  # after the errbacks of notifyFinish(), as if it were one of them
         if self.aibackend_processed and not self.finished and channel is not None:
             # The client left before its answer was finished: finish() never comes, so the
             # request gets its access event here (499, as every request whose client left:
@@ -466,6 +539,31 @@ class BoundedRequest(Request):
         self.aibackend_request_id = request_id
         channel.site.log(self)
 
+    def requestReceived(self, command, path, version):
+        """
+        The whole request is in: Twisted's L{Request.requestReceived}, without the work
+        the daemon does not use: the site parses no form, and the query's parameters
+        (C{args}) are parsed when first read (the daemon's routes read the query
+        themselves, L{aibackend.web.query_params}).
+        """
+        self.content.seek(0, 0)
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path = path.split(b"?", 1)[0]
+        self.process()
+
+    @property
+    def args(self):
+        """The query's parameters (Twisted's C{Request.args}), parsed when first read."""
+        args = self.aibackend_args
+        if args is None:
+            query = self.uri.partition(b"?")[2]
+            args = self.aibackend_args = parse_qs(query, 1) if query else {}
+        return args
+
+    @args.setter
+    def args(self, value):
+        self.aibackend_args = value
+
     def process(self):
         self.channel.body_since = None
         if self.refused:
@@ -475,7 +573,55 @@ class BoundedRequest(Request):
             # The body is held once: getvalue() trims the buffer to its size, and read()
             # then hands on that same bytes object instead of a copy.
             self.content.getvalue()
-        super().process()
+        path = self.path
+        if path == b"*":
+            super().process()  # (Twisted answers it itself)
+            return
+        # Twisted's Request.process, but for two things: the Server and Date headers are
+        # written with the answer's head (AibackendChannel.writeHeaders, BoundedRequest.write),
+        # not set on each request's Headers; and no resource of the daemon encodes its
+        # answers (twisted.web.resource.EncodingResourceWrapper), so none is looked for.
+        site = self.site = self.channel.site
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, path[1:].split(b"/")))
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def write(self, data):
+        """
+        Twisted's L{Request.write}; the first write of an answer whose type and length are
+        set (the relay's, every route's JSON) goes with its head (L{answer_head}) in one
+        transport write, the body as it is if it is large (L{LARGE}: not copied).
+
+        (Twisted's own write makes a HEAD request's answer bodiless when its resource
+        cannot answer HEAD: no resource of the daemon declines a method, L{Root} routes
+        every one, so a write comes with the request's own method.)
+        """
+        if (
+            self.startedWriting
+            or self.finished
+            or self.aibackend_gone
+            or self.method == b"HEAD"
+            or self.code in NO_BODY_CODES
+            or self.cookies
+            or self.etag is not None
+            or self.lastModified is not None
+            or type(data) is not bytes
+        ):
+            return super().write(data)
+        head = answer_head(self.clientproto, self.code, self.code_message, self.responseHeaders, True)
+        if head is None:
+            return super().write(data)
+        self.startedWriting = 1
+        self.sentLength += len(data)
+        transport = self.channel.transport
+        if len(data) >= LARGE:
+            transport.write(head)
+            transport.write(data)
+        else:
+            transport.write(head + data)
 
 
 

@@ -59,7 +59,7 @@ def begin(request) -> str:
 
 def sized(request, body: bytes) -> bytes:
     """Give the answer a Content-Length (instead of chunked encoding)."""
-    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
     return body
 
 
@@ -143,11 +143,16 @@ def query_params(request) -> dict[str, list[str]]:
         return params
     try:
         text = query.decode("utf-8")
+        # Without a %-escape or a +, a part is as it is (unquote_plus would return it).
+        plain = b"%" not in query and b"+" not in query
         for part in text.replace("?", "&").split("&"):
             if not part:
                 continue
             key, _, value = part.partition("=")
-            params.setdefault(unquote_plus(key, errors="strict"), []).append(unquote_plus(value, errors="strict"))
+            if plain:
+                params.setdefault(key, []).append(value)
+            else:
+                params.setdefault(unquote_plus(key, errors="strict"), []).append(unquote_plus(value, errors="strict"))
     except UnicodeError:
         raise errors.BadRequest("the query string is not valid UTF-8") from None
     return params
