@@ -50,10 +50,8 @@ from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import MAX_JSON_DEPTH, JSONProblem, read_json, too_deep
 from aibackend.relay import Framing
 from aibackend.web import (
-    ABANDONED,
     JSON,
     THREAD_ABOVE_BYTES,
-    Abandoned,
     ErrorShape,
     begin,
     handle_errors,
@@ -152,13 +150,6 @@ class OpenAIShape(ErrorShape):
 
     def no_route(self, request) -> errors.ApiError:
         return errors.NotFound(f"no OpenAI-compatible route {request.path.decode('latin-1')!r}")
-
-    def not_allowed(self, request, allowed) -> errors.ApiError:
-        method = request.method.decode("latin-1")
-        return errors.MethodNotAllowed(f"{method} is not allowed here: use {' or '.join(allowed)}", allowed)
-
-    def abandoned(self) -> errors.ApiError:
-        return Abandoned(ABANDONED)
 
 
 def _json(request, body, status: int = 200) -> bytes:

@@ -41,10 +41,8 @@ from aibackend.jsonread import JSONProblem, read_json
 from aibackend.tensors import TensorError, batch_rows, output_tensor, read_input, reshape
 # Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
 from aibackend.web import (
-    ABANDONED,
     JSON,
     THREAD_ABOVE_BYTES,
-    Abandoned,
     ErrorShape,
     begin,
     handle_errors,
@@ -133,13 +131,6 @@ class V2Shape(ErrorShape):
 
     def no_route(self, request) -> errors.ApiError:
         return errors.NotFound(f"no Open Inference Protocol route {request.path.decode('latin-1')!r}")
-
-    def not_allowed(self, request, allowed) -> errors.ApiError:
-        method = request.method.decode("latin-1")
-        return errors.MethodNotAllowed(f"{method} is not allowed here: use {' or '.join(allowed)}", allowed)
-
-    def abandoned(self) -> errors.ApiError:
-        return Abandoned(ABANDONED)
 
 
 class OpenInference:

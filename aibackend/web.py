@@ -200,10 +200,13 @@ class ErrorShape:
         raise NotImplementedError
 
     def not_allowed(self, request, allowed: list[str]) -> errors.ApiError:
-        raise NotImplementedError
+        """A method the route does not take: a 405 that names the ones it does (with Allow)."""
+        method = request.method.decode("latin-1")
+        return errors.MethodNotAllowed(f"{method} is not allowed here: use {' or '.join(allowed)}", allowed)
 
     def abandoned(self) -> errors.ApiError:
-        raise NotImplementedError
+        """A request cancelled while its client was still there."""
+        return Abandoned(ABANDONED)
 
     def render(self, request, error: errors.ApiError) -> bytes:
         """Answer C{error}: its status, its headers, the document."""

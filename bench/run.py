@@ -1410,20 +1410,34 @@ def held_streams(bench: Bench, count: int, hold: float) -> dict:
         bench.stop(server)
 
 
-def stream_rows(cases: list[dict]) -> list[dict]:
+def summaries(cases: list[dict]):
+    """C{summary(name, n)}: case C{name}'s figures at concurrency (or streams) C{n}, or None."""
     by_name = {case["name"]: case for case in cases}
 
-    def summary(name, streams):
-        return by_name.get(name, {}).get("summary", {}).get(str(streams))
+    def summary(name, n):
+        return by_name.get(name, {}).get("summary", {}).get(str(n))
+
+    return summary
+
+
+def not_run(case: dict, key: str) -> dict | None:
+    """The row of a case that was skipped or failed before any figure (C{key}: its concurrency's name), else None."""
+    if case.get("skipped") or (case.get("error") and not case["summary"]):
+        return {"case": case["name"], key: None, "note": case.get("skipped") or "FAILED: " + first_line(case["error"])}
+    return None
+
+
+def stream_rows(cases: list[dict]) -> list[dict]:
+    summary = summaries(cases)
 
     def minus(a, b):
         return round(a - b, 3) if a is not None and b is not None else None
 
     rows = []
     for case in cases:
-        if case.get("skipped") or (case.get("error") and not case["summary"]):
-            rows.append({"case": case["name"], "streams": None,
-                         "note": case.get("skipped") or "FAILED: " + first_line(case["error"])})
+        skipped = not_run(case, "streams")
+        if skipped is not None:
+            rows.append(skipped)
             continue
         for streams in STREAM_CONCURRENCIES:
             s = summary(case["name"], streams)
@@ -1791,17 +1805,14 @@ def run_openai_stream_case(bench: Bench, name: str) -> dict:
 
 def openai_rows(cases: list[dict], floor: str, concurrencies: tuple, rate: str) -> list[dict]:
     """One row per case and concurrency: the figures, added (vs the floor at c1 / same streams), × LiteLLM."""
-    by_name = {case["name"]: case for case in cases}
+    summary = summaries(cases)
     peer = "litellm-chat-stream" if floor == "openai-stream-direct" else "litellm-chat"
-
-    def summary(name, n):
-        return by_name.get(name, {}).get("summary", {}).get(str(n))
 
     rows = []
     for case in cases:
-        if case.get("skipped") or (case.get("error") and not case["summary"]):
-            rows.append({"case": case["name"], "concurrency": None,
-                         "note": case.get("skipped") or "FAILED: " + first_line(case["error"])})
+        skipped = not_run(case, "concurrency")
+        if skipped is not None:
+            rows.append(skipped)
             continue
         for n in concurrencies:
             s = summary(case["name"], n)
@@ -2125,16 +2136,13 @@ def spreads_of(summary: dict, **keys) -> dict:
 
 
 def rows_for(cases: list[dict]) -> list[dict]:
-    by_name = {case["name"]: case for case in cases}
-
-    def summary(name, connections):
-        return by_name.get(name, {}).get("summary", {}).get(str(connections))
+    summary = summaries(cases)
 
     rows = []
     for case in cases:
-        if case.get("skipped") or (case.get("error") and not case["summary"]):
-            rows.append({"case": case["name"], "concurrency": None,
-                         "note": case.get("skipped") or "FAILED: " + first_line(case["error"])})
+        skipped = not_run(case, "concurrency")
+        if skipped is not None:
+            rows.append(skipped)
             continue
         for connections in CONCURRENCIES:
             s = summary(case["name"], connections)
