@@ -28,13 +28,14 @@ def is_openai_path(path: bytes) -> bool:
     return path == b"/v1" or path.startswith(b"/v1/")
 
 
-def refusal_document(path: bytes | None, kind: str, message: str, request_id: str) -> dict:
+def refusal_document(path: bytes | None, status: int, kind: str, message: str, request_id: str) -> dict:
     """
     The error document of a request refused before any route saw it (by the HTTP server:
     a body over the limit, two C{Host} headers...), in the shape of the front door its
-    path names: C{/v2}'s own, or the daemon's.
+    path names: C{/v2}'s own, OpenAI's (whose C{type} says the C{status}), or the daemon's.
     """
     error = ApiError(message)
+    error.status = status
     error.type = kind
     if path is not None and is_v2_path(path):
         return v2_document(error, request_id)

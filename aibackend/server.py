@@ -63,7 +63,7 @@ def error_answer(status: int, reason: str, kind: str, message: str, request_id: 
     when it is not known yet), that closes the connection (a 503, the daemon holding as
     many connections as it may, says to retry in a second).
     """
-    body = json.dumps(refusal_document(path, kind, message, request_id)).encode()
+    body = json.dumps(refusal_document(path, status, kind, message, request_id)).encode()
     return b"\r\n".join([
         b"HTTP/1.1 %d %s" % (status, reason.encode()),
         b"Content-Type: application/json",

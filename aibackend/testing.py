@@ -74,6 +74,7 @@ from zope.interface import implementer
 from aibackend.admin import ModelManager
 from aibackend.config import ModelSpec, parse_config
 from aibackend.destinations import DestinationPolicy
+from aibackend.errors import OPENAI_TYPES
 from aibackend.httpmodel import BytesBody
 from aibackend.interfaces import READY, IChunks, IModel, IStreaming, ModelAnswer, RequestContext
 from aibackend.logs import ModelLog
@@ -2188,6 +2189,7 @@ def assert_openai_error(response, status, code, *, message=None, param=None) -> 
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert error["code"] == code, error
+    assert error["type"] == OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"), error
     assert isinstance(error["message"], str) and error["message"]
     assert error["param"] == param, error
     if message is not None:
