@@ -66,6 +66,15 @@ class Core:
         self.primary = None
         self.relay = Relay(clock, self.metrics)
 
+    @property
+    def policy(self):
+        """The relay's L{aibackend.policy.Policy}, or None (no keys, limits or usage)."""
+        return self.relay.policy
+
+    @policy.setter
+    def policy(self, policy) -> None:
+        self.relay.policy = policy
+
     def forward(self, request):
         """
         Have the primary process do an operation that changes the models (in a worker
@@ -83,6 +92,9 @@ class Relay:
 
     @param clock: an L{IReactorTime}, for latencies.
     @param metrics: the L{aibackend.metrics.Metrics}.
+
+    @ivar policy: the L{aibackend.policy.Policy} that admits and settles every request
+        (keys' models, limits, usage), or None: nothing to admit, nothing done for it.
     """
 
     log = Logger()
@@ -90,22 +102,29 @@ class Relay:
     def __init__(self, clock, metrics):
         self.clock = clock
         self.metrics = metrics
+        self.policy = None
 
-    def send(self, request, entry, body: bytes, context, started: float, shape=None):
+    def send(self, request, entry, body: bytes, context, started: float, shape=None, tokens=None):
         """
         Send C{body} to the model of registry entry C{entry} and answer the client with
         what it answers (or with what C{shape} makes of that L{ModelAnswer}); the outcome
         is logged and counted once.
 
         @param started: when the request came (the clock's seconds), for its latency.
+        @param tokens: the request's L{aibackend.policy.TokenCount} (its shape fills it
+            in), or None: a model whose answers carry no token counts.
         @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}
             (or, when the client went away, with the L{CancelledError}).
+        @raise errors.ApiError: the policy refused the request (a key that may not call
+            the model, a limit reached) before it was sent.
         """
+        policy = self.policy
+        call = None if policy is None else policy.admit(request, entry, tokens)
         entry.stats.in_flight += 1
         d = maybeDeferred(entry.model.send, body, context)
         # The outcome is a _Sent's to tell: bound methods of one small object, not three
         # closures a request.
-        sent = _Sent(self, request, entry, context, started, shape is None)
+        sent = _Sent(self, request, entry, context, started, shape is None, call)
         if shape is None:
             d.addCallbacks(sent.answered, sent.failed)  # each settles the request first
         else:
@@ -114,7 +133,8 @@ class Relay:
             d.addCallbacks(sent.answered, sent.failed)
         return d
 
-    def stream(self, request, entry, body: bytes, context, started: float, framing: "Framing", shape):
+    def stream(self, request, entry, body: bytes, context, started: float, framing: "Framing", shape,
+               tokens=None):
         """
         The streaming twin of L{send}: have the model of C{entry} (an L{IStreaming})
         answer in chunks, each written to the client at once in C{framing}'s format, then
@@ -130,9 +150,13 @@ class Relay:
         (SSE comments while nothing is written), C{max_stream_buffer_bytes} (what may wait
         for a slow reader; past it, L{SlowReader}, the model's work cancelled).
 
+        @param tokens: as L{send}'s.
         @return: a Deferred firing with None once the request is finished, or failing
             with an L{errors.ApiError} (or the L{CancelledError} of a client gone).
+        @raise errors.ApiError: the policy refused the request, as L{send}'s.
         """
+        policy = self.policy
+        call = None if policy is None else policy.admit(request, entry, tokens)
         stats = entry.stats
         stats.in_flight += 1
         stats.stream_began()
@@ -144,25 +168,38 @@ class Relay:
             writer.watch(d)
         # The outcome is the writer's to tell (StreamWriter.ended, .failed): two bound methods
         # on the stream's Deferred, no closures (a held stream holds them all).
-        writer.relay, writer.entry, writer.context, writer.shape = self, entry, context, shape
+        writer.relay, writer.entry, writer.context, writer.shape, writer.call = self, entry, context, shape, call
         d.addCallbacks(writer.ended, writer.failed)
         return d
 
     def _stream_done(self, writer, entry, request_id, operation, started, status, error, how: str) -> None:
         writer.stream_end = how
         self.metrics.stream_ended(entry, how)
-        self.done(entry, request_id, operation, started, status, error)
+        seconds = self.done(entry, request_id, operation, started, status, error)
+        call = writer.call
+        if call is not None:
+            self.policy.settle(call, status, seconds)
 
-    def done(self, entry, request_id: str, operation: str, started: float, status: int, error: str | None):
+    def done(self, entry, request_id: str, operation: str, started: float, status: int, error: str | None) -> float:
         """
         Log a request to the model of C{entry} (its log, the metrics): one sent, or one
         refused before it was (a body that is not JSON).
+
+        @return: its latency, in seconds.
         """
         seconds = self.clock.seconds() - started
         self.metrics.observe(entry, operation, status, seconds)
         entry.model.model_log.request(
             request_id=request_id, operation=operation, status=status, latency_ms=seconds * 1000.0, error=error
         )
+        return seconds
+
+    def _settle(self, call, entry, request_id: str, operation: str, started: float, status: int,
+                error: str | None) -> None:
+        """L{done}, then the policy's settlement of C{call} (if the policy admitted it)."""
+        seconds = self.done(entry, request_id, operation, started, status, error)
+        if call is not None:
+            self.policy.settle(call, status, seconds)
 
     def refused(self, failure, entry, request_id: str, operation: str, started: float):
         """
@@ -198,10 +235,11 @@ class _Sent:
     shape runs between the model's answer and them), else L{settled} does, first.
     """
 
-    __slots__ = ("relay", "request", "entry", "stats", "context", "started", "settling")
+    __slots__ = ("relay", "request", "entry", "stats", "context", "started", "settling", "call")
 
-    def __init__(self, relay, request, entry, context, started: float, settling: bool):
+    def __init__(self, relay, request, entry, context, started: float, settling: bool, call=None):
         self.relay = relay
+        self.call = call  # the policy's aibackend.policy.Call, or None
         self.request = request
         self.entry = entry
         self.stats = entry.stats
@@ -217,7 +255,8 @@ class _Sent:
         if self.settling:
             self.stats.in_flight -= 1
         context = self.context
-        self.relay.done(self.entry, context.request_id, context.operation, self.started, answer.status, None)
+        self.relay._settle(self.call, self.entry, context.request_id, context.operation, self.started,
+                           answer.status, None)
         request = self.request
         request.setResponseCode(answer.status)
         headers = answer.headers
@@ -230,22 +269,22 @@ class _Sent:
     def failed(self, failure):
         if self.settling:
             self.stats.in_flight -= 1
-        relay, entry, started = self.relay, self.entry, self.started
+        relay, entry, started, call = self.relay, self.entry, self.started, self.call
         request_id, operation = self.context.request_id, self.context.operation
         if failure.check(errors.ApiError):
-            relay.done(entry, request_id, operation, started, failure.value.status, failure.value.message)
+            relay._settle(call, entry, request_id, operation, started, failure.value.status, failure.value.message)
         elif failure.check(CancelledError):
             if client_gone(self.request):
-                relay.done(entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
+                relay._settle(call, entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
                 return failure
             model_id = entry.model_id
             error = errors.ModelUnavailable(
                 f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
             )
-            relay.done(entry, request_id, operation, started, error.status, error.message)
+            relay._settle(call, entry, request_id, operation, started, error.status, error.message)
             raise error
         else:
-            relay.done(entry, request_id, operation, started, 500, failure.getErrorMessage())
+            relay._settle(call, entry, request_id, operation, started, 500, failure.getErrorMessage())
         return failure
 
 
@@ -341,7 +380,7 @@ class StreamWriter:
         "request", "framing", "clock", "stats", "began", "started", "producer", "chunks", "first_chunk_at",
         "last_chunk_at", "last_write_at", "cut", "stream_end", "paused", "waiting", "timer", "deferred",
         "client_end", "first_chunk_timeout", "idle_timeout", "keepalive_seconds", "max_buffer", "keepalive_bytes",
-        "model_id", "relay", "entry", "context", "shape",
+        "model_id", "relay", "entry", "context", "shape", "call",
     )
 
     def __init__(self, request, framing: Framing, clock=None, *, spec=None, stats=None, started: float = 0.0):
@@ -374,8 +413,9 @@ class StreamWriter:
             self.max_buffer = spec.max_stream_buffer_bytes
         self.keepalive_bytes = framing.keepalive() if self.keepalive_seconds else None
         self.model_id = None if spec is None else spec.id
-        # The stream's outcome (Relay.stream): told by ended or failed, once.
-        self.relay = self.entry = self.context = self.shape = None
+        # The stream's outcome (Relay.stream): told by ended or failed, once; and the
+        # policy's aibackend.policy.Call, settled with it (None: no policy).
+        self.relay = self.entry = self.context = self.shape = self.call = None
 
     @property
     def first_chunk_ms(self) -> float | None:

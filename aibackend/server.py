@@ -475,6 +475,9 @@ class BoundedRequest(Request):
     # The Deferred of the answer (aibackend.relay.Relay.answer), cancelled if the client
     # goes away first: one attribute, not a notifyFinish() Deferred a request.
     aibackend_answering = None
+    # Who sent it (an aibackend.policy.Caller: a client key), set by the guard
+    # (aibackend.auth.Guard.check_client) when the request carries a key; None otherwise.
+    aibackend_caller = None
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()

@@ -1,0 +1,148 @@
+"""
+Who calls, what they may call, how much, and what they used: the relay's policy.
+
+The guard (L{aibackend.auth.Guard.check_client}) names the caller of a request, a
+L{Caller} (a client key's name, the models it may call, its limits), on the request
+(C{request.aibackend_caller}). The relay asks its L{Policy} to admit every request before
+it is sent to a model (L{Policy.admit}: the key's models, then the limits of the key and
+of the model, which may refuse it with a 429) and settles it once it has ended
+(L{Policy.settle}: what the limits reserved is given back or charged, and the usage is
+recorded). The parts behind it are interfaces: L{ILimiter} (the limits: in this process,
+shared by C{--processes}, or a fleet's) and L{IUsageRecorder} (the usage, written off the
+request path).
+
+A daemon without keys, limits or usage has no policy (the relay's C{policy} is None), and
+its hot path does nothing for one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zope.interface import Interface
+
+from aibackend import errors
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """
+    Who sent a request: a client key, by its name (never its secret).
+
+    @ivar name: the key's name: a bounded label for metrics and usage.
+    @ivar models: the model ids it may call, or None for every model.
+    @ivar limits: its limits (what the L{ILimiter} reads), or None.
+    """
+
+    name: str
+    models: frozenset | None = None
+    limits: object = None
+
+
+class TokenCount:
+    """
+    The tokens of one request, for the models whose answers carry them (OpenAI-shaped
+    answers and streams): made by the front door with what it expects (C{reserve}: the
+    request's C{max_tokens} and its prompt's estimate), filled in by the front door's
+    shape once the answer (or the stream's usage) says what was used.
+
+    @ivar reserve: the tokens to reserve when the request starts.
+    @ivar prompt: the prompt's tokens, once known (else None).
+    @ivar completion: the completion's tokens, once known (else None).
+    """
+
+    __slots__ = ("reserve", "prompt", "completion")
+
+    def __init__(self, reserve: int = 0):
+        self.reserve = reserve
+        self.prompt = None
+        self.completion = None
+
+    def used(self) -> int | None:
+        """The tokens used in all, or None while no answer said."""
+        if self.prompt is None and self.completion is None:
+            return None
+        return (self.prompt or 0) + (self.completion or 0)
+
+
+class Call:
+    """
+    One admitted request's policy state, from L{Policy.admit} to L{Policy.settle}.
+
+    @ivar caller: its L{Caller}, or None (no key: keys are not required).
+    @ivar model_id: the model it was admitted to.
+    @ivar tokens: its L{TokenCount}, or None (a model without token counts).
+    @ivar admission: what the limiter holds for it (L{ILimiter.acquire}), or None.
+    """
+
+    __slots__ = ("caller", "model_id", "tokens", "admission", "settled")
+
+    def __init__(self, caller: Caller | None, model_id: str, tokens: TokenCount | None, admission):
+        self.caller = caller
+        self.model_id = model_id
+        self.tokens = tokens
+        self.admission = admission
+        self.settled = False
+
+
+class ILimiter(Interface):
+    """The limits of keys and models: requests and tokens per minute, concurrent requests."""
+
+    def acquire(caller, entry, tokens):
+        """
+        Admit a request of C{caller} (a L{Caller} or None) to the model of registry entry
+        C{entry}, reserving C{tokens} (a L{TokenCount} or None).
+
+        @return: what to give back to L{release} (or None when no limit applies).
+        @raise errors.ApiError: a limit is reached (a 429 with C{Retry-After} and the
+            C{x-ratelimit-*} headers).
+        """
+
+    def release(admission, tokens):
+        """The request has ended: free its place, and settle its tokens with C{tokens.used()}."""
+
+
+class IUsageRecorder(Interface):
+    """Where the usage goes: recorded off the request path, bounded in memory."""
+
+    def record(caller, model_id, status, seconds, tokens):
+        """One request ended (C{tokens}: its L{TokenCount} or None). Never blocks, never raises."""
+
+
+class Policy:
+    """
+    The relay's admission and settlement of each request.
+
+    @param limiter: an L{ILimiter}, or None (no limits).
+    @param usage: an L{IUsageRecorder}, or None (no usage kept).
+    """
+
+    def __init__(self, *, limiter=None, usage=None):
+        self.limiter = limiter
+        self.usage = usage
+
+    def admit(self, request, entry, tokens: TokenCount | None = None) -> Call:
+        """
+        Admit C{request} (its caller: C{request.aibackend_caller}) to the model of
+        C{entry}.
+
+        @raise errors.Forbidden: the caller's key may not call this model.
+        @raise errors.ApiError: a limit is reached (the limiter's 429).
+        """
+        caller = request.aibackend_caller
+        model_id = entry.model_id
+        if caller is not None and caller.models is not None and model_id not in caller.models:
+            raise errors.Forbidden(f"this key may not call model {model_id!r}", model=model_id)
+        limiter = self.limiter
+        admission = None if limiter is None else limiter.acquire(caller, entry, tokens)
+        return Call(caller, model_id, tokens, admission)
+
+    def settle(self, call: Call, status: int, seconds: float) -> None:
+        """C{call} has ended with C{status} after C{seconds}: its limits settled, its usage recorded (once)."""
+        if call.settled:
+            return
+        call.settled = True
+        if call.admission is not None:
+            self.limiter.release(call.admission, call.tokens)
+        if self.usage is not None:
+            self.usage.record(call.caller, call.model_id, status, seconds, call.tokens)
