@@ -38,6 +38,7 @@ from aibackend.httpmodel import in_own_shape
 from aibackend.batching import TensorBatch
 from aibackend.interfaces import FAILED, READY, IBatching, IStreaming, ModelAnswer, RequestContext, RowsContext
 from aibackend.jsonread import JSONProblem, read_json
+from aibackend.policy import check_model, may_call
 from aibackend.tensors import TensorError, batch_rows, output_tensor, read_input, reshape
 # Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
 from aibackend.web import (
@@ -189,7 +190,10 @@ class OpenInference:
         return entry
 
     def _model(self, request, name: str, version: str | None):
-        return self._entry(request, name, version).model
+        """The model a metadata or readiness route names, if the key may call it (the relay checks the others)."""
+        entry = self._entry(request, name, version)
+        check_model(request.aibackend_caller, entry.model_id)
+        return entry.model
 
     # --- server -------------------------------------------------------------
 
@@ -214,7 +218,9 @@ class OpenInference:
     @app.route("/models", methods=["GET"], branch=False)
     def models(self, request):
         self.begin(request)
-        return _json(request, {"models": [model.model_id for model in self.registry.models()]})
+        caller = request.aibackend_caller
+        return _json(request, {"models": [model.model_id for model in self.registry.models()
+                                          if may_call(caller, model.model_id)]})
 
     # --- one model ----------------------------------------------------------
 
