@@ -182,6 +182,9 @@ class OpenInference:
         """The registry entry of the model a route names (in the version it names, if any)."""
         request.aibackend_model = name
         entry = self.registry.entry(name)
+        # A key's models, before the request is read against the model's tensors (which
+        # would tell a key that may not call it what the model takes); the relay checks again.
+        check_model(request.aibackend_caller, entry.model_id)
         v2 = entry.model.spec.v2
         if version is not None and not v2.native and version != v2.version:
             raise errors.NotFound(
@@ -190,10 +193,7 @@ class OpenInference:
         return entry
 
     def _model(self, request, name: str, version: str | None):
-        """The model a metadata or readiness route names, if the key may call it (the relay checks the others)."""
-        entry = self._entry(request, name, version)
-        check_model(request.aibackend_caller, entry.model_id)
-        return entry.model
+        return self._entry(request, name, version).model
 
     # --- server -------------------------------------------------------------
 
