@@ -273,6 +273,10 @@ class KeyManager:
     def load(self) -> None:
         """Read the stored keys, at start (before the reactor runs; may block)."""
         self._hold(self.store.load_keys())
+        records = self.ring.records.values()
+        if records:
+            self.log.info("aibackend: {count} client key(s) kept ({revoked} revoked): every client needs a key",
+                          count=len(records), revoked=sum(record.revoked is not None for record in records))
 
     def reload(self):
         """Read the stored keys again, off the reactor thread (a worker follows its primary). @return: a Deferred."""

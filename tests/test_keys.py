@@ -392,3 +392,24 @@ def test_listings_show_only_the_keys_models(chat_only):
     assert [m["id"] for m in chat_only.call("GET", "/v1/models", secret).json()["data"]] == ["chat"]
     everything = chat_only.add(name="all").json()["secret"]
     assert len(chat_only.call("GET", "/v1/models", everything).json()["data"]) == 2
+
+
+# --- the daemon's wiring ------------------------------------------------------------------------
+
+
+def test_the_daemon_has_a_policy_only_once_a_stored_key_exists():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from aibackend.daemon import build
+
+    def built(store, **server):
+        cfg = parse_config({"server": server}, environ={})
+        return build(cfg, MemoryReactorClock(), listen=[], max_body_bytes=1000, store=store, environ={}).parts
+
+    assert built(MemoryStore()).front_door.core.policy is None
+    assert built(MemoryStore(), api_keys=[CONFIGURED]).front_door.core.policy is None  # every model, no limits
+    store = MemoryStore()
+    store.put_key(record().row())
+    parts = built(store)
+    assert parts.front_door.core.policy is not None
+    assert parts.guard.keys.required and list(parts.guard.keys.records) == ["team"]
