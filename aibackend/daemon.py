@@ -317,10 +317,15 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
                 keys=keys)
 
 
+# --- policy (issue 18): the relay's Policy, from the server spec and the key ring ---
+
+
 def build_policy(server, keyring):
     """
     The relay's L{Policy} for what is configured and kept, or None: nothing to admit,
-    and the hot path does nothing for one.
+    and the hot path does nothing for one. Each part of issue 18 adds its reason to have
+    one and its part of it (a limiter, a usage recorder, made once in L{build_parts} and
+    passed here):
 
       - keys: a stored key has models to enforce (L{Policy.admit}); configured
         C{api_keys} and the admin token call every model without limits, so they alone

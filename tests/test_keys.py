@@ -206,6 +206,11 @@ def test_rotate_refuses_the_old_secret_at_once_and_revoke_refuses_the_key(clock)
     revoked = keyed.call("POST", "/post/revokekey?name=team")
     assert revoked.status == 200 and revoked.json()["revoked"] == "1970-01-01T00:00:10Z"
     assert_error(keyed.call("POST", "/post/predict?id=iris", new, data=b"{}"), 401, "unauthorized")
+    # In each front door's shape:
+    assert_v2_error(keyed.call("GET", "/v2/models/iris", new), 401)
+    assert_openai_error(keyed.call("POST", "/v1/chat/completions", new,
+                                   data=b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}'),
+                        401, "unauthorized")
     assert keyed.call("POST", "/post/revokekey?name=team").status == 200  # again: nothing changes
     assert_error(keyed.call("POST", "/post/rotatekey?name=team"), 409, "conflict", message="revoked")
     # Revoking the last key leaves keys required.
