@@ -23,6 +23,7 @@ from aibackend.config import MAX_ID_LENGTH
 from aibackend.interfaces import IStreaming, RequestContext
 from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from aibackend.policy import check_model, may_call
 from aibackend.relay import NDJSON, SSE
 from aibackend.web import (
     THREAD_ABOVE_BYTES,
@@ -40,8 +41,9 @@ from aibackend.web import (
 WORDS = {"post": b"POST", "get": b"GET"}
 BOTH = (b"GET", b"POST")
 POST_ONLY = (b"POST",)
-# What a worker process (--processes) has the primary process do.
-FORWARDED = frozenset({"addmodel", "removemodel", "restart"})
+# What a worker process (--processes) has the primary process do: it keeps the change and
+# tells every worker, which follows before the primary answers (the key changes too).
+FORWARDED = frozenset({"addmodel", "removemodel", "restart", "addkey", "revokekey", "rotatekey"})
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
@@ -58,6 +60,13 @@ def model_id_param(params: dict) -> str:
     if len(model_id) > MAX_ID_LENGTH:
         raise errors.BadRequest(f"the model id is {len(model_id)} characters long; ids have at most {MAX_ID_LENGTH}")
     return model_id
+
+
+def key_name_param(params: dict) -> str:
+    name = single(params, "name")
+    if not name:
+        raise errors.BadRequest("missing the key's name: add ?name=KEY to the URL")
+    return name
 
 
 def _int_param(params, name, minimum=0):
@@ -158,6 +167,21 @@ class OperationAPI:
                     "restart": (self.restart, True, POST_ONLY),
                 }
             )
+
+    def use_keys(self, keys) -> None:
+        """
+        Offer the admin operations on client keys (C{addkey}, C{keys}, C{revokekey},
+        C{rotatekey}) over C{keys}, an L{aibackend.keys.KeyManager}.
+        """
+        self.keys = keys
+        self.operations.update(
+            {
+                "addkey": (self.addkey, True, POST_ONLY),
+                "keys": (self.list_keys, True, BOTH),
+                "revokekey": (self.revokekey, True, POST_ONLY),
+                "rotatekey": (self.rotatekey, True, POST_ONLY),
+            }
+        )
 
     def resource(self):
         return self.app.resource()
@@ -297,6 +321,7 @@ class OperationAPI:
 
     def getlogs(self, request, request_id, params):
         model = self.registry.get(model_id_param(params))
+        check_model(request.aibackend_caller, model.model_id)
         limit = _int_param(params, "limit")
         since_text = single(params, "since")
         level_text = single(params, "level")
@@ -330,11 +355,14 @@ class OperationAPI:
     # --- runtime management -------------------------------------------------
 
     def list_models(self, request, request_id, params):
-        models = [describe(self.registry, model) for model in self.registry.models()]
+        caller = request.aibackend_caller
+        models = [describe(self.registry, model) for model in self.registry.models()
+                  if may_call(caller, model.model_id)]
         return sized(request, json.dumps({"count": len(models), "models": models}).encode())
 
     def status(self, request, request_id, params):
         entry = self.registry.entry(model_id_param(params))
+        check_model(request.aibackend_caller, entry.model_id)
         model = entry.model
         described = describe(self.registry, model)
         described["spec"] = entry.spec.public()
@@ -372,3 +400,29 @@ class OperationAPI:
     def restart(self, request, request_id, params):
         result = self.core.manager.restart(model_id_param(params))
         return sized(request, json.dumps(result).encode())
+
+    # --- client keys (aibackend.keys) -----------------------------------------
+
+    def addkey(self, request, request_id, params):
+        body = request.content.read().strip()
+        if not body:
+            raise errors.BadRequest('addkey takes a JSON object: {"name": ..., "models": [...] or "*", "limits": {...}}')
+        d = self.keys.add(parse_json(body))
+
+        def added(result):
+            request.setResponseCode(201)
+            return sized(request, json.dumps(result).encode())
+
+        return d.addCallback(added)
+
+    def list_keys(self, request, request_id, params):
+        keys = self.keys.keys()
+        return sized(request, json.dumps({"count": len(keys), "keys": keys}).encode())
+
+    def revokekey(self, request, request_id, params):
+        d = self.keys.revoke(key_name_param(params))
+        return d.addCallback(lambda result: sized(request, json.dumps(result).encode()))
+
+    def rotatekey(self, request, request_id, params):
+        d = self.keys.rotate(key_name_param(params))
+        return d.addCallback(lambda result: sized(request, json.dumps(result).encode()))

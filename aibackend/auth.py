@@ -17,7 +17,12 @@ the daemon runs, so they are guarded, and safe by default:
     token is required there. Otherwise they are refused (403), and the log says why: at
     start, which rule is in force; once, the first time a request comes through a proxy.
 
-Client keys (C{api_keys}) optionally guard the other operations.
+Client keys guard the other operations once any exists (L{aibackend.keys}): the keys kept
+in the store (made by C{addkey}), the configured C{api_keys} and, with them, the admin
+token. A request that carries one is named by its L{aibackend.policy.Caller}
+(C{request.aibackend_caller}): a stored key's name, C{config-1}, C{config-2}... for the
+configured keys by position, C{admin} for the admin token. With no key at all, anyone may
+call (the daemon's default); once a key exists (a revoked one too), every client needs one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
 
 from aibackend.errors import Forbidden, Unauthorized
+from aibackend.keys import KeyRing
 
 MIN_TOKEN_LENGTH = 16
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -168,17 +174,21 @@ class Guard:
 
     @param admin_token: the token, or None.
     @param listen: the daemon's listen descriptions (for the no-token rule).
-    @param api_keys: client keys for the non-admin operations; empty means none needed.
+    @param api_keys: the configured client keys for the non-admin operations.
+    @param keys: the L{KeyRing} (by default one of C{api_keys} and the admin token; the
+        daemon's L{aibackend.keys.KeyManager} adds the stored keys to it).
     """
 
     log = Logger()
 
-    def __init__(self, admin_token: str | None, listen, api_keys=(), *, internal_token: str | None = None):
+    def __init__(self, admin_token: str | None, listen, api_keys=(), *, internal_token: str | None = None,
+                 keys: KeyRing | None = None):
         self.admin_token = admin_token
         # With --processes: what a worker process sends when it forwards a request it has
         # already checked. Random for each start; never configured, never logged.
         self.internal_token = internal_token
         self.api_keys = tuple(api_keys)
+        self.keys = keys if keys is not None else KeyRing(self.api_keys, admin_token)
         self.local_only = all(endpoint_is_local(description) for description in listen)
         # Whether a request through a proxy is still to be warned about (once): only while
         # the loopback rule is in force.
@@ -274,19 +284,24 @@ class Guard:
             raise Forbidden("admin operations are not allowed from a web page of another origin")
 
     def check_client(self, request) -> None:
-        """@raise Unauthorized: C{api_keys} are set and the request has none of them (nor the admin token)."""
-        if not self.api_keys or self._internal(request):
+        """
+        Let a client in, and name it: C{request.aibackend_caller} is the L{Caller} of the
+        key it carries. No key needed while none exists (the caller stays None), nor for
+        a worker's forwarded request.
+
+        @raise Unauthorized: keys are required and the request has none of them (or a
+            revoked or rotated-away one).
+        """
+        keys = self.keys
+        if not keys.required or self._internal(request):
             return
         given = bearer(request)
         if given is not None:
-            encoded = given.encode("utf-8")
-            keys = self.api_keys + ((self.admin_token,) if self.admin_token else ())
-            # Compare with every key, always, so the time taken says nothing about which.
-            matches = [hmac.compare_digest(encoded, key.encode("utf-8")) for key in keys]
-            if any(matches):
+            caller = keys.caller(given)
+            if caller is not None:
+                request.aibackend_caller = caller
                 return
         raise Unauthorized(
             "send a client key: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": 'Bearer realm="aibackend"'},
         )
-

@@ -39,8 +39,10 @@ from aibackend.admin import ModelManager, load_models
 from aibackend.auth import Guard
 from aibackend.config import Config
 from aibackend.destinations import DestinationPolicy
+from aibackend.keys import KeyManager
 from aibackend.listeners import Listener, SharedListener, StartupError
 from aibackend.metrics import Metrics
+from aibackend.policy import Policy
 from aibackend.processes import (
     Forwarder, PrimaryStates, ProcessCollector, WorkerControl, WorkerProcesses, new_token, restart_local, resync,
     worker_builder,
@@ -177,6 +179,7 @@ class Parts:
     deps: ModelDeps
     runtime_deps: ModelDeps
     policy: DestinationPolicy
+    keys: KeyManager
 
 
 @dataclass(frozen=True)
@@ -292,10 +295,15 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     load_models(registry, store, config, manager.validate, log, manager.tables)
 
     guard = Guard(admin_token, listen, server.api_keys, internal_token=internal_token)
+    keys = KeyManager(guard.keys, store, clock=reactor)
+    keys.load()
     log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
              policy=policy.describe())
     metrics = Metrics(registry)
-    front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics)
+    front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics, keys=keys)
+
+    # --- policy (issue 18) ---
+    wire_policy(front_door.core, server, keys)
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
@@ -305,7 +313,45 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     release_freed_memory()
     _raise_open_files_limit(server.max_connections)
     return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
-                metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy)
+                metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy,
+                keys=keys)
+
+
+# --- policy (issue 18): the relay's Policy, from the server spec and the key ring ---
+
+
+def build_policy(server, keyring):
+    """
+    The relay's L{Policy} for what is configured and kept, or None: nothing to admit,
+    and the hot path does nothing for one. Each part of issue 18 adds its reason to have
+    one and its part of it (a limiter, a usage recorder, made once in L{build_parts} and
+    passed here):
+
+      - keys: a stored key has models to enforce (L{Policy.admit}); configured
+        C{api_keys} and the admin token call every model without limits, so they alone
+        need no policy.
+
+    @param server: the configuration's server spec.
+    @param keyring: the guard's L{aibackend.keys.KeyRing}.
+    """
+    if keyring.stored:
+        return Policy()
+    return None
+
+
+def wire_policy(core, server, keys: KeyManager) -> None:
+    """
+    Give C{core} the policy L{build_policy} makes, now and each time the keys change
+    (the first key made at runtime, or read by a worker), while it has none: once made,
+    the policy stays.
+    """
+
+    def make_policy() -> None:
+        if core.policy is None:
+            core.policy = build_policy(server, keys.ring)
+
+    make_policy()
+    keys.updated.append(make_policy)
 
 
 def _serve_alone(root, parts: Parts, reactor, listen) -> None:
@@ -322,6 +368,7 @@ def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_ar
     workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private, internal_token,
                                                     registry=parts.registry))
     parts.manager.changed.append(workers.sync)
+    parts.keys.changed.append(lambda name: workers.sync(f"key {name}"))
     parts.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
     for index, listener in enumerate(shared):
         _add(root, f"listener-{index}", listener)
@@ -332,7 +379,8 @@ def _serve_as_worker(root, parts: Parts, reactor, config: Config, worker: dict, 
     parts.front_door.primary = Forwarder(reactor, parts.deps.pool, worker["primary"], worker["token"])
 
     def follow():
-        return resync(parts.registry, config, parts.store, parts.manager.validate, log)
+        d = resync(parts.registry, config, parts.store, parts.manager.validate, log)
+        return d.addCallback(lambda _: parts.keys.reload())  # the keys too: a revoked key is refused here next
 
     _add(root, "primary-link", WorkerControl(
         reactor, follow, restart_local(parts.registry, log), ack_fd=worker.get("ack"),

@@ -48,6 +48,7 @@ from aibackend import errors
 from aibackend.httpmodel import UpstreamError, in_own_shape
 from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import MAX_JSON_DEPTH, JSONProblem, read_json, too_deep
+from aibackend.policy import check_model, may_call
 from aibackend.relay import Framing
 from aibackend.web import (
     JSON,
@@ -774,14 +775,18 @@ class OpenAIAPI:
     @app.route("/models", methods=["GET"], branch=False)
     def models(self, request):
         self.begin(request)
+        caller = request.aibackend_caller
         return _json(request, {"object": "list",
-                               "data": [_model_entry(model, self.created) for model in self.registry.models()]})
+                               "data": [_model_entry(model, self.created) for model in self.registry.models()
+                                        if may_call(caller, model.model_id)]})
 
     @app.route("/models/<string:name>", methods=["GET"], branch=False)
     def model(self, request, name):
         self.begin(request)
         request.aibackend_model = name
-        return _json(request, _model_entry(self._entry(name).model, self.created))
+        entry = self._entry(name)
+        check_model(request.aibackend_caller, entry.model_id)
+        return _json(request, _model_entry(entry.model, self.created))
 
     def _entry(self, name: str):
         try:

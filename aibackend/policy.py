@@ -39,6 +39,21 @@ class Caller:
     limits: object = None
 
 
+def may_call(caller: Caller | None, model_id: str) -> bool:
+    """May C{caller} (None: no key) call model C{model_id}? (What a listing of models shows.)"""
+    return caller is None or caller.models is None or model_id in caller.models
+
+
+def check_model(caller: Caller | None, model_id: str) -> None:
+    """
+    The one check of a key's models, on every route that names a model.
+
+    @raise errors.Forbidden: C{caller}'s key may not call model C{model_id}.
+    """
+    if caller is not None and caller.models is not None and model_id not in caller.models:
+        raise errors.Forbidden(f"this key may not call model {model_id!r}", model=model_id)
+
+
 class TokenCount:
     """
     The tokens of one request, for the models whose answers carry them (OpenAI-shaped
@@ -131,8 +146,7 @@ class Policy:
         """
         caller = request.aibackend_caller
         model_id = entry.model_id
-        if caller is not None and caller.models is not None and model_id not in caller.models:
-            raise errors.Forbidden(f"this key may not call model {model_id!r}", model=model_id)
+        check_model(caller, model_id)
         limiter = self.limiter
         admission = None if limiter is None else limiter.acquire(caller, entry, tokens)
         return Call(caller, model_id, tokens, admission)

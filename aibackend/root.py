@@ -79,6 +79,7 @@ class FrontDoor:
     @param registry: the L{aibackend.registry.ModelRegistry}.
     @param clock: an L{IReactorTime}, for latencies.
     @param in_thread: C{deferToThread}'s signature; tests run the function at once.
+    @param keys: the L{aibackend.keys.KeyManager} behind the key operations, or None (none).
     (The other parameters are L{Core}'s.)
 
     @ivar core: the L{Core}.
@@ -87,12 +88,14 @@ class FrontDoor:
     @ivar openai: the C{/v1} routes (L{OpenAIAPI}).
     """
 
-    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None, in_thread=None):
+    def __init__(self, registry, clock, *, manager=None, guard=None, metrics=None, in_thread=None, keys=None):
         self.core = Core(registry, clock, manager=manager, guard=guard, metrics=metrics, in_thread=in_thread)
         self.registry = registry
         self.metrics = self.core.metrics
         self.guard = self.core.guard
         self.api = OperationAPI(self.core)
+        if keys is not None:
+            self.api.use_keys(keys)
         self.open_inference = OpenInference(self.core)
         self.openai = OpenAIAPI(self.core)
 

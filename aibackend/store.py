@@ -10,6 +10,11 @@ What is kept is a change per model id: C{add} with the model's table (as C{addmo
 got it, so it is validated again on load), or C{remove} (a model of the configuration
 file that was removed at runtime). An C{addmodel} is acknowledged only once its change
 is committed (WAL, C{synchronous=FULL}), so C{kill -9} loses nothing acknowledged.
+
+The client keys (L{aibackend.keys}) are kept in the same database, table C{keys}, behind
+their own seam, L{IKeyStore}: a key is a row of plain JSON values (L{IKeyStore}'s
+docstring), its secret's SHA-256 and never the secret. A key change too is answered
+only once committed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sqlite3
 import stat
 from dataclasses import dataclass
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -34,6 +39,24 @@ CREATE TABLE IF NOT EXISTS changes (
     changed_at REAL NOT NULL
 )
 """
+
+KEYS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    digest TEXT NOT NULL,
+    models TEXT,
+    limits TEXT,
+    created REAL NOT NULL,
+    rotated REAL,
+    revoked REAL
+)
+"""
+KEY_COLUMNS = ("id", "name", "digest", "models", "limits", "created", "rotated", "revoked")
+
+
+class KeyExists(Exception):
+    """L{IKeyStore.put_key}: the store holds a key of that id or name already."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,43 @@ class IModelStore(Interface):
 
     def close():
         """@return: a Deferred that fires once the store is closed."""
+
+
+class IKeyStore(Interface):
+    """
+    Where the client keys are kept (L{aibackend.keys.KeyManager} is the one writer; the
+    workers of C{--processes} and, later, the daemons of a fleet read it).
+
+    A key is a row, a dict of plain JSON values: C{id} (12 hex digits), C{name} (unique),
+    C{digest} (the hex SHA-256 of its secret), C{models} (a list of model ids, or None
+    for every model), C{limits} (a table of L{aibackend.ratelimit.LIMIT_KEYS}, or None),
+    C{created}, C{rotated}, C{revoked} (seconds since the epoch, or None). Rows are
+    never deleted: a revoked key keeps its name. Every write's Deferred fires once the
+    change is durable.
+    """
+
+    def load_keys():
+        """
+        Read every key, at start (before the reactor runs; may block).
+
+        @return: a list of rows.
+        """
+
+    def read_keys():
+        """Read every key while the reactor runs, off its thread. @return: a Deferred of a list of rows."""
+
+    def put_key(row):
+        """
+        Keep a new key.
+
+        @return: a Deferred, failing with L{KeyExists} if its id or name is taken.
+        """
+
+    def revoke_key(key_id, when):
+        """Keep that key C{key_id} is revoked since C{when}. @return: a Deferred."""
+
+    def rotate_key(key_id, digest, when):
+        """Keep key C{key_id}'s new C{digest} (hex), rotated at C{when}. @return: a Deferred."""
 
 
 def default_state_dir() -> str:
@@ -107,7 +167,14 @@ def private_files(state_dir: str, path: str, log) -> None:
                      name=name)
 
 
-@implementer(IModelStore)
+def _key_row(values) -> dict:
+    row = dict(zip(KEY_COLUMNS, values))
+    for column in ("models", "limits"):
+        row[column] = None if row[column] is None else json.loads(row[column])
+    return row
+
+
+@implementer(IModelStore, IKeyStore)
 class SQLiteStore:
     """
     The changes in C{DIR/models.sqlite3}, written by one thread of its own, in order,
@@ -125,6 +192,7 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
+        self._db.execute(KEYS_SCHEMA)
         self._threads = ThreadPool(minthreads=1, maxthreads=1, name="aibackend-store")
         self._started = False
 
@@ -170,6 +238,39 @@ class SQLiteStore:
         with self._db:
             self._db.execute("DELETE FROM changes WHERE id = ?", (model_id,))
 
+    # --- keys (IKeyStore) ---
+
+    def load_keys(self) -> list:
+        rows = self._db.execute(f"SELECT {', '.join(KEY_COLUMNS)} FROM keys ORDER BY created, rowid").fetchall()
+        return [_key_row(values) for values in rows]
+
+    def read_keys(self):
+        return self._in_thread(self.load_keys)
+
+    def _put_key(self, row):
+        values = [row[column] for column in KEY_COLUMNS]
+        for index in (KEY_COLUMNS.index("models"), KEY_COLUMNS.index("limits")):
+            values[index] = None if values[index] is None else json.dumps(values[index])
+        try:
+            with self._db:
+                self._db.execute(f"INSERT INTO keys ({', '.join(KEY_COLUMNS)}) VALUES "
+                                 f"({', '.join('?' * len(KEY_COLUMNS))})", values)
+        except sqlite3.IntegrityError:
+            raise KeyExists(row["name"]) from None
+
+    def put_key(self, row: dict):
+        return self._in_thread(self._put_key, dict(row))
+
+    def _update_key(self, key_id, assignments, values):
+        with self._db:
+            self._db.execute(f"UPDATE keys SET {assignments} WHERE id = ?", (*values, key_id))
+
+    def revoke_key(self, key_id: str, when: float):
+        return self._in_thread(self._update_key, key_id, "revoked = ?", (when,))
+
+    def rotate_key(self, key_id: str, digest: str, when: float):
+        return self._in_thread(self._update_key, key_id, "digest = ?, rotated = ?", (digest, when))
+
     def close(self):
         if not self._started:
             self._db.close()
@@ -179,12 +280,13 @@ class SQLiteStore:
         return d
 
 
-@implementer(IModelStore)
+@implementer(IModelStore, IKeyStore)
 class MemoryStore:
     """A store that keeps nothing past the process (tests, and --state none)."""
 
     def __init__(self):
         self.changes: dict[str, Change] = {}
+        self.keys: dict[str, dict] = {}  # rows by id, in the order they were made
 
     def load(self) -> list:
         return list(self.changes.values())
@@ -207,4 +309,26 @@ class MemoryStore:
         return succeed(None)
 
     def close(self):
+        return succeed(None)
+
+    # --- keys (IKeyStore) ---
+
+    def load_keys(self) -> list:
+        return [dict(row) for row in self.keys.values()]
+
+    def read_keys(self):
+        return succeed(self.load_keys())
+
+    def put_key(self, row):
+        if row["id"] in self.keys or any(kept["name"] == row["name"] for kept in self.keys.values()):
+            return fail(KeyExists(row["name"]))
+        self.keys[row["id"]] = dict(row)
+        return succeed(None)
+
+    def revoke_key(self, key_id, when):
+        self.keys[key_id]["revoked"] = when
+        return succeed(None)
+
+    def rotate_key(self, key_id, digest, when):
+        self.keys[key_id].update(digest=digest, rotated=when)
         return succeed(None)

@@ -38,6 +38,7 @@ from aibackend.httpmodel import in_own_shape
 from aibackend.batching import TensorBatch
 from aibackend.interfaces import FAILED, READY, IBatching, IStreaming, ModelAnswer, RequestContext, RowsContext
 from aibackend.jsonread import JSONProblem, read_json
+from aibackend.policy import check_model, may_call
 from aibackend.tensors import TensorError, batch_rows, output_tensor, read_input, reshape
 # Bodies larger than THREAD_ABOVE_BYTES are read, checked and converted in a thread (see _work).
 from aibackend.web import (
@@ -181,6 +182,9 @@ class OpenInference:
         """The registry entry of the model a route names (in the version it names, if any)."""
         request.aibackend_model = name
         entry = self.registry.entry(name)
+        # A key's models, before the request is read against the model's tensors (which
+        # would tell a key that may not call it what the model takes); the relay checks again.
+        check_model(request.aibackend_caller, entry.model_id)
         v2 = entry.model.spec.v2
         if version is not None and not v2.native and version != v2.version:
             raise errors.NotFound(
@@ -214,7 +218,9 @@ class OpenInference:
     @app.route("/models", methods=["GET"], branch=False)
     def models(self, request):
         self.begin(request)
-        return _json(request, {"models": [model.model_id for model in self.registry.models()]})
+        caller = request.aibackend_caller
+        return _json(request, {"models": [model.model_id for model in self.registry.models()
+                                          if may_call(caller, model.model_id)]})
 
     # --- one model ----------------------------------------------------------
 

@@ -777,7 +777,9 @@ async def test_by_default_a_long_log_is_rendered_in_the_reactors_thread_pool(clo
 
     monkeypatch.setattr(api, "select", select)
 
-    body = await door.front_door.api.getlogs(DummyRequest([b""]), "r", {"id": ["m"]})
+    request = DummyRequest([b""])
+    request.aibackend_caller = None  # what the daemon's requests have (aibackend.server.BoundedRequest)
+    body = await door.front_door.api.getlogs(request, "r", {"id": ["m"]})
 
     assert ran_in and ran_in[0] is not threading.main_thread()
     assert json.loads(body)["count"] == api.THREAD_ABOVE_ENTRIES + 2  # with the "added" entry
