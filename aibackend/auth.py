@@ -30,6 +30,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
 
 from aibackend.errors import Forbidden, Unauthorized
+from aibackend.policy import INTERNAL
 
 MIN_TOKEN_LENGTH = 16
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -178,6 +179,9 @@ class Guard:
         # With --processes: what a worker process sends when it forwards a request it has
         # already checked. Random for each start; never configured, never logged.
         self.internal_token = internal_token
+        # The --processes primary with a policy (aibackend.policy): a worker's requests are
+        # named INTERNAL, for its policy to leave alone.
+        self.names_internal = False
         self.api_keys = tuple(api_keys)
         self.local_only = all(endpoint_is_local(description) for description in listen)
         # Whether a request through a proxy is still to be warned about (once): only while
@@ -275,6 +279,9 @@ class Guard:
 
     def check_client(self, request) -> None:
         """@raise Unauthorized: C{api_keys} are set and the request has none of them (nor the admin token)."""
+        if self.names_internal and self._internal(request):
+            request.aibackend_caller = INTERNAL  # a worker's request: its policy admits and settles it
+            return
         if not self.api_keys or self._internal(request):
             return
         given = bearer(request)
