@@ -18,6 +18,9 @@ this order and stopped in the reverse one:
       - a worker: C{primary-link} (L{WorkerControl}: the primary's notices on stdin), then
         its inherited sockets C{listener-0}, ...;
   - C{readiness}: last, so that on stop it is the first to say "not ready".
+
+The usage recorder (C{usage}, when usage is on) is started before them all and stopped once
+they all have: it writes the usage of the requests drained on stop.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from aibackend.config import Config
 from aibackend.destinations import DestinationPolicy
 from aibackend.listeners import Listener, SharedListener, StartupError
 from aibackend.metrics import Metrics
+from aibackend.policy import Policy
 from aibackend.processes import (
     Forwarder, PrimaryStates, ProcessCollector, WorkerControl, WorkerProcesses, new_token, restart_local, resync,
     worker_builder,
@@ -50,6 +54,7 @@ from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
 from aibackend.store import SQLiteStore
+from aibackend.usage import UsageCollector, UsageService, open_usage
 
 DEFAULT_MAX_PERSISTENT_PER_HOST = 64
 IDLE_CONNECTION_SECONDS = 120
@@ -155,6 +160,20 @@ class Root(service.MultiService):
     def __init__(self, log_observer: Callable[[], Any] | None = None):
         super().__init__()
         self.log_observer = log_observer
+        # Services started before the children and stopped once they all have (the usage
+        # recorder: the requests the registry drains on stop are recorded too).
+        self.outer: list = []
+
+    def startService(self):
+        for outer in self.outer:
+            outer.startService()
+        super().startService()
+
+    def stopService(self):
+        d = super().stopService()
+        for outer in reversed(self.outer):
+            d.addCallback(lambda _, outer=outer: outer.stopService())
+        return d
 
     def setServiceParent(self, parent):
         if (self.log_observer is not None and isinstance(parent, Componentized)
@@ -207,14 +226,15 @@ def _raise_open_files_limit(connections: int) -> None:
         pass
 
 
-def open_store(reactor, state_dir: str):
+def open_store(reactor, state_dir: str, opener=SQLiteStore, *args):
     """
-    The SQLite store in C{state_dir}, made (0700) if it is not there.
+    The SQLite store in C{state_dir}, made (0700) if it is not there (or what
+    C{opener(reactor, state_dir, *args)} makes there: the usage's).
 
     @raise StartupError: the directory or the database cannot be used.
     """
     try:
-        return SQLiteStore(reactor, state_dir)
+        return opener(reactor, state_dir, *args)
     except (OSError, sqlite3.Error) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise StartupError(f"cannot use the state directory {state_dir}: {why}") from None
@@ -244,7 +264,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
     internal_token = new_token() if worker is None and processes > 1 else None
     parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
-                      worker=worker, primary_states=primary_states)
+                      worker=worker, primary_states=primary_states, state_dir=state_dir)
     if worker is not None:
         _serve_as_worker(root, parts, reactor, config, worker, primary_states, listen)
     elif processes > 1:
@@ -256,11 +276,13 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
 
 
 def build_parts(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
-               internal_token=None, worker=None, primary_states=None) -> Parts:
+               internal_token=None, worker=None, primary_states=None, state_dir=None) -> Parts:
     """
     The HTTP pools, the store, the registry with the configured and the kept runtime
-    models, the manager, the guard, the metrics, the front door and its site; the
-    services among them added to C{root}.
+    models, the manager, the guard, the metrics, the front door and its site, the
+    policy; the services among them added to C{root}.
+
+    @param state_dir: where the usage is kept (None: in memory).
     """
     server = config.server
 
@@ -296,6 +318,20 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
              policy=policy.describe())
     metrics = Metrics(registry)
     front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics)
+
+    # --- policy (issue 18) ---
+    # A Policy only when something is configured: else the relay does nothing for one.
+    # Usage (aibackend.usage) follows [server] usage: true, false, or unset: on whenever
+    # the daemon has client keys or limits.
+    keyed = bool(server.api_keys)
+    usage = None
+    if server.usage if server.usage is not None else keyed:
+        usage = open_store(reactor, state_dir, open_usage, server.usage_retention_days)
+        root.outer.append(UsageService(usage))
+        metrics.collectors.register(UsageCollector(usage))
+    if usage is not None:
+        front_door.core.policy = Policy(usage=usage)
+        guard.names_internal = internal_token is not None  # a worker's requests are its policy's
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
