@@ -504,3 +504,62 @@ def test_usage_is_unset_true_or_false_and_its_retention_is_bounded():
         parse_config({"server": {"usage": "on", "usage_retention_days": 0}})
     assert raised.value.problems == [("server.usage", "must be true or false, got a string"),
                                      ("server.usage_retention_days", "must be at least 1, got 0")]
+
+
+# --- the daemon's wiring ------------------------------------------------------------------------
+
+
+def test_the_recorder_stops_once_every_other_service_has(clock):
+    """What the registry drains on stop is recorded: the usage service stops last (daemon.Root.outer)."""
+    from twisted.application import service
+
+    from aibackend.daemon import Root
+
+    draining = Deferred()
+    order = []
+
+    class Draining(service.Service):
+        def stopService(self):
+            super().stopService()
+            order.append("models")
+            return draining
+
+    class Last(service.Service):
+        def startService(self):
+            super().startService()
+            order.append("usage started")
+
+        def stopService(self):
+            super().stopService()
+            order.append("usage")
+
+    root = Root()
+    Draining().setServiceParent(root)
+    root.outer.append(Last())
+    root.startService()
+    assert order == ["usage started"]
+    stopping = root.stopService()
+    assert order == ["usage started", "models"] and not has_fired(stopping)
+    draining.callback(None)
+    assert order == ["usage started", "models", "usage"] and has_fired(stopping)
+
+
+def test_the_daemon_has_a_policy_with_usage_when_usage_is_on_or_keys_are_set(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from aibackend.daemon import build
+    from aibackend.store import MemoryStore
+
+    def policy_of(server: dict):
+        cfg = parse_config({"server": server}, environ={})
+        built = build(cfg, MemoryReactorClock(), listen=[], max_body_bytes=10, store=MemoryStore(), environ={},
+                      state_dir=str(tmp_path))
+        return built.parts.front_door.core.policy
+
+    assert policy_of({}) is None
+    assert policy_of({"usage": False, "api_keys": ["k" * 16]}) is None
+    for server in ({"usage": True}, {"api_keys": ["k" * 16]}):
+        policy = policy_of(server)
+        assert isinstance(policy.usage, UsageRecorder) and policy.limiter is None
+        policy.usage.database.close()
+    assert os.path.exists(tmp_path / FILENAME)
