@@ -11,6 +11,7 @@ import signal
 import sys
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from aibackend.testing import ROOT, Daemon, Multi, config_text, wait_until, write
 
@@ -117,5 +118,22 @@ def test_with_two_processes_one_query_sees_both(tmp_path, per_process):
             return found.get("requests") == sum(sent.values()) and found.get("ok") == ok
 
         wait_until(both, 10, f"the usage of both processes ({sent} sent, {ok} answered)")
+        # Each process's metrics count what it took (settled before it answered): a
+        # forwarded request is not counted again by the primary that served it.
+        for pid, count in sent.items():
+            assert usage_metric(daemon, pid) == count, (pid, sent)
     finally:
         daemon.stop()
+
+
+def usage_metric(daemon, pid: int) -> float:
+    """The requests to adder that process C{pid}'s /metrics count."""
+    connection = daemon.connection_to(pid)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    assert f'pid="{pid}"' in text  # aibackend_process_info: that process answered
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "aibackend_usage_requests_total" and sample.labels["model"] == "adder")
