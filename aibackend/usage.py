@@ -444,10 +444,14 @@ class UsageRecorder:
 
     def _not_written(self, failure, rows: dict) -> None:
         self.failed_writes += 1
-        if not self._failing:
+        if not self._failing:  # said once until a write succeeds
             self._failing = True
-            self.log.failure("usage: {rows} rows could not be written (tried again with the next write)",
-                             failure, rows=len(rows))
+            if failure.check(sqlite3.Error):  # the disk, a lock held too long: no bug of ours
+                self.log.warn("usage: {rows} rows could not be written ({why}); tried again with the next write",
+                              rows=len(rows), why=failure.getErrorMessage())
+            else:
+                self.log.failure("usage: {rows} rows could not be written (tried again with the next write)",
+                                 failure, rows=len(rows))
         pending = self._pending
         for where, row in rows.items():
             mine = pending.get(where)

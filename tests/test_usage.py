@@ -241,17 +241,22 @@ def capture_events():
     globalLogPublisher.removeObserver(events.append)
 
 
-def test_a_failed_write_keeps_its_rows_for_the_next_one(clock, database, logged_errors):
+def test_a_failed_write_keeps_its_rows_for_the_next_one(clock, database, capture_events):
     writer = Writer()
     recorder = recorder_of(clock, database, writer)
     recorder.record(ALICE, "a", 200, 0.1, tokens(1, 2))
     writer.fail_next(sqlite3.OperationalError("disk I/O error"))
     clock.advance(FLUSH_SECONDS)
     assert rows(database.path) == [] and recorder.failed_writes == 1
-    assert len(logged_errors.flush(sqlite3.OperationalError)) == 1  # logged once, on purpose
+    said = [event for event in capture_events if "could not be written" in event["log_format"]]
+    assert len(said) == 1 and said[0]["why"] == "disk I/O error"
     recorder.record(ALICE, "a", 500, 0.3, tokens(4, 0))
-    clock.advance(FLUSH_SECONDS)  # tried again, with what came since
+    writer.fail_next(sqlite3.OperationalError("disk I/O error"))
+    clock.advance(FLUSH_SECONDS)  # tried again, with what came since: said once
+    assert len([event for event in capture_events if "could not be written" in event["log_format"]]) == 1
+    clock.advance(FLUSH_SECONDS)
     assert rows(database.path) == [("alice", "a", NOW, 2, 0, 1, 0, 5, 2, 0.4, 0.3)]
+    assert any("written again" in event["log_format"] for event in capture_events)
     stopped(recorder)
 
 
@@ -362,6 +367,17 @@ def test_a_query_filters_by_key_model_and_time_and_groups_by_minute(clock, datab
         ("2027-01-15T08:00:00Z", 1), ("2027-01-15T08:01:00Z", 1), ("2027-01-15T08:02:00Z", 1)]
     assert by_minute["totals"]["requests"] == 3 and by_minute["group"] == "minute"
     stopped(recorder)
+
+
+@pytest.mark.parametrize("where", [
+    "minute <= ? AND minute >= ?", "minute <= ? AND minute >= ? AND key_name = ?",
+    "minute <= ? AND minute >= ? AND model = ?", "minute <= ? AND key_name = ? AND model = ?",
+])
+def test_queries_search_an_index_never_the_whole_table(database, where):
+    plan = database._db.execute(
+        f"EXPLAIN QUERY PLAN SELECT key_name, model, sum(requests) FROM usage_minutes WHERE {where}"
+        " GROUP BY key_name, model", (1,) * where.count("?")).fetchall()
+    assert plan[0][3].startswith("SEARCH usage_minutes USING "), plan
 
 
 @pytest.mark.parametrize("selection, message", [
