@@ -201,6 +201,8 @@ class UsageDatabase:
     The usage table in one SQLite database: C{DIR/usage.sqlite3}, or in memory (C{path}
     None: a daemon whose store keeps nothing). Opened on the calling thread; every other
     method is called by the recorder's one thread.
+
+    @ivar connection: its C{sqlite3} connection.
     """
 
     log = Logger()
@@ -209,24 +211,24 @@ class UsageDatabase:
         self.path = path
         if path is not None:
             private_files(os.path.dirname(path), path, self.log)
-        self._db = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last second
-        self._db.executescript(SCHEMA)
+        self.connection = sqlite3.connect(path or ":memory:", check_same_thread=False, isolation_level=None)
+        self.connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last second
+        self.connection.executescript(SCHEMA)
 
     def write(self, rows: dict, cutoff: float | None) -> None:
         """Add C{rows} (key, model, minute) -> figures; delete the minutes before C{cutoff}, if given."""
-        with self._db:
+        with self.connection:
             if rows:
-                self._db.executemany(UPSERT, [
+                self.connection.executemany(UPSERT, [
                     (key, model, minute, row[OK] + row[CLIENT_ERRORS] + row[SERVER_ERRORS] + row[CANCELLED],
                      row[CLIENT_ERRORS], row[SERVER_ERRORS], row[CANCELLED], row[TOKENS_IN], row[TOKENS_OUT],
                      row[LATENCY_SUM], row[LATENCY_MAX])
                     for (key, model, minute), row in rows.items()
                 ])
             if cutoff is not None:
-                self._db.execute("DELETE FROM usage_minutes WHERE minute < ?", (int(cutoff),))
+                self.connection.execute("DELETE FROM usage_minutes WHERE minute < ?", (int(cutoff),))
 
     def read(self, selection: Selection, now: float) -> dict:
         """The answer to C{selection}, as L{IUsageReader.query} gives it."""
@@ -243,11 +245,11 @@ class UsageDatabase:
         by_minute = selection.group == "minute"
         columns = "key_name, model, minute" if by_minute else "key_name, model"
         order = "minute, key_name, model" if by_minute else "key_name, model"
-        found = self._db.execute(
+        found = self.connection.execute(
             f"SELECT {columns}, {FIGURES} FROM usage_minutes WHERE {' AND '.join(where)}"
             f" GROUP BY {columns} ORDER BY {order} LIMIT ?", (*values, MAX_ROWS + 1),
         ).fetchall()
-        totals = self._db.execute(f"SELECT {FIGURES} FROM usage_minutes WHERE {' AND '.join(where)}",
+        totals = self.connection.execute(f"SELECT {FIGURES} FROM usage_minutes WHERE {' AND '.join(where)}",
                                   values).fetchone()
         rows = []
         for found_row in found[:MAX_ROWS]:
@@ -271,7 +273,7 @@ class UsageDatabase:
         return json.dumps(self.read(selection, now)).encode()
 
     def close(self) -> None:
-        self._db.close()
+        self.connection.close()
 
 
 class _Threads(ThreadPool):

@@ -374,7 +374,7 @@ def test_a_query_filters_by_key_model_and_time_and_groups_by_minute(clock, datab
     "minute <= ? AND minute >= ? AND model = ?", "minute <= ? AND key_name = ? AND model = ?",
 ])
 def test_queries_search_an_index_never_the_whole_table(database, where):
-    plan = database._db.execute(
+    plan = database.connection.execute(
         f"EXPLAIN QUERY PLAN SELECT key_name, model, sum(requests) FROM usage_minutes WHERE {where}"
         " GROUP BY key_name, model", (1,) * where.count("?")).fetchall()
     assert plan[0][3].startswith("SEARCH usage_minutes USING "), plan
