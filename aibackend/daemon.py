@@ -324,14 +324,16 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     # Usage (aibackend.usage) follows [server] usage: true, false, or unset: on whenever
     # the daemon has client keys or limits.
     keyed = bool(server.api_keys)
+    limiter = None  # the ILimiter of keys' and models' limits (LIMITS)
     usage = None
-    if server.usage if server.usage is not None else keyed:
+    if server.usage if server.usage is not None else (keyed or limiter is not None):
         usage = open_store(reactor, state_dir, open_usage, server.usage_retention_days)
-        root.outer.append(UsageService(usage))
+        root.outer.append(UsageService(usage))  # stopped last: what is drained on stop is recorded
         metrics.collectors.register(UsageCollector(usage))
-    if usage is not None:
-        front_door.core.policy = Policy(usage=usage)
+    if limiter is not None or usage is not None:
+        front_door.core.policy = Policy(limiter=limiter, usage=usage)
         guard.names_internal = internal_token is not None  # a worker's requests are its policy's
+
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
