@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aibackend.testing import ROOT, Daemon, Multi, config_text, wait_until, write
+from aibackend.testing import MISBEHAVE, ROOT, Daemon, Multi, config_text, wait_until, write
 
 ADMIN = "an-admin-token-for-the-usage-tests"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -70,6 +71,30 @@ def test_usage_per_model_kept_across_a_restart(tmp_path):
         assert (found["adder"]["requests"], found["wordstats"]["requests"]) == (3, 2)
         # The metrics are this process's: they start again from nothing.
         assert not [sample for sample in again.scrape()[2] if sample[0] == "aibackend_usage_requests_total"]
+    finally:
+        again.stop()
+
+
+def test_a_request_drained_on_stop_is_recorded(tmp_path):
+    """SIGTERM while a request is in progress: it is answered during the drain, and its usage written."""
+    slow = {"id": "slow", "type": "subprocess", "protocol": "raw", "workers": 1, "timeout": 10,
+            "command": [sys.executable, MISBEHAVE]}
+    path = write(tmp_path / "usage.toml", config_text(slow, usage=True))
+    state, mark = tmp_path / "state", tmp_path / "mark"
+    daemon = Daemon(path, state=str(state), cwd=str(tmp_path), admin_token=ADMIN)
+    try:
+        daemon.wait_state("slow", "ready")
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(daemon.predict, "slow", {"op": "sleep", "seconds": 1.5, "mark": str(mark)})
+            wait_until(mark.exists, 10, "the model to take the request")
+            daemon.send_signal(signal.SIGTERM)
+            assert answer.result(timeout=15).status == 200
+        assert daemon.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        daemon.stop()
+    again = Daemon(path, state=str(state), cwd=str(tmp_path), admin_token=ADMIN)
+    try:
+        assert usage(again)["slow"]["requests"] == 1
     finally:
         again.stop()
 
