@@ -579,3 +579,27 @@ def test_the_daemon_has_a_policy_with_usage_when_usage_is_on_or_keys_are_set(tmp
         assert isinstance(policy.usage, UsageRecorder) and policy.limiter is None
         policy.usage.database.close()
     assert os.path.exists(tmp_path / FILENAME)
+
+
+def test_a_request_a_worker_forwarded_is_left_to_the_workers_policy():
+    """The primary's guard names it INTERNAL (when the primary has a policy); its policy admits nothing for it."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from aibackend.auth import Guard
+    from aibackend.policy import INTERNAL
+
+    guard = Guard(None, ["tcp:0:interface=127.0.0.1"], internal_token="t" * 32)
+    guard.names_internal = True
+    forwarded, client = DummyRequest([b""]), DummyRequest([b""])
+    forwarded.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + b"t" * 32])
+    client.aibackend_caller = None
+    guard.check_client(forwarded)
+    guard.check_client(client)
+    assert forwarded.aibackend_caller is INTERNAL and client.aibackend_caller is None
+
+    class Entry:
+        model_id = "chat"
+
+    policy = Policy(usage=object())
+    assert policy.admit(forwarded, Entry()) is None
+    assert policy.admit(client, Entry()).caller is None
