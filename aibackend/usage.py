@@ -46,7 +46,8 @@ from functools import partial
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from twisted.application import service
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import TimeoutError as Timeout  # addTimeout's (not the builtin)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -488,7 +489,7 @@ class UsageRecorder:
         return d
 
     def _unavailable(self, failure):
-        if failure.check(TimeoutError):
+        if failure.check(Timeout):
             raise UsageUnavailable(f"the usage store did not answer within {QUERY_SECONDS:g} s; try again")
         failure.trap(sqlite3.Error)
         raise UsageUnavailable(f"the usage store failed: {failure.getErrorMessage()}")
@@ -526,7 +527,7 @@ class UsageRecorder:
         return d.addBoth(lambda _: self._stop_threads())
 
     def _stuck(self, failure):
-        failure.trap(TimeoutError)
+        failure.trap(Timeout)
         self.log.warn("usage: the store did not answer within {seconds} s of the stop: {rows} rows not written",
                       seconds=STOP_SECONDS, rows=self.unwritten)
         # Its (daemon) thread is left to the hung write: stopping the pool would wait for it.
