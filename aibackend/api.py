@@ -25,6 +25,7 @@ from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aibackend.policy import check_model, may_call
 from aibackend.relay import NDJSON, SSE
+from aibackend.usage import IUsageReader, Selection
 from aibackend.web import (
     THREAD_ABOVE_BYTES,
     ErrorShape,
@@ -158,6 +159,7 @@ class OperationAPI:
             "models": (self.list_models, False, BOTH),
             "status": (self.status, False, BOTH),
             "cleanlogs": (self.cleanlogs, True, POST_ONLY),
+            "usage": (self.usage, True, BOTH),
         }
         if core.manager is not None:
             self.operations.update(
@@ -351,6 +353,16 @@ class OperationAPI:
         self.log.info("log of model {model} cleaned: {removed} entries removed (request {request_id})",
                       model=model.model_id, removed=removed, request_id=request_id)
         return sized(request, json.dumps({"model": model.model_id, "removed": removed}).encode())
+
+    def usage(self, request, request_id, params):
+        """What each key used of each model (aibackend.usage), read off the reactor thread."""
+        policy = self.core.policy
+        reader = None if policy is None else policy.usage
+        if not IUsageReader.providedBy(reader):
+            raise errors.NotFound("this daemon records no usage: set usage = true in [server]")
+        selection = Selection.parse(**{name: single(params, name) for name in ("key", "model", "since", "until",
+                                                                             "group")})
+        return reader.query(selection).addCallback(lambda body: sized(request, body))
 
     # --- runtime management -------------------------------------------------
 

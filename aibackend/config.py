@@ -85,6 +85,7 @@ from aibackend.subprocspec import (  # noqa: F401
 
 DEFAULT_LISTEN = ("tcp:8080:interface=127.0.0.1",)
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_USAGE_RETENTION_DAYS = 30
 
 
 # --- model types -----------------------------------------------------------------
@@ -268,6 +269,17 @@ class ServerSpec:
         30.0, minimum=0, maximum=86400,
         doc="on SIGTERM or `removemodel`, seconds in-flight requests may take to finish before the model's "
             "processes are stopped (at most each model's `timeout`)",
+    )
+    # Usage per key and model (aibackend.usage); None: on whenever keys or limits make a policy.
+    usage: bool | None = boolean(
+        None, shown="on with keys or limits",
+        doc="record requests, errors, tokens and latency per key and model (`/get/usage`, `aibackend_usage_*` "
+            "metrics), in `usage.sqlite3` under the state directory; unset, it is on when the daemon has client "
+            "keys or limits",
+    )
+    usage_retention_days: int = integer(
+        DEFAULT_USAGE_RETENTION_DAYS, minimum=1, maximum=36500,
+        doc="days the usage is kept (one row per key, model and minute; older rows are deleted)",
     )
 
 

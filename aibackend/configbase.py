@@ -147,8 +147,10 @@ class Table:
             self.problem(name, f"must be at most {maximum}, got {value}")
         return value
 
-    def boolean(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool | None) -> bool | None:
         name, value = self.get(key, default, ())
+        if value is default:  # absent (a default of None: neither true nor false was said)
+            return value
         if not isinstance(value, bool):
             self.problem(name, f"must be true or false, got {type_name(value)}")
             return default

@@ -18,6 +18,9 @@ this order and stopped in the reverse one:
       - a worker: C{primary-link} (L{WorkerControl}: the primary's notices on stdin), then
         its inherited sockets C{listener-0}, ...;
   - C{readiness}: last, so that on stop it is the first to say "not ready".
+
+The usage recorder (C{usage}, when usage is on) is started before them all and stopped once
+they all have: it writes the usage of the requests drained on stop.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
 from aibackend.store import SQLiteStore
+from aibackend.usage import UsageCollector, UsageService, open_usage
 
 DEFAULT_MAX_PERSISTENT_PER_HOST = 64
 IDLE_CONNECTION_SECONDS = 120
@@ -157,6 +161,20 @@ class Root(service.MultiService):
     def __init__(self, log_observer: Callable[[], Any] | None = None):
         super().__init__()
         self.log_observer = log_observer
+        # Services started before the children and stopped once they all have (the usage
+        # recorder: the requests the registry drains on stop are recorded too).
+        self.outer: list = []
+
+    def startService(self):
+        for outer in self.outer:
+            outer.startService()
+        super().startService()
+
+    def stopService(self):
+        d = super().stopService()
+        for outer in reversed(self.outer):
+            d.addCallback(lambda _, outer=outer: outer.stopService())
+        return d
 
     def setServiceParent(self, parent):
         if (self.log_observer is not None and isinstance(parent, Componentized)
@@ -210,14 +228,15 @@ def _raise_open_files_limit(connections: int) -> None:
         pass
 
 
-def open_store(reactor, state_dir: str):
+def open_store(reactor, state_dir: str, opener=SQLiteStore, *args):
     """
-    The SQLite store in C{state_dir}, made (0700) if it is not there.
+    The SQLite store in C{state_dir}, made (0700) if it is not there (or what
+    C{opener(reactor, state_dir, *args)} makes there: the usage's).
 
     @raise StartupError: the directory or the database cannot be used.
     """
     try:
-        return SQLiteStore(reactor, state_dir)
+        return opener(reactor, state_dir, *args)
     except (OSError, sqlite3.Error) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise StartupError(f"cannot use the state directory {state_dir}: {why}") from None
@@ -247,7 +266,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
     internal_token = new_token() if worker is None and processes > 1 else None
     parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
-                      worker=worker, primary_states=primary_states)
+                      worker=worker, primary_states=primary_states, state_dir=state_dir)
     if worker is not None:
         _serve_as_worker(root, parts, reactor, config, worker, primary_states, listen)
     elif processes > 1:
@@ -259,11 +278,13 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
 
 
 def build_parts(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
-               internal_token=None, worker=None, primary_states=None) -> Parts:
+               internal_token=None, worker=None, primary_states=None, state_dir=None) -> Parts:
     """
     The HTTP pools, the store, the registry with the configured and the kept runtime
-    models, the manager, the guard, the metrics, the front door and its site; the
-    services among them added to C{root}.
+    models, the manager, the guard, the metrics, the front door and its site, the
+    policy; the services among them added to C{root}.
+
+    @param state_dir: where the usage is kept (None: in memory).
     """
     server = config.server
 
@@ -303,7 +324,18 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics, keys=keys)
 
     # --- policy (issue 18) ---
-    wire_policy(front_door.core, server, keys)
+    limiter = None  # the ILimiter of keys' and models' limits (LIMITS)
+    usage = None
+    # [server] usage: true, false, or unset (on whenever the daemon has client keys or
+    # limits: keys made at runtime too, so the recorder is ready unless usage = false).
+    if server.usage is not False:
+        usage = open_store(reactor, state_dir, open_usage, server.usage_retention_days)
+        root.outer.append(UsageService(usage))  # stopped last: what is drained on stop is recorded
+        core = front_door.core
+        metrics.collectors.register(UsageCollector(
+            usage, in_use=lambda: core.policy is not None and core.policy.usage is not None))
+    wire_policy(front_door.core, guard, server, keys, limiter=limiter, usage=usage,
+                forwarded=internal_token is not None)
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
@@ -320,35 +352,44 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
 # --- policy (issue 18): the relay's Policy, from the server spec and the key ring ---
 
 
-def build_policy(server, keyring):
+def build_policy(server, keyring, *, limiter=None, usage=None):
     """
     The relay's L{Policy} for what is configured and kept, or None: nothing to admit,
-    and the hot path does nothing for one. Each part of issue 18 adds its reason to have
-    one and its part of it (a limiter, a usage recorder, made once in L{build_parts} and
-    passed here):
+    and the hot path does nothing for one. Each part of issue 18 is a reason to have one:
 
       - keys: a stored key has models to enforce (L{Policy.admit}); configured
         C{api_keys} and the admin token call every model without limits, so they alone
-        need no policy.
+        need no policy for themselves;
+      - limits: a limiter (L{aibackend.policy.ILimiter}), when any can apply;
+      - usage: the recorder (L{aibackend.usage}), made unless C{usage = false}; with
+        C{usage} unset it is used only once the daemon has client keys (configured or
+        stored) or a limiter.
 
     @param server: the configuration's server spec.
     @param keyring: the guard's L{aibackend.keys.KeyRing}.
     """
-    if keyring.stored:
-        return Policy()
+    if usage is not None and server.usage is None and not (keyring.required or limiter is not None):
+        usage = None
+    if keyring.stored or limiter is not None or usage is not None:
+        return Policy(limiter=limiter, usage=usage)
     return None
 
 
-def wire_policy(core, server, keys: KeyManager) -> None:
+def wire_policy(core, guard, server, keys: KeyManager, *, limiter=None, usage=None,
+                forwarded: bool = False) -> None:
     """
-    Give C{core} the policy L{build_policy} makes, now and each time the keys change
-    (the first key made at runtime, or read by a worker), while it has none: once made,
-    the policy stays.
+    Give C{core} the policy L{build_policy} makes, now and each time the keys change (the
+    first key made at runtime, or read by a worker). The limiter and the recorder are the
+    same objects in every policy made, so a request admitted by one is settled by the next.
+
+    @param forwarded: C{--processes}' primary: the requests workers forward are named
+        L{aibackend.policy.INTERNAL} by the guard once there is a policy (the worker's
+        policy admitted them and settles them).
     """
 
     def make_policy() -> None:
-        if core.policy is None:
-            core.policy = build_policy(server, keys.ring)
+        core.policy = build_policy(server, keys.ring, limiter=limiter, usage=usage)
+        guard.names_internal = forwarded and core.policy is not None
 
     make_policy()
     keys.updated.append(make_policy)

@@ -35,10 +35,10 @@ def normalize_level(name: str) -> str:
     return key
 
 
-def parse_since(value: str) -> float:
+def parse_since(value: str, name: str = "since") -> float:
     """
-    Parse a C{since} filter: seconds since the epoch, or an ISO 8601 time (UTC if no
-    offset is given).
+    Parse a C{since} filter (or another time, C{name}, in its messages): seconds since
+    the epoch, or an ISO 8601 time (UTC if no offset is given).
 
     @raise ValueError: with a message for the client.
     """
@@ -49,13 +49,13 @@ def parse_since(value: str) -> float:
         pass
     else:
         if not math.isfinite(seconds):
-            raise ValueError(f"since must be a finite time, got {value!r}")
+            raise ValueError(f"{name} must be a finite time, got {value!r}")
         return seconds
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
-            f"since must be seconds since the epoch or an ISO 8601 time, got {value!r}"
+            f"{name} must be seconds since the epoch or an ISO 8601 time, got {value!r}"
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)

@@ -54,6 +54,12 @@ def check_model(caller: Caller | None, model_id: str) -> None:
         raise errors.Forbidden(f"this key may not call model {model_id!r}", model=model_id)
 
 
+# The caller of a request a --processes worker forwarded to the primary (the guard names it,
+# L{aibackend.auth.Guard.check_client}): the worker's policy admitted and settles it, so the
+# primary's does nothing for it (its usage counted once, its limits taken once).
+INTERNAL = Caller("internal")
+
+
 class TokenCount:
     """
     The tokens of one request, for the models whose answers carry them (OpenAI-shaped
@@ -136,15 +142,19 @@ class Policy:
         self.limiter = limiter
         self.usage = usage
 
-    def admit(self, request, entry, tokens: TokenCount | None = None) -> Call:
+    def admit(self, request, entry, tokens: TokenCount | None = None) -> Call | None:
         """
         Admit C{request} (its caller: C{request.aibackend_caller}) to the model of
         C{entry}.
+
+        @return: its L{Call}, or None for a request a worker forwarded (L{INTERNAL}).
 
         @raise errors.Forbidden: the caller's key may not call this model.
         @raise errors.ApiError: a limit is reached (the limiter's 429).
         """
         caller = request.aibackend_caller
+        if caller is INTERNAL:
+            return None
         model_id = entry.model_id
         check_model(caller, model_id)
         limiter = self.limiter

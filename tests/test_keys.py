@@ -59,7 +59,7 @@ class Keyed:
         self.keys.load()
         self.door.front_door.api.use_keys(self.keys)
         self.core = self.door.front_door.core
-        wire_policy(self.core, parse_config({"server": {}}, environ={}).server, self.keys)
+        wire_policy(self.core, self.guard, parse_config({"server": {}}, environ={}).server, self.keys)
 
     def call(self, method, url, key=None, **kwargs):
         if key is not None:
@@ -402,7 +402,7 @@ def test_listings_show_only_the_keys_models(chat_only):
 # --- the daemon's wiring ------------------------------------------------------------------------
 
 
-def test_the_daemon_has_a_policy_only_once_a_stored_key_exists():
+def test_the_daemon_has_a_policy_only_once_a_key_exists():
     from twisted.internet.testing import MemoryReactorClock
 
     from aibackend.daemon import build
@@ -412,7 +412,11 @@ def test_the_daemon_has_a_policy_only_once_a_stored_key_exists():
         return build(cfg, MemoryReactorClock(), listen=[], max_body_bytes=1000, store=store, environ={}).parts
 
     assert built(MemoryStore()).front_door.core.policy is None
-    assert built(MemoryStore(), api_keys=[CONFIGURED]).front_door.core.policy is None  # every model, no limits
+    # Configured keys call every model without limits: a policy only for their usage (on
+    # by default once there are keys), none with usage = false.
+    assert built(MemoryStore(), api_keys=[CONFIGURED], usage=False).front_door.core.policy is None
+    configured = built(MemoryStore(), api_keys=[CONFIGURED]).front_door.core.policy
+    assert configured is not None and configured.usage is not None and configured.limiter is None
     store = MemoryStore()
     store.put_key(record().row())
     parts = built(store)
