@@ -133,7 +133,7 @@ class Relay:
             the model, a limit reached) before it was sent; or a mock failure was asked
             for without admin rights.
         """
-        if entry.spec.fallbacks:
+        if entry.spec.fallbacks and not self._forwarded(request):
             return Chain(self, request, entry, started, tokens, retarget).send(body, context, shape)
         policy = self.policy
         call = None if policy is None else policy.admit(request, entry, tokens)
@@ -176,7 +176,7 @@ class Relay:
             with an L{errors.ApiError} (or the L{CancelledError} of a client gone).
         @raise errors.ApiError: the policy refused the request, as L{send}'s.
         """
-        if entry.spec.fallbacks:
+        if entry.spec.fallbacks and not self._forwarded(request):
             return Chain(self, request, entry, started, tokens, retarget).stream(body, context, framing, shape)
         policy = self.policy
         call = None if policy is None else policy.admit(request, entry, tokens)
@@ -194,6 +194,14 @@ class Relay:
         writer.relay, writer.entry, writer.context, writer.shape, writer.call = self, entry, context, shape, call
         d.addCallbacks(writer.ended, writer.failed)
         return d
+
+    def _forwarded(self, request) -> bool:
+        """
+        Is C{request} one a worker process forwarded (C{--processes})? The worker runs the
+        chain, each attempt forwarded on its own: the primary sends it to that model only.
+        """
+        guard = self.guard
+        return guard is not None and guard.forwarded(request)
 
     def _stream_done(self, writer, entry, request_id, operation, started, status, error, how: str) -> None:
         writer.stream_end = how

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from aibackend.testing import (
-    ROOT, Daemon, ExampleModelServer, ModelServer, Streamed, free_port, toml_models, wait_until,
+    ROOT, Daemon, ExampleModelServer, ModelServer, Multi, Streamed, free_port, toml_models, wait_until,
 )
 
 TOKEN = "fallbacks-admin-token-0123456789"
@@ -139,3 +139,33 @@ def test_the_openai_client_through_a_chain(daemon):
         assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == (
             "You said: hello there")
         assert {chunk.model for chunk in chunks} == {"chat"}
+
+
+def test_with_processes_the_worker_runs_the_chain_and_the_primary_sends_each_attempt_once(tmp_path):
+    second = Named("second")
+    config = tmp_path / "aibackend.toml"
+    config.write_text(f'[server]\nstate_dir = {json.dumps(str(tmp_path / "state"))}\ndrain_timeout = 2\n\n' + toml_models(
+        {"id": "sub", "type": "subprocess", "command": ["python", CHAT_MODEL], "protocol": "jsonl", "timeout": 20,
+         "fallbacks": ["second"]},
+        {"id": "second", "type": "http", "url": second.url, "timeout": 10},
+    ))
+    daemon = Multi(str(config), cwd=ROOT, processes=2)
+    try:
+        wait_until(lambda: daemon.status("sub").json().get("state") == "ready", 20, "model sub to be ready")
+        (worker,) = daemon.wait_workers(1)  # --processes 2: the primary and one worker
+        reply = daemon.request_to(worker, "POST", "/post/predict?id=sub", {"prompt": "fail"},
+                                  {"X-Request-Id": "fb-processes"})
+        assert reply.status == 200 and reply.json() == {"from": "second"}, reply
+        assert reply.headers["x-aibackend-model"] == "second"
+        assert second.hits == 1  # the worker's attempt; the primary did not go on to it as well
+        # Two access events: the primary's of the attempt forwarded to it, and the worker's.
+        wait_until(lambda: sum("request=fb-processes" in line for line in daemon.lines) == 2, 5, "both events")
+        (primary, worker_line) = sorted((line for line in daemon.lines if "request=fb-processes" in line),
+                                        key=lambda line: "served_by" in line)
+        assert " 500 " in primary and "chain=" not in primary
+        assert " 200 " in worker_line and "served_by=second chain=sub:500>second:200" in worker_line
+        reply = daemon.predict("sub", {"prompt": "two words"})
+        assert reply.headers["x-aibackend-model"] == "sub" and reply.json()["content"] == "You said: two words"
+    finally:
+        daemon.stop()
+        second.close()
