@@ -2456,6 +2456,8 @@ def connect_channel(site, host: str = "127.0.0.1", port: int = 5000):
 
 # --- fallbacks (session 18) ---
 
+from aibackend.configbase import MODEL_FIELDS  # noqa: E402  (this section's own import, kept with it for the merge)
+
 
 @dataclass(frozen=True)
 class TimedSpec(ModelSpec):
@@ -2466,9 +2468,9 @@ class TimedSpec(ModelSpec):
 
 def with_fallbacks(model, *fallbacks: str, timeout: float = 60.0):
     """Give fake C{model} (before it is registered) the C{fallbacks} and C{timeout} of its spec; C{model}."""
-    spec = model.spec
-    model.spec = TimedSpec(id=spec.id, type=spec.type, log_entries=spec.log_entries, fallbacks=tuple(fallbacks),
-                           timeout=timeout)
+    values = {name: getattr(model.spec, name) for name in MODEL_FIELDS}  # its v2 and openai tables kept
+    values["fallbacks"] = tuple(fallbacks)
+    model.spec = TimedSpec(**values, timeout=timeout)
     return model
 
 

@@ -5,12 +5,19 @@ access event and a metric record the chain; an admin's mock failure. Through Stu
 over fake models on a Clock (the real daemon: tests/test_fallbacks_daemon.py).
 """
 
+import dataclasses
+import json
+
 import pytest
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from aibackend import errors
 from aibackend.auth import Guard
 from aibackend.config import Table, parse_model
+from aibackend.configbase import OpenAISpec, TensorSpec, V2Spec
+from aibackend.policy import ILimiter, Policy
 from aibackend.interfaces import ModelAnswer
 from aibackend.relay import falls_back
 from aibackend.testing import (
@@ -415,3 +422,114 @@ def test_a_mock_failure_without_admin_rights_is_refused(guarded):
     response = predict(door, headers={"X-Aibackend-Mock-Failure": "a", "Authorization": "Bearer wrong-token"})
     assert_error(response, 401, "unauthorized", message="the admin token is wrong")
     assert a.received == b.received == []
+
+
+# --- every front door -------------------------------------------------------------------------------
+
+
+def test_a_v2_fallbacks_request_and_answer_are_made_for_it(clock):
+    a = with_fallbacks(FakeModel("a", clock), "b").answers(503, {"error": "loading"})
+    a.spec = dataclasses.replace(a.spec, v2=V2Spec(inputs=(TensorSpec("x", "FP32", (-1,)),),
+                                                   outputs=(TensorSpec("y", "FP32", (-1,)),)))
+    b = FakeModel("b", clock).answers(body={"y": [2.0]})
+    door = StubFrontDoor(clock, [a, b])
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    response = door.call("POST", "/v2/models/a/infer", data=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+    assert response.status == 200, response.body
+    assert response.header("x-aibackend-model") == "b"
+    document = response.json()
+    assert document["model_name"] == "b"  # shaped for the model that served
+    assert b.received[0].json() == {"x": [1.0]}
+
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def chat(door, model_id, **more):
+    return door.call("POST", "/v1/chat/completions", data=json.dumps({"model": model_id, **CHAT, **more}).encode())
+
+
+def native(model, name):
+    model.spec = dataclasses.replace(model.spec, openai=OpenAISpec(native=True, model=name))
+    return model
+
+
+def test_a_v1_chat_goes_on_to_an_adapted_fallback_whose_answer_is_its_own(clock):
+    a = with_fallbacks(FakeModel("a", clock), "native-one", "b").fails(errors.BadGateway("refused", model="a"))
+    other = native(FakeModel("native-one", clock), "up")
+    b = FakeModel("b", clock).answers(body={"content": "hi from b"})
+    door = StubFrontDoor(clock, [a, other, b])
+    response = chat(door, "a")
+    assert response.status == 200, response.body
+    assert response.header("x-aibackend-model") == "b"
+    completion = response.json()
+    assert completion["model"] == "b" and completion["choices"][0]["message"]["content"] == "hi from b"
+    assert other.received == []  # a native model cannot take an adapted model's request: skipped
+    assert b.received[0].body == a.received[0].body
+
+
+def test_a_v1_chat_goes_on_to_a_native_fallback_with_its_own_name(clock):
+    a = with_fallbacks(native(FakeModel("a", clock), "up-a"), "b").answers(429, {"error": {"message": "busy"}})
+    b = native(FakeModel("b", clock), "up-b").answers(body={"id": "x", "object": "chat.completion", "choices": []})
+    door = StubFrontDoor(clock, [a, b])
+    response = chat(door, "a")
+    assert response.status == 200 and response.header("x-aibackend-model") == "b"
+    assert a.received[0].json()["model"] == "up-a" and b.received[0].json()["model"] == "up-b"
+    assert b.received[0].context.path == a.received[0].context.path
+
+
+def test_a_v1_stream_goes_on_before_its_first_chunk(clock):
+    a = with_fallbacks(FakeStreamingModel("a", clock), "b")
+    b = FakeStreamingModel("b", clock)
+    door = StubFrontDoor(clock, [a, b])
+    opened = DoorStream(door, "POST", "/v1/chat/completions",
+                        data=json.dumps({"model": "a", "stream": True, **CHAT}).encode())
+    a.streams[0].fail(errors.ModelUnavailable("restarting", model="a"))
+    b.streams[0].chunk({"content": "hi"})
+    b.streams[0].end({"finish_reason": "stop"})
+    body = opened.body
+    assert opened.header("x-aibackend-model") == "b"
+    events = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: {")]
+    assert {event["model"] for event in events} == {"b"}
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == "hi"
+
+
+# --- the policy --------------------------------------------------------------------------------
+
+
+@implementer(ILimiter)
+class Limiter:
+    """An ILimiter that refuses the models it is told, and keeps what it admitted and released."""
+
+    def __init__(self, *refused):
+        self.refused = refused
+        self.acquired, self.released = [], []
+
+    def acquire(self, caller, entry, tokens):
+        if entry.model_id in self.refused:
+            raise errors.ApiError(f"model {entry.model_id!r} is over its limit")
+        self.acquired.append(entry.model_id)
+        return entry.model_id
+
+    def release(self, admission, tokens):
+        self.released.append(admission)
+
+
+def test_each_attempt_is_admitted_for_its_own_model_and_a_refused_one_skipped(chain):
+    door, a, b, c = chain
+    limiter = Limiter("b")
+    assert verifyObject(ILimiter, limiter)
+    door.front_door.core.policy = Policy(limiter=limiter)
+    a.answers(503, {"error": "loading"})
+    response = predict(door)
+    assert response.json() == {"from": "c"}
+    assert b.received == []
+    assert limiter.acquired == ["a", "c"] and limiter.released == ["a", "c"]
+
+
+def test_the_first_models_refusal_by_the_policy_is_answered(chain):
+    door, a, b, c = chain
+    door.front_door.core.policy = Policy(limiter=Limiter("a"))
+    response = predict(door)
+    assert response.status == 500 and a.received == b.received == []
