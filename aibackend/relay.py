@@ -117,10 +117,10 @@ class Relay:
         what it answers (or with what C{shape} makes of that L{ModelAnswer}); the outcome
         is logged and counted once.
 
-        @param started: when the request came (the clock's seconds), for its latency.
         A model with C{fallbacks} is sent the request through a L{Chain}: while an attempt
         fails before an answer was given, the next model of its list is sent it.
 
+        @param started: when the request came (the clock's seconds), for its latency.
         @param tokens: the request's L{aibackend.policy.TokenCount} (its shape fills it
             in), or None: a model whose answers carry no token counts.
         @param retarget: for a model with fallbacks: C{retarget(entry)} makes C{(body,
