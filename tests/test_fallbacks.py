@@ -533,3 +533,42 @@ def test_the_first_models_refusal_by_the_policy_is_answered(chain):
     door.front_door.core.policy = Policy(limiter=Limiter("a"))
     response = predict(door)
     assert response.status == 500 and a.received == b.received == []
+
+
+def test_a_v2_generate_goes_on_and_names_the_model_that_served(clock):
+    a = with_fallbacks(FakeModel("a", clock), "b").answers(502, {"error": "down"})
+    b = FakeModel("b", clock).answers(200, "Hello")
+    door = StubFrontDoor(clock, [a, b])
+    response = door.call("POST", "/v2/models/a/generate", data=json.dumps({"text_input": "hi"}).encode(),
+                         headers={"Content-Type": "application/json"})
+    assert response.status == 200, response.body
+    assert response.header("x-aibackend-model") == "b"
+    assert response.json() == {"model_name": "b", "model_version": "1", "text_output": "Hello"}
+    assert b.received[0].body == a.received[0].body
+
+
+def test_a_v2_generate_stream_goes_on_before_its_first_chunk(clock):
+    a = with_fallbacks(FakeStreamingModel("a", clock), "b")
+    b = FakeStreamingModel("b", clock)
+    door = StubFrontDoor(clock, [a, b])
+    opened = DoorStream(door, "POST", "/v2/models/a/generate_stream", data=json.dumps({"text_input": "hi"}).encode(),
+                        headers={"Content-Type": "application/json"})
+    a.streams[0].fail(errors.GatewayTimeout("slow", model="a"))
+    b.streams[0].chunk("Hel")
+    b.streams[0].end()
+    body = opened.body
+    assert opened.header("x-aibackend-model") == "b"
+    events = [json.loads(block[6:]) for block in body.decode().split("\n\n") if block.startswith("data: ")]
+    assert events[0]["model_name"] == "b" and events[0]["text_output"] == "Hel"
+
+
+def test_each_streaming_attempt_is_admitted_and_settled_for_its_own_model(streams):
+    door, a, b, c = streams
+    limiter = Limiter()
+    door.front_door.core.policy = Policy(limiter=limiter)
+    opened = sse(door)
+    a.streams[0].fail(errors.ModelUnavailable("restarting", model="a"))
+    assert limiter.acquired == ["a", "b"] and limiter.released == ["a"]
+    b.streams[0].end()
+    opened.body
+    assert limiter.released == ["a", "b"]
