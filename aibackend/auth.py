@@ -232,6 +232,10 @@ class Guard:
             "AIBACKEND_ADMIN_TOKEN) and the daemon listens beyond loopback"
         )
 
+    def forwarded(self, request) -> bool:
+        """Did a worker process of this daemon (C{--processes}) forward the request, having checked it?"""
+        return self._internal(request)
+
     def _internal(self, request) -> bool:
         if not self.internal_token:
             return False

@@ -483,6 +483,33 @@ def check_model_id(value) -> str | None:
     return None
 
 
+MAX_FALLBACKS = 8  # a chain longer than this is a mistake, and each step costs the client time
+
+
+def check_fallbacks(table: Table, key: str, value: tuple, environ=None) -> tuple:
+    """
+    A model's C{fallbacks}: model ids, none twice, at most L{MAX_FALLBACKS}. (That a
+    model is not its own fallback is checked where its id is known, L{check_not_own_fallback}.)
+    """
+    seen = set()
+    for index, item in enumerate(value):
+        problem = check_model_id(item)
+        if problem:
+            table.problem(f"{key}[{index}]", problem)
+        elif item in seen:
+            table.problem(f"{key}[{index}]", f"names model {item!r} twice")
+        seen.add(item)
+    if len(value) > MAX_FALLBACKS:
+        table.problem(key, f"may name at most {MAX_FALLBACKS} models, got {len(value)}")
+    return value
+
+
+def check_not_own_fallback(table: Table, model_id: str | None, fallbacks: tuple) -> None:
+    """A model may not name itself among its C{fallbacks}."""
+    if model_id is not None and model_id in fallbacks:
+        table.problem(f"fallbacks[{fallbacks.index(model_id)}]", f"names the model itself ({model_id!r})")
+
+
 def check_http_url(value: str, *, default_scheme: bool = False):
     """
     Check an HTTP(S) URL; with C{default_scheme}, C{host:port} means C{http://host:port}.
@@ -884,6 +911,17 @@ class ModelSpec:
             "and the model's work is cancelled",
     )
 
+    # The models a request goes to, in turn, when this one fails before its client got a
+    # byte (aibackend.relay's chains). Names are resolved when a request comes: a model
+    # named here may be added later, or removed (it is then skipped).
+    fallbacks: tuple = strings(
+        (), nonempty=False, public="if-set", check=check_fallbacks,
+        doc="model ids a request goes to, in turn, when this model fails before the client got a byte (connection "
+            "refused or reset, 429, 5xx, timeout, not ready), under this model's `timeout` from when the request "
+            "came; see [Fallbacks](#keys-limits-fallbacks-and-usage). Not followed further (a fallback's own `fallbacks` are not used); "
+            "a model named that does not exist when a request comes is skipped",
+    )
+
     timeout = DEFAULT_TIMEOUT
     process = None
     urls = ()
@@ -902,6 +940,13 @@ class ModelSpec:
 MODEL_FIELDS = tuple(name for name, _ in settings_of(ModelSpec))
 # What every model has for its streams, read with the other common keys (L{read_stream_settings}).
 STREAM_FIELDS = ("first_chunk_timeout", "stream_idle_timeout", "keepalive_seconds", "max_stream_buffer_bytes")
+
+
+def read_fallbacks(table: Table, model_id: str | None) -> tuple:
+    """A model's C{fallbacks} (L{check_fallbacks}), none of them the model itself."""
+    fallbacks = read_setting(table, "fallbacks", setting_of(ModelSpec, "fallbacks"))
+    check_not_own_fallback(table, model_id, fallbacks)
+    return fallbacks
 
 
 def read_stream_settings(table: Table) -> dict:

@@ -55,6 +55,9 @@ class ModelStats:
         self.first_chunk_sum = 0.0
         self.stream_chunks = 0  # chunks written to streaming clients (the relay adds each)
         self.stream_ends: Counter = Counter()  # end (STREAM_ENDS) -> streams
+        # (fallback, reason) -> requests that went on from this model to that one
+        # (aibackend.relay.Chain): labels are model ids of a chain's spec and fixed reasons.
+        self.fallbacks: Counter = Counter()
 
     def observe(self, operation: str, status: int, seconds: float) -> None:
         self.requests[(operation, status_class(status))] += 1
@@ -132,7 +135,12 @@ class DaemonCollector:
             "aibackend_batches", "Batches by why they left (full, preferred, delay, deadline), by model.",
             labels=["model", "reason"],
         )
-        batching = False
+        fallbacks = CounterMetricFamily(
+            "aibackend_fallbacks", "Requests that went on from a model that failed to its fallback, by why "
+            "(rate_limited, bad_gateway, unavailable, timeout, error, mock_failure).",
+            labels=["model", "fallback", "reason"],
+        )
+        batching = chains = False
         for entry in self.registry.entries():
             model, model_id, stats = entry.model, entry.model_id, entry.stats
             if IBatching.providedBy(model):
@@ -151,6 +159,10 @@ class DaemonCollector:
                 chunks.add_metric([model_id], stats.stream_chunks)
                 for end in STREAM_ENDS:
                     streams.add_metric([model_id, end], stats.stream_ends[end])
+            if stats.fallbacks:
+                chains = True
+                for (fallback, reason), count in sorted(stats.fallbacks.items()):
+                    fallbacks.add_metric([model_id, fallback, reason], count)
             in_flight.add_metric([model_id], model.in_flight)
             queued.add_metric([model_id], model.queued)
             ready.add_metric([model_id], 1 if model.state == READY else 0)
@@ -172,6 +184,8 @@ class DaemonCollector:
                     refusals, models, first_chunk, chunks, streams]
         if batching:  # the batching families exist once a model batches
             families += [batch_sizes, batch_waits, batches]
+        if chains:  # and the fallbacks' once a request went on to one
+            families.append(fallbacks)
         return families
 
 

@@ -846,19 +846,24 @@ class OpenAIAPI:
         model_id = entry.model_id
         relay = self.relay
         context = RequestContext(request_id=request_id, operation=operation)
+        created = int(relay.clock.seconds())
+        # A chain's fallback gets the same body, its answer shaped with its own id.
+        retarget = None if not entry.spec.fallbacks else _Adapted(
+            self, entry, body, context, document, stream, include_usage, prompt, created).retarget
         if operation == EMBEDDINGS:
             embeddings = Embeddings(model_id, document.get("encoding_format") or "float", len(document["input"]),
                                     prompt, self.in_thread)
-            return relay.send(request, entry, body, context, started, embeddings.shape)
-        completions = Completions(operation, model_id, request_id, int(relay.clock.seconds()), prompt)
+            return relay.send(request, entry, body, context, started, embeddings.shape, retarget=retarget)
+        completions = Completions(operation, model_id, request_id, created, prompt)
         if stream:
             framing = CompletionFraming(completions, include_usage)
             if not IStreaming.providedBy(entry.model):
                 # A model that cannot stream (a raw program) answers in one piece: the
                 # stream is made of its answer, sent whole once it came.
-                return relay.send(request, entry, body, context, started, framing.whole)
-            return relay.stream(request, entry, body, context, started, framing, self.shape).addErrback(in_own_shape)
-        return relay.send(request, entry, body, context, started, completions.whole)
+                return relay.send(request, entry, body, context, started, framing.whole, retarget=retarget)
+            return relay.stream(request, entry, body, context, started, framing, self.shape,
+                                retarget=retarget).addErrback(in_own_shape)
+        return relay.send(request, entry, body, context, started, completions.whole, retarget=retarget)
 
     def _proxy(self, prepared, request, request_id: str, operation: str, started: float):
         """
@@ -871,6 +876,64 @@ class OpenAIAPI:
         entry = self._entry(name)
         relay = self.relay
         context = RequestContext(request_id=request_id, operation=operation, path=UPSTREAM_PATHS[operation])
+        retarget = None if not entry.spec.fallbacks else _Native(entry, body, context, stream).retarget
         if stream:
-            return relay.stream(request, entry, body, context, started, PASSED, self.shape)
-        return relay.send(request, entry, body, context, started)
+            return relay.stream(request, entry, body, context, started, PASSED, self.shape, retarget=retarget)
+        return relay.send(request, entry, body, context, started, retarget=retarget)
+
+
+def _other_kind(fallback, entry, native: bool) -> errors.BadRequest:
+    kinds = ("speaks OpenAI itself", "is adapted")
+    return errors.BadRequest(
+        f"model {fallback.model_id!r} {kinds[not native]} and model {entry.model_id!r} {kinds[native]}: a /v1 "
+        f"request goes on only to a fallback of the same kind", model=fallback.model_id,
+    )
+
+
+class _Adapted:
+    """
+    How a /v1 request for an adapted model with fallbacks is made for each fallback
+    (L{aibackend.relay.Chain}'s C{retarget}): an adapted model is sent the same body,
+    and its answer made OpenAI's with its own id; a native model is skipped (its
+    server takes the request as it came, which this one is not any more).
+    """
+
+    def __init__(self, door, entry, body, context, document, stream, include_usage, prompt, created):
+        self.door, self.entry, self.body, self.context = door, entry, body, context
+        self.document, self.stream, self.include_usage, self.prompt, self.created = (
+            document, stream, include_usage, prompt, created)
+
+    def retarget(self, fallback):
+        if fallback.model.spec.openai.native:
+            raise _other_kind(fallback, self.entry, False)
+        operation, model_id = self.context.operation, fallback.model_id
+        if operation == EMBEDDINGS:
+            document = self.document
+            shape = Embeddings(model_id, document.get("encoding_format") or "float", len(document["input"]),
+                               self.prompt, self.door.in_thread).shape
+            return self.body, self.context, shape
+        completions = Completions(operation, model_id, self.context.request_id, self.created, self.prompt)
+        if not self.stream:
+            return self.body, self.context, completions.whole
+        framing = CompletionFraming(completions, self.include_usage)
+        # A stream's chain streams (a fallback that cannot is skipped); a chain whose first
+        # model answers whole makes each answer a whole stream.
+        return self.body, self.context, framing if IStreaming.providedBy(self.entry.model) else framing.whole
+
+
+class _Native:
+    """
+    How a /v1 request for a native model with fallbacks is made for each fallback: a
+    native model gets the request as it came, its C{model} that server's name; an
+    adapted model is skipped (see L{_Adapted}).
+    """
+
+    def __init__(self, entry, body, context, stream):
+        self.entry, self.body, self.context, self.stream = entry, body, context, stream
+
+    def retarget(self, fallback):
+        if not fallback.model.spec.openai.native:
+            raise _other_kind(fallback, self.entry, True)
+        document = json.loads(self.body)  # (json: the body may hold an integer orjson cannot read)
+        document["model"] = native_name(fallback.model)
+        return _dumps(document), self.context, PASSED if self.stream else None

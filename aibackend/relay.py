@@ -18,16 +18,17 @@ from __future__ import annotations
 import json
 
 from twisted.internet import threads
-from twisted.internet.defer import CancelledError, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from aibackend import errors
 from aibackend.auth import Guard
 from aibackend.directwrite import flush
-from aibackend.interfaces import IChunks
+from aibackend.interfaces import IChunks, IStreaming
 from aibackend.metrics import Metrics
 from aibackend.server import BoundedRequest
 from aibackend.web import UNEXPECTED, client_gone, sized
@@ -64,7 +65,7 @@ class Core:
         self.in_thread = in_thread if in_thread is not None else threads.deferToThread
         self.accepting = False
         self.primary = None
-        self.relay = Relay(clock, self.metrics)
+        self.relay = Relay(clock, self.metrics, registry=registry, guard=self.guard)
 
     @property
     def policy(self):
@@ -92,6 +93,10 @@ class Relay:
 
     @param clock: an L{IReactorTime}, for latencies.
     @param metrics: the L{aibackend.metrics.Metrics}.
+    @param registry: the L{aibackend.registry.ModelRegistry} where a model's C{fallbacks}
+        are found (L{Chain}); None: none is (a relay of a test that needs none).
+    @param guard: the L{aibackend.auth.Guard} that says whether a request may ask for a
+        mock failure (L{MOCK_FAILURE}: admin rights); None: none may.
 
     @ivar policy: the L{aibackend.policy.Policy} that admits and settles every request
         (keys' models, limits, usage), or None: nothing to admit, nothing done for it.
@@ -99,25 +104,37 @@ class Relay:
 
     log = Logger()
 
-    def __init__(self, clock, metrics):
+    def __init__(self, clock, metrics, *, registry=None, guard=None):
         self.clock = clock
         self.metrics = metrics
         self.policy = None
+        self.registry = registry
+        self.guard = guard
 
-    def send(self, request, entry, body: bytes, context, started: float, shape=None, tokens=None):
+    def send(self, request, entry, body: bytes, context, started: float, shape=None, tokens=None, retarget=None):
         """
         Send C{body} to the model of registry entry C{entry} and answer the client with
         what it answers (or with what C{shape} makes of that L{ModelAnswer}); the outcome
         is logged and counted once.
 
+        A model with C{fallbacks} is sent the request through a L{Chain}: while an attempt
+        fails before an answer was given, the next model of its list is sent it.
+
         @param started: when the request came (the clock's seconds), for its latency.
         @param tokens: the request's L{aibackend.policy.TokenCount} (its shape fills it
             in), or None: a model whose answers carry no token counts.
+        @param retarget: for a model with fallbacks: C{retarget(entry)} makes C{(body,
+            context, shape)} for the fallback of registry entry C{entry} (or raises an
+            L{errors.ApiError}: that model cannot take this request, and is skipped); None:
+            every model of the chain is sent the same body, context and shape.
         @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}
             (or, when the client went away, with the L{CancelledError}).
         @raise errors.ApiError: the policy refused the request (a key that may not call
-            the model, a limit reached) before it was sent.
+            the model, a limit reached) before it was sent; or a mock failure was asked
+            for without admin rights.
         """
+        if entry.spec.fallbacks and not self._forwarded(request):
+            return Chain(self, request, entry, started, tokens, retarget).send(body, context, shape)
         policy = self.policy
         call = None if policy is None else policy.admit(request, entry, tokens)
         entry.stats.in_flight += 1
@@ -134,7 +151,7 @@ class Relay:
         return d
 
     def stream(self, request, entry, body: bytes, context, started: float, framing: "Framing", shape,
-               tokens=None):
+               tokens=None, retarget=None):
         """
         The streaming twin of L{send}: have the model of C{entry} (an L{IStreaming})
         answer in chunks, each written to the client at once in C{framing}'s format, then
@@ -150,11 +167,17 @@ class Relay:
         (SSE comments while nothing is written), C{max_stream_buffer_bytes} (what may wait
         for a slow reader; past it, L{SlowReader}, the model's work cancelled).
 
+        A model with C{fallbacks} streams through a L{Chain}: while an attempt fails
+        before the first byte was written, the next model of its list is asked.
+
         @param tokens: as L{send}'s.
+        @param retarget: as L{send}'s, making C{(body, context, framing)}.
         @return: a Deferred firing with None once the request is finished, or failing
             with an L{errors.ApiError} (or the L{CancelledError} of a client gone).
         @raise errors.ApiError: the policy refused the request, as L{send}'s.
         """
+        if entry.spec.fallbacks and not self._forwarded(request):
+            return Chain(self, request, entry, started, tokens, retarget).stream(body, context, framing, shape)
         policy = self.policy
         call = None if policy is None else policy.admit(request, entry, tokens)
         stats = entry.stats
@@ -171,6 +194,14 @@ class Relay:
         writer.relay, writer.entry, writer.context, writer.shape, writer.call = self, entry, context, shape, call
         d.addCallbacks(writer.ended, writer.failed)
         return d
+
+    def _forwarded(self, request) -> bool:
+        """
+        Is C{request} one a worker process forwarded (C{--processes})? The worker runs the
+        chain, each attempt forwarded on its own: the primary sends it to that model only.
+        """
+        guard = self.guard
+        return guard is not None and guard.forwarded(request)
 
     def _stream_done(self, writer, entry, request_id, operation, started, status, error, how: str) -> None:
         writer.stream_end = how
@@ -277,15 +308,364 @@ class _Sent:
             if client_gone(self.request):
                 relay._settle(call, entry, request_id, operation, started, CLIENT_CLOSED, "the client went away")
                 return failure
-            model_id = entry.model_id
-            error = errors.ModelUnavailable(
-                f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
-            )
+            error = abandoned(entry.model_id)
             relay._settle(call, entry, request_id, operation, started, error.status, error.message)
             raise error
         else:
             relay._settle(call, entry, request_id, operation, started, 500, failure.getErrorMessage())
         return failure
+
+
+# --- fallback chains ----------------------------------------------------------------------
+
+# The header that names the model which answered a request to a model with fallbacks.
+SERVED_BY = b"x-aibackend-model"
+# The header with which an admin has the models it names fail (a 503, before they are
+# called) in a chain: a chain tested without breaking a model (LiteLLM's
+# mock_testing_fallbacks). Read for a model with fallbacks only.
+MOCK_FAILURE = b"x-aibackend-mock-failure"
+# Why a request went on to a fallback (the metric's C{reason} label), by the failed
+# attempt's status; any other 5xx is an C{error}.
+FALLBACK_REASONS = {429: "rate_limited", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}
+ALL_FALLBACK_REASONS = ("rate_limited", "bad_gateway", "unavailable", "timeout", "error", "mock_failure")
+
+
+def falls_back(status: int) -> bool:
+    """
+    Does an attempt that failed with C{status} go on to the next model of its chain? A
+    429 and every 5xx (the model's own answers with them too: not ready, unreachable,
+    reset, too slow, broken); never another 4xx: the request itself is wrong, and every
+    model would say so.
+    """
+    return status == 429 or 500 <= status < 600
+
+
+class MockFailure(errors.ModelUnavailable):
+    """The failure an admin asked for (L{MOCK_FAILURE}): the model was not called."""
+
+    def __init__(self, model_id: str):
+        super().__init__(f"model {model_id!r} failed on purpose: the request asked for it "
+                         f"({MOCK_FAILURE.decode()})", model=model_id)
+
+
+def mocked_failures(request, guard) -> frozenset:
+    """
+    The model ids a request's L{MOCK_FAILURE} header names (comma-separated; the header
+    may come more than once), or an empty set.
+
+    @raise errors.Unauthorized, errors.Forbidden: it names some, and the request may not
+        do admin operations (C{guard}'s L{aibackend.auth.Guard.check_admin}).
+    """
+    values = request.requestHeaders.getRawHeaders(MOCK_FAILURE)
+    if not values:
+        return frozenset()
+    if guard is None:
+        raise errors.Forbidden(f"{MOCK_FAILURE.decode()} takes admin rights, and nothing here can grant them")
+    guard.check_admin(request)
+    return frozenset(name.strip() for value in values for name in value.decode("latin-1").split(",") if name.strip())
+
+
+class Chain:
+    """
+    One request to a model with C{fallbacks}: sent to it and, while an attempt fails
+    before its client was given a byte in a way another model may not (L{falls_back}),
+    to the next model of the list that exists when it is its turn, may take the request
+    (C{retarget}; a stream: a model that streams) and is admitted by the policy. Only the
+    first model's list is followed (a fallback's own fallbacks are not: no loops, and
+    a chain is what its model's spec says).
+
+    All attempts share one deadline: the first model's C{timeout}, from when the
+    request came. Each model bounds its own attempt with its own timeout too; the
+    relay's one timer, set when a second attempt starts, cancels a plain attempt still
+    running at the deadline (a 504); a stream's later attempt has its
+    C{first_chunk_timeout} cut to what is left. A model's answer or failure that is not
+    sent on is answered as it would be without fallbacks.
+
+    Each attempt is its model's: admitted and settled by the policy, in flight, logged
+    in its log and counted in its metrics, as any request. Each step is counted in the
+    failed model's C{fallbacks} (the C{aibackend_fallbacks_total} metric) and logged.
+    The answer's L{SERVED_BY} header names the model that gave it; the access event
+    has the attempts (L{tried}, C{"id:status"}) and the model that served (L{served}).
+
+    @ivar result: the Deferred the front door is given: the answer's body (a stream:
+        None once it has ended), or its failure. Cancelling it (the client went away)
+        cancels the attempt under way, and no other starts.
+    """
+
+    log = Logger()
+
+    __slots__ = (
+        "relay", "request", "head", "started", "tokens", "retarget", "deadline", "waiting", "tried", "served",
+        "current", "timer", "timed_out", "cancelled", "result", "mocked", "body", "context", "shaping", "shape",
+        "streaming",
+    )
+
+    def __init__(self, relay, request, entry, started: float, tokens, retarget):
+        self.relay = relay
+        self.request = request
+        self.head = entry
+        self.started = started
+        self.tokens = tokens
+        self.retarget = retarget
+        self.deadline = started + entry.spec.timeout
+        self.waiting = list(entry.spec.fallbacks)
+        self.tried: list[str] = []
+        self.served = None
+        self.current = None  # the attempt's Deferred, while it runs
+        self.timer = None
+        self.timed_out = self.cancelled = self.streaming = False
+        self.body = self.context = self.shaping = self.shape = None
+        self.mocked = mocked_failures(request, relay.guard)
+        self.result = Deferred(self._cancel)
+
+    # --- plain answers ---------------------------------------------------------------
+
+    def send(self, body: bytes, context, shape) -> Deferred:
+        """Send the request to the first model (L{Relay.send}'s arguments): the answer's Deferred."""
+        self.body, self.context, self.shaping = body, context, shape
+        call = self._admit(self.head)  # refused: raised, as for a model without fallbacks
+        self.request.aibackend_chain = self
+        self._send(self.head, body, context, shape, call, self.started)
+        return self.result
+
+    def _send(self, entry, body: bytes, context, shape, call, started: float) -> None:
+        self._serving(entry)
+        entry.stats.in_flight += 1
+        model_id = entry.model_id
+        if model_id in self.mocked:
+            d = fail(MockFailure(model_id))
+        else:
+            d = maybeDeferred(entry.model.send, body, context)
+        sent = _Sent(self.relay, self.request, entry, context, started, shape is None, call)
+        self.current = d
+        d.addBoth(self._sent, sent, shape)
+
+    def _sent(self, result, sent, shape) -> None:
+        self.current = None
+        entry = sent.entry
+        if isinstance(result, Failure):
+            result = self._failure(result, entry)
+            status = result.value.status if result.check(errors.ApiError) else None
+        else:
+            status = result.status
+        if status is not None and falls_back(status):
+            following = self._following()
+            if following is not None:
+                sent.stats.in_flight -= 1
+                context = sent.context
+                error = result.value.message if isinstance(result, Failure) else None
+                self.relay._settle(sent.call, entry, context.request_id, context.operation, sent.started, status,
+                                   error)
+                self._step(entry, following[0], status, result)
+                self._arm()
+                self._send(*following, self.relay.clock.seconds())
+                return None
+        self._end(entry, status)
+        d = fail(result) if isinstance(result, Failure) else succeed(result)
+        if shape is None:
+            d.addCallbacks(sent.answered, sent.failed)
+        else:
+            d.addBoth(sent.settled)
+            d.addCallback(shape)
+            d.addCallbacks(sent.answered, sent.failed)
+        d.addBoth(self._give)
+        return None
+
+    def _failure(self, failure, entry):
+        """A failed attempt's failure, a cancelled one's made what it means (a client gone: left as it is)."""
+        if failure.check(CancelledError) and not self.cancelled and not client_gone(self.request):
+            if self.timed_out:
+                head = self.head
+                return Failure(errors.GatewayTimeout(
+                    f"no answer within {head.spec.timeout:g} s (the timeout of model {head.model_id!r}, shared by "
+                    f"its fallbacks); model {entry.model_id!r} was the last tried", model=entry.model_id,
+                ))
+            return Failure(abandoned(entry.model_id))
+        return failure
+
+    # --- streams ----------------------------------------------------------------------
+
+    def stream(self, body: bytes, context, framing, shape) -> Deferred:
+        """Have the first model stream the request (L{Relay.stream}'s arguments): the stream's Deferred."""
+        self.streaming = True
+        self.body, self.context, self.shaping, self.shape = body, context, framing, shape
+        call = self._admit(self.head)
+        self.request.aibackend_chain = self
+        self._stream(self.head, body, context, framing, call, self.started)
+        return self.result
+
+    def _stream(self, entry, body: bytes, context, framing, call, started: float) -> None:
+        relay, request = self.relay, self.request
+        stats = entry.stats
+        stats.in_flight += 1
+        stats.stream_began()
+        writer = StreamWriter(request, framing, relay.clock, spec=entry.spec, stats=stats, started=started)
+        if entry is not self.head:
+            left = self.deadline - started
+            limit = writer.first_chunk_timeout
+            writer.first_chunk_timeout = left if limit is None or left < limit else limit
+        request.aibackend_stream = writer  # the access event's stream fields: the last attempt's
+        self._serving(entry)
+        writer.begin()
+        model_id = entry.model_id
+        if model_id in self.mocked:
+            d = fail(MockFailure(model_id))
+        else:
+            d = maybeDeferred(entry.model.stream, body, context, writer)
+        if not d.called:
+            writer.watch(d)
+        writer.relay, writer.entry, writer.context, writer.shape, writer.call = relay, entry, context, self.shape, call
+        self.current = d
+        d.addCallbacks(self._streamed, self._stream_failed, callbackArgs=(writer,), errbackArgs=(writer,))
+
+    def _streamed(self, output, writer) -> None:
+        self.current = None
+        self._end(writer.entry, 200)
+        self._tell(writer.ended, output)
+
+    def _stream_failed(self, failure, writer) -> None:
+        self.current = None
+        entry = writer.entry
+        if writer.started or self.cancelled or writer.gone():
+            self._end(entry, failure.value.status if failure.check(errors.ApiError) else None)
+            self._tell(writer.failed, failure)
+            return None
+        try:
+            outcome = writer.failed(failure)  # logged and counted; before the first byte, the error raised
+        except errors.ApiError as error:
+            if falls_back(error.status):
+                following = self._following()
+                if following is not None:
+                    self._step(entry, following[0], error.status, Failure())
+                    self._stream(*following, self.relay.clock.seconds())
+                    return None
+            self._end(entry, error.status)
+            self._give(Failure())
+            return None
+        except BaseException:
+            self._end(entry, None)
+            self._give(Failure())
+            return None
+        self._end(entry, None)
+        self._give(outcome)
+        return None
+
+    def _tell(self, outcome, value) -> None:
+        """The result is what C{outcome(value)} (one of the writer's) returns or raises."""
+        try:
+            told = outcome(value)
+        except BaseException:
+            told = Failure()
+        self._give(told)
+
+    # --- the chain's steps --------------------------------------------------------------
+
+    def _admit(self, entry):
+        policy = self.relay.policy
+        return None if policy is None else policy.admit(self.request, entry, self.tokens)
+
+    def _serving(self, entry) -> None:
+        """The answer (its headers go with its first byte) names the model of this attempt."""
+        self.request.responseHeaders.setRawHeaders(SERVED_BY, [entry.model_id.encode("ascii")])
+
+    def _following(self):
+        """
+        The next attempt, ready: C{(entry, body, context, shaping, call)}, or None (no
+        time left, no model left that may take it, or the client is gone). A model that
+        is not registered, cannot take the request or is refused by the policy is
+        skipped, and the skip logged.
+        """
+        if self.cancelled or client_gone(self.request) or self.relay.clock.seconds() + _EPSILON >= self.deadline:
+            return None
+        registry, head, request_id = self.relay.registry, self.head.model_id, self.context.request_id
+        waiting = self.waiting
+        while waiting:
+            model_id = waiting.pop(0)
+            if registry is None or model_id not in registry:
+                self.log.warn("fallback {fallback} of model {model} is skipped: there is no such model now "
+                              "(request {request_id})", fallback=model_id, model=head, request_id=request_id)
+                continue
+            entry = registry.entry(model_id)
+            try:
+                if self.streaming and not IStreaming.providedBy(entry.model):
+                    raise errors.BadRequest(f"model {model_id!r} cannot stream")
+                if self.retarget is None:
+                    body, context, shaping = self.body, self.context, self.shaping
+                else:
+                    body, context, shaping = self.retarget(entry)
+                call = self._admit(entry)
+            except errors.ApiError as error:
+                self.log.warn("fallback {fallback} of model {model} is skipped: {why} (request {request_id})",
+                              fallback=model_id, model=head, why=error.message, request_id=request_id)
+                continue
+            return entry, body, context, shaping, call
+        return None
+
+    def _step(self, entry, following, status: int, failure) -> None:
+        """The attempt of C{entry} failed with C{status}: the request goes on to C{following}'s model."""
+        if isinstance(failure, Failure) and failure.check(MockFailure):
+            reason = "mock_failure"
+        else:
+            reason = FALLBACK_REASONS.get(status, "error")
+        self.tried.append(f"{entry.model_id}:{status}")
+        entry.stats.fallbacks[(following.model_id, reason)] += 1
+        self.log.info("model {model} failed ({status}, {reason}): request {request_id} goes to its fallback "
+                      "{fallback}", model=entry.model_id, status=status, reason=reason, fallback=following.model_id,
+                      request_id=self.context.request_id)
+
+    def _end(self, entry, status) -> None:
+        """The attempt of C{entry} is the request's answer (C{status}: its model's, None if it had none)."""
+        self.served = entry.model_id
+        self.tried.append(f"{entry.model_id}:{CLIENT_CLOSED if client_gone(self.request) else status}")
+        self._disarm()
+
+    def _give(self, result):
+        """The chain's outcome, given to the front door (once: a late one, after a cancel, is dropped)."""
+        if self.result.called:
+            if isinstance(result, Failure) and not result.check(CancelledError, errors.ApiError):
+                self.log.failure("a fallback chain's answer after it was cancelled", result)
+            return None
+        if isinstance(result, Failure):
+            self.result.errback(result)
+        else:
+            self.result.callback(result)
+        return None
+
+    # --- the deadline, and a client that leaves --------------------------------------
+
+    def _arm(self) -> None:
+        """A later attempt begins: the relay bounds it by what is left of the deadline (one timer a chain)."""
+        if self.timer is None:
+            self.timer = self.relay.clock.callLater(max(self.deadline - self.relay.clock.seconds(), 0.0), self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        current = self.current
+        if current is not None:
+            current.cancel()
+
+    def _disarm(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            if timer.active():
+                timer.cancel()
+
+    def _cancel(self, _) -> None:
+        """The front door cancelled the request (its client went away): the attempt under way is cancelled."""
+        self.cancelled = True
+        self._disarm()
+        current = self.current
+        if current is not None:
+            current.cancel()
+
+
+def abandoned(model_id: str) -> errors.ModelUnavailable:
+    """What a request cancelled while its client was still there is: its model is stopping or gone."""
+    return errors.ModelUnavailable(
+        f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
+    )
 
 
 class SlowReader(errors.ApiError):
@@ -575,10 +955,7 @@ class StreamWriter:
                                    "the client went away", "cancelled")
                 self.drop()
                 return failure
-            model_id = entry.model_id
-            error = errors.ModelUnavailable(
-                f"model {model_id!r} abandoned the request (it is stopping or was removed)", model=model_id
-            )
+            error = abandoned(entry.model_id)
         elif failure.check(errors.ApiError):
             error = failure.value
         else:

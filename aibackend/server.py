@@ -469,6 +469,9 @@ class BoundedRequest(Request):
     # A streamed answer's figures, set by the relay (aibackend.relay.StreamWriter): its
     # chunks, first_chunk_ms and stream_end, for the access line. None for a plain answer.
     aibackend_stream = None
+    # A request to a model with fallbacks: its aibackend.relay.Chain (the attempts, the
+    # model that served), for the access line. None for any other.
+    aibackend_chain = None
     # Whole, and handed to its resource (so it has a method and a path to log).
     aibackend_processed = False
     aibackend_args = None  # the query's parameters, once read (args)
@@ -814,7 +817,7 @@ class AibackendSite(Site):
         # (a route may still finish a request whose connection is going).
         status = CLIENT_CLOSED if request.aibackend_gone else request.code
         stream = request.aibackend_stream
-        if stream is not None:
+        if stream is not None or request.aibackend_chain is not None:
             self._log_stream(request, stream, status, peer, method, path, parts, model, request_id, latency_ms)
             return
         # The line is made here, once, with an f-string: the log system's own formatting of a
@@ -835,13 +838,26 @@ class AibackendSite(Site):
         )
 
     def _log_stream(self, request, stream, status, peer, method, path, parts, model, request_id, latency_ms) -> None:
-        """A streamed answer's access event: a plain one's fields, and its chunks, first chunk and end."""
-        chunks, first_chunk_ms, stream_end = stream.chunks, stream.first_chunk_ms, stream.stream_end
+        """
+        A streamed answer's access event: a plain one's fields, and its chunks, first chunk
+        and end; and a request to a model with fallbacks: the attempts (C{chain}:
+        C{"id:status"} each, in turn) and the model that served it (C{served_by}).
+        """
+        more = {}
+        line = (f"{peer} {method} {path} {status} {request.sentLength} bytes {latency_ms} ms "
+                f"model={model} request={request_id}")
+        if stream is not None:
+            chunks, first_chunk_ms, stream_end = stream.chunks, stream.first_chunk_ms, stream.stream_end
+            line += f" chunks={chunks} first_chunk_ms={first_chunk_ms} stream_end={stream_end}"
+            more.update(chunks=chunks, first_chunk_ms=first_chunk_ms, stream_end=stream_end)
+        chain = request.aibackend_chain
+        if chain is not None:
+            tried = ">".join(chain.tried)
+            line += f" served_by={chain.served} chain={tried}"
+            more.update(served_by=chain.served, chain=tried)
         access_log.info(
             "{line}",
-            line=f"{peer} {method} {path} {status} {request.sentLength} bytes {latency_ms} ms "
-                 f"model={model} request={request_id} chunks={chunks} first_chunk_ms={first_chunk_ms} "
-                 f"stream_end={stream_end}",
+            line=line,
             peer=peer,
             method=method,
             path=path,
@@ -851,7 +867,5 @@ class AibackendSite(Site):
             bytes=request.sentLength,
             latency_ms=latency_ms,
             request_id=request_id,
-            chunks=chunks,
-            first_chunk_ms=first_chunk_ms,
-            stream_end=stream_end,
+            **more,
         )

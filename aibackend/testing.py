@@ -61,7 +61,7 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.client import Agent, ResponseDone
@@ -2452,3 +2452,48 @@ def connect_channel(site, host: str = "127.0.0.1", port: int = 5000):
                                 hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
     protocol.makeConnection(transport)
     return protocol, transport
+
+
+# --- fallbacks (session 18) ---
+
+from aibackend.configbase import MODEL_FIELDS  # noqa: E402  (this section's own import, kept with it for the merge)
+
+
+@dataclass(frozen=True)
+class TimedSpec(ModelSpec):
+    """A fake model's spec with a C{timeout} of its own (L{ModelSpec}'s is a constant of each type)."""
+
+    timeout: float = 60.0
+
+
+def with_fallbacks(model, *fallbacks: str, timeout: float = 60.0):
+    """Give fake C{model} (before it is registered) the C{fallbacks} and C{timeout} of its spec; C{model}."""
+    values = {name: getattr(model.spec, name) for name in MODEL_FIELDS}  # its v2 and openai tables kept
+    values["fallbacks"] = tuple(fallbacks)
+    model.spec = TimedSpec(**values, timeout=timeout)
+    return model
+
+
+def fallback_steps(metrics_text: str) -> dict:
+    """C{aibackend_fallbacks_total}'s samples from a scrape: C{(model, fallback, reason) -> count}."""
+    return {
+        (sample.labels["model"], sample.labels["fallback"], sample.labels["reason"]): sample.value
+        for family in text_string_to_metric_families(metrics_text) if family.name == "aibackend_fallbacks"
+        for sample in family.samples if sample.name == "aibackend_fallbacks_total"
+    }
+
+
+@contextmanager
+def access_events_logged():
+    """The events of the C{aibackend.access} namespace logged while the block runs (a list that fills)."""
+    events: list[dict] = []
+
+    def observe(event):
+        if event.get("log_namespace") == "aibackend.access":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)

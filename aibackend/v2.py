@@ -291,11 +291,10 @@ class OpenInference:
         model = entry.model
         relay = self.core.relay
         started = relay.clock.seconds()
-        native = model.spec.v2.native
 
-        def prepare(text):
+        def prepare_for(model, version, text):
             document = _document(text)
-            if native:
+            if model.spec.v2.native:
                 context = RequestContext(request_id=request_id, operation="infer",
                                          path=self._upstream_path(model, version, ("infer",)))
                 return self._native_request(model, document), self._native_answer, context
@@ -304,10 +303,23 @@ class OpenInference:
                 return body, shape, RowsContext(request_id=request_id, operation="infer", batch=batch)
             return body, shape, RequestContext(request_id=request_id, operation="infer")
 
+        def prepare(text):
+            body, shape, context = prepare_for(model, version, text)
+            if not entry.spec.fallbacks:
+                return body, context, shape, None
+
+            def retarget(fallback):
+                # A fallback's request is made for it (its tensors, native or not), and its
+                # answer shaped as its own; a version asked for is the first model's.
+                body, shape, context = prepare_for(fallback.model, None, text)
+                return body, context, shape
+
+            return body, context, shape, retarget
+
         d = self._work(prepare, maybeDeferred(_body_text, request))
         d.addErrback(relay.refused, entry, request_id, "infer", started)
-        return d.addCallback(lambda prepared: relay.send(request, entry, prepared[0], prepared[2], started,
-                                                         prepared[1]))
+        return d.addCallback(lambda prepared: relay.send(request, entry, prepared[0], prepared[1], started,
+                                                         prepared[2], retarget=prepared[3]))
 
     # --- the generate extension (aibackend.generate) -------------------------------
 
@@ -338,24 +350,44 @@ class OpenInference:
             relay.done(entry, request_id, operation, started, error.status, error.message)
             raise error
         native = model.spec.v2.native
-        answers = None if native else Answers(model.model_id, model.spec.v2.version)
+
+        def prepare_for(model, version, text):
+            """The body, context and shaping (a stream's framing) of model C{model}'s request."""
+            document = _document(text)
+            if model.spec.v2.native:  # its server is the judge of the rest
+                path = self._upstream_path(model, version, (operation,))
+                context = RequestContext(request_id=request_id, operation=operation, path=path)
+                return text, context, GenerateFraming(None) if stream else self._native_answer
+            answers = Answers(model.model_id, model.spec.v2.version)
+            context = RequestContext(request_id=request_id, operation=operation)
+            shaping = GenerateFraming(answers) if stream else self._generated(model, answers)
+            return model_body(document), context, shaping
 
         def prepare(text):
-            document = _document(text)
-            if native:  # its server is the judge of the rest
-                path = self._upstream_path(model, version, (operation,))
-                return text, RequestContext(request_id=request_id, operation=operation, path=path)
-            return model_body(document), RequestContext(request_id=request_id, operation=operation)
+            prepared = prepare_for(model, version, text)
+            if not entry.spec.fallbacks:
+                return prepared, None
+
+            def retarget(fallback):
+                # Made for the fallback (native or not), its answers its own; the version is the first model's.
+                if stream and fallback.model.spec.v2.native != native:
+                    raise errors.BadRequest(f"model {fallback.model_id!r} is {'' if native else 'not '}native, "
+                                            f"and the stream's error events are the first model's")
+                return prepare_for(fallback.model, None, text)
+
+            return prepared, retarget
 
         d = self._work(prepare, maybeDeferred(_body_text, request))
         d.addErrback(relay.refused, entry, request_id, operation, started)
-        if stream:
-            framing = GenerateFraming(answers)
-            d.addCallback(lambda prepared: relay.stream(request, entry, prepared[0], prepared[1], started,
-                                                        framing, self.shape))
-            return d if native else d.addErrback(in_own_shape)
-        shape = self._native_answer if native else self._generated(model, answers)
-        return d.addCallback(lambda prepared: relay.send(request, entry, prepared[0], prepared[1], started, shape))
+
+        def send(prepared):
+            (body, context, shaping), retarget = prepared
+            if stream:
+                return relay.stream(request, entry, body, context, started, shaping, self.shape, retarget=retarget)
+            return relay.send(request, entry, body, context, started, shaping, retarget=retarget)
+
+        d.addCallback(send)
+        return d if native or not stream else d.addErrback(in_own_shape)
 
     def _generated(self, model, answers: Answers):
         """What makes an adapted model's answer the extension's answer object (or its error)."""
