@@ -23,6 +23,7 @@ from aibackend.config import MAX_ID_LENGTH
 from aibackend.interfaces import IStreaming, RequestContext
 from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from aibackend.redisstore import ISharedStore
 from aibackend.relay import NDJSON, SSE
 from aibackend.web import (
     THREAD_ABOVE_BYTES,
@@ -331,7 +332,11 @@ class OperationAPI:
 
     def list_models(self, request, request_id, params):
         models = [describe(self.registry, model) for model in self.registry.models()]
-        return sized(request, json.dumps({"count": len(models), "models": models}).encode())
+        listed = {"count": len(models), "models": models}
+        manager = self.core.manager
+        if manager is not None and ISharedStore.providedBy(manager.store):  # a fleet's: its state (no secret)
+            listed["store"] = manager.store.state()
+        return sized(request, json.dumps(listed).encode())
 
     def status(self, request, request_id, params):
         entry = self.registry.entry(model_id_param(params))

@@ -46,6 +46,7 @@ from aibackend.processes import (
     worker_builder,
 )
 from aibackend.proctree import SubreaperService
+from aibackend.redisstore import FollowService, ISharedStore, RedisStore, StoreCollector
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
@@ -207,12 +208,19 @@ def _raise_open_files_limit(connections: int) -> None:
         pass
 
 
-def open_store(reactor, state_dir: str):
+def open_store(reactor, state_dir: str, url: str | None = None, password: str | None = None,
+               prefix: str = "aibackend:"):
     """
-    The SQLite store in C{state_dir}, made (0700) if it is not there.
+    The SQLite store in C{state_dir}, made (0700) if it is not there; or, given a
+    C{redis://} C{url}, the shared store in that Redis (L{aibackend.redisstore}).
 
     @raise StartupError: the directory or the database cannot be used.
     """
+    if url is not None:
+        try:
+            return RedisStore(reactor, url, password=password, prefix=prefix)
+        except ValueError as e:  # redis-py's word on a URL that config.check_store_url let through
+            raise StartupError(f"cannot use the store's URL: {e}") from None
     try:
         return SQLiteStore(reactor, state_dir)
     except (OSError, sqlite3.Error) as e:
@@ -221,13 +229,14 @@ def open_store(reactor, state_dir: str):
 
 
 def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None, admin_token=None,
-          store=None, processes=1, worker=None, worker_argv=None, subreaper=False,
+          store=None, store_url=None, store_password=None, processes=1, worker=None, worker_argv=None, subreaper=False,
           log_observer=None) -> Built:
     """
     Wire the daemon: its parts (L{build_parts}), then the listeners of its mode: alone, the
     C{--processes} primary (C{processes > 1}), or a worker (C{worker} given).
 
-    @param state_dir: where runtime changes are kept (ignored when C{store} is given).
+    @param state_dir: where runtime changes are kept (ignored when C{store} or C{store_url} is given).
+    @param store_url: a shared store's C{redis://} URL (C{--store}), C{store_password} its password.
     @param worker: what the primary told this worker (L{aibackend.processes.worker_settings}).
     @param worker_argv: the command line of a worker (the primary's).
     @param subreaper: make the process a child subreaper (L{aibackend.proctree}), so
@@ -239,12 +248,14 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
     if subreaper:  # first: started before any model process, stopped with the rest
         _add(root, "subreaper", SubreaperService(reactor))
     if store is None:
-        store = open_store(reactor, state_dir)
+        store = open_store(reactor, state_dir, store_url, store_password, config.server.store_prefix)
     primary_states = PrimaryStates() if worker is not None else None
     internal_token = new_token() if worker is None and processes > 1 else None
     parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
                       worker=worker, primary_states=primary_states)
+    if worker is None and ISharedStore.providedBy(store):
+        _follow_shared_store(root, parts, config, store)
     if worker is not None:
         _serve_as_worker(root, parts, reactor, config, worker, primary_states, listen)
     elif processes > 1:
@@ -306,6 +317,24 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     _raise_open_files_limit(server.max_connections)
     return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
                 metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy)
+
+
+def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
+    """
+    The daemon (the primary, with C{--processes}: its workers follow it as they follow its
+    own changes) follows what the other daemons on the same store change; after a change
+    made here, a change to the same model that came meanwhile is applied too.
+    """
+    manager = parts.manager
+    _add(root, "store-follower", FollowService(store, lambda changes: manager.follow(config, changes)))
+
+    def after_change(model_id):
+        if not store.behind():
+            return manager.follow(config, store.changes())
+        return None
+
+    manager.changed.insert(0, after_change)
+    parts.metrics.collectors.register(StoreCollector(store))
 
 
 def _serve_alone(root, parts: Parts, reactor, listen) -> None:

@@ -60,7 +60,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import alsoProvides, implementer
 
 from aibackend import config, errors
-from aibackend.admin import desired_specs
+from aibackend.admin import apply_specs, desired_specs
 from aibackend.httpmodel import HttpModel
 from aibackend.interfaces import IModel, IRestartable, IStreaming, STARTING, STATES, STOPPED
 from aibackend.modelstate import ModelState
@@ -660,17 +660,7 @@ def resync(registry, cfg, store, validate, log) -> Deferred:
     """
 
     def follow(changes) -> None:
-        wanted = desired_specs(cfg, changes, validate, log)
-        for model in registry.models():
-            if model.model_id not in wanted:
-                registry.remove(model.model_id)
-        for model_id, (spec, origin) in wanted.items():
-            if model_id in registry:
-                if registry.entry(model_id).spec == spec:
-                    continue
-                registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
-            else:
-                registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
+        apply_specs(registry, desired_specs(cfg, changes, validate, log))
 
     return store.read().addCallback(follow)
 
