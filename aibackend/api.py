@@ -335,7 +335,9 @@ class OperationAPI:
         listed = {"count": len(models), "models": models}
         manager = self.core.manager
         if manager is not None and ISharedStore.providedBy(manager.store):  # a fleet's: its state (no secret)
-            listed["store"] = manager.store.state()
+            state = manager.store.state()
+            if state["following"]:  # the process that follows it (a worker follows its primary)
+                listed["store"] = state
         return sized(request, json.dumps(listed).encode())
 
     def status(self, request, request_id, params):

@@ -326,6 +326,8 @@ def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
     made here, a change to the same model that came meanwhile is applied too.
     """
     manager = parts.manager
+    log.info("aibackend: runtime changes are kept in the shared store {url} (keys {prefix}*), followed here",
+             url=store.url, prefix=store.prefix)
     _add(root, "store-follower", FollowService(store, lambda changes: manager.follow(config, changes)))
 
     def after_change(model_id):

@@ -110,7 +110,12 @@ class ISharedStore(IModelStore):
         """Whether a change made here has not come back through the feed yet (L{changes} is older)."""
 
     def state():
-        """The store's state, for status (no secret): a dict with C{url}, C{up}, C{version}, C{lag_seconds}."""
+        """
+        The store's state, for status (no secret): a dict with C{url}, C{following} (this
+        process follows the store: a C{--processes} worker follows its primary instead, and
+        only the primary's C{/metrics} and C{/get/models} show the state), C{up},
+        C{version}, C{lag_seconds}.
+        """
 
 
 def masked_url(url: str) -> str:
@@ -224,7 +229,7 @@ class RedisStore:
         """
         try:
             version, stream_id, changes = self._read_all()
-        except self._problems as e:
+        except (self._redis.RedisError, OSError) as e:  # gone, or refusing us (a wrong password): logged
             self.up = False
             self.log.warn("aibackend: the shared store {url} cannot be reached ({why}): starting with the "
                           "configuration's models; its runtime models come once it answers",
@@ -404,8 +409,8 @@ class RedisStore:
 
     def state(self) -> dict:
         lag = None if self.last_contact is None else max(0.0, self._reactor.seconds() - self.last_contact)
-        return {"backend": "redis", "url": self.url, "prefix": self.prefix, "up": bool(self.up),
-                "version": self.version, "lag_seconds": lag}
+        return {"backend": "redis", "url": self.url, "prefix": self.prefix, "following": self._apply is not None,
+                "up": bool(self.up), "version": self.version, "lag_seconds": lag}
 
     def close(self):
         self._closing = True

@@ -2494,13 +2494,14 @@ class RedisServer:
     change Redis acknowledged survives L{restart}; no RDB snapshots), stopped by L{stop}.
 
     @param program: the redis-server (L{need_redis_server}).
+    @param port: its port (default: a free one).
     """
 
-    def __init__(self, program: str, directory, password: str | None = None):
+    def __init__(self, program: str, directory, password: str | None = None, port: int | None = None):
         self.program = program
         self.directory = str(directory)
         self.password = password
-        self.port = free_port()
+        self.port = port or free_port()
         self.process: Process | None = None
         self.paused = False
         self.start()

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from aibackend.testing import Daemon, ModelServer, RedisServer, need_redis_server, wait_until
+from aibackend.testing import Daemon, ModelServer, Multi, RedisServer, need_redis_server, wait_until
 
 FOLLOW_DEADLINE = 2.0  # what the fleet promises: a change is served everywhere within 2 s
 
@@ -39,9 +39,10 @@ def model_server():
 def fleet(redis_server, tmp_path_factory):
     daemons = []
     try:
-        for name in "abc":
+        for name in "abc":  # c with --processes 2: its worker follows through its primary
             state = tmp_path_factory.mktemp(f"state-{name}")
-            daemons.append(Daemon(None, "--store", redis_server.url, state=str(state), cwd=str(state)))
+            kind, more = (Multi, {"processes": 2}) if name == "c" else (Daemon, {})
+            daemons.append(kind(None, "--store", redis_server.url, state=str(state), cwd=str(state), **more))
         yield daemons
     finally:
         for daemon in daemons:
@@ -59,7 +60,10 @@ def runtime_models(daemon) -> dict:
     models = {}
     for model_id, model in daemon.models().items():
         if model["origin"] == "runtime":
-            models[model_id] = daemon.status(model_id).json()["spec"]["timeout"]
+            reply = daemon.status(model_id)
+            if reply.status != 200:  # removed meanwhile: ask again
+                return None
+            models[model_id] = reply.json()["spec"]["timeout"]
     return models
 
 
@@ -77,6 +81,9 @@ def test_a_model_added_on_one_daemon_is_served_by_the_others_within_2_s(fleet, m
         wait_until(lambda: daemon.predict("everywhere", {"x": 1}).status == 200, FOLLOW_DEADLINE,
                    f"daemon {daemon.port} to serve the model added on another")
         assert daemon.models()["everywhere"]["origin"] == "runtime"
+    worker = c.wait_workers(1).pop()
+    wait_until(lambda: c.request_to(worker, "POST", "/post/predict?id=everywhere", {"x": 1}).status == 200,
+               FOLLOW_DEADLINE, "daemon c's worker to serve it")
 
 
 def test_a_model_removed_on_one_daemon_is_gone_from_the_others_within_2_s(fleet, model_server):
@@ -141,7 +148,7 @@ def test_200_concurrent_changes_through_the_three_end_with_one_registry_the_same
         seen = [runtime_models(daemon) for daemon in fleet]
         kept = in_redis(redis_server)
         wanted = {k: v for k, v in kept.items() if k.startswith("churn")}
-        return all({k: v for k, v in s.items() if k.startswith("churn")} == wanted for s in seen)
+        return all(s is not None and {k: v for k, v in s.items() if k.startswith("churn")} == wanted for s in seen)
 
     wait_until(same, FOLLOW_DEADLINE * 2, "every daemon to show the registry Redis keeps")
 
@@ -179,13 +186,15 @@ def test_redis_paused_the_fleet_serves_changes_answer_503_and_all_follow_once_it
         for daemon in fleet:
             assert daemon.predict("while-paused").status == 200  # the last known registry keeps serving
             assert daemon.request("GET", "/health/ready").status == 200
-        wait_until(lambda: c.metric("aibackend_store_up") == 0.0, 10, "daemon c to say the store is down")
-        assert c.request("GET", "/get/models").json()["store"]["up"] is False
+        # (b: with --processes, as c has, the store's state is the primary's metrics and listing)
+        wait_until(lambda: b.metric("aibackend_store_up") == 0.0, 10, "daemon b to say the store is down")
+        assert b.request("GET", "/get/models").json()["store"]["up"] is False
         assert c.remove("while-paused").error(503, "store_unavailable")
     finally:
         redis_server.resume()
 
     wait_until(lambda: c.add(table("after-pause", model_server.url)).status == 201, 15, "the store back")
     for daemon in fleet:
-        wait_until(lambda: "after-pause" in daemon.models() and daemon.metric("aibackend_store_up") == 1.0,
-                   FOLLOW_DEADLINE * 2, f"daemon {daemon.port} to follow again")
+        wait_until(lambda: "after-pause" in daemon.models(), FOLLOW_DEADLINE * 2, f"daemon {daemon.port} to follow")
+    wait_until(lambda: a.metric("aibackend_store_up") == 1.0 and b.metric("aibackend_store_up") == 1.0,
+               FOLLOW_DEADLINE, "the store's state up again")

@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
-from aibackend.redisstore import ISharedStore, RedisStore, StoreUnavailable, masked_url
+from aibackend.redisstore import WRITE, ISharedStore, RedisStore, StoreUnavailable, masked_url
 from aibackend.store import Change, IModelStore, SQLiteStore
 from aibackend.testing import RedisServer, need_redis_server
 
@@ -280,3 +280,85 @@ async def test_a_password_from_a_file_reaches_a_redis_that_needs_one(tmp_path):
         await store.close()
     finally:
         server.stop()
+
+
+# --- the switch: configuration and options ------------------------------------------------
+
+
+def test_the_store_key_takes_a_redis_url_with_a_password_from_the_environment():
+    from aibackend.config import parse_config
+
+    server = parse_config({"server": {"store": "redis://:${REDIS_PASSWORD}@10.0.0.1:6379/2"}},
+                          environ={"REDIS_PASSWORD": "pw"}).server
+    assert server.store == "redis://:pw@10.0.0.1:6379/2" and server.store_prefix == "aibackend:"
+    assert parse_config({}).server.store is None  # SQLite, the default
+
+
+@pytest.mark.parametrize("url, why", [
+    ("sqlite:///x", "must be a redis:// or rediss:// (TLS) URL, got sqlite: scheme"),
+    ("redis:///0", "names no host"),
+    ("redis://:secret@host:99999/0", "has a port that is not a number"),
+    ("rediss://host:6379/zero", "names a database that is not a number"),
+    ("redis://:${MISSING}@host/0", "names environment variable MISSING that is not set"),
+])
+def test_a_bad_store_url_is_a_clear_error_naming_the_key_never_the_password(url, why):
+    from aibackend.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"server": {"store": url}}, environ={})
+    text = "\n".join(caught.value.lines())
+    assert "server.store" in text and why in text and "secret" not in text
+
+
+def test_the_store_option_and_its_password_file(tmp_path):
+    from aibackend.listeners import StartupError
+    from aibackend.tap import Options
+
+    password = tmp_path / "redis-password"
+    password.write_text("from-a-file\n")
+    options = Options()
+    options.parseOptions(["--store", "rediss://10.0.0.1:6380/1", "--store-password-file", str(password),
+                          "--processes", "2", "--listen", "tcp:8080:interface=127.0.0.1"])
+    assert (options.store_url, options.store_password) == ("rediss://10.0.0.1:6380/1", "from-a-file")
+    argv = options.worker_argv()
+    assert argv[argv.index("--store") + 1] == "rediss://10.0.0.1:6380/1"
+    assert argv[argv.index("--store-password-file") + 1] == str(password)
+
+    with pytest.raises(StartupError) as caught:
+        Options().parseOptions(["--store", "http://:secret@host/"])
+    assert "--store must be a redis://" in str(caught.value) and "secret" not in str(caught.value)
+    with pytest.raises(StartupError) as caught:
+        Options().parseOptions(["--store", "redis://host/0", "--store-password-file", str(tmp_path / "none")])
+    assert "cannot read the store's password file" in str(caught.value)
+
+
+def test_a_daemon_started_while_redis_is_unreachable_serves_its_models_then_follows(tmp_path):
+    """Startup with Redis unreachable: the configuration's models now (logged), the runtime ones once it answers."""
+    from aibackend.testing import Daemon, free_port, wait_until
+
+    program = need_redis_server()
+    port = free_port()
+    url = f"redis://:never-logged-password@127.0.0.1:{port}/0"
+    (tmp_path / "redis").mkdir()
+    config = tmp_path / "aibackend.toml"
+    config.write_text('[[models]]\nid = "configured"\ntype = "http"\nurl = "http://127.0.0.1:1/"\n')
+    daemon = Daemon(str(config), "--store", url, state=str(tmp_path / "state"), cwd=str(tmp_path))
+    server = None
+    try:
+        assert set(daemon.models()) == {"configured"}
+        assert "cannot be reached" in daemon.output
+        refused = daemon.add({"id": "early", "type": "http", "url": "http://127.0.0.1:1/"})
+        refused.error(503, "store_unavailable")
+
+        server = RedisServer(program, tmp_path / "redis", port=port, password="never-logged-password")
+        kept = json.dumps({"id": "kept", "type": "http", "url": "http://127.0.0.1:1/"})
+        server.client().eval(WRITE, 3, "aibackend:version", "aibackend:models", "aibackend:changes",
+                             "kept", "add", kept, 100)  # as another daemon writes
+        wait_until(lambda: set(daemon.models()) == {"configured", "kept"}, 10, "the runtime model once Redis answers")
+        assert daemon.add({"id": "later", "type": "http", "url": "http://127.0.0.1:1/"}).status == 201
+    finally:
+        daemon.stop()
+        if server is not None:
+            server.stop()
+    daemon.assert_no_bug_logged()
+    assert "never-logged-password" not in daemon.output and "redis://***@127.0.0.1" in daemon.output
