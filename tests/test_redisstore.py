@@ -362,3 +362,53 @@ def test_a_daemon_started_while_redis_is_unreachable_serves_its_models_then_foll
             server.stop()
     daemon.assert_no_bug_logged()
     assert "never-logged-password" not in daemon.output and "redis://***@127.0.0.1" in daemon.output
+
+
+# --- threads and timers ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_is_called_off_the_reactor_thread_the_feed_on_a_thread_of_its_own(open_redis):
+    import threading
+
+    store = open_redis()
+    threads = {}
+    write, xread = store._write, store._feed_client.xread
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            threads.setdefault(name, set()).add(threading.current_thread().name)
+            return function(*args, **kwargs)
+        return call
+
+    store._write = recorded("write", write)
+    store._feed_client.xread = recorded("feed", xread)
+    store.follow(lambda changes: None)
+    await store.put("m", TABLE)
+    await eventually(lambda: "feed" in threads, what="the feed's read")
+
+    reactor_thread = threading.main_thread().name
+    assert reactor_thread not in threads["write"] | threads["feed"]
+    assert all("aibackend-redis-feed" in name for name in threads["feed"])
+    assert all("aibackend-redis-" in name and "feed" not in name for name in threads["write"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_a_store_that_waits_to_reconnect_leaves_no_timer(open_redis, redis_server):
+    from twisted.internet import reactor
+
+    def ours():
+        return [call for call in reactor.getDelayedCalls()
+                if getattr(call.func, "__self__", None) is store and call.active()]
+
+    store = open_redis(timeout=0.3)
+    store.follow(lambda changes: None)
+    await eventually(lambda: store.state()["up"], what="the first full read")
+    redis_server.pause()
+    try:
+        await eventually(lambda: ours(), timeout=10, what="a retry timer")
+    finally:
+        redis_server.resume()
+    await store.close()
+
+    assert ours() == []
