@@ -245,12 +245,14 @@ class ModelManager:
 
     # --- following a shared store -----------------------------------------------
 
-    def follow(self, cfg, changes) -> Deferred:
+    def follow(self, cfg, changes, full: bool = False) -> Deferred:
         """
         Another daemon changed the shared store (L{aibackend.redisstore}): make the
         registry what the configuration and the kept C{changes} say (a model being
         changed here is left to that operation, which follows them once it ends), and
-        tell those who follow changes (the worker processes).
+        tell those who follow changes (the worker processes): after a full read
+        (C{full}: a reconnect) always, since a worker may have started while the store
+        could not be read.
 
         @return: a Deferred that fires once they have.
         """
@@ -259,12 +261,13 @@ class ModelManager:
                          if model_id not in wanted or wanted[model_id][1] != "runtime"]:
             del self.tables[model_id]
         changed = apply_specs(self.registry, wanted, skip=self._busy)
-        if not changed:
+        if not changed and not full:
             return succeed(None)
         for model_id in changed:
             self.unloaded.pop(model_id, None)
-        self.log.info("model(s) {models} changed by another daemon", models=", ".join(changed))
-        return self._changed(", ".join(changed))
+        if changed:
+            self.log.info("model(s) {models} changed by another daemon", models=", ".join(changed))
+        return self._changed(", ".join(changed) or "(none: the store read again)")
 
     def _validated(self, changes):
         """L{validate}, once for each kept table (the same table object is not validated again)."""

@@ -328,7 +328,7 @@ def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
     manager = parts.manager
     log.info("aibackend: runtime changes are kept in the shared store {url} (keys {prefix}*), followed here",
              url=store.url, prefix=store.prefix)
-    _add(root, "store-follower", FollowService(store, lambda changes: manager.follow(config, changes)))
+    _add(root, "store-follower", FollowService(store, lambda changes, full: manager.follow(config, changes, full)))
 
     def after_change(model_id):
         if not store.behind():

@@ -629,10 +629,16 @@ class ControlChannel(LineOnlyReceiver):
         except Exception:  # a notice that went wrong must not cut the worker off its primary
             self.log.failure("following the primary's notice {line!r}", line=line[:200])
 
+    def _not_followed(self, failure) -> None:
+        if failure.check(errors.ApiError):  # the store said why (a shared store unreachable): no traceback
+            self.log.warn("aibackend worker: not following the primary's change: {why}", why=failure.value.message)
+        else:
+            self.log.failure("following the primary's change", failure)
+
     def _notice(self, line: bytes) -> None:
         word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
         if word == "sync":
-            d = self.resync().addErrback(lambda failure: self.log.failure("following the primary's change", failure))
+            d = self.resync().addErrback(self._not_followed)
             if argument.isdigit():  # the primary waits for the answer on the worker's ack pipe
                 d.addCallback(lambda _: self.transport.write(f"synced {argument}\n".encode("ascii")))
         elif word == "restart" and self.restart is not None:

@@ -98,9 +98,10 @@ class ISharedStore(IModelStore):
 
     def follow(apply):
         """
-        Follow the changes from now on, in order: C{apply(changes)} is called with every
-        kept change (a list of L{Change}, as L{IModelStore.read} gives) after a full
-        read, and after each change that came; it may return a Deferred.
+        Follow the changes from now on, in order: C{apply(changes, full)} is called with
+        every kept change (a list of L{Change}, as L{IModelStore.read} gives) after a full
+        read (C{full} true: at start, after a reconnect or a gap), and after each change
+        that came; it may return a Deferred.
         """
 
     def changes():
@@ -239,8 +240,13 @@ class RedisStore:
         return changes
 
     def read(self):
-        """Every kept change, read from Redis now (a worker's resync)."""
-        return self._call(self._read_all).addCallback(lambda result: result[2])
+        """Every kept change, read from Redis now (a worker's resync); L{StoreUnavailable} if it cannot be."""
+        return self._call(self._read_all).addCallbacks(lambda result: result[2], self._not_read)
+
+    def _not_read(self, failure):
+        if failure.check(self._redis.RedisError, OSError):
+            raise StoreUnavailable(f"the shared store {self.url} cannot be read ({self._why(failure.value)})")
+        return failure
 
     def changes(self) -> list:
         """The kept changes as the feed last brought them."""
@@ -337,7 +343,7 @@ class RedisStore:
         version, stream_id, changes = result
         self._failures = 0
         self._synced(version, stream_id, changes)
-        self._applied(self._apply(self.changes()))
+        self._applied(self._apply(self.changes(), True))
 
     def _applied(self, result) -> None:
         """After an apply (a Deferred or not): release the changes made here, read on."""
@@ -380,7 +386,7 @@ class RedisStore:
             self.version = version
             self._stream_id = stream_id
         if entries:
-            self._applied(self._apply(self.changes()))
+            self._applied(self._apply(self.changes(), False))
         else:
             self._read_feed()
 

@@ -168,6 +168,10 @@ def test_redis_restarted_mid_test_nothing_acknowledged_is_lost_and_every_daemon_
         wait_until(lambda: {"before-restart", "after-restart"} <= set(daemon.models()), FOLLOW_DEADLINE * 2,
                    f"daemon {daemon.port} to resync")
         assert daemon.predict("before-restart").status == 200
+    worker = c.wait_workers(1).pop()
+    for model_id in ("before-restart", "after-restart"):
+        wait_until(lambda: c.request_to(worker, "POST", f"/post/predict?id={model_id}", {}).status == 200,
+                   FOLLOW_DEADLINE, f"daemon c's worker to serve {model_id}")
 
 
 def test_redis_paused_the_fleet_serves_changes_answer_503_and_all_follow_once_it_is_back(

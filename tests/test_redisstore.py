@@ -157,7 +157,7 @@ async def test_a_change_is_one_atomic_write_the_hash_the_counter_and_the_feed(op
 async def test_a_follower_gets_every_change_another_store_makes_in_order(open_redis):
     follower, writer = open_redis(), open_redis()
     seen = []
-    follower.follow(lambda changes: seen.append(changes))
+    follower.follow(lambda changes, full: seen.append(changes))
     await eventually(lambda: seen, what="the first full read")
     assert seen[0] == []
 
@@ -176,7 +176,7 @@ async def test_a_follower_gets_every_change_another_store_makes_in_order(open_re
 async def test_a_change_made_here_is_answered_once_the_feed_brought_it_back(open_redis):
     store = open_redis()
     applied = []
-    store.follow(lambda changes: applied.append([c.model_id for c in changes]))
+    store.follow(lambda changes, full: applied.append([c.model_id for c in changes]))
     await eventually(lambda: applied, what="the first full read")
 
     await store.put("m", TABLE)
@@ -187,8 +187,8 @@ async def test_a_change_made_here_is_answered_once_the_feed_brought_it_back(open
 @pytest_twisted.ensureDeferred
 async def test_a_gap_in_the_feed_makes_the_follower_read_everything_again(open_redis, redis_server):
     follower = open_redis()
-    seen = []
-    follower.follow(lambda changes: seen.append(changes))
+    seen, fulls = [], []
+    follower.follow(lambda changes, full: (seen.append(changes), fulls.append(full)))
     await eventually(lambda: seen, what="the first full read")
     writer = open_redis()
     await writer.put("a", {"id": "a"})
@@ -203,13 +203,14 @@ async def test_a_gap_in_the_feed_makes_the_follower_read_everything_again(open_r
 
     await eventually(lambda: follower.version == 42, what="the resync")
     assert [change.model_id for change in seen[-1]] == ["a", "b", "c"]
+    assert fulls == [True, False, True]  # the first read, the change, the read after the gap
 
 
 @pytest_twisted.ensureDeferred
 async def test_redis_restarted_the_follower_resyncs_and_keeps_what_was_acknowledged(open_redis, redis_server):
     follower, writer = open_redis(), open_redis()
     seen = []
-    follower.follow(lambda changes: seen.append(changes))
+    follower.follow(lambda changes, full: seen.append(changes))
     await writer.put("kept", {"id": "kept"})
     await eventually(lambda: follower.version == 1, what="the change")
 
@@ -225,7 +226,7 @@ async def test_redis_restarted_the_follower_resyncs_and_keeps_what_was_acknowled
 async def test_redis_paused_changes_are_refused_with_503_and_the_store_says_it_is_down(open_redis, redis_server):
     store = open_redis()
     seen = []
-    store.follow(lambda changes: seen.append(changes))
+    store.follow(lambda changes, full: seen.append(changes))
     await eventually(lambda: seen, what="the first full read")
 
     redis_server.pause()
@@ -383,7 +384,7 @@ async def test_redis_is_called_off_the_reactor_thread_the_feed_on_a_thread_of_it
 
     store._write = recorded("write", write)
     store._feed_client.xread = recorded("feed", xread)
-    store.follow(lambda changes: None)
+    store.follow(lambda changes, full: None)
     await store.put("m", TABLE)
     await eventually(lambda: "feed" in threads, what="the feed's read")
 
@@ -402,7 +403,7 @@ async def test_closing_a_store_that_waits_to_reconnect_leaves_no_timer(open_redi
                 if getattr(call.func, "__self__", None) is store and call.active()]
 
     store = open_redis(timeout=0.3)
-    store.follow(lambda changes: None)
+    store.follow(lambda changes, full: None)
     await eventually(lambda: store.state()["up"], what="the first full read")
     redis_server.pause()
     try:
