@@ -413,3 +413,16 @@ async def test_closing_a_store_that_waits_to_reconnect_leaves_no_timer(open_redi
     await store.close()
 
     assert ours() == []
+
+
+def test_without_redis_server_a_test_skips_locally_and_fails_under_ci(monkeypatch):
+    from aibackend import testing
+
+    monkeypatch.setattr(testing, "find_redis_server", lambda: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        testing.need_redis_server()
+    assert "redis-server is not installed" in str(failed.value) and "CI=true" in str(failed.value)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        testing.need_redis_server()
