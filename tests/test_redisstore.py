@@ -426,3 +426,47 @@ def test_without_redis_server_a_test_skips_locally_and_fails_under_ci(monkeypatc
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         testing.need_redis_server()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_talks_tls_to_a_redis_whose_certificate_the_system_trusts(tmp_path, monkeypatch):
+    """rediss://: TLS, the certificate checked against the system's CAs (SSL_CERT_FILE names a private one)."""
+    import shutil
+    import subprocess
+
+    from twisted.internet import reactor
+
+    from aibackend.testing import Process, free_port, wait_until
+
+    program = need_redis_server()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate to test TLS with")
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=aibackend test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost")
+    (tmp_path / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "1", "-extfile", "ext")
+    port = free_port()
+    server = Process([program, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+                      "--tls-cert-file", "server.pem", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.pem",
+                      "--tls-auth-clients", "no", "--dir", str(tmp_path)], cwd=str(tmp_path))
+    try:
+        wait_until(lambda: "Ready to accept connections" in server.output, 10, "redis-server with TLS")
+        untrusted = RedisStore(reactor, f"rediss://127.0.0.1:{port}/0", prefix="tls:")
+        with pytest.raises(StoreUnavailable):  # a certificate nobody vouches for
+            await untrusted.put("m", TABLE)
+        await untrusted.close()
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        store = RedisStore(reactor, f"rediss://127.0.0.1:{port}/0", prefix="tls:")
+        await store.put("m", TABLE)
+        assert (await store.read()) == [Change("m", "add", TABLE)]
+        await store.close()
+    finally:
+        server.terminate()
