@@ -333,12 +333,16 @@ class OperationAPI:
     def list_models(self, request, request_id, params):
         models = [describe(self.registry, model) for model in self.registry.models()]
         listed = {"count": len(models), "models": models}
-        manager = self.core.manager
-        if manager is not None and ISharedStore.providedBy(manager.store):  # a fleet's: its state (no secret)
-            state = manager.store.state()
-            if state["following"]:  # the process that follows it (a worker follows its primary)
-                listed["store"] = state
+        self._store_state(listed)
         return sized(request, json.dumps(listed).encode())
+
+    def _store_state(self, answer: dict) -> None:
+        """A fleet's shared store: its state (no secret) in C{answer}, from the process that follows it."""
+        manager = self.core.manager
+        if manager is not None and ISharedStore.providedBy(manager.store):
+            state = manager.store.state()
+            if state["following"]:  # (a --processes worker follows its primary)
+                answer["store"] = state
 
     def status(self, request, request_id, params):
         entry = self.registry.entry(model_id_param(params))
@@ -346,6 +350,7 @@ class OperationAPI:
         described = describe(self.registry, model)
         described["spec"] = entry.spec.public()
         described["log_entries"] = len(model.model_log)
+        self._store_state(described)
         return sized(request, json.dumps(described).encode())
 
     def addmodel(self, request, request_id, params):

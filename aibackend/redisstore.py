@@ -29,6 +29,9 @@ Every call has a timeout (L{CALL_TIMEOUT}: connect and read); redis-py's own ret
 off (a write retried after a timeout could be made twice): the feed reconnects with a
 backoff (L{RETRY_DELAYS}), and a write that fails answers 503.
 
+Keys, usage and limits can move here next: another interface of this store (its client,
+its threads and its prefix shared), other keys under the same prefix.
+
 Redis down: the daemon keeps serving the registry it has; admin changes answer 503
 (L{StoreUnavailable}); once the feed reads again, the daemon resyncs from a full read. A
 write that timed out may still be made once a paused Redis resumes: it then reaches

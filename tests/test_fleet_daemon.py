@@ -108,6 +108,7 @@ def test_a_replacement_reaches_the_others_and_the_listing_says_the_stores_state(
     store = b.request("GET", "/get/models").json()["store"]
     assert (store["backend"], store["up"], store["url"]) == ("redis", True, a_url(fleet))
     assert b.metric("aibackend_store_up") == 1.0
+    assert b.status("replaced").json()["store"]["up"] is True
 
 
 def a_url(fleet) -> str:
