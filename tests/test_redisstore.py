@@ -470,3 +470,32 @@ async def test_rediss_talks_tls_to_a_redis_whose_certificate_the_system_trusts(t
         await store.close()
     finally:
         server.terminate()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_is_answered_after_a_while_when_the_feed_is_late_and_the_store_says_it_is_behind(open_redis):
+    import threading
+
+    store = open_redis()
+    held = threading.Event()
+    xread = store._feed_client.xread
+
+    entered = threading.Event()
+
+    def late(*args, **kwargs):
+        entered.set()
+        held.wait(10)
+        return xread(*args, **kwargs)
+
+    applied = []
+    store.follow(lambda changes, full: applied.append(changes))
+    await eventually(lambda: applied, what="the first full read")
+    store._feed_client.xread = late
+    await eventually(entered.is_set, what="the feed's next read (held)")
+    try:
+        await store.put("m", TABLE)  # committed; answered after ACK_WAIT without the feed
+        assert store.behind() and store.changes() == []
+    finally:
+        held.set()
+    await eventually(lambda: not store.behind(), what="the feed to catch up")
+    assert store.changes() == [Change("m", "add", TABLE)]
