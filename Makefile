@@ -32,8 +32,16 @@ run: $(VENV)/.run-installed
 # pytest-xdist workers, a test module to a worker (--dist loadscope: a module's shared
 # daemon starts once, its tests run in order), the slowest modules first (in the order
 # tests/conftest.py collects them); TEST_WORKERS=0 runs it all in one process.
+# The fleet's tests (tests/test_fleet_daemon.py, tests/test_redisstore.py) start redis-server
+# themselves: Debian's package is installed when it is missing (as root, or through sudo -n,
+# never prompting); without it those tests skip, and fail under CI=true.
 TEST_WORKERS ?= 4
 test: $(VENV)/.test-installed
+	@{ command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server; } || { \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+	  echo "test: installing redis-server (Debian package)"; \
+	  { $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq redis-server; } || \
+	  echo "test: could not install redis-server; the tests that need it will say so"; }
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:

@@ -22,6 +22,9 @@ setup(
         "zope.interface>=6.0",
         "prometheus_client>=0.17",  # the /metrics exposition, not hand-written
         "orjson>=3.9",  # JSON checks on the hot path, several times faster than json
+        # The fleet's shared store (--store redis://, aibackend.redisstore): redis-py, Redis's own
+        # client, its blocking calls in a bounded thread pool (the module says why not txredisapi).
+        "redis>=5.0",
         "httptools>=0.9",  # llhttp 9, Node.js's C HTTP parser: the requests the server reads, the models' answers (its strictness is tested)
     ],
     extras_require={

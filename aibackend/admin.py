@@ -101,6 +101,7 @@ class ModelManager:
         # processes follow them).
         self.changed = []
         self.restarted = []
+        self._validations: dict = {}  # id(table) -> (table, spec, error): see _validated
 
     def _changed(self, model_id: str) -> Deferred:
         """Tell those who follow changes; fires once they have (a failure is logged, not raised)."""
@@ -242,6 +243,50 @@ class ModelManager:
         self.log.info("model {model} removed at runtime", model=model_id)
         return {"removed": model_id}
 
+    # --- following a shared store -----------------------------------------------
+
+    def follow(self, cfg, changes, full: bool = False) -> Deferred:
+        """
+        Another daemon changed the shared store (L{aibackend.redisstore}): make the
+        registry what the configuration and the kept C{changes} say (a model being
+        changed here is left to that operation, which follows them once it ends), and
+        tell those who follow changes (the worker processes): after a full read
+        (C{full}: a reconnect) always, since a worker may have started while the store
+        could not be read.
+
+        @return: a Deferred that fires once they have.
+        """
+        wanted = desired_specs(cfg, changes, self._validated(changes), self.log, self.tables)
+        for model_id in [model_id for model_id in self.tables
+                         if model_id not in wanted or wanted[model_id][1] != "runtime"]:
+            del self.tables[model_id]
+        changed = apply_specs(self.registry, wanted, skip=self._busy)
+        if not changed and not full:
+            return succeed(None)
+        for model_id in changed:
+            self.unloaded.pop(model_id, None)
+        if changed:
+            self.log.info("model(s) {models} changed by another daemon", models=", ".join(changed))
+        return self._changed(", ".join(changed) or "(none: the store read again)")
+
+    def _validated(self, changes):
+        """L{validate}, once for each kept table (the same table object is not validated again)."""
+        cache, self._validations = self._validations, {}
+
+        def validate(table):
+            kept = cache.get(id(table))
+            if kept is None or kept[0] is not table:
+                try:
+                    kept = (table, self.validate(table), None)
+                except Exception as e:
+                    kept = (table, None, e)
+            self._validations[id(table)] = kept
+            if kept[2] is not None:
+                raise kept[2]
+            return kept[1]
+
+        return validate
+
     # --- the Open Inference Protocol's model repository -------------------------
 
     @inlineCallbacks
@@ -337,6 +382,32 @@ def desired_specs(cfg, changes, validate, log, tables=None) -> dict:
         if tables is not None:
             tables[spec.id] = change.table
     return specs
+
+
+def apply_specs(registry, wanted: dict, skip=frozenset()) -> list:
+    """
+    Make the registry hold the models of C{wanted} (L{desired_specs}): add what is new,
+    replace what changed, remove what went; the ids in C{skip} (being changed by an
+    admin operation here) are left alone.
+
+    @return: the ids changed.
+    """
+    changed = []
+    for model in registry.models():
+        if model.model_id not in wanted and model.model_id not in skip:
+            registry.remove(model.model_id)
+            changed.append(model.model_id)
+    for model_id, (spec, origin) in wanted.items():
+        if model_id in skip:
+            continue
+        if model_id in registry:
+            if registry.entry(model_id).spec == spec:
+                continue
+            registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
+        else:
+            registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
+        changed.append(model_id)
+    return changed
 
 
 def load_models(registry, store, cfg, manager_validate, log, tables=None):

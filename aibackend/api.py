@@ -24,6 +24,7 @@ from aibackend.interfaces import IStreaming, RequestContext
 from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aibackend.policy import check_model, may_call
+from aibackend.redisstore import ISharedStore
 from aibackend.relay import NDJSON, SSE
 from aibackend.usage import IUsageReader, Selection
 from aibackend.web import (
@@ -370,7 +371,17 @@ class OperationAPI:
         caller = request.aibackend_caller
         models = [describe(self.registry, model) for model in self.registry.models()
                   if may_call(caller, model.model_id)]
-        return sized(request, json.dumps({"count": len(models), "models": models}).encode())
+        listed = {"count": len(models), "models": models}
+        self._store_state(listed)
+        return sized(request, json.dumps(listed).encode())
+
+    def _store_state(self, answer: dict) -> None:
+        """A fleet's shared store: its state (no secret) in C{answer}, from the process that follows it."""
+        manager = self.core.manager
+        if manager is not None and ISharedStore.providedBy(manager.store):
+            state = manager.store.state()
+            if state["following"]:  # (a --processes worker follows its primary)
+                answer["store"] = state
 
     def status(self, request, request_id, params):
         entry = self.registry.entry(model_id_param(params))
@@ -379,6 +390,7 @@ class OperationAPI:
         described = describe(self.registry, model)
         described["spec"] = entry.spec.public()
         described["log_entries"] = len(model.model_log)
+        self._store_state(described)
         return sized(request, json.dumps(described).encode())
 
     def addmodel(self, request, request_id, params):

@@ -28,6 +28,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from aibackend.configbase import (  # noqa: F401 (the names other modules use, here)
     DEFAULT_LOG_ENTRIES,
@@ -200,6 +201,35 @@ def _check_destinations(table: Table, key: str, entries: tuple, environ) -> tupl
     return entries
 
 
+def check_store_url(url: str) -> str | None:
+    """What is wrong with a shared store's URL (None: nothing). Never quotes it: it may hold a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return f"must be a redis:// or rediss:// (TLS) URL, got {parts.scheme + ':' if parts.scheme else 'no'} scheme"
+    if not parts.hostname:
+        return "names no host (redis://HOST:PORT/DB)"
+    try:
+        parts.port
+    except ValueError:
+        return "has a port that is not a number from 1 to 65535"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return "names a database that is not a number (redis://HOST:PORT/DB)"
+    return None
+
+
+def _check_store(table: Table, key: str, template: str, environ: Mapping[str, str]) -> str | None:
+    missing = [name for name in env_references(template) if name not in environ]
+    if missing:
+        table.problem(key, f"names environment variable {missing[0]} that is not set")
+        return None
+    url = expand_env(template, environ)
+    problem = check_store_url(url)
+    if problem:
+        table.problem(key, problem)
+    return url
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """The C{[server]} table."""
@@ -226,6 +256,15 @@ class ServerSpec:
     )
     state_dir: str | None = string(None, shown="see [State](#state)",
                                    doc="where runtime changes are kept; `--state` overrides")
+    store: str | None = string(
+        None, check=_check_store, public="never", shown="SQLite in the state directory",
+        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry in Redis, shared by every daemon "
+            "on it, which each follows (`${VAR}` allowed, for a password); `--store` overrides",
+    )
+    store_password_file: str | None = string(
+        None, doc="a file whose one line is the Redis password, when not in `store`'s URL; "
+                  "`--store-password-file` overrides")
+    store_prefix: str = string("aibackend:", doc="the prefix of the shared store's Redis keys (a fleet's own)")
     header_timeout: float = number(
         10.0, minimum=0, exclusive_minimum=True, maximum=3600,
         doc="seconds a client has to send a request's headers; past it, 408 and the connection is closed",

@@ -51,10 +51,11 @@ from aibackend.processes import (
     worker_builder,
 )
 from aibackend.proctree import SubreaperService
+from aibackend.redisstore import FollowService, ISharedStore, RedisStore, StoreCollector
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
-from aibackend.store import SQLiteStore
+from aibackend.store import IKeyStore, SQLiteStore
 from aibackend.usage import UsageCollector, UsageService, open_usage
 
 DEFAULT_MAX_PERSISTENT_PER_HOST = 64
@@ -228,13 +229,20 @@ def _raise_open_files_limit(connections: int) -> None:
         pass
 
 
-def open_store(reactor, state_dir: str, opener=SQLiteStore, *args):
+def open_store(reactor, state_dir: str, url: str | None = None, password: str | None = None,
+               prefix: str = "aibackend:", *, opener=SQLiteStore, args=()):
     """
     The SQLite store in C{state_dir}, made (0700) if it is not there (or what
-    C{opener(reactor, state_dir, *args)} makes there: the usage's).
+    C{opener(reactor, state_dir, *args)} makes there: the usage's); or, given a
+    C{redis://} C{url}, the shared store in that Redis (L{aibackend.redisstore}).
 
     @raise StartupError: the directory or the database cannot be used.
     """
+    if url is not None:
+        try:
+            return RedisStore(reactor, url, password=password, prefix=prefix)
+        except ValueError as e:  # redis-py's word on a URL that config.check_store_url let through
+            raise StartupError(f"cannot use the store's URL: {e}") from None
     try:
         return opener(reactor, state_dir, *args)
     except (OSError, sqlite3.Error) as e:
@@ -243,13 +251,14 @@ def open_store(reactor, state_dir: str, opener=SQLiteStore, *args):
 
 
 def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, state_dir=None, admin_token=None,
-          store=None, processes=1, worker=None, worker_argv=None, subreaper=False,
+          store=None, store_url=None, store_password=None, processes=1, worker=None, worker_argv=None, subreaper=False,
           log_observer=None) -> Built:
     """
     Wire the daemon: its parts (L{build_parts}), then the listeners of its mode: alone, the
     C{--processes} primary (C{processes > 1}), or a worker (C{worker} given).
 
-    @param state_dir: where runtime changes are kept (ignored when C{store} is given).
+    @param state_dir: where runtime changes are kept (ignored when C{store} or C{store_url} is given).
+    @param store_url: a shared store's C{redis://} URL (C{--store}), C{store_password} its password.
     @param worker: what the primary told this worker (L{aibackend.processes.worker_settings}).
     @param worker_argv: the command line of a worker (the primary's).
     @param subreaper: make the process a child subreaper (L{aibackend.proctree}), so
@@ -261,12 +270,14 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
     if subreaper:  # first: started before any model process, stopped with the rest
         _add(root, "subreaper", SubreaperService(reactor))
     if store is None:
-        store = open_store(reactor, state_dir)
+        store = open_store(reactor, state_dir, store_url, store_password, config.server.store_prefix)
     primary_states = PrimaryStates() if worker is not None else None
     internal_token = new_token() if worker is None and processes > 1 else None
     parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
                       worker=worker, primary_states=primary_states, state_dir=state_dir)
+    if worker is None and ISharedStore.providedBy(store):
+        _follow_shared_store(root, parts, config, store)
     if worker is not None:
         _serve_as_worker(root, parts, reactor, config, worker, primary_states, listen)
     elif processes > 1:
@@ -316,7 +327,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     load_models(registry, store, config, manager.validate, log, manager.tables)
 
     guard = Guard(admin_token, listen, server.api_keys, internal_token=internal_token)
-    keys = KeyManager(guard.keys, store, clock=reactor)
+    keys = KeyManager(guard.keys, store if IKeyStore.providedBy(store) else None, clock=reactor)
     keys.load()
     log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
              policy=policy.describe())
@@ -329,7 +340,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     # [server] usage: true, false, or unset (on whenever the daemon has client keys or
     # limits: keys made at runtime too, so the recorder is ready unless usage = false).
     if server.usage is not False:
-        usage = open_store(reactor, state_dir, open_usage, server.usage_retention_days)
+        usage = open_store(reactor, state_dir, opener=open_usage, args=(server.usage_retention_days,))
         root.outer.append(UsageService(usage))  # stopped last: what is drained on stop is recorded
         core = front_door.core
         metrics.collectors.register(UsageCollector(
@@ -393,6 +404,26 @@ def wire_policy(core, guard, server, keys: KeyManager, *, limiter=None, usage=No
 
     make_policy()
     keys.updated.append(make_policy)
+
+
+def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
+    """
+    The daemon (the primary, with C{--processes}: its workers follow it as they follow its
+    own changes) follows what the other daemons on the same store change; after a change
+    made here, a change to the same model that came meanwhile is applied too.
+    """
+    manager = parts.manager
+    log.info("aibackend: runtime changes are kept in the shared store {url} (keys {prefix}*), followed here",
+             url=store.url, prefix=store.prefix)
+    _add(root, "store-follower", FollowService(store, lambda changes, full: manager.follow(config, changes, full)))
+
+    def after_change(model_id):
+        if not store.behind():
+            return manager.follow(config, store.changes())
+        return None
+
+    manager.changed.insert(0, after_change)
+    parts.metrics.collectors.register(StoreCollector(store))
 
 
 def _serve_alone(root, parts: Parts, reactor, listen) -> None:

@@ -34,7 +34,7 @@ import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from aibackend import errors
@@ -251,7 +251,8 @@ class KeyManager:
     C{--processes}, the workers, which read the store again before the primary answers).
 
     @param ring: the guard's L{KeyRing}.
-    @param store: an L{aibackend.store.IKeyStore}.
+    @param store: an L{aibackend.store.IKeyStore}, or None: a store that keeps no keys
+        (then only configured C{api_keys} work, and the key operations answer 503).
     @param clock: an C{IReactorTime}, for the times a key keeps.
 
     @ivar changed: callables (given the key's name) returning Deferreds, awaited before an
@@ -272,6 +273,8 @@ class KeyManager:
 
     def load(self) -> None:
         """Read the stored keys, at start (before the reactor runs; may block)."""
+        if self.store is None:
+            return
         self._hold(self.store.load_keys())
         records = self.ring.records.values()
         if records:
@@ -280,6 +283,8 @@ class KeyManager:
 
     def reload(self):
         """Read the stored keys again, off the reactor thread (a worker follows its primary). @return: a Deferred."""
+        if self.store is None:
+            return succeed(None)
         return self.store.read_keys().addCallback(self._hold)
 
     def _hold(self, rows) -> None:
@@ -314,6 +319,9 @@ class KeyManager:
         Keep a change (C{write}: called for the store's Deferred), hold it, tell the
         followers; one change to a name at a time.
         """
+        if self.store is None:
+            raise errors.ModelUnavailable("this daemon's store keeps no client keys (a Redis store does not yet): "
+                                          "use configured api_keys, or the SQLite store")
         if name in self._busy:
             raise errors.Conflict(f"key {name!r} is being changed by another request")
         self._busy.add(name)

@@ -60,7 +60,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import alsoProvides, implementer
 
 from aibackend import config, errors
-from aibackend.admin import desired_specs
+from aibackend.admin import apply_specs, desired_specs
 from aibackend.httpmodel import HttpModel
 from aibackend.interfaces import IModel, IRestartable, IStreaming, STARTING, STATES, STOPPED
 from aibackend.modelstate import ModelState
@@ -629,10 +629,16 @@ class ControlChannel(LineOnlyReceiver):
         except Exception:  # a notice that went wrong must not cut the worker off its primary
             self.log.failure("following the primary's notice {line!r}", line=line[:200])
 
+    def _not_followed(self, failure) -> None:
+        if failure.check(errors.ApiError):  # the store said why (a shared store unreachable): no traceback
+            self.log.warn("aibackend worker: not following the primary's change: {why}", why=failure.value.message)
+        else:
+            self.log.failure("following the primary's change", failure)
+
     def _notice(self, line: bytes) -> None:
         word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
         if word == "sync":
-            d = self.resync().addErrback(lambda failure: self.log.failure("following the primary's change", failure))
+            d = self.resync().addErrback(self._not_followed)
             if argument.isdigit():  # the primary waits for the answer on the worker's ack pipe
                 d.addCallback(lambda _: self.transport.write(f"synced {argument}\n".encode("ascii")))
         elif word == "restart" and self.restart is not None:
@@ -660,17 +666,7 @@ def resync(registry, cfg, store, validate, log) -> Deferred:
     """
 
     def follow(changes) -> None:
-        wanted = desired_specs(cfg, changes, validate, log)
-        for model in registry.models():
-            if model.model_id not in wanted:
-                registry.remove(model.model_id)
-        for model_id, (spec, origin) in wanted.items():
-            if model_id in registry:
-                if registry.entry(model_id).spec == spec:
-                    continue
-                registry.replace(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
-            else:
-                registry.add(registry.build(spec, runtime=origin == "runtime"), origin=origin, spec=spec)
+        apply_specs(registry, desired_specs(cfg, changes, validate, log))
 
     return store.read().addCallback(follow)
 

@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from aibackend import __version__
 from aibackend.auth import TokenError, read_admin_token
-from aibackend.config import Config, ConfigError, load_config
+from aibackend.config import Config, ConfigError, check_store_url, load_config, read_key_file
 from aibackend.daemon import build
 from aibackend.listeners import StartupError, check_endpoint, shared_address
 from aibackend.logs import json_log_observer
@@ -45,6 +45,11 @@ class Options(usage.Options):
         ["processes", None, "1",
          "How many reactor processes serve the listening sockets (TCP and TLS; not unix sockets), sharing one set of "
          "models: a number, or auto for one per core."],
+        ["store", None, None,
+         "redis://HOST:PORT/DB (rediss:// for TLS): keep the runtime registry in Redis, shared by every daemon on "
+         "it, instead of SQLite in the state directory (the configuration's store)."],
+        ["store-password-file", None, None,
+         "A file whose one line is the Redis password, when not in the store's URL."],
         ["admin-token-file", None, None,
          "A file whose first line is the admin token (16 characters or more) that admin "
          "operations need; AIBACKEND_ADMIN_TOKEN works too. Without one, admin operations are "
@@ -98,6 +103,19 @@ class Options(usage.Options):
             self.admin_token = read_admin_token(self["admin-token-file"], os.environ)
         except TokenError as e:
             raise StartupError(str(e)) from None
+        self.store_url = self["store"] or server.store
+        if self["store"]:
+            problem = check_store_url(self["store"])
+            if problem:
+                raise StartupError(f"--store {problem}")
+        self.store_password = None
+        password_file = self["store-password-file"] or server.store_password_file
+        if self.store_url and password_file:
+            try:
+                self.store_password = read_key_file(password_file)
+            except (OSError, ValueError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise StartupError(f"cannot read the store's password file {password_file}: {why}") from None
         # Made (0700) by makeService, when the store opens it.
         self.state_dir = os.path.abspath(self["state"] or server.state_dir or default_state_dir())
 
@@ -118,6 +136,10 @@ class Options(usage.Options):
             argv += ["--config", os.path.abspath(self["config"])]
         if self["admin-token-file"]:
             argv += ["--admin-token-file", os.path.abspath(self["admin-token-file"])]
+        if self["store"]:  # else the configuration's, which the worker reads too
+            argv += ["--store", self["store"]]
+        if self["store-password-file"]:
+            argv += ["--store-password-file", os.path.abspath(self["store-password-file"])]
         for description in self.listen:
             argv += ["--listen", description]
         return argv
@@ -134,6 +156,8 @@ def makeService(options: Options):
         listen=options.listen,
         max_body_bytes=options.max_body_bytes,
         state_dir=options.state_dir,
+        store_url=options.store_url,
+        store_password=options.store_password,
         admin_token=options.admin_token,
         processes=options.processes,
         worker=options.worker,

@@ -2497,3 +2497,113 @@ def access_events_logged():
         yield events
     finally:
         globalLogPublisher.removeObserver(observe)
+
+
+# --- REDIS (session 18) ---
+
+
+REDIS_MISSING = ("redis-server is not installed: `make test` installs Debian's redis-server package "
+                 "(apt-get install redis-server)")
+
+
+def find_redis_server() -> str | None:
+    """The redis-server program (on PATH, or Debian's /usr/bin/redis-server), or None."""
+    # (imported here: this section of the module may not change the imports at its top)
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found is None and os.access("/usr/bin/redis-server", os.X_OK):
+        found = "/usr/bin/redis-server"
+    return found
+
+
+def need_redis_server() -> str:
+    """
+    The redis-server program; without one the test is skipped, or fails when C{CI=true}
+    (where a missing install step must not pass unseen).
+    """
+    import pytest  # here: only the tests that need Redis use it
+
+    found = find_redis_server()
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(REDIS_MISSING + " (CI=true: a test that needs Redis fails without it)")
+        pytest.skip(REDIS_MISSING)
+    return found
+
+
+class RedisServer:
+    """
+    A C{redis-server} of the test's own on a free loopback port, its files in
+    C{directory} (an append-only file fsynced at every write, C{appendfsync always}: a
+    change Redis acknowledged survives L{restart}; no RDB snapshots), stopped by L{stop}.
+
+    @param program: the redis-server (L{need_redis_server}).
+    @param port: its port (default: a free one).
+    """
+
+    def __init__(self, program: str, directory, password: str | None = None, port: int | None = None):
+        self.program = program
+        self.directory = str(directory)
+        self.password = password
+        self.port = port or free_port()
+        self.process: Process | None = None
+        self.paused = False
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def argv(self) -> list[str]:
+        argv = [self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no",
+                "--logfile", "", "--databases", "4"]
+        if self.password is not None:
+            argv += ["--requirepass", self.password]
+        return argv
+
+    def start(self, deadline: float = 10.0) -> None:
+        """Start it (again, on the same port and files) and wait until it answers."""
+        self.process = Process(self.argv(), cwd=self.directory)
+        wait_until(self._answers, deadline, f"redis-server on port {self.port} to answer")
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"redis-server ended ({self.process.returncode}):\n{self.process.output[-4000:]}")
+        try:
+            return self.client().ping()
+        except OSError:
+            return False
+        except Exception as e:  # redis-py's ConnectionError while it starts (it is not an OSError)
+            if type(e).__name__ in ("ConnectionError", "BusyLoadingError", "TimeoutError"):
+                return False
+            raise
+
+    def client(self):
+        """A redis-py client of it (blocking: for the test's own thread)."""
+        import redis  # here: the package the daemon's shared store needs, only for these tests
+
+        return redis.Redis(port=self.port, host="127.0.0.1", password=self.password, socket_timeout=5,
+                           decode_responses=True)
+
+    def pause(self) -> None:
+        """SIGSTOP: it holds its connections and answers nothing until L{resume}."""
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def restart(self) -> None:
+        """Stop it (SIGTERM; its append-only file is complete) and start it again on the same port."""
+        self.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.paused:
+                self.resume()
+            self.process.terminate(10)
+            self.process = None

@@ -1,0 +1,483 @@
+"""
+The fleet's shared store: the runtime registry in Redis (C{--store redis://HOST:PORT/DB}).
+
+Every daemon on the same Redis keeps its runtime changes there instead of in its own
+SQLite file, and follows the others' changes: L{RedisStore} implements
+L{aibackend.store.IModelStore} as L{aibackend.store.SQLiteStore} does (a change per model
+id: C{add} with its table, or C{remove}), and L{ISharedStore} on top of it (a change
+feed, the store's state for C{/metrics} and C{/get/models}).
+
+In Redis, under a prefix (C{aibackend:} unless configured):
+
+  - C{PREFIX}models, a hash: model id -> C{{"v": version, "action": "add"|"remove",
+    "table": {...}|null}} (the kept change; C{v} orders them as SQLite's C{changed_at});
+  - C{PREFIX}version, the counter: one more at every change;
+  - C{PREFIX}changes, a stream: one entry per change (C{v}, C{id}, C{action}, C{table};
+    C{forget} drops the id), trimmed to about L{FEED_LENGTH} entries.
+
+One Lua script makes a change (the counter, the hash and the stream together: atomic, and
+in the order Redis ran them), another reads everything at once (the counter, the hash and
+the stream's last entry id). A daemon follows the stream from that id (C{XREAD BLOCK});
+an entry whose version is not the next one (a trimmed feed, a Redis that lost or reloaded
+its data) or a lost connection makes it read everything again and apply the difference.
+
+The client is redis-py (C{redis}), Redis's own and well maintained (RESP3, streams, Lua
+scripts, TLS with C{rediss://}), with its blocking calls in a bounded pool of threads of
+this store's own, and one thread for the feed's blocking read, so the reactor never waits
+on Redis; txredisapi is native Twisted but sees few releases and has no stream commands.
+Every call has a timeout (L{CALL_TIMEOUT}: connect and read); redis-py's own retries are
+off (a write retried after a timeout could be made twice): the feed reconnects with a
+backoff (L{RETRY_DELAYS}), and a write that fails answers 503.
+
+Keys, usage and limits can move here next: another interface of this store (its client,
+its threads and its prefix shared), other keys under the same prefix.
+
+Redis down: the daemon keeps serving the registry it has; admin changes answer 503
+(L{StoreUnavailable}); once the feed reads again, the daemon resyncs from a full read. A
+write that timed out may still be made once a paused Redis resumes: it then reaches
+every daemon through the feed, as any change.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit, urlunsplit
+
+from prometheus_client.core import GaugeMetricFamily
+from twisted.application import service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+from aibackend.errors import ApiError
+from aibackend.store import Change, IModelStore
+
+DEFAULT_PREFIX = "aibackend:"
+CALL_TIMEOUT = 2.0  # seconds: connecting, and each answer
+FEED_BLOCK_MS = 1000  # how long one XREAD waits for a change
+FEED_LENGTH = 10_000  # the stream is trimmed to about this many entries (MAXLEN ~)
+FEED_COUNT = 500  # entries read at once
+ACK_WAIT = 2.0  # seconds a change waits for the feed to bring it back (then it is answered anyway)
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # between attempts to reach Redis again, the last repeated
+CALL_THREADS = 4
+
+# KEYS: version, models, changes; ARGV: id, action (add, remove or forget), table JSON or "null", feed length.
+WRITE = """
+local v = redis.call('INCR', KEYS[1])
+if ARGV[2] == 'forget' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+else
+  redis.call('HSET', KEYS[2], ARGV[1], '{"v":' .. v .. ',"action":"' .. ARGV[2] .. '","table":' .. ARGV[3] .. '}')
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'v', v, 'id', ARGV[1], 'action', ARGV[2], 'table', ARGV[3])
+return v
+"""
+
+# KEYS: version, models, changes. The version, the stream's last entry id, the hash.
+SNAPSHOT = """
+local v = redis.call('GET', KEYS[1])
+if not v then v = '0' end
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local id = '0-0'
+if #last > 0 then id = last[1][1] end
+return {v, id, redis.call('HGETALL', KEYS[2])}
+"""
+
+
+class StoreUnavailable(ApiError):
+    """The shared store cannot be reached or refused a change: nothing was acknowledged (503)."""
+
+    status = 503
+    type = "store_unavailable"
+
+    def __init__(self, message: str, *, model: str | None = None):
+        super().__init__(message, model=model, headers={"Retry-After": "1"})
+
+
+class ISharedStore(IModelStore):
+    """A store several daemons share: each follows the changes the others make."""
+
+    def follow(apply):
+        """
+        Follow the changes from now on, in order: C{apply(changes, full)} is called with
+        every kept change (a list of L{Change}, as L{IModelStore.read} gives) after a full
+        read (C{full} true: at start, after a reconnect or a gap), and after each change
+        that came; it may return a Deferred.
+        """
+
+    def changes():
+        """The kept changes as last followed (a list of L{Change}), without reading the store."""
+
+    def behind():
+        """Whether a change made here has not come back through the feed yet (L{changes} is older)."""
+
+    def state():
+        """
+        The store's state, for status (no secret): a dict with C{url}, C{following} (this
+        process follows the store: a C{--processes} worker follows its primary instead, and
+        only the primary's C{/metrics} and C{/get/models} show the state), C{up},
+        C{version}, C{lag_seconds}.
+        """
+
+
+def masked_url(url: str) -> str:
+    """C{url} with its password (and user) shown as C{***}."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _decode(record: str, model_id: str) -> Change | None:
+    kept = json.loads(record)
+    return Change(model_id, kept["action"], kept.get("table"))
+
+
+def _connection_problem(redis_module):
+    return (redis_module.ConnectionError, redis_module.TimeoutError, OSError)
+
+
+@implementer(ISharedStore)
+class RedisStore:
+    """
+    The registry's changes in Redis (see the module).
+
+    @param url: C{redis://[:PASSWORD@]HOST:PORT/DB} or C{rediss://...} (TLS).
+    @param password: the password, when not in the URL (C{store_password_file}).
+    @param prefix: the keys' prefix.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, url: str, *, password: str | None = None, prefix: str = DEFAULT_PREFIX,
+                 timeout: float = CALL_TIMEOUT):
+        import redis  # here: only a daemon with --store redis:// needs the client loaded
+
+        self._redis = redis
+        self._problems = _connection_problem(redis)
+        self._reactor = reactor
+        self.url = masked_url(url)
+        self.prefix = prefix
+        self._keys = [prefix + "version", prefix + "models", prefix + "changes"]
+        no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+        options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry,
+                       retry_on_timeout=False, decode_responses=True, health_check_interval=0)
+        if password is not None:
+            options["password"] = password
+        self._client = redis.Redis.from_url(url, max_connections=CALL_THREADS, **options)
+        # The feed's read blocks FEED_BLOCK_MS on its own connection; an answer later than that by more
+        # than the timeout means Redis is gone (or paused).
+        feed_options = dict(options, socket_timeout=timeout + FEED_BLOCK_MS / 1000)
+        self._feed_client = redis.Redis.from_url(url, max_connections=1, **feed_options)
+        self._write = self._client.register_script(WRITE)
+        self._snapshot = self._client.register_script(SNAPSHOT)
+        self._feed_snapshot = self._feed_client.register_script(SNAPSHOT)
+        self._threads = ThreadPool(minthreads=0, maxthreads=CALL_THREADS, name="aibackend-redis")
+        self._feed_thread = ThreadPool(minthreads=0, maxthreads=1, name="aibackend-redis-feed")
+        self._started = False
+        # What the feed brought: the kept changes in order, the version they are at.
+        self._changes: dict[str, Change] = {}
+        self.version = -1  # not read yet
+        self.up: bool | None = None
+        self.last_contact: float | None = None
+        self._apply = None
+        self._stream_id = "0-0"
+        self._reading: Deferred | None = None
+        self._retry = None
+        self._failures = 0
+        self._closing = False
+        self._waits: list = []  # (version, Deferred, timer): changes made here, waiting for the feed
+        self._written_version = 0  # the last change made here
+
+    # --- threads ------------------------------------------------------------------
+
+    def _start_threads(self):
+        if not self._started:
+            self._started = True
+            self._threads.start()
+            self._feed_thread.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
+
+    def _stop_threads(self):
+        if self._started:
+            self._started = False
+            self._threads.stop()
+            self._feed_thread.stop()
+
+    def _call(self, function, *args):
+        self._start_threads()
+        return deferToThreadPool(self._reactor, self._threads, function, *args)
+
+    # --- reading --------------------------------------------------------------------
+
+    def _read_all(self, script=None):
+        """Blocking: (version, the stream's last id, [Change] in version order)."""
+        version, stream_id, flat = (script or self._snapshot)(keys=self._keys)
+        kept = []
+        for index in range(0, len(flat), 2):
+            model_id, record = flat[index], flat[index + 1]
+            kept.append((json.loads(record)["v"], _decode(record, model_id)))
+        kept.sort(key=lambda pair: pair[0])
+        return int(version), stream_id, [change for _, change in kept]
+
+    def load(self) -> list:
+        """
+        Every kept change, at start. With Redis unreachable the daemon starts with the
+        configuration's models alone (logged): the feed reads everything once it can.
+        """
+        try:
+            version, stream_id, changes = self._read_all()
+        except (self._redis.RedisError, OSError) as e:  # gone, or refusing us (a wrong password): logged
+            self.up = False
+            self.log.warn("aibackend: the shared store {url} cannot be reached ({why}): starting with the "
+                          "configuration's models; its runtime models come once it answers",
+                          url=self.url, why=self._why(e))
+            return []
+        self._synced(version, stream_id, changes)
+        return changes
+
+    def read(self):
+        """Every kept change, read from Redis now (a worker's resync); L{StoreUnavailable} if it cannot be."""
+        return self._call(self._read_all).addCallbacks(lambda result: result[2], self._not_read)
+
+    def _not_read(self, failure):
+        if failure.check(self._redis.RedisError, OSError):
+            raise StoreUnavailable(f"the shared store {self.url} cannot be read ({self._why(failure.value)})")
+        return failure
+
+    def changes(self) -> list:
+        """The kept changes as the feed last brought them."""
+        return list(self._changes.values())
+
+    def behind(self) -> bool:
+        """A change made here is not back through the feed yet (L{ACK_WAIT} passed): L{changes} is older."""
+        return self._written_version > self.version
+
+    def _synced(self, version: int, stream_id: str, changes: list) -> None:
+        self._changes = {change.model_id: change for change in changes}
+        self.version = version
+        self._written_version = min(self._written_version, version)  # the rest comes through the feed, or is lost
+        self._stream_id = stream_id
+        self.last_contact = self._reactor.seconds()
+        if not self.up:
+            if self.up is False:
+                self.log.info("aibackend: the shared store {url} answers again (version {version})",
+                              url=self.url, version=version)
+            self.up = True
+
+    # --- writing --------------------------------------------------------------------
+
+    def _change(self, model_id: str, action: str, table=None):
+        if self.up is False and self._apply is not None:
+            return fail(StoreUnavailable(self._down_message(), model=model_id))
+        spec = json.dumps(table) if table is not None else "null"
+        d = self._call(self._write, self._keys, [model_id, action, spec, FEED_LENGTH])
+        d.addCallbacks(self._written, self._not_written, errbackArgs=(model_id,))
+        return d
+
+    def _written(self, version) -> Deferred:
+        """Once the feed brought the change back (applied here too), or after L{ACK_WAIT} s."""
+        version = int(version)
+        self._written_version = max(self._written_version, version)
+        if self._apply is None or self.version >= version:
+            return succeed(None)
+        d = Deferred()
+        wait = [version, d, None]
+        wait[2] = self._reactor.callLater(ACK_WAIT, self._late, wait)
+        self._waits.append(wait)
+        return d
+
+    def _late(self, wait) -> None:
+        self._waits.remove(wait)
+        wait[1].callback(None)
+
+    def _release(self) -> None:
+        for wait in [wait for wait in self._waits if wait[0] <= self.version]:
+            self._waits.remove(wait)
+            wait[2].cancel()
+            wait[1].callback(None)
+
+    def _not_written(self, failure, model_id):
+        if failure.check(*self._problems):
+            self._mark_down(failure.value)
+            raise StoreUnavailable(self._down_message(), model=model_id)
+        if failure.check(self._redis.RedisError):
+            self.log.error("aibackend: the shared store {url} refused the change to model {model}: {why}",
+                           url=self.url, model=model_id, why=failure.value)
+            raise StoreUnavailable("the shared store refused the change (see the daemon's log); nothing was "
+                                   "changed", model=model_id)
+        return failure
+
+    def _down_message(self) -> str:
+        return ("the shared store (Redis) cannot be reached: runtime changes are refused until it answers again; "
+                "the models known now keep serving")
+
+    def put(self, model_id: str, table: dict):
+        return self._change(model_id, "add", table)
+
+    def remove(self, model_id: str):
+        return self._change(model_id, "remove")
+
+    def forget(self, model_id: str):
+        return self._change(model_id, "forget")
+
+    # --- following ------------------------------------------------------------------
+
+    def follow(self, apply) -> None:
+        self._apply = apply
+        self._start_threads()
+        self._resync()
+
+    def _resync(self) -> None:
+        self._retry = None
+        if self._closing:
+            return
+        self._reading = deferToThreadPool(self._reactor, self._feed_thread, self._read_all, self._feed_snapshot)
+        self._reading.addCallbacks(self._resynced, self._lost)
+
+    def _resynced(self, result) -> None:
+        self._reading = None
+        version, stream_id, changes = result
+        self._failures = 0
+        self._synced(version, stream_id, changes)
+        self._applied(self._apply(self.changes(), True))
+
+    def _applied(self, result) -> None:
+        """After an apply (a Deferred or not): release the changes made here, read on."""
+        def then(_):
+            self._release()
+            self._read_feed()
+        if isinstance(result, Deferred):
+            result.addErrback(lambda failure: self.log.failure("following the shared store", failure))
+            result.addCallback(then)
+        else:
+            then(None)
+
+    def _read_feed(self) -> None:
+        if self._closing:
+            return
+        self._reading = deferToThreadPool(
+            self._reactor, self._feed_thread, self._feed_client.xread, {self._keys[2]: self._stream_id},
+            FEED_COUNT, FEED_BLOCK_MS)
+        self._reading.addCallbacks(self._came, self._lost)
+
+    def _came(self, answer) -> None:
+        self._reading = None
+        if self.up is False:  # a write found Redis gone meanwhile: read everything again, then say it is back
+            self._resync()
+            return
+        self.last_contact = self._reactor.seconds()
+        entries = answer[0][1] if answer else []
+        for stream_id, fields in entries:
+            version = int(fields["v"])
+            if version != self.version + 1:
+                self.log.info("aibackend: the shared store's feed went from version {had} to {came}: "
+                              "reading everything again", had=self.version, came=version)
+                self._resync()
+                return
+            model_id, action = fields["id"], fields["action"]
+            self._changes.pop(model_id, None)
+            if action != "forget":
+                table = json.loads(fields["table"])
+                self._changes[model_id] = Change(model_id, action, table)
+            self.version = version
+            self._stream_id = stream_id
+        if entries:
+            self._applied(self._apply(self.changes(), False))
+        else:
+            self._read_feed()
+
+    def _lost(self, failure) -> None:
+        self._reading = None
+        if self._closing:
+            return
+        if not failure.check(self._redis.RedisError, OSError):
+            self.log.failure("reading the shared store's feed", failure)
+        self._mark_down(failure.value)
+        delay = RETRY_DELAYS[min(self._failures, len(RETRY_DELAYS) - 1)]
+        self._failures += 1
+        self._retry = self._reactor.callLater(delay, self._resync)
+
+    def _mark_down(self, why) -> None:
+        if self.up is not False:
+            self.log.warn("aibackend: the shared store {url} cannot be reached ({why}): serving the models known "
+                          "now, refusing runtime changes, retrying", url=self.url, why=self._why(why))
+        self.up = False
+
+    def _why(self, error) -> str:
+        # redis-py's messages name the host and port, never the password.
+        return f"{type(error).__name__}: {error}"
+
+    # --- state ------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        lag = None if self.last_contact is None else max(0.0, self._reactor.seconds() - self.last_contact)
+        return {"backend": "redis", "url": self.url, "prefix": self.prefix, "following": self._apply is not None,
+                "up": bool(self.up), "version": self.version, "lag_seconds": lag}
+
+    def close(self):
+        self._closing = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        for wait in self._waits:
+            wait[2].cancel()
+            wait[1].callback(None)
+        self._waits = []
+        reading = self._reading
+        done = Deferred()
+
+        def stop(_=None):
+            self._stop_threads()
+            self._client.close()
+            self._feed_client.close()
+            done.callback(None)
+
+        if reading is not None:
+            # The feed's read ends within FEED_BLOCK_MS (or the timeout): its thread is then free to stop.
+            reading.addBoth(lambda _: None)
+            reading.addCallback(lambda _: stop())
+        else:
+            stop()
+        return done
+
+
+
+class FollowService(service.Service):
+    """Follows the shared store once the daemon starts (the primary's or the lone daemon's)."""
+
+    name = "store-follower"
+
+    def __init__(self, store: ISharedStore, apply):
+        self.store = store
+        self.apply = apply
+
+    def startService(self):
+        super().startService()
+        self.store.follow(self.apply)
+
+
+class StoreCollector:
+    """C{aibackend_store_up}, C{aibackend_store_lag_seconds}, C{aibackend_store_version}."""
+
+    def __init__(self, store: ISharedStore):
+        self.store = store
+
+    def collect(self):
+        state = self.store.state()
+        up = GaugeMetricFamily("aibackend_store_up", "1 while the shared store (Redis) answers, else 0.")
+        up.add_metric([], 1 if state["up"] else 0)
+        lag = GaugeMetricFamily(
+            "aibackend_store_lag_seconds",
+            "Seconds since the shared store's feed last answered (the registry is at most this old; "
+            "up to about 1 s while nothing changes).")
+        lag.add_metric([], state["lag_seconds"] if state["lag_seconds"] is not None else float("nan"))
+        version = GaugeMetricFamily("aibackend_store_version", "The shared store's change counter, as followed here.")
+        version.add_metric([], state["version"])
+        return [up, lag, version]
