@@ -55,7 +55,7 @@ from aibackend.redisstore import FollowService, ISharedStore, RedisStore, StoreC
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
-from aibackend.store import IKeyStore, SQLiteStore
+from aibackend.store import SQLiteStore
 from aibackend.usage import UsageCollector, UsageService, open_usage
 
 DEFAULT_MAX_PERSISTENT_PER_HOST = 64
@@ -327,7 +327,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     load_models(registry, store, config, manager.validate, log, manager.tables)
 
     guard = Guard(admin_token, listen, server.api_keys, internal_token=internal_token)
-    keys = KeyManager(guard.keys, store if IKeyStore.providedBy(store) else None, clock=reactor)
+    keys = KeyManager(guard.keys, store, clock=reactor)
     keys.load()
     log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
              policy=policy.describe())
@@ -409,8 +409,9 @@ def wire_policy(core, guard, server, keys: KeyManager, *, limiter=None, usage=No
 def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
     """
     The daemon (the primary, with C{--processes}: its workers follow it as they follow its
-    own changes) follows what the other daemons on the same store change; after a change
-    made here, a change to the same model that came meanwhile is applied too.
+    own changes) follows what the other daemons on the same store change, models and keys;
+    after a change made here, a change to the same model or key that came meanwhile is
+    applied too.
     """
     manager = parts.manager
     log.info("aibackend: runtime changes are kept in the shared store {url} (keys {prefix}*), followed here",
@@ -423,6 +424,10 @@ def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
         return None
 
     manager.changed.insert(0, after_change)
+    # The keys too, on the same feed: another daemon's key change held here (then told to the workers).
+    keys = parts.keys
+    store.follow_keys(keys.follow)
+    keys.followed = lambda: None if store.behind() else store.key_rows()
     parts.metrics.collectors.register(StoreCollector(store))
 
 
