@@ -34,7 +34,7 @@ import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import DeferredLock, inlineCallbacks
 from twisted.logger import Logger
 
 from aibackend import errors
@@ -284,6 +284,9 @@ class KeyManager:
         self.updated = []
         self.followed = None
         self._unknown = False  # the store could not say which keys it has (at start)
+        # One reload at a time: two reads at once (two quick changes) may end in either order, and the
+        # older one held last would undo the newer (a revocation).
+        self._reloads = DeferredLock()
         self._busy: set[str] = set()  # names being changed by a request that is not answered yet
 
     def load(self) -> None:
@@ -303,7 +306,7 @@ class KeyManager:
 
     def reload(self):
         """Read the stored keys again, off the reactor thread (a worker follows its primary). @return: a Deferred."""
-        return self.store.read_keys().addCallback(self._hold)
+        return self._reloads.run(lambda: self.store.read_keys().addCallback(self._hold))
 
     @inlineCallbacks
     def follow(self, rows):

@@ -2607,3 +2607,33 @@ class RedisServer:
                 self.resume()
             self.process.terminate(10)
             self.process = None
+
+
+# --- REDIS2 (session 18) ---
+
+
+def start_fleet(redis_url: str, mktemp, names: str = "abc", multi: str = "c") -> list:
+    """
+    Daemons on one shared store (C{--store redis_url}), each with a state directory of its
+    own (C{mktemp(name)}: pytest's C{tmp_path_factory.mktemp}); the one named C{multi} with
+    C{--processes 2} (its worker follows through its primary). Stopped by L{stop_fleet}.
+    """
+    daemons = []
+    try:
+        for name in names:
+            state = mktemp(f"state-{name}")
+            kind, more = (Multi, {"processes": 2}) if name == multi else (Daemon, {})
+            daemons.append(kind(None, "--store", redis_url, state=str(state), cwd=str(state), **more))
+    except BaseException:
+        stop_fleet(daemons, check=False)
+        raise
+    return daemons
+
+
+def stop_fleet(daemons, check: bool = True) -> None:
+    """Stop every daemon of L{start_fleet}; then (C{check}) none may have logged a bug."""
+    for daemon in daemons:
+        daemon.stop()
+    if check:
+        for daemon in daemons:
+            daemon.assert_no_bug_logged()
