@@ -258,8 +258,8 @@ class ServerSpec:
                                    doc="where runtime changes are kept; `--state` overrides")
     store: str | None = string(
         None, check=_check_store, public="never", shown="SQLite in the state directory",
-        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry in Redis, shared by every daemon "
-            "on it, which each follows (`${VAR}` allowed, for a password); `--store` overrides",
+        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry and the client keys in Redis, "
+            "shared by every daemon on it, which each follows (`${VAR}` allowed, for a password); `--store` overrides",
     )
     store_password_file: str | None = string(
         None, doc="a file whose one line is the Redis password, when not in `store`'s URL; "
