@@ -26,6 +26,7 @@ import gc
 import os
 import signal
 import sqlite3
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -41,11 +42,13 @@ from aibackend.config import Config
 from aibackend.destinations import DestinationPolicy
 from aibackend.listeners import Listener, SharedListener, StartupError
 from aibackend.metrics import Metrics
+from aibackend.policy import Policy
 from aibackend.processes import (
     Forwarder, PrimaryStates, ProcessCollector, WorkerControl, WorkerProcesses, new_token, restart_local, resync,
     worker_builder,
 )
 from aibackend.proctree import SubreaperService
+from aibackend.ratelimit import LimitTable, Limiter
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
@@ -141,6 +144,54 @@ class StoreService(service.Service):
         return self.store.close()
 
 
+class LimitTableService(service.Service):
+    """Closes the limits' table on stop (the primary's file is removed: its workers have ended by then)."""
+
+    name = "limits"
+
+    def __init__(self, table: LimitTable, *, remove: bool):
+        self.table = table
+        self.remove = remove
+
+    def stopService(self):
+        super().stopService()
+        self.table.close(remove=self.remove)
+
+
+def limit_table(processes: int, worker: dict | None, state_dir: str | None) -> LimitTable | None:
+    """
+    The table the limits are kept in: with C{--processes}, the primary's file (made here
+    in the primary, opened in a worker); None for a daemon alone (its Limiter keeps one
+    in memory).
+
+    @raise StartupError: the file cannot be made or opened.
+    """
+    try:
+        if worker is not None:
+            return LimitTable.open(worker["limits"], worker["number"]) if worker.get("limits") else None
+        if processes > 1:
+            return LimitTable.create(state_dir or tempfile.gettempdir(), processes)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise StartupError(f"cannot use the limits' table in the state directory {state_dir}: {why}") from None
+    return None
+
+
+def policy_when_limited(core, registry, limiter) -> None:
+    """
+    Give C{core} a L{Policy} with C{limiter} once a model with C{[models.limits]} is in
+    C{registry} (now, or added at runtime): until then the hot path has no policy.
+    """
+
+    def added(entry) -> None:
+        if entry.spec.limits is not None and core.policy is None:
+            core.policy = Policy(limiter=limiter)
+
+    for entry in registry.entries():
+        added(entry)
+    registry.added.append(added)
+
+
 class Root(service.MultiService):
     """
     The daemon's root service.
@@ -177,6 +228,7 @@ class Parts:
     deps: ModelDeps
     runtime_deps: ModelDeps
     policy: DestinationPolicy
+    limiter: Any = None  # the aibackend.ratelimit.Limiter of keys' and models' limits
 
 
 @dataclass(frozen=True)
@@ -244,7 +296,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
     internal_token = new_token() if worker is None and processes > 1 else None
     parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
-                      worker=worker, primary_states=primary_states)
+                      worker=worker, primary_states=primary_states, processes=processes, state_dir=state_dir)
     if worker is not None:
         _serve_as_worker(root, parts, reactor, config, worker, primary_states, listen)
     elif processes > 1:
@@ -256,11 +308,14 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
 
 
 def build_parts(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
-               internal_token=None, worker=None, primary_states=None) -> Parts:
+               internal_token=None, worker=None, primary_states=None, processes=1, state_dir=None) -> Parts:
     """
     The HTTP pools, the store, the registry with the configured and the kept runtime
-    models, the manager, the guard, the metrics, the front door and its site; the
-    services among them added to C{root}.
+    models, the manager, the guard, the metrics, the front door and its site, the
+    limiter; the services among them added to C{root}.
+
+    @param processes: the C{--processes} count (the primary's; a worker's is in C{worker}).
+    @param state_dir: where the limits' shared table is made (C{--processes}).
     """
     server = config.server
 
@@ -280,6 +335,11 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
                              destination_policy=policy)
     StoreService(store).setServiceParent(root)
 
+    # The limits' table (see the policy below), closed after the registry has drained.
+    table = limit_table(processes, worker, state_dir)
+    if table is not None:
+        _add(root, "limits", LimitTableService(table, remove=worker is None))
+
     builder = None
     if worker is not None:
         builder = worker_builder(worker, lambda runtime: runtime_deps if runtime else deps, primary_states)
@@ -296,6 +356,16 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
              policy=policy.describe())
     metrics = Metrics(registry)
     front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics)
+
+    # --- policy (issue 18) ---
+    # The limits of keys and models (aibackend.ratelimit), in a table every process shares
+    # (--processes: a file in the state directory, made by the primary and opened by the
+    # workers; alone, in memory). The limiter always exists (cheap: nothing is done for a
+    # request whose key and model have no limits); the Policy only once something needs
+    # it: here, a model with [models.limits], configured, kept, or added at runtime. (Keys
+    # that may carry limits, and usage, make it too: each gives it this same limiter.)
+    limiter = Limiter(reactor, table, metrics=metrics, log=log)
+    policy_when_limited(front_door.core, registry, limiter)
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
@@ -305,7 +375,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     release_freed_memory()
     _raise_open_files_limit(server.max_connections)
     return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
-                metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy)
+                metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy, limiter=limiter)
 
 
 def _serve_alone(root, parts: Parts, reactor, listen) -> None:
@@ -322,6 +392,9 @@ def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_ar
     workers = _add(root, "workers", WorkerProcesses(reactor, count, worker_argv, shared, private, internal_token,
                                                     registry=parts.registry))
     parts.manager.changed.append(workers.sync)
+    # The limits' table every worker opens; what a worker that ended held there is given back.
+    workers.settings["limits"] = parts.limiter.table.path
+    workers.ended.append(parts.limiter.forget_process)
     parts.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
     for index, listener in enumerate(shared):
         _add(root, f"listener-{index}", listener)

@@ -29,6 +29,8 @@ REFUSAL_REASONS = (
     # refused by the HTTP server before any route (aibackend.server): not HTTP/1.1 as it
     # must be, too slow (headers, body, or not reading the answer), over a connection cap
     "malformed_request", "slow_client", "connection_limit",
+    # past a limit of a key or a model (aibackend.ratelimit): 429, never sent to the model
+    "rate_limited",
 )
 
 
@@ -55,6 +57,7 @@ class ModelStats:
         self.first_chunk_sum = 0.0
         self.stream_chunks = 0  # chunks written to streaming clients (the relay adds each)
         self.stream_ends: Counter = Counter()  # end (STREAM_ENDS) -> streams
+        self.limited: Counter = Counter()  # (scope, limit) -> requests refused (aibackend.ratelimit)
 
     def observe(self, operation: str, status: int, seconds: float) -> None:
         self.requests[(operation, status_class(status))] += 1
@@ -132,6 +135,10 @@ class DaemonCollector:
             "aibackend_batches", "Batches by why they left (full, preferred, delay, deadline), by model.",
             labels=["model", "reason"],
         )
+        limited = CounterMetricFamily(
+            "aibackend_limited", "Requests refused (429) by a limit of their key or model, by model, scope (key, "
+            "model) and limit (rpm, tpm, max_concurrent).", labels=["model", "scope", "limit"],
+        )
         batching = False
         for entry in self.registry.entries():
             model, model_id, stats = entry.model, entry.model_id, entry.stats
@@ -151,6 +158,8 @@ class DaemonCollector:
                 chunks.add_metric([model_id], stats.stream_chunks)
                 for end in STREAM_ENDS:
                     streams.add_metric([model_id, end], stats.stream_ends[end])
+            for (scope, limit), count in sorted(stats.limited.items()):
+                limited.add_metric([model_id, scope, limit], count)
             in_flight.add_metric([model_id], model.in_flight)
             queued.add_metric([model_id], model.queued)
             ready.add_metric([model_id], 1 if model.state == READY else 0)
@@ -170,6 +179,8 @@ class DaemonCollector:
         models.add_metric([], len(self.registry.models()))
         families = [requests, latency, in_flight, queued, ready, restarts, processes, ejections, connections,
                     refusals, models, first_chunk, chunks, streams]
+        if limited.samples:  # once a limit refused a request
+            families.append(limited)
         if batching:  # the batching families exist once a model batches
             families += [batch_sizes, batch_waits, batches]
         return families
@@ -203,6 +214,11 @@ class Metrics:
     def stream_ended(self, entry, end: str) -> None:
         """Count a stream of the model of C{entry} that ended (C{end}, one of L{STREAM_ENDS})."""
         entry.stats.stream_ended(end)
+
+    def limited(self, entry, scope: str, limit: str) -> None:
+        """A request to the model of C{entry} refused by a limit (C{scope}: key or model; C{limit}: rpm...)."""
+        entry.stats.limited[(scope, limit)] += 1
+        self.daemon.refusals["rate_limited"] += 1
 
     def refused(self, reason: str) -> None:
         if reason in REFUSAL_REASONS:

@@ -137,6 +137,22 @@ class Policy:
         admission = None if limiter is None else limiter.acquire(caller, entry, tokens)
         return Call(caller, model_id, tokens, admission)
 
+    def counts_tokens(self, request, entry) -> bool:
+        """
+        Does a request of C{request}'s caller to the model of C{entry} need a
+        L{TokenCount} (a front door whose answers carry token usage makes one only then):
+        usage is kept, or its key or its model has a C{tpm} limit?
+        """
+        if self.usage is not None:
+            return True
+        if self.limiter is None:
+            return False
+        model_limits = entry.spec.limits
+        if model_limits is not None and model_limits.tpm is not None:
+            return True
+        caller = request.aibackend_caller
+        return caller is not None and caller.limits is not None and caller.limits.tpm is not None
+
     def settle(self, call: Call, status: int, seconds: float) -> None:
         """C{call} has ended with C{status} after C{seconds}: its limits settled, its usage recorded (once)."""
         if call.settled:
