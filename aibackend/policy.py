@@ -134,7 +134,9 @@ class Policy:
         if caller is not None and caller.models is not None and model_id not in caller.models:
             raise errors.Forbidden(f"this key may not call model {model_id!r}", model=model_id)
         limiter = self.limiter
-        admission = None if limiter is None else limiter.acquire(caller, entry, tokens)
+        if limiter is None or request.aibackend_forwarded:  # a worker's request: the worker kept its limits
+            return Call(caller, model_id, tokens, None)
+        admission = limiter.acquire(caller, entry, tokens)
         return Call(caller, model_id, tokens, admission)
 
     def counts_tokens(self, request, entry) -> bool:

@@ -233,7 +233,7 @@ def test_policy_admits_and_settles_once(clock):
     limiter = Limiter(clock)
     policy = Policy(limiter=limiter)
     model = entry(max_concurrent=1)
-    request = SimpleNamespace(aibackend_caller=Caller("alice", limits=Limits(max_concurrent=1)))
+    request = SimpleNamespace(aibackend_forwarded=False, aibackend_caller=Caller("alice", limits=Limits(max_concurrent=1)))
     call = policy.admit(request, model)
     with pytest.raises(LimitReached):
         policy.admit(request, model)
@@ -243,12 +243,23 @@ def test_policy_admits_and_settles_once(clock):
     policy.admit(request, model)
 
 
+def test_a_request_a_worker_forwarded_is_not_limited_again(clock):
+    """With --processes, the worker that took the request kept its limits; the primary does not again."""
+    limiter = Limiter(clock)
+    policy = Policy(limiter=limiter)
+    model = entry(rpm=1)
+    forwarded = SimpleNamespace(aibackend_forwarded=True, aibackend_caller=None)
+    for _ in range(3):
+        assert policy.admit(forwarded, model).admission is None
+    policy.admit(SimpleNamespace(aibackend_forwarded=False, aibackend_caller=None), model)
+
+
 def test_policy_counts_tokens_only_when_something_needs_them():
-    request = SimpleNamespace(aibackend_caller=None)
+    request = SimpleNamespace(aibackend_forwarded=False, aibackend_caller=None)
     assert not Policy().counts_tokens(request, entry(tpm=5))
     assert not Policy(limiter=object()).counts_tokens(request, entry(rpm=5))
     assert Policy(limiter=object()).counts_tokens(request, entry(tpm=5))
-    keyed = SimpleNamespace(aibackend_caller=Caller("alice", limits=Limits(tpm=5)))
+    keyed = SimpleNamespace(aibackend_forwarded=False, aibackend_caller=Caller("alice", limits=Limits(tpm=5)))
     assert Policy(limiter=object()).counts_tokens(keyed, entry())
     assert Policy(usage=object()).counts_tokens(request, entry())
 
