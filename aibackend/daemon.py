@@ -145,17 +145,20 @@ class StoreService(service.Service):
 
 
 class LimitTableService(service.Service):
-    """Closes the limits' table on stop (the primary's file is removed: its workers have ended by then)."""
+    """
+    Removes the primary's limits' table file on stop. Its mapping stays (as a worker's
+    does) until the process ends: the requests still draining, and the workers still
+    ending, settle into it (a root service's children stop all at once).
+    """
 
     name = "limits"
 
-    def __init__(self, table: LimitTable, *, remove: bool):
+    def __init__(self, table: LimitTable):
         self.table = table
-        self.remove = remove
 
     def stopService(self):
         super().stopService()
-        self.table.close(remove=self.remove)
+        self.table.remove()
 
 
 def limit_table(processes: int, worker: dict | None, state_dir: str | None) -> LimitTable | None:
@@ -338,7 +341,8 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     # The limits' table (see the policy below), closed after the registry has drained.
     table = limit_table(processes, worker, state_dir)
     if table is not None:
-        _add(root, "limits", LimitTableService(table, remove=worker is None))
+        if worker is None:
+            _add(root, "limits", LimitTableService(table))
 
     builder = None
     if worker is not None:

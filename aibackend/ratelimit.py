@@ -239,7 +239,7 @@ class LimitTable:
         self.fd = fd
         lock = lock if lock is not None else _NoLock()
         self.lock, self.unlock = lock.acquire, lock.release
-        self._found: dict[int, int] = {}  # hash -> its row's offset, as last found (checked at each use)
+        self.found: dict[int, int] = {}  # hash -> its row's offset, as last found (checked at each use)
 
     @staticmethod
     def size(rows: int, processes: int) -> int:
@@ -298,25 +298,30 @@ class LimitTable:
             os.close(fd)
             raise
 
+    def remove(self) -> None:
+        """Remove the file (the primary, on stop): the processes that map it still can, until they end."""
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
     def close(self, *, remove: bool = False) -> None:
-        """Unmap the file (and, in the primary, remove it)."""
+        """Unmap the file (and, in the primary, remove it): nothing may use the table after."""
+        if remove:
+            self.remove()
         if self.fd is None:
             return
         self.buffer.close()
         os.close(self.fd)
         self.fd = None
-        if remove and self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
 
     # --- rows (called with the lock held) -------------------------------------------------
 
     def find(self, key: int) -> int | None:
         """The offset of C{key}'s row, or None."""
         buffer = self.buffer
-        offset = self._found.get(key)
+        offset = self.found.get(key)
         if offset is not None and _HASH.unpack_from(buffer, offset)[0] == key:
             return offset
         rows, row_size, start = self.rows, self.row_size, key % self.rows
@@ -344,7 +349,7 @@ class LimitTable:
         return None
 
     def _remember(self, key: int, offset: int) -> None:
-        found = self._found
+        found = self.found
         if len(found) >= 2 * self.rows:  # bounded: names come and go
             found.clear()
         found[key] = offset
@@ -407,14 +412,16 @@ class _Scope:
 
 class Admission:
     """
-    What L{Limiter.acquire} holds for one request: for each scope, its row's key and the
-    tokens it reserved there (and at what rate, to settle them).
+    What L{Limiter.acquire} holds for one request: for each scope, its row (a row in use
+    is never taken by another name) and the tokens it reserved there (and at what rate,
+    to settle them).
     """
 
     __slots__ = ("held",)
 
     def __init__(self, held: list):
-        self.held = held  # [(row key, seconds a token, tokens reserved)]
+        # [(row offset, row key, its times and in flight as taken, seconds a token, tokens reserved)]
+        self.held = held
 
 
 @implementer(ILimiter)
@@ -438,15 +445,15 @@ class Limiter:
         self.metrics = metrics
         self.log = log
         self.unlimited = 0  # requests a limit could not be kept for (no row free for its name)
-        self._scopes: dict[tuple, _Scope] = {}
+        self._keys: dict[str, _Scope] = {}
+        self._models: dict[str, _Scope] = {}
 
-    def _scope(self, kind: str, name: str) -> _Scope:
-        scopes = self._scopes
-        scope = scopes.get((kind, name))
+    def _scope(self, scopes: dict, kind: str, name: str) -> _Scope:
+        scope = scopes.get(name)
         if scope is None:
             if len(scopes) >= self.MAX_SCOPES:
                 scopes.clear()
-            scope = scopes[(kind, name)] = _Scope(kind, name)
+            scope = scopes[name] = _Scope(kind, name)
         return scope
 
     def acquire(self, caller, entry, tokens):
@@ -456,68 +463,81 @@ class Limiter:
             return None
         applied = []
         if key_limits is not None:
-            applied.append((self._scope("key", caller.name), key_limits))
+            applied.append((self._scope(self._keys, "key", caller.name), key_limits))
         if model_limits is not None:
-            applied.append((self._scope("model", entry.model_id), model_limits))
+            applied.append((self._scope(self._models, "model", entry.model_id), model_limits))
         reserve = tokens.reserve if tokens is not None else 0
         table = self.table
-        buffer = table.buffer
+        buffer, found, unpack = table.buffer, table.found, ROW.unpack_from
         now = self.clock.seconds()
         reached = now + MINUTE + _EPSILON
         changes = []
         table.lock()
         try:
+            # First every limit is looked at (a refusal raises before anything is taken)...
             for scope, limits in applied:
-                offset = table.claim(scope.key, now)
-                if offset is None:
-                    self._no_row(scope)
-                    continue
-                key, requests_at, tokens_at, in_flight = ROW.unpack_from(buffer, offset)
-                rpm, tpm, most = limits.rpm, limits.tpm, limits.max_concurrent
+                key = scope.key
+                offset = found.get(key)
+                if offset is not None:
+                    taken, requests_at, tokens_at, in_flight = unpack(buffer, offset)
+                if offset is None or taken != key:
+                    offset = table.claim(key, now)
+                    if offset is None:
+                        self._no_row(scope)
+                        continue
+                    _, requests_at, tokens_at, in_flight = unpack(buffer, offset)
+                rpm = limits.rpm
                 if rpm is not None:
-                    requests_at = max(requests_at, now) + MINUTE / rpm
+                    requests_at = (requests_at if requests_at > now else now) + MINUTE / rpm
                     if requests_at > reached:
                         raise self._refusal(scope, "rpm", limits, applied, entry, now, reserve)
-                per_token = charged = 0.0
+                tpm = limits.tpm
                 if tpm is not None and tokens is not None:
                     per_token = MINUTE / tpm
-                    charged = min(reserve, tpm)
-                    tokens_at = max(tokens_at, now) + charged * per_token
+                    charged = reserve if reserve < tpm else tpm
+                    tokens_at = (tokens_at if tokens_at > now else now) + charged * per_token
                     if tokens_at > reached:
                         raise self._refusal(scope, "tpm", limits, applied, entry, now, reserve)
+                else:
+                    per_token = charged = 0
+                most = limits.max_concurrent
                 if most is not None and in_flight >= most:
                     raise self._refusal(scope, "max_concurrent", limits, applied, entry, now, reserve)
                 changes.append((offset, key, requests_at, tokens_at, in_flight + 1, per_token, charged))
-            held = []
-            own = table.own
+            # ... then all of them are taken.
+            pack = ROW.pack_into
+            own = table.own if table.processes > 1 else None
             for offset, key, requests_at, tokens_at, in_flight, per_token, charged in changes:
-                ROW.pack_into(buffer, offset, key, requests_at, tokens_at, in_flight)
-                _COUNT.pack_into(buffer, offset + own, _COUNT.unpack_from(buffer, offset + own)[0] + 1)
-                held.append((key, per_token, charged))
+                pack(buffer, offset, key, requests_at, tokens_at, in_flight)
+                if own is not None:
+                    _COUNT.pack_into(buffer, offset + own, _COUNT.unpack_from(buffer, offset + own)[0] + 1)
         finally:
             table.unlock()
-        return Admission(held) if held else None
+        return Admission(changes) if changes else None
 
     def release(self, admission, tokens):
         used = tokens.used() if tokens is not None else None
+        if used is None:
+            used = 0  # nothing known to be used: the whole reservation is given back
         table = self.table
-        buffer = table.buffer
-        own = table.own
+        buffer, unpack, pack = table.buffer, ROW.unpack_from, ROW.pack_into
+        own = table.own if table.processes > 1 else None
         table.lock()
         try:
-            for key, per_token, charged in admission.held:
-                offset = table.find(key)
-                if offset is None:
+            for offset, key, _, _, _, per_token, charged in admission.held:
+                taken, requests_at, tokens_at, in_flight = unpack(buffer, offset)
+                if taken != key:  # cannot be, while it is in flight: but never write another's row
                     continue
-                _, requests_at, tokens_at, in_flight = ROW.unpack_from(buffer, offset)
-                if per_token:
-                    # What it used (nothing known: nothing), less what it reserved: given back or charged.
-                    tokens_at += ((used or 0) - charged) * per_token
-                mine = _COUNT.unpack_from(buffer, offset + own)[0]
-                if mine > 0:  # else: given back already (a process forgotten)
-                    _COUNT.pack_into(buffer, offset + own, mine - 1)
-                    in_flight = max(0, in_flight - 1)
-                ROW.pack_into(buffer, offset, key, requests_at, tokens_at, in_flight)
+                if per_token:  # what it used, less what it reserved: given back or charged
+                    tokens_at += (used - charged) * per_token
+                if own is None:
+                    in_flight -= 1
+                else:
+                    mine = _COUNT.unpack_from(buffer, offset + own)[0]
+                    if mine > 0:  # else: given back already (its process was forgotten)
+                        _COUNT.pack_into(buffer, offset + own, mine - 1)
+                        in_flight -= 1
+                pack(buffer, offset, key, requests_at, tokens_at, in_flight if in_flight > 0 else 0)
         finally:
             table.unlock()
 
