@@ -275,7 +275,7 @@ class Guard:
 
     def check_client(self, request) -> None:
         """@raise Unauthorized: C{api_keys} are set and the request has none of them (nor the admin token)."""
-        if self._internal(request):
+        if self.internal_token and self._internal(request):
             # A worker's forwarded request (--processes): admitted by the worker's policy already.
             request.aibackend_forwarded = True
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ def daemon(tmp_path_factory):
     config = (
         "[server]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in server.items()) + "\n"
         + toml_models(chat_model("burst", rpm=RPM), chat_model("tight", rpm=1), chat_model("tokens", tpm=200),
-                      chat_model("free"))
+                      chat_model("free"), chat_model("single", max_concurrent=1))
     )
     path = tmp / "aibackend.toml"
     path.write_text(config)
@@ -54,12 +55,13 @@ def daemon(tmp_path_factory):
         def ready(model):
             return started.request("GET", f"/get/status?id={model}").json().get("state") == "ready"
 
-        wait_until(lambda: all(ready(m) for m in ("burst", "tight", "tokens", "free")), 30, "the models to be ready")
+        wait_until(lambda: all(ready(m) for m in ("burst", "tight", "tokens", "free", "single")), 30, "the models to be ready")
         # Both processes listen: fresh connections reach either.
         wait_until(lambda: len({answering(started) for _ in range(20)}) == 2, 20, "both processes to answer")
         yield started
     finally:
         started.stop()
+    started.assert_no_bug_logged()
 
 
 def answering(daemon) -> str:
@@ -174,3 +176,23 @@ def test_v1_a_streams_tokens_are_reserved_then_settled(daemon, client):
 def test_a_model_without_limits_is_not_limited(daemon):
     for _ in range(5):
         assert daemon.request("POST", "/post/predict?id=free", {"messages": HELLO}).status == 200
+
+
+def test_the_places_a_killed_worker_held_are_given_back(daemon):
+    """Last in the module: its worker is killed (and another started in its place)."""
+    worker = daemon.worker()
+    held = daemon.connection_to(worker)
+    forever = json.dumps({"messages": [{"role": "user", "content": "forever"}]}).encode()
+    held.request("POST", "/post/predict?id=single", body=forever, headers={"Content-Type": "application/json"})
+    # The worker's request holds the model's one place: the primary refuses another.
+    wait_until(lambda: daemon.request_to(daemon.pid, "POST", "/post/predict?id=single",
+                                         {"messages": HELLO}).status == 429, 10, "the worker's request to hold")
+    refused = daemon.request_to(daemon.pid, "POST", "/post/predict?id=single", {"messages": HELLO})
+    assert refused.status == 429 and refused.json()["error"]["type"] == "rate_limit_exceeded"
+    assert "Limit 1 at once" in refused.json()["error"]["message"]
+    os.kill(worker, signal.SIGKILL)
+    held.close()
+    wait_until(lambda: worker not in daemon.workers(), 10, "the primary to reap the killed worker")
+    # Its place was given back when it ended.
+    wait_until(lambda: daemon.request_to(daemon.pid, "POST", "/post/predict?id=single",
+                                         {"messages": HELLO}).status == 200, 10, "the place to be given back")
