@@ -532,3 +532,76 @@ def test_concurrency_is_given_back_on_every_outcome(clock, logged_errors, outcom
     assert limiter.table.in_flight("model", "fake") == 0
     model.answers()
     assert door.call("POST", "/post/predict?id=fake", data=b"{}").status == 200
+
+
+# --- token counts of the OpenAI-compatible front door ------------------------------------
+
+
+def test_the_reservation_of_a_request():
+    from aibackend.openai_api import CHAT, EMBEDDINGS, reservation
+
+    assert reservation({}, CHAT, 10) == 10 + DEFAULT_COMPLETION_TOKENS
+    assert reservation({"max_tokens": 100}, CHAT, 10) == 110
+    assert reservation({"max_completion_tokens": 50, "max_tokens": 100}, CHAT, 10) == 60
+    assert reservation({"max_tokens": 100, "n": 3}, CHAT, 10) == 310
+    assert reservation({"max_tokens": True}, CHAT, 10) == 10 + DEFAULT_COMPLETION_TOKENS  # not a count
+    assert reservation({"max_tokens": 100}, EMBEDDINGS, 10) == 10
+
+
+def test_embeddings_are_settled_with_their_prompt(clock):
+    model = FakeModel().answers(body={"embeddings": [[0.5, 0.5]], "usage": {"prompt_tokens": 7}})
+    door = limited_door(clock, model, tpm=100)
+    body = json.dumps({"model": "fake", "input": "x" * 400}).encode()  # 100 tokens reserved, 7 used
+    assert door.call("POST", "/v1/embeddings", data=body, headers=JSON).status == 200
+    smaller = json.dumps({"model": "fake", "input": "x" * 360}).encode()  # 90 reserved
+    assert door.call("POST", "/v1/embeddings", data=smaller, headers=JSON).status == 200  # 93 were left
+    response = door.call("POST", "/v1/embeddings", data=smaller, headers=JSON)
+    assert response.status == 429 and response.header("x-ratelimit-remaining-tokens") == "86"
+
+
+def test_a_native_answer_is_settled_with_its_usage_else_an_estimate():
+    from aibackend.openai_api import NativeTokens
+
+    tokens = TokenCount(500)
+    answer = ModelAnswer(200, json.dumps({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}})
+                         .encode())
+    assert NativeTokens(tokens, 30).shape(answer) is answer
+    assert (tokens.prompt, tokens.completion) == (9, 4)
+    tokens = TokenCount(500)
+    NativeTokens(tokens, 30).shape(ModelAnswer(200, b'{"choices": []}'))
+    assert (tokens.prompt, tokens.completion) == (30, 4)  # a quarter of its 15 bytes, rounded up
+    tokens = TokenCount(500)
+    NativeTokens(tokens, 30).shape(ModelAnswer(500, b'{"error": "no"}'))
+    assert tokens.used() is None  # an error: the whole reservation is given back
+
+
+def test_a_native_stream_is_counted_as_it_goes_and_by_its_usage_event():
+    from aibackend.openai_api import CountedPassThrough
+
+    tokens = TokenCount(500)
+    framing = CountedPassThrough(tokens, 12)
+    written = framing.chunk(json.dumps({"choices": [{"delta": {"content": "x" * 40}}]}).encode())
+    assert written.startswith(b"data: ")
+    assert (tokens.prompt, tokens.completion) == (12, 10)  # a stream cut now is settled with these
+    framing.chunk(json.dumps({"choices": [{"text": "y" * 8}]}).encode())
+    assert tokens.completion == 12
+    framing.chunk(json.dumps({"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 11}}).encode())
+    assert framing.end(None).endswith(b"data: [DONE]\n\n")
+    assert (tokens.prompt, tokens.completion) == (20, 11)
+
+
+def test_a_model_with_limits_added_at_runtime_gets_the_daemon_a_policy(clock):
+    from aibackend.daemon import policy_when_limited
+
+    plain, limited = FakeModel("plain"), FakeModel("limited")
+    limited.spec = replace(limited.spec, limits=Limits(rpm=1))
+    door = StubFrontDoor(clock, [plain])
+    core = door.front_door.core
+    limiter = Limiter(clock)
+    policy_when_limited(core, door.registry, limiter)
+    assert core.policy is None  # the hot path has none
+    door.registry.add(limited)
+    assert core.policy.limiter is limiter
+    assert door.call("POST", "/post/predict?id=limited", data=b"{}").status == 200
+    assert door.call("POST", "/post/predict?id=limited", data=b"{}").status == 429
+    assert door.call("POST", "/post/predict?id=plain", data=b"{}").status == 200
