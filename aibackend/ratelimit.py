@@ -16,7 +16,8 @@ How the limits are kept, and why so:
     sliding log would keep one timestamp per request. One float per limit, one compare
     per request: exact, bounded, and what a Redis script does as well (issue 19).
   - Concurrent requests are a counter, taken at admission and given back once the
-    request ended, whatever its outcome (L{aibackend.policy.Policy.settle}).
+    request ended, whatever its outcome (L{aibackend.policy.Policy.settle}). A request
+    whose limits are only requests per minute holds nothing: it has nothing to settle.
   - Tokens are reserved when the request starts (L{aibackend.policy.TokenCount.reserve}:
     the request's C{max_tokens} or C{max_completion_tokens}, else
     L{DEFAULT_COMPLETION_TOKENS}, plus the prompt's estimate; a reservation is at most the
@@ -420,7 +421,7 @@ class Admission:
     __slots__ = ("held",)
 
     def __init__(self, held: list):
-        # [(row offset, row key, its times and in flight as taken, seconds a token, tokens reserved)]
+        # [(row offset, row key, its times and in flight as taken, seconds a token, tokens reserved, True)]
         self.held = held
 
 
@@ -501,19 +502,30 @@ class Limiter:
                 else:
                     per_token = charged = 0
                 most = limits.max_concurrent
-                if most is not None and in_flight >= most:
-                    raise self._refusal(scope, "max_concurrent", limits, applied, entry, now, reserve)
-                changes.append((offset, key, requests_at, tokens_at, in_flight + 1, per_token, charged))
+                if most is not None:
+                    if in_flight >= most:
+                        raise self._refusal(scope, "max_concurrent", limits, applied, entry, now, reserve)
+                    in_flight += 1
+                elif per_token:
+                    in_flight += 1  # held (its row with it) until its tokens are settled
+                else:
+                    changes.append((offset, key, requests_at, tokens_at, in_flight, 0, 0, False))
+                    continue  # requests per minute only: nothing to give back, nothing held
+                changes.append((offset, key, requests_at, tokens_at, in_flight, per_token, charged, True))
             # ... then all of them are taken.
             pack = ROW.pack_into
             own = table.own if table.processes > 1 else None
-            for offset, key, requests_at, tokens_at, in_flight, per_token, charged in changes:
+            held = []
+            for change in changes:
+                offset, key, requests_at, tokens_at, in_flight, _, _, holds = change
                 pack(buffer, offset, key, requests_at, tokens_at, in_flight)
-                if own is not None:
-                    _COUNT.pack_into(buffer, offset + own, _COUNT.unpack_from(buffer, offset + own)[0] + 1)
+                if holds:
+                    held.append(change)
+                    if own is not None:
+                        _COUNT.pack_into(buffer, offset + own, _COUNT.unpack_from(buffer, offset + own)[0] + 1)
         finally:
             table.unlock()
-        return Admission(changes) if changes else None
+        return Admission(held) if held else None
 
     def release(self, admission, tokens):
         used = tokens.used() if tokens is not None else None
@@ -524,7 +536,7 @@ class Limiter:
         own = table.own if table.processes > 1 else None
         table.lock()
         try:
-            for offset, key, _, _, _, per_token, charged in admission.held:
+            for offset, key, _, _, _, per_token, charged, _ in admission.held:
                 taken, requests_at, tokens_at, in_flight = unpack(buffer, offset)
                 if taken != key:  # cannot be, while it is in flight: but never write another's row
                     continue

@@ -180,7 +180,7 @@ def test_requests_without_a_token_count_are_not_held_to_tpm(clock):
     limiter = Limiter(clock)
     model = entry(tpm=10)
     limiter.acquire(None, model, TokenCount(10))
-    assert limiter.acquire(None, model, None) is not None  # a plain route: no tokens
+    assert limiter.acquire(None, model, None) is None  # a plain route, no tokens: nothing held, nothing refused
 
 
 # --- keys and models: all or none ----------------------------------------------------
@@ -272,7 +272,7 @@ def test_rows_are_bounded_and_idle_ones_are_taken_again(clock):
     callers = [Caller(f"key-{n}", limits=Limits(rpm=1)) for n in range(6)]
     model = entry()
     for caller in callers[:4]:
-        limiter.release(limiter.acquire(caller, model, None), None)
+        assert limiter.acquire(caller, model, None) is None  # requests per minute only: nothing held
     # Every row holds a bucket not full yet: a fifth key is not limited (counted, logged).
     assert limiter.acquire(callers[4], model, None) is None
     assert limiter.acquire(callers[4], model, None) is None
@@ -605,3 +605,15 @@ def test_a_model_with_limits_added_at_runtime_gets_the_daemon_a_policy(clock):
     assert door.call("POST", "/post/predict?id=limited", data=b"{}").status == 200
     assert door.call("POST", "/post/predict?id=limited", data=b"{}").status == 429
     assert door.call("POST", "/post/predict?id=plain", data=b"{}").status == 200
+
+
+def test_a_row_in_use_is_never_taken_by_another_name(clock):
+    limiter = Limiter(clock, LimitTable.local(rows=1))
+    alice = Caller("alice", limits=Limits(max_concurrent=1))
+    bob = Caller("bob", limits=Limits(max_concurrent=1))
+    held = limiter.acquire(alice, entry(), None)
+    clock.advance(3600)
+    assert limiter.acquire(bob, entry(), None) is None  # no row for bob: not limited (logged)
+    refused(limiter, alice, entry())
+    limiter.release(held, None)
+    assert limiter.acquire(bob, entry(), None) is not None  # alice's row, idle now, is bob's
