@@ -183,12 +183,18 @@ def limit_table(processes: int, worker: dict | None, state_dir: str | None) -> L
 def policy_when_limited(core, registry, limiter) -> None:
     """
     Give C{core} a L{Policy} with C{limiter} once a model with C{[models.limits]} is in
-    C{registry} (now, or added at runtime): until then the hot path has no policy.
+    C{registry} (now, or added at runtime): until then the hot path has no policy (a
+    policy made for something else, keys or usage, is given the limiter).
     """
 
     def added(entry) -> None:
-        if entry.spec.limits is not None and core.policy is None:
+        if entry.spec.limits is None:
+            return
+        policy = core.policy
+        if policy is None:
             core.policy = Policy(limiter=limiter)
+        elif policy.limiter is None:
+            policy.limiter = limiter
 
     for entry in registry.entries():
         added(entry)
