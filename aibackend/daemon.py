@@ -26,7 +26,6 @@ import gc
 import os
 import signal
 import sqlite3
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -165,15 +164,16 @@ def limit_table(processes: int, worker: dict | None, state_dir: str | None) -> L
     """
     The table the limits are kept in: with C{--processes}, the primary's file (made here
     in the primary, opened in a worker); None for a daemon alone (its Limiter keeps one
-    in memory).
+    in memory), and for one built without a state directory (a test's: each process then
+    keeps its own).
 
     @raise StartupError: the file cannot be made or opened.
     """
     try:
         if worker is not None:
             return LimitTable.open(worker["limits"], worker["number"]) if worker.get("limits") else None
-        if processes > 1:
-            return LimitTable.create(state_dir or tempfile.gettempdir(), processes)
+        if processes > 1 and state_dir is not None:
+            return LimitTable.create(state_dir, processes)
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise StartupError(f"cannot use the limits' table in the state directory {state_dir}: {why}") from None
