@@ -24,6 +24,7 @@ from aibackend.interfaces import IStreaming, RequestContext
 from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aibackend.policy import check_model, may_call
+from aibackend.ratelimit import LimitReached
 from aibackend.redisstore import ISharedStore
 from aibackend.relay import NDJSON, SSE
 from aibackend.usage import IUsageReader, Selection
@@ -312,6 +313,8 @@ class OperationAPI:
             if len(body) <= THREAD_ABOVE_BYTES:
                 parse_json(body)
                 return send(request, entry, body, context, started)
+        except LimitReached:
+            raise  # a refusal, not a request to the model: counted as one (aibackend.ratelimit)
         except errors.ApiError as error:
             relay.done(entry, request_id, "predict", started, error.status, error.message)
             raise

@@ -59,7 +59,7 @@ class Keyed:
         self.keys.load()
         self.door.front_door.api.use_keys(self.keys)
         self.core = self.door.front_door.core
-        wire_policy(self.core, self.guard, parse_config({"server": {}}, environ={}).server, self.keys)
+        wire_policy(self.core, parse_config({"server": {}}, environ={}).server, self.keys, self.door.registry)
 
     def call(self, method, url, key=None, **kwargs):
         if key is not None:
@@ -416,7 +416,7 @@ def test_the_daemon_has_a_policy_only_once_a_key_exists():
     # by default once there are keys), none with usage = false.
     assert built(MemoryStore(), api_keys=[CONFIGURED], usage=False).front_door.core.policy is None
     configured = built(MemoryStore(), api_keys=[CONFIGURED]).front_door.core.policy
-    assert configured is not None and configured.usage is not None and configured.limiter is None
+    assert configured is not None and configured.usage is not None  # (and the limiter, idle: no limits)
     store = MemoryStore()
     store.put_key(record().row())
     parts = built(store)
