@@ -46,7 +46,7 @@ BOTH = (b"GET", b"POST")
 POST_ONLY = (b"POST",)
 # What a worker process (--processes) has the primary process do: it keeps the change and
 # tells every worker, which follows before the primary answers (the key changes too).
-FORWARDED = frozenset({"addmodel", "removemodel", "restart", "addkey", "revokekey", "rotatekey"})
+FORWARDED = frozenset({"addmodel", "removemodel", "restart", "addkey", "revokekey", "rotatekey", "deletekey"})
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
@@ -184,6 +184,7 @@ class OperationAPI:
                 "keys": (self.list_keys, True, BOTH),
                 "revokekey": (self.revokekey, True, POST_ONLY),
                 "rotatekey": (self.rotatekey, True, POST_ONLY),
+                "deletekey": (self.deletekey, True, POST_ONLY),
             }
         )
 
@@ -452,4 +453,8 @@ class OperationAPI:
 
     def rotatekey(self, request, request_id, params):
         d = self.keys.rotate(key_name_param(params))
+        return d.addCallback(lambda result: sized(request, json.dumps(result).encode()))
+
+    def deletekey(self, request, request_id, params):
+        d = self.keys.delete(key_name_param(params))
         return d.addCallback(lambda result: sized(request, json.dumps(result).encode()))

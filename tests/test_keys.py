@@ -217,6 +217,24 @@ def test_rotate_refuses_the_old_secret_at_once_and_revoke_refuses_the_key(clock)
     assert_error(keyed.call("POST", "/post/predict?id=iris", data=b"{}"), 401, "unauthorized")
 
 
+def test_delete_forgets_a_key_and_with_none_left_no_key_is_needed(clock):
+    keyed = Keyed(clock)
+    first = keyed.add(name="first").json()["secret"]
+    second = keyed.add(name="second").json()["secret"]
+    deleted = keyed.call("POST", "/post/deletekey?name=first")
+    assert deleted.status == 200 and deleted.json()["deleted"] and "secret" not in deleted.json()
+    assert_error(keyed.call("POST", "/post/predict?id=iris", first, data=b"{}"), 401, "unauthorized")
+    assert keyed.call("POST", "/post/predict?id=iris", second, data=b"{}").status == 200
+    assert [key["name"] for key in keyed.call("GET", "/get/keys").json()["keys"]] == ["second"]
+    assert list(keyed.store.keys.values())[0]["name"] == "second"  # forgotten by the store too
+    assert_error(keyed.call("POST", "/post/deletekey?name=first"), 404, "not_found")
+    assert keyed.add(name="first").status == 201  # the name is free again
+    for name in ("first", "second"):
+        assert keyed.call("POST", f"/post/deletekey?name={name}").status == 200
+    assert keyed.call("POST", "/post/predict?id=iris", data=b"{}").status == 200  # no key left: open again
+    assert keyed.core.policy is None or keyed.core.policy.usage is not None
+
+
 @pytest.mark.parametrize("table, message", [
     ({}, "needs a name"),
     ({"name": "a b"}, "not 'a b'"),
