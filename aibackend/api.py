@@ -24,6 +24,7 @@ from aibackend.interfaces import IStreaming, RequestContext
 from aibackend.logs import normalize_level, parse_since, select
 from aibackend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aibackend.policy import check_model, may_call
+from aibackend.ratelimit import LimitReached
 from aibackend.redisstore import ISharedStore
 from aibackend.relay import NDJSON, SSE
 from aibackend.usage import IUsageReader, Selection
@@ -45,7 +46,7 @@ BOTH = (b"GET", b"POST")
 POST_ONLY = (b"POST",)
 # What a worker process (--processes) has the primary process do: it keeps the change and
 # tells every worker, which follows before the primary answers (the key changes too).
-FORWARDED = frozenset({"addmodel", "removemodel", "restart", "addkey", "revokekey", "rotatekey"})
+FORWARDED = frozenset({"addmodel", "removemodel", "restart", "addkey", "revokekey", "rotatekey", "deletekey"})
 # Declared body types taken as JSON text: JSON itself, plain text, and what
 # `curl -d` sends by default. Anything else declared is refused (415).
 JSON_LIKE_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
@@ -183,6 +184,7 @@ class OperationAPI:
                 "keys": (self.list_keys, True, BOTH),
                 "revokekey": (self.revokekey, True, POST_ONLY),
                 "rotatekey": (self.rotatekey, True, POST_ONLY),
+                "deletekey": (self.deletekey, True, POST_ONLY),
             }
         )
 
@@ -312,6 +314,8 @@ class OperationAPI:
             if len(body) <= THREAD_ABOVE_BYTES:
                 parse_json(body)
                 return send(request, entry, body, context, started)
+        except LimitReached:
+            raise  # a refusal, not a request to the model: counted as one (aibackend.ratelimit)
         except errors.ApiError as error:
             relay.done(entry, request_id, "predict", started, error.status, error.message)
             raise
@@ -449,4 +453,8 @@ class OperationAPI:
 
     def rotatekey(self, request, request_id, params):
         d = self.keys.rotate(key_name_param(params))
+        return d.addCallback(lambda result: sized(request, json.dumps(result).encode()))
+
+    def deletekey(self, request, request_id, params):
+        d = self.keys.delete(key_name_param(params))
         return d.addCallback(lambda result: sized(request, json.dumps(result).encode()))

@@ -36,7 +36,6 @@ from twisted.logger import Logger
 
 from aibackend.errors import Forbidden, Unauthorized
 from aibackend.keys import KeyRing
-from aibackend.policy import INTERNAL
 
 MIN_TOKEN_LENGTH = 16
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -188,9 +187,6 @@ class Guard:
         # With --processes: what a worker process sends when it forwards a request it has
         # already checked. Random for each start; never configured, never logged.
         self.internal_token = internal_token
-        # The --processes primary with a policy (aibackend.policy): a worker's requests are
-        # named INTERNAL, for its policy to leave alone.
-        self.names_internal = False
         self.api_keys = tuple(api_keys)
         self.keys = keys if keys is not None else KeyRing(self.api_keys, admin_token)
         self.local_only = all(endpoint_is_local(description) for description in listen)
@@ -301,10 +297,12 @@ class Guard:
             revoked or rotated-away one).
         """
         keys = self.keys
-        if self.names_internal and self._internal(request):
-            request.aibackend_caller = INTERNAL  # a worker's request: its policy admits and settles it
+        if self.internal_token and self._internal(request):
+            # A worker's forwarded request (--processes): its caller let in, admitted and
+            # settled by the worker's policy already (aibackend.policy.Policy.admit).
+            request.aibackend_forwarded = True
             return
-        if not keys.required or self._internal(request):
+        if not keys.required:
             return
         given = bearer(request)
         if given is not None:

@@ -59,6 +59,7 @@ from aibackend.configbase import (  # noqa: F401 (the names other modules use, h
     parse_v2,
     public_of,
     read_key_file,
+    read_limits,
     read_log_entries,
     read_setting,
     read_settings,
@@ -163,7 +164,8 @@ def parse_model(table: Table, *, default_log_entries: int = DEFAULT_LOG_ENTRIES,
     if model_type is None:
         return None
     common = {"id": model_id or "", "type": model_type.name, "log_entries": log_entries, "v2": v2, "openai": openai,
-              "fallbacks": read_fallbacks(table, model_id), **read_stream_settings(table)}
+              "fallbacks": read_fallbacks(table, model_id), "limits": read_limits(table),
+              **read_stream_settings(table)}
     spec = model_type.parse(table, common, environ)
     table.finish()
     return spec

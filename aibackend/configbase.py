@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from aibackend.ratelimit import LIMIT_KEYS, Limits, parse_limits
 from aibackend.tensors import DATATYPES, TensorSpec, check_shape_value
 
 DEFAULT_LOG_ENTRIES = 1000
@@ -855,6 +856,32 @@ BATCHING_DOC = (
 )
 
 
+# --- [models.limits] ---------------------------------------------------------------------
+
+
+def read_limits(table: Table) -> Limits | None:
+    """
+    A model's C{[models.limits]} (L{aibackend.ratelimit.parse_limits}, as a key's limits
+    are read); None when it is absent, sets no limit, or is wrong (a problem reported).
+    """
+    if not table.has("limits"):
+        return None
+    _, value = table.get("limits")
+    try:
+        limits = parse_limits(value, "limits")
+    except ValueError as e:
+        table.problem(None, str(e))
+        return None
+    return limits if limits.any() else None
+
+
+LIMITS_DOC = (
+    "[limits](#limits) of the model, over all its callers and every `--processes` process: "
+    + ", ".join(f"`{name}` ({meaning})" for name, meaning in LIMIT_KEYS.items())
+    + "; past one a request is refused with 429 and `Retry-After`"
+)
+
+
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_STREAM_BUFFER = 1 << 20
@@ -884,6 +911,8 @@ class ModelSpec:
                         public="unless-default", show=V2Spec.public)
     openai: OpenAISpec = custom(DEFAULT_OPENAI, doc=OPENAI_DOC, label="`[models.openai]`", shown="none",
                                 public="unless-default", show=OpenAISpec.public)
+    limits: Limits | None = custom(None, doc=LIMITS_DOC, label="`[models.limits]`", shown="none",
+                                   public="unless-default", show=Limits.table)
     # How a streamed answer is kept moving (aibackend.relay.StreamWriter); a plain request
     # is not affected by them. Shown in the masked view once given.
     first_chunk_timeout: float | None = number(

@@ -51,6 +51,7 @@ from aibackend.processes import (
     worker_builder,
 )
 from aibackend.proctree import SubreaperService
+from aibackend.ratelimit import LimitTable, Limiter
 from aibackend.redisstore import FollowService, ISharedStore, RedisStore, StoreCollector
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
@@ -148,6 +149,43 @@ class StoreService(service.Service):
         return self.store.close()
 
 
+class LimitTableService(service.Service):
+    """
+    Removes the primary's limits' table file on stop. Its mapping stays (as a worker's
+    does) until the process ends: the requests still draining, and the workers still
+    ending, settle into it (a root service's children stop all at once).
+    """
+
+    name = "limits"
+
+    def __init__(self, table: LimitTable):
+        self.table = table
+
+    def stopService(self):
+        super().stopService()
+        self.table.remove()
+
+
+def limit_table(processes: int, worker: dict | None, state_dir: str | None) -> LimitTable | None:
+    """
+    The table the limits are kept in: with C{--processes}, the primary's file (made here
+    in the primary, opened in a worker); None for a daemon alone (its Limiter keeps one
+    in memory), and for one built without a state directory (a test's: each process then
+    keeps its own).
+
+    @raise StartupError: the file cannot be made or opened.
+    """
+    try:
+        if worker is not None:
+            return LimitTable.open(worker["limits"], worker["number"]) if worker.get("limits") else None
+        if processes > 1 and state_dir is not None:
+            return LimitTable.create(state_dir, processes)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise StartupError(f"cannot use the limits' table in the state directory {state_dir}: {why}") from None
+    return None
+
+
 class Root(service.MultiService):
     """
     The daemon's root service.
@@ -199,6 +237,7 @@ class Parts:
     runtime_deps: ModelDeps
     policy: DestinationPolicy
     keys: KeyManager
+    limiter: Any = None  # the aibackend.ratelimit.Limiter of keys' and models' limits
 
 
 @dataclass(frozen=True)
@@ -275,7 +314,7 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
     internal_token = new_token() if worker is None and processes > 1 else None
     parts = build_parts(root, config, reactor, store=store, environ=environ, listen=listen,
                       max_body_bytes=max_body_bytes, admin_token=admin_token, internal_token=internal_token,
-                      worker=worker, primary_states=primary_states, state_dir=state_dir)
+                      worker=worker, primary_states=primary_states, processes=processes, state_dir=state_dir)
     if worker is None and ISharedStore.providedBy(store):
         _follow_shared_store(root, parts, config, store)
     if worker is not None:
@@ -289,13 +328,15 @@ def build(config: Config, reactor, *, listen, max_body_bytes, environ=None, stat
 
 
 def build_parts(root, config: Config, reactor, *, store, environ, listen, max_body_bytes, admin_token=None,
-               internal_token=None, worker=None, primary_states=None, state_dir=None) -> Parts:
+               internal_token=None, worker=None, primary_states=None, processes=1, state_dir=None) -> Parts:
     """
     The HTTP pools, the store, the registry with the configured and the kept runtime
     models, the manager, the guard, the metrics, the front door and its site, the
     policy; the services among them added to C{root}.
 
-    @param state_dir: where the usage is kept (None: in memory).
+    @param processes: the C{--processes} count (the primary's; a worker's is in C{worker}).
+    @param state_dir: where the limits' shared table is made (C{--processes}) and the
+        usage kept (None: in memory).
     """
     server = config.server
 
@@ -314,6 +355,12 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     runtime_deps = ModelDeps(reactor=reactor, pool=make_pool("runtime-pool"), environ=environ,
                              destination_policy=policy)
     StoreService(store).setServiceParent(root)
+
+    # The limits' table (see the policy below), closed after the registry has drained.
+    table = limit_table(processes, worker, state_dir)
+    if table is not None:
+        if worker is None:
+            _add(root, "limits", LimitTableService(table))
 
     builder = None
     if worker is not None:
@@ -335,7 +382,12 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     front_door = FrontDoor(registry, reactor, manager=manager, guard=guard, metrics=metrics, keys=keys)
 
     # --- policy (issue 18) ---
-    limiter = None  # the ILimiter of keys' and models' limits (LIMITS)
+    # The limits of keys and models (aibackend.ratelimit), in a table every process shares
+    # (--processes: a file in the state directory, made by the primary and opened by the
+    # workers; alone, in memory). The limiter always exists (cheap: nothing is done for a
+    # request whose key and model have no limits); the Policy only once something needs it
+    # (build_policy).
+    limiter = Limiter(reactor, table, metrics=metrics, log=log)
     usage = None
     # [server] usage: true, false, or unset (on whenever the daemon has client keys or
     # limits: keys made at runtime too, so the recorder is ready unless usage = false).
@@ -345,8 +397,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
         core = front_door.core
         metrics.collectors.register(UsageCollector(
             usage, in_use=lambda: core.policy is not None and core.policy.usage is not None))
-    wire_policy(front_door.core, guard, server, keys, limiter=limiter, usage=usage,
-                forwarded=internal_token is not None)
+    wire_policy(front_door.core, server, keys, registry, limiter=limiter, usage=usage)
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
         timeout=server.idle_timeout, header_timeout=server.header_timeout, max_connections=server.max_connections,
@@ -357,53 +408,52 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     _raise_open_files_limit(server.max_connections)
     return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
                 metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy,
-                keys=keys)
+                keys=keys, limiter=limiter)
 
 
 # --- policy (issue 18): the relay's Policy, from the server spec and the key ring ---
 
 
-def build_policy(server, keyring, *, limiter=None, usage=None):
+def build_policy(server, keyring, registry, *, limiter=None, usage=None):
     """
     The relay's L{Policy} for what is configured and kept, or None: nothing to admit,
     and the hot path does nothing for one. Each part of issue 18 is a reason to have one:
 
-      - keys: a stored key has models to enforce (L{Policy.admit}); configured
-        C{api_keys} and the admin token call every model without limits, so they alone
-        need no policy for themselves;
-      - limits: a limiter (L{aibackend.policy.ILimiter}), when any can apply;
+      - keys: a stored key has models to enforce (L{Policy.admit}) and may carry limits;
+        configured C{api_keys} and the admin token call every model without limits, so
+        they alone need no policy for themselves;
+      - limits: a model of C{registry} with C{[models.limits]};
       - usage: the recorder (L{aibackend.usage}), made unless C{usage = false}; with
         C{usage} unset it is used only once the daemon has client keys (configured or
-        stored) or a limiter.
+        stored) or limits.
+
+    A policy made has the limiter whatever made it (a key's limits are known per request).
 
     @param server: the configuration's server spec.
     @param keyring: the guard's L{aibackend.keys.KeyRing}.
     """
-    if usage is not None and server.usage is None and not (keyring.required or limiter is not None):
+    limited = any(entry.spec.limits is not None for entry in registry.entries())
+    if usage is not None and server.usage is None and not (keyring.required or limited):
         usage = None
-    if keyring.stored or limiter is not None or usage is not None:
+    if keyring.stored or limited or usage is not None:
         return Policy(limiter=limiter, usage=usage)
     return None
 
 
-def wire_policy(core, guard, server, keys: KeyManager, *, limiter=None, usage=None,
-                forwarded: bool = False) -> None:
+def wire_policy(core, server, keys: KeyManager, registry, *, limiter=None, usage=None) -> None:
     """
     Give C{core} the policy L{build_policy} makes, now and each time the keys change (the
-    first key made at runtime, or read by a worker). The limiter and the recorder are the
-    same objects in every policy made, so a request admitted by one is settled by the next.
-
-    @param forwarded: C{--processes}' primary: the requests workers forward are named
-        L{aibackend.policy.INTERNAL} by the guard once there is a policy (the worker's
-        policy admitted them and settles them).
+    first key made at runtime, or read by a worker) or a model is added (one with limits).
+    The limiter and the recorder are the same objects in every policy made, so a request
+    admitted by one is settled by the next.
     """
 
-    def make_policy() -> None:
-        core.policy = build_policy(server, keys.ring, limiter=limiter, usage=usage)
-        guard.names_internal = forwarded and core.policy is not None
+    def make_policy(_entry=None) -> None:
+        core.policy = build_policy(server, keys.ring, registry, limiter=limiter, usage=usage)
 
     make_policy()
     keys.updated.append(make_policy)
+    registry.added.append(make_policy)
 
 
 def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
@@ -446,6 +496,9 @@ def _serve_as_primary(root, parts: Parts, reactor, listen, count: int, worker_ar
                                                     registry=parts.registry))
     parts.manager.changed.append(workers.sync)
     parts.keys.changed.append(lambda name: workers.sync(f"key {name}"))
+    # The limits' table every worker opens; what a worker that ended held there is given back.
+    workers.settings["limits"] = parts.limiter.table.path
+    workers.ended.append(parts.limiter.forget_process)
     parts.manager.restarted.append(lambda model_id: workers.notify(f"restart {model_id}"))
     for index, listener in enumerate(shared):
         _add(root, f"listener-{index}", listener)

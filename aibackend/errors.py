@@ -64,12 +64,12 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 def openai_document(error: ApiError, request_id: str | None) -> dict:
     """
     OpenAI's error shape, C{{"error": {"message", "type", "param", "code"}}}: C{type} is
-    OpenAI's for the status (L{OPENAI_TYPES}; C{server_error} for a 5xx), C{code} the
-    daemon's own type of the error, C{param} the request's key it is about, if any (the
-    id is in a header).
+    OpenAI's for the status (L{OPENAI_TYPES}; C{server_error} for a 5xx) unless the error
+    says its own (C{openai_type}), C{code} the daemon's own type of the error, C{param} the
+    request's key it is about, if any (the id is in a header).
     """
     status = error.status
-    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    kind = error.openai_type or OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.type}}
 
 
@@ -100,6 +100,7 @@ class ApiError(Exception):
     status = 500
     type = "internal_error"
     param = None  # the request's key the error is about (OpenAI's errors say it)
+    openai_type = None  # OpenAI's type for it, when not its status's (a limit's: "requests", "tokens")
 
     def __init__(self, message: str, *, model: str | None = None, headers=None):
         super().__init__(message)

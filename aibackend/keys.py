@@ -226,6 +226,11 @@ class KeyRing:
         self.records[record.name] = record
         self._index()
 
+    def forget(self, record: KeyRecord) -> None:
+        """Hold the key of C{record}'s name no more."""
+        self.records.pop(record.name, None)
+        self._index()
+
     def _index(self) -> None:
         # A new dict, bound at once: a lookup never sees one half made.
         self._active = {record.key_id: (record.digest, record.caller())
@@ -355,10 +360,10 @@ class KeyManager:
         return record
 
     @inlineCallbacks
-    def _keep(self, name: str, write, record: KeyRecord):
+    def _keep(self, name: str, write, record: KeyRecord, hold=None):
         """
-        Keep a change (C{write}: called for the store's Deferred), hold it, tell the
-        followers; one change to a name at a time.
+        Keep a change (C{write}: called for the store's Deferred), hold it (C{hold(record)}:
+        by default, the ring's C{put}), tell the followers; one change to a name at a time.
         """
         if name in self._busy:
             raise errors.Conflict(f"key {name!r} is being changed by another request")
@@ -370,7 +375,7 @@ class KeyManager:
                 raise errors.Conflict(f"a key named {name!r} exists: choose another") from None
             rows = self.followed() if self.followed is not None else None
             if rows is None:
-                self.ring.put(record)
+                (self.ring.put if hold is None else hold)(record)
                 self._updated()
             else:  # the shared store's keys, this change among them
                 self._hold(rows)
@@ -422,6 +427,17 @@ class KeyManager:
         yield self._keep(name, lambda: self.store.revoke_key(record.key_id, revoked.revoked), revoked)
         self.log.info("key {name} revoked (id {key_id})", name=name, key_id=record.key_id)
         return revoked.public()
+
+    @inlineCallbacks
+    def delete(self, name: str) -> dict:
+        """
+        C{deletekey}: the key is forgotten (refused from now on, its name free again); with
+        no key left, clients need none again. @return: a Deferred of what it was.
+        """
+        record = self._record(name)
+        yield self._keep(name, lambda: self.store.delete_key(record.key_id), record, hold=self.ring.forget)
+        self.log.info("key {name} deleted (id {key_id})", name=name, key_id=record.key_id)
+        return {**record.public(), "deleted": True}
 
     @inlineCallbacks
     def rotate(self, name: str) -> dict:

@@ -29,6 +29,8 @@ REFUSAL_REASONS = (
     # refused by the HTTP server before any route (aibackend.server): not HTTP/1.1 as it
     # must be, too slow (headers, body, or not reading the answer), over a connection cap
     "malformed_request", "slow_client", "connection_limit",
+    # past a limit of a key or a model (aibackend.ratelimit): 429, never sent to the model
+    "rate_limited",
 )
 
 
@@ -58,6 +60,7 @@ class ModelStats:
         # (fallback, reason) -> requests that went on from this model to that one
         # (aibackend.relay.Chain): labels are model ids of a chain's spec and fixed reasons.
         self.fallbacks: Counter = Counter()
+        self.limited: Counter = Counter()  # (scope, limit) -> requests refused (aibackend.ratelimit)
 
     def observe(self, operation: str, status: int, seconds: float) -> None:
         self.requests[(operation, status_class(status))] += 1
@@ -140,6 +143,10 @@ class DaemonCollector:
             "(rate_limited, bad_gateway, unavailable, timeout, error, mock_failure).",
             labels=["model", "fallback", "reason"],
         )
+        limited = CounterMetricFamily(
+            "aibackend_limited", "Requests refused (429) by a limit of their key or model, by model, scope (key, "
+            "model) and limit (rpm, tpm, max_concurrent).", labels=["model", "scope", "limit"],
+        )
         batching = chains = False
         for entry in self.registry.entries():
             model, model_id, stats = entry.model, entry.model_id, entry.stats
@@ -163,6 +170,8 @@ class DaemonCollector:
                 chains = True
                 for (fallback, reason), count in sorted(stats.fallbacks.items()):
                     fallbacks.add_metric([model_id, fallback, reason], count)
+            for (scope, limit), count in sorted(stats.limited.items()):
+                limited.add_metric([model_id, scope, limit], count)
             in_flight.add_metric([model_id], model.in_flight)
             queued.add_metric([model_id], model.queued)
             ready.add_metric([model_id], 1 if model.state == READY else 0)
@@ -182,6 +191,8 @@ class DaemonCollector:
         models.add_metric([], len(self.registry.models()))
         families = [requests, latency, in_flight, queued, ready, restarts, processes, ejections, connections,
                     refusals, models, first_chunk, chunks, streams]
+        if limited.samples:  # once a limit refused a request
+            families.append(limited)
         if batching:  # the batching families exist once a model batches
             families += [batch_sizes, batch_waits, batches]
         if chains:  # and the fallbacks' once a request went on to one
@@ -217,6 +228,11 @@ class Metrics:
     def stream_ended(self, entry, end: str) -> None:
         """Count a stream of the model of C{entry} that ended (C{end}, one of L{STREAM_ENDS})."""
         entry.stats.stream_ended(end)
+
+    def limited(self, entry, scope: str, limit: str) -> None:
+        """A request to the model of C{entry} refused by a limit (C{scope}: key or model; C{limit}: rpm...)."""
+        entry.stats.limited[(scope, limit)] += 1
+        self.daemon.refusals["rate_limited"] += 1
 
     def refused(self, reason: str) -> None:
         if reason in REFUSAL_REASONS:

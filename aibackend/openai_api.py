@@ -48,7 +48,8 @@ from aibackend import errors
 from aibackend.httpmodel import UpstreamError, in_own_shape
 from aibackend.interfaces import IStreaming, ModelAnswer, RequestContext
 from aibackend.jsonread import MAX_JSON_DEPTH, JSONProblem, read_json, too_deep
-from aibackend.policy import check_model, may_call
+from aibackend.policy import TokenCount, check_model, may_call
+from aibackend.ratelimit import DEFAULT_COMPLETION_TOKENS
 from aibackend.relay import Framing
 from aibackend.web import (
     JSON,
@@ -183,6 +184,85 @@ class PassedThrough(Framing):
 
 
 PASSED = PassedThrough()
+
+
+def _native_usage(value, tokens: TokenCount) -> bool:
+    """Say in C{tokens} the C{usage} of a native server's answer or event C{value}, if it has one."""
+    usage = value.get("usage") if isinstance(value, dict) else None
+    if not isinstance(usage, dict):
+        return False
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not (_count(prompt) and _count(completion)):
+        return False
+    tokens.prompt, tokens.completion = prompt, completion
+    return True
+
+
+class NativeTokens:
+    """
+    The relay's shape for a native model's plain answer whose tokens are counted: the
+    answer as it came, its C{usage} said in the L{TokenCount} (else estimated: the
+    prompt's, and a quarter of the answer's bytes).
+    """
+
+    __slots__ = ("tokens", "prompt_tokens")
+
+    def __init__(self, tokens: TokenCount, prompt_tokens: int):
+        self.tokens = tokens
+        self.prompt_tokens = prompt_tokens
+
+    def shape(self, answer: ModelAnswer) -> ModelAnswer:
+        if answer.status < 400:
+            try:
+                value = orjson.loads(answer.body)
+            except orjson.JSONDecodeError:
+                value = None
+            if not _native_usage(value, self.tokens):
+                self.tokens.prompt, self.tokens.completion = self.prompt_tokens, tokens_of(len(answer.body))
+        return answer
+
+
+class CountedPassThrough(PassedThrough):
+    """
+    L{PassedThrough} for a stream whose tokens are counted (one per request): each event
+    is read for its usage (OpenAI's last chunk, with C{include_usage}), else its text
+    (C{choices[].delta.content}, C{choices[].text}) counted for an estimate, said in the
+    L{TokenCount} as the stream goes (a stream that ends early is settled with it).
+    """
+
+    def __init__(self, tokens: TokenCount, prompt_tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.prompt_tokens = prompt_tokens
+        self.chars = 0
+        self.told = False  # the server said its usage
+
+    def _count(self, data: bytes) -> None:
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if _native_usage(value, self.tokens):
+            self.told = True
+            return
+        if self.told or not isinstance(value, dict) or not isinstance(value.get("choices"), list):
+            return
+        for choice in value["choices"]:
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if isinstance(text, str):
+                    self.chars += len(text)
+        self.tokens.prompt, self.tokens.completion = self.prompt_tokens, tokens_of(self.chars)
+
+    def chunk(self, data: bytes) -> bytes:
+        self._count(data)
+        return super().chunk(data)
+
+    def end(self, output: bytes | None) -> bytes:
+        if output is not None:
+            self._count(output)
+        return super().end(output)
 # Where a native model's server is sent each operation, under its URL (e.g. http://host/v1).
 UPSTREAM_PATHS = {CHAT: ("chat", "completions"), COMPLETIONS: ("completions",), EMBEDDINGS: ("embeddings",)}
 
@@ -326,16 +406,46 @@ def prepare(text: bytes, operation: str, native_name=_no_native) -> tuple:
     and sent as it came, its C{model} made the upstream's name.
 
     @return: (document, stream, include_usage, body, prompt); for a native model's
-        request, (the model's id, stream, body) with stream C{True} only if asked so.
+        request, (the model's id, stream, body, (the tokens it would reserve, its prompt's):
+        L{reservation} with the whole text's estimate) with stream C{True} only if asked so.
     """
     document = read_document(text)
     name = document["model"]
     upstream_name = native_name(name)
     if upstream_name is not None:
         document["model"] = upstream_name
-        return name, document.get("stream") is True, _dumps(document)
+        prompt_tokens = tokens_of(len(text))
+        return (name, document.get("stream") is True, _dumps(document),
+                (reservation(document, operation, prompt_tokens), prompt_tokens))
     document, stream, include_usage = check_request(document, operation)
     return document, stream, include_usage, model_body(document, operation), prompt_text(document, operation)
+
+
+def reservation(document: dict, operation: str, prompt_tokens: int) -> int:
+    """
+    The tokens a request reserves against a C{tpm} limit (L{aibackend.ratelimit}): its
+    prompt's (estimated), and for a chat or completion what it may write:
+    C{max_completion_tokens} or C{max_tokens} (times C{n}), else
+    L{DEFAULT_COMPLETION_TOKENS}.
+    """
+    if operation == EMBEDDINGS:
+        return prompt_tokens
+    most = document.get("max_completion_tokens")
+    if not _count(most) or most < 0:
+        most = document.get("max_tokens")
+    if not _count(most) or most < 0:
+        most = DEFAULT_COMPLETION_TOKENS
+    choices = document.get("n")
+    if _count(choices) and choices > 1:
+        most *= choices
+    return prompt_tokens + most
+
+
+def settle_usage(tokens: TokenCount | None, usage: dict) -> None:
+    """Say in C{tokens} (if any) what an answer's full usage (L{full_usage}) says."""
+    if tokens is not None:
+        tokens.prompt = usage["prompt_tokens"]
+        tokens.completion = usage["completion_tokens"]
 
 
 def model_body(document: dict, operation: str) -> bytes:
@@ -510,11 +620,13 @@ class Completions:
     @param completion_id: the object's id (the request id, prefixed as OpenAI's are).
     @param created: the clock's seconds, whole.
     @param prompt: the request's text (for estimated usage).
+    @param tokens: the request's L{TokenCount} (filled in with the answer's usage), or None.
     """
 
-    __slots__ = ("operation", "model_id", "chat", "id", "object", "chunk_object", "created", "prompt")
+    __slots__ = ("operation", "model_id", "chat", "id", "object", "chunk_object", "created", "prompt", "tokens")
 
-    def __init__(self, operation: str, model_id: str, request_id: str, created: int, prompt: str):
+    def __init__(self, operation: str, model_id: str, request_id: str, created: int, prompt: str,
+                 tokens: TokenCount | None = None):
         self.operation = operation
         self.model_id = model_id
         self.chat = chat = operation == CHAT
@@ -523,6 +635,7 @@ class Completions:
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.created = created
         self.prompt = prompt
+        self.tokens = tokens
 
     def read(self, answer: ModelAnswer) -> tuple[str, str | None, dict | None]:
         """A model's whole answer (status 200): its text, finish_reason and usage (L{read_text_answer})."""
@@ -541,8 +654,10 @@ class Completions:
                       "finish_reason": finish or "stop"}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish or "stop"}
+        usage = full_usage(usage, self.prompt, text)
+        settle_usage(self.tokens, usage)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model_id,
-                "choices": [choice], "usage": full_usage(usage, self.prompt, text)}
+                "choices": [choice], "usage": usage}
 
     def chunk(self, delta: str | None, *, first: bool = False, finish: str | None = None,
               include_usage: bool = False) -> dict:
@@ -590,15 +705,21 @@ class CompletionFraming(Framing):
     empty delta: the writer writes something for each chunk); a chunk that is not JSON is
     sent as its text, and one that is neither a string nor an object as its JSON text.
     Its L{whole} is the relay's shape for a stream asked of a model that cannot stream.
+
+    With a L{TokenCount} (the completions'), it says the stream's usage so far at each
+    chunk (the model's, else estimated from the text so far), so that a stream that ends
+    early (cut, cancelled, its client gone) is settled with what it wrote.
     """
 
     def __init__(self, completions: Completions, include_usage: bool):
         super().__init__("openai", CONTENT_TYPE, (b"data: ", b"\n\n"), (b"", b""), (b"data: ", b"\n\n"))
         self.completions = completions
         self.include_usage = include_usage
+        self.tokens = completions.tokens
+        self.counting = include_usage or self.tokens is not None
         self.first = True
         # The characters of the stream's text, for an estimated usage (counted only when
-        # usage is asked: a stream keeps no text).
+        # usage is asked or tokens are counted: a stream keeps no text).
         self.chars = 0
         self.finish = None
         self.usage = None
@@ -627,8 +748,11 @@ class CompletionFraming(Framing):
         if not self.first and data[:1] == b'"' and data[-1:] == b'"':
             # A text delta (a word, a token), after the first: its JSON text is put in the
             # event as it came, unread (the common chunk, made without a JSON round trip).
-            if self.include_usage:
+            if self.counting:
                 self.chars += _length(data)
+                tokens = self.tokens
+                if tokens is not None and self.usage is None:
+                    tokens.completion = tokens_of(self.chars)
             return self._around(data)
         delta, finish, usage = self._read(data)
         self.finish = finish or self.finish
@@ -636,6 +760,8 @@ class CompletionFraming(Framing):
         if delta is None:
             delta = ""
         self.chars += len(delta)
+        if self.tokens is not None:
+            settle_usage(self.tokens, full_usage(self._usage(), self.completions.prompt, self.chars))
         if self.first:
             self.first = False
             return _event(self.completions.chunk(delta, first=True, include_usage=self.include_usage))
@@ -677,11 +803,18 @@ class CompletionFraming(Framing):
             self.first = False
         out += _event(completions.chunk(None, first=self.first, finish=self.finish or "stop",
                                         include_usage=self.include_usage))
-        if self.include_usage:
-            usage = self.usage if self.usage is not None and all(
-                isinstance(self.usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens")) else None
-            out += _event(completions.usage_chunk(full_usage(usage, completions.prompt, self.chars)))
+        if self.counting:
+            usage = full_usage(self._usage(), completions.prompt, self.chars)
+            settle_usage(self.tokens, usage)
+            if self.include_usage:
+                out += _event(completions.usage_chunk(usage))
         return out + DONE
+
+    def _usage(self) -> dict | None:
+        """The model's usage, if it gave one that counts (whole numbers)."""
+        usage = self.usage
+        return usage if usage is not None and all(
+            isinstance(usage.get(k, 0), int) for k in ("prompt_tokens", "completion_tokens")) else None
 
 
 class Embeddings:
@@ -691,14 +824,16 @@ class Embeddings:
     a thread).
     """
 
-    __slots__ = ("model_id", "encoding", "count", "prompt", "in_thread")
+    __slots__ = ("model_id", "encoding", "count", "prompt", "in_thread", "tokens")
 
-    def __init__(self, model_id: str, encoding: str, count: int, prompt: str, in_thread):
+    def __init__(self, model_id: str, encoding: str, count: int, prompt: str, in_thread,
+                 tokens: TokenCount | None = None):
         self.model_id = model_id
         self.encoding = encoding
         self.count = count
         self.prompt = prompt
         self.in_thread = in_thread
+        self.tokens = tokens  # the request's TokenCount (its prompt's, once answered), or None
 
     def shape(self, answer: ModelAnswer):
         if answer.status >= 400:
@@ -711,6 +846,7 @@ class Embeddings:
         model_id, encoding = self.model_id, self.encoding
         vectors, usage = read_embeddings(answer_value(answer, model_id), model_id, self.count)
         prompt_tokens = usage["prompt_tokens"] if usage is not None else estimate_tokens(self.prompt)
+        settle_usage(self.tokens, {"prompt_tokens": prompt_tokens, "completion_tokens": 0})
         document = {
             "object": "list",
             "data": [{"object": "embedding", "index": index, "embedding": _vector(vector, encoding)}
@@ -837,7 +973,7 @@ class OpenAIAPI:
         return native_name(model) if model.spec.openai.native else None
 
     def _send(self, prepared, request, request_id: str, operation: str, started: float):
-        if len(prepared) == 3:
+        if len(prepared) == 4:
             return self._proxy(prepared, request, request_id, operation, started)
         document, stream, include_usage, body, prompt = prepared
         name = document["model"]
@@ -847,23 +983,28 @@ class OpenAIAPI:
         relay = self.relay
         context = RequestContext(request_id=request_id, operation=operation)
         created = int(relay.clock.seconds())
+        # The request's tokens, only when its policy counts them (a tpm limit, usage kept).
+        policy = relay.policy
+        tokens = None
+        if policy is not None and policy.counts_tokens(request, entry):
+            tokens = TokenCount(reservation(document, operation, estimate_tokens(prompt)))
         # A chain's fallback gets the same body, its answer shaped with its own id.
         retarget = None if not entry.spec.fallbacks else _Adapted(
-            self, entry, body, context, document, stream, include_usage, prompt, created).retarget
+            self, entry, body, context, document, stream, include_usage, prompt, created, tokens).retarget
         if operation == EMBEDDINGS:
             embeddings = Embeddings(model_id, document.get("encoding_format") or "float", len(document["input"]),
-                                    prompt, self.in_thread)
-            return relay.send(request, entry, body, context, started, embeddings.shape, retarget=retarget)
-        completions = Completions(operation, model_id, request_id, created, prompt)
+                                    prompt, self.in_thread, tokens)
+            return relay.send(request, entry, body, context, started, embeddings.shape, tokens, retarget=retarget)
+        completions = Completions(operation, model_id, request_id, created, prompt, tokens)
         if stream:
             framing = CompletionFraming(completions, include_usage)
             if not IStreaming.providedBy(entry.model):
                 # A model that cannot stream (a raw program) answers in one piece: the
                 # stream is made of its answer, sent whole once it came.
-                return relay.send(request, entry, body, context, started, framing.whole, retarget=retarget)
-            return relay.stream(request, entry, body, context, started, framing, self.shape,
+                return relay.send(request, entry, body, context, started, framing.whole, tokens, retarget=retarget)
+            return relay.stream(request, entry, body, context, started, framing, self.shape, tokens,
                                 retarget=retarget).addErrback(in_own_shape)
-        return relay.send(request, entry, body, context, started, completions.whole, retarget=retarget)
+        return relay.send(request, entry, body, context, started, completions.whole, tokens, retarget=retarget)
 
     def _proxy(self, prepared, request, request_id: str, operation: str, started: float):
         """
@@ -871,15 +1012,22 @@ class OpenAIAPI:
         under its URL, its answer (or its error, status and body) passed on as it came, a
         stream event by event (L{PASSED}).
         """
-        name, stream, body = prepared
+        name, stream, body, (reserve, prompt_tokens) = prepared
         request.aibackend_model = name
         entry = self._entry(name)
         relay = self.relay
         context = RequestContext(request_id=request_id, operation=operation, path=UPSTREAM_PATHS[operation])
-        retarget = None if not entry.spec.fallbacks else _Native(entry, body, context, stream).retarget
+        policy = relay.policy
+        tokens = None
+        if policy is not None and policy.counts_tokens(request, entry):
+            # Counted: the usage its server's answer (or its stream's usage event) says, else estimated.
+            tokens = TokenCount(reserve)
+        native = _Native(entry, body, context, stream, tokens, prompt_tokens)
+        retarget = None if not entry.spec.fallbacks else native.retarget
         if stream:
-            return relay.stream(request, entry, body, context, started, PASSED, self.shape, retarget=retarget)
-        return relay.send(request, entry, body, context, started, retarget=retarget)
+            return relay.stream(request, entry, body, context, started, native.framing(), self.shape, tokens,
+                                retarget=retarget)
+        return relay.send(request, entry, body, context, started, native.shape(), tokens, retarget=retarget)
 
 
 def _other_kind(fallback, entry, native: bool) -> errors.BadRequest:
@@ -898,10 +1046,11 @@ class _Adapted:
     server takes the request as it came, which this one is not any more).
     """
 
-    def __init__(self, door, entry, body, context, document, stream, include_usage, prompt, created):
+    def __init__(self, door, entry, body, context, document, stream, include_usage, prompt, created, tokens=None):
         self.door, self.entry, self.body, self.context = door, entry, body, context
         self.document, self.stream, self.include_usage, self.prompt, self.created = (
             document, stream, include_usage, prompt, created)
+        self.tokens = tokens  # the request's TokenCount (None: not counted), filled by whichever model serves
 
     def retarget(self, fallback):
         if fallback.model.spec.openai.native:
@@ -910,9 +1059,10 @@ class _Adapted:
         if operation == EMBEDDINGS:
             document = self.document
             shape = Embeddings(model_id, document.get("encoding_format") or "float", len(document["input"]),
-                               self.prompt, self.door.in_thread).shape
+                               self.prompt, self.door.in_thread, self.tokens).shape
             return self.body, self.context, shape
-        completions = Completions(operation, model_id, self.context.request_id, self.created, self.prompt)
+        completions = Completions(operation, model_id, self.context.request_id, self.created, self.prompt,
+                                  self.tokens)
         if not self.stream:
             return self.body, self.context, completions.whole
         framing = CompletionFraming(completions, self.include_usage)
@@ -923,17 +1073,28 @@ class _Adapted:
 
 class _Native:
     """
-    How a /v1 request for a native model with fallbacks is made for each fallback: a
-    native model gets the request as it came, its C{model} that server's name; an
-    adapted model is skipped (see L{_Adapted}).
+    How a /v1 request for a native model is answered: as it came (L{PASSED}), or, when
+    its tokens are counted (C{tokens}, a L{TokenCount}), read for the usage its server
+    says; and, with fallbacks, made for each fallback: a native model gets the request
+    as it came, its C{model} that server's name; an adapted model is skipped (see
+    L{_Adapted}).
     """
 
-    def __init__(self, entry, body, context, stream):
+    def __init__(self, entry, body, context, stream, tokens=None, prompt_tokens=0):
         self.entry, self.body, self.context, self.stream = entry, body, context, stream
+        self.tokens, self.prompt_tokens = tokens, prompt_tokens
+
+    def framing(self):
+        """A stream's framing: passed on, its usage read when counted."""
+        return PASSED if self.tokens is None else CountedPassThrough(self.tokens, self.prompt_tokens)
+
+    def shape(self):
+        """A whole answer's shape: None (passed on), or one that reads its usage when counted."""
+        return None if self.tokens is None else NativeTokens(self.tokens, self.prompt_tokens).shape
 
     def retarget(self, fallback):
         if not fallback.model.spec.openai.native:
             raise _other_kind(fallback, self.entry, True)
         document = json.loads(self.body)  # (json: the body may hold an integer orjson cannot read)
         document["model"] = native_name(fallback.model)
-        return _dumps(document), self.context, PASSED if self.stream else None
+        return _dumps(document), self.context, self.framing() if self.stream else self.shape()

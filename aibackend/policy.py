@@ -54,11 +54,6 @@ def check_model(caller: Caller | None, model_id: str) -> None:
         raise errors.Forbidden(f"this key may not call model {model_id!r}", model=model_id)
 
 
-# The caller of a request a --processes worker forwarded to the primary (the guard names it,
-# L{aibackend.auth.Guard.check_client}): the worker's policy admitted and settles it, so the
-# primary's does nothing for it (its usage counted once, its limits taken once).
-INTERNAL = Caller("internal")
-
 
 class TokenCount:
     """
@@ -147,19 +142,39 @@ class Policy:
         Admit C{request} (its caller: C{request.aibackend_caller}) to the model of
         C{entry}.
 
-        @return: its L{Call}, or None for a request a worker forwarded (L{INTERNAL}).
+        @return: its L{Call}, or None for a request a C{--processes} worker forwarded
+            (C{request.aibackend_forwarded}, marked by the guard): the worker's policy
+            admitted it and settles it (its usage counted once, its limits taken once).
 
         @raise errors.Forbidden: the caller's key may not call this model.
         @raise errors.ApiError: a limit is reached (the limiter's 429).
         """
-        caller = request.aibackend_caller
-        if caller is INTERNAL:
+        if request.aibackend_forwarded:
             return None
+        caller = request.aibackend_caller
         model_id = entry.model_id
         check_model(caller, model_id)
         limiter = self.limiter
-        admission = None if limiter is None else limiter.acquire(caller, entry, tokens)
+        if limiter is None:
+            return Call(caller, model_id, tokens, None)
+        admission = limiter.acquire(caller, entry, tokens)
         return Call(caller, model_id, tokens, admission)
+
+    def counts_tokens(self, request, entry) -> bool:
+        """
+        Does a request of C{request}'s caller to the model of C{entry} need a
+        L{TokenCount} (a front door whose answers carry token usage makes one only then):
+        usage is kept, or its key or its model has a C{tpm} limit?
+        """
+        if self.usage is not None:
+            return True
+        if self.limiter is None:
+            return False
+        model_limits = entry.spec.limits
+        if model_limits is not None and model_limits.tpm is not None:
+            return True
+        caller = request.aibackend_caller
+        return caller is not None and caller.limits is not None and caller.limits.tpm is not None
 
     def settle(self, call: Call, status: int, seconds: float) -> None:
         """C{call} has ended with C{status} after C{seconds}: its limits settled, its usage recorded (once)."""

@@ -188,6 +188,11 @@ class WorkerProcesses(service.Service):
         worker is not listening on it (C{handed_over(number)}, C{taken_back(number)}).
     @param private: the listener workers forward to (its port is known once listening).
     @param registry: the primary's registry, whose models' states workers are told.
+
+    @ivar settings: more of what each worker is told as it starts (in L{WORKER_ENV}: the
+        limits' shared table, C{limits}).
+    @ivar ended: callables given a worker's number once it has ended (what it held in the
+        limits' shared table is given back).
     """
 
     log = Logger()
@@ -211,6 +216,8 @@ class WorkerProcesses(service.Service):
         self._delays: dict[int, float] = {}
         self._sequence = 0
         self._waits: list[_SyncWait] = []
+        self.settings: dict = {}
+        self.ended: list = []
 
     def startService(self):
         super().startService()
@@ -232,6 +239,7 @@ class WorkerProcesses(service.Service):
         child_fds[ack_fd] = "r"
         env = dict(os.environ)
         env[WORKER_ENV] = json.dumps({
+            **self.settings,
             "number": number,
             "fds": inherited,
             "ack": ack_fd,
@@ -259,6 +267,11 @@ class WorkerProcesses(service.Service):
             for listener in self.listeners:  # what its sockets' queues hold, and what comes, is served here
                 listener.taken_back(worker.number)
         self._followed(worker, None)  # a new worker reads the store as it starts
+        for ended in self.ended:
+            try:
+                ended(worker.number)
+            except Exception:
+                self.log.failure("after worker {number} ended", number=worker.number)
         if self.running:
             quick = self.reactor.seconds() - worker.started < self.MIN_UPTIME
             delay = min(self._delays.get(worker.number, self.RESTART_DELAY / 2) * 2, self.MAX_RESTART_DELAY) \

@@ -17,7 +17,7 @@ In Redis, under a prefix (C{aibackend:} unless configured):
     about L{FEED_LENGTH} entries;
   - C{PREFIX}keys, a hash: key id -> its row (L{aibackend.store.IKeyStore}: plain JSON, the
     secret's SHA-256, never the secret), and C{PREFIX}keynames: name -> id (a name is
-    taken once: C{HSETNX}).
+    taken once: C{HSETNX}; freed when its key is deleted: a C{row} of C{null} on the feed).
 
 The client keys (L{IKeyStore}) are changes on the same feed, counted by the same version:
 a key made, revoked or rotated on one daemon is held by every other (its C{follow_keys}
@@ -117,6 +117,18 @@ if kept ~= ARGV[2] then return -2 end
 local v = redis.call('INCR', KEYS[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'v', v, 'kind', 'key', 'id', ARGV[1], 'row', ARGV[3])
+return v
+"""
+# KEYS: version, changes, keys, keynames; ARGV: id, feed length. A key forgotten, its name free again
+# (0: there was none).
+DELETE_KEY = """
+local kept = redis.call('HGET', KEYS[3], ARGV[1])
+if not kept then return 0 end
+local name = cjson.decode(kept)['name']
+if redis.call('HGET', KEYS[4], name) == ARGV[1] then redis.call('HDEL', KEYS[4], name) end
+redis.call('HDEL', KEYS[3], ARGV[1])
+local v = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'v', v, 'kind', 'key', 'id', ARGV[1], 'row', 'null')
 return v
 """
 UPDATE_ATTEMPTS = 10  # a key's row changed by another daemon between the read and the write: read again
@@ -228,6 +240,7 @@ class RedisStore:
         self._feed_snapshot = self._feed_client.register_script(SNAPSHOT)
         self._put_key = self._client.register_script(PUT_KEY)
         self._update_key = self._client.register_script(UPDATE_KEY)
+        self._delete_key = self._client.register_script(DELETE_KEY)
         self._threads = ThreadPool(minthreads=0, maxthreads=CALL_THREADS, name="aibackend-redis")
         self._feed_thread = ThreadPool(minthreads=0, maxthreads=1, name="aibackend-redis-feed")
         self._started = False
@@ -438,6 +451,9 @@ class RedisStore:
     def rotate_key(self, key_id: str, digest: str, when: float):
         return self._key_change(key_id, self._update, key_id, {"digest": digest, "rotated": when})
 
+    def delete_key(self, key_id: str):
+        return self._key_change(key_id, self._delete_key, self._key_keys, [key_id, FEED_LENGTH])
+
     # --- following ------------------------------------------------------------------
 
     def follow_keys(self, apply) -> None:
@@ -503,7 +519,11 @@ class RedisStore:
                 self._resync()
                 return
             if fields.get("kind") == "key":
-                self._key_rows[fields["id"]] = json.loads(fields["row"])
+                row = json.loads(fields["row"])
+                if row is None:  # deleted
+                    self._key_rows.pop(fields["id"], None)
+                else:
+                    self._key_rows[fields["id"]] = row
                 keys = True
             else:
                 model_id, action = fields["id"], fields["action"]

@@ -89,6 +89,9 @@ class ModelRegistry(Service):
         self.drain_timeout = drain_timeout
         self.runtime_deps = runtime_deps or deps
         self._entries: dict[str, Entry] = {}
+        # Callables given each new Entry (added, or put in another's place): the daemon's
+        # policy is made once a model with limits comes (aibackend.daemon).
+        self.added: list = []
 
     def build(self, spec, *, runtime: bool = False):
         """Build the model a validated spec describes."""
@@ -134,6 +137,8 @@ class ModelRegistry(Service):
         if model.model_id in self._entries:
             raise Conflict(f"a model with id {model.model_id!r} exists", model=model.model_id)
         entry = self._entries[model.model_id] = Entry(model, spec if spec is not None else model.spec, origin)
+        for added in self.added:
+            added(entry)
         model.model_log.append("info", "added", type=model.type_name, origin=origin)
         self.log.info("model {model} ({type}) added from {origin}", model=model.model_id, type=model.type_name,
                       origin=origin)
@@ -154,8 +159,10 @@ class ModelRegistry(Service):
         """
         previous = self.entry(model.model_id)
         old = previous.model
-        self._entries[model.model_id] = Entry(model, spec if spec is not None else model.spec, origin,
-                                              previous.stats)
+        entry = self._entries[model.model_id] = Entry(model, spec if spec is not None else model.spec, origin,
+                                                      previous.stats)
+        for added in self.added:
+            added(entry)
         model.model_log.append("info", "added", type=model.type_name, origin=origin, replaced=True)
         old.model_log.append("info", "replaced")
         self.log.info("model {model} replaced", model=model.model_id)

@@ -932,10 +932,12 @@ class StreamWriter:
     def ended(self, output) -> None:
         """The model's stream ended with C{output}: logged, counted, and the end event written."""
         self._settled()
+        # The end event is made first: it may say the stream's usage, which the policy settles with.
+        last = self.framing.end(output)
         context = self.context
         self.relay._stream_done(self, self.entry, context.request_id, context.operation, self.began, 200, None,
                                 "done")
-        self.end(output)
+        self._last(last)
 
     def failed(self, failure):
         """

@@ -481,6 +481,9 @@ class BoundedRequest(Request):
     # Who sent it (an aibackend.policy.Caller: a client key), set by the guard
     # (aibackend.auth.Guard.check_client) when the request carries a key; None otherwise.
     aibackend_caller = None
+    # A worker process's request forwarded to the primary (--processes), set by the guard: its
+    # limits were kept in the worker (aibackend.policy.Policy.admit does not keep them again).
+    aibackend_forwarded = False
 
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()

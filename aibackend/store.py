@@ -132,6 +132,9 @@ class IKeyStore(Interface):
     def rotate_key(key_id, digest, when):
         """Keep key C{key_id}'s new C{digest} (hex), rotated at C{when}. @return: a Deferred."""
 
+    def delete_key(key_id):
+        """Forget key C{key_id} (its name may be taken again). @return: a Deferred."""
+
 
 def default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
@@ -273,6 +276,13 @@ class SQLiteStore:
     def rotate_key(self, key_id: str, digest: str, when: float):
         return self._in_thread(self._update_key, key_id, "digest = ?, rotated = ?", (digest, when))
 
+    def _delete_key(self, key_id):
+        with self._db:
+            self._db.execute("DELETE FROM keys WHERE id = ?", (key_id,))
+
+    def delete_key(self, key_id: str):
+        return self._in_thread(self._delete_key, key_id)
+
     def close(self):
         if not self._started:
             self._db.close()
@@ -333,4 +343,8 @@ class MemoryStore:
 
     def rotate_key(self, key_id, digest, when):
         self.keys[key_id].update(digest=digest, rotated=when)
+        return succeed(None)
+
+    def delete_key(self, key_id):
+        self.keys.pop(key_id, None)
         return succeed(None)

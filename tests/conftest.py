@@ -36,6 +36,10 @@ SLOWEST_MODULES = (
     "test_fuzz.py",
     "test_processes.py",
     "test_runtime_daemon.py",
+    "test_keys_daemon.py",
+    "test_fleet_daemon.py",
+    "test_ratelimit_daemon.py",
+    "test_redisstore.py",
     "test_faults.py",
     "test_server_hardening.py",
     "test_subprocess_integration.py",
@@ -55,6 +59,8 @@ SLOWEST_MODULES = (
     "test_supervisor.py",
     "test_write_path.py",
     "test_batching_daemon.py",
+    "test_usage_daemon.py",
+    "test_fallbacks_daemon.py",
 )
 
 

@@ -59,7 +59,7 @@ class Keyed:
         self.keys.load()
         self.door.front_door.api.use_keys(self.keys)
         self.core = self.door.front_door.core
-        wire_policy(self.core, self.guard, parse_config({"server": {}}, environ={}).server, self.keys)
+        wire_policy(self.core, parse_config({"server": {}}, environ={}).server, self.keys, self.door.registry)
 
     def call(self, method, url, key=None, **kwargs):
         if key is not None:
@@ -215,6 +215,24 @@ def test_rotate_refuses_the_old_secret_at_once_and_revoke_refuses_the_key(clock)
     assert_error(keyed.call("POST", "/post/rotatekey?name=team"), 409, "conflict", message="revoked")
     # Revoking the last key leaves keys required.
     assert_error(keyed.call("POST", "/post/predict?id=iris", data=b"{}"), 401, "unauthorized")
+
+
+def test_delete_forgets_a_key_and_with_none_left_no_key_is_needed(clock):
+    keyed = Keyed(clock)
+    first = keyed.add(name="first").json()["secret"]
+    second = keyed.add(name="second").json()["secret"]
+    deleted = keyed.call("POST", "/post/deletekey?name=first")
+    assert deleted.status == 200 and deleted.json()["deleted"] and "secret" not in deleted.json()
+    assert_error(keyed.call("POST", "/post/predict?id=iris", first, data=b"{}"), 401, "unauthorized")
+    assert keyed.call("POST", "/post/predict?id=iris", second, data=b"{}").status == 200
+    assert [key["name"] for key in keyed.call("GET", "/get/keys").json()["keys"]] == ["second"]
+    assert list(keyed.store.keys.values())[0]["name"] == "second"  # forgotten by the store too
+    assert_error(keyed.call("POST", "/post/deletekey?name=first"), 404, "not_found")
+    assert keyed.add(name="first").status == 201  # the name is free again
+    for name in ("first", "second"):
+        assert keyed.call("POST", f"/post/deletekey?name={name}").status == 200
+    assert keyed.call("POST", "/post/predict?id=iris", data=b"{}").status == 200  # no key left: open again
+    assert keyed.core.policy is None or keyed.core.policy.usage is not None
 
 
 @pytest.mark.parametrize("table, message", [
@@ -416,7 +434,7 @@ def test_the_daemon_has_a_policy_only_once_a_key_exists():
     # by default once there are keys), none with usage = false.
     assert built(MemoryStore(), api_keys=[CONFIGURED], usage=False).front_door.core.policy is None
     configured = built(MemoryStore(), api_keys=[CONFIGURED]).front_door.core.policy
-    assert configured is not None and configured.usage is not None and configured.limiter is None
+    assert configured is not None and configured.usage is not None  # (and the limiter, idle: no limits)
     store = MemoryStore()
     store.put_key(record().row())
     parts = built(store)

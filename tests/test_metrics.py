@@ -269,7 +269,7 @@ def test_the_in_flight_gauge_of_an_http_model_until_its_timeout(clock):
 def test_every_refusal_reason_is_exported_from_zero(door):
     assert refusal_counts(door) == dict.fromkeys(REFUSAL_REASONS, 0)
     assert set(REFUSAL_REASONS) == {"body_too_large", "unauthorized", "forbidden", "model_unavailable",
-                                    "malformed_request", "slow_client", "connection_limit"}
+                                    "malformed_request", "slow_client", "connection_limit", "rate_limited"}
 
 
 def test_a_413_is_a_body_too_large_refusal(door, model):

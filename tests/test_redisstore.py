@@ -547,6 +547,18 @@ async def test_each_store_refuses_a_key_whose_id_or_name_is_taken(any_store):
     assert [row["name"] for row in await store.read_keys()] == ["team", "another"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_each_store_forgets_a_deleted_key_and_frees_its_name(any_store):
+    store = any_store()
+    await store.put_key(key_row())
+    await store.delete_key("0123456789ab")
+    await store.delete_key("0123456789ab")  # gone already: nothing to do
+
+    assert await store.read_keys() == []
+    await any_store().put_key(key_row("ffffffffffff"))  # the name is free again
+    assert [row["id"] for row in any_store().load_keys()] == ["ffffffffffff"]
+
+
 # --- the keys in Redis ----------------------------------------------------------------------
 
 
@@ -607,13 +619,17 @@ async def test_a_follower_holds_the_keys_another_store_changes_and_all_of_them_a
     await writer.revoke_key("0123456789ab", 5.0)
     await eventually(lambda: follower.version == 3, what="the feed")
     assert told[-1] == [key_row(revoked=5.0)] == follower.key_rows()
+    await writer.put_key(key_row("aaaaaaaaaaaa", "deleted"))
+    await writer.delete_key("aaaaaaaaaaaa")
+    await eventually(lambda: follower.version == 5, what="the deletion")
+    assert told[-1] == [key_row(revoked=5.0)]
 
     # Behind the feed's back (a trimmed stream): the counter jumps, a key appears.
     client = redis_server.client()
-    client.set(follower.prefix + "version", 41)
+    client.set(follower.prefix + "version", 43)
     client.hset(follower.prefix + "keys", "ba9876543210", json.dumps(key_row("ba9876543210", "late")))
     await writer.put("n", TABLE)
-    await eventually(lambda: follower.version == 42, what="the resync")
+    await eventually(lambda: follower.version == 44, what="the resync")
     assert [row["name"] for row in told[-1]] == ["team", "late"]
 
 

@@ -576,26 +576,25 @@ def test_the_daemon_has_a_policy_with_usage_when_usage_is_on_or_keys_are_set(tmp
     assert policy_of({"usage": False, "api_keys": ["k" * 16]}) is None
     for server in ({"usage": True}, {"api_keys": ["k" * 16]}):
         policy = policy_of(server)
-        assert isinstance(policy.usage, UsageRecorder) and policy.limiter is None
+        # (the limiter is the daemon's one, idle while no key or model has limits)
+        assert isinstance(policy.usage, UsageRecorder) and policy.limiter is not None
         policy.usage.database.close()
     assert os.path.exists(tmp_path / FILENAME)
 
 
 def test_a_request_a_worker_forwarded_is_left_to_the_workers_policy():
-    """The primary's guard names it INTERNAL (when the primary has a policy); its policy admits nothing for it."""
+    """The primary's guard marks it forwarded; its policy admits nothing for it (usage counted once)."""
     from twisted.web.test.requesthelper import DummyRequest
 
     from aibackend.auth import Guard
-    from aibackend.policy import INTERNAL
 
     guard = Guard(None, ["tcp:0:interface=127.0.0.1"], internal_token="t" * 32)
-    guard.names_internal = True
     forwarded, client = DummyRequest([b""]), DummyRequest([b""])
     forwarded.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + b"t" * 32])
-    client.aibackend_caller = None
-    guard.check_client(forwarded)
-    guard.check_client(client)
-    assert forwarded.aibackend_caller is INTERNAL and client.aibackend_caller is None
+    for request in (forwarded, client):
+        request.aibackend_caller, request.aibackend_forwarded = None, False
+        guard.check_client(request)
+    assert forwarded.aibackend_forwarded and not client.aibackend_forwarded
 
     class Entry:
         model_id = "chat"
