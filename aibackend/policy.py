@@ -118,6 +118,14 @@ class ILimiter(Interface):
         """The request has ended: free its place, and settle its tokens with C{tokens.used()}."""
 
 
+class IAsyncLimiter(ILimiter):
+    """
+    A limiter whose admission is not known at once (the fleet's, in Redis:
+    L{aibackend.redislimits}): C{acquire} returns a Deferred of what L{ILimiter.acquire}
+    returns (failing with its 429), and L{Policy.admit} then a Deferred of the L{Call}.
+    """
+
+
 class IUsageRecorder(Interface):
     """Where the usage goes: recorded off the request path, bounded in memory."""
 

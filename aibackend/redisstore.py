@@ -279,6 +279,26 @@ class RedisStore:
         self._start_threads()
         return deferToThreadPool(self._reactor, self._threads, function, *args)
 
+    # --- for the fleet's other parts (aibackend.redislimits) ----------------------------
+
+    def script(self, source: str):
+        """A Lua script on this store's client (called with C{keys}, C{args}: blocking, so through L{call})."""
+        return self._client.register_script(source)
+
+    def call(self, function, *args):
+        """C{function(*args)} in this store's pool of threads. @return: a Deferred of what it returns."""
+        return self._call(function, *args).addErrback(self._failed_call)
+
+    def _failed_call(self, failure):
+        if failure.check(*self._problems):
+            self._mark_down(failure.value)
+        return failure
+
+    @property
+    def unreachable(self) -> tuple:
+        """The exceptions of a Redis that cannot be reached (gone, paused, refusing the connection)."""
+        return self._problems
+
     # --- reading --------------------------------------------------------------------
 
     def _read_all(self, script=None):
