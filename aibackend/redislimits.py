@@ -246,13 +246,17 @@ class RedisLimiter:
             return self._locally(caller, entry, tokens)
         return failure
 
+    def acquire_now(self, caller, entry, tokens):
+        """At once, by this process's own limiter (L{IAsyncLimiter.acquire_now}: a fallback chain's attempts)."""
+        admission = self.local.acquire(caller, entry, tokens)
+        return None if admission is None else LocalAdmission(admission)
+
     def _locally(self, caller, entry, tokens):
         if self._local_since is None:
             self._local_since = self.clock.seconds()
             self.log.warn("aibackend: the shared store (Redis) cannot be reached: limits are kept by this process "
                           "alone until it answers (a fleet of N daemons may let up to N times a limit through)")
-        admission = self.local.acquire(caller, entry, tokens)
-        return None if admission is None else LocalAdmission(admission)
+        return self.acquire_now(caller, entry, tokens)
 
     def release(self, admission, tokens):
         """The request has ended: its lease dropped, its tokens settled (in Redis, off the reactor thread)."""
