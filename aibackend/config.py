@@ -267,6 +267,11 @@ class ServerSpec:
         None, doc="a file whose one line is the Redis password, when not in `store`'s URL; "
                   "`--store-password-file` overrides")
     store_prefix: str = string("aibackend:", doc="the prefix of the shared store's Redis keys (a fleet's own)")
+    store_lease_seconds: float = number(
+        30.0, minimum=0.1, maximum=3600,
+        doc="with a Redis store, the limits are the fleet's: a request in flight holds a lease, renewed every "
+            "third of this; a daemon that dies (`kill -9`) frees its concurrency slots within this many seconds",
+    )
     header_timeout: float = number(
         10.0, minimum=0, exclusive_minimum=True, maximum=3600,
         doc="seconds a client has to send a request's headers; past it, 408 and the connection is closed",

@@ -52,6 +52,7 @@ from aibackend.processes import (
 )
 from aibackend.proctree import SubreaperService
 from aibackend.ratelimit import LimitTable, Limiter
+from aibackend.redislimits import LeaseService, RedisLimiter
 from aibackend.redisstore import FollowService, ISharedStore, RedisStore, StoreCollector
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
@@ -387,7 +388,13 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     # workers; alone, in memory). The limiter always exists (cheap: nothing is done for a
     # request whose key and model have no limits); the Policy only once something needs it
     # (build_policy).
-    limiter = Limiter(reactor, table, metrics=metrics, log=log)
+    local_limiter = limiter = Limiter(reactor, table, metrics=metrics, log=log)
+    if isinstance(store, RedisStore):
+        # A fleet's limits (issue 19): in Redis, with the local limiter the fallback while Redis is down
+        # (its table what Parts.limiter gives the workers).
+        limiter = RedisLimiter(store, reactor, local=local_limiter, metrics=metrics,
+                               lease_seconds=server.store_lease_seconds)
+        _add(root, "fleet-limits", LeaseService(limiter))
     usage = None
     # [server] usage: true, false, or unset (on whenever the daemon has client keys or
     # limits: keys made at runtime too, so the recorder is ready unless usage = false).
@@ -408,7 +415,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     _raise_open_files_limit(server.max_connections)
     return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
                 metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy,
-                keys=keys, limiter=limiter)
+                keys=keys, limiter=local_limiter)
 
 
 # --- policy (issue 18): the relay's Policy, from the server spec and the key ring ---

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import secrets
 
+from twisted.application import service
 from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -300,3 +301,16 @@ class RedisLimiter:
         if self._renewing is not None:
             self._renewing.stop()
             self._renewing = None
+
+
+class LeaseService(service.Service):
+    """Stops renewing the fleet limiter's leases when the daemon stops (those held then expire in Redis)."""
+
+    name = "fleet-limits"
+
+    def __init__(self, limiter: RedisLimiter):
+        self.limiter = limiter
+
+    def stopService(self):
+        super().stopService()
+        self.limiter.stop()

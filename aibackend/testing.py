@@ -2612,18 +2612,19 @@ class RedisServer:
 # --- REDIS2 (session 18) ---
 
 
-def start_fleet(redis_url: str, mktemp, names: str = "abc", multi: str = "c") -> list:
+def start_fleet(redis_url: str, mktemp, names: str = "abc", multi: str = "c", config: str | None = None) -> list:
     """
     Daemons on one shared store (C{--store redis_url}), each with a state directory of its
     own (C{mktemp(name)}: pytest's C{tmp_path_factory.mktemp}); the one named C{multi} with
-    C{--processes 2} (its worker follows through its primary). Stopped by L{stop_fleet}.
+    C{--processes 2} (its worker follows through its primary); each with the configuration
+    file C{config}, if given. Stopped by L{stop_fleet}.
     """
     daemons = []
     try:
         for name in names:
             state = mktemp(f"state-{name}")
             kind, more = (Multi, {"processes": 2}) if name == multi else (Daemon, {})
-            daemons.append(kind(None, "--store", redis_url, state=str(state), cwd=str(state), **more))
+            daemons.append(kind(config, "--store", redis_url, state=str(state), cwd=str(state), **more))
     except BaseException:
         stop_fleet(daemons, check=False)
         raise
