@@ -38,8 +38,9 @@ Every call has a timeout (L{CALL_TIMEOUT}: connect and read); redis-py's own ret
 off (a write retried after a timeout could be made twice): the feed reconnects with a
 backoff (L{RETRY_DELAYS}), and a write that fails answers 503.
 
-Usage and limits can move here next: another interface of this store (its client, its
-threads and its prefix shared), other keys under the same prefix.
+The fleet's limits use this store's client, threads and prefix too
+(L{aibackend.redislimits}: L{RedisStore.script} and L{RedisStore.call}). The usage stays
+each daemon's own (its C{usage.sqlite3}).
 
 Redis down: the daemon keeps serving the registry it has and honouring the keys it holds
 (a revoked one stays refused); admin changes, keys' included, answer 503

@@ -18,7 +18,6 @@ import pytest
 
 from aibackend.testing import ModelServer, RedisServer, need_redis_server, start_fleet, stop_fleet, wait_until
 
-FOLLOW_DEADLINE = 2.0
 KEY_DEADLINE = 10.0  # setting up (the 2 s a change takes is tests/test_fleet_keys.py's and test_fleet_daemon.py's to check)
 LEASE_SECONDS = 1.0
 
