@@ -567,6 +567,8 @@ CASES = {
     "aibackend-raw": f"aibackend, subprocess model, protocol raw, bench/echo_raw.py, workers = {RAW_WORKERS}",
     "aibackend-jsonl": "aibackend, subprocess model, protocol jsonl, bench/echo_jsonl.py, workers = 1, "
                        f"max_inflight = {JSONL_INFLIGHT}",
+    "aibackend-http-policy": "as aibackend-http, with issue 18's policy on: a client key on every request "
+                             "(api_keys), a limit on the model (rpm, too high to refuse) and usage = true",
     "aibackend-http-p2": "as aibackend-http, with twistd aibackend --processes 2",
     "aibackend-jsonl-p2": "as aibackend-jsonl, with --processes 2 and per_process = true",
 }
@@ -673,6 +675,10 @@ def start_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Server, s
     if name in ("aibackend-http-p2", "aibackend-jsonl-p2") and not processes_flag:
         raise Skipped("not available: `twistd aibackend --help` does not list --processes")
     processes = 2 if name.endswith("-p2") else None
+    if name == "aibackend-http-policy":
+        model = http_model("free", free_url) + f"[models.limits]\nrpm = {POLICY_RPM}\n"
+        server = bench.start_aibackend(name, model, None, f"api_keys = [{toml_string(POLICY_KEY)}]\nusage = true\n")
+        return server, "/post/predict?id=free", [f"api_keys, [models.limits] rpm = {POLICY_RPM:,}, usage = true"]
     if name.startswith("aibackend-http"):
         server = bench.start_aibackend(name, http_model("free", free_url), processes)
         return server, "/post/predict?id=free", []
@@ -701,6 +707,13 @@ def start_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Server, s
     raise BenchError(f"unknown case {name!r}")
 
 
+# The policy case's key (bench/post-key.lua sends it) and its model's limit: high enough that no
+# request is refused, so that the case measures what admitting and settling cost.
+POLICY_KEY = "bench-client-key-0123456789"
+POLICY_RPM = 1_000_000_000
+POLICY_LUA = os.path.join(BENCH, "post-key.lua")
+
+
 def check_answer(server: Server, path: str, request_body: bytes = BODY, headers=None) -> None:
     status, body = request(server.port, "POST", path, request_body, headers=headers)
     if status != 200:
@@ -709,6 +722,14 @@ def check_answer(server: Server, path: str, request_body: bytes = BODY, headers=
         json.loads(body)
     except ValueError:
         raise BenchError(f"{server.name}: a check request got a body that is not JSON: {body[:300]!r}") from None
+
+
+def check_with_key(server: Server, path: str) -> None:
+    """The policy case's check: the request with its key answered, and one without refused (401)."""
+    check_answer(server, path, headers={"Authorization": f"Bearer {POLICY_KEY}"})
+    status, _ = request(server.port, "POST", path, BODY)
+    if status != 401:
+        raise BenchError(f"{server.name}: a request without the client key got {status}, not 401")
 
 
 def run_case(bench: Bench, name: str, processes_flag: bool, describe: dict = CASES, start=start_case,
@@ -2520,7 +2541,10 @@ def main(argv=None) -> int:
         bench.free_server = bench.start_nginx("direct", NGINX_FREE)
         bench.free_port = bench.free_server.port
         for name in args.cases:
-            case = run_case(bench, name, processes_flag)
+            if name == "aibackend-http-policy":  # its requests carry the client key
+                case = run_case(bench, name, processes_flag, check=check_with_key, script=POLICY_LUA)
+            else:
+                case = run_case(bench, name, processes_flag)
             results["cases"].append(case)
             failed |= bool(case.get("error"))
         if args.stream_cases:
