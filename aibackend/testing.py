@@ -2607,3 +2607,20 @@ class RedisServer:
                 self.resume()
             self.process.terminate(10)
             self.process = None
+
+
+# --- lead (session 18) ---
+
+
+class HeldStore(MemoryStore):
+    """A model store whose writes are durable when the test says (fire or fail each of C{writes})."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[Deferred] = []
+
+    def put(self, model_id, table):
+        super().put(model_id, table)
+        d = Deferred()
+        self.writes.append(d)
+        return d
