@@ -586,9 +586,17 @@ class BoundedRequest(Request):
         # answers (twisted.web.resource.EncodingResourceWrapper), so none is looked for.
         site = self.site = self.channel.site
         self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, path[1:].split(b"/")))
+        # Without a %-escape a segment is as it is (unquote_to_bytes would return it).
+        self.postpath = path[1:].split(b"/") if b"%" not in path else list(map(unquote_to_bytes, path[1:].split(b"/")))
         try:
-            self.render(site.getResourceFor(self))
+            resource = site.resource
+            if resource.isLeaf:
+                # Site.getResourceFor's walk ends at once at a leaf (the daemon's Root):
+                # what it sets is set here, without the walk.
+                self.sitepath = []
+            else:
+                resource = site.getResourceFor(self)
+            self.render(resource)
         except BaseException:
             self.processingFailed(Failure())
 
