@@ -479,6 +479,29 @@ class BoundedRequest(Request):
     # (aibackend.auth.Guard.check_client) when the request carries a key; None otherwise.
     aibackend_caller = None
 
+    def __init__(self, channel, *args, **kwargs):
+        """
+        Twisted's L{Request.__init__} (twisted.web.server's, which calls twisted.web.http's
+        and L{Componentized}'s) in one call, for the channel's every request: what they set
+        (the slots above), set here, to the same values (a test compares the two); the site
+        parses no form. Anything more asked of it is Twisted's own.
+        """
+        if args or kwargs:
+            super().__init__(channel, *args, **kwargs)
+            return
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = False
+        self._adapterCache = {}
+
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
         self.content = BytesIO()

@@ -353,3 +353,27 @@ def test_many_requests_on_a_connection_keep_one_timer(timed_site, clock):
     clock.advance(20)
     assert b"408" not in transport.value()
     protocol.connectionLost(None)
+
+
+def test_a_request_is_made_as_twisteds_request_init_makes_it(clock):
+    """BoundedRequest.__init__ sets in one call what Twisted's Request.__init__ does (what any Twisted release sets)."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web.server import Request
+
+    from aibackend.server import AibackendSite, BoundedRequest
+
+    site = AibackendSite(StubFrontDoor(clock).front_door.resource(), max_body_bytes=LIMIT, reactor=clock)
+    channel, _ = connect(site)
+    ours = BoundedRequest(channel)
+    twisteds = BoundedRequest.__new__(BoundedRequest)
+    Request.__init__(twisteds, channel)
+
+    def state(request):
+        names = [name for cls in BoundedRequest.__mro__ for name in getattr(cls, "__slots__", ()) if name != "__dict__"]
+        slots = {name: getattr(request, name) for name in names if hasattr(request, name)}
+        return slots, dict(vars(request))
+
+    assert state(ours) == state(twisteds)
+    assert ours.transport is channel.transport and ours.channel is channel
+    channel.connectionLost(Failure(ConnectionDone()))  # (its timer cancelled)
