@@ -623,6 +623,36 @@ class BoundedRequest(Request):
         except BaseException:
             self.processingFailed(Failure())
 
+    def finish(self):
+        """
+        Twisted's L{Request.finish} (twisted.web.server's, then twisted.web.http's, then its
+        clean-up) in one call, for an answer written whole by L{write} (its head and body
+        in one write: nothing chunked, no producer, nobody waiting on L{notifyFinish}):
+        the access event, then the channel told the request is done, as Twisted does it.
+        Anything else (a client gone, a second finish, nothing written yet, a stream) is
+        Twisted's own finish.
+        """
+        if (
+            self.aibackend_gone
+            or self.finished
+            or not self.startedWriting
+            or self.chunked
+            or self.producer is not None
+            or self.notifications
+            or self.queued
+        ):
+            return super().finish()
+        channel = self.channel
+        factory = channel.factory
+        if factory is not None:
+            factory.log(self)
+        self.finished = 1
+        channel.requestDone(self)
+        del self.channel
+        if self.content is not None:
+            self.content.close()
+            del self.content
+
     def write(self, data):
         """
         Twisted's L{Request.write}; the first write of an answer whose type and length are
