@@ -1933,6 +1933,7 @@ def flame(bench: Bench, name: str, processes_flag: bool) -> str:
         raise BenchError(f"no py-spy beside {sys.executable}: `make .venv/.bench-installed` (setup.py's bench extra)")
     if name.startswith("aibackend-openai"):
         bench.openai_up = bench.start_nginx("openai-direct", NGINX_OPENAI)
+        bench.openai_stream_up = bench.start_nginx("openai-stream-direct", NGINX_OPENAI_STREAM)
         server, path, _ = start_openai_case(bench, name, processes_flag)
         check, script = check_chat, CHAT_LUA
     else:
@@ -2574,7 +2575,7 @@ def main(argv=None) -> int:
         if args.flame:
             try:
                 flame(bench, args.flame, processes_flag)
-            except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+            except (BenchError, Skipped, OSError, subprocess.TimeoutExpired) as e:
                 log(f"flame {args.flame}: FAILED: {e}")
                 return 1
             return 0
