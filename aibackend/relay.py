@@ -220,9 +220,7 @@ class Relay:
         """
         seconds = self.clock.seconds() - started
         self.metrics.observe(entry, operation, status, seconds)
-        entry.model.model_log.request(
-            request_id=request_id, operation=operation, status=status, latency_ms=seconds * 1000.0, error=error
-        )
+        entry.model.model_log.record_request(request_id, operation, status, seconds * 1000.0, error)
         return seconds
 
     def _settle(self, call, entry, request_id: str, operation: str, started: float, status: int,

@@ -1935,6 +1935,55 @@ def run_openai(bench: Bench, names: list[str], stream_names: list[str]) -> tuple
     return section, failed
 
 
+FLAME_CASES = ("aibackend-http", "aibackend-jsonl", "aibackend-openai-chat")
+FLAME_RATE = 500  # py-spy's samples a second
+
+
+def flame(bench: Bench, name: str, processes_flag: bool) -> str:
+    """
+    A flame graph of one case's daemon (C{--flame CASE}): the case started as a measured run
+    starts it, a second of warm-up, then wrk at concurrency 32 for the run's duration while
+    py-spy (the bench extra's) samples the daemon, written as an SVG under the results
+    directory, named by the case and the start time.
+
+    @return: the SVG's path.
+    """
+    args = bench.args
+    py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(py_spy):
+        raise BenchError(f"no py-spy beside {sys.executable}: `make .venv/.bench-installed` (setup.py's bench extra)")
+    if name.startswith("aibackend-openai"):
+        bench.openai_up = bench.start_nginx("openai-direct", NGINX_OPENAI)
+        bench.openai_stream_up = bench.start_nginx("openai-stream-direct", NGINX_OPENAI_STREAM)
+        server, path, _ = start_openai_case(bench, name, processes_flag)
+        check, script = check_chat, CHAT_LUA
+    else:
+        server, path, _ = start_case(bench, name, processes_flag)
+        check, script = check_answer, POST_LUA
+    check(server, path)
+    bench.run_wrk(server.port, path, 32, WARMUP_SECONDS, script)
+    os.makedirs(args.results_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = os.path.join(args.results_dir, f"flame-{name}-c32-{stamp}.svg")
+    # py-spy starts sampling at once; wrk's run is inside its window (a second on each side).
+    # --gil: only the thread holding the GIL, the reactor's at work (not the idle thread pool).
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--duration", str(args.duration + 2),
+                            "--rate", str(FLAME_RATE), "--gil", "--format", "flamegraph", "--output", out],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1)
+        run = bench.run_wrk(server.port, path, 32, args.duration, script)
+        said, _ = spy.communicate(timeout=args.duration + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if spy.returncode != 0 or not os.path.exists(out):
+        raise BenchError(f"py-spy failed ({spy.returncode}): {said.strip()[-500:]}")
+    log(f"flame {name}: {run['rps']:.0f} req/s at c32 while sampled; written {os.path.relpath(out, ROOT)}")
+    return out
+
+
 def openai_markdown(section: dict) -> list[str]:
     if not section.get("cases") and not section.get("stream_cases"):
         return []
@@ -2438,6 +2487,9 @@ def parse_args(argv=None):
     parser.add_argument("--nginx", default=None, help="the nginx binary (default: found on PATH or /usr/sbin)")
     parser.add_argument("--wrk", default=None, help="the wrk binary (default: found on PATH)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for a look")
+    parser.add_argument("--flame", metavar="CASE", choices=FLAME_CASES, default=None,
+                        help=f"instead of the tables: a flame graph (py-spy) of CASE's daemon under wrk at "
+                             f"concurrency 32, written to the results directory ({', '.join(FLAME_CASES)})")
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = int(env.get("BENCH_DURATION") or (QUICK_DURATION if args.quick else DEFAULT_DURATION))
@@ -2536,10 +2588,18 @@ def main(argv=None) -> int:
     failed = False
     interrupted = False
     try:
-        log(f"temp dir {bench.tmp}; {args.duration} s runs, {args.passes} passes; cases: "
-            + ", ".join(args.cases + args.stream_cases + args.openai_cases + args.openai_stream_cases))
+        log(f"temp dir {bench.tmp}; {args.duration} s runs, " + (
+            f"a flame graph of {args.flame}" if args.flame else f"{args.passes} passes; cases: " + ", ".join(
+                args.cases + args.stream_cases + args.openai_cases + args.openai_stream_cases)))
         bench.free_server = bench.start_nginx("direct", NGINX_FREE)
         bench.free_port = bench.free_server.port
+        if args.flame:
+            try:
+                flame(bench, args.flame, processes_flag)
+            except (BenchError, Skipped, OSError, subprocess.TimeoutExpired) as e:
+                log(f"flame {args.flame}: FAILED: {e}")
+                return 1
+            return 0
         for name in args.cases:
             if name == "aibackend-http-policy":  # its requests carry the client key
                 case = run_case(bench, name, processes_flag, check=check_with_key, script=POLICY_LUA)
