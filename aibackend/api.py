@@ -314,8 +314,10 @@ class OperationAPI:
             if len(body) <= THREAD_ABOVE_BYTES:
                 parse_json(body)
                 return send(request, entry, body, context, started)
-        except LimitReached:
-            raise  # a refusal, not a request to the model: counted as one (aibackend.ratelimit)
+        except (LimitReached, errors.Forbidden, errors.Unauthorized):
+            # A refusal (a limit, a key that may not call the model, a mock failure without
+            # admin rights), not a request to the model: counted as one, as on /v2 and /v1.
+            raise
         except errors.ApiError as error:
             relay.done(entry, request_id, "predict", started, error.status, error.message)
             raise

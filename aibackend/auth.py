@@ -33,6 +33,7 @@ import re
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 
 from aibackend.errors import Forbidden, Unauthorized
 from aibackend.keys import KeyRing
@@ -127,6 +128,10 @@ def origin_is_loopback(origin: str) -> bool:
     return name is not None and _is_loopback_name(name)
 
 
+# PROXY_HEADERS as Headers.getAllRawHeaders names them (its canonical capitalization).
+_PROXY_NAMES = frozenset(name for name, _ in Headers({name: [b""] for name in PROXY_HEADERS}).getAllRawHeaders())
+
+
 def proxy_headers(request) -> list[str]:
     """The reverse-proxy headers the request carries (their names), if any."""
     headers = request.requestHeaders
@@ -200,9 +205,12 @@ class Guard:
         in force. Cheap: called for every request, it looks at headers only until then.
         """
         if self.watching_for_proxies:
-            found = proxy_headers(request)
-            if found:
-                self._warn_proxy(found)
+            # One pass over the names the request has (as Headers spells them), not a
+            # lookup of each proxy header: a request carries a handful of headers.
+            for name, _ in request.requestHeaders.getAllRawHeaders():
+                if name in _PROXY_NAMES:
+                    self._warn_proxy(proxy_headers(request))
+                    return
 
     def _warn_proxy(self, found) -> None:
         if not self.watching_for_proxies:

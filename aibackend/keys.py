@@ -22,7 +22,8 @@ secret is public (it is listed), so finding the key by it leaks nothing.
 
 Keys are required once any key exists: a configured C{api_keys} entry, or a key in the
 store (revoked ones included, so that revoking the last key never opens the daemon to
-everyone). A daemon with neither lets anyone call its models, as before.
+everyone; deleting the last one, C{deletekey}, does). A daemon with neither lets anyone
+call its models, as before.
 """
 
 from __future__ import annotations
@@ -47,11 +48,14 @@ PREFIX = "aib-"
 ID_DIGITS = 12
 # aib-<12 hex digits>-<token_urlsafe(32): 43 characters>
 SECRET_LENGTH = len(PREFIX) + ID_DIGITS + 1 + 43
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+# (Beginning with a letter or digit: "-" is the usage's anonymous key, aibackend.usage.)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
 # The names the guard gives the keys that are not stored (configured api_keys by position, the
 # admin token): a stored key may not take one, so that usage and metrics never mix them up.
 CONFIGURED_NAME = re.compile(r"config-[0-9]+", re.ASCII)
 ADMIN_NAME = "admin"
+# The label /metrics gives the usage of keys past its bound (aibackend.usage.OTHER).
+OTHER_NAME = "other"
 ADMIN_CALLER = Caller(ADMIN_NAME)
 ALL_MODELS = "*"
 ADDKEY_KEYS = ("name", "models", "limits")
@@ -87,10 +91,12 @@ def _time(seconds: float | None) -> str | None:
 def check_name(name) -> str:
     """@raise errors.BadRequest: C{name} is not a key's name."""
     if not isinstance(name, str) or not name:
-        raise errors.BadRequest("a key needs a name: 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        raise errors.BadRequest("a key needs a name: 1 to 64 characters of A-Z a-z 0-9 _ . -, the first a letter "
+                                "or a digit")
     if NAME_PATTERN.fullmatch(name) is None:
         shown = name if len(name) <= 80 else name[:80] + "..."
-        raise errors.BadRequest(f"a key's name is 1 to 64 characters of A-Z a-z 0-9 _ . -, not {shown!r}")
+        raise errors.BadRequest(f"a key's name is 1 to 64 characters of A-Z a-z 0-9 _ . -, the first a letter or "
+                                f"a digit, not {shown!r}")
     return name
 
 
@@ -398,8 +404,9 @@ class KeyManager:
         if unknown:
             raise errors.BadRequest(f"addkey has no key {unknown[0]!r}: its keys are {', '.join(ADDKEY_KEYS)}")
         name = check_name(table.get("name"))
-        if name == ADMIN_NAME or CONFIGURED_NAME.fullmatch(name):
-            raise errors.BadRequest(f"the key name {name!r} is reserved (the admin token, configured api_keys)")
+        if name in (ADMIN_NAME, OTHER_NAME) or CONFIGURED_NAME.fullmatch(name):
+            raise errors.BadRequest(f"the key name {name!r} is reserved (the admin token, configured api_keys, "
+                                    "the usage of keys past /metrics' bound)")
         models = read_models(table.get("models"))
         limits = table.get("limits")
         try:

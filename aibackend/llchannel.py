@@ -57,6 +57,11 @@ HELD_BEFORE_PAUSE = 0x4000
 _MAX_CHUNK_LINE = 4096
 _MAX_TRAILERS = 16384
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# Headers a request seldom has, whose values the channel reads once the head is in: noted
+# (a bit each) as llhttp reads their names, so that a head without them is not searched for
+# them. (A name in any case is the same header: Twisted's Headers takes it so.)
+_TRANSFER_ENCODING, _EXPECT, _COOKIE = 1, 2, 4
+_NOTED_HEADERS = {b"transfer-encoding": _TRANSFER_ENCODING, b"expect": _EXPECT, b"cookie": _COOKIE}
 
 
 class _Stop(Exception):
@@ -92,7 +97,7 @@ class LlhttpChannel(HTTPChannel):
     __slots__ = (
         "requests", "_handlingRequest", "_dataBuffer", "_transferDecoder",  # HTTPChannel.__init__'s
         "parser", "current", "method", "target", "http_version", "keep_alive", "head_done", "head_size",
-        "head_tail", "header_count", "problem", "body_left", "chunked", "held", "held_size", "parsing",
+        "head_tail", "header_count", "noted", "problem", "body_left", "chunked", "held", "held_size", "parsing",
         "saved_timeout", "closing", "network_paused",
     )
 
@@ -108,6 +113,7 @@ class LlhttpChannel(HTTPChannel):
         self.head_size = 0  # bytes of the head fed to llhttp so far (0: no request begun)
         self.head_tail = b""  # the last bytes of them (an empty line may begin there)
         self.header_count = 0
+        self.noted = 0  # the _NOTED_HEADERS the head being read has (their bits)
         self.problem = None  # why a callback stopped llhttp: a refusal's (status, reason, kind, message)
         self.body_left = 0  # bytes of a Content-Length body still to come
         self.chunked = None  # the chunked body's decoder
@@ -195,6 +201,7 @@ class LlhttpChannel(HTTPChannel):
                 self.parser = httptools.HttpRequestParser(self)
             self.method = self.target = None
             self.header_count = 0
+            self.noted = 0
             self.head_done = False
             self.head_started()
             at = data.find(_HEAD_END)
@@ -301,6 +308,9 @@ class LlhttpChannel(HTTPChannel):
         except InvalidHeaderName:
             self.problem = (400, "Bad Request", "bad_request", "the request is not valid HTTP/1.1: a header's name")
             raise _Stop() from None
+        noted = _NOTED_HEADERS.get(name.lower())
+        if noted is not None:
+            self.noted |= noted
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -344,7 +354,8 @@ class LlhttpChannel(HTTPChannel):
         headers = request.requestHeaders
         # llhttp has refused two Content-Lengths, one with anything but digits, and one
         # beside a Transfer-Encoding; it takes a coding before chunked, which is not done.
-        codings = headers.getRawHeaders(b"transfer-encoding")
+        noted = self.noted
+        codings = headers.getRawHeaders(b"transfer-encoding") if noted & _TRANSFER_ENCODING else None
         if codings is not None:
             if len(codings) != 1 or codings[0].lower() != b"chunked":
                 self._refuse_malformed("its Transfer-Encoding is not chunked alone")
@@ -353,7 +364,8 @@ class LlhttpChannel(HTTPChannel):
         else:
             lengths = headers.getRawHeaders(b"content-length")
             length = int(lengths[0]) if lengths is not None else 0
-        request.parseCookies()
+        if noted & _COOKIE:
+            request.parseCookies()  # (without a Cookie header, there is nothing to parse)
         if version == b"HTTP/1.1":
             self.persistent = self.keep_alive
             if not self.keep_alive:
@@ -363,7 +375,7 @@ class LlhttpChannel(HTTPChannel):
         request.gotLength(length)
         if self.closing:
             return b""  # too large
-        expect = headers.getRawHeaders(b"expect")
+        expect = headers.getRawHeaders(b"expect") if noted & _EXPECT else None
         if expect is not None and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         rest = data[end:] if end < len(data) else b""

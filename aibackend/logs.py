@@ -68,29 +68,56 @@ def _cap(value):
     return value
 
 
-_second = [None, ""]  # the last whole second formatted, and its text
+_second = [None, ""]  # the last whole second formatted, and its text (the reactor thread's)
 
 
-def _iso(seconds: float) -> str:
-    """C{2026-01-02T03:04:05.678Z}: each request's entry has one, so a second's text is reused."""
+def _iso(seconds: float, second: list = _second) -> str:
+    """
+    C{2026-01-02T03:04:05.678Z}: each request's entry has one, so a second's text is reused
+    (C{second}: the last whole second and its text; another thread passes a list of its own).
+    """
     whole = int(seconds // 1)
     micro = round((seconds - whole) * 1e6)  # as datetime rounds a timestamp
     if micro >= 1_000_000:
         whole, micro = whole + 1, 0
-    if whole != _second[0]:
-        _second[:] = [whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_second[1]}.{micro // 1000:03d}Z"
+    if whole != second[0]:
+        second[:] = [whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{second[1]}.{micro // 1000:03d}Z"
+
+
+def _request_entry(record: tuple, second: list) -> dict:
+    """The entry of a request's record (L{ModelLog.request}): what append() would have made of it."""
+    seq, now, status, request_id, operation, latency_ms, error = record
+    entry = {
+        "seq": seq, "time": _iso(now, second), "timestamp": now,
+        "level": "info" if status < 400 else "warning" if status < 500 else "error",
+        "event": "request", "request_id": _cap(request_id), "operation": operation, "status": status,
+        "latency_ms": round(latency_ms, 3),
+    }
+    if error is not None:
+        entry["error"] = _cap(error)
+    return entry
+
+
+def entries_of(records: list) -> list:
+    """
+    A log's L{ModelLog.snapshot} as entries (dicts): a request's record made its entry
+    here, when the log is read, not when the request is written. Safe in any thread.
+    """
+    second = [None, ""]
+    return [record if type(record) is dict else _request_entry(record, second) for record in records]
 
 
 def select(entries: list, *, limit: int | None = None, since: float | None = None, level: str | None = None) -> list:
     """
-    @param entries: a log's L{ModelLog.snapshot}.
+    @param entries: a log's L{ModelLog.snapshot} (or its L{entries_of}).
     @param limit: at most this many entries, the newest ones.
     @param since: only entries strictly after this time (seconds since the epoch).
     @param level: only entries of this level or a more severe one.
     @return: the matching entries, oldest first.
     """
     floor = LEVELS[level] if level is not None else None
+    entries = entries_of(entries)
     if since is not None or floor is not None:
         entries = [
             entry
@@ -143,32 +170,34 @@ class ModelLog:
         self._entries.append(entry)
         return entry
 
-    def request(self, *, request_id: str, operation: str, status: int, latency_ms: float, error=None):
+    def request(self, *, request_id: str, operation: str, status: int, latency_ms: float, error=None) -> dict:
         """
         Record one request: C{info} when it succeeded, C{warning} for a client error,
         C{error} for a failure of the model or the daemon.
+
+        @return: its entry.
         """
-        # append()'s entry, made directly: one of these is written for every request.
-        now = self._clock.seconds()
+        self.record_request(request_id, operation, status, latency_ms, error)
+        return _request_entry(self._entries[-1], _second)
+
+    def record_request(self, request_id: str, operation: str, status: int, latency_ms: float,
+                       error: str | None) -> None:
+        """
+        L{request} for the hot path, which does not read the entry: one is written for every
+        request, so it is kept as a tuple, made an entry (L{entries_of}) when the log is read.
+        """
         self._seq += 1
-        entry = {
-            "seq": self._seq, "time": _iso(now), "timestamp": now,
-            "level": "info" if status < 400 else "warning" if status < 500 else "error",
-            "event": "request", "request_id": _cap(request_id), "operation": operation, "status": status,
-            "latency_ms": round(latency_ms, 3),
-        }
-        if error is not None:
-            entry["error"] = _cap(error)
-        if len(self._entries) == self._entries.maxlen:
+        entries = self._entries
+        if len(entries) == entries.maxlen:
             self.dropped += 1
-        self._entries.append(entry)
-        return entry
+        entries.append((self._seq, self._clock.seconds(), status, request_id, operation, latency_ms, error))
 
     def snapshot(self) -> list:
         """
         The entries as they are now, oldest first: a copy of the ring, cheap (the
         entries themselves are never changed once written), to be read anywhere,
-        another thread included.
+        another thread included. A request's entry is still its record (a tuple:
+        L{record_request}): L{select} and L{entries_of} make the entries of a snapshot.
         """
         return list(self._entries)
 

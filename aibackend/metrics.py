@@ -38,6 +38,10 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
 
+# status -> its class, made once (a request's count is kept by class).
+_STATUS_CLASSES = {status: status_class(status) for status in range(100, 600)}
+
+
 # How a streamed answer ended (the C{end} label, and the access event's C{stream_end}).
 STREAM_ENDS = ("done", "error", "cancelled", "timeout")
 
@@ -63,7 +67,7 @@ class ModelStats:
         self.limited: Counter = Counter()  # (scope, limit) -> requests refused (aibackend.ratelimit)
 
     def observe(self, operation: str, status: int, seconds: float) -> None:
-        self.requests[(operation, status_class(status))] += 1
+        self.requests[(operation, _STATUS_CLASSES.get(status) or status_class(status))] += 1
         counts = self.buckets.get(operation)
         if counts is None:
             counts = self.buckets[operation] = [0] * (len(BUCKETS) + 1)

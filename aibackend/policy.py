@@ -89,16 +89,23 @@ class Call:
     @ivar model_id: the model it was admitted to.
     @ivar tokens: its L{TokenCount}, or None (a model without token counts).
     @ivar admission: what the limiter holds for it (L{ILimiter.acquire}), or None.
+    @ivar policy: the L{Policy} that admitted it, and so settles it (the daemon's policy
+        may be made again meanwhile, or be none any more: a key deleted, a model replaced).
     """
 
-    __slots__ = ("caller", "model_id", "tokens", "admission", "settled")
+    __slots__ = ("caller", "model_id", "tokens", "admission", "settled", "policy")
 
-    def __init__(self, caller: Caller | None, model_id: str, tokens: TokenCount | None, admission):
+    def __init__(self, caller: Caller | None, model_id: str, tokens: TokenCount | None, admission, policy=None):
         self.caller = caller
         self.model_id = model_id
         self.tokens = tokens
         self.admission = admission
         self.settled = False
+        self.policy = policy
+
+    def settle(self, status: int, seconds: float) -> None:
+        """The request has ended: settled by the policy that admitted it (once)."""
+        self.policy.settle(self, status, seconds)
 
 
 class ILimiter(Interface):
@@ -169,11 +176,11 @@ class Policy:
         check_model(caller, model_id)
         limiter = self.limiter
         if limiter is None:
-            return Call(caller, model_id, tokens, None)
+            return Call(caller, model_id, tokens, None, self)
         admission = limiter.acquire(caller, entry, tokens)
         if self.asynchronous:
-            return admission.addCallback(lambda admission: Call(caller, model_id, tokens, admission))
-        return Call(caller, model_id, tokens, admission)
+            return admission.addCallback(lambda admission: Call(caller, model_id, tokens, admission, self))
+        return Call(caller, model_id, tokens, admission, self)
 
     def admit_now(self, request, entry, tokens: TokenCount | None = None) -> Call | None:
         """L{admit}, at once whatever the limiter (an L{IAsyncLimiter}'s own limits: a fallback chain's attempts)."""
@@ -183,7 +190,7 @@ class Policy:
             return None
         caller = request.aibackend_caller
         check_model(caller, entry.model_id)
-        return Call(caller, entry.model_id, tokens, self.limiter.acquire_now(caller, entry, tokens))
+        return Call(caller, entry.model_id, tokens, self.limiter.acquire_now(caller, entry, tokens), self)
 
     def counts_tokens(self, request, entry) -> bool:
         """

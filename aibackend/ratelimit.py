@@ -261,6 +261,7 @@ class LimitTable:
 
         @raise OSError: it cannot be made.
         """
+        os.makedirs(state_dir, 0o700, exist_ok=True)  # (a Redis store makes no state directory itself)
         for stale in glob.glob(os.path.join(state_dir, f"{TABLE_PREFIX}*{TABLE_SUFFIX}")):
             pid = os.path.basename(stale)[len(TABLE_PREFIX):-len(TABLE_SUFFIX)]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
@@ -333,14 +334,20 @@ class LimitTable:
                 return offset
         return None
 
-    def claim(self, key: int, now: float) -> int | None:
-        """C{key}'s row, taken if it has none (a free row near its place, or an idle one); None: none is."""
+    def claim(self, key: int, now: float, skip=()) -> int | None:
+        """
+        C{key}'s row, taken if it has none (a free row near its place, or an idle one, but
+        none of C{skip}: the rows of the other limits of the same admission, which look idle
+        until it is written); None: none is.
+        """
         offset = self.find(key)
         if offset is not None:
             return offset
         buffer, rows, row_size, start = self.buffer, self.rows, self.row_size, key % self.rows
         for step in range(min(PROBES, rows)):
             offset = HEADER.size + ((start + step) % rows) * row_size
+            if offset in skip:
+                continue
             taken, requests_at, tokens_at, in_flight = ROW.unpack_from(buffer, offset)
             if taken == 0 or (in_flight <= 0 and requests_at <= now and tokens_at <= now):
                 ROW.pack_into(buffer, offset, key, 0.0, 0.0, 0)
@@ -473,6 +480,7 @@ class Limiter:
         now = self.clock.seconds()
         reached = now + MINUTE + _EPSILON
         changes = []
+        chosen = []  # the rows of this admission's limits, so far
         table.lock()
         try:
             # First every limit is looked at (a refusal raises before anything is taken)...
@@ -482,11 +490,12 @@ class Limiter:
                 if offset is not None:
                     taken, requests_at, tokens_at, in_flight = unpack(buffer, offset)
                 if offset is None or taken != key:
-                    offset = table.claim(key, now)
+                    offset = table.claim(key, now, chosen)
                     if offset is None:
                         self._no_row(scope)
                         continue
                     _, requests_at, tokens_at, in_flight = unpack(buffer, offset)
+                chosen.append(offset)
                 rpm = limits.rpm
                 if rpm is not None:
                     requests_at = (requests_at if requests_at > now else now) + MINUTE / rpm

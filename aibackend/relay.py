@@ -223,7 +223,7 @@ class Relay:
         seconds = self.done(entry, request_id, operation, started, status, error)
         call = writer.call
         if call is not None:
-            self.policy.settle(call, status, seconds)
+            call.settle(status, seconds)
 
     def done(self, entry, request_id: str, operation: str, started: float, status: int, error: str | None) -> float:
         """
@@ -234,9 +234,7 @@ class Relay:
         """
         seconds = self.clock.seconds() - started
         self.metrics.observe(entry, operation, status, seconds)
-        entry.model.model_log.request(
-            request_id=request_id, operation=operation, status=status, latency_ms=seconds * 1000.0, error=error
-        )
+        entry.model.model_log.record_request(request_id, operation, status, seconds * 1000.0, error)
         return seconds
 
     def _settle(self, call, entry, request_id: str, operation: str, started: float, status: int,
@@ -244,7 +242,7 @@ class Relay:
         """L{done}, then the policy's settlement of C{call} (if the policy admitted it)."""
         seconds = self.done(entry, request_id, operation, started, status, error)
         if call is not None:
-            self.policy.settle(call, status, seconds)
+            call.settle(status, seconds)
 
     def refused(self, failure, entry, request_id: str, operation: str, started: float):
         """
@@ -463,6 +461,11 @@ class Chain:
         else:
             status = result.status
         if status is not None and falls_back(status):
+            call = sent.call
+            if call is not None:
+                # Its places (the key's max_concurrent, its tokens) are free before the next
+                # attempt is admitted; the model's log and metrics are told below, once.
+                call.settle(status, self.relay.clock.seconds() - sent.started)
             following = self._following()
             if following is not None:
                 sent.stats.in_flight -= 1
@@ -947,9 +950,17 @@ class StreamWriter:
     def ended(self, output) -> None:
         """The model's stream ended with C{output}: logged, counted, and the end event written."""
         self._settled()
-        # The end event is made first: it may say the stream's usage, which the policy settles with.
-        last = self.framing.end(output)
         context = self.context
+        # The end event is made first: it may say the stream's usage, which the policy settles with.
+        try:
+            last = self.framing.end(output)
+        except Exception:
+            # (a framing's bug: the stream still ends, its outcome told and its Call settled)
+            self.relay.log.failure("ending a stream of model {model}", model=self.entry.model_id)
+            self.relay._stream_done(self, self.entry, context.request_id, context.operation, self.began, 500,
+                                    UNEXPECTED, "error")
+            self.fail(self.shape.document(errors.InternalError(UNEXPECTED), context.request_id))
+            return
         self.relay._stream_done(self, self.entry, context.request_id, context.operation, self.began, 200, None,
                                 "done")
         self._last(last)

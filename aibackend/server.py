@@ -485,6 +485,29 @@ class BoundedRequest(Request):
     # limits were kept in the worker (aibackend.policy.Policy.admit does not keep them again).
     aibackend_forwarded = False
 
+    def __init__(self, channel, *args, **kwargs):
+        """
+        Twisted's L{Request.__init__} (twisted.web.server's, which calls twisted.web.http's
+        and L{Componentized}'s) in one call, for the channel's every request: what they set
+        (the slots above), set here, to the same values (a test compares the two); the site
+        parses no form. Anything more asked of it is Twisted's own.
+        """
+        if args or kwargs:
+            super().__init__(channel, *args, **kwargs)
+            return
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = False
+        self._adapterCache = {}
+
     def gotLength(self, length):
         self.aibackend_started = self.channel.site.reactor.seconds()
         self.content = BytesIO()
@@ -592,11 +615,49 @@ class BoundedRequest(Request):
         # answers (twisted.web.resource.EncodingResourceWrapper), so none is looked for.
         site = self.site = self.channel.site
         self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, path[1:].split(b"/")))
+        # Without a %-escape a segment is as it is (unquote_to_bytes would return it).
+        self.postpath = path[1:].split(b"/") if b"%" not in path else list(map(unquote_to_bytes, path[1:].split(b"/")))
         try:
-            self.render(site.getResourceFor(self))
+            resource = site.resource
+            if resource.isLeaf:
+                # Site.getResourceFor's walk ends at once at a leaf (the daemon's Root):
+                # what it sets is set here, without the walk.
+                self.sitepath = []
+            else:
+                resource = site.getResourceFor(self)
+            self.render(resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def finish(self):
+        """
+        Twisted's L{Request.finish} (twisted.web.server's, then twisted.web.http's, then its
+        clean-up) in one call, for an answer written whole by L{write} (its head and body
+        in one write: nothing chunked, no producer, nobody waiting on L{notifyFinish}):
+        the access event, then the channel told the request is done, as Twisted does it.
+        Anything else (a client gone, a second finish, nothing written yet, a stream) is
+        Twisted's own finish.
+        """
+        if (
+            self.aibackend_gone
+            or self.finished
+            or not self.startedWriting
+            or self.chunked
+            or self.producer is not None
+            or self.notifications
+            or self.queued
+        ):
+            return super().finish()
+        channel = self.channel
+        factory = channel.factory
+        if factory is not None:
+            factory.log(self)
+        self.finished = 1
+        channel.requestDone(self)
+        del self.channel
+        if self.content is not None:
+            self.content.close()
+            del self.content
 
     def write(self, data):
         """

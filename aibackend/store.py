@@ -103,9 +103,9 @@ class IKeyStore(Interface):
     A key is a row, a dict of plain JSON values: C{id} (12 hex digits), C{name} (unique),
     C{digest} (the hex SHA-256 of its secret), C{models} (a list of model ids, or None
     for every model), C{limits} (a table of L{aibackend.ratelimit.LIMIT_KEYS}, or None),
-    C{created}, C{rotated}, C{revoked} (seconds since the epoch, or None). Rows are
-    never deleted: a revoked key keeps its name. Every write's Deferred fires once the
-    change is durable.
+    C{created}, C{rotated}, C{revoked} (seconds since the epoch, or None). A revoked
+    key keeps its row (and its name); only C{delete_key} removes one. Every write's
+    Deferred fires once the change is durable.
     """
 
     def load_keys():

@@ -2609,6 +2609,24 @@ class RedisServer:
             self.process = None
 
 
+# --- lead (session 18) ---
+
+
+class HeldStore(MemoryStore):
+    """A model store whose writes are durable when the test says (fire or fail each of C{writes})."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[Deferred] = []
+
+    def put(self, model_id, table):
+        super().put(model_id, table)
+        d = Deferred()
+        self.writes.append(d)
+        return d
+
+
+
 # --- REDIS2 (session 18) ---
 
 

@@ -567,6 +567,8 @@ CASES = {
     "aibackend-raw": f"aibackend, subprocess model, protocol raw, bench/echo_raw.py, workers = {RAW_WORKERS}",
     "aibackend-jsonl": "aibackend, subprocess model, protocol jsonl, bench/echo_jsonl.py, workers = 1, "
                        f"max_inflight = {JSONL_INFLIGHT}",
+    "aibackend-http-policy": "as aibackend-http, with issue 18's policy on: a client key on every request "
+                             "(api_keys), a limit on the model (rpm, too high to refuse) and usage = true",
     "aibackend-http-p2": "as aibackend-http, with twistd aibackend --processes 2",
     "aibackend-jsonl-p2": "as aibackend-jsonl, with --processes 2 and per_process = true",
 }
@@ -673,6 +675,10 @@ def start_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Server, s
     if name in ("aibackend-http-p2", "aibackend-jsonl-p2") and not processes_flag:
         raise Skipped("not available: `twistd aibackend --help` does not list --processes")
     processes = 2 if name.endswith("-p2") else None
+    if name == "aibackend-http-policy":
+        model = http_model("free", free_url) + f"[models.limits]\nrpm = {POLICY_RPM}\n"
+        server = bench.start_aibackend(name, model, None, f"api_keys = [{toml_string(POLICY_KEY)}]\nusage = true\n")
+        return server, "/post/predict?id=free", [f"api_keys, [models.limits] rpm = {POLICY_RPM:,}, usage = true"]
     if name.startswith("aibackend-http"):
         server = bench.start_aibackend(name, http_model("free", free_url), processes)
         return server, "/post/predict?id=free", []
@@ -701,6 +707,13 @@ def start_case(bench: Bench, name: str, processes_flag: bool) -> tuple[Server, s
     raise BenchError(f"unknown case {name!r}")
 
 
+# The policy case's key (bench/post-key.lua sends it) and its model's limit: high enough that no
+# request is refused, so that the case measures what admitting and settling cost.
+POLICY_KEY = "bench-client-key-0123456789"
+POLICY_RPM = 1_000_000_000
+POLICY_LUA = os.path.join(BENCH, "post-key.lua")
+
+
 def check_answer(server: Server, path: str, request_body: bytes = BODY, headers=None) -> None:
     status, body = request(server.port, "POST", path, request_body, headers=headers)
     if status != 200:
@@ -709,6 +722,14 @@ def check_answer(server: Server, path: str, request_body: bytes = BODY, headers=
         json.loads(body)
     except ValueError:
         raise BenchError(f"{server.name}: a check request got a body that is not JSON: {body[:300]!r}") from None
+
+
+def check_with_key(server: Server, path: str) -> None:
+    """The policy case's check: the request with its key answered, and one without refused (401)."""
+    check_answer(server, path, headers={"Authorization": f"Bearer {POLICY_KEY}"})
+    status, _ = request(server.port, "POST", path, BODY)
+    if status != 401:
+        raise BenchError(f"{server.name}: a request without the client key got {status}, not 401")
 
 
 def run_case(bench: Bench, name: str, processes_flag: bool, describe: dict = CASES, start=start_case,
@@ -1914,6 +1935,55 @@ def run_openai(bench: Bench, names: list[str], stream_names: list[str]) -> tuple
     return section, failed
 
 
+FLAME_CASES = ("aibackend-http", "aibackend-jsonl", "aibackend-openai-chat")
+FLAME_RATE = 500  # py-spy's samples a second
+
+
+def flame(bench: Bench, name: str, processes_flag: bool) -> str:
+    """
+    A flame graph of one case's daemon (C{--flame CASE}): the case started as a measured run
+    starts it, a second of warm-up, then wrk at concurrency 32 for the run's duration while
+    py-spy (the bench extra's) samples the daemon, written as an SVG under the results
+    directory, named by the case and the start time.
+
+    @return: the SVG's path.
+    """
+    args = bench.args
+    py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(py_spy):
+        raise BenchError(f"no py-spy beside {sys.executable}: `make .venv/.bench-installed` (setup.py's bench extra)")
+    if name.startswith("aibackend-openai"):
+        bench.openai_up = bench.start_nginx("openai-direct", NGINX_OPENAI)
+        bench.openai_stream_up = bench.start_nginx("openai-stream-direct", NGINX_OPENAI_STREAM)
+        server, path, _ = start_openai_case(bench, name, processes_flag)
+        check, script = check_chat, CHAT_LUA
+    else:
+        server, path, _ = start_case(bench, name, processes_flag)
+        check, script = check_answer, POST_LUA
+    check(server, path)
+    bench.run_wrk(server.port, path, 32, WARMUP_SECONDS, script)
+    os.makedirs(args.results_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = os.path.join(args.results_dir, f"flame-{name}-c32-{stamp}.svg")
+    # py-spy starts sampling at once; wrk's run is inside its window (a second on each side).
+    # --gil: only the thread holding the GIL, the reactor's at work (not the idle thread pool).
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--duration", str(args.duration + 2),
+                            "--rate", str(FLAME_RATE), "--gil", "--format", "flamegraph", "--output", out],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1)
+        run = bench.run_wrk(server.port, path, 32, args.duration, script)
+        said, _ = spy.communicate(timeout=args.duration + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if spy.returncode != 0 or not os.path.exists(out):
+        raise BenchError(f"py-spy failed ({spy.returncode}): {said.strip()[-500:]}")
+    log(f"flame {name}: {run['rps']:.0f} req/s at c32 while sampled; written {os.path.relpath(out, ROOT)}")
+    return out
+
+
 def openai_markdown(section: dict) -> list[str]:
     if not section.get("cases") and not section.get("stream_cases"):
         return []
@@ -2417,6 +2487,9 @@ def parse_args(argv=None):
     parser.add_argument("--nginx", default=None, help="the nginx binary (default: found on PATH or /usr/sbin)")
     parser.add_argument("--wrk", default=None, help="the wrk binary (default: found on PATH)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for a look")
+    parser.add_argument("--flame", metavar="CASE", choices=FLAME_CASES, default=None,
+                        help=f"instead of the tables: a flame graph (py-spy) of CASE's daemon under wrk at "
+                             f"concurrency 32, written to the results directory ({', '.join(FLAME_CASES)})")
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = int(env.get("BENCH_DURATION") or (QUICK_DURATION if args.quick else DEFAULT_DURATION))
@@ -2515,12 +2588,23 @@ def main(argv=None) -> int:
     failed = False
     interrupted = False
     try:
-        log(f"temp dir {bench.tmp}; {args.duration} s runs, {args.passes} passes; cases: "
-            + ", ".join(args.cases + args.stream_cases + args.openai_cases + args.openai_stream_cases))
+        log(f"temp dir {bench.tmp}; {args.duration} s runs, " + (
+            f"a flame graph of {args.flame}" if args.flame else f"{args.passes} passes; cases: " + ", ".join(
+                args.cases + args.stream_cases + args.openai_cases + args.openai_stream_cases)))
         bench.free_server = bench.start_nginx("direct", NGINX_FREE)
         bench.free_port = bench.free_server.port
+        if args.flame:
+            try:
+                flame(bench, args.flame, processes_flag)
+            except (BenchError, Skipped, OSError, subprocess.TimeoutExpired) as e:
+                log(f"flame {args.flame}: FAILED: {e}")
+                return 1
+            return 0
         for name in args.cases:
-            case = run_case(bench, name, processes_flag)
+            if name == "aibackend-http-policy":  # its requests carry the client key
+                case = run_case(bench, name, processes_flag, check=check_with_key, script=POLICY_LUA)
+            else:
+                case = run_case(bench, name, processes_flag)
             results["cases"].append(case)
             failed |= bool(case.get("error"))
         if args.stream_cases:

@@ -15,7 +15,6 @@ import sys
 import pytest
 import pytest_twisted
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from aibackend import config
@@ -26,7 +25,7 @@ from aibackend.errors import BadGateway, Forbidden, GatewayTimeout
 from aibackend.interfaces import IRestartable, ModelAnswer
 from aibackend.store import Change, MemoryStore
 from aibackend.testing import ADMIN_TOKEN as TOKEN
-from aibackend.testing import FakeModel, assert_error, failure_of, has_fired, result_of
+from aibackend.testing import FakeModel, HeldStore, assert_error, failure_of, has_fired, result_of
 from aibackend.testing import ManagedFrontDoor as Door
 KEY = "client-key-0123456789"
 README_LINE = '/post/addmodel?id=myverygoodmodel?type=httpmodel?dest="127.0.0.1:8888"'
@@ -368,20 +367,6 @@ def test_a_model_being_changed_cannot_be_changed_or_removed_meanwhile(door, old,
 
 
 # --- addmodel: acknowledged once durable ---------------------------------------------------------
-
-
-class HeldStore(MemoryStore):
-    """A store whose writes are durable when the test says (or fail)."""
-
-    def __init__(self):
-        super().__init__()
-        self.writes: list[Deferred] = []
-
-    def put(self, model_id, table):
-        super().put(model_id, table)
-        d = Deferred()
-        self.writes.append(d)
-        return d
 
 
 def test_an_add_is_answered_and_served_only_once_it_is_durable(clock):

@@ -572,3 +572,37 @@ def test_each_streaming_attempt_is_admitted_and_settled_for_its_own_model(stream
     b.streams[0].end()
     opened.body
     assert limiter.released == ["a", "b"]
+
+
+# --- with the policy: the failed attempt's places are free for the next (review) ---------------
+
+
+def _keyed_door(clock, caller):
+    from aibackend.policy import Policy
+    from aibackend.ratelimit import Limiter
+
+    first = with_fallbacks(FakeModel("a", clock), "b", timeout=10)
+    first.answers(503, {"error": "loading"})
+    second = FakeModel("b", clock).answers(body={"from": "b"})
+    door = StubFrontDoor(clock, [first, second])
+    door.front_door.core.policy = Policy(limiter=Limiter(clock))
+    guard = door.front_door.core.guard
+    let_in = guard.check_client
+
+    def named(request):  # as the guard names a request that carries this key
+        let_in(request)
+        request.aibackend_caller = caller
+
+    guard.check_client = named
+    return door
+
+
+def test_a_key_with_one_place_reaches_the_fallback_and_gives_its_place_back(clock):
+    from aibackend.policy import Caller
+    from aibackend.ratelimit import Limits
+
+    door = _keyed_door(clock, Caller("k", None, Limits(max_concurrent=1)))
+    for _ in range(2):
+        answer = door.call("POST", "/post/predict?id=a", data=b'{"x": 1}')
+        assert answer.status == 200 and answer.header("x-aibackend-model") == "b", answer.body
+    assert door.front_door.core.policy.limiter.table.in_flight("key", "k") == 0

@@ -8,13 +8,13 @@ shape.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import fail
 
 from aibackend import config
 from aibackend.redisstore import StoreUnavailable
 from aibackend.store import Change, MemoryStore
 from aibackend.testing import ManagedFrontDoor as Door
-from aibackend.testing import assert_error, assert_v2_error, has_fired, result_of
+from aibackend.testing import HeldStore, assert_error, assert_v2_error, has_fired, result_of
 
 
 def http(model_id: str, **more) -> dict:
@@ -83,20 +83,6 @@ def test_an_unreachable_shared_store_answers_changes_with_503_in_each_front_door
                    b'"{\\"type\\": \\"http\\", \\"url\\": \\"http://127.0.0.1:1/\\"}"}}',
                    headers={"Content-Type": "application/json"})
     assert "cannot be reached" in assert_v2_error(v2, 503)
-
-
-class HeldStore(MemoryStore):
-    """A store whose writes are durable when the test says."""
-
-    def __init__(self):
-        super().__init__()
-        self.writes: list[Deferred] = []
-
-    def put(self, model_id, table):
-        super().put(model_id, table)
-        d = Deferred()
-        self.writes.append(d)
-        return d
 
 
 class Unreachable(MemoryStore):

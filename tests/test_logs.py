@@ -221,3 +221,28 @@ def test_a_snapshot_is_the_log_as_it_was_and_select_filters_it_as_query_does():
     assert select(snapshot, since=1.5) == snapshot[1:]
     assert select(snapshot, limit=0) == []
     assert select(snapshot) == snapshot
+
+
+def test_a_request_recorded_on_the_hot_path_reads_back_as_its_entry():
+    """record_request keeps a tuple; a snapshot read through select (or entries_of) has the entry append() makes."""
+    from twisted.internet.task import Clock
+
+    from aibackend.logs import ModelLog, entries_of, select
+
+    clock = Clock()
+    clock.advance(1767225600.25)
+    fast, generic = ModelLog(clock, max_entries=3), ModelLog(clock, max_entries=3)
+    fast.append("info", "added")
+    generic.append("info", "added")
+    for status, error in ((200, None), (404, "no such thing"), (503, "x" * 5000)):
+        clock.advance(0.5)
+        fast.record_request("r-1", "predict", status, 1.23456, error)
+        level = "info" if status < 400 else "warning" if status < 500 else "error"
+        generic.append(level, "request", request_id="r-1", operation="predict", status=status, latency_ms=1.235,
+                       error=error)
+    expected = generic.snapshot()
+
+    assert (fast.dropped, len(fast)) == (generic.dropped, len(generic)) == (1, 3)
+    assert entries_of(fast.snapshot()) == select(fast.snapshot()) == fast.query() == expected
+    assert select(fast.snapshot(), level="error") == [expected[-1]]
+    assert select(fast.snapshot(), since=clock.seconds() - 0.75, limit=1) == expected[-1:]

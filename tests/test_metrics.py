@@ -99,19 +99,10 @@ def door(clock, model):
 @pytest.fixture
 def access_events():
     """The events of the C{aibackend.access} namespace logged while the test runs."""
-    from twisted.logger import globalLogPublisher
+    from aibackend.testing import access_events_logged
 
-    events: list[dict] = []
-
-    def observe(event):
-        if event.get("log_namespace") == "aibackend.access":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
+    with access_events_logged() as events:
         yield events
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 # --- /metrics -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ going out before the body is read, Connection: close, a client that goes away.
 """
 
 import json
+import re
 
 import pytest
 import pytest_twisted
@@ -353,3 +354,66 @@ def test_many_requests_on_a_connection_keep_one_timer(timed_site, clock):
     clock.advance(20)
     assert b"408" not in transport.value()
     protocol.connectionLost(None)
+
+
+def test_a_request_is_made_as_twisteds_request_init_makes_it(clock):
+    """BoundedRequest.__init__ sets in one call what Twisted's Request.__init__ does (what any Twisted release sets)."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web.server import Request
+
+    from aibackend.server import AibackendSite, BoundedRequest
+
+    site = AibackendSite(StubFrontDoor(clock).front_door.resource(), max_body_bytes=LIMIT, reactor=clock)
+    channel, _ = connect(site)
+    ours = BoundedRequest(channel)
+    twisteds = BoundedRequest.__new__(BoundedRequest)
+    Request.__init__(twisteds, channel)
+
+    def state(request):
+        names = [name for cls in BoundedRequest.__mro__ for name in getattr(cls, "__slots__", ()) if name != "__dict__"]
+        slots = {name: getattr(request, name) for name in names if hasattr(request, name)}
+        return slots, dict(vars(request))
+
+    assert state(ours) == state(twisteds)
+    assert ours.transport is channel.transport and ours.channel is channel
+    channel.connectionLost(Failure(ConnectionDone()))  # (its timer cancelled)
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /post/predict?id=m HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /post/predict?id=ghost HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"HEAD /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /health/live HTTP/1.0\r\nHost: localhost\r\n\r\n",
+], ids=["predict", "not found", "klein", "head", "http/1.0"])
+def test_finish_answers_logs_and_lets_the_next_request_in_as_twisteds_does(clock, monkeypatch, raw):
+    """BoundedRequest.finish's own path (an answer written whole) against Twisted's Request.finish."""
+    from twisted.logger import globalLogPublisher
+    from twisted.web.server import Request
+
+    from aibackend.server import AibackendSite, BoundedRequest
+
+    def serve():
+        site = AibackendSite(StubFrontDoor(clock, [FakeModel("m", clock).answers()]).front_door.resource(),
+                             max_body_bytes=LIMIT, reactor=clock, header_timeout=0, timeout=None)
+        events = []
+
+        def observer(event):
+            if event.get("log_namespace") == "aibackend.access":
+                events.append({key: event[key] for key in ("method", "path", "status", "bytes")})
+
+        globalLogPublisher.addObserver(observer)
+        try:
+            channel, transport = connect(site)
+            channel.dataReceived(raw + raw)  # the second one pipelined: let in once the first is done
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        # (each answer's Date, and each request's id)
+        answers = re.sub(rb"[0-9a-f]{32}", b"ID", re.sub(rb"Date: [^\r]*", b"Date: -", transport.value()))
+        return answers, events, channel.requests, transport.disconnecting
+
+    ours = serve()
+    monkeypatch.setattr(BoundedRequest, "finish", Request.finish)
+    assert ours == serve()
+    assert len(ours[1]) == (1 if b"HTTP/1.0" in raw else 2)

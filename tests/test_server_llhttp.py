@@ -278,6 +278,9 @@ def test_a_head_just_under_the_limit_is_served(clock):
 @pytest.mark.parametrize("raw", [
     POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",        # a coding not done, before chunked
     POST + b"Transfer-Encoding: identity\r\n\r\n",                      # (Twisted took it as no body)
+    POST + b"TRANSFER-ENCODING: gzip, chunked\r\n\r\n0\r\n\r\n",        # a header's name in any case
+    POST + b"transfer-encoding: identity\r\n\r\n",
+    POST + b"Content-Length: 2\r\ntransfer-ENCODING: chunked\r\n\r\n0\r\n\r\n",
     POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     POST + b"Transfer-Encoding: chunked\r\ncontent-length: 2\r\n\r\n0\r\n\r\n",
     POST + b"Content-Length: 2\r\ncontent-length: 3\r\n\r\n{}",
@@ -347,3 +350,39 @@ def test_a_connect_request_is_answered_in_the_error_shape_and_the_connection_kep
     assert json.loads(answers[0][2])["error"]
     assert [headers["x-request-id"] for _, headers, _ in answers[1:]] == ["next"]
     close(protocol)
+
+
+@pytest.mark.parametrize("name", [b"Transfer-Encoding", b"transfer-encoding", b"TRANSFER-ENCODING", b"tRaNsFeR-eNcOdInG"])
+def test_a_chunked_body_is_read_as_chunked_whatever_the_case_of_its_header(clock, name):
+    model = FakeModel("m", clock).answers()
+    site = make_site(clock, model)
+    protocol, transport = connect_channel(site)
+    protocol.dataReceived(POST + name + b": chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n" + get("after"))
+
+    assert [status for status, _, _ in parse_responses(transport.value())] == [200, 200]
+    assert [received.body for received in model.received] == [b"{}"]
+    close(protocol)
+
+
+@pytest.mark.parametrize("name", [b"Expect", b"expect", b"EXPECT"])
+def test_expect_continue_is_answered_whatever_the_case_of_its_header(clock, name):
+    site = make_site(clock)
+    protocol, transport = connect_channel(site)
+    protocol.dataReceived(POST + b"Content-Length: 2\r\n" + name + b": 100-continue\r\n\r\n")
+
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    protocol.dataReceived(b"{}")
+    assert parse_responses(transport.value()[len(b"HTTP/1.1 100 Continue\r\n\r\n"):])[0][0] == 200
+    close(protocol)
+
+
+@pytest.mark.parametrize("name", [b"Cookie", b"cookie", b"COOKIE"])
+def test_cookies_are_parsed_whatever_the_case_of_their_header(clock, name):
+    model = FakeModel("m", clock).holds()
+    site = make_site(clock, model)
+    protocol, transport = connect_channel(site)
+    protocol.dataReceived(post(b"{}", "r1", name + b": a=1; b=2\r\n"))
+
+    assert protocol.requests[0].received_cookies == {b"a": b"1", b"b": b"2"}
+    close(protocol)
+    assert model.cancelled  # (its held request, cancelled with the connection)

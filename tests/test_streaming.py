@@ -802,3 +802,20 @@ def test_any_framing_of_the_event_stream_media_type_gets_keepalives_whatever_its
     assert Framing("with-charset", b"Text/Event-Stream; charset=utf-8", *parts).keepalive() == SSE_KEEPALIVE
     assert NDJSON.keepalive() is None
     assert Framing("other", b"application/json-seq", *parts).keepalive() is None
+
+
+def test_a_stream_is_settled_by_the_policy_that_admitted_it_though_the_daemon_has_none_now(clock):
+    """The last key deleted mid-stream (the daemon's policy made again: none): the stream still ends well."""
+    from aibackend.policy import Policy
+    from aibackend.testing import DoorStream
+
+    model = FakeStreamingModel("s", clock)
+    door = StubFrontDoor(clock, [model])
+    door.front_door.core.policy = Policy()
+    opened = DoorStream(door, "POST", "/post/predict?id=s&stream=true", data=b"{}")
+    model.streams[0].chunk("hel")
+    door.front_door.core.policy = None
+    model.streams[0].end()
+    body = opened.body  # (flushes)
+    assert has_fired(opened.ended)
+    assert b"error" not in body and body.endswith(b"}\n\n"), body
