@@ -260,13 +260,18 @@ class ServerSpec:
                                    doc="where runtime changes are kept; `--state` overrides")
     store: str | None = string(
         None, check=_check_store, public="never", shown="SQLite in the state directory",
-        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry in Redis, shared by every daemon "
-            "on it, which each follows (`${VAR}` allowed, for a password); `--store` overrides",
+        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry and the client keys in Redis, "
+            "shared by every daemon on it, which each follows (`${VAR}` allowed, for a password); `--store` overrides",
     )
     store_password_file: str | None = string(
         None, doc="a file whose one line is the Redis password, when not in `store`'s URL; "
                   "`--store-password-file` overrides")
     store_prefix: str = string("aibackend:", doc="the prefix of the shared store's Redis keys (a fleet's own)")
+    store_lease_seconds: float = number(
+        30.0, minimum=0.1, maximum=3600,
+        doc="with a Redis store, the limits are the fleet's: a request in flight holds a lease, renewed every "
+            "third of this; a daemon that dies (`kill -9`) frees its concurrency slots within this many seconds",
+    )
     header_timeout: float = number(
         10.0, minimum=0, exclusive_minimum=True, maximum=3600,
         doc="seconds a client has to send a request's headers; past it, 408 and the connection is closed",

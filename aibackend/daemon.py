@@ -52,11 +52,12 @@ from aibackend.processes import (
 )
 from aibackend.proctree import SubreaperService
 from aibackend.ratelimit import LimitTable, Limiter
+from aibackend.redislimits import LeaseService, RedisLimiter
 from aibackend.redisstore import FollowService, ISharedStore, RedisStore, StoreCollector
 from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
-from aibackend.store import IKeyStore, SQLiteStore
+from aibackend.store import SQLiteStore
 from aibackend.usage import UsageCollector, UsageService, open_usage
 
 DEFAULT_MAX_PERSISTENT_PER_HOST = 64
@@ -374,7 +375,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     load_models(registry, store, config, manager.validate, log, manager.tables)
 
     guard = Guard(admin_token, listen, server.api_keys, internal_token=internal_token)
-    keys = KeyManager(guard.keys, store if IKeyStore.providedBy(store) else None, clock=reactor)
+    keys = KeyManager(guard.keys, store, clock=reactor)
     keys.load()
     log.info("aibackend: {note}; runtime HTTP models may reach {policy}", note=guard.startup_note(),
              policy=policy.describe())
@@ -387,7 +388,13 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     # workers; alone, in memory). The limiter always exists (cheap: nothing is done for a
     # request whose key and model have no limits); the Policy only once something needs it
     # (build_policy).
-    limiter = Limiter(reactor, table, metrics=metrics, log=log)
+    local_limiter = limiter = Limiter(reactor, table, metrics=metrics, log=log)
+    if isinstance(store, RedisStore):
+        # A fleet's limits (issue 19): in Redis, with the local limiter the fallback while Redis is down
+        # (its table what Parts.limiter gives the workers).
+        limiter = RedisLimiter(store, reactor, local=local_limiter, metrics=metrics,
+                               lease_seconds=server.store_lease_seconds)
+        _add(root, "fleet-limits", LeaseService(limiter))
     usage = None
     # [server] usage: true, false, or unset (on whenever the daemon has client keys or
     # limits: keys made at runtime too, so the recorder is ready unless usage = false).
@@ -408,7 +415,7 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
     _raise_open_files_limit(server.max_connections)
     return Parts(registry=registry, manager=manager, front_door=front_door, site=site, guard=guard,
                 metrics=metrics, store=store, deps=deps, runtime_deps=runtime_deps, policy=policy,
-                keys=keys, limiter=limiter)
+                keys=keys, limiter=local_limiter)
 
 
 # --- policy (issue 18): the relay's Policy, from the server spec and the key ring ---
@@ -459,8 +466,9 @@ def wire_policy(core, server, keys: KeyManager, registry, *, limiter=None, usage
 def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
     """
     The daemon (the primary, with C{--processes}: its workers follow it as they follow its
-    own changes) follows what the other daemons on the same store change; after a change
-    made here, a change to the same model that came meanwhile is applied too.
+    own changes) follows what the other daemons on the same store change, models and keys;
+    after a change made here, a change to the same model or key that came meanwhile is
+    applied too.
     """
     manager = parts.manager
     log.info("aibackend: runtime changes are kept in the shared store {url} (keys {prefix}*), followed here",
@@ -473,6 +481,10 @@ def _follow_shared_store(root, parts: Parts, config: Config, store) -> None:
         return None
 
     manager.changed.insert(0, after_change)
+    # The keys too, on the same feed: another daemon's key change held here (then told to the workers).
+    keys = parts.keys
+    store.follow_keys(keys.follow)
+    keys.followed = lambda: None if store.behind() else store.key_rows()
     parts.metrics.collectors.register(StoreCollector(store))
 
 

@@ -35,7 +35,7 @@ import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import DeferredLock, inlineCallbacks
 from twisted.logger import Logger
 
 from aibackend import errors
@@ -219,6 +219,14 @@ class KeyRing:
         self.records = {record.name: record for record in records}
         self._index()
 
+    def unknown(self) -> None:
+        """
+        The stored keys cannot be read now (a shared store that does not answer at start):
+        require a key until they are (L{replace}), so that the daemon never opens to
+        everyone for want of its keys.
+        """
+        self.required = True
+
     def put(self, record: KeyRecord) -> None:
         """Hold C{record} in place of the key of its name, if any."""
         self.records[record.name] = record
@@ -262,14 +270,19 @@ class KeyManager:
     C{--processes}, the workers, which read the store again before the primary answers).
 
     @param ring: the guard's L{KeyRing}.
-    @param store: an L{aibackend.store.IKeyStore}, or None: a store that keeps no keys
-        (then only configured C{api_keys} work, and the key operations answer 503).
+    @param store: an L{aibackend.store.IKeyStore} (each of the daemon's stores is one: SQLite,
+        memory, the fleet's Redis).
     @param clock: an C{IReactorTime}, for the times a key keeps.
 
     @ivar changed: callables (given the key's name) returning Deferreds, awaited before an
         operation answers.
-    @ivar updated: callables (no argument) called whenever the ring changed, here or by
-        L{reload} (the daemon makes its policy once the first key exists).
+    @ivar updated: callables (no argument) called whenever the ring changed, here, by
+        L{reload} or by L{follow} (the daemon makes its policy once the first key exists).
+    @ivar followed: a shared store's callable giving every key's row as its feed last
+        brought them, or None while a change made here has not come back through it; None
+        (the attribute): the store is not shared. After a change made here, the ring holds
+        those rows, so that another daemon's change to the same key that came meanwhile
+        (a revocation) is not undone by this one's.
     """
 
     log = Logger()
@@ -280,13 +293,23 @@ class KeyManager:
         self.clock = clock
         self.changed = []
         self.updated = []
+        self.followed = None
+        self._unknown = False  # the store could not say which keys it has (at start)
+        # One reload at a time: two reads at once (two quick changes) may end in either order, and the
+        # older one held last would undo the newer (a revocation).
+        self._reloads = DeferredLock()
         self._busy: set[str] = set()  # names being changed by a request that is not answered yet
 
     def load(self) -> None:
         """Read the stored keys, at start (before the reactor runs; may block)."""
-        if self.store is None:
+        rows = self.store.load_keys()
+        if rows is None:  # a shared store that cannot be reached now: what it says comes by L{follow}
+            self._unknown = True
+            self.ring.unknown()
+            self.log.warn("aibackend: the stored client keys cannot be read now: every client needs a key "
+                          "(configured api_keys work; stored keys once the store answers)")
             return
-        self._hold(self.store.load_keys())
+        self._hold(rows)
         records = self.ring.records.values()
         if records:
             self.log.info("aibackend: {count} client key(s) kept ({revoked} revoked): every client needs a key",
@@ -294,20 +317,38 @@ class KeyManager:
 
     def reload(self):
         """Read the stored keys again, off the reactor thread (a worker follows its primary). @return: a Deferred."""
-        if self.store is None:
-            return succeed(None)
-        return self.store.read_keys().addCallback(self._hold)
+        return self._reloads.run(lambda: self.store.read_keys().addCallback(self._hold))
 
-    def _hold(self, rows) -> None:
-        records = []
+    @inlineCallbacks
+    def follow(self, rows):
+        """
+        Hold every key's row as a shared store's feed brought them (another daemon changed
+        a key, or the feed read everything again), then tell whoever follows (L{changed}:
+        the workers) when anything changed. @return: a Deferred.
+        """
+        changed = self._hold(rows)
+        if changed:
+            for callback in self.changed:
+                yield callback(changed[0])
+
+    def _hold(self, rows) -> list:
+        """Hold exactly C{rows}. @return: the names of the keys that changed (sorted)."""
+        records = {}
         for row in rows:
             try:
-                records.append(KeyRecord.from_row(row))
+                record = KeyRecord.from_row(row)
             except (ValueError, KeyError, TypeError) as e:
                 self.log.error("a stored key ({key_id}) cannot be read and is ignored: {why}",
                                key_id=str(row.get("id")), why=str(e))
-        self.ring.replace(records)
-        self._updated()
+            else:
+                records[record.name] = record
+        held = self.ring.records
+        changed = sorted(name for name in records.keys() | held.keys() if records.get(name) != held.get(name))
+        if changed or self._unknown:
+            self._unknown = False
+            self.ring.replace(records.values())
+            self._updated()
+        return changed
 
     def _updated(self) -> None:
         for callback in self.updated:
@@ -330,9 +371,6 @@ class KeyManager:
         Keep a change (C{write}: called for the store's Deferred), hold it (C{hold(record)}:
         by default, the ring's C{put}), tell the followers; one change to a name at a time.
         """
-        if self.store is None:
-            raise errors.ModelUnavailable("this daemon's store keeps no client keys (a Redis store does not yet): "
-                                          "use configured api_keys, or the SQLite store")
         if name in self._busy:
             raise errors.Conflict(f"key {name!r} is being changed by another request")
         self._busy.add(name)
@@ -341,8 +379,12 @@ class KeyManager:
                 yield write()
             except KeyExists:  # made by another process of a fleet meanwhile
                 raise errors.Conflict(f"a key named {name!r} exists: choose another") from None
-            (self.ring.put if hold is None else hold)(record)
-            self._updated()
+            rows = self.followed() if self.followed is not None else None
+            if rows is None:
+                (self.ring.put if hold is None else hold)(record)
+                self._updated()
+            else:  # the shared store's keys, this change among them
+                self._hold(rows)
             for callback in self.changed:
                 yield callback(name)
         finally:

@@ -125,6 +125,17 @@ class ILimiter(Interface):
         """The request has ended: free its place, and settle its tokens with C{tokens.used()}."""
 
 
+class IAsyncLimiter(ILimiter):
+    """
+    A limiter whose admission is not known at once (the fleet's, in Redis:
+    L{aibackend.redislimits}): C{acquire} returns a Deferred of what L{ILimiter.acquire}
+    returns (failing with its 429), and L{Policy.admit} then a Deferred of the L{Call}.
+    """
+
+    def acquire_now(caller, entry, tokens):
+        """As L{ILimiter.acquire}, at once: by this process's own limits (a fallback chain's attempts)."""
+
+
 class IUsageRecorder(Interface):
     """Where the usage goes: recorded off the request path, bounded in memory."""
 
@@ -143,6 +154,7 @@ class Policy:
     def __init__(self, *, limiter=None, usage=None):
         self.limiter = limiter
         self.usage = usage
+        self.asynchronous = IAsyncLimiter.providedBy(limiter)
 
     def admit(self, request, entry, tokens: TokenCount | None = None) -> Call | None:
         """
@@ -152,6 +164,7 @@ class Policy:
         @return: its L{Call}, or None for a request a C{--processes} worker forwarded
             (C{request.aibackend_forwarded}, marked by the guard): the worker's policy
             admitted it and settles it (its usage counted once, its limits taken once).
+            With an L{IAsyncLimiter}, a Deferred of the L{Call} (failing with the 429).
 
         @raise errors.Forbidden: the caller's key may not call this model.
         @raise errors.ApiError: a limit is reached (the limiter's 429).
@@ -165,7 +178,19 @@ class Policy:
         if limiter is None:
             return Call(caller, model_id, tokens, None, self)
         admission = limiter.acquire(caller, entry, tokens)
+        if self.asynchronous:
+            return admission.addCallback(lambda admission: Call(caller, model_id, tokens, admission, self))
         return Call(caller, model_id, tokens, admission, self)
+
+    def admit_now(self, request, entry, tokens: TokenCount | None = None) -> Call | None:
+        """L{admit}, at once whatever the limiter (an L{IAsyncLimiter}'s own limits: a fallback chain's attempts)."""
+        if not self.asynchronous:
+            return self.admit(request, entry, tokens)
+        if request.aibackend_forwarded:
+            return None
+        caller = request.aibackend_caller
+        check_model(caller, entry.model_id)
+        return Call(caller, entry.model_id, tokens, self.limiter.acquire_now(caller, entry, tokens), self)
 
     def counts_tokens(self, request, entry) -> bool:
         """

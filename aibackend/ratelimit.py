@@ -576,46 +576,55 @@ class Limiter:
                  reserve: int) -> LimitReached:
         """The 429 of C{scope}'s C{limit} (the table is locked: its rows are read as they are)."""
         table, buffer = self.table, self.table.buffer
-        states = {}
+        states = []
         for other, other_limits in applied:
             offset = table.find(other.key)
             if offset is not None:
                 _, requests_at, tokens_at, in_flight = ROW.unpack_from(buffer, offset)
-                states[other.key] = (other_limits, max(requests_at - now, 0.0), max(tokens_at - now, 0.0))
-        headers = {}
-        # OpenAI's headers: of the limit that refused, else of the tightest scope with that limit.
-        for kind, field, index in (("requests", "rpm", 1), ("tokens", "tpm", 2)):
-            best = None
-            for other, _ in applied:
-                state = states.get(other.key)
-                if state is None or getattr(state[0], field) is None:
-                    continue
-                allowance = getattr(state[0], field)
-                debt = state[index]  # seconds until its bucket is full again
-                remaining = max(0, math.floor((MINUTE - debt) * allowance / MINUTE + 1e-9))
-                candidate = (other is not scope or limit != field, remaining, allowance, debt)
-                if best is None or candidate < best:
-                    best = candidate
-            if best is not None:
-                _, remaining, allowance, debt = best
-                headers[f"x-ratelimit-limit-{kind}"] = str(allowance)
-                headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-                headers[f"x-ratelimit-reset-{kind}"] = reset_text(debt)
-        own_limits, requests_debt, tokens_debt = states[scope.key]
-        if limit == "rpm":
-            wait = requests_debt + MINUTE / limits.rpm - MINUTE
-            message = (f"Rate limit reached for {scope.what} on requests per min (RPM): Limit {limits.rpm}, "
-                       f"Requested 1. Please try again in {reset_text(wait)}.")
-        elif limit == "tpm":
-            asked = min(reserve, limits.tpm)
-            wait = tokens_debt + asked * MINUTE / limits.tpm - MINUTE
-            message = (f"Rate limit reached for {scope.what} on tokens per min (TPM): Limit {limits.tpm}, "
-                       f"Requested {reserve}. Please try again in {reset_text(wait)}.")
-        else:
-            wait = 1.0
-            message = (f"Too many requests in flight for {scope.what}: Limit {limits.max_concurrent} at once "
-                       f"(max_concurrent). Please try again once one has ended.")
-        headers["Retry-After"] = str(max(1, math.ceil(wait - 1e-9)))
-        if self.metrics is not None:
-            self.metrics.limited(entry, scope.kind, limit)
-        return LimitReached(message, model=entry.model_id, scope=scope.kind, limit=limit, headers=headers)
+                states.append((other, other_limits, max(requests_at - now, 0.0), max(tokens_at - now, 0.0)))
+        return refusal(scope, limit, limits, states, entry, reserve, self.metrics)
+
+
+def refusal(scope, limit: str, limits: Limits, states, entry, reserve: int, metrics=None) -> LimitReached:
+    """
+    The 429 of C{scope}'s C{limit} (C{scope}: a key or a model, with its C{kind} and
+    C{what}), from the states of every scope that applies (C{states}: C{(scope, its
+    Limits, seconds until its requests' bucket is full again, the same of its tokens')},
+    C{scope} among them): the local L{Limiter}'s and a fleet's (L{aibackend.redislimits}).
+    """
+    headers = {}
+    # OpenAI's headers: of the limit that refused, else of the tightest scope with that limit.
+    for kind, field, index in (("requests", "rpm", 1), ("tokens", "tpm", 2)):
+        best = None
+        for other, other_limits, *debts in states:
+            if getattr(other_limits, field) is None:
+                continue
+            allowance = getattr(other_limits, field)
+            debt = debts[index - 1]  # seconds until its bucket is full again
+            remaining = max(0, math.floor((MINUTE - debt) * allowance / MINUTE + 1e-9))
+            candidate = (other is not scope or limit != field, remaining, allowance, debt)
+            if best is None or candidate < best:
+                best = candidate
+        if best is not None:
+            _, remaining, allowance, debt = best
+            headers[f"x-ratelimit-limit-{kind}"] = str(allowance)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = reset_text(debt)
+    requests_debt, tokens_debt = next(debts for other, _, *debts in states if other is scope)
+    if limit == "rpm":
+        wait = requests_debt + MINUTE / limits.rpm - MINUTE
+        message = (f"Rate limit reached for {scope.what} on requests per min (RPM): Limit {limits.rpm}, "
+                   f"Requested 1. Please try again in {reset_text(wait)}.")
+    elif limit == "tpm":
+        asked = min(reserve, limits.tpm)
+        wait = tokens_debt + asked * MINUTE / limits.tpm - MINUTE
+        message = (f"Rate limit reached for {scope.what} on tokens per min (TPM): Limit {limits.tpm}, "
+                   f"Requested {reserve}. Please try again in {reset_text(wait)}.")
+    else:
+        wait = 1.0
+        message = (f"Too many requests in flight for {scope.what}: Limit {limits.max_concurrent} at once "
+                   f"(max_concurrent). Please try again once one has ended.")
+    headers["Retry-After"] = str(max(1, math.ceil(wait - 1e-9)))
+    if metrics is not None:
+        metrics.limited(entry, scope.kind, limit)
+    return LimitReached(message, model=entry.model_id, scope=scope.kind, limit=limit, headers=headers)

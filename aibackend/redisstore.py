@@ -13,7 +13,16 @@ In Redis, under a prefix (C{aibackend:} unless configured):
     "table": {...}|null}} (the kept change; C{v} orders them as SQLite's C{changed_at});
   - C{PREFIX}version, the counter: one more at every change;
   - C{PREFIX}changes, a stream: one entry per change (C{v}, C{id}, C{action}, C{table};
-    C{forget} drops the id), trimmed to about L{FEED_LENGTH} entries.
+    C{forget} drops the id; a key's change: C{v}, C{kind} C{key}, C{id}, C{row}), trimmed to
+    about L{FEED_LENGTH} entries;
+  - C{PREFIX}keys, a hash: key id -> its row (L{aibackend.store.IKeyStore}: plain JSON, the
+    secret's SHA-256, never the secret), and C{PREFIX}keynames: name -> id (a name is
+    taken once: C{HSETNX}; freed when its key is deleted: a C{row} of C{null} on the feed).
+
+The client keys (L{IKeyStore}) are changes on the same feed, counted by the same version:
+a key made, revoked or rotated on one daemon is held by every other (its C{follow_keys}
+callback: the L{aibackend.keys.KeyManager}, which tells its C{--processes} workers), in
+order with the models' changes, and read again whole after any gap.
 
 One Lua script makes a change (the counter, the hash and the stream together: atomic, and
 in the order Redis ran them), another reads everything at once (the counter, the hash and
@@ -29,11 +38,15 @@ Every call has a timeout (L{CALL_TIMEOUT}: connect and read); redis-py's own ret
 off (a write retried after a timeout could be made twice): the feed reconnects with a
 backoff (L{RETRY_DELAYS}), and a write that fails answers 503.
 
-Keys, usage and limits can move here next: another interface of this store (its client,
-its threads and its prefix shared), other keys under the same prefix.
+The fleet's limits use this store's client, threads and prefix too
+(L{aibackend.redislimits}: L{RedisStore.script} and L{RedisStore.call}). The usage stays
+each daemon's own (its C{usage.sqlite3}).
 
-Redis down: the daemon keeps serving the registry it has; admin changes answer 503
+Redis down: the daemon keeps serving the registry it has and honouring the keys it holds
+(a revoked one stays refused); admin changes, keys' included, answer 503
 (L{StoreUnavailable}); once the feed reads again, the daemon resyncs from a full read. A
+daemon that starts while Redis cannot be reached requires a key (configured C{api_keys}
+work; stored ones once Redis answers): it never opens to everyone for want of its keys. A
 write that timed out may still be made once a paused Redis resumes: it then reaches
 every daemon through the feed, as any change.
 """
@@ -45,14 +58,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.core import GaugeMetricFamily
 from twisted.application import service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from aibackend.errors import ApiError
-from aibackend.store import Change, IModelStore
+from aibackend.errors import ApiError, NotFound
+from aibackend.store import Change, IKeyStore, IModelStore, KeyExists
 
 DEFAULT_PREFIX = "aibackend:"
 CALL_TIMEOUT = 2.0  # seconds: connecting, and each answer
@@ -75,15 +88,51 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'v', v, 'id', ARGV[1], 
 return v
 """
 
-# KEYS: version, models, changes. The version, the stream's last entry id, the hash.
+# KEYS: version, models, changes, keys. The version, the stream's last entry id, the hashes.
 SNAPSHOT = """
 local v = redis.call('GET', KEYS[1])
 if not v then v = '0' end
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 local id = '0-0'
 if #last > 0 then id = last[1][1] end
-return {v, id, redis.call('HGETALL', KEYS[2])}
+return {v, id, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[4])}
 """
+
+# KEYS: version, changes, keys, keynames; ARGV: id, name, row JSON, feed length.
+# A new key: -1 when its id or name is taken, else the version.
+PUT_KEY = """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return -1 end
+if redis.call('HSETNX', KEYS[4], ARGV[2], ARGV[1]) == 0 then return -1 end
+local v = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'v', v, 'kind', 'key', 'id', ARGV[1], 'row', ARGV[3])
+return v
+"""
+
+# KEYS: version, changes, keys; ARGV: id, the row as read, the row changed, feed length.
+# A key's row replaced if it is still the one read (else -2: read it again), -1 if there is none.
+UPDATE_KEY = """
+local kept = redis.call('HGET', KEYS[3], ARGV[1])
+if not kept then return -1 end
+if kept ~= ARGV[2] then return -2 end
+local v = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'v', v, 'kind', 'key', 'id', ARGV[1], 'row', ARGV[3])
+return v
+"""
+# KEYS: version, changes, keys, keynames; ARGV: id, feed length. A key forgotten, its name free again
+# (0: there was none).
+DELETE_KEY = """
+local kept = redis.call('HGET', KEYS[3], ARGV[1])
+if not kept then return 0 end
+local name = cjson.decode(kept)['name']
+if redis.call('HGET', KEYS[4], name) == ARGV[1] then redis.call('HDEL', KEYS[4], name) end
+redis.call('HDEL', KEYS[3], ARGV[1])
+local v = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'v', v, 'kind', 'key', 'id', ARGV[1], 'row', 'null')
+return v
+"""
+UPDATE_ATTEMPTS = 10  # a key's row changed by another daemon between the read and the write: read again
 
 
 class StoreUnavailable(ApiError):
@@ -106,6 +155,16 @@ class ISharedStore(IModelStore):
         read (C{full} true: at start, after a reconnect or a gap), and after each change
         that came; it may return a Deferred.
         """
+
+    def follow_keys(apply):
+        """
+        Before L{follow}: C{apply(rows)} is called with every key's row (as
+        L{IKeyStore.read_keys} gives) after each full read and after each key's change that
+        came; it may return a Deferred (not waited for).
+        """
+
+    def key_rows():
+        """Every key's row as last followed, without reading the store."""
 
     def changes():
         """The kept changes as last followed (a list of L{Change}), without reading the store."""
@@ -143,7 +202,7 @@ def _connection_problem(redis_module):
     return (redis_module.ConnectionError, redis_module.TimeoutError, OSError)
 
 
-@implementer(ISharedStore)
+@implementer(ISharedStore, IKeyStore)
 class RedisStore:
     """
     The registry's changes in Redis (see the module).
@@ -165,6 +224,8 @@ class RedisStore:
         self.url = masked_url(url)
         self.prefix = prefix
         self._keys = [prefix + "version", prefix + "models", prefix + "changes"]
+        self._snapshot_keys = self._keys + [prefix + "keys"]
+        self._key_keys = [prefix + "version", prefix + "changes", prefix + "keys", prefix + "keynames"]
         no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
         options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry,
                        retry_on_timeout=False, decode_responses=True, health_check_interval=0)
@@ -178,6 +239,9 @@ class RedisStore:
         self._write = self._client.register_script(WRITE)
         self._snapshot = self._client.register_script(SNAPSHOT)
         self._feed_snapshot = self._feed_client.register_script(SNAPSHOT)
+        self._put_key = self._client.register_script(PUT_KEY)
+        self._update_key = self._client.register_script(UPDATE_KEY)
+        self._delete_key = self._client.register_script(DELETE_KEY)
         self._threads = ThreadPool(minthreads=0, maxthreads=CALL_THREADS, name="aibackend-redis")
         self._feed_thread = ThreadPool(minthreads=0, maxthreads=1, name="aibackend-redis-feed")
         self._started = False
@@ -187,6 +251,8 @@ class RedisStore:
         self.up: bool | None = None
         self.last_contact: float | None = None
         self._apply = None
+        self._apply_keys = None
+        self._key_rows: dict[str, dict] = {}  # by id, as the feed brought them
         self._stream_id = "0-0"
         self._reading: Deferred | None = None
         self._retry = None
@@ -214,17 +280,38 @@ class RedisStore:
         self._start_threads()
         return deferToThreadPool(self._reactor, self._threads, function, *args)
 
+    # --- for the fleet's other parts (aibackend.redislimits) ----------------------------
+
+    def script(self, source: str):
+        """A Lua script on this store's client (called with C{keys}, C{args}: blocking, so through L{call})."""
+        return self._client.register_script(source)
+
+    def call(self, function, *args):
+        """C{function(*args)} in this store's pool of threads. @return: a Deferred of what it returns."""
+        return self._call(function, *args).addErrback(self._failed_call)
+
+    def _failed_call(self, failure):
+        if failure.check(*self._problems):
+            self._mark_down(failure.value)
+        return failure
+
+    @property
+    def unreachable(self) -> tuple:
+        """The exceptions of a Redis that cannot be reached (gone, paused, refusing the connection)."""
+        return self._problems
+
     # --- reading --------------------------------------------------------------------
 
     def _read_all(self, script=None):
-        """Blocking: (version, the stream's last id, [Change] in version order)."""
-        version, stream_id, flat = (script or self._snapshot)(keys=self._keys)
+        """Blocking: (version, the stream's last id, [Change] in version order, {key id: row})."""
+        version, stream_id, flat, flat_keys = (script or self._snapshot)(keys=self._snapshot_keys)
         kept = []
         for index in range(0, len(flat), 2):
             model_id, record = flat[index], flat[index + 1]
             kept.append((json.loads(record)["v"], _decode(record, model_id)))
         kept.sort(key=lambda pair: pair[0])
-        return int(version), stream_id, [change for _, change in kept]
+        key_rows = {flat_keys[index]: json.loads(flat_keys[index + 1]) for index in range(0, len(flat_keys), 2)}
+        return int(version), stream_id, [change for _, change in kept], key_rows
 
     def load(self) -> list:
         """
@@ -232,14 +319,14 @@ class RedisStore:
         configuration's models alone (logged): the feed reads everything once it can.
         """
         try:
-            version, stream_id, changes = self._read_all()
+            version, stream_id, changes, key_rows = self._read_all()
         except (self._redis.RedisError, OSError) as e:  # gone, or refusing us (a wrong password): logged
             self.up = False
             self.log.warn("aibackend: the shared store {url} cannot be reached ({why}): starting with the "
                           "configuration's models; its runtime models come once it answers",
                           url=self.url, why=self._why(e))
             return []
-        self._synced(version, stream_id, changes)
+        self._synced(version, stream_id, changes, key_rows)
         return changes
 
     def read(self):
@@ -259,8 +346,9 @@ class RedisStore:
         """A change made here is not back through the feed yet (L{ACK_WAIT} passed): L{changes} is older."""
         return self._written_version > self.version
 
-    def _synced(self, version: int, stream_id: str, changes: list) -> None:
+    def _synced(self, version: int, stream_id: str, changes: list, key_rows: dict) -> None:
         self._changes = {change.model_id: change for change in changes}
+        self._key_rows = key_rows
         self.version = version
         self._written_version = min(self._written_version, version)  # the rest comes through the feed, or is lost
         self._stream_id = stream_id
@@ -303,20 +391,20 @@ class RedisStore:
             wait[2].cancel()
             wait[1].callback(None)
 
-    def _not_written(self, failure, model_id):
+    def _not_written(self, failure, model_id, what=None):
         if failure.check(*self._problems):
             self._mark_down(failure.value)
             raise StoreUnavailable(self._down_message(), model=model_id)
         if failure.check(self._redis.RedisError):
-            self.log.error("aibackend: the shared store {url} refused the change to model {model}: {why}",
-                           url=self.url, model=model_id, why=failure.value)
+            self.log.error("aibackend: the shared store {url} refused the change to {what}: {why}",
+                           url=self.url, what=what or f"model {model_id}", why=failure.value)
             raise StoreUnavailable("the shared store refused the change (see the daemon's log); nothing was "
                                    "changed", model=model_id)
         return failure
 
     def _down_message(self) -> str:
         return ("the shared store (Redis) cannot be reached: runtime changes are refused until it answers again; "
-                "the models known now keep serving")
+                "the models known now keep serving, the keys known now are honoured")
 
     def put(self, model_id: str, table: dict):
         return self._change(model_id, "add", table)
@@ -327,7 +415,73 @@ class RedisStore:
     def forget(self, model_id: str):
         return self._change(model_id, "forget")
 
+    # --- keys (IKeyStore) -------------------------------------------------------------
+
+    def load_keys(self):
+        """
+        Every key, at start (after L{load}, whose read brought them). With Redis
+        unreachable: None (not known now: the daemon requires a key until the feed reads them).
+        """
+        if self.version < 0 and self.up is None:
+            self.load()
+        if self.up is False:
+            return None
+        return self.key_rows()
+
+    def read_keys(self):
+        """Every key, read from Redis now (a worker follows its primary); L{StoreUnavailable} if it cannot be."""
+        return self._call(self._read_all).addCallbacks(
+            lambda result: sorted(result[3].values(), key=lambda row: (row["created"], row["id"])), self._not_read)
+
+    def _key_change(self, key_id: str, function, *args):
+        if self.up is False and self._apply is not None:
+            return fail(StoreUnavailable(self._down_message()))
+        d = self._call(function, *args)
+        d.addCallbacks(self._key_written, self._not_written, errbackArgs=(None, f"key {key_id}"))
+        return d
+
+    def _key_written(self, version) -> Deferred:
+        version = int(version)
+        if version == -1:
+            raise KeyExists()
+        if version == -3:
+            raise StoreUnavailable("the key is being changed by other daemons: try again")
+        return self._written(version)
+
+    def put_key(self, row: dict):
+        return self._key_change(row["id"], self._put_key, self._key_keys,
+                                [row["id"], row["name"], json.dumps(row), FEED_LENGTH])
+
+    def _update(self, key_id: str, fields: dict):
+        """Blocking: the row changed in Redis if no other daemon changed it meanwhile (else read again)."""
+        for _ in range(UPDATE_ATTEMPTS):
+            kept = self._client.hget(self._key_keys[2], key_id)
+            if kept is None:
+                raise NotFound(f"the shared store has no key {key_id} (was its Redis emptied?)")
+            row = {**json.loads(kept), **fields}
+            version = self._update_key(keys=self._key_keys[:3], args=[key_id, kept, json.dumps(row), FEED_LENGTH])
+            if int(version) == -1:
+                raise NotFound(f"the shared store has no key {key_id} (was its Redis emptied?)")
+            if int(version) != -2:
+                return version
+        return -3
+
+    def revoke_key(self, key_id: str, when: float):
+        return self._key_change(key_id, self._update, key_id, {"revoked": when})
+
+    def rotate_key(self, key_id: str, digest: str, when: float):
+        return self._key_change(key_id, self._update, key_id, {"digest": digest, "rotated": when})
+
+    def delete_key(self, key_id: str):
+        return self._key_change(key_id, self._delete_key, self._key_keys, [key_id, FEED_LENGTH])
+
     # --- following ------------------------------------------------------------------
+
+    def follow_keys(self, apply) -> None:
+        self._apply_keys = apply
+
+    def key_rows(self) -> list:
+        return sorted((dict(row) for row in self._key_rows.values()), key=lambda row: (row["created"], row["id"]))
 
     def follow(self, apply) -> None:
         self._apply = apply
@@ -343,9 +497,10 @@ class RedisStore:
 
     def _resynced(self, result) -> None:
         self._reading = None
-        version, stream_id, changes = result
+        version, stream_id, changes, key_rows = result
         self._failures = 0
-        self._synced(version, stream_id, changes)
+        self._synced(version, stream_id, changes, key_rows)
+        self._tell_keys()
         self._applied(self._apply(self.changes(), True))
 
     def _applied(self, result) -> None:
@@ -374,24 +529,40 @@ class RedisStore:
             return
         self.last_contact = self._reactor.seconds()
         entries = answer[0][1] if answer else []
+        models = keys = False
         for stream_id, fields in entries:
             version = int(fields["v"])
             if version != self.version + 1:
                 self.log.info("aibackend: the shared store's feed went from version {had} to {came}: "
                               "reading everything again", had=self.version, came=version)
+                if keys:  # what came before the gap is held now; the full read brings the rest
+                    self._tell_keys()
                 self._resync()
                 return
-            model_id, action = fields["id"], fields["action"]
-            self._changes.pop(model_id, None)
-            if action != "forget":
-                table = json.loads(fields["table"])
-                self._changes[model_id] = Change(model_id, action, table)
+            if fields.get("kind") == "key":
+                row = json.loads(fields["row"])
+                if row is None:  # deleted
+                    self._key_rows.pop(fields["id"], None)
+                else:
+                    self._key_rows[fields["id"]] = row
+                keys = True
+            else:
+                model_id, action = fields["id"], fields["action"]
+                self._changes.pop(model_id, None)
+                if action != "forget":
+                    table = json.loads(fields["table"])
+                    self._changes[model_id] = Change(model_id, action, table)
+                models = True
             self.version = version
             self._stream_id = stream_id
-        if entries:
-            self._applied(self._apply(self.changes(), False))
-        else:
-            self._read_feed()
+        if keys:
+            self._tell_keys()
+        self._applied(self._apply(self.changes(), False) if models else None)
+
+    def _tell_keys(self) -> None:
+        if self._apply_keys is not None:
+            d = maybeDeferred(self._apply_keys, self.key_rows())
+            d.addErrback(lambda failure: self.log.failure("following the shared store's keys", failure))
 
     def _lost(self, failure) -> None:
         self._reading = None

@@ -111,7 +111,8 @@ class Relay:
         self.registry = registry
         self.guard = guard
 
-    def send(self, request, entry, body: bytes, context, started: float, shape=None, tokens=None, retarget=None):
+    def send(self, request, entry, body: bytes, context, started: float, shape=None, tokens=None, retarget=None,
+             admitted=None):
         """
         Send C{body} to the model of registry entry C{entry} and answer the client with
         what it answers (or with what C{shape} makes of that L{ModelAnswer}); the outcome
@@ -129,14 +130,21 @@ class Relay:
             every model of the chain is sent the same body, context and shape.
         @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}
             (or, when the client went away, with the L{CancelledError}).
+        @param admitted: the L{aibackend.policy.Call} an asynchronous policy admitted (the
+            request sent again once it was), or None.
         @raise errors.ApiError: the policy refused the request (a key that may not call
             the model, a limit reached) before it was sent; or a mock failure was asked
             for without admin rights.
         """
         if entry.spec.fallbacks and not self._forwarded(request):
             return Chain(self, request, entry, started, tokens, retarget).send(body, context, shape)
-        policy = self.policy
-        call = None if policy is None else policy.admit(request, entry, tokens)
+        call = admitted
+        if call is None:
+            policy = self.policy
+            call = None if policy is None else policy.admit(request, entry, tokens)
+            if call.__class__ is Deferred:  # a fleet's limiter (Redis): the model is sent it once admitted
+                return call.addCallback(lambda call: self.send(request, entry, body, context, started, shape, tokens,
+                                                               admitted=call))
         entry.stats.in_flight += 1
         d = maybeDeferred(entry.model.send, body, context)
         # The outcome is a _Sent's to tell: bound methods of one small object, not three
@@ -151,7 +159,7 @@ class Relay:
         return d
 
     def stream(self, request, entry, body: bytes, context, started: float, framing: "Framing", shape,
-               tokens=None, retarget=None):
+               tokens=None, retarget=None, admitted=None):
         """
         The streaming twin of L{send}: have the model of C{entry} (an L{IStreaming})
         answer in chunks, each written to the client at once in C{framing}'s format, then
@@ -172,14 +180,20 @@ class Relay:
 
         @param tokens: as L{send}'s.
         @param retarget: as L{send}'s, making C{(body, context, framing)}.
+        @param admitted: as L{send}'s.
         @return: a Deferred firing with None once the request is finished, or failing
             with an L{errors.ApiError} (or the L{CancelledError} of a client gone).
         @raise errors.ApiError: the policy refused the request, as L{send}'s.
         """
         if entry.spec.fallbacks and not self._forwarded(request):
             return Chain(self, request, entry, started, tokens, retarget).stream(body, context, framing, shape)
-        policy = self.policy
-        call = None if policy is None else policy.admit(request, entry, tokens)
+        call = admitted
+        if call is None:
+            policy = self.policy
+            call = None if policy is None else policy.admit(request, entry, tokens)
+            if call.__class__ is Deferred:  # a fleet's limiter (Redis): the stream begins once admitted
+                return call.addCallback(lambda call: self.stream(request, entry, body, context, started, framing,
+                                                                 shape, tokens, admitted=call))
         stats = entry.stats
         stats.in_flight += 1
         stats.stream_began()
@@ -564,8 +578,9 @@ class Chain:
     # --- the chain's steps --------------------------------------------------------------
 
     def _admit(self, entry):
+        # At once, whatever the limiter: a fleet's (Redis) admits a chain's attempts by this daemon's own limits.
         policy = self.relay.policy
-        return None if policy is None else policy.admit(self.request, entry, self.tokens)
+        return None if policy is None else policy.admit_now(self.request, entry, self.tokens)
 
     def _serving(self, entry) -> None:
         """The answer (its headers go with its first byte) names the model of this attempt."""

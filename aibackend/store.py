@@ -3,8 +3,8 @@ Where runtime changes to the registry are kept, so that they survive a restart.
 
 L{IModelStore} is the seam: today one daemon keeps its changes in an embedded SQLite
 database under its state directory (the standard library's C{sqlite3}: nothing to
-install, transactional, readable after a crash at any point); a store shared by a fleet
-of daemons can implement the same interface later.
+install, transactional, readable after a crash at any point); a fleet of daemons shares
+one in Redis (L{aibackend.redisstore.RedisStore}: the same interfaces).
 
 What is kept is a change per model id: C{add} with the model's table (as C{addmodel}
 got it, so it is validated again on load), or C{remove} (a model of the configuration
@@ -96,8 +96,9 @@ class IModelStore(Interface):
 
 class IKeyStore(Interface):
     """
-    Where the client keys are kept (L{aibackend.keys.KeyManager} is the one writer; the
-    workers of C{--processes} and, later, the daemons of a fleet read it).
+    Where the client keys are kept (L{aibackend.keys.KeyManager} is the writer: the one
+    of the daemon, or of each daemon of a fleet on a shared store; the workers of
+    C{--processes} read it).
 
     A key is a row, a dict of plain JSON values: C{id} (12 hex digits), C{name} (unique),
     C{digest} (the hex SHA-256 of its secret), C{models} (a list of model ids, or None
@@ -111,7 +112,8 @@ class IKeyStore(Interface):
         """
         Read every key, at start (before the reactor runs; may block).
 
-        @return: a list of rows.
+        @return: a list of rows, or None: a shared store that cannot be read now (the
+            daemon then requires a key until the store's feed brings them).
         """
 
     def read_keys():

@@ -2624,3 +2624,35 @@ class HeldStore(MemoryStore):
         d = Deferred()
         self.writes.append(d)
         return d
+
+
+
+# --- REDIS2 (session 18) ---
+
+
+def start_fleet(redis_url: str, mktemp, names: str = "abc", multi: str = "c", config: str | None = None) -> list:
+    """
+    Daemons on one shared store (C{--store redis_url}), each with a state directory of its
+    own (C{mktemp(name)}: pytest's C{tmp_path_factory.mktemp}); the one named C{multi} with
+    C{--processes 2} (its worker follows through its primary); each with the configuration
+    file C{config}, if given. Stopped by L{stop_fleet}.
+    """
+    daemons = []
+    try:
+        for name in names:
+            state = mktemp(f"state-{name}")
+            kind, more = (Multi, {"processes": 2}) if name == multi else (Daemon, {})
+            daemons.append(kind(config, "--store", redis_url, state=str(state), cwd=str(state), **more))
+    except BaseException:
+        stop_fleet(daemons, check=False)
+        raise
+    return daemons
+
+
+def stop_fleet(daemons, check: bool = True) -> None:
+    """Stop every daemon of L{start_fleet}; then (C{check}) none may have logged a bug."""
+    for daemon in daemons:
+        daemon.stop()
+    if check:
+        for daemon in daemons:
+            daemon.assert_no_bug_logged()

@@ -12,11 +12,13 @@ import json
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
 from aibackend.redisstore import WRITE, ISharedStore, RedisStore, StoreUnavailable, masked_url
-from aibackend.store import Change, IModelStore, SQLiteStore
+from aibackend.errors import NotFound
+from aibackend.store import Change, IKeyStore, IModelStore, KeyExists, SQLiteStore
 from aibackend.testing import RedisServer, need_redis_server
 
 TABLE = {"id": "m", "type": "http", "url": "http://127.0.0.1:1/"}
@@ -343,20 +345,26 @@ def test_a_daemon_started_while_redis_is_unreachable_serves_its_models_then_foll
     (tmp_path / "redis").mkdir()
     config = tmp_path / "aibackend.toml"
     config.write_text('[[models]]\nid = "configured"\ntype = "http"\nurl = "http://127.0.0.1:1/"\n')
-    daemon = Daemon(str(config), "--store", url, state=str(tmp_path / "state"), cwd=str(tmp_path))
+    daemon = Daemon(str(config), "--store", url, state=str(tmp_path / "state"), cwd=str(tmp_path),
+                    admin_token="an-admin-token-of-test-length")
+    admin = {"Authorization": "Bearer an-admin-token-of-test-length"}
     server = None
     try:
-        assert set(daemon.models()) == {"configured"}
+        assert set(daemon.models(headers=admin)) == {"configured"}
         assert "cannot be reached" in daemon.output
-        refused = daemon.add({"id": "early", "type": "http", "url": "http://127.0.0.1:1/"})
+        # Its stored keys not known yet: a key is required (never open to everyone for want of them).
+        daemon.request("GET", "/get/models").error(401, "unauthorized")
+        refused = daemon.add({"id": "early", "type": "http", "url": "http://127.0.0.1:1/"}, headers=admin)
         refused.error(503, "store_unavailable")
 
         server = RedisServer(program, tmp_path / "redis", port=port, password="never-logged-password")
         kept = json.dumps({"id": "kept", "type": "http", "url": "http://127.0.0.1:1/"})
         server.client().eval(WRITE, 3, "aibackend:version", "aibackend:models", "aibackend:changes",
                              "kept", "add", kept, 100)  # as another daemon writes
-        wait_until(lambda: set(daemon.models()) == {"configured", "kept"}, 10, "the runtime model once Redis answers")
-        assert daemon.add({"id": "later", "type": "http", "url": "http://127.0.0.1:1/"}).status == 201
+        wait_until(lambda: set(daemon.models(headers=admin)) == {"configured", "kept"}, 10,
+                   "the runtime model once Redis answers")
+        assert daemon.add({"id": "later", "type": "http", "url": "http://127.0.0.1:1/"}, headers=admin).status == 201
+        assert set(daemon.models()) == {"configured", "kept", "later"}  # no key kept: open again, as configured
     finally:
         daemon.stop()
         if server is not None:
@@ -499,3 +507,156 @@ async def test_a_change_is_answered_after_a_while_when_the_feed_is_late_and_the_
         held.set()
     await eventually(lambda: not store.behind(), what="the feed to catch up")
     assert store.changes() == [Change("m", "add", TABLE)]
+
+
+# --- the keys: both stores (L{aibackend.store.IKeyStore}) -----------------------------------
+
+
+def key_row(key_id: str = "0123456789ab", name: str = "team", **more) -> dict:
+    return {"id": key_id, "name": name, "digest": "cd" * 32, "models": ["chat"], "limits": {"rpm": 60},
+            "created": 1764622822.123456, "rotated": None, "revoked": None, **more}
+
+
+def test_each_store_provides_the_key_interface(any_store):
+    assert verifyObject(IKeyStore, any_store())
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_store_keeps_keys_revoked_and_rotated_as_they_were_written(any_store):
+    store = any_store()
+    first, second = key_row(), key_row("ba9876543210", "other", models=None, limits=None, created=1764622823.5)
+    await store.put_key(first)
+    await store.put_key(second)
+    await store.revoke_key(first["id"], 1764622900.25)
+    await store.rotate_key(second["id"], "ef" * 32, 1764622901.75)
+
+    expected = [{**first, "revoked": 1764622900.25}, {**second, "digest": "ef" * 32, "rotated": 1764622901.75}]
+    assert await store.read_keys() == expected
+    assert any_store().load_keys() == expected  # a restart, or another daemon
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_store_refuses_a_key_whose_id_or_name_is_taken(any_store):
+    store = any_store()
+    await store.put_key(key_row())
+    with pytest.raises(KeyExists):
+        await store.put_key(key_row(name="another"))  # the same id
+    with pytest.raises(KeyExists):
+        await any_store().put_key(key_row("ffffffffffff"))  # the same name, through another store
+    await store.put_key(key_row("ffffffffffff", "another"))
+    assert [row["name"] for row in await store.read_keys()] == ["team", "another"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_store_forgets_a_deleted_key_and_frees_its_name(any_store):
+    store = any_store()
+    await store.put_key(key_row())
+    await store.delete_key("0123456789ab")
+    await store.delete_key("0123456789ab")  # gone already: nothing to do
+
+    assert await store.read_keys() == []
+    await any_store().put_key(key_row("ffffffffffff"))  # the name is free again
+    assert [row["id"] for row in any_store().load_keys()] == ["ffffffffffff"]
+
+
+# --- the keys in Redis ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_change_is_on_the_feed_counted_with_the_models(open_redis, redis_server):
+    store = open_redis(prefix="keyed:")
+    await store.put("m", TABLE)
+    await store.put_key(key_row())
+    await store.revoke_key("0123456789ab", 5.0)
+
+    client = redis_server.client()
+    assert client.get("keyed:version") == "3"
+    assert client.hgetall("keyed:keynames") == {"team": "0123456789ab"}
+    assert json.loads(client.hget("keyed:keys", "0123456789ab")) == key_row(revoked=5.0)
+    feed = [(fields["v"], fields.get("kind"), fields["id"]) for _, fields in client.xrange("keyed:changes")]
+    assert feed == [("1", None, "m"), ("2", "key", "0123456789ab"), ("3", "key", "0123456789ab")]
+    assert "cd" * 32 in client.xrange("keyed:changes")[1][1]["row"]  # the digest, never a secret
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_daemons_making_one_name_at_once_one_gets_it(open_redis):
+    stores = [open_redis() for _ in range(4)]
+    results = await DeferredList([store.put_key(key_row(f"{index:012x}", "wanted"))
+                                  for index, store in enumerate(stores * 3)], consumeErrors=True)
+    made = [ok for ok, _ in results if ok]
+    refused = [failure for ok, failure in results if not ok]
+    assert len(made) == 1 and all(failure.check(KeyExists) for failure in refused)
+    assert [row["name"] for row in await stores[0].read_keys()] == ["wanted"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revocation_and_a_rotation_at_once_both_hold(open_redis):
+    stores = [open_redis() for _ in range(2)]
+    await stores[0].put_key(key_row())
+    await DeferredList([stores[0].revoke_key("0123456789ab", 9.0), stores[1].rotate_key("0123456789ab", "ef" * 32, 8.0)])
+    (row,) = await stores[1].read_keys()
+    assert (row["revoked"], row["digest"], row["rotated"]) == (9.0, "ef" * 32, 8.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_a_key_redis_does_not_have_is_not_found(open_redis):
+    with pytest.raises(NotFound):
+        await open_redis().revoke_key("0123456789ab", 1.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follower_holds_the_keys_another_store_changes_and_all_of_them_after_a_gap(
+        open_redis, redis_server):
+    follower, writer = open_redis(), open_redis()
+    told = []
+    follower.follow_keys(lambda rows: told.append(rows))
+    follower.follow(lambda changes, full: None)
+    await eventually(lambda: told, what="the first full read")
+    assert told == [[]]
+
+    await writer.put_key(key_row())
+    await writer.put("m", TABLE)
+    await writer.revoke_key("0123456789ab", 5.0)
+    await eventually(lambda: follower.version == 3, what="the feed")
+    assert told[-1] == [key_row(revoked=5.0)] == follower.key_rows()
+    await writer.put_key(key_row("aaaaaaaaaaaa", "deleted"))
+    await writer.delete_key("aaaaaaaaaaaa")
+    await eventually(lambda: follower.version == 5, what="the deletion")
+    assert told[-1] == [key_row(revoked=5.0)]
+
+    # Behind the feed's back (a trimmed stream): the counter jumps, a key appears.
+    client = redis_server.client()
+    client.set(follower.prefix + "version", 43)
+    client.hset(follower.prefix + "keys", "ba9876543210", json.dumps(key_row("ba9876543210", "late")))
+    await writer.put("n", TABLE)
+    await eventually(lambda: follower.version == 44, what="the resync")
+    assert [row["name"] for row in told[-1]] == ["team", "late"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_paused_key_changes_answer_503_and_the_keys_known_are_kept(open_redis, redis_server):
+    store = open_redis()
+    store.follow(lambda changes, full: None)
+    await store.put_key(key_row())
+    await eventually(lambda: store.key_rows(), what="the key back through the feed")
+
+    redis_server.pause()
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            await store.revoke_key("0123456789ab", 5.0)
+        assert refused.value.status == 503 and "keys known now are honoured" in refused.value.message
+        await eventually(lambda: store.state()["up"] is False, what="the store down")
+        with pytest.raises(StoreUnavailable):
+            await store.put_key(key_row("ba9876543210", "other"))  # at once
+        assert store.key_rows() == [key_row()]
+    finally:
+        redis_server.resume()
+    await eventually(lambda: store.state()["up"], timeout=10, what="the store back")
+    await store.put_key(key_row("ba9876543210", "other"))
+
+
+def test_a_store_that_cannot_reach_redis_says_its_keys_are_not_known(open_redis):
+    from aibackend.testing import free_port
+
+    store = open_redis(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    assert store.load() == [] and store.load_keys() is None
