@@ -30,6 +30,9 @@ REFUSALS = {401: "unauthorized", 403: "forbidden", 503: "model_unavailable"}
 # A body (or an answer) longer than this is read, checked or converted in a thread.
 THREAD_ABOVE_BYTES = 256 * 1024
 ABANDONED = "the request was abandoned before it was answered"
+# Reason phrases of the statuses the daemon answers that Twisted's table lacks (it says
+# "Unknown Status"): a limit's 429.
+PHRASES = {429: b"Too Many Requests"}
 UNEXPECTED = "the daemon failed unexpectedly; see its log"
 
 
@@ -214,7 +217,7 @@ class ErrorShape:
         reason = REFUSALS.get(error.status)
         if reason is not None:
             self.metrics.refused(reason)
-        request.setResponseCode(error.status)
+        request.setResponseCode(error.status, PHRASES.get(error.status))
         headers = request.responseHeaders
         for name, value in error.headers.items():
             headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
