@@ -501,7 +501,8 @@ class RedisStore:
         self._failures = 0
         self._synced(version, stream_id, changes, key_rows)
         self._tell_keys()
-        self._applied(self._apply(self.changes(), True))
+        # (maybeDeferred: an apply that raises is logged by _applied, and the feed read on)
+        self._applied(maybeDeferred(self._apply, self.changes(), True))
 
     def _applied(self, result) -> None:
         """After an apply (a Deferred or not): release the changes made here, read on."""
@@ -557,7 +558,7 @@ class RedisStore:
             self._stream_id = stream_id
         if keys:
             self._tell_keys()
-        self._applied(self._apply(self.changes(), False) if models else None)
+        self._applied(maybeDeferred(self._apply, self.changes(), False) if models else None)
 
     def _tell_keys(self) -> None:
         if self._apply_keys is not None:

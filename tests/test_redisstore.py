@@ -175,6 +175,26 @@ async def test_a_follower_gets_every_change_another_store_makes_in_order(open_re
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_apply_that_raises_is_logged_and_the_follower_reads_on(open_redis, logged_errors):
+    follower, writer = open_redis(), open_redis()
+    seen = []
+
+    def apply(changes, full):
+        seen.append(changes)
+        if len(seen) == 2:
+            raise RuntimeError("a bug in the daemon's apply")
+
+    follower.follow(apply)
+    await eventually(lambda: seen, what="the first full read")
+    await writer.put("m0", {"id": "m0"})
+    await eventually(lambda: len(seen) >= 2, what="the change that fails to apply")
+    await writer.put("m1", {"id": "m1"})
+    await eventually(lambda: follower.version == 2 and len(seen) >= 3, what="the feed, read on")
+    assert seen[-1][-1] == Change("m1", "add", {"id": "m1"})
+    assert len(logged_errors.flush(RuntimeError)) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_change_made_here_is_answered_once_the_feed_brought_it_back(open_redis):
     store = open_redis()
     applied = []
