@@ -241,6 +241,16 @@ def _test_state_dir(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free loopback port, for a module (aibackend.testing.RedisServer)."""
+    from aibackend.testing import RedisServer, need_redis_server
+
+    server = RedisServer(need_redis_server(), tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def model_server():
     """examples/http_model_server.py on a free loopback port, for a module; its port."""
     from aibackend.testing import ExampleModelServer

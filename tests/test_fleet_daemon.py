@@ -16,16 +16,9 @@ import time
 
 import pytest
 
-from aibackend.testing import Daemon, ModelServer, Multi, RedisServer, need_redis_server, wait_until
+from aibackend.testing import Daemon, ModelServer, Multi, wait_until
 
 FOLLOW_DEADLINE = 2.0  # what the fleet promises: a change is served everywhere within 2 s
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(need_redis_server(), tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

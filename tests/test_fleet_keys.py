@@ -14,19 +14,12 @@ import time
 
 import pytest
 
-from aibackend.testing import ModelServer, RedisServer, need_redis_server, start_fleet, stop_fleet, wait_until
+from aibackend.testing import ModelServer, start_fleet, stop_fleet, wait_until
 
 FOLLOW_DEADLINE = 2.0  # what the fleet promises: a key's change is honoured everywhere within 2 s
 MEASURED = 50  # revocations timed
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(need_redis_server(), tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from aibackend.testing import ModelServer, RedisServer, need_redis_server, start_fleet, stop_fleet, wait_until
+from aibackend.testing import ModelServer, start_fleet, stop_fleet, wait_until
 
 KEY_DEADLINE = 10.0  # setting up (the 2 s a change takes is tests/test_fleet_keys.py's and test_fleet_daemon.py's to check)
 LEASE_SECONDS = 1.0
@@ -31,13 +31,6 @@ class SlowModelServer(ModelServer):
         if "slow" in path:
             time.sleep(20)
         return super().answer(path, headers, body)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(need_redis_server(), tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

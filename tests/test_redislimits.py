@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 from types import SimpleNamespace
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import deferLater
@@ -21,16 +20,8 @@ from aibackend.policy import Caller, IAsyncLimiter, TokenCount
 from aibackend.ratelimit import LimitReached, Limits
 from aibackend.redislimits import RedisLimiter
 from aibackend.redisstore import RedisStore
-from aibackend.testing import RedisServer, need_redis_server
 
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(need_redis_server(), tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -25,13 +25,6 @@ TABLE = {"id": "m", "type": "http", "url": "http://127.0.0.1:1/"}
 _prefixes = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(need_redis_server(), tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 def _prefix() -> str:
     return f"test{next(_prefixes)}:"
 
