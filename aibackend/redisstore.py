@@ -232,6 +232,7 @@ class RedisStore:
         if password is not None:
             options["password"] = password
         self._client = redis.Redis.from_url(url, max_connections=CALL_THREADS, **options)
+        self._connect = (url, options)  # (the URL keeps its password: never shown; see client)
         # The feed's read blocks FEED_BLOCK_MS on its own connection; an answer later than that by more
         # than the timeout means Redis is gone (or paused).
         feed_options = dict(options, socket_timeout=timeout + FEED_BLOCK_MS / 1000)
@@ -299,6 +300,21 @@ class RedisStore:
     def unreachable(self) -> tuple:
         """The exceptions of a Redis that cannot be reached (gone, paused, refusing the connection)."""
         return self._problems
+
+    @property
+    def failures(self) -> tuple:
+        """The exceptions of any call that failed in Redis: unreachable, or refused (an error it answered)."""
+        return (self._redis.RedisError, OSError)
+
+    def client(self, max_connections: int = 1):
+        """
+        A redis-py client of this store's own Redis, with its options (timeouts, no
+        retries, the password), and connections of its own (for a part of the fleet that
+        calls Redis from a thread of its own: the usage, L{aibackend.redisusage}). Blocking:
+        call it off the reactor thread. Closed by its user.
+        """
+        url, options = self._connect
+        return self._redis.Redis.from_url(url, max_connections=max_connections, **options)
 
     # --- reading --------------------------------------------------------------------
 
