@@ -321,12 +321,14 @@ class ServerSpec:
     usage: bool | None = boolean(
         None, shown="on with keys or limits",
         doc="record requests, errors, tokens and latency per key and model (`/get/usage`, `aibackend_usage_*` "
-            "metrics), in `usage.sqlite3` under the state directory; unset, it is on when the daemon has client "
+            "metrics), in `usage.sqlite3` under the state directory (with `--store redis://`, in the fleet's "
+            "Redis: `/get/usage` on any daemon sums the fleet's); unset, it is on when the daemon has client "
             "keys or limits",
     )
     usage_retention_days: int = integer(
         DEFAULT_USAGE_RETENTION_DAYS, minimum=1, maximum=36500,
-        doc="days the usage is kept (one row per key, model and minute; older rows are deleted)",
+        doc="days the usage is kept (one row per key, model and minute; older rows are deleted; in Redis, "
+            "each daemon's rows expire by its own: give the fleet one value)",
     )
 
 

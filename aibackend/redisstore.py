@@ -39,8 +39,8 @@ off (a write retried after a timeout could be made twice): the feed reconnects w
 backoff (L{RETRY_DELAYS}), and a write that fails answers 503.
 
 The fleet's limits use this store's client, threads and prefix too
-(L{aibackend.redislimits}: L{RedisStore.script} and L{RedisStore.call}). The usage stays
-each daemon's own (its C{usage.sqlite3}).
+(L{aibackend.redislimits}: L{RedisStore.script} and L{RedisStore.call}), and the usage its
+prefix and options, with a connection of its own (L{aibackend.redisusage}: L{RedisStore.client}).
 
 Redis down: the daemon keeps serving the registry it has and honouring the keys it holds
 (a revoked one stays refused); admin changes, keys' included, answer 503

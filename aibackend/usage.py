@@ -1,7 +1,8 @@
 """
 What each key used of each model: requests, errors, tokens in and out, latency, kept per
-minute in SQLite off the request path, queried by admins (C{/get/usage}) and summed in
-C{/metrics}.
+minute off the request path (in the daemon's SQLite file, or with C{--store redis://} in
+the fleet's Redis: L{aibackend.redisusage}), queried by admins (C{/get/usage}) and summed
+in C{/metrics}.
 
 L{UsageRecorder} is the relay's L{aibackend.policy.IUsageRecorder}. Its L{record
 <UsageRecorder.record>}, called once per request on the reactor thread by
@@ -18,19 +19,25 @@ L{aibackend.policy.Policy.settle}, only adds to two dicts in memory (a microseco
 A request without a key (C{caller is None}) is the key L{ANONYMOUS} (C{-}, which no key's
 name can be).
 
+Where the rows go and are read from is an L{IUsageStore}: L{UsageDatabase} (SQLite:
+C{STATE/usage.sqlite3}) or L{aibackend.redisusage.RedisUsage} (the fleet's Redis).
 The pending rows are written a second after the first of them came (L{FLUSH_SECONDS}),
-in one transaction, by one thread of the recorder's own: an UPSERT per row that adds to
-what is there, so the table has one row per (key, model, minute) however many requests
-came, and every process of C{--processes N} adds its own into the same database (a query
-sees them all; each process's metrics are its own). Rows older than the retention
-(C{usage_retention_days}, L{DEFAULT_RETENTION_DAYS}) are deleted by that thread, once an
-hour while it writes. One write at a time: while one is slow (the disk, a lock held by
-another process), rows wait in memory, at most L{MAX_PENDING_ROWS} of them (pending and
-being written); past it a new row's request is not kept in the store (counted in
-C{aibackend_usage_dropped_total}, logged once until writes succeed again), though the
-metrics still count it. A write that fails puts its rows back (as room allows): the next
-write tries them again. On stop, what is pending is written (waiting at most
-L{STOP_SECONDS}).
+in one batch, by one thread of the recorder's own: in SQLite one transaction, an UPSERT
+per row that adds to what is there, so the table has one row per (key, model, minute)
+however many requests came; every process of C{--processes N} adds its own into the same
+database (or Redis: a query sees them all; each process's metrics are its own). Rows older
+than the retention (C{usage_retention_days}, L{DEFAULT_RETENTION_DAYS}) are deleted by
+that thread, once an hour while it writes. One write at a time: while one is slow (the
+disk, a lock held by another process, Redis gone), rows wait in memory, at most
+L{MAX_PENDING_ROWS} of them (pending, being written, and those of a failed write); past it
+a new row's request is not kept in the store (counted in C{aibackend_usage_dropped_total},
+logged once until writes succeed again), though the metrics still count it. A write that
+fails keeps its rows as they were, under the same batch number (L{IUsageStore.write}): the
+next write, a second later, tries them again first, then what came meanwhile. On stop,
+what is pending is written (waiting at most L{STOP_SECONDS}).
+
+The recorder (its file or connection, its thread) exists only while usage is on
+(L{UsageService}): C{usage = true}, or unset and the daemon has keys or limits.
 """
 
 from __future__ import annotations
