@@ -51,7 +51,7 @@ from zope.interface import implementer
 from aibackend.redisstore import StoreUnavailable
 from aibackend.usage import (
     CANCELLED, CLIENT_ERRORS, LATENCY_MAX, LATENCY_SUM, MAX_ROWS, OK, SERVER_ERRORS, TOKENS_IN, TOKENS_OUT,
-    IUsageStore, Selection, described, iso, recorder_for,
+    IUsageStore, Selection, answer, iso, recorder_for,
 )
 
 CHUNK = 500  # rows per script: Redis runs one in about a millisecond
@@ -142,7 +142,7 @@ class RedisUsage:
         else:
             first = self._client.zrange(self.index, 0, 0, withscores=True)
             if not first:
-                return self._answer(selection, since, until, [], False, None)
+                return answer(selection, until, [], truncated=False, totals=None)
             low = int(first[0][1])
         by_minute = selection.group == "minute"
         sums: dict = {}  # (key, model) or (minute, key, model) -> figures
@@ -178,18 +178,7 @@ class RedisUsage:
                          for (minute, key, model), figures in sorted(page.items())]
         if not by_minute:
             rows = [({"key": key, "model": model}, figures) for (key, model), figures in sorted(sums.items())]
-        return self._answer(selection, since, until, rows, len(rows) > MAX_ROWS, total)
-
-    def _answer(self, selection: Selection, since, until, rows: list, truncated: bool, total) -> dict:
-        usage = []
-        for row, figures in rows[:MAX_ROWS]:
-            row.update(described(figures))
-            usage.append(row)
-        return {
-            "since": None if since is None else iso(since), "until": iso(until), "group": selection.group,
-            "key": selection.key, "model": selection.model, "count": len(usage), "truncated": truncated,
-            "totals": described(total or (0, 0, 0, 0, 0, 0, 0.0, 0.0)), "usage": usage,
-        }
+        return answer(selection, until, rows, truncated=len(rows) > MAX_ROWS, totals=total)
 
     def read_json(self, selection: Selection, now: float) -> bytes:
         return json.dumps(self.read(selection, now)).encode()

@@ -247,6 +247,26 @@ def described(figures) -> dict:
     }
 
 
+def answer(selection: Selection, until: float, rows: list, *, truncated: bool, totals) -> dict:
+    """
+    A query's answer (C{/get/usage}'s JSON), as every L{IUsageStore} gives it.
+
+    @param until: the range's end (C{now} when the selection has none).
+    @param rows: (the row's place: C{key}, C{model}, and C{minute} by minute; its figures
+        as L{FIGURES} reads them), in order: the first L{MAX_ROWS} are answered.
+    @param truncated: there were more rows.
+    @param totals: the figures of all the rows selected, or None (none).
+    """
+    usage = []
+    for place, figures in rows[:MAX_ROWS]:
+        usage.append({**place, **described(figures)})
+    return {
+        "since": None if selection.since is None else iso(selection.since), "until": iso(until),
+        "group": selection.group, "key": selection.key, "model": selection.model, "count": len(usage),
+        "truncated": truncated, "totals": described(totals or (0, 0, 0, 0, 0, 0, 0.0, 0.0)), "usage": usage,
+    }
+
+
 @implementer(IUsageStore)
 class UsageDatabase:
     """
@@ -311,18 +331,11 @@ class UsageDatabase:
         for found_row in found[:MAX_ROWS]:
             if by_minute:
                 key, model, minute, *figures = found_row
-                row = {"key": key, "model": model, "minute": iso(minute)}
+                rows.append(({"key": key, "model": model, "minute": iso(minute)}, figures))
             else:
                 key, model, *figures = found_row
-                row = {"key": key, "model": model}
-            row.update(described(figures))
-            rows.append(row)
-        total = described(totals) if totals[0] else described((0, 0, 0, 0, 0, 0, 0.0, 0.0))
-        return {
-            "since": None if since is None else iso(since), "until": iso(until), "group": selection.group,
-            "key": selection.key, "model": selection.model, "count": len(rows),
-            "truncated": len(found) > MAX_ROWS, "totals": total, "usage": rows,
-        }
+                rows.append(({"key": key, "model": model}, figures))
+        return answer(selection, until, rows, truncated=len(found) > MAX_ROWS, totals=totals if totals[0] else None)
 
     def read_json(self, selection: Selection, now: float) -> bytes:
         """L{read}'s answer as JSON text (rendered here too: a long answer takes milliseconds)."""
