@@ -184,7 +184,7 @@ class RedisUsage:
         return json.dumps(self.read(selection, now)).encode()
 
     def unavailable(self, message: str) -> StoreUnavailable:
-        return StoreUnavailable(f"the shared store (Redis) did not answer the usage query ({message}): the "
+        return StoreUnavailable(f"the shared store (Redis) cannot answer the usage query ({message}): the "
                                 f"fleet's usage is read once it answers again; try again")
 
     def close(self) -> None:
