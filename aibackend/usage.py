@@ -640,10 +640,11 @@ class UsageService(service.Service):
         self._open = open_recorder
         self.recorder: UsageRecorder | None = None
         self._closing: list = []  # the stops of the recorders turned off, not done yet
+        self._ended = False  # stopped: nothing is opened again
 
-    def on(self) -> UsageRecorder:
-        """The recorder, opened (and started, once the service is) if it was not."""
-        if self.recorder is None:
+    def on(self) -> UsageRecorder | None:
+        """The recorder, opened (and started, once the service is) if it was not; None once the service stopped."""
+        if self.recorder is None and not self._ended:
             self.recorder = self._open()
             if self.running:
                 self.recorder.start()
@@ -664,6 +665,7 @@ class UsageService(service.Service):
 
     def stopService(self):
         super().stopService()
+        self._ended = True
         self.off()
         return gatherResults(list(self._closing)).addCallback(lambda _: None)
 

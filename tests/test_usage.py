@@ -683,6 +683,7 @@ def test_the_usage_service_opens_the_recorder_only_when_on_and_closes_it_when_of
     assert second is not first
     result_of(usage.stopService())
     assert usage.recorder is None and clock.getDelayedCalls() == []
+    assert usage.on() is None and opened == [first, second]  # (a key made while the daemon stops)
     with pytest.raises(sqlite3.ProgrammingError):
         second.database.read(Selection(), NOW)
 
