@@ -260,7 +260,7 @@ class ServerSpec:
                                    doc="where runtime changes are kept; `--state` overrides")
     store: str | None = string(
         None, check=_check_store, public="never", shown="SQLite in the state directory",
-        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry and the client keys in Redis, "
+        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry, the client keys and the usage in Redis, "
             "shared by every daemon on it, which each follows (`${VAR}` allowed, for a password); `--store` overrides",
     )
     store_password_file: str | None = string(
