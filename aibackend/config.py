@@ -260,7 +260,7 @@ class ServerSpec:
                                    doc="where runtime changes are kept; `--state` overrides")
     store: str | None = string(
         None, check=_check_store, public="never", shown="SQLite in the state directory",
-        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry and the client keys in Redis, "
+        doc="`redis://HOST:PORT/DB` (or `rediss://` for TLS): the runtime registry, the client keys and the usage in Redis, "
             "shared by every daemon on it, which each follows (`${VAR}` allowed, for a password); `--store` overrides",
     )
     store_password_file: str | None = string(
@@ -321,12 +321,14 @@ class ServerSpec:
     usage: bool | None = boolean(
         None, shown="on with keys or limits",
         doc="record requests, errors, tokens and latency per key and model (`/get/usage`, `aibackend_usage_*` "
-            "metrics), in `usage.sqlite3` under the state directory; unset, it is on when the daemon has client "
+            "metrics), in `usage.sqlite3` under the state directory (with `--store redis://`, in the fleet's "
+            "Redis: `/get/usage` on any daemon sums the fleet's); unset, it is on when the daemon has client "
             "keys or limits",
     )
     usage_retention_days: int = integer(
         DEFAULT_USAGE_RETENTION_DAYS, minimum=1, maximum=36500,
-        doc="days the usage is kept (one row per key, model and minute; older rows are deleted)",
+        doc="days the usage is kept (one row per key, model and minute; older rows are deleted; in Redis, "
+            "each daemon's rows expire by its own: give the fleet one value)",
     )
 
 

@@ -58,6 +58,7 @@ from aibackend.registry import ModelDeps, ModelRegistry
 from aibackend.root import FrontDoor
 from aibackend.server import AibackendSite, release_freed_memory
 from aibackend.store import SQLiteStore
+from aibackend.redisusage import open_redis_usage
 from aibackend.usage import UsageCollector, UsageService, open_usage
 
 DEFAULT_MAX_PERSISTENT_PER_HOST = 64
@@ -397,13 +398,20 @@ def build_parts(root, config: Config, reactor, *, store, environ, listen, max_bo
         _add(root, "fleet-limits", LeaseService(limiter))
     usage = None
     # [server] usage: true, false, or unset (on whenever the daemon has client keys or
-    # limits: keys made at runtime too, so the recorder is ready unless usage = false).
+    # limits: keys made at runtime too). The recorder (its file or Redis connection, its
+    # thread) is opened only while usage is on (build_policy), unless usage = false. With
+    # --store redis:// the rows go to the fleet's Redis (aibackend.redisusage), else to
+    # STATE/usage.sqlite3 (every --processes process writes its own rows, either way).
     if server.usage is not False:
-        usage = open_store(reactor, state_dir, opener=open_usage, args=(server.usage_retention_days,))
-        root.outer.append(UsageService(usage))  # stopped last: what is drained on stop is recorded
+        retention = server.usage_retention_days
+        if isinstance(store, RedisStore):
+            usage = UsageService(lambda: open_redis_usage(reactor, store, retention))
+        else:
+            usage = UsageService(lambda: open_store(reactor, state_dir, opener=open_usage, args=(retention,)))
+        root.outer.append(usage)  # stopped last: what is drained on stop is recorded
         core = front_door.core
         metrics.collectors.register(UsageCollector(
-            usage, in_use=lambda: core.policy is not None and core.policy.usage is not None))
+            current=lambda: usage.recorder, in_use=lambda: core.policy is not None and core.policy.usage is not None))
     wire_policy(front_door.core, server, keys, registry, limiter=limiter, usage=usage)
     site = AibackendSite(
         front_door.resource(), max_body_bytes=max_body_bytes, metrics=metrics, reactor=reactor,
@@ -430,20 +438,27 @@ def build_policy(server, keyring, registry, *, limiter=None, usage=None):
         configured C{api_keys} and the admin token call every model without limits, so
         they alone need no policy for themselves;
       - limits: a model of C{registry} with C{[models.limits]};
-      - usage: the recorder (L{aibackend.usage}), made unless C{usage = false}; with
-        C{usage} unset it is used only once the daemon has client keys (configured or
-        stored) or limits.
+      - usage: the recorder (L{aibackend.usage}), unless C{usage = false}; with C{usage}
+        unset it is used only once the daemon has client keys (configured or stored) or
+        limits. It is opened when it is used (L{UsageService.on}) and closed when it is no
+        longer (the last key deleted: L{UsageService.off}).
 
     A policy made has the limiter whatever made it (a key's limits are known per request).
 
     @param server: the configuration's server spec.
     @param keyring: the guard's L{aibackend.keys.KeyRing}.
+    @param usage: the L{UsageService}, or None (C{usage = false}).
+    @raise StartupError: the recorder cannot be opened.
     """
     limited = any(entry.spec.limits is not None for entry in registry.entries())
-    if usage is not None and server.usage is None and not (keyring.required or limited):
-        usage = None
-    if keyring.stored or limited or usage is not None:
-        return Policy(limiter=limiter, usage=usage)
+    recorder = None
+    if usage is not None:
+        if server.usage is None and not (keyring.required or limited):
+            usage.off()
+        else:
+            recorder = usage.on()
+    if keyring.stored or limited or recorder is not None:
+        return Policy(limiter=limiter, usage=recorder)
     return None
 
 
@@ -456,9 +471,13 @@ def wire_policy(core, server, keys: KeyManager, registry, *, limiter=None, usage
     """
 
     def make_policy(_entry=None) -> None:
-        core.policy = build_policy(server, keys.ring, registry, limiter=limiter, usage=usage)
+        try:
+            core.policy = build_policy(server, keys.ring, registry, limiter=limiter, usage=usage)
+        except StartupError as e:  # (at start, it stops the daemon: below) the usage could not be opened
+            log.error("aibackend: the usage cannot be recorded: {why}", why=e)
+            core.policy = build_policy(server, keys.ring, registry, limiter=limiter)
 
-    make_policy()
+    core.policy = build_policy(server, keys.ring, registry, limiter=limiter, usage=usage)
     keys.updated.append(make_policy)
     registry.added.append(make_policy)
 

@@ -39,8 +39,8 @@ off (a write retried after a timeout could be made twice): the feed reconnects w
 backoff (L{RETRY_DELAYS}), and a write that fails answers 503.
 
 The fleet's limits use this store's client, threads and prefix too
-(L{aibackend.redislimits}: L{RedisStore.script} and L{RedisStore.call}). The usage stays
-each daemon's own (its C{usage.sqlite3}).
+(L{aibackend.redislimits}: L{RedisStore.script} and L{RedisStore.call}), and the usage its
+prefix and options, with a connection of its own (L{aibackend.redisusage}: L{RedisStore.client}).
 
 Redis down: the daemon keeps serving the registry it has and honouring the keys it holds
 (a revoked one stays refused); admin changes, keys' included, answer 503
@@ -232,6 +232,7 @@ class RedisStore:
         if password is not None:
             options["password"] = password
         self._client = redis.Redis.from_url(url, max_connections=CALL_THREADS, **options)
+        self._connect = (url, options)  # (the URL keeps its password: never shown; see client)
         # The feed's read blocks FEED_BLOCK_MS on its own connection; an answer later than that by more
         # than the timeout means Redis is gone (or paused).
         feed_options = dict(options, socket_timeout=timeout + FEED_BLOCK_MS / 1000)
@@ -299,6 +300,21 @@ class RedisStore:
     def unreachable(self) -> tuple:
         """The exceptions of a Redis that cannot be reached (gone, paused, refusing the connection)."""
         return self._problems
+
+    @property
+    def failures(self) -> tuple:
+        """The exceptions of any call that failed in Redis: unreachable, or refused (an error it answered)."""
+        return (self._redis.RedisError, OSError)
+
+    def client(self, max_connections: int = 1):
+        """
+        A redis-py client of this store's own Redis, with its options (timeouts, no
+        retries, the password), and connections of its own (for a part of the fleet that
+        calls Redis from a thread of its own: the usage, L{aibackend.redisusage}). Blocking:
+        call it off the reactor thread. Closed by its user.
+        """
+        url, options = self._connect
+        return self._redis.Redis.from_url(url, max_connections=max_connections, **options)
 
     # --- reading --------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ class Options(usage.Options):
          "How many reactor processes serve the listening sockets (TCP and TLS; not unix sockets), sharing one set of "
          "models: a number, or auto for one per core."],
         ["store", None, None,
-         "redis://HOST:PORT/DB (rediss:// for TLS): keep the runtime registry and the client keys in Redis, shared "
+         "redis://HOST:PORT/DB (rediss:// for TLS): keep the runtime registry, the client keys and the usage in Redis, shared "
          "by every daemon on it, instead of SQLite in the state directory (the configuration's store)."],
         ["store-password-file", None, None,
          "A file whose one line is the Redis password, when not in the store's URL."],

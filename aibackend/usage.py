@@ -1,7 +1,8 @@
 """
 What each key used of each model: requests, errors, tokens in and out, latency, kept per
-minute in SQLite off the request path, queried by admins (C{/get/usage}) and summed in
-C{/metrics}.
+minute off the request path (in the daemon's SQLite file, or with C{--store redis://} in
+the fleet's Redis: L{aibackend.redisusage}), queried by admins (C{/get/usage}) and summed
+in C{/metrics}.
 
 L{UsageRecorder} is the relay's L{aibackend.policy.IUsageRecorder}. Its L{record
 <UsageRecorder.record>}, called once per request on the reactor thread by
@@ -18,19 +19,25 @@ L{aibackend.policy.Policy.settle}, only adds to two dicts in memory (a microseco
 A request without a key (C{caller is None}) is the key L{ANONYMOUS} (C{-}, which no key's
 name can be).
 
+Where the rows go and are read from is an L{IUsageStore}: L{UsageDatabase} (SQLite:
+C{STATE/usage.sqlite3}) or L{aibackend.redisusage.RedisUsage} (the fleet's Redis).
 The pending rows are written a second after the first of them came (L{FLUSH_SECONDS}),
-in one transaction, by one thread of the recorder's own: an UPSERT per row that adds to
-what is there, so the table has one row per (key, model, minute) however many requests
-came, and every process of C{--processes N} adds its own into the same database (a query
-sees them all; each process's metrics are its own). Rows older than the retention
-(C{usage_retention_days}, L{DEFAULT_RETENTION_DAYS}) are deleted by that thread, once an
-hour while it writes. One write at a time: while one is slow (the disk, a lock held by
-another process), rows wait in memory, at most L{MAX_PENDING_ROWS} of them (pending and
-being written); past it a new row's request is not kept in the store (counted in
-C{aibackend_usage_dropped_total}, logged once until writes succeed again), though the
-metrics still count it. A write that fails puts its rows back (as room allows): the next
-write tries them again. On stop, what is pending is written (waiting at most
-L{STOP_SECONDS}).
+in one batch, by one thread of the recorder's own: in SQLite one transaction, an UPSERT
+per row that adds to what is there, so the table has one row per (key, model, minute)
+however many requests came; every process of C{--processes N} adds its own into the same
+database (or Redis: a query sees them all; each process's metrics are its own). Rows older
+than the retention (C{usage_retention_days}, L{DEFAULT_RETENTION_DAYS}) are deleted by
+that thread, once an hour while it writes. One write at a time: while one is slow (the
+disk, a lock held by another process, Redis gone), rows wait in memory, at most
+L{MAX_PENDING_ROWS} of them (pending, being written, and those of a failed write); past it
+a new row's request is not kept in the store (counted in C{aibackend_usage_dropped_total},
+logged once until writes succeed again), though the metrics still count it. A write that
+fails keeps its rows as they were, under the same batch number (L{IUsageStore.write}): the
+next write, a second later, tries them again first, then what came meanwhile. On stop,
+what is pending is written (waiting at most L{STOP_SECONDS}).
+
+The recorder (its file or connection, its thread) exists only while usage is on
+(L{UsageService}): C{usage = true}, or unset and the daemon has keys or limits.
 """
 
 from __future__ import annotations
@@ -46,12 +53,12 @@ from functools import partial
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from twisted.application import service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.defer import TimeoutError as Timeout  # addTimeout's (not the builtin)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from aibackend import errors
 from aibackend.config import DEFAULT_USAGE_RETENTION_DAYS as DEFAULT_RETENTION_DAYS
@@ -136,6 +143,38 @@ class IUsageReader(Interface):
         """
 
 
+class IUsageStore(Interface):
+    """
+    Where the usage rows go and are read from: L{UsageDatabase} (a daemon's own SQLite
+    file) or L{aibackend.redisusage.RedisUsage} (the fleet's Redis). Every method but
+    the attributes' is blocking, called by the recorder's one thread.
+    """
+
+    problems = Attribute(
+        "The exceptions of a store that failed (a disk, a lock held too long, a Redis that cannot be "
+        "reached): logged as a warning, a query answered 503; any other is a bug (logged with its traceback).")
+
+    def write(rows, cutoff, batch):
+        """
+        Add C{rows} ((key, model, minute) -> figures, by the indexes L{OK}...L{LATENCY_MAX});
+        forget the minutes before C{cutoff}, if given. C{batch}: the recorder's number for
+        these rows, the same when a failed write is tried again with them (a store whose
+        write can be made without its answer reaching us uses it to add them once).
+        """
+
+    def read(selection, now):
+        """The answer to a L{Selection} (a dict: see L{UsageDatabase.read}), at C{now}."""
+
+    def read_json(selection, now):
+        """L{read}'s answer as JSON text (bytes)."""
+
+    def unavailable(message):
+        """The L{errors.ApiError} (503) a query answers when the store failed with one of L{problems}."""
+
+    def close():
+        """Nothing is written or read after."""
+
+
 @dataclass(frozen=True)
 class Selection:
     """
@@ -180,13 +219,24 @@ class Selection:
             raise errors.BadRequest(f"group must be one of {', '.join(GROUPS)}, got {group!r}")
         return cls(key=key, model=model, since=times["since"], until=times["until"], group=group)
 
+    def check(self, now: float) -> None:
+        """
+        A range that can hold usage at C{now}: C{since} not past the current minute.
+
+        @raise errors.BadRequest: it is (the usage of minutes to come: always empty).
+        """
+        if self.since is not None and self.since // 60 * 60 > now:
+            raise errors.BadRequest(
+                f"since ({iso(self.since)}) is in the future (the daemon's time is {iso(now)}): there is no "
+                f"usage there yet; give a time in the past, or leave since out")
+
 
 def iso(seconds: float) -> str:
     """C{2026-12-01T20:11:00Z}."""
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _described(figures) -> dict:
+def described(figures) -> dict:
     """A row's JSON from its figures (as L{FIGURES} reads them)."""
     requests, client, server, cancelled, tokens_in, tokens_out, latency_sum, latency_max = figures
     return {
@@ -197,6 +247,27 @@ def _described(figures) -> dict:
     }
 
 
+def answer(selection: Selection, until: float, rows: list, *, truncated: bool, totals) -> dict:
+    """
+    A query's answer (C{/get/usage}'s JSON), as every L{IUsageStore} gives it.
+
+    @param until: the range's end (C{now} when the selection has none).
+    @param rows: (the row's place: C{key}, C{model}, and C{minute} by minute; its figures
+        as L{FIGURES} reads them), in order: the first L{MAX_ROWS} are answered.
+    @param truncated: there were more rows.
+    @param totals: the figures of all the rows selected, or None (none).
+    """
+    usage = []
+    for place, figures in rows[:MAX_ROWS]:
+        usage.append({**place, **described(figures)})
+    return {
+        "since": None if selection.since is None else iso(selection.since), "until": iso(until),
+        "group": selection.group, "key": selection.key, "model": selection.model, "count": len(usage),
+        "truncated": truncated, "totals": described(totals or (0, 0, 0, 0, 0, 0, 0.0, 0.0)), "usage": usage,
+    }
+
+
+@implementer(IUsageStore)
 class UsageDatabase:
     """
     The usage table in one SQLite database: C{DIR/usage.sqlite3}, or in memory (C{path}
@@ -207,6 +278,7 @@ class UsageDatabase:
     """
 
     log = Logger()
+    problems = (sqlite3.Error,)
 
     def __init__(self, path: str | None):
         self.path = path
@@ -218,8 +290,11 @@ class UsageDatabase:
         self.connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last second
         self.connection.executescript(SCHEMA)
 
-    def write(self, rows: dict, cutoff: float | None) -> None:
-        """Add C{rows} (key, model, minute) -> figures; delete the minutes before C{cutoff}, if given."""
+    def write(self, rows: dict, cutoff: float | None, batch: int = 0) -> None:
+        """
+        Add C{rows} (key, model, minute) -> figures; delete the minutes before C{cutoff}, if
+        given (C{batch} unused: one transaction, all written or none).
+        """
         with self.connection:
             if rows:
                 self.connection.executemany(UPSERT, [
@@ -256,22 +331,18 @@ class UsageDatabase:
         for found_row in found[:MAX_ROWS]:
             if by_minute:
                 key, model, minute, *figures = found_row
-                row = {"key": key, "model": model, "minute": iso(minute)}
+                rows.append(({"key": key, "model": model, "minute": iso(minute)}, figures))
             else:
                 key, model, *figures = found_row
-                row = {"key": key, "model": model}
-            row.update(_described(figures))
-            rows.append(row)
-        total = _described(totals) if totals[0] else _described((0, 0, 0, 0, 0, 0, 0.0, 0.0))
-        return {
-            "since": None if since is None else iso(since), "until": iso(until), "group": selection.group,
-            "key": selection.key, "model": selection.model, "count": len(rows),
-            "truncated": len(found) > MAX_ROWS, "totals": total, "usage": rows,
-        }
+                rows.append(({"key": key, "model": model}, figures))
+        return answer(selection, until, rows, truncated=len(found) > MAX_ROWS, totals=totals if totals[0] else None)
 
     def read_json(self, selection: Selection, now: float) -> bytes:
         """L{read}'s answer as JSON text (rendered here too: a long answer takes milliseconds)."""
         return json.dumps(self.read(selection, now)).encode()
+
+    def unavailable(self, message: str) -> errors.ApiError:
+        return UsageUnavailable(f"the usage store failed: {message}")
 
     def close(self) -> None:
         self.connection.close()
@@ -320,6 +391,8 @@ class UsageRecorder:
         self.dropped = 0
         self.failed_writes = 0
         self._being_written = 0  # rows in the write in progress
+        self._failed = None  # (batch, rows) of the last write, when it failed: tried again as they are
+        self._batches = 0  # the number of the last batch written (IUsageStore.write's batch)
         self._writing = False
         self._waiters: list = []  # flushes waiting for the next write
         self._timer = None
@@ -331,8 +404,8 @@ class UsageRecorder:
 
     @property
     def unwritten(self) -> int:
-        """Rows in memory: pending, and being written."""
-        return len(self._pending) + self._being_written
+        """Rows in memory: pending, being written, and those of a write that failed."""
+        return len(self._pending) + self._being_written + (len(self._failed[1]) if self._failed else 0)
 
     # --- the request path -------------------------------------------------
 
@@ -383,7 +456,7 @@ class UsageRecorder:
 
     def _row(self, where: tuple) -> list | None:
         """A new pending row, or None when those in memory are at their cap (the request is dropped)."""
-        if len(self._pending) + self._being_written >= self.max_pending:
+        if self.unwritten >= self.max_pending:
             self.dropped += 1
             if not self._dropping:
                 self._dropping = True
@@ -420,8 +493,15 @@ class UsageRecorder:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        rows, self._pending = self._pending, {}
         waiters, self._waiters = self._waiters, []
+        retried = self._failed is not None
+        if retried:
+            # The rows of the write that failed, as they were, under the same batch number: a
+            # store whose write was made though its answer was lost (a timeout) adds them once.
+            (batch, rows), self._failed = self._failed, None
+        else:
+            rows, self._pending = self._pending, {}
+            batch = self._batches + 1 if rows else self._batches
         now = self.clock.seconds()
         cutoff = None
         if now - self._last_prune >= PRUNE_SECONDS:
@@ -431,11 +511,12 @@ class UsageRecorder:
             for waiter in waiters:
                 waiter.callback(None)
             return
+        self._batches = batch
         self._writing = True
         self._being_written = len(rows)
-        d = self._call(self.database.write, rows, cutoff)
-        d.addCallbacks(self._written, self._not_written, errbackArgs=(rows,))
-        d.addBoth(self._next, waiters)
+        d = self._call(self.database.write, rows, cutoff, batch)
+        d.addCallbacks(self._written, self._not_written, errbackArgs=(batch, rows))
+        d.addBoth(self._next, waiters, retried)
 
     def _call(self, function, *args) -> Deferred:
         return self._in_thread(function, *args)
@@ -445,43 +526,44 @@ class UsageRecorder:
             self.log.info("usage: written again ({dropped} requests not kept meanwhile)", dropped=self.dropped)
         self._failing = self._dropping = False
 
-    def _not_written(self, failure, rows: dict) -> None:
+    def _not_written(self, failure, batch: int, rows: dict) -> None:
         self.failed_writes += 1
         if not self._failing:  # said once until a write succeeds
             self._failing = True
-            if failure.check(sqlite3.Error):  # the disk, a lock held too long: no bug of ours
+            if failure.check(*self.database.problems):  # the disk, a lock held too long, Redis gone: no bug
                 self.log.warn("usage: {rows} rows could not be written ({why}); tried again with the next write",
                               rows=len(rows), why=failure.getErrorMessage())
             else:
                 self.log.failure("usage: {rows} rows could not be written (tried again with the next write)",
                                  failure, rows=len(rows))
-        pending = self._pending
-        for where, row in rows.items():
-            mine = pending.get(where)
-            if mine is None:
-                if len(pending) >= self.max_pending:
-                    self.dropped += row[OK] + row[CLIENT_ERRORS] + row[SERVER_ERRORS] + row[CANCELLED]
-                    continue
-                pending[where] = row
-            else:
-                for index in range(LATENCY_MAX):
-                    mine[index] += row[index]
-                mine[LATENCY_MAX] = max(mine[LATENCY_MAX], row[LATENCY_MAX])
+        # Kept as they are (they count in unwritten already): the next write tries them first.
+        self._failed = (batch, rows)
 
-    def _next(self, _, waiters: list) -> None:
+    def _next(self, _, waiters: list, retried: bool) -> None:
         self._writing = False
         self._being_written = 0
+        if retried and self._failed is None and (self._pending or waiters):
+            # The rows of a failed write are written at last: what came meanwhile goes now (and a
+            # flush waiting is done once it has).
+            self._waiters[:0] = waiters
+            self._write()
+            return
         for waiter in waiters:
             waiter.callback(None)
         if self._waiters:
             self._write()
-        elif self._pending and self._timer is None and not self._stopped:
+        elif (self._pending or self._failed) and self._timer is None and not self._stopped:
             self._timer = self.clock.callLater(FLUSH_SECONDS, self._tick)
 
     # --- reading ----------------------------------------------------------
 
     def query(self, selection: Selection) -> Deferred:
-        """L{IUsageReader.query}: what is pending is written first, then the database read."""
+        """
+        L{IUsageReader.query}: what is pending is written first, then the database read.
+
+        @raise errors.BadRequest: a range that cannot hold usage yet (L{Selection.check}).
+        """
+        selection.check(self.clock.seconds())
         d = self.flush()
         d.addCallback(lambda _: self._call(self.database.read_json, selection, self.clock.seconds()))
         d.addTimeout(QUERY_SECONDS, self.clock)
@@ -491,8 +573,8 @@ class UsageRecorder:
     def _unavailable(self, failure):
         if failure.check(Timeout):
             raise UsageUnavailable(f"the usage store did not answer within {QUERY_SECONDS:g} s; try again")
-        failure.trap(sqlite3.Error)
-        raise UsageUnavailable(f"the usage store failed: {failure.getErrorMessage()}")
+        failure.trap(*self.database.problems)
+        raise self.database.unavailable(failure.getErrorMessage())
 
     # --- the lifetime -----------------------------------------------------
 
@@ -519,6 +601,8 @@ class UsageRecorder:
         return self._stopping
 
     def _close(self, _):
+        if self.unwritten:  # the last write failed (logged): what it held is not kept
+            self.log.warn("usage: {rows} rows not written at the stop (the store failed)", rows=self.unwritten)
         if not self._started:
             self.database.close()
             return None
@@ -538,37 +622,72 @@ class UsageRecorder:
 
 
 class UsageService(service.Service):
-    """Starts the recorder (the retention applied) and stops it (what is pending written)."""
+    """
+    The recorder while usage is on: opened (its file or connection, and its thread) only
+    once L{on} is called, started with the service (the retention applied), and stopped
+    (what is pending written, then closed) by L{off} or with the service. A daemon whose
+    usage is unset has none until it has a key or a limit, and none again once it has
+    neither (L{aibackend.daemon.build_policy} says which).
+
+    @param open_recorder: C{() -> UsageRecorder}, not started (L{open_usage}; the fleet's:
+        L{aibackend.redisusage.open_redis_usage}); what it raises, L{on} raises.
+    @ivar recorder: the recorder while usage is on, else None.
+    """
 
     name = "usage"
 
-    def __init__(self, recorder: UsageRecorder):
-        self.recorder = recorder
+    def __init__(self, open_recorder):
+        self._open = open_recorder
+        self.recorder: UsageRecorder | None = None
+        self._closing: list = []  # the stops of the recorders turned off, not done yet
+        self._ended = False  # stopped: nothing is opened again
+
+    def on(self) -> UsageRecorder | None:
+        """The recorder, opened (and started, once the service is) if it was not; None once the service stopped."""
+        if self.recorder is None and not self._ended:
+            self.recorder = self._open()
+            if self.running:
+                self.recorder.start()
+        return self.recorder
+
+    def off(self) -> None:
+        """No recorder: the one there was writes what is pending and closes (its thread ended)."""
+        recorder, self.recorder = self.recorder, None
+        if recorder is not None:
+            d = recorder.stop()
+            self._closing.append(d)
+            d.addBoth(lambda _: self._closing.remove(d))
 
     def startService(self):
         super().startService()
-        self.recorder.start()
+        if self.recorder is not None:
+            self.recorder.start()
 
     def stopService(self):
         super().stopService()
-        return self.recorder.stop()
+        self._ended = True
+        self.off()
+        return gatherResults(list(self._closing)).addCallback(lambda _: None)
 
 
 class UsageCollector:
     """
-    C{aibackend_usage_*}: the recorder's cumulative figures (this process's), at each
-    scrape; none while C{in_use()} says the recorder is not used (usage unset, and no key
-    nor limit yet).
+    C{aibackend_usage_*}: the recorder's cumulative figures (this process's: in a fleet too,
+    each daemon's metrics are its own), at each scrape; none while C{in_use()} says the
+    recorder is not used (usage unset, and no key nor limit yet), or while there is none.
+
+    @param recorder: the L{UsageRecorder}; or C{current}, C{() -> UsageRecorder | None}
+        (L{UsageService.recorder}: the one open now).
     """
 
-    def __init__(self, recorder: UsageRecorder, in_use=lambda: True):
-        self.recorder = recorder
+    def __init__(self, recorder: UsageRecorder | None = None, in_use=lambda: True, *, current=None):
+        self.current = current if current is not None else (lambda: recorder)
         self.in_use = in_use
 
     def collect(self):
-        if not self.in_use():
+        recorder = self.current()
+        if recorder is None or not self.in_use():
             return []
-        recorder = self.recorder
         requests = CounterMetricFamily(
             "aibackend_usage_requests", "Requests by key, model and outcome (ok, client_error, server_error, "
             "cancelled), since the process started.", labels=["key", "model", "outcome"])
@@ -595,6 +714,13 @@ class UsageCollector:
         return [requests, tokens, latency, dropped, failed, unwritten]
 
 
+def recorder_for(reactor, database, retention_days: float) -> UsageRecorder:
+    """The recorder of an L{IUsageStore}, written and read by a thread of its own (started with it)."""
+    threads = _Threads(minthreads=1, maxthreads=1, name="aibackend-usage")
+    return UsageRecorder(reactor, database, retention_days=retention_days, threads=threads,
+                         in_thread=partial(deferToThreadPool, reactor, threads))
+
+
 def open_usage(reactor, state_dir: str | None, retention_days: float) -> UsageRecorder:
     """
     The recorder of C{DIR/usage.sqlite3} (C{state_dir} None: in memory), written by a
@@ -603,7 +729,4 @@ def open_usage(reactor, state_dir: str | None, retention_days: float) -> UsageRe
     @raise OSError, sqlite3.Error: the database cannot be used.
     """
     path = None if state_dir is None else os.path.join(state_dir, FILENAME)
-    database = UsageDatabase(path)
-    threads = _Threads(minthreads=1, maxthreads=1, name="aibackend-usage")
-    return UsageRecorder(reactor, database, retention_days=retention_days, threads=threads,
-                         in_thread=partial(deferToThreadPool, reactor, threads))
+    return recorder_for(reactor, UsageDatabase(path), retention_days)

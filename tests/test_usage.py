@@ -602,3 +602,110 @@ def test_a_request_a_worker_forwarded_is_left_to_the_workers_policy():
     policy = Policy(usage=object())
     assert policy.admit(forwarded, Entry()) is None
     assert policy.admit(client, Entry()).caller is None
+
+
+# --- session 20: a failed batch tried again as it was; ranges that cannot hold usage; opened only while on ---
+
+
+def test_a_failed_batch_is_tried_again_as_it_was_under_its_number(clock, database):
+    """So that a store whose write was made though its answer was lost (Redis) adds it once."""
+    calls = []
+    writer = Writer()
+
+    def in_thread(function, *args):
+        if function == database.write:
+            calls.append((dict(args[0]), args[2]))
+        return writer(function, *args)
+
+    recorder = recorder_of(clock, database, in_thread)
+    recorder.record(ALICE, "a", 200, 0.1, None)
+    writer.fail_next(sqlite3.OperationalError("disk I/O error"))
+    clock.advance(FLUSH_SECONDS)
+    recorder.record(BOB, "a", 200, 0.1, None)  # came meanwhile: its own batch, after
+    assert recorder.unwritten == 2
+    clock.advance(FLUSH_SECONDS)
+    assert [(sorted(rows), batch) for rows, batch in calls[-3:]] == [
+        ([("alice", "a", NOW)], 1), ([("alice", "a", NOW)], 1), ([("bob", "a", NOW)], 2)]
+    assert recorder.unwritten == 0 and clock.getDelayedCalls() == []
+    assert [row[:4] for row in rows(database.path)] == [("alice", "a", NOW, 1), ("bob", "a", NOW, 1)]
+    stopped(recorder)
+
+
+def test_a_flush_waits_for_what_came_after_a_failed_batch(clock, database):
+    writer = Writer()
+    recorder = recorder_of(clock, database, writer)
+    recorder.record(ALICE, "a", 200, 0.1, None)
+    writer.fail_next(sqlite3.OperationalError("disk I/O error"))
+    clock.advance(FLUSH_SECONDS)
+    recorder.record(BOB, "a", 200, 0.1, None)
+    result_of(recorder.flush())
+    assert len(rows(database.path)) == 2 and recorder.unwritten == 0
+    stopped(recorder)
+
+
+@pytest.mark.parametrize("selection", [{"since": str(NOW + 60)}, {"since": str(NOW + 3600), "until": str(NOW + 7200)},
+                                       {"since": "9999-01-01T00:00:00Z"}])
+def test_a_since_in_the_future_is_a_400_that_says_why(clock, database, selection):
+    recorder = recorder_of(clock, database)
+    with pytest.raises(errors.BadRequest) as raised:
+        recorder.query(Selection.parse(**selection))
+    assert raised.value.status == 400
+    assert raised.value.message.startswith("since (") and "is in the future (the daemon's time is " \
+        "2027-01-15T08:00:00Z): there is no usage there yet" in raised.value.message
+    assert query(recorder, since=str(NOW + 59))["count"] == 0  # this minute: a 200
+    stopped(recorder)
+
+
+def test_the_usage_service_opens_the_recorder_only_when_on_and_closes_it_when_off(clock, tmp_path):
+    from aibackend.usage import UsageService
+
+    opened = []
+
+    def open_recorder():
+        opened.append(UsageRecorder(clock, UsageDatabase(str(tmp_path / FILENAME)), in_thread=Writer()))
+        return opened[-1]
+
+    clock.advance(NOW)
+    usage = UsageService(open_recorder)
+    usage.startService()
+    assert usage.recorder is None and opened == [] and not os.path.exists(tmp_path / FILENAME)
+    usage.off()  # (off already: nothing)
+    first = usage.on()
+    assert usage.on() is first and opened == [first]
+    first.record(ALICE, "a", 200, 0.1, None)
+    usage.off()
+    assert usage.recorder is None
+    # Written (it was started: the service runs), then closed.
+    assert [row[:4] for row in rows(tmp_path / FILENAME)] == [("alice", "a", NOW, 1)]
+    with pytest.raises(sqlite3.ProgrammingError):
+        first.database.read(Selection(), NOW)
+    second = usage.on()
+    assert second is not first
+    result_of(usage.stopService())
+    assert usage.recorder is None and clock.getDelayedCalls() == []
+    assert usage.on() is None and opened == [first, second]  # (a key made while the daemon stops)
+    with pytest.raises(sqlite3.ProgrammingError):
+        second.database.read(Selection(), NOW)
+
+
+def test_the_daemon_opens_the_recorder_once_keys_exist_and_closes_it_when_none_is_left(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from aibackend.daemon import build
+    from aibackend.store import MemoryStore
+
+    built = build(parse_config({"server": {}}, environ={}), MemoryReactorClock(), listen=[], max_body_bytes=10,
+                  store=MemoryStore(), environ={}, state_dir=str(tmp_path))
+    core, keys = built.parts.front_door.core, built.parts.keys
+    (usage,) = [outer for outer in built.service.outer if outer.name == "usage"]
+    assert core.policy is None and usage.recorder is None and not os.path.exists(tmp_path / FILENAME)
+
+    result_of(keys.add({"name": "team", "models": "*"}))
+    recorder = core.policy.usage
+    assert isinstance(recorder, UsageRecorder) and usage.recorder is recorder
+    assert os.path.exists(tmp_path / FILENAME)
+
+    result_of(keys.delete("team"))
+    assert core.policy is None and usage.recorder is None
+    with pytest.raises(sqlite3.ProgrammingError):  # closed
+        recorder.database.read(Selection(), NOW)
