@@ -133,9 +133,6 @@ class IAsyncLimiter(ILimiter):
     (and an L{IChainLimiter}'s C{acquire_attempt} a Deferred of its pair).
     """
 
-    def acquire_now(caller, entry, tokens):
-        """As L{ILimiter.acquire}, at once: by this process's own limits (a fallback chain's attempts)."""
-
 
 class IChainLimiter(ILimiter):
     """
@@ -237,16 +234,6 @@ class Policy:
         """Give back what L{admit_attempt} said the key's limits hold (the chain has ended; None: nothing)."""
         if held is not None:
             self.limiter.release(held, tokens)
-
-    def admit_now(self, request, entry, tokens: TokenCount | None = None) -> Call | None:
-        """L{admit}, at once whatever the limiter (an L{IAsyncLimiter}'s own limits: a fallback chain's attempts)."""
-        if not self.asynchronous:
-            return self.admit(request, entry, tokens)
-        if request.aibackend_forwarded:
-            return None
-        caller = request.aibackend_caller
-        check_model(caller, entry.model_id)
-        return Call(caller, entry.model_id, tokens, self.limiter.acquire_now(caller, entry, tokens), self)
 
     def counts_tokens(self, request, entry) -> bool:
         """
