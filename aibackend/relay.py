@@ -127,8 +127,9 @@ class Relay:
         @param tokens: the request's L{aibackend.policy.TokenCount} (its shape fills it
             in), or None: a model whose answers carry no token counts.
         @param retarget: for a model with fallbacks: C{retarget(entry)} makes C{(body,
-            context, shape)} for the fallback of registry entry C{entry} (or raises an
-            L{errors.ApiError}: that model cannot take this request, and is skipped); None:
+            context, shape)} for the fallback of registry entry C{entry}, or a Deferred of
+            them (made in a thread: a large body), or raises (or fails with) an
+            L{errors.ApiError}: that model cannot take this request, and is skipped; None:
             every model of the chain is sent the same body, context and shape.
         @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}
             (or, when the client went away, with the L{CancelledError}).
@@ -210,6 +211,20 @@ class Relay:
         writer.relay, writer.entry, writer.context, writer.shape, writer.call = self, entry, context, shape, call
         d.addCallbacks(writer.ended, writer.failed)
         return d
+
+    def chain_counts_tokens(self, request, entry) -> bool:
+        """
+        Does a fallback of C{entry}'s model need the request's
+        L{aibackend.policy.TokenCount} (L{aibackend.policy.Policy.counts_tokens} of one of
+        them: its own C{tpm}, say), when the model itself needs none? Each attempt's model
+        reserves and settles its own tokens, whatever the first model counts. (Asked by a
+        front door whose answers carry token usage, for a model with C{fallbacks} only.)
+        """
+        policy, registry = self.policy, self.registry
+        if policy is None or registry is None:
+            return False
+        return any(model_id in registry and policy.counts_tokens(request, registry.entry(model_id))
+                   for model_id in entry.spec.fallbacks)
 
     def _forwarded(self, request) -> bool:
         """
@@ -647,6 +662,7 @@ class Chain:
                 self._no_more(outcome)
             elif outcome.check(LimitReached) and outcome.value.scope == "model":
                 # Refused by its own limit: an attempt that failed with that 429 before it was sent.
+                self._went_on(entry)
                 self._serving(entry)
                 self._fell(entry, outcome.value.status, outcome, _nothing,
                            lambda: self._refuse(policy, entry, outcome))
@@ -665,22 +681,31 @@ class Chain:
         if not self.keyed:
             self.keyed = True
             self.key = (policy, key) if key is not None else None
-        left = self.left
-        if left is None:
-            started = self.started
-        else:
-            self.left = None
-            failed, status, failure, on_step, _ = left
-            on_step()
-            self._step(failed, entry, status, failure)
+        if self._went_on(entry):
             if not self.streaming:  # (a stream's later attempt has its first_chunk_timeout cut instead)
                 self._arm()
             started = self.relay.clock.seconds()
+        else:
+            started = self.started
         if self.streaming:
             self._stream(entry, body, context, shaping, call, started)
         else:
             self._send(entry, body, context, shaping, call, started)
         return None
+
+    def _went_on(self, entry) -> bool:
+        """
+        The request goes on to C{entry}'s model (it is admitted, or refused by its own
+        limit): the attempt that failed before it, if any, is told and counted as a step.
+        """
+        left = self.left
+        if left is None:
+            return False
+        self.left = None
+        failed, status, failure, on_step, _ = left
+        on_step()
+        self._step(failed, entry, status, failure)
+        return True
 
     def _fell(self, entry, status: int, failure, on_step, on_end) -> None:
         """
