@@ -16,7 +16,13 @@ drops the expired ones before counting. The end of a request (L{RELEASE}) drops 
 and settles its tokens (what it used, less what it reserved).
 
 The calls run in the store's bounded pool of threads (never on the reactor): so
-L{RedisLimiter.acquire} answers a Deferred (L{aibackend.policy.IAsyncLimiter}).
+L{RedisLimiter.acquire} answers a Deferred (L{aibackend.policy.IAsyncLimiter}). A client
+that goes away while its admission is in Redis has that Deferred cancelled: it fails at
+once, and whatever Redis took for it (a lease, a reservation) is given back as soon as
+Redis answers, not left until the lease expires. A fallback chain's attempts are admitted
+here too (L{RedisLimiter.acquire_attempt}, L{aibackend.policy.IChainLimiter}): the key's
+limits with the first, each model's with its own, so a model with fallbacks is held to
+the fleet's limits as any.
 
 Redis down (the store says so, or the call fails): the daemon's own L{Limiter
 <aibackend.ratelimit.Limiter>} keeps the limits for this process alone (logged once each
