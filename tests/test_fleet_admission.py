@@ -15,6 +15,7 @@ from dataclasses import replace
 from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import implementer
 
+from aibackend import errors
 from aibackend.auth import Guard
 from aibackend.policy import Caller, IAsyncLimiter, IChainLimiter, Policy
 from aibackend.ratelimit import Limiter, Limits
@@ -147,3 +148,54 @@ def test_each_attempt_of_a_fallback_chain_waits_for_its_admission_the_key_taken_
     # The key's rpm counted the client's request once: a second one gets through too.
     limiter.hold = False
     assert result_of(door.open("POST", "/post/predict?id=head", data=b"{}")).code == 200
+
+
+def _keyed(door, caller) -> None:
+    guard = door.front_door.core.guard
+    let_in = guard.check_client
+
+    def named(request):  # as the guard names a request that carries this key
+        let_in(request)
+        request.aibackend_caller = caller
+
+    guard.check_client = named
+
+
+def test_a_client_that_leaves_while_a_fallback_is_admitted_starts_no_attempt_and_frees_its_key(clock):
+    head = with_fallbacks(FakeModel("head", clock), "backup", timeout=10).answers(status=503, body={"error": "down"})
+    backup = FakeModel("backup", clock)
+    door, limiter = fleet_door(clock, head, backup, rpm=10)
+    _keyed(door, Caller("k", None, Limits(max_concurrent=1)))
+    answer = door.request("POST", "/post/predict?id=head", data=b"{}")
+    limiter.let_go()
+    door.flush()
+    assert len(head.received) == 1 and len(limiter.waiting) == 1  # the fallback's admission, in "Redis"
+
+    door.drop_connections()
+    limiter.let_go()  # Redis answers after the client left
+    door.flush()
+    assert backup.received == []
+    assert limiter.local.table.in_flight("key", "k") == 0
+    assert limiter.local.table.in_flight("model", "backup") == 0
+    assert clock.getDelayedCalls() == []
+    answer.addErrback(lambda _: None)
+
+
+def test_a_streaming_chain_waits_for_each_admission_before_its_stream_begins(clock):
+    head = with_fallbacks(FakeStreamingModel("head", clock), "backup", timeout=10)
+    backup = FakeStreamingModel("backup", clock)
+    door, limiter = fleet_door(clock, head, backup, max_concurrent=1)
+    opened = door.open("POST", "/post/predict?id=head&stream=true", data=b"{}")
+    assert head.streams == []
+    limiter.let_go()
+    door.flush()
+    head.streams[0].fail(errors.ModelUnavailable("restarting", model="head"))
+    assert backup.streams == [] and len(limiter.waiting) == 1
+    limiter.let_go()
+    door.flush()
+    backup.streams[0].chunk({"n": 1})
+    backup.streams[0].end()
+    door.flush()
+    response = result_of(opened)
+    assert response.code == 200 and response.headers.getRawHeaders("x-aibackend-model") == ["backup"]
+    assert limiter.local.table.in_flight("model", "head") == limiter.local.table.in_flight("model", "backup") == 0
