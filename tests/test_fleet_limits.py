@@ -110,10 +110,12 @@ def test_a_model_with_fallbacks_is_held_to_the_fleets_limits_and_its_key_counted
                     served.append((reply.status, reply.headers.get("x-aibackend-model")))
 
         threads = [threading.Thread(target=send, args=(index,)) for index in range(8)]
+        began = time.monotonic()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(120)
+        lasted = time.monotonic() - began
     finally:
         server.close()
 
@@ -122,10 +124,11 @@ def test_a_model_with_fallbacks_is_held_to_the_fleets_limits_and_its_key_counted
     by_capped = served.count((200, "capped"))
     by_m = served.count((200, "m"))
     print(f"\nfleet burst through a chain: {statuses.count(200)} of 200 admitted against the key's rpm 50, "
-          f"{by_capped} served by the model capped at rpm 20, {by_m} by its fallback")
-    # From idle, each bucket's allowance, plus what refilled while the burst lasted (one every 1.2 s, 3 s).
-    assert 50 <= statuses.count(200) <= 51, statuses.count(200)
-    assert 20 <= by_capped <= 21, by_capped
+          f"{by_capped} served by the model capped at rpm 20, {by_m} by its fallback ({lasted:.2f} s)")
+    # From idle, each bucket's allowance, plus what refilled while the burst lasted (one every 1.2 s, 3 s);
+    # per daemon, or with each attempt counted against the key, it would be far from both.
+    assert 50 <= statuses.count(200) <= 51 + int(lasted / 1.2), (statuses.count(200), lasted)
+    assert 20 <= by_capped <= 21 + int(lasted / 3.0), (by_capped, lasted)
     assert by_capped + by_m == statuses.count(200)
 
 
