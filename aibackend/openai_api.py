@@ -1026,8 +1026,11 @@ class OpenAIAPI:
                                    or fallbacks and relay.chain_counts_tokens(request, entry)):
             # Counted: the usage its server's answer (or its stream's usage event) says, else estimated.
             tokens = TokenCount(reserve)
-        native = _Native(entry, body, context, stream, tokens, prompt_tokens, self.in_thread)
-        retarget = None if not fallbacks else native.retarget
+        native = _Native(entry, body, context, stream, tokens, prompt_tokens)
+        retarget = None
+        if fallbacks:
+            native.in_thread = self.in_thread
+            retarget = native.retarget
         if stream:
             return relay.stream(request, entry, body, context, started, native.framing(), self.shape, tokens,
                                 retarget=retarget)
@@ -1084,10 +1087,11 @@ class _Native:
     L{_Adapted}).
     """
 
-    def __init__(self, entry, body, context, stream, tokens=None, prompt_tokens=0, in_thread=None):
+    in_thread = None  # with fallbacks: how a fallback's request is made from a large body (None: here)
+
+    def __init__(self, entry, body, context, stream, tokens=None, prompt_tokens=0):
         self.entry, self.body, self.context, self.stream = entry, body, context, stream
         self.tokens, self.prompt_tokens = tokens, prompt_tokens
-        self.in_thread = in_thread  # how a fallback's request is made from a large body (None: here)
 
     def framing(self):
         """A stream's framing: passed on, its usage read when counted."""
