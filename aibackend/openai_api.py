@@ -986,10 +986,12 @@ class OpenAIAPI:
         # The request's tokens, only when its policy counts them (a tpm limit, usage kept).
         policy = relay.policy
         tokens = None
-        if policy is not None and policy.counts_tokens(request, entry):
+        fallbacks = entry.spec.fallbacks  # (a fallback's own tpm counts whether or not this model's does)
+        if policy is not None and (policy.counts_tokens(request, entry)
+                                   or fallbacks and relay.chain_counts_tokens(request, entry)):
             tokens = TokenCount(reservation(document, operation, estimate_tokens(prompt)))
         # A chain's fallback gets the same body, its answer shaped with its own id.
-        retarget = None if not entry.spec.fallbacks else _Adapted(
+        retarget = None if not fallbacks else _Adapted(
             self, entry, body, context, document, stream, include_usage, prompt, created, tokens).retarget
         if operation == EMBEDDINGS:
             embeddings = Embeddings(model_id, document.get("encoding_format") or "float", len(document["input"]),
@@ -1019,11 +1021,16 @@ class OpenAIAPI:
         context = RequestContext(request_id=request_id, operation=operation, path=UPSTREAM_PATHS[operation])
         policy = relay.policy
         tokens = None
-        if policy is not None and policy.counts_tokens(request, entry):
+        fallbacks = entry.spec.fallbacks  # (a fallback's own tpm counts whether or not this model's does)
+        if policy is not None and (policy.counts_tokens(request, entry)
+                                   or fallbacks and relay.chain_counts_tokens(request, entry)):
             # Counted: the usage its server's answer (or its stream's usage event) says, else estimated.
             tokens = TokenCount(reserve)
         native = _Native(entry, body, context, stream, tokens, prompt_tokens)
-        retarget = None if not entry.spec.fallbacks else native.retarget
+        retarget = None
+        if fallbacks:
+            native.in_thread = self.in_thread
+            retarget = native.retarget
         if stream:
             return relay.stream(request, entry, body, context, started, native.framing(), self.shape, tokens,
                                 retarget=retarget)
@@ -1080,6 +1087,8 @@ class _Native:
     L{_Adapted}).
     """
 
+    in_thread = None  # with fallbacks: how a fallback's request is made from a large body (None: here)
+
     def __init__(self, entry, body, context, stream, tokens=None, prompt_tokens=0):
         self.entry, self.body, self.context, self.stream = entry, body, context, stream
         self.tokens, self.prompt_tokens = tokens, prompt_tokens
@@ -1093,8 +1102,21 @@ class _Native:
         return None if self.tokens is None else NativeTokens(self.tokens, self.prompt_tokens).shape
 
     def retarget(self, fallback):
+        """
+        The request of native fallback C{fallback}: the body with its server's name, made
+        in a thread when it is large (as the first model's was read), else here.
+        """
         if not fallback.model.spec.openai.native:
             raise _other_kind(fallback, self.entry, True)
-        document = json.loads(self.body)  # (json: the body may hold an integer orjson cannot read)
-        document["model"] = native_name(fallback.model)
-        return _dumps(document), self.context, self.framing() if self.stream else self.shape()
+        shaping = self.framing() if self.stream else self.shape()
+        name = native_name(fallback.model)
+        if self.in_thread is not None and len(self.body) > THREAD_ABOVE_BYTES:
+            return self.in_thread(_renamed, self.body, name).addCallback(lambda body: (body, self.context, shaping))
+        return _renamed(self.body, name), self.context, shaping
+
+
+def _renamed(body: bytes, name: str) -> bytes:
+    """An OpenAI request's body, its C{model} made C{name}."""
+    document = json.loads(body)  # (json: the body may hold an integer orjson cannot read)
+    document["model"] = name
+    return _dumps(document)

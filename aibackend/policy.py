@@ -129,11 +129,30 @@ class IAsyncLimiter(ILimiter):
     """
     A limiter whose admission is not known at once (the fleet's, in Redis:
     L{aibackend.redislimits}): C{acquire} returns a Deferred of what L{ILimiter.acquire}
-    returns (failing with its 429), and L{Policy.admit} then a Deferred of the L{Call}.
+    returns (failing with its 429), and L{Policy.admit} then a Deferred of the L{Call}
+    (and an L{IChainLimiter}'s C{acquire_attempt} a Deferred of its pair).
     """
 
-    def acquire_now(caller, entry, tokens):
-        """As L{ILimiter.acquire}, at once: by this process's own limits (a fallback chain's attempts)."""
+
+class IChainLimiter(ILimiter):
+    """
+    A limiter that admits a fallback chain's attempts (L{aibackend.relay.Chain}) as the
+    client sees them: the key's limits once for the whole request (its C{rpm} counts the
+    client's request once, its place and its tokens are held until the chain ends), each
+    model's limits for each attempt that goes to it.
+    """
+
+    def acquire_attempt(caller, entry, tokens):
+        """
+        As L{ILimiter.acquire} (C{caller} None: the model's limits alone), with two
+        differences: a refusal is not counted in the metrics (a model refused by its limit
+        is skipped: the chain counts the refusal its client sees, if any), and what is held
+        comes in two parts, each given back to L{ILimiter.release} on its own.
+
+        @return: C{(the key's part, the model's part)}, each None when it holds nothing (an
+            L{IAsyncLimiter}: a Deferred of that pair).
+        @raise aibackend.ratelimit.LimitReached: a limit is reached (its C{scope} says whose).
+        """
 
 
 class IUsageRecorder(Interface):
@@ -182,15 +201,39 @@ class Policy:
             return admission.addCallback(lambda admission: Call(caller, model_id, tokens, admission, self))
         return Call(caller, model_id, tokens, admission, self)
 
-    def admit_now(self, request, entry, tokens: TokenCount | None = None) -> Call | None:
-        """L{admit}, at once whatever the limiter (an L{IAsyncLimiter}'s own limits: a fallback chain's attempts)."""
-        if not self.asynchronous:
-            return self.admit(request, entry, tokens)
-        if request.aibackend_forwarded:
-            return None
+    def admit_attempt(self, request, entry, tokens: TokenCount | None = None, key: bool = True):
+        """
+        Admit an attempt of a fallback chain (L{aibackend.relay.Chain}) to the model of
+        C{entry}: by the key's limits too when C{key} (the chain's first admitted attempt),
+        else by the model's alone. An L{ILimiter} that is no L{IChainLimiter} admits each
+        attempt as a request (its key's limits included).
+
+        @return: C{(what the key's limits hold, to give back to L{release} once the chain
+            has ended; the attempt's L{Call})} (an L{IAsyncLimiter}: a Deferred of it).
+        @raise errors.Forbidden: the caller's key may not call this model.
+        @raise errors.ApiError: a limit is reached (the limiter's 429, not counted in the
+            metrics by an L{IChainLimiter}).
+        """
         caller = request.aibackend_caller
-        check_model(caller, entry.model_id)
-        return Call(caller, entry.model_id, tokens, self.limiter.acquire_now(caller, entry, tokens), self)
+        model_id = entry.model_id
+        check_model(caller, model_id)
+        limiter = self.limiter
+        if limiter is None:
+            return None, Call(caller, model_id, tokens, None, self)
+        if not IChainLimiter.providedBy(limiter):
+            admission = limiter.acquire(caller, entry, tokens)
+            if self.asynchronous:
+                return admission.addCallback(lambda admission: (None, Call(caller, model_id, tokens, admission, self)))
+            return None, Call(caller, model_id, tokens, admission, self)
+        parts = limiter.acquire_attempt(caller if key else None, entry, tokens)
+        if self.asynchronous:
+            return parts.addCallback(lambda parts: (parts[0], Call(caller, model_id, tokens, parts[1], self)))
+        return parts[0], Call(caller, model_id, tokens, parts[1], self)
+
+    def release(self, held, tokens: TokenCount | None) -> None:
+        """Give back what L{admit_attempt} said the key's limits hold (the chain has ended; None: nothing)."""
+        if held is not None:
+            self.limiter.release(held, tokens)
 
     def counts_tokens(self, request, entry) -> bool:
         """

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from aibackend import errors
-from aibackend.policy import ILimiter
+from aibackend.policy import IChainLimiter
 
 # The names of a limits table, and what each bounds.
 LIMIT_KEYS = {
@@ -432,7 +432,7 @@ class Admission:
         self.held = held
 
 
-@implementer(ILimiter)
+@implementer(IChainLimiter)
 class Limiter:
     """
     The limits of keys (L{aibackend.policy.Caller.limits}) and of models (their spec's
@@ -455,6 +455,7 @@ class Limiter:
         self.unlimited = 0  # requests a limit could not be kept for (no row free for its name)
         self._keys: dict[str, _Scope] = {}
         self._models: dict[str, _Scope] = {}
+        self._quiet: Limiter | None = None  # a fallback chain's attempts' (acquire_attempt), made once needed
 
     def _scope(self, scopes: dict, kind: str, name: str) -> _Scope:
         scope = scopes.get(name)
@@ -561,6 +562,23 @@ class Limiter:
                 pack(buffer, offset, key, requests_at, tokens_at, in_flight if in_flight > 0 else 0)
         finally:
             table.unlock()
+
+    def acquire_attempt(self, caller, entry, tokens):
+        """
+        A fallback chain's attempt (L{aibackend.policy.IChainLimiter}): admitted as by
+        L{acquire}, by a twin of this limiter on the same table that counts no refusal,
+        and what it holds split into the key's part and the model's.
+        """
+        quiet = self._quiet
+        if quiet is None:
+            quiet = self._quiet = Limiter(self.clock, self.table, log=self.log)
+        admission = quiet.acquire(caller, entry, tokens)
+        if admission is None:
+            return None, None
+        model = quiet._scope(quiet._models, "model", entry.model_id).key
+        key_part = [held for held in admission.held if held[1] != model]
+        model_part = [held for held in admission.held if held[1] == model]
+        return Admission(key_part) if key_part else None, Admission(model_part) if model_part else None
 
     def forget_process(self, process: int) -> int:
         """A worker process ended: what it had in flight is given back (L{LimitTable.forget_process})."""

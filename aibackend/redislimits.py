@@ -16,7 +16,13 @@ drops the expired ones before counting. The end of a request (L{RELEASE}) drops 
 and settles its tokens (what it used, less what it reserved).
 
 The calls run in the store's bounded pool of threads (never on the reactor): so
-L{RedisLimiter.acquire} answers a Deferred (L{aibackend.policy.IAsyncLimiter}).
+L{RedisLimiter.acquire} answers a Deferred (L{aibackend.policy.IAsyncLimiter}). A client
+that goes away while its admission is in Redis has that Deferred cancelled: it fails at
+once, and whatever Redis took for it (a lease, a reservation) is given back as soon as
+Redis answers, not left until the lease expires. A fallback chain's attempts are admitted
+here too (L{RedisLimiter.acquire_attempt}, L{aibackend.policy.IChainLimiter}): the key's
+limits with the first, each model's with its own, so a model with fallbacks is held to
+the fleet's limits as any.
 
 Redis down (the store says so, or the call fails): the daemon's own L{Limiter
 <aibackend.ratelimit.Limiter>} keeps the limits for this process alone (logged once each
@@ -29,13 +35,14 @@ import itertools
 import secrets
 
 from twisted.application import service
-from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aibackend.policy import IAsyncLimiter
-from aibackend.ratelimit import MINUTE, Limiter, refusal
+from aibackend.policy import IAsyncLimiter, IChainLimiter
+from aibackend.ratelimit import MINUTE, Limiter, LimitReached, refusal
 
 LEASE_SECONDS = 30.0  # a request in flight of a daemon that died is freed within this
 IDLE_MS = 120_000  # a scope's buckets are forgotten after this long idle (full again by then)
@@ -148,7 +155,7 @@ class LocalAdmission:
         self.admission = admission
 
 
-@implementer(IAsyncLimiter)
+@implementer(IAsyncLimiter, IChainLimiter)
 class RedisLimiter:
     """
     The limits of keys and models in the shared store's Redis (see the module).
@@ -174,7 +181,7 @@ class RedisLimiter:
         self._prefix = store.prefix
         self._daemon = secrets.token_hex(6)
         self._numbers = itertools.count()
-        self._held: dict[str, FleetAdmission] = {}  # lease id -> its admission, while in flight
+        self._held: dict[FleetAdmission, None] = {}  # the admissions holding leases, while in flight
         self._renewing: LoopingCall | None = None
         self._local_since: float | None = None  # Redis went: the local limiter keeps the limits
 
@@ -186,14 +193,27 @@ class RedisLimiter:
         Admit a request (as L{aibackend.ratelimit.Limiter.acquire}), in Redis.
 
         @return: a Deferred of the admission (None: no limit applies), failing with
-            L{aibackend.ratelimit.LimitReached}.
+            L{aibackend.ratelimit.LimitReached}. Cancelled (its client went away) while
+            Redis admits it, it fails at once, and what Redis then holds for it is given
+            back as soon as Redis answers (its lease is not left until it expires).
         """
+        return self._acquire(caller, entry, tokens, self.metrics, False)
+
+    def acquire_attempt(self, caller, entry, tokens):
+        """
+        A fallback chain's attempt (L{aibackend.policy.IChainLimiter}), in Redis as
+        L{acquire}: a Deferred of C{(the key's part, the model's part)}; a refusal is not
+        counted in the metrics.
+        """
+        return self._acquire(caller, entry, tokens, None, True)
+
+    def _acquire(self, caller, entry, tokens, metrics, parts: bool):
         key_limits = caller.limits if caller is not None else None
         model_limits = entry.spec.limits
         if key_limits is None and model_limits is None:
-            return succeed(None)
+            return succeed((None, None) if parts else None)
         if self.store.up is False:
-            return maybeDeferred(self._locally, caller, entry, tokens)
+            return maybeDeferred(self._locally, caller, entry, tokens, parts)
         applied = []
         if key_limits is not None:
             applied.append((_Scope("key", caller.name), key_limits))
@@ -207,11 +227,32 @@ class RedisLimiter:
             args += [limits.rpm or 0, limits.tpm or 0, limits.max_concurrent or 0]
         args.append(IDLE_MS)
         d = self.store.call(self._admit, keys, args)
-        d.addCallback(self._admitted, applied, keys, lease, entry, tokens)
-        d.addErrback(self._unreachable, caller, entry, tokens)
-        return d
+        d.addCallback(self._admitted, applied, keys, lease, entry, tokens, metrics, parts)
+        d.addErrback(self._unreachable, caller, entry, tokens, parts)
+        # What the caller is given: a Deferred of its own, which a client that leaves cancels
+        # at once (a thread's Deferred cannot stop its call); Redis's answer comes later, to
+        # _answered, which gives back what an admission cancelled meanwhile took.
+        result = Deferred()
+        d.addBoth(self._answered, result)
+        return result
 
-    def _admitted(self, answer, applied, keys, lease, entry, tokens):
+    def _answered(self, outcome, result) -> None:
+        if not result.called:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+            return
+        # Cancelled while Redis admitted it: whatever it holds is given back now, its whole reservation with it.
+        if isinstance(outcome, Failure):
+            if not outcome.check(LimitReached, CancelledError):
+                self.log.failure("a fleet admission whose client went away", outcome)
+            return
+        for admission in outcome if isinstance(outcome, tuple) else (outcome,):
+            if admission is not None:
+                self.release(admission, None)
+
+    def _admitted(self, answer, applied, keys, lease, entry, tokens, metrics, parts: bool):
         admitted, which, limit, now = int(answer[0]), int(answer[1]), answer[2], float(answer[3])
         if self._local_since is not None:
             self._local_since = None
@@ -222,49 +263,53 @@ class RedisLimiter:
                 requests_at, tokens_at = float(answer[4 + 2 * index]), float(answer[5 + 2 * index])
                 states.append((scope, limits, max(requests_at - now, 0.0), max(tokens_at - now, 0.0)))
             scope, limits = applied[which - 1]
-            raise refusal(scope, limit, limits, states, entry, tokens.reserve if tokens is not None else 0,
-                          self.metrics)
-        charged, leased, holds = [], [], False
+            raise refusal(scope, limit, limits, states, entry, tokens.reserve if tokens is not None else 0, metrics)
+        held = []  # per scope: (its kind, its keys, what it charged, its lease set or None), if it holds anything
         for index, (scope, limits) in enumerate(applied):
+            charged = None
             if limits.tpm is not None and tokens is not None:
-                charged.append((min(tokens.reserve, limits.tpm), MINUTE / limits.tpm))
-                holds = True
-            else:
-                charged.append(None)
-            if limits.max_concurrent is not None:
-                leased.append(keys[2 * index + 1])
-                holds = True
-        if not holds:
-            return None  # requests per minute only: nothing to give back
-        admission = FleetAdmission(lease, keys, charged, leased)
-        if leased:
-            self._held[lease] = admission
+                charged = (min(tokens.reserve, limits.tpm), MINUTE / limits.tpm)
+            leases = keys[2 * index + 1] if limits.max_concurrent is not None else None
+            if charged is not None or leases is not None:
+                held.append((scope.kind, keys[2 * index:2 * index + 2], charged, leases))
+        if parts:
+            return (self._hold(lease, [one for one in held if one[0] == "key"]),
+                    self._hold(lease, [one for one in held if one[0] == "model"]))
+        return self._hold(lease, held)
+
+    def _hold(self, lease: str, held: list):
+        """The L{FleetAdmission} of the scopes C{held} hold something in, or None (requests per minute only)."""
+        if not held:
+            return None
+        admission = FleetAdmission(lease, [key for one in held for key in one[1]], [one[2] for one in held],
+                                   [one[3] for one in held if one[3] is not None])
+        if admission.leased:
+            self._held[admission] = None
             self._renew_soon()
         return admission
 
-    def _unreachable(self, failure, caller, entry, tokens):
+    def _unreachable(self, failure, caller, entry, tokens, parts: bool):
         if failure.check(*self.store.unreachable):  # (a refusal, LimitReached, passes)
-            return self._locally(caller, entry, tokens)
+            return self._locally(caller, entry, tokens, parts)
         return failure
 
-    def acquire_now(self, caller, entry, tokens):
-        """At once, by this process's own limiter (L{IAsyncLimiter.acquire_now}: a fallback chain's attempts)."""
-        admission = self.local.acquire(caller, entry, tokens)
-        return None if admission is None else LocalAdmission(admission)
-
-    def _locally(self, caller, entry, tokens):
+    def _locally(self, caller, entry, tokens, parts: bool):
         if self._local_since is None:
             self._local_since = self.clock.seconds()
             self.log.warn("aibackend: the shared store (Redis) cannot be reached: limits are kept by this process "
                           "alone until it answers (a fleet of N daemons may let up to N times a limit through)")
-        return self.acquire_now(caller, entry, tokens)
+        if parts:
+            return tuple(None if part is None else LocalAdmission(part)
+                         for part in self.local.acquire_attempt(caller, entry, tokens))
+        admission = self.local.acquire(caller, entry, tokens)
+        return None if admission is None else LocalAdmission(admission)
 
     def release(self, admission, tokens):
         """The request has ended: its lease dropped, its tokens settled (in Redis, off the reactor thread)."""
         if isinstance(admission, LocalAdmission):
             self.local.release(admission.admission, tokens)
             return
-        self._held.pop(admission.lease, None)
+        self._held.pop(admission, None)
         used = tokens.used() if tokens is not None else None
         used = 0 if used is None else used
         settle = [0 if charged is None else (used - charged[0]) * charged[1] for charged in admission.charged]
@@ -287,7 +332,7 @@ class RedisLimiter:
             self._renewing = None
             return None
         keys, ids = [], []
-        for admission in self._held.values():
+        for admission in self._held:
             for leases in admission.leased:
                 keys.append(leases)
                 ids.append(admission.lease)

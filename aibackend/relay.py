@@ -30,6 +30,8 @@ from aibackend.auth import Guard
 from aibackend.directwrite import flush
 from aibackend.interfaces import IChunks, IStreaming
 from aibackend.metrics import Metrics
+from aibackend.policy import IChainLimiter
+from aibackend.ratelimit import LimitReached
 from aibackend.server import BoundedRequest
 from aibackend.web import UNEXPECTED, client_gone, sized
 
@@ -125,8 +127,9 @@ class Relay:
         @param tokens: the request's L{aibackend.policy.TokenCount} (its shape fills it
             in), or None: a model whose answers carry no token counts.
         @param retarget: for a model with fallbacks: C{retarget(entry)} makes C{(body,
-            context, shape)} for the fallback of registry entry C{entry} (or raises an
-            L{errors.ApiError}: that model cannot take this request, and is skipped); None:
+            context, shape)} for the fallback of registry entry C{entry}, or a Deferred of
+            them (made in a thread: a large body), or raises (or fails with) an
+            L{errors.ApiError}: that model cannot take this request, and is skipped; None:
             every model of the chain is sent the same body, context and shape.
         @return: a Deferred of the answer's body, or failing with an L{errors.ApiError}
             (or, when the client went away, with the L{CancelledError}).
@@ -208,6 +211,20 @@ class Relay:
         writer.relay, writer.entry, writer.context, writer.shape, writer.call = self, entry, context, shape, call
         d.addCallbacks(writer.ended, writer.failed)
         return d
+
+    def chain_counts_tokens(self, request, entry) -> bool:
+        """
+        Does a fallback of C{entry}'s model need the request's
+        L{aibackend.policy.TokenCount} (L{aibackend.policy.Policy.counts_tokens} of one of
+        them: its own C{tpm}, say), when the model itself needs none? Each attempt's model
+        reserves and settles its own tokens, whatever the first model counts. (Asked by a
+        front door whose answers carry token usage, for a model with C{fallbacks} only.)
+        """
+        policy, registry = self.policy, self.registry
+        if policy is None or registry is None:
+            return False
+        return any(model_id in registry and policy.counts_tokens(request, registry.entry(model_id))
+                   for model_id in entry.spec.fallbacks)
 
     def _forwarded(self, request) -> bool:
         """
@@ -393,15 +410,29 @@ class Chain:
     C{first_chunk_timeout} cut to what is left. A model's answer or failure that is not
     sent on is answered as it would be without fallbacks.
 
-    Each attempt is its model's: admitted and settled by the policy, in flight, logged
-    in its log and counted in its metrics, as any request. Each step is counted in the
-    failed model's C{fallbacks} (the C{aibackend_fallbacks_total} metric) and logged.
-    The answer's L{SERVED_BY} header names the model that gave it; the access event
-    has the attempts (L{tried}, C{"id:status"}) and the model that served (L{served}).
+    The policy (L{aibackend.policy.Policy.admit_attempt}) counts the client's request
+    once against its key's limits and each attempt against its own model's: the key's
+    limits are taken with the first attempt admitted and held until the chain has ended
+    (its place, its tokens settled with what the model that served used); each attempt's
+    model is admitted, and settled when the attempt ends, by its own limits (its tokens
+    reserved, whether or not the first model counts any). A model refused by its own
+    limit is an attempt that failed with that 429 before it was sent: the chain goes on
+    (a step with reason C{rate_limited}), and only a refusal the client is answered with
+    is counted as one (C{aibackend_limited_total}). A refusal by the key's limits, or the
+    first model's refusal by its key (403), is the client's: answered at once. With an
+    asynchronous limiter (a fleet's, in Redis), each admission is waited for, as each
+    fallback's request made in a thread by its C{retarget} (a large body) is.
+
+    Each attempt is its model's: in flight, logged in its log and counted in its
+    metrics, as any request. Each step is counted in the failed model's C{fallbacks}
+    (the C{aibackend_fallbacks_total} metric) and logged. The answer's L{SERVED_BY}
+    header names the model that gave it; the access event has the attempts (L{tried},
+    C{"id:status"}) and the model that served (L{served}).
 
     @ivar result: the Deferred the front door is given: the answer's body (a stream:
         None once it has ended), or its failure. Cancelling it (the client went away)
-        cancels the attempt under way, and no other starts.
+        cancels the attempt (or the admission, or the request's making) under way, and
+        no other starts.
     """
 
     log = Logger()
@@ -409,7 +440,7 @@ class Chain:
     __slots__ = (
         "relay", "request", "head", "started", "tokens", "retarget", "deadline", "waiting", "tried", "served",
         "current", "timer", "timed_out", "cancelled", "result", "mocked", "body", "context", "shaping", "shape",
-        "streaming",
+        "streaming", "keyed", "key", "left",
     )
 
     def __init__(self, relay, request, entry, started: float, tokens, retarget):
@@ -423,10 +454,13 @@ class Chain:
         self.waiting = list(entry.spec.fallbacks)
         self.tried: list[str] = []
         self.served = None
-        self.current = None  # the attempt's Deferred, while it runs
+        self.current = None  # the attempt's Deferred (or its admission's, or its request's making), while it runs
         self.timer = None
         self.timed_out = self.cancelled = self.streaming = False
         self.body = self.context = self.shaping = self.shape = None
+        self.keyed = False  # the key's limits have admitted the request (with its first attempt admitted)
+        self.key = None  # (the policy, what the key's limits hold) until the chain has ended
+        self.left = None  # the attempt that failed and goes on: (its entry, status, failure, on_step, on_end)
         self.mocked = mocked_failures(request, relay.guard)
         self.result = Deferred(self._cancel)
 
@@ -435,9 +469,7 @@ class Chain:
     def send(self, body: bytes, context, shape) -> Deferred:
         """Send the request to the first model (L{Relay.send}'s arguments): the answer's Deferred."""
         self.body, self.context, self.shaping = body, context, shape
-        call = self._admit(self.head)  # refused: raised, as for a model without fallbacks
-        self.request.aibackend_chain = self
-        self._send(self.head, body, context, shape, call, self.started)
+        self._begin()
         return self.result
 
     def _send(self, entry, body: bytes, context, shape, call, started: float) -> None:
@@ -463,21 +495,24 @@ class Chain:
         if status is not None and falls_back(status):
             call = sent.call
             if call is not None:
-                # Its places (the key's max_concurrent, its tokens) are free before the next
-                # attempt is admitted; the model's log and metrics are told below, once.
+                # Its places (its model's max_concurrent, its tokens) are free before the next
+                # attempt is admitted; the model's log and metrics are told once (below).
                 call.settle(status, self.relay.clock.seconds() - sent.started)
-            following = self._following()
-            if following is not None:
+
+            def on_step():  # the next attempt begins: this one is logged and counted as it ended
                 sent.stats.in_flight -= 1
                 context = sent.context
                 error = result.value.message if isinstance(result, Failure) else None
-                self.relay._settle(sent.call, entry, context.request_id, context.operation, sent.started, status,
-                                   error)
-                self._step(entry, following[0], status, result)
-                self._arm()
-                self._send(*following, self.relay.clock.seconds())
-                return None
-        self._end(entry, status)
+                self.relay._settle(call, entry, context.request_id, context.operation, sent.started, status, error)
+
+            self._fell(entry, status, result, on_step, lambda: self._answer(result, sent, shape, status))
+            return None
+        self._answer(result, sent, shape, status)
+        return None
+
+    def _answer(self, result, sent, shape, status) -> None:
+        """The attempt of C{sent} is the request's answer (or its failure)."""
+        self._end(sent.entry, status)
         d = fail(result) if isinstance(result, Failure) else succeed(result)
         if shape is None:
             d.addCallbacks(sent.answered, sent.failed)
@@ -486,7 +521,6 @@ class Chain:
             d.addCallback(shape)
             d.addCallbacks(sent.answered, sent.failed)
         d.addBoth(self._give)
-        return None
 
     def _failure(self, failure, entry):
         """A failed attempt's failure, a cancelled one's made what it means (a client gone: left as it is)."""
@@ -506,9 +540,7 @@ class Chain:
         """Have the first model stream the request (L{Relay.stream}'s arguments): the stream's Deferred."""
         self.streaming = True
         self.body, self.context, self.shaping, self.shape = body, context, framing, shape
-        call = self._admit(self.head)
-        self.request.aibackend_chain = self
-        self._stream(self.head, body, context, framing, call, self.started)
+        self._begin()
         return self.result
 
     def _stream(self, entry, body: bytes, context, framing, call, started: float) -> None:
@@ -550,22 +582,23 @@ class Chain:
         try:
             outcome = writer.failed(failure)  # logged and counted; before the first byte, the error raised
         except errors.ApiError as error:
-            if falls_back(error.status):
-                following = self._following()
-                if following is not None:
-                    self._step(entry, following[0], error.status, Failure())
-                    self._stream(*following, self.relay.clock.seconds())
-                    return None
-            self._end(entry, error.status)
-            self._give(Failure())
+            failed = Failure()
+            status = error.status
+            if falls_back(status):
+                self._fell(entry, status, failed, _nothing, lambda: self._last(entry, status, failed))
+                return None
+            self._last(entry, status, failed)
             return None
         except BaseException:
-            self._end(entry, None)
-            self._give(Failure())
+            self._last(entry, None, Failure())
             return None
-        self._end(entry, None)
-        self._give(outcome)
+        self._last(entry, None, outcome)
         return None
+
+    def _last(self, entry, status, outcome) -> None:
+        """The attempt of C{entry} (its C{status}) ended the request with C{outcome}."""
+        self._end(entry, status)
+        self._give(outcome)
 
     def _tell(self, outcome, value) -> None:
         """The result is what C{outcome(value)} (one of the writer's) returns or raises."""
@@ -577,47 +610,193 @@ class Chain:
 
     # --- the chain's steps --------------------------------------------------------------
 
-    def _admit(self, entry):
-        # At once, whatever the limiter: a fleet's (Redis) admits a chain's attempts by this daemon's own limits.
+    def _begin(self) -> None:
+        """
+        The first model's attempt. Its refusal by the policy is raised, as for a model
+        without fallbacks (a key that may not call it, the key's limit), unless it is its
+        own limit's (it is skipped, as a fallback refused by its limit is).
+        """
+        head = self.head
         policy = self.relay.policy
-        return None if policy is None else policy.admit_now(self.request, entry, self.tokens)
+        try:
+            admitted = self._admit(policy, head)
+        except LimitReached as error:
+            if error.scope != "model":
+                self._count(policy, head, Failure())
+                raise
+            admitted = Failure()
+        self.request.aibackend_chain = self
+        self._admitted(admitted, policy, head, self.body, self.context, self.shaping)
+
+    def _admit(self, policy, entry):
+        """
+        The policy's admission of an attempt to C{entry}'s model (by the key's limits too
+        if none has admitted the request yet): C{(key's hold, Call)} or a Deferred of it.
+        """
+        if policy is None:
+            return None, None
+        return policy.admit_attempt(self.request, entry, self.tokens, not self.keyed)
+
+    def _try(self, entry, body: bytes, context, shaping) -> None:
+        """Admit an attempt to C{entry}'s model (its request made), then start it once admitted."""
+        policy = self.relay.policy
+        try:
+            admitted = self._admit(policy, entry)
+        except BaseException:
+            admitted = Failure()
+        if admitted.__class__ is Deferred:
+            self.current = admitted
+            admitted.addBoth(self._admitted, policy, entry, body, context, shaping)
+            return
+        self._admitted(admitted, policy, entry, body, context, shaping)
+
+    def _admitted(self, outcome, policy, entry, body: bytes, context, shaping) -> None:
+        """The policy's answer to an attempt (a Deferred's result): the attempt starts, is skipped, or ends the chain."""
+        if outcome.__class__ is Deferred:  # (the first model's, from _begin)
+            self.current = outcome
+            outcome.addBoth(self._admitted, policy, entry, body, context, shaping)
+            return None
+        self.current = None
+        if isinstance(outcome, Failure):
+            if self.cancelled or self.timed_out or outcome.check(CancelledError):
+                self._no_more(outcome)
+            elif outcome.check(LimitReached) and outcome.value.scope == "model":
+                # Refused by its own limit: an attempt that failed with that 429 before it was sent.
+                self._went_on(entry)
+                self._serving(entry)
+                self._fell(entry, outcome.value.status, outcome, _nothing,
+                           lambda: self._refuse(policy, entry, outcome))
+            elif outcome.check(LimitReached) or (self.left is None and outcome.check(errors.ApiError)):
+                self._refuse(policy, entry, outcome)  # the key's limit, or the first model's refusal: the client's
+            elif outcome.check(errors.ApiError):
+                self._skip(entry, outcome.value.message)
+                self._look()
+            else:
+                if self.left is not None:
+                    self.log.failure("admitting fallback {fallback} of model {model}", outcome,
+                                     fallback=entry.model_id, model=self.head.model_id)
+                self._no_more(outcome)
+            return None
+        key, call = outcome
+        if not self.keyed:
+            self.keyed = True
+            self.key = (policy, key) if key is not None else None
+        if self._went_on(entry):
+            if not self.streaming:  # (a stream's later attempt has its first_chunk_timeout cut instead)
+                self._arm()
+            started = self.relay.clock.seconds()
+        else:
+            started = self.started
+        if self.streaming:
+            self._stream(entry, body, context, shaping, call, started)
+        else:
+            self._send(entry, body, context, shaping, call, started)
+        return None
+
+    def _went_on(self, entry) -> bool:
+        """
+        The request goes on to C{entry}'s model (it is admitted, or refused by its own
+        limit): the attempt that failed before it, if any, is told and counted as a step.
+        """
+        left = self.left
+        if left is None:
+            return False
+        self.left = None
+        failed, status, failure, on_step, _ = left
+        on_step()
+        self._step(failed, entry, status, failure)
+        return True
+
+    def _fell(self, entry, status: int, failure, on_step, on_end) -> None:
+        """
+        The attempt of C{entry} failed with C{status} (C{failure}: its failure, or its
+        model's answer): the next model is looked for. C{on_step()} when its attempt
+        begins, C{on_end()} (this one is the answer) when there is none.
+        """
+        self.left = (entry, status, failure, on_step, on_end)
+        self._look()
+
+    def _look(self) -> None:
+        """
+        The next model of the list that may take the request, its request made for it
+        (C{retarget}, maybe in a thread), then admitted (L{_try}); or, with no time left,
+        no model left, or the client gone, the failed attempt is the answer. A model that
+        is not registered or cannot take the request is skipped, and the skip logged.
+        """
+        if self.cancelled or client_gone(self.request) or self.relay.clock.seconds() + _EPSILON >= self.deadline:
+            self._no_more(None)
+            return
+        registry, waiting = self.relay.registry, self.waiting
+        while waiting:
+            model_id = waiting.pop(0)
+            if registry is None or model_id not in registry:
+                self._skip(model_id, "there is no such model now")
+                continue
+            entry = registry.entry(model_id)
+            if self.streaming and not IStreaming.providedBy(entry.model):
+                self._skip(entry, f"model {model_id!r} cannot stream")
+                continue
+            if self.retarget is None:
+                self._try(entry, self.body, self.context, self.shaping)
+                return
+            try:
+                made = self.retarget(entry)
+            except errors.ApiError as error:
+                self._skip(entry, error.message)
+                continue
+            if made.__class__ is Deferred:  # made in a thread (a large body)
+                self.current = made
+                made.addBoth(self._made, entry)
+                return
+            self._try(entry, *made)
+            return
+        self._no_more(None)
+
+    def _made(self, made, entry) -> None:
+        """A fallback's request, made in a thread (C{retarget}'s Deferred): admitted, or the model skipped."""
+        self.current = None
+        if isinstance(made, Failure):
+            if self.cancelled or self.timed_out or made.check(CancelledError):
+                self._no_more(None)
+                return
+            if made.check(errors.ApiError):
+                self._skip(entry, made.value.message)
+            else:
+                self.log.failure("making the request of fallback {fallback} of model {model}", made,
+                                 fallback=entry.model_id, model=self.head.model_id)
+            self._look()
+            return
+        self._try(entry, *made)
+
+    def _no_more(self, failure) -> None:
+        """No other attempt: the failed one is the answer (none: C{failure}, a cancel's or a bug's, is)."""
+        left = self.left
+        if left is None:
+            self._give(failure if failure is not None else Failure(CancelledError()))
+            return
+        self.left = None
+        left[4]()
+
+    def _refuse(self, policy, entry, failure) -> None:
+        """The request is refused with C{failure} (the policy's, for C{entry}'s model): counted as a refusal."""
+        self._count(policy, entry, failure)
+        self._serving(entry)
+        self._last(entry, failure.value.status, failure)
+
+    def _count(self, policy, entry, failure) -> None:
+        """A limit's refusal the client is answered with is counted (an L{IChainLimiter} counted none)."""
+        if failure.check(LimitReached) and IChainLimiter.providedBy(policy.limiter):
+            error = failure.value
+            self.relay.metrics.limited(entry, error.scope, error.limit)
+
+    def _skip(self, entry, why: str) -> None:
+        model_id = entry if isinstance(entry, str) else entry.model_id
+        self.log.warn("fallback {fallback} of model {model} is skipped: {why} (request {request_id})",
+                      fallback=model_id, model=self.head.model_id, why=why, request_id=self.context.request_id)
 
     def _serving(self, entry) -> None:
         """The answer (its headers go with its first byte) names the model of this attempt."""
         self.request.responseHeaders.setRawHeaders(SERVED_BY, [entry.model_id.encode("ascii")])
-
-    def _following(self):
-        """
-        The next attempt, ready: C{(entry, body, context, shaping, call)}, or None (no
-        time left, no model left that may take it, or the client is gone). A model that
-        is not registered, cannot take the request or is refused by the policy is
-        skipped, and the skip logged.
-        """
-        if self.cancelled or client_gone(self.request) or self.relay.clock.seconds() + _EPSILON >= self.deadline:
-            return None
-        registry, head, request_id = self.relay.registry, self.head.model_id, self.context.request_id
-        waiting = self.waiting
-        while waiting:
-            model_id = waiting.pop(0)
-            if registry is None or model_id not in registry:
-                self.log.warn("fallback {fallback} of model {model} is skipped: there is no such model now "
-                              "(request {request_id})", fallback=model_id, model=head, request_id=request_id)
-                continue
-            entry = registry.entry(model_id)
-            try:
-                if self.streaming and not IStreaming.providedBy(entry.model):
-                    raise errors.BadRequest(f"model {model_id!r} cannot stream")
-                if self.retarget is None:
-                    body, context, shaping = self.body, self.context, self.shaping
-                else:
-                    body, context, shaping = self.retarget(entry)
-                call = self._admit(entry)
-            except errors.ApiError as error:
-                self.log.warn("fallback {fallback} of model {model} is skipped: {why} (request {request_id})",
-                              fallback=model_id, model=head, why=error.message, request_id=request_id)
-                continue
-            return entry, body, context, shaping, call
-        return None
 
     def _step(self, entry, following, status: int, failure) -> None:
         """The attempt of C{entry} failed with C{status}: the request goes on to C{following}'s model."""
@@ -638,7 +817,16 @@ class Chain:
         self._disarm()
 
     def _give(self, result):
-        """The chain's outcome, given to the front door (once: a late one, after a cancel, is dropped)."""
+        """
+        The chain's outcome, given to the front door (once: a late one, after a cancel, is
+        dropped); what the key's limits held is given back, settled with the tokens of the
+        model that served.
+        """
+        key = self.key
+        if key is not None:
+            self.key = None
+            policy, held = key
+            policy.release(held, self.tokens)
         if self.result.called:
             if isinstance(result, Failure) and not result.check(CancelledError, errors.ApiError):
                 self.log.failure("a fallback chain's answer after it was cancelled", result)
@@ -677,6 +865,10 @@ class Chain:
         current = self.current
         if current is not None:
             current.cancel()
+
+
+def _nothing() -> None:
+    pass
 
 
 def abandoned(model_id: str) -> errors.ModelUnavailable:

@@ -308,11 +308,17 @@ class OpenInference:
             if not entry.spec.fallbacks:
                 return body, context, shape, None
 
+            def made(prepared):
+                body, shape, context = prepared
+                return body, context, shape
+
             def retarget(fallback):
                 # A fallback's request is made for it (its tensors, native or not), and its
-                # answer shaped as its own; a version asked for is the first model's.
-                body, shape, context = prepare_for(fallback.model, None, text)
-                return body, context, shape
+                # answer shaped as its own; a version asked for is the first model's. A large
+                # body's in a thread, as the first model's was (the relay's chain waits for it).
+                if len(text) > THREAD_ABOVE_BYTES:
+                    return self.in_thread(prepare_for, fallback.model, None, text).addCallback(made)
+                return made(prepare_for(fallback.model, None, text))
 
             return body, context, shape, retarget
 
@@ -370,9 +376,12 @@ class OpenInference:
 
             def retarget(fallback):
                 # Made for the fallback (native or not), its answers its own; the version is the first model's.
+                # A large body's in a thread, as the first model's was (the relay's chain waits for it).
                 if stream and fallback.model.spec.v2.native != native:
                     raise errors.BadRequest(f"model {fallback.model_id!r} is {'' if native else 'not '}native, "
                                             f"and the stream's error events are the first model's")
+                if len(text) > THREAD_ABOVE_BYTES:
+                    return self.in_thread(prepare_for, fallback.model, None, text)
                 return prepare_for(fallback.model, None, text)
 
             return prepared, retarget

@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import pytest
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -606,3 +607,194 @@ def test_a_key_with_one_place_reaches_the_fallback_and_gives_its_place_back(cloc
         answer = door.call("POST", "/post/predict?id=a", data=b'{"x": 1}')
         assert answer.status == 200 and answer.header("x-aibackend-model") == "b", answer.body
     assert door.front_door.core.policy.limiter.table.in_flight("key", "k") == 0
+
+
+# --- a chain under limits: the key's once, each model's per attempt (session 20) ---------------
+
+
+def _limited_door(clock, caller=None, models=None, **model_limits):
+    """Models a (fallbacks b, c; timeout 10 s), b and c, under the real Limiter; C{model_limits}: id -> Limits."""
+    from aibackend.policy import Policy
+    from aibackend.ratelimit import Limiter
+
+    if models is None:
+        models = (with_fallbacks(FakeModel("a", clock), "b", "c", timeout=10), FakeModel("b", clock),
+                  FakeModel("c", clock))
+    for model in models:
+        if model.model_id in model_limits:
+            model.spec = dataclasses.replace(model.spec, limits=model_limits[model.model_id])
+    door = StubFrontDoor(clock, list(models))
+    core = door.front_door.core
+    core.policy = Policy(limiter=Limiter(clock, metrics=core.metrics))
+    if caller is not None:
+        guard = core.guard
+        let_in = guard.check_client
+
+        def named(request):  # as the guard names a request that carries this key
+            let_in(request)
+            request.aibackend_caller = caller
+
+        guard.check_client = named
+    return door, models
+
+
+def limited(door) -> dict:
+    """C{aibackend_limited_total}'s samples: C{(model, scope, limit) -> count}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.labels["model"], sample.labels["scope"], sample.labels["limit"]): sample.value
+        for family in text_string_to_metric_families(door.front_door.metrics.render().decode())
+        if family.name == "aibackend_limited" for sample in family.samples if sample.name == "aibackend_limited_total"
+    }
+
+
+def test_a_keys_rpm_counts_the_clients_request_once_however_many_attempts(clock):
+    from aibackend.policy import Caller
+    from aibackend.ratelimit import Limits
+
+    door, (a, b, c) = _limited_door(clock, Caller("k", None, Limits(rpm=2)))
+    a.answers(503, {"error": "loading"})
+    b.answers(body={"from": "b"})
+    for _ in range(2):  # two attempts each, one request each against the key's 2 a minute
+        response = predict(door)
+        assert response.status == 200 and response.header("x-aibackend-model") == "b", response.body
+    third = predict(door)
+    assert third.status == 429 and "key 'k'" in third.json()["error"]["message"]
+    assert len(a.received) == len(b.received) == 2
+    assert limited(door) == {("a", "key", "rpm"): 1}  # the client's refusal, once
+
+
+def test_a_keys_place_and_tokens_are_held_for_the_whole_chain(clock):
+    from aibackend.policy import Caller
+    from aibackend.ratelimit import Limits
+
+    door, (a, b, c) = _limited_door(clock, Caller("k", None, Limits(max_concurrent=1)))
+    a.answers(503, {"error": "loading"})
+    b.holds()
+    first = door.open("POST", "/post/predict?id=a", data=b'{"x": 1}')
+    table = door.front_door.core.policy.limiter.table
+    assert len(b.received) == 1 and table.in_flight("key", "k") == 1  # one place, held while b answers
+    assert predict(door).status == 429  # a second request of the key waits for it
+    b.pending[0].callback(ModelAnswer(200, b'{"from": "b"}'))
+    door.flush()
+    assert result_of(first).code == 200 and table.in_flight("key", "k") == 0
+
+
+def test_a_first_model_over_its_limit_goes_on_and_is_no_refusal(clock, access_events):
+    from aibackend.ratelimit import Limits
+
+    door, (a, b, c) = _limited_door(clock, a=Limits(rpm=1))
+    a.answers(body={"from": "a"})
+    b.answers(body={"from": "b"})
+    assert predict(door).json() == {"from": "a"}
+    response = predict(door)  # a's one a minute is taken: a 429 attempt, not sent, and b serves
+    assert response.status == 200 and response.header("x-aibackend-model") == "b"
+    assert len(a.received) == 1 and len(b.received) == 1
+    assert steps(door) == {("a", "b", "rate_limited"): 1}
+    assert limited(door) == {}  # the client was served: no refusal
+    assert access_events[-1]["chain"] == "a:429>b:200" and access_events[-1]["served_by"] == "b"
+
+
+def test_a_fallback_over_its_limit_is_a_step_and_the_next_serves(clock):
+    from aibackend.ratelimit import Limits
+
+    door, (a, b, c) = _limited_door(clock, b=Limits(max_concurrent=1))
+    a.answers(503, {"error": "loading"})
+    b.holds()
+    c.answers(body={"from": "c"})
+    first = door.open("POST", "/post/predict?id=a", data=b'{"x": 1}')
+    assert len(b.received) == 1
+    second = predict(door)  # b is full: skipped as a 429, c serves
+    assert second.status == 200 and second.json() == {"from": "c"}
+    assert steps(door) == {("a", "b", "unavailable"): 2, ("b", "c", "rate_limited"): 1}
+    assert limited(door) == {}
+    b.pending[0].callback(ModelAnswer(200, b'{"from": "b"}'))
+    door.flush()
+    assert result_of(first).code == 200
+
+
+def test_when_every_model_is_over_its_limit_the_client_gets_the_last_429_counted_once(clock):
+    from aibackend.ratelimit import Limits
+
+    door, (a, b, c) = _limited_door(clock, a=Limits(rpm=1), b=Limits(rpm=1), c=Limits(rpm=1))
+    for model in (a, b, c):
+        model.answers(body={"from": model.model_id})
+    assert [predict(door).json() for _ in range(3)] == [{"from": "a"}, {"from": "b"}, {"from": "c"}]
+    refused = predict(door)
+    assert refused.status == 429 and refused.header("retry-after") is not None
+    assert "model 'c'" in refused.json()["error"]["message"] and refused.header("x-aibackend-model") == "c"
+    assert limited(door) == {("c", "model", "rpm"): 1}
+    assert [len(model.received) for model in (a, b, c)] == [1, 1, 1]
+
+
+def test_a_first_models_refusal_by_its_key_is_raised_and_not_sent_on(clock):
+    from aibackend.policy import Caller
+    from aibackend.ratelimit import Limits
+
+    door, (a, b, c) = _limited_door(clock, Caller("k", frozenset({"b", "c"}), Limits(rpm=5)))
+    assert predict(door).status == 403
+    assert a.received == b.received == c.received == []
+
+
+def _v1_chain(clock, **model_limits):
+    a = with_fallbacks(FakeModel("a", clock), "b", timeout=10).fails(errors.BadGateway("refused", model="a"))
+    b = FakeModel("b", clock).answers(body={"content": "hi from b"})
+    return _limited_door(clock, models=(a, b), **model_limits)
+
+
+def test_a_fallbacks_own_tpm_counts_when_the_first_model_counts_no_tokens(clock):
+    from aibackend.ratelimit import Limits
+
+    door, (a, b) = _v1_chain(clock, b=Limits(tpm=1000))
+    first = chat(door, "a", max_tokens=600)  # a has no limit; b reserves its 600 (and the prompt's)
+    assert first.status == 200 and first.header("x-aibackend-model") == "b", first.body
+    table = door.front_door.core.policy.limiter.table
+    assert table.in_flight("model", "b") == 0  # settled
+    second = chat(door, "a", max_tokens=600)  # what b's answer used is charged: 1000 a minute, not twice 600+
+    assert second.status in (200, 429)
+    third = chat(door, "a", max_tokens=990)
+    assert third.status == 429 and "model 'b'" in third.json()["error"]["message"]
+    assert "tokens per min" in third.json()["error"]["message"]
+
+
+def test_a_native_fallbacks_request_from_a_large_body_is_made_in_a_thread(clock):
+    from aibackend.web import THREAD_ABOVE_BYTES
+
+    jobs = []
+
+    def in_thread(function, *args):
+        jobs.append(function.__name__)
+        return maybeDeferred(function, *args)
+
+    a = with_fallbacks(native(FakeModel("a", clock), "up-a"), "b").answers(503, {"error": {"message": "down"}})
+    b = native(FakeModel("b", clock), "up-b").answers(body={"id": "x", "object": "chat.completion", "choices": []})
+    door = StubFrontDoor(clock, [a, b], in_thread=in_thread)
+    big = "x" * (THREAD_ABOVE_BYTES + 1)
+    response = chat(door, "a", user=big)
+    assert response.status == 200 and response.header("x-aibackend-model") == "b"
+    assert b.received[0].json()["model"] == "up-b" and b.received[0].json()["user"] == big
+    assert "_renamed" in jobs
+    jobs.clear()
+    assert chat(door, "a").status == 200 and jobs == []  # a small body's is made at once
+
+
+def test_a_v2_fallbacks_request_from_a_large_body_is_made_in_a_thread(clock):
+    from aibackend.web import THREAD_ABOVE_BYTES
+
+    jobs = []
+
+    def in_thread(function, *args):
+        jobs.append(function.__name__)
+        return maybeDeferred(function, *args)
+
+    a = with_fallbacks(FakeModel("a", clock), "b").answers(503, {"error": "loading"})
+    b = FakeModel("b", clock).answers(body={"y": [2.0]})
+    door = StubFrontDoor(clock, [a, b], in_thread=in_thread)
+    count = THREAD_ABOVE_BYTES // 4
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [count], "data": [1.0] * count}]})
+    assert len(body) > THREAD_ABOVE_BYTES
+    response = door.call("POST", "/v2/models/a/infer", data=body.encode(), headers={"Content-Type": "application/json"})
+    assert response.status == 200 and response.header("x-aibackend-model") == "b", response.body[:200]
+    assert jobs.count("prepare_for") == 1  # the fallback's; the first model's is in prepare's thread
+    assert len(b.received[0].json()["x"]) == count

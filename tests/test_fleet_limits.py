@@ -2,7 +2,8 @@
 Limits across a fleet: three real daemons (twistd, loopback; one with C{--processes 2})
 on one real redis-server of the module's own, their limits in Redis
 (L{aibackend.redislimits}): a burst through all three against a key's limit lets through
-exactly the limit (at most one more), and the concurrency slots a daemon killed with
+exactly the limit (at most one more), a model with fallbacks included (its key counted
+once a request, its model's limit the fleet's), and the concurrency slots a daemon killed with
 C{kill -9} held are freed within its lease (C{store_lease_seconds = 1} here; 30 s by
 default).
 """
@@ -85,6 +86,50 @@ def test_a_burst_through_three_daemons_gets_exactly_the_keys_limit(fleet):
     # From idle: the bucket's 50, plus what refilled while the burst lasted (one every 1.2 s).
     print(f"\nfleet burst: {statuses.count(200)} of 200 admitted against rpm 50 through 3 daemons")
     assert 50 <= statuses.count(200) <= 51, statuses.count(200)
+
+
+def test_a_model_with_fallbacks_is_held_to_the_fleets_limits_and_its_key_counted_once(fleet):
+    # "capped" (20 a minute across the fleet) falls back to "m"; the key's 50 a minute counts each
+    # client request once, whichever model serves it. (Before: per daemon, each attempt counted.)
+    server = ModelServer()
+    try:
+        reply = fleet[0].add({"id": "capped", "type": "http", "url": server.url, "fallbacks": ["m"],
+                              "limits": {"rpm": 20}})
+        assert reply.status == 201, reply
+        secret = add_key(fleet[0], "chained", {"rpm": 50})
+        for daemon in fleet:
+            wait_until(lambda: b'"capped"' in daemon.request("GET", "/get/models", headers=bearer(secret)).body,
+                       KEY_DEADLINE, f"the model and the key on daemon {fleet.index(daemon)}")
+
+        served, lock = [], threading.Lock()
+
+        def send(index: int):
+            for step in range(25):
+                reply = fleet[(index + step) % 3].predict("capped", {"x": 1}, bearer(secret))
+                with lock:
+                    served.append((reply.status, reply.headers.get("x-aibackend-model")))
+
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(8)]
+        began = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        lasted = time.monotonic() - began
+    finally:
+        server.close()
+
+    statuses = [status for status, _ in served]
+    assert len(served) == 200 and set(statuses) <= {200, 429}, sorted(set(statuses))
+    by_capped = served.count((200, "capped"))
+    by_m = served.count((200, "m"))
+    print(f"\nfleet burst through a chain: {statuses.count(200)} of 200 admitted against the key's rpm 50, "
+          f"{by_capped} served by the model capped at rpm 20, {by_m} by its fallback ({lasted:.2f} s)")
+    # From idle, each bucket's allowance, plus what refilled while the burst lasted (one every 1.2 s, 3 s);
+    # per daemon, or with each attempt counted against the key, it would be far from both.
+    assert 50 <= statuses.count(200) <= 51 + int(lasted / 1.2), (statuses.count(200), lasted)
+    assert 20 <= by_capped <= 21 + int(lasted / 3.0), (by_capped, lasted)
+    assert by_capped + by_m == statuses.count(200)
 
 
 def test_the_slots_a_daemon_killed_with_kill_9_held_are_freed_within_its_lease(fleet, redis_server):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 from types import SimpleNamespace
 
+import pytest
 import pytest_twisted
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import CancelledError, DeferredList
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, capturedLogs
 
-from aibackend.policy import Caller, IAsyncLimiter, TokenCount
+from aibackend.policy import Caller, IAsyncLimiter, IChainLimiter, TokenCount
 from aibackend.ratelimit import LimitReached, Limits
 from aibackend.redislimits import RedisLimiter
 from aibackend.redisstore import RedisStore
@@ -164,6 +165,84 @@ async def test_redis_paused_each_daemon_keeps_the_limits_alone_logged_once(fleet
     assert len(admitted) + len(more) == 2 and len(refused) + len(refused_more) == 4  # the local limiter's 2
     warnings = [e for e in events if e["log_level"] == LogLevel.warn and "limits are kept" in e["log_format"]]
     assert len(warnings) == 1
+
+
+async def _until(check, seconds: float = 5.0, what: str = "") -> None:
+    """Wait (on the real reactor) until C{check()} is true."""
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await deferLater(_reactor(), 0.02, lambda: None)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admission_cancelled_while_in_redis_gives_its_lease_and_tokens_back_once_redis_answers(
+        fleet, redis_server):
+    (limiter,) = fleet(1)  # leases of 30 s: a lease left behind would hold the one place that long
+    caller = Caller("leaver", limits=Limits(max_concurrent=1, tpm=100))
+    entry = model("leaving", Limits(max_concurrent=1))
+    released = []
+    release = limiter.release
+    limiter.release = lambda admission, tokens: (released.append(admission), release(admission, tokens))
+
+    d = limiter.acquire(caller, entry, TokenCount(100))
+    d.cancel()  # the client went away while Redis admits it
+    failures = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(CancelledError)  # at once, not once Redis answers
+
+    await _until(lambda: released, what="Redis's answer, and what it took given back")
+    leases = redis_server.client()
+    prefix = limiter.store.prefix
+    await _until(lambda: leases.zcard(f"{prefix}lease:key:leaver") == 0 == leases.zcard(f"{prefix}lease:model:leaving"),
+                 what="the leases dropped in Redis")
+    assert limiter._held == {}
+    again = await limiter.acquire(caller, entry, TokenCount(100))  # its place and its 100 tokens are free
+    assert again is not None
+    limiter.release(again, None)
+
+
+class Counted:
+    """The metrics' refusals, as a limiter counts them."""
+
+    def __init__(self):
+        self.refusals = []
+
+    def limited(self, entry, scope, limit):
+        self.refusals.append((entry.model_id, scope, limit))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chains_attempt_holds_the_keys_part_and_the_models_apart_its_refusal_not_counted(
+        fleet, redis_server):
+    metrics = Counted()
+    (limiter,) = fleet(1, metrics=metrics)
+    assert IChainLimiter.providedBy(limiter)
+    caller = Caller("chained", limits=Limits(max_concurrent=2))
+    entry = model("attempted", Limits(max_concurrent=1))
+    leases, prefix = redis_server.client(), limiter.store.prefix
+
+    key_part, model_part = await limiter.acquire_attempt(caller, entry, None)
+    assert key_part is not None and model_part is not None
+    assert leases.zcard(f"{prefix}lease:key:chained") == 1 == leases.zcard(f"{prefix}lease:model:attempted")
+
+    with pytest.raises(LimitReached) as refused:  # the model's one place is taken: refused, not counted
+        await limiter.acquire_attempt(None, entry, None)
+    assert refused.value.scope == "model" and metrics.refusals == []
+
+    limiter.release(model_part, None)  # the attempt ended; the key's part stays, for the chain
+    await _until(lambda: leases.zcard(f"{prefix}lease:model:attempted") == 0, what="the model's lease dropped")
+    assert leases.zcard(f"{prefix}lease:key:chained") == 1
+    none, second = await limiter.acquire_attempt(None, entry, None)  # the next attempt: the model's limits alone
+    assert none is None and second is not None
+
+    with pytest.raises(LimitReached):  # a request's admission (not a chain's) counts its refusal
+        await limiter.acquire(None, entry, None)
+    assert metrics.refusals == [("attempted", "model", "max_concurrent")]
+    limiter.release(second, None)
+    limiter.release(key_part, None)
+    await _until(lambda: leases.zcard(f"{prefix}lease:key:chained") == 0, what="the key's lease dropped")
 
 
 def _reactor():
