@@ -1,14 +1,13 @@
 """
 C{--processes N}: N reactor processes serving one listening socket, with one registry.
 
-The primary process (the one C{twistd} started) binds, for each listen address, one
-listening socket per process in a C{SO_REUSEPORT} group
-(L{aibackend.listeners.SharedListener}), serves its own, and starts N-1 worker processes,
-each of which inherits its socket and adopts it (C{adoptStreamPort}); the kernel hashes
-each new connection to one of the sockets, so the connections spread over the processes.
-The primary serves a worker's socket itself whenever that worker is not listening on it
-(before it has said so on its ack pipe, C{listening}, and once it has ended, until the
-worker started again in its place takes it back). The primary owns the models:
+The primary process (the one C{twistd} started) listens on each listen address, alone,
+and starts N-1 worker processes, each of which inherits a link to it for each address (a
+Unix socket pair). The primary accepts every connection and serves it itself or hands its
+file descriptor to a worker on the worker's link, whichever process holds the fewest
+connections of that address (L{aibackend.listeners.SharedListener}): the split is even,
+not the kernel's draw. A worker is handed connections once it has said so on its ack pipe
+(C{listening}) and until it ends; meanwhile the primary serves them. The primary owns the models:
 
   - an HTTP model is a client: each process calls the model's server itself, through its
     own connection pool (a server the daemon starts, C{command}, is started once, by the
@@ -32,8 +31,9 @@ and on Linux it is sent SIGTERM).
 
 The primary speaks to each worker on the worker's stdin, one line a notice
 (L{ControlChannel}): C{sync N} (the models changed: follow, then say C{synced N} on the
-ack pipe), C{restart ID}, C{state ID STATE} and C{forget ID}. A worker says C{listening}
-on its ack pipe once it has started (its sockets adopted, its front door ready). A model id is 1 to 128
+ack pipe), C{restart ID},
+C{state ID STATE} and C{forget ID}. A worker says C{listening} on its ack pipe once it has
+started (its links read, its front door ready). A model id is 1 to 128
 characters of C{[A-Za-z0-9_.-]} and a state one of L{aibackend.interfaces.STATES}: a
 line is short, and its fields have no spaces.
 
@@ -184,8 +184,8 @@ class WorkerProcesses(service.Service):
 
     @param argv: the worker's command line (C{twistd ... aibackend ...}).
     @param listeners: the L{aibackend.listeners.SharedListener}s: each worker inherits
-        its socket of each (C{socket_for(number)}); the primary serves it whenever the
-        worker is not listening on it (C{handed_over(number)}, C{taken_back(number)}).
+        a link of each (C{socket_for(number)}, then C{spawned(number)}); it is handed
+        connections while it listens (C{handed_over(number)}, C{taken_back(number)}).
     @param private: the listener workers forward to (its port is known once listening).
     @param registry: the primary's registry, whose models' states workers are told.
 
@@ -232,7 +232,7 @@ class WorkerProcesses(service.Service):
         child_fds = {0: "w", 1: 1, 2: 2}
         for index, listener in enumerate(self.listeners):
             fd = FIRST_INHERITED_FD + index
-            sock = listener.socket_for(number)
+            sock = listener.socket_for(number)  # its end of a new link
             child_fds[fd] = sock.fileno()
             inherited.append([fd, int(sock.family)])
         ack_fd = FIRST_INHERITED_FD + len(self.listeners)
@@ -247,8 +247,12 @@ class WorkerProcesses(service.Service):
             "token": self.token,
         })
         worker = _WorkerProtocol(self, number, self.reactor.seconds(), ack_fd)
-        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, PGROUP, sys.executable] + self.argv,
-                                  env=env, childFDs=child_fds)
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, [sys.executable, PGROUP, sys.executable] + self.argv,
+                                      env=env, childFDs=child_fds)
+        finally:
+            for listener in self.listeners:  # the worker has its ends; the primary closes its copies
+                listener.spawned(number)
         self.workers[number] = worker
         self.log.info("aibackend worker {number} started (pid {pid})", number=number, pid=worker.pid)
         if self.states is not None:
@@ -256,7 +260,7 @@ class WorkerProcesses(service.Service):
             self._tell(worker, self.states.notices())
 
     def worker_listening(self, worker) -> None:
-        """C{worker} has started and serves its sockets: the primary stops serving them."""
+        """C{worker} has started and serves what it is handed: it is handed its share."""
         if self.workers.get(worker.number) is worker:
             for listener in self.listeners:
                 listener.handed_over(worker.number)
@@ -264,7 +268,7 @@ class WorkerProcesses(service.Service):
     def worker_ended(self, worker, reason):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
-            for listener in self.listeners:  # what its sockets' queues hold, and what comes, is served here
+            for listener in self.listeners:  # the others (and the primary) serve what comes
                 listener.taken_back(worker.number)
         self._followed(worker, None)  # a new worker reads the store as it starts
         for ended in self.ended:
@@ -704,7 +708,7 @@ class WorkerControl(service.Service):
             self.ack_fd = os.open(os.devnull, os.O_WRONLY)
         channel = ControlChannel(self.resync_now, self.reactor, self.restart, self.states)
         self.stdio = stdio.StandardIO(channel, stdin=0, stdout=self.ack_fd, reactor=self.reactor)
-        # The primary stops serving this worker's sockets. The listeners adopted them
+        # The primary hands this worker its share of the connections. The listeners read their links
         # already (privilegedStartService, which every service passes before any starts),
         # and the line leaves once the reactor runs: after every service has started,
         # the readiness last.
