@@ -31,7 +31,7 @@ and on Linux it is sent SIGTERM).
 
 The primary speaks to each worker on the worker's stdin, one line a notice
 (L{ControlChannel}): C{sync N} (the models changed: follow, then say C{synced N} on the
-ack pipe), C{restart ID},
+ack pipe; a worker whose re-read failed says nothing and reads again), C{restart ID},
 C{state ID STATE} and C{forget ID}. A worker says C{listening} on its ack pipe once it has
 started (its links read, its front door ready). A model id is 1 to 128
 characters of C{[A-Za-z0-9_.-]} and a state one of L{aibackend.interfaces.STATES}: a
@@ -52,7 +52,7 @@ from dataclasses import replace
 from prometheus_client.core import GaugeMetricFamily
 from twisted.application import service
 from twisted.internet import protocol, stdio
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.web.client import Agent, FileBodyProducer, readBody
@@ -624,21 +624,36 @@ class ControlChannel(LineOnlyReceiver):
     A worker's stdin: the primary's notices (see the module's docstring). End of file:
     the primary is gone, and the worker stops (unless it is stopping already).
 
+    A change is acknowledged (C{synced N}) only once followed: a re-read that failed
+    (logged) is not, and is tried again after L{RETRY_DELAY} s, doubling up to
+    L{MAX_RETRY_DELAY}, until one succeeds, which acknowledges every change told so far.
+    Meanwhile the primary answers as for a worker that did not follow in time (after
+    L{WorkerProcesses.SYNC_TIMEOUT}, logged), and never hears that this worker followed
+    what it did not.
+
     @param resync: called for C{sync}; returns a Deferred that fires once followed.
     @param reactor: stopped when the primary is gone (None: nothing to stop).
     @param restart: called with the model id of a C{restart}.
     @param states: the L{PrimaryStates} that C{state} and C{forget} update.
+    @param clock: what a failed re-read is tried again on (the reactor unless given;
+        None with neither: not tried again).
     """
 
     delimiter = b"\n"
     log = Logger()
+    RETRY_DELAY = 0.25
+    MAX_RETRY_DELAY = 30.0
 
-    def __init__(self, resync, reactor, restart=None, states: PrimaryStates | None = None):
+    def __init__(self, resync, reactor, restart=None, states: PrimaryStates | None = None, clock=None):
         self.resync = resync
         self.reactor = reactor
         self.restart = restart
         self.states = states
+        self.clock = clock if clock is not None else reactor
         self.closing = False
+        self.told = None  # the last numbered change the primary told
+        self.retry = None  # the re-read tried again after a failure
+        self._delay = 0.0
 
     def lineReceived(self, line):
         try:
@@ -646,18 +661,51 @@ class ControlChannel(LineOnlyReceiver):
         except Exception:  # a notice that went wrong must not cut the worker off its primary
             self.log.failure("following the primary's notice {line!r}", line=line[:200])
 
-    def _not_followed(self, failure) -> None:
+    def _follow(self, sequence: int | None) -> None:
+        """Re-read the store; acknowledge C{sequence} (None: nothing to) once followed."""
+        d = maybeDeferred(self.resync)
+        d.addCallbacks(self._followed, self._not_followed, callbackArgs=(sequence,), errbackArgs=(sequence,))
+        d.addErrback(lambda failure: self.log.failure("after following the primary's change", failure))
+
+    def _followed(self, _, sequence: int | None) -> None:
+        if self.retry is not None and (self.told is None or (sequence is not None and sequence >= self.told)):
+            self._cancel_retry()  # this read covers what the retry was for
+        if self.retry is None:
+            self._delay = 0.0
+        if sequence is not None:  # the primary waits for the answer on the worker's ack pipe
+            self.transport.write(f"synced {sequence}\n".encode("ascii"))
+
+    def _not_followed(self, failure, sequence: int | None) -> None:
+        retrying = self.clock is not None and not self.closing
+        if retrying and self.retry is None:
+            self._delay = min(self.MAX_RETRY_DELAY, self._delay * 2 if self._delay else self.RETRY_DELAY)
+            self.retry = self.clock.callLater(self._delay, self._again)
+        again = f"; reading again in {self._delay:g} s" if retrying else ""
+        change = f"change {sequence}" if sequence is not None else "change"
         if failure.check(errors.ApiError):  # the store said why (a shared store unreachable): no traceback
-            self.log.warn("aibackend worker: not following the primary's change: {why}", why=failure.value.message)
+            self.log.warn("aibackend worker: not following the primary's {change} (not acknowledged): {why}{again}",
+                          change=change, why=failure.value.message, again=again)
         else:
-            self.log.failure("following the primary's change", failure)
+            self.log.failure("following the primary's {change} (not acknowledged){again}", failure, change=change,
+                             again=again)
+
+    def _again(self) -> None:
+        self.retry = None
+        self._follow(self.told)  # what it reads now covers every change told so far
+
+    def _cancel_retry(self) -> None:
+        if self.retry is not None:
+            if self.retry.active():
+                self.retry.cancel()
+            self.retry = None
 
     def _notice(self, line: bytes) -> None:
         word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
         if word == "sync":
-            d = self.resync().addErrback(self._not_followed)
-            if argument.isdigit():  # the primary waits for the answer on the worker's ack pipe
-                d.addCallback(lambda _: self.transport.write(f"synced {argument}\n".encode("ascii")))
+            sequence = int(argument) if argument.isdigit() else None
+            if sequence is not None:
+                self.told = max(self.told or 0, sequence)
+            self._follow(sequence)
         elif word == "restart" and self.restart is not None:
             self.restart(argument)
         elif word == "state" and self.states is not None:
@@ -668,6 +716,7 @@ class ControlChannel(LineOnlyReceiver):
             self.states.forget(argument)
 
     def connectionLost(self, reason):
+        self._cancel_retry()
         if not self.closing and self.reactor is not None and self.reactor.running:
             self.log.warn("aibackend worker: the primary process is gone; stopping")
             self.reactor.stop()

@@ -832,19 +832,62 @@ def test_the_control_channel_acknowledges_a_numbered_sync_once_followed():
     assert channel.transport.value() == b"synced 7\n"
 
 
-def test_the_control_channel_acknowledges_a_change_it_could_not_follow(logged_errors):
-    from twisted.internet.defer import fail
+def test_a_change_the_worker_could_not_follow_is_not_acknowledged_and_is_read_again(clock, logged_errors):
+    # Saying "synced" after a failed re-read told the primary that the worker followed (a
+    # revoked key, say) when it did not: now it says nothing (the primary answers as for a
+    # worker that did not follow in time) and reads again until a read succeeds.
+    from twisted.internet.defer import fail, succeed
     from twisted.internet.testing import StringTransport
 
     from aibackend.processes import ControlChannel
 
-    channel = ControlChannel(lambda: fail(OSError("store unreadable")), reactor=None)
+    reads = [fail(OSError("store unreadable")), fail(OSError("still unreadable")), fail(OSError("and again")),
+             succeed(None)]
+    channel = ControlChannel(lambda: reads.pop(0), reactor=None, clock=clock)
     channel.makeConnection(StringTransport())
 
     channel.dataReceived(b"sync 3\n")
+    assert channel.transport.value() == b""
+    assert len(logged_errors.flush(OSError)) == 1
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [0.25]
 
-    assert channel.transport.value() == b"synced 3\n"
-    assert logged_errors.flush(OSError)
+    clock.advance(0.25)  # fails again: later
+    assert channel.transport.value() == b""
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [0.75]
+    channel.dataReceived(b"sync 4\n")  # fails too: the one retry stays
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [0.75]
+    assert len(logged_errors.flush(OSError)) == 2
+
+    clock.advance(0.5)  # read: it covers both changes
+    assert channel.transport.value() == b"synced 4\n"
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_read_that_covers_the_change_a_retry_waits_for_cancels_it_and_the_end_cancels_the_rest(clock,
+                                                                                                  logged_errors):
+    from twisted.internet.defer import fail, succeed
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from aibackend.processes import ControlChannel
+    from aibackend.redisstore import StoreUnavailable
+
+    reads = [fail(StoreUnavailable("the shared store is unreachable")), succeed(None),
+             fail(OSError("unreadable"))]
+    channel = ControlChannel(lambda: reads.pop(0), reactor=None, clock=clock)
+    channel.makeConnection(StringTransport())
+
+    channel.dataReceived(b"sync 1\n")  # the store says why: a warning, no traceback
+    assert channel.transport.value() == b"" and len(clock.getDelayedCalls()) == 1
+    channel.dataReceived(b"sync 2\n")
+    assert channel.transport.value() == b"synced 2\n"
+    assert clock.getDelayedCalls() == []
+
+    channel.dataReceived(b"sync 3\n")
+    assert len(clock.getDelayedCalls()) == 1
+    channel.connectionLost(Failure(EOFError()))
+    assert clock.getDelayedCalls() == []
+    logged_errors.flush(OSError)
 
 
 def test_a_worker_that_keeps_ending_is_started_again_later_and_later(clock, logged_errors):
