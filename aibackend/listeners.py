@@ -615,6 +615,8 @@ class SharedListener(service.Service):
             self._drop(number, unread=False)  # the workers stop after: they serve what they were sent
         for number in list(self._children):
             self._closed_child(number)
+        if isinstance(self.site, AibackendSite) and self._ended in self.site.on_connection_lost:
+            self.site.on_connection_lost.remove(self._ended)
         if self.socket is not None:
             self.socket.close()
             self.socket = None
