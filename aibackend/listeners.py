@@ -294,6 +294,7 @@ class _Acceptor:
     def __init__(self, listener, sock: socket.socket):
         self.listener = listener
         self.sock = sock
+        self.failing = False  # said once, until an accept succeeds (the reactor calls again at once)
 
     def fileno(self):
         return self.sock.fileno()
@@ -315,12 +316,16 @@ class _Acceptor:
             except OSError as e:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue  # that one went before it was accepted
-                if e.errno not in _ACCEPT_LATER:
+                if self.failing:
+                    pass
+                elif e.errno not in _ACCEPT_LATER:
                     self.listener.log.failure("accepting on {address}", address=self.listener.address)
                 else:
                     self.listener.log.warn("aibackend: cannot accept on {address} now: {why}",
                                            address=self.listener.address, why=os.strerror(e.errno))
+                self.failing = True
                 return accepted
+            self.failing = False
             accepted += 1
             conn.setblocking(False)  # as a reactor's connection must be (in the worker too: one file)
             self.listener.place(conn, place)

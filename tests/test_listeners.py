@@ -428,3 +428,37 @@ def test_ipv6_loopback():
     finally:
         listener.stopService()
         close_all(clients, ends.values())
+
+
+def test_an_accept_that_fails_is_said_once_until_one_succeeds():
+    from twisted.logger import globalLogPublisher
+
+    reactor, listener, ends = started(processes=2)
+    (acceptor,) = [reader for reader in reactor.readers if reader.fileno() == listener.socket.fileno()]
+    said = []
+    globalLogPublisher.addObserver(said.append)
+    real = listener.socket
+
+    class Full:
+        def accept(self):
+            raise OSError(24, "Too many open files")
+
+    try:
+        acceptor.sock = Full()
+        acceptor.doRead()
+        acceptor.doRead()
+        acceptor.sock = real
+        clients = connect(listener, 1)
+        acceptor.doRead()  # one accepted: the next failure is said again
+        acceptor.sock = Full()
+        acceptor.doRead()
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+        acceptor.sock = real
+        listener.stopService()
+        close_all(ends.values())
+    close_all(clients)
+
+    warnings = [event for event in said if "cannot accept" in event.get("log_format", "")]
+    assert [event["why"] for event in warnings] == ["Too many open files"] * 2
+    assert len(reactor.channels) == 1
