@@ -13,10 +13,10 @@ this order and stopped in the reverse one:
       - alone (one process): C{listener-0}, C{listener-1}, ... (L{Listener});
       - the C{--processes} primary: C{worker-port} (the private port workers forward to),
         C{workers} (L{WorkerProcesses}, stopped before the models), then the shared
-        addresses C{listener-0}, ... (L{SharedListener}: a C{SO_REUSEPORT} socket for
-        each process, bound before any worker starts; on stop they close first);
+        addresses C{listener-0}, ... (L{SharedListener}: one listening socket each, whose
+        connections the primary serves or hands to a worker; on stop they close first);
       - a worker: C{primary-link} (L{WorkerControl}: the primary's notices on stdin), then
-        its inherited sockets C{listener-0}, ...;
+        its inherited links C{listener-0}, ... (the connections the primary hands it);
   - C{readiness}: last, so that on stop it is the first to say "not ready".
 
 The usage recorder (C{usage}, when usage is on) is started before them all and stopped once

@@ -4,16 +4,17 @@ The daemon's listening sockets, and the one-line failure of a start that cannot 
 A listen address is a Twisted server endpoint description (C{tcp:8080:interface=127.0.0.1},
 C{ssl:...}, C{unix:...}). L{check_endpoint} parses one without a reactor (C{postOptions});
 L{Listener} listens on one for a single process; L{SharedListener} is a TCP (or TLS)
-address that the C{--processes} processes share, each on a socket of its own
-(C{SO_REUSEPORT}, see there). A TCP or TLS listener gets a listen backlog of L{DEFAULT_BACKLOG} unless its
+address that the C{--processes} processes share: the primary accepts each connection and
+serves it or hands it to a worker, whichever has the fewest open (see there). A TCP or TLS listener gets a listen backlog of L{DEFAULT_BACKLOG} unless its
 description gives one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import select
 import socket
+from collections import deque
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -22,6 +23,10 @@ from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from zope.interface import implementer
+
+from aibackend.server import AibackendSite
 
 DEFAULT_BACKLOG = 1024
 _BACKLOG_TYPES = ("tcp:", "tcp6:", "ssl:")
@@ -142,29 +147,17 @@ class Listener(StreamServerEndpointService):
         return port
 
 
-def claim(family: int, host: str, port: int) -> int:
+def listening_socket(family: int, host: str, port: int, backlog: int) -> socket.socket:
     """
-    Make sure that no other process listens on C{(host, port)}, and learn the port (0: a
-    free one): bind a socket there I{without} C{SO_REUSEPORT}, then close it. A process
-    of the same user that holds the port with C{SO_REUSEPORT} would let our sockets join
-    its group, and the kernel would share our connections with it; this bind fails
-    instead (C{EADDRINUSE}), as it does for a port held without it.
+    A non-blocking socket listening on C{(host, port)} (0: a free port). Without
+    C{SO_REUSEPORT}: a port another process listens on is refused (C{EADDRINUSE}), with or
+    without C{SO_REUSEPORT} on its side, so no other program shares the connections.
 
-    @return: the port.
     @raise OSError: the port is taken (or cannot be bound).
     """
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
-        return probe.getsockname()[1]
-
-
-def reuseport_socket(family: int, host: str, port: int, backlog: int) -> socket.socket:
-    """A non-blocking socket listening on C{(host, port)} with C{SO_REUSEPORT}, one of a group."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -174,83 +167,305 @@ def reuseport_socket(family: int, host: str, port: int, backlog: int) -> socket.
     return sock
 
 
-def accept_waiting(port, limit: int = 64) -> int:
+# What the accept loop gives up on for this turn (the reactor calls it again when more comes).
+_ACCEPT_LATER = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# A link that takes no more now (the worker reads none of it; or too many descriptors in
+# flight, past RLIMIT_NOFILE), though its worker is there.
+_LINK_FULL = (errno.EAGAIN, errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM)
+# Most connections a worker is sent and has not said it took: past them, one is passed over
+# (a worker that is stopped or hung holds no more than this waiting).
+MAX_UNREAD = 128
+# Most connections accepted in one turn of the reactor (as Twisted's own ports do).
+MAX_ACCEPTS = 64
+
+
+class _Adopting:
     """
-    Accept what waits in a listening port's queue (its C{doRead}, until the socket has
-    nothing more to accept): called just before the port closes, since closing a socket
-    resets the connections in its queue. A port that is not a reactor's descriptor (a
-    test's fake) has nothing to accept.
-
-    @return: how many times the port accepted.
+    What a connection handed to this process is built with: the served factory's
+    protocol, its channel (inside TLS for C{ssl:}) kept in C{opened} until it ends.
     """
-    if not IReadDescriptor.providedBy(port):
-        return 0
-    poller = select.poll()
-    poller.register(port.fileno(), select.POLLIN)
-    rounds = 0
-    while rounds < limit and poller.poll(0):
-        port.doRead()
-        rounds += 1
-    return rounds
+
+    def __init__(self, factory, opened: set):
+        self.factory = factory
+        self.opened = opened
+
+    def buildProtocol(self, addr):
+        built = self.factory.buildProtocol(addr)
+        if built is not None:
+            self.opened.add(built.wrappedProtocol if isinstance(built, ProtocolWrapper) else built)
+        return built
 
 
-def _stop(port):
-    """Stop a port, after accepting what waits in its queue."""
-    accept_waiting(port)
-    return port.stopListening()
+def _adopt(reactor, fd: int, family: int, adopting: _Adopting) -> None:
+    """Serve connected socket C{fd} here (the reactor takes a copy; C{fd} is closed)."""
+    try:
+        reactor.adoptStreamConnection(fd, family, adopting)
+    finally:
+        os.close(fd)
+
+
+@implementer(IReadDescriptor)
+class _Link:
+    """
+    The primary's end of a worker's link (a Unix socket pair): each connection handed to
+    the worker goes as one byte (its address family) with its file descriptor
+    (C{SCM_RIGHTS}); the worker says C{+} for each it took and C{-} for each that ended.
+
+    The primary keeps its copy of each connection until the worker has said it took it
+    (C{unread}): if the worker ends first, what it never read is served by the primary
+    (closing the last copy of a connection whose request came resets it). C{open} is how
+    many the worker holds (handed, not ended); C{ready} while it is handed connections.
+    """
+
+    def __init__(self, listener, number: int, sock: socket.socket):
+        self.listener = listener
+        self.number = number
+        self.sock = sock
+        self.open = 0
+        self.ready = False
+        self.unread: deque = deque()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return f"worker-{self.number}-link"
+
+    def hand(self, conn: socket.socket, family: int) -> bool:
+        """
+        Send connection C{conn} to the worker (kept until it says it took it): False if it
+        cannot take it now (full, too far behind, or gone).
+        """
+        if len(self.unread) >= MAX_UNREAD:
+            return False  # it reads none of it (stopped, or hung): served elsewhere
+        try:
+            socket.send_fds(self.sock, [bytes([family])], [conn.fileno()], socket.MSG_NOSIGNAL)
+        except OSError as e:
+            if e.errno not in _LINK_FULL:  # gone, or stopping (it shut its end for reading)
+                self.ready = False  # and what it took, it says before its end closes (doRead)
+            return False
+        self.unread.append(conn)
+        self.open += 1
+        return True
+
+    def doRead(self):
+        if not self.read():
+            self.listener.gone(self)
+
+    def read(self) -> bool:
+        """Read what the worker said: False at the end of the link (the worker has gone)."""
+        while True:
+            try:
+                said = self.sock.recv(4096)
+            except BlockingIOError:
+                return True
+            except OSError:
+                said = b""
+            if not said:
+                return False
+            for _ in range(min(said.count(b"+"), len(self.unread))):
+                self.unread.popleft().close()
+            self.open = max(0, self.open - said.count(b"-"))
+
+    def connectionLost(self, reason):
+        pass
+
+    def close(self, unread: bool) -> list[socket.socket]:
+        """
+        Close the link: with C{unread}, what the worker never said it took is returned (to
+        be served elsewhere), else closed (the worker, still there, serves it).
+        """
+        if self.sock.fileno() >= 0:
+            self.read()
+        left = list(self.unread)
+        self.unread.clear()
+        self.sock.close()
+        if unread:
+            return left
+        for conn in left:
+            conn.close()
+        return []
+
+
+@implementer(IReadDescriptor)
+class _Acceptor:
+    """The primary's listening socket, whose connections are each given to a process (L{SharedListener.place})."""
+
+    def __init__(self, listener, sock: socket.socket):
+        self.listener = listener
+        self.sock = sock
+        self.failing = False  # said once, until an accept succeeds (the reactor calls again at once)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "aibackend-accept"
+
+    def doRead(self):
+        self.accept()  # (what doRead returns, the reactor takes for why the descriptor was lost)
+
+    def accept(self, place=True) -> int:
+        """Accept up to L{MAX_ACCEPTS} connections and place them: how many were accepted."""
+        accepted = 0
+        for _ in range(MAX_ACCEPTS):
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return accepted
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue  # that one went before it was accepted
+                if self.failing:
+                    pass
+                elif e.errno not in _ACCEPT_LATER:
+                    self.listener.log.failure("accepting on {address}", address=self.listener.address)
+                else:
+                    self.listener.log.warn("aibackend: cannot accept on {address} now: {why}",
+                                           address=self.listener.address, why=os.strerror(e.errno))
+                self.failing = True
+                return accepted
+            self.failing = False
+            accepted += 1
+            conn.setblocking(False)  # as a reactor's connection must be (in the worker too: one file)
+            self.listener.place(conn, place)
+        return accepted
+
+    def drain(self) -> int:
+        """Accept (and serve here) all that waits in the queue: how many."""
+        total = 0
+        while (accepted := self.accept(place=False)) == MAX_ACCEPTS:
+            total += accepted
+        return total + accepted
+
+    def connectionLost(self, reason):
+        pass
+
+
+@implementer(IReadDescriptor)
+class _Inbox:
+    """
+    A worker's end of its link (see L{_Link}): adopts each connection the primary hands
+    it, says C{+} for each (once a read) and C{-} for each that ended (held back while the
+    primary reads none, sent with the next).
+    """
+
+    log = Logger()
+
+    def __init__(self, listener, sock: socket.socket):
+        self.listener = listener
+        self.sock = sock
+        self.unsent = bytearray()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "aibackend-inbox"
+
+    def doRead(self):
+        while True:
+            try:
+                families, fds, flags, _ = socket.recv_fds(self.sock, MAX_ACCEPTS, MAX_ACCEPTS)
+            except BlockingIOError:
+                break
+            except OSError:
+                families, fds, flags = b"", [], 0
+            if not families and not fds:  # the primary is gone (its stdin says so too) or stopped handing
+                self.listener.reactor.removeReader(self)
+                return
+            for index, fd in enumerate(fds):
+                family = families[index] if index < len(families) else families[-1]
+                self.unsent += b"+"
+                try:
+                    _adopt(self.listener.reactor, fd, family, self.listener.adopting)
+                except Exception:
+                    self.log.failure("adopting a connection the primary handed")
+                    self.unsent += b"-"
+            if flags & socket.MSG_CTRUNC:
+                self.log.error("aibackend worker: connections the primary handed were cut off its link")
+        self.flush()
+
+    def ended(self, channel) -> None:
+        """One of the connections handed here ended: say so."""
+        self.unsent += b"-"
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.unsent or self.sock.fileno() < 0:
+            return
+        try:
+            del self.unsent[:self.sock.send(self.unsent, socket.MSG_NOSIGNAL)]
+        except OSError:
+            pass  # the primary reads nothing now, or is gone: sent with the next
+
+    def connectionLost(self, reason):
+        pass
 
 
 class SharedListener(service.Service):
     """
-    A TCP address served by the C{--processes} processes, each on a listening socket of
-    its own in one C{SO_REUSEPORT} group: the kernel hashes each new connection to one of
-    the group's sockets, so connections spread over the processes (on one shared socket,
-    whichever process woke first took a burst of them all).
+    A TCP (or TLS) address served by the C{--processes} processes, every connection by the
+    process with the fewest of this address's connections open (a tie: the next in turn).
 
-    The primary (L{bound}) makes the whole group as it starts, before privileges are
-    dropped and before any worker runs: it L{claim}s the address (no other process
-    listens there; port 0 becomes the free port found), then binds one socket for itself
-    and one for each worker number (1 to C{processes - 1}). It keeps every worker's
-    socket for the daemon's life and serves it itself whenever its worker is not
-    listening on it: before the worker has started (L{handed_over} when the worker says
-    it listens), and after it ended (L{taken_back}), until the worker started again in
-    its place inherits the same socket. So no connection the kernel gave a socket waits
-    for a worker that is not there, and a restarted worker needs no bind (nor the
-    privileges a low port needs). A worker (L{adopted}) serves the socket it inherited.
+    The primary (L{bound}) listens on the address alone, on one socket, and accepts every
+    connection: it serves it itself or hands its file descriptor to a worker over that
+    worker's link, a Unix socket pair it inherited (C{SCM_RIGHTS}, L{_Link}); the worker
+    adopts it (C{adoptStreamConnection}, L{adopted}) and says on the link when it ends.
+    The counts are exact, so a burst of new connections (a benchmark's, which then keeps
+    them) ends split within one; with C{SO_REUSEPORT}, a socket a process, the kernel
+    hashed each connection to one at random (32 connections: 16 +- 2.8 each). Node's
+    cluster module does the same for the same reason. The price is the primary's: one
+    C{sendmsg} (and a C{close}) for each connection it hands, the worker's C{recvmsg}, and a
+    byte back when it ends; nothing a request.
 
-    On stop, each process first accepts what waits in its socket's queue
-    (L{accept_waiting}), then closes it; the primary closes its copies of the workers'
-    sockets too, so that each closes with its worker. What reaches a socket between its
-    last accept and its close (microseconds) is reset, as at any server's last close;
-    Linux 5.14+ with C{net.ipv4.tcp_migrate_req = 1} moves those to another socket of
-    the group instead.
+    TLS (C{ssl:}) is wrapped by the process that serves the connection: the descriptor is
+    handed before the handshake, so the handshakes spread too.
+
+    A worker is handed connections once it says it listens (L{handed_over}) and until it
+    ends (L{taken_back}) or its link breaks: until then, and while every worker is away,
+    the primary serves every connection, so none waits for a worker that is not there. The
+    primary keeps its copy of each connection handed until the worker says it took it: what
+    a worker that ended never took (it died, or stopped, with connections in its link) is
+    served by the primary, not reset. A worker that has not taken L{MAX_UNREAD} of what it
+    was sent (stopped, hung), or whose link is full, is passed over. Stopping a worker
+    first shuts its end for reading (what the primary sends after that fails, and is served
+    elsewhere), then takes what was sent. On stop, the primary serves what waits in its
+    socket's queue itself, then closes it; its workers (stopped after it) serve what they
+    were sent. A primary whose reactor is stopped (or busy) leaves new connections in the
+    listen queue until it runs: the connections handed before are its workers' to serve.
     """
 
     log = Logger()
 
     def __init__(self, reactor, factory, *, description=None, inherited=None, processes: int = 1):
         self.reactor = reactor
+        self.site = factory  # the connections that end are counted through it (an AibackendSite)
         self.factory = factory
         self.description = description
-        self.inherited = inherited  # (fd, family) in a worker
+        self.inherited = inherited  # (fd, family) in a worker: its link
         self.processes = processes
         self.family = None
-        self.socket = None  # the primary's own socket
-        self.port = None  # the port serving this process's own socket
-        self.worker_sockets: dict[int, socket.socket] = {}  # in the primary: worker number -> its socket
-        self.serving: dict[int, object] = {}  # in the primary: worker number -> the port serving it here
+        self.socket = None  # the primary's listening socket; a worker's link
         self.address = None
+        self.here: set = set()  # the channels of this address's connections served in this process
+        self.adopting = None
+        self.links: dict[int, _Link] = {}  # in the primary: worker number -> its link
+        self._children: dict[int, socket.socket] = {}  # their ends, until the worker is started
+        self._acceptor = None
+        self._inbox = None
+        self._turn = 0
 
     @classmethod
     def bound(cls, reactor, factory, description: str, processes: int = 2) -> SharedListener:
-        """The primary's: binds the group of C{description} for C{processes} processes when it starts."""
+        """The primary's: listens on C{description} for C{processes} processes when it starts."""
         return cls(reactor, factory, description=description, processes=processes)
 
     @classmethod
     def adopted(cls, reactor, factory, fd: int, family: int, description: str | None = None) -> SharedListener:
         """
-        A worker's: adopts the socket it inherited as C{fd} when it starts, and serves it
-        as C{description} says (in TLS for C{ssl:}).
+        A worker's: serves the connections handed on the link it inherited as C{fd}, as
+        C{description} says (in TLS for C{ssl:}).
         """
         return cls(reactor, factory, description=description, inherited=(fd, family))
 
@@ -261,64 +476,161 @@ class SharedListener(service.Service):
                 self.factory = served_factory(self.description, self.factory)
             except Exception as e:  # the parser raises many kinds for many endpoint types
                 raise StartupError(f"cannot listen on {self.description!r}: {e}") from None
+        self.adopting = _Adopting(self.factory, self.here)
+        if isinstance(self.site, AibackendSite):
+            self.site.on_connection_lost.append(self._ended)
         if self.inherited is not None:
-            fd, self.family = self.inherited
-            self.port = self.reactor.adoptStreamPort(fd, self.family, self.factory)
-            os.close(fd)  # adoptStreamPort took a copy
+            fd, _ = self.inherited
+            self.socket = socket.socket(fileno=fd)
+            self.socket.setblocking(False)
+            self._inbox = _Inbox(self, self.socket)
+            self.factory.doStart()
+            self.reactor.addReader(self._inbox)
             return
-        sockets = []
         try:
             family, host, port, backlog = shared_address(self.description)
-            port = claim(family, host, port)
-            for _ in range(self.processes):
-                sockets.append(reuseport_socket(family, host, port, backlog))
+            self.socket = listening_socket(family, host, port, backlog)
         except (OSError, ValueError) as e:
-            for sock in sockets:
-                sock.close()
             raise StartupError(f"cannot listen on {self.description!r}: {e}") from None
         self.family = family
-        self.socket, *others = sockets
-        self.worker_sockets = dict(enumerate(others, 1))
-        self.port = self.reactor.adoptStreamPort(self.socket.fileno(), family, self.factory)
-        self.address = describe_address(self.port.getHost())
-        for number in self.worker_sockets:
-            self.serving[number] = self.reactor.adoptStreamPort(self.worker_sockets[number].fileno(), family,
-                                                                self.factory)
-        self.log.info("aibackend listening on {address} ({count} sockets, one a process)",
-                      address=self.address, count=len(sockets))
+        self.address = describe_address(_address(family, self.socket.getsockname()))
+        self.factory.doStart()
+        self._acceptor = _Acceptor(self, self.socket)
+        self.reactor.addReader(self._acceptor)
+        self.log.info("aibackend listening on {address} (for {count} processes, each connection to the one "
+                      "with the fewest)", address=self.address, count=self.processes)
+
+    # --- in the primary ------------------------------------------------------------------
 
     def socket_for(self, number: int) -> socket.socket:
-        """The socket worker C{number} inherits (the primary's)."""
-        return self.worker_sockets[number]
+        """
+        The end of a new link that worker C{number} inherits (L{spawned} closes the
+        primary's copy once the worker has it); its connections come once it listens.
+        """
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        mine.setblocking(False)
+        self._drop(number, unread=True)
+        self._closed_child(number)
+        self.links[number] = _Link(self, number, mine)
+        self._children[number] = theirs
+        self.reactor.addReader(self.links[number])
+        return theirs
 
-    def handed_over(self, number: int):
-        """Worker C{number} listens on its socket now: the primary stops serving it (None if it was not)."""
-        port = self.serving.pop(number, None)
-        if port is None:
-            return None
-        self.log.info("aibackend worker {number} serves its socket on {address}", number=number,
+    def spawned(self, number: int) -> None:
+        """Worker C{number} was started with its end of the link: the primary closes its copy."""
+        self._closed_child(number)
+
+    def handed_over(self, number: int) -> None:
+        """Worker C{number} listens now: it is handed its share of the new connections."""
+        link = self.links.get(number)
+        if link is None or link.ready:
+            return
+        link.ready = True
+        self.log.info("aibackend worker {number} is handed connections on {address}", number=number,
                       address=self.address)
-        return port.stopListening()  # what waits in the queue is the worker's to accept
 
     def taken_back(self, number: int) -> None:
-        """Worker C{number} ended: the primary serves its socket until another takes it."""
-        if not self.running or number in self.serving or number not in self.worker_sockets:
+        """
+        Worker C{number} ended: the others (and the primary) serve the new connections, and
+        the primary what it was sent and never took.
+        """
+        self._drop(number, unread=True)
+        self._closed_child(number)
+
+    def gone(self, link: _Link) -> None:
+        """C{link} ended (its worker is gone, or stopped and has said what it took)."""
+        if self.links.get(link.number) is link:
+            self._drop(link.number, unread=True)
+
+    def place(self, conn: socket.socket, hand: bool = True) -> None:
+        """
+        Serve accepted connection C{conn} in the process with the fewest of this address's
+        connections open (ties in turn; here with C{hand=False}, or when no worker can
+        take it).
+        """
+        if hand and self.links:
+            ready = [link for link in self.links.values() if link.ready]
+            count = len(ready) + 1
+            start = self._turn % count
+            self._turn += 1
+            best, fewest = None, None
+            for index in range(count):
+                at = (start + index) % count
+                candidate = ready[at - 1] if at else None
+                held = candidate.open if candidate is not None else len(self.here)
+                if fewest is None or held < fewest:
+                    best, fewest = candidate, held
+            if best is not None and best.hand(conn, self.family):
+                return  # (the link keeps conn until the worker took it)
+        self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        fd = conn.detach()
+        try:
+            _adopt(self.reactor, fd, self.family, self.adopting)
+        except Exception:
+            self.log.failure("serving a connection on {address}", address=self.address)
+
+    def _drop(self, number: int, unread: bool) -> None:
+        """
+        Close worker C{number}'s link: what it never took is served here (C{unread}: it has
+        ended), or left to it (it is there, and stops after the primary).
+        """
+        link = self.links.pop(number, None)
+        if link is None:
             return
-        self.serving[number] = self.reactor.adoptStreamPort(self.worker_sockets[number].fileno(), self.family,
-                                                            self.factory)
+        self.reactor.removeReader(link)
+        left = link.close(unread)
+        if left:
+            self.log.info("aibackend: {count} connection(s) handed to worker {number}, which ended before it took "
+                          "them, served by the primary", count=len(left), number=number)
+        for conn in left:
+            self._serve(conn)
+
+    def _closed_child(self, number: int) -> None:
+        theirs = self._children.pop(number, None)
+        if theirs is not None:
+            theirs.close()
+
+    # --- in every process ------------------------------------------------------------------
+
+    def _ended(self, channel) -> None:
+        if channel in self.here:
+            self.here.discard(channel)
+            if self._inbox is not None:
+                self._inbox.ended(channel)
 
     def stopService(self):
         super().stopService()
-        stopped = []
-        if self.port is not None:
-            stopped.append(_stop(self.port))
-        for port in self.serving.values():
-            stopped.append(_stop(port))
-        self.serving.clear()
-        for sock in [self.socket, *self.worker_sockets.values()]:
-            if sock is not None:
-                sock.close()
-        self.socket = None
-        self.worker_sockets.clear()
-        stopped = [d for d in stopped if d is not None]
-        return DeferredList(stopped) if stopped else None
+        if self._acceptor is not None:
+            self.reactor.removeReader(self._acceptor)
+            self._acceptor.drain()  # closing resets what waits in the queue: served here
+            self._acceptor = None
+        if self._inbox is not None:
+            # What the primary sends from now on fails there (and is served elsewhere); what
+            # it sent before is served here.
+            try:
+                self.socket.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            self.reactor.removeReader(self._inbox)
+            self._inbox.doRead()
+            self._inbox = None
+        for number in list(self.links):
+            self._drop(number, unread=False)  # the workers stop after: they serve what they were sent
+        for number in list(self._children):
+            self._closed_child(number)
+        if isinstance(self.site, AibackendSite) and self._ended in self.site.on_connection_lost:
+            self.site.on_connection_lost.remove(self._ended)
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+            self.factory.doStop()
+        return None
+
+
+def _address(family: int, name):
+    """The address a listening socket's C{getsockname()} names."""
+    if family == socket.AF_INET6:
+        return IPv6Address("TCP", name[0], name[1])
+    return IPv4Address("TCP", name[0], name[1])

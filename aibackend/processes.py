@@ -1,14 +1,13 @@
 """
 C{--processes N}: N reactor processes serving one listening socket, with one registry.
 
-The primary process (the one C{twistd} started) binds, for each listen address, one
-listening socket per process in a C{SO_REUSEPORT} group
-(L{aibackend.listeners.SharedListener}), serves its own, and starts N-1 worker processes,
-each of which inherits its socket and adopts it (C{adoptStreamPort}); the kernel hashes
-each new connection to one of the sockets, so the connections spread over the processes.
-The primary serves a worker's socket itself whenever that worker is not listening on it
-(before it has said so on its ack pipe, C{listening}, and once it has ended, until the
-worker started again in its place takes it back). The primary owns the models:
+The primary process (the one C{twistd} started) listens on each listen address, alone,
+and starts N-1 worker processes, each of which inherits a link to it for each address (a
+Unix socket pair). The primary accepts every connection and serves it itself or hands its
+file descriptor to a worker on the worker's link, whichever process holds the fewest
+connections of that address (L{aibackend.listeners.SharedListener}): the split is even,
+not the kernel's draw. A worker is handed connections once it has said so on its ack pipe
+(C{listening}) and until it ends; meanwhile the primary serves them. The primary owns the models:
 
   - an HTTP model is a client: each process calls the model's server itself, through its
     own connection pool (a server the daemon starts, C{command}, is started once, by the
@@ -32,8 +31,9 @@ and on Linux it is sent SIGTERM).
 
 The primary speaks to each worker on the worker's stdin, one line a notice
 (L{ControlChannel}): C{sync N} (the models changed: follow, then say C{synced N} on the
-ack pipe), C{restart ID}, C{state ID STATE} and C{forget ID}. A worker says C{listening}
-on its ack pipe once it has started (its sockets adopted, its front door ready). A model id is 1 to 128
+ack pipe; a worker whose re-read failed says nothing and reads again), C{restart ID},
+C{state ID STATE} and C{forget ID}. A worker says C{listening} on its ack pipe once it has
+started (its links read, its front door ready). A model id is 1 to 128
 characters of C{[A-Za-z0-9_.-]} and a state one of L{aibackend.interfaces.STATES}: a
 line is short, and its fields have no spaces.
 
@@ -52,7 +52,7 @@ from dataclasses import replace
 from prometheus_client.core import GaugeMetricFamily
 from twisted.application import service
 from twisted.internet import protocol, stdio
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.web.client import Agent, FileBodyProducer, readBody
@@ -184,8 +184,8 @@ class WorkerProcesses(service.Service):
 
     @param argv: the worker's command line (C{twistd ... aibackend ...}).
     @param listeners: the L{aibackend.listeners.SharedListener}s: each worker inherits
-        its socket of each (C{socket_for(number)}); the primary serves it whenever the
-        worker is not listening on it (C{handed_over(number)}, C{taken_back(number)}).
+        a link of each (C{socket_for(number)}, then C{spawned(number)}); it is handed
+        connections while it listens (C{handed_over(number)}, C{taken_back(number)}).
     @param private: the listener workers forward to (its port is known once listening).
     @param registry: the primary's registry, whose models' states workers are told.
 
@@ -232,7 +232,7 @@ class WorkerProcesses(service.Service):
         child_fds = {0: "w", 1: 1, 2: 2}
         for index, listener in enumerate(self.listeners):
             fd = FIRST_INHERITED_FD + index
-            sock = listener.socket_for(number)
+            sock = listener.socket_for(number)  # its end of a new link
             child_fds[fd] = sock.fileno()
             inherited.append([fd, int(sock.family)])
         ack_fd = FIRST_INHERITED_FD + len(self.listeners)
@@ -247,8 +247,12 @@ class WorkerProcesses(service.Service):
             "token": self.token,
         })
         worker = _WorkerProtocol(self, number, self.reactor.seconds(), ack_fd)
-        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, PGROUP, sys.executable] + self.argv,
-                                  env=env, childFDs=child_fds)
+        try:
+            self.reactor.spawnProcess(worker, sys.executable, [sys.executable, PGROUP, sys.executable] + self.argv,
+                                      env=env, childFDs=child_fds)
+        finally:
+            for listener in self.listeners:  # the worker has its ends; the primary closes its copies
+                listener.spawned(number)
         self.workers[number] = worker
         self.log.info("aibackend worker {number} started (pid {pid})", number=number, pid=worker.pid)
         if self.states is not None:
@@ -256,7 +260,7 @@ class WorkerProcesses(service.Service):
             self._tell(worker, self.states.notices())
 
     def worker_listening(self, worker) -> None:
-        """C{worker} has started and serves its sockets: the primary stops serving them."""
+        """C{worker} has started and serves what it is handed: it is handed its share."""
         if self.workers.get(worker.number) is worker:
             for listener in self.listeners:
                 listener.handed_over(worker.number)
@@ -264,7 +268,7 @@ class WorkerProcesses(service.Service):
     def worker_ended(self, worker, reason):
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
-            for listener in self.listeners:  # what its sockets' queues hold, and what comes, is served here
+            for listener in self.listeners:  # the others (and the primary) serve what comes
                 listener.taken_back(worker.number)
         self._followed(worker, None)  # a new worker reads the store as it starts
         for ended in self.ended:
@@ -620,21 +624,36 @@ class ControlChannel(LineOnlyReceiver):
     A worker's stdin: the primary's notices (see the module's docstring). End of file:
     the primary is gone, and the worker stops (unless it is stopping already).
 
+    A change is acknowledged (C{synced N}) only once followed: a re-read that failed
+    (logged) is not, and is tried again after L{RETRY_DELAY} s, doubling up to
+    L{MAX_RETRY_DELAY}, until one succeeds, which acknowledges every change told so far.
+    Meanwhile the primary answers as for a worker that did not follow in time (after
+    L{WorkerProcesses.SYNC_TIMEOUT}, logged), and never hears that this worker followed
+    what it did not.
+
     @param resync: called for C{sync}; returns a Deferred that fires once followed.
     @param reactor: stopped when the primary is gone (None: nothing to stop).
     @param restart: called with the model id of a C{restart}.
     @param states: the L{PrimaryStates} that C{state} and C{forget} update.
+    @param clock: what a failed re-read is tried again on (the reactor unless given;
+        None with neither: not tried again).
     """
 
     delimiter = b"\n"
     log = Logger()
+    RETRY_DELAY = 0.25
+    MAX_RETRY_DELAY = 30.0
 
-    def __init__(self, resync, reactor, restart=None, states: PrimaryStates | None = None):
+    def __init__(self, resync, reactor, restart=None, states: PrimaryStates | None = None, clock=None):
         self.resync = resync
         self.reactor = reactor
         self.restart = restart
         self.states = states
+        self.clock = clock if clock is not None else reactor
         self.closing = False
+        self.told = None  # the last numbered change the primary told
+        self.retry = None  # the re-read tried again after a failure
+        self._delay = 0.0
 
     def lineReceived(self, line):
         try:
@@ -642,18 +661,51 @@ class ControlChannel(LineOnlyReceiver):
         except Exception:  # a notice that went wrong must not cut the worker off its primary
             self.log.failure("following the primary's notice {line!r}", line=line[:200])
 
-    def _not_followed(self, failure) -> None:
+    def _follow(self, sequence: int | None) -> None:
+        """Re-read the store; acknowledge C{sequence} (None: nothing to) once followed."""
+        d = maybeDeferred(self.resync)
+        d.addCallbacks(self._followed, self._not_followed, callbackArgs=(sequence,), errbackArgs=(sequence,))
+        d.addErrback(lambda failure: self.log.failure("after following the primary's change", failure))
+
+    def _followed(self, _, sequence: int | None) -> None:
+        if self.retry is not None and (self.told is None or (sequence is not None and sequence >= self.told)):
+            self._cancel_retry()  # this read covers what the retry was for
+        if self.retry is None:
+            self._delay = 0.0
+        if sequence is not None:  # the primary waits for the answer on the worker's ack pipe
+            self.transport.write(f"synced {sequence}\n".encode("ascii"))
+
+    def _not_followed(self, failure, sequence: int | None) -> None:
+        retrying = self.clock is not None and not self.closing
+        if retrying and self.retry is None:
+            self._delay = min(self.MAX_RETRY_DELAY, self._delay * 2 if self._delay else self.RETRY_DELAY)
+            self.retry = self.clock.callLater(self._delay, self._again)
+        again = f"; reading again in {self._delay:g} s" if retrying else ""
+        change = f"change {sequence}" if sequence is not None else "change"
         if failure.check(errors.ApiError):  # the store said why (a shared store unreachable): no traceback
-            self.log.warn("aibackend worker: not following the primary's change: {why}", why=failure.value.message)
+            self.log.warn("aibackend worker: not following the primary's {change} (not acknowledged): {why}{again}",
+                          change=change, why=failure.value.message, again=again)
         else:
-            self.log.failure("following the primary's change", failure)
+            self.log.failure("following the primary's {change} (not acknowledged){again}", failure, change=change,
+                             again=again)
+
+    def _again(self) -> None:
+        self.retry = None
+        self._follow(self.told)  # what it reads now covers every change told so far
+
+    def _cancel_retry(self) -> None:
+        if self.retry is not None:
+            if self.retry.active():
+                self.retry.cancel()
+            self.retry = None
 
     def _notice(self, line: bytes) -> None:
         word, _, argument = line.strip().decode("utf-8", "replace").partition(" ")
         if word == "sync":
-            d = self.resync().addErrback(self._not_followed)
-            if argument.isdigit():  # the primary waits for the answer on the worker's ack pipe
-                d.addCallback(lambda _: self.transport.write(f"synced {argument}\n".encode("ascii")))
+            sequence = int(argument) if argument.isdigit() else None
+            if sequence is not None:
+                self.told = max(self.told or 0, sequence)
+            self._follow(sequence)
         elif word == "restart" and self.restart is not None:
             self.restart(argument)
         elif word == "state" and self.states is not None:
@@ -664,6 +716,7 @@ class ControlChannel(LineOnlyReceiver):
             self.states.forget(argument)
 
     def connectionLost(self, reason):
+        self._cancel_retry()
         if not self.closing and self.reactor is not None and self.reactor.running:
             self.log.warn("aibackend worker: the primary process is gone; stopping")
             self.reactor.stop()
@@ -704,7 +757,7 @@ class WorkerControl(service.Service):
             self.ack_fd = os.open(os.devnull, os.O_WRONLY)
         channel = ControlChannel(self.resync_now, self.reactor, self.restart, self.states)
         self.stdio = stdio.StandardIO(channel, stdin=0, stdout=self.ack_fd, reactor=self.reactor)
-        # The primary stops serving this worker's sockets. The listeners adopted them
+        # The primary hands this worker its share of the connections. The listeners read their links
         # already (privilegedStartService, which every service passes before any starts),
         # and the line leaves once the reactor runs: after every service has started,
         # the readiness last.

@@ -759,6 +759,9 @@ class AibackendSite(Site):
         self.max_connections_per_peer = max_connections_per_peer
         self.channels: OrderedDict = OrderedDict()  # open connections, oldest first
         self.peers: dict = {}  # client host -> its open connections
+        # Called with each connection that ends (a channel), for whoever counts them
+        # (aibackend.listeners' balance of --processes): once a connection, never a request.
+        self.on_connection_lost: list = []
         self._trim_call = None
 
     def acceptableProtocols(self):
@@ -805,6 +808,8 @@ class AibackendSite(Site):
             channel.peer = None
         if self.metrics is not None:
             self.metrics.daemon.open_connections -= 1
+        for hook in self.on_connection_lost:
+            hook(channel)
 
     def _evict(self, peer=None) -> bool:
         """

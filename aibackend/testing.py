@@ -1440,9 +1440,8 @@ class Multi(Daemon):
     """
     A L{Daemon} with C{--processes}: a primary and its workers, told apart through /proc.
 
-    Which process serves a connection is the kernel's choice; L{connection_to} takes one
-    pinned to a process: the others are stopped (SIGSTOP) until /proc shows that the
-    wanted one has accepted it, then continued (SIGCONT, always).
+    Which process serves a connection is the primary's choice (the one holding the fewest);
+    L{connection_to} takes one pinned to a process, as /proc shows.
     """
 
     def workers(self) -> set[int]:
@@ -1479,25 +1478,32 @@ class Multi(Daemon):
 
     def connection_to(self, pid: int, timeout: float = 15) -> http.client.HTTPConnection:
         """
-        A connection that process C{pid} (the primary or a worker) has accepted. Each
-        process listens on a socket of its own (C{SO_REUSEPORT}) and the kernel hashes a
-        connection to one of them: a connection another process accepted, or that none
-        accepted within a second (it went to the socket of a process that is stopped), is
-        closed and another one made.
+        A connection that process C{pid} (the primary or a worker) holds. The primary
+        gives each new connection to the process holding the fewest: connections held by
+        another process are kept open (so the next goes elsewhere) until one is C{pid}'s,
+        then closed; one that none took within a second (the primary is stopped) is closed.
         """
         deadline = time.monotonic() + timeout
         ours = {self.pid} | self.workers()
-        while True:
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-            connection.connect()
-            client_port = connection.sock.getsockname()[1]
-            holder = _accepted_by(ours, self.port, client_port, min(1.0, max(0.1, deadline - time.monotonic())))
-            if holder == pid:
-                return connection
-            connection.close()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"process {pid} accepted none of the connections made in {timeout:g} s "
-                                     f"(the last: {holder or 'nobody'})")
+        others = []
+        try:
+            while True:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+                connection.connect()
+                client_port = connection.sock.getsockname()[1]
+                holder = _accepted_by(ours, self.port, client_port, min(1.0, max(0.1, deadline - time.monotonic())))
+                if holder == self.pid:  # (the primary holds each a moment, as it hands it over)
+                    time.sleep(0.05)
+                    holder = _accepted_by(ours, self.port, client_port, 1.0)
+                if holder == pid:
+                    return connection
+                others.append(connection)
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"process {pid} took none of the connections made in {timeout:g} s "
+                                         f"(the last: {holder or 'nobody'})")
+        finally:
+            for other in others:
+                other.close()
 
     def request_to(self, pid: int, method: str, path: str, body=None, headers=None) -> Reply:
         """One request on a connection process C{pid} accepted."""
@@ -2061,6 +2067,9 @@ class FakeListener:
 
     def taken_back(self, number):
         self.taken.append(number)
+
+    def spawned(self, number):
+        pass  # (a real one closes its copy of the worker's end of the link)
 
 
 class FakePrivate:

@@ -173,6 +173,10 @@ def test_redis_paused_the_fleet_serves_changes_answer_503_and_all_follow_once_it
     a, b, c = fleet
     assert a.add(table("while-paused", model_server.url)).status == 201
     wait_until(lambda: "while-paused" in c.models(), FOLLOW_DEADLINE, "the add")
+    # c's worker follows its primary a moment later: the registry it knows is the one paused with.
+    worker = c.wait_workers(1).pop()
+    wait_until(lambda: c.request_to(worker, "POST", "/post/predict?id=while-paused", {}).status == 200,
+               FOLLOW_DEADLINE, "daemon c's worker to serve the add")
 
     redis_server.pause()
     try:

@@ -150,7 +150,7 @@ def test_with_two_processes_every_one_follows_a_key_before_the_answer(tmp_path):
     daemon = Multi(path, cwd=ROOT, processes=2)
     try:
         worker = daemon.wait_workers(1).pop()
-        wait_until(lambda: "worker 1 serves its socket" in daemon.output, 15, "the worker to listen")
+        wait_until(lambda: "worker 1 is handed connections" in daemon.output, 15, "the worker to listen")
         # Made and revoked through the worker, which has the primary do it (FORWARDED).
         made = daemon.request_to(worker, "POST", "/post/addkey", {"name": "shared", "models": ["chat"]})
         assert made.status == 201, made
