@@ -629,10 +629,27 @@ class HttpModel(Service):
                 d.addTimeout(left, self._clock, onTimeoutCancel=deadline_passed)
         except Exception:
             d = fail()  # counted in flight above: the outcome below uncounts it
-        d.addBoth(self._replica_outcome, replica)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
-        d.addBoth(self.limit.finished)
+        # The replica's outcome, the answer (or the failure) and the freed place, in one
+        # callback pair (L{_attempted}, L{_attempt_failed}), not three steps of the Deferred.
+        d.addCallbacks(self._attempted, self._attempt_failed, callbackArgs=(replica, context.path is not None),
+                       errbackArgs=(replica,))
         return d
+
+    def _attempted(self, result, replica: Replica, other_route: bool) -> ModelAnswer:
+        """An attempt's answer: counted for its replica, made a L{ModelAnswer}, its place freed."""
+        try:
+            self._replica_outcome(result, replica)
+            return self._answered(result, other_route)
+        finally:
+            self.limit.finished()
+
+    def _attempt_failed(self, failure, replica: Replica):
+        """An attempt's failure: counted for its replica, made the client's error, its place freed."""
+        try:
+            self._replica_outcome(failure, replica)
+            return self._failed(failure, replica)
+        finally:
+            self.limit.finished()
 
     def _route_head(self, replica: Replica, context) -> bytes | None:
         """
