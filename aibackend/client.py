@@ -132,7 +132,11 @@ class Connection(Protocol):
         self.headers_done = False
         self.interim = False
         self.received = False
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            # Made once for the plain answers of a kept-alive connection: llhttp reads one
+            # answer after another (and making one looks up its callbacks, three of which
+            # this class has not: an AttributeError raised and dropped each).
+            self.parser = httptools.HttpResponseParser(self)
         self._write(data)
         return self.deferred
 
@@ -175,7 +179,6 @@ class Connection(Protocol):
     def _finish(self, result) -> None:
         d, self.deferred = self.deferred, None
         self.deadline = None
-        self.parser = None
         self.chunks = []  # an idle connection must not keep its last answer's body
         if d is not None:
             if isinstance(result, Failure):
