@@ -266,9 +266,15 @@ class Connection(Protocol):
     # --- the connection ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._received(data)
-        if self.writes is not None:
-            self.writes.event_done()  # the answer written to the client goes now
+        writes = self.writes
+        if writes is None:
+            self._received(data)
+            return
+        writes.event_begins()
+        try:
+            self._received(data)
+        finally:
+            writes.event_done()  # the answer written to the client goes now
 
     def _received(self, data: bytes) -> None:
         if self.exchange is not None:

@@ -207,11 +207,19 @@ class AibackendChannel(LlhttpChannel):
         return self.site.max_body_bytes
 
     def dataReceived(self, data):
-        super().dataReceived(data)
-        if self.body_since is not None and not self.body_armed:
-            self._arm_body()
-        if self.writes is not None:
-            self.writes.event_done()  # the request written to a model goes now
+        writes = self.writes
+        if writes is None:
+            super().dataReceived(data)
+            if self.body_since is not None and not self.body_armed:
+                self._arm_body()
+            return
+        writes.event_begins()
+        try:
+            super().dataReceived(data)
+            if self.body_since is not None and not self.body_armed:
+                self._arm_body()
+        finally:
+            writes.event_done()  # the request written to a model goes now
 
     # --- the steps of a request (LlhttpChannel's) ----------------------------------------
 
