@@ -25,6 +25,14 @@ L{DRAIN_SECONDS}) or the body's clean end; None reads the body whole, as a plain
 to C{(answer, body)}. A reader that raises fails the request with what it raised and
 closes the connection. C{transport} is the connection's, for the caller's flow control
 (C{pauseProducing}/C{resumeProducing}); it reads again before the connection is reused.
+
+A plain request may have a deadline (C{timeout}): past it, the request fails with Twisted's
+C{defer.TimeoutError}, as C{Deferred.addTimeout} would fail it, and its connection is
+closed. On a kept-alive connection it is kept by the connection's one timer, which also
+closes it once it has been idle for L{IDLE_SECONDS}: a request moves that timer (when it is
+already due later, Twisted's C{DelayedCall.reset} only notes the new time), instead of
+making and cancelling two DelayedCalls of its own, which a busy reactor keeps in its heap
+until their time.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from collections import defaultdict
 
 import httptools
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeadlineExceeded
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
@@ -53,6 +62,11 @@ class ResponseTooLarge(Exception):
     def __init__(self, limit: int):
         super().__init__(f"the answer is longer than {limit} bytes")
         self.limit = limit
+
+
+def deadline_passed(result, timeout):
+    """C{Deferred.addTimeout}'s C{onTimeoutCancel}: the request failed with the deadline's error."""
+    raise DeadlineExceeded(timeout, "Deferred")
 
 
 class Answer:
@@ -80,7 +94,12 @@ class Connection(Protocol):
         self.client = client
         self.key = key
         self.deferred = None
-        self.idle_timer = None
+        # The one timer (L{_timer_fired}): the request's deadline while one is sent with
+        # a timeout, else, kept alive and unused, the idle timeout; None: neither.
+        self.timer = None
+        self.deadline = None  # the request's deadline (the clock's seconds), or None
+        self.timeout = None  # its timeout (for its error)
+        self.idle = False  # kept alive, unused (in the client's idle connections)
         self.parser = None
         self.writes = None
         self.exchange = None  # a streamed answer's (L{_Streamed}), while one is read
@@ -91,8 +110,19 @@ class Connection(Protocol):
 
     # --- a request ------------------------------------------------------------
 
-    def send(self, data: bytes, limit: int) -> Deferred:
+    def send(self, data: bytes, limit: int, timeout: float | None = None) -> Deferred:
         self.deferred = Deferred(self._cancel)
+        if timeout is not None:
+            # The request's deadline, on the connection's timer: made sooner if due later
+            # (an idle timer, reset to the time it is due: noted, no heap operation).
+            reactor = self.client.reactor
+            self.timeout = timeout
+            deadline = self.deadline = reactor.seconds() + timeout
+            timer = self.timer
+            if timer is None:
+                self.timer = reactor.callLater(timeout, self._timer_fired)
+            elif timer.getTime() > deadline:
+                timer.reset(timeout)
         self.limit = limit
         self.size = 0
         self.chunks = []
@@ -102,7 +132,11 @@ class Connection(Protocol):
         self.headers_done = False
         self.interim = False
         self.received = False
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            # Made once for the plain answers of a kept-alive connection: llhttp reads one
+            # answer after another (and making one looks up its callbacks, three of which
+            # this class has not: an AttributeError raised and dropped each).
+            self.parser = httptools.HttpResponseParser(self)
         self._write(data)
         return self.deferred
 
@@ -135,6 +169,8 @@ class Connection(Protocol):
         # The deadline passed, or the client went away: the answer is no longer wanted,
         # and the connection, midway through it, cannot be used again.
         self.deferred = None
+        self.deadline = None
+        self.stop_timer()
         if self.exchange is not None:
             self.exchange.over = True  # (a cancel set off by a chunk: nothing more is read)
             self._stream_over()
@@ -142,13 +178,48 @@ class Connection(Protocol):
 
     def _finish(self, result) -> None:
         d, self.deferred = self.deferred, None
-        self.parser = None
+        self.deadline = None
         self.chunks = []  # an idle connection must not keep its last answer's body
         if d is not None:
             if isinstance(result, Failure):
                 d.errback(result)
             else:
                 d.callback(result)
+
+    # --- the timer ----------------------------------------------------------------
+
+    def rest(self, seconds: float) -> None:
+        """Kept alive, unused: closed after C{seconds} unless a request comes first."""
+        self.idle = True
+        timer = self.timer
+        if timer is None:
+            self.timer = self.client.reactor.callLater(seconds, self._timer_fired)
+        else:
+            timer.reset(seconds)  # (most often later than it was due: noted, not moved)
+
+    def stop_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        deadline = self.deadline
+        if deadline is not None and self.deferred is not None:
+            now = self.client.reactor.seconds()
+            if deadline > now:  # the idle time the timer had came first
+                self.timer = self.client.reactor.callLater(deadline - now, self._timer_fired)
+                return
+            # The deadline passed: the answer is no longer wanted, and the connection,
+            # midway through it, cannot be used again (as a cancel by addTimeout).
+            d, self.deferred = self.deferred, None
+            self.deadline = None
+            self.parser = None
+            self.chunks = []
+            self.transport.abortConnection()
+            d.errback(Failure(DeadlineExceeded(self.timeout, "Deferred")))
+        elif self.idle:
+            self.transport.loseConnection()
 
     # --- llhttp's callbacks ---------------------------------------------------
 
@@ -181,6 +252,7 @@ class Connection(Protocol):
         if self.size > self.limit:
             self.chunks = []
             self._finish(Failure(ResponseTooLarge(self.limit)))
+            self.stop_timer()
             self.transport.abortConnection()
             return
         self.chunks.append(body)
@@ -194,9 +266,15 @@ class Connection(Protocol):
     # --- the connection ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._received(data)
-        if self.writes is not None:
-            self.writes.event_done()  # the answer written to the client goes now
+        writes = self.writes
+        if writes is None:
+            self._received(data)
+            return
+        writes.event_begins()
+        try:
+            self._received(data)
+        finally:
+            writes.event_done()  # the answer written to the client goes now
 
     def _received(self, data: bytes) -> None:
         if self.exchange is not None:
@@ -212,6 +290,7 @@ class Connection(Protocol):
             parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._finish(Failure(ResponseFailed([Failure(e)])))
+            self.stop_timer()
             self.transport.abortConnection()
             return
         if self.complete and self.deferred is not None:
@@ -222,6 +301,7 @@ class Connection(Protocol):
             if keep:
                 self.client._release(self)
             else:
+                self.stop_timer()
                 self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
@@ -464,12 +544,15 @@ class LeanClient:
         # closed, not kept; a request after that (the model started again) opens it again.
         self.closed = False
 
-    def request(self, uri: bytes, data: bytes, limit: int, head=None) -> Deferred:
+    def request(self, uri: bytes, data: bytes, limit: int, head=None, timeout: float | None = None) -> Deferred:
         """
         Send C{data} (a whole request: request line, headers, body; or a sequence of
         its parts) to the server of C{uri}; fires with C{(Answer, body)}, C{body} at most
         C{limit} bytes (else L{ResponseTooLarge}). With C{head}, a stream (see the module's
         docstring): C{head(answer, transport)} says how the body is read once its headers are.
+        With C{timeout} (a plain request's), the whole exchange's deadline, connecting
+        included: past it, the request fails with Twisted's C{defer.TimeoutError} (as
+        C{Deferred.addTimeout}'s, L{deadline_passed}) and its connection is closed.
         """
         if self.closed:
             self.closed = False
@@ -480,20 +563,28 @@ class LeanClient:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection.idle_timer is not None and connection.idle_timer.active():
-                connection.idle_timer.cancel()
-            connection.idle_timer = None
+            connection.idle = False
             transport = connection.transport
             if getattr(transport, "connected", True) and not getattr(transport, "disconnecting", False):
                 if head is not None:
+                    connection.stop_timer()
                     return connection.stream(data, limit, head)
-                return connection.send(data, limit)
+                if timeout is None:
+                    connection.stop_timer()
+                # (Else its timer, the idle one, becomes the request's deadline.)
+                return connection.send(data, limit, timeout)
+            connection.stop_timer()
         endpoint = self.endpoint_factory.endpointForURI(parsed)
         factory = _QuietFactory.forProtocol(lambda: Connection(self, key))
         d = endpoint.connect(factory)
         if head is not None:
             return d.addCallback(lambda connection: connection.stream(data, limit, head))
-        return d.addCallback(lambda connection: connection.send(data, limit))
+        d.addCallback(lambda connection: connection.send(data, limit))
+        if timeout is not None:
+            # A new connection: the deadline covers the connecting too (a rare path: a
+            # DelayedCall of its own).
+            d.addTimeout(timeout, self.reactor, onTimeoutCancel=deadline_passed)
+        return d
 
     def _release(self, connection) -> None:
         idle = self._idle[connection.key]
@@ -501,12 +592,11 @@ class LeanClient:
             connection.transport.loseConnection()
             return
         idle.append(connection)
-        connection.idle_timer = self.reactor.callLater(self.idle_seconds, connection.transport.loseConnection)
+        connection.rest(self.idle_seconds)
 
     def _forget(self, connection) -> None:
-        if connection.idle_timer is not None and connection.idle_timer.active():
-            connection.idle_timer.cancel()
-        connection.idle_timer = None
+        connection.stop_timer()
+        connection.idle = False
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
@@ -516,11 +606,10 @@ class LeanClient:
         self.closed = True
         for idle in list(self._idle.values()):
             for connection in list(idle):
-                if connection.idle_timer is not None and connection.idle_timer.active():
-                    connection.idle_timer.cancel()
-                connection.idle_timer = None
+                connection.stop_timer()
+                connection.idle = False
                 connection.transport.loseConnection()
             idle.clear()
 
 
-__all__ = ["DRAIN_SECONDS", "Answer", "LeanClient", "ResponseTooLarge"]
+__all__ = ["DRAIN_SECONDS", "Answer", "LeanClient", "ResponseTooLarge", "deadline_passed"]

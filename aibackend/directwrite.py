@@ -21,6 +21,14 @@ busy the reactor is:
     the daemon); holding until the end of the turn keeps the batching a busy reactor
     gets for free.
 
+A turn's end is a C{callLater(0)}. A busy reactor needs one each turn; a quiet one sends
+at each event's end and needs it only to see whether it is still quiet, so for what a
+connection's event writes (between L{Writes.event_begins} and L{Writes.event_done}) it
+looks at one turn (the first, then one in L{LOOK_EVERY} holds) and makes no DelayedCall
+for the others: at concurrency 1 that was two DelayedCalls a request. What is written
+outside such an event (a timer's answer, a model process's output) always has its turn's
+end to be sent at.
+
 Whatever the reactor's mood, a stream's first chunk goes at once (L{flush}): the time to
 a stream's first token matters more than the one more C{send()}.
 
@@ -39,6 +47,8 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 
 LARGE = 65536
+# A quiet reactor looks at how busy its turn is at one hold in this many (see above).
+LOOK_EVERY = 16
 
 # What of a Twisted TCP connection this module reads (none of it is public API): if a
 # Twisted release has not all of it, held writes turn themselves off, saying so once.
@@ -57,8 +67,10 @@ class Writes:
         self.reactor = reactor
         self.held: list = []
         self.call = None
-        self.written = 0  # connections written to in this turn
-        self.busy = False  # the last turn wrote to more than one
+        self.written = 0  # connections written to in this turn (a turn looked at)
+        self.busy = False  # the last turn looked at wrote to more than one
+        self.unlooked = LOOK_EVERY - 1  # holds of a quiet reactor since it looked (the first is)
+        self.in_event = False  # a connection's event is being handled (its end calls event_done)
         # Once the reactor is stopping, what is written goes at once: the shutdown may
         # close every connection (disconnectAll) before another turn begins.
         self.stopping = False
@@ -76,12 +88,23 @@ class Writes:
             send(transport)
             return
         self.held.append(transport)
-        self.written += 1
         if self.call is None:
+            if not self.busy and self.in_event:
+                # Quiet: L{event_done} sends it; this turn's end is looked at now and then.
+                self.unlooked += 1
+                if self.unlooked < LOOK_EVERY:
+                    return
+                self.unlooked = 0
             self.call = self.reactor.callLater(0, self.end_of_turn)
+        self.written += 1
+
+    def event_begins(self) -> None:
+        """A connection's event is being handled; L{event_done} follows, whatever happens."""
+        self.in_event = True
 
     def event_done(self) -> None:
         """An event was handled: if the reactor is quiet, send what it wrote now."""
+        self.in_event = False
         if not self.busy and self.held:
             self.send_held()
 
@@ -89,6 +112,8 @@ class Writes:
         self.call = None
         self.busy = self.written > 1
         self.written = 0
+        if not self.busy:
+            self.unlooked = 0
         self.send_held()
 
     def send_held(self) -> None:

@@ -53,7 +53,7 @@ from zope.interface import alsoProvides, implementer
 
 from aibackend import __version__
 from aibackend.batching import BatchingModel, OneCall
-from aibackend.client import LeanClient, ResponseTooLarge
+from aibackend.client import LeanClient, ResponseTooLarge, deadline_passed
 from aibackend.config import expand_env, read_key_file
 from aibackend.destinations import DestinationDenied, GuardedEndpointFactory
 from aibackend.directwrite import LARGE
@@ -231,10 +231,6 @@ class ServerReadiness(PoolEvents):
             pending.cancel()
         elif pending is not None and pending.active():
             pending.cancel()
-
-
-def _deadline_passed(result, timeout):
-    raise DeadlineExceeded(timeout, "Deferred")
 
 
 @implementer(IBodyProducer)
@@ -618,7 +614,8 @@ class HttpModel(Service):
                 )
                 # A large body is written after its head, not copied into one string with it.
                 data = b"".join((*head, body)) if len(body) < LARGE else (b"".join(head), body)
-                d = self._lean.request(replica.uri, data, self.spec.max_response_bytes)
+                # The deadline is the lean client's to keep (on its connection's one timer).
+                d = self._lean.request(replica.uri, data, self.spec.max_response_bytes, timeout=left)
             else:
                 headers = Headers(self._headers)
                 headers.setRawHeaders(b"X-Request-Id", [context.request_id.encode("ascii")])
@@ -626,15 +623,33 @@ class HttpModel(Service):
                 d = self._client.request(context.method.decode("ascii"), url, data=body or None, headers=headers,
                                          allow_redirects=False, unbuffered=True)
                 d.addCallback(self._read)
+                # Cancelling the exchange fails it with whatever the client layer makes of
+                # the cancel (ResponseNeverReceived before the headers); past the deadline it
+                # is a 504.
+                d.addTimeout(left, self._clock, onTimeoutCancel=deadline_passed)
         except Exception:
             d = fail()  # counted in flight above: the outcome below uncounts it
-        # Cancelling the exchange fails it with whatever the client layer makes of the
-        # cancel (ResponseNeverReceived before the headers); past the deadline it is a 504.
-        d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
-        d.addBoth(self._replica_outcome, replica)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(context.path is not None,), errbackArgs=(replica,))
-        d.addBoth(self.limit.finished)
+        # The replica's outcome, the answer (or the failure) and the freed place, in one
+        # callback pair (L{_attempted}, L{_attempt_failed}), not three steps of the Deferred.
+        d.addCallbacks(self._attempted, self._attempt_failed, callbackArgs=(replica, context.path is not None),
+                       errbackArgs=(replica,))
         return d
+
+    def _attempted(self, result, replica: Replica, other_route: bool) -> ModelAnswer:
+        """An attempt's answer: counted for its replica, made a L{ModelAnswer}, its place freed."""
+        try:
+            self._replica_outcome(result, replica)
+            return self._answered(result, other_route)
+        finally:
+            self.limit.finished()
+
+    def _attempt_failed(self, failure, replica: Replica):
+        """An attempt's failure: counted for its replica, made the client's error, its place freed."""
+        try:
+            self._replica_outcome(failure, replica)
+            return self._failed(failure, replica)
+        finally:
+            self.limit.finished()
 
     def _route_head(self, replica: Replica, context) -> bytes | None:
         """
@@ -744,7 +759,7 @@ class HttpModel(Service):
                 d.addCallback(self._streaming, chunks, flow, error_chunks)
         except Exception:
             d = fail()
-        d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
+        d.addTimeout(left, self._clock, onTimeoutCancel=deadline_passed)
         d.addBoth(self._replica_outcome, replica)
         d.addCallbacks(self._stream_ended, self._failed, callbackArgs=(other_route,), errbackArgs=(replica,))
         d.addBoth(self.limit.finished)
@@ -1157,7 +1172,7 @@ class BatchingHttpModel(BatchingModel, HttpModel):
             d = self._lean.request(route.uri, data, self.spec.max_response_bytes)
         except Exception:
             d = fail()
-        d.addTimeout(left, self._clock, onTimeoutCancel=_deadline_passed)
+        d.addTimeout(left, self._clock, onTimeoutCancel=deadline_passed)
         d.addBoth(self._replica_outcome, replica)
         d.addCallbacks(self._answered, self._failed, errbackArgs=(replica,))
         d.addBoth(self.limit.finished)

@@ -146,8 +146,9 @@ def query_params(request) -> dict[str, list[str]]:
         return params
     try:
         text = query.decode("utf-8")
-        # Without a %-escape or a +, a part is as it is (unquote_plus would return it).
-        plain = b"%" not in query and b"+" not in query
+        # Without a %-escape or a +, a part is as it is (unquote_plus would return it). (In
+        # the text: CPython's `bytes in bytes` raises and clears a TypeError each time.)
+        plain = "%" not in text and "+" not in text
         for part in text.replace("?", "&").split("&"):
             if not part:
                 continue

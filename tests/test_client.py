@@ -111,6 +111,39 @@ def test_a_kept_alive_connection_is_used_again(client, endpoints, clock):
     assert transport.value() == REQUEST + REQUEST
 
 
+def test_a_kept_alive_connections_answers_one_after_another_are_each_read_whole(client, endpoints):
+    # One llhttp parser reads the plain answers of a kept-alive connection, one after
+    # another: none leaks into the next, whatever its framing and however it is split.
+    answers = [
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 200, b"{}"),
+        (b"HTTP/1.1 503 Busy\r\nRetry-After: 2\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1]\r\n0\r\n\r\n", 503,
+         b"[1]"),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ntrue",
+         201, b"true"),
+    ]
+    first, protocol, transport = answer(client, endpoints, answers[0][0])
+    assert result_of(first)[0].code == 200
+    for raw, code, body in answers * 2:
+        for split in (1, len(raw) // 2, len(raw) - 1):
+            d = client.request(URI, REQUEST, 1000)
+            protocol.dataReceived(raw[:split])
+            assert not has_fired(d)
+            protocol.dataReceived(raw[split:])
+            answer_, got = result_of(d)
+            assert (answer_.code, got) == (code, body), (raw, split)
+            assert answer_.headers.getRawHeaders(b"link") is None
+            assert (answer_.headers.getRawHeaders(b"retry-after") == [b"2"]) == (code == 503)
+    assert len(endpoints.made) == 1 and transport.connected
+    # A stream on it, then a plain answer again.
+    stream = client.request(URI, REQUEST, 1000, lambda answer, transport: None)
+    protocol.dataReceived(answers[1][0])
+    assert result_of(stream)[1] == b"[1]"
+    d = client.request(URI, REQUEST, 1000)
+    protocol.dataReceived(answers[0][0])
+    assert result_of(d)[1] == b"{}"
+    assert len(endpoints.made) == 1 and transport.connected
+
+
 def test_an_idle_connection_is_closed_after_a_while(client, endpoints, clock):
     d, protocol, transport = answer(client, endpoints, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     result_of(d)

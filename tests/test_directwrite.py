@@ -13,7 +13,7 @@ from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 
-from aibackend.directwrite import Writes, hold_writes
+from aibackend.directwrite import LOOK_EVERY, Writes, hold_writes
 
 
 class Recorder(protocol.Protocol):
@@ -359,3 +359,65 @@ async def test_flush_sends_what_is_held_at_once_even_on_a_busy_reactor(held):
     clock.advance(0)
     assert sends.calls[1:] == [b"data: second\n\n"]
     flush(StringTransport())  # a transport whose writes are not held: nothing to do
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_reactor_looks_at_one_turn_in_look_every_of_its_connections_events(held):
+    transport, peer, clock, writes, sends = held
+    timers = []
+    for index in range(2 * LOOK_EVERY + 1):
+        writes.event_begins()
+        transport.write(b"%d," % index)
+        timers.append(len(clock.getDelayedCalls()))
+        writes.event_done()
+        assert sends.calls[-1] == b"%d," % index  # sent at the event's end, looked at or not
+        clock.advance(0)
+    # The first turn is looked at, then one in LOOK_EVERY: the others make no DelayedCall.
+    assert [i for i, count in enumerate(timers) if count] == [0, LOOK_EVERY, 2 * LOOK_EVERY]
+    assert not writes.busy and clock.getDelayedCalls() == []
+    expected = b"".join(b"%d," % index for index in range(2 * LOOK_EVERY + 1))
+    assert await peer.until(len(expected)) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_reactor_whose_turn_writes_to_many_connections_becomes_busy_within_look_every(held):
+    transport, peer, clock, writes, sends = held
+    writes.event_begins()
+    transport.write(b"first")
+    writes.event_done()
+    clock.advance(0)  # the first turn, looked at: quiet
+    others = [StringTransport() for _ in range(LOOK_EVERY + 1)]
+    for other in others:  # one turn, an event for each connection
+        writes.event_begins()
+        writes.hold(other, b"x")  # (another connection's write, as hold_writes' write would do)
+        other._aibackend_held = None
+        writes.event_done()
+    clock.advance(0)
+    assert writes.busy
+    writes.event_begins()
+    transport.write(b"b")
+    writes.event_done()
+    assert sends.calls == [b"first"]  # busy: held until the turn ends
+    clock.advance(0)
+    assert sends.calls == [b"first", b"b"]
+    assert await peer.until(6) == b"firstb"
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_quiet_reactor_writes_outside_a_connections_event_goes_at_its_turns_end(held):
+    transport, peer, clock, writes, sends = held
+    writes.event_begins()
+    transport.write(b"a")
+    writes.event_done()
+    clock.advance(0)
+    writes.event_begins()
+    transport.write(b"b")  # a turn not looked at: no DelayedCall
+    assert clock.getDelayedCalls() == []
+    writes.event_done()
+
+    transport.write(b"c")  # a timer's write, say: no event_done follows
+
+    assert sends.calls == [b"a", b"b"] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert sends.calls == [b"a", b"b", b"c"]
+    assert await peer.until(3) == b"abc"

@@ -378,6 +378,87 @@ def test_a_model_that_answers_in_time_leaves_no_timer(clock, stub):
     assert clock.getDelayedCalls() == []
 
 
+def test_a_request_on_a_kept_alive_connection_times_out_at_its_deadline(clock):
+    # Its deadline is kept by the connection's one timer (the idle one, made sooner).
+    held = HeldModelServer()
+    model = make_model(clock, held, timeout=30)
+    first = send(model)
+    held.answer(0)
+    result_of(first)
+    clock.advance(50)  # idle for a while: the timer's idle time is 70 s away
+
+    d = send(model)
+    assert len(held.connections) == 1 and len(held.requests) == 2
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [clock.seconds() + 30]
+    clock.advance(29.9)
+    assert not has_fired(d) and not held.abandoned(1)
+
+    clock.advance(0.1)
+
+    error = failure_of(d, GatewayTimeout).value
+    assert "did not answer within 30 s" in error.message
+    assert held.abandoned(1)
+    assert clock.getDelayedCalls() == []
+    assert model.in_flight == 0
+
+
+def test_a_deadline_later_than_the_idle_time_left_is_kept_too(clock):
+    held = HeldModelServer()
+    model = make_model(clock, held, timeout=200)
+    first = send(model)
+    held.answer(0)
+    result_of(first)
+    clock.advance(100)  # 20 s of the idle 120 left, a deadline 200 s away
+
+    d = send(model)
+    clock.advance(20)
+    assert not has_fired(d) and not held.abandoned(1)  # the idle time passed: the request goes on
+    clock.advance(179.9)
+    assert not has_fired(d)
+    clock.advance(0.1)
+
+    failure_of(d, GatewayTimeout)
+    assert held.abandoned(1) and clock.getDelayedCalls() == []
+
+
+def test_an_answer_in_time_on_a_kept_alive_connection_leaves_its_idle_timer_only(clock):
+    held = HeldModelServer()
+    model = make_model(clock, held, timeout=5)
+    for index in range(3):
+        d = send(model)
+        clock.advance(1)
+        held.answer(index)
+        result_of(d)
+        # The idle timer, counted from the answer; the deadline gone with it.
+        assert [call.getTime() for call in clock.getDelayedCalls()] == [clock.seconds() + 120.0]
+    assert len(held.connections) == 1
+    clock.advance(120)  # unused for the idle time: closed
+    held.flush()
+    assert clock.getDelayedCalls() == []
+    d = send(model)
+    assert len(held.connections) == 2
+    held.answer(3)
+    result_of(d)
+    idle_connections_closed(model)
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelling_a_send_on_a_kept_alive_connection_leaves_no_timer(clock):
+    held = HeldModelServer()
+    model = make_model(clock, held, timeout=30)
+    first = send(model)
+    held.answer(0)
+    result_of(first)
+
+    d = send(model)
+    d.cancel()
+
+    failure_of(d)
+    assert held.abandoned(1)
+    assert clock.getDelayedCalls() == []
+    assert model.in_flight == 0
+
+
 def test_an_answered_connection_is_kept_alive_and_used_again(clock, stub, server):
     model = make_model(clock, stub, "/json")
 
