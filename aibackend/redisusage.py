@@ -18,8 +18,8 @@ In Redis, under the store's prefix (C{aibackend:} unless configured):
     C{latency_max} (the largest); it expires at its minute plus the retention
     (C{usage_retention_days}, C{EXPIREAT}): bounded without a sweep;
   - C{PREFIX}usage:index, a sorted set: each row's place, scored by its minute, which a
-    query reads by minute; trimmed past the retention (C{ZREMRANGEBYSCORE}) by the
-    recorder's hourly prune;
+    query reads L{PAGE_ROWS} rows at a time (however wide its range); trimmed past the
+    retention (C{ZREMRANGEBYSCORE}) by the recorder's hourly prune;
   - C{PREFIX}usage:written:WRITER, per recorder (a random id): the number of the last
     chunk of rows it added (expiring a day after its last write).
 
@@ -44,18 +44,20 @@ The C{aibackend_usage_*} metrics stay each process's own.
 from __future__ import annotations
 
 import json
+import math
 import secrets
+import time
 
 from zope.interface import implementer
 
 from aibackend.redisstore import StoreUnavailable
 from aibackend.usage import (
     CANCELLED, CLIENT_ERRORS, LATENCY_MAX, LATENCY_SUM, MAX_ROWS, OK, SERVER_ERRORS, TOKENS_IN, TOKENS_OUT,
-    IUsageStore, Selection, answer, iso, recorder_for,
+    QUERY_SECONDS, IUsageStore, Selection, answer, iso, recorder_for,
 )
 
 CHUNK = 500  # rows per script: Redis runs one in about a millisecond
-PAGE_SECONDS = 3600  # a query reads the index an hour of minutes at a time
+PAGE_ROWS = 1000  # a query reads the index this many rows at a time (and their hashes: one pipeline)
 WRITTEN_SECONDS = 86400  # how long a writer's last chunk number is kept after its last write
 FIELDS = ("requests", "client_errors", "server_errors", "cancelled", "tokens_in", "tokens_out", "latency_sum",
           "latency_max")
@@ -98,9 +100,11 @@ class RedisUsage:
 
     @param store: the L{aibackend.redisstore.RedisStore}: its Redis, prefix and options.
     @param retention_days: how long a row is kept (its hash expires then).
+    @param seconds: C{() -> float}, a monotonic clock read on the recorder's thread: when a
+        query's time is up (L{read}).
     """
 
-    def __init__(self, store, retention_days: float):
+    def __init__(self, store, retention_days: float, *, seconds=time.monotonic):
         self.store = store
         self.problems = store.failures
         self.retention = int(retention_days * 86400)
@@ -109,6 +113,7 @@ class RedisUsage:
         self.writer = secrets.token_hex(8)
         self._written_key = f"{self.prefix}written:{self.writer}"
         self._client = store.client()
+        self._seconds = seconds
         self._add = self._client.register_script(ADD)
 
     def _hash(self, member: str) -> str:
@@ -133,50 +138,66 @@ class RedisUsage:
         pipe.execute()
 
     def read(self, selection: Selection, now: float) -> dict:
-        """The fleet's rows that L{selection} asks for, summed as L{aibackend.usage.UsageDatabase.read} does."""
+        """
+        The fleet's rows that L{selection} asks for, summed as L{aibackend.usage.UsageDatabase.read} does.
+
+        The index is read L{PAGE_ROWS} rows at a time, by rank from where the page before
+        ended (not by hours of minutes: any range, since 1970 or until 9999, is as many
+        round trips as its rows make pages), each page's hashes in one pipeline.
+
+        @raise TimeoutError: the read took longer than L{aibackend.usage.QUERY_SECONDS}
+            (the recorder answered 503 already): the rest is not read.
+        """
+        deadline = self._seconds() + QUERY_SECONDS
         since = selection.since
         until = now if selection.until is None else selection.until
+        low = "-inf" if since is None else int(since // 60 * 60)  # (the index's scores are whole minutes)
         high = int(until)
-        if since is not None:
-            low = int(since // 60 * 60)
-        else:
-            first = self._client.zrange(self.index, 0, 0, withscores=True)
-            if not first:
-                return answer(selection, until, [], truncated=False, totals=None)
-            low = int(first[0][1])
+        skip, seen = 0, set()  # the ranks of score low that the pages before read, and their rows
         by_minute = selection.group == "minute"
-        sums: dict = {}  # (key, model) or (minute, key, model) -> figures
+        sums: dict = {}  # (key, model) -> figures
         rows: list = []  # by minute: the rows so far (at most MAX_ROWS + 1), in order
+        minutes: dict = {}  # by minute: (minute, key, model) -> figures, of the minutes not yet whole
         total = None
-        for start in range(low, high + 1, PAGE_SECONDS):
-            members = self._client.zrangebyscore(self.index, start, min(start + PAGE_SECONDS - 1, high))
+        while True:
+            members = self._client.zrangebyscore(self.index, low, high, start=skip, num=PAGE_ROWS,
+                                                 withscores=True)
             places = []
-            for member in members:
+            for member, _ in members:
+                if member in seen:  # read already: a row added since, ahead of it in the index, pushed it here
+                    continue
                 minute, key, model = json.loads(member)
                 if selection.key is not None and key != selection.key:
                     continue
                 if selection.model is not None and model != selection.model:
                     continue
                 places.append((minute, key, model, member))
-            if not places:
-                continue
-            pipe = self._client.pipeline(transaction=False)
-            for *_, member in places:
-                pipe.hmget(self._hash(member), FIELDS)
-            page: dict = {}
-            for (minute, key, model, _), found in zip(places, pipe.execute()):
-                if found[0] is None:  # expired since the index was read
-                    continue
-                figures = [int(value) for value in found[:6]] + [float(found[6]), float(found[7])]
-                total = _added(total, figures)
-                if by_minute:
-                    page[(minute, key, model)] = _added(page.get((minute, key, model)), figures)
-                else:
-                    sums[(key, model)] = _added(sums.get((key, model)), figures)
-            if by_minute and len(rows) <= MAX_ROWS:
-                rows += [({"key": key, "model": model, "minute": iso(minute)}, figures)
-                         for (minute, key, model), figures in sorted(page.items())]
-        if not by_minute:
+            if places:
+                pipe = self._client.pipeline(transaction=False)
+                for *_, member in places:
+                    pipe.hmget(self._hash(member), FIELDS)
+                for (minute, key, model, _), found in zip(places, pipe.execute()):
+                    if found[0] is None:  # expired since the index was read
+                        continue
+                    figures = [int(value) for value in found[:6]] + [float(found[6]), float(found[7])]
+                    total = _added(total, figures)
+                    if by_minute:
+                        minutes[(minute, key, model)] = _added(minutes.get((minute, key, model)), figures)
+                    else:
+                        sums[(key, model)] = _added(sums.get((key, model)), figures)
+            if len(members) < PAGE_ROWS:
+                break
+            last = int(members[-1][1])
+            if by_minute:  # the minutes before the page's last are whole: in order (not the index's)
+                rows += _in_order(minutes, rows, before=last)
+            at_last = {member for member, score in members if score == last}
+            skip, seen = (skip, seen) if last == low else (0, set())
+            skip, seen, low = skip + len(at_last), seen | at_last, last
+            if self._seconds() > deadline:
+                raise TimeoutError(f"the usage query did not finish within {QUERY_SECONDS:g} s")
+        if by_minute:
+            rows += _in_order(minutes, rows)
+        else:
             rows = [({"key": key, "model": model}, figures) for (key, model), figures in sorted(sums.items())]
         return answer(selection, until, rows, truncated=len(rows) > MAX_ROWS, totals=total)
 
@@ -189,6 +210,19 @@ class RedisUsage:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _in_order(minutes: dict, rows: list, before: float = math.inf) -> list:
+    """
+    The by-minute rows of C{minutes} before the minute C{before} (all: by default), taken out
+    of it, in order; none once C{rows} holds more than L{MAX_ROWS} (the answer is truncated).
+    """
+    done = sorted(place for place in minutes if place[0] < before)
+    taken = [(place, minutes.pop(place)) for place in done]
+    if len(rows) > MAX_ROWS:
+        return []
+    return [({"key": key, "model": model, "minute": iso(minute)}, figures)
+            for (minute, key, model), figures in taken]
 
 
 def _added(figures: list | None, more: list) -> list:

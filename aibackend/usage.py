@@ -37,7 +37,8 @@ next write, a second later, tries them again first, then what came meanwhile. On
 what is pending is written (waiting at most L{STOP_SECONDS}).
 
 The recorder (its file or connection, its thread) exists only while usage is on
-(L{UsageService}): C{usage = true}, or unset and the daemon has keys or limits.
+(L{UsageService}): C{usage = true}, or unset and the daemon has keys or limits (and for
+L{OFF_GRACE_SECONDS} after, for the requests still in flight when it turned off).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ MAX_PENDING_ROWS = 50_000  # (key, model, minute) rows in memory, pending or bei
 MAX_SERIES = 1000  # (key, model) series in /metrics
 STOP_SECONDS = 10.0  # how long stopping waits for the last write
 QUERY_SECONDS = 10.0  # how long a query waits for the store
+OFF_GRACE_SECONDS = 300.0  # how long a recorder turned off records the requests still in flight
 MAX_ROWS = 10_000  # rows one query answers
 BUSY_TIMEOUT_MS = 5000  # how long a write waits for another process's lock
 LATEST = 253402300740  # the last minute ISO 8601 says (9999-12-31T23:59:00Z): a bound on since and until
@@ -629,6 +631,12 @@ class UsageService(service.Service):
     usage is unset has none until it has a key or a limit, and none again once it has
     neither (L{aibackend.daemon.build_policy} says which).
 
+    Turned off, the recorder writes what is pending at once but is closed only
+    L{OFF_GRACE_SECONDS} later: the requests in flight then, admitted by the policy that
+    had it, settle meanwhile and their usage is kept. Turned on again within the grace,
+    it is the same recorder again; the service stopping closes it at once (the daemon's
+    drain has settled them).
+
     @param open_recorder: C{() -> UsageRecorder}, not started (L{open_usage}; the fleet's:
         L{aibackend.redisusage.open_redis_usage}); what it raises, L{on} raises.
     @ivar recorder: the recorder while usage is on, else None.
@@ -640,23 +648,43 @@ class UsageService(service.Service):
         self._open = open_recorder
         self.recorder: UsageRecorder | None = None
         self._closing: list = []  # the stops of the recorders turned off, not done yet
+        self._retiring = None  # (the recorder turned off, the timer of its stop) during the grace
         self._ended = False  # stopped: nothing is opened again
 
     def on(self) -> UsageRecorder | None:
         """The recorder, opened (and started, once the service is) if it was not; None once the service stopped."""
         if self.recorder is None and not self._ended:
+            if self._retiring is not None:  # turned off a moment ago: still open
+                (self.recorder, timer), self._retiring = self._retiring, None
+                timer.cancel()
+                return self.recorder
             self.recorder = self._open()
             if self.running:
                 self.recorder.start()
         return self.recorder
 
     def off(self) -> None:
-        """No recorder: the one there was writes what is pending and closes (its thread ended)."""
+        """
+        No recorder: the one there was writes what is pending now, and closes (its thread
+        ended) once the requests in flight have had L{OFF_GRACE_SECONDS} to settle.
+        """
         recorder, self.recorder = self.recorder, None
-        if recorder is not None:
-            d = recorder.stop()
-            self._closing.append(d)
-            d.addBoth(lambda _: self._closing.remove(d))
+        if recorder is None:
+            return
+        if not self.running:  # (never started, or stopping: nothing more to wait for)
+            self._stop(recorder)
+            return
+        recorder.flush()
+        self._retiring = (recorder, recorder.clock.callLater(OFF_GRACE_SECONDS, self._retired))
+
+    def _retired(self) -> None:
+        (recorder, _), self._retiring = self._retiring, None
+        self._stop(recorder)
+
+    def _stop(self, recorder: UsageRecorder) -> None:
+        d = recorder.stop()
+        self._closing.append(d)
+        d.addBoth(lambda _: self._closing.remove(d))
 
     def startService(self):
         super().startService()
@@ -667,6 +695,10 @@ class UsageService(service.Service):
         super().stopService()
         self._ended = True
         self.off()
+        if self._retiring is not None:
+            (recorder, timer), self._retiring = self._retiring, None
+            timer.cancel()
+            self._stop(recorder)
         return gatherResults(list(self._closing)).addCallback(lambda _: None)
 
 

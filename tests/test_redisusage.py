@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from aibackend.redisstore import RedisStore
 from aibackend.redisusage import RedisUsage
 from aibackend.testing import free_port
-from aibackend.usage import FILENAME, IUsageStore, Selection, UsageDatabase
+from aibackend.usage import FILENAME, QUERY_SECONDS, IUsageStore, Selection, UsageDatabase
 
 NOW = 1_800_000_000.0  # a minute's start: 2027-01-15T08:00:00Z
 _prefixes = itertools.count()
@@ -143,6 +143,26 @@ def test_a_failed_query_is_a_503(any_usage):
     assert error.status == 503 and error.headers == {"Retry-After": "1"} and "it failed" in error.message
 
 
+def test_a_query_over_the_widest_range_answers_as_a_narrow_one(any_usage, monkeypatch):
+    """since 1970 and until 9999 (what Selection accepts): the same rows, in the same order, as the rows' own range."""
+    monkeypatch.setattr("aibackend.redisusage.PAGE_ROWS", 2)  # (Redis: a minute's rows on three pages)
+    usage = any_usage()
+    # "a!" sorts before "a" in the index's members (the JSON text) but after it in the answer
+    usage.write({(key, model, NOW + 60 * n): figures(n + 1) for n in range(3) for key in ("a", "a!", "b")
+                 for model in ("m", "n")}, None, 1)
+    usage.write({("a", "m", NOW + 86400 * 200): figures(7)}, None, 2)
+    now = NOW + 86400 * 200 + 60
+    for group in ("total", "minute"):
+        narrow = read(usage, now, since=str(NOW), until=str(now), group=group)
+        wide = read(usage, now, since="1970-01-01T00:00:00Z", until="9999-12-31T23:59:00Z", group=group)
+        assert {**wide, "since": None, "until": None} == {**narrow, "since": None, "until": None}
+        assert read(usage, now, group=group)["usage"] == narrow["usage"]
+    assert narrow["count"] == 19 and narrow["totals"]["requests"] == 3 * 2 * 6 + 7
+    assert [(row["minute"][11:16], row["key"], row["model"]) for row in narrow["usage"][:6]] == [
+        ("08:00", "a", "m"), ("08:00", "a", "n"), ("08:00", "a!", "m"), ("08:00", "a!", "n"), ("08:00", "b", "m"),
+        ("08:00", "b", "n")]
+
+
 # --- Redis ---------------------------------------------------------------------------------
 
 
@@ -186,4 +206,68 @@ def test_a_redis_that_cannot_be_reached_is_one_of_the_stores_problems(open_redis
         usage.read(Selection(), NOW)
     error = usage.unavailable("ConnectionError: refused")
     assert (error.status, error.type) == (503, "store_unavailable")
+    usage.close()
+
+
+def counted_ranges(monkeypatch, usage, most=100) -> list:
+    """The index reads (ZRANGEBYSCORE) of C{usage}'s client, counted; past C{most} they fail (not run for hours)."""
+    calls = []
+    real = usage._client.zrangebyscore
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > most:
+            raise AssertionError(f"more than {most} ZRANGEBYSCORE round trips")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(usage._client, "zrangebyscore", counting)
+    return calls
+
+
+def test_a_query_over_any_range_reads_the_index_a_page_of_rows_at_a_time(redis_server, open_redis_store,
+                                                                         monkeypatch):
+    """Not an hour at a time: since 1970 or until 9999 is one round trip for a few rows, not millions."""
+    usage = RedisUsage(open_redis_store(redis_server.url), 30)
+    usage.write({("k", "a", NOW): figures(1), ("k", "a", NOW + 86400 * 20): figures(2)}, None, 1)
+    calls = counted_ranges(monkeypatch, usage)
+    server = redis_server.client()
+    for since, until in [(None, None), ("1970-01-01T00:00:00Z", None), (None, "9999-12-31T23:59:00Z"),
+                         ("1970-01-01T00:00:00Z", "9999-12-31T23:59:00Z")]:
+        for group in ("total", "minute"):
+            del calls[:]
+            commands = server.info("stats")["total_commands_processed"]
+            answer = read(usage, NOW + 86400 * 21, since=since, until=until, group=group)  # (read twice)
+            assert answer["totals"]["requests"] == 3
+            assert len(calls) == 2  # one page each read
+            assert server.info("stats")["total_commands_processed"] - commands <= 2 * 4 + 1
+    monkeypatch.setattr("aibackend.redisusage.PAGE_ROWS", 2)
+    usage.write({("k", "b", NOW + 60 * n): figures(1) for n in range(5)}, None, 2)  # 7 rows: 4 pages
+    del calls[:]
+    assert usage.read(Selection.parse(since="1970-01-01T00:00:00Z"), NOW + 86400 * 21)["totals"]["requests"] == 8
+    assert len(calls) == 4
+    usage.close()
+
+
+def test_a_minute_of_more_rows_than_a_page_is_read_whole(redis_server, open_redis_store, monkeypatch):
+    monkeypatch.setattr("aibackend.redisusage.PAGE_ROWS", 2)
+    usage = RedisUsage(open_redis_store(redis_server.url), 30)
+    usage.write({(f"k{n}", "a", NOW + 60 * (n // 5)): figures(n + 1) for n in range(10)}, None, 1)
+    answer = read(usage, NOW + 600, group="minute")
+    assert [(row["minute"][14:16], row["key"], row["requests"]) for row in answer["usage"]] == [
+        ("00", f"k{n}", n + 1) for n in range(5)] + [("01", f"k{n}", n + 1) for n in range(5, 10)]
+    assert answer["totals"]["requests"] == 55
+    usage.close()
+
+
+def test_a_query_stops_reading_once_its_time_is_up(redis_server, open_redis_store, monkeypatch):
+    """The recorder has stopped waiting (503 after QUERY_SECONDS): the thread does not read on behind it."""
+    monkeypatch.setattr("aibackend.redisusage.PAGE_ROWS", 1)
+    times = iter([0.0, 1.0, QUERY_SECONDS + 0.5])  # when the read starts, after its first page, its second
+    usage = RedisUsage(open_redis_store(redis_server.url), 30, seconds=lambda: next(times))
+    usage.write({("k", "a", NOW + 60 * n): figures(1) for n in range(5)}, None, 1)
+    calls = counted_ranges(monkeypatch, usage)
+    with pytest.raises(usage.problems) as raised:
+        usage.read(Selection(), NOW + 600)
+    assert len(calls) == 2 and "did not finish within 10 s" in str(raised.value)
+    assert usage.unavailable(str(raised.value)).status == 503
     usage.close()

@@ -23,8 +23,8 @@ from aibackend.config import ConfigError, parse_config
 from aibackend.policy import Call, Caller, IUsageRecorder, Policy, TokenCount
 from aibackend.testing import failure_of, has_fired, result_of
 from aibackend.usage import (
-    ANONYMOUS, FILENAME, FLUSH_SECONDS, OTHER, QUERY_SECONDS, STOP_SECONDS, IUsageReader, Selection,
-    UsageCollector, UsageDatabase, UsageRecorder, UsageUnavailable,
+    ANONYMOUS, FILENAME, FLUSH_SECONDS, OFF_GRACE_SECONDS, OTHER, QUERY_SECONDS, STOP_SECONDS, IUsageReader,
+    Selection, UsageCollector, UsageDatabase, UsageRecorder, UsageUnavailable,
 )
 
 ALICE = Caller("alice")
@@ -656,7 +656,8 @@ def test_a_since_in_the_future_is_a_400_that_says_why(clock, database, selection
     stopped(recorder)
 
 
-def test_the_usage_service_opens_the_recorder_only_when_on_and_closes_it_when_off(clock, tmp_path):
+def usage_service(clock, tmp_path):
+    """A started L{UsageService} of C{tmp_path}'s usage file (at L{NOW}), and the recorders it opens."""
     from aibackend.usage import UsageService
 
     opened = []
@@ -668,6 +669,11 @@ def test_the_usage_service_opens_the_recorder_only_when_on_and_closes_it_when_of
     clock.advance(NOW)
     usage = UsageService(open_recorder)
     usage.startService()
+    return usage, opened
+
+
+def test_the_usage_service_opens_the_recorder_only_when_on_and_closes_it_when_off(clock, tmp_path):
+    usage, opened = usage_service(clock, tmp_path)
     assert usage.recorder is None and opened == [] and not os.path.exists(tmp_path / FILENAME)
     usage.off()  # (off already: nothing)
     first = usage.on()
@@ -675,8 +681,9 @@ def test_the_usage_service_opens_the_recorder_only_when_on_and_closes_it_when_of
     first.record(ALICE, "a", 200, 0.1, None)
     usage.off()
     assert usage.recorder is None
-    # Written (it was started: the service runs), then closed.
+    # Written (it was started: the service runs), then closed once the requests in flight had their grace.
     assert [row[:4] for row in rows(tmp_path / FILENAME)] == [("alice", "a", NOW, 1)]
+    clock.advance(OFF_GRACE_SECONDS)
     with pytest.raises(sqlite3.ProgrammingError):
         first.database.read(Selection(), NOW)
     second = usage.on()
@@ -686,6 +693,40 @@ def test_the_usage_service_opens_the_recorder_only_when_on_and_closes_it_when_of
     assert usage.on() is None and opened == [first, second]  # (a key made while the daemon stops)
     with pytest.raises(sqlite3.ProgrammingError):
         second.database.read(Selection(), NOW)
+
+
+def test_the_usage_of_requests_in_flight_when_usage_turns_off_is_kept(clock, tmp_path):
+    """The last key deleted mid-request: the calls admitted before still hold the old policy, its recorder."""
+    usage, _ = usage_service(clock, tmp_path)
+    policy = Policy(usage=usage.on())
+    done, in_flight = Call(ALICE, "a", None, None), Call(BOB, "a", tokens(3, 4), None)
+    policy.settle(done, 200, 0.1)
+    usage.off()
+    assert usage.recorder is None
+    assert [row[:4] for row in rows(tmp_path / FILENAME)] == [("alice", "a", NOW, 1)]  # written at once
+    clock.advance(30)
+    policy.settle(in_flight, 200, 30.0)  # it ends: recorded, and written a second later
+    clock.advance(FLUSH_SECONDS)
+    assert [row[:4] + row[7:9] for row in rows(tmp_path / FILENAME)] == [("alice", "a", NOW, 1, 0, 0),
+                                                                         ("bob", "a", NOW, 1, 3, 4)]
+    clock.advance(OFF_GRACE_SECONDS - 30 - FLUSH_SECONDS)  # then it is closed (its thread ended)
+    assert clock.getDelayedCalls() == []
+    with pytest.raises(sqlite3.ProgrammingError):
+        policy.usage.database.read(Selection(), NOW)
+    result_of(usage.stopService())
+
+
+def test_usage_turned_on_again_before_the_grace_ends_takes_back_its_recorder(clock, tmp_path):
+    usage, opened = usage_service(clock, tmp_path)
+    first = usage.on()
+    usage.off()
+    assert usage.on() is first and opened == [first] and clock.getDelayedCalls() == []
+    usage.off()
+    assert clock.getDelayedCalls() != []
+    result_of(usage.stopService())  # the daemon stops meanwhile: closed at once, no timer left
+    assert clock.getDelayedCalls() == [] and usage.on() is None
+    with pytest.raises(sqlite3.ProgrammingError):
+        first.database.read(Selection(), NOW)
 
 
 def test_the_daemon_opens_the_recorder_once_keys_exist_and_closes_it_when_none_is_left(tmp_path):
