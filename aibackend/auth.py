@@ -318,8 +318,13 @@ class Guard:
         # no text made of an ASCII secret, as ours and most are.
         given = request.getHeader(b"authorization")
         if given:
-            scheme, _, value = given.partition(b" ")
-            if scheme.lower() == b"bearer":
+            if given.startswith(b"Bearer "):  # (the usual spelling: what partition and lower() find)
+                value = given[7:]
+            else:
+                scheme, _, value = given.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    value = None
+            if value is not None:
                 if value.isascii():
                     caller = keys.secret_caller(value.strip(_ASCII_SPACE))
                 else:

@@ -119,6 +119,9 @@ class Call:
             usage.record(self.caller, self.model_id, status, seconds, self.tokens)
 
 
+_new = object.__new__
+
+
 class ILimiter(Interface):
     """The limits of keys and models: requests and tokens per minute, concurrent requests."""
 
@@ -187,12 +190,18 @@ class Policy:
         if caller is not None and caller.models is not None:
             check_model(caller, model_id)
         limiter = self.limiter
-        if limiter is None:
-            return Call(caller, model_id, tokens, None, self)
-        admission = limiter.acquire(caller, entry, tokens)
+        admission = None if limiter is None else limiter.acquire(caller, entry, tokens)
         if self.asynchronous:
             return admission.addCallback(lambda admission: Call(caller, model_id, tokens, admission, self))
-        return Call(caller, model_id, tokens, admission, self)
+        # Call(caller, model_id, tokens, admission, self), without a call of its __init__ (every request's path).
+        call = _new(Call)
+        call.caller = caller
+        call.model_id = model_id
+        call.tokens = tokens
+        call.admission = admission
+        call.settled = False
+        call.policy = self
+        return call
 
     def admit_now(self, request, entry, tokens: TokenCount | None = None) -> Call | None:
         """L{admit}, at once whatever the limiter (an L{IAsyncLimiter}'s own limits: a fallback chain's attempts)."""

@@ -412,13 +412,14 @@ def _alive(pid: int) -> bool:
 class _Scope:
     """A key or a model, as the table knows it."""
 
-    __slots__ = ("kind", "name", "key", "what")
+    __slots__ = ("kind", "name", "key", "what", "offset")
 
     def __init__(self, kind: str, name: str):
         self.kind = kind
         self.name = name
         self.key = scope_hash(kind, name)
         self.what = f"{kind} {name!r}"
+        self.offset = None  # its row's offset, as last found (checked at each use: another name may take it)
 
 
 class Admission:
@@ -476,10 +477,15 @@ class Limiter:
             if model_limits is None:
                 return None
             if model_limits.max_concurrent is None and (tokens is None or model_limits.tpm is None):
-                return self._requests_only(self._models, "model", entry.model_id, model_limits, entry, tokens)
+                name = entry.model_id
+                try:
+                    scope = self._models[name]
+                except KeyError:
+                    scope = self._scope(self._models, "model", name)
+                return self._requests_only(scope, model_limits, entry, tokens)
         elif (model_limits is None and key_limits.max_concurrent is None
               and (tokens is None or key_limits.tpm is None)):
-            return self._requests_only(self._keys, "key", caller.name, key_limits, entry, tokens)
+            return self._requests_only(self._scope(self._keys, "key", caller.name), key_limits, entry, tokens)
         applied = []
         if key_limits is not None:
             applied.append((self._scope(self._keys, "key", caller.name), key_limits))
@@ -547,7 +553,7 @@ class Limiter:
             table.unlock()
         return Admission(held) if held else None
 
-    def _requests_only(self, scopes: dict, kind: str, name: str, limits: Limits, entry, tokens) -> None:
+    def _requests_only(self, scope: _Scope, limits: Limits, entry, tokens) -> None:
         """
         L{acquire} of a request that only the requests per minute of one scope (a key or
         a model) apply to: its GCRA time read and written, nothing held (so nothing to
@@ -556,10 +562,6 @@ class Limiter:
         rpm = limits.rpm
         if rpm is None:
             return None  # (tokens per minute, and no token count: nothing applies)
-        try:
-            scope = scopes[name]
-        except KeyError:
-            scope = self._scope(scopes, kind, name)
         key = scope.key
         table = self.table
         buffer = table.buffer
@@ -568,11 +570,11 @@ class Limiter:
         if shared:
             table.lock()
         try:
-            offset = table.found.get(key)
+            offset = scope.offset
             if offset is not None:
                 taken, requests_at = _HASH_REQUESTS.unpack_from(buffer, offset)
             if offset is None or taken != key:
-                offset = table.claim(key, now)
+                offset = scope.offset = table.claim(key, now)
                 if offset is None:
                     self._no_row(scope)
                     return None
