@@ -104,8 +104,22 @@ class Call:
         self.policy = policy
 
     def settle(self, status: int, seconds: float) -> None:
-        """The request has ended: settled by the policy that admitted it (once)."""
-        self.policy.settle(self, status, seconds)
+        """
+        The request has ended with C{status} after C{seconds}: settled by the policy that
+        admitted it (once): its limits settled, its usage recorded.
+        """
+        if self.settled:
+            return
+        self.settled = True
+        policy = self.policy
+        if self.admission is not None:
+            policy.limiter.release(self.admission, self.tokens)
+        usage = policy.usage
+        if usage is not None:
+            usage.record(self.caller, self.model_id, status, seconds, self.tokens)
+
+
+_new = object.__new__
 
 
 class ILimiter(Interface):
@@ -192,14 +206,21 @@ class Policy:
             return None
         caller = request.aibackend_caller
         model_id = entry.model_id
-        check_model(caller, model_id)
+        if caller is not None and caller.models is not None:
+            check_model(caller, model_id)
         limiter = self.limiter
-        if limiter is None:
-            return Call(caller, model_id, tokens, None, self)
-        admission = limiter.acquire(caller, entry, tokens)
+        admission = None if limiter is None else limiter.acquire(caller, entry, tokens)
         if self.asynchronous:
             return admission.addCallback(lambda admission: Call(caller, model_id, tokens, admission, self))
-        return Call(caller, model_id, tokens, admission, self)
+        # Call(caller, model_id, tokens, admission, self), without a call of its __init__ (every request's path).
+        call = _new(Call)
+        call.caller = caller
+        call.model_id = model_id
+        call.tokens = tokens
+        call.admission = admission
+        call.settled = False
+        call.policy = self
+        return call
 
     def admit_attempt(self, request, entry, tokens: TokenCount | None = None, key: bool = True):
         """
@@ -252,11 +273,6 @@ class Policy:
         return caller is not None and caller.limits is not None and caller.limits.tpm is not None
 
     def settle(self, call: Call, status: int, seconds: float) -> None:
-        """C{call} has ended with C{status} after C{seconds}: its limits settled, its usage recorded (once)."""
-        if call.settled:
-            return
-        call.settled = True
-        if call.admission is not None:
-            self.limiter.release(call.admission, call.tokens)
-        if self.usage is not None:
-            self.usage.record(call.caller, call.model_id, status, seconds, call.tokens)
+        """C{call} has ended with C{status} after C{seconds}: settled (once) by this policy."""
+        call.policy = self
+        call.settle(status, seconds)

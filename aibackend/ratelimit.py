@@ -133,6 +133,8 @@ MAGIC = b"AIBLIM01"
 HEADER = struct.Struct("<8sII")  # magic, rows, processes
 ROW = struct.Struct("<Qddq")
 _HASH = struct.Struct("<Q")
+_HASH_REQUESTS = struct.Struct("<Qd")  # a row's first two fields: its scope's hash, its requests' GCRA time
+_REQUESTS = struct.Struct("<d")
 _COUNT = struct.Struct("<i")
 ROWS = 8192
 # How many rows from its hash's place a name may take (and is looked for in).
@@ -238,6 +240,7 @@ class LimitTable:
         self.own = ROW.size + _COUNT.size * process  # this process's count, from a row's start
         self.path = path
         self.fd = fd
+        self.shared = lock is not None  # (else lock and unlock do nothing: callers may skip them)
         lock = lock if lock is not None else _NoLock()
         self.lock, self.unlock = lock.acquire, lock.release
         self.found: dict[int, int] = {}  # hash -> its row's offset, as last found (checked at each use)
@@ -409,13 +412,14 @@ def _alive(pid: int) -> bool:
 class _Scope:
     """A key or a model, as the table knows it."""
 
-    __slots__ = ("kind", "name", "key", "what")
+    __slots__ = ("kind", "name", "key", "what", "offset")
 
     def __init__(self, kind: str, name: str):
         self.kind = kind
         self.name = name
         self.key = scope_hash(kind, name)
         self.what = f"{kind} {name!r}"
+        self.offset = None  # its row's offset, as last found (checked at each use: another name may take it)
 
 
 class Admission:
@@ -468,8 +472,21 @@ class Limiter:
     def acquire(self, caller, entry, tokens):
         key_limits = caller.limits if caller is not None else None
         model_limits = entry.spec.limits
-        if key_limits is None and model_limits is None:
-            return None
+        # One scope whose limits here are requests per minute only (tpm counts a request
+        # with a token count only): what most requests are, taken by _requests_only.
+        if key_limits is None:
+            if model_limits is None:
+                return None
+            if model_limits.max_concurrent is None and (tokens is None or model_limits.tpm is None):
+                name = entry.model_id
+                try:
+                    scope = self._models[name]
+                except KeyError:
+                    scope = self._scope(self._models, "model", name)
+                return self._requests_only(scope, model_limits, entry, tokens)
+        elif (model_limits is None and key_limits.max_concurrent is None
+              and (tokens is None or key_limits.tpm is None)):
+            return self._requests_only(self._scope(self._keys, "key", caller.name), key_limits, entry, tokens)
         applied = []
         if key_limits is not None:
             applied.append((self._scope(self._keys, "key", caller.name), key_limits))
@@ -536,6 +553,42 @@ class Limiter:
         finally:
             table.unlock()
         return Admission(held) if held else None
+
+    def _requests_only(self, scope: _Scope, limits: Limits, entry, tokens) -> None:
+        """
+        L{acquire} of a request that only the requests per minute of one scope (a key or
+        a model) apply to: its GCRA time read and written, nothing held (so nothing to
+        release: None), no list or tuple made for it.
+        """
+        rpm = limits.rpm
+        if rpm is None:
+            return None  # (tokens per minute, and no token count: nothing applies)
+        key = scope.key
+        table = self.table
+        buffer = table.buffer
+        now = self.clock.seconds()
+        shared = table.shared
+        if shared:
+            table.lock()
+        try:
+            offset = scope.offset
+            if offset is not None:
+                taken, requests_at = _HASH_REQUESTS.unpack_from(buffer, offset)
+            if offset is None or taken != key:
+                offset = scope.offset = table.claim(key, now)
+                if offset is None:
+                    self._no_row(scope)
+                    return None
+                requests_at = _HASH_REQUESTS.unpack_from(buffer, offset)[1]
+            requests_at = (requests_at if requests_at > now else now) + MINUTE / rpm
+            if requests_at > now + MINUTE + _EPSILON:
+                raise self._refusal(scope, "rpm", limits, [(scope, limits)], entry, now,
+                                    tokens.reserve if tokens is not None else 0)
+            _REQUESTS.pack_into(buffer, offset + _HASH.size, requests_at)
+        finally:
+            if shared:
+                table.unlock()
+        return None
 
     def release(self, admission, tokens):
         used = tokens.used() if tokens is not None else None

@@ -413,36 +413,39 @@ class UsageRecorder:
 
     def record(self, caller, model_id: str, status: int, seconds: float, tokens) -> None:
         """One request ended (L{aibackend.policy.IUsageRecorder}): never blocks, never raises."""
+        # Every request's path: each figure added with as few steps as can be (subscripts,
+        # not get(); no token figures added for a request without a count).
         try:
             name = ANONYMOUS if caller is None else caller.name
-            if tokens is None:
-                prompt = completion = 0
-            else:
-                prompt = tokens.prompt or 0
-                completion = tokens.completion or 0
             outcome = OK if status < 400 else CANCELLED if status == errors.CLIENT_CLOSED else (
                 CLIENT_ERRORS if status < 500 else SERVER_ERRORS)
-            total = self.totals.get((name, model_id))
-            if total is None:
+            try:
+                total = self.totals[(name, model_id)]
+            except KeyError:
                 total = self._total(name, model_id)
             total[outcome] += 1
-            total[TOKENS_IN] += prompt
-            total[TOKENS_OUT] += completion
             total[LATENCY_SUM] += seconds
+            if tokens is not None:
+                prompt = tokens.prompt or 0
+                completion = tokens.completion or 0
+                total[TOKENS_IN] += prompt
+                total[TOKENS_OUT] += completion
             if self._stopped:
                 return
-            minute = int(self.clock.seconds() // 60) * 60
-            row = self._pending.get((name, model_id, minute))
-            if row is None:
-                row = self._row((name, model_id, minute))
+            where = (name, model_id, int(self.clock.seconds() // 60) * 60)
+            try:
+                row = self._pending[where]
+            except KeyError:
+                row = self._row(where)
                 if row is None:
                     return
             row[outcome] += 1
-            row[TOKENS_IN] += prompt
-            row[TOKENS_OUT] += completion
             row[LATENCY_SUM] += seconds
             if seconds > row[LATENCY_MAX]:
                 row[LATENCY_MAX] = seconds
+            if tokens is not None:
+                row[TOKENS_IN] += prompt
+                row[TOKENS_OUT] += completion
         except Exception:
             self.log.failure("usage: a request could not be recorded")
 

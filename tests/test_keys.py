@@ -12,7 +12,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyObject
 
-from aibackend.auth import Guard
+from aibackend.auth import Guard, bearer
 from aibackend.config import parse_config
 from aibackend.daemon import wire_policy
 from aibackend.errors import Unauthorized
@@ -377,6 +377,49 @@ def test_the_guard_names_the_caller():
     request = Request("anything")
     open_guard.check_client(request)  # no key exists: anyone may call, unnamed
     assert request.aibackend_caller is None
+
+
+class RawRequest:
+    """A request whose Authorization header is the bytes given (None: none)."""
+
+    aibackend_caller = None
+
+    def __init__(self, header):
+        self.header = header
+
+    def getHeader(self, name):
+        assert name == b"authorization"
+        return self.header
+
+
+def test_the_guard_reads_a_header_as_bearer_and_the_ring_do():
+    # The guard reads the header's bytes (its hot path); what it finds is what bearer()'s
+    # text and KeyRing.caller() find, whatever the spelling, the spaces, or bytes past ASCII.
+    stored_secret = new_secret("0123456789ab")
+    ring = KeyRing([CONFIGURED, "cl\u00e9-0123456789abcdef"], ADMIN_TOKEN)
+    ring.replace([KeyRecord(key_id="0123456789ab", name="team-a", models=None, limits=None, created=0.0,
+                            digest=digest(stored_secret))])
+    guard = Guard(ADMIN_TOKEN, LOOPBACK, keys=ring)
+    secrets = [CONFIGURED, ADMIN_TOKEN, stored_secret, "wrong-0123456789", "", stored_secret[:-1] + "x"]
+    headers = [b"Bearer " + b"cl\xe9-0123456789abcdef", "Bearer cl\u00e9-0123456789abcdef".encode(), b"Bearer",
+               b"Basic " + CONFIGURED.encode(), b"Bearer\t" + CONFIGURED.encode(), b"", None]
+    for secret in secrets:
+        for spelling in (b"Bearer ", b"bearer ", b"BEARER  ", b"Bearer \x1f", b"Bearer \t"):
+            headers.append(spelling + secret.encode() + b" \x1c")
+            headers.append(spelling + secret.encode())
+    found = set()
+    for header in headers:
+        request = RawRequest(header)
+        given = bearer(request)
+        expected = None if given is None else ring.caller(given)
+        try:
+            guard.check_client(request)
+        except Unauthorized:
+            assert expected is None, header
+        else:
+            assert request.aibackend_caller is expected is not None, header
+            found.add(expected.name)
+    assert found == {"config-1", "config-2", "admin", "team-a"}
 
 
 # --- a key's models on every front door ---------------------------------------------------------
