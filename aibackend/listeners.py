@@ -347,7 +347,8 @@ class _Inbox:
     """
     A worker's end of its link (see L{_Link}): adopts each connection the primary hands
     it, says C{+} for each (once a read) and C{-} for each that ended (held back while the
-    primary reads none, sent with the next).
+    primary reads none, sent with the next). Its last read (on stop, or at the link's end)
+    says what it took before the link closes.
     """
 
     log = Logger()
@@ -373,7 +374,7 @@ class _Inbox:
                 families, fds, flags = b"", [], 0
             if not families and not fds:  # the primary is gone (its stdin says so too) or stopped handing
                 self.listener.reactor.removeReader(self)
-                return
+                break  # (what was taken is said first: a stopping worker's last read ends here)
             for index, fd in enumerate(fds):
                 family = families[index] if index < len(families) else families[-1]
                 self.unsent += b"+"
@@ -430,7 +431,8 @@ class SharedListener(service.Service):
     served by the primary, not reset. A worker that has not taken L{MAX_UNREAD} of what it
     was sent (stopped, hung), or whose link is full, is passed over. Stopping a worker
     first shuts its end for reading (what the primary sends after that fails, and is served
-    elsewhere), then takes what was sent. On stop, the primary serves what waits in its
+    elsewhere), then takes what was sent, and says so (the primary, at the link's end,
+    serves only what it did not take). On stop, the primary serves what waits in its
     socket's queue itself, then closes it; its workers (stopped after it) serve what they
     were sent. A primary whose reactor is stopped (or busy) leaves new connections in the
     listen queue until it runs: the connections handed before are its workers' to serve.
@@ -608,7 +610,7 @@ class SharedListener(service.Service):
             self._acceptor = None
         if self._inbox is not None:
             # What the primary sends from now on fails there (and is served elsewhere); what
-            # it sent before is served here.
+            # it sent before is taken (and said so, for the primary not to serve it too).
             try:
                 self.socket.shutdown(socket.SHUT_RD)
             except OSError:

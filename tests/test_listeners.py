@@ -462,3 +462,38 @@ def test_an_accept_that_fails_is_said_once_until_one_succeeds():
     warnings = [event for event in said if "cannot accept" in event.get("log_format", "")]
     assert [event["why"] for event in warnings] == ["Too many open files"] * 2
     assert len(reactor.channels) == 1
+
+
+# --- a worker and its primary, both sides (review findings of session 20) ----------------------
+
+
+def primary_and_worker():
+    """A primary's listener with worker 1 ready (and seeming the emptier, always), and that worker's listener."""
+    reactor, listener, ends = started(processes=2, ready=(1,))
+    listener.links[1].open = -10 ** 6
+    worker_reactor = AdoptingReactor()
+    worker = SharedListener.adopted(worker_reactor, site(), os.dup(ends[1].fileno()), socket.AF_INET, LOOPBACK)
+    ends[1].close()
+    worker.privilegedStartService()
+    worker.startService()
+    (inbox,) = worker_reactor.readers
+    return reactor, listener, worker_reactor, worker, inbox
+
+
+def test_a_worker_stopping_says_what_it_took_so_the_primary_does_not_serve_it_too():
+    # SIGTERM to a worker with a connection in its link: it takes it on stop, and says so
+    # before its link ends (else the primary, at the link's end, served it as well).
+    reactor, listener, worker_reactor, worker, inbox = primary_and_worker()
+    clients = connect(listener, 1)
+    try:
+        accept(reactor, listener)
+        assert reactor.channels == [] and len(listener.links[1].unread) == 1
+        worker.stopService()
+        assert len(worker_reactor.channels) == 1  # taken on stop, served there
+        links_read(reactor, listener)  # what it said, then the end of its link
+        assert listener.links == {}
+        assert reactor.channels == []  # not served twice
+    finally:
+        listener.stopService()
+        close_all(clients)
+
