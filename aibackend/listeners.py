@@ -177,6 +177,10 @@ _LINK_FULL = (errno.EAGAIN, errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM)
 MAX_UNREAD = 128
 # Most connections accepted in one turn of the reactor (as Twisted's own ports do).
 MAX_ACCEPTS = 64
+# What a worker says on its link, a byte each: it took the oldest connection it was sent
+# and not yet answered; that one's descriptor was cut off (its file limit: the primary
+# serves it); one it took ended.
+TOOK, CUT_OFF, ENDED = b"+", b"!", b"-"
 
 
 class _Adopting:
@@ -209,7 +213,9 @@ class _Link:
     """
     The primary's end of a worker's link (a Unix socket pair): each connection handed to
     the worker goes as one byte (its address family) with its file descriptor
-    (C{SCM_RIGHTS}); the worker says C{+} for each it took and C{-} for each that ended.
+    (C{SCM_RIGHTS}); the worker answers each in order, C{+} (it took it) or C{!} (its
+    descriptor was cut off there, at the worker's file limit: the primary serves it), and
+    says C{-} for each it took that ended.
 
     The primary keeps its copy of each connection until the worker has said it took it
     (C{unread}): if the worker ends first, what it never read is served by the primary
@@ -263,9 +269,16 @@ class _Link:
                 said = b""
             if not said:
                 return False
-            for _ in range(min(said.count(b"+"), len(self.unread))):
-                self.unread.popleft().close()
-            self.open = max(0, self.open - said.count(b"-"))
+            for answer in said:  # (a byte each: in order, one a connection handed, one an end)
+                if answer == ENDED[0]:
+                    self.open = max(0, self.open - 1)
+                elif not self.unread:
+                    continue
+                elif answer == TOOK[0]:
+                    self.unread.popleft().close()  # the worker has it
+                elif answer == CUT_OFF[0]:
+                    self.open = max(0, self.open - 1)  # it never held it: served here
+                    self.listener._serve(self.unread.popleft())
 
     def connectionLost(self, reason):
         pass
@@ -346,9 +359,10 @@ class _Acceptor:
 class _Inbox:
     """
     A worker's end of its link (see L{_Link}): adopts each connection the primary hands
-    it, says C{+} for each (once a read) and C{-} for each that ended (held back while the
-    primary reads none, sent with the next). Its last read (on stop, or at the link's end)
-    says what it took before the link closes.
+    it, answers each (C{+}, or C{!} for one whose descriptor was cut off: a byte a
+    connection, so that the primary's matching stays in step; once a read) and says C{-}
+    for each that ended (held back while the primary reads none, sent with the next). Its
+    last read (on stop, or at the link's end) says what it took before the link closes.
     """
 
     log = Logger()
@@ -375,21 +389,28 @@ class _Inbox:
             if not families and not fds:  # the primary is gone (its stdin says so too) or stopped handing
                 self.listener.reactor.removeReader(self)
                 break  # (what was taken is said first: a stopping worker's last read ends here)
-            for index, fd in enumerate(fds):
-                family = families[index] if index < len(families) else families[-1]
-                self.unsent += b"+"
+            # One answer a connection handed (a byte each): the primary matches them in order.
+            for index, family in enumerate(families):
+                if index >= len(fds):
+                    self.unsent += CUT_OFF  # its descriptor never came (our file limit): the primary serves it
+                    continue
+                self.unsent += TOOK
                 try:
-                    _adopt(self.listener.reactor, fd, family, self.listener.adopting)
+                    _adopt(self.listener.reactor, fds[index], family, self.listener.adopting)
                 except Exception:
                     self.log.failure("adopting a connection the primary handed")
-                    self.unsent += b"-"
+                    self.unsent += ENDED
+            for fd in fds[len(families):]:  # (never: each descriptor comes with its byte)
+                os.close(fd)
             if flags & socket.MSG_CTRUNC:
-                self.log.error("aibackend worker: connections the primary handed were cut off its link")
+                self.log.error("aibackend worker: {count} connection(s) the primary handed were cut off its link "
+                               "(too many files open here?): served by the primary",
+                               count=max(0, len(families) - len(fds)))
         self.flush()
 
     def ended(self, channel) -> None:
         """One of the connections handed here ended: say so."""
-        self.unsent += b"-"
+        self.unsent += ENDED
         self.flush()
 
     def flush(self) -> None:

@@ -497,3 +497,42 @@ def test_a_worker_stopping_says_what_it_took_so_the_primary_does_not_serve_it_to
         listener.stopService()
         close_all(clients)
 
+
+def test_a_connection_cut_off_a_workers_link_is_served_by_the_primary_and_the_answers_stay_aligned():
+    # The worker at its file limit: the descriptor of A is dropped by the kernel (MSG_CTRUNC),
+    # its byte comes. The worker says so; the primary serves A, and B's answer is B's.
+    resource = pytest.importorskip("resource")
+    reactor, listener, worker_reactor, worker, inbox = primary_and_worker()
+    clients = connect(listener, 1)
+    try:
+        accept(reactor, listener)  # A, handed
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))  # no descriptor more can be opened
+        try:
+            inbox.doRead()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert worker_reactor.channels == []
+        links_read(reactor, listener)
+        link = listener.links[1]
+        assert len(reactor.channels) == 1 and not link.unread  # A: served by the primary
+        link.open = -10 ** 6
+        clients += connect(listener, 1)
+        accept(reactor, listener)  # B, handed
+        inbox.doRead()
+        links_read(reactor, listener)
+        assert len(worker_reactor.channels) == 1 and not link.unread  # B: the worker's, the primary's copy closed
+        clients[0].setblocking(False)
+        assert not _closed(clients[0])  # A is open (served), not closed for B's answer
+        worker_reactor.held[0].close()  # the worker ends B
+        worker.site.connection_lost(worker_reactor.channels[0])
+        links_read(reactor, listener)
+        clients[1].setblocking(False)
+        assert _closed(clients[1])  # no copy of B left in the primary
+    finally:
+        worker.stopService()
+        listener.stopService()
+        close_all(clients)
+
