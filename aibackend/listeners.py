@@ -18,7 +18,7 @@ from collections import deque
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReadDescriptor
@@ -177,6 +177,10 @@ _LINK_FULL = (errno.EAGAIN, errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM)
 MAX_UNREAD = 128
 # Most connections accepted in one turn of the reactor (as Twisted's own ports do).
 MAX_ACCEPTS = 64
+# Longest a stop waits for the connections it took (that waited in the listen queue, or
+# on a worker's link) to end: their requests are read and answered meanwhile (a client
+# that keeps its connection after the answer has it closed by the reactor's shutdown).
+STOP_SERVE_SECONDS = 1.0
 # What a worker says on its link, a byte each: it took the oldest connection it was sent
 # and not yet answered; that one's descriptor was cut off (its file limit: the primary
 # serves it); one it took ended.
@@ -455,8 +459,11 @@ class SharedListener(service.Service):
     elsewhere), then takes what was sent, and says so (the primary, at the link's end,
     serves only what it did not take). On stop, the primary serves what waits in its
     socket's queue itself, then closes it; its workers (stopped after it) serve what they
-    were sent. A primary whose reactor is stopped (or busy) leaves new connections in the
-    listen queue until it runs: the connections handed before are its workers' to serve.
+    were sent. What a stop takes so is served: the stop's Deferred fires once those
+    connections have ended, or after L{STOP_SERVE_SECONDS} (twistd's shutdown waits for
+    it, as for the requests the models drain; then the reactor closes what is left). A
+    primary whose reactor is stopped (or busy) leaves new connections in the listen queue
+    until it runs: the connections handed before are its workers' to serve.
     """
 
     log = Logger()
@@ -478,6 +485,8 @@ class SharedListener(service.Service):
         self._acceptor = None
         self._inbox = None
         self._turn = 0
+        self._stopping = None  # on stop: (the connections taken then, fired once they have ended)
+        self._stopping_call = None
 
     @classmethod
     def bound(cls, reactor, factory, description: str, processes: int = 2) -> SharedListener:
@@ -622,9 +631,21 @@ class SharedListener(service.Service):
             self.here.discard(channel)
             if self._inbox is not None:
                 self._inbox.ended(channel)
+            if self._stopping is not None:
+                caught, _ = self._stopping
+                caught.discard(channel)
+                if not caught:
+                    self._served()
 
     def stopService(self):
+        """
+        Stop handing and taking connections; what waits in the listen queue (the primary)
+        or was sent on the link (a worker) is taken here and served: the Deferred returned
+        fires once those connections have ended, or after L{STOP_SERVE_SECONDS} (a client
+        that keeps its connection after its answer), None when there were none.
+        """
         super().stopService()
+        before = set(self.here)
         if self._acceptor is not None:
             self.reactor.removeReader(self._acceptor)
             self._acceptor.drain()  # closing resets what waits in the queue: served here
@@ -643,13 +664,33 @@ class SharedListener(service.Service):
             self._drop(number, unread=False)  # the workers stop after: they serve what they were sent
         for number in list(self._children):
             self._closed_child(number)
+        if self.socket is not None:
+            self.socket.close()
+        caught = self.here - before
+        if not caught:
+            self._stopped()
+            return None
+        self._stopping = (caught, Deferred())
+        self._stopping_call = self.reactor.callLater(STOP_SERVE_SECONDS, self._served)
+        return self._stopping[1]
+
+    def _served(self) -> None:
+        """What was taken on stop has ended (or its time is up): the stop is done."""
+        stopping, self._stopping = self._stopping, None
+        if stopping is None:
+            return
+        call, self._stopping_call = self._stopping_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._stopped()
+        stopping[1].callback(None)
+
+    def _stopped(self) -> None:
         if isinstance(self.site, AibackendSite) and self._ended in self.site.on_connection_lost:
             self.site.on_connection_lost.remove(self._ended)
         if self.socket is not None:
-            self.socket.close()
             self.socket = None
             self.factory.doStop()
-        return None
 
 
 def _address(family: int, name):

@@ -14,7 +14,7 @@ import socket
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.web.resource import Resource
 
 from aibackend.listeners import MAX_ACCEPTS, SharedListener, StartupError, listening_socket
@@ -23,7 +23,7 @@ from aibackend.server import AibackendSite
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
-class AdoptingReactor(MemoryReactor):
+class AdoptingReactor(MemoryReactorClock):
     """
     A MemoryReactor that, as a reactor does, builds each adopted connection's protocol
     (C{channels}) and keeps a copy of its socket (C{held}, closed after the test).
@@ -536,3 +536,49 @@ def test_a_connection_cut_off_a_workers_link_is_served_by_the_primary_and_the_an
         listener.stopService()
         close_all(clients)
 
+
+def test_a_stop_waits_for_what_it_took_from_the_queue_to_end():
+    reactor, listener, ends = started(processes=2, ready=(1,))
+    clients = connect(listener, 2)
+    try:
+        stopped = listener.stopService()
+        assert len(reactor.channels) == 2
+        done = []
+        stopped.addCallback(done.append)
+        listener.site.connection_lost(reactor.channels[0])
+        assert done == []  # one is still being served
+        listener.site.connection_lost(reactor.channels[1])
+        assert done == [None] and reactor.getDelayedCalls() == []
+        assert listener._ended not in listener.site.on_connection_lost
+    finally:
+        close_all(clients, ends.values())
+
+
+def test_a_stop_waits_at_most_stop_serve_seconds():
+    from aibackend.listeners import STOP_SERVE_SECONDS
+
+    reactor, listener, worker_reactor, worker, inbox = primary_and_worker()
+    clients = connect(listener, 1)
+    try:
+        accept(reactor, listener)
+        stopped = worker.stopService()  # a worker: what was on its link, taken on stop
+        assert len(worker_reactor.channels) == 1
+        done = []
+        stopped.addCallback(done.append)
+        worker_reactor.advance(STOP_SERVE_SECONDS - 0.01)
+        assert done == []
+        worker_reactor.advance(0.01)  # its client kept it after the answer: the reactor's shutdown closes it
+        assert done == [None] and worker_reactor.getDelayedCalls() == []
+        assert worker._ended not in worker.site.on_connection_lost
+    finally:
+        listener.stopService()
+        close_all(clients)
+
+
+def test_a_stop_with_nothing_taken_is_done_at_once():
+    reactor, listener, ends = started(processes=2, ready=(1,))
+    try:
+        assert listener.stopService() is None
+        assert reactor.getDelayedCalls() == []
+    finally:
+        close_all(ends.values())
