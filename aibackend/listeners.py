@@ -18,7 +18,7 @@ from collections import deque
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReadDescriptor
@@ -177,6 +177,14 @@ _LINK_FULL = (errno.EAGAIN, errno.ETOOMANYREFS, errno.ENOBUFS, errno.ENOMEM)
 MAX_UNREAD = 128
 # Most connections accepted in one turn of the reactor (as Twisted's own ports do).
 MAX_ACCEPTS = 64
+# Longest a stop waits for the connections it took (that waited in the listen queue, or
+# on a worker's link) to end: their requests are read and answered meanwhile (a client
+# that keeps its connection after the answer has it closed by the reactor's shutdown).
+STOP_SERVE_SECONDS = 1.0
+# What a worker says on its link, a byte each: it took the oldest connection it was sent
+# and not yet answered; that one's descriptor was cut off (its file limit: the primary
+# serves it); one it took ended.
+TOOK, CUT_OFF, ENDED = b"+", b"!", b"-"
 
 
 class _Adopting:
@@ -209,7 +217,9 @@ class _Link:
     """
     The primary's end of a worker's link (a Unix socket pair): each connection handed to
     the worker goes as one byte (its address family) with its file descriptor
-    (C{SCM_RIGHTS}); the worker says C{+} for each it took and C{-} for each that ended.
+    (C{SCM_RIGHTS}); the worker answers each in order, C{+} (it took it) or C{!} (its
+    descriptor was cut off there, at the worker's file limit: the primary serves it), and
+    says C{-} for each it took that ended.
 
     The primary keeps its copy of each connection until the worker has said it took it
     (C{unread}): if the worker ends first, what it never read is served by the primary
@@ -263,9 +273,16 @@ class _Link:
                 said = b""
             if not said:
                 return False
-            for _ in range(min(said.count(b"+"), len(self.unread))):
-                self.unread.popleft().close()
-            self.open = max(0, self.open - said.count(b"-"))
+            for answer in said:  # (a byte each: in order, one a connection handed, one an end)
+                if answer == ENDED[0]:
+                    self.open = max(0, self.open - 1)
+                elif not self.unread:
+                    continue
+                elif answer == TOOK[0]:
+                    self.unread.popleft().close()  # the worker has it
+                elif answer == CUT_OFF[0]:
+                    self.open = max(0, self.open - 1)  # it never held it: served here
+                    self.listener._serve(self.unread.popleft())
 
     def connectionLost(self, reason):
         pass
@@ -346,8 +363,10 @@ class _Acceptor:
 class _Inbox:
     """
     A worker's end of its link (see L{_Link}): adopts each connection the primary hands
-    it, says C{+} for each (once a read) and C{-} for each that ended (held back while the
-    primary reads none, sent with the next).
+    it, answers each (C{+}, or C{!} for one whose descriptor was cut off: a byte a
+    connection, so that the primary's matching stays in step; once a read) and says C{-}
+    for each that ended (held back while the primary reads none, sent with the next). Its
+    last read (on stop, or at the link's end) says what it took before the link closes.
     """
 
     log = Logger()
@@ -373,22 +392,29 @@ class _Inbox:
                 families, fds, flags = b"", [], 0
             if not families and not fds:  # the primary is gone (its stdin says so too) or stopped handing
                 self.listener.reactor.removeReader(self)
-                return
-            for index, fd in enumerate(fds):
-                family = families[index] if index < len(families) else families[-1]
-                self.unsent += b"+"
+                break  # (what was taken is said first: a stopping worker's last read ends here)
+            # One answer a connection handed (a byte each): the primary matches them in order.
+            for index, family in enumerate(families):
+                if index >= len(fds):
+                    self.unsent += CUT_OFF  # its descriptor never came (our file limit): the primary serves it
+                    continue
+                self.unsent += TOOK
                 try:
-                    _adopt(self.listener.reactor, fd, family, self.listener.adopting)
+                    _adopt(self.listener.reactor, fds[index], family, self.listener.adopting)
                 except Exception:
                     self.log.failure("adopting a connection the primary handed")
-                    self.unsent += b"-"
+                    self.unsent += ENDED
+            for fd in fds[len(families):]:  # (never: each descriptor comes with its byte)
+                os.close(fd)
             if flags & socket.MSG_CTRUNC:
-                self.log.error("aibackend worker: connections the primary handed were cut off its link")
+                self.log.error("aibackend worker: {count} connection(s) the primary handed were cut off its link "
+                               "(too many files open here?): served by the primary",
+                               count=max(0, len(families) - len(fds)))
         self.flush()
 
     def ended(self, channel) -> None:
         """One of the connections handed here ended: say so."""
-        self.unsent += b"-"
+        self.unsent += ENDED
         self.flush()
 
     def flush(self) -> None:
@@ -430,10 +456,14 @@ class SharedListener(service.Service):
     served by the primary, not reset. A worker that has not taken L{MAX_UNREAD} of what it
     was sent (stopped, hung), or whose link is full, is passed over. Stopping a worker
     first shuts its end for reading (what the primary sends after that fails, and is served
-    elsewhere), then takes what was sent. On stop, the primary serves what waits in its
+    elsewhere), then takes what was sent, and says so (the primary, at the link's end,
+    serves only what it did not take). On stop, the primary serves what waits in its
     socket's queue itself, then closes it; its workers (stopped after it) serve what they
-    were sent. A primary whose reactor is stopped (or busy) leaves new connections in the
-    listen queue until it runs: the connections handed before are its workers' to serve.
+    were sent. What a stop takes so is served: the stop's Deferred fires once those
+    connections have ended, or after L{STOP_SERVE_SECONDS} (twistd's shutdown waits for
+    it, as for the requests the models drain; then the reactor closes what is left). A
+    primary whose reactor is stopped (or busy) leaves new connections in the listen queue
+    until it runs: the connections handed before are its workers' to serve.
     """
 
     log = Logger()
@@ -455,6 +485,8 @@ class SharedListener(service.Service):
         self._acceptor = None
         self._inbox = None
         self._turn = 0
+        self._stopping = None  # on stop: (the connections taken then, fired once they have ended)
+        self._stopping_call = None
 
     @classmethod
     def bound(cls, reactor, factory, description: str, processes: int = 2) -> SharedListener:
@@ -599,16 +631,28 @@ class SharedListener(service.Service):
             self.here.discard(channel)
             if self._inbox is not None:
                 self._inbox.ended(channel)
+            if self._stopping is not None:
+                caught, _ = self._stopping
+                caught.discard(channel)
+                if not caught:
+                    self._served()
 
     def stopService(self):
+        """
+        Stop handing and taking connections; what waits in the listen queue (the primary)
+        or was sent on the link (a worker) is taken here and served: the Deferred returned
+        fires once those connections have ended, or after L{STOP_SERVE_SECONDS} (a client
+        that keeps its connection after its answer), None when there were none.
+        """
         super().stopService()
+        before = set(self.here)
         if self._acceptor is not None:
             self.reactor.removeReader(self._acceptor)
             self._acceptor.drain()  # closing resets what waits in the queue: served here
             self._acceptor = None
         if self._inbox is not None:
             # What the primary sends from now on fails there (and is served elsewhere); what
-            # it sent before is served here.
+            # it sent before is taken (and said so, for the primary not to serve it too).
             try:
                 self.socket.shutdown(socket.SHUT_RD)
             except OSError:
@@ -620,13 +664,33 @@ class SharedListener(service.Service):
             self._drop(number, unread=False)  # the workers stop after: they serve what they were sent
         for number in list(self._children):
             self._closed_child(number)
+        if self.socket is not None:
+            self.socket.close()
+        caught = self.here - before
+        if not caught:
+            self._stopped()
+            return None
+        self._stopping = (caught, Deferred())
+        self._stopping_call = self.reactor.callLater(STOP_SERVE_SECONDS, self._served)
+        return self._stopping[1]
+
+    def _served(self) -> None:
+        """What was taken on stop has ended (or its time is up): the stop is done."""
+        stopping, self._stopping = self._stopping, None
+        if stopping is None:
+            return
+        call, self._stopping_call = self._stopping_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._stopped()
+        stopping[1].callback(None)
+
+    def _stopped(self) -> None:
         if isinstance(self.site, AibackendSite) and self._ended in self.site.on_connection_lost:
             self.site.on_connection_lost.remove(self._ended)
         if self.socket is not None:
-            self.socket.close()
             self.socket = None
             self.factory.doStop()
-        return None
 
 
 def _address(family: int, name):

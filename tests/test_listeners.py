@@ -14,7 +14,7 @@ import socket
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.web.resource import Resource
 
 from aibackend.listeners import MAX_ACCEPTS, SharedListener, StartupError, listening_socket
@@ -23,7 +23,7 @@ from aibackend.server import AibackendSite
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
-class AdoptingReactor(MemoryReactor):
+class AdoptingReactor(MemoryReactorClock):
     """
     A MemoryReactor that, as a reactor does, builds each adopted connection's protocol
     (C{channels}) and keeps a copy of its socket (C{held}, closed after the test).
@@ -462,3 +462,123 @@ def test_an_accept_that_fails_is_said_once_until_one_succeeds():
     warnings = [event for event in said if "cannot accept" in event.get("log_format", "")]
     assert [event["why"] for event in warnings] == ["Too many open files"] * 2
     assert len(reactor.channels) == 1
+
+
+# --- a worker and its primary, both sides (review findings of session 20) ----------------------
+
+
+def primary_and_worker():
+    """A primary's listener with worker 1 ready (and seeming the emptier, always), and that worker's listener."""
+    reactor, listener, ends = started(processes=2, ready=(1,))
+    listener.links[1].open = -10 ** 6
+    worker_reactor = AdoptingReactor()
+    worker = SharedListener.adopted(worker_reactor, site(), os.dup(ends[1].fileno()), socket.AF_INET, LOOPBACK)
+    ends[1].close()
+    worker.privilegedStartService()
+    worker.startService()
+    (inbox,) = worker_reactor.readers
+    return reactor, listener, worker_reactor, worker, inbox
+
+
+def test_a_worker_stopping_says_what_it_took_so_the_primary_does_not_serve_it_too():
+    # SIGTERM to a worker with a connection in its link: it takes it on stop, and says so
+    # before its link ends (else the primary, at the link's end, served it as well).
+    reactor, listener, worker_reactor, worker, inbox = primary_and_worker()
+    clients = connect(listener, 1)
+    try:
+        accept(reactor, listener)
+        assert reactor.channels == [] and len(listener.links[1].unread) == 1
+        worker.stopService()
+        assert len(worker_reactor.channels) == 1  # taken on stop, served there
+        links_read(reactor, listener)  # what it said, then the end of its link
+        assert listener.links == {}
+        assert reactor.channels == []  # not served twice
+    finally:
+        listener.stopService()
+        close_all(clients)
+
+
+def test_a_connection_cut_off_a_workers_link_is_served_by_the_primary_and_the_answers_stay_aligned():
+    # The worker at its file limit: the descriptor of A is dropped by the kernel (MSG_CTRUNC),
+    # its byte comes. The worker says so; the primary serves A, and B's answer is B's.
+    resource = pytest.importorskip("resource")
+    reactor, listener, worker_reactor, worker, inbox = primary_and_worker()
+    clients = connect(listener, 1)
+    try:
+        accept(reactor, listener)  # A, handed
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))  # no descriptor more can be opened
+        try:
+            inbox.doRead()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert worker_reactor.channels == []
+        links_read(reactor, listener)
+        link = listener.links[1]
+        assert len(reactor.channels) == 1 and not link.unread  # A: served by the primary
+        link.open = -10 ** 6
+        clients += connect(listener, 1)
+        accept(reactor, listener)  # B, handed
+        inbox.doRead()
+        links_read(reactor, listener)
+        assert len(worker_reactor.channels) == 1 and not link.unread  # B: the worker's, the primary's copy closed
+        clients[0].setblocking(False)
+        assert not _closed(clients[0])  # A is open (served), not closed for B's answer
+        worker_reactor.held[0].close()  # the worker ends B
+        worker.site.connection_lost(worker_reactor.channels[0])
+        links_read(reactor, listener)
+        clients[1].setblocking(False)
+        assert _closed(clients[1])  # no copy of B left in the primary
+    finally:
+        worker.stopService()
+        listener.stopService()
+        close_all(clients)
+
+
+def test_a_stop_waits_for_what_it_took_from_the_queue_to_end():
+    reactor, listener, ends = started(processes=2, ready=(1,))
+    clients = connect(listener, 2)
+    try:
+        stopped = listener.stopService()
+        assert len(reactor.channels) == 2
+        done = []
+        stopped.addCallback(done.append)
+        listener.site.connection_lost(reactor.channels[0])
+        assert done == []  # one is still being served
+        listener.site.connection_lost(reactor.channels[1])
+        assert done == [None] and reactor.getDelayedCalls() == []
+        assert listener._ended not in listener.site.on_connection_lost
+    finally:
+        close_all(clients, ends.values())
+
+
+def test_a_stop_waits_at_most_stop_serve_seconds():
+    from aibackend.listeners import STOP_SERVE_SECONDS
+
+    reactor, listener, worker_reactor, worker, inbox = primary_and_worker()
+    clients = connect(listener, 1)
+    try:
+        accept(reactor, listener)
+        stopped = worker.stopService()  # a worker: what was on its link, taken on stop
+        assert len(worker_reactor.channels) == 1
+        done = []
+        stopped.addCallback(done.append)
+        worker_reactor.advance(STOP_SERVE_SECONDS - 0.01)
+        assert done == []
+        worker_reactor.advance(0.01)  # its client kept it after the answer: the reactor's shutdown closes it
+        assert done == [None] and worker_reactor.getDelayedCalls() == []
+        assert worker._ended not in worker.site.on_connection_lost
+    finally:
+        listener.stopService()
+        close_all(clients)
+
+
+def test_a_stop_with_nothing_taken_is_done_at_once():
+    reactor, listener, ends = started(processes=2, ready=(1,))
+    try:
+        assert listener.stopService() is None
+        assert reactor.getDelayedCalls() == []
+    finally:
+        close_all(ends.values())
