@@ -205,12 +205,16 @@ def test_the_worker_serves_its_connections_while_the_primary_is_stopped(pair):
 
 
 def test_fresh_connections_spread_over_both_processes(pair):
+    wait_until(lambda: "worker 1 is handed connections" in pair.output, 15, "the worker to listen")
     counts = fresh_connection_counts(pair.port, 60)
 
     assert set(counts) == {"primary", "worker-1"}, counts
-    # Each goes to the process with the fewest open, in turn when even; a worker's word that
-    # one ended may come after the next is placed, which then goes to the primary.
-    assert min(counts.values()) >= 20, counts
+    # Each goes to the process with the fewest open, in turn when even. A connection's end
+    # is seen a moment after its client closed it (by the worker, which then says so to the
+    # primary), so the next one, opened at once, may find either process still holding it:
+    # one connection after another is a race (a run had 46 and 14), not an even split.
+    # Connections kept open (the next test, a benchmark's) are split within one.
+    assert min(counts.values()) >= 10, counts
 
 
 def test_connections_opened_at_once_spread_over_both_processes(pair):
@@ -550,6 +554,10 @@ def test_a_killed_worker_is_replaced_and_the_new_one_serves(tmp_path, tracker):
         old = daemon.worker()
         old_models = daemon.tagged(old, OWN_TAG)
         assert listening_inodes(daemon.port) & socket_inodes(old) == set()
+        # Killed once it is handed connections (it said it listens), so that the second
+        # "handed connections" below is its replacement's.
+        wait_until(lambda: daemon.output.count("aibackend worker 1 is handed connections") == 1, 10,
+                   "the worker to be handed connections")
 
         os.kill(old, signal.SIGKILL)
         wait_until(lambda: old not in daemon.workers(), 8, "the primary to reap the killed worker")
