@@ -193,14 +193,19 @@ class _Adopting:
     protocol, its channel (inside TLS for C{ssl:}) kept in C{opened} until it ends.
     """
 
-    def __init__(self, factory, opened: set):
+    def __init__(self, factory, opened: set, born: dict | None = None, seconds=None):
         self.factory = factory
         self.opened = opened
+        self.born = born  # channel -> when it was adopted (a stop waits for the newest: see stopService)
+        self.seconds = seconds
 
     def buildProtocol(self, addr):
         built = self.factory.buildProtocol(addr)
         if built is not None:
-            self.opened.add(built.wrappedProtocol if isinstance(built, ProtocolWrapper) else built)
+            channel = built.wrappedProtocol if isinstance(built, ProtocolWrapper) else built
+            self.opened.add(channel)
+            if self.born is not None:
+                self.born[channel] = self.seconds()
         return built
 
 
@@ -479,6 +484,7 @@ class SharedListener(service.Service):
         self.socket = None  # the primary's listening socket; a worker's link
         self.address = None
         self.here: set = set()  # the channels of this address's connections served in this process
+        self.born: dict = {}  # those channels -> when each was adopted
         self.adopting = None
         self.links: dict[int, _Link] = {}  # in the primary: worker number -> its link
         self._children: dict[int, socket.socket] = {}  # their ends, until the worker is started
@@ -508,7 +514,7 @@ class SharedListener(service.Service):
                 self.factory = served_factory(self.description, self.factory)
             except Exception as e:  # the parser raises many kinds for many endpoint types
                 raise StartupError(f"cannot listen on {self.description!r}: {e}") from None
-        self.adopting = _Adopting(self.factory, self.here)
+        self.adopting = _Adopting(self.factory, self.here, self.born, lambda: self.reactor.seconds())
         if isinstance(self.site, AibackendSite):
             self.site.on_connection_lost.append(self._ended)
         if self.inherited is not None:
@@ -629,6 +635,7 @@ class SharedListener(service.Service):
     def _ended(self, channel) -> None:
         if channel in self.here:
             self.here.discard(channel)
+            self.born.pop(channel, None)
             if self._inbox is not None:
                 self._inbox.ended(channel)
             if self._stopping is not None:
@@ -666,7 +673,13 @@ class SharedListener(service.Service):
             self._closed_child(number)
         if self.socket is not None:
             self.socket.close()
+        # What was taken now, and what was taken in the last moments before (a connection
+        # handed over or accepted just before the stop, its request perhaps not read yet):
+        # served before the stop is done, as what waited in the queue.
         caught = self.here - before
+        if self.born:  # (none taken: no clock read, as in a reactor without one)
+            recent = self.reactor.seconds() - STOP_SERVE_SECONDS
+            caught |= {channel for channel in self.here if self.born.get(channel, recent) > recent}
         if not caught:
             self._stopped()
             return None
