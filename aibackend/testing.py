@@ -2665,3 +2665,21 @@ def stop_fleet(daemons, check: bool = True) -> None:
     if check:
         for daemon in daemons:
             daemon.assert_no_bug_logged()
+
+
+# --- lead (session 20) ---
+
+
+def name_caller(door, caller) -> None:
+    """
+    Have C{door}'s guard name every request it lets in C{caller} (as it names a request
+    that carries that key), for unit tests of a key's limits on a L{StubFrontDoor}.
+    """
+    guard = door.front_door.core.guard
+    let_in = guard.check_client
+
+    def named(request):
+        let_in(request)
+        request.aibackend_caller = caller
+
+    guard.check_client = named

@@ -23,7 +23,7 @@ from aibackend.interfaces import ModelAnswer
 from aibackend.relay import falls_back
 from aibackend.testing import (
     DoorStream, FakeModel, FakeStreamingModel, ManagedFrontDoor, StubFrontDoor, access_events_logged, assert_error,
-    fallback_steps, has_fired, result_of, with_fallbacks,
+    fallback_steps, has_fired, name_caller, result_of, with_fallbacks,
 )
 
 ADMIN_TOKEN = "an-admin-token-long-enough"
@@ -587,14 +587,7 @@ def _keyed_door(clock, caller):
     second = FakeModel("b", clock).answers(body={"from": "b"})
     door = StubFrontDoor(clock, [first, second])
     door.front_door.core.policy = Policy(limiter=Limiter(clock))
-    guard = door.front_door.core.guard
-    let_in = guard.check_client
-
-    def named(request):  # as the guard names a request that carries this key
-        let_in(request)
-        request.aibackend_caller = caller
-
-    guard.check_client = named
+    name_caller(door, caller)
     return door
 
 

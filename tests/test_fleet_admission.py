@@ -19,7 +19,8 @@ from aibackend import errors
 from aibackend.auth import Guard
 from aibackend.policy import Caller, IAsyncLimiter, IChainLimiter, Policy
 from aibackend.ratelimit import Limiter, Limits
-from aibackend.testing import FakeModel, FakeStreamingModel, StubFrontDoor, has_fired, result_of, with_fallbacks
+from aibackend.testing import (FakeModel, FakeStreamingModel, StubFrontDoor, has_fired, name_caller, result_of,
+                               with_fallbacks)
 
 JSON = {"Content-Type": ["application/json"]}
 
@@ -150,22 +151,11 @@ def test_each_attempt_of_a_fallback_chain_waits_for_its_admission_the_key_taken_
     assert result_of(door.open("POST", "/post/predict?id=head", data=b"{}")).code == 200
 
 
-def _keyed(door, caller) -> None:
-    guard = door.front_door.core.guard
-    let_in = guard.check_client
-
-    def named(request):  # as the guard names a request that carries this key
-        let_in(request)
-        request.aibackend_caller = caller
-
-    guard.check_client = named
-
-
 def test_a_client_that_leaves_while_a_fallback_is_admitted_starts_no_attempt_and_frees_its_key(clock):
     head = with_fallbacks(FakeModel("head", clock), "backup", timeout=10).answers(status=503, body={"error": "down"})
     backup = FakeModel("backup", clock)
     door, limiter = fleet_door(clock, head, backup, rpm=10)
-    _keyed(door, Caller("k", None, Limits(max_concurrent=1)))
+    name_caller(door, Caller("k", None, Limits(max_concurrent=1)))
     answer = door.request("POST", "/post/predict?id=head", data=b"{}")
     limiter.let_go()
     door.flush()
